@@ -1,0 +1,27 @@
+"""One root for every error closedloop raises, split by who must act on it."""
+
+from __future__ import annotations
+
+
+class ClosedLoopError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+
+class CampaignError(ClosedLoopError):
+    """The campaign file or object is wrong: the scientist fixes it."""
+
+
+class DeviceError(ClosedLoopError):
+    """An instrument refused or failed an experiment: the hardware side acts."""
+
+
+class PlannerError(ClosedLoopError):
+    """The planner cannot handle the campaign or failed to propose."""
+
+
+class ProtocolError(ClosedLoopError):
+    """A network message is malformed, hostile or of another protocol version."""
+
+
+class StoreError(ClosedLoopError):
+    """The experiment store refused an operation."""

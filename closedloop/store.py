@@ -1,0 +1,307 @@
+"""The experiment store: campaigns, trials and observations in SQL (SQLite in WAL mode by default).
+
+Every trial is written before it is dispatched and every result before it is acknowledged, so the
+store is the record of what happened; the planner can always be rebuilt from it.
+
+Example:
+    >>> store = Store("results/demo.db")                       # doctest: +SKIP
+    >>> cid = store.open_campaign(campaign)                   # doctest: +SKIP
+    >>> [t.index for t in store.trials(cid)]                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import JSON, Column, UniqueConstraint, event, func
+from sqlalchemy.engine import Engine
+from sqlmodel import Field, Session, SQLModel, create_engine, select
+
+from closedloop.campaign import Campaign
+from closedloop.errors import StoreError
+from closedloop.planner.base import Result
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class TrialStatus(str, Enum):
+    proposed = "proposed"
+    dispatched = "dispatched"
+    completed = "completed"
+    failed = "failed"
+    abandoned = "abandoned"
+
+
+OPEN_STATUSES = (TrialStatus.proposed.value, TrialStatus.dispatched.value)
+
+
+class CampaignRow(SQLModel, table=True):
+    __tablename__ = "campaign"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True, unique=True)
+    spec_yaml: str
+    spec_hash: str
+    status: str = "running"
+    created_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None
+
+
+class TrialRow(SQLModel, table=True):
+    __tablename__ = "trial"
+    __table_args__ = (UniqueConstraint("campaign_id", "index", name="uq_trial_campaign_index"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    campaign_id: int = Field(foreign_key="campaign.id", index=True)
+    index: int
+    parameters: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    status: str = Field(default=TrialStatus.proposed.value, index=True)
+    station: str | None = None
+    attempts: int = 0
+    planner: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    error: str | None = None
+    proposed_at: datetime = Field(default_factory=utcnow)
+    dispatched_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class ObservationRow(SQLModel, table=True):
+    __tablename__ = "observation"
+
+    id: int | None = Field(default=None, primary_key=True)
+    trial_id: int = Field(foreign_key="trial.id", unique=True)
+    run_uid: str = Field(unique=True)
+    values: dict[str, float] = Field(sa_column=Column(JSON, nullable=False))
+    noise: dict[str, float] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    duration_s: float | None = None
+    received_at: datetime = Field(default_factory=utcnow)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON", "busy_timeout=10000"):
+        cursor.execute(f"PRAGMA {pragma}")
+    cursor.close()
+
+
+def make_engine(url_or_path: str | Path) -> Engine:
+    """An engine for a database URL, or for a SQLite file path."""
+    url = str(url_or_path)
+    if "://" not in url:
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{url}"
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
+        event.listen(engine, "connect", _sqlite_pragmas)
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    return engine
+
+
+class Store:
+    """Campaigns, their trials and the observations that completed them."""
+
+    def __init__(self, url_or_path: str | Path):
+        self.location = str(url_or_path)
+        self.engine = make_engine(url_or_path)
+        SQLModel.metadata.create_all(self.engine)
+        self._lock = threading.RLock()  # one writer at a time within this process
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- campaigns ------------------------------------------------------------------------
+
+    def open_campaign(self, campaign: Campaign) -> int:
+        """The id of ``campaign`` in this store, creating it on first use.
+
+        Raises StoreError if a campaign of the same name was run with a different file.
+        """
+        spec_yaml = campaign.to_yaml()
+        with self._lock, Session(self.engine) as session:
+            row = session.exec(select(CampaignRow).where(CampaignRow.name == campaign.name)).first()
+            if row is None:
+                row = CampaignRow(name=campaign.name, spec_yaml=spec_yaml, spec_hash=campaign.spec_hash)
+                session.add(row)
+                session.commit()
+                session.refresh(row)
+            elif row.spec_hash != campaign.spec_hash:
+                raise StoreError(
+                    f"campaign {campaign.name!r} already exists in {self.location} with a different definition; "
+                    "rename the campaign or use another store"
+                )
+            assert row.id is not None
+            return row.id
+
+    def campaign_row(self, name_or_id: str | int) -> CampaignRow:
+        with Session(self.engine) as session:
+            if isinstance(name_or_id, int) or str(name_or_id).isdigit():
+                row = session.get(CampaignRow, int(name_or_id))
+            else:
+                row = session.exec(select(CampaignRow).where(CampaignRow.name == name_or_id)).first()
+        if row is None:
+            raise StoreError(f"no campaign {name_or_id!r} in {self.location}")
+        return row
+
+    def campaign(self, name_or_id: str | int) -> Campaign:
+        """The campaign as it was stored."""
+        return Campaign.from_yaml_text(self.campaign_row(name_or_id).spec_yaml, source=f"{self.location}:{name_or_id}")
+
+    def campaigns(self) -> list[CampaignRow]:
+        with Session(self.engine) as session:
+            return list(session.exec(select(CampaignRow).order_by(CampaignRow.id)))
+
+    def set_campaign_status(self, campaign_id: int, status: str) -> None:
+        with self._lock, Session(self.engine) as session:
+            row = session.get(CampaignRow, campaign_id)
+            if row is None:
+                raise StoreError(f"no campaign with id {campaign_id}")
+            row.status = status
+            row.finished_at = utcnow() if status in ("completed", "stopped") else None
+            session.add(row)
+            session.commit()
+
+    # -- trials ---------------------------------------------------------------------------
+
+    def add_trials(self, campaign_id: int, proposals: Iterable[tuple[dict[str, Any], dict[str, Any]]]) -> list[TrialRow]:
+        """Record new proposals (parameters, planner metadata) as trials numbered from 1 upwards."""
+        with self._lock, Session(self.engine) as session:
+            last = session.exec(select(func.max(TrialRow.index)).where(TrialRow.campaign_id == campaign_id)).one()
+            rows = []
+            for offset, (parameters, metadata) in enumerate(proposals, start=1):
+                row = TrialRow(campaign_id=campaign_id, index=(last or 0) + offset, parameters=parameters,
+                               planner=_json_safe(metadata))
+                session.add(row)
+                rows.append(row)
+            session.commit()
+            for row in rows:
+                session.refresh(row)
+            return rows
+
+    def mark_dispatched(self, trial_id: int, station: str) -> TrialRow:
+        """Record that a trial is being sent to ``station`` (before the message leaves)."""
+        with self._lock, Session(self.engine) as session:
+            row = self._trial(session, trial_id)
+            if row.status not in OPEN_STATUSES:
+                raise StoreError(f"trial {trial_id} is {row.status}; it cannot be dispatched")
+            row.status, row.station, row.attempts = TrialStatus.dispatched.value, station, row.attempts + 1
+            row.dispatched_at = utcnow()
+            session.add(row)
+            session.commit()
+            session.refresh(row)
+            return row
+
+    def requeue(self, trial_id: int, reason: str) -> None:
+        """Put a dispatched trial back to be dispatched again (its station never started it)."""
+        with self._lock, Session(self.engine) as session:
+            row = self._trial(session, trial_id)
+            if row.status == TrialStatus.dispatched.value:
+                row.status, row.station, row.error = TrialStatus.proposed.value, None, reason
+                session.add(row)
+                session.commit()
+
+    def record_result(
+        self,
+        trial_id: int,
+        run_uid: str,
+        values: dict[str, float],
+        noise: dict[str, float] | None = None,
+        duration_s: float | None = None,
+    ) -> bool:
+        """Store a result; True if it was new, False for a duplicate of a stored one.
+
+        Raises StoreError for an unknown trial, a trial already finished by another run, or
+        non-finite values.
+        """
+        for key, value in values.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise StoreError(f"trial {trial_id}: value {key}={value!r} is not a finite number")
+        with self._lock, Session(self.engine) as session:
+            row = self._trial(session, trial_id)
+            existing = session.exec(select(ObservationRow).where(ObservationRow.trial_id == trial_id)).first()
+            if existing is not None:
+                if existing.run_uid == run_uid:
+                    return False
+                raise StoreError(f"trial {trial_id} already has a result from run {existing.run_uid}")
+            if session.exec(select(ObservationRow).where(ObservationRow.run_uid == run_uid)).first() is not None:
+                raise StoreError(f"run {run_uid} already stored for another trial")
+            if row.status not in OPEN_STATUSES:
+                raise StoreError(f"trial {trial_id} is {row.status}; result refused")
+            session.add(ObservationRow(trial_id=trial_id, run_uid=run_uid, values=dict(values), noise=noise,
+                                       duration_s=duration_s))
+            row.status, row.finished_at, row.error = TrialStatus.completed.value, utcnow(), None
+            session.add(row)
+            session.commit()
+            return True
+
+    def record_failure(self, trial_id: int, error: str, status: TrialStatus = TrialStatus.failed) -> bool:
+        """Mark an open trial failed (or abandoned) with its error; False if it was already finished."""
+        with self._lock, Session(self.engine) as session:
+            row = self._trial(session, trial_id)
+            if row.status not in OPEN_STATUSES:
+                return False
+            row.status, row.error, row.finished_at = status.value, error, utcnow()
+            session.add(row)
+            session.commit()
+            return True
+
+    def trial(self, trial_id: int) -> TrialRow:
+        with Session(self.engine) as session:
+            return self._trial(session, trial_id)
+
+    @staticmethod
+    def _trial(session: Session, trial_id: int) -> TrialRow:
+        row = session.get(TrialRow, trial_id)
+        if row is None:
+            raise StoreError(f"no trial with id {trial_id}")
+        return row
+
+    def trials(self, campaign_id: int, statuses: Iterable[str] | None = None) -> list[TrialRow]:
+        with Session(self.engine) as session:
+            query = select(TrialRow).where(TrialRow.campaign_id == campaign_id)
+            if statuses is not None:
+                query = query.where(TrialRow.status.in_(list(statuses)))  # type: ignore[attr-defined]
+            return list(session.exec(query.order_by(TrialRow.index)))
+
+    def observations(self, campaign_id: int) -> dict[int, ObservationRow]:
+        """Observations of a campaign keyed by trial id."""
+        with Session(self.engine) as session:
+            query = select(ObservationRow).join(TrialRow).where(TrialRow.campaign_id == campaign_id)
+            return {o.trial_id: o for o in session.exec(query)}
+
+    def results(self, campaign_id: int) -> list[Result]:
+        """Finished trials as planner results, in experiment order (failures have no values)."""
+        observations = self.observations(campaign_id)
+        out = []
+        for trial in self.trials(campaign_id, [TrialStatus.completed.value, TrialStatus.failed.value]):
+            observation = observations.get(trial.id)  # type: ignore[arg-type]
+            out.append(Result(trial.parameters, observation.values if observation else None, trial.index))
+        return out
+
+    def counts(self, campaign_id: int) -> dict[str, int]:
+        with Session(self.engine) as session:
+            rows = session.exec(
+                select(TrialRow.status, func.count()).where(TrialRow.campaign_id == campaign_id).group_by(TrialRow.status)
+            ).all()
+        return {status: count for status, count in rows}
+
+
+def _json_safe(value: Any) -> Any:
+    """Metadata with non-finite floats and non-JSON objects made storable."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)

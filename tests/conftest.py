@@ -1,0 +1,50 @@
+"""Shared fixtures: temporary stores, campaigns on simulated instruments, free loopback ports."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from closedloop.campaign import Campaign  # noqa: E402
+from closedloop.store import Store  # noqa: E402
+
+BRANIN_YAML = """
+name: {name}
+parameters:
+  x1: {{type: continuous, bounds: [-5, 10]}}
+  x2: {{type: continuous, bounds: [0, 15]}}
+objectives:
+  y: {{goal: minimize}}
+budget: {{experiments: {experiments}}}
+planner: {{backend: {backend}, initial_experiments: {initial}, seed: {seed}}}
+instrument:
+  simulator: simulators.surfaces:Branin
+  options: {{noise: {noise}, seed: {seed}}}
+"""
+
+
+def branin_campaign(name: str = "branin-test", experiments: int = 15, initial: int = 6, seed: int = 0,
+                    noise: float = 0.01, backend: str = "botorch") -> Campaign:
+    return Campaign.from_yaml_text(BRANIN_YAML.format(name=name, experiments=experiments, initial=initial, seed=seed,
+                                                      noise=noise, backend=backend))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    the_store = Store(tmp_path / "store.db")
+    yield the_store
+    the_store.close()
+
+
+@pytest.fixture
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
