@@ -1,0 +1,321 @@
+"""The ``ax`` backend: Ax's ``Client`` API with its default generation strategy, behind our protocol.
+
+Ax keeps its own ``Experiment`` of trials. Every proposal we hand out is an Ax trial left RUNNING
+until its result comes back, which is how Ax itself treats experiments in flight: the pending points
+of its acquisition. Results that Ax did not propose (a campaign rebuilt from the store, experiments
+added by hand) are attached as trials of their own, so Ax learns from every experiment run.
+
+Example:
+    >>> from closedloop.campaign import Campaign
+    >>> campaign = Campaign.from_yaml_text('''
+    ... name: demo
+    ... parameters:
+    ...   x: {type: continuous, bounds: [0, 1]}
+    ... objectives:
+    ...   y: {goal: minimize}
+    ... budget: {experiments: 10}
+    ... planner: {backend: ax, seed: 0}
+    ... instrument: {simulator: "simulators.surfaces:Branin"}
+    ... ''')
+    >>> planner = AxPlanner(campaign)
+    >>> [proposal] = planner.suggest(1)
+    >>> 0.0 <= proposal.parameters["x"] <= 1.0
+    True
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, ClassVar
+
+from closedloop.campaign import (
+    Campaign,
+    CategoricalParameter,
+    ContinuousParameter,
+    DiscreteParameter,
+    FixedParameter,
+    IntegerParameter,
+)
+from closedloop.errors import PlannerError
+from closedloop.planner.base import Proposal, Result
+
+log = logging.getLogger(__name__)
+
+_Key = tuple[tuple[str, Any], ...]
+
+
+class AxPlanner:
+    """Ax ``Client`` with its default generation strategy (Sobol, then a GP chosen by Ax).
+
+    Handles continuous (linear or log), integer, categorical, discrete and fixed parameters,
+    ``<=``/``>=`` linear constraints on linear-scale continuous and integer parameters, one or several
+    objectives (thresholds become Ax's objective thresholds) and outcome constraints. It refuses,
+    at construction, candidate tables and equality constraints, naming the campaign field.
+    """
+
+    backend: ClassVar[str] = "ax"
+
+    def __init__(self, campaign: Campaign):
+        problems = unsupported(campaign)
+        if problems:
+            raise PlannerError("; ".join(problems))
+        from ax.api.client import Client
+        from ax.utils.common.logger import set_stderr_log_level
+
+        # Ax prints every trial at INFO on its own stderr handler; our loop logs transitions itself.
+        set_stderr_log_level(logging.WARNING)
+
+        self.campaign = campaign
+        self.seed = campaign.planner.seed if campaign.planner.seed is not None else 0
+        self.client = Client(random_seed=self.seed)
+        self.client.configure_experiment(
+            parameters=[_parameter_config(name, p) for name, p in campaign.tunable_parameters.items()],
+            parameter_constraints=[_constraint_text(c.coefficients, c.op, c.rhs) for c in campaign.linear_constraints],
+            name=campaign.name,
+        )
+        self.client.configure_optimization(
+            objective=_objective_text(campaign),
+            outcome_constraints=_outcome_constraints(campaign) or None,
+        )
+        self.results: list[Result] = []
+        self._running: dict[int, _Key] = {}  # Ax trial index -> parameters, for experiments in flight
+
+    # -- the protocol ----------------------------------------------------------------------
+
+    def suggest(self, n: int = 1, pending: list[dict[str, Any]] | None = None) -> list[Proposal]:
+        """``n`` new Ax trials; ``pending`` are the experiments in flight, kept RUNNING in Ax."""
+        if n < 1:
+            return []
+        self._sync_pending(pending or [])
+        proposals: list[Proposal] = []
+        while len(proposals) < n:
+            # Ax may hand out fewer trials than asked while its generation step is capped.
+            trials = self.client.get_next_trials(max_trials=n - len(proposals))
+            if not trials:
+                raise PlannerError(f"the ax backend could not propose {n} experiments ({len(proposals)} given)")
+            for index, parameters in trials.items():
+                values = self._decode(parameters)
+                self._running[index] = _key(values)
+                log.info("ax trial %d proposed: %s", index, values)
+                proposals.append(Proposal(values, {"generator": "ax", "ax_trial": index}))
+        return proposals
+
+    def ingest(self, results: list[Result]) -> None:
+        """Completes (or fails) the matching Ax trials; experiments Ax never proposed are attached."""
+        for result in results:
+            index = self._take_running(_key(self._typed(result.parameters)))
+            if index is None:
+                index = self.client.attach_trial(parameters=self._ax_parameters(result.parameters))
+            values = self._outcome(result)
+            if values is None:
+                self.client.mark_trial_failed(index, failed_reason="experiment failed or gave no value")
+                log.info("ax trial %d failed (our trial %s)", index, result.trial)
+            else:
+                self.client.complete_trial(index, raw_data=values)
+                log.info("ax trial %d completed (our trial %s): %s", index, result.trial, values)
+            self.results.append(result)
+
+    def best(self) -> Result | None:
+        """The experiment Ax reports as best (its model's estimate), or None before any result.
+
+        Several objectives have no single best: this returns None then (see :meth:`pareto_front`).
+        """
+        if len(self.campaign.objectives) != 1:
+            return None
+        done = [r for r in self.results if self._outcome(r) is not None]
+        if not done:
+            return None
+        try:
+            _, _, index, _ = self.client.get_best_parameterization(use_model_predictions=True)
+            chosen = self._result_of_trial(index)
+            if chosen is not None:
+                return chosen
+        except Exception as exc:  # Ax raises assorted errors while it has no feasible point yet
+            log.debug("ax get_best_parameterization failed: %s", exc)
+        return _observed_best(self.campaign, done)
+
+    def pareto_front(self) -> list[Result]:
+        """Experiments on Ax's in-sample Pareto front (several objectives only)."""
+        if len(self.campaign.objectives) < 2 or not any(self._outcome(r) for r in self.results):
+            return []
+        front = []
+        for _, _, index, _ in self.client.get_pareto_frontier(use_model_predictions=False):
+            chosen = self._result_of_trial(index)
+            if chosen is not None:
+                front.append(chosen)
+        return front
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    def _sync_pending(self, pending: list[dict[str, Any]]) -> None:
+        """Make Ax's RUNNING trials exactly the experiments in flight.
+
+        A trial we proposed that is neither pending nor finished was dropped by the caller: Ax
+        abandons it so it stops steering away from that point. A pending experiment Ax does not
+        know (the planner was rebuilt) is attached so Ax treats it as pending.
+        """
+        unmatched = dict(self._running)
+        for parameters in pending:
+            key = _key(self._typed(parameters))
+            index = next((i for i, k in unmatched.items() if k == key), None)
+            if index is None:
+                index = self.client.attach_trial(parameters=self._ax_parameters(parameters))
+                self._running[index] = key
+            else:
+                del unmatched[index]
+        for index in unmatched:
+            self.client.mark_trial_abandoned(index)
+            del self._running[index]
+
+    def _take_running(self, key: _Key) -> int | None:
+        for index, running in self._running.items():
+            if running == key:
+                del self._running[index]
+                return index
+        return None
+
+    def _result_of_trial(self, index: int) -> Result | None:
+        trial = self.client._experiment.trials.get(index)
+        if trial is None or trial.arm is None:
+            return None
+        key = _key(self._decode(trial.arm.parameters))
+        matches = [r for r in self.results if r.values is not None and _key(self._typed(r.parameters)) == key]
+        return matches[-1] if matches else None
+
+    def _outcome(self, result: Result) -> dict[str, float] | None:
+        """The outputs Ax needs, or None when the experiment failed or gave a non-finite value."""
+        if result.values is None:
+            return None
+        out: dict[str, float] = {}
+        for name in self.campaign.outputs:
+            value = result.values.get(name)
+            if value is None or not math.isfinite(float(value)):
+                return None
+            out[name] = float(value)
+        return out
+
+    def _typed(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        """Parameter values in their declared types (Ax and JSON may turn ints into floats)."""
+        out: dict[str, Any] = {}
+        for name, p in self.campaign.parameters.items():
+            if isinstance(p, FixedParameter):
+                out[name] = p.value
+            else:
+                out[name] = _cast(p, parameters[name])
+        return out
+
+    def _decode(self, ax_parameters: dict[str, Any]) -> dict[str, Any]:
+        return self._typed(ax_parameters)
+
+    def _ax_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        typed = self._typed(parameters)
+        return {name: _to_ax(p, typed[name]) for name, p in self.campaign.tunable_parameters.items()}
+
+
+def unsupported(campaign: Campaign) -> list[str]:
+    """Campaign features the ax backend cannot handle, each naming its field."""
+    problems: list[str] = []
+    if campaign.candidates is not None:
+        problems.append("candidates: the ax backend cannot restrict proposals to a candidate table")
+    tunable = campaign.tunable_parameters
+    for i, c in enumerate(campaign.linear_constraints):
+        if c.op == "==":
+            problems.append(f"constraints.{i}: the ax backend handles only <= and >= constraints, not {c.text!r}")
+        for name in c.coefficients:
+            p = campaign.parameters[name]
+            if isinstance(p, FixedParameter):
+                continue
+            if not isinstance(p, (ContinuousParameter, IntegerParameter)):
+                problems.append(f"constraints.{i}: the ax backend constrains only continuous and integer "
+                                f"parameters; {name!r} is {p.type}")
+            elif isinstance(p, ContinuousParameter) and p.scale == "log":
+                problems.append(f"constraints.{i}: the ax backend cannot constrain the log-scale parameter {name!r}")
+    single = len(campaign.objectives) == 1
+    for i, bound in enumerate(campaign.output_bounds):
+        if single and bound.output in campaign.objectives:
+            problems.append(f"outcome_constraints.{i}: the ax backend cannot constrain the objective {bound.output!r}")
+    if not tunable:
+        problems.append("parameters: nothing to vary")
+    return problems
+
+
+def _parameter_config(name: str, p: Any) -> Any:
+    from ax.api.configs import ChoiceParameterConfig, RangeParameterConfig
+
+    if isinstance(p, ContinuousParameter):
+        return RangeParameterConfig(name=name, bounds=(float(p.bounds[0]), float(p.bounds[1])), parameter_type="float",
+                                    scaling="log" if p.scale == "log" else "linear")
+    if isinstance(p, IntegerParameter):
+        return RangeParameterConfig(name=name, bounds=(int(p.bounds[0]), int(p.bounds[1])), parameter_type="int")
+    if isinstance(p, DiscreteParameter):
+        return ChoiceParameterConfig(name=name, values=[float(v) for v in p.values], parameter_type="float",
+                                     is_ordered=True)
+    if isinstance(p, CategoricalParameter):
+        # Mixed or string choices travel to Ax as strings and are mapped back by _cast.
+        kind = _choice_type(p)
+        return ChoiceParameterConfig(name=name, values=[_to_ax(p, v) for v in p.values], parameter_type=kind,
+                                     is_ordered=False)
+    raise PlannerError(f"parameters.{name}: the ax backend cannot handle a {type(p).__name__}")
+
+
+def _choice_type(p: CategoricalParameter) -> str:
+    kinds = {type(v) for v in p.values}
+    return "int" if kinds == {int} else "float" if kinds <= {int, float} else "str"
+
+
+def _to_ax(p: Any, value: Any) -> Any:
+    """A value as Ax's search space holds it (see :func:`_parameter_config`)."""
+    if isinstance(p, CategoricalParameter):
+        return {"int": int, "float": float, "str": str}[_choice_type(p)](value)
+    if isinstance(p, DiscreteParameter):
+        return float(value)
+    return value
+
+
+def _cast(p: Any, value: Any) -> Any:
+    if isinstance(p, ContinuousParameter):
+        return min(p.bounds[1], max(p.bounds[0], float(value)))
+    if isinstance(p, IntegerParameter):
+        return int(round(float(value)))
+    if isinstance(p, DiscreteParameter):
+        return min(p.values, key=lambda allowed: abs(allowed - float(value)))
+    if isinstance(p, CategoricalParameter):
+        for allowed in p.values:
+            if allowed == value or str(allowed) == str(value):
+                return allowed
+        raise PlannerError(f"value {value!r} is not one of {p.values}")
+    return value
+
+
+def _key(parameters: dict[str, Any]) -> _Key:
+    """A hashable identity for an experiment, tolerant of float round trips."""
+    return tuple(sorted((k, float(f"{v:.10g}") if isinstance(v, float) else v) for k, v in parameters.items()))
+
+
+def _constraint_text(coefficients: dict[str, float], op: str, rhs: float) -> str:
+    terms = " + ".join(f"{c!r} * {name}" for name, c in coefficients.items())
+    return f"{terms} {op} {rhs!r}"
+
+
+def _objective_text(campaign: Campaign) -> str:
+    return ", ".join(name if o.goal == "maximize" else f"-{name}" for name, o in campaign.objectives.items())
+
+
+def _outcome_constraints(campaign: Campaign) -> list[str]:
+    texts = [f"{b.output} {b.op} {b.value!r}" for b in campaign.output_bounds]
+    if len(campaign.objectives) > 1:
+        # Ax turns a bound on an objective into that objective's threshold (Pareto reference point).
+        for name, o in campaign.objectives.items():
+            if o.threshold is not None:
+                texts.append(f"{name} {'>=' if o.goal == 'maximize' else '<='} {o.threshold!r}")
+    return texts
+
+
+def _observed_best(campaign: Campaign, done: list[Result]) -> Result | None:
+    name, objective = next(iter(campaign.objectives.items()))
+    feasible = [r for r in done if all(b.satisfied(float(r.values[b.output])) for b in campaign.output_bounds)]  # type: ignore[index]
+    if not feasible:
+        return None
+    sign = 1.0 if objective.goal == "maximize" else -1.0
+    return max(feasible, key=lambda r: sign * float(r.values[name]))  # type: ignore[index]

@@ -1,0 +1,168 @@
+"""The ``ax`` backend: Ax's Client behind our protocol, with pending trials and refusals."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import yaml
+from ax.core.base_trial import TrialStatus
+
+from closedloop.campaign import Campaign
+from closedloop.errors import PlannerError
+from closedloop.planner import Result, make_planner
+from closedloop.planner.ax_backend import AxPlanner
+
+MIXED = """
+name: ax-mixed
+parameters:
+  x1: {type: continuous, bounds: [-5, 10]}
+  x2: {type: continuous, bounds: [0, 15]}
+  r: {type: continuous, bounds: [0.01, 100], scale: log}
+  k: {type: integer, bounds: [1, 5]}
+  s: {type: categorical, values: [a, b, 3]}
+  d: {type: discrete, values: [0.1, 0.5, 2]}
+  f: {type: fixed, value: 7}
+constraints: ["x1 + x2 <= 12"]
+objectives:
+  y: {goal: minimize}
+budget: {experiments: 20}
+planner: {backend: ax, seed: 3}
+instrument: {simulator: "simulators.surfaces:Branin"}
+"""
+
+
+BRANIN = """
+name: ax-branin
+parameters:
+  x1: {type: continuous, bounds: [-5, 10]}
+  x2: {type: continuous, bounds: [0, 15]}
+objectives:
+  y: {goal: minimize}
+budget: {experiments: 20}
+planner: {backend: ax, seed: 3}
+instrument: {simulator: "simulators.surfaces:Branin"}
+"""
+
+
+def campaign(text: str = MIXED, **replace: str) -> Campaign:
+    for old, new in replace.items():
+        text = text.replace(old, new)
+    # Built from the data, not the file loader: these campaigns have no instrument to check.
+    return Campaign.model_validate(yaml.safe_load(text))
+
+
+def branin(p: dict[str, Any]) -> float:
+    x1, x2 = p["x1"], p["x2"]
+    value = (x2 - 5.1 / (4 * math.pi**2) * x1**2 + 5 / math.pi * x1 - 6) ** 2 + 10 * (1 - 1 / (8 * math.pi)) * math.cos(x1) + 10
+    return value + p["k"] + (p["s"] == "b") + p["d"]
+
+
+def check_valid(c: Campaign, parameters: dict[str, Any]) -> None:
+    assert set(parameters) == set(c.parameters)
+    assert -5 <= parameters["x1"] <= 10 and 0 <= parameters["x2"] <= 15 and 0.01 <= parameters["r"] <= 100
+    assert parameters["x1"] + parameters["x2"] <= 12 + 1e-9
+    assert isinstance(parameters["k"], int) and 1 <= parameters["k"] <= 5
+    assert parameters["s"] in ("a", "b", 3)
+    assert parameters["d"] in (0.1, 0.5, 2.0)
+    assert parameters["f"] == 7
+
+
+def ax_status(planner: AxPlanner, index: int) -> TrialStatus:
+    return planner.client._experiment.trials[index].status
+
+
+def test_make_planner_builds_ax_and_proposals_respect_the_space():
+    c = campaign()
+    planner = make_planner(c)
+    assert isinstance(planner, AxPlanner)
+    proposals = planner.suggest(3)
+    assert len(proposals) == 3
+    for proposal in proposals:
+        check_valid(c, proposal.parameters)
+        assert proposal.metadata["generator"] == "ax"
+
+
+def test_same_seed_same_proposals_and_learning_after_the_initial_design():
+    c = campaign(BRANIN)
+    first, second = AxPlanner(c), AxPlanner(c)
+    for _ in range(7):  # past Ax's default initial design, so its model proposes the last ones
+        a, b = first.suggest(1)[0], second.suggest(1)[0]
+        assert a.parameters == b.parameters
+        assert -5 <= a.parameters["x1"] <= 10 and 0 <= a.parameters["x2"] <= 15
+        for planner in (first, second):
+            planner.ingest([Result(a.parameters, {"y": branin({**a.parameters, "k": 0, "s": "a", "d": 0})})])
+    assert a.metadata["ax_trial"] == 6
+    best = first.best()
+    assert best is not None and best in first.results
+
+
+def test_pending_experiments_stay_running_and_dropped_ones_are_abandoned():
+    planner = AxPlanner(campaign())
+    [a] = planner.suggest(1)
+    [b] = planner.suggest(1, pending=[a.parameters])
+    assert b.parameters != a.parameters
+    ia, ib = a.metadata["ax_trial"], b.metadata["ax_trial"]
+    assert ax_status(planner, ia) == TrialStatus.RUNNING
+    # b was never dispatched: the next call lists only a as in flight, so b is abandoned.
+    planner.suggest(1, pending=[a.parameters])
+    assert ax_status(planner, ia) == TrialStatus.RUNNING
+    assert ax_status(planner, ib) == TrialStatus.ABANDONED
+    planner.ingest([Result(a.parameters, {"y": 1.0}, trial=0)])
+    assert ax_status(planner, ia) == TrialStatus.COMPLETED
+
+
+def test_failures_are_marked_failed_and_a_rebuilt_planner_learns_every_result():
+    c = campaign()
+    planner = AxPlanner(c)
+    proposals = planner.suggest(4)
+    results = [Result(p.parameters, {"y": branin(p.parameters)}, i) for i, p in enumerate(proposals[:3])]
+    results.append(Result(proposals[3].parameters, None, 3))
+    planner.ingest(results)
+    assert ax_status(planner, proposals[3].metadata["ax_trial"]) == TrialStatus.FAILED
+    # A planner rebuilt from the store gets results it never proposed, and a pending experiment.
+    rebuilt = AxPlanner(c)
+    rebuilt.ingest(results)
+    statuses = [t.status for t in rebuilt.client._experiment.trials.values()]
+    assert statuses.count(TrialStatus.COMPLETED) == 3 and statuses.count(TrialStatus.FAILED) == 1
+    [pending] = planner.suggest(1)
+    rebuilt.suggest(1, pending=[pending.parameters])
+    running = [t for t in rebuilt.client._experiment.trials.values() if t.status == TrialStatus.RUNNING]
+    assert any(t.arm.parameters["x1"] == pytest.approx(pending.parameters["x1"]) for t in running)
+    best = rebuilt.best()
+    assert best is not None and best.values["y"] == min(r.values["y"] for r in results if r.values)
+
+
+@pytest.mark.parametrize(
+    ("replace", "field"),
+    [
+        ({"budget:": "candidates: library.csv\nbudget:"}, "candidates"),
+        ({'"x1 + x2 <= 12"': '"x1 + x2 == 12"'}, "constraints.0"),
+        ({'"x1 + x2 <= 12"': '"x1 + d <= 12"'}, "constraints.0"),
+        ({'"x1 + x2 <= 12"': '"x1 + r <= 12"'}, "constraints.0"),
+        ({"budget:": 'outcome_constraints: ["y <= 3"]\nbudget:'}, "outcome_constraints.0"),
+    ],
+)
+def test_refuses_what_it_cannot_handle_naming_the_field(replace: dict[str, str], field: str):
+    with pytest.raises(PlannerError, match=field):
+        AxPlanner(campaign(**replace))
+
+
+def test_two_objectives_with_thresholds_and_an_outcome_constraint():
+    c = campaign(**{
+        "  y: {goal: minimize}": "  y: {goal: minimize, threshold: 100}\n  z: {goal: maximize, threshold: -10}",
+        "budget:": 'outcome_constraints: ["w >= 0"]\nbudget:',
+    })
+    planner = AxPlanner(c)
+    assert planner.best() is None
+    proposals = planner.suggest(4)
+    results = []
+    for i, p in enumerate(proposals):
+        y = branin(p.parameters)
+        results.append(Result(p.parameters, {"y": y, "z": -abs(p.parameters["x1"]), "w": 1.0 if i else -1.0}, i))
+    planner.ingest(results)
+    front = planner.pareto_front()
+    assert front and all(r.values["w"] >= 0 for r in front)
+    for r in front:  # nothing run dominates a member of the front
+        assert not any(o.values["y"] < r.values["y"] and o.values["z"] > r.values["z"] for o in results[1:])
