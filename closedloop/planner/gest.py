@@ -1,0 +1,165 @@
+"""Any closedloop planner as a ``gest_api.Generator``, so Xopt, optimas and libEnsemble can drive it.
+
+The gest-api standard (``gest_api.generator.Generator``) has the verbs ``suggest(num_points) ->
+list[dict]``, ``ingest(list[dict])`` and ``finalize()``, with the problem described by a ``VOCS``
+(variables, objectives, constraints, constants, observables). :class:`PlannerGenerator` turns the
+VOCS into a :class:`~closedloop.campaign.Campaign`, builds the planner its backend names, and
+translates the verbs. Points it suggested and has not yet seen back are the planner's pending
+experiments, so a tool that evaluates asynchronously never gets the same point twice.
+
+Example:
+    >>> from gest_api.vocs import VOCS
+    >>> vocs = VOCS(variables={"x": [0.0, 1.0], "c": {"a", "b"}}, objectives={"f": "MINIMIZE"})
+    >>> generator = PlannerGenerator(vocs, backend="sobol", seed=0)
+    >>> [point] = generator.suggest(1)
+    >>> sorted(point)
+    ['_id', 'c', 'x']
+    >>> point["f"] = point["x"] ** 2
+    >>> generator.ingest([point])
+    >>> generator.finalize()
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from gest_api import Generator
+from gest_api.vocs import (
+    VOCS,
+    BoundsConstraint,
+    ContextualVariable,
+    ContinuousVariable,
+    DiscreteVariable,
+    GreaterThanConstraint,
+    LessThanConstraint,
+    MaximizeObjective,
+    MinimizeObjective,
+)
+
+from closedloop.campaign import Campaign
+from closedloop.errors import CampaignError
+from closedloop.planner import Planner, Result, make_planner
+
+__all__ = ["PlannerGenerator", "campaign_from_vocs"]
+
+# gest-api has no instrument: the caller evaluates points. The campaign still names who does.
+_EXTERNAL = "closedloop.planner.gest:PlannerGenerator"
+
+
+class PlannerGenerator(Generator):
+    """A gest-api generator backed by a closedloop planner (``botorch`` by default).
+
+    Args:
+        vocs: the problem, in gest-api's VOCS.
+        backend: the planner backend (``botorch``, ``ax``, ``sobol``, ``random``).
+        seed: the planner's seed.
+        budget: the expected number of evaluations (sizes the initial design).
+        planner: an already built planner to wrap instead (its campaign must match ``vocs``).
+    """
+
+    returns_id = True
+
+    def __init__(self, vocs: VOCS, backend: str = "botorch", seed: int | None = None, budget: int = 100,
+                 planner: Planner | None = None):
+        super().__init__(vocs)
+        self.vocs = vocs
+        self.campaign = campaign_from_vocs(vocs, backend=backend, seed=seed, budget=budget)
+        self.planner: Planner = planner if planner is not None else make_planner(self.campaign)
+        self._outstanding: dict[int, dict[str, Any]] = {}  # suggested, not yet ingested, by "_id"
+        self._next_id = 0
+
+    def _validate_vocs(self, vocs: VOCS) -> None:
+        for name, variable in vocs.variables.items():
+            if isinstance(variable, ContextualVariable):
+                raise ValueError(f"variables.{name}: closedloop planners cannot take contextual variables")
+            if not isinstance(variable, (ContinuousVariable, DiscreteVariable)):
+                raise ValueError(f"variables.{name}: unsupported variable type {type(variable).__name__}")
+        if not vocs.objectives:
+            raise ValueError("objectives: closedloop planners need at least one objective")
+        for name, objective in vocs.objectives.items():
+            if not isinstance(objective, (MinimizeObjective, MaximizeObjective)):
+                raise ValueError(f"objectives.{name}: closedloop planners only minimize or maximize, "
+                                 f"not {type(objective).__name__}")
+
+    def suggest(self, num_points: int | None = None) -> list[dict]:
+        """``num_points`` points (one if not given), each with every variable, constant and ``_id``."""
+        n = 1 if num_points is None else int(num_points)
+        if n < 1:
+            raise ValueError(f"num_points must be at least 1, got {num_points}")
+        proposals = self.planner.suggest(n, pending=list(self._outstanding.values()))
+        if len(proposals) != n:
+            raise ValueError(f"the planner gave {len(proposals)} points, not {n}")
+        points = []
+        for proposal in proposals:
+            point = {**proposal.parameters, "_id": self._next_id}
+            self._outstanding[self._next_id] = dict(proposal.parameters)
+            self._next_id += 1
+            points.append(point)
+        return points
+
+    def ingest(self, results: list[dict]) -> None:
+        """Evaluated points; a point whose objectives are missing or not finite counts as failed."""
+        finished: list[Result] = []
+        for point in results:
+            identifier = point.get("_id")
+            if identifier is not None:
+                if identifier not in self._outstanding:
+                    raise ValueError(f"_id {identifier!r} was not suggested by this generator or was already ingested")
+                del self._outstanding[identifier]
+            parameters = {name: point[name] for name in self.campaign.parameters}
+            values: dict[str, float] | None = {}
+            for name in self.campaign.outputs:
+                value = point.get(name)
+                if value is None or not math.isfinite(float(value)):
+                    values = None
+                    break
+                values[name] = float(value)  # type: ignore[index]
+            finished.append(Result(parameters, values, identifier))
+        self.planner.ingest(finished)
+
+    def finalize(self) -> None:
+        """Nothing runs in the background: the planner is up to date after every ``ingest``."""
+        self._outstanding.clear()
+
+
+def campaign_from_vocs(vocs: VOCS, backend: str = "botorch", seed: int | None = None, budget: int = 100) -> Campaign:
+    """The closedloop campaign equivalent to a VOCS.
+
+    Continuous variables become continuous parameters; a discrete variable becomes a ``discrete``
+    parameter when its values are numbers, else ``categorical``; constants become ``fixed``;
+    ``LESS_THAN``/``GREATER_THAN``/``BOUNDS`` constraints become outcome constraints.
+    """
+    parameters: dict[str, Any] = {}
+    for name, variable in vocs.variables.items():
+        if isinstance(variable, ContinuousVariable):
+            parameters[name] = {"type": "continuous", "bounds": list(variable.domain)}
+        else:
+            values = sorted(variable.values, key=str)
+            numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            parameters[name] = ({"type": "discrete", "values": sorted(float(v) for v in values)} if numeric
+                                else {"type": "categorical", "values": values})
+    for name, constant in vocs.constants.items():
+        parameters[name] = {"type": "fixed", "value": constant.value}
+    objectives = {
+        name: {"goal": "maximize" if isinstance(o, MaximizeObjective) else "minimize"} for name, o in vocs.objectives.items()
+    }
+    bounds: list[str] = []
+    for name, c in vocs.constraints.items():
+        if isinstance(c, LessThanConstraint):
+            bounds.append(f"{name} <= {c.value!r}")
+        elif isinstance(c, GreaterThanConstraint):
+            bounds.append(f"{name} >= {c.value!r}")
+        elif isinstance(c, BoundsConstraint):
+            bounds += [f"{name} >= {c.range[0]!r}", f"{name} <= {c.range[1]!r}"]
+        else:
+            raise CampaignError(f"constraints.{name}: unsupported constraint type {type(c).__name__}")
+    return Campaign.model_validate({
+        "name": "gest",
+        "parameters": parameters,
+        "objectives": objectives,
+        "outcome_constraints": bounds,
+        "budget": {"experiments": budget},
+        "planner": {"backend": backend, "seed": seed},
+        "instrument": {"driver": _EXTERNAL},
+    })
