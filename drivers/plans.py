@@ -1,7 +1,18 @@
 """Per-experiment Bluesky plans, built from plan stubs.
 
-Plans never call the RunEngine, sleep in wall time or touch the network, so they can be tested by
-listing the messages they yield.
+One experiment is one run: check the proposal, set the set-and-forget signals, move the
+positioners, settle, then trigger and read ``repeats`` times into the ``primary`` stream. Plans
+never call the RunEngine, sleep in wall time or touch the network, so they can be tested by listing
+the messages they yield. A binding's custom plan (dispense, mix, anneal, measure) is built from the
+same stubs; see ``docs/instruments.md``.
+
+Example:
+    >>> from ophyd.sim import SynAxis
+    >>> from drivers.binding import InstrumentBinding
+    >>> x = SynAxis(name="x")
+    >>> b = InstrumentBinding(name="demo", positioners={"x": x}, detectors=[], outputs={"pos": "x"})
+    >>> [m.command for m in measure(b, {"x": 1.0}, {"campaign": "demo", "trial_id": 1})][:4]
+    ['open_run', 'checkpoint', 'set', 'wait']
 """
 
 from __future__ import annotations
@@ -15,6 +26,22 @@ import bluesky.preprocessors as bpp
 
 from drivers.binding import InstrumentBinding, Plan
 
+STREAM = "primary"
+
+
+def preflight(binding: InstrumentBinding, setpoints: Mapping[str, Any]) -> Plan:
+    """Refuse the proposal before anything moves (limits and safety rules); yields no messages."""
+    binding.check_limits(setpoints)
+    return
+    yield  # pragma: no cover - makes this a generator so it composes with ``yield from``
+
+
+def set_signals(binding: InstrumentBinding, setpoints: Mapping[str, Any]) -> Plan:
+    """Write the set-and-forget values (categorical choices, fixed settings) and wait for all of them."""
+    pairs = [(binding.signals[name], value) for name, value in setpoints.items() if name in binding.signals]
+    if pairs:
+        yield from bps.mv(*itertools.chain.from_iterable(pairs))
+
 
 def move_to(binding: InstrumentBinding, setpoints: Mapping[str, Any]) -> Plan:
     """Move every positioner named in ``setpoints`` at once and wait for all of them."""
@@ -23,22 +50,61 @@ def move_to(binding: InstrumentBinding, setpoints: Mapping[str, Any]) -> Plan:
         yield from bps.mv(*itertools.chain.from_iterable(pairs))
 
 
-def measure(binding: InstrumentBinding, setpoints: Mapping[str, Any], md: Mapping[str, Any]) -> Plan:
-    """One experiment as one run: move, then trigger and read detectors and positioners together.
+def settle(binding: InstrumentBinding) -> Plan:
+    """Wait ``binding.settle_time`` seconds (a RunEngine sleep, so a pause or suspender can interrupt it)."""
+    if binding.settle_time > 0:
+        yield from bps.sleep(binding.settle_time)
 
-    Returns the run's uid. The start document carries ``md`` (campaign, trial id) and the setpoints.
+
+def read_outputs(binding: InstrumentBinding, repeats: int | None = None) -> Plan:
+    """Trigger and read the detectors and settable devices ``repeats`` times, one event each.
+
+    A checkpoint before each measurement means a pause or suspender repeats only the measurement it
+    interrupted, never one already recorded. Returns the readings of the last event.
     """
-
-    @bpp.run_decorator(md={**md, "setpoints": dict(setpoints), "instrument": binding.name})
-    def inner() -> Plan:
+    readings: dict[str, Any] = {}
+    for _ in range(repeats or binding.repeats):
         yield from bps.checkpoint()
+        readings = yield from bps.trigger_and_read(binding.readables(), name=STREAM)
+    return readings
+
+
+def run_metadata(binding: InstrumentBinding, setpoints: Mapping[str, Any], md: Mapping[str, Any]) -> dict[str, Any]:
+    """What the start document carries: the caller's ``md`` (campaign, trial id, planner metadata...),
+    the parameters and how the instrument turns readings into outputs."""
+    return {
+        **md,
+        "parameters": dict(setpoints),
+        "instrument": binding.name,
+        "outputs": binding.describe_outputs(),
+        "repeats": binding.repeats,
+        "settle_time": binding.settle_time,
+    }
+
+
+def measure(binding: InstrumentBinding, setpoints: Mapping[str, Any], md: Mapping[str, Any]) -> Plan:
+    """One experiment as one run: check, set signals, move, settle, trigger and read ``repeats`` times.
+
+    Returns the run's uid. The start document carries ``md`` (campaign, trial id, planner metadata)
+    and the parameters; outputs come from the ``primary`` events (:func:`drivers.readout.outputs_from_events`).
+    """
+    yield from preflight(binding, setpoints)
+
+    @bpp.run_decorator(md=run_metadata(binding, setpoints, md))
+    def inner() -> Plan:
+        # Rewinding to here after a pause re-issues the moves: the devices end where they were told.
+        yield from bps.checkpoint()
+        yield from set_signals(binding, setpoints)
         yield from move_to(binding, setpoints)
-        yield from bps.trigger_and_read([*binding.detectors, *binding.positioners.values()])
+        yield from settle(binding)
+        yield from read_outputs(binding)
 
     return (yield from inner())
 
 
 def experiment_plan(binding: InstrumentBinding, setpoints: Mapping[str, Any], md: Mapping[str, Any]) -> Plan:
-    """The binding's own plan when it has one, else :func:`measure`."""
-    plan = binding.plan or measure
-    return (yield from plan(binding, dict(setpoints), dict(md)))
+    """The binding's own plan when it has one, else :func:`measure`; limits are checked first either way."""
+    if binding.plan is None:
+        return (yield from measure(binding, dict(setpoints), dict(md)))
+    yield from preflight(binding, setpoints)
+    return (yield from binding.plan(binding, dict(setpoints), dict(md)))
