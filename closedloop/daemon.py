@@ -1,30 +1,63 @@
-"""The loop daemon: asks the planner for experiments, dispatches them to stations, stores results.
+"""The loop daemon: keeps every station busy with the planner's proposals and stores every result once.
 
-Ordering rules that make the loop lose nothing: a trial is written to the store before it is
-proposed to a station and marked dispatched before the message leaves; a result is stored before it
-is acknowledged; duplicates (same trial, same run uid) are acknowledged again and otherwise ignored.
+Sockets (docs/daemon.md has the diagram and every message):
+
+- ROUTER (``bind``) for stations (DEALER, routing id = station name): the protocol in
+  :mod:`closedloop.protocol`.
+- PUB (``publish``) streaming campaign events as ``[topic, json]`` (:mod:`closedloop.events`).
+- control (``control``, ROUTER serving REQ clients) taking ``{"method", "params"}`` and answering
+  ``{"success", "msg", ...}``: ``status``, ``health``, ``pause``, ``resume``, ``stop``, ``cancel``.
+  :func:`control_request` is the client.
+
+Ordering rules that make the loop lose nothing and run nothing twice: a trial is written to the store
+as dispatched before the ``assign`` leaves; results are stored (a batch per loop turn, one
+transaction) before they are acknowledged; duplicates (same trial, same run uid) are acknowledged
+again and otherwise ignored; a station that re-registers lists the trials it still holds, and a trial
+dispatched to it that it does not hold is re-queued. Planning runs in one background thread per
+campaign that keeps a small buffer of proposals, refreshed whenever results arrive, so intake and
+dispatch never wait on a model fit.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import queue
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 import zmq
 
+from closedloop import events as event_format
 from closedloop import protocol
 from closedloop.campaign import Campaign
-from closedloop.errors import ProtocolError, StoreError
-from closedloop.planner import Planner, Result, make_planner
+from closedloop.errors import ClosedLoopError, ProtocolError, StoreError
+from closedloop.keys import ServerKeys, check_exposure
+from closedloop.planner import Planner, Proposal, Result, make_planner
 from closedloop.store import Store, TrialRow, TrialStatus
 
 log = logging.getLogger("closedloop.daemon")
+translog = logging.getLogger("closedloop.trial")  # one structured line per trial transition
 
 EventSink = Callable[[str, dict[str, Any]], None]
+
+DEFAULT_CONTROL = "tcp://127.0.0.1:5700"
+DEFAULT_PUBLISH = "tcp://127.0.0.1:5702"
+_HELD = getattr(TrialStatus, "held", None)  # approval mode (people in the loop), when the store has it
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def _logfmt(**fields: Any) -> str:
+    return " ".join(f"{k}={json.dumps(v, default=str) if not isinstance(v, (int, float)) else v}"
+                    for k, v in fields.items() if v is not None)
 
 
 @dataclass
@@ -32,12 +65,15 @@ class Station:
     name: str
     identity: bytes
     instruments: list[str]
+    campaigns: list[str]
     capacity: int
+    session: int
     last_seen: float
     running: dict[int, float] = field(default_factory=dict)  # trial id -> dispatch time
 
-    def serves(self, target: str) -> bool:
-        return "*" in self.instruments or target in self.instruments
+    def serves(self, run: CampaignRun) -> bool:
+        return (("*" in self.instruments or run.target in self.instruments)
+                and ("*" in self.campaigns or run.campaign.name in self.campaigns))
 
     @property
     def free(self) -> int:
@@ -48,58 +84,230 @@ class Station:
 class InFlight:
     trial_id: int
     campaign_id: int
+    index: int
+    parameters: dict[str, Any]
     station: str | None
     deadline: float | None
-    reconciling: bool = False  # dispatched by an earlier daemon; its station may never answer
+    dispatched: float = field(default_factory=time.monotonic)
+    started: bool = False
+    reconciling: bool = False  # dispatched by an earlier daemon; its station has not spoken since
+
+
+class PlannerService:
+    """A campaign's planner in its own thread: ingests results and keeps a buffer of proposals.
+
+    The daemon thread only calls :meth:`ingest`, :meth:`take` and sets :attr:`pending` and
+    :attr:`want`; the planner object is touched by this thread alone. A batch of ``want`` proposals
+    is chosen jointly with the experiments in flight as pending; when results arrive the batch is
+    recomputed. Until the new batch is ready the previous one stays available, because an idle
+    instrument costs more than a proposal that has not seen the last result yet.
+    """
+
+    def __init__(self, planner: Planner, name: str, wake: Callable[[], None]):
+        self.planner = planner
+        self.name = name
+        self._wake = wake
+        self._cond = threading.Condition()
+        self._incoming: list[Result] = []
+        self._buffer: list[Proposal] = []
+        self._taken: list[dict[str, Any]] = []
+        self._data_version = 0
+        self._buffer_version = -1
+        self.want = 1
+        self.pending: list[dict[str, Any]] = []
+        self.events: queue.SimpleQueue[tuple[str, dict[str, Any]]] = queue.SimpleQueue()
+        self.error: str | None = None
+        self.fits = 0
+        self.busy_s = 0.0
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name=f"closedloop-planner-{name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join(timeout=60)
+
+    def ingest(self, results: list[Result]) -> None:
+        self.update(results=results)
+
+    def update(self, *, results: list[Result] | None = None, pending: list[dict[str, Any]] | None = None,
+               want: int | None = None) -> None:
+        """New results, the experiments now pending and the batch size, all at once: the thread never
+        sees a finished experiment both as a result and as pending, or as neither."""
+        with self._cond:
+            if results:
+                self._incoming.extend(results)
+                self._data_version += 1
+            if pending is not None:
+                self.pending = pending
+            if want is not None:
+                self.want = want
+            self._cond.notify_all()
+
+    def take(self) -> Proposal | None:
+        with self._cond:
+            if not self._buffer:
+                self._cond.notify_all()
+                return None
+            proposal = self._buffer.pop(0)
+            self._taken.append(proposal.parameters)
+            self.pending = [*self.pending, proposal.parameters]
+            if len(self._buffer) < self.want:
+                self._cond.notify_all()
+            return proposal
+
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def poke(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _needs_work(self) -> bool:
+        if self._incoming:
+            return True
+        if self.want <= 0 or self.error is not None:
+            return False
+        return len(self._buffer) < self.want or self._buffer_version != self._data_version
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not self._needs_work():
+                    self._cond.wait(timeout=1.0)
+                    if self.error is not None and self._incoming:
+                        break
+                if self._stop:
+                    return
+                results, self._incoming = self._incoming, []
+                want, pending, version = self.want, list(self.pending), self._data_version
+                self._taken = []
+            started = time.perf_counter()
+            try:
+                if results:
+                    self.planner.ingest(results)
+                    self.error = None
+                proposals = self.planner.suggest(want, pending=pending) if want > 0 else []
+            except Exception as exc:  # a planner fault must not stop intake; it is reported and retried
+                self.error = f"{type(exc).__name__}: {exc}"
+                log.exception("campaign=%s planner failed", self.name)
+                self.events.put(("planner_error", {"error": self.error}))
+                self._wake()
+                time.sleep(1.0)
+                continue
+            elapsed = time.perf_counter() - started
+            self.busy_s += elapsed
+            with self._cond:
+                # a proposal handed out while this batch was computed is not in its pending set: a
+                # deterministic design (Sobol) would propose it again
+                taken = self._taken
+                self._buffer = [p for p in proposals if p.parameters not in taken]
+                self._buffer_version = version
+            if proposals:
+                self.fits += 1
+                meta = proposals[0].metadata
+                self.events.put(("model_updated", {
+                    "generator": meta.get("generator"), "observations": meta.get("observations"),
+                    "pending": len(pending), "batch": len(proposals), "seconds": round(elapsed, 4),
+                    "fit_seconds": meta.get("fit_seconds")}))
+            self._wake()
 
 
 class CampaignRun:
-    """One campaign's state inside the daemon: its planner, queue and experiments in flight."""
+    """One campaign's state inside the daemon: planner service, queue, counters, pause flag."""
 
     def __init__(self, campaign: Campaign, store: Store):
         self.campaign = campaign
         self.store = store
         self.id = store.open_campaign(campaign)
         self.planner: Planner = make_planner(campaign)
-        self.planner.ingest(store.results(self.id))
+        results = store.results(self.id)
+        self.planner.ingest(results)
         self.started = time.monotonic()
         self.stopping = False
-        self.best: Result | None = self.planner.best()
+        self.paused = False
+        counts = store.counts(self.id)
+        self.finished = sum(counts.get(s, 0) for s in ("completed", "failed", "abandoned"))
+        self.best: Result | None = None
+        for result in results:
+            self._consider_best(result)
+        self.queue: deque[int] = deque()
+        self.held = 0
+        self.refresh_queue()
+        self.service: PlannerService | None = None
 
     @property
     def target(self) -> str:
         return self.campaign.instrument.target
 
-    def finished_count(self) -> int:
-        counts = self.store.counts(self.id)
-        return sum(counts.get(s, 0) for s in ("completed", "failed", "abandoned"))
+    @property
+    def approve(self) -> bool:
+        return bool(getattr(self.campaign.execution, "approve", False)) and _HELD is not None
 
-    def remaining(self, in_flight: int, queued: int) -> int:
-        """Experiments still to propose within the budget."""
-        return self.campaign.budget.experiments - self.finished_count() - in_flight - queued
+    def refresh_queue(self) -> None:
+        """Proposed trials (re-queued, approved) waiting for a station; hand-run ones are left to people."""
+        statuses = [TrialStatus.proposed.value] + ([_HELD.value] if _HELD is not None else [])
+        queued, held = [], 0
+        for trial in self.store.trials(self.id, statuses):
+            if (trial.planner or {}).get("execution") == "manual":
+                continue
+            if trial.status == TrialStatus.proposed.value:
+                queued.append(trial.id)
+            else:
+                held += 1
+        self.queue = deque(queued)
+        self.held = held
+
+    def finished_count(self) -> int:
+        return self.finished
 
     def out_of_time(self) -> bool:
         hours = self.campaign.budget.hours
         return hours is not None and time.monotonic() - self.started > hours * 3600
 
-    def goal_reached(self) -> bool:
-        rule = self.campaign.stop_rule
-        if rule is None:
+    def _consider_best(self, result: Result) -> bool:
+        if result.values is None:
             return False
-        return any(
-            r.values is not None and rule.output in r.values and rule.satisfied(r.values[rule.output])
-            for r in self.store.results(self.id)
-        )
+        name, objective = next(iter(self.campaign.objectives.items()))
+        if name not in result.values:
+            return False
+        if self.best is None or self.best.values is None:
+            self.best = result
+            return True
+        better = (result.values[name] > self.best.values[name] if objective.goal == "maximize"
+                  else result.values[name] < self.best.values[name])
+        if better:
+            self.best = result
+        return better
+
+    def goal_reached(self, values: dict[str, float]) -> bool:
+        rule = self.campaign.stop_rule
+        return rule is not None and rule.output in values and rule.satisfied(values[rule.output])
 
 
 class Daemon:
-    """Serves stations on a ROUTER socket until every campaign has met its budget or goal.
+    """Serves stations until every campaign has met its budget or goal, or until stopped.
 
     Args:
-        store: where campaigns, trials and results live.
-        campaigns: campaigns to run (resumed when already in the store).
-        bind: ROUTER endpoint; ``tcp://127.0.0.1:0`` picks a free port (see :attr:`endpoint`).
-        on_event: called with (kind, details) for every transition, for progress displays.
+        store: where campaigns, trials and results live (the daemon is its only writer).
+        campaigns: campaigns to run (resumed when already in the store), each served by the
+            stations whose hello names its instrument (or ``*``) and its campaign (or ``*``).
+        bind: ROUTER endpoint for stations; ``tcp://127.0.0.1:0`` picks a free port (see :attr:`endpoint`).
+        publish: PUB endpoint for events (None: no PUB socket).
+        control: control endpoint (None: no control socket); must be loopback or ipc.
+        keys: CURVE server keys; without them only loopback endpoints are allowed unless ``insecure``.
+        heartbeat_s: how often stations heartbeat; a station silent for ``lost_after`` heartbeats is lost.
+        reconcile_s: how long trials left in flight by an earlier daemon wait for their station.
+        drain_s: on stop, how long to wait for results of trials in flight.
+        on_event: called with (kind, details) for every transition, in the daemon thread.
+
+    Example:
+        >>> daemon = Daemon(Store("s.db"), [campaign], bind="tcp://127.0.0.1:5701")  # doctest: +SKIP
+        >>> daemon.serve()                                                           # doctest: +SKIP
     """
 
     def __init__(
@@ -108,43 +316,117 @@ class Daemon:
         campaigns: list[Campaign],
         *,
         bind: str = "tcp://127.0.0.1:0",
+        publish: str | None = None,
+        control: str | None = None,
+        keys: ServerKeys | None = None,
+        insecure: bool = False,
         heartbeat_s: float = 1.0,
+        lost_after: float = 5.0,
         reconcile_s: float = 10.0,
+        drain_s: float = 60.0,
         on_event: EventSink | None = None,
         context: zmq.Context | None = None,
     ):
+        for endpoint in (bind, publish):
+            if endpoint is not None:
+                check_exposure(endpoint, keys, insecure)
+        if control is not None and not (control.startswith(("ipc://", "inproc://")) or "127.0.0.1" in control
+                                        or "localhost" in control):
+            raise ProtocolError(f"control endpoint {control}: use ipc:// or a 127.0.0.1 address (it has no keys)")
         self.store = store
         self.runs = {run.id: run for run in (CampaignRun(c, store) for c in campaigns)}
         self.heartbeat_s = heartbeat_s
-        self.on_event = on_event or (lambda kind, details: None)
-        self.context = context or zmq.Context.instance()
+        self.lost_after = lost_after
+        self.drain_s = drain_s
+        self.on_event: EventSink = on_event or (lambda kind, details: None)
+        self.context = context or (zmq.Context() if keys else zmq.Context.instance())
+        self._own_context = context is None and keys is not None
+        self.keys = keys
+        self.auth = keys.start_authenticator(self.context) if keys else None
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 500)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
+        self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted station with the same name takes over
+        self.socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES + 1024)
         self.socket.setsockopt(zmq.RCVHWM, 100_000)
-        self.endpoint = self._bind(bind)
+        self.socket.setsockopt(zmq.SNDHWM, 100_000)
+        if keys:
+            keys.apply(self.socket)
+        self.endpoint = self._bind(self.socket, bind)
+        self.pub: zmq.Socket | None = None
+        self.publish_endpoint: str | None = None
+        if publish is not None:
+            self.pub = self.context.socket(zmq.PUB)
+            self.pub.setsockopt(zmq.LINGER, 0)
+            self.pub.setsockopt(zmq.SNDHWM, 10_000)
+            if keys:
+                keys.apply(self.pub)
+            self.publish_endpoint = self._bind(self.pub, publish)
+        self.control: zmq.Socket | None = None
+        self.control_endpoint: str | None = None
+        if control is not None:
+            self.control = self.context.socket(zmq.ROUTER)
+            self.control.setsockopt(zmq.LINGER, 0)
+            self.control.setsockopt(zmq.MAXMSGSIZE, 65536)
+            self.control_endpoint = self._bind(self.control, control)
+        self._wake_address = f"inproc://closedloop-wake-{id(self)}"
+        self._wake_pull = self.context.socket(zmq.PULL)
+        self._wake_pull.bind(self._wake_address)
+        self._wake_lock = threading.Lock()
+        self._wake_push = self.context.socket(zmq.PUSH)
+        self._wake_push.setsockopt(zmq.SNDHWM, 1)
+        self._wake_push.connect(self._wake_address)
+        self.poller = zmq.Poller()
+        for sock in (self.socket, self.control, self._wake_pull):
+            if sock is not None:
+                self.poller.register(sock, zmq.POLLIN)
         self.stations: dict[bytes, Station] = {}
         self.in_flight: dict[int, InFlight] = {}
+        self._session = 0
+        self._seq = 0
+        self._stop_requested = False
+        self._draining_until: float | None = None
+        self._last_turn = time.monotonic()
+        self._last_check = 0.0
+        self._last_queue_refresh = time.monotonic()
+        self.started = time.monotonic()
+        self.stats = {"results": 0, "duplicates": 0, "dropped": 0, "dispatched": 0}
         self._reconcile(reconcile_s)
 
-    def _bind(self, bind: str) -> str:
+    @staticmethod
+    def _bind(sock: zmq.Socket, bind: str) -> str:
         if bind.endswith(":0"):
-            port = self.socket.bind_to_random_port(bind[: bind.rindex(":")])
+            port = sock.bind_to_random_port(bind[: bind.rindex(":")])
             return f"{bind[: bind.rindex(':')]}:{port}"
-        self.socket.bind(bind)
+        sock.bind(bind)
         return bind
 
     def _reconcile(self, grace_s: float) -> None:
-        """Trials left dispatched by an earlier daemon: wait for their results, then re-dispatch."""
+        """Trials left dispatched by an earlier daemon: wait for their stations to say what they hold."""
         deadline = time.monotonic() + grace_s
         for run in self.runs.values():
             for trial in self.store.trials(run.id, [TrialStatus.dispatched.value]):
                 assert trial.id is not None
-                self.in_flight[trial.id] = InFlight(trial.id, run.id, trial.station, deadline, reconciling=True)
-                log.info("campaign=%s trial=%s reconciling (was on %s)", run.campaign.name, trial.index, trial.station)
+                self.in_flight[trial.id] = InFlight(trial.id, run.id, trial.index, trial.parameters, trial.station,
+                                                    deadline, reconciling=True)
+                self._transition(run, trial.index, trial.id, "reconciling", station=trial.station)
 
     # -- the loop ---------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Make the loop turn now (thread-safe): the planner has proposals, or a stop was asked."""
+        with self._wake_lock:
+            try:
+                self._wake_push.send(b"", zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # a wake-up is already pending
+
+    def request_stop(self, reason: str = "requested") -> None:
+        """Stop dispatching, wait for results in flight up to ``drain_s``, then leave :meth:`serve`."""
+        if not self._stop_requested:
+            log.info("stopping (%s): no new dispatch; waiting up to %.0f s for %d trials in flight", reason,
+                     self.drain_s, len(self.in_flight))
+        self._stop_requested = True
 
     def done(self) -> bool:
         return all(self._campaign_done(run) for run in self.runs.values())
@@ -152,259 +434,636 @@ class Daemon:
     def _campaign_done(self, run: CampaignRun) -> bool:
         if any(f.campaign_id == run.id for f in self.in_flight.values()):
             return False
-        return run.stopping or run.finished_count() >= run.campaign.budget.experiments
+        return run.stopping or run.finished >= run.campaign.budget.experiments
 
     def serve(self, should_stop: Callable[[], bool] = lambda: False) -> None:
-        """Run until every campaign is done or ``should_stop()`` turns true."""
+        """Run until every campaign is done, or until stopped (``should_stop()``, :meth:`request_stop`, SIGTERM)."""
         for run in self.runs.values():
-            self._emit("campaign_started", run, total=run.campaign.budget.experiments, finished=run.finished_count())
+            run.service = PlannerService(run.planner, run.campaign.name, self.wake)
+            self._update_planner(run)
+            run.service.start()
+            self._emit("campaign_started", run, total=run.campaign.budget.experiments, finished=run.finished)
         try:
-            while not self.done() and not should_stop():
-                self.step(timeout_ms=20)
+            while True:
+                if should_stop():
+                    self.request_stop("should_stop")
+                if self._stop_requested and self._draining_until is None:
+                    self._draining_until = time.monotonic() + self.drain_s
+                    self._emit_daemon("daemon_stopping", in_flight=len(self.in_flight), drain_s=self.drain_s)
+                if self._draining_until is not None:
+                    live = [f for f in self.in_flight.values() if not f.reconciling]
+                    if not live or time.monotonic() > self._draining_until:
+                        if live:
+                            log.warning("stopping with %d trials in flight; the next start reconciles them", len(live))
+                        break
+                elif self.done():
+                    break
+                self.step(timeout_ms=50)
         finally:
             for run in self.runs.values():
+                if run.service is not None:
+                    run.service.stop()
+                    self._drain_service_events(run)
                 if self._campaign_done(run):
                     self.store.set_campaign_status(run.id, "completed")
-                    self._emit("campaign_finished", run, best=_result_dict(run.best))
+                    self._emit("campaign_finished", run, best=_result_dict(run.best), finished=run.finished)
 
     def close(self) -> None:
-        self.socket.close(linger=0)
+        for sock in (self.socket, self.pub, self.control, self._wake_pull, self._wake_push):
+            if sock is not None:
+                sock.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()
+        if self._own_context:
+            self.context.term()
 
-    def step(self, timeout_ms: int = 20) -> None:
-        """One turn of the loop: read messages, enforce timeouts, fill free station slots."""
-        deadline = time.monotonic() + timeout_ms / 1000
-        while self.socket.poll(max(0, int((deadline - time.monotonic()) * 1000)), zmq.POLLIN):
-            self._receive()
-            if time.monotonic() >= deadline:
-                break
-        self._check_liveness()
+    def step(self, timeout_ms: int = 50) -> None:
+        """One turn: read messages (results in one batch), answer control, enforce timeouts, dispatch."""
+        self._last_turn = time.monotonic()
+        ready = dict(self.poller.poll(timeout_ms))
+        if self._wake_pull in ready:
+            while True:
+                try:
+                    self._wake_pull.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+        if self.socket in ready:
+            self._receive_batch()
+        if self.control is not None and self.control in ready:
+            self._serve_control()
+        for run in self.runs.values():
+            self._drain_service_events(run)
+        now = time.monotonic()
+        if now - self._last_check > 0.1:
+            self._last_check = now
+            self._check_liveness()
+        if now - self._last_queue_refresh > 1.0:
+            self._last_queue_refresh = now
+            for run in self.runs.values():
+                if run.approve or _HELD is not None:
+                    run.refresh_queue()
         self._dispatch()
 
-    def _receive(self) -> None:
-        frames = self.socket.recv_multipart()
+    # -- intake -----------------------------------------------------------------------------
+
+    def _receive_batch(self, limit: int = 2000) -> None:
+        results: list[tuple[bytes, protocol.ResultMessage]] = []
+        for _ in range(limit):
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            message = self._parse(frames)
+            if message is None:
+                continue
+            identity, msg = message
+            if isinstance(msg, protocol.ResultMessage):
+                results.append((identity, msg))
+                continue
+            handler = {
+                protocol.Hello: self._on_hello,
+                protocol.Heartbeat: self._on_heartbeat,
+                protocol.Started: self._on_started,
+                protocol.Failure: self._on_failure,
+            }.get(type(msg))
+            if handler is None:
+                self._drop(identity, f"unexpected {msg.type} message")
+                continue
+            try:
+                handler(identity, msg)
+            except StoreError as exc:
+                self._drop(identity, f"{msg.type}: {exc}")
+        if results:
+            self._intake(results)
+
+    def _parse(self, frames: list[bytes]) -> tuple[bytes, Any] | None:
         if len(frames) != 2:
+            self.stats["dropped"] += 1
             log.warning("dropped a message of %d frames", len(frames))
-            return
+            return None
         identity, frame = frames
         try:
             message = protocol.decode(frame)
+        except protocol.VersionMismatch as exc:
+            self._drop(identity, str(exc))
+            self._send_raw(identity, protocol.refusal_for(exc))
+            return None
         except ProtocolError as exc:
-            log.warning("dropped a message from %r: %s", identity[:64], exc)
-            if "protocol version" in str(exc):
-                self._send(identity, protocol.Refused(reason=str(exc)))
-            return
+            self._drop(identity, str(exc))
+            return None
         station = self.stations.get(identity)
         if station is not None:
             station.last_seen = time.monotonic()
-        handler = {
-            protocol.Hello: self._on_hello,
-            protocol.Heartbeat: self._on_heartbeat,
-            protocol.Started: self._on_started,
-            protocol.ResultMessage: self._on_result,
-            protocol.Failure: self._on_failure,
-        }.get(type(message))
-        if handler is None:
-            log.warning("dropped an unexpected %s message from %r", message.type, identity[:64])
+        elif not isinstance(message, protocol.Hello):
+            # results and the rest only from registered stations; a restarted daemon meets this first
+            self.stats["dropped"] += 1
+            self._send(identity, protocol.Refused(reason="unregistered: send hello"))
+            return None
+        return identity, message
+
+    def _drop(self, identity: bytes, why: str) -> None:
+        self.stats["dropped"] += 1
+        log.warning("dropped a message from %r: %s", identity[:64], why)
+
+    def _intake(self, batch: list[tuple[bytes, protocol.ResultMessage]]) -> None:
+        """Validate, store in one transaction, then acknowledge and tell the planners."""
+        items, accepted = [], []
+        for identity, result in batch:
+            flight = self.in_flight.get(result.trial_id)
+            if flight is not None:
+                run, index, parameters = self.runs[flight.campaign_id], flight.index, flight.parameters
+            else:
+                try:
+                    trial = self.store.trial(result.trial_id)
+                except StoreError as exc:
+                    self._drop(identity, f"result: {exc}")
+                    continue
+                run = self.runs.get(trial.campaign_id)  # type: ignore[assignment]
+                if run is None:
+                    self._drop(identity, f"result for trial {result.trial_id} of a campaign this daemon does not run")
+                    continue
+                index, parameters = trial.index, trial.parameters
+            missing = set(run.campaign.outputs) - set(result.values)
+            if missing:
+                self._drop(identity, f"result for trial {result.trial_id}: missing outputs {sorted(missing)}")
+                continue
+            values = {k: result.values[k] for k in run.campaign.outputs}
+            noise = {k: v for k, v in (result.noise or {}).items() if k in values} or None
+            items.append((result.trial_id, result.run_uid, values, noise, result.duration_s))
+            accepted.append((identity, result, run, index, parameters, values))
+        if not items:
             return
-        handler(identity, message)
+        outcomes = self.store.record_results(items)
+        ingest: dict[int, list[Result]] = {}
+        for (identity, result, run, index, parameters, values), outcome in zip(accepted, outcomes):
+            if isinstance(outcome, str):
+                self._drop(identity, f"result refused: {outcome}")
+                try:
+                    status = self.store.trial(result.trial_id).status
+                except StoreError:
+                    continue
+                if status not in (TrialStatus.proposed.value, TrialStatus.dispatched.value):
+                    # the trial is finished: acknowledging lets the station forget a result the store will never take
+                    self._send(identity, protocol.Ack(trial_id=result.trial_id))
+                continue
+            self._send(identity, protocol.Ack(trial_id=result.trial_id))
+            if outcome is False:
+                self.stats["duplicates"] += 1
+                self._release(result.trial_id)
+                continue
+            self.stats["results"] += 1
+            self._release(result.trial_id, cancel_elsewhere=identity)
+            run.finished += 1
+            finished = Result(parameters, values, index)
+            ingest.setdefault(run.id, []).append(finished)
+            is_best = run._consider_best(finished)
+            self._transition(run, index, result.trial_id, "completed", values=values, run_uid=result.run_uid,
+                             duration_s=result.duration_s)
+            self._emit("trial_completed", run, trial=index, parameters=parameters, values=values,
+                       noise=result.noise, run_uid=result.run_uid, duration_s=result.duration_s,
+                       best=_result_dict(run.best), is_best=is_best, finished=run.finished)
+            if is_best:
+                self._emit("best", run, **(_result_dict(run.best) or {}))
+            if run.goal_reached(values) and not run.stopping:
+                run.stopping = True
+                self._emit("goal_reached", run, rule=run.campaign.budget.stop_when, trial=index)
+        for campaign_id, results in ingest.items():
+            self._update_planner(self.runs[campaign_id], results)
 
     def _send(self, identity: bytes, message: Any) -> bool:
+        return self._send_raw(identity, protocol.encode(message), message.type)
+
+    def _send_raw(self, identity: bytes, payload: bytes, kind: str = "refused") -> bool:
         try:
-            self.socket.send_multipart([identity, protocol.encode(message)], zmq.NOBLOCK)
+            self.socket.send_multipart([identity, payload], zmq.NOBLOCK)
             return True
         except zmq.ZMQError as exc:  # the peer is gone (ROUTER_MANDATORY) or its queue is full
-            log.warning("could not send %s to %r: %s", message.type, identity[:64], exc)
+            log.warning("could not send %s to %r: %s", kind, identity[:64], exc)
             return False
 
     # -- handlers -----------------------------------------------------------------------------
 
     def _on_hello(self, identity: bytes, hello: protocol.Hello) -> None:
-        station = self.stations.get(identity)
-        running = station.running if station else {}
-        # trials the station still holds stay assigned to it; others it was given are not coming back
-        for trial_id in hello.outstanding:
-            flight = self.in_flight.get(trial_id)
-            if flight is not None:
+        now = time.monotonic()
+        self._session += 1
+        previous = self.stations.pop(identity, None)
+        holds = set(hello.outstanding)
+        station = Station(hello.station, identity, hello.instruments, hello.campaigns, hello.capacity, self._session,
+                          now)
+        for trial_id, flight in list(self.in_flight.items()):
+            if trial_id in holds and (flight.reconciling or flight.station == hello.station):
+                # the station still has it (running, queued or in its outbox): it stays there
                 flight.station, flight.reconciling = hello.station, False
-                running.setdefault(trial_id, time.monotonic())
-        self.stations[identity] = Station(hello.station, identity, hello.instruments, hello.capacity, time.monotonic(),
-                                          running)
-        log.info("station %s registered (capacity %d, instruments %s)", hello.station, hello.capacity, hello.instruments)
-        self._send(identity, protocol.Welcome(heartbeat_s=self.heartbeat_s))
-        self.on_event("station_joined", {"station": hello.station})
+                if flight.deadline is not None and flight.deadline < now + self.heartbeat_s * self.lost_after:
+                    flight.deadline = self._deadline(self.runs[flight.campaign_id], started=flight.started)
+                station.running[trial_id] = flight.dispatched
+            elif flight.station == hello.station:
+                # dispatched to this station, which does not have it: the assign was lost (or the station
+                # restarted before it ran): it never ran, so it goes back to the queue
+                run = self.runs[flight.campaign_id]
+                self._release(trial_id)
+                self.store.requeue(trial_id, f"station {hello.station} re-registered without it")
+                run.queue.appendleft(trial_id)
+                self._transition(run, flight.index, trial_id, "requeued", reason="station does not hold it")
+                self._emit("trial_requeued", run, trial=flight.index, reason="station does not hold it")
+        for trial_id in holds - set(station.running):
+            # not this station's any more (run elsewhere, finished, re-queued): it must not run here; a
+            # result already in its outbox still arrives and is stored or acknowledged on its merits
+            self._send(identity, protocol.Cancel(trial_id=trial_id, reason="not assigned to this station"))
+        self.stations[identity] = station
+        log.info("station %s registered (session %d, capacity %d, instruments %s, campaigns %s, holds %s)",
+                 hello.station, station.session, hello.capacity, hello.instruments, hello.campaigns, sorted(holds))
+        self._send(identity, protocol.Welcome(heartbeat_s=self.heartbeat_s, session=station.session))
+        if previous is None:
+            self._emit_daemon("station_joined", station=hello.station, capacity=hello.capacity)
+        for run in self.runs.values():
+            self._update_planner(run)
 
     def _on_heartbeat(self, identity: bytes, heartbeat: protocol.Heartbeat) -> None:
-        if identity not in self.stations:
-            self._send(identity, protocol.Refused(reason="unregistered: send hello"))
+        station = self.stations[identity]
+        self._send(identity, protocol.Heartbeat())
+        for trial_id in heartbeat.running:
+            flight = self.in_flight.get(trial_id)
+            if flight is None or (flight.station != station.name and not flight.reconciling):
+                if trial_id not in station.running:
+                    self._send(identity, protocol.Cancel(trial_id=trial_id, reason="not assigned to this station"))
 
     def _on_started(self, identity: bytes, started: protocol.Started) -> None:
         flight = self.in_flight.get(started.trial_id)
-        if flight is not None:
-            flight.reconciling = False
-            run = self.runs[flight.campaign_id]
-            timeout = run.campaign.execution.timeout
-            flight.deadline = time.monotonic() + timeout if timeout else None
-
-    def _on_result(self, identity: bytes, result: protocol.ResultMessage) -> None:
-        try:
-            trial = self.store.trial(result.trial_id)
-        except StoreError as exc:
-            log.warning("dropped a result: %s", exc)
+        station = self.stations[identity]
+        if flight is None or flight.station != station.name:
             return
-        run = self.runs.get(trial.campaign_id)
-        if run is None:
-            log.warning("dropped a result for trial %s of a campaign this daemon does not run", result.trial_id)
-            return
-        missing = set(run.campaign.outputs) - set(result.values)
-        if missing:
-            log.warning("dropped a result for trial %s: missing outputs %s", result.trial_id, sorted(missing))
-            return
-        values = {k: result.values[k] for k in run.campaign.outputs}
-        try:
-            new = self.store.record_result(trial.id, result.run_uid, values, result.noise, result.duration_s)  # type: ignore[arg-type]
-        except StoreError as exc:
-            log.warning("dropped a result: %s", exc)
-            return
-        self._send(identity, protocol.Ack(trial_id=result.trial_id))
-        self._release(result.trial_id)
-        if not new:
-            return
-        finished = Result(trial.parameters, values, trial.index)
-        run.planner.ingest([finished])
-        improved = run.planner.best()
-        is_best = improved is not None and improved.trial == trial.index
-        run.best = improved
-        log.info("campaign=%s trial=%s completed values=%s", run.campaign.name, trial.index, values)
-        self._emit("trial_completed", run, trial=trial.index, parameters=trial.parameters, values=values,
-                   best=_result_dict(improved), is_best=is_best, finished=run.finished_count())
-        if run.goal_reached() and not run.stopping:
-            run.stopping = True
-            self._emit("goal_reached", run, rule=run.campaign.budget.stop_when)
+        flight.reconciling, flight.started = False, True
+        run = self.runs[flight.campaign_id]
+        flight.deadline = self._deadline(run, started=True)
+        self._transition(run, flight.index, flight.trial_id, "started", station=station.name)
+        self._emit("trial_started", run, trial=flight.index, station=station.name)
 
     def _on_failure(self, identity: bytes, failure: protocol.Failure) -> None:
-        try:
-            trial = self.store.trial(failure.trial_id)
-        except StoreError as exc:
-            log.warning("dropped a failure: %s", exc)
+        flight = self.in_flight.get(failure.trial_id)
+        station = self.stations[identity]
+        if flight is None or flight.station != station.name:
+            # late (timed out, cancelled, re-queued) or unknown: the store already says what happened
+            log.info("failure of trial %s from %s ignored: not in flight there (%s)", failure.trial_id, station.name,
+                     failure.error[:200])
+            self._send(identity, protocol.Ack(trial_id=failure.trial_id))
             return
-        run = self.runs.get(trial.campaign_id)
-        if run is None:
-            return
-        self._fail(run, trial, failure.error)
+        run = self.runs[flight.campaign_id]
+        self._fail(run, flight, failure.error, retry=True)
         self._send(identity, protocol.Ack(trial_id=failure.trial_id))
 
-    def _fail(self, run: CampaignRun, trial: TrialRow, error: str) -> None:
-        """Retry a failed trial if the campaign allows it, else record the failure."""
-        assert trial.id is not None
-        self._release(trial.id)
-        if trial.attempts <= run.campaign.execution.retries and trial.status == TrialStatus.dispatched.value:
-            self.store.requeue(trial.id, error)
-            log.info("campaign=%s trial=%s failed (%s); retrying", run.campaign.name, trial.index, error)
+    def _fail(self, run: CampaignRun, flight: InFlight, error: str, *, retry: bool,
+              status: TrialStatus = TrialStatus.failed) -> None:
+        """Retry the trial if the campaign allows another attempt, else record it failed (or abandoned)."""
+        self._release(flight.trial_id)
+        trial = self.store.trial(flight.trial_id)
+        if retry and trial.attempts <= run.campaign.execution.retries and trial.status == TrialStatus.dispatched.value:
+            self.store.requeue(flight.trial_id, error)
+            run.queue.append(flight.trial_id)
+            self._transition(run, flight.index, flight.trial_id, "requeued", reason=error, attempts=trial.attempts)
+            self._emit("trial_requeued", run, trial=flight.index, reason=error)
             return
-        if self.store.record_failure(trial.id, error):
-            run.planner.ingest([Result(trial.parameters, None, trial.index)])
-            log.info("campaign=%s trial=%s failed: %s", run.campaign.name, trial.index, error)
-            self._emit("trial_failed", run, trial=trial.index, error=error, finished=run.finished_count())
+        if self.store.record_failure(flight.trial_id, error, status):
+            run.finished += 1
+            if status == TrialStatus.failed:
+                # a failure teaches the planner to avoid the region; an abandoned trial says nothing about it
+                self._update_planner(run, [Result(flight.parameters, None, flight.index)])
+            self._transition(run, flight.index, flight.trial_id, status.value, error=error)
+            self._emit(f"trial_{status.value}", run, trial=flight.index, error=error, finished=run.finished,
+                       best=_result_dict(run.best))
+        self._update_planner(run)
 
-    def _release(self, trial_id: int) -> None:
+    def _release(self, trial_id: int, cancel_elsewhere: bytes | None = None) -> None:
         self.in_flight.pop(trial_id, None)
         for station in self.stations.values():
-            station.running.pop(trial_id, None)
+            if station.running.pop(trial_id, None) is not None and cancel_elsewhere not in (None, station.identity):
+                # the result came from another station (an outbox after a re-queue): stop the duplicate run
+                self._send(station.identity, protocol.Cancel(trial_id=trial_id, reason="result already stored"))
 
     # -- timeouts and lost stations -------------------------------------------------------------
+
+    def _deadline(self, run: CampaignRun, *, started: bool) -> float | None:
+        timeout = run.campaign.execution.timeout
+        if not timeout:
+            return None
+        # until the station says it started, allow for the message and the station's queue
+        return time.monotonic() + float(timeout) + (0 if started else 30)
 
     def _check_liveness(self) -> None:
         now = time.monotonic()
         for identity, station in list(self.stations.items()):
-            if now - station.last_seen > 5 * self.heartbeat_s:
+            if now - station.last_seen > self.lost_after * self.heartbeat_s:
                 log.warning("station %s lost (silent for %.1f s)", station.name, now - station.last_seen)
                 del self.stations[identity]
-                self.on_event("station_lost", {"station": station.name})
+                self._emit_daemon("station_lost", station=station.name, trials=sorted(station.running))
                 for trial_id in list(station.running):
                     flight = self.in_flight.get(trial_id)
                     if flight is not None:
-                        self._lost(flight, f"station {station.name} lost")
+                        run = self.runs[flight.campaign_id]
+                        self._fail(run, flight, f"station {station.name} lost", retry=True,
+                                   status=TrialStatus.abandoned)
         for flight in list(self.in_flight.values()):
-            if flight.deadline is not None and now > flight.deadline:
-                self._lost(flight, "timed out")
-
-    def _lost(self, flight: InFlight, reason: str) -> None:
-        run = self.runs[flight.campaign_id]
-        trial = self.store.trial(flight.trial_id)
-        if flight.reconciling:  # never heard of since the restart: the experiment did not happen
-            self._release(flight.trial_id)
-            self.store.requeue(flight.trial_id, f"not reconciled: {reason}")
-            log.info("campaign=%s trial=%s re-queued after restart", run.campaign.name, trial.index)
-            return
-        for station in self.stations.values():
-            if flight.trial_id in station.running:
-                self._send(station.identity, protocol.Cancel(trial_id=flight.trial_id, reason=reason))
-        self._fail(run, trial, reason)
+            if flight.deadline is None or now <= flight.deadline:
+                continue
+            run = self.runs[flight.campaign_id]
+            if flight.reconciling:
+                self._fail(run, flight, f"station {flight.station} did not come back after a daemon restart",
+                           retry=True, status=TrialStatus.abandoned)
+                continue
+            for station in self.stations.values():
+                if flight.trial_id in station.running:
+                    self._send(station.identity, protocol.Cancel(trial_id=flight.trial_id, reason="timed out"))
+            self._fail(run, flight, f"timed out after {run.campaign.execution.timeout} s", retry=True)
 
     # -- dispatch -------------------------------------------------------------------------------
 
+    def _in_flight_count(self, run: CampaignRun) -> int:
+        return sum(1 for f in self.in_flight.values() if f.campaign_id == run.id)
+
+    def _may_dispatch(self, run: CampaignRun) -> bool:
+        if self._stop_requested or run.paused or run.stopping:
+            return False
+        if run.out_of_time():
+            run.stopping = True
+            return False
+        return True
+
+    def _remaining(self, run: CampaignRun) -> int:
+        """Experiments still to propose within the budget."""
+        return (run.campaign.budget.experiments - run.finished - self._in_flight_count(run) - len(run.queue)
+                - run.held)
+
+    def _update_planner(self, run: CampaignRun, results: list[Result] | None = None) -> None:
+        """Tell the planner thread the new results, what is pending and how many proposals to keep ready."""
+        if run.service is None:
+            if results:
+                run.planner.ingest(results)
+            return
+        pending = [f.parameters for f in self.in_flight.values() if f.campaign_id == run.id]
+        if run.queue or run.held:
+            statuses = [TrialStatus.proposed.value] + ([_HELD.value] if _HELD is not None else [])
+            pending += [t.parameters for t in self.store.trials(run.id, statuses)]
+        capacity = sum(s.capacity for s in self.stations.values() if s.serves(run)) or 1
+        capacity = min(capacity, run.campaign.execution.concurrency)
+        want = max(0, min(capacity, self._remaining(run))) if self._may_dispatch(run) else 0
+        run.service.update(results=results, pending=pending, want=want)
+
     def _dispatch(self) -> None:
+        if self._stop_requested:
+            return
+        runs = list(self.runs.values())
         for station in sorted(self.stations.values(), key=lambda s: -s.free):
             while station.free > 0:
-                sent = False
-                for run in self.runs.values():
-                    if station.serves(run.target) and self._dispatch_one(run, station):
-                        sent = True
+                # campaigns take turns on a station that serves several
+                for i, run in enumerate(runs):
+                    if station.serves(run) and self._dispatch_one(run, station):
+                        runs.append(runs.pop(i))
                         break
-                if not sent:
+                else:
                     break
 
     def _dispatch_one(self, run: CampaignRun, station: Station) -> bool:
-        if run.stopping or run.out_of_time():
-            run.stopping = True
+        if not self._may_dispatch(run):
             return False
-        in_flight = sum(1 for f in self.in_flight.values() if f.campaign_id == run.id)
-        if in_flight >= run.campaign.execution.concurrency:
+        if self._in_flight_count(run) >= run.campaign.execution.concurrency:
             return False
-        queued = self.store.trials(run.id, [TrialStatus.proposed.value])
-        if not queued:
-            if run.remaining(in_flight, 0) <= 0:
+        trial: TrialRow | None = None
+        proposal: Proposal | None = None
+        while run.queue and trial is None:
+            trial_id = run.queue.popleft()
+            try:
+                trial = self.store.mark_dispatched(trial_id, station.name)
+            except StoreError:
+                trial = None  # finished meanwhile (a late result, a person rejected it)
+        if trial is None:
+            if self._remaining(run) <= 0 or run.service is None:
                 return False
-            pending = [self.store.trial(t).parameters for t, f in self.in_flight.items() if f.campaign_id == run.id]
-            proposal = run.planner.suggest(1, pending=pending)[0]
-            queued = self.store.add_trials(run.id, [(proposal.parameters, proposal.metadata)])
-            self._emit("trial_proposed", run, trial=queued[0].index, parameters=proposal.parameters)
-        trial = queued[0]
+            proposal = run.service.take()
+            if proposal is None:
+                return False  # the planner is still computing; its wake-up turns the loop again
+            if run.approve:
+                rows = self.store.add_trials(run.id, [(proposal.parameters, proposal.metadata)], status=_HELD)  # type: ignore[call-arg]
+                run.held += 1
+                self._transition(run, rows[0].index, rows[0].id, "held", parameters=proposal.parameters)
+                self._emit("trial_proposed", run, trial=rows[0].index, parameters=proposal.parameters, held=True)
+                self._update_planner(run)
+                return False
+            trial = self.store.add_dispatched(run.id, proposal.parameters, proposal.metadata, station.name)
+            self._emit("trial_proposed", run, trial=trial.index, parameters=trial.parameters,
+                       generator=proposal.metadata.get("generator"))
         assert trial.id is not None
-        trial = self.store.mark_dispatched(trial.id, station.name)
-        timeout = run.campaign.execution.timeout
         assignment = protocol.Assign(
             campaign=run.campaign.name,
-            trial_id=trial.id,  # type: ignore[arg-type]
+            trial_id=trial.id,
             trial_index=trial.index,
             setpoints=trial.parameters,
             outputs=run.campaign.outputs,
             instrument=protocol.InstrumentSpec(target=run.target, options=run.campaign.instrument.options),
-            timeout_s=timeout,
+            timeout_s=float(run.campaign.execution.timeout) if run.campaign.execution.timeout else None,
+            session=station.session,
             metadata=trial.planner,
         )
-        # until the station says it started, give it the timeout plus a margin for the message to arrive
-        deadline = time.monotonic() + (timeout or 0) + 30 if timeout else None
-        self.in_flight[trial.id] = InFlight(trial.id, run.id, station.name, deadline)  # type: ignore[index]
-        station.running[trial.id] = time.monotonic()  # type: ignore[index]
+        flight = InFlight(trial.id, run.id, trial.index, trial.parameters, station.name,
+                          self._deadline(run, started=False))
+        self.in_flight[trial.id] = flight
+        station.running[trial.id] = flight.dispatched
         if not self._send(station.identity, assignment):
-            self.store.requeue(trial.id, f"station {station.name} unreachable")  # type: ignore[arg-type]
-            self._release(trial.id)  # type: ignore[arg-type]
+            self._release(trial.id)
+            self.store.requeue(trial.id, f"station {station.name} unreachable")
+            run.queue.appendleft(trial.id)
             self.stations.pop(station.identity, None)
+            self._update_planner(run)
             return False
-        log.info("campaign=%s trial=%s dispatched to %s setpoints=%s", run.campaign.name, trial.index, station.name,
-                 trial.parameters)
+        self.stats["dispatched"] += 1
+        self._transition(run, trial.index, trial.id, "dispatched", station=station.name, attempt=trial.attempts,
+                         parameters=trial.parameters)
         self._emit("trial_dispatched", run, trial=trial.index, station=station.name, parameters=trial.parameters)
+        self._update_planner(run)
         return True
 
+    # -- control ----------------------------------------------------------------------------------
+
+    def _serve_control(self) -> None:
+        assert self.control is not None
+        for _ in range(100):
+            try:
+                frames = self.control.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) < 3 or frames[-2] != b"":
+                continue
+            envelope, body = frames[:-1], frames[-1]
+            try:
+                request = json.loads(body)
+                if not isinstance(request, dict) or set(request) - {"method", "params"}:
+                    raise ValueError("a request is {\"method\": ..., \"params\": {...}}")
+                reply = self.handle_control(str(request.get("method")), request.get("params") or {})
+            except (ValueError, TypeError, ClosedLoopError) as exc:
+                reply = {"success": False, "msg": str(exc)}
+            try:
+                self.control.send_multipart([*envelope, json.dumps(reply, default=str).encode()], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    def _select(self, params: dict[str, Any]) -> list[CampaignRun]:
+        name = params.get("campaign")
+        if name is None:
+            return list(self.runs.values())
+        chosen = [r for r in self.runs.values() if r.campaign.name == name]
+        if not chosen:
+            raise ValueError(f"campaign {name!r} is not run by this daemon "
+                             f"({', '.join(r.campaign.name for r in self.runs.values())})")
+        return chosen
+
+    def handle_control(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        """Answer one control request (``status``, ``health``, ``pause``, ``resume``, ``stop``, ``cancel``)."""
+        if not isinstance(params, dict):
+            raise ValueError("params must be an object")
+        if method == "status":
+            return {"success": True, "msg": "", **self.status()}
+        if method == "health":
+            return {"success": True, "msg": "ok", "healthy": True, "uptime_s": round(time.monotonic() - self.started, 1),
+                    "stations": len(self.stations), "in_flight": len(self.in_flight),
+                    "stopping": self._stop_requested,
+                    "planner_errors": {r.campaign.name: r.service.error for r in self.runs.values()
+                                       if r.service is not None and r.service.error}}
+        if method in ("pause", "resume"):
+            runs = self._select(params)
+            for run in runs:
+                if run.paused != (method == "pause"):
+                    run.paused = method == "pause"
+                    log.info("campaign=%s %sd", run.campaign.name, method)
+                    self._emit(f"campaign_{method}d", run, in_flight=self._in_flight_count(run))
+                self._update_planner(run)
+            return {"success": True, "msg": f"{method}d {', '.join(r.campaign.name for r in runs)}"}
+        if method == "stop":
+            self.request_stop("control")
+            self.wake()
+            return {"success": True, "msg": f"stopping; {len(self.in_flight)} trials in flight"}
+        if method == "cancel":
+            return self._cancel(params)
+        raise ValueError(f"unknown method {method!r} (status, health, pause, resume, stop, cancel)")
+
+    def _cancel(self, params: dict[str, Any]) -> dict[str, Any]:
+        index = params.get("trial")
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise ValueError("cancel needs params.trial, the trial number")
+        runs = self._select(params)
+        if len(runs) > 1:
+            raise ValueError("this daemon runs several campaigns: name one with params.campaign")
+        run = runs[0]
+        reason = f"cancelled by {params.get('by') or 'operator'}"
+        for flight in list(self.in_flight.values()):
+            if flight.campaign_id == run.id and flight.index == index:
+                for station in self.stations.values():
+                    if flight.trial_id in station.running:
+                        self._send(station.identity, protocol.Cancel(trial_id=flight.trial_id, reason=reason))
+                self._fail(run, flight, reason, retry=False)
+                return {"success": True, "msg": f"trial {index} of {run.campaign.name} cancelled"}
+        for trial in self.store.trials(run.id, [TrialStatus.proposed.value]):
+            if trial.index == index and trial.id is not None:
+                if trial.id in run.queue:
+                    run.queue.remove(trial.id)
+                if self.store.record_failure(trial.id, reason):
+                    run.finished += 1
+                    self._emit("trial_failed", run, trial=index, error=reason, finished=run.finished)
+                return {"success": True, "msg": f"trial {index} of {run.campaign.name} cancelled before dispatch"}
+        return {"success": False, "msg": f"trial {index} of {run.campaign.name} is not queued or in flight"}
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-ready snapshot: campaigns (counts, in flight, best, paused), stations, endpoints."""
+        now = time.monotonic()
+        campaigns = []
+        for run in self.runs.values():
+            counts = self.store.counts(run.id)
+            flights = sorted((f for f in self.in_flight.values() if f.campaign_id == run.id), key=lambda f: f.index)
+            campaigns.append({
+                "name": run.campaign.name, "id": run.id, "paused": run.paused, "stopping": run.stopping,
+                "budget": run.campaign.budget.experiments, "finished": run.finished, "counts": counts,
+                "in_flight": [{"trial": f.index, "station": f.station, "started": f.started,
+                               "reconciling": f.reconciling, "age_s": round(now - f.dispatched, 2)} for f in flights],
+                "queued": len(run.queue), "held": run.held,
+                "buffered_proposals": run.service.buffered() if run.service else 0,
+                "planner_error": run.service.error if run.service else None,
+                "best": _result_dict(run.best),
+            })
+        stations = [{"name": s.name, "capacity": s.capacity, "running": sorted(s.running), "instruments": s.instruments,
+                     "campaigns": s.campaigns, "last_seen_s": round(now - s.last_seen, 2)}
+                    for s in self.stations.values()]
+        return {"protocol": protocol.PROTOCOL_VERSION, "uptime_s": round(now - self.started, 1),
+                "stopping": self._stop_requested, "endpoint": self.endpoint, "publish": self.publish_endpoint,
+                "store": self.store.location, "campaigns": campaigns, "stations": stations, "stats": dict(self.stats)}
+
+    # -- events and logs ----------------------------------------------------------------------------
+
+    def _drain_service_events(self, run: CampaignRun) -> None:
+        if run.service is None:
+            return
+        while True:
+            try:
+                kind, details = run.service.events.get_nowait()
+            except queue.Empty:
+                return
+            self._emit(kind, run, **details)
+
+    def _transition(self, run: CampaignRun, index: int, trial_id: int | None, state: str, **fields: Any) -> None:
+        translog.info("%s", _logfmt(campaign=run.campaign.name, trial=index, trial_id=trial_id, state=state, **fields))
+
     def _emit(self, kind: str, run: CampaignRun, **details: Any) -> None:
-        self.on_event(kind, {"campaign": run.campaign.name, "time": datetime.now().isoformat(), **details})
+        self._publish(kind, {"campaign": run.campaign.name, "time": _now_iso(), **details})
+
+    def _emit_daemon(self, kind: str, **details: Any) -> None:
+        self._publish(kind, {"time": _now_iso(), **details})
+
+    def _publish(self, kind: str, details: dict[str, Any]) -> None:
+        self._seq += 1
+        if self.pub is not None:
+            try:
+                self.pub.send_multipart(list(event_format.encode_event(self._seq, kind, details)), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # PUB is best-effort by design; the store is the record
+        try:
+            self.on_event(kind, details)
+        except Exception:  # a display bug must not stop the loop
+            log.exception("on_event callback failed for %s", kind)
 
 
 def _result_dict(result: Result | None) -> dict[str, Any] | None:
     if result is None:
         return None
     return {"trial": result.trial, "parameters": result.parameters, "values": result.values}
+
+
+def control_request(endpoint: str, method: str, params: dict[str, Any] | None = None, *,
+                    timeout_s: float = 5.0, context: zmq.Context | None = None) -> dict[str, Any]:
+    """Send one control request to a daemon and return its reply (``{"success", "msg", ...}``).
+
+    Raises:
+        ProtocolError: no reply within ``timeout_s`` (the daemon is down or stuck).
+
+    Example:
+        >>> control_request("tcp://127.0.0.1:5700", "status")["campaigns"][0]["finished"]  # doctest: +SKIP
+        42
+    """
+    context = context or zmq.Context.instance()
+    sock = context.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send(json.dumps({"method": method, "params": params or {}}).encode())
+        if not sock.poll(int(timeout_s * 1000), zmq.POLLIN):
+            raise ProtocolError(f"no answer from the daemon at {endpoint} within {timeout_s:g} s")
+        return json.loads(sock.recv())
+    finally:
+        sock.close(linger=0)
+
+
+def health(endpoint: str = DEFAULT_CONTROL, timeout_s: float = 3.0) -> dict[str, Any]:
+    """The daemon's health as its monitoring sees it; ``{"healthy": False, "msg": ...}`` if it does not answer."""
+    try:
+        return control_request(endpoint, "health", timeout_s=timeout_s)
+    except ProtocolError as exc:
+        return {"success": False, "healthy": False, "msg": str(exc)}
 
 
 def run_embedded(
@@ -416,13 +1075,22 @@ def run_embedded(
     should_stop: Callable[[], bool] = lambda: False,
 ) -> CampaignRun:
     """The daemon and one station worker in this process, on loopback: ``closedloop run``."""
-    import threading
-
     from closedloop.worker import StationWorker
 
-    daemon = Daemon(store, [campaign], bind="tcp://127.0.0.1:0", on_event=on_event, reconcile_s=3.0)
+    daemon = Daemon(store, [campaign], bind="tcp://127.0.0.1:0", on_event=on_event, reconcile_s=3.0,
+                    heartbeat_s=0.5)
     stop = threading.Event()
-    worker = StationWorker(daemon.endpoint, name="embedded", outbox=outbox, heartbeat_s=0.5)
+    # -- issue 8: a function or command instrument runs on Dask through a compute station (closedloop.compute)
+    worker: Any
+    if getattr(campaign.instrument, "computational", False):
+        from closedloop.compute import ComputeStation
+
+        worker = ComputeStation(daemon.endpoint, name="embedded-compute", outbox=outbox, heartbeat_s=0.5,
+                                capacity=campaign.execution.concurrency, instruments=[campaign.instrument.target],
+                                scheduler=campaign.instrument.options.get("scheduler"))
+    else:
+        worker = StationWorker(daemon.endpoint, name="embedded", outbox=outbox, heartbeat_s=0.5)
+    # -- end issue 8
     thread = threading.Thread(target=worker.run, args=(stop,), name="closedloop-station", daemon=True)
     thread.start()
     try:

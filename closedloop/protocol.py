@@ -1,20 +1,26 @@
 """Messages between the daemon and station workers: versioned pydantic models, JSON on the wire.
 
 Topology: the daemon binds a ROUTER socket; each station connects a DEALER socket whose routing id is
-the station's name. A message is one frame of UTF-8 JSON (the ROUTER adds the identity frame).
+the station's name. A message is one frame of UTF-8 JSON (the ROUTER adds the identity frame). Every
+message carries ``v`` (the protocol version) and a ``msg_id``; a peer speaking another version gets a
+``refused`` naming both versions, and both sides log it.
 
-| message    | direction          | meaning                                                        |
-|------------|--------------------|----------------------------------------------------------------|
-| hello      | station -> daemon  | I am STATION, I drive these instruments, N experiments at once |
-| welcome    | daemon -> station  | registered; heartbeat every S seconds                          |
-| refused    | daemon -> station  | not registered (wrong protocol version, unknown station, ...)  |
-| heartbeat  | station -> daemon  | still alive; these trials are running                          |
-| assign     | daemon -> station  | run this trial (setpoints, instrument, timeout)                |
-| started    | station -> daemon  | the trial's run has started                                    |
-| result     | station -> daemon  | the trial's measured outputs and run uid                       |
-| failure    | station -> daemon  | the trial failed, with the device error                        |
-| ack        | daemon -> station  | the result or failure of a trial is stored; forget it          |
-| cancel     | daemon -> station  | stop the trial (timeout, operator)                             |
+| message    | direction          | meaning                                                          |
+|------------|--------------------|------------------------------------------------------------------|
+| hello      | station -> daemon  | I am STATION: these instruments/campaigns, N at once, these trials still with me |
+| welcome    | daemon -> station  | registered for session S; heartbeat every H seconds              |
+| refused    | daemon -> station  | not registered (wrong protocol version, unregistered, ...)       |
+| heartbeat  | both ways          | still alive; (station) these trials are running                  |
+| assign     | daemon -> station  | run this trial (setpoints, instrument, timeout) in session S     |
+| started    | station -> daemon  | the trial's run has started                                      |
+| result     | station -> daemon  | the trial's measured values, noise, run uid and timing           |
+| failure    | station -> daemon  | the trial failed, with the device error                          |
+| ack        | daemon -> station  | the result or failure of a trial is stored; forget it            |
+| cancel     | daemon -> station  | stop the trial (timeout, operator)                               |
+
+Exactly-once rests on three rules: the daemon stores a trial as dispatched before the ``assign``
+leaves; a station keeps each ``result``/``failure`` in its on-disk outbox until the ``ack``; the
+daemon stores a result before acknowledging it and ignores duplicates by trial id and run uid.
 """
 
 from __future__ import annotations
@@ -32,6 +38,14 @@ PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20
 
 
+class VersionMismatch(ProtocolError):
+    """The peer speaks another protocol version; ``peer_version`` is what it sent."""
+
+    def __init__(self, peer_version: Any, message: str):
+        super().__init__(message)
+        self.peer_version = peer_version
+
+
 def _msg_id() -> str:
     return uuid.uuid4().hex
 
@@ -44,16 +58,21 @@ class _Message(BaseModel):
 
 
 class Hello(_Message):
+    """A station registers: its capabilities and the trials it still holds (running or unacknowledged)."""
+
     type: Literal["hello"] = "hello"
     station: str = Field(min_length=1, max_length=128)
     instruments: list[str] = Field(default_factory=lambda: ["*"], max_length=256)
+    campaigns: list[str] = Field(default_factory=lambda: ["*"], max_length=256)
     capacity: int = Field(default=1, ge=1, le=1024)
     outstanding: list[int] = Field(default_factory=list, max_length=100_000)
+    software: str = Field(default="", max_length=256)
 
 
 class Welcome(_Message):
     type: Literal["welcome"] = "welcome"
     heartbeat_s: float = Field(gt=0)
+    session: int = 0
 
 
 class Refused(_Message):
@@ -82,6 +101,7 @@ class Assign(_Message):
     outputs: list[str]
     instrument: InstrumentSpec
     timeout_s: float | None = None
+    session: int = 0
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -90,22 +110,26 @@ class Started(_Message):
     trial_id: int
 
 
-def _finite_values(values: dict[str, float]) -> dict[str, float]:
-    for key, value in values.items():
+def _finite_values(values: dict[str, float] | None) -> dict[str, float] | None:
+    for key, value in (values or {}).items():
         if not math.isfinite(value):
             raise ValueError(f"value {key}={value} is not finite")
     return values
 
 
 class ResultMessage(_Message):
+    """A measured trial: outputs, their noise (standard deviation) where the instrument knows it, timing."""
+
     type: Literal["result"] = "result"
     trial_id: int
     run_uid: str = Field(min_length=1, max_length=128)
     values: dict[str, float] = Field(max_length=1024)
     noise: dict[str, float] | None = None
-    duration_s: float | None = None
+    duration_s: float | None = Field(default=None, ge=0)
+    started_at: float | None = None  # unix seconds on the station's clock
+    finished_at: float | None = None
 
-    _finite = field_validator("values")(_finite_values)
+    _finite = field_validator("values", "noise")(_finite_values)
 
 
 class Failure(_Message):
@@ -113,6 +137,7 @@ class Failure(_Message):
     trial_id: int
     error: str = Field(max_length=16_384)
     run_uid: str | None = Field(default=None, max_length=128)
+    duration_s: float | None = None
 
 
 class Ack(_Message):
@@ -138,22 +163,41 @@ def encode(message: _Message) -> bytes:
     return message.model_dump_json().encode()
 
 
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number")
+
+
 def decode(frame: bytes) -> Any:
-    """The message in one frame; raises ProtocolError for anything malformed, oversize or foreign."""
+    """The message in one frame.
+
+    Raises:
+        VersionMismatch: the frame is a message of another protocol version.
+        ProtocolError: anything malformed, oversize, non-finite or of an unknown type.
+    """
     if len(frame) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message of {len(frame)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
     try:
-        raw = json.loads(frame)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"not JSON: {exc}") from None
+        raw = json.loads(frame, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"not JSON: {str(exc)[:200]}") from None
     if not isinstance(raw, dict):
         raise ProtocolError("a message must be a JSON object")
     version = raw.get("v")
     if version != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION})")
+        shown = repr(version)[:40]
+        reason = raw.get("reason") if raw.get("type") == "refused" else None
+        detail = f"; the peer says: {str(reason)[:500]}" if reason else ""
+        raise VersionMismatch(version, f"protocol version {shown} is not supported (this side speaks "
+                                       f"{PROTOCOL_VERSION}){detail}")
     try:
         return _adapter.validate_python(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise ProtocolError(f"invalid {raw.get('type')!r} message: {where}: {first['msg']}") from None
+        raise ProtocolError(f"invalid {str(raw.get('type'))[:40]!r} message: {where}: {first['msg']}") from None
+
+
+def refusal_for(exc: VersionMismatch) -> bytes:
+    """A ``refused`` a peer of any version can read: it names both versions."""
+    return encode(Refused(reason=f"protocol version {exc.peer_version!r} refused: this daemon speaks version "
+                                 f"{PROTOCOL_VERSION}; upgrade the station or the daemon so they match"))

@@ -38,6 +38,7 @@ class TrialStatus(str, Enum):
     completed = "completed"
     failed = "failed"
     abandoned = "abandoned"
+    held = "held"  # approval mode: waits for a person to approve (-> proposed) or reject (-> failed)
 
 
 OPEN_STATUSES = (TrialStatus.proposed.value, TrialStatus.dispatched.value)
@@ -153,7 +154,9 @@ class Store:
 
     def campaign(self, name_or_id: str | int) -> Campaign:
         """The campaign as it was stored."""
-        return Campaign.from_yaml_text(self.campaign_row(name_or_id).spec_yaml, source=f"{self.location}:{name_or_id}")
+        # checked against its instrument when it was started; reading results must not need the lab's drivers
+        return Campaign.from_yaml_text(self.campaign_row(name_or_id).spec_yaml, source=f"{self.location}:{name_or_id}",
+                                       check_instrument=False)
 
     def campaigns(self) -> list[CampaignRow]:
         with Session(self.engine) as session:
@@ -171,14 +174,18 @@ class Store:
 
     # -- trials ---------------------------------------------------------------------------
 
-    def add_trials(self, campaign_id: int, proposals: Iterable[tuple[dict[str, Any], dict[str, Any]]]) -> list[TrialRow]:
-        """Record new proposals (parameters, planner metadata) as trials numbered from 1 upwards."""
+    def add_trials(self, campaign_id: int, proposals: Iterable[tuple[dict[str, Any], dict[str, Any]]],
+                   status: TrialStatus = TrialStatus.proposed) -> list[TrialRow]:
+        """Record new proposals (parameters, planner metadata) as trials numbered from 1 upwards.
+
+        ``status`` is ``held`` for proposals that wait for a person's approval.
+        """
         with self._lock, Session(self.engine) as session:
             last = session.exec(select(func.max(TrialRow.index)).where(TrialRow.campaign_id == campaign_id)).one()
             rows = []
             for offset, (parameters, metadata) in enumerate(proposals, start=1):
                 row = TrialRow(campaign_id=campaign_id, index=(last or 0) + offset, parameters=parameters,
-                               planner=_json_safe(metadata))
+                               planner=_json_safe(metadata), status=status.value)
                 session.add(row)
                 rows.append(row)
             session.commit()
@@ -242,6 +249,66 @@ class Store:
             session.commit()
             return True
 
+    def record_results(
+        self, items: list[tuple[int, str, dict[str, float], dict[str, float] | None, float | None]]
+    ) -> list[bool | str]:
+        """Store many results (trial id, run uid, values, noise, duration) in one transaction (daemon intake).
+
+        Returns per item True (stored), False (duplicate of a stored result: same trial, same run uid)
+        or the reason it was refused (unknown trial, finished by another run, run uid reused,
+        non-finite value); a refused item changes nothing. Idempotency rests on the unique
+        ``observation.trial_id`` and ``observation.run_uid`` indexes.
+        """
+        outcomes: list[bool | str] = []
+        if not items:
+            return outcomes
+        with self._lock, Session(self.engine) as session:
+            trial_ids = {item[0] for item in items}
+            trials = {t.id: t for t in session.exec(select(TrialRow).where(TrialRow.id.in_(trial_ids)))}  # type: ignore[union-attr]
+            by_trial = {o.trial_id: o.run_uid for o in session.exec(
+                select(ObservationRow).where(ObservationRow.trial_id.in_(trial_ids)))}  # type: ignore[attr-defined]
+            uids = {item[1] for item in items}
+            used_uids = {o.run_uid: o.trial_id for o in session.exec(
+                select(ObservationRow).where(ObservationRow.run_uid.in_(uids)))}  # type: ignore[attr-defined]
+            now = utcnow()
+            for trial_id, run_uid, values, noise, duration_s in items:
+                bad = [k for k, v in values.items()
+                       if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)]
+                row = trials.get(trial_id)
+                if bad:
+                    outcomes.append(f"trial {trial_id}: value {bad[0]}={values[bad[0]]!r} is not a finite number")
+                elif row is None:
+                    outcomes.append(f"no trial with id {trial_id}")
+                elif trial_id in by_trial:
+                    same = by_trial[trial_id] == run_uid
+                    outcomes.append(False if same else f"trial {trial_id} already has a result from run {by_trial[trial_id]}")
+                elif run_uid in used_uids:
+                    outcomes.append(f"run {run_uid} already stored for another trial")
+                elif row.status not in OPEN_STATUSES:
+                    outcomes.append(f"trial {trial_id} is {row.status}; result refused")
+                else:
+                    session.add(ObservationRow(trial_id=trial_id, run_uid=run_uid, values=dict(values), noise=noise,
+                                               duration_s=duration_s, received_at=now))
+                    row.status, row.finished_at, row.error = TrialStatus.completed.value, now, None
+                    session.add(row)
+                    by_trial[trial_id], used_uids[run_uid] = run_uid, trial_id
+                    outcomes.append(True)
+            session.commit()
+        return outcomes
+
+    def add_dispatched(self, campaign_id: int, parameters: dict[str, Any], metadata: dict[str, Any],
+                       station: str) -> TrialRow:
+        """Record a new proposal already dispatched to ``station``, in one transaction (the daemon's fast path)."""
+        with self._lock, Session(self.engine) as session:
+            last = session.exec(select(func.max(TrialRow.index)).where(TrialRow.campaign_id == campaign_id)).one()
+            row = TrialRow(campaign_id=campaign_id, index=(last or 0) + 1, parameters=parameters,
+                           planner=_json_safe(metadata), status=TrialStatus.dispatched.value, station=station,
+                           attempts=1, dispatched_at=utcnow())
+            session.add(row)
+            session.commit()
+            session.refresh(row)
+            return row
+
     def record_failure(self, trial_id: int, error: str, status: TrialStatus = TrialStatus.failed) -> bool:
         """Mark an open trial failed (or abandoned) with its error; False if it was already finished."""
         with self._lock, Session(self.engine) as session:
@@ -252,6 +319,72 @@ class Store:
             session.add(row)
             session.commit()
             return True
+
+    # -- people in the loop (issue 7) ----------------------------------------------------------
+
+    def approve_held(self, trial_id: int, by: str, parameters: dict[str, Any] | None = None) -> TrialRow:
+        """A held trial goes to ``proposed`` (dispatchable), with ``parameters`` if a person edited them.
+
+        The caller validates edited parameters against the campaign; the planner metadata keeps who
+        approved and what the planner had proposed.
+        """
+        with self._lock, Session(self.engine) as session:
+            row = self._trial(session, trial_id)
+            if row.status != TrialStatus.held.value:
+                raise StoreError(f"trial {row.index} is {row.status}, not held for approval")
+            metadata = dict(row.planner, approved_by=by)
+            if parameters is not None and parameters != row.parameters:
+                metadata["proposed_parameters"] = row.parameters
+                row.parameters = dict(parameters)
+            row.planner, row.status = _json_safe(metadata), TrialStatus.proposed.value
+            session.add(row)
+            session.commit()
+            session.refresh(row)
+            return row
+
+    def reject(self, trial_id: int, by: str) -> TrialRow:
+        """A held or not yet dispatched trial becomes failed with error ``rejected by <by>``.
+
+        Recording it as a failure is what makes the planner treat the point as known-bad.
+        """
+        with self._lock, Session(self.engine) as session:
+            row = self._trial(session, trial_id)
+            if row.status not in (TrialStatus.held.value, TrialStatus.proposed.value):
+                raise StoreError(f"trial {row.index} is {row.status}; only held or proposed trials can be rejected")
+            row.status, row.error, row.finished_at = TrialStatus.failed.value, f"rejected by {by}", utcnow()
+            session.add(row)
+            session.commit()
+            session.refresh(row)
+            return row
+
+    def import_results(
+        self, campaign_id: int, rows: list[tuple[dict[str, Any], dict[str, float] | None, str | None]], source: str
+    ) -> list[TrialRow]:
+        """Seed a campaign with finished experiments (parameters, values or None, error) in one transaction.
+
+        All rows are written or none. Each completed row gets a synthetic run uid ``import-<uuid>``.
+        """
+        import uuid
+
+        with self._lock, Session(self.engine) as session:
+            last = session.exec(select(func.max(TrialRow.index)).where(TrialRow.campaign_id == campaign_id)).one() or 0
+            now = utcnow()
+            trials = []
+            for offset, (parameters, values, error) in enumerate(rows, start=1):
+                trial = TrialRow(campaign_id=campaign_id, index=last + offset, parameters=dict(parameters),
+                                 planner={"generator": "import", "source": source},
+                                 status=TrialStatus.completed.value if values is not None else TrialStatus.failed.value,
+                                 error=None if values is not None else (error or "failed (imported)"), finished_at=now)
+                session.add(trial)
+                trials.append((trial, values))
+            session.flush()
+            for trial, values in trials:
+                if values is not None:
+                    session.add(ObservationRow(trial_id=trial.id, run_uid=f"import-{uuid.uuid4()}", values=dict(values)))  # type: ignore[arg-type]
+            session.commit()
+            for trial, _ in trials:
+                session.refresh(trial)
+            return [trial for trial, _ in trials]
 
     def trial(self, trial_id: int) -> TrialRow:
         with Session(self.engine) as session:

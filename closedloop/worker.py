@@ -2,8 +2,14 @@
 
 Threads: the RunEngine runs in the thread that calls :meth:`StationWorker.run` (the process's main
 thread for ``closedloop worker``); a communication thread owns the DEALER socket (ZeroMQ sockets
-belong to one thread), sends heartbeats and keeps every unacknowledged result in a local SQLite
-outbox that is re-sent after reconnecting, so a result measured is never lost.
+belong to one thread), heartbeats, and keeps every unacknowledged result in a local SQLite outbox
+that is re-sent after (re)registering, so a result measured is never lost. A ``cancel`` (timeout,
+operator) reaches the RunEngine from the communication thread as ``RE.request_pause(defer=False)``;
+the RunEngine thread then aborts the run and reports the failure.
+
+Registration is a session: after sending ``hello`` the station ignores assignments until the
+``welcome`` and any assignment of another session, because the daemon re-queues whatever a
+re-registering station does not list as held.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from bluesky import RunEngine
 from bluesky.utils import RunEngineInterrupted
 
 from closedloop import protocol
-from closedloop.errors import ClosedLoopError, DeviceError, ProtocolError
+from closedloop.errors import DeviceError, ProtocolError
+from closedloop.keys import ClientKeys
 from drivers.binding import InstrumentBinding, load_binding
 from drivers.plans import experiment_plan
 
@@ -32,7 +39,7 @@ log = logging.getLogger("closedloop.worker")
 
 
 class Outbox:
-    """Results and failures not yet acknowledged by the daemon, on disk."""
+    """Results and failures not yet acknowledged by the daemon, on disk (SQLite, synchronous commits)."""
 
     def __init__(self, path: str | Path):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -60,11 +67,30 @@ class Outbox:
             return list(self._db.execute("SELECT trial_id, payload FROM outbox ORDER BY trial_id"))
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            self._db.close()
 
 
 def default_station_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _outputs(binding: InstrumentBinding, events: list[dict[str, Any]],
+             outputs: list[str]) -> tuple[dict[str, float], dict[str, float] | None]:
+    try:
+        from drivers.readout import outputs_from_events
+    except ImportError:  # an instruments package without the readout helper: last event, named keys
+        if not events:
+            raise DeviceError("the run produced no event documents") from None
+        data = events[-1]["data"]
+        values = {}
+        for output in outputs:
+            key = binding.outputs.get(output)
+            if not isinstance(key, str) or key not in data:
+                raise DeviceError(f"output {output!r} not in the run's readings ({', '.join(sorted(data))})") from None
+            values[output] = float(data[key])
+        return values, None
+    return outputs_from_events(binding, events, outputs)
 
 
 class StationWorker:
@@ -74,7 +100,14 @@ class StationWorker:
         connect: the daemon's ROUTER endpoint, e.g. ``tcp://127.0.0.1:5701``.
         name: station name (ZeroMQ routing id); unique among the daemon's stations.
         instruments: import paths of instruments this station may drive; ``["*"]`` accepts any.
+        campaigns: names of campaigns this station serves; ``["*"]`` serves any.
         outbox: path of the SQLite outbox of unacknowledged results.
+        keys: CURVE keys (this station's pair and the daemon's public key); None for plain loopback.
+        journal: optional file to which the id and run uid of every trial measured here is appended
+            (the station's own evidence of what it ran).
+
+    Example:
+        >>> StationWorker("tcp://127.0.0.1:5701", name="station-a").run()  # doctest: +SKIP
     """
 
     def __init__(
@@ -83,23 +116,32 @@ class StationWorker:
         *,
         name: str | None = None,
         instruments: list[str] | None = None,
+        campaigns: list[str] | None = None,
         outbox: str | Path | None = None,
+        keys: ClientKeys | None = None,
+        journal: str | Path | None = None,
         heartbeat_s: float = 1.0,
         context: zmq.Context | None = None,
     ):
         self.endpoint = connect
         self.name = name or default_station_name()
         self.instruments = instruments or ["*"]
+        self.campaigns = campaigns or ["*"]
         self.outbox = Outbox(outbox or Path.home() / ".closedloop" / f"outbox-{self.name}.db")
+        self.keys = keys
+        self.journal = Path(journal) if journal else None
         self.heartbeat_s = heartbeat_s
         self.context = context or zmq.Context.instance()
         self.assignments: queue.Queue[protocol.Assign] = queue.Queue()
         self._outgoing: queue.Queue[bytes] = queue.Queue()
         self._stop = threading.Event()
-        self._running: set[int] = set()
+        self._held: set[int] = set()  # accepted, not yet measured (queued or running)
+        self._running: int | None = None
         self._cancelled: set[int] = set()
         self._bindings: dict[str, InstrumentBinding] = {}
         self.RE: RunEngine | None = None
+        self.registered = threading.Event()
+        self.refused: str | None = None
         self.completed = 0
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -131,33 +173,47 @@ class StationWorker:
     def _binding(self, spec: protocol.InstrumentSpec) -> InstrumentBinding:
         key = json.dumps([spec.target, spec.options], sort_keys=True, default=str)
         if key not in self._bindings:
-            self._bindings[key] = load_binding(spec.target, spec.options)
+            binding = load_binding(spec.target, spec.options)
+            assert self.RE is not None
+            # interlocks declared by the instrument pause the RunEngine without the loop's involvement
+            for suspender in getattr(binding, "suspenders", None) or []:
+                if suspender not in getattr(self.RE, "suspenders", ()):
+                    self.RE.install_suspender(suspender)
+            self._bindings[key] = binding
         return self._bindings[key]
 
     def _execute(self, assignment: protocol.Assign) -> None:
         trial = assignment.trial_id
         stored = self.outbox.get(trial)
-        if stored is not None:  # already measured before a reconnect: send the same result, never re-run
+        if stored is not None:  # already measured (re-sent assignment): send the same result, never re-run
+            self._held.discard(trial)
             self._outgoing.put(stored)
             return
         if trial in self._cancelled:
+            self._held.discard(trial)
+            log.info("trial %s cancelled before it started", trial)
             return
-        self._running.add(trial)
+        self._running = trial
         self._outgoing.put(protocol.encode(protocol.Started(trial_id=trial)))
-        started = time.monotonic()
+        started, started_at = time.monotonic(), time.time()
         try:
-            message: protocol.ResultMessage | protocol.Failure = self._measure(assignment, started)
+            message: protocol.ResultMessage | protocol.Failure = self._measure(assignment, started, started_at)
         except Exception as exc:  # every failure is reported with its error, never swallowed
             log.warning("trial %s of %s failed: %s", trial, assignment.campaign, exc)
-            message = protocol.Failure(trial_id=trial, error=f"{type(exc).__name__}: {exc}")
-        finally:
-            self._running.discard(trial)
+            message = protocol.Failure(trial_id=trial, error=f"{type(exc).__name__}: {exc}",
+                                       duration_s=time.monotonic() - started)
         payload = protocol.encode(message)
         self.outbox.put(trial, payload)  # persisted before it is sent: survives a crash from here on
+        self._running = None
+        self._held.discard(trial)
+        if self.journal is not None and isinstance(message, protocol.ResultMessage):
+            with self.journal.open("a") as journal:
+                journal.write(f"{trial} {message.run_uid}\n")
         self._outgoing.put(payload)
         self.completed += 1
 
-    def _measure(self, assignment: protocol.Assign, started: float) -> protocol.ResultMessage | protocol.Failure:
+    def _measure(self, assignment: protocol.Assign, started: float,
+                 started_at: float) -> protocol.ResultMessage | protocol.Failure:
         binding = self._binding(assignment.instrument)
         binding.check_limits(assignment.setpoints)
         md = {
@@ -179,27 +235,32 @@ class StationWorker:
                 stops.append(doc)
 
         assert self.RE is not None
+        if assignment.trial_id in self._cancelled:
+            raise DeviceError(f"trial {assignment.trial_id} cancelled")
         try:
             uids = self.RE(experiment_plan(binding, assignment.setpoints, md), collect)
         except RunEngineInterrupted:
+            # paused by a cancel from the communication thread: end the run as aborted
             self.RE.abort(reason="cancelled")
             raise DeviceError(f"trial {assignment.trial_id} cancelled") from None
         if not uids:
             raise DeviceError("the plan opened no run")
         if stops and stops[-1].get("exit_status") != "success":
             raise DeviceError(f"run ended with {stops[-1].get('exit_status')}: {stops[-1].get('reason')}")
-        if not events:
-            raise DeviceError("the run produced no event documents")
-        data = events[-1]["data"]
-        values: dict[str, float] = {}
-        for output in assignment.outputs:
-            key = binding.outputs.get(output)
-            if key is None or key not in data:
-                raise DeviceError(f"output {output!r} not in the run's readings ({', '.join(sorted(data))})")
-            values[output] = float(data[key])
+        values, noise = _outputs(binding, events, assignment.outputs)
         return protocol.ResultMessage(
-            trial_id=assignment.trial_id, run_uid=str(uids[-1]), values=values, duration_s=time.monotonic() - started
+            trial_id=assignment.trial_id, run_uid=str(uids[-1]), values=values, noise=noise,
+            duration_s=time.monotonic() - started, started_at=started_at, finished_at=time.time(),
         )
+
+    def _cancel(self, trial_id: int, reason: str) -> None:
+        self._cancelled.add(trial_id)
+        if self._running == trial_id and self.RE is not None:
+            log.warning("cancelling running trial %s: %s", trial_id, reason)
+            try:
+                self.RE.request_pause(defer=False)
+            except Exception as exc:  # the run ended meanwhile: nothing left to stop
+                log.info("cancel of trial %s: %s", trial_id, exc)
 
     # -- communication (owns the socket) ------------------------------------------------------
 
@@ -209,23 +270,36 @@ class StationWorker:
         sock.setsockopt(zmq.LINGER, 500)
         sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        if self.keys is not None:
+            self.keys.apply(sock)
         sock.connect(self.endpoint)
         return sock
 
     def _hello(self) -> bytes:
-        outstanding = sorted(self._running | {trial for trial, _ in self.outbox.pending()})
-        return protocol.encode(protocol.Hello(station=self.name, instruments=self.instruments, outstanding=outstanding))
+        outstanding = set(self._held) | {trial for trial, _ in self.outbox.pending()}
+        if self._running is not None:
+            outstanding.add(self._running)
+        return protocol.encode(protocol.Hello(station=self.name, instruments=self.instruments,
+                                              campaigns=self.campaigns, outstanding=sorted(outstanding),
+                                              software=f"closedloop-worker/{protocol.PROTOCOL_VERSION}"))
 
     def _communicate(self) -> None:
         sock = self._connect()
+        self._session: int | None = None
         sock.send(self._hello())
         last_sent = last_heard = time.monotonic()
-        registered = False
         try:
             while not self._stop.is_set():
-                if sock.poll(50, zmq.POLLIN):
-                    last_heard = time.monotonic()
-                    registered = self._on_message(sock, sock.recv(), registered)
+                if sock.poll(20, zmq.POLLIN):
+                    while True:
+                        try:
+                            frame = sock.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        last_heard = time.monotonic()
+                        self._on_message(sock, frame)
                 while True:
                     try:
                         sock.send(self._outgoing.get_nowait())
@@ -234,44 +308,60 @@ class StationWorker:
                         break
                 now = time.monotonic()
                 if now - last_sent >= self.heartbeat_s:
-                    message = protocol.Heartbeat(running=sorted(self._running)) if registered else None
-                    sock.send(protocol.encode(message) if message else self._hello())
+                    if self._session is not None:
+                        running = [self._running] if self._running is not None else []
+                        sock.send(protocol.encode(protocol.Heartbeat(running=running)))
+                    else:
+                        sock.send(self._hello())
                     last_sent = now
-                if registered and now - last_heard > 10 * self.heartbeat_s:
-                    log.warning("no word from the daemon for %.0f s; reconnecting", now - last_heard)
+                if now - last_heard > 5 * self.heartbeat_s:
+                    log.warning("no word from the daemon for %.1f s; reconnecting", now - last_heard)
                     sock.close(linger=0)
                     sock = self._connect()
+                    self._session = None
+                    self.registered.clear()
                     sock.send(self._hello())
-                    registered, last_heard = False, now
+                    last_heard = last_sent = now
         finally:
             sock.close(linger=0)
 
-    def _on_message(self, sock: zmq.Socket, frame: bytes, registered: bool) -> bool:
+    def _on_message(self, sock: zmq.Socket, frame: bytes) -> None:
         try:
             message = protocol.decode(frame)
+        except protocol.VersionMismatch as exc:
+            log.error("the daemon speaks another protocol version: %s", exc)
+            self.refused = str(exc)
+            self._stop.set()
+            return
         except ProtocolError as exc:
             log.warning("dropped a message from the daemon: %s", exc)
-            return registered
+            return
         if isinstance(message, protocol.Welcome):
+            self._session = message.session
+            self.registered.set()
+            log.info("registered with %s (session %d)", self.endpoint, message.session)
             for _, payload in self.outbox.pending():  # the daemon may have restarted: offer what it never acked
                 sock.send(payload)
-            return True
-        if isinstance(message, protocol.Refused):
+        elif isinstance(message, protocol.Refused):
             if message.reason.startswith("unregistered"):
-                sock.send(self._hello())
-                return False
-            log.error("daemon refused this station: %s", message.reason)
+                if self._session is not None:
+                    self._session = None
+                    self.registered.clear()
+                    sock.send(self._hello())
+                return
+            log.error("the daemon refused this station: %s", message.reason)
+            self.refused = message.reason
             self._stop.set()
-            return False
-        if isinstance(message, protocol.Ack):
+        elif isinstance(message, protocol.Ack):
             self.outbox.remove(message.trial_id)
         elif isinstance(message, protocol.Assign):
+            if self._session is None or message.session != self._session:
+                # sent before the daemon saw our hello; it has re-queued the trial
+                log.info("ignored trial %s from an earlier session", message.trial_id)
+                return
+            self._held.add(message.trial_id)
             self.assignments.put(message)
         elif isinstance(message, protocol.Cancel):
-            self._cancelled.add(message.trial_id)
-            if message.trial_id in self._running and self.RE is not None:
-                try:
-                    self.RE.request_pause(defer=False)
-                except ClosedLoopError:
-                    pass
-        return registered
+            self._cancel(message.trial_id, message.reason)
+        elif isinstance(message, protocol.Heartbeat):
+            pass

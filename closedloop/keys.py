@@ -1,0 +1,139 @@
+"""CurveZMQ keys: who may talk to the daemon, and encryption of everything they say.
+
+Layout (all plain files made by ``closedloop keys new NAME``, i.e. :func:`zmq.auth.create_certificates`):
+
+    keys/daemon.key          the daemon's public key: give it to every station
+    keys/daemon.key_secret   the daemon's secret key: stays on the control station
+    keys/station-a.key       a station's public key: copy it into the daemon's allowed-keys directory
+    keys/station-a.key_secret
+    allowed/station-a.key    the directory the daemon reads (``--allowed-keys``): one public key per station
+
+The daemon authenticates stations with ZAP (:class:`zmq.auth.thread.ThreadAuthenticator`): a peer whose
+public key is not in the allowed directory never completes the handshake, so it can neither register
+nor deliver a result. Without keys the daemon binds only to loopback unless told ``--insecure``.
+
+Example:
+    >>> import tempfile
+    >>> public, secret = new_keypair(tempfile.mkdtemp(), "station-a")
+    >>> public.name, secret.name
+    ('station-a.key', 'station-a.key_secret')
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from closedloop.errors import ProtocolError
+
+log = logging.getLogger("closedloop.keys")
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+def new_keypair(directory: str | Path, name: str) -> tuple[Path, Path]:
+    """Make ``NAME.key`` (public) and ``NAME.key_secret`` in ``directory``; refuses to overwrite."""
+    if not _NAME.match(name):
+        raise ProtocolError(f"key name {name!r}: use letters, digits, '.', '_' and '-'")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    public, secret = directory / f"{name}.key", directory / f"{name}.key_secret"
+    if public.exists() or secret.exists():
+        raise ProtocolError(f"{public} already exists; remove it first or choose another name")
+    made_public, made_secret = zmq.auth.create_certificates(directory, name)
+    Path(made_secret).chmod(0o600)
+    return Path(made_public), Path(made_secret)
+
+
+def _load(path: str | Path, *, secret: bool) -> tuple[bytes, bytes | None]:
+    path = Path(path)
+    if not path.is_file():
+        raise ProtocolError(f"key file {path} not found (make one with `closedloop keys new NAME`)")
+    try:
+        public, secret_key = zmq.auth.load_certificate(path)
+    except (ValueError, OSError) as exc:
+        raise ProtocolError(f"key file {path} is not a CurveZMQ certificate: {exc}") from None
+    if secret and secret_key is None:
+        raise ProtocolError(f"{path} holds no secret key (use the NAME.key_secret file)")
+    return public, secret_key
+
+
+@dataclass(frozen=True)
+class ServerKeys:
+    """The daemon's key pair and the directory of station public keys it accepts."""
+
+    secret_file: Path
+    allowed_dir: Path
+
+    def __post_init__(self) -> None:
+        _load(self.secret_file, secret=True)
+        if not Path(self.allowed_dir).is_dir():
+            raise ProtocolError(f"allowed-keys directory {self.allowed_dir} not found")
+        if not any(Path(self.allowed_dir).glob("*.key")):
+            log.warning("allowed-keys directory %s holds no public keys: no station can connect", self.allowed_dir)
+
+    def start_authenticator(self, context: zmq.Context) -> ThreadAuthenticator:
+        """ZAP handler for ``context``: CURVE peers must hold a key from the allowed directory."""
+        auth = ThreadAuthenticator(context, log=logging.getLogger("closedloop.auth"))
+        auth.start()
+        auth.configure_curve(domain="*", location=str(self.allowed_dir))
+        return auth
+
+    def apply(self, sock: zmq.Socket) -> None:
+        """Make ``sock`` a CURVE server (before it binds)."""
+        public, secret = _load(self.secret_file, secret=True)
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+        sock.curve_server = True
+
+
+@dataclass(frozen=True)
+class ClientKeys:
+    """A station's (or dashboard's) key pair and the daemon's public key."""
+
+    secret_file: Path
+    server_public_file: Path
+
+    def __post_init__(self) -> None:
+        _load(self.secret_file, secret=True)
+        _load(self.server_public_file, secret=False)
+
+    def apply(self, sock: zmq.Socket) -> None:
+        """Make ``sock`` a CURVE client of the daemon (before it connects)."""
+        public, secret = _load(self.secret_file, secret=True)
+        server, _ = _load(self.server_public_file, secret=False)
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+        sock.curve_serverkey = server
+
+
+def is_local(endpoint: str) -> bool:
+    """True for endpoints only this machine can reach: ipc://, inproc:// and loopback tcp://."""
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    match = re.match(r"^tcp://(.+):(\d+|\*)$", endpoint)
+    if not match:
+        return False
+    host = match.group(1).strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # '*', an interface name or a host name: reachable from elsewhere
+
+
+def check_exposure(endpoint: str, keys: ServerKeys | None, insecure: bool) -> None:
+    """Refuse to serve a network-reachable endpoint without CURVE unless explicitly ``insecure``."""
+    if keys is None and not insecure and not is_local(endpoint):
+        raise ProtocolError(
+            f"{endpoint} is reachable from other machines and no keys are configured: pass --secret-key and "
+            "--allowed-keys (see docs/daemon.md), or --insecure to serve it unauthenticated and unencrypted"
+        )
