@@ -2,28 +2,43 @@
 
 The pydantic models here are the single source of truth of the format: the YAML loader, the JSON
 Schema (``closedloop schema``), the Python API and the round trip back to YAML all come from them.
+The reference page is ``docs/campaign.md``.
+
+Two levels of checking:
+
+* the models check everything that the file alone decides (types, bounds, expressions, names,
+  feasibility of the linear constraints), so ``Campaign(...)`` never holds a wrong campaign;
+* :func:`load_campaign` also checks what lies outside the file: the candidate table it names and the
+  instrument it imports. Every problem found is reported at once, with file, line, column and field path.
 
 Example:
     >>> c = Campaign.from_yaml_text('''
     ... name: demo
     ... parameters:
-    ...   x: {type: continuous, bounds: [0, 1]}
+    ...   x1: {type: continuous, bounds: [-5, 10]}
+    ...   x2: {type: continuous, bounds: [0, 15]}
     ... objectives:
     ...   y: {goal: minimize}
     ... budget: {experiments: 10}
     ... instrument: {simulator: "simulators.surfaces:Branin"}
     ... ''')
-    >>> c.parameters["x"].bounds
-    (0.0, 1.0)
+    >>> c.parameters["x1"].bounds
+    (-5.0, 10.0)
 """
 
 from __future__ import annotations
 
 import ast
+import csv
 import difflib
 import hashlib
+import importlib
+import inspect
+import keyword
 import math
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -35,7 +50,12 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    StrictBool,
+    Strict,
+    TypeAdapter,
     ValidationError,
+    WithJsonSchema,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -50,44 +70,82 @@ _DURATION_UNITS = {
     "min": 60.0, "minute": 60.0, "minutes": 60.0, "m": 60.0,
     "h": 3600.0, "hour": 3600.0, "hours": 3600.0, "d": 86400.0, "day": 86400.0, "days": 86400.0,
 }
+_DURATION_RE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Z]*)\s*")
 
 
 def parse_duration(value: Any) -> float:
-    """Seconds in a duration given as a number of seconds or a string with a unit ("10 min")."""
+    """Seconds in a duration given as a number of seconds or a string with a unit ("10 min").
+
+    >>> parse_duration("10 min"), parse_duration(90), parse_duration("0.5 s")
+    (600.0, 90.0, 0.5)
+    """
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a duration")
     if isinstance(value, (int, float)):
         seconds = float(value)
     elif isinstance(value, str):
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
+        match = _DURATION_RE.fullmatch(value)
         if not match:
             raise ValueError(f"{value!r} is not a duration; write e.g. '90 s', '10 min' or '2 h'")
         number, unit = match.groups()
         if unit and unit not in _DURATION_UNITS:
-            raise ValueError(f"unknown time unit {unit!r} in {value!r}; use ms, s, min, h or d")
+            close = difflib.get_close_matches(unit, list(_DURATION_UNITS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown time unit {unit!r} in {value!r}{hint}; use ms, s, min, h or d")
         seconds = float(number) * _DURATION_UNITS.get(unit or "s", 1.0)
     else:
-        raise ValueError(f"{value!r} is not a duration")
+        raise ValueError(f"{value!r} is not a duration; write e.g. '90 s', '10 min' or '2 h'")
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"duration {value!r} must be positive and finite")
     return seconds
 
 
 def _format_duration(seconds: float) -> str:
+    for unit, size in (("h", 3600.0), ("min", 60.0)):
+        if seconds >= size and float(seconds / size).is_integer():
+            return f"{seconds / size:g} {unit}"
     return f"{seconds:g} s"
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(_format_duration, return_type=str)]
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    PlainSerializer(_format_duration, return_type=str),
+    WithJsonSchema({
+        "anyOf": [
+            {"type": "number", "exclusiveMinimum": 0},
+            {"type": "string", "pattern": r"^\s*[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?\s*(ms|s|sec|seconds?|min|minutes?|m|h|hours?|d|days?)?\s*$"},
+        ],
+        "description": "a duration: seconds, or a number with a unit ('90 s', '10 min', '2 h')",
+    }),
+]
+
+# Option values written as durations are given to instrument factories in seconds. The bare 'm' is
+# left out here: in an option it could as well mean metres.
+_OPTION_DURATION_RE = re.compile(r"\s*[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?\s*(ms|s|sec|seconds?|min|minutes?|h|hours?|d|days?)\s*")
+
+# --------------------------------------------------------------------------------------------
+# Scalar types. YAML gives ints, floats, strings and booleans; a scientist's '60' in quotes or a
+# 'yes' that YAML reads as true must be an error, not silently converted, so numbers are strict.
+
+Real = Annotated[float, Strict()]
+Whole = Annotated[int, Strict()]
+Text = Annotated[str, Strict()]
 
 
-def _finite(value: float) -> float:
-    if not math.isfinite(value):
-        raise ValueError(f"{value} is not a finite number")
+def _no_boolean(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(
+            f"{value!r} is a boolean: YAML reads yes/no/on/off/true/false as booleans; quote it ('\"yes\"') if you meant text"
+        )
     return value
 
 
+Choice = Annotated[Union[Text, Whole, Real], BeforeValidator(_no_boolean)]
+
+
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,17 +153,21 @@ class _Model(BaseModel):
 
 
 class ContinuousParameter(_Model):
-    """A real number within ``bounds``, searched on a linear or logarithmic scale."""
+    """A real number within ``bounds``, searched on a linear or logarithmic scale.
+
+    >>> ContinuousParameter(bounds=(1, 600), scale="log", unit="s").bounds
+    (1.0, 600.0)
+    """
 
     type: Literal["continuous"] = "continuous"
-    bounds: tuple[float, float]
-    scale: Literal["linear", "log"] = "linear"
-    unit: str | None = None
+    bounds: tuple[Real, Real] = Field(description="[lower, upper], both included")
+    scale: Literal["linear", "log"] = Field("linear", description="log: search orders of magnitude evenly")
+    unit: Text | None = None
 
     @field_validator("bounds")
     @classmethod
     def _ordered(cls, bounds: tuple[float, float]) -> tuple[float, float]:
-        low, high = (_finite(b) for b in bounds)
+        low, high = bounds
         if not low < high:
             raise ValueError(f"lower bound {low:g} is not below upper bound {high:g}")
         return bounds
@@ -113,23 +175,29 @@ class ContinuousParameter(_Model):
     @model_validator(mode="after")
     def _log_positive(self) -> ContinuousParameter:
         if self.scale == "log" and self.bounds[0] <= 0:
-            raise ValueError(f"a log scale needs positive bounds, got {list(self.bounds)}")
+            raise ValueError(
+                f"a log scale needs positive bounds, got {list(self.bounds)}; use scale: linear or a positive lower bound"
+            )
         return self
 
 
 class IntegerParameter(_Model):
-    """An integer within ``bounds`` (both included)."""
+    """An integer within ``bounds`` (both included).
+
+    >>> IntegerParameter(bounds=(1, 10)).bounds
+    (1, 10)
+    """
 
     type: Literal["integer"] = "integer"
-    bounds: tuple[float, float]
-    unit: str | None = None
+    bounds: tuple[Real, Real] = Field(description="[lower, upper], both included")
+    unit: Text | None = None
 
     @field_validator("bounds")
     @classmethod
-    def _has_integers(cls, bounds: tuple[float, float]) -> tuple[float, float]:
-        low, high = (_finite(b) for b in bounds)
-        if not low <= high:
-            raise ValueError(f"lower bound {low:g} is above upper bound {high:g}")
+    def _has_integers(cls, bounds: tuple[float, float]) -> tuple[int, int]:
+        low, high = bounds
+        if not low < high:
+            raise ValueError(f"lower bound {low:g} is not below upper bound {high:g}")
         if math.ceil(low) > math.floor(high):
             raise ValueError(f"no integer lies within [{low:g}, {high:g}]")
         if math.ceil(low) == math.floor(high):
@@ -138,10 +206,14 @@ class IntegerParameter(_Model):
 
 
 class CategoricalParameter(_Model):
-    """One of a set of unordered choices (a solvent, a catalyst)."""
+    """One of a set of unordered choices (a solvent, a catalyst).
+
+    >>> CategoricalParameter(values=["DMF", "DMSO", "GBL"]).values
+    ['DMF', 'DMSO', 'GBL']
+    """
 
     type: Literal["categorical"] = "categorical"
-    values: list[str | int | float]
+    values: list[Choice] = Field(description="the choices, at least two, each once")
 
     @field_validator("values")
     @classmethod
@@ -150,38 +222,39 @@ class CategoricalParameter(_Model):
 
 
 class DiscreteParameter(_Model):
-    """One of a set of ordered numbers (available concentrations, nozzle sizes)."""
+    """One of a set of ordered numbers (available concentrations, nozzle sizes).
+
+    >>> DiscreteParameter(values=[2.0, 0.25, 0.5]).values
+    [0.25, 0.5, 2.0]
+    """
 
     type: Literal["discrete"] = "discrete"
-    values: list[float]
-    unit: str | None = None
+    values: list[Real] = Field(description="the allowed numbers, at least two, each once")
+    unit: Text | None = None
 
     @field_validator("values")
     @classmethod
     def _distinct(cls, values: list[float]) -> list[float]:
-        for v in values:
-            _finite(v)
         return sorted(_check_choices(values))
 
 
 class FixedParameter(_Model):
-    """A value held constant; recorded with every experiment and sent to the instrument."""
+    """A value held constant; recorded with every experiment and sent to the instrument.
+
+    >>> FixedParameter(value=1.0, unit="bar").value
+    1.0
+    """
 
     type: Literal["fixed"] = "fixed"
-    value: float | int | str
-    unit: str | None = None
-
-    @field_validator("value")
-    @classmethod
-    def _finite_value(cls, value: Any) -> Any:
-        if isinstance(value, float):
-            _finite(value)
-        return value
+    value: Choice
+    unit: Text | None = None
 
 
 def _check_choices(values: list[Any]) -> list[Any]:
+    if not values:
+        raise ValueError("is empty; list at least two values")
     if len(values) < 2:
-        raise ValueError("needs at least two values" if values else "is empty")
+        raise ValueError(f"has only one value ({values[0]!r}); use type: fixed for a constant")
     seen: set[Any] = set()
     for v in values:
         if v in seen:
@@ -194,6 +267,15 @@ Parameter = Annotated[
     Union[ContinuousParameter, IntegerParameter, CategoricalParameter, DiscreteParameter, FixedParameter],
     Field(discriminator="type"),
 ]
+_PARAMETER_TYPES: dict[str, type[_Model]] = {
+    "continuous": ContinuousParameter,
+    "integer": IntegerParameter,
+    "categorical": CategoricalParameter,
+    "discrete": DiscreteParameter,
+    "fixed": FixedParameter,
+}
+_UNION_TAGS = set(_PARAMETER_TYPES)
+NUMERIC = (ContinuousParameter, IntegerParameter, DiscreteParameter)
 
 # --------------------------------------------------------------------------------------------
 # Expressions: linear constraints on parameters, and bounds on outputs
@@ -207,6 +289,16 @@ class LinearConstraint:
     op: Literal["<=", ">=", "=="]
     rhs: float
     text: str
+
+    def satisfied(self, values: Mapping[str, Any], tolerance: float = 1e-6) -> bool:
+        """Whether ``values`` (a parameter dict) meets the constraint, equalities to within ``tolerance``."""
+        total = sum(c * float(values[n]) for n, c in self.coefficients.items())
+        scale = tolerance * max(1.0, abs(self.rhs))
+        if self.op == "<=":
+            return total <= self.rhs + scale
+        if self.op == ">=":
+            return total >= self.rhs - scale
+        return abs(total - self.rhs) <= scale
 
 
 @dataclass(frozen=True)
@@ -228,6 +320,8 @@ _COMPARISONS = {ast.LtE: "<=", ast.GtE: ">=", ast.Eq: "==", ast.Lt: "<=", ast.Gt
 def _linear_terms(node: ast.AST) -> dict[str, float]:
     """Coefficients of a linear expression; the constant term is under the key ``""``."""
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+        if not math.isfinite(node.value):
+            raise ValueError("holds a number that is not finite")
         return {"": float(node.value)}
     if isinstance(node, ast.Name):
         return {node.id: 1.0}
@@ -253,18 +347,47 @@ def _linear_terms(node: ast.AST) -> dict[str, float]:
         if set(right) != {""}:
             raise ValueError("is not linear: it multiplies two parameters")
         return {k: v * right[""] for k, v in left.items()}
-    raise ValueError("is not a linear expression of parameters (use +, -, * and numbers)")
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+        raise ValueError("is not linear: it raises to a power (** or ^)")
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitXor):
+        raise ValueError("is not linear: it raises to a power (** or ^)")
+    if isinstance(node, ast.Call):
+        raise ValueError("is not linear: it calls a function")
+    raise ValueError("is not a linear expression of parameters (use +, -, *, / and numbers)")
+
+
+_KEYWORD_PREFIX = "_closedloop_kw_"
+
+
+def _parse_expression(text: str) -> ast.expr:
+    # names such as 'yield' or 'lambda' are Python keywords but fine outputs and parameters
+    escaped = re.sub(r"[A-Za-z_]\w*", lambda m: _KEYWORD_PREFIX + m.group(0) if keyword.iskeyword(m.group(0)) else m.group(0),
+                     text.strip())
+    try:
+        tree = ast.parse(escaped, mode="eval").body
+    except SyntaxError:
+        raise ValueError(f"{text!r} does not parse; write e.g. 'a + 0.5 * b <= 10'") from None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and node.id.startswith(_KEYWORD_PREFIX):
+            node.id = node.id[len(_KEYWORD_PREFIX):]
+    return tree
 
 
 def parse_linear_constraint(text: str) -> LinearConstraint:
-    """Parse ``"a + 0.5 * b <= 10"`` into a :class:`LinearConstraint` (variables on either side)."""
-    try:
-        tree = ast.parse(text, mode="eval").body
-    except SyntaxError:
-        raise ValueError(f"{text!r} does not parse as an expression") from None
+    """Parse ``"a + 0.5 * b <= 10"`` into a :class:`LinearConstraint` (variables on either side).
+
+    >>> parse_linear_constraint("a + 0.5 * b <= 10").coefficients
+    {'a': 1.0, 'b': 0.5}
+    """
+    if "=" in text and not re.search(r"<=|>=|==", text):
+        raise ValueError(f"{text!r} uses '='; write '==' for an equality")
+    tree = _parse_expression(text)
     if not (isinstance(tree, ast.Compare) and len(tree.ops) == 1 and type(tree.ops[0]) in _COMPARISONS):
         raise ValueError(f"{text!r} must compare two sides with <=, >= or ==")
-    left, right = _linear_terms(tree.left), _linear_terms(tree.comparators[0])
+    try:
+        left, right = _linear_terms(tree.left), _linear_terms(tree.comparators[0])
+    except ValueError as exc:
+        raise ValueError(f"{text!r} {exc}") from None
     for k, v in right.items():
         left[k] = left.get(k, 0.0) - v
     rhs = -left.pop("", 0.0)
@@ -275,20 +398,24 @@ def parse_linear_constraint(text: str) -> LinearConstraint:
 
 
 def parse_output_bound(text: str) -> OutputBound:
-    """Parse ``"yield >= 0.8"`` into an :class:`OutputBound`."""
-    try:
-        tree = ast.parse(text, mode="eval").body
-    except SyntaxError:
-        raise ValueError(f"{text!r} does not parse as an expression") from None
+    """Parse ``"yield >= 0.8"`` into an :class:`OutputBound`.
+
+    >>> parse_output_bound("0.8 <= yield").op
+    '>='
+    """
+    tree = _parse_expression(text)
     if not (isinstance(tree, ast.Compare) and len(tree.ops) == 1 and type(tree.ops[0]) in (ast.LtE, ast.GtE, ast.Lt, ast.Gt)):
         raise ValueError(f"{text!r} must be 'OUTPUT >= NUMBER' or 'OUTPUT <= NUMBER'")
     left, right, op = tree.left, tree.comparators[0], _COMPARISONS[type(tree.ops[0])]
     if isinstance(right, ast.Name):
         left, right, op = right, left, {"<=": ">=", ">=": "<="}[op]
-    value = _linear_terms(right) if not isinstance(right, ast.Name) else {}
+    try:
+        value = _linear_terms(right) if not isinstance(right, ast.Name) else {}
+    except ValueError:
+        value = {}
     if not isinstance(left, ast.Name) or set(value) != {""}:
-        raise ValueError(f"{text!r} must compare one output with a number")
-    return OutputBound(left.id, op, _finite(value[""]), text)  # type: ignore[arg-type]
+        raise ValueError(f"{text!r} must compare one output with a number, e.g. 'yield >= 0.8'")
+    return OutputBound(left.id, op, value[""], text)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,19 +423,27 @@ def parse_output_bound(text: str) -> OutputBound:
 
 
 class Objective(_Model):
-    """An output to optimize; ``threshold`` is the worst value still worth having (Pareto reference)."""
+    """An output to optimize; ``threshold`` is the worst value still worth having (Pareto reference).
+
+    >>> Objective(goal="minimize", threshold=5.0).goal
+    'minimize'
+    """
 
     goal: Literal["minimize", "maximize"]
-    threshold: float | None = None
-    unit: str | None = None
+    threshold: Real | None = Field(None, description="worst value still worth having; the Pareto reference point")
+    unit: Text | None = None
 
 
 class Budget(_Model):
-    """When the campaign ends: after ``experiments``, after ``hours``, or once ``stop_when`` holds."""
+    """When the campaign ends: after ``experiments``, after ``hours``, or once ``stop_when`` holds.
 
-    experiments: int = Field(ge=1)
-    hours: float | None = Field(default=None, gt=0)
-    stop_when: str | None = None
+    >>> Budget(experiments=60, hours=12, stop_when="quality >= 0.95").hours
+    12.0
+    """
+
+    experiments: Whole = Field(ge=1, description="the most experiments to run")
+    hours: Real | None = Field(None, gt=0, description="wall-clock limit")
+    stop_when: Text | None = Field(None, description="stop early once a result meets this, e.g. 'quality >= 0.95'")
 
     @field_validator("stop_when")
     @classmethod
@@ -319,54 +454,168 @@ class Budget(_Model):
 
 
 class Execution(_Model):
-    """How experiments are run: how many at once, how long each may take, how often to retry."""
+    """How experiments are run: how many at once, how long each may take, how often to retry.
 
-    concurrency: int = Field(default=1, ge=1)
-    timeout: Duration | None = None
-    retries: int = Field(default=0, ge=0)
-    approve: bool = False
+    >>> Execution(concurrency=4, timeout="10 min").timeout
+    600.0
+    """
+
+    concurrency: Whole = Field(1, ge=1, description="experiments in flight at once")
+    timeout: Duration | None = Field(None, description="per experiment, e.g. '10 min'")
+    retries: Whole = Field(0, ge=0, description="how often a failed experiment is run again")
+    approve: StrictBool = Field(False, description="a person approves each experiment before it runs")
 
 
 class PlannerSettings(_Model):
-    """Which planner proposes experiments, and its settings."""
+    """Which planner proposes experiments, and its settings.
+
+    >>> PlannerSettings(backend="sobol", seed=7).backend
+    'sobol'
+    """
 
     backend: Literal["botorch", "ax", "sobol", "random"] = "botorch"
-    initial_experiments: int | None = Field(default=None, ge=1)
-    seed: int | None = None
+    initial_experiments: Whole | None = Field(None, ge=1, description="space-filling experiments before the model")
+    seed: Whole | None = None
+
+
+def _instrument_options(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: parse_duration(v) if isinstance(v, str) and _OPTION_DURATION_RE.fullmatch(v) else v
+            for k, v in options.items()}
 
 
 class Instrument(_Model):
-    """The instrument that runs experiments: a simulator or a hardware driver, by import path."""
+    """The instrument that runs experiments: a simulator or a hardware driver, by import path.
 
-    simulator: str | None = None
-    driver: str | None = None
-    options: dict[str, Any] = Field(default_factory=dict)
+    Option values written as durations (``latency: 0.5 s``) reach the factory in seconds.
+
+    >>> Instrument(simulator="simulators.surfaces:Branin", options={"latency": "0.5 s"}).options
+    {'latency': 0.5}
+    """
+
+    simulator: Text | None = Field(None, description="import path 'package.module:Factory' of a simulated instrument")
+    driver: Text | None = Field(None, description="import path 'package.module:Factory' of a hardware binding")
+    function: Text | None = Field(None, description="import path 'package.module:function' of a computational "
+                                  "experiment run on Dask: called with the parameters and options as keywords, it "
+                                  "returns a mapping of outputs")
+    command: Text | None = Field(None, min_length=1, max_length=480,
+                                 description="external program run on Dask, e.g. 'python sim.py --x {x1}': each "
+                                 "{name} is filled from the parameters and options; it prints its outputs as JSON")
+    options: dict[Text, Any] = Field(default_factory=dict, description="keyword arguments of the factory")
+
+    @field_validator("options")
+    @classmethod
+    def _durations(cls, options: dict[str, Any]) -> dict[str, Any]:
+        return _instrument_options(options)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Instrument:
-        if (self.simulator is None) == (self.driver is None):
-            raise ValueError("give exactly one of 'simulator' or 'driver'")
-        path = self.target
+        given = [k for k in ("simulator", "driver", "function", "command") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of 'simulator', 'driver', 'function' or 'command'")
+        if self.command is not None:
+            command_placeholders(self.command)  # raises ValueError for a malformed template
+            return self
+        path = self.import_path or ""
         if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", path):
             raise ValueError(f"{path!r} is not an import path of the form 'package.module:Name'")
         return self
 
     @property
     def target(self) -> str:
-        """The import path of the instrument's factory."""
+        """What a station is asked to run: the import path of a simulator's or driver's factory, or
+        ``function:<import path>`` / ``command:<template>`` for a computational experiment (issue 8)."""
+        if self.function is not None:
+            return f"function:{self.function}"
+        if self.command is not None:
+            return f"command:{self.command}"
         return self.simulator or self.driver or ""
+
+    @property
+    def import_path(self) -> str | None:
+        """The 'package.module:Name' to import (None for a command)."""
+        return self.simulator or self.driver or self.function
+
+    @property
+    def field(self) -> str:
+        """``simulator``, ``driver``, ``function`` or ``command``: the key that names the instrument."""
+        for key in ("simulator", "driver", "function"):
+            if getattr(self, key) is not None:
+                return key
+        return "command"
+
+    @property
+    def computational(self) -> bool:
+        """A function or command, which a compute station runs on Dask (closedloop.compute)."""
+        return self.function is not None or self.command is not None
+
+
+def command_placeholders(template: str) -> list[str]:
+    """The ``{name}`` fields of a command template; ValueError if it is malformed or indexes a field."""
+    import string
+
+    names = []
+    try:
+        for _, name, _, _ in string.Formatter().parse(template):
+            if name is None:
+                continue
+            if not re.fullmatch(r"[A-Za-z_]\w*", name):
+                raise ValueError(f"placeholder {{{name}}} must be a parameter or option name")
+            names.append(name)
+    except ValueError as exc:
+        raise ValueError(f"command {template!r}: {exc}") from None
+    return names
+
+
+def _candidates_schema(schema: dict[str, Any]) -> None:
+    # the short form 'candidates: library.csv' is a plain string
+    obj = dict(schema)
+    schema.clear()
+    schema.update({"anyOf": [{"type": "string", "description": "path of a CSV file"}, obj]})
+
+
+class Candidates(_Model):
+    """A table of allowed experiments: every proposal is one of its rows.
+
+    Written as a path (``candidates: library.csv``) or as ``{file: library.csv, repeats: true}``. The CSV
+    file has a header naming the parameters; a relative path is read from the campaign file's folder.
+
+    >>> Candidates.model_validate("library.csv").file
+    'library.csv'
+    """
+
+    model_config = ConfigDict(json_schema_extra=_candidates_schema)
+
+    file: Text = Field(min_length=1, description="path of a CSV file with one column per parameter")
+    repeats: StrictBool = Field(False, description="whether a row may be proposed more than once")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_path(cls, value: Any) -> Any:
+        return {"file": value} if isinstance(value, str) else value
 
 
 class Campaign(_Model):
-    """A whole campaign: the search space, the goals, the budget and the instrument."""
+    """A whole campaign: the search space, the goals, the budget and the instrument.
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-    description: str = ""
-    parameters: dict[str, Parameter] = Field(min_length=1)
-    constraints: list[str] = Field(default_factory=list)
-    candidates: str | None = None
-    objectives: dict[str, Objective] = Field(min_length=1)
-    outcome_constraints: list[str] = Field(default_factory=list)
+    >>> c = Campaign(name="demo", parameters={"x": ContinuousParameter(bounds=(0, 1))},
+    ...              objectives={"y": Objective(goal="minimize")}, budget=Budget(experiments=10),
+    ...              instrument=Instrument(simulator="simulators.surfaces:Branin"))
+    >>> Campaign.from_yaml_text(c.to_yaml(), check_instrument=False) == c
+    True
+    """
+
+    model_config = ConfigDict(
+        title="closedloop campaign",
+        json_schema_extra={"$schema": "https://json-schema.org/draft/2020-12/schema"},
+    )
+
+    name: Text = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", description="names the campaign in the store")
+    description: Text = ""
+    parameters: dict[Text, Parameter] = Field(min_length=1, description="what may be varied, by name")
+    constraints: list[Text] = Field(default_factory=list, description="linear constraints, e.g. 'a + b <= 1', 'a + b + c == 1'")
+    candidates: Candidates | None = Field(None, description="a CSV table of allowed experiments")
+    objectives: dict[Text, Objective] = Field(min_length=1, description="outputs to optimize, by name")
+    outcome_constraints: list[Text] = Field(default_factory=list, description="bounds on measured outputs, e.g. 'yield >= 0.8'")
     budget: Budget
     execution: Execution = Field(default_factory=Execution)
     planner: PlannerSettings = Field(default_factory=PlannerSettings)
@@ -374,16 +623,26 @@ class Campaign(_Model):
 
     @model_validator(mode="after")
     def _consistent(self) -> Campaign:
-        problems = self.cross_field_problems()
+        problems = consistency_problems(
+            self.parameters, self.constraints, self.objectives, self.outcome_constraints, self.budget, self.planner,
+            self.candidates,
+        )
         if problems:
-            raise CampaignError(problems)
+            raise CampaignFileError([Problem("<campaign>", None, None, path, message) for path, message in problems])
         return self
+
+    @field_serializer("candidates")
+    def _short_candidates(self, candidates: Candidates | None) -> Any:
+        if candidates is None or candidates.repeats:
+            return candidates
+        return candidates.file
 
     # -- derived views ------------------------------------------------------------------
 
     @property
     def linear_constraints(self) -> list[LinearConstraint]:
-        return [parse_linear_constraint(c) for c in self.constraints]
+        """The constraints over tunable parameters; fixed parameters are folded into the right-hand side."""
+        return [_fold_fixed(parse_linear_constraint(c), self.parameters) for c in self.constraints]
 
     @property
     def output_bounds(self) -> list[OutputBound]:
@@ -395,9 +654,10 @@ class Campaign(_Model):
 
     @property
     def outputs(self) -> list[str]:
-        """Every output the instrument must measure: objectives, then constrained outputs."""
+        """Every output the instrument must measure: objectives, then constrained outputs, then the stop rule's."""
         names = list(self.objectives)
-        for bound in self.output_bounds:
+        bounds = self.output_bounds + ([self.stop_rule] if self.stop_rule else [])
+        for bound in bounds:
             if bound.output not in names:
                 names.append(bound.output)
         return names
@@ -406,64 +666,14 @@ class Campaign(_Model):
     def spec_hash(self) -> str:
         return hashlib.sha256(self.to_yaml().encode()).hexdigest()[:16]
 
-    def cross_field_problems(self) -> list[tuple[str, str]]:
-        """(field path, message) for each problem that spans several fields."""
-        problems: list[tuple[str, str]] = []
-        names = set(self.parameters)
-        clashing = names & set(self.objectives)
-        for name in sorted(clashing):
-            problems.append((f"objectives.{name}", f"{name!r} is both a parameter and an objective"))
-        numeric = {
-            n for n, p in self.parameters.items() if isinstance(p, (ContinuousParameter, IntegerParameter, DiscreteParameter))
-        }
-        parsed: list[LinearConstraint] = []
-        for i, text in enumerate(self.constraints):
-            try:
-                constraint = parse_linear_constraint(text)
-            except ValueError as exc:
-                problems.append((f"constraints.{i}", str(exc)))
-                continue
-            unknown = sorted(set(constraint.coefficients) - names)
-            if unknown:
-                problems.append((f"constraints.{i}", _unknown_names("parameter", unknown, names)))
-                continue
-            not_numeric = sorted(set(constraint.coefficients) - numeric)
-            if not_numeric:
-                problems.append(
-                    (f"constraints.{i}", f"{', '.join(not_numeric)} cannot appear in a linear constraint (not numeric)")
-                )
-                continue
-            parsed.append(constraint)
-        if parsed and not problems:
-            infeasible = _infeasible(self, parsed)
-            if infeasible:
-                problems.append(("constraints", infeasible))
-        known_outputs = set(self.objectives)
-        for i, text in enumerate(self.outcome_constraints):
-            try:
-                bound = parse_output_bound(text)
-            except ValueError as exc:
-                problems.append((f"outcome_constraints.{i}", str(exc)))
-                continue
-            if bound.output in names:
-                problems.append((f"outcome_constraints.{i}", f"{bound.output!r} is a parameter, not an output"))
-            known_outputs.add(bound.output)
-        if self.budget.stop_when:
-            rule = parse_output_bound(self.budget.stop_when)
-            if rule.output not in known_outputs:
-                problems.append(("budget.stop_when", _unknown_names("output", [rule.output], known_outputs)))
-        initial = self.planner.initial_experiments
-        if initial is not None and initial > self.budget.experiments:
-            problems.append(
-                ("planner.initial_experiments", f"{initial} initial experiments exceed the budget of {self.budget.experiments}")
-            )
-        if len(self.tunable_parameters) == 0:
-            problems.append(("parameters", "every parameter is fixed: there is nothing to vary"))
-        return problems
-
     @property
     def tunable_parameters(self) -> dict[str, Parameter]:
         return {n: p for n, p in self.parameters.items() if not isinstance(p, FixedParameter)}
+
+    def cross_field_problems(self) -> list[tuple[str, str]]:
+        """(field path, message) for each problem that spans several fields (empty for a valid campaign)."""
+        return consistency_problems(self.parameters, self.constraints, self.objectives, self.outcome_constraints,
+                                    self.budget, self.planner, self.candidates)
 
     def default_initial_experiments(self) -> int:
         """Size of the space-filling design before the model takes over."""
@@ -472,23 +682,253 @@ class Campaign(_Model):
         dims = len(self.tunable_parameters)
         return max(1, min(self.budget.experiments, max(5, 2 * dims + 1)))
 
+    def space_size(self) -> int | None:
+        """How many distinct experiments the space holds, before linear constraints; None if infinite.
+
+        With a candidate table, the number of its rows.
+        """
+        if self.candidates is not None:
+            return len(self.candidate_table())
+        size = 1
+        for p in self.tunable_parameters.values():
+            if isinstance(p, ContinuousParameter):
+                return None
+            size *= p.bounds[1] - p.bounds[0] + 1 if isinstance(p, IntegerParameter) else len(p.values)  # type: ignore[union-attr]
+        return size
+
+    def summary(self) -> list[str]:
+        """A few lines describing the campaign: parameters, objectives, budget, size of the space."""
+        lines = [f"parameters ({len(self.tunable_parameters)} varied, {len(self.parameters) - len(self.tunable_parameters)} fixed):"]
+        for name, p in self.parameters.items():
+            unit = f" {p.unit}" if getattr(p, "unit", None) else ""
+            if isinstance(p, ContinuousParameter):
+                detail = f"[{p.bounds[0]:g}, {p.bounds[1]:g}]{unit}" + (" (log scale)" if p.scale == "log" else "")
+            elif isinstance(p, IntegerParameter):
+                detail = f"{p.bounds[0]}..{p.bounds[1]}{unit}"
+            elif isinstance(p, FixedParameter):
+                detail = f"= {p.value}{unit}"
+            else:
+                detail = "{" + ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in p.values) + "}" + unit
+            lines.append(f"  {name}: {p.type} {detail}")
+        for text in self.constraints:
+            lines.append(f"constraint: {text}")
+        goals = []
+        for name, o in self.objectives.items():
+            goals.append(f"{o.goal} {name}" + (f" (threshold {o.threshold:g})" if o.threshold is not None else ""))
+        kind = "Pareto front of " if len(goals) > 1 else ""
+        lines.append(f"objectives: {kind}{', '.join(goals)}")
+        if self.outcome_constraints:
+            lines.append(f"outcome constraints: {', '.join(self.outcome_constraints)}")
+        budget = f"budget: {self.budget.experiments} experiments"
+        if self.budget.hours is not None:
+            budget += f", at most {self.budget.hours:g} h"
+        if self.budget.stop_when:
+            budget += f", stop when {self.budget.stop_when}"
+        lines.append(budget)
+        lines.append(f"space: {self.describe_space()}")
+        lines.append(f"planner: {self.planner.backend}, {self.default_initial_experiments()} initial experiments"
+                     + (f", seed {self.planner.seed}" if self.planner.seed is not None else ""))
+        ex = self.execution
+        lines.append(f"execution: {ex.concurrency} at once" + (f", timeout {_format_duration(ex.timeout)}" if ex.timeout else "")
+                     + (f", {ex.retries} retr{'y' if ex.retries == 1 else 'ies'}" if ex.retries else "") + (", each approved by a person" if ex.approve else ""))
+        lines.append(f"instrument: {self.instrument.field} {self.instrument.target}")
+        return lines
+
+    def describe_space(self) -> str:
+        """The size of the search space in words."""
+        if self.candidates is not None:
+            return f"{len(self.candidate_table())} candidate rows" + (" (repeats allowed)" if self.candidates.repeats else "")
+        continuous = [p for p in self.tunable_parameters.values() if isinstance(p, ContinuousParameter)]
+        discrete = 1
+        for p in self.tunable_parameters.values():
+            if isinstance(p, IntegerParameter):
+                discrete *= p.bounds[1] - p.bounds[0] + 1
+            elif isinstance(p, (CategoricalParameter, DiscreteParameter)):
+                discrete *= len(p.values)
+        parts = []
+        if continuous:
+            parts.append(f"{len(continuous)} continuous dimension{'s' if len(continuous) > 1 else ''}")
+        if len(continuous) < len(self.tunable_parameters):
+            parts.append(f"{discrete:,} combination{'s' if discrete > 1 else ''} of the others")
+        text = " x ".join(parts) if continuous else f"{discrete:,} points"
+        if self.constraints:
+            text += f", cut by {len(self.constraints)} linear constraint{'s' if len(self.constraints) > 1 else ''}"
+        return text
+
+    def candidate_table(self, base: str | Path | None = None) -> list[dict[str, Any]]:
+        """The rows of the candidate table, as parameter dicts in declared types (fixed ones included).
+
+        ``base`` is the folder a relative path is read from (default: the current one; campaigns read
+        by :func:`load_campaign` hold an absolute path). Raises :class:`CampaignError` on a bad table.
+        """
+        if self.candidates is None:
+            return []
+        rows, problems = _read_candidates(self, Path(base) if base is not None else Path.cwd())
+        if problems:
+            raise CampaignFileError([Problem("<campaign>", None, None, path, message) for path, message in problems])
+        return rows
+
     # -- YAML ---------------------------------------------------------------------------
 
     def to_yaml(self) -> str:
         """The campaign as YAML that loads back into an equal campaign."""
         data = self.model_dump(mode="json", exclude_defaults=True)
+        # the 'type' tag has a default in Python but the file needs it to tell the variants apart
+        data["parameters"] = {
+            name: {"type": p.type, **data["parameters"][name]} for name, p in self.parameters.items()
+        }
         data = {"name": self.name, **data}  # keep the name first even when other keys are defaults
-        return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, allow_unicode=True)
+        return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, allow_unicode=True, width=100)
 
     @classmethod
-    def from_yaml_text(cls, text: str, source: str = "<campaign>") -> Campaign:
-        """Parse a campaign from YAML text; raises :class:`CampaignError` with every problem found."""
-        return load_campaign_text(text, source)
+    def from_yaml_text(cls, text: str, source: str = "<campaign>", *, check_instrument: bool = True) -> Campaign:
+        """Parse a campaign from YAML text; raises :class:`CampaignFileError` with every problem found."""
+        return load_campaign_text(text, source, check_instrument=check_instrument)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> Campaign:
+    def from_yaml(cls, path: str | Path, *, check_instrument: bool = True) -> Campaign:
         """Read and validate a campaign file."""
-        return load_campaign(path)
+        return load_campaign(path, check_instrument=check_instrument)
+
+    @classmethod
+    def json_schema(cls) -> dict[str, Any]:
+        """The JSON Schema of a campaign file (``closedloop schema``)."""
+        schema = cls.model_json_schema(mode="validation")
+        _trim_descriptions(schema)
+        return schema
+
+
+def _trim_descriptions(node: Any) -> None:
+    """Keep the first paragraph of class docstrings: editors show it, the doctest is for readers of the code."""
+    if isinstance(node, dict):
+        if isinstance(node.get("description"), str):
+            node["description"] = node["description"].split("\n\n")[0].replace("``", "'")
+        for value in node.values():
+            _trim_descriptions(value)
+    elif isinstance(node, list):
+        for value in node:
+            _trim_descriptions(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Checks that span fields. They run on whatever parts of a file are valid, so that one broken
+# section does not hide the problems of another.
+
+
+def _fold_fixed(constraint: LinearConstraint, parameters: Mapping[str, Any]) -> LinearConstraint:
+    coefficients, rhs = {}, constraint.rhs
+    for name, c in constraint.coefficients.items():
+        p = parameters.get(name)
+        if isinstance(p, FixedParameter):
+            rhs -= c * float(p.value)
+        else:
+            coefficients[name] = c
+    return LinearConstraint(coefficients, constraint.op, rhs, constraint.text)
+
+
+def _bad_name(name: Any) -> str | None:
+    if not isinstance(name, str) or not name.isidentifier():
+        return (f"{name!r} is not a usable name: start with a letter, use only letters, digits and '_' "
+                "(names appear in constraint expressions)")
+    return None
+
+
+def consistency_problems(
+    parameters: Mapping[str, Any] | None,
+    constraints: list[str] | None,
+    objectives: Mapping[str, Any] | None,
+    outcome_constraints: list[str] | None,
+    budget: Budget | None,
+    planner: PlannerSettings | None,
+    candidates: Candidates | None = None,
+) -> list[tuple[str, str]]:
+    """(field path, message) for each problem spanning several fields.
+
+    ``None`` stands for a section that is itself invalid: checks that need it are skipped. In
+    ``parameters``, a value of ``None`` marks a parameter whose name is known but whose definition is
+    invalid.
+    """
+    problems: list[tuple[str, str]] = []
+    names = set(parameters or {})
+    for name in parameters or {}:
+        if bad := _bad_name(name):
+            problems.append((f"parameters.{name}", bad))
+    for name in objectives or {}:
+        if bad := _bad_name(name):
+            problems.append((f"objectives.{name}", bad))
+        elif name in names:
+            problems.append((f"objectives.{name}", f"{name!r} is both a parameter and an objective"))
+    if parameters is not None and parameters and all(isinstance(p, FixedParameter) for p in parameters.values()):
+        problems.append(("parameters", "every parameter is fixed: there is nothing to vary"))
+
+    parsed: list[LinearConstraint] = []
+    for i, text in enumerate(constraints or []):
+        where = f"constraints[{i}]"
+        try:
+            constraint = parse_linear_constraint(text)
+        except ValueError as exc:
+            problems.append((where, str(exc)))
+            continue
+        if parameters is None:
+            continue
+        unknown = sorted(set(constraint.coefficients) - names)
+        if unknown:
+            problems.append((where, f"{text!r}: " + _unknown_names("parameter", unknown, names)))
+            continue
+        if any(parameters[n] is None for n in constraint.coefficients):
+            continue
+        wrong = [n for n in constraint.coefficients
+                 if not isinstance(parameters[n], NUMERIC)
+                 and not (isinstance(parameters[n], FixedParameter) and not isinstance(parameters[n].value, str))]
+        if wrong:
+            problems.append((where, f"{text!r}: {', '.join(repr(n) for n in wrong)} is not numeric "
+                                    f"({', '.join(parameters[n].type for n in wrong)}); only numeric parameters "
+                                    "can appear in a linear constraint"))
+            continue
+        folded = _fold_fixed(constraint, parameters)
+        if not folded.coefficients:
+            holds = folded.satisfied({})
+            problems.append((where, f"{text!r} names only fixed parameters, so it constrains nothing"
+                                    + ("" if holds else " and never holds")))
+            continue
+        if folded.op == "==":
+            not_continuous = [n for n in folded.coefficients if not isinstance(parameters[n], ContinuousParameter)]
+            if not_continuous and candidates is None:
+                problems.append((where, f"{text!r}: an equality can only hold continuous parameters; "
+                                        f"{', '.join(repr(n) for n in not_continuous)} cannot be moved continuously "
+                                        "to meet it (use a candidate table, or <= and >=)"))
+                continue
+        parsed.append(folded)
+    if parsed and parameters is not None and len(parsed) == len(constraints or []):
+        infeasible = _infeasible(parameters, parsed)
+        if infeasible:
+            problems.append(("constraints", infeasible))
+
+    known_outputs = set(objectives or {})
+    for i, text in enumerate(outcome_constraints or []):
+        where = f"outcome_constraints[{i}]"
+        try:
+            bound = parse_output_bound(text)
+        except ValueError as exc:
+            problems.append((where, str(exc)))
+            continue
+        if bound.output in names:
+            problems.append((where, f"{text!r}: {bound.output!r} is a parameter, not an output"))
+        elif bad := _bad_name(bound.output):
+            problems.append((where, bad))
+        known_outputs.add(bound.output)
+    if budget is not None and budget.stop_when and objectives is not None and outcome_constraints is not None:
+        rule = parse_output_bound(budget.stop_when)
+        if rule.output not in known_outputs:
+            problems.append(("budget.stop_when", f"{budget.stop_when!r}: "
+                             + _unknown_names("output", [rule.output], known_outputs)
+                             + " (an objective or an output named in outcome_constraints)"))
+    if budget is not None and planner is not None:
+        initial = planner.initial_experiments
+        if initial is not None and initial > budget.experiments:
+            problems.append(("planner.initial_experiments",
+                             f"{initial} initial experiments exceed the budget of {budget.experiments} experiments"))
+    return problems
 
 
 def _unknown_names(kind: str, unknown: list[str], known: set[str]) -> str:
@@ -499,28 +939,32 @@ def _unknown_names(kind: str, unknown: list[str], known: set[str]) -> str:
     return "; ".join(parts) + f"; known: {', '.join(sorted(known)) or 'none'}"
 
 
-def _infeasible(campaign: Campaign, constraints: list[LinearConstraint]) -> str | None:
+def _infeasible(parameters: Mapping[str, Any], constraints: list[LinearConstraint]) -> str | None:
     """A message when no point within the parameters' bounds satisfies every linear constraint."""
     import numpy as np
     from scipy.optimize import linprog
 
     names = sorted({n for c in constraints for n in c.coefficients})
-    bounds = []
+    bounds, integrality = [], []
     for n in names:
-        p = campaign.parameters[n]
+        p = parameters[n]
         if isinstance(p, DiscreteParameter):
             bounds.append((min(p.values), max(p.values)))
         else:
-            bounds.append(tuple(p.bounds))  # type: ignore[union-attr]
+            bounds.append(tuple(p.bounds))
+        integrality.append(1 if isinstance(p, IntegerParameter) else 0)
     a_ub, b_ub, a_eq, b_eq = [], [], [], []
     for c in constraints:
         row = [c.coefficients.get(n, 0.0) for n in names]
         if c.op == "<=":
-            a_ub.append(row), b_ub.append(c.rhs)
+            a_ub.append(row)
+            b_ub.append(c.rhs)
         elif c.op == ">=":
-            a_ub.append([-v for v in row]), b_ub.append(-c.rhs)
+            a_ub.append([-v for v in row])
+            b_ub.append(-c.rhs)
         else:
-            a_eq.append(row), b_eq.append(c.rhs)
+            a_eq.append(row)
+            b_eq.append(c.rhs)
     result = linprog(
         np.zeros(len(names)),
         A_ub=np.array(a_ub) if a_ub else None,
@@ -528,11 +972,277 @@ def _infeasible(campaign: Campaign, constraints: list[LinearConstraint]) -> str 
         A_eq=np.array(a_eq) if a_eq else None,
         b_eq=np.array(b_eq) if b_eq else None,
         bounds=bounds,
+        integrality=integrality,
         method="highs",
     )
     if result.status == 2:
-        return "no point within the parameters' bounds satisfies all constraints: " + "; ".join(c.text for c in constraints)
+        return ("no point within the parameters' bounds satisfies all constraints together: "
+                + "; ".join(repr(c.text) for c in constraints))
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# The candidate table
+
+
+_MAX_ROW_PROBLEMS = 5
+
+
+def _cell(p: Any, raw: str) -> Any:
+    """The value of one CSV cell in the parameter's declared type; ValueError says what is wrong."""
+    text = raw.strip()
+    if isinstance(p, ContinuousParameter):
+        v = float(text)
+        if not math.isfinite(v):
+            raise ValueError(f"{text!r} is not a finite number")
+        if not p.bounds[0] <= v <= p.bounds[1]:
+            raise ValueError(f"{v:g} is outside the bounds [{p.bounds[0]:g}, {p.bounds[1]:g}]")
+        return v
+    if isinstance(p, IntegerParameter):
+        v = float(text)
+        if not v.is_integer():
+            raise ValueError(f"{text!r} is not an integer")
+        if not p.bounds[0] <= v <= p.bounds[1]:
+            raise ValueError(f"{v:g} is outside the bounds [{p.bounds[0]}, {p.bounds[1]}]")
+        return int(v)
+    if isinstance(p, DiscreteParameter):
+        v = float(text)
+        if v not in p.values:
+            raise ValueError(f"{v:g} is not one of the values {p.values}")
+        return v
+    choices = p.values if isinstance(p, CategoricalParameter) else [p.value]
+    for choice in choices:
+        if isinstance(choice, str) and choice == text:
+            return choice
+        if not isinstance(choice, str):
+            try:
+                if float(text) == choice:
+                    return choice
+            except ValueError:
+                pass
+    if isinstance(p, FixedParameter):
+        raise ValueError(f"{text!r} differs from the fixed value {p.value!r}")
+    raise ValueError(f"{text!r} is not one of the values {p.values}")
+
+
+def _read_candidates(campaign: Campaign, base: Path) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """The table's rows in declared types, and (field path, message) for each problem."""
+    assert campaign.candidates is not None
+    where = "candidates" if not campaign.candidates.repeats else "candidates.file"
+    path = Path(campaign.candidates.file)
+    path = path if path.is_absolute() else base / path
+    try:
+        with path.open(newline="") as f:
+            reader = csv.reader(f)
+            lines = [(reader.line_num, row) for row in reader]
+    except OSError as exc:
+        return [], [(where, f"cannot read the candidate table {str(path)!r}: {exc.strerror}")]
+    except (csv.Error, UnicodeDecodeError) as exc:
+        return [], [(where, f"{path.name} is not a readable CSV file: {exc}")]
+    lines = [(n, row) for n, row in lines if any(cell.strip() for cell in row)]
+    if not lines:
+        return [], [(where, f"{path.name} is empty; it needs a header naming the parameters and at least one row")]
+    header = [h.strip() for h in lines[0][1]]
+    problems: list[tuple[str, str]] = []
+    tunable = campaign.tunable_parameters
+    seen_columns: set[str] = set()
+    for h in header:
+        if h in seen_columns:
+            problems.append((where, f"{path.name}: column {h!r} appears twice"))
+        seen_columns.add(h)
+        if h not in campaign.parameters:
+            close = difflib.get_close_matches(h, list(campaign.parameters), n=1)
+            problems.append((where, f"{path.name}: column {h!r} is not a parameter"
+                             + (f" (did you mean {close[0]!r}?)" if close else "")
+                             + f"; the parameters are {', '.join(campaign.parameters)}"))
+    missing = [n for n in tunable if n not in header]
+    if missing:
+        problems.append((where, f"{path.name}: no column for the parameter{'s' if len(missing) > 1 else ''} "
+                         f"{', '.join(repr(m) for m in missing)}; the header is {', '.join(header)}"))
+    if problems:
+        return [], problems
+    rows: list[dict[str, Any]] = []
+    row_problems: list[str] = []
+    constraints = campaign.linear_constraints
+    seen_rows: dict[tuple, int] = {}
+    for line, cells in lines[1:]:
+        if len(cells) != len(header):
+            row_problems.append(f"line {line} has {len(cells)} cells, the header {len(header)}")
+            continue
+        row: dict[str, Any] = {}
+        for h, raw in zip(header, cells):
+            try:
+                row[h] = _cell(campaign.parameters[h], raw)
+            except ValueError as exc:
+                message = str(exc)
+                if message.startswith("could not convert"):
+                    message = f"{raw.strip()!r} is not a number"
+                row_problems.append(f"line {line}, column {h}: {message}")
+        if len(row) != len(header):
+            continue
+        for name, p in campaign.parameters.items():
+            if isinstance(p, FixedParameter):
+                row[name] = p.value
+        row = {name: row[name] for name in campaign.parameters}
+        for c in constraints:
+            if not c.satisfied(row):
+                row_problems.append(f"line {line} violates the constraint {c.text!r}")
+        key = tuple(row[n] for n in tunable)
+        if key in seen_rows and not campaign.candidates.repeats:
+            row_problems.append(f"line {line} repeats line {seen_rows[key]}")
+        seen_rows.setdefault(key, line)
+        rows.append(row)
+    if row_problems:
+        shown = row_problems[:_MAX_ROW_PROBLEMS]
+        more = len(row_problems) - len(shown)
+        problems.append((where, f"{path.name}: " + "; ".join(shown) + (f"; and {more} more" if more else "")))
+        return [], problems
+    if not rows:
+        problems.append((where, f"{path.name} has a header but no rows"))
+    elif not campaign.candidates.repeats and campaign.budget.experiments > len(rows):
+        problems.append(("budget.experiments",
+                         f"a budget of {campaign.budget.experiments} experiments but only {len(rows)} candidate rows, "
+                         "each used at most once (lower the budget or set candidates.repeats: true)"))
+    return rows, problems
+
+
+# --------------------------------------------------------------------------------------------
+# The instrument: the import path must import, take the options, and (for a simulator, which is
+# safe to build) have an axis for every parameter and a reading for every output.
+
+
+def _import_problems(module_name: str) -> str:
+    try:
+        importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        hint = ""
+        missing = exc.name or ""
+        parent, _, leaf = missing.rpartition(".")
+        if missing and module_name.startswith(missing):
+            try:
+                import pkgutil
+
+                if parent:
+                    siblings = [m.name for m in pkgutil.iter_modules(importlib.import_module(parent).__path__)]
+                else:
+                    siblings = [m.name for m in pkgutil.iter_modules()]
+                close = difflib.get_close_matches(leaf, siblings, n=1)
+                if close:
+                    hint = f" (did you mean {'.'.join(filter(None, [parent, close[0]]))!r}?)"
+            except Exception:  # a hint is a courtesy; never let it hide the real error
+                pass
+        return f"cannot import {module_name!r}: ModuleNotFoundError: {exc}{hint}"
+    except Exception as exc:  # the module itself is broken: report its own error
+        return f"cannot import {module_name!r}: {type(exc).__name__}: {exc}"
+    return ""
+
+
+def instrument_problems(campaign: Campaign) -> list[tuple[str, str]]:
+    """(field path, message) for each way the campaign's instrument cannot serve it.
+
+    Imports the factory and checks its options against its signature. A simulator is also built (it
+    touches no hardware) so that its axes, limits and outputs can be compared with the campaign; a
+    driver is only imported, never called.
+    """
+    instrument = campaign.instrument
+    where = f"instrument.{instrument.field}"
+    if instrument.command is not None:  # issue 8: every placeholder must be a parameter or an option
+        known = set(campaign.parameters) | set(instrument.options)
+        unknown = sorted(set(command_placeholders(instrument.command)) - known)
+        return [(where, f"unknown placeholder {{{n}}}; known: {', '.join(sorted(known))}") for n in unknown]
+    module_name, _, attribute = (instrument.import_path or "").partition(":")
+    failure = _import_problems(module_name)
+    if failure:
+        return [(where, failure)]
+    module = importlib.import_module(module_name)
+    factory = getattr(module, attribute, None)
+    if factory is None:
+        public = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+        close = difflib.get_close_matches(attribute, public, n=1)
+        return [(where, f"module {module_name!r} has no {attribute!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))]
+    if not callable(factory):
+        return [(where, f"{instrument.target!r} is not callable")]
+    if instrument.function is not None:  # called per experiment with the parameters: nothing to build now
+        return []
+    problems: list[tuple[str, str]] = []
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        signature = None
+    if signature is not None:
+        accepted = {n for n, p in signature.parameters.items()
+                    if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        if not any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values()):
+            for key in instrument.options:
+                if key not in accepted:
+                    close = difflib.get_close_matches(key, sorted(accepted), n=1)
+                    problems.append((f"instrument.options.{key}", f"{instrument.target} takes no option {key!r}"
+                                     + (f" (did you mean {close[0]!r}?)" if close else "")
+                                     + f"; it takes: {', '.join(sorted(accepted)) or 'none'}"))
+        for n, p in signature.parameters.items():
+            if p.default is p.empty and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in instrument.options:
+                problems.append(("instrument.options", f"{instrument.target} needs the option {n!r}"))
+    if problems or instrument.driver is not None:
+        return problems
+    try:
+        binding = factory(**instrument.options)
+    except Exception as exc:  # a simulator that cannot be built cannot run the campaign
+        return [(where, f"{instrument.target}(...) failed: {type(exc).__name__}: {exc}")]
+    outputs = getattr(binding, "outputs", None)
+    if isinstance(outputs, Mapping):
+        known = set(outputs)
+        for name in campaign.objectives:
+            if name not in known:
+                close = difflib.get_close_matches(name, sorted(known), n=1)
+                problems.append((f"objectives.{name}", f"{instrument.target} measures no output {name!r}"
+                                 + (f" (did you mean {close[0]!r}?)" if close else "")
+                                 + f"; it measures: {', '.join(sorted(known))}"))
+        for i, bound in enumerate(campaign.output_bounds):
+            if bound.output not in known:
+                close = difflib.get_close_matches(bound.output, sorted(known), n=1)
+                problems.append((f"outcome_constraints[{i}]", f"{instrument.target} measures no output {bound.output!r}"
+                                 + (f" (did you mean {close[0]!r}?)" if close else "")
+                                 + f"; it measures: {', '.join(sorted(known))}"))
+        rule = campaign.stop_rule
+        if rule is not None and rule.output not in known:
+            problems.append(("budget.stop_when", f"{instrument.target} measures no output {rule.output!r}; "
+                             f"it measures: {', '.join(sorted(known))}"))
+    devices = getattr(binding, "settable", None)  # positioners and set-and-forget signals
+    if not isinstance(devices, Mapping):
+        devices = getattr(binding, "positioners", None)
+    if isinstance(devices, Mapping):
+        axes = set(devices)
+        custom_plan = getattr(binding, "plan", None) is not None
+        for name, p in campaign.parameters.items():
+            device = devices.get(name)
+            if device is None:
+                if not custom_plan and not isinstance(p, FixedParameter):
+                    close = difflib.get_close_matches(name, sorted(axes), n=1)
+                    problems.append((f"parameters.{name}", f"{instrument.target} has no axis or setting {name!r}"
+                                     + (f" (did you mean {close[0]!r}?)" if close else "")
+                                     + f"; it has: {', '.join(sorted(axes)) or 'none'}"))
+                continue
+            problems.extend(_limit_problems(name, p, device))
+    return problems
+
+
+def _limit_problems(name: str, p: Any, device: Any) -> list[tuple[str, str]]:
+    check = getattr(device, "check_value", None)
+    if check is None:
+        return []
+    if isinstance(p, (ContinuousParameter, IntegerParameter)):
+        field, values = "bounds", list(p.bounds)
+    elif isinstance(p, (DiscreteParameter, CategoricalParameter)):
+        field, values = "values", list(p.values)
+    else:
+        field, values = "value", [p.value]
+    for v in values:
+        try:
+            check(v)
+        except Exception as exc:  # each device family raises its own limit error
+            shown = f"{v:g}" if isinstance(v, (int, float)) else repr(v)
+            return [(f"parameters.{name}.{field}", f"{shown} is refused by the instrument: {exc}")]
+    return []
 
 
 # --------------------------------------------------------------------------------------------
@@ -555,33 +1265,44 @@ class Problem:
 
 
 class CampaignFileError(CampaignError):
-    """Every problem found in one campaign file."""
+    """Every problem found in one campaign file (``.problems``)."""
 
     def __init__(self, problems: list[Problem]):
         self.problems = problems
         super().__init__("\n".join(str(p) for p in problems))
 
 
-def _walk_marks(node: yaml.Node, path: tuple, marks: dict[tuple, yaml.Mark], duplicates: list[tuple[tuple, yaml.Mark]]) -> None:
+class _MarkingLoader(yaml.SafeLoader):
+    """A safe loader that remembers where every key and item is, and every duplicate key."""
+
+
+def _walk_marks(node: yaml.Node, path: tuple, marks: dict[tuple, yaml.Mark],
+                duplicates: list[tuple[tuple, yaml.Mark, yaml.Mark]]) -> None:
     marks.setdefault(path, node.start_mark)
     if isinstance(node, yaml.MappingNode):
-        seen: set[Any] = set()
+        seen: dict[Any, yaml.Mark] = {}
         for key_node, value_node in node.value:
-            key = key_node.value
+            key = _key_value(key_node)
             if key in seen:
-                duplicates.append((path + (key,), key_node.start_mark))
-            seen.add(key)
+                duplicates.append((path + (key,), key_node.start_mark, seen[key]))
+            else:
+                seen[key] = key_node.start_mark
             marks[path + (key,)] = key_node.start_mark
-            _walk_value(value_node, path + (key,), marks, duplicates)
+            marks[path + (key, "<value>")] = value_node.start_mark
+            _walk_marks(value_node, path + (key,), marks, duplicates)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             marks[path + (i,)] = item.start_mark
             _walk_marks(item, path + (i,), marks, duplicates)
 
 
-def _walk_value(node: yaml.Node, path: tuple, marks: dict, duplicates: list) -> None:
-    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
-        _walk_marks(node, path, marks, duplicates)
+def _key_value(node: yaml.Node) -> Any:
+    if isinstance(node, yaml.ScalarNode):
+        try:
+            return yaml.SafeLoader("").construct_object(node)  # the key as safe_load reads it (1, true, 'a')
+        except Exception:
+            return node.value
+    return node.start_mark.index  # an unhashable key: only its position identifies it
 
 
 def _data_path(data: Any, loc: tuple) -> tuple:
@@ -595,40 +1316,120 @@ def _data_path(data: Any, loc: tuple) -> tuple:
         elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
             node = node[part]
             path.append(part)
-        elif isinstance(node, dict) and isinstance(part, str) and part not in _UNION_TAGS:
+        elif part == "[key]":
+            continue
+        elif isinstance(node, dict) and isinstance(part, str) and part not in _UNION_TAGS and part not in (
+                "str", "int", "float", "function-before[_from_path(), Candidates]") and not part.startswith("function-"):
             path.append(part)  # a missing or unknown key: name it, it has no position of its own
             node = None
     return tuple(path)
 
 
-_UNION_TAGS = {"continuous", "integer", "categorical", "discrete", "fixed"}
+_SECTION_MODELS: dict[str, type[_Model]] = {
+    "budget": Budget, "execution": Execution, "planner": PlannerSettings, "instrument": Instrument,
+    "candidates": Candidates,
+}
 
 
-def _all_field_names() -> set[str]:
-    names: set[str] = set()
-    for model in (ContinuousParameter, IntegerParameter, CategoricalParameter, DiscreteParameter, FixedParameter,
-                  Objective, Budget, Execution, PlannerSettings, Instrument, Campaign):
-        names.update(model.model_fields)
-    return names
+def _model_at(data: Any, path: tuple) -> type[_Model] | None:
+    """The model that validates the mapping at ``path`` in the file's data."""
+    if path == ():
+        return Campaign
+    if len(path) == 1 and path[0] in _SECTION_MODELS:
+        return _SECTION_MODELS[path[0]]
+    if len(path) == 2 and path[0] == "objectives":
+        return Objective
+    if len(path) == 2 and path[0] == "parameters":
+        node = data.get("parameters", {}).get(path[1]) if isinstance(data.get("parameters"), dict) else None
+        if isinstance(node, dict):
+            return _PARAMETER_TYPES.get(node.get("type"))  # type: ignore[arg-type]
+    return None
 
 
-def _describe(error: dict) -> str:
-    kind, msg = error["type"], error["msg"]
+def _unknown_key(data: Any, path: tuple) -> str:
+    key = str(path[-1])
+    model = _model_at(data, path[:-1])
+    fields = sorted(model.model_fields) if model else []
+    close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+    message = f"unknown key {key!r}"
+    if close:
+        return message + f" (did you mean {close[0]!r}?)"
+    if model in _PARAMETER_TYPES.values():
+        owners = sorted(t for t, m in _PARAMETER_TYPES.items() if key in m.model_fields)
+        if owners:
+            return message + f": {key!r} belongs to {' and '.join(owners)} parameters, this one is {model.model_fields['type'].default}"
+    return message + (f"; allowed here: {', '.join(fields)}" if fields else "")
+
+
+_TYPE_WORDS = {
+    "float_type": "a number", "float_parsing": "a number", "finite_number": "a finite number",
+    "int_type": "a whole number", "int_parsing": "a whole number", "int_from_float": "a whole number",
+    "string_type": "text", "bool_type": "true or false", "bool_parsing": "true or false",
+    "dict_type": "a mapping (key: value)", "model_type": "a mapping (key: value)", "model_attributes_type": "a mapping (key: value)",
+    "list_type": "a list", "tuple_type": "a list", "model_class": "a mapping (key: value)",
+}
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "nothing (an empty value)"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+def _describe(data: Any, path: tuple, error: dict) -> str:
+    kind, msg, ctx = error["type"], error["msg"], error.get("ctx") or {}
+    given = error.get("input")
     if kind == "extra_forbidden":
-        key = str(error["loc"][-1])
-        close = difflib.get_close_matches(key, sorted(_all_field_names()), n=1)
-        return f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+        return _unknown_key(data, path)
     if kind == "missing":
-        return "required field is missing"
+        model = _model_at(data, path[:-1])
+        field = model.model_fields.get(str(path[-1])) if model else None
+        about = f" ({field.description})" if field is not None and field.description else ""
+        return f"required field is missing{about}"
     if kind == "union_tag_invalid":
-        return f"unknown parameter type; use one of {', '.join(sorted(_UNION_TAGS))}"
+        tag = str(ctx.get("tag", given))
+        close = difflib.get_close_matches(tag, sorted(_UNION_TAGS), n=1)
+        return (f"unknown parameter type {tag!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                + f"; use one of {', '.join(sorted(_UNION_TAGS))}")
     if kind == "union_tag_not_found":
-        return f"'type' is missing; use one of {', '.join(sorted(_UNION_TAGS))}"
+        hint = ""
+        if isinstance(given, dict):
+            if "bounds" in given:
+                hint = " (with bounds: continuous or integer)"
+            elif "values" in given:
+                hint = " (with values: categorical or discrete)"
+            elif "value" in given:
+                hint = " (with value: fixed)"
+        return f"'type' is missing; use one of {', '.join(sorted(_UNION_TAGS))}{hint}"
+    if kind == "literal_error":
+        expected = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+        close = difflib.get_close_matches(str(given), expected, n=1) if isinstance(given, str) else []
+        choices = " or ".join(repr(e) for e in expected) if len(expected) < 3 else "one of " + ", ".join(repr(e) for e in expected)
+        return (f"{_shown(given)} is not allowed; use {choices}"
+                + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if kind in _TYPE_WORDS:
+        word = _TYPE_WORDS[kind]
+        if isinstance(given, bool) and kind != "bool_type":
+            return f"expected {word}, got the boolean {given!r} (YAML reads yes/no/on/off as booleans)"
+        return f"expected {word}, got {_shown(given)}"
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        word = {"greater_than_equal": "at least", "greater_than": "above", "less_than_equal": "at most",
+                "less_than": "below"}[kind]
+        limit = next(iter(ctx.values()), "?")
+        limit = f"{limit:g}" if isinstance(limit, (int, float)) else limit
+        return f"must be {word} {limit}, got {_shown(given)}"
+    if kind in ("too_short", "too_long") and "Tuple" in msg:
+        return f"expected a list of two numbers [lower, upper], got {len(given) if isinstance(given, (list, tuple)) else '?'} items"
+    if kind == "too_short":
+        return "is empty; it needs at least one entry" if not given else msg
+    if kind == "string_pattern_mismatch":
+        return f"{given!r} is not a usable name: start with a letter or digit, then letters, digits, '_', '.' or '-'"
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
-    given = error.get("input")
-    if kind not in ("value_error", "assertion_error") and not isinstance(given, (dict, list)):
-        msg += f" (got {given!r})"
     return msg
 
 
@@ -640,54 +1441,155 @@ def _position(marks: dict[tuple, yaml.Mark], path: tuple) -> tuple[int | None, i
 
 
 def _dotted(path: tuple | str) -> str:
-    return path if isinstance(path, str) else ".".join(str(p) for p in path)
+    if isinstance(path, str):
+        return path
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
 
 
-def load_campaign_text(text: str, source: str = "<campaign>") -> Campaign:
-    """Validate YAML text as a campaign, raising :class:`CampaignFileError` with every problem."""
+def _parse_path(path: str) -> tuple:
+    parts: list[Any] = []
+    for piece in re.finditer(r"([^.\[\]]+)|\[(\d+)\]", path):
+        parts.append(int(piece.group(2)) if piece.group(2) is not None else piece.group(1))
+    return tuple(parts)
+
+
+def _section_parts(data: dict[str, Any]) -> dict[str, Any]:
+    """Each section of the file validated on its own (None where invalid), for the cross-field checks."""
+
+    def valid(adapter: TypeAdapter, value: Any) -> Any:
+        try:
+            return adapter.validate_python(value)
+        except (ValidationError, CampaignError):
+            return None
+
+    parameters = data.get("parameters")
+    parts: dict[str, Any] = {
+        "parameters": {n: valid(_PARAMETER_ADAPTER, v) for n, v in parameters.items()} if isinstance(parameters, dict) else None,
+        "constraints": [c for c in data.get("constraints") or [] if isinstance(c, str)]
+        if valid(_TEXTS, data.get("constraints", [])) is not None else None,
+        "objectives": valid(_OBJECTIVES, data.get("objectives")),
+        "outcome_constraints": valid(_TEXTS, data.get("outcome_constraints", [])),
+        "budget": valid(TypeAdapter(Budget), data.get("budget")),
+        "planner": valid(TypeAdapter(PlannerSettings), data.get("planner", {})),
+        "candidates": valid(TypeAdapter(Candidates | None), data.get("candidates")),
+    }
+    return parts
+
+
+_PARAMETER_ADAPTER: TypeAdapter = TypeAdapter(Parameter)
+_TEXTS: TypeAdapter = TypeAdapter(list[Text])
+_OBJECTIVES: TypeAdapter = TypeAdapter(dict[Text, Objective])
+
+
+def load_campaign_text(
+    text: str, source: str = "<campaign>", *, base: str | Path | None = None, check_instrument: bool = True
+) -> Campaign:
+    """Validate YAML text as a campaign, raising :class:`CampaignFileError` with every problem.
+
+    Args:
+        text: the YAML.
+        source: the file name that problems are reported against.
+        base: the folder a relative candidate table is read from (default: the current one).
+        check_instrument: import the instrument and compare it with the campaign (see
+            :func:`instrument_problems`); turn off on a host that cannot import the lab's drivers.
+    """
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
+        context = getattr(exc, "context", None)
+        if "\t" in text and ("\\t" in str(problem) or "tab" in str(problem)):
+            problem += " (indent with spaces, not tabs)"
+        message = f"YAML syntax: {problem}" + (f" ({context})" if context else "")
         raise CampaignFileError(
-            [Problem(source, mark.line + 1 if mark else None, mark.column + 1 if mark else None, "", f"YAML syntax: {problem}")]
+            [Problem(source, mark.line + 1 if mark else None, mark.column + 1 if mark else None, "", message)]
         ) from None
+    if data is None:
+        raise CampaignFileError([Problem(source, None, None, "", "the file is empty; a campaign needs name, "
+                                         "parameters, objectives, budget and instrument")])
     if not isinstance(data, dict):
         raise CampaignFileError([Problem(source, 1, 1, "", "a campaign file must be a mapping of fields (name, parameters, ...)")])
     marks: dict[tuple, yaml.Mark] = {}
-    duplicates: list[tuple[tuple, yaml.Mark]] = []
+    duplicates: list[tuple[tuple, yaml.Mark, yaml.Mark]] = []
     if root is not None:
         _walk_marks(root, (), marks, duplicates)
     problems = [
-        Problem(source, m.line + 1, m.column + 1, _dotted(p), f"key {p[-1]!r} appears twice (the later one would win)")
-        for p, m in duplicates
+        Problem(source, m.line + 1, m.column + 1, _dotted(p),
+                f"key {p[-1]!r} appears twice (also on line {first.line + 1}); YAML would silently keep the last one")
+        for p, m, first in duplicates
     ]
+
+    def add(path: tuple, message: str, at_value: bool = False) -> None:
+        line, column = _position(marks, path + ("<value>",) if at_value and path + ("<value>",) in marks else path)
+        problems.append(Problem(source, line, column, _dotted(path), message))
+
     campaign: Campaign | None = None
     try:
         campaign = Campaign.model_validate(data)
     except ValidationError as exc:
+        by_path: dict[tuple, list[dict]] = {}
         for error in exc.errors():
-            path = _data_path(data, tuple(error["loc"]))
-            line, column = _position(marks, path)
-            problems.append(Problem(source, line, column, _dotted(path), _describe(error)))
-    except CampaignError as exc:
-        for path, message in exc.args[0]:
-            key = tuple(int(p) if p.isdigit() else p for p in path.split("."))
-            line, column = _position(marks, key)
-            problems.append(Problem(source, line, column, path, message))
+            by_path.setdefault(_data_path(data, tuple(error["loc"])), []).append(error)
+        seen: set[tuple] = set(by_path)
+        for path, group in by_path.items():
+            kinds = {e["type"] for e in group}
+            if len(group) > 1 and kinds <= {"string_type", "int_type", "float_type", "finite_number"}:
+                # the branches of a text-or-number union (a categorical or fixed value): one message
+                add(path, f"expected text or a finite number, got {_shown(group[0].get('input'))}")
+            else:
+                add(path, _describe(data, path, group[0]))
+        parts = _section_parts(data)
+        for path, message in consistency_problems(**parts):
+            key = _parse_path(path)
+            if key not in seen:
+                add(key, message)
+    except CampaignFileError as exc:
+        for p in exc.problems:
+            add(_parse_path(p.path), p.message)
+    if campaign is not None:
+        if campaign.candidates is not None:
+            folder = Path(base) if base is not None else Path.cwd()
+            file = Path(campaign.candidates.file)
+            if not file.is_absolute():
+                file = (folder / file).resolve()
+                # hold the path the table was found at, so the campaign runs from any folder
+                candidates = campaign.candidates.model_copy(update={"file": str(file)})
+                campaign = campaign.model_copy(update={"candidates": candidates})
+            _, table_problems = _read_candidates(campaign, folder)
+            for path, message in table_problems:
+                add(_parse_path(path), message)
+        if check_instrument:
+            for path, message in instrument_problems(campaign):
+                add(_parse_path(path), message)
+    elif check_instrument:
+        # the rest of the file is wrong, but an instrument that does not import is worth saying now
+        try:
+            instrument = Instrument.model_validate(data.get("instrument"))
+        except ValidationError:
+            instrument = None
+        if instrument is not None and instrument.import_path is not None:
+            failure = _import_problems(instrument.import_path.partition(":")[0])
+            if failure:
+                add(("instrument", instrument.field), failure)
     if problems:
+        problems.sort(key=lambda p: (p.line or 0, p.column or 0))
         raise CampaignFileError(problems)
     assert campaign is not None
     return campaign
 
 
-def load_campaign(path: str | Path) -> Campaign:
+def load_campaign(path: str | Path, *, check_instrument: bool = True) -> Campaign:
     """Read a campaign file; :class:`CampaignFileError` lists every problem with its line."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
         raise CampaignFileError([Problem(str(path), None, None, "", f"cannot read the file: {exc.strerror}")]) from None
-    return load_campaign_text(text, str(path))
+    except UnicodeDecodeError as exc:
+        raise CampaignFileError([Problem(str(path), None, None, "", f"not a text file: {exc.reason}")]) from None
+    return load_campaign_text(text, str(path), base=path.resolve().parent, check_instrument=check_instrument)

@@ -1,0 +1,338 @@
+"""The campaign language: models, expressions, the loader's positions and messages, YAML round trips.
+
+The malformed-file corpus (run through the real command line) is in ``tests/campaign/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from closedloop.campaign import (
+    Budget,
+    Campaign,
+    CampaignFileError,
+    Candidates,
+    CategoricalParameter,
+    ContinuousParameter,
+    DiscreteParameter,
+    Execution,
+    FixedParameter,
+    Instrument,
+    IntegerParameter,
+    LinearConstraint,
+    Objective,
+    load_campaign,
+    parse_duration,
+    parse_linear_constraint,
+    parse_output_bound,
+)
+from closedloop.errors import CampaignError, ClosedLoopError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BASE = """\
+name: t
+parameters:
+  x1: {type: continuous, bounds: [-5, 10]}
+  x2: {type: continuous, bounds: [0, 15]}
+objectives:
+  y: {goal: minimize}
+budget: {experiments: 10}
+instrument:
+  simulator: simulators.surfaces:Branin
+"""
+
+
+def problems_of(text: str, **kwargs) -> list:
+    with pytest.raises(CampaignFileError) as info:
+        Campaign.from_yaml_text(text, "c.yaml", **kwargs)
+    return info.value.problems
+
+
+# -- durations and expressions ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90 s", 90.0), ("10 min", 600.0), ("2 h", 7200.0), ("1.5h", 5400.0), (45, 45.0), ("250 ms", 0.25), ("1 d", 86400.0)],
+)
+def test_durations_accept_units(text: object, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["ten minutes", "10 parsecs", "-5 s", 0, True, "inf s", None])
+def test_durations_refuse_what_is_not_a_positive_time(text: object) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_timeouts_round_trip_with_a_readable_unit() -> None:
+    assert Execution(timeout="10 min").model_dump(mode="json")["timeout"] == "10 min"
+    assert Execution(timeout=90).model_dump(mode="json")["timeout"] == "90 s"
+    assert Execution(timeout="2 h").model_dump(mode="json")["timeout"] == "2 h"
+
+
+def test_linear_constraints_collect_terms_from_both_sides() -> None:
+    c = parse_linear_constraint("2 * a - b / 4 + 3 >= b + 1")
+    assert c.coefficients == {"a": 2.0, "b": -1.25} and c.op == ">=" and c.rhs == -2.0
+    assert c.satisfied({"a": 0, "b": 0}) and not c.satisfied({"a": -2, "b": 0})
+
+
+def test_equalities_hold_to_within_a_tolerance() -> None:
+    c = parse_linear_constraint("a + b + c == 1")
+    assert c.satisfied({"a": 0.2, "b": 0.3, "c": 0.5 + 5e-7})
+    assert not c.satisfied({"a": 0.2, "b": 0.3, "c": 0.5 + 1e-4})
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [("a * b <= 1", "multiplies two parameters"), ("a / b <= 1", "divides by a parameter"), ("a ** 2 <= 1", "power"),
+     ("exp(a) <= 1", "calls a function"), ("a <= b <= c", "compare two sides"), ("a = 1", "write '=='"),
+     ("a + <= 1", "does not parse"), ("2 <= 3", "names no parameter"), ("a / 0 <= 1", "divides by zero")],
+)
+def test_non_linear_or_malformed_constraints_are_refused(text: str, fragment: str) -> None:
+    with pytest.raises(ValueError, match=None) as info:
+        parse_linear_constraint(text)
+    assert fragment in str(info.value)
+
+
+def test_python_keywords_are_usable_names() -> None:
+    assert parse_output_bound("yield >= 0.8").output == "yield"
+    assert parse_output_bound("0.8 <= yield").op == ">="
+    assert parse_linear_constraint("lambda + 2 * x <= 1").coefficients == {"lambda": 1.0, "x": 2.0}
+
+
+# -- the models as a Python API ----------------------------------------------------------------
+
+
+def test_python_api_builds_the_same_campaign_as_the_file() -> None:
+    built = Campaign(
+        name="t",
+        parameters={"x1": ContinuousParameter(bounds=(-5, 10)), "x2": ContinuousParameter(bounds=(0, 15))},
+        objectives={"y": Objective(goal="minimize")},
+        budget=Budget(experiments=10),
+        instrument=Instrument(simulator="simulators.surfaces:Branin"),
+    )
+    assert built == Campaign.from_yaml_text(BASE)
+    assert Campaign.from_yaml_text(built.to_yaml()) == built
+
+
+def test_models_are_frozen() -> None:
+    c = Campaign.from_yaml_text(BASE)
+    with pytest.raises(Exception):
+        c.name = "other"  # type: ignore[misc]
+
+
+def test_python_api_reports_cross_field_problems_as_a_campaign_error() -> None:
+    with pytest.raises(CampaignError) as info:
+        Campaign(
+            name="t", parameters={"x": ContinuousParameter(bounds=(0, 1))}, constraints=["x + z <= 1"],
+            objectives={"y": Objective(goal="minimize")}, budget=Budget(experiments=3),
+            planner={"initial_experiments": 5}, instrument=Instrument(driver="drivers.lab:Robot"),
+        )
+    message = str(info.value)
+    assert "constraints[0]" in message and "unknown parameter 'z'" in message
+    assert "planner.initial_experiments: 5 initial experiments exceed the budget of 3" in message
+    assert isinstance(info.value, ClosedLoopError)
+
+
+def test_every_construct_round_trips_through_yaml() -> None:
+    c = load_campaign(ROOT / "campaigns" / "perovskite.yaml")
+    again = Campaign.from_yaml_text(c.to_yaml())
+    assert again == c and again.spec_hash == c.spec_hash
+    data = yaml.safe_load(c.to_yaml())
+    assert data["execution"]["timeout"] == "10 min"
+    assert data["parameters"]["time"] == {"type": "continuous", "bounds": [1.0, 600.0], "scale": "log", "unit": "s"}
+    assert c.instrument.options["latency"] == 0.05  # '0.05 s' reaches the simulator in seconds
+
+
+def test_declared_types_are_kept() -> None:
+    c = load_campaign(ROOT / "campaigns" / "perovskite.yaml")
+    assert c.parameters["cycles"].bounds == (1, 10) and all(type(b) is int for b in c.parameters["cycles"].bounds)
+    assert c.parameters["ratio"].values == [0.25, 0.5, 1.0, 2.0]
+    assert c.parameters["solvent"].values == ["DMF", "DMSO", "GBL"]
+    assert c.parameters["pressure"].value == 1.0
+    assert list(c.tunable_parameters) == ["temperature", "time", "cycles", "solvent", "ratio"]
+    assert c.outputs == ["quality", "cost", "yield"]
+    assert c.stop_rule is not None and c.stop_rule.satisfied(0.96) and not c.stop_rule.satisfied(0.9)
+
+
+def test_fixed_parameters_fold_into_the_constraints() -> None:
+    text = BASE.replace("  x2: {type: continuous, bounds: [0, 15]}", "  x2: {type: fixed, value: 5}")
+    c = Campaign.from_yaml_text(text + 'constraints: ["x1 + 2 * x2 <= 14"]\n')
+    assert c.linear_constraints == [LinearConstraint({"x1": 1.0}, "<=", 4.0, "x1 + 2 * x2 <= 14")]
+
+
+def test_integer_bounds_are_the_integers_within() -> None:
+    assert IntegerParameter(bounds=(0.5, 3.2)).bounds == (1, 3)
+
+
+def test_discrete_values_are_sorted_and_categorical_values_kept_in_order() -> None:
+    assert DiscreteParameter(values=[2, 0.5, 1]).values == [0.5, 1.0, 2.0]
+    assert CategoricalParameter(values=["b", "a", 3]).values == ["b", "a", 3]
+
+
+def test_candidates_take_a_path_or_a_mapping() -> None:
+    assert Candidates.model_validate("lib.csv") == Candidates(file="lib.csv")
+    assert Candidates.model_validate({"file": "lib.csv", "repeats": True}).repeats
+
+
+def test_default_initial_experiments_follow_the_dimension() -> None:
+    c = Campaign.from_yaml_text(BASE)
+    assert c.default_initial_experiments() == 5
+    assert c.model_copy(update={"planner": c.planner.model_copy(update={"initial_experiments": 3})}).default_initial_experiments() == 3
+
+
+# -- the space -------------------------------------------------------------------------------
+
+
+def test_space_size_counts_discrete_spaces_and_is_none_for_continuous_ones() -> None:
+    assert Campaign.from_yaml_text(BASE).space_size() is None
+    text = BASE.replace("  x1: {type: continuous, bounds: [-5, 10]}", "  x1: {type: integer, bounds: [-5, 10]}")
+    text = text.replace("  x2: {type: continuous, bounds: [0, 15]}", "  x2: {type: discrete, values: [0, 1, 2.5]}")
+    c = Campaign.from_yaml_text(text)
+    assert c.space_size() == 16 * 3
+    assert "48 points" in c.describe_space()
+
+
+def test_candidate_table_rows_are_in_declared_types(tmp_path: Path) -> None:
+    campaign_file = ROOT / "campaigns" / "library.yaml"
+    c = load_campaign(campaign_file)
+    rows = c.candidate_table()
+    assert Path(c.candidates.file).is_absolute()  # found next to the campaign file, whatever the working folder
+    assert len(rows) == c.space_size() == 30
+    for row in rows:
+        assert list(row) == ["x1", "x2", "cycles", "catalyst"]
+        assert type(row["x1"]) is float and type(row["cycles"]) is int and row["catalyst"] in ("A", "B", "C")
+
+
+def test_candidate_table_may_fix_a_column_and_holds_fixed_values(tmp_path: Path) -> None:
+    (tmp_path / "lib.csv").write_text("x1,x2\n1,5\n2,5\n")
+    text = BASE.replace("  x2: {type: continuous, bounds: [0, 15]}", "  x2: {type: fixed, value: 5}")
+    text = text.replace("{experiments: 10}", "{experiments: 2}")
+    (tmp_path / "c.yaml").write_text(text + "candidates: lib.csv\n")
+    c = load_campaign(tmp_path / "c.yaml")
+    assert c.candidate_table() == [{"x1": 1.0, "x2": 5}, {"x1": 2.0, "x2": 5}]
+    (tmp_path / "lib.csv").write_text("x1,x2\n1,5\n2,6\n")
+    with pytest.raises(CampaignFileError, match="line 3, column x2: '6' differs from the fixed value 5"):
+        load_campaign(tmp_path / "c.yaml")
+
+
+def test_repeated_candidates_need_repeats(tmp_path: Path) -> None:
+    (tmp_path / "lib.csv").write_text("x1,x2\n1,5\n1,5\n")
+    text = BASE.replace("{experiments: 10}", "{experiments: 4}")
+    (tmp_path / "c.yaml").write_text(text + "candidates: lib.csv\n")
+    with pytest.raises(CampaignFileError, match="line 3 repeats line 2"):
+        load_campaign(tmp_path / "c.yaml")
+    (tmp_path / "c.yaml").write_text(text + "candidates: {file: lib.csv, repeats: true}\n")
+    c = load_campaign(tmp_path / "c.yaml")
+    assert c.candidates.repeats and len(c.candidate_table()) == 2
+    assert Campaign.from_yaml_text(c.to_yaml()) == c
+
+
+# -- the loader: positions, several problems at once, did-you-mean --------------------------
+
+
+def test_problems_name_file_line_column_and_field_path() -> None:
+    text = BASE.replace("[0, 15]", "[15, 0]")
+    (problem,) = problems_of(text)
+    assert (problem.source, problem.line, problem.column, problem.path) == ("c.yaml", 4, 26, "parameters.x2.bounds")
+    assert str(problem).startswith("c.yaml:4:26: parameters.x2.bounds: lower bound 15 is not below upper bound 0")
+
+
+def test_independent_problems_are_all_reported_in_file_order() -> None:
+    text = (BASE.replace("[0, 15]", "[15, 0]").replace("minimize", "minimise").replace("{experiments: 10}", "{experiments: 0}")
+            + 'constraints: ["x1 * x1 <= 2", "x1 + z <= 1"]\noutcome_constraints: ["x1 >= 2"]\n')
+    problems = problems_of(text)
+    assert [p.path for p in problems] == [
+        "parameters.x2.bounds", "objectives.y.goal", "budget.experiments", "constraints[0]", "constraints[1]",
+        "outcome_constraints[0]",
+    ]
+    assert [p.line for p in problems] == sorted(p.line for p in problems)
+
+
+def test_a_broken_section_does_not_hide_problems_elsewhere() -> None:
+    # the parameter x2 is invalid, but the constraint naming an unknown parameter is still reported
+    text = BASE.replace("[0, 15]", "[15, 0]") + 'constraints: ["x1 + x3 <= 1", "x2 <= 3"]\n'
+    paths = [p.path for p in problems_of(text)]
+    assert paths == ["parameters.x2.bounds", "constraints[0]"]
+
+
+def test_duplicate_keys_are_reported_with_both_lines() -> None:
+    (problem,) = problems_of(BASE + "budget: {experiments: 20}\n")
+    assert problem.line == 10 and "also on line 7" in problem.message
+
+
+@pytest.mark.parametrize(
+    ("replace", "by", "message"),
+    [("bounds: [-5, 10]", "bounds: [-5, 10], scael: log", "unknown key 'scael' (did you mean 'scale'?)"),
+     ("goal: minimize", "goal: minimize, treshold: 3", "unknown key 'treshold' (did you mean 'threshold'?)"),
+     ("budget: {experiments: 10}", "budget: {experiments: 10, stop_wen: 'y <= 1'}", "did you mean 'stop_when'?"),
+     ("instrument:", "instrumnet:", "unknown key 'instrumnet' (did you mean 'instrument'?)"),
+     ("type: continuous, bounds: [-5, 10]", "type: integr, bounds: [-5, 10]", "did you mean 'integer'?")],
+)
+def test_did_you_mean(replace: str, by: str, message: str) -> None:
+    assert any(message in p.message for p in problems_of(BASE.replace(replace, by, 1)))
+
+
+def test_yaml_booleans_are_not_taken_for_choices() -> None:
+    text = BASE.replace("  x2: {type", "  valve: {type: categorical, values: [on, off]}\n  x2: {type")
+    problems = problems_of(text, check_instrument=False)
+    assert problems[0].path == "parameters.valve.values[0]" and "quote it" in problems[0].message
+
+
+def test_the_instrument_check_can_be_left_to_the_station() -> None:
+    text = BASE.replace("simulator: simulators.surfaces:Branin", "driver: lab_only_module:Robot")
+    assert "cannot import 'lab_only_module'" in str(problems_of(text)[0])
+    assert Campaign.from_yaml_text(text, check_instrument=False).instrument.driver == "lab_only_module:Robot"
+
+
+def test_a_driver_is_imported_but_never_called(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "lab_driver.py").write_text(
+        "CALLS = []\ndef Robot(*, port, speed=1.0):\n    CALLS.append(port)\n    raise RuntimeError('hardware touched')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("sys.dont_write_bytecode", True)
+    text = BASE.replace("simulator: simulators.surfaces:Branin", "driver: lab_driver:Robot")
+    assert "lab_driver:Robot needs the option 'port'" in str(problems_of(text)[0])
+    bad = text + "  options: {port: /dev/ttyS0, sped: 2}\n"
+    assert "takes no option 'sped' (did you mean 'speed'?)" in str(problems_of(bad)[0])
+    good = Campaign.from_yaml_text(text + "  options: {port: /dev/ttyS0}\n")
+    import lab_driver  # type: ignore[import-not-found]
+
+    assert good.instrument.driver == "lab_driver:Robot" and lab_driver.CALLS == []
+
+
+def test_load_campaign_reports_an_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(CampaignFileError, match="cannot read the file"):
+        load_campaign(tmp_path / "missing.yaml")
+
+
+# -- the schema -------------------------------------------------------------------------------
+
+
+def test_the_json_schema_accepts_every_example_and_refuses_typos() -> None:
+    schema = Campaign.json_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    for path in sorted((ROOT / "campaigns").glob("*.yaml")):
+        errors = list(validator.iter_errors(yaml.safe_load(path.read_text())))
+        assert not errors, (path.name, [e.message for e in errors])
+    typo = yaml.safe_load(BASE.replace("bounds: [-5, 10]", "bound: [-5, 10]"))
+    assert list(validator.iter_errors(typo))
+    assert json.loads(json.dumps(schema))["title"] == "closedloop campaign"
+
+
+def test_models_reject_non_finite_and_boolean_numbers() -> None:
+    with pytest.raises(Exception):
+        ContinuousParameter(bounds=(0, math.inf))
+    with pytest.raises(Exception):
+        Budget(experiments=True)  # type: ignore[arg-type]
+    with pytest.raises(Exception):
+        FixedParameter(value=math.nan)
