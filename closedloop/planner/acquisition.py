@@ -1,26 +1,102 @@
-"""Acquisition functions: how the model's beliefs turn into a score for candidate experiments."""
+"""Acquisition functions: how the model's beliefs turn into a score for candidate experiments.
+
+Model outputs are laid out as ``[objectives..., constrained outputs..., success]`` (see
+:class:`closedloop.planner.botorch_backend.Surrogate`); objectives are oriented so larger is better,
+other outputs are in their measured units, and ``success`` is a GP on the 0/1 label of whether an
+experiment gave a result (present only once an experiment has failed).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from botorch.acquisition import AcquisitionFunction
+from botorch.acquisition.analytic import LogExpectedImprovement
 from botorch.acquisition.logei import qLogNoisyExpectedImprovement
+from botorch.acquisition.multi_objective.logei import qLogNoisyExpectedHypervolumeImprovement
+from botorch.acquisition.multi_objective.objective import IdentityMCMultiOutputObjective
+from botorch.acquisition.objective import GenericMCObjective
 from botorch.models.model import Model
 from botorch.sampling.normal import SobolQMCNormalSampler
 
+Constraint = Callable[[torch.Tensor], torch.Tensor]
 
-def noisy_expected_improvement(
-    model: Model, baseline_x: torch.Tensor, pending_x: torch.Tensor | None, seed: int
-) -> qLogNoisyExpectedImprovement:
-    """``qLogNEI`` over the observed experiments, with experiments in flight as ``X_pending``.
+
+def output_constraints(
+    bounds: list[tuple[int, str, float, float]], success_index: int | None
+) -> list[Constraint]:
+    """BoTorch constraint callables (feasible where ``<= 0``) on posterior samples ``... x m``.
+
+    Args:
+        bounds: ``(output index, op, value, sign)``; ``sign`` turns the model's orientation back into
+            measured units (``-1`` for a minimized objective).
+        success_index: the output holding the success classifier, or None.
+    """
+    constraints: list[Constraint] = []
+    for index, op, value, sign in bounds:
+        if op == "<=":
+            constraints.append(lambda y, i=index, v=value, s=sign: s * y[..., i] - v)
+        else:
+            constraints.append(lambda y, i=index, v=value, s=sign: v - s * y[..., i])
+    if success_index is not None:
+        constraints.append(lambda y, i=success_index: 0.5 - y[..., i])
+    return constraints
+
+
+def single_objective(
+    model: Model,
+    baseline_x: torch.Tensor,
+    pending_x: torch.Tensor | None,
+    constraints: list[Constraint],
+    q: int,
+    best_f: float,
+    seed: int,
+) -> AcquisitionFunction:
+    """Analytic ``LogEI`` for one plain experiment, ``qLogNEI`` for batches, pending or constraints.
+
+    ``LogEI`` against the best posterior mean at the experiments run is the plug-in form of noisy EI;
+    it is an order of magnitude cheaper than the Monte-Carlo ``qLogNEI`` and as good for ``q = 1``.
 
     Args:
         baseline_x: ``n x d`` experiments already observed.
         pending_x: ``p x d`` experiments dispatched but not yet observed, or None.
     """
+    has_pending = pending_x is not None and len(pending_x) > 0
+    if q == 1 and not has_pending and not constraints and model.num_outputs == 1:
+        return LogExpectedImprovement(model=model, best_f=best_f)
     return qLogNoisyExpectedImprovement(
         model=model,
         X_baseline=baseline_x,
-        X_pending=pending_x if pending_x is not None and len(pending_x) else None,
-        sampler=SobolQMCNormalSampler(sample_shape=torch.Size([256]), seed=seed),
+        X_pending=pending_x if has_pending else None,
+        sampler=SobolQMCNormalSampler(sample_shape=torch.Size([128]), seed=seed),
+        objective=GenericMCObjective(lambda y, X=None: y[..., 0]) if model.num_outputs > 1 else None,
+        constraints=constraints or None,
         prune_baseline=True,
+        cache_root=True,
+    )
+
+
+def several_objectives(
+    model: Model,
+    n_objectives: int,
+    ref_point: list[float],
+    baseline_x: torch.Tensor,
+    pending_x: torch.Tensor | None,
+    constraints: list[Constraint],
+    seed: int,
+) -> AcquisitionFunction:
+    """``qLogNEHVI`` (BoTorch's recommendation for noisy multi-objective batches) above ``ref_point``."""
+    has_pending = pending_x is not None and len(pending_x) > 0
+    return qLogNoisyExpectedHypervolumeImprovement(
+        model=model,
+        ref_point=ref_point,
+        X_baseline=baseline_x,
+        X_pending=pending_x if has_pending else None,
+        sampler=SobolQMCNormalSampler(sample_shape=torch.Size([64]), seed=seed),
+        objective=IdentityMCMultiOutputObjective(outcomes=list(range(n_objectives)))
+        if model.num_outputs > n_objectives else None,
+        constraints=constraints or None,
+        prune_baseline=True,
+        cache_root=True,
     )

@@ -1,4 +1,10 @@
-"""Baseline planners: a Sobol sequence and uniform random sampling."""
+"""Baseline planners: a Sobol sequence and uniform random sampling.
+
+They ignore the results when choosing, so outcome constraints and several objectives cost them
+nothing: they accept every campaign, and ``best()`` / ``pareto_front()`` count only feasible
+experiments, as the Bayesian backends do. Linear constraints and candidate tables are honoured
+exactly, through the same :class:`~closedloop.planner.space.Space` the BoTorch backend uses.
+"""
 
 from __future__ import annotations
 
@@ -8,29 +14,74 @@ import torch
 
 from closedloop.campaign import Campaign
 from closedloop.planner.base import Proposal, Result
-from closedloop.planner.botorch_backend import ObservationLog, SobolSequence
+from closedloop.planner.observations import ObservationLog
 from closedloop.planner.space import Space
 
 
 class SobolPlanner:
-    """Every proposal is the next point of a scrambled Sobol sequence."""
+    """Every proposal is the next point of a scrambled Sobol sequence (or polytope sample under constraints).
+
+    Example:
+        >>> planner = SobolPlanner(campaign)   # doctest: +SKIP
+        >>> planner.suggest(4)                 # doctest: +SKIP
+    """
 
     backend: ClassVar[str] = "sobol"
+    several_objectives: ClassVar[bool] = True
+    outcome_constraints: ClassVar[bool] = True
+    linear_constraints: ClassVar[bool] = True
+    candidate_tables: ClassVar[bool] = True
 
     def __init__(self, campaign: Campaign):
+        self.campaign = campaign
         self.space = Space(campaign)
         self.log = ObservationLog(campaign)
-        self.design = SobolSequence(self.space, campaign.planner.seed or 0)
+        self.seed = campaign.planner.seed or 0
 
     def ingest(self, results: list[Result]) -> None:
         self.log.add(results)
 
     def best(self) -> Result | None:
+        if len(self.log.objectives) > 1:
+            front = self.log.pareto_front()
+            return max(front, key=self.log.score) if front else None
         return self.log.best()
+
+    def pareto_front(self) -> list[Result]:
+        return self.log.pareto_front()
+
+    def hypervolume(self) -> float:
+        return self.log.hypervolume()
 
     def suggest(self, n: int = 1, pending: list[dict[str, Any]] | None = None) -> list[Proposal]:
         start = len(self.log.results) + len(pending or [])
-        return [Proposal(self.space.decode(x), {"generator": "sobol"}) for x in self.design.points(start, n)]
+        if self.space.candidates is not None:
+            return self._rows(n, pending or [])
+        return [Proposal(self.space.decode(x), {"generator": self.backend}) for x in self._points(start, n)]
+
+    def _points(self, start: int, n: int) -> torch.Tensor:
+        return self.space.sample(n, self.seed, start)
+
+    def _rows(self, n: int, pending: list[dict[str, Any]]) -> list[Proposal]:
+        rows = self.space.candidates
+        assert rows is not None
+        taken: dict[tuple, int] = {}
+        for p in [r.parameters for r in self.log.results] + pending:
+            k = self.space.key(p)
+            taken[k] = taken.get(k, 0) + 1
+        free = []
+        for i, row in enumerate(rows):
+            k = self.space.key(row)
+            if taken.get(k, 0) > 0:
+                taken[k] -= 1
+            else:
+                free.append(i)
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        if self.backend == "random":
+            start = len(self.log.results) + len(pending)
+            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed * 7919 + start)).tolist()
+        chosen = [i for i in order if i in set(free)][:n]
+        return [Proposal(dict(rows[i]), {"generator": self.backend, "candidate_row": i}) for i in chosen]
 
 
 class RandomPlanner(SobolPlanner):
@@ -38,8 +89,12 @@ class RandomPlanner(SobolPlanner):
 
     backend: ClassVar[str] = "random"
 
-    def suggest(self, n: int = 1, pending: list[dict[str, Any]] | None = None) -> list[Proposal]:
-        start = len(self.log.results) + len(pending or [])
-        generator = torch.Generator().manual_seed((self.design.seed or 0) * 7919 + start)
-        x = self.space.snap(torch.rand(n, self.space.dim, generator=generator, dtype=torch.double))
-        return [Proposal(self.space.decode(row), {"generator": "random"}) for row in x]
+    def _points(self, start: int, n: int) -> torch.Tensor:
+        if self.space.has_constraints:
+            # uniform over the constrained polytope: hit-and-run from a seed per position
+            return self.space.sample(n, self.seed * 7919 + start, 0)
+        generator = torch.Generator().manual_seed(self.seed * 7919 + start)
+        u = torch.rand(n, self.space.dim, generator=generator, dtype=torch.double)
+        for i, values in self.space.cat_dims.items():
+            u[:, i] = (u[:, i] * len(values) - 0.5).clamp(0, len(values) - 1)
+        return self.space.snap(u)

@@ -1,121 +1,315 @@
-"""The default planner: a Sobol initial design, then a GP with noisy expected improvement."""
+"""The default planner: a space-filling design, then Gaussian processes and BoTorch acquisition.
+
+One objective: analytic ``LogEI`` (plug-in noisy EI) for single proposals, ``qLogNEI`` for batches,
+experiments in flight and constraints. Several objectives: ``qLogNEHVI`` above the campaign's
+thresholds (inferred where missing). Outcome constraints and a success classifier (a GP on the 0/1
+label "gave a result", fitted once anything has failed) enter as BoTorch constraints. From four
+encoded dimensions on, a trust region around the incumbent (TuRBO-style, its size replayed from the
+data) focuses the search.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import math
 import time
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch.quasirandom import SobolEngine
+from botorch.models import ModelListGP
+from botorch.models.model import Model
 
 from closedloop.campaign import Campaign
-from closedloop.errors import PlannerError
-from closedloop.planner.acquisition import noisy_expected_improvement
+from closedloop.planner import models as gp
+from closedloop.planner.acquisition import output_constraints, several_objectives, single_objective
 from closedloop.planner.base import Proposal, Result
-from closedloop.planner.models import fit_gp
-from closedloop.planner.optimize import maximize
+from closedloop.planner.observations import ObservationLog
+from closedloop.planner.optimize import maximize, maximize_discrete
 from closedloop.planner.space import Space
 
-
-class ObservationLog:
-    """Experiments a planner has seen, shared by every backend."""
-
-    def __init__(self, campaign: Campaign):
-        self.campaign = campaign
-        self.results: list[Result] = []
-
-    def add(self, results: list[Result]) -> None:
-        self.results.extend(results)
-
-    @property
-    def completed(self) -> list[Result]:
-        return [r for r in self.results if not r.failed]
-
-    def score(self, result: Result) -> float:
-        """The single objective oriented so larger is better."""
-        name, objective = next(iter(self.campaign.objectives.items()))
-        value = float(result.values[name])  # type: ignore[index]
-        return value if objective.goal == "maximize" else -value
-
-    def best(self) -> Result | None:
-        done = self.completed
-        return max(done, key=self.score) if done else None
+__all__ = ["BotorchPlanner", "ObservationLog", "SobolSequence"]
 
 
 class SobolSequence:
-    """A scrambled Sobol sequence over the encoded space, resumable at any position."""
+    """The space-filling design over the encoded space, resumable at any position."""
 
     def __init__(self, space: Space, seed: int):
         self.space, self.seed = space, seed
 
     def points(self, start: int, n: int) -> torch.Tensor:
-        """Points ``start`` to ``start + n`` of the sequence (``n x d``), snapped to allowed values."""
-        engine = SobolEngine(dimension=self.space.dim, scramble=True, seed=self.seed)
-        if start:
-            engine.fast_forward(start)
-        return self.space.snap(engine.draw(n, dtype=torch.double))
+        """Points ``start`` to ``start + n`` of the design (``n x d``), exactly feasible."""
+        return self.space.sample(n, self.seed, start)
+
+
+@dataclass
+class Surrogate:
+    """The fitted models and how their outputs are laid out (``[objectives, constrained outputs, success]``)."""
+
+    model: Model
+    train_x: torch.Tensor  # ``n x d`` encoded usable experiments
+    n_objectives: int
+    bounds: list[tuple[int, str, float, float]]
+    success_index: int | None
+    noise: float  # the first objective's inferred noise variance, standardized units
 
 
 class BotorchPlanner:
-    """Sobol design for the first experiments, then ``SingleTaskGP`` + ``qLogNoisyExpectedImprovement``.
+    """Sobol design for the first experiments, then GP models and BoTorch acquisition.
 
     Example:
-        >>> planner = BotorchPlanner(campaign)          # doctest: +SKIP
-        >>> [p.parameters for p in planner.suggest(2)]  # doctest: +SKIP
+        >>> from closedloop.campaign import Campaign
+        >>> campaign = Campaign.from_yaml_text('''
+        ... name: demo
+        ... parameters:
+        ...   x1: {type: continuous, bounds: [-5, 10]}
+        ...   x2: {type: continuous, bounds: [0, 15]}
+        ... objectives: {y: {goal: minimize}}
+        ... budget: {experiments: 10}
+        ... instrument: {simulator: "simulators.surfaces:Branin"}
+        ... ''')
+        >>> planner = BotorchPlanner(campaign)
+        >>> len(planner.suggest(2))
+        2
     """
 
     backend: ClassVar[str] = "botorch"
+    # what this backend handles; checked against the campaign at construction
+    several_objectives: ClassVar[bool] = True
+    outcome_constraints: ClassVar[bool] = True
+    linear_constraints: ClassVar[bool] = True
+    candidate_tables: ClassVar[bool] = True
 
     def __init__(self, campaign: Campaign):
-        if len(campaign.objectives) != 1:
-            raise PlannerError("objectives: the botorch backend handles one objective in this version")
         self.campaign = campaign
         self.space = Space(campaign)
         self.seed = campaign.planner.seed if campaign.planner.seed is not None else 0
         self.log = ObservationLog(campaign)
         self.design = SobolSequence(self.space, self.seed)
-        self.initial = campaign.default_initial_experiments()
+        self.initial = self._initial_size()
+        self._fits: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._surrogate: tuple[tuple, Surrogate] | None = None
+
+    # -- the Planner protocol ----------------------------------------------------------
 
     def ingest(self, results: list[Result]) -> None:
         self.log.add(results)
 
     def best(self) -> Result | None:
-        return self.log.best()
+        """The feasible experiment with the best model estimate of the objective (not the luckiest reading).
+
+        With several objectives: the member of the Pareto front best in the first objective.
+        """
+        feasible = [r for r in self.log.results if self.log.feasible(r)]
+        if len(self.log.objectives) > 1:
+            front = self.pareto_front()
+            return max(front, key=self.log.score) if front else None
+        if len(feasible) < 3 or len(self.log.completed) < 3:
+            return self.log.best()
+        surrogate = self._fit()
+        if surrogate is None or surrogate.noise < 1e-4:
+            # noise-free data: the readings are the truth
+            return self.log.best()
+        x = self.space.encode_many([r.parameters for r in feasible])
+        with torch.no_grad():
+            mean = surrogate.model.posterior(x).mean[..., 0]
+        return feasible[int(torch.argmax(mean))]
+
+    def pareto_front(self) -> list[Result]:
+        """The non-dominated feasible experiments."""
+        return self.log.pareto_front()
+
+    def hypervolume(self) -> float:
+        """Hypervolume of the feasible experiments above the reference point (objectives oriented to maximize)."""
+        return self.log.hypervolume()
 
     def suggest(self, n: int = 1, pending: list[dict[str, Any]] | None = None) -> list[Proposal]:
-        pending = pending or []
+        pending = list(pending or [])
+        if self.space.candidates is not None:
+            return self._suggest_from_table(n, pending)
         started = len(self.log.results) + len(pending)
-        done = self.log.completed
         from_design = max(0, min(n, self.initial - started))
         proposals = [
             Proposal(self.space.decode(x), {"generator": "sobol", "design_index": started + i})
             for i, x in enumerate(self.design.points(started, from_design))
         ]
         if n > from_design:
-            if len(done) < 2:
+            if not self._can_model():
                 extra = self.design.points(started + from_design, n - from_design)
-                proposals += [Proposal(self.space.decode(x), {"generator": "sobol"}) for x in extra]
+                proposals += [Proposal(self.space.decode(x), {"generator": "sobol", "design_index": started + from_design + i})
+                              for i, x in enumerate(extra)]
             else:
                 proposals += self._model_proposals(n - from_design, pending + [p.parameters for p in proposals])
         return proposals
 
-    def _model_proposals(self, q: int, pending: list[dict[str, Any]]) -> list[Proposal]:
+    # -- internals ---------------------------------------------------------------------
+
+    def _initial_size(self) -> int:
+        if self.campaign.planner.initial_experiments is not None:
+            return self.campaign.planner.initial_experiments
+        d = self.space.dim
+        size = max(5, 2 * d + 1) if d <= 2 else max(5, d + 4)
+        size = min(size, max(1, self.campaign.budget.experiments // 3))
+        if self.space.candidates is not None:
+            size = min(size, len(self.space.candidates))
+        return max(1, size)
+
+    def _can_model(self) -> bool:
         done = self.log.completed
-        train_x = self.space.encode_many([r.parameters for r in done])
-        train_y = torch.tensor([[self.log.score(r)] for r in done], dtype=torch.double)
-        seed = self.seed * 100_003 + len(self.log.results)
+        return len(done) >= 2 and len({self.log.score(r) for r in done}) >= 2
+
+    def _data_seed(self, *parts: Any) -> int:
+        digest = hashlib.sha256(repr((self.seed, *parts)).encode()).digest()
+        return int.from_bytes(digest[:4], "little")
+
+    def _fit(self) -> Surrogate | None:
+        """Models of every output the acquisition needs, cached for the current data."""
+        results = self.log.results
+        key = tuple((r.trial, self.space.key(r.parameters), None if r.values is None else tuple(sorted(r.values.items())))
+                    for r in results)
+        if self._surrogate is not None and self._surrogate[0] == key:
+            return self._surrogate[1]
+        done = self.log.completed
+        if len(done) < 2:
+            return None
+        x = self.space.encode_many([r.parameters for r in done])
+        columns: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        for i, name in enumerate(self.log.objectives):
+            y = torch.tensor([[self.log.signs[i] * float(r.values[name])] for r in done], dtype=torch.double)  # type: ignore[index]
+            columns.append((name, x, y))
+        bounds: list[tuple[int, str, float, float]] = []
+        for b in self.log.bounds:
+            if b.output in self.log.objectives:
+                i = self.log.objectives.index(b.output)
+                bounds.append((i, b.op, b.value, self.log.signs[i]))
+                continue
+            names = [c[0] for c in columns]
+            if b.output not in names:
+                y = torch.tensor([[float(r.values[b.output])] for r in done], dtype=torch.double)  # type: ignore[index]
+                columns.append((b.output, x, y))
+                names.append(b.output)
+            bounds.append((names.index(b.output), b.op, b.value, 1.0))
+        success_index = None
+        if len(done) < len(results):
+            # something failed: learn where, from every experiment run
+            all_x = self.space.encode_many([r.parameters for r in results])
+            labels = torch.tensor([[1.0 if self.log.usable(r) else 0.0] for r in results], dtype=torch.double)
+            success_index = len(columns)
+            columns.append(("__success__", all_x, labels))
+        fitted = [self._gp(name, cx, cy) for name, cx, cy in columns]
+        model = fitted[0][0] if len(fitted) == 1 else ModelListGP(*[m for m, _ in fitted])
+        surrogate = Surrogate(model, x, len(self.log.objectives), bounds, success_index, fitted[0][1])
+        self._surrogate = (key, surrogate)
+        return surrogate
+
+    def _gp(self, name: str, x: torch.Tensor, y: torch.Tensor) -> tuple[Model, float]:
+        """A GP for one output: hyperparameters from the checkpoint fit, conditioned on (a subset of) the data."""
+        cat = self.space.categorical_columns
+        n = x.shape[0]
+        m = gp.checkpoint(n)
+        fit_idx = gp.training_subset(y[:m, 0], gp.MAX_FIT)
+        fit_key = (name, m, hashlib.sha256(x[:m].numpy().tobytes() + y[:m].numpy().tobytes()).hexdigest())
+        state = self._fits.get(fit_key)
+        if state is None:
+            state = gp.fit_gp(x[fit_idx], y[fit_idx], cat, self._data_seed("fit", name, m))
+            # only the latest checkpoint per output is worth keeping
+            self._fits = {k: v for k, v in self._fits.items() if k[0] != name}
+            self._fits[fit_key] = state
+        idx = gp.training_subset(y[:, 0], gp.MAX_TRAIN)
+        model = gp.conditioned_gp(x[idx], y[idx], cat, state)
+        noise = float(model.likelihood.noise.detach().mean()) if hasattr(model.likelihood, "noise") else 0.0
+        return model, noise
+
+    def _model_proposals(self, q: int, pending: list[dict[str, Any]]) -> list[Proposal]:
         started = time.perf_counter()
-        torch.manual_seed(seed)
-        model = fit_gp(train_x, train_y)
+        surrogate = self._fit()
+        assert surrogate is not None
         fitted = time.perf_counter()
-        acquisition = noisy_expected_improvement(model, train_x, self.space.encode_many(pending), seed)
-        candidates, value = maximize(acquisition, self.space.bounds(), q, seed)
+        seed = self._data_seed("suggest", len(self.log.results), len(pending))
+        acquisition, name = self._acquisition(surrogate, pending, q, seed)
+        bounds = self._trust_region(surrogate)
+        candidates, value = maximize(acquisition, self.space, q, seed, bounds=bounds)
         meta = {
-            "generator": "botorch.qLogNEI",
+            "generator": f"botorch.{name}",
             "acquisition_value": value,
             "fit_seconds": round(fitted - started, 4),
             "optimize_seconds": round(time.perf_counter() - fitted, 4),
-            "observations": len(done),
+            "observations": len(self.log.results),
             "pending": len(pending),
         }
+        if bounds is not None:
+            meta["trust_region"] = round(float((bounds[1] - bounds[0]).max()), 4)
         return [Proposal(self.space.decode(x), meta) for x in candidates]
+
+    def _acquisition(self, surrogate: Surrogate, pending: list[dict[str, Any]], q: int, seed: int) -> tuple[Any, str]:
+        pending_x = self.space.encode_many(pending) if pending else None
+        constraints = output_constraints(surrogate.bounds, surrogate.success_index)
+        if surrogate.n_objectives > 1:
+            ref = self.log.reference_point()
+            return several_objectives(surrogate.model, surrogate.n_objectives, ref, surrogate.train_x, pending_x,
+                                      constraints, seed), "qLogNEHVI"
+        best_f = self._incumbent_mean(surrogate)[1]
+        acquisition = single_objective(surrogate.model, surrogate.train_x, pending_x, constraints, q, best_f, seed)
+        return acquisition, type(acquisition).__name__
+
+    def _incumbent_mean(self, surrogate: Surrogate) -> tuple[int, float]:
+        """Index (into ``train_x``) and posterior mean of the best feasible experiment by the model."""
+        done = self.log.completed
+        with torch.no_grad():
+            mean = surrogate.model.posterior(surrogate.train_x).mean[..., 0]
+        feasible = torch.tensor([self.log.feasible(r) for r in done])
+        if feasible.any():
+            mean = torch.where(feasible, mean, torch.full_like(mean, -math.inf))
+        i = int(torch.argmax(mean))
+        return i, float(mean[i])
+
+    def _trust_region(self, surrogate: Surrogate) -> torch.Tensor | None:
+        """A box around the incumbent for higher-dimensional single-objective searches, else None."""
+        return None
+
+    def _suggest_from_table(self, n: int, pending: list[dict[str, Any]]) -> list[Proposal]:
+        rows = self.space.candidates
+        assert rows is not None
+        used = self._used_rows([r.parameters for r in self.log.results] + pending)
+        free = [i for i in range(len(rows)) if i not in used]
+        n = min(n, len(free))
+        if n == 0:
+            return []
+        started = len(self.log.results) + len(pending)
+        from_design = max(0, min(n, self.initial - started))
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed))
+        picks = [int(i) for i in order if int(i) not in used][:from_design]
+        proposals = [Proposal(dict(rows[i]), {"generator": "sobol", "candidate_row": i}) for i in picks]
+        q = n - from_design
+        if q > 0:
+            free = [i for i in free if i not in picks]
+            if not self._can_model():
+                picks = [int(i) for i in order if int(i) in free][:q]
+                return proposals + [Proposal(dict(rows[i]), {"generator": "random", "candidate_row": i}) for i in picks]
+            surrogate = self._fit()
+            assert surrogate is not None
+            pend = pending + [p.parameters for p in proposals]
+            seed = self._data_seed("suggest", len(self.log.results), len(pend))
+            acquisition, name = self._acquisition(surrogate, pend, q, seed)
+            choices = self.space.candidate_x[free]  # type: ignore[index]
+            chosen, value = maximize_discrete(acquisition, choices, q)
+            for x in chosen:
+                i = free[int(torch.argmin((choices - x).abs().sum(-1)))]
+                proposals.append(Proposal(dict(rows[i]), {"generator": f"botorch.{name}", "candidate_row": i,
+                                                          "acquisition_value": value}))
+        return proposals
+
+    def _used_rows(self, parameters: list[dict[str, Any]]) -> set[int]:
+        """Rows of the candidate table already run or in flight (each row is used at most once)."""
+        rows = self.space.candidates
+        assert rows is not None
+        index: dict[tuple, list[int]] = {}
+        for i, row in enumerate(rows):
+            index.setdefault(self.space.key(row), []).append(i)
+        used: set[int] = set()
+        for p in parameters:
+            for i in index.get(self.space.key(p), []):
+                if i not in used:
+                    used.add(i)
+                    break
+        return used

@@ -1,31 +1,101 @@
-"""Surrogate models: Gaussian processes fitted to the encoded experiments."""
+"""Surrogate models: Gaussian processes fitted to the encoded experiments.
+
+Fitting hyperparameters is the expensive part of thinking, so it happens only at *checkpoints*: at
+every experiment while data are few, then each time the data have grown by ``GROWTH`` (see
+:func:`checkpoint`). Between checkpoints the model is rebuilt on all the data with the hyperparameters
+of the last fit (a warm start without any optimizer steps). The checkpoint and the subset used to fit
+are functions of the data alone, so a planner rebuilt from the store makes the same model.
+"""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from botorch.fit import fit_gpytorch_mll
-from botorch.models import SingleTaskGP
-from botorch.models.transforms.input import Normalize
+from botorch.models import MixedSingleTaskGP, SingleTaskGP
+from botorch.models.model import Model
 from botorch.models.transforms.outcome import Standardize
+from gpytorch.constraints import GreaterThan
+from gpytorch.likelihoods import GaussianLikelihood
 from gpytorch.mlls import ExactMarginalLogLikelihood
+from gpytorch.priors import LogNormalPrior
+
+# fit at every experiment up to this many, then whenever the data grew by GROWTH
+EVERY_UP_TO = 40
+GROWTH = 1.2
+# exact GPs are conditioned on at most this many experiments (the best and a spread of the rest)
+MAX_TRAIN = 400
+# fits on at most this many (hyperparameters do not need every point)
+MAX_FIT = 250
 
 
-def fit_gp(train_x: torch.Tensor, train_y: torch.Tensor) -> SingleTaskGP:
-    """A ``SingleTaskGP`` with inferred noise fitted by maximum marginal likelihood.
+def checkpoint(n: int) -> int:
+    """The number of experiments the hyperparameters are fitted on when ``n`` are known."""
+    if n <= EVERY_UP_TO:
+        return n
+    k = math.floor(math.log(n / EVERY_UP_TO) / math.log(GROWTH) + 1e-9)
+    return int(EVERY_UP_TO * GROWTH**k)
+
+
+def make_gp(train_x: torch.Tensor, train_y: torch.Tensor, cat_dims: list[int]) -> Model:
+    """An unfitted GP: ``MixedSingleTaskGP`` with categorical columns, else ``SingleTaskGP``.
 
     Args:
-        train_x: ``n x d`` encoded experiments in the unit cube.
-        train_y: ``n x m`` outcomes, oriented so larger is better.
+        train_x: ``n x d`` encoded experiments (numeric columns in [0, 1], categories as indices).
+        train_y: ``n x 1`` outcomes, oriented so larger is better.
     """
-    model = SingleTaskGP(
-        train_x,
-        train_y,
-        input_transform=Normalize(d=train_x.shape[-1], bounds=_unit_bounds(train_x.shape[-1])),
-        outcome_transform=Standardize(m=train_y.shape[-1]),
+    # BoTorch's default noise prior with a lower floor: noiseless lab simulators and very repeatable
+    # instruments need the model to interpolate closely near the optimum.
+    noise_prior = LogNormalPrior(loc=-4.0, scale=1.0)
+    likelihood = GaussianLikelihood(
+        noise_prior=noise_prior, noise_constraint=GreaterThan(1e-6, transform=None, initial_value=noise_prior.mode)
     )
-    fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
+    if cat_dims:
+        return MixedSingleTaskGP(train_x, train_y, cat_dims=cat_dims, likelihood=likelihood,
+                                 outcome_transform=Standardize(m=1))
+    return SingleTaskGP(train_x, train_y, likelihood=likelihood, outcome_transform=Standardize(m=1))
+
+
+def hyperparameters(model: Model) -> dict[str, torch.Tensor]:
+    """The fitted hyperparameters of ``model``, without data-dependent transforms or caches."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if not k.startswith(("outcome_transform", "input_transform")) and "train" not in k}
+
+
+def fit_gp(train_x: torch.Tensor, train_y: torch.Tensor, cat_dims: list[int], seed: int) -> dict[str, torch.Tensor]:
+    """Hyperparameters fitted by maximum a posteriori marginal likelihood (deterministic for a seed)."""
+    model = make_gp(train_x, train_y, cat_dims)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        try:
+            fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
+        except Exception:  # noqa: BLE001 - a failed fit keeps the prior's hyperparameters, the loop goes on
+            pass
+    return hyperparameters(model)
+
+
+def conditioned_gp(
+    train_x: torch.Tensor, train_y: torch.Tensor, cat_dims: list[int], state: dict[str, torch.Tensor]
+) -> Model:
+    """A GP on ``train_x``/``train_y`` with the given hyperparameters, in eval mode."""
+    model = make_gp(train_x, train_y, cat_dims)
+    model.load_state_dict(state, strict=False)
+    model.eval()
     return model
 
 
-def _unit_bounds(d: int) -> torch.Tensor:
-    return torch.stack([torch.zeros(d), torch.ones(d)]).double()
+def training_subset(scores: torch.Tensor, limit: int) -> torch.Tensor:
+    """Indices of at most ``limit`` experiments: the best half by ``scores`` and an even spread of the rest.
+
+    Args:
+        scores: ``n`` oriented objective values (larger is better).
+    """
+    n = scores.shape[0]
+    if n <= limit:
+        return torch.arange(n)
+    order = torch.argsort(scores, descending=True, stable=True)
+    best = order[: limit // 2]
+    rest = torch.sort(order[limit // 2:]).values
+    spread = rest[torch.linspace(0, len(rest) - 1, limit - limit // 2).round().long()]
+    return torch.sort(torch.cat([best, spread])).values

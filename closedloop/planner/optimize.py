@@ -1,21 +1,76 @@
-"""Maximizing an acquisition function over the encoded space."""
+"""Maximizing an acquisition function over the encoded space, with BoTorch's optimizers.
+
+- continuous spaces (linear constraints included): ``optimize_acqf`` (multi-start L-BFGS-B, SLSQP
+  with constraints), ``q`` points jointly;
+- integer, discrete and categorical columns: ``optimize_acqf_mixed_alternating`` (alternating
+  discrete neighbourhood search and continuous steps); integer or discrete columns named in an
+  equality constraint are relaxed, as that optimizer allows equalities only on continuous columns;
+- candidate tables: ``optimize_acqf_discrete`` over the rows not yet used.
+
+Every result is decoded exactly by :class:`closedloop.planner.space.Space` afterwards.
+"""
 
 from __future__ import annotations
 
 import torch
 from botorch.acquisition import AcquisitionFunction
-from botorch.optim import optimize_acqf
+from botorch.optim import optimize_acqf, optimize_acqf_discrete
+from botorch.optim.optimize_mixed import optimize_acqf_mixed_alternating
+
+from closedloop.planner.space import Space
 
 
-def maximize(acquisition: AcquisitionFunction, bounds: torch.Tensor, q: int, seed: int) -> tuple[torch.Tensor, float]:
-    """The ``q x d`` batch maximizing ``acquisition`` within ``bounds`` (``2 x d``), and its value."""
-    torch.manual_seed(seed)
-    candidates, value = optimize_acqf(
-        acq_function=acquisition,
-        bounds=bounds,
-        q=q,
-        num_restarts=10,
-        raw_samples=512,
-        options={"batch_limit": 5, "maxiter": 200, "seed": seed},
-    )
-    return candidates.detach(), float(value.sum())
+def maximize(
+    acquisition: AcquisitionFunction,
+    space: Space,
+    q: int,
+    seed: int,
+    bounds: torch.Tensor | None = None,
+    effort: float = 1.0,
+) -> tuple[torch.Tensor, float]:
+    """The ``q x d`` batch maximizing ``acquisition`` and its value.
+
+    Args:
+        bounds: ``2 x d`` box to search (a trust region), the whole space by default.
+        effort: scales the number of restarts and raw samples.
+    """
+    bounds = space.bounds() if bounds is None else bounds
+    restarts = max(2, int(round(8 * effort)))
+    raw = max(64, int(round(512 * effort)))
+    inequalities = space.inequality_constraints or None
+    equalities = space.equality_constraints or None
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        relaxed = {int(i) for e in space.equality_constraints for i in e[0].tolist()}
+        discrete = {i: v for i, v in space.discrete_dims.items() if i not in relaxed}
+        if discrete or space.cat_dims:
+            candidates, value = optimize_acqf_mixed_alternating(
+                acq_function=acquisition,
+                bounds=bounds,
+                discrete_dims=discrete or None,
+                cat_dims=space.cat_dims or None,
+                q=q,
+                num_restarts=restarts,
+                raw_samples=raw,
+                inequality_constraints=inequalities,
+                equality_constraints=equalities,
+                options={"maxiter_alternating": 16, "batch_limit": 16},
+            )
+        else:
+            candidates, value = optimize_acqf(
+                acq_function=acquisition,
+                bounds=bounds,
+                q=q,
+                num_restarts=restarts,
+                raw_samples=raw,
+                inequality_constraints=inequalities,
+                equality_constraints=equalities,
+                options={"batch_limit": 16, "maxiter": 200, "seed": seed},
+            )
+    return candidates.detach().reshape(q, -1), float(torch.as_tensor(value).sum())
+
+
+def maximize_discrete(acquisition: AcquisitionFunction, choices: torch.Tensor, q: int) -> tuple[torch.Tensor, float]:
+    """The ``q`` rows of ``choices`` (``r x d``) chosen jointly (sequential greedy) and their value."""
+    candidates, value = optimize_acqf_discrete(acquisition, q=q, choices=choices, unique=True)
+    return candidates.detach(), float(torch.as_tensor(value).sum())

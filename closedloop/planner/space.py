@@ -1,15 +1,29 @@
-"""Encoding between parameter dicts (declared types) and the model's unit cube.
+"""Encoding between parameter dicts (declared types) and the model's encoded space.
 
-Continuous parameters map linearly (or logarithmically) onto [0, 1]; integers and discrete values
-are relaxed to [0, 1] and snapped back to the nearest allowed value; a categorical parameter takes
-one column per choice (one-hot), decoded by the largest column. Fixed parameters are not encoded
-and are added back on decoding.
+Every tunable parameter takes one column:
+
+- continuous: mapped linearly (or logarithmically) onto [0, 1];
+- integer and discrete: mapped linearly onto [0, 1]; the allowed values are the column's grid
+  (``Space.discrete_dims``, as BoTorch's mixed optimizers expect);
+- categorical: the index of the choice, ``0 .. k-1`` (``Space.cat_dims``, as ``MixedSingleTaskGP``
+  and ``optimize_acqf_mixed_alternating`` expect).
+
+Fixed parameters are not encoded and are added back on decoding. Linear constraints of the campaign
+become BoTorch ``(indices, coefficients, rhs)`` constraints on the encoded columns; a log-scale
+parameter named in a linear constraint is encoded on a linear scale so that the constraint stays linear.
+
+Decoding is exact: integers are integers, discrete values are allowed values, and when the campaign
+has linear constraints the decoded point is the nearest (L1, in encoded units) point that satisfies
+every bound, type and constraint, found by a small mixed-integer program (HiGHS via SciPy), with
+equalities then corrected to float precision.
 """
 
 from __future__ import annotations
 
+import csv
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,40 +36,111 @@ from closedloop.campaign import (
     DiscreteParameter,
     FixedParameter,
     IntegerParameter,
+    LinearConstraint,
 )
+from closedloop.errors import ClosedLoopError, PlannerError
+
+# Inequalities are enforced with this relative margin so that float rounding after decoding cannot
+# push a point across the boundary; equalities are corrected afterwards to this absolute tolerance.
+_INEQUALITY_MARGIN = 1e-9
+EQUALITY_TOLERANCE = 1e-9
 
 
 @dataclass(frozen=True)
 class Column:
-    """One parameter's place in the encoded vector: columns ``start`` to ``stop`` (exclusive)."""
+    """One parameter's place in the encoded vector (one column per tunable parameter)."""
 
     name: str
-    start: int
-    stop: int
+    index: int
 
 
 class Space:
-    """The campaign's search space as a ``d``-dimensional unit cube."""
+    """The campaign's search space as a ``d``-dimensional encoded box (see the module docstring).
+
+    Example:
+        >>> from closedloop.campaign import Campaign
+        >>> c = Campaign.from_yaml_text('''
+        ... name: demo
+        ... parameters:
+        ...   a: {type: continuous, bounds: [0, 1]}
+        ...   b: {type: continuous, bounds: [0, 1]}
+        ... constraints: ["a + b == 1"]
+        ... objectives: {y: {goal: minimize}}
+        ... budget: {experiments: 5}
+        ... instrument: {simulator: "simulators.surfaces:Branin"}
+        ... ''')
+        >>> p = Space(c).decode(torch.tensor([0.3, 0.3]))
+        >>> abs(p["a"] + p["b"] - 1) < 1e-9
+        True
+    """
 
     def __init__(self, campaign: Campaign):
         self.campaign = campaign
         self.parameters = campaign.parameters
-        self.columns: list[Column] = []
-        width = 0
-        for name, p in campaign.tunable_parameters.items():
-            size = len(p.values) if isinstance(p, CategoricalParameter) else 1
-            self.columns.append(Column(name, width, width + size))
-            width += size
-        self.dim = width
+        tunable = campaign.tunable_parameters
+        self.columns = [Column(name, i) for i, name in enumerate(tunable)]
+        self.names = [c.name for c in self.columns]
+        self.dim = len(self.columns)
+        self.constraints: list[LinearConstraint] = campaign.linear_constraints
+        constrained = {n for c in self.constraints for n in c.coefficients}
+        # a log scale would make a linear constraint nonlinear in the encoded column
+        self.linear_override = {n for n in constrained if _is_log(self.parameters[n])}
+        self._lo = np.zeros(self.dim)
+        self._span = np.ones(self.dim)
+        for c in self.columns:
+            p = self.parameters[c.name]
+            if isinstance(p, CategoricalParameter):
+                continue
+            lo, hi = self._raw_range(c.name)
+            self._lo[c.index], self._span[c.index] = lo, hi - lo
+        self.cat_dims: dict[int, list[float]] = {
+            c.index: [float(i) for i in range(len(p.values))]
+            for c in self.columns
+            if isinstance(p := self.parameters[c.name], CategoricalParameter)
+        }
+        self.discrete_dims: dict[int, list[float]] = {}
+        for c in self.columns:
+            p = self.parameters[c.name]
+            if isinstance(p, IntegerParameter):
+                lo, hi = int(p.bounds[0]), int(p.bounds[1])
+                self.discrete_dims[c.index] = [(v - lo) / (hi - lo) for v in range(lo, hi + 1)]
+            elif isinstance(p, DiscreteParameter):
+                lo, hi = min(p.values), max(p.values)
+                self.discrete_dims[c.index] = [(v - lo) / (hi - lo) for v in p.values]
+        self.inequality_constraints, self.equality_constraints = self._botorch_constraints()
+        self._constrained_names = sorted(constrained, key=self.names.index)
+        if self.constraints:
+            self._check_integer_feasible()
+        self.candidates: list[dict[str, Any]] | None = load_candidates(campaign) if campaign.candidates else None
+        self._candidate_x = self.encode_many(self.candidates) if self.candidates else None
+
+    # -- shape of the space ------------------------------------------------------------
 
     @property
     def categorical_columns(self) -> list[int]:
-        return [c.start + i for c in self.columns if isinstance(self.parameters[c.name], CategoricalParameter)
-                for i in range(c.stop - c.start)]
+        return sorted(self.cat_dims)
 
     @property
     def is_continuous(self) -> bool:
-        return all(isinstance(self.parameters[c.name], ContinuousParameter) for c in self.columns)
+        return not self.cat_dims and not self.discrete_dims
+
+    @property
+    def has_constraints(self) -> bool:
+        return bool(self.constraints)
+
+    def bounds(self) -> torch.Tensor:
+        """``2 x d`` bounds of the encoded space."""
+        upper = torch.ones(self.dim, dtype=torch.double)
+        for i, values in self.cat_dims.items():
+            upper[i] = len(values) - 1
+        return torch.stack([torch.zeros(self.dim, dtype=torch.double), upper])
+
+    @property
+    def candidate_x(self) -> torch.Tensor | None:
+        """``r x d`` encoded rows of the candidate table, or None without one."""
+        return self._candidate_x
+
+    # -- encoding ----------------------------------------------------------------------
 
     def encode(self, parameters: dict[str, Any]) -> torch.Tensor:
         """A ``d`` tensor for one parameter dict."""
@@ -63,9 +148,12 @@ class Space:
         for c in self.columns:
             p, v = self.parameters[c.name], parameters[c.name]
             if isinstance(p, CategoricalParameter):
-                row[c.start + p.values.index(v)] = 1.0
+                row[c.index] = float(_index_of(p, v))
+            elif c.name in self.linear_override or not _is_log(p):
+                row[c.index] = (float(v) - self._lo[c.index]) / self._span[c.index]
             else:
-                row[c.start] = _to_unit(p, float(v))
+                lo, hi = math.log(p.bounds[0]), math.log(p.bounds[1])
+                row[c.index] = (math.log(float(v)) - lo) / (hi - lo)
         return row
 
     def encode_many(self, rows: list[dict[str, Any]]) -> torch.Tensor:
@@ -75,54 +163,301 @@ class Space:
         return torch.stack([self.encode(r) for r in rows])
 
     def decode(self, x: torch.Tensor | np.ndarray) -> dict[str, Any]:
-        """Parameter values, in their declared types, for one ``d`` vector."""
-        x = np.asarray(x, dtype=float)
+        """Parameter values, in their declared types, for one ``d`` vector; exact (see module docstring)."""
+        u = np.clip(np.asarray(x, dtype=float).reshape(-1), self.bounds()[0].numpy(), self.bounds()[1].numpy())
         out: dict[str, Any] = {}
         for c in self.columns:
             p = self.parameters[c.name]
             if isinstance(p, CategoricalParameter):
-                out[c.name] = p.values[int(np.argmax(x[c.start:c.stop]))]
+                out[c.name] = p.values[int(round(u[c.index]))]
             else:
-                out[c.name] = _from_unit(p, float(x[c.start]))
+                out[c.name] = self._round(c, u[c.index])
+        if self.constraints:
+            out.update(self._repair(u, out))
         for name, p in self.parameters.items():
             if isinstance(p, FixedParameter):
                 out[name] = p.value
         return {name: out[name] for name in self.parameters}
 
     def snap(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` with integers, discrete values and categories rounded to allowed ones (``n x d``)."""
+        """``x`` (``n x d``) moved to the encoding of its exact decoded point."""
         return torch.stack([self.encode(self.decode(row)) for row in x]) if len(x) else x
 
-    def bounds(self) -> torch.Tensor:
-        """``2 x d`` bounds of the encoded space."""
-        return torch.stack([torch.zeros(self.dim), torch.ones(self.dim)]).double()
+    def feasible(self, parameters: dict[str, Any], tolerance: float = 1e-6) -> bool:
+        """Whether a parameter dict satisfies bounds, types and constraints (equalities within ``tolerance``)."""
+        for name, p in self.parameters.items():
+            v = parameters.get(name)
+            if isinstance(p, FixedParameter):
+                if v != p.value:
+                    return False
+            elif isinstance(p, CategoricalParameter):
+                if v not in p.values:
+                    return False
+            elif isinstance(p, DiscreteParameter):
+                if v not in p.values:
+                    return False
+            elif isinstance(p, IntegerParameter):
+                if not isinstance(v, int) or isinstance(v, bool) or not p.bounds[0] <= v <= p.bounds[1]:
+                    return False
+            elif not (isinstance(v, (int, float)) and p.bounds[0] <= v <= p.bounds[1]):
+                return False
+        for c in self.constraints:
+            total = sum(a * float(parameters[n]) for n, a in c.coefficients.items())
+            scale = tolerance * max(1.0, abs(c.rhs))
+            if (c.op == "<=" and total > c.rhs + scale) or (c.op == ">=" and total < c.rhs - scale):
+                return False
+            if c.op == "==" and abs(total - c.rhs) > scale:
+                return False
+        return True
+
+    def key(self, parameters: dict[str, Any]) -> tuple:
+        """A hashable identity of a parameter dict (rounded so that float noise does not split it)."""
+        return tuple(round(float(v), 9) if isinstance(v, (int, float)) else v
+                     for v in (parameters[n] for n in self.names))
+
+    # -- sampling ----------------------------------------------------------------------
+
+    def sample(self, n: int, seed: int, start: int = 0) -> torch.Tensor:
+        """Points ``start .. start+n`` of a space-filling design (``n x d``), exactly feasible.
+
+        A scrambled Sobol sequence; with linear constraints, hit-and-run samples of the constrained
+        polytope (BoTorch's ``get_polytope_samples``) so that the design is spread inside it rather
+        than piled on its faces.
+        """
+        if n <= 0:
+            return torch.zeros(0, self.dim, dtype=torch.double)
+        if not self.constraints:
+            from torch.quasirandom import SobolEngine
+
+            engine = SobolEngine(dimension=self.dim, scramble=True, seed=seed)
+            if start:
+                engine.fast_forward(start)
+            x = engine.draw(n, dtype=torch.double)
+            for i, values in self.cat_dims.items():
+                # each choice gets an equal share of the unit interval before rounding
+                x[:, i] = (x[:, i] * len(values) - 0.5).clamp(0, len(values) - 1)
+        else:
+            from botorch.utils.sampling import get_polytope_samples
+
+            # the relaxed box of categories is [-0.5, k-0.5] so each choice is equally likely
+            box = self.bounds().clone()
+            for i in self.cat_dims:
+                box[0, i], box[1, i] = -0.49, box[1, i] + 0.49
+            x = get_polytope_samples(
+                n=start + n, bounds=box, inequality_constraints=self.inequality_constraints or None,
+                equality_constraints=self.equality_constraints or None, seed=seed, n_burnin=200, n_thinning=8,
+            )[start:]
+        return self.snap(x)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _raw_range(self, name: str) -> tuple[float, float]:
+        p = self.parameters[name]
+        if isinstance(p, DiscreteParameter):
+            return float(min(p.values)), float(max(p.values))
+        return float(p.bounds[0]), float(p.bounds[1])  # type: ignore[union-attr]
+
+    def _round(self, c: Column, u: float) -> Any:
+        p = self.parameters[c.name]
+        u = min(1.0, max(0.0, u))
+        if isinstance(p, ContinuousParameter):
+            if _is_log(p) and c.name not in self.linear_override:
+                lo, hi = math.log(p.bounds[0]), math.log(p.bounds[1])
+                return float(min(p.bounds[1], max(p.bounds[0], math.exp(lo + u * (hi - lo)))))
+            return float(min(p.bounds[1], max(p.bounds[0], p.bounds[0] + u * (p.bounds[1] - p.bounds[0]))))
+        v = self._lo[c.index] + u * self._span[c.index]
+        if isinstance(p, IntegerParameter):
+            return int(min(p.bounds[1], max(p.bounds[0], round(v))))
+        assert isinstance(p, DiscreteParameter)
+        return float(min(p.values, key=lambda allowed: abs(allowed - v)))
+
+    def _botorch_constraints(self) -> tuple[list, list]:
+        """Linear constraints as BoTorch ``(indices, coefficients, rhs)`` tuples, ``sum >= rhs`` / ``== rhs``."""
+        inequalities, equalities = [], []
+        for c in self.constraints:
+            idx = [self.names.index(n) for n in c.coefficients]
+            coef = [a * self._span[i] for a, i in zip(c.coefficients.values(), idx)]
+            rhs = c.rhs - sum(a * self._lo[i] for a, i in zip(c.coefficients.values(), idx))
+            sign = -1.0 if c.op == "<=" else 1.0
+            entry = (torch.tensor(idx, dtype=torch.long), torch.tensor([sign * v for v in coef], dtype=torch.double),
+                     float(sign * rhs))
+            (equalities if c.op == "==" else inequalities).append(entry)
+        return inequalities, equalities
+
+    def _milp(self, target: dict[str, float], *, exact: bool = True) -> dict[str, Any] | None:
+        """Nearest values (L1, encoded units) of the constrained parameters satisfying every constraint."""
+        from scipy.optimize import Bounds, LinearConstraint as ScipyConstraint, milp
+
+        names = self._constrained_names
+        # variables: one value per parameter, one deviation per parameter, one binary per discrete value
+        n = len(names)
+        extra: dict[str, tuple[int, list[float]]] = {}
+        width = 2 * n
+        for name in names:
+            p = self.parameters[name]
+            if isinstance(p, DiscreteParameter):
+                extra[name] = (width, list(p.values))
+                width += len(p.values)
+        cost = np.zeros(width)
+        lower, upper, integrality = np.zeros(width), np.zeros(width), np.zeros(width)
+        rows, lo_b, hi_b = [], [], []
+        for k, name in enumerate(names):
+            lo, hi = self._raw_range(name)
+            lower[k], upper[k] = lo, hi
+            integrality[k] = 1 if isinstance(self.parameters[name], IntegerParameter) else 0
+            span = hi - lo
+            cost[n + k] = 1.0 / span
+            lower[n + k], upper[n + k] = 0.0, np.inf
+            for sign in (1.0, -1.0):  # deviation >= +-(value - target)
+                row = np.zeros(width)
+                row[n + k], row[k] = 1.0, -sign
+                rows.append(row), lo_b.append(-sign * target[name]), hi_b.append(np.inf)
+            if name in extra:
+                start, values = extra[name]
+                lower[start:start + len(values)], upper[start:start + len(values)] = 0, 1
+                integrality[start:start + len(values)] = 1
+                pick = np.zeros(width)
+                pick[start:start + len(values)] = 1
+                rows.append(pick), lo_b.append(1.0), hi_b.append(1.0)
+                link = np.zeros(width)
+                link[k] = 1.0
+                link[start:start + len(values)] = -np.asarray(values)
+                rows.append(link), lo_b.append(0.0), hi_b.append(0.0)
+        for c in self.constraints:
+            row = np.zeros(width)
+            for name, a in c.coefficients.items():
+                row[names.index(name)] = a
+            margin = _INEQUALITY_MARGIN * max(1.0, abs(c.rhs)) if exact else 0.0
+            if c.op == "<=":
+                rows.append(row), lo_b.append(-np.inf), hi_b.append(c.rhs - margin)
+            elif c.op == ">=":
+                rows.append(row), lo_b.append(c.rhs + margin), hi_b.append(np.inf)
+            else:
+                rows.append(row), lo_b.append(c.rhs), hi_b.append(c.rhs)
+        result = milp(
+            cost, constraints=ScipyConstraint(np.array(rows), np.array(lo_b), np.array(hi_b)),
+            integrality=integrality, bounds=Bounds(lower, upper),
+            options={"presolve": True, "mip_rel_gap": 1e-9, "time_limit": 10.0},
+        )
+        if result.x is None:
+            return None
+        out: dict[str, Any] = {}
+        for k, name in enumerate(names):
+            p = self.parameters[name]
+            if isinstance(p, IntegerParameter):
+                out[name] = int(round(result.x[k]))
+            elif isinstance(p, DiscreteParameter):
+                start, values = extra[name]
+                out[name] = values[int(np.argmax(result.x[start:start + len(values)]))]
+            else:
+                lo, hi = p.bounds  # type: ignore[union-attr]
+                out[name] = float(min(hi, max(lo, result.x[k])))
+        return self._polish(out)
+
+    def _polish(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Equalities corrected to float precision by moving the continuous parameters they name."""
+        equalities = [c for c in self.constraints if c.op == "=="]
+        for _ in range(3):
+            worst = 0.0
+            for c in equalities:
+                residual = c.rhs - sum(a * float(values[n]) for n, a in c.coefficients.items())
+                worst = max(worst, abs(residual))
+                free = [n for n in c.coefficients if isinstance(self.parameters[n], ContinuousParameter)]
+                if not free or abs(residual) <= 1e-15:
+                    continue
+                norm = sum(c.coefficients[n] ** 2 for n in free)
+                for n in free:
+                    lo, hi = self.parameters[n].bounds  # type: ignore[union-attr]
+                    values[n] = float(min(hi, max(lo, values[n] + residual * c.coefficients[n] / norm)))
+            if worst <= 1e-13:
+                break
+        return values
+
+    def _repair(self, u: np.ndarray, rounded: dict[str, Any]) -> dict[str, Any]:
+        target = {}
+        for name in self._constrained_names:
+            i = self.names.index(name)
+            # rounded: denormal targets (1e-308) upset the solver's tolerances
+            target[name] = round(self._lo[i] + float(min(1.0, max(0.0, u[i]))) * self._span[i], 12)
+        if self.feasible({**rounded, **{n: v for n, v in self._fixed_values().items()}}, tolerance=EQUALITY_TOLERANCE):
+            return {}
+        solved = self._milp(target) or self._milp(target, exact=False) or self._milp(self._middle())
+        if solved is None:
+            raise PlannerError("constraints: no allowed combination of values satisfies " +
+                               "; ".join(c.text for c in self.constraints))
+        return solved
+
+    def _fixed_values(self) -> dict[str, Any]:
+        return {n: p.value for n, p in self.parameters.items() if isinstance(p, FixedParameter)}
+
+    def _middle(self) -> dict[str, float]:
+        return {n: self._lo[self.names.index(n)] + 0.5 * self._span[self.names.index(n)]
+                for n in self._constrained_names}
+
+    def _check_integer_feasible(self) -> None:
+        middle = self._middle()
+        if self._milp(middle) is None and self._milp(middle, exact=False) is None:
+            raise PlannerError("constraints: no combination of allowed integer/discrete values satisfies " +
+                               "; ".join(c.text for c in self.constraints))
 
 
-def _to_unit(p: Any, v: float) -> float:
-    if isinstance(p, ContinuousParameter) and p.scale == "log":
-        lo, hi = math.log(p.bounds[0]), math.log(p.bounds[1])
-        return (math.log(v) - lo) / (hi - lo)
-    lo, hi = _range(p)
-    return (v - lo) / (hi - lo)
+def _is_log(p: Any) -> bool:
+    return isinstance(p, ContinuousParameter) and p.scale == "log"
 
 
-def _from_unit(p: Any, u: float) -> Any:
-    u = min(1.0, max(0.0, u))
-    if isinstance(p, ContinuousParameter):
-        if p.scale == "log":
-            lo, hi = math.log(p.bounds[0]), math.log(p.bounds[1])
-            return min(p.bounds[1], max(p.bounds[0], math.exp(lo + u * (hi - lo))))
-        return min(p.bounds[1], max(p.bounds[0], p.bounds[0] + u * (p.bounds[1] - p.bounds[0])))
-    lo, hi = _range(p)
-    v = lo + u * (hi - lo)
-    if isinstance(p, IntegerParameter):
-        return int(min(hi, max(lo, round(v))))
-    if isinstance(p, DiscreteParameter):
-        return min(p.values, key=lambda allowed: abs(allowed - v))
-    raise TypeError(f"cannot decode {type(p).__name__}")
+def _index_of(p: CategoricalParameter, value: Any) -> int:
+    try:
+        return p.values.index(value)
+    except ValueError:
+        # values read back from a CSV or JSON may have lost their type ("1" for 1)
+        for i, allowed in enumerate(p.values):
+            if str(allowed) == str(value):
+                return i
+        raise PlannerError(f"categorical value {value!r} is not one of {p.values}") from None
 
 
-def _range(p: Any) -> tuple[float, float]:
-    if isinstance(p, DiscreteParameter):
-        return float(min(p.values)), float(max(p.values))
-    return float(p.bounds[0]), float(p.bounds[1])
+def candidates_repeat(campaign: Campaign) -> bool:
+    """Whether a candidate row may be proposed more than once (``candidates.repeats``)."""
+    return bool(getattr(campaign.candidates, "repeats", False))
+
+
+def load_candidates(campaign: Campaign) -> list[dict[str, Any]]:
+    """The campaign's candidate table as parameter dicts typed as declared (fixed parameters included).
+
+    Uses ``Campaign.candidate_table()`` where the campaign offers it; otherwise reads the CSV file
+    named by ``campaign.candidates`` (a header naming the tunable parameters, one row each).
+    """
+    table = getattr(campaign, "candidate_table", None)
+    rows: list[dict[str, Any]]
+    if callable(table):
+        try:
+            rows = list(table())
+        except ClosedLoopError as exc:
+            raise PlannerError(f"candidates: {exc}") from None
+    else:
+        path = Path(str(getattr(campaign.candidates, "file", campaign.candidates)))
+        try:
+            with path.open(newline="") as handle:
+                rows = list(csv.DictReader(handle))
+        except OSError as exc:
+            raise PlannerError(f"candidates: cannot read {str(path)!r}: {exc.strerror}") from None
+    typed = []
+    for i, row in enumerate(rows):
+        out: dict[str, Any] = {}
+        for name, p in campaign.tunable_parameters.items():
+            if name not in row:
+                raise PlannerError(f"candidates: row {i + 1} has no value for parameter {name!r}")
+            v = row[name]
+            if isinstance(p, CategoricalParameter):
+                out[name] = p.values[_index_of(p, v)]
+            elif isinstance(p, IntegerParameter):
+                out[name] = int(round(float(v)))
+            else:
+                out[name] = float(v)
+        for name, p in campaign.parameters.items():
+            if isinstance(p, FixedParameter):
+                out[name] = p.value
+        typed.append({n: out[n] for n in campaign.parameters})
+    if not typed:
+        raise PlannerError("candidates: the table has no rows")
+    return typed

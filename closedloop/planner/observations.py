@@ -1,0 +1,112 @@
+"""What a planner has seen: results in a canonical order, objectives oriented, feasibility, the front.
+
+Shared by every backend so that ``best()``, ``pareto_front()`` and ``hypervolume()`` mean the same
+thing whichever planner proposed the experiments.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from closedloop.campaign import Campaign
+from closedloop.planner.base import Result
+
+
+class ObservationLog:
+    """Experiments a planner has seen.
+
+    Results are kept in a canonical order, by trial number where known and then in the order they
+    arrived, so that a planner rebuilt from the store (which lists trials by number) sees the same data
+    as the live planner that received them one by one.
+    """
+
+    def __init__(self, campaign: Campaign):
+        self.campaign = campaign
+        self.objectives = list(campaign.objectives)
+        self.signs = [1.0 if o.goal == "maximize" else -1.0 for o in campaign.objectives.values()]
+        self.bounds = campaign.output_bounds
+        self.results: list[Result] = []
+        self._arrival = 0
+        self._keys: list[tuple[float, int]] = []
+
+    def add(self, results: list[Result]) -> None:
+        for r in results:
+            key = (float(r.trial) if r.trial is not None else math.inf, self._arrival)
+            self._arrival += 1
+            # insertion keeps the canonical order without re-sorting everything
+            i = len(self._keys)
+            while i > 0 and self._keys[i - 1] > key:
+                i -= 1
+            self._keys.insert(i, key)
+            self.results.insert(i, r)
+
+    def usable(self, result: Result) -> bool:
+        """Whether a result measured every output the campaign needs, as finite numbers."""
+        if result.values is None:
+            return False
+        for name in self.campaign.outputs:
+            v = result.values.get(name)
+            if v is None or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+                return False
+        return True
+
+    @property
+    def completed(self) -> list[Result]:
+        return [r for r in self.results if self.usable(r)]
+
+    def feasible(self, result: Result) -> bool:
+        """Usable and within every outcome constraint."""
+        return self.usable(result) and all(b.satisfied(float(result.values[b.output])) for b in self.bounds)  # type: ignore[index]
+
+    def score(self, result: Result) -> float:
+        """The first objective oriented so larger is better."""
+        return self.signs[0] * float(result.values[self.objectives[0]])  # type: ignore[index]
+
+    def oriented(self, result: Result) -> list[float]:
+        """Every objective oriented so larger is better."""
+        return [s * float(result.values[n]) for s, n in zip(self.signs, self.objectives)]  # type: ignore[index]
+
+    def best(self) -> Result | None:
+        """The feasible experiment with the best reading (single objective)."""
+        done = [r for r in self.results if self.feasible(r)]
+        return max(done, key=self.score) if done else None
+
+    def reference_point(self) -> list[float]:
+        """Oriented reference point: the campaign's thresholds, inferred from the data where missing."""
+        thresholds = [o.threshold for o in self.campaign.objectives.values()]
+        ref = [s * t if t is not None else math.nan for s, t in zip(self.signs, thresholds)]
+        if any(math.isnan(v) for v in ref):
+            from botorch.utils.multi_objective.hypervolume import infer_reference_point
+
+            ys = [self.oriented(r) for r in self.results if self.feasible(r)] or [
+                self.oriented(r) for r in self.completed]
+            if ys:
+                inferred = infer_reference_point(torch.tensor(ys, dtype=torch.double)).tolist()
+            else:
+                inferred = [0.0] * len(ref)
+            ref = [v if not math.isnan(v) else w for v, w in zip(ref, inferred)]
+        return ref
+
+    def pareto_front(self) -> list[Result]:
+        """Non-dominated feasible experiments, in experiment order."""
+        from botorch.utils.multi_objective.pareto import is_non_dominated
+
+        done = [r for r in self.results if self.feasible(r)]
+        if not done:
+            return []
+        y = torch.tensor([self.oriented(r) for r in done], dtype=torch.double)
+        mask = is_non_dominated(y, deduplicate=True)
+        return [r for r, keep in zip(done, mask.tolist()) if keep]
+
+    def hypervolume(self, reference: list[float] | None = None) -> float:
+        """Hypervolume dominated by the feasible experiments above the reference point (oriented)."""
+        from botorch.utils.multi_objective.box_decompositions.dominated import DominatedPartitioning
+
+        done = [r for r in self.results if self.feasible(r)]
+        if not done:
+            return 0.0
+        ref = torch.tensor(reference if reference is not None else self.reference_point(), dtype=torch.double)
+        y = torch.tensor([self.oriented(r) for r in done], dtype=torch.double)
+        return float(DominatedPartitioning(ref_point=ref, Y=y).compute_hypervolume())
