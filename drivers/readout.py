@@ -70,3 +70,23 @@ def outputs_from_events(
             variance = math.fsum((s - mean) ** 2 for s in samples) / (n - 1)
             noise[output] = math.sqrt(variance / n)
     return values, (noise if len(events) > 1 else None)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A failed experiment's cause in words, looking through bluesky's wrappers.
+
+    A device fault reaches ``RE(...)`` as ``FailedStatus(status)`` whose text only says the status
+    failed; the device's own error (``status.exception()``, also the ``__cause__``) says why.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        status = current.args[0] if type(current).__name__ == "FailedStatus" and current.args else None
+        inner = status.exception() if status is not None and hasattr(status, "exception") else None
+        nxt = inner or current.__cause__
+        if nxt is None:
+            break
+        current = nxt
+    assert current is not None
+    return f"{type(current).__name__}: {current}"

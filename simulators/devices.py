@@ -33,8 +33,9 @@ class LimitedAxis(SynAxis):
     """A simulated positioner that refuses setpoints outside its limits, like a real motor.
 
     ``ophyd.sim.SynAxis`` has no limits; bluesky's ``check_limits`` and our pre-flight check both call
-    :meth:`check_value`. ``integer=True`` also refuses non-integers (a cycle count). Every accepted
-    ``set`` is appended to ``set_calls``, so tests can prove what reached the device.
+    :meth:`check_value`. ``integer=True`` also refuses non-integers (a cycle count). Every value passed
+    to ``set`` is appended to ``set_calls`` before the device checks it, so tests can prove that
+    nothing out of limits ever reached the device.
 
     Example:
         >>> axis = LimitedAxis(name="x", limits=(0, 1))
@@ -64,8 +65,9 @@ class LimitedAxis(SynAxis):
             raise LimitError(f"{self.name}={value} is not an integer")
 
     def set(self, value: float):  # noqa: A003 - ophyd's verb
-        self.check_value(value)
+        # Recorded before the check: set_calls is everything that reached the device, refused or not.
         self.set_calls.append(float(value))
+        self.check_value(value)
         return super().set(value)
 
 
@@ -90,8 +92,8 @@ class ChoiceSignal(Signal):
             raise ValueError(f"{self.name}={value!r} is not one of {list(self.choices)}")
 
     def set(self, value: Any, **kwargs):  # noqa: A003
-        self.check_value(value)
         self.set_calls.append(value)
+        self.check_value(value)
         return super().set(value, **kwargs)
 
     def describe(self) -> dict[str, dict[str, Any]]:
