@@ -70,6 +70,7 @@ class Station:
     session: int
     last_seen: float
     running: dict[int, float] = field(default_factory=dict)  # trial id -> dispatch time
+    declared: set[int] = field(default_factory=set)  # trials its hello said it holds (results in its outbox)
 
     def serves(self, run: CampaignRun) -> bool:
         return (("*" in self.instruments or run.target in self.instruments)
@@ -570,6 +571,11 @@ class Daemon:
         items, accepted = [], []
         for identity, result in batch:
             flight = self.in_flight.get(result.trial_id)
+            station = self.stations[identity]
+            if not ((flight is not None and flight.station == station.name) or result.trial_id in station.declared):
+                # only the station a trial was given to (or one that re-registered holding its result) may report it
+                self._drop(identity, f"result for trial {result.trial_id}, which station {station.name} does not hold")
+                continue
             if flight is not None:
                 run, index, parameters = self.runs[flight.campaign_id], flight.index, flight.parameters
             else:
@@ -649,7 +655,7 @@ class Daemon:
         previous = self.stations.pop(identity, None)
         holds = set(hello.outstanding)
         station = Station(hello.station, identity, hello.instruments, hello.campaigns, hello.capacity, self._session,
-                          now)
+                          now, declared=holds)
         for trial_id, flight in list(self.in_flight.items()):
             if trial_id in holds and (flight.reconciling or flight.station == hello.station):
                 # the station still has it (running, queued or in its outbox): it stays there

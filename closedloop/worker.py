@@ -47,11 +47,23 @@ class Outbox:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("CREATE TABLE IF NOT EXISTS outbox (trial_id INTEGER PRIMARY KEY, payload BLOB NOT NULL)")
+        # the station's own record of every run it measured, written with the outbox entry
+        self._db.execute("CREATE TABLE IF NOT EXISTS ran (trial_id INTEGER NOT NULL, run_uid TEXT, at REAL NOT NULL)")
         self._lock = threading.Lock()
 
-    def put(self, trial_id: int, payload: bytes) -> None:
+    def put(self, trial_id: int, payload: bytes, run_uid: str | None = None) -> None:
+        """Keep a result until acknowledged; with ``run_uid``, also record in ``ran`` that it was measured."""
         with self._lock:
+            self._db.execute("BEGIN")
             self._db.execute("INSERT OR REPLACE INTO outbox VALUES (?, ?)", (trial_id, payload))
+            if run_uid is not None:
+                self._db.execute("INSERT INTO ran VALUES (?, ?, ?)", (trial_id, run_uid, time.time()))
+            self._db.execute("COMMIT")
+
+    def ran(self) -> list[tuple[int, str]]:
+        """(trial id, run uid) of every run this outbox's station measured."""
+        with self._lock:
+            return list(self._db.execute("SELECT trial_id, run_uid FROM ran ORDER BY at"))
 
     def get(self, trial_id: int) -> bytes | None:
         with self._lock:
@@ -203,7 +215,8 @@ class StationWorker:
             message = protocol.Failure(trial_id=trial, error=f"{type(exc).__name__}: {exc}",
                                        duration_s=time.monotonic() - started)
         payload = protocol.encode(message)
-        self.outbox.put(trial, payload)  # persisted before it is sent: survives a crash from here on
+        run_uid = message.run_uid if isinstance(message, protocol.ResultMessage) else None
+        self.outbox.put(trial, payload, run_uid)  # persisted before it is sent: survives a crash from here on
         self._running = None
         self._held.discard(trial)
         if self.journal is not None and isinstance(message, protocol.ResultMessage):

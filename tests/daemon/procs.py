@@ -1,0 +1,94 @@
+"""Real processes for daemon tests: the daemon and station workers as `closedloop` subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CLI = [sys.executable, "-m", "closedloop.cli"]
+
+CAMPAIGN = """
+name: {name}
+parameters:
+  x1: {{type: continuous, bounds: [-5, 10]}}
+  x2: {{type: continuous, bounds: [0, 15]}}
+objectives:
+  y: {{goal: minimize}}
+budget: {{experiments: {experiments}}}
+execution: {{concurrency: {concurrency}, retries: {retries}{timeout}}}
+planner: {{backend: {backend}, seed: 3}}
+instrument:
+  simulator: simulators.surfaces:Branin
+  options: {{latency: {latency}, seed: 1}}
+"""
+
+
+def campaign_yaml(name: str = "crash", experiments: int = 100, *, latency: float = 0.2, backend: str = "sobol",
+                  concurrency: int = 16, retries: int = 20, timeout: float | None = None) -> str:
+    return CAMPAIGN.format(name=name, experiments=experiments, latency=latency, backend=backend,
+                           concurrency=concurrency, retries=retries,
+                           timeout=f", timeout: {timeout}" if timeout else "")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def start_daemon(cwd: Path, endpoint: str, control: str, *extra: str, log_name: str = "daemon") -> subprocess.Popen:
+    out = (cwd / f"{log_name}.out").open("a")
+    return subprocess.Popen([*CLI, "daemon", "c.yaml", "--bind", endpoint, "--store", "s.db", "--publish", "",
+                             "--control", control, "--heartbeat", "0.3", "--drain", "5", "--logfile",
+                             f"{log_name}.log", *extra], cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env())
+
+
+def start_worker(cwd: Path, endpoint: str, name: str, *extra: str, outbox: str | None = None) -> subprocess.Popen:
+    out = (cwd / f"{name}.out").open("a")
+    return subprocess.Popen([*CLI, "worker", "--connect", endpoint, "--name", name, "--outbox",
+                             outbox or f"{name}.outbox", "--journal", f"{name}.journal", "--heartbeat", "0.3",
+                             "--logfile", f"{name}.log", *extra], cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                            env=env())
+
+
+def kill9(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+def completed(store_path: Path) -> int:
+    """Completed trials, read the way a dashboard would (read-only, while the daemon writes)."""
+    if not store_path.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{store_path}?mode=ro", uri=True, timeout=5) as db:
+            return db.execute("SELECT count(*) FROM trial WHERE status = 'completed'").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def ran(outbox: Path) -> list[tuple[int, str]]:
+    """The station's own record of the runs it measured (written with its outbox entry)."""
+    with sqlite3.connect(outbox) as db:
+        return list(db.execute("SELECT trial_id, run_uid FROM ran"))

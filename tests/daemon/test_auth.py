@@ -1,0 +1,93 @@
+"""CurveZMQ: only stations whose public key is in the daemon's allowed directory can register or report."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+from closedloop import protocol
+from closedloop.daemon import control_request
+from closedloop.keys import ClientKeys, new_keypair
+from closedloop.store import Store
+from tests.daemon.procs import CLI, campaign_yaml, env, free_port, kill9, start_daemon, start_worker
+
+
+def test_keys_new_makes_a_pair_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    result = subprocess.run([*CLI, "keys", "new", "station-a", "--dir", str(tmp_path)], capture_output=True, text=True,
+                            env=env(), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "station-a.key").exists() and (tmp_path / "station-a.key_secret").exists()
+    assert (tmp_path / "station-a.key_secret").stat().st_mode & 0o077 == 0
+    again = subprocess.run([*CLI, "keys", "new", "station-a", "--dir", str(tmp_path)], capture_output=True, text=True,
+                           env=env(), timeout=60)
+    assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def test_non_loopback_without_keys_needs_insecure(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text(campaign_yaml("open", 1))
+    result = subprocess.run([*CLI, "daemon", "c.yaml", "--bind", f"tcp://0.0.0.0:{free_port()}", "--store", "s.db"],
+                            cwd=tmp_path, capture_output=True, text=True, env=env(), timeout=120)
+    assert result.returncode == 1
+    assert "--insecure" in result.stderr and "no keys" in result.stderr
+
+
+@pytest.mark.slow
+def test_station_without_the_right_key_cannot_register_or_report(tmp_path: Path) -> None:
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    for name in ("daemon", "good", "intruder"):
+        new_keypair(keys, name)
+    allowed.mkdir()
+    shutil.copy(keys / "good.key", allowed / "good.key")
+    (tmp_path / "c.yaml").write_text(campaign_yaml("curve", 6, latency=0.05))
+    port = free_port()
+    endpoint, control = f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{free_port()}"
+    daemon = start_daemon(tmp_path, endpoint, control, "--secret-key", str(keys / "daemon.key_secret"),
+                          "--allowed-keys", str(allowed))
+    intruder = start_worker(tmp_path, endpoint, "intruder", "--secret-key", str(keys / "intruder.key_secret"),
+                            "--server-key", str(keys / "daemon.key"))
+    context = zmq.Context()
+    good = None
+    try:
+        # a peer with an unknown key, and one speaking plain text, each try hello and a forged result
+        forged = protocol.encode(protocol.ResultMessage(trial_id=1, run_uid="forged", values={"y": 0.0}))
+        hello = protocol.encode(protocol.Hello(station="intruder-raw"))
+        rogue = context.socket(zmq.DEALER)
+        ClientKeys(keys / "intruder.key_secret", keys / "daemon.key").apply(rogue)
+        plain = context.socket(zmq.DEALER)
+        for sock in (rogue, plain):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(endpoint)
+            sock.send(hello)
+            sock.send(forged)
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            try:
+                status = control_request(control, "status", timeout_s=2)
+                break
+            except Exception:
+                time.sleep(0.3)
+        time.sleep(3)  # the intruder worker has had time to try (it heartbeats every 0.3 s)
+        status = control_request(control, "status")
+        assert status["stations"] == []
+        assert status["campaigns"][0]["finished"] == 0
+        for sock in (rogue, plain):
+            assert not sock.poll(100, zmq.POLLIN)  # never welcomed, never refused: the handshake failed
+
+        good = start_worker(tmp_path, endpoint, "good", "--secret-key", str(keys / "good.key_secret"),
+                            "--server-key", str(keys / "daemon.key"))
+        assert daemon.wait(timeout=120) == 0, (tmp_path / "daemon.out").read_text()[-2000:]
+    finally:
+        for proc in (daemon, intruder, good):
+            if proc is not None:
+                kill9(proc)
+        context.destroy(linger=0)
+    store = Store(tmp_path / "s.db")
+    campaign_id = store.campaign_row("curve").id
+    trials = store.trials(campaign_id)
+    assert len(trials) == 6 and {t.status for t in trials} == {"completed"} and {t.station for t in trials} == {"good"}
+    assert "forged" not in {o.run_uid for o in store.observations(campaign_id).values()}
