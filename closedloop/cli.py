@@ -45,7 +45,9 @@ def _setup_logging(verbose: bool, logfile: Path | None = None) -> None:
     handlers: list[logging.Handler] = []
     if logfile is not None:
         logfile.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(logfile))
+        from logging.handlers import RotatingFileHandler
+
+        handlers.append(RotatingFileHandler(logfile, maxBytes=20_000_000, backupCount=5))
     if verbose:
         handlers.append(logging.StreamHandler(sys.stderr))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", handlers=handlers
@@ -149,26 +151,44 @@ def daemon(
     campaign_files: list[Path] = typer.Argument(..., help="campaign YAML files to run"),
     bind: str = typer.Option("tcp://127.0.0.1:5701", help="ROUTER endpoint stations connect to"),
     store: Optional[Path] = typer.Option(None, help="store file or URL (default results/NAME.db of the first campaign)"),
-    logfile: Optional[Path] = typer.Option(None, help="log file"),
+    publish: str = typer.Option("tcp://127.0.0.1:5702", help="PUB endpoint streaming campaign events ('' for none)"),
+    control: str = typer.Option("tcp://127.0.0.1:5700", help="control endpoint for pause/resume/stop/cancel/status"),
+    secret_key: Optional[Path] = typer.Option(None, help="the daemon's CURVE secret key (NAME.key_secret)"),
+    allowed_keys: Optional[Path] = typer.Option(None, help="directory of station public keys allowed to connect"),
+    insecure: bool = typer.Option(False, "--insecure", help="allow a non-loopback endpoint without keys"),
+    heartbeat: float = typer.Option(1.0, help="station heartbeat interval in seconds"),
+    drain: float = typer.Option(60.0, help="on SIGTERM/stop, seconds to wait for results in flight"),
+    logfile: Optional[Path] = typer.Option(None, help="log file (rotated at 20 MB, 5 kept)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Run campaigns as a daemon serving station workers."""
+    """Run campaigns as a daemon serving station workers (SIGTERM: stop dispatching, drain, exit)."""
+    import signal
+
     campaigns = [_load(path) for path in campaign_files]
     _setup_logging(verbose, logfile)
     from closedloop.daemon import Daemon
+    from closedloop.keys import ServerKeys
     from closedloop.store import Store
 
+    if (secret_key is None) != (allowed_keys is None):
+        _fail("give both --secret-key and --allowed-keys, or neither", EXIT_BAD_INPUT)
     store_path = store or _default_store(campaigns[0])
     started = time.monotonic()
     try:
-        the_daemon = Daemon(Store(store_path), campaigns, bind=bind)
+        keys = ServerKeys(secret_key, allowed_keys) if secret_key and allowed_keys else None
+        the_daemon = Daemon(Store(store_path), campaigns, bind=bind, publish=publish or None, control=control or None,
+                            keys=keys, insecure=insecure, heartbeat_s=heartbeat, drain_s=drain)
     except ClosedLoopError as exc:
         _fail(str(exc))
-    console.print(f"daemon listening on {the_daemon.endpoint}; store {store_path}", highlight=False)
+    signal.signal(signal.SIGTERM, lambda *_: the_daemon.request_stop("SIGTERM"))
+    console.print(f"daemon listening on {the_daemon.endpoint}; events on {the_daemon.publish_endpoint}; "
+                  f"control on {the_daemon.control_endpoint}; store {store_path}", highlight=False)
     with ProgressView(campaigns[0]) as view:
         the_daemon.on_event = view
         try:
             the_daemon.serve()
+        except KeyboardInterrupt:
+            pass
         finally:
             the_daemon.close()
     for run_state in the_daemon.runs.values():
@@ -181,18 +201,34 @@ def worker(
     name: Optional[str] = typer.Option(None, help="station name (default HOST-PID)"),
     instrument: Optional[list[str]] = typer.Option(None, help="instrument import paths this station drives (default any)"),
     outbox: Optional[Path] = typer.Option(None, help="outbox file of unacknowledged results"),
+    campaign: Optional[list[str]] = typer.Option(None, help="campaigns this station serves (default any)"),
+    secret_key: Optional[Path] = typer.Option(None, help="this station's CURVE secret key (NAME.key_secret)"),
+    server_key: Optional[Path] = typer.Option(None, help="the daemon's CURVE public key (daemon.key)"),
+    journal: Optional[Path] = typer.Option(None, help="append the trial id and run uid of every measured trial here"),
+    heartbeat: float = typer.Option(1.0, help="heartbeat interval in seconds"),
+    logfile: Optional[Path] = typer.Option(None, help="log file (rotated at 20 MB, 5 kept)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run a station worker that executes trials for a daemon."""
-    _setup_logging(verbose)
+    import signal
+
+    _setup_logging(verbose, logfile)
+    from closedloop.keys import ClientKeys
     from closedloop.worker import StationWorker
 
-    station = StationWorker(connect, name=name, instruments=instrument or None, outbox=outbox)
+    if (secret_key is None) != (server_key is None):
+        _fail("give both --secret-key and --server-key, or neither", EXIT_BAD_INPUT)
+    keys = ClientKeys(secret_key, server_key) if secret_key and server_key else None
+    station = StationWorker(connect, name=name, instruments=instrument or None, campaigns=campaign or None,
+                            outbox=outbox, keys=keys, journal=journal, heartbeat_s=heartbeat)
+    signal.signal(signal.SIGTERM, lambda *_: station.stop())
     console.print(f"station {station.name} connecting to {connect}", highlight=False)
     try:
         station.run()
     except KeyboardInterrupt:
         station.stop()
+    if station.refused:
+        _fail(f"the daemon refused this station: {station.refused}")
 
 
 @app.command()
@@ -215,6 +251,99 @@ def validate(campaign_files: list[Path] = typer.Argument(..., help="campaign YAM
         console.print(f"    objectives: {objectives}; budget: {campaign.budget.experiments} experiments", highlight=False)
     if bad:
         raise typer.Exit(EXIT_BAD_INPUT)
+
+
+_CONTROL_HELP = "the daemon's control endpoint"
+
+
+def _control(endpoint: str, method: str, params: dict[str, Any]) -> dict[str, Any]:
+    from closedloop.daemon import control_request
+
+    reply = control_request(endpoint, method, params)
+    if not reply.get("success"):
+        _fail(reply.get("msg") or f"{method} failed")
+    return reply
+
+
+@app.command()
+def pause(
+    campaign: Optional[str] = typer.Argument(None, help="campaign name (default every campaign of the daemon)"),
+    control: str = typer.Option("tcp://127.0.0.1:5700", help=_CONTROL_HELP),
+) -> None:
+    """Dispatch nothing new; experiments in flight finish."""
+    console.print(_control(control, "pause", {"campaign": campaign} if campaign else {})["msg"], highlight=False)
+
+
+@app.command()
+def resume(
+    campaign: Optional[str] = typer.Argument(None, help="campaign name (default every campaign of the daemon)"),
+    control: str = typer.Option("tcp://127.0.0.1:5700", help=_CONTROL_HELP),
+) -> None:
+    """Dispatch again after a pause."""
+    console.print(_control(control, "resume", {"campaign": campaign} if campaign else {})["msg"], highlight=False)
+
+
+@app.command()
+def stop(control: str = typer.Option("tcp://127.0.0.1:5700", help=_CONTROL_HELP)) -> None:
+    """Stop the daemon gracefully: no new dispatch, wait for results in flight, exit."""
+    console.print(_control(control, "stop", {})["msg"], highlight=False)
+
+
+@app.command()
+def cancel(
+    trial: int = typer.Argument(..., help="trial number"),
+    campaign: Optional[str] = typer.Option(None, help="campaign name (needed when the daemon runs several)"),
+    control: str = typer.Option("tcp://127.0.0.1:5700", help=_CONTROL_HELP),
+) -> None:
+    """Cancel a trial: stop its run on the station and record it failed."""
+    import getpass
+
+    params: dict[str, Any] = {"trial": trial, "by": getpass.getuser()}
+    if campaign:
+        params["campaign"] = campaign
+    console.print(_control(control, "cancel", params)["msg"], highlight=False)
+
+
+@app.command()
+def health(control: str = typer.Option("tcp://127.0.0.1:5700", help=_CONTROL_HELP),
+           timeout: float = typer.Option(3.0, help="seconds to wait for the answer")) -> None:
+    """Exit 0 if the daemon answers from its loop, 1 if not (for monitoring)."""
+    from closedloop.daemon import health as check
+
+    reply = check(control, timeout)
+    console.print(json.dumps(reply), highlight=False)
+    if not reply.get("healthy"):
+        raise typer.Exit(1)
+
+
+keys_app = typer.Typer(help="CurveZMQ keys for the daemon and its stations (see docs/daemon.md).")
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("new")
+def keys_new(name: str = typer.Argument(..., help="key name, e.g. daemon or station-a"),
+             directory: Path = typer.Option(Path("keys"), "--dir", help="where to write NAME.key and NAME.key_secret")) -> None:
+    """Make a key pair: NAME.key (public, share it) and NAME.key_secret (keep it on this machine)."""
+    from closedloop.keys import new_keypair
+
+    public, secret = new_keypair(directory, name)
+    console.print(f"public key {public}\nsecret key {secret}", highlight=False)
+
+
+@app.command("bench-loop")
+def bench_loop(
+    experiments: int = typer.Option(100, help="experiments in the utilization run"),
+    stations: int = typer.Option(4, help="stations in the utilization run"),
+    seconds: float = typer.Option(1.0, help="duration of one experiment in the utilization run"),
+    intake: int = typer.Option(5000, help="results in the intake run"),
+    overhead: int = typer.Option(200, help="experiments in the overhead run"),
+    quick: bool = typer.Option(False, help="skip the utilization run (BoTorch, ~30 s)"),
+) -> None:
+    """Benchmark the loop: overhead per experiment, result intake, station utilization."""
+    from closedloop.bench.loop import main as bench
+
+    bench(experiments=experiments, stations=stations, seconds=seconds, intake=intake, overhead=overhead,
+          utilization=not quick, console=console)
 
 
 def main() -> None:
