@@ -69,17 +69,31 @@ def read_outputs(binding: InstrumentBinding, repeats: int | None = None) -> Plan
     return readings
 
 
+def md_key(name: str) -> str:
+    """A metadata key event-model accepts: no ``.`` or ``/`` (``Qtot(uL/min)`` -> ``Qtot(uL_min)``)."""
+    return name.replace(".", "_").replace("/", "_")
+
+
 def run_metadata(binding: InstrumentBinding, setpoints: Mapping[str, Any], md: Mapping[str, Any]) -> dict[str, Any]:
     """What the start document carries: the caller's ``md`` (campaign, trial id, planner metadata...),
-    the parameters and how the instrument turns readings into outputs."""
-    return {
+    the parameters and how the instrument turns readings into outputs.
+
+    The start document's schema refuses keys with ``.`` or ``/``; such parameter or output names are
+    written with ``_`` instead, and ``names`` maps each written key back to the campaign's name.
+    """
+    outputs = binding.describe_outputs()
+    renamed = {md_key(n): n for n in [*setpoints, *outputs] if md_key(n) != n}
+    out = {
         **md,
-        "parameters": dict(setpoints),
+        "parameters": {md_key(k): v for k, v in setpoints.items()},
         "instrument": binding.name,
-        "outputs": binding.describe_outputs(),
+        "outputs": {md_key(k): v for k, v in outputs.items()},
         "repeats": binding.repeats,
         "settle_time": binding.settle_time,
     }
+    if renamed:
+        out["names"] = renamed
+    return out
 
 
 def measure(binding: InstrumentBinding, setpoints: Mapping[str, Any], md: Mapping[str, Any]) -> Plan:

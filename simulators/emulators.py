@@ -125,6 +125,7 @@ class Emulator:
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.gaussian_process import GaussianProcessRegressor
         from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
+        from threadpoolctl import threadpool_limits
 
         data = spec.frame()
         x = spec.encode(data.to_dict("records"))
@@ -134,7 +135,8 @@ class Emulator:
                 length_scale=np.full(x.shape[1], 0.3), length_scale_bounds=(1e-2, 1e2), nu=2.5
             ) + WhiteKernel(1e-3, (1e-8, 1.0))
             model = GaussianProcessRegressor(kernel, normalize_y=True, n_restarts_optimizer=0, random_state=0)
-            with warnings.catch_warnings():
+            # One BLAS thread: these matrices are small, and threads only fight on a shared machine.
+            with warnings.catch_warnings(), threadpool_limits(1):
                 # An input the output ignores drives its length scale to the bound: expected, not a fault.
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 model.fit(x, data[output].to_numpy(dtype=float))
