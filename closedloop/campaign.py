@@ -36,7 +36,6 @@ import importlib
 import inspect
 import keyword
 import math
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -102,9 +101,10 @@ def parse_duration(value: Any) -> float:
 
 def _format_duration(seconds: float) -> str:
     for unit, size in (("h", 3600.0), ("min", 60.0)):
-        if seconds >= size and float(seconds / size).is_integer():
-            return f"{seconds / size:g} {unit}"
-    return f"{seconds:g} s"
+        if seconds >= size and float(seconds / size).is_integer() and seconds / size < 1e15:
+            return f"{int(seconds / size)} {unit}"
+    text = repr(float(seconds))  # the shortest text that reads back as the same number
+    return f"{text[:-2] if text.endswith('.0') else text} s"
 
 
 Duration = Annotated[
