@@ -32,9 +32,15 @@ def _load(path: Path) -> Campaign:
     try:
         return load_campaign(path)
     except CampaignFileError as exc:
-        for problem in exc.problems:
-            errors.print(f"[bold red]error:[/] {problem}", highlight=False, soft_wrap=True, markup=True)
+        _print_problems(exc)
         raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
+def _print_problems(exc: CampaignFileError) -> None:
+    from rich.markup import escape  # problems quote values such as [0, 1], which are not markup
+
+    for problem in exc.problems:
+        errors.print(f"[bold red]error:[/] {escape(str(problem))}", highlight=False, soft_wrap=True, markup=True)
 
 
 def _default_store(campaign: Campaign) -> Path:
@@ -233,24 +239,26 @@ def worker(
 
 @app.command()
 def validate(campaign_files: list[Path] = typer.Argument(..., help="campaign YAML files")) -> None:
-    """Check campaign files and summarize each valid one."""
+    """Check campaign files and summarize each valid one: parameters, objectives, budget, size of the space."""
     bad = False
     for path in campaign_files:
         try:
             campaign = load_campaign(path)
         except CampaignFileError as exc:
             bad = True
-            for problem in exc.problems:
-                errors.print(f"[bold red]error:[/] {problem}", highlight=False, soft_wrap=True)
+            _print_problems(exc)
             continue
-        objectives = ", ".join(f"{goal.goal} {name}" for name, goal in campaign.objectives.items())
         console.print(f"[green]ok[/] {path}: {campaign.name}", highlight=False)
-        for name, parameter in campaign.parameters.items():
-            detail = parameter.model_dump(exclude={"type"}, exclude_none=True)
-            console.print(f"    {name}: {parameter.type} {json.dumps(detail)}", highlight=False)
-        console.print(f"    objectives: {objectives}; budget: {campaign.budget.experiments} experiments", highlight=False)
+        for line in campaign.summary():
+            console.print(f"    {line}", highlight=False, markup=False, soft_wrap=True)
     if bad:
         raise typer.Exit(EXIT_BAD_INPUT)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of campaign files, for editors that check YAML as it is typed."""
+    print(json.dumps(Campaign.json_schema(), indent=2))
 
 
 _CONTROL_HELP = "the daemon's control endpoint"
