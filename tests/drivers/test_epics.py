@@ -1,0 +1,140 @@
+"""A short campaign through the EPICS binding against a real caproto IOC on loopback, in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ophyd.utils.errors import LimitError
+
+from closedloop.campaign import Campaign
+from closedloop.daemon import run_embedded
+from closedloop.store import Store
+from drivers.binding import load_binding
+from simulators.surfaces import branin
+
+pytest.importorskip("caproto")
+
+ROOT = Path(__file__).resolve().parents[2]
+IOC_LIMITS = {"x1": (-5.0, 5.0), "x2": (0.0, 15.0)}  # x1 narrower than the campaign's [-5, 10]
+
+
+def free_ca_port() -> int:
+    """A port free for both TCP and UDP (Channel Access searches over UDP, serves over TCP)."""
+    for _ in range(50):
+        with socket.socket() as tcp:
+            tcp.bind(("127.0.0.1", 0))
+            port = tcp.getsockname()[1]
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                    udp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port for Channel Access")
+
+
+@pytest.fixture
+def ioc(monkeypatch, tmp_path):
+    """The simulated stage IOC in a subprocess, reachable only on loopback; yields its PV prefix."""
+    server_port, repeater_port = free_ca_port(), free_ca_port()
+    env = {
+        "EPICS_CA_ADDR_LIST": "127.0.0.1", "EPICS_CA_AUTO_ADDR_LIST": "NO",
+        "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1", "EPICS_CAS_BEACON_ADDR_LIST": "127.0.0.1",
+        "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO",
+        "EPICS_CA_SERVER_PORT": str(server_port), "EPICS_CAS_SERVER_PORT": str(server_port),
+        "EPICS_CA_REPEATER_PORT": str(repeater_port),
+    }
+    for key, value in env.items():  # this process's Channel Access client reads them too
+        monkeypatch.setenv(key, value)
+    prefix = f"cl{uuid.uuid4().hex[:6]}:"
+    limits = [f"--limit={name}={low}:{high}" for name, (low, high) in IOC_LIMITS.items()]
+    log = (tmp_path / "ioc.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "simulators.epics_ioc", "--prefix", prefix, *limits, "--velocity", "100"],
+        cwd=ROOT, env={**os.environ, **env, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT,
+    )
+    from caproto.sync.client import read
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            read(f"{prefix}det:value", timeout=0.5)
+            break
+        except Exception:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"IOC did not start: {(tmp_path / 'ioc.log').read_text()[-2000:]}")
+    try:
+        yield prefix
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+CAMPAIGN = """
+name: epics-stage
+parameters:
+  x1: {{type: continuous, bounds: [-5, 10]}}
+  x2: {{type: continuous, bounds: [0, 15]}}
+objectives:
+  y: {{goal: minimize}}
+budget: {{experiments: 5}}
+planner: {{backend: sobol, seed: 3}}
+instrument:
+  driver: drivers.epics_motor:Stage
+  options: {{prefix: "{prefix}"}}
+"""
+
+
+@pytest.mark.slow
+def test_campaign_moves_the_ioc_to_each_setpoint_and_never_sends_an_out_of_limits_one(ioc, tmp_path):
+    from caproto.sync.client import read
+
+    campaign = Campaign.from_yaml_text(CAMPAIGN.format(prefix=ioc))
+    store = Store(tmp_path / "store.db")
+    try:
+        run = run_embedded(campaign, store, outbox=str(tmp_path / "outbox.db"))
+        trials = store.trials(run.id)
+        observations = store.observations(run.id)
+    finally:
+        store.close()
+
+    assert len(trials) == 5
+    inside = [t for t in trials if IOC_LIMITS["x1"][0] <= t.parameters["x1"] <= IOC_LIMITS["x1"][1]]
+    outside = [t for t in trials if t not in inside]
+    assert inside and outside, "seed 3 proposes points on both sides of the IOC's x1 limit"
+    for trial in outside:
+        assert trial.status == "failed"
+        assert "refused by x1" in trial.error and "x1=" in trial.error
+    for trial in inside:
+        assert trial.status == "completed"
+        expected = branin(np.array([trial.parameters["x1"], trial.parameters["x2"]]))
+        assert observations[trial.id].values["y"] == pytest.approx(expected, rel=1e-3, abs=1e-3)
+
+    # Every value ever written to the motors' .VAL, in order: exactly the accepted setpoints.
+    puts = {axis: list(read(f"{ioc}{axis}:puts").data) for axis in IOC_LIMITS}
+    for axis in IOC_LIMITS:
+        assert puts[axis] == pytest.approx([t.parameters[axis] for t in inside], abs=1e-9)
+        assert all(IOC_LIMITS[axis][0] <= v <= IOC_LIMITS[axis][1] for v in puts[axis])
+        readback = float(read(f"{ioc}{axis}.RBV").data[0])
+        assert readback == pytest.approx(inside[-1].parameters[axis], abs=1e-6)
+
+    # The second line of defence: the ophyd device itself refuses, even when the pre-flight is skipped.
+    binding = load_binding("drivers.epics_motor:Stage", {"prefix": ioc})
+    assert binding.positioners["x1"].limits == IOC_LIMITS["x1"]
+    with pytest.raises(LimitError):
+        binding.positioners["x1"].set(7.5)
+    assert list(read(f"{ioc}x1:puts").data) == pytest.approx(puts["x1"])
