@@ -9,16 +9,50 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import click
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from typer.core import TyperGroup
 
 from closedloop.campaign import Campaign, CampaignFileError, load_campaign
 from closedloop.errors import ClosedLoopError
+from closedloop.view import ProgressView
+from closedloop.view import format_values as _format_values
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Closed-loop autonomous experimentation engine.")
 console = Console()
 errors = Console(stderr=True)
+
+
+class _Commands(TyperGroup):
+    """Every command's unexpected error becomes one line and exit code 1; ``--debug`` shows the traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, typer.Exit, click.exceptions.Abort, click.ClickException):  # typer.Exit is no click Exit
+            raise
+        except KeyboardInterrupt:
+            errors.print("interrupted", highlight=False)
+            raise typer.Exit(130) from None
+        except Exception as exc:
+            if ctx.params.get("debug"):
+                raise
+            if isinstance(exc, ClosedLoopError):
+                message = str(exc)
+            else:
+                message = f"{type(exc).__name__}: {exc} (run with --debug for the traceback)"
+            for line in message.splitlines() or [type(exc).__name__]:
+                errors.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True, markup=True)
+            raise typer.Exit(1) from None
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Closed-loop autonomous experimentation engine.",
+                  cls=_Commands, pretty_exceptions_enable=False)
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="show the full traceback of an error")) -> None:
+    """Closed-loop autonomous experimentation engine."""
 
 EXIT_BAD_INPUT = 2
 
@@ -60,59 +94,6 @@ def _setup_logging(verbose: bool, logfile: Path | None = None) -> None:
                         or [logging.NullHandler()], force=True)
 
 
-def _format_values(values: dict[str, Any] | None) -> str:
-    if not values:
-        return "-"
-    return ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
-
-
-class ProgressView:
-    """Live progress: a bar over the budget and the best so far on a terminal; one line per event otherwise."""
-
-    def __init__(self, campaign: Campaign):
-        self.campaign = campaign
-        self.live = console.is_terminal
-        self.progress: Progress | None = None
-        self.task: Any = None
-        self.best = "-"
-
-    def __enter__(self) -> ProgressView:
-        if self.live:
-            self.progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TextColumn("best {task.fields[best]}"), console=console,
-            )
-            self.progress.start()
-            self.task = self.progress.add_task(self.campaign.name, total=self.campaign.budget.experiments, best="-")
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-    def __call__(self, kind: str, details: dict[str, Any]) -> None:
-        if kind in ("trial_completed", "trial_failed"):
-            best = details.get("best")
-            if best:
-                self.best = f"{_format_values(best['values'])} (#{best['trial']})"
-            if self.progress is not None:
-                self.progress.update(self.task, completed=details["finished"], best=self.best)
-                line = (f"  #{details['trial']:>3} {_format_values(details.get('values'))}"
-                        if kind == "trial_completed" else f"  #{details['trial']:>3} failed: {details['error']}")
-                self.progress.console.print(line, highlight=False)
-            else:
-                total = self.campaign.budget.experiments
-                outcome = _format_values(details.get("values")) if kind == "trial_completed" else f"failed: {details['error']}"
-                console.print(f"[{details['finished']}/{total}] experiment {details['trial']}: {outcome}; best {self.best}",
-                              highlight=False)
-        elif kind == "campaign_started" and details.get("finished"):
-            console.print(f"resuming {details['campaign']}: {details['finished']} experiments already done", highlight=False)
-            if self.progress is not None:
-                self.progress.update(self.task, completed=details["finished"])
-        elif kind == "goal_reached":
-            console.print(f"goal reached: {details['rule']}", highlight=False)
-
-
 def _summary(campaign: Campaign, store_path: Path, run: Any, seconds: float) -> None:
     counts = run.store.counts(run.id)
     best = run.planner.best()
@@ -145,7 +126,7 @@ def run(
     started = time.monotonic()
     try:
         the_store = Store(store_path)
-        with ProgressView(campaign) as view:
+        with ProgressView(campaign, the_store, console) as view:
             result = run_embedded(campaign, the_store, outbox=str(store_path) + ".outbox", on_event=view)
     except ClosedLoopError as exc:
         _fail(str(exc))
@@ -189,7 +170,7 @@ def daemon(
     signal.signal(signal.SIGTERM, lambda *_: the_daemon.request_stop("SIGTERM"))
     console.print(f"daemon listening on {the_daemon.endpoint}; events on {the_daemon.publish_endpoint}; "
                   f"control on {the_daemon.control_endpoint}; store {store_path}", highlight=False)
-    with ProgressView(campaigns[0]) as view:
+    with ProgressView(campaigns, the_daemon.store, console) as view:
         the_daemon.on_event = view
         try:
             the_daemon.serve()
@@ -259,6 +240,303 @@ def validate(campaign_files: list[Path] = typer.Argument(..., help="campaign YAM
 def schema() -> None:
     """Print the JSON Schema of campaign files, for editors that check YAML as it is typed."""
     print(json.dumps(Campaign.json_schema(), indent=2))
+
+
+# -- what a scientist sees (issue 7): status, list, show, export, people in the loop, report ---------
+
+_STORE_HELP = "store file or URL (default results/NAME.db, else the results/*.db that holds the campaign)"
+
+
+def _find_store(campaign: str | None, store: str | None) -> tuple[Any, str | None]:
+    """The store to read and the campaign's name in it; never creates a store file by looking for one."""
+    from closedloop.errors import StoreError
+    from closedloop.store import Store
+
+    if store is not None:
+        if "://" not in store and not Path(store).exists():
+            raise StoreError(f"no store {store}")
+        return Store(store), campaign
+    if campaign is None:
+        found = sorted(Path("results").glob("*.db"))
+        if len(found) != 1:
+            raise StoreError("give --store: " + (f"{len(found)} stores in results/" if found else "no results/*.db here"))
+        return Store(found[0]), None
+    candidates = [Path("results") / f"{campaign}.db"] + sorted(Path("results").glob("*.db"))
+    for path in dict.fromkeys(candidates):
+        if path.exists():
+            the_store = Store(path)
+            if any(row.name == campaign for row in the_store.campaigns()):
+                return the_store, campaign
+            the_store.close()
+    raise StoreError(f"no campaign {campaign!r} in results/*.db; give --store")
+
+
+def _open_campaign(campaign: str, store: str | None) -> tuple[Any, str]:
+    """For commands that may start a campaign: CAMPAIGN is a campaign file or the name of a stored one."""
+    from closedloop.store import Store
+
+    if campaign.endswith((".yaml", ".yml")) or Path(campaign).is_file():
+        spec = _load(Path(campaign))
+        the_store = Store(store or _default_store(spec))
+        the_store.open_campaign(spec)
+        return the_store, spec.name
+    the_store, name = _find_store(campaign, store)
+    return the_store, name or campaign
+
+
+def _campaign_names(the_store: Any, campaign: str | None) -> list[str]:
+    return [campaign] if campaign else [row.name for row in the_store.campaigns()]
+
+
+@app.command()
+def status(
+    campaign: Optional[str] = typer.Argument(None, help="campaign name (default every campaign in the store)"),
+    store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+) -> None:
+    """Where a campaign stands: progress, experiments in flight, best so far, last results."""
+    from closedloop.view import Snapshot
+
+    the_store, name = _find_store(campaign, store)
+    names = _campaign_names(the_store, name)
+    if not names:
+        _fail(f"no campaign in {the_store.location}")
+    for each in names:
+        snap = Snapshot.from_store(the_store, each)
+        if console.is_terminal:
+            console.print(snap)
+        else:
+            for line in snap.lines():
+                console.print(line, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def watch(
+    campaign: Optional[str] = typer.Argument(None, help="campaign name (default the only one in the store)"),
+    store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+    interval: float = typer.Option(1.0, help="seconds between looks at the store"),
+    timeout: Optional[float] = typer.Option(None, help="stop watching after this many seconds"),
+) -> None:
+    """Follow a campaign from another terminal until it completes (Ctrl-C to stop watching)."""
+    from closedloop.view import watch as follow
+
+    the_store, name = _find_store(campaign, store)
+    names = _campaign_names(the_store, name)
+    if len(names) != 1:
+        _fail(f"name the campaign to watch: {', '.join(names) or 'none'} in {the_store.location}")
+    try:
+        follow(the_store, names[0], console, interval_s=interval, timeout_s=timeout)
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command("list")
+def list_campaigns(store: Optional[list[str]] = typer.Option(None, help="stores to list (default results/*.db)")) -> None:
+    """The campaigns in the stores: status, experiments done, best so far."""
+    from rich.table import Table
+
+    from closedloop.store import Store
+    from closedloop.view import Snapshot
+
+    locations = store or [str(p) for p in sorted(Path("results").glob("*.db"))]
+    if not locations:
+        _fail("no stores in results/; give --store")
+    table = Table(box=None, header_style="bold")
+    for column in ("campaign", "status", "done", "best", "started", "store"):
+        table.add_column(column)
+    for location in locations:
+        if "://" not in location and not Path(location).exists():
+            _fail(f"no store {location}")
+        the_store = Store(location)
+        for row in the_store.campaigns():
+            snap = Snapshot.from_store(the_store, row.name, recent=0)
+            best = (f"{snap.objective}={snap.best.values[snap.objective]:.6g} (#{snap.best.index})"
+                    if snap.best and snap.best.values else "-")
+            started = f"{snap.started.astimezone():%Y-%m-%d %H:%M}" if snap.started else "-"
+            table.add_row(row.name, row.status, f"{snap.finished}/{snap.budget}", best, started, location)
+    console.print(table, width=None if console.is_terminal else 200)
+
+
+@app.command()
+def show(
+    campaign: str = typer.Argument(..., help="campaign name"),
+    store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+) -> None:
+    """The campaign's trials as a table: parameters, outputs, status, station and errors."""
+    from rich.table import Table
+
+    from closedloop.view import trial_records
+
+    the_store, name = _find_store(campaign, store)
+    spec = the_store.campaign(name)
+    records = trial_records(the_store, name)
+    table = Table(title=f"{name}: {len(records)} trials", box=None, header_style="bold", title_justify="left")
+    columns = ["trial", "status", *spec.parameters, *spec.outputs, "station", "error"]
+    for column in columns:
+        table.add_column(column, justify="right" if column in spec.outputs or column == "trial" else "left")
+    for record in records:
+        cells = []
+        for column in columns:
+            value = record.get(column)
+            cells.append("" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value))
+        table.add_row(*cells, style="red" if record["status"] in ("failed", "abandoned") else None)
+    console.print(table, width=None if console.is_terminal else 200)
+
+
+@app.command()
+def export(
+    campaign: str = typer.Argument(..., help="campaign name"),
+    format: str = typer.Option("csv", "--format", "-f", help="csv, parquet or json"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="file to write (default NAME.FORMAT; - for stdout)"),
+    store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+) -> None:
+    """Write the campaign's trials as a table (one row per trial, parameters and outputs as columns)."""
+    import pandas as pd
+
+    from closedloop.view import trial_records
+
+    if format not in ("csv", "parquet", "json"):
+        _fail(f"--format {format}: use csv, parquet or json", EXIT_BAD_INPUT)
+    the_store, name = _find_store(campaign, store)
+    frame = pd.DataFrame(trial_records(the_store, name))
+    target = output or Path(f"{name}.{format}")
+    if str(target) == "-":
+        if format == "parquet":
+            _fail("parquet is binary: give --output FILE", EXIT_BAD_INPUT)
+        sys.stdout.write(frame.to_csv(index=False) if format == "csv" else frame.to_json(orient="records", indent=1))
+        return
+    if format == "csv":
+        frame.to_csv(target, index=False)
+    elif format == "json":
+        frame.to_json(target, orient="records", indent=1)
+    else:
+        try:
+            frame.to_parquet(target, index=False)
+        except ImportError:
+            _fail("parquet needs pyarrow: pip install pyarrow")
+    console.print(f"wrote {len(frame)} trials to {target}", highlight=False)
+
+
+def _print_trials(rows: list[Any], header: str) -> None:
+    console.print(header, highlight=False)
+    for row in rows:
+        console.print(f"  #{row.index:>3}  {_format_values(row.parameters)}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def suggest(
+    campaign: str = typer.Argument(..., help="campaign file or stored campaign name"),
+    n: int = typer.Option(1, "-n", help="how many experiments to propose"),
+    store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+) -> None:
+    """Propose the next experiments to run by hand and record them as pending."""
+    from closedloop import hitl
+
+    the_store, name = _open_campaign(campaign, store)
+    rows = hitl.suggest(the_store, name, n)
+    _print_trials(rows, f"{name}: {len(rows)} experiment(s) to run by hand; report results with "
+                        f"`closedloop tell {name} TRIAL OUTPUT=VALUE`")
+
+
+@app.command()
+def tell(
+    campaign: str = typer.Argument(..., help="campaign name"),
+    trial: Optional[int] = typer.Argument(None, help="trial number (as shown by suggest)"),
+    values: Optional[list[str]] = typer.Argument(None, help="measured outputs as OUTPUT=VALUE"),
+    csv: Optional[Path] = typer.Option(None, "--csv", help="CSV of results: a trial column and one per output"),
+    store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+) -> None:
+    """Record results of experiments done by hand."""
+    from closedloop import hitl
+
+    the_store, name = _find_store(campaign, store)
+    assert name is not None
+    if csv is not None:
+        if trial is not None or values:
+            _fail("give either --csv or TRIAL OUTPUT=VALUE, not both", EXIT_BAD_INPUT)
+        rows = hitl.tell_csv(the_store, name, csv)
+        console.print(f"{name}: recorded {len(rows)} result(s) from {csv}", highlight=False)
+        return
+    if trial is None or not values:
+        _fail("give TRIAL OUTPUT=VALUE ... or --csv FILE", EXIT_BAD_INPUT)
+    row = hitl.tell(the_store, name, trial, hitl._assignments(values or []))
+    console.print(f"{name}: recorded trial #{row.index}", highlight=False)
+
+
+@app.command()
+def approve(
+    campaign: str = typer.Argument(..., help="campaign name"),
+    trial: int = typer.Argument(..., help="trial number held for approval"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="edit a parameter within its limits: NAME=VALUE"),
+    store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+) -> None:
+    """Let a held proposal run, as proposed or edited within the campaign's limits."""
+    from closedloop import hitl
+
+    the_store, name = _find_store(campaign, store)
+    assert name is not None
+    row = hitl.approve(the_store, name, trial, hitl._assignments(set_ or []))
+    console.print(f"{name}: trial #{row.index} approved: {_format_values(row.parameters)}", highlight=False,
+                  soft_wrap=True)
+
+
+@app.command()
+def reject(
+    campaign: str = typer.Argument(..., help="campaign name"),
+    trial: int = typer.Argument(..., help="trial number held for approval"),
+    store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+) -> None:
+    """Refuse a proposal: it is recorded as failed, and the planner steers away from it."""
+    from closedloop import hitl
+
+    the_store, name = _find_store(campaign, store)
+    assert name is not None
+    row = hitl.reject(the_store, name, trial)
+    console.print(f"{name}: trial #{row.index} {row.error}", highlight=False)
+
+
+@app.command("import")
+def import_(
+    campaign: str = typer.Argument(..., help="campaign file or stored campaign name"),
+    results: Path = typer.Argument(..., help="CSV: one column per parameter and per output"),
+    store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+) -> None:
+    """Seed a campaign with past experiments; nothing is written if any row is bad."""
+    from closedloop import hitl
+
+    if campaign.endswith((".yaml", ".yml")) or Path(campaign).is_file():
+        from closedloop.store import Store
+
+        spec = _load(Path(campaign))
+        the_store, target = Store(store or _default_store(spec)), spec
+    else:
+        the_store, name = _find_store(campaign, store)
+        target = the_store.campaign(name)
+    try:
+        summary = hitl.import_csv(the_store, target, results)
+    except hitl.DataError as exc:
+        for problem in exc.problems:
+            errors.print(f"[bold red]error:[/] {problem}", highlight=False, soft_wrap=True)
+        errors.print(f"nothing imported: {len(exc.problems)} problem(s)", highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    console.print(f"{target.name}: imported {len(summary.trials)} experiments from {results}"
+                  + (f" (ignored columns: {', '.join(summary.ignored_columns)})" if summary.ignored_columns else ""),
+                  highlight=False)
+
+
+@app.command()
+def report(
+    campaign: str = typer.Argument(..., help="campaign name"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="HTML file (default reports/NAME/report.html)"),
+    store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+) -> None:
+    """Write a self-contained HTML report with its figures (PNG) beside it."""
+    from closedloop.report import write_report
+
+    the_store, name = _find_store(campaign, store)
+    assert name is not None
+    started = time.monotonic()
+    path = write_report(the_store, name, output or Path("reports") / name / "report.html")
+    console.print(f"wrote {path} in {time.monotonic() - started:.1f} s", highlight=False)
 
 
 _CONTROL_HELP = "the daemon's control endpoint"

@@ -1,0 +1,395 @@
+"""People in the loop: experiments proposed for hand execution, results told by hand, approval of
+proposals, and past experiments imported from a table.
+
+Every function here works on a :class:`~closedloop.store.Store` and a campaign name, so the command
+line and a notebook do exactly the same thing.
+
+Example:
+    >>> store = Store("results/branin.db")                          # doctest: +SKIP
+    >>> trials = suggest(store, campaign, n=2)                     # doctest: +SKIP
+    >>> tell(store, "branin", trials[0].index, {"y": 3.2})         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import getpass
+import logging
+import math
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from closedloop.campaign import (
+    Campaign,
+    CategoricalParameter,
+    ContinuousParameter,
+    DiscreteParameter,
+    FixedParameter,
+    IntegerParameter,
+)
+from closedloop.errors import CampaignError, StoreError
+from closedloop.planner import make_planner
+from closedloop.store import Store, TrialRow, TrialStatus
+
+log = logging.getLogger("closedloop.hitl")
+
+MANUAL = "manual"  # planner metadata "execution" marker: a person runs this trial, not a station
+
+# columns an exported table carries besides parameters and outputs; an import ignores them
+EXPORT_COLUMNS = ("trial", "status", "station", "error", "run_uid", "generator", "proposed_at", "dispatched_at",
+                  "finished_at", "duration_s", "attempts", "execution")
+
+
+class DataError(CampaignError):
+    """Values given by a person (on the command line or in a table) do not fit the campaign.
+
+    ``problems`` holds one line per bad value: row, column, value and why.
+    """
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def user() -> str:
+    """Who is acting, for the record (``rejected by <user>``)."""
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in some containers
+        return "unknown"
+
+
+# -- values ---------------------------------------------------------------------------------------
+
+
+def parse_value(campaign: Campaign, name: str, text: Any) -> Any:
+    """``text`` converted to parameter ``name``'s declared type and checked against its limits.
+
+    Raises ValueError with the reason (the caller adds where it came from).
+    """
+    p = campaign.parameters[name]
+    if isinstance(p, CategoricalParameter):
+        for allowed in p.values:
+            if text == allowed or str(text).strip() == str(allowed):
+                return allowed
+        raise ValueError(f"is not one of {', '.join(map(str, p.values))}")
+    if isinstance(p, FixedParameter):
+        if text == p.value or str(text).strip() == str(p.value):
+            return p.value
+        try:
+            if float(text) == float(p.value):
+                return p.value
+        except (TypeError, ValueError):
+            pass
+        raise ValueError(f"is fixed at {p.value}")
+    number = _number(text)
+    if isinstance(p, IntegerParameter):
+        if number != round(number):
+            raise ValueError("is not an integer")
+        number = int(round(number))
+    if isinstance(p, DiscreteParameter):
+        if number not in p.values:
+            raise ValueError(f"is not one of the allowed values {', '.join(f'{v:g}' for v in p.values)}")
+        return number
+    low, high = p.bounds  # type: ignore[union-attr]
+    if not low <= number <= high:
+        raise ValueError(f"is outside the bounds [{low:g}, {high:g}]")
+    return number if isinstance(p, IntegerParameter) else float(number)
+
+
+def _number(text: Any) -> float:
+    if isinstance(text, bool):
+        raise ValueError("is not a number")
+    try:
+        number = float(text)
+    except (TypeError, ValueError):
+        raise ValueError("is not a number") from None
+    if not math.isfinite(number):
+        raise ValueError("is not a finite number")
+    return number
+
+
+def parse_output(text: Any) -> float:
+    """A measured value: a finite number."""
+    return _number(text)
+
+
+def check_constraints(campaign: Campaign, parameters: dict[str, Any]) -> list[str]:
+    """One message per linear constraint the parameters break."""
+    broken = []
+    for c in campaign.linear_constraints:
+        total = sum(coefficient * float(parameters[name]) for name, coefficient in c.coefficients.items())
+        tolerance = 1e-9 * max(1.0, abs(c.rhs))
+        ok = {"<=": total <= c.rhs + tolerance, ">=": total >= c.rhs - tolerance,
+              "==": abs(total - c.rhs) <= max(tolerance, 1e-6 * max(1.0, abs(c.rhs)))}[c.op]
+        if not ok:
+            broken.append(f"breaks constraint {c.text!r} (left side is {total:g})")
+    return broken
+
+
+def _assignments(pairs: Iterable[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise DataError([f"{pair!r}: write NAME=VALUE"])
+        out[name.strip()] = value.strip()
+    return out
+
+
+# -- lookups ----------------------------------------------------------------------------------------
+
+
+def trial_by_index(store: Store, campaign_id: int, index: int) -> TrialRow:
+    """The trial numbered ``index`` (as shown to people: #1, #2, ...) in a campaign."""
+    for trial in store.trials(campaign_id):
+        if trial.index == index:
+            return trial
+    raise StoreError(f"campaign has no trial #{index}")
+
+
+def is_manual(trial: TrialRow) -> bool:
+    return trial.planner.get("execution") == MANUAL
+
+
+# -- suggest and tell ------------------------------------------------------------------------------
+
+
+def suggest(store: Store, campaign: Campaign | str, n: int = 1) -> list[TrialRow]:
+    """Ask the campaign's planner for ``n`` experiments to run by hand and record them as pending.
+
+    Trials already open (pending, held, in flight) are passed to the planner as pending so it does
+    not propose them again. The new trials are ``proposed`` with ``execution: manual`` in their
+    planner metadata, so a daemon leaves them to the person.
+    """
+    if n < 1:
+        raise DataError([f"-n {n}: ask for at least one proposal"])
+    if isinstance(campaign, str):
+        campaign = store.campaign(campaign)
+    campaign_id = store.open_campaign(campaign)
+    planner = make_planner(campaign)
+    planner.ingest(store.results(campaign_id))
+    open_trials = store.trials(campaign_id, [TrialStatus.proposed.value, TrialStatus.dispatched.value,
+                                             TrialStatus.held.value])
+    proposals = planner.suggest(n, pending=[t.parameters for t in open_trials])
+    rows = store.add_trials(campaign_id, [(p.parameters, {**p.metadata, "execution": MANUAL, "suggested_by": user()})
+                                          for p in proposals])
+    for row in rows:
+        log.info("campaign=%s trial=%s suggested for hand execution parameters=%s", campaign.name, row.index,
+                 row.parameters)
+    return rows
+
+
+def tell(store: Store, campaign_name: str, index: int, values: dict[str, Any],
+         duration_s: float | None = None) -> TrialRow:
+    """Record the measured ``values`` of trial ``index``, run by hand, like any station result.
+
+    The result gets a synthetic run uid ``manual-<uuid>``. Raises :class:`DataError` when an output
+    is missing, unknown or not a finite number.
+    """
+    campaign = store.campaign(campaign_name)
+    campaign_id = store.campaign_row(campaign_name).id
+    assert campaign_id is not None
+    trial = trial_by_index(store, campaign_id, index)
+    parsed = _check_outputs(campaign, values, f"trial #{index}")
+    if trial.status == TrialStatus.held.value:
+        raise StoreError(f"trial #{index} is held for approval; approve it before telling its result")
+    assert trial.id is not None
+    store.record_result(trial.id, f"manual-{uuid.uuid4()}", parsed, duration_s=duration_s)
+    log.info("campaign=%s trial=%s completed by hand values=%s", campaign.name, index, parsed)
+    return store.trial(trial.id)
+
+
+def _check_outputs(campaign: Campaign, values: dict[str, Any], where: str) -> dict[str, float]:
+    problems: list[str] = []
+    parsed: dict[str, float] = {}
+    for name, text in values.items():
+        if name not in campaign.outputs:
+            problems.append(f"{where}: {name!r} is not an output of {campaign.name} (outputs: {', '.join(campaign.outputs)})")
+            continue
+        try:
+            parsed[name] = parse_output(text)
+        except ValueError as exc:
+            problems.append(f"{where}: {name}={text!r} {exc}")
+    missing = [name for name in campaign.outputs if name not in values]
+    if missing:
+        problems.append(f"{where}: missing output {', '.join(missing)}")
+    if problems:
+        raise DataError(problems)
+    return parsed
+
+
+def tell_csv(store: Store, campaign_name: str, path: Path) -> list[TrialRow]:
+    """Results of several hand-run trials from a CSV with a ``trial`` column and one per output.
+
+    Every row is checked before any is stored.
+    """
+    campaign = store.campaign(campaign_name)
+    campaign_id = store.campaign_row(campaign_name).id
+    assert campaign_id is not None
+    header, rows = _read_csv(path)
+    if "trial" not in header:
+        raise DataError([f"{path}: no 'trial' column (columns: {', '.join(header)})"])
+    problems: list[str] = []
+    checked: list[tuple[TrialRow, dict[str, float]]] = []
+    by_index = {t.index: t for t in store.trials(campaign_id)}
+    for number, row in rows:
+        where = f"{path} row {number}"
+        try:
+            index = int(row["trial"])
+            trial = by_index[index]
+        except (ValueError, KeyError):
+            problems.append(f"{where}, column trial: {row['trial']!r} is not a trial of {campaign.name}")
+            continue
+        if trial.status not in (TrialStatus.proposed.value, TrialStatus.dispatched.value):
+            problems.append(f"{where}, column trial: trial #{index} is {trial.status}; it takes no result")
+            continue
+        try:
+            values = _check_outputs(campaign, {k: row.get(k, "") for k in campaign.outputs}, where)
+        except DataError as exc:
+            problems.extend(exc.problems)
+            continue
+        checked.append((trial, values))
+    if problems:
+        raise DataError(problems)
+    for trial, values in checked:
+        assert trial.id is not None
+        store.record_result(trial.id, f"manual-{uuid.uuid4()}", values)
+    return [store.trial(t.id) for t, _ in checked]  # type: ignore[arg-type]
+
+
+# -- approval --------------------------------------------------------------------------------------
+
+
+def approve(store: Store, campaign_name: str, index: int, edits: dict[str, Any] | None = None,
+            by: str | None = None) -> TrialRow:
+    """Let a held proposal run, with parameters edited within the campaign's limits if ``edits``."""
+    campaign = store.campaign(campaign_name)
+    campaign_id = store.campaign_row(campaign_name).id
+    assert campaign_id is not None
+    trial = trial_by_index(store, campaign_id, index)
+    parameters = None
+    if edits:
+        parameters = dict(trial.parameters)
+        problems = []
+        for name, text in edits.items():
+            if name not in campaign.parameters:
+                problems.append(f"--set {name}: not a parameter of {campaign.name} "
+                                f"(parameters: {', '.join(campaign.parameters)})")
+                continue
+            try:
+                parameters[name] = parse_value(campaign, name, text)
+            except ValueError as exc:
+                problems.append(f"--set {name}={text}: {exc}")
+        if not problems:
+            problems = [f"--set: {message}" for message in check_constraints(campaign, parameters)]
+        if problems:
+            raise DataError(problems)
+    assert trial.id is not None
+    row = store.approve_held(trial.id, by or user(), parameters)
+    log.info("campaign=%s trial=%s approved by %s parameters=%s", campaign.name, index, by or user(), row.parameters)
+    return row
+
+
+def reject(store: Store, campaign_name: str, index: int, by: str | None = None) -> TrialRow:
+    """Refuse a held (or pending) proposal: it is stored as failed, ``rejected by <user>``."""
+    campaign_id = store.campaign_row(campaign_name).id
+    assert campaign_id is not None
+    trial = trial_by_index(store, campaign_id, index)
+    assert trial.id is not None
+    row = store.reject(trial.id, by or user())
+    log.info("campaign=%s trial=%s %s", campaign_name, index, row.error)
+    return row
+
+
+# -- import ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImportSummary:
+    trials: list[TrialRow]
+    ignored_columns: list[str]
+
+
+def import_csv(store: Store, campaign: Campaign | str, path: Path) -> ImportSummary:
+    """Seed a campaign with past experiments from a CSV: one column per parameter and per output.
+
+    Fixed parameters may be left out. Extra columns of an export (trial, status, ...) are ignored;
+    a ``status`` of ``failed`` imports the row as a failed experiment (with its ``error``). Every
+    bad cell is reported (row, column, value, why) and nothing is written if any is bad.
+    """
+    if isinstance(campaign, str):
+        campaign = store.campaign(campaign)
+    header, rows = _read_csv(path)
+    problems: list[str] = []
+    required = [n for n, p in campaign.parameters.items() if not isinstance(p, FixedParameter)] + campaign.outputs
+    missing = [n for n in required if n not in header]
+    if missing:
+        raise DataError([f"{path}: missing column {name!r}" for name in missing])
+    known = set(campaign.parameters) | set(campaign.outputs) | set(EXPORT_COLUMNS)
+    ignored = [h for h in header if h not in known]
+    parsed_rows: list[tuple[dict[str, Any], dict[str, float] | None, str | None]] = []
+    for number, row in rows:
+        where = f"{path} row {number}"
+        parameters: dict[str, Any] = {}
+        for name, p in campaign.parameters.items():
+            if name not in row or (isinstance(p, FixedParameter) and row[name] == ""):
+                if isinstance(p, FixedParameter):
+                    parameters[name] = p.value
+                continue
+            try:
+                parameters[name] = parse_value(campaign, name, row[name])
+            except ValueError as exc:
+                problems.append(f"{where}, column {name}: {row[name]!r} {exc}")
+        if len(parameters) == len(campaign.parameters):
+            problems.extend(f"{where}: {message}" for message in check_constraints(campaign, parameters))
+        status = row.get("status", "completed").strip() or "completed"
+        if status == TrialStatus.failed.value:
+            parsed_rows.append((parameters, None, row.get("error") or None))
+            continue
+        if status != TrialStatus.completed.value:
+            problems.append(f"{where}, column status: {status!r} is neither completed nor failed")
+            continue
+        values: dict[str, float] = {}
+        for name in campaign.outputs:
+            try:
+                values[name] = parse_output(row.get(name, ""))
+            except ValueError as exc:
+                problems.append(f"{where}, column {name}: {row.get(name, '')!r} {exc}")
+        parsed_rows.append((parameters, values, None))
+    if not rows:
+        problems.append(f"{path}: no rows to import")
+    if problems:
+        raise DataError(problems)
+    campaign_id = store.open_campaign(campaign)
+    trials = store.import_results(campaign_id, parsed_rows, source=Path(path).name)
+    log.info("campaign=%s imported %d experiments from %s", campaign.name, len(trials), path)
+    return ImportSummary(trials, ignored)
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """Header and (row number as a spreadsheet shows it, row) pairs; the header is row 1."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            header = [h.strip() for h in next(reader, [])]
+            if not header:
+                raise DataError([f"{path}: the file is empty"])
+            duplicates = sorted({h for h in header if header.count(h) > 1})
+            if duplicates:
+                raise DataError([f"{path}: column {h!r} appears twice" for h in duplicates])
+            rows = []
+            for number, cells in enumerate(reader, start=2):
+                if not any(c.strip() for c in cells):
+                    continue
+                if len(cells) != len(header):
+                    raise DataError([f"{path} row {number}: {len(cells)} cells for {len(header)} columns"])
+                rows.append((number, {h: c.strip() for h, c in zip(header, cells)}))
+    except OSError as exc:
+        raise DataError([f"{path}: cannot read the file: {exc.strerror}"]) from None
+    except csv.Error as exc:
+        raise DataError([f"{path}: not a CSV file: {exc}"]) from None
+    return header, rows

@@ -1,0 +1,684 @@
+"""The campaign report: one self-contained HTML file a scientist can mail, with its figures beside it.
+
+Figures (matplotlib, Agg, PNG): best so far against experiment number and wall time with the initial
+design marked; for several objectives the Pareto front and the hypervolume over experiments; each
+parameter against each objective; the model's mean and uncertainty along slices through the best
+point; leave-one-out predicted against observed. Then the table of experiments (failures and their
+errors included), the campaign file as run and the software versions.
+
+The model here is a BoTorch ``SingleTaskGP`` fitted afresh to the stored experiments, so the report
+needs only the store, whichever planner ran. It encodes categorical parameters one-hot (see
+:class:`Encoding`) rather than with the planner's mixed kernel: a report fits one model per objective
+and must take seconds, and ``MixedSingleTaskGP`` takes tens of seconds to fit on two cores.
+
+Example:
+    >>> figures = make_figures(store, "branin", Path("reports/branin"))   # doctest: +SKIP
+    >>> write_report(store, "branin", Path("reports/branin/report.html"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import logging
+import math
+import platform
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from closedloop.campaign import (
+    Campaign,
+    CategoricalParameter,
+    ContinuousParameter,
+    DiscreteParameter,
+    IntegerParameter,
+)
+from closedloop.view import trial_records
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure as MplFigure
+
+    from closedloop.planner.base import Result
+    from closedloop.store import Store
+
+log = logging.getLogger("closedloop.report")
+
+INITIAL_GENERATORS = ("sobol", "random")  # proposals made before the model takes over
+SOFTWARE = ("closedloop", "torch", "botorch", "gpytorch", "numpy", "scipy", "pandas", "matplotlib", "sqlmodel",
+            "pydantic", "bluesky", "ophyd", "pyzmq", "typer", "rich")
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One figure of the report: its file, title and what it shows."""
+
+    name: str
+    title: str
+    caption: str
+    path: Path
+
+
+@dataclass
+class Data:
+    """A campaign's experiments as arrays, in trial order."""
+
+    campaign: Campaign
+    records: list[dict[str, Any]]
+    spec_yaml: str
+    started: datetime | None
+
+    @property
+    def completed(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if r["status"] == "completed"]
+
+    def feasible(self, record: dict[str, Any]) -> bool:
+        return all(b.satisfied(record[b.output]) for b in self.campaign.output_bounds if record.get(b.output) is not None)
+
+    def oriented(self, name: str, value: float) -> float:
+        """Larger is better."""
+        return value if self.campaign.objectives[name].goal == "maximize" else -value
+
+    def initial(self, record: dict[str, Any]) -> bool:
+        return (record.get("generator") or "") in INITIAL_GENERATORS
+
+
+def best(store: Store, campaign: str) -> Result | None:
+    """The best feasible completed experiment for the first objective, or None."""
+    data = load(store, campaign)
+    record = _best_record(data, next(iter(data.campaign.objectives)))
+    return _result(data, record) if record else None
+
+
+def pareto_front(store: Store, campaign: str) -> list[Result]:
+    """The feasible completed experiments no other one dominates, over every objective.
+
+    Uses the campaign's planner's ``pareto_front()`` when it has one, so the answer is the planner's.
+    """
+    data = load(store, campaign)
+    try:
+        from closedloop.planner import make_planner
+
+        planner = make_planner(data.campaign)
+    except Exception:  # a planner that cannot load here (another backend's extras): fall back to the data
+        planner = None
+    if planner is not None and hasattr(planner, "pareto_front"):
+        row = store.campaign_row(campaign)
+        planner.ingest(store.results(row.id))  # type: ignore[arg-type]
+        return list(planner.pareto_front())
+    done = [r for r in data.completed if data.feasible(r)]
+    if not done:
+        return []
+    names = list(data.campaign.objectives)
+    mask = pareto_mask(np.array([[data.oriented(n, r[n]) for n in names] for r in done]))
+    return [_result(data, r) for r, keep in zip(done, mask) if keep]
+
+
+def _result(data: Data, record: dict[str, Any]) -> Result:
+    from closedloop.planner.base import Result
+
+    return Result({n: record[n] for n in data.campaign.parameters}, {n: record[n] for n in data.campaign.outputs},
+                  record["trial"])
+
+
+def load(store: Store, campaign: str) -> Data:
+    row = store.campaign_row(campaign)
+    started = row.created_at if row.created_at is None or row.created_at.tzinfo else row.created_at.replace(
+        tzinfo=timezone.utc)
+    return Data(store.campaign(row.id), trial_records(store, row.id), row.spec_yaml, started)  # type: ignore[arg-type]
+
+
+# -- figures ----------------------------------------------------------------------------------------
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window: reports are made on servers and in CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: MplFigure, outdir: Path, name: str) -> Path:
+    path = outdir / f"{name}.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight", facecolor="white")
+    _plt().close(fig)
+    return path
+
+
+def _best_so_far(values: list[float | None], goal: str) -> list[float]:
+    out: list[float] = []
+    best = math.nan
+    for v in values:
+        if v is not None and (math.isnan(best) or (v < best if goal == "minimize" else v > best)):
+            best = v
+        out.append(best)
+    return out
+
+
+def figure_progress(data: Data, outdir: Path) -> Figure | None:
+    """Best so far against experiment number and against wall time, the initial design marked."""
+    plt = _plt()
+    objectives = list(data.campaign.objectives.items())
+    records = data.records
+    if not data.completed:
+        return None
+    fig, axes = plt.subplots(len(objectives), 2, figsize=(11, 3.4 * len(objectives)), squeeze=False)
+    numbers = [r["trial"] for r in records]
+    finished = [r for r in records if r["finished_at"]]
+    finished.sort(key=lambda r: r["finished_at"])
+    t0 = data.started or (datetime.fromisoformat(finished[0]["finished_at"]) if finished else None)
+    initial = [r["trial"] for r in records if data.initial(r)]
+    for row, (name, objective) in enumerate(objectives):
+        ax = axes[row][0]
+        values = [r[name] if r["status"] == "completed" and data.feasible(r) else None for r in records]
+        if initial:
+            ax.axvspan(min(initial) - 0.5, max(initial) + 0.5, color="tab:blue", alpha=0.08, label="initial design")
+        for kind, marker, color in (("initial", "o", "tab:blue"), ("model", "o", "tab:orange")):
+            xs = [r["trial"] for r in records if r["status"] == "completed" and data.initial(r) == (kind == "initial")]
+            ys = [r[name] for r in records if r["status"] == "completed" and data.initial(r) == (kind == "initial")]
+            if xs:
+                ax.scatter(xs, ys, s=18, marker=marker, color=color, alpha=0.6,
+                           label="initial design" if kind == "initial" else "proposed by the model / by hand")
+        failed = [r["trial"] for r in records if r["status"] in ("failed", "abandoned")]
+        if failed:
+            ax.scatter(failed, [np.nanmin([v for v in values if v is not None] or [0])] * len(failed), marker="x",
+                       color="tab:red", label="failed (at the bottom)")
+        ax.step(numbers, _best_so_far(values, objective.goal), where="post", color="black", label="best so far")
+        ax.set_xlabel("experiment number")
+        ax.set_ylabel(name + (f" [{objective.unit}]" if objective.unit else ""))
+        ax.set_title(f"{name}: best so far ({objective.goal})")
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))
+        ax.legend(unique.values(), unique.keys(), fontsize=8)
+        ax = axes[row][1]
+        if t0 is not None and finished:
+            seconds = [(datetime.fromisoformat(r["finished_at"]) - t0).total_seconds() for r in finished]
+            unit, scale = ("s", 1.0) if seconds[-1] < 120 else ("min", 60.0) if seconds[-1] < 7200 else ("h", 3600.0)
+            minutes = [t / scale for t in seconds]
+            tvalues = [r[name] if r["status"] == "completed" and data.feasible(r) else None for r in finished]
+            ax.scatter(minutes, [v if v is not None else np.nan for v in tvalues], s=14, color="gray", alpha=0.5,
+                       label="experiments")
+            ax.step(minutes, _best_so_far(tvalues, objective.goal), where="post", color="black", label="best so far")
+            ax.legend(fontsize=8)
+            ax.set_xlabel(f"wall time since the campaign started [{unit}]")
+        ax.set_title(f"{name}: best so far against time")
+    fig.tight_layout()
+    return Figure("progress", "Best so far",
+                  "Best feasible value after each experiment, against the experiment number (shaded: the "
+                  "initial space-filling design) and against wall time.", _save(fig, outdir, "progress"))
+
+
+def pareto_mask(points: np.ndarray) -> np.ndarray:
+    """Which rows of ``points`` (``n x m``, larger is better) no other row dominates."""
+    n = len(points)
+    mask = np.ones(n, dtype=bool)
+    for i in range(n):
+        dominated = np.all(points >= points[i], axis=1) & np.any(points > points[i], axis=1)
+        mask[i] = not dominated.any()
+    return mask
+
+
+def reference_point(data: Data, oriented: np.ndarray) -> np.ndarray:
+    """The objectives' thresholds where given, else the worst value seen less a tenth of the range."""
+    names = list(data.campaign.objectives)
+    low, high = oriented.min(axis=0), oriented.max(axis=0)
+    ref = low - 0.1 * np.where(high > low, high - low, 1.0)
+    for j, name in enumerate(names):
+        threshold = data.campaign.objectives[name].threshold
+        if threshold is not None:
+            ref[j] = data.oriented(name, threshold)
+    return ref
+
+
+def hypervolume_history(data: Data) -> tuple[list[int], list[float], np.ndarray]:
+    """Hypervolume of the feasible points after each experiment; also the reference point."""
+    import torch
+    from botorch.utils.multi_objective.hypervolume import Hypervolume
+
+    names = list(data.campaign.objectives)
+    done = [r for r in data.completed if data.feasible(r)]
+    oriented = np.array([[data.oriented(n, r[n]) for n in names] for r in done])
+    ref = reference_point(data, oriented)
+    hv = Hypervolume(torch.tensor(ref, dtype=torch.double))
+    numbers, volumes = [], []
+    for k, r in enumerate(done, start=1):
+        pts = oriented[:k]
+        pts = pts[np.all(pts > ref, axis=1)]
+        volume = 0.0
+        if len(pts):
+            front = pts[pareto_mask(pts)]
+            volume = float(hv.compute(torch.tensor(front, dtype=torch.double)))
+        numbers.append(r["trial"])
+        volumes.append(volume)
+    return numbers, volumes, ref
+
+
+def figure_pareto(data: Data, outdir: Path) -> list[Figure]:
+    """The Pareto front of the first two objectives and the hypervolume over experiments."""
+    names = list(data.campaign.objectives)
+    done = [r for r in data.completed if data.feasible(r)]
+    if len(names) < 2 or len(done) < 2:
+        return []
+    plt = _plt()
+    oriented = np.array([[data.oriented(n, r[n]) for n in names] for r in done])
+    mask = pareto_mask(oriented)
+    a, b = names[0], names[1]
+    fig, ax = plt.subplots(figsize=(6, 4.6))
+    xs, ys = np.array([r[a] for r in done]), np.array([r[b] for r in done])
+    order = np.array([r["trial"] for r in done])
+    scatter = ax.scatter(xs[~mask], ys[~mask], c=order[~mask], cmap="viridis", s=20, alpha=0.7,
+                         vmin=order.min(), vmax=order.max())
+    front = np.argsort(xs[mask])
+    ax.plot(xs[mask][front], ys[mask][front], "-o", color="tab:red", label=f"Pareto front ({mask.sum()} points)")
+    fig.colorbar(scatter, ax=ax, label="experiment number")
+    ax.set_xlabel(f"{a} ({data.campaign.objectives[a].goal})")
+    ax.set_ylabel(f"{b} ({data.campaign.objectives[b].goal})")
+    ax.legend(fontsize=8)
+    ax.set_title("Pareto front" + (f" (of {', '.join(names)}: first two shown)" if len(names) > 2 else ""))
+    fig.tight_layout()
+    figures = [Figure("pareto", "Pareto front", "Feasible experiments coloured by experiment number; the red line "
+                      "joins the non-dominated ones.", _save(fig, outdir, "pareto"))]
+    numbers, volumes, ref = hypervolume_history(data)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.step(numbers, volumes, where="post", color="black")
+    ax.set_xlabel("experiment number")
+    ax.set_ylabel("hypervolume")
+    ax.set_title("Hypervolume of the feasible experiments")
+    fig.tight_layout()
+    reference = ", ".join(f"{n}={abs(v):.4g}" for n, v in zip(names, ref))
+    figures.append(Figure("hypervolume", "Hypervolume over experiments",
+                          f"Hypervolume dominated by the experiments so far, with reference point {reference}.",
+                          _save(fig, outdir, "hypervolume")))
+    return figures
+
+
+def _axis_values(p: Any, values: list[Any]) -> tuple[np.ndarray, list[str] | None]:
+    if isinstance(p, CategoricalParameter):
+        labels = [str(v) for v in p.values]
+        return np.array([p.values.index(v) if v in p.values else np.nan for v in values], dtype=float), labels
+    return np.array([np.nan if v is None else float(v) for v in values], dtype=float), None
+
+
+def figure_parameters(data: Data, outdir: Path) -> Figure | None:
+    """Each tunable parameter against each output."""
+    done = data.completed
+    tunable = list(data.campaign.tunable_parameters.items())
+    outputs = data.campaign.outputs
+    if not done:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(len(outputs), len(tunable), figsize=(3.2 * len(tunable) + 0.6, 2.8 * len(outputs)),
+                             squeeze=False)
+    for i, output in enumerate(outputs):
+        ys = np.array([r[output] for r in done], dtype=float)
+        for j, (name, p) in enumerate(tunable):
+            ax = axes[i][j]
+            xs, labels = _axis_values(p, [r[name] for r in done])
+            colors = ["tab:blue" if data.initial(r) else "tab:orange" for r in done]
+            ax.scatter(xs, ys, s=14, c=colors, alpha=0.7)
+            if labels is not None:
+                ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=8)
+            elif isinstance(p, ContinuousParameter) and p.scale == "log":
+                ax.set_xscale("log")
+            unit = getattr(p, "unit", None)
+            ax.set_xlabel(name + (f" [{unit}]" if unit else ""))
+            if j == 0:
+                ax.set_ylabel(output)
+    fig.suptitle("Each parameter against each output (blue: initial design, orange: later)")
+    fig.tight_layout()
+    return Figure("parameters", "Parameters against outputs",
+                  "Every completed experiment, one panel per parameter and output.", _save(fig, outdir, "parameters"))
+
+
+# -- the model ---------------------------------------------------------------------------------------
+
+
+class Encoding:
+    """Parameter dicts to an ``n x d`` unit-cube tensor: numbers scaled to [0, 1] (log scale where
+    declared), categories one-hot. The report's own, so it does not follow the planner's choices."""
+
+    def __init__(self, campaign: Campaign):
+        self.columns: list[tuple[str, Any, int]] = []  # name, parameter, width
+        for name, p in campaign.tunable_parameters.items():
+            self.columns.append((name, p, len(p.values) if isinstance(p, CategoricalParameter) else 1))
+        self.dim = sum(width for _, _, width in self.columns)
+
+    def encode_many(self, rows: list[dict[str, Any]]) -> Any:
+        import torch
+
+        x = torch.zeros(len(rows), self.dim, dtype=torch.double)
+        for i, row in enumerate(rows):
+            start = 0
+            for name, p, width in self.columns:
+                v = row[name]
+                if isinstance(p, CategoricalParameter):
+                    x[i, start + p.values.index(v)] = 1.0
+                else:
+                    lo, hi = (min(p.values), max(p.values)) if isinstance(p, DiscreteParameter) else p.bounds
+                    if isinstance(p, ContinuousParameter) and p.scale == "log":
+                        lo, hi, v = math.log(lo), math.log(hi), math.log(v)
+                    x[i, start] = (float(v) - lo) / (hi - lo)
+                start += width
+        return x
+
+
+@dataclass
+class Fitted:
+    """A GP of one output fitted on the encoded completed experiments."""
+
+    output: str
+    model: Any
+    space: Any
+    train_x: Any
+    train_y: Any  # n x 1, raw values
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def predict(self, rows: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+        """Posterior mean and standard deviation (raw units) of the output at parameter dicts."""
+        import torch
+
+        x = self.space.encode_many(rows)
+        with torch.no_grad():
+            posterior = self.model.posterior(x)
+        mean = posterior.mean.squeeze(-1).numpy()
+        sd = posterior.variance.clamp_min(0).sqrt().squeeze(-1).numpy()
+        return mean, sd
+
+    def leave_one_out(self) -> tuple[np.ndarray, np.ndarray]:
+        """Closed-form leave-one-out mean and standard deviation (raw units) of each training point.
+
+        Uses the hyperparameters fitted on all points (the usual GP LOO shortcut: ``mu_i = y_i -
+        [K^-1 y]_i / [K^-1]_ii``, ``var_i = 1 / [K^-1]_ii`` with the noise on K's diagonal).
+        """
+        import torch
+
+        model = self.model
+        model.eval()
+        with torch.no_grad():
+            x = model.train_inputs[0]
+            y = model.train_targets
+            prior = model.forward(x)
+            k = prior.covariance_matrix + model.likelihood.noise.squeeze() * torch.eye(len(x), dtype=x.dtype)
+            k_inv = torch.linalg.inv(k)
+            alpha = k_inv @ (y - prior.mean)
+            diag = torch.diagonal(k_inv)
+            mean = y - alpha / diag
+            sd = (1.0 / diag).sqrt()
+            transform = getattr(model, "outcome_transform", None)
+            if transform is not None and hasattr(transform, "stdvs"):
+                scale, shift = transform.stdvs.squeeze(), transform.means.squeeze()
+                mean, sd = mean * scale + shift, sd * scale
+        return mean.numpy(), sd.numpy()
+
+
+def fit(data: Data, output: str) -> Fitted | None:
+    """A GP of ``output`` on the completed experiments, or None with fewer than three distinct values."""
+    import torch
+    from botorch.fit import fit_gpytorch_mll
+    from botorch.models import SingleTaskGP
+    from botorch.models.transforms.outcome import Standardize
+    from gpytorch.mlls import ExactMarginalLogLikelihood
+
+    done = [r for r in data.completed if r.get(output) is not None]
+    if len(done) < 3 or len({r[output] for r in done}) < 2:
+        return None
+    space = Encoding(data.campaign)
+    rows = [{n: r[n] for n in data.campaign.parameters} for r in done]
+    train_x = space.encode_many(rows)
+    train_y = torch.tensor([[float(r[output])] for r in done], dtype=torch.double)
+    torch.manual_seed(0)
+    with warnings.catch_warnings(), _one_thread():
+        warnings.simplefilter("ignore")  # fitting chatter: the report shows the fit's quality instead
+        model = SingleTaskGP(train_x, train_y, outcome_transform=Standardize(m=1))
+        fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
+    model.eval()
+    return Fitted(output, model, space, train_x, train_y, done)
+
+
+def _best_record(data: Data, output: str) -> dict[str, Any] | None:
+    done = [r for r in data.completed if data.feasible(r)]
+    if not done:
+        return None
+    if output in data.campaign.objectives:
+        return max(done, key=lambda r: data.oriented(output, r[output]))
+    return done[-1]
+
+
+def _slice_rows(p: Any, name: str, base: dict[str, Any]) -> tuple[list[dict[str, Any]], np.ndarray, list[str] | None]:
+    """Parameter dicts along ``name`` with the others at ``base``; the x values to plot; tick labels."""
+    if isinstance(p, CategoricalParameter):
+        values: list[Any] = list(p.values)
+        return [{**base, name: v} for v in values], np.arange(len(values), dtype=float), [str(v) for v in values]
+    if isinstance(p, DiscreteParameter):
+        values = list(p.values)
+    elif isinstance(p, IntegerParameter):
+        lo, hi = int(p.bounds[0]), int(p.bounds[1])
+        values = list(range(lo, hi + 1)) if hi - lo <= 200 else sorted({int(round(v)) for v in np.linspace(lo, hi, 200)})
+    else:
+        lo, hi = p.bounds
+        values = list(np.geomspace(lo, hi, 120) if p.scale == "log" else np.linspace(lo, hi, 120))
+    return [{**base, name: v} for v in values], np.array(values, dtype=float), None
+
+
+def figure_model(data: Data, fitted: list[Fitted], outdir: Path) -> Figure | None:
+    """The model's mean and ±2 standard deviations along each parameter through the best point."""
+    if not fitted:
+        return None
+    plt = _plt()
+    tunable = list(data.campaign.tunable_parameters.items())
+    fig, axes = plt.subplots(len(fitted), len(tunable), figsize=(3.2 * len(tunable) + 0.6, 2.9 * len(fitted)),
+                             squeeze=False)
+    for i, f in enumerate(fitted):
+        best = _best_record(data, f.output)
+        assert best is not None
+        base = {n: best[n] for n in data.campaign.parameters}
+        for j, (name, p) in enumerate(tunable):
+            ax = axes[i][j]
+            rows, xs, labels = _slice_rows(p, name, base)
+            mean, sd = f.predict(rows)
+            if labels is None:
+                ax.plot(xs, mean, color="tab:blue", label="model mean")
+                ax.fill_between(xs, mean - 2 * sd, mean + 2 * sd, color="tab:blue", alpha=0.2, label="±2 sd")
+                if isinstance(p, ContinuousParameter) and p.scale == "log":
+                    ax.set_xscale("log")
+            else:
+                ax.errorbar(xs, mean, yerr=2 * sd, fmt="o", color="tab:blue", capsize=3, label="model mean ±2 sd")
+                ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=8)
+            bx = _axis_values(p, [base[name]])[0][0]
+            ax.axvline(bx, color="tab:red", lw=1, ls="--", label="best point")
+            observed_x, _ = _axis_values(p, [r[name] for r in f.records])
+            ax.scatter(observed_x, [r[f.output] for r in f.records], s=8, color="gray", alpha=0.4, label="experiments")
+            ax.set_xlabel(name)
+            if j == 0:
+                ax.set_ylabel(f.output)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=7)
+    fig.suptitle("Model slices through the best point (other parameters held at the best point)")
+    fig.tight_layout()
+    return Figure("model", "Model along the best point's slices",
+                  "A GP fitted to all completed experiments; each panel varies one parameter with the others at "
+                  "the best experiment's values. Grey dots are experiments (projected, so they need not lie on "
+                  "the curve).", _save(fig, outdir, "model"))
+
+
+def figure_loo(fitted: list[Fitted], outdir: Path) -> tuple[Figure | None, dict[str, dict[str, float]]]:
+    """Leave-one-out predicted against observed, with RMSE and the share within two sd."""
+    if not fitted:
+        return None, {}
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(fitted), figsize=(4.4 * len(fitted), 4.2), squeeze=False)
+    quality: dict[str, dict[str, float]] = {}
+    for ax, f in zip(axes[0], fitted):
+        observed = f.train_y.squeeze(-1).numpy()
+        mean, sd = f.leave_one_out()
+        rmse = float(np.sqrt(np.mean((mean - observed) ** 2)))
+        within = float(np.mean(np.abs(mean - observed) <= 2 * sd))
+        spread = float(np.std(observed)) or 1.0
+        quality[f.output] = {"rmse": rmse, "rmse_over_sd": rmse / spread, "within_2sd": within, "n": len(observed)}
+        ax.errorbar(observed, mean, yerr=2 * sd, fmt="o", ms=4, alpha=0.7, capsize=2, color="tab:blue")
+        lo, hi = float(min(observed.min(), mean.min())), float(max(observed.max(), mean.max()))
+        ax.plot([lo, hi], [lo, hi], color="black", lw=1)
+        ax.set_xlabel(f"observed {f.output}")
+        ax.set_ylabel(f"leave-one-out predicted {f.output}")
+        ax.set_title(f"{f.output}: RMSE {rmse:.3g} ({rmse / spread:.2f} sd), {within:.0%} within ±2 sd", fontsize=9)
+    fig.tight_layout()
+    return Figure("loo", "Model quality: leave-one-out",
+                  "Each experiment predicted by the model fitted on all the others (error bars ±2 sd); the line "
+                  "is perfect prediction.", _save(fig, outdir, "loo")), quality
+
+
+def make_figures(store: Store, campaign: str, outdir: str | Path) -> tuple[list[Figure], dict[str, Any]]:
+    """Write the report's PNG figures into ``outdir``; returns them and the model-quality numbers."""
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    data = load(store, campaign)
+    return _figures(data, outdir)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Torch on one thread: the report's matrices have a few hundred entries, and more threads only
+    fight other processes for the cores (a GP fit took 8 s with two threads, 0.16 s with one, on two
+    busy cores)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _figures(data: Data, outdir: Path) -> tuple[list[Figure], dict[str, Any]]:
+    with _one_thread():
+        return _all_figures(data, outdir)
+
+
+def _all_figures(data: Data, outdir: Path) -> tuple[list[Figure], dict[str, Any]]:
+    figures: list[Figure] = []
+    timings: dict[str, float] = {}
+    started = first = time.perf_counter()
+    progress = figure_progress(data, outdir)
+    figures += [progress] if progress else []
+    figures += figure_pareto(data, outdir)
+    parameters = figure_parameters(data, outdir)
+    figures += [parameters] if parameters else []
+    timings["plots_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    fitted = [f for f in (fit(data, output) for output in data.campaign.objectives) if f is not None]
+    timings["fit_s"] = time.perf_counter() - started
+    model = figure_model(data, fitted, outdir)
+    figures += [model] if model else []
+    loo, quality = figure_loo(fitted, outdir)
+    figures += [loo] if loo else []
+    timings["total_s"] = time.perf_counter() - first
+    return figures, {"quality": quality, "timings": timings}
+
+
+# -- HTML ------------------------------------------------------------------------------------------
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of the software that made the results and the report."""
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in SOFTWARE:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;max-width:1150px;color:#222;padding:0 1em}
+h1{margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;font-size:13px} td,th{padding:2px 8px;border-bottom:1px solid #eee;text-align:left}
+td.n{text-align:right;font-variant-numeric:tabular-nums} tr.failed td{color:#b00}
+figure{margin:1em 0} figure img{max-width:100%;border:1px solid #eee} figcaption{color:#555;font-size:14px}
+pre{background:#f6f6f6;padding:1em;overflow-x:auto;font-size:13px} .summary td:first-child{font-weight:600}
+"""
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "<td></td>"
+    if isinstance(value, float):
+        return f'<td class="n">{value:.6g}</td>'
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f'<td class="n">{value}</td>'
+    return f"<td>{html.escape(str(value))}</td>"
+
+
+def render_html(data: Data, figures: list[Figure], extra: dict[str, Any]) -> str:
+    """The report as one HTML string with every figure embedded (base64 PNG)."""
+    c = data.campaign
+    counts: dict[str, int] = {}
+    for r in data.records:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    summary = [("campaign", c.name), ("description", c.description or "-"),
+               ("experiments", f"{sum(counts.get(s, 0) for s in ('completed', 'failed', 'abandoned'))} of "
+                               f"{c.budget.experiments} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))})"),
+               ("planner", c.planner.backend),
+               ("started", f"{data.started:%Y-%m-%d %H:%M:%S} UTC" if data.started else "-")]
+    for name, objective in c.objectives.items():
+        best = _best_record(data, name)
+        if best is not None:
+            params = ", ".join(f"{n}={_fmt(best[n])}" for n in c.parameters)
+            summary.append((f"best {name} ({objective.goal})", f"{best[name]:.6g} at experiment #{best['trial']}: {params}"))
+    for output, q in extra.get("quality", {}).items():
+        summary.append((f"model quality ({output})", f"leave-one-out RMSE {q['rmse']:.4g} ({q['rmse_over_sd']:.2f} of the "
+                                                     f"data's sd), {q['within_2sd']:.0%} within ±2 sd, n={q['n']}"))
+    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(c.name)} — "
+             f"closedloop report</title><style>{_CSS}</style></head><body>",
+             f"<h1>{html.escape(c.name)}</h1><p>closedloop campaign report, made "
+             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.</p>",
+             '<h2>Summary</h2><table class="summary">'
+             + "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in summary) + "</table>"]
+    if not figures:
+        parts.append("<p>No completed experiment yet: nothing to plot.</p>")
+    for f in figures:
+        encoded = base64.b64encode(f.path.read_bytes()).decode()
+        parts.append(f'<h2>{html.escape(f.title)}</h2><figure><img alt="{html.escape(f.title)}" '
+                     f'src="data:image/png;base64,{encoded}"><figcaption>{html.escape(f.caption)} '
+                     f'(<a href="{html.escape(f.path.name)}">{html.escape(f.path.name)}</a>)</figcaption></figure>')
+    columns = ["trial", "status", *c.parameters, *c.outputs, "generator", "station", "duration_s", "finished_at", "error"]
+    rows = "".join(
+        f'<tr class="{"failed" if r["status"] in ("failed", "abandoned") else ""}">'
+        + "".join(_cell(r.get(col)) for col in columns) + "</tr>"
+        for r in data.records
+    )
+    parts.append(f"<h2>Experiments</h2><table><thead><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in columns)}"
+                 f"</tr></thead><tbody>{rows}</tbody></table>")
+    parts.append(f"<h2>Campaign file as run</h2><pre>{html.escape(data.spec_yaml)}</pre>")
+    parts.append("<h2>Software</h2><table>" + "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in versions().items()) + "</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def write_report(store: Store, campaign: str, path: str | Path) -> Path:
+    """Write the HTML report to ``path`` and its PNG figures into the same folder; returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    data = load(store, campaign)
+    figures, extra = _figures(data, path.parent)
+    path.write_text(render_html(data, figures, extra), encoding="utf-8")
+    log.info("campaign=%s report %s written in %.2f s (%s)", campaign, path, time.perf_counter() - started,
+             ", ".join(f"{k} {v:.2f}" for k, v in extra["timings"].items()))
+    return path

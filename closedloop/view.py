@@ -1,0 +1,367 @@
+"""What a scientist sees of a running campaign: a snapshot read from the store, drawn with rich.
+
+The same :class:`Snapshot` feeds the live view of ``closedloop run`` / ``daemon`` (rebuilt on every
+daemon event) and ``closedloop status`` / ``watch`` in another terminal (rebuilt from the store), so
+the two always agree. When output is not a terminal the views print plain lines instead.
+
+Example:
+    >>> snap = Snapshot.from_store(Store("results/branin.db"), "branin")   # doctest: +SKIP
+    >>> print("\\n".join(snap.lines()))                                     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.panel import Panel
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from closedloop.campaign import Campaign
+from closedloop.errors import StoreError
+
+if TYPE_CHECKING:  # the store (SQLAlchemy) is imported only when a view reads one: `closedloop validate` stays quick
+    from closedloop.store import Store
+
+# trial statuses as the store spells them
+FINISHED = ("completed", "failed", "abandoned")
+DISPATCHED, HELD, PROPOSED = "dispatched", "held", "proposed"
+
+
+def format_values(values: dict[str, Any] | None) -> str:
+    """``a=1.5, b=2`` with floats to six significant digits; ``-`` for nothing."""
+    if not values:
+        return "-"
+    return ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+
+
+def format_seconds(seconds: float | None) -> str:
+    """``42 s``, ``3 min 05 s``, ``2 h 07 min``; ``-`` when unknown."""
+    if seconds is None:
+        return "-"
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    # SQLite hands datetimes back without a zone; the store writes UTC
+    if moment is None:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """One finished experiment as the view lists it."""
+
+    index: int
+    status: str
+    values: dict[str, float] | None
+    error: str | None
+    finished_at: datetime | None
+
+
+@dataclass
+class Snapshot:
+    """A campaign's state at one moment: counts, experiments in flight, best so far, recent results."""
+
+    name: str
+    status: str
+    budget: int
+    objective: str
+    goal: str
+    counts: dict[str, int]
+    in_flight: dict[str, list[int]]  # station -> trial numbers
+    held: list[int]
+    manual: list[int]  # proposed for hand execution, not yet told
+    best: Finished | None
+    best_after: int | None  # the best came from the n-th finished experiment
+    recent: list[Finished]
+    started: datetime | None
+    ended: datetime | None
+    hours: float | None
+    now: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+
+    @classmethod
+    def from_store(cls, store: Store, campaign: str | int, recent: int = 5) -> Snapshot:
+        """Read a campaign's state; raises StoreError when the store has no such campaign."""
+        row = store.campaign_row(campaign)
+        spec: Campaign = store.campaign(row.id)  # type: ignore[arg-type]
+        trials = store.trials(row.id)  # type: ignore[arg-type]
+        observations = store.observations(row.id)  # type: ignore[arg-type]
+        name, objective = next(iter(spec.objectives.items()))
+        sign = 1.0 if objective.goal == "minimize" else -1.0
+        bounds = spec.output_bounds
+        finished = sorted((t for t in trials if t.status in FINISHED),
+                          key=lambda t: (_utc(t.finished_at) or datetime.min.replace(tzinfo=timezone.utc), t.index))
+        best: Finished | None = None
+        best_after = None
+        in_flight: dict[str, list[int]] = {}
+        for t in trials:
+            if t.status == DISPATCHED:
+                in_flight.setdefault(t.station or "?", []).append(t.index)
+        entries = []
+        for n, t in enumerate(finished, start=1):
+            obs = observations.get(t.id)  # type: ignore[arg-type]
+            entry = Finished(t.index, t.status, obs.values if obs else None, t.error, _utc(t.finished_at))
+            entries.append(entry)
+            values = entry.values
+            if values is None or name not in values:
+                continue
+            if not all(b.satisfied(values[b.output]) for b in bounds if b.output in values):
+                continue
+            if best is None or sign * values[name] < sign * best.values[name]:  # type: ignore[index]
+                best, best_after = entry, n
+        counts: dict[str, int] = {}
+        for t in trials:
+            counts[t.status] = counts.get(t.status, 0) + 1
+        return cls(
+            name=row.name, status=row.status, budget=spec.budget.experiments, objective=name, goal=objective.goal,
+            counts=counts, in_flight=in_flight,
+            held=[t.index for t in trials if t.status == HELD],
+            manual=[t.index for t in trials
+                    if t.status == PROPOSED and t.planner.get("execution") == "manual"],
+            best=best, best_after=best_after, recent=entries[-recent:][::-1] if recent else [],
+            started=_utc(row.created_at), ended=_utc(row.finished_at), hours=spec.budget.hours,
+        )
+
+    # -- derived numbers --------------------------------------------------------------------------
+
+    @property
+    def finished(self) -> int:
+        return sum(self.counts.get(s, 0) for s in FINISHED)
+
+    def elapsed_s(self, now: datetime | None = None) -> float | None:
+        if self.started is None:
+            return None
+        end = self.ended or now or datetime.now(timezone.utc)
+        return (end - self.started).total_seconds()
+
+    def remaining_s(self, now: datetime | None = None) -> float | None:
+        """Time left at the pace so far, capped by the budget's hours; 0 once the budget is spent."""
+        elapsed = self.elapsed_s(now)
+        left = max(0, self.budget - self.finished)
+        if left == 0 or self.ended is not None:
+            return 0.0
+        if elapsed is None or self.finished == 0:
+            estimate = None
+        else:
+            estimate = elapsed / self.finished * left
+        if self.hours is not None and elapsed is not None:
+            cap = max(0.0, self.hours * 3600 - elapsed)
+            estimate = cap if estimate is None else min(estimate, cap)
+        return estimate
+
+    def best_text(self) -> str:
+        if self.best is None or self.best.values is None:
+            return "-"
+        when = f" at {self.best.finished_at.astimezone():%H:%M:%S}" if self.best.finished_at else ""
+        return (f"{self.objective}={self.best.values[self.objective]:.6g} (#{self.best.index}, "
+                f"experiment {self.best_after} of {self.finished}{when})")
+
+    # -- output -----------------------------------------------------------------------------------
+
+    def lines(self) -> list[str]:
+        """Plain text, for logs and scripts."""
+        out = [f"{self.name}: {self.status}, {self.finished}/{self.budget} experiments "
+               f"({self.counts.get('completed', 0)} completed, {self.counts.get('failed', 0)} failed"
+               + (f", {self.counts.get('abandoned', 0)} abandoned" if self.counts.get("abandoned") else "") + ")",
+               f"  best {self.goal[:3]} {self.best_text()}"]
+        if self.in_flight:
+            out.append("  in flight: " + "; ".join(f"{s}: " + ", ".join(f"#{i}" for i in sorted(t))
+                                                    for s, t in sorted(self.in_flight.items())))
+        if self.held:
+            out.append("  held for approval: " + ", ".join(f"#{i}" for i in self.held))
+        if self.manual:
+            out.append("  waiting for results by hand: " + ", ".join(f"#{i}" for i in self.manual))
+        out.append(f"  elapsed {format_seconds(self.elapsed_s())}, remaining {format_seconds(self.remaining_s())}")
+        for entry in self.recent:
+            outcome = format_values(entry.values) if entry.values else f"{entry.status}: {entry.error}"
+            out.append(f"  #{entry.index:>3} {outcome}")
+        return out
+
+    def __rich__(self) -> RenderableType:
+        head = Table.grid(padding=(0, 1), expand=True)
+        head.add_column(ratio=1)
+        head.add_column(justify="right")
+        head.add_row(ProgressBar(total=self.budget, completed=min(self.finished, self.budget)),
+                     f"{self.finished}/{self.budget}")
+        facts = Table.grid(padding=(0, 2))
+        facts.add_column(style="bold")
+        facts.add_column()
+        facts.add_row(f"best ({self.goal})", self.best_text())
+        facts.add_row("time", f"{format_seconds(self.elapsed_s())} elapsed, "
+                              f"{format_seconds(self.remaining_s())} remaining")
+        counts = ", ".join(f"{v} {k}" for k, v in sorted(self.counts.items()))
+        facts.add_row("trials", counts or "none yet")
+        if self.in_flight:
+            facts.add_row("in flight", "; ".join(f"{s}: " + ", ".join(f"#{i}" for i in sorted(t))
+                                                 for s, t in sorted(self.in_flight.items())))
+        if self.held:
+            facts.add_row("held", ", ".join(f"#{i}" for i in self.held) + "  (closedloop approve / reject)")
+        if self.manual:
+            facts.add_row("by hand", ", ".join(f"#{i}" for i in self.manual) + "  (closedloop tell)")
+        parts: list[RenderableType] = [head, facts]
+        if self.recent:
+            table = Table(box=None, padding=(0, 1), show_header=True, header_style="dim")
+            table.add_column("#", justify="right")
+            table.add_column("result")
+            table.add_column("at", style="dim")
+            for entry in self.recent:
+                best = self.best is not None and entry.index == self.best.index
+                outcome = (Text(format_values(entry.values), style="bold green" if best else "")
+                           if entry.values else Text(f"{entry.status}: {entry.error}", style="red"))
+                when = f"{entry.finished_at.astimezone():%H:%M:%S}" if entry.finished_at else ""
+                table.add_row(str(entry.index), outcome, when)
+            parts.append(table)
+        return Panel(Group(*parts), title=f"[bold]{self.name}[/] ({self.status})", title_align="left")
+
+
+class ProgressView:
+    """The live view of ``closedloop run`` and ``closedloop daemon``: an ``on_event`` sink.
+
+    On a terminal it redraws a panel per campaign from the store after each event; otherwise it
+    prints one plain line per event.
+    """
+
+    def __init__(self, campaigns: Campaign | list[Campaign], store: Store | None = None,
+                 console: Console | None = None):
+        self.campaigns = campaigns if isinstance(campaigns, list) else [campaigns]
+        self.store = store
+        self.console = console or Console()
+        self.live_mode = self.console.is_terminal and store is not None
+        self.snapshots: dict[str, Snapshot] = {}
+        self.best: dict[str, str] = {}
+        self.live: Live | None = None
+        self._lock = threading.Lock()
+        self._read_at = 0.0
+
+    def __enter__(self) -> ProgressView:
+        if self.live_mode:
+            self.live = Live(get_renderable=self._render, console=self.console, refresh_per_second=4, transient=False)
+            self.live.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.live is not None:
+            self._refresh()
+            self.live.stop()
+
+    def _render(self) -> RenderableType:
+        # approvals and results told by hand change the store without a daemon event: look again now and then
+        if time.monotonic() - self._read_at > 2.0:
+            self._refresh()
+        with self._lock:
+            shown = [self.snapshots[c.name] for c in self.campaigns if c.name in self.snapshots]
+        return Group(*shown) if shown else Text("starting ...", style="dim")
+
+    def _refresh(self, name: str | None = None) -> None:
+        assert self.store is not None
+        self._read_at = time.monotonic()
+        for campaign in self.campaigns:
+            if name is not None and campaign.name != name:
+                continue
+            try:
+                snap = Snapshot.from_store(self.store, campaign.name)
+            except StoreError:  # not opened in the store yet
+                continue
+            with self._lock:
+                self.snapshots[campaign.name] = snap
+
+    def __call__(self, kind: str, details: dict[str, Any]) -> None:
+        if self.live_mode:
+            self._refresh(details.get("campaign"))
+            if kind == "goal_reached" and self.live is not None:
+                self.live.console.print(f"goal reached: {details['rule']}", highlight=False)
+            return
+        self._plain(kind, details)
+
+    def _plain(self, kind: str, details: dict[str, Any]) -> None:
+        name = details.get("campaign", self.campaigns[0].name)
+        total = next((c.budget.experiments for c in self.campaigns if c.name == name),
+                     self.campaigns[0].budget.experiments)
+        prefix = f"{name} " if len(self.campaigns) > 1 else ""
+        if kind in ("trial_completed", "trial_failed"):
+            best = details.get("best")
+            if best:
+                self.best[name] = f"{format_values(best['values'])} (#{best['trial']})"
+            outcome = format_values(details.get("values")) if kind == "trial_completed" else f"failed: {details['error']}"
+            self.console.print(f"{prefix}[{details['finished']}/{total}] experiment {details['trial']}: {outcome}; "
+                               f"best {self.best.get(name, '-')}", highlight=False, soft_wrap=True)
+        elif kind == "trial_proposed" and details.get("held"):
+            self.console.print(f"{prefix}experiment {details['trial']} held for approval: "
+                               f"{format_values(details.get('parameters'))}", highlight=False, soft_wrap=True)
+        elif kind == "campaign_started" and details.get("finished"):
+            self.console.print(f"resuming {name}: {details['finished']} experiments already done", highlight=False)
+        elif kind == "goal_reached":
+            self.console.print(f"goal reached: {details['rule']}", highlight=False)
+
+
+def watch(store: Store, campaign: str, console: Console, interval_s: float = 1.0,
+          timeout_s: float | None = None) -> Snapshot:
+    """Follow a campaign from the store until it is completed (or ``timeout_s`` passes).
+
+    On a terminal the panel is redrawn every ``interval_s``; otherwise a plain line is printed each
+    time the number of finished experiments changes.
+    """
+    snap = Snapshot.from_store(store, campaign)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+
+    def done() -> bool:
+        return snap.status in ("completed", "stopped") or (deadline is not None and time.monotonic() >= deadline)
+
+    if console.is_terminal:
+        with Live(snap, console=console, refresh_per_second=4) as live:
+            while not done():
+                time.sleep(interval_s)
+                snap = Snapshot.from_store(store, campaign)
+                live.update(snap)
+        return snap
+    last = -1
+    while True:
+        if snap.finished != last:
+            last = snap.finished
+            console.print(f"{snap.name}: {snap.finished}/{snap.budget} experiments, best {snap.best_text()}, "
+                          f"in flight {sum(len(v) for v in snap.in_flight.values())}", highlight=False, soft_wrap=True)
+        if done():
+            return snap
+        time.sleep(interval_s)
+        snap = Snapshot.from_store(store, campaign)
+
+
+def trial_records(store: Store, campaign: str | int) -> list[dict[str, Any]]:
+    """One flat dict per trial (parameters and outputs as columns), for tables and exports."""
+    row = store.campaign_row(campaign)
+    spec = store.campaign(row.id)  # type: ignore[arg-type]
+    observations = store.observations(row.id)  # type: ignore[arg-type]
+    records = []
+    for t in store.trials(row.id):  # type: ignore[arg-type]
+        obs = observations.get(t.id)  # type: ignore[arg-type]
+        record: dict[str, Any] = {"trial": t.index, "status": t.status}
+        record.update({name: t.parameters.get(name) for name in spec.parameters})
+        record.update({name: (obs.values.get(name) if obs else None) for name in spec.outputs})
+        record.update({
+            "station": t.station, "error": t.error, "run_uid": obs.run_uid if obs else None,
+            "generator": t.planner.get("generator"), "execution": t.planner.get("execution"),
+            "attempts": t.attempts, "duration_s": obs.duration_s if obs else None,
+            "proposed_at": _iso(t.proposed_at), "dispatched_at": _iso(t.dispatched_at),
+            "finished_at": _iso(t.finished_at),
+        })
+        records.append(record)
+    return records
+
+
+def _iso(moment: datetime | None) -> str | None:
+    moment = _utc(moment)
+    return moment.isoformat() if moment else None

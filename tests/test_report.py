@@ -1,0 +1,134 @@
+"""The HTML report: every figure made, embedded and written beside it; model numbers that are right."""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from closedloop import report
+from closedloop.cli import app
+from closedloop.store import Store
+from tests.reportdata import mixed_campaign, mixed_store
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _image_is_not_blank(png: bytes) -> bool:
+    import io
+
+    import matplotlib.image as mpimg
+
+    pixels = mpimg.imread(io.BytesIO(png), format="png")[::4, ::4, :3]
+    # a blank page is one colour; a figure has lines, text and markers in several colours
+    colours = np.unique(np.round(pixels.reshape(-1, 3) * 15), axis=0)
+    return float(pixels.std()) > 0.02 and len(colours) > 10
+
+
+@pytest.fixture(scope="module")
+def mixed_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Store, float]:
+    """The report of a two-objective mixed-space campaign with failures, made by `closedloop report`."""
+    root = tmp_path_factory.mktemp("report")
+    store, _ = mixed_store(root / "store.db")
+    started = time.perf_counter()
+    result = CliRunner().invoke(app, ["report", "mixed", "--store", str(root / "store.db"),
+                                      "-o", str(root / "out" / "report.html")])
+    assert result.exit_code == 0, result.output
+    return root / "out" / "report.html", store, time.perf_counter() - started
+
+
+def test_report_embeds_every_figure_and_writes_it_beside_the_html(mixed_report: tuple[Path, Store, float]) -> None:
+    path, _, seconds = mixed_report
+    text = path.read_text()
+    sources = re.findall(r'<img [^>]*src="data:image/png;base64,([^"]+)"', text)
+    names = ["progress", "pareto", "hypervolume", "parameters", "model", "loo"]
+    assert len(sources) == len(names)
+    for name, encoded in zip(names, sources):
+        png = base64.b64decode(encoded, validate=True)
+        assert png.startswith(PNG)
+        assert (path.parent / f"{name}.png").read_bytes() == png  # the same figure beside the report
+        assert _image_is_not_blank(png), name
+    assert seconds < 60, f"report took {seconds:.1f} s"
+
+
+def test_report_lists_failures_the_campaign_file_and_versions(mixed_report: tuple[Path, Store, float]) -> None:
+    text = mixed_report[0].read_text()
+    assert text.count("sample holder jammed") == 2  # both failed experiments, with their error
+    assert "values: [water, ethanol, toluene]" in text  # the campaign file as run
+    assert re.search(r"<td>botorch</td><td>\d+\.\d+", text)
+    assert "best yield (maximize)" in text and "model quality (cost)" in text
+    assert "http://" not in text and "https://" not in text  # self-contained: nothing fetched when opened
+
+
+def test_leave_one_out_equals_the_model_conditioned_on_the_other_points(tmp_path: Path) -> None:
+    store, _ = mixed_store(tmp_path / "s.db", n=14, fail=())
+    fitted = report.fit(report.load(store, "mixed"), "yield")
+    assert fitted is not None
+    mean, sd = fitted.leave_one_out()
+    model = fitted.model
+    x, y = model.train_inputs[0].clone(), model.train_targets.clone()
+    scale, shift = model.outcome_transform.stdvs.squeeze(), model.outcome_transform.means.squeeze()
+    for i in (0, 5, 13):
+        keep = torch.arange(len(x)) != i
+        model.set_train_data(inputs=x[keep], targets=y[keep], strict=False)
+        with torch.no_grad():
+            predictive = model.likelihood(model(x[i : i + 1]))
+        assert float(predictive.mean * scale + shift) == pytest.approx(mean[i], rel=1e-5, abs=1e-7)
+        assert float(predictive.variance.sqrt() * scale) == pytest.approx(sd[i], rel=1e-5)
+    model.set_train_data(inputs=x, targets=y, strict=False)
+
+
+def test_hypervolume_grows_and_the_front_is_non_dominated(tmp_path: Path) -> None:
+    store, _ = mixed_store(tmp_path / "s.db", n=20, fail=(3,))
+    data = report.load(store, "mixed")
+    _, volumes, _ = report.hypervolume_history(data)
+    assert all(b >= a - 1e-12 for a, b in zip(volumes, volumes[1:])) and volumes[-1] > volumes[0]
+    front = report.pareto_front(store, "mixed")
+    assert front
+    for p in front:
+        for q in data.completed:
+            assert not (q["yield"] > p.values["yield"] and q["cost"] < p.values["cost"])
+
+
+def test_report_of_a_campaign_without_results_still_renders(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    store.open_campaign(mixed_campaign())
+    path = report.write_report(store, "mixed", tmp_path / "r" / "report.html")
+    assert "No completed experiment yet" in path.read_text()
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_the_report_renders_in_headless_chromium(mixed_report: tuple[Path, Store, float], tmp_path: Path) -> None:
+    html_path = mixed_report[0]
+    shot = tmp_path / "shot.png"
+    with tempfile.TemporaryDirectory() as profile:
+        run = subprocess.run(
+            [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", f"--screenshot={shot}", "--window-size=1200,3000",
+             "--hide-scrollbars", html_path.as_uri()],
+            capture_output=True, text=True, timeout=120,
+        )
+    assert run.returncode == 0 and shot.exists(), run.stderr[-2000:]
+    assert _image_is_not_blank(shot.read_bytes())
+    sources = re.findall(r'<img [^>]*src="data:image/png;base64,([^"]+)"', html_path.read_text())
+    assert sources
+    for encoded in sources:
+        import io
+
+        import matplotlib.image as mpimg
+
+        assert mpimg.imread(io.BytesIO(base64.b64decode(encoded, validate=True)), format="png").shape[0] > 100
