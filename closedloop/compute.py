@@ -1,0 +1,451 @@
+"""A compute station: runs computational experiments (a Python function or an external command) on Dask.
+
+To the daemon it is one more station: it connects a DEALER socket, says ``hello`` with its capacity
+(how many experiments it runs at once), receives ``assign`` messages and answers ``started``,
+``result`` or ``failure`` (closedloop.protocol). Each result or failure goes to the same on-disk
+outbox a station worker uses (:class:`closedloop.worker.Outbox`) before it is sent, and stays
+there until the daemon's ``ack``, so it survives a lost connection or a crash and is offered again
+after reconnecting.
+
+Each trial runs as one ``dask.distributed`` future: on a ``LocalCluster`` by default, or on the
+scheduler named by (first match wins) the station's ``scheduler`` argument
+(``closedloop compute-station --scheduler``), the campaign's ``instrument.options.scheduler``, or
+Dask's own ``scheduler-address`` setting (environment ``DASK_SCHEDULER_ADDRESS``). A task whose
+worker dies is not silently re-run by Dask on the local cluster (``allowed-failures`` is 0): it
+becomes a ``failure`` that the daemon retries or records under the campaign's ``execution.retries``;
+a task that never comes back is cancelled when the daemon's ``execution.timeout`` fires.
+
+The wire ``target`` of a computational instrument is ``function:<module:name>`` or
+``command:<template>`` (see :attr:`closedloop.campaign.Instrument.target`):
+
+- a function is called as ``f(**setpoints, **options)`` and returns a mapping of outputs;
+- a command template is split like a shell line (no shell runs), each ``{name}`` is filled from
+  the setpoints and options, and the last line of its standard output that is a JSON object holds
+  the outputs.
+
+Example:
+    >>> station = ComputeStation("tcp://127.0.0.1:5701", capacity=4)   # doctest: +SKIP
+    >>> station.run()   # blocks; serves trials until stopped          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import os
+import queue
+import shlex
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from closedloop import protocol
+from closedloop.errors import ClosedLoopError, DeviceError, ProtocolError
+from closedloop.worker import Outbox, default_station_name
+
+log = logging.getLogger("closedloop.compute")
+
+#: options consumed by the station itself, never passed on to the function or command
+RESERVED_OPTIONS = frozenset({"scheduler"})
+
+#: time an external command may run when the campaign sets no timeout (a stuck program must end)
+DEFAULT_COMMAND_TIMEOUT_S = 24 * 3600.0
+
+
+class ComputeError(DeviceError):
+    """A computational experiment failed: the function raised, the command failed, or its output is unusable."""
+
+
+def is_computational(target: str) -> bool:
+    """True for the wire target of a function or command instrument."""
+    return target.startswith(("function:", "command:"))
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """``("function", "pkg.mod:name")`` or ``("command", template)`` from a wire target."""
+    kind, _, spec = target.partition(":")
+    if kind not in ("function", "command") or not spec:
+        raise ComputeError(f"instrument {target!r} is not a computational experiment (function:... or command:...)")
+    return kind, spec
+
+
+def load_function(path: str) -> Callable[..., Any]:
+    """The callable at ``package.module:name``."""
+    module_name, _, name = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        # a scientist's module next to the campaign file: the console script does not put the
+        # working directory on sys.path, so look there before giving up
+        if os.getcwd() in sys.path:
+            raise ComputeError(f"cannot import {module_name!r} for function {path!r}: {exc}") from None
+        sys.path.append(os.getcwd())
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            raise ComputeError(f"cannot import {module_name!r} for function {path!r}: {exc}") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ComputeError(f"{path!r} is not a callable (module {module_name!r} has no function {name!r})")
+    return function
+
+
+def command_argv(template: str, fields: Mapping[str, Any]) -> list[str]:
+    """The argument vector of a command: the template split like a shell line, then each word filled.
+
+    Splitting before filling keeps a value with spaces in one argument and never runs a shell.
+
+    >>> command_argv("sim --x {x1} --label {name}", {"x1": 0.5, "name": "a b"})
+    ['sim', '--x', '0.5', '--label', 'a b']
+    """
+    try:
+        return [word.format_map(fields) for word in shlex.split(template)]
+    except KeyError as exc:
+        raise ComputeError(f"command {template!r}: no parameter or option {exc.args[0]!r}") from None
+    except ValueError as exc:
+        raise ComputeError(f"command {template!r}: {exc}") from None
+
+
+def parse_outputs(stdout: str) -> dict[str, Any]:
+    """The last line of ``stdout`` that is a JSON object (programs may log before it)."""
+    for line in reversed(stdout.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, dict):
+                return value
+    tail = stdout.strip()[-300:]
+    raise ComputeError(f"the command printed no JSON object of outputs on a line of its own (output ends: {tail!r})")
+
+
+def run_experiment(target: str, setpoints: dict[str, Any], options: dict[str, Any], outputs: list[str],
+                   timeout_s: float | None = None) -> dict[str, Any]:
+    """Run one computational experiment; this is what a Dask worker executes.
+
+    Returns ``{"values": {output: float}, "started": t0, "finished": t1}`` (unix seconds on the
+    worker, so the station can measure how busy the workers were). Raises :class:`ComputeError`
+    naming what went wrong.
+    """
+    kind, spec = split_target(target)
+    kwargs = {k: v for k, v in options.items() if k not in RESERVED_OPTIONS}
+    started = time.time()
+    if kind == "function":
+        raw = load_function(spec)(**setpoints, **kwargs)
+        if not isinstance(raw, Mapping):
+            raise ComputeError(f"function {spec} returned {type(raw).__name__}, not a mapping of outputs")
+    else:
+        argv = command_argv(spec, {**kwargs, **setpoints})
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s or DEFAULT_COMMAND_TIMEOUT_S,
+                                  stdin=subprocess.DEVNULL)
+        except FileNotFoundError:
+            raise ComputeError(f"command {argv[0]!r} not found") from None
+        except subprocess.TimeoutExpired:
+            raise ComputeError(f"command {argv[0]!r} still running after {timeout_s:g} s; killed") from None
+        if done.returncode != 0:
+            raise ComputeError(f"command {argv[0]!r} exited with status {done.returncode}: {done.stderr.strip()[-2000:]}")
+        raw = parse_outputs(done.stdout)
+    values: dict[str, float] = {}
+    for name in outputs:
+        if name not in raw:
+            raise ComputeError(f"output {name!r} missing from the experiment's outputs ({', '.join(sorted(map(str, raw)))})")
+        value = raw[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ComputeError(f"output {name}={value!r} is not a finite number")
+        values[name] = float(value)
+    return {"values": values, "started": started, "finished": time.time()}
+
+
+@dataclass
+class _Running:
+    assignment: protocol.Assign
+    future: Any
+    submitted: float = field(default_factory=time.monotonic)
+
+
+class ComputeStation:
+    """Runs the computational trials a daemon assigns, each as a Dask future.
+
+    Args:
+        connect: the daemon's ROUTER endpoint, e.g. ``tcp://127.0.0.1:5701``.
+        name: station name (ZeroMQ routing id); unique among the daemon's stations.
+        capacity: experiments at once; default: the Dask cluster's worker threads.
+        instruments: wire targets this station accepts (``["*"]``: any; a compute station fails
+            the trials of instruments that are not computational).
+        outbox: path of the SQLite outbox of unacknowledged results.
+        scheduler: a Dask scheduler address that overrides the campaign's; None: the campaign's
+            ``instrument.options.scheduler``, else ``DASK_SCHEDULER_ADDRESS``, else a LocalCluster.
+        local_workers: worker processes (or threads) of the LocalCluster, when one is started.
+        local_threads: threads per worker of the LocalCluster (default: enough for ``capacity``).
+        processes: LocalCluster workers as processes (isolation; a crash loses one worker) or threads.
+    """
+
+    def __init__(
+        self,
+        connect: str,
+        *,
+        name: str | None = None,
+        capacity: int | None = None,
+        instruments: list[str] | None = None,
+        outbox: str | Path | None = None,
+        scheduler: str | None = None,
+        local_workers: int | None = None,
+        local_threads: int | None = None,
+        processes: bool = True,
+        heartbeat_s: float = 1.0,
+        context: zmq.Context | None = None,
+    ):
+        self.endpoint = connect
+        self.name = name or f"compute-{default_station_name()}"
+        self.instruments = instruments or ["*"]
+        self.outbox = Outbox(outbox or Path.home() / ".closedloop" / f"outbox-{self.name}.db")
+        self.scheduler = scheduler
+        self.local_workers = local_workers
+        self.local_threads = local_threads
+        self.processes = processes
+        self.heartbeat_s = heartbeat_s
+        self.context = context or zmq.Context.instance()
+        self._capacity = capacity
+        self._clients: dict[str | None, Any] = {}
+        self._cluster: Any = None
+        self._running: dict[int, _Running] = {}
+        self._done: queue.Queue[int] = queue.Queue()
+        self._stop = threading.Event()
+        self.completed = 0
+        self.failed = 0
+        #: (worker start, worker end) unix times of each experiment that returned, for busy-time figures
+        self.spans: list[tuple[float, float]] = []
+
+    # -- Dask ---------------------------------------------------------------------------------
+
+    def _address(self, options: Mapping[str, Any]) -> str | None:
+        if self.scheduler:
+            return self.scheduler
+        if options.get("scheduler"):
+            return str(options["scheduler"])
+        import dask
+
+        return dask.config.get("scheduler-address", None) or None
+
+    def client(self, address: str | None = None) -> Any:
+        """The Dask client for ``address`` (None: this station's LocalCluster, started on first use)."""
+        if address not in self._clients:
+            from distributed import Client
+
+            if address is None:
+                self._clients[None] = Client(self._local_cluster())
+            else:
+                log.info("connecting to the Dask scheduler at %s", address)
+                self._clients[address] = Client(address, timeout="30s")
+        return self._clients[address]
+
+    def _local_cluster(self) -> Any:
+        import dask
+        from distributed import LocalCluster
+
+        workers = self.local_workers or max(1, min(self._capacity or os.cpu_count() or 1, os.cpu_count() or 1))
+        threads = self.local_threads or max(1, math.ceil((self._capacity or workers) / workers))
+        # a worker that dies takes its experiment with it: report that as a failure so the campaign's
+        # retry policy decides, rather than Dask quietly running the experiment again elsewhere
+        with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+            # loopback only: the local cluster serves this station, never the network
+            where = {"host": "127.0.0.1"} if self.processes else {}
+            self._cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=self.processes,
+                                         dashboard_address=None, **where)
+        log.info("started a local Dask cluster: %d workers x %d threads (%s)", workers, threads,
+                 "processes" if self.processes else "threads")
+        return self._cluster
+
+    @property
+    def capacity(self) -> int:
+        """Experiments this station runs at once."""
+        if self._capacity is None:
+            threads = self.client(self.scheduler or _env_scheduler()).nthreads()
+            self._capacity = max(1, sum(threads.values()))
+        return self._capacity
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            try:
+                client.close(timeout=5)
+            except Exception as exc:  # closing must not hide the reason we are closing
+                log.debug("closing a Dask client: %s", exc)
+        self._clients.clear()
+        if self._cluster is not None:
+            try:
+                self._cluster.close(timeout=10)
+            except Exception as exc:
+                log.debug("closing the local Dask cluster: %s", exc)
+            self._cluster = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Serve trials until ``stop`` (or :meth:`stop`) is set. Blocks; this thread owns the socket."""
+        if stop is not None:
+            self._stop = stop
+        # start (or reach) the cluster before registering: a first assignment must not stall the heartbeats
+        self.client(self.scheduler or _env_scheduler())
+        capacity = self.capacity
+        sock = self._connect()
+        sock.send(self._hello(capacity))
+        last_sent = last_heard = time.monotonic()
+        registered = False
+        try:
+            while not self._stop.is_set():
+                if sock.poll(20, zmq.POLLIN):
+                    last_heard = time.monotonic()
+                    registered = self._on_message(sock, sock.recv(), registered)
+                while True:
+                    try:
+                        trial_id = self._done.get_nowait()
+                    except queue.Empty:
+                        break
+                    payload = self._finish(trial_id)
+                    if payload is not None:
+                        sock.send(payload)
+                        last_sent = time.monotonic()
+                now = time.monotonic()
+                if now - last_sent >= self.heartbeat_s:
+                    sock.send(protocol.encode(protocol.Heartbeat(running=sorted(self._running)))
+                              if registered else self._hello(capacity))
+                    last_sent = now
+                if registered and now - last_heard > 10 * self.heartbeat_s:
+                    log.warning("no word from the daemon for %.0f s; reconnecting", now - last_heard)
+                    sock.close(linger=0)
+                    sock = self._connect()
+                    sock.send(self._hello(capacity))
+                    registered, last_heard = False, now
+        finally:
+            sock.close(linger=0)
+            for running in self._running.values():
+                running.future.cancel()
+            self.close()
+            self.outbox.close()
+
+    # -- communication ------------------------------------------------------------------------
+
+    def _connect(self) -> zmq.Socket:
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, self.name.encode())
+        sock.setsockopt(zmq.LINGER, 500)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        sock.connect(self.endpoint)
+        return sock
+
+    def _hello(self, capacity: int) -> bytes:
+        outstanding = sorted(set(self._running) | {trial for trial, _ in self.outbox.pending()})
+        return protocol.encode(protocol.Hello(station=self.name, instruments=self.instruments, capacity=capacity,
+                                              outstanding=outstanding))
+
+    def _on_message(self, sock: zmq.Socket, frame: bytes, registered: bool) -> bool:
+        try:
+            message = protocol.decode(frame)
+        except ProtocolError as exc:
+            log.warning("dropped a message from the daemon: %s", exc)
+            return registered
+        if isinstance(message, protocol.Welcome):
+            for _, payload in self.outbox.pending():  # the daemon may have restarted: offer what it never acked
+                sock.send(payload)
+            return True
+        if isinstance(message, protocol.Refused):
+            if message.reason.startswith("unregistered"):
+                sock.send(self._hello(self.capacity))
+                return False
+            log.error("daemon refused this station: %s", message.reason)
+            self._stop.set()
+            return False
+        if isinstance(message, protocol.Ack):
+            self.outbox.remove(message.trial_id)
+        elif isinstance(message, protocol.Assign):
+            self._start(sock, message)
+        elif isinstance(message, protocol.Cancel):
+            running = self._running.pop(message.trial_id, None)
+            if running is not None:
+                # the daemon has already recorded the timeout and applied its retry policy; a failure
+                # sent now would be taken for the next attempt's, so the trial is dropped quietly
+                running.future.cancel()
+                log.info("trial %s cancelled: %s", message.trial_id, message.reason)
+        return registered
+
+    # -- experiments ----------------------------------------------------------------------------
+
+    def _start(self, sock: zmq.Socket, assignment: protocol.Assign) -> None:
+        trial = assignment.trial_id
+        stored = self.outbox.get(trial)
+        if stored is not None:  # finished before a reconnect: send the same answer, never re-run
+            sock.send(stored)
+            return
+        if trial in self._running:
+            return
+        target = assignment.instrument.target
+        sock.send(protocol.encode(protocol.Started(trial_id=trial)))
+        try:
+            if not is_computational(target):
+                raise ComputeError(f"a compute station runs functions and commands, not instrument {target!r}")
+            client = self.client(self._address(assignment.instrument.options))
+            future = client.submit(run_experiment, target, dict(assignment.setpoints),
+                                   dict(assignment.instrument.options), list(assignment.outputs), assignment.timeout_s,
+                                   key=f"closedloop-trial-{trial}-{uuid.uuid4().hex[:8]}", pure=False)
+        except Exception as exc:  # cannot even submit: a failure of this trial, reported like any other
+            payload = protocol.encode(protocol.Failure(trial_id=trial, error=_describe(exc)))
+            self.outbox.put(trial, payload)
+            sock.send(payload)
+            self.failed += 1
+            return
+        self._running[trial] = _Running(assignment, future)
+        future.add_done_callback(lambda _f, trial=trial: self._done.put(trial))
+        log.info("campaign=%s trial=%s submitted to Dask as %s", assignment.campaign, trial, future.key)
+
+    def _finish(self, trial_id: int) -> bytes | None:
+        """Store the outcome of a finished future in the outbox; the payload to send, or None if cancelled."""
+        running = self._running.pop(trial_id, None)
+        if running is None or running.future.cancelled():
+            return None
+        future = running.future
+        try:
+            outcome = future.result(timeout=5)
+            message: protocol.ResultMessage | protocol.Failure = protocol.ResultMessage(
+                trial_id=trial_id, run_uid=f"dask-{future.key}", values=outcome["values"],
+                duration_s=max(0.0, outcome["finished"] - outcome["started"]))
+            self.spans.append((outcome["started"], outcome["finished"]))
+            self.completed += 1
+        except Exception as exc:  # every failure is reported with its error, never swallowed
+            log.warning("trial %s of %s failed: %s", trial_id, running.assignment.campaign, _describe(exc))
+            message = protocol.Failure(trial_id=trial_id, error=_describe(exc))
+            self.failed += 1
+        payload = protocol.encode(message)
+        self.outbox.put(trial_id, payload)  # persisted before it is sent: survives a crash from here on
+        return payload
+
+
+def _env_scheduler() -> str | None:
+    import dask
+
+    return dask.config.get("scheduler-address", None) or None
+
+
+def _describe(exc: BaseException) -> str:
+    name = type(exc).__name__
+    if name == "KilledWorker":
+        return f"KilledWorker: the Dask worker running this experiment was lost ({exc})"[:16_000]
+    if isinstance(exc, ClosedLoopError):
+        return str(exc)[:16_000]
+    return f"{name}: {exc}"[:16_000]

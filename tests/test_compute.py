@@ -1,0 +1,294 @@
+"""Computational experiments on Dask: real LocalClusters, real sockets, real SQLite stores, real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from closedloop import protocol
+from closedloop.campaign import Campaign
+from closedloop.compute import ComputeError, ComputeStation, command_argv, parse_outputs, run_experiment
+from closedloop.daemon import Daemon, run_embedded
+from closedloop.store import Store
+
+# -- experiments the tests run (imported by Dask workers as tests.test_compute:NAME) ---------------
+
+
+def quadratic(x1: float, x2: float, offset: float = 0.0) -> dict[str, float]:
+    return {"y": (x1 - 0.3) ** 2 + (x2 - 0.6) ** 2 + offset, "unused": 1.0}
+
+
+def dies_once(x1: float, x2: float, marker: str) -> dict[str, float]:
+    """Kills its own worker process the first time it runs, then behaves."""
+    if not os.path.exists(marker):
+        Path(marker).write_text("died")
+        os._exit(17)
+    return quadratic(x1, x2)
+
+
+def hangs_once(x1: float, x2: float, marker: str) -> dict[str, float]:
+    """Never answers in time the first time it runs (until the test releases it), then behaves."""
+    if not os.path.exists(marker):
+        Path(marker).write_text("hung")
+        release = marker + ".release"
+        deadline = time.time() + 30
+        while not os.path.exists(release) and time.time() < deadline:
+            time.sleep(0.05)
+    return quadratic(x1, x2)
+
+
+def returns_nan(x1: float, x2: float) -> dict[str, float]:
+    return {"y": float("nan")}
+
+
+SCRIPT = "import json, sys; x1, x2 = float(sys.argv[1]), float(sys.argv[2]); print('log line'); " \
+         "print(json.dumps({'y': x1 + 10 * x2}))"
+
+
+def campaign(name: str, instrument: str, experiments: int = 6, concurrency: int = 2, timeout: str | None = None,
+             retries: int = 0) -> Campaign:
+    execution = f"execution: {{concurrency: {concurrency}, retries: {retries}" + (f", timeout: {timeout}}}" if timeout
+                                                                                    else "}")
+    return Campaign.from_yaml_text(f"""
+name: {name}
+parameters:
+  x1: {{type: continuous, bounds: [0, 1]}}
+  x2: {{type: continuous, bounds: [0, 1]}}
+objectives:
+  y: {{goal: minimize}}
+budget: {{experiments: {experiments}}}
+{execution}
+planner: {{backend: sobol, seed: 3}}
+instrument: {instrument}
+""")
+
+
+def serve(daemon: Daemon, station: ComputeStation, limit_s: float = 90) -> None:
+    """Run the daemon here and the station in a thread until the campaign ends (or the limit)."""
+    stop = threading.Event()
+    thread = threading.Thread(target=station.run, args=(stop,), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + limit_s
+    try:
+        daemon.serve(lambda: time.monotonic() > deadline)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        daemon.close()
+    assert time.monotonic() <= deadline, "the campaign did not finish in time"
+
+
+# -- the pieces --------------------------------------------------------------------------------------
+
+
+def test_command_arguments_are_split_before_filling_so_values_never_reach_a_shell() -> None:
+    argv = command_argv("sim --x {x1} --label {label}", {"x1": 0.25, "label": "a b; rm -rf /"})
+    assert argv == ["sim", "--x", "0.25", "--label", "a b; rm -rf /"]
+    with pytest.raises(ComputeError, match="no parameter or option 'x2'"):
+        command_argv("sim {x2}", {"x1": 1})
+
+
+def test_outputs_are_the_last_json_object_line_of_stdout() -> None:
+    assert parse_outputs('starting\n{"y": 1}\nprogress 50%\n{"y": 2.5, "z": 3}\n') == {"y": 2.5, "z": 3}
+    with pytest.raises(ComputeError, match="no JSON object"):
+        parse_outputs("done\n[1, 2]\n")
+
+
+def test_a_function_experiment_returns_the_campaign_outputs_only() -> None:
+    out = run_experiment("function:tests.test_compute:quadratic", {"x1": 0.3, "x2": 0.6}, {"offset": 2.0,
+                         "scheduler": "ignored"}, ["y"])
+    assert out["values"] == {"y": pytest.approx(2.0)}
+    assert out["finished"] >= out["started"]
+    with pytest.raises(ComputeError, match="output 'z' missing"):
+        run_experiment("function:tests.test_compute:quadratic", {"x1": 0, "x2": 0}, {}, ["z"])
+    with pytest.raises(ComputeError, match="not a finite number"):
+        run_experiment("function:tests.test_compute:returns_nan", {"x1": 0, "x2": 0}, {}, ["y"])
+    with pytest.raises(ComputeError, match="cannot import"):
+        run_experiment("function:no_such_module_here:f", {}, {}, ["y"])
+
+
+def test_a_command_experiment_runs_a_real_program_and_reports_its_failures(tmp_path: Path) -> None:
+    script = tmp_path / "sim.py"
+    script.write_text(SCRIPT.replace("; ", "\n"))
+    target = f"command:{sys.executable} {script} {{x1}} {{x2}}"
+    assert run_experiment(target, {"x1": 1.0, "x2": 0.5}, {}, ["y"])["values"] == {"y": 6.0}
+    failing = f"command:{sys.executable} -c 'import sys; sys.exit(\"bad input {{x1}}\")'"
+    with pytest.raises(ComputeError, match="exited with status 1: bad input 0.5"):
+        run_experiment(failing, {"x1": 0.5}, {}, ["y"])
+    slow = f"command:{sys.executable} -c 'import time; time.sleep(30)'"
+    with pytest.raises(ComputeError, match="killed"):
+        run_experiment(slow, {}, {}, ["y"], timeout_s=0.5)
+
+
+def test_a_campaign_file_accepts_function_and_command_instruments() -> None:
+    c = campaign("f", '{function: "tests.test_compute:quadratic", options: {offset: 1}}')
+    assert c.instrument.computational and c.instrument.target == "function:tests.test_compute:quadratic"
+    assert Campaign.from_yaml_text(c.to_yaml()) == c
+    c = campaign("c", '{command: "python sim.py --x {x1} --y {x2} --basis {basis}", options: {basis: sto-3g}}')
+    assert c.instrument.target.startswith("command:python sim.py")
+    with pytest.raises(Exception, match=r"unknown placeholder \{x3\}"):
+        campaign("bad", '{command: "python sim.py {x3}"}')
+    with pytest.raises(Exception, match="exactly one of"):
+        campaign("two", '{function: "a.b:c", simulator: "a.b:d"}')
+
+
+# -- whole campaigns ---------------------------------------------------------------------------------
+
+
+def test_closedloop_run_uses_a_compute_station_for_a_function_campaign(tmp_path: Path) -> None:
+    c = campaign("fn", '{function: "tests.test_compute:quadratic", options: {offset: 1.0}}', experiments=6,
+                 concurrency=3)
+    store = Store(tmp_path / "s.db")
+    run = run_embedded(c, store, outbox=str(tmp_path / "o.db"))
+    trials = store.trials(run.id)
+    assert [t.status for t in trials] == ["completed"] * 6
+    assert {t.station for t in trials} == {"embedded-compute"}
+    for trial in trials:
+        expected = quadratic(trial.parameters["x1"], trial.parameters["x2"], 1.0)["y"]
+        assert store.observations(run.id)[trial.id].values == {"y": pytest.approx(expected)}
+    store.close()
+
+
+def test_a_command_campaign_runs_experiments_in_parallel_on_dask(tmp_path: Path) -> None:
+    script = tmp_path / "sim.py"
+    script.write_text("import json, sys, time\ntime.sleep(0.4)\n"
+                      "print(json.dumps({'y': float(sys.argv[1]) + 10 * float(sys.argv[2])}))\n")
+    c = campaign("cmd", json.dumps({"command": f"{sys.executable} {script} {{x1}} {{x2}}"}), experiments=6,
+                 concurrency=3)
+    store = Store(tmp_path / "s.db")
+    daemon = Daemon(store, [c], heartbeat_s=0.5, reconcile_s=1.0)
+    station = ComputeStation(daemon.endpoint, name="cluster", capacity=3, outbox=tmp_path / "o.db", processes=False,
+                             local_workers=1, heartbeat_s=0.5)
+    started = time.monotonic()
+    serve(daemon, station)
+    run_id = store.campaign_row("cmd").id
+    trials = store.trials(run_id)
+    assert [t.status for t in trials] == ["completed"] * 6
+    for trial in trials:
+        y = store.observations(run_id)[trial.id].values["y"]
+        assert y == pytest.approx(trial.parameters["x1"] + 10 * trial.parameters["x2"])
+    # three at a time: the experiments overlapped on the cluster's three threads
+    starts = sorted(s for s, _ in station.spans)
+    ends = sorted(e for _, e in station.spans)
+    assert sum(1 for s in starts if s < ends[0]) >= 2
+    assert time.monotonic() - started < 60
+    store.close()
+
+
+def test_a_hung_experiment_times_out_and_is_retried_by_the_campaign_policy(tmp_path: Path) -> None:
+    marker = tmp_path / "hung"
+    c = campaign("hang", json.dumps({"function": "tests.test_compute:hangs_once", "options": {"marker": str(marker)}}),
+                 experiments=2, concurrency=1, timeout="2 s", retries=1)
+    store = Store(tmp_path / "s.db")
+    daemon = Daemon(store, [c], heartbeat_s=0.5, reconcile_s=1.0)
+    # two threads: the hung first attempt keeps one busy until released (a thread cannot be interrupted)
+    station = ComputeStation(daemon.endpoint, name="cluster", capacity=1, outbox=tmp_path / "o.db", processes=False,
+                             local_workers=1, local_threads=2, heartbeat_s=0.5)
+    try:
+        serve(daemon, station)
+    finally:
+        Path(str(marker) + ".release").write_text("go")
+    trials = store.trials(store.campaign_row("hang").id)
+    assert [t.status for t in trials] == ["completed", "completed"]
+    assert trials[0].attempts == 2 and "timed out" in (trials[0].error or "timed out")
+    store.close()
+
+
+@pytest.mark.slow
+def test_a_worker_lost_mid_experiment_fails_the_trial_and_the_retry_policy_decides(tmp_path: Path) -> None:
+    for retries, expected in ((1, "completed"), (0, "failed")):
+        marker = tmp_path / f"died-{retries}"
+        c = campaign(f"lost{retries}", json.dumps({"function": "tests.test_compute:dies_once",
+                                                    "options": {"marker": str(marker)}}),
+                     experiments=1, concurrency=1, retries=retries)
+        store = Store(tmp_path / f"s{retries}.db")
+        daemon = Daemon(store, [c], heartbeat_s=0.5, reconcile_s=1.0)
+        station = ComputeStation(daemon.endpoint, name="cluster", capacity=1, outbox=tmp_path / f"o{retries}.db",
+                                 processes=True, local_workers=1, heartbeat_s=0.5)
+        serve(daemon, station, limit_s=120)
+        (trial,) = store.trials(store.campaign_row(f"lost{retries}").id)
+        assert trial.status == expected, trial.error
+        if expected == "failed":
+            assert "worker" in (trial.error or "") and "lost" in (trial.error or "")
+        else:
+            assert trial.attempts == 2
+        store.close()
+
+
+def test_a_result_is_kept_in_the_outbox_until_acknowledged_and_offered_again_after_reconnect(
+    tmp_path: Path, free_port: int
+) -> None:
+    """A daemon stand-in on a real ROUTER socket: it takes the result, dies before the ack, comes back."""
+    endpoint = f"tcp://127.0.0.1:{free_port}"
+    context = zmq.Context()
+
+    def router() -> zmq.Socket:
+        sock = context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        for _ in range(100):  # the closed socket's port is released asynchronously
+            try:
+                sock.bind(endpoint)
+                return sock
+            except zmq.ZMQError:
+                time.sleep(0.05)
+        raise AssertionError(f"cannot bind {endpoint} again")
+
+    def receive(sock: zmq.Socket, kind: type, limit_s: float = 30) -> tuple[bytes, Any]:
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            if sock.poll(100):
+                identity, frame = sock.recv_multipart()
+                message = protocol.decode(frame)
+                if isinstance(message, kind):
+                    return identity, message
+                if isinstance(message, protocol.Heartbeat):
+                    sock.send_multipart([identity, protocol.encode(protocol.Refused(reason="unregistered: send hello"))])
+        raise AssertionError(f"no {kind.__name__} within {limit_s} s")
+
+    daemon = router()
+    outbox = tmp_path / "o.db"
+    station = ComputeStation(endpoint, name="cluster", capacity=1, outbox=outbox, processes=False, local_workers=1,
+                             heartbeat_s=0.3, context=context)
+    stop = threading.Event()
+    thread = threading.Thread(target=station.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        identity, hello = receive(daemon, protocol.Hello)
+        assert hello.capacity == 1 and hello.outstanding == []
+        daemon.send_multipart([identity, protocol.encode(protocol.Welcome(heartbeat_s=0.3))])
+        assign = protocol.Assign(campaign="c", trial_id=41, trial_index=1, setpoints={"x1": 0.3, "x2": 0.6},
+                                 outputs=["y"], instrument=protocol.InstrumentSpec(
+                                     target="function:tests.test_compute:quadratic", options={"offset": 5.0}))
+        daemon.send_multipart([identity, protocol.encode(assign)])
+        _, result = receive(daemon, protocol.ResultMessage)
+        assert result.trial_id == 41 and result.values == {"y": pytest.approx(5.0)}
+        daemon.close()  # the daemon dies before acknowledging
+
+        daemon = router()  # ... and restarts: the station registers again, still holding trial 41
+        identity, hello = receive(daemon, protocol.Hello)
+        assert hello.outstanding == [41]
+        daemon.send_multipart([identity, protocol.encode(protocol.Welcome(heartbeat_s=0.3))])
+        _, again = receive(daemon, protocol.ResultMessage)
+        assert (again.trial_id, again.run_uid, again.values) == (41, result.run_uid, result.values)
+        # an assign of the same trial is answered from the outbox, never run twice
+        daemon.send_multipart([identity, protocol.encode(assign)])
+        _, third = receive(daemon, protocol.ResultMessage)
+        assert third.run_uid == result.run_uid and station.completed == 1
+        daemon.send_multipart([identity, protocol.encode(protocol.Ack(trial_id=41))])
+        deadline = time.monotonic() + 10
+        while station.outbox.pending() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert station.outbox.pending() == []
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        daemon.close()
+        context.destroy(linger=0)
