@@ -19,7 +19,9 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import inspect
 import math
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
@@ -140,6 +142,8 @@ class InstrumentBinding:
         settle_time: seconds to wait after the move before measuring (``bps.sleep``, so pausable).
         repeats: measurements per experiment; outputs are their mean and ``noise`` their standard error.
         safety: extra :class:`SafetyRule` checks run by :meth:`check_limits` before anything moves.
+        limits: parameter -> (low, high) the engine enforces itself, for devices that declare no limits
+            of their own (plain signals) or check them only asynchronously (ophyd-async).
         suspenders: bluesky suspenders (interlocks, beam) the station's RunEngine must have installed
             while this instrument runs: ``for s in binding.suspenders: RE.install_suspender(s)``.
         extras: anything else the binding wants recorded or used by its custom plan.
@@ -156,6 +160,7 @@ class InstrumentBinding:
     repeats: int = 1
     safety: list[SafetyRule] = field(default_factory=list)
     suspenders: list[Any] = field(default_factory=list)
+    limits: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         both = set(self.positioners) & set(self.signals)
@@ -209,22 +214,19 @@ class InstrumentBinding:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
                 raise DeviceError(f"{name}={value!r} is not a finite number for positioner {_device_name(device)}")
+        for name, value in setpoints.items():
+            if name in self.limits:
+                low, high = self.limits[name]
+                if not (isinstance(value, (int, float)) and low <= value <= high):
+                    raise DeviceError(f"{name}={value!r} outside the instrument's limits [{low:g}, {high:g}]")
+            device = self.settable.get(name)
             checker = getattr(device, "check_value", None)
             if checker is None:
                 continue
             try:
-                checker(value)
+                _run_check(checker, value)
             except Exception as exc:  # ophyd raises LimitError; others raise their own kinds
                 raise DeviceError(f"{name}={value!r} refused by {_device_name(device)}: {exc}") from exc
-        for name, value in setpoints.items():
-            signal = self.signals.get(name)
-            checker = getattr(signal, "check_value", None)
-            if checker is None:
-                continue
-            try:
-                checker(value)
-            except Exception as exc:
-                raise DeviceError(f"{name}={value!r} refused by {_device_name(signal)}: {exc}") from exc
         if self.safety:
             current = self.current()
             for rule in self.safety:
@@ -243,6 +245,25 @@ class InstrumentBinding:
     def describe_outputs(self) -> dict[str, str]:
         """Output -> data key or function name, for the start document."""
         return {k: (v if isinstance(v, str) else f"{v.label}({', '.join(v.keys)})") for k, v in self.outputs.items()}
+
+
+def _run_check(checker: Callable[[Any], Any], value: Any) -> None:
+    """Call a device's ``check_value``; ophyd-async's is a coroutine, run on the RunEngine's loop."""
+    result = checker(value)
+    if not inspect.isawaitable(result):
+        return
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # a caller's thread (the worker's pre-flight): wait for the device's answer
+        from bluesky.run_engine import call_in_bluesky_event_loop
+
+        call_in_bluesky_event_loop(result)  # type: ignore[arg-type]
+    else:
+        # Inside the RunEngine's own loop (a plan's pre-flight) we cannot block on it; the device's
+        # set() runs the same check before moving, and ``limits`` above still applies.
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
 
 
 def _device_name(device: Any) -> str:

@@ -25,6 +25,7 @@ from ophyd.sim import SynAxis
 from ophyd.status import DeviceStatus
 from ophyd.utils.errors import LimitError
 
+from closedloop.campaign import parse_duration
 from closedloop.errors import DeviceError
 from drivers.binding import InstrumentBinding
 
@@ -286,6 +287,16 @@ class Choice:
     values: tuple[Any, ...]
 
 
+def seconds(value: float | str, option: str) -> float:
+    """A duration option as seconds: a number, or a string with a unit as in campaign files ("50 ms")."""
+    if isinstance(value, str):
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            raise DeviceError(f"option {option}={value!r}: {exc}") from exc
+    return value
+
+
 def data_key(name: str) -> str:
     """A device name safe as a data key everywhere documents go (``Qtot(uL/min)`` -> ``Qtot_uL_min``)."""
     return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9_]", "_", name)).strip("_") or "value"
@@ -311,8 +322,12 @@ def simulated_instrument(
     """An instrument of simulated devices: one positioner per :class:`Axis`, one signal per :class:`Choice`,
     and one detector reading every output of ``func({parameter: value})``.
 
-    ``latency`` is the motion time of every axis (seconds); ``exposure`` the measurement time.
+    ``latency`` is the motion time of every axis; ``exposure`` the measurement time (seconds, or
+    strings with a unit such as ``"50 ms"``).
     """
+    latency = seconds(latency, "latency")
+    if not callable(exposure):
+        exposure = seconds(exposure, "exposure")
     for option, value in (("noise", noise if not isinstance(noise, Mapping) else 0.0), ("latency", latency),
                           ("exposure", 0.0 if callable(exposure) else exposure), ("drift", abs(drift)), ("failure_rate", failure_rate), ("hang_rate", hang_rate)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):

@@ -9,7 +9,7 @@
 | ``cycles`` | integer | 1–10 |
 | ``solvent`` | categorical | DMF, DMSO, GBL |
 | ``ratio`` | discrete | 0.25, 0.5, 1.0, 2.0 (precursor ratio) |
-| ``pressure`` | fixed | 1.0 (atm; the only value the chamber accepts) |
+| ``pressure`` | fixed | 1.0 (bar; the only value the chamber accepts) |
 
 Outputs: ``quality`` in [0, 1] (maximize), ``cost`` (minimize), ``yield`` (fraction in [0, 1]).
 

@@ -216,3 +216,36 @@ def test_failure_rate_is_seeded():
     first = outcomes(3)
     assert first == outcomes(3)
     assert 0 < sum(first) < 12
+
+
+def test_durations_may_be_given_with_units_as_in_campaign_files():
+    binding = surfaces.Branin(latency="50 ms", exposure="0.02 s")
+    assert binding.positioners["x1"].delay == pytest.approx(0.05)
+    assert detector(binding).exposure_time == pytest.approx(0.02)
+    from closedloop.errors import DeviceError
+
+    with pytest.raises(DeviceError, match="latency='fast'"):
+        surfaces.Branin(latency="fast")
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in __import__("pathlib").Path(__file__).parents[2].joinpath(
+    "campaigns").glob("*.yaml")))
+def test_every_example_campaign_builds_its_instrument_and_accepts_its_parameters(path):
+    from closedloop.campaign import Campaign, CategoricalParameter, DiscreteParameter, FixedParameter
+    from drivers.binding import load_binding
+
+    root = __import__("pathlib").Path(__file__).parents[2] / "campaigns"
+    campaign = Campaign.from_yaml(root / path)
+    if not campaign.instrument.target.startswith("simulators."):
+        pytest.skip("not a simulator")
+    binding = load_binding(campaign.instrument.target, campaign.instrument.options)
+    point = {}
+    for name, p in campaign.parameters.items():
+        if isinstance(p, FixedParameter):
+            point[name] = p.value
+        elif isinstance(p, (CategoricalParameter, DiscreteParameter)):
+            point[name] = p.values[0]
+        else:
+            point[name] = p.bounds[0] if p.type == "integer" else (p.bounds[0] + p.bounds[1]) / 2
+    binding.check_limits(point)
+    assert set(campaign.outputs) <= set(binding.outputs)

@@ -1,0 +1,42 @@
+"""An ophyd-async instrument in the same RunEngine and plans as ophyd ones."""
+
+from __future__ import annotations
+
+import bluesky.plan_stubs as bps
+import numpy as np
+import pytest
+
+from closedloop.errors import DeviceError
+from drivers.binding import load_binding
+from drivers.plans import experiment_plan
+from drivers.readout import outputs_from_events
+from simulators.surfaces import branin
+
+pytest.importorskip("ophyd_async")
+pytest.importorskip("h5py")  # ophyd_async.sim imports it
+
+
+def readback(motor) -> float:
+    from bluesky.run_engine import call_in_bluesky_event_loop
+
+    return call_in_bluesky_event_loop(motor.user_readback.get_value())
+
+
+def test_ophyd_async_binding_runs_and_checks_limits_twice(RE, docs):
+    binding = load_binding("drivers.async_stage:AsyncStage")  # after RE: devices connect on its loop
+    RE(experiment_plan(binding, {"x1": 1.5, "x2": 4.0}, {"trial_id": 1}), docs)
+    assert readback(binding.positioners["x1"]) == 1.5 and readback(binding.positioners["x2"]) == 4.0
+    values, _ = outputs_from_events(binding, docs.events())
+    assert values["y"] == pytest.approx(branin(np.array([1.5, 4.0])))
+    assert docs.events()[0]["data"]["x1"] == 1.5
+
+    # Engine pre-flight (the worker's thread): the binding's limits and the device's async check_value.
+    with pytest.raises(DeviceError, match=r"x1=12\.0 outside the instrument's limits \[-5, 10\]"):
+        binding.check_limits({"x1": 12.0, "x2": 1.0})
+    binding.limits = {}
+    with pytest.raises(DeviceError, match="refused by x1: x1=12.0 outside soft limits"):
+        binding.check_limits({"x1": 12.0, "x2": 1.0})
+    # The device itself, with every engine check bypassed.
+    with pytest.raises(Exception, match="outside soft limits"):
+        RE(bps.mv(binding.positioners["x2"], -1.0))
+    assert readback(binding.positioners["x2"]) == 4.0
