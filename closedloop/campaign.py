@@ -827,7 +827,9 @@ def _fold_fixed(constraint: LinearConstraint, parameters: Mapping[str, Any]) -> 
 
 
 def _bad_name(name: Any) -> str | None:
-    if not isinstance(name, str) or not name.isidentifier():
+    if not isinstance(name, str):
+        return None  # the type check says it: names are text
+    if not name.isidentifier():
         return (f"{name!r} is not a usable name: start with a letter, use only letters, digits and '_' "
                 "(names appear in constraint expressions)")
     return None
@@ -1272,8 +1274,24 @@ class CampaignFileError(CampaignError):
         super().__init__("\n".join(str(p) for p in problems))
 
 
-class _MarkingLoader(yaml.SafeLoader):
-    """A safe loader that remembers where every key and item is, and every duplicate key."""
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` as a number (YAML 1.1 wants ``1.0e-3``; people write ``1e-3``)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
 
 
 def _walk_marks(node: yaml.Node, path: tuple, marks: dict[tuple, yaml.Mark],
@@ -1299,7 +1317,7 @@ def _walk_marks(node: yaml.Node, path: tuple, marks: dict[tuple, yaml.Mark],
 def _key_value(node: yaml.Node) -> Any:
     if isinstance(node, yaml.ScalarNode):
         try:
-            return yaml.SafeLoader("").construct_object(node)  # the key as safe_load reads it (1, true, 'a')
+            return _Loader("").construct_object(node)  # the key as the loader reads it (1, true, 'a')
         except Exception:
             return node.value
     return node.start_mark.index  # an unhashable key: only its position identifies it
@@ -1497,8 +1515,8 @@ def load_campaign_text(
             :func:`instrument_problems`); turn off on a host that cannot import the lab's drivers.
     """
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        root = yaml.compose(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)

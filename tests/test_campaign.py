@@ -336,3 +336,11 @@ def test_models_reject_non_finite_and_boolean_numbers() -> None:
         Budget(experiments=True)  # type: ignore[arg-type]
     with pytest.raises(Exception):
         FixedParameter(value=math.nan)
+
+
+def test_scientific_notation_is_a_number() -> None:
+    # YAML 1.1 (PyYAML) reads 1e-3 as text; a scientist means a number
+    text = BASE.replace("  x2: {type: continuous, bounds: [0, 15]}", "  x2: {type: continuous, bounds: [1e-3, 1E1], scale: log}")
+    c = Campaign.from_yaml_text(text)
+    assert c.parameters["x2"].bounds == (0.001, 10.0)
+    assert Campaign.from_yaml_text(c.to_yaml()) == c
