@@ -76,7 +76,8 @@ class Derived:
     def compute(self, data: Mapping[str, Any]) -> float:
         missing = [k for k in self.keys if k not in data]
         if missing:
-            raise DeviceError(f"{self.label} needs {', '.join(missing)}, not in the readings ({', '.join(sorted(data))})")
+            readings = ", ".join(sorted(data))
+            raise DeviceError(f"{self.label} needs {', '.join(missing)}, not in the readings ({readings})")
         return float(self.function(*(data[k] for k in self.keys)))
 
 

@@ -96,11 +96,12 @@ class DocumentCollector:
             if name == "event":
                 pieces = [doc]
             elif name == "event_page":
-                pieces = list(unpack_event_page(doc))
+                pieces = list(unpack_event_page(doc))  # type: ignore[arg-type]
             else:
                 continue
             for event in pieces:
-                if event.get("descriptor") in descriptors and (stream is None or descriptors[event["descriptor"]] == stream):
+                descriptor = event.get("descriptor")
+                if descriptor in descriptors and (stream is None or descriptors[descriptor] == stream):
                     out.append(event)
         return out
 

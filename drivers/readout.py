@@ -23,7 +23,8 @@ def _value(source: str | Derived, data: Mapping[str, Any], output: str) -> float
         value = source.compute(data)
     else:
         if source not in data:
-            raise DeviceError(f"output {output!r}: data key {source!r} not in the run's readings ({', '.join(sorted(data))})")
+            readings = ", ".join(sorted(data))
+            raise DeviceError(f"output {output!r}: data key {source!r} not in the run's readings ({readings})")
         value = data[source]
     try:
         number = float(value)

@@ -251,7 +251,9 @@ class ResponseSurface(Device):
 
         def work() -> None:
             try:
-                exposure = self.exposure_time(self.input_values()) if callable(self.exposure_time) else self.exposure_time
+                exposure = self.exposure_time
+                if callable(exposure):
+                    exposure = exposure(self.input_values())
                 if exposure > 0:
                     time.sleep(exposure)
                 if fail:
@@ -328,8 +330,12 @@ def simulated_instrument(
     latency = seconds(latency, "latency")
     if not callable(exposure):
         exposure = seconds(exposure, "exposure")
-    for option, value in (("noise", noise if not isinstance(noise, Mapping) else 0.0), ("latency", latency),
-                          ("exposure", 0.0 if callable(exposure) else exposure), ("drift", abs(drift)), ("failure_rate", failure_rate), ("hang_rate", hang_rate)):
+    numeric = {
+        "noise": 0.0 if isinstance(noise, Mapping) else noise, "latency": latency,
+        "exposure": 0.0 if callable(exposure) else exposure, "drift": abs(drift),
+        "failure_rate": failure_rate, "hang_rate": hang_rate,
+    }
+    for option, value in numeric.items():
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
             raise DeviceError(f"{name}: option {option}={value!r} must be a non-negative number")
     if failure_rate > 1 or hang_rate > 1:

@@ -55,7 +55,7 @@ class Axis(PVGroup):
         self.limits = limits
         self.velocity = velocity
 
-    @motor.startup
+    @motor.startup  # type: ignore[no-redef]  # caproto: the hook reuses the pvproperty name
     async def motor(self, instance: Any, async_lib: Any) -> None:
         low, high = self.limits
         start = float(np.clip(0.0, low, high))
@@ -77,7 +77,7 @@ class StageBase(PVGroup):
     value = pvproperty(value=0.0, name="det:value", read_only=True, precision=6)
     interlock = pvproperty(value=0, name="interlock")
 
-    @acquire.putter
+    @acquire.putter  # type: ignore[no-redef]
     async def acquire(self, instance: Any, value: Any) -> int:
         if self.exposure > 0:
             await asyncio.sleep(self.exposure)

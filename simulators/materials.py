@@ -56,7 +56,7 @@ def anneal(p: Mapping[str, Any]) -> dict[str, float]:
 
 def PerovskiteAnneal(**options: Any) -> InstrumentBinding:
     """The annealing process as an instrument: three heater/timer axes, three set-and-forget signals."""
-    inputs = [
+    inputs: list[Axis | Choice] = [
         Axis("temperature", 80.0, 250.0), Axis("time", 1.0, 600.0), Axis("cycles", 1, 10, integer=True),
         Choice("solvent", tuple(SOLVENTS)), Choice("ratio", (0.25, 0.5, 1.0, 2.0)), Choice("pressure", (1.0,)),
     ]

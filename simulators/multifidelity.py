@@ -45,7 +45,7 @@ def BraninPair(*, cost_ratio: float = 0.1, exposure: float = 0.0, **options: Any
     def exposure_of(p: Mapping[str, Any]) -> float:
         return exposure * (cost_ratio if p["fidelity"] == "low" else 1.0)
 
-    inputs = [Axis("x1", -5.0, 10.0), Axis("x2", 0.0, 15.0), Choice("fidelity", ("high", "low"))]
+    inputs: list[Axis | Choice] = [Axis("x1", -5.0, 10.0), Axis("x2", 0.0, 15.0), Choice("fidelity", ("high", "low"))]
     # Cost is a bookkeeping output, not a measurement: only y gets the measurement noise.
     noise = options.pop("noise", 0.0)
     return simulated_instrument("branin-pair", inputs, ["y", "cost"], func, exposure=exposure_of,

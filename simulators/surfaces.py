@@ -138,7 +138,7 @@ def MixedSurface(*, output: str = "y", **options: Any) -> InstrumentBinding:
     its own optimum, so the best continuous settings depend on the categorical choice. Minimum 0 at
     x1=0.7, x2=0.3, cycles=6, catalyst=B (A: 0.5, C: 0.8 at their own optima).
     """
-    inputs = [Axis("x1", 0.0, 1.0), Axis("x2", 0.0, 1.0), Axis("cycles", 1, 10, integer=True),
+    inputs: list[Axis | Choice] = [Axis("x1", 0.0, 1.0), Axis("x2", 0.0, 1.0), Axis("cycles", 1, 10, integer=True),
               Choice("catalyst", ("A", "B", "C"))]
     return simulated_instrument("mixed", inputs, [output], mixed_surface, **options)
 
