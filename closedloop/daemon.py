@@ -238,6 +238,7 @@ class CampaignRun:
             self._consider_best(result)
         self.queue: deque[int] = deque()
         self.held = 0
+        self.held_ids: set[int] = set()  # issue 7: to notice proposals a person rejected
         self.refresh_queue()
         self.service: PlannerService | None = None
 
@@ -249,10 +250,14 @@ class CampaignRun:
     def approve(self) -> bool:
         return bool(getattr(self.campaign.execution, "approve", False)) and _HELD is not None
 
-    def refresh_queue(self) -> None:
-        """Proposed trials (re-queued, approved) waiting for a station; hand-run ones are left to people."""
+    def refresh_queue(self) -> list[TrialRow]:
+        """Proposed trials (re-queued, approved) waiting for a station; hand-run ones are left to people.
+
+        Returns the held proposals a person rejected since the last look (now failed in the store).
+        """
         statuses = [TrialStatus.proposed.value] + ([_HELD.value] if _HELD is not None else [])
         queued, held = [], 0
+        held_ids: set[int] = set()
         for trial in self.store.trials(self.id, statuses):
             if (trial.planner or {}).get("execution") == "manual":
                 continue
@@ -260,8 +265,14 @@ class CampaignRun:
                 queued.append(trial.id)
             else:
                 held += 1
+                held_ids.add(trial.id)  # type: ignore[arg-type]
         self.queue = deque(queued)
         self.held = held
+        # -- issue 7: `closedloop reject` records a held proposal failed; the planner must learn it
+        decided = [self.store.trial(t) for t in self.held_ids - held_ids]
+        self.held_ids = held_ids
+        return [t for t in decided if t.status == TrialStatus.failed.value]
+        # -- end issue 7
 
     def finished_count(self) -> int:
         return self.finished
@@ -502,7 +513,10 @@ class Daemon:
             self._last_queue_refresh = now
             for run in self.runs.values():
                 if run.approve or _HELD is not None:
-                    run.refresh_queue()
+                    for trial in run.refresh_queue():  # issue 7: rejected by a person, a known-bad point
+                        run.finished += 1
+                        self._update_planner(run, [Result(trial.parameters, None, trial.index)])
+                        self._emit("trial_failed", run, trial=trial.index, error=trial.error, finished=run.finished)
         self._dispatch()
 
     # -- intake -----------------------------------------------------------------------------
