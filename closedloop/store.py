@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, Column, UniqueConstraint, event, func
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 from closedloop.campaign import Campaign
@@ -107,13 +107,30 @@ def make_engine(url_or_path: str | Path) -> Engine:
     return engine
 
 
+def lock_campaign(connection: Connection, campaign_id: int) -> None:
+    """Hold the campaign's row until the transaction ends, so trial numbers are allocated one writer at a time.
+
+    Several daemons (or a daemon and the CLI) may add trials to one store: PostgreSQL locks the row
+    (``SELECT ... FOR UPDATE``); SQLite takes its database write lock with a no-op update, before the
+    highest number is read. The unique ``(campaign_id, index)`` constraint remains the last guard.
+    """
+    table = CampaignRow.__table__  # type: ignore[attr-defined]
+    if connection.dialect.name == "sqlite":
+        connection.execute(table.update().where(table.c.id == campaign_id).values(id=table.c.id))
+    else:
+        connection.execute(select(table.c.id).where(table.c.id == campaign_id).with_for_update())
+
+
 class Store:
     """Campaigns, their trials and the observations that completed them."""
 
     def __init__(self, url_or_path: str | Path):
         self.location = str(url_or_path)
         self.engine = make_engine(url_or_path)
-        SQLModel.metadata.create_all(self.engine)
+        # issue 8: alembic migrations (closedloop/migrations) bring any store, SQLite or PostgreSQL, to this schema
+        from closedloop.migrations import migrate
+
+        migrate(self.engine)
         self._lock = threading.RLock()  # one writer at a time within this process
 
     def close(self) -> None:
@@ -181,6 +198,7 @@ class Store:
         ``status`` is ``held`` for proposals that wait for a person's approval.
         """
         with self._lock, Session(self.engine) as session:
+            lock_campaign(session.connection(), campaign_id)
             last = session.exec(select(func.max(TrialRow.index)).where(TrialRow.campaign_id == campaign_id)).one()
             rows = []
             for offset, (parameters, metadata) in enumerate(proposals, start=1):
@@ -367,6 +385,7 @@ class Store:
         import uuid
 
         with self._lock, Session(self.engine) as session:
+            lock_campaign(session.connection(), campaign_id)
             last = session.exec(select(func.max(TrialRow.index)).where(TrialRow.campaign_id == campaign_id)).one() or 0
             now = utcnow()
             trials = []

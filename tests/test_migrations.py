@@ -1,0 +1,115 @@
+"""Schema migrations (closedloop/migrations): fresh stores, stores from before migrations, concurrent starts.
+
+Each test runs on SQLite and, when CLOSEDLOOP_TEST_POSTGRES_URL is set, on a fresh PostgreSQL database.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import create_engine, inspect, text
+from sqlmodel import SQLModel
+
+from closedloop.migrations import BASELINE, alembic_config, current_revision, head_revision, migrate
+from closedloop.store import Store
+from tests.conftest import branin_campaign
+from tests.test_store_backends import postgres_database
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+    else:
+        yield from postgres_database()
+
+
+def test_the_migrations_alone_build_exactly_the_tables_the_models_describe(url: str) -> None:
+    """Fails when a table changes in the models without a revision in closedloop/migrations/versions."""
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), "head")
+        differences = compare_metadata(MigrationContext.configure(connection, opts={"compare_type": True}),
+                                       SQLModel.metadata)
+    engine.dispose()
+    assert differences == [], ("the models differ from the migrations; add a revision "
+                               "(python -m closedloop.migrations revision MESSAGE): " + repr(differences))
+
+
+def test_a_fresh_store_is_created_and_stamped_at_the_newest_revision(url: str) -> None:
+    Store(url).close()
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        assert current_revision(connection) == head_revision()
+        assert {"campaign", "trial", "observation"} <= set(inspect(connection).get_table_names())
+    assert migrate(engine) == "up to date"
+    engine.dispose()
+
+
+def _first_release_store(url: str) -> None:
+    """A store as the first release wrote it: the baseline tables, no alembic_version, one campaign."""
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), BASELINE)
+        connection.execute(text("DROP TABLE alembic_version"))
+        campaign = branin_campaign("from-release-1")
+        connection.execute(text("INSERT INTO campaign (name, spec_yaml, spec_hash, status, created_at) "
+                                "VALUES (:n, :y, :h, 'running', CURRENT_TIMESTAMP)"),
+                           {"n": campaign.name, "y": campaign.to_yaml(), "h": campaign.spec_hash})
+        cid = connection.execute(text("SELECT id FROM campaign")).scalar_one()
+        for index, (x1, y) in enumerate([(1.0, 12.5), (2.0, 7.25)], start=1):
+            connection.execute(text('INSERT INTO trial (campaign_id, "index", parameters, status, attempts, planner, '
+                                    "proposed_at) VALUES (:c, :i, :p, 'completed', 1, '{}', CURRENT_TIMESTAMP)"),
+                               {"c": cid, "i": index, "p": json.dumps({"x1": x1, "x2": 3.0})})
+            tid = connection.execute(text('SELECT id FROM trial WHERE "index" = :i'), {"i": index}).scalar_one()
+            connection.execute(text('INSERT INTO observation (trial_id, run_uid, "values", received_at) '
+                                    "VALUES (:t, :u, :v, CURRENT_TIMESTAMP)"),
+                               {"t": tid, "u": f"run-{index}", "v": json.dumps({"y": y})})
+        assert "provenance" not in inspect(connection).get_table_names()
+    engine.dispose()
+
+
+def test_a_store_from_before_migrations_is_upgraded_without_losing_its_campaign(url: str) -> None:
+    _first_release_store(url)
+    store = Store(url)
+    cid = store.campaign_row("from-release-1").id
+    assert store.campaign("from-release-1") == branin_campaign("from-release-1")
+    assert [(r.trial, r.parameters["x1"], r.values) for r in store.results(cid)] == [(1, 1.0, {"y": 12.5}),
+                                                                                     (2, 2.0, {"y": 7.25})]
+    # and the upgraded store keeps working: new trials continue the numbering
+    (row,) = store.add_trials(cid, [({"x1": 3.0, "x2": 3.0}, {})])
+    assert row.index == 3
+    with store.engine.connect() as connection:
+        assert current_revision(connection) == head_revision()
+        assert "provenance" in inspect(connection).get_table_names()
+    store.close()
+
+
+def test_daemons_starting_together_on_a_fresh_store_migrate_it_once(url: str) -> None:
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def start() -> None:
+        try:
+            barrier.wait()
+            Store(url).close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [head_revision()]
+    engine.dispose()

@@ -1,0 +1,163 @@
+"""The store on both backends: SQLite files and a real PostgreSQL server (CLOSEDLOOP_TEST_POSTGRES_URL).
+
+.ci/run starts PostgreSQL from Debian's package and exports the URL; without it (a laptop) the
+PostgreSQL variants are skipped, saying why.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, make_url, text
+
+from closedloop.compute import ComputeStation
+from closedloop.daemon import Daemon
+from closedloop.store import Store, TrialStatus
+from tests.conftest import branin_campaign
+from tests.test_compute import campaign as compute_campaign
+from tests.test_compute import quadratic
+
+POSTGRES_ENV = "CLOSEDLOOP_TEST_POSTGRES_URL"
+
+
+def postgres_database() -> Iterator[str]:
+    """A new, empty PostgreSQL database for one test (dropped afterwards)."""
+    base = os.environ.get(POSTGRES_ENV)
+    if not base:
+        pytest.skip(f"PostgreSQL variant: set {POSTGRES_ENV}=postgresql+psycopg://USER:PASS@HOST/DB "
+                    "(.ci/run starts a server and sets it)")
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    name = f"closedloop_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(base).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A store URL for each backend."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+    else:
+        yield from postgres_database()
+
+
+def test_a_campaign_lives_through_its_whole_cycle_on_each_backend(store_url: str) -> None:
+    store = Store(store_url)
+    cid = store.open_campaign(branin_campaign("cycle"))
+    rows = store.add_trials(cid, [({"x1": 1.0, "x2": 2.0}, {"generator": "sobol"}), ({"x1": 3.0, "x2": 4.0}, {})])
+    assert [r.index for r in rows] == [1, 2]
+    store.mark_dispatched(rows[0].id, "station-a")
+    assert store.record_result(rows[0].id, "run-1", {"y": 1.5}, duration_s=0.2) is True
+    assert store.record_result(rows[0].id, "run-1", {"y": 1.5}) is False  # a re-sent result: stored once
+    store.mark_dispatched(rows[1].id, "station-a")
+    assert store.record_failure(rows[1].id, "DeviceError: axis x1 stalled") is True
+    assert store.counts(cid) == {"completed": 1, "failed": 1}
+    results = store.results(cid)
+    assert [(r.trial, r.values) for r in results] == [(1, {"y": 1.5}), (2, None)]
+    store.close()
+    again = Store(store_url)  # reopened (another process, a restarted daemon): everything is there
+    assert again.campaign("cycle") == branin_campaign("cycle")
+    assert again.observations(cid)[rows[0].id].values == {"y": 1.5}
+    assert again.trial(rows[1].id).error == "DeviceError: axis x1 stalled"
+    again.close()
+
+
+def test_trial_numbers_stay_unique_and_dense_when_many_writers_add_trials_at_once(store_url: str) -> None:
+    """Each writer has its own Store (its own connections), as separate daemons or CLI processes would."""
+    Store(store_url).close()
+    setup = Store(store_url)
+    cid = setup.open_campaign(branin_campaign("race"))
+    writers, per_writer = 4, 15
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(writers)
+
+    def write() -> None:
+        store = Store(store_url)
+        try:
+            barrier.wait()
+            for i in range(per_writer):
+                store.add_trials(cid, [({"x1": float(i), "x2": 0.0}, {})])
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=write) for _ in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert [t.index for t in setup.trials(cid)] == list(range(1, writers * per_writer + 1))
+    setup.close()
+
+
+def test_campaigns_in_one_store_only_see_their_own_trials(store_url: str) -> None:
+    store = Store(store_url)
+    a = store.open_campaign(branin_campaign("lab-a"))
+    b = store.open_campaign(branin_campaign("lab-b", seed=5))
+    store.add_trials(a, [({"x1": 0.0, "x2": 0.0}, {})] * 3)
+    store.add_trials(b, [({"x1": 1.0, "x2": 1.0}, {})] * 2)
+    assert [t.index for t in store.trials(a)] == [1, 2, 3]
+    assert [t.index for t in store.trials(b)] == [1, 2]
+    assert store.counts(b) == {TrialStatus.proposed.value: 2}
+    store.close()
+
+
+@pytest.mark.slow
+def test_two_daemons_share_one_store_without_touching_each_others_campaigns(store_url: str, tmp_path: Path) -> None:
+    """Two labs: each daemon (own Store, own connections) runs its own campaign with its own station."""
+    finished: dict[str, BaseException | None] = {}
+
+    def lab(name: str) -> None:
+        store = Store(store_url)
+        try:
+            c = compute_campaign(name, '{function: "tests.test_compute:quadratic"}', experiments=6, concurrency=2)
+            daemon = Daemon(store, [c], heartbeat_s=0.5, reconcile_s=1.0)
+            station = ComputeStation(daemon.endpoint, name=f"{name}-station", capacity=2, processes=False,
+                                     local_workers=1, outbox=tmp_path / f"{name}.outbox", heartbeat_s=0.5)
+            stop = threading.Event()
+            thread = threading.Thread(target=station.run, args=(stop,), daemon=True)
+            thread.start()
+            deadline = time.monotonic() + 120
+            try:
+                daemon.serve(lambda: time.monotonic() > deadline)
+            finally:
+                stop.set()
+                thread.join(timeout=30)
+                daemon.close()
+            finished[name] = None
+        except BaseException as exc:
+            finished[name] = exc
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=lab, args=(name,)) for name in ("lab-a", "lab-b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert finished == {"lab-a": None, "lab-b": None}
+    store = Store(store_url)
+    for name in ("lab-a", "lab-b"):
+        cid = store.campaign_row(name).id
+        trials = store.trials(cid)
+        assert [t.index for t in trials] == list(range(1, 7))
+        assert {t.status for t in trials} == {"completed"}
+        assert {t.station for t in trials} == {f"{name}-station"}
+        observations = store.observations(cid)
+        for t in trials:
+            assert observations[t.id].values["y"] == pytest.approx(quadratic(**t.parameters)["y"])
+    store.close()
