@@ -53,6 +53,7 @@ from pydantic import (
     Strict,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     WithJsonSchema,
     field_serializer,
     field_validator,
@@ -172,13 +173,16 @@ class ContinuousParameter(_Model):
             raise ValueError(f"lower bound {low:g} is not below upper bound {high:g}")
         return bounds
 
-    @model_validator(mode="after")
-    def _log_positive(self) -> ContinuousParameter:
-        if self.scale == "log" and self.bounds[0] <= 0:
+    @field_validator("scale")
+    @classmethod
+    def _log_positive(cls, scale: str, info: ValidationInfo) -> str:
+        bounds = info.data.get("bounds")  # absent when the bounds are themselves wrong
+        if scale == "log" and bounds is not None and bounds[0] <= 0:
             raise ValueError(
-                f"a log scale needs positive bounds, got {list(self.bounds)}; use scale: linear or a positive lower bound"
+                f"a log scale needs positive bounds, got [{bounds[0]:g}, {bounds[1]:g}]; "
+                "use scale: linear or a positive lower bound"
             )
-        return self
+        return scale
 
 
 class IntegerParameter(_Model):
@@ -1336,8 +1340,8 @@ def _data_path(data: Any, loc: tuple) -> tuple:
             path.append(part)
         elif part == "[key]":
             continue
-        elif isinstance(node, dict) and isinstance(part, str) and part not in _UNION_TAGS and part not in (
-                "str", "int", "float", "function-before[_from_path(), Candidates]") and not part.startswith("function-"):
+        elif (isinstance(node, dict) and isinstance(part, str) and part not in _UNION_TAGS
+              and part not in ("str", "int", "float") and not part.startswith("function-")):
             path.append(part)  # a missing or unknown key: name it, it has no position of its own
             node = None
     return tuple(path)
