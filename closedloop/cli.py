@@ -218,6 +218,31 @@ def worker(
         _fail(f"the daemon refused this station: {station.refused}")
 
 
+@app.command("compute-station")
+def compute_station(
+    connect: str = typer.Option("tcp://127.0.0.1:5701", help="the daemon's endpoint"),
+    scheduler: Optional[str] = typer.Option(None, help="Dask scheduler address (default: the campaign's "
+                                            "instrument.options.scheduler, else DASK_SCHEDULER_ADDRESS, else a local cluster)"),
+    capacity: Optional[int] = typer.Option(None, min=1, help="experiments at once (default: the cluster's worker threads)"),
+    workers: Optional[int] = typer.Option(None, min=1, help="worker processes of the local cluster (default: cores)"),
+    name: Optional[str] = typer.Option(None, help="station name (default compute-HOST-PID)"),
+    instrument: Optional[list[str]] = typer.Option(None, help="instruments served, e.g. 'function:pkg.mod:f' (default any)"),
+    outbox: Optional[Path] = typer.Option(None, help="outbox file of unacknowledged results"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run a compute station: computational experiments (functions, commands) on a Dask cluster."""
+    _setup_logging(verbose)
+    from closedloop.compute import ComputeStation
+
+    station = ComputeStation(connect, name=name, capacity=capacity, instruments=instrument or None, outbox=outbox,
+                             scheduler=scheduler, local_workers=workers)
+    console.print(f"compute station {station.name} connecting to {connect}", highlight=False)
+    try:
+        station.run()
+    except KeyboardInterrupt:
+        station.stop()
+
+
 @app.command()
 def validate(campaign_files: list[Path] = typer.Argument(..., help="campaign YAML files")) -> None:
     """Check campaign files and summarize each valid one: parameters, objectives, budget, size of the space."""
