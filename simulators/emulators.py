@@ -13,9 +13,9 @@ Needs the ``emulators`` extra (``pip install closedloop[emulators]``).
 
 | name (``simulators.emulators:``) | data | parameters | outputs | training error (RMSE, stated bound) |
 |---|---|---|---|---|
-| ``AgNP`` | Liang 2021, AgNP (164 unique of 3295 rows) | ``QAgNO3(%)`` 4.5–42.85, ``Qpva(%)`` 9.99–40.01, ``Qtsc(%)`` 0.5–30.5, ``Qseed(%)`` 0.49–19.5, ``Qtot(uL/min)`` 200–983 | ``loss`` (minimize) | 0.03 (< 0.05; data std 0.195) |
+| ``AgNP`` | Liang 2021, AgNP (164 unique of 3295 rows) | ``QAgNO3(%)`` 4.5–42.85, ``Qpva(%)`` 9.99–40.01, ``Qtsc(%)`` 0.5–30.5, ``Qseed(%)`` 0.49–19.5, ``Qtot(uL/min)`` 200–983 | ``loss`` (minimize) | 0.030 (< 0.05; data std 0.195) |
 | ``CrossedBarrel`` | Liang 2021, crossed barrel (600 unique of 1800) | ``n`` integer 6–12, ``theta`` 0–200, ``r`` 1.5–2.5, ``t`` 0.7–1.4 | ``toughness`` (maximize) | 2.0 J (< 3 J; data std 10.8 J) |
-| ``SuzukiReizman`` (``case`` 1–4) | Reizman 2016 Suzuki case 1 (96 rows) | ``catalyst`` categorical (8), ``t_res`` 60–600, ``temperature`` 30–110, ``catalyst_loading`` 0.48–2.52 | ``yld``, ``ton`` (maximize) | yld 5.4 %, ton 3.4 (< 8 and < 6; data std 33 and 25) |
+| ``SuzukiReizman`` (``case`` 1–4) | Reizman 2016 Suzuki, case 1 (96 rows, 81 distinct) | ``catalyst`` categorical (8), ``t_res`` 60–600, ``temperature`` 30–110, ``catalyst_loading`` 0.48–2.52 | ``yld``, ``ton`` (maximize) | case 1: yld 4.5 %, ton 2.4; cases 2-4: yld 1.6-5.4 %, ton 1.3-5.2 (all < 8; data std 12-37 and 5-32) |
 
 Data: ``simulators/data/<dataset>/`` (copied unchanged with the dataset's LICENSE and SOURCE.md).
 """

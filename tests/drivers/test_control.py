@@ -113,3 +113,18 @@ def test_rates_are_probabilities():
         Branin(failure_rate=1.5)
     with pytest.raises(DeviceError, match="noise=-1"):
         Branin(noise=-1)
+
+
+def test_deferred_pause_lets_the_move_finish_and_measures_after_resume(RE, docs):
+    # What a paused campaign needs: in-flight moves complete, nothing is measured until resumed.
+    binding = Branin(latency=0.4)
+    later(0.1, lambda: RE.request_pause(defer=True))  # lands during the move
+    with pytest.raises(RunEngineInterrupted):
+        RE(experiment_plan(binding, {"x1": 4.0, "x2": 6.0}, MD), docs)
+    assert RE.state == "paused"
+    assert binding.positioners["x1"].position == 4.0 and binding.positioners["x2"].position == 6.0
+    assert binding.positioners["x1"].set_calls == [4.0]  # moved once, not re-issued
+    assert docs.events() == []
+    RE.resume()
+    assert docs.stop["exit_status"] == "success" and len(docs.events()) == 1
+    assert binding.positioners["x1"].set_calls == [4.0]

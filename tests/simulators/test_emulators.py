@@ -28,19 +28,19 @@ def training_rmse(spec, emulator) -> dict[str, float]:
     return {o: float(np.sqrt(np.mean((predicted[o] - data[o].to_numpy()) ** 2))) for o in spec.outputs}
 
 
-def test_suzuki_reproduces_its_training_data(cache_dir):
-    spec = emulators.suzuki_spec(1)
+@pytest.mark.parametrize("case", [1, 2, 3, 4])
+def test_suzuki_reproduces_its_training_data(cache_dir, case):
+    spec = emulators.suzuki_spec(case)
     rmse = training_rmse(spec, emulators.Emulator.load(spec, cache_dir))
-    assert rmse["yld"] < 8.0 and rmse["ton"] < 6.0  # data standard deviations: 33 % and 25
+    assert rmse["yld"] < 8.0 and rmse["ton"] < 8.0  # data standard deviations: 12-37 % and 5-32
 
 
-@pytest.mark.slow  # about 10 s to fit on a busy machine, then cached
 def test_agnp_reproduces_its_training_data(cache_dir):
     rmse = training_rmse(emulators.AGNP, emulators.Emulator.load(emulators.AGNP, cache_dir))
     assert rmse["loss"] < 0.05  # data standard deviation 0.195
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # about 5 s to fit 600 points, then cached
 def test_crossed_barrel_reproduces_its_training_data(cache_dir):
     spec = emulators.CROSSED_BARREL
     rmse = training_rmse(spec, emulators.Emulator.load(spec, cache_dir))
@@ -99,7 +99,6 @@ def test_suzuki_instrument_uses_the_dataset_names_and_answers_anywhere(cache_dir
     assert values["yld"] > 80.0  # the best row of the data measured 98.7
 
 
-@pytest.mark.slow
 def test_agnp_instrument_keeps_the_data_column_names(cache_dir):
     binding = emulators.AgNP(cache_dir=cache_dir)
     assert list(binding.positioners) == ["QAgNO3(%)", "Qpva(%)", "Qtsc(%)", "Qseed(%)", "Qtot(uL/min)"]
