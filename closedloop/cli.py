@@ -340,16 +340,24 @@ def watch(
     store: Optional[str] = typer.Option(None, help=_STORE_HELP),
     interval: float = typer.Option(1.0, help="seconds between looks at the store"),
     timeout: Optional[float] = typer.Option(None, help="stop watching after this many seconds"),
+    events: Optional[str] = typer.Option(None, help="a daemon's PUB endpoint to follow (default: ask the daemon "
+                                         "on --control; without one, read the store)"),
+    control: str = typer.Option("tcp://127.0.0.1:5700", help="control endpoint of a running daemon"),
 ) -> None:
     """Follow a campaign from another terminal until it completes (Ctrl-C to stop watching)."""
+    from closedloop.view import daemon_events_endpoint, watch_events
     from closedloop.view import watch as follow
 
     the_store, name = _find_store(campaign, store)
     names = _campaign_names(the_store, name)
     if len(names) != 1:
         _fail(f"name the campaign to watch: {', '.join(names) or 'none'} in {the_store.location}")
+    endpoint = events or (daemon_events_endpoint(control, names[0]) if control else None)
     try:
-        follow(the_store, names[0], console, interval_s=interval, timeout_s=timeout)
+        if endpoint:
+            watch_events(the_store, names[0], console, endpoint, timeout_s=timeout, idle_check_s=interval)
+        else:
+            follow(the_store, names[0], console, interval_s=interval, timeout_s=timeout)
     except KeyboardInterrupt:
         pass
 
@@ -438,11 +446,11 @@ def export(
             frame.to_parquet(target, index=False)
         except ImportError:
             _fail("parquet needs pyarrow: pip install pyarrow")
-    console.print(f"wrote {len(frame)} trials to {target}", highlight=False)
+    console.print(f"wrote {len(frame)} trials to {target}", highlight=False, soft_wrap=True)
 
 
 def _print_trials(rows: list[Any], header: str) -> None:
-    console.print(header, highlight=False)
+    console.print(header, highlight=False, soft_wrap=True)
     for row in rows:
         console.print(f"  #{row.index:>3}  {_format_values(row.parameters)}", highlight=False, soft_wrap=True)
 
@@ -479,12 +487,12 @@ def tell(
         if trial is not None or values:
             _fail("give either --csv or TRIAL OUTPUT=VALUE, not both", EXIT_BAD_INPUT)
         rows = hitl.tell_csv(the_store, name, csv)
-        console.print(f"{name}: recorded {len(rows)} result(s) from {csv}", highlight=False)
+        console.print(f"{name}: recorded {len(rows)} result(s) from {csv}", highlight=False, soft_wrap=True)
         return
     if trial is None or not values:
         _fail("give TRIAL OUTPUT=VALUE ... or --csv FILE", EXIT_BAD_INPUT)
     row = hitl.tell(the_store, name, trial, hitl._assignments(values or []))
-    console.print(f"{name}: recorded trial #{row.index}", highlight=False)
+    console.print(f"{name}: recorded trial #{row.index}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -500,8 +508,7 @@ def approve(
     the_store, name = _find_store(campaign, store)
     assert name is not None
     row = hitl.approve(the_store, name, trial, hitl._assignments(set_ or []))
-    console.print(f"{name}: trial #{row.index} approved: {_format_values(row.parameters)}", highlight=False,
-                  soft_wrap=True)
+    console.print(f"{name}: trial #{row.index} approved: {_format_values(row.parameters)}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -516,7 +523,7 @@ def reject(
     the_store, name = _find_store(campaign, store)
     assert name is not None
     row = hitl.reject(the_store, name, trial)
-    console.print(f"{name}: trial #{row.index} {row.error}", highlight=False)
+    console.print(f"{name}: trial #{row.index} {row.error}", highlight=False, soft_wrap=True)
 
 
 @app.command("import")
@@ -541,11 +548,11 @@ def import_(
     except hitl.DataError as exc:
         for problem in exc.problems:
             errors.print(f"[bold red]error:[/] {problem}", highlight=False, soft_wrap=True)
-        errors.print(f"nothing imported: {len(exc.problems)} problem(s)", highlight=False)
+        errors.print(f"nothing imported: {len(exc.problems)} problem(s)", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
     console.print(f"{target.name}: imported {len(summary.trials)} experiments from {results}"
                   + (f" (ignored columns: {', '.join(summary.ignored_columns)})" if summary.ignored_columns else ""),
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -561,7 +568,7 @@ def report(
     assert name is not None
     started = time.monotonic()
     path = write_report(the_store, name, output or Path("reports") / name / "report.html")
-    console.print(f"wrote {path} in {time.monotonic() - started:.1f} s", highlight=False)
+    console.print(f"wrote {path} in {time.monotonic() - started:.1f} s", highlight=False, soft_wrap=True)
 
 
 _CONTROL_HELP = "the daemon's control endpoint"

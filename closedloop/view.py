@@ -365,3 +365,65 @@ def trial_records(store: Store, campaign: str | int) -> list[dict[str, Any]]:
 def _iso(moment: datetime | None) -> str | None:
     moment = _utc(moment)
     return moment.isoformat() if moment else None
+
+
+def daemon_events_endpoint(control: str, campaign: str, timeout_s: float = 0.5) -> str | None:
+    """The PUB endpoint of a daemon that answers on ``control`` and runs ``campaign``, else None."""
+    from closedloop.daemon import control_request
+    from closedloop.errors import ClosedLoopError
+
+    try:
+        status = control_request(control, "status", timeout_s=timeout_s)
+    except (ClosedLoopError, OSError, ValueError):
+        return None
+    names = [c.get("name") for c in status.get("campaigns", [])]
+    return status.get("publish") if campaign in names else None
+
+
+def watch_events(store: Store, campaign: str, console: Console, endpoint: str,
+                 timeout_s: float | None = None, idle_check_s: float = 1.0) -> Snapshot:
+    """Follow a campaign from a daemon's event stream (PUB, see closedloop.events) until it finishes.
+
+    Each event is drawn as ``closedloop run`` draws it: on a terminal the panel is re-read from the
+    store (the daemon stores before it announces), otherwise one plain line per event. Events can be
+    dropped by PUB/SUB, so the store is also read when the stream is quiet.
+    """
+    import zmq
+
+    from closedloop.events import decode_event
+
+    context = zmq.Context.instance()
+    sub = context.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, f"campaign.{campaign}.".encode())
+    sub.connect(endpoint)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    spec = store.campaign(campaign)
+    snap = Snapshot.from_store(store, campaign)
+    view = ProgressView(spec, store, console)
+    try:
+        with view:
+            if not view.live_mode:
+                console.print(f"following {campaign} on {endpoint}: {snap.finished}/{snap.budget} experiments, "
+                              f"best {snap.best_text()}", highlight=False, soft_wrap=True)
+            else:
+                view._refresh()
+            while deadline is None or time.monotonic() < deadline:
+                wait_ms = idle_check_s * 1000
+                if deadline is not None:
+                    wait_ms = max(0.0, min(wait_ms, (deadline - time.monotonic()) * 1000))
+                if sub.poll(int(wait_ms), zmq.POLLIN):
+                    _topic, body = sub.recv_multipart()
+                    event = decode_event(body)
+                    view(event.get("kind", ""), event)
+                    if event.get("kind") == "campaign_finished":
+                        break
+                else:
+                    snap = Snapshot.from_store(store, campaign)
+                    if snap.status in ("completed", "stopped"):
+                        break
+                    if view.live_mode:
+                        view._refresh()
+    finally:
+        sub.close(linger=0)
+    return Snapshot.from_store(store, campaign)

@@ -1,0 +1,206 @@
+"""People in the loop through the real command line: suggest, tell, import, approve and reject."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from closedloop import hitl
+from closedloop.campaign import Campaign
+from closedloop.store import Store, TrialStatus
+from tests.reportdata import mixed_campaign
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BRANIN = """
+name: {name}
+parameters:
+  x1: {{type: continuous, bounds: [-5, 10]}}
+  x2: {{type: continuous, bounds: [0, 15]}}
+objectives:
+  y: {{goal: minimize}}
+budget: {{experiments: {experiments}}}
+execution: {{approve: {approve}}}
+planner: {{backend: sobol, seed: 1}}
+instrument:
+  simulator: simulators.surfaces:Branin
+  options: {{noise: 0.0, seed: 0}}
+"""
+
+
+def cli(*args: str) -> object:
+    from closedloop.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def campaign_file(tmp_path: Path, name: str = "hand", experiments: int = 10, approve: bool = False) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(BRANIN.format(name=name, experiments=experiments, approve=str(approve).lower()))
+    return path
+
+
+def test_suggest_records_hand_trials_and_tell_completes_them(tmp_path: Path) -> None:
+    db = str(tmp_path / "s.db")
+    result = cli("suggest", str(campaign_file(tmp_path)), "-n", "2", "--store", db)
+    assert result.exit_code == 0, result.output
+    assert "#  1" in result.output and "#  2" in result.output
+    store = Store(db)
+    cid = store.campaign_row("hand").id
+    trials = store.trials(cid)
+    assert [t.status for t in trials] == ["proposed", "proposed"]
+    assert all(t.planner["execution"] == "manual" for t in trials)
+    again = cli("suggest", "hand", "-n", "1", "--store", db)  # by name, once stored
+    assert again.exit_code == 0, again.output
+    third = store.trials(cid)[2]
+    assert third.parameters not in (trials[0].parameters, trials[1].parameters)  # pending ones are not proposed again
+
+    told = cli("tell", "hand", "1", "y=12.5", "--store", db)
+    assert told.exit_code == 0, told.output
+    assert store.trial(trials[0].id).status == "completed"
+    observation = store.observations(cid)[trials[0].id]
+    assert observation.values == {"y": 12.5} and observation.run_uid.startswith("manual-")
+    assert "#2" in cli("status", "hand", "--store", db).output  # still waiting for its result
+
+
+def test_tell_refuses_bad_values_with_one_line_each_and_stores_nothing(tmp_path: Path) -> None:
+    db = str(tmp_path / "s.db")
+    cli("suggest", str(campaign_file(tmp_path)), "--store", db)
+    result = cli("tell", "hand", "1", "y=abc", "z=2", "--store", db)
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["error: trial #1: y='abc' is not a number",
+                     "error: trial #1: 'z' is not an output of hand (outputs: y)"], result.stderr
+    assert Store(db).trials(1)[0].status == "proposed"
+    assert cli("tell", "hand", "7", "y=1", "--store", db).exit_code == 1  # no such trial
+
+
+def test_tell_from_a_csv_checks_every_row_first(tmp_path: Path) -> None:
+    db = str(tmp_path / "s.db")
+    cli("suggest", str(campaign_file(tmp_path)), "-n", "3", "--store", db)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("trial,y\n1,3.5\n2,inf\n9,1\n")
+    result = cli("tell", "hand", "--csv", str(bad), "--store", db)
+    assert result.exit_code == 1
+    assert "row 3" in result.stderr and "row 4, column trial: '9'" in result.stderr
+    assert Store(db).counts(1) == {"proposed": 3}  # nothing stored
+    good = tmp_path / "good.csv"
+    good.write_text("trial,y\n1,3.5\n3,-1e-3\n")
+    assert cli("tell", "hand", "--csv", str(good), "--store", db).exit_code == 0
+    assert Store(db).counts(1) == {"completed": 2, "proposed": 1}
+
+
+def test_import_reports_every_bad_row_and_writes_nothing(tmp_path: Path) -> None:
+    db = str(tmp_path / "s.db")
+    rows = tmp_path / "past.csv"
+    rows.write_text("x1,x2,y,notes\n1.0,2.0,5.5,ok\n20,2.0,3.0,\n1.0,abc,3.0,\n1.0,2.0,,\n")
+    result = cli("import", str(campaign_file(tmp_path)), str(rows), "--store", db)
+    assert result.exit_code == 2
+    err = result.stderr
+    assert "past.csv row 3, column x1: '20' is outside the bounds [-5, 10]" in err
+    assert "past.csv row 4, column x2: 'abc' is not a number" in err
+    assert "past.csv row 5, column y: '' is not a number" in err
+    assert "nothing imported: 3 problem(s)" in err
+    assert Store(db).trials(Store(db).open_campaign(Campaign.from_yaml(campaign_file(tmp_path)))) == []
+
+    rows.write_text("x1,x2,y,notes\n1.0,2.0,5.5,first\n-2,9,17.25,\n")
+    result = cli("import", "hand", str(rows), "--store", db)
+    assert result.exit_code == 0, result.output
+    assert "imported 2 experiments" in result.stdout and "ignored columns: notes" in result.stdout
+    store = Store(db)
+    assert [t.status for t in store.trials(1)] == ["completed", "completed"]
+    assert all(o.run_uid.startswith("import-") for o in store.observations(1).values())
+
+
+def test_export_then_import_round_trip_keeps_every_value(tmp_path: Path) -> None:
+    db, copy = str(tmp_path / "s.db"), str(tmp_path / "copy.db")
+    rows = tmp_path / "past.csv"
+    rows.write_text("x1,x2,y\n1.0,2.0,5.5\n-2,9,17.25\n9.5,0.5,0.75\n")
+    assert cli("import", str(campaign_file(tmp_path)), str(rows), "--store", db).exit_code == 0
+    out = tmp_path / "hand.csv"
+    assert cli("export", "hand", "--format", "csv", "-o", str(out), "--store", db).exit_code == 0
+    assert cli("import", str(campaign_file(tmp_path)), str(out), "--store", copy).exit_code == 0
+    assert [(r.parameters, r.values) for r in Store(copy).results(1)] == [
+        (r.parameters, r.values) for r in Store(db).results(1)]
+
+
+def test_import_checks_types_of_a_mixed_space(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    rows = tmp_path / "mixed.csv"
+    rows.write_text("temp,conc,steps,solvent,yield,cost\n"
+                    "30,0.1,2,water,0.5,2\n"
+                    "30,0.1,2.5,water,0.5,2\n"
+                    "30,0,2,water,0.5,2\n"
+                    "30,0.1,2,acetone,0.5,2\n")
+    with pytest.raises(hitl.DataError) as caught:
+        hitl.import_csv(store, mixed_campaign(), rows)
+    assert caught.value.problems == [
+        f"{rows} row 3, column steps: '2.5' is not an integer",
+        f"{rows} row 4, column conc: '0' is outside the bounds [0.01, 1]",
+        f"{rows} row 5, column solvent: 'acetone' is not one of water, ethanol, toluene",
+    ]
+    assert store.campaigns() == []
+
+
+def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path: Path) -> None:
+    run = [sys.executable, "-m", "closedloop.cli"]
+    plain = subprocess.run([*run, "show", "nosuch", "--store", str(tmp_path / "none.db")], capture_output=True,
+                           text=True, cwd=tmp_path, timeout=120)
+    assert plain.returncode == 1
+    assert plain.stderr.strip() == f"error: no store {tmp_path / 'none.db'}"
+    assert not (tmp_path / "none.db").exists()  # looking for a store never creates one
+    debug = subprocess.run([*run, "--debug", "show", "nosuch", "--store", str(tmp_path / "none.db")],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert debug.returncode == 1
+    assert "Traceback (most recent call last)" in debug.stderr and "StoreError: no store" in debug.stderr
+
+
+@pytest.mark.slow
+def test_approval_mode_holds_each_proposal_until_a_person_decides(tmp_path: Path) -> None:
+    from closedloop.daemon import run_embedded
+
+    db = str(tmp_path / "s.db")
+    campaign = Campaign.from_yaml(campaign_file(tmp_path, "held", experiments=3, approve=True))
+    store, daemon_store = Store(db), Store(db)  # two connections, as a daemon and a person in another terminal
+    done = threading.Event()
+    runner = threading.Thread(target=lambda: (run_embedded(campaign, daemon_store, should_stop=lambda: done.is_set()),
+                                              done.set()), daemon=True)
+    runner.start()
+
+    def wait_held(index: int) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            held = [t.index for t in store.trials(1, [TrialStatus.held.value])] if store.campaigns() else []
+            if index in held:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"trial {index} was never held; trials: {[(t.index, t.status) for t in store.trials(1)]}")
+
+    try:
+        wait_held(1)
+        time.sleep(0.5)
+        assert store.trial(store.trials(1)[0].id).status == "held"  # nothing runs without a person
+        refused = cli("approve", "held", "1", "--set", "x1=99", "--store", db)
+        assert refused.exit_code == 1 and "x1=99: is outside the bounds [-5, 10]" in refused.stderr
+        assert cli("approve", "held", "1", "--set", "x1=1.5", "--store", db).exit_code == 0
+        wait_held(2)
+        assert cli("reject", "held", "2", "--store", db).exit_code == 0
+        wait_held(3)
+        assert cli("approve", "held", "3", "--store", db).exit_code == 0
+        runner.join(timeout=60)
+    finally:
+        done.set()
+        runner.join(timeout=20)
+    trials = store.trials(1)
+    first = trials[0]
+    assert first.status == "completed" and first.parameters["x1"] == 1.5
+    assert first.planner["approved_by"] and first.planner["proposed_parameters"]["x1"] != 1.5
+    assert trials[1].status == "failed" and trials[1].error.startswith("rejected by ")
+    assert trials[2].status == "completed"
+    assert [r.failed for r in store.results(1)] == [False, True, False]  # the planner's known-bad point

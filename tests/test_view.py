@@ -1,0 +1,177 @@
+"""What a scientist sees: the snapshot, the live view, status / list / show / export / watch."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import zmq
+from rich.console import Console
+from typer.testing import CliRunner
+
+from closedloop.cli import app
+from closedloop.events import encode_event
+from closedloop.store import Store, TrialStatus
+from closedloop.view import ProgressView, Snapshot, trial_records, watch, watch_events
+from tests.conftest import branin_campaign
+
+
+@pytest.fixture
+def busy(tmp_path: Path) -> tuple[Store, str]:
+    """A campaign mid-run: 4 completed, 1 failed, 2 in flight on two stations, 1 held, 1 for hand execution."""
+    store = Store(tmp_path / "busy.db")
+    campaign = branin_campaign(name="busy", experiments=10, backend="sobol")
+    cid = store.open_campaign(campaign)
+    values = [12.0, 3.5, 7.25, 4.0]
+    for i, y in enumerate(values, start=1):
+        (trial,) = store.add_trials(cid, [({"x1": float(i), "x2": 1.0}, {"generator": "sobol"})])
+        store.mark_dispatched(trial.id, "station-a")
+        store.record_result(trial.id, f"run-{i}", {"y": y})
+    (failed,) = store.add_trials(cid, [({"x1": 0.0, "x2": 0.0}, {})])
+    store.mark_dispatched(failed.id, "station-b")
+    store.record_failure(failed.id, "beam dump")
+    for index, station in ((6, "station-a"), (7, "station-b")):
+        (trial,) = store.add_trials(cid, [({"x1": 1.0, "x2": float(index)}, {})])
+        store.mark_dispatched(trial.id, station)
+    store.add_trials(cid, [({"x1": 2.0, "x2": 2.0}, {})], status=TrialStatus.held)
+    store.add_trials(cid, [({"x1": 3.0, "x2": 3.0}, {"execution": "manual"})])
+    return store, str(tmp_path / "busy.db")
+
+
+def test_snapshot_counts_in_flight_best_and_recent(busy: tuple[Store, str]) -> None:
+    snap = Snapshot.from_store(busy[0], "busy")
+    assert snap.finished == 5 and snap.budget == 10
+    assert snap.counts == {"completed": 4, "failed": 1, "dispatched": 2, "held": 1, "proposed": 1}
+    assert snap.in_flight == {"station-a": [6], "station-b": [7]}
+    assert snap.held == [8] and snap.manual == [9]
+    assert snap.best is not None and snap.best.index == 2 and snap.best_after == 2
+    assert [e.index for e in snap.recent] == [5, 4, 3, 2, 1]  # newest first
+    assert snap.recent[0].error == "beam dump"
+    elapsed, remaining = snap.elapsed_s(), snap.remaining_s()
+    assert elapsed is not None and remaining is not None
+    assert remaining == pytest.approx(elapsed / 5 * 5, rel=0.5)  # five left at the pace of five done
+
+
+def test_status_list_and_show_from_another_terminal(busy: tuple[Store, str]) -> None:
+    runner = CliRunner()
+    status = runner.invoke(app, ["status", "busy", "--store", busy[1]])
+    assert status.exit_code == 0, status.output
+    text = status.stdout
+    assert "busy: running, 5/10 experiments (4 completed, 1 failed)" in text
+    assert "best min y=3.5 (#2, experiment 2 of 5" in text
+    assert "in flight: station-a: #6; station-b: #7" in text
+    assert "held for approval: #8" in text and "waiting for results by hand: #9" in text
+    assert "failed: beam dump" in text
+    listing = runner.invoke(app, ["list", "--store", busy[1]])
+    assert listing.exit_code == 0 and "busy" in listing.stdout and "5/10" in listing.stdout and "y=3.5 (#2)" in listing.stdout
+    shown = runner.invoke(app, ["show", "busy", "--store", busy[1]])
+    assert shown.exit_code == 0
+    assert "beam dump" in shown.stdout and "station-b" in shown.stdout and "9 trials" in shown.stdout
+
+
+def test_export_in_every_format_reads_back_the_same_table(busy: tuple[Store, str], tmp_path: Path) -> None:
+    expected = pd.DataFrame(trial_records(busy[0], "busy"))
+    runner = CliRunner()
+    for fmt, read in (("csv", pd.read_csv), ("json", pd.read_json), ("parquet", pd.read_parquet)):
+        out = tmp_path / f"busy.{fmt}"
+        result = runner.invoke(app, ["export", "busy", "--format", fmt, "-o", str(out), "--store", busy[1]])
+        assert result.exit_code == 0, result.output
+        frame = read(out)
+        assert list(frame["trial"]) == list(range(1, 10)), fmt
+        assert list(frame["status"]) == list(expected["status"])
+        assert frame["y"].iloc[:4].tolist() == [12.0, 3.5, 7.25, 4.0]
+        assert frame["error"].iloc[4] == "beam dump"
+    bad = runner.invoke(app, ["export", "busy", "--format", "xlsx", "--store", busy[1]])
+    assert bad.exit_code == 2 and "use csv, parquet or json" in bad.stderr
+    stdout = runner.invoke(app, ["export", "busy", "-f", "json", "-o", "-", "--store", busy[1]])
+    assert json.loads(stdout.stdout)[1]["y"] == 3.5
+
+
+def test_the_live_view_draws_a_panel_per_campaign_on_a_terminal(busy: tuple[Store, str]) -> None:
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=120, color_system=None)
+    view = ProgressView(busy[0].campaign("busy"), busy[0], console)
+    with view:
+        view("trial_completed", {"campaign": "busy", "trial": 4, "values": {"y": 4.0}, "finished": 5})
+    text = out.getvalue()
+    assert "busy" in text and "5/10" in text
+    assert "station-a: #6; station-b: #7" in text
+    assert "y=3.5 (#2, experiment 2 of 5" in text
+    assert "#8" in text and "closedloop approve" in text
+
+
+def test_the_plain_view_prints_one_line_per_event(busy: tuple[Store, str]) -> None:
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, width=80)
+    view = ProgressView(busy[0].campaign("busy"), busy[0], console)
+    with view:
+        view("trial_proposed", {"campaign": "busy", "trial": 10, "parameters": {"x1": 1.0}, "held": True})
+        view("trial_completed", {"campaign": "busy", "trial": 6, "values": {"y": 2.0}, "finished": 6,
+                                 "best": {"trial": 6, "values": {"y": 2.0}}})
+        view("trial_failed", {"campaign": "busy", "trial": 7, "error": "timed out", "finished": 7})
+    assert out.getvalue().splitlines() == [
+        "experiment 10 held for approval: x1=1",
+        "[6/10] experiment 6: y=2; best y=2 (#6)",
+        "[7/10] experiment 7: failed: timed out; best y=2 (#6)",
+    ]
+
+
+def test_watch_reads_the_store_until_the_campaign_completes(busy: tuple[Store, str]) -> None:
+    store = busy[0]
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, width=200)
+
+    def finish() -> None:
+        time.sleep(0.3)
+        other = Store(busy[1])
+        for trial in other.trials(1, ["dispatched"]):
+            other.record_result(trial.id, f"late-{trial.id}", {"y": 1.25})
+        other.set_campaign_status(1, "completed")
+
+    threading.Thread(target=finish).start()
+    snap = watch(store, "busy", console, interval_s=0.1, timeout_s=20)
+    assert snap.status == "completed" and snap.finished == 7
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("busy: 5/10 experiments, best y=3.5")
+    assert lines[-1].startswith("busy: 7/10 experiments, best y=1.25")
+
+
+def test_watch_follows_a_daemon_event_stream(busy: tuple[Store, str]) -> None:
+    context = zmq.Context.instance()
+    pub = context.socket(zmq.PUB)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, width=200)
+
+    def publish() -> None:
+        time.sleep(0.5)  # PUB/SUB: a subscriber hears only what is sent after it joined
+        events = [("trial_completed", {"campaign": "other", "trial": 1, "values": {"y": 0.0}, "finished": 1}),
+                  ("trial_completed", {"campaign": "busy", "trial": 6, "values": {"y": 2.0}, "finished": 6,
+                                       "best": {"trial": 6, "values": {"y": 2.0}}}),
+                  ("campaign_finished", {"campaign": "busy", "finished": 6})]
+        for seq, (kind, details) in enumerate(events, start=1):
+            pub.send_multipart(list(encode_event(seq, kind, details)))
+
+    thread = threading.Thread(target=publish)
+    thread.start()
+    try:
+        watch_events(busy[0], "busy", console, f"tcp://127.0.0.1:{port}", timeout_s=20, idle_check_s=5)
+    finally:
+        thread.join()
+        pub.close(linger=0)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith(f"following busy on tcp://127.0.0.1:{port}: 5/10 experiments")
+    assert lines[1:] == ["[6/10] experiment 6: y=2; best y=2 (#6)"]  # the other campaign's event is filtered out
+
+
+def test_status_without_a_store_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["status"])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "error: give --store: no results/*.db here"
+    assert not (tmp_path / "results").exists()
