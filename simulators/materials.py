@@ -13,7 +13,7 @@
 
 Outputs: ``quality`` in [0, 1] (maximize), ``cost`` (minimize), ``yield`` (fraction in [0, 1]).
 
-- quality = ceiling[solvent] * exp(-((T - T*[solvent]) / 35)^2) * exp(-(ln(time / 120 s))^2 / (2 * 0.8^2))
+- quality = ceiling[solvent] * exp(-((T - T*[solvent]) / 45)^2) * exp(-(ln(time / 120 s))^2 / (2 * 1.2^2))
   * (1 - 0.5 exp(-(cycles - 1) / 2)) * exp(-(log2 ratio)^2 / 2), with T* = 150 / 170 / 130 degC and
   ceiling = 0.9 / 1.0 / 0.8 for DMF / DMSO / GBL. **Maximum 0.994446 at temperature 170, time 120,
   cycles 10, solvent DMSO, ratio 1.0.**
@@ -43,8 +43,8 @@ def anneal(p: Mapping[str, Any]) -> dict[str, float]:
     ratio = float(p["ratio"])
     quality = (
         ceiling
-        * math.exp(-(((temperature - best_t) / 35.0) ** 2))
-        * math.exp(-(math.log(time / 120.0) ** 2) / (2 * 0.8**2))
+        * math.exp(-(((temperature - best_t) / 45.0) ** 2))
+        * math.exp(-(math.log(time / 120.0) ** 2) / (2 * 1.2**2))
         * (1.0 - 0.5 * math.exp(-(cycles - 1.0) / 2.0))
         * math.exp(-(math.log2(ratio) ** 2) / 2.0)
     )
