@@ -145,6 +145,9 @@ def daemon(
     insecure: bool = typer.Option(False, "--insecure", help="allow a non-loopback endpoint without keys"),
     heartbeat: float = typer.Option(1.0, help="station heartbeat interval in seconds"),
     drain: float = typer.Option(60.0, help="on SIGTERM/stop, seconds to wait for results in flight"),
+    dashboard: Optional[int] = typer.Option(None, "--dashboard", help="serve the live dashboard on this port "
+                                            "(issue 9; see docs/dashboard.md)"),
+    dashboard_host: str = typer.Option("127.0.0.1", help="the dashboard's interface (beyond loopback it is read-only)"),
     logfile: Optional[Path] = typer.Option(None, help="log file (rotated at 20 MB, 5 kept)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -168,6 +171,10 @@ def daemon(
     except ClosedLoopError as exc:
         _fail(str(exc))
     signal.signal(signal.SIGTERM, lambda *_: the_daemon.request_stop("SIGTERM"))
+    # -- issue 9: the live dashboard in this process, fed by this daemon's events and control socket
+    board = _start_dashboard(store_path, the_daemon.control_endpoint, the_daemon.publish_endpoint, dashboard_host,
+                             dashboard) if dashboard is not None else None
+    # -- end issue 9
     console.print(f"daemon listening on {the_daemon.endpoint}; events on {the_daemon.publish_endpoint}; "
                   f"control on {the_daemon.control_endpoint}; store {store_path}", highlight=False)
     with ProgressView(campaigns, the_daemon.store, console) as view:
@@ -178,6 +185,8 @@ def daemon(
             pass
         finally:
             the_daemon.close()
+    if board is not None:  # issue 9
+        board.stop()
     for run_state in the_daemon.runs.values():
         _summary(run_state.campaign, store_path, run_state, time.monotonic() - started)
 
@@ -662,6 +671,137 @@ def bench_loop(
 
     bench(experiments=experiments, stations=stations, seconds=seconds, intake=intake, overhead=overhead,
           utilization=not quick, console=console)
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks of the engine's parts.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("planner")
+def bench_planner(
+    problem: Optional[list[str]] = typer.Option(None, "--problem", "-p", help="problems to run (default all; repeat)"),
+    peer: Optional[list[str]] = typer.Option(None, "--peer", help="planners to compare (default all; repeat)"),
+    seeds: int = typer.Option(10, min=1, help="seeds per problem and planner"),
+    budget_scale: float = typer.Option(1.0, min=0.01, help="multiply every problem's experiment budget"),
+    jobs: int = typer.Option(1, min=1, help="runs in parallel worker processes"),
+    speed: Optional[list[int]] = typer.Option(None, help="observation counts for the Hartmann6 speed test "
+                                                         "(default 10 50 200 500 1000; 0 skips it)"),
+    speed_cap: float = typer.Option(60.0, help="skip larger speed sizes once a suggestion takes longer (s)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON here (rewritten as runs end)"),
+) -> None:
+    """Our planner against Ax, BayBE, Xopt, Optuna TPE and Sobol over the benchmark suite."""
+    from closedloop.bench import PEERS, PROBLEMS, planner_benchmark, render
+
+    unknown = [p for p in problem or [] if p not in PROBLEMS] + [p for p in peer or [] if p not in PEERS]
+    if unknown:
+        _fail(f"unknown problem or peer: {', '.join(unknown)}; problems: {', '.join(PROBLEMS)}; peers: {', '.join(PEERS)}",
+              EXIT_BAD_INPUT)
+    sizes = (10, 50, 200, 500, 1000) if speed is None else tuple(n for n in speed if n > 0)
+    for name in peer or list(PEERS):
+        reason = PEERS[name].missing()
+        if reason:
+            console.print(f"[yellow]peer {name} is missing and is left out[/]: {reason}", highlight=False)
+
+    def progress(result: dict[str, Any]) -> None:
+        if "speed" in result:
+            for r in result["speed"]:
+                seconds = f"{r['seconds']:.3f} s" if r["status"] == "ok" else r["status"]
+                console.print(f"  speed {r['peer']} N={r['observations']} batch {r['batch']}: {seconds}", highlight=False)
+        else:
+            detail = (f"log10 regret {result['log10_final_regret']:.2f}" if result["status"] == "ok"
+                      else f"{result['status']}: {result['message'][:120]}")
+            console.print(f"  {result['problem']} {result['peer']} seed {result['seed']}: {detail}", highlight=False)
+
+    report = planner_benchmark(problems=problem, peers=peer, seeds=seeds, budget_scale=budget_scale, jobs=jobs,
+                               speed_sizes=sizes, speed_cap=speed_cap, json_path=json_out,
+                               command="closedloop bench planner " + " ".join(sys.argv[3:]), progress=progress)
+    render(report, console)
+    if json_out is not None:
+        console.print(f"report written to {json_out}", highlight=False)
+
+
+# -- issue 9: why each experiment was chosen (closedloop.provenance), the live dashboard (closedloop.dashboard) --
+
+
+def _provenance_store(campaign: str, store: str | None) -> Any:
+    from closedloop.errors import StoreError
+    from closedloop.store import Store
+
+    location = store or str(Path("results") / f"{campaign}.db")
+    if "://" not in location and not Path(location).exists():
+        raise StoreError(f"no store {location}; give --store")
+    return Store(location)
+
+
+@app.command()
+def explain(
+    campaign: str = typer.Argument(..., help="campaign name"),
+    trial: int = typer.Argument(..., help="trial number"),
+    store: Optional[str] = typer.Option(None, help="store file or URL (default results/CAMPAIGN.db)"),
+    as_json: bool = typer.Option(False, "--json", help="the whole record as JSON"),
+) -> None:
+    """Why a trial was run: the planner's data, model, acquisition, seed, timing, approval and run uids."""
+    from closedloop import provenance
+
+    info = provenance.explain(_provenance_store(campaign, store), campaign, trial)
+    if as_json:
+        print(json.dumps(info, indent=1, default=str))
+        return
+    for line in provenance.explain_lines(info):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+@app.command()
+def replay(
+    campaign: str = typer.Argument(..., help="campaign name"),
+    until: int = typer.Option(..., "--until", help="the trial whose decision is made again"),
+    store: Optional[str] = typer.Option(None, help="store file or URL (default results/CAMPAIGN.db)"),
+) -> None:
+    """Rebuild the planner as it was before a trial and show that it proposes the same experiment (exit 1 if not)."""
+    from closedloop import provenance
+
+    result = provenance.replay(_provenance_store(campaign, store), campaign, until)
+    for line in result.lines():
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    if not result.same:
+        raise typer.Exit(1)
+
+
+def _start_dashboard(store: Any, control: str | None, events: str | None, host: str, port: int,
+                     token: str | None = None, read_only: bool = False) -> Any:
+    from closedloop.dashboard import DashboardConfig, DashboardServer
+
+    server = DashboardServer(DashboardConfig(store=str(store), control=control, events=events, host=host, port=port,
+                                             token=token, read_only=read_only)).start()
+    mode = " (read-only)" if server.config.effective_read_only else ""
+    console.print(f"dashboard on {server.url}{mode}", highlight=False)
+    return server
+
+
+@app.command()
+def dashboard(
+    store: Path = typer.Option(..., help="the daemon's store file or URL"),
+    control: Optional[str] = typer.Option("tcp://127.0.0.1:5700", help="the daemon's control endpoint ('' for none)"),
+    events: Optional[str] = typer.Option("tcp://127.0.0.1:5702", help="the daemon's PUB endpoint ('' for none)"),
+    host: str = typer.Option("127.0.0.1", help="interface to listen on (beyond loopback: read-only without --token)"),
+    port: int = typer.Option(8765, help="TCP port"),
+    token: Optional[str] = typer.Option(None, help="secret that allows control from beyond loopback (?token=...)"),
+    read_only: bool = typer.Option(False, "--read-only", help="refuse pause/resume/stop/approve/reject"),
+) -> None:
+    """Serve the live dashboard in the browser: campaigns, stations, best so far, model, trials, controls."""
+    from closedloop.dashboard import DashboardConfig, DashboardServer
+
+    server = DashboardServer(DashboardConfig(store=str(store), control=control or None, events=events or None,
+                                             host=host, port=port, token=token, read_only=read_only))
+    console.print(f"dashboard on {server.url}" + (" (read-only)" if server.config.effective_read_only else ""),
+                  highlight=False)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+# -- end issue 9
 
 
 def main() -> None:

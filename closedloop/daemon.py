@@ -34,7 +34,7 @@ from typing import Any
 import zmq
 
 from closedloop import events as event_format
-from closedloop import protocol
+from closedloop import protocol, provenance
 from closedloop.campaign import Campaign
 from closedloop.errors import ClosedLoopError, ProtocolError, StoreError
 from closedloop.keys import ServerKeys, check_exposure
@@ -225,7 +225,9 @@ class CampaignRun:
         self.campaign = campaign
         self.store = store
         self.id = store.open_campaign(campaign)
-        self.planner: Planner = make_planner(campaign)
+        # -- issue 9: the planner remembers what each proposal rested on (closedloop.provenance)
+        self.planner: Planner = provenance.Recorder(make_planner(campaign))
+        # -- end issue 9
         results = store.results(self.id)
         self.planner.ingest(results)
         self.started = time.monotonic()
@@ -863,6 +865,7 @@ class Daemon:
                 return False  # the planner is still computing; its wake-up turns the loop again
             if run.approve:
                 rows = self.store.add_trials(run.id, [(proposal.parameters, proposal.metadata)], status=_HELD)  # type: ignore[call-arg]
+                provenance.record(self.store, run.planner, rows[0], proposal)  # issue 9: why, before anyone sees it
                 run.held += 1
                 self._transition(run, rows[0].index, rows[0].id, "held", parameters=proposal.parameters)
                 self._emit("trial_proposed", run, trial=rows[0].index, parameters=proposal.parameters, held=True)
@@ -887,7 +890,12 @@ class Daemon:
                           self._deadline(run, started=False))
         self.in_flight[trial.id] = flight
         station.running[trial.id] = flight.dispatched
-        if not self._send(station.identity, assignment):
+        sent = self._send(station.identity, assignment)
+        if proposal is not None:
+            # issue 9: why it was chosen. Written right after the assign leaves, so it overlaps the
+            # experiment instead of delaying it; the trial row itself was durable before the send
+            provenance.record(self.store, run.planner, trial, proposal)
+        if not sent:
             self._release(trial.id)
             self.store.requeue(trial.id, f"station {station.name} unreachable")
             run.queue.appendleft(trial.id)

@@ -457,3 +457,7 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
+
+
+# -- issue 9: the provenance table is on this metadata, so every store has it; it follows approvals
+from closedloop import provenance as _provenance  # noqa: E402,F401  (imports this module's tables)

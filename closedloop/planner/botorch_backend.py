@@ -226,7 +226,12 @@ class BotorchPlanner:
         assert surrogate is not None
         fitted = time.perf_counter()
         seed = self._data_seed("suggest", len(self.log.results), len(pending))
-        acquisition, name = self._acquisition(surrogate, pending, q, seed)
+        # -- issue 9: BoTorch prunes the baseline with a sampler seeded from torch's global generator; seed it,
+        # so that the same data, pending set and seed give the same acquisition function (replay, audit)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            acquisition, name = self._acquisition(surrogate, pending, q, seed)
+        # -- end issue 9
         bounds = self._trust_region(surrogate)
         candidates, value = maximize(acquisition, self.space, q, seed, bounds=bounds)
         meta = {
@@ -239,6 +244,9 @@ class BotorchPlanner:
         }
         if bounds is not None:
             meta["trust_region"] = round(float((bounds[1] - bounds[0]).max()), 4)
+        # -- issue 9: the evidence behind this decision, for closedloop.provenance
+        self.last_decision = self._explain(surrogate, acquisition, name, candidates, seed, value)
+        # -- end issue 9
         return [Proposal(self.space.decode(x), meta) for x in candidates]
 
     def _acquisition(self, surrogate: Surrogate, pending: list[dict[str, Any]], q: int, seed: int) -> tuple[Any, str]:
@@ -262,6 +270,65 @@ class BotorchPlanner:
             mean = torch.where(feasible, mean, torch.full_like(mean, -math.inf))
         i = int(torch.argmax(mean))
         return i, float(mean[i])
+
+    # -- issue 9: the model's view (dashboard) and the evidence of each decision (closedloop.provenance) --------
+
+    last_decision: dict[str, Any] | None = None  # set by each model-based suggest; the caller may clear it
+
+    def predict(self, points: list[dict[str, Any]]) -> list[dict[str, dict[str, float]]] | None:
+        """The model's posterior mean and standard deviation of every modelled output at ``points``.
+
+        Values are in measured units (a minimized objective is not negated); ``__success__`` is the
+        failure classifier's estimate where something has failed. None while there is no model.
+
+        Example:
+            >>> planner.predict([{"x1": 0.0, "x2": 5.0}])[0]["y"]   # doctest: +SKIP
+            {'mean': 24.1, 'std': 3.2}
+        """
+        surrogate = self._fit()
+        if surrogate is None:
+            return None
+        return self._predict(surrogate, self.space.encode_many(points))
+
+    def _output_names(self, surrogate: Surrogate) -> list[tuple[str, float]]:
+        """Name and sign (model orientation to measured units) of each model output, in model order."""
+        names = [(n, s) for n, s in zip(self.log.objectives, self.log.signs)]
+        for b in self.log.bounds:
+            if b.output not in [n for n, _ in names]:
+                names.append((b.output, 1.0))
+        if surrogate.success_index is not None:
+            names.append(("__success__", 1.0))
+        return names
+
+    def _predict(self, surrogate: Surrogate, x: torch.Tensor) -> list[dict[str, dict[str, float]]]:
+        """Posterior mean/std per output at ``x`` (``n x d`` encoded)."""
+        with torch.no_grad():
+            posterior = surrogate.model.posterior(x)
+            mean = posterior.mean.reshape(x.shape[0], -1)
+            std = posterior.variance.clamp_min(0).sqrt().reshape(x.shape[0], -1)
+        names = self._output_names(surrogate)
+        return [{name: {"mean": sign * float(mean[i, j]), "std": float(std[i, j])}
+                 for j, (name, sign) in enumerate(names)} for i in range(x.shape[0])]
+
+    def _explain(self, surrogate: Surrogate, acquisition: Any, name: str, candidates: torch.Tensor, seed: int,
+                 value: float) -> dict[str, Any]:
+        """JSON-ready evidence: hyperparameters, and per chosen point (``q x d``) its acquisition value
+        (the point alone, given what is pending) and the model's prediction there."""
+        hyper: dict[str, Any] = {}
+        for pname, param, constraint in surrogate.model.named_parameters_and_constraints():
+            actual = constraint.transform(param) if constraint is not None else param
+            hyper[pname.replace("raw_", "")] = [round(float(v), 10) for v in actual.detach().flatten()]
+        with torch.no_grad(), torch.random.fork_rng():
+            try:
+                single = acquisition(candidates.unsqueeze(1)).reshape(-1).tolist()
+            except Exception:  # noqa: BLE001 - evidence is best-effort; the decision stands without it
+                single = [None] * candidates.shape[0]
+        predictions = self._predict(surrogate, candidates)
+        return {"acquisition": name, "acquisition_joint": value, "seed": seed, "hyperparameters": hyper,
+                "points": [{"parameters": self.space.decode(x), "acquisition_value": a, "prediction": p}
+                           for x, a, p in zip(candidates, single, predictions)]}
+
+    # -- end issue 9
 
     def _trust_region(self, surrogate: Surrogate) -> torch.Tensor | None:
         """A box around the incumbent for higher-dimensional single-objective searches, else None."""
@@ -290,7 +357,9 @@ class BotorchPlanner:
             assert surrogate is not None
             pend = pending + [p.parameters for p in proposals]
             seed = self._data_seed("suggest", len(self.log.results), len(pend))
-            acquisition, name = self._acquisition(surrogate, pend, q, seed)
+            with torch.random.fork_rng():  # issue 9: a seeded acquisition (see _model_proposals)
+                torch.manual_seed(seed)
+                acquisition, name = self._acquisition(surrogate, pend, q, seed)
             choices = self.space.candidate_x[free]  # type: ignore[index]
             chosen, value = maximize_discrete(acquisition, choices, q)
             for x in chosen:

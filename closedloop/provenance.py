@@ -1,0 +1,473 @@
+"""Why each experiment was chosen: a provenance record per trial, and replaying a decision.
+
+Every proposal the daemon turns into a trial gets one row in the ``provenance`` table (same SQL
+database and SQLModel metadata as :mod:`closedloop.store`), written right after the trial and before
+it is dispatched. The row says what the planner had (the trials it had ingested, the experiments it
+treated as pending, the batch size and the proposal's place in the batch), what it was (backend and
+versions, seed), what it thought (fitted hyperparameters, the acquisition function and its value at
+the chosen point, the model's predicted mean and uncertainty there), how long it took, and who
+approved, edited or rejected it. The Bluesky run uid of the experiment is in ``observation``::
+
+    SELECT t."index", p.generator, p.acquisition_value, p.predicted, p.reviewed_by, o.run_uid
+    FROM provenance p JOIN trial t ON t.id = p.trial_id LEFT JOIN observation o ON o.trial_id = t.id
+    WHERE p.campaign_id = 1 ORDER BY t."index";
+
+:func:`replay` rebuilds the planner from the store as it was before a trial (the same results in the
+same order, the same pending set and batch size, the same seed) and asks it again, which is how a
+scientist audits a decision: ``closedloop replay CAMPAIGN --until TRIAL``.
+
+Example:
+    >>> planner = Recorder(make_planner(campaign))          # doctest: +SKIP
+    >>> proposal = planner.suggest(1)[0]                     # doctest: +SKIP
+    >>> row = store.add_dispatched(cid, proposal.parameters, proposal.metadata, "station-a")  # doctest: +SKIP
+    >>> record(store, planner, row, proposal)                # doctest: +SKIP
+    >>> replay(store, "branin", row.index).same              # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import JSON, Column, event, inspect, or_, update
+from sqlmodel import Field, Session, SQLModel, select
+
+from closedloop.errors import StoreError
+from closedloop.planner.base import Proposal, Result
+from closedloop.store import OPEN_STATUSES, Store, TrialRow, TrialStatus, _json_safe, utcnow
+
+log = logging.getLogger("closedloop.provenance")
+
+# hyperparameters larger than this (JSON bytes) go to a file beside a SQLite store; the row keeps a digest
+INLINE_LIMIT = 16_384
+# proposals whose trial was never written (a batch replaced by a newer one) are forgotten after this many
+_KEEP = 512
+# Planners seed torch's one global generator around their random steps (fits, samplers, restarts); two
+# planners (campaigns, the dashboard's model view) doing so at once in one process would draw from each
+# other's seeds, and a decision would no longer follow from its data and seed. They take turns.
+planning_lock = threading.RLock()
+_PACKAGES = {"botorch": ("botorch", "gpytorch", "torch"), "ax": ("ax-platform", "botorch", "torch"),
+             "sobol": ("torch",), "random": ("torch",)}
+
+
+class ProvenanceRow(SQLModel, table=True):
+    """The decision behind one trial (one row per trial the daemon proposed)."""
+
+    __tablename__ = "provenance"
+
+    trial_id: int = Field(primary_key=True, foreign_key="trial.id")
+    campaign_id: int = Field(foreign_key="campaign.id", index=True)
+    backend: str
+    backend_version: str | None = None
+    versions: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    generator: str | None = None
+    seed: int | None = None  # the campaign's planner seed
+    acquisition_seed: int | None = None  # the seed the planner derived for this decision (sampler, restarts)
+    batch_size: int = 1  # ``n`` of the ``suggest(n, pending)`` call that chose it
+    batch_position: int = 0
+    observed: list[int] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))  # trials ingested
+    failed: list[int] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))  # of those, failed
+    pending: list[int | None] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))  # trial numbers
+    pending_parameters: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    proposed_parameters: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    acquisition: str | None = None
+    acquisition_value: float | None = None  # at the chosen point alone, given the pending experiments
+    acquisition_joint: float | None = None  # of the whole batch, as the optimizer reported it
+    predicted: dict[str, dict[str, float]] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    hyperparameters: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    hyperparameters_digest: str | None = None
+    hyperparameters_file: str | None = None
+    fit_seconds: float | None = None
+    optimize_seconds: float | None = None
+    suggest_seconds: float | None = None
+    decided_at: datetime | None = None
+    review: str | None = None  # approved, edited or rejected (people in the loop)
+    reviewed_by: str | None = None
+
+
+# -- recording ---------------------------------------------------------------------------------------
+
+
+def _versions(backend: str) -> dict[str, str]:
+    out = {}
+    for package in ("closedloop", *_PACKAGES.get(backend, ())):
+        try:
+            out[package] = importlib_metadata.version(package)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+class Recorder:
+    """A planner that remembers what it was given and what each of its proposals rested on.
+
+    It forwards every call to the wrapped planner; :meth:`decision` hands the record of a proposal to
+    :func:`record`. Safe to call from the planner's thread (``suggest``/``ingest``) and the daemon's
+    (``decision``) at once.
+
+    Example:
+        >>> planner = Recorder(make_planner(campaign))     # doctest: +SKIP
+        >>> planner.ingest(store.results(cid)); planner.suggest(2)   # doctest: +SKIP
+    """
+
+    def __init__(self, planner: Any):
+        self.planner = planner
+        self._lock = threading.Lock()
+        self._observed: list[tuple[int | None, bool]] = []
+        self._decisions: OrderedDict[int, tuple[Proposal, dict[str, Any]]] = OrderedDict()
+        self.versions = _versions(planner.backend)
+
+    def __getattr__(self, name: str) -> Any:
+        # everything else (best, pareto_front, seed, ...) is the planner's own
+        return getattr(self.planner, name)
+
+    @property
+    def backend(self) -> str:
+        return self.planner.backend
+
+    def ingest(self, results: list[Result]) -> None:
+        self.planner.ingest(results)
+        with self._lock:
+            self._observed.extend((r.trial, r.values is None) for r in results)
+
+    def suggest(self, n: int = 1, pending: list[dict[str, Any]] | None = None) -> list[Proposal]:
+        pending = [dict(p) for p in (pending or [])]
+        with self._lock:
+            observed = list(self._observed)
+        if hasattr(self.planner, "last_decision"):
+            self.planner.last_decision = None
+        decided_at = utcnow()
+        with planning_lock:
+            started = time.perf_counter()
+            proposals = self.planner.suggest(n, pending=pending)
+            elapsed = time.perf_counter() - started
+        evidence = getattr(self.planner, "last_decision", None) or {}
+        points = evidence.get("points") or []
+        for position, proposal in enumerate(proposals):
+            point = next((p for p in points if p.get("parameters") == proposal.parameters), None)
+            meta = proposal.metadata
+            decision = {
+                "backend": self.planner.backend, "versions": self.versions,
+                "generator": meta.get("generator"),
+                "seed": getattr(self.planner, "seed", None),
+                "acquisition_seed": evidence.get("seed") if point is not None else None,
+                "batch_size": n, "batch_position": position,
+                "observed": [t for t, _ in observed if t is not None],
+                "failed": [t for t, bad in observed if bad and t is not None],
+                "pending_parameters": pending,
+                "proposed_parameters": dict(proposal.parameters),
+                "acquisition": evidence.get("acquisition") if point is not None else None,
+                "acquisition_value": point.get("acquisition_value") if point else None,
+                "acquisition_joint": (evidence.get("acquisition_joint") if point is not None
+                                      else meta.get("acquisition_value")),
+                "predicted": point.get("prediction") if point else None,
+                "hyperparameters": evidence.get("hyperparameters") if point is not None else None,
+                "fit_seconds": meta.get("fit_seconds"), "optimize_seconds": meta.get("optimize_seconds"),
+                "suggest_seconds": round(elapsed, 4), "decided_at": decided_at,
+            }
+            with self._lock:
+                self._decisions[id(proposal)] = (proposal, decision)
+                while len(self._decisions) > _KEEP:
+                    self._decisions.popitem(last=False)
+        return proposals
+
+    def decision(self, proposal: Proposal) -> dict[str, Any] | None:
+        """What ``proposal`` rested on (once: the record is handed over)."""
+        with self._lock:
+            entry = self._decisions.pop(id(proposal), None)
+        # the id could be reused by a new object once the old proposal is gone: check it is this one
+        return entry[1] if entry is not None and entry[0] is proposal else None
+
+
+def record(store: Store, planner: Any, trial: TrialRow, proposal: Proposal) -> ProvenanceRow | None:
+    """Write the provenance of ``trial``, just stored from ``proposal`` by ``planner`` (a :class:`Recorder`).
+
+    Never raises: a missing record is logged, and the experiment goes ahead (the store keeps the trial).
+    """
+    try:
+        decision = planner.decision(proposal) if isinstance(planner, Recorder) else None
+        if decision is None:
+            decision = {"backend": getattr(planner, "backend", "unknown"), "generator": proposal.metadata.get("generator"),
+                        "proposed_parameters": dict(proposal.parameters)}
+        return _write(store, trial, decision)
+    except Exception:  # noqa: BLE001 - the record explains the loop; it must never stop it
+        log.exception("campaign_id=%s trial=%s: provenance not recorded", trial.campaign_id, trial.index)
+        return None
+
+
+def _write(store: Store, trial: TrialRow, decision: dict[str, Any]) -> ProvenanceRow:
+    assert trial.id is not None
+    fields = {k: v for k, v in decision.items() if k in ProvenanceRow.model_fields}
+    fields["backend_version"] = (fields.get("versions") or {}).get(
+        {"ax": "ax-platform"}.get(fields["backend"], fields["backend"]), (fields.get("versions") or {}).get("closedloop"))
+    fields["pending"] = _pending_trials(store, trial, fields.get("pending_parameters") or [],
+                                        fields.get("decided_at"))
+    hyper = fields.get("hyperparameters")
+    if hyper is not None:
+        text = json.dumps(_json_safe(hyper), sort_keys=True)
+        fields["hyperparameters_digest"] = "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+        folder = _files_folder(store)
+        if len(text) > INLINE_LIMIT and folder is not None:
+            path = folder / f"campaign-{trial.campaign_id}" / f"trial-{trial.index}-hyperparameters.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            fields["hyperparameters"], fields["hyperparameters_file"] = None, str(path)
+    for key in ("hyperparameters", "predicted", "pending_parameters", "proposed_parameters"):
+        if fields.get(key) is not None:
+            fields[key] = _json_safe(fields[key])
+    for key in ("acquisition_value", "acquisition_joint"):
+        fields[key] = _json_safe(fields.get(key))
+    row = ProvenanceRow(trial_id=trial.id, campaign_id=trial.campaign_id, **fields)
+    with store._lock, Session(store.engine) as session:
+        session.merge(row)
+        session.commit()
+    return row
+
+
+def _files_folder(store: Store) -> Path | None:
+    location = store.location
+    if "://" in location and not location.startswith("sqlite:///"):
+        return None
+    path = Path(location.removeprefix("sqlite:///"))
+    return path.parent / f"{path.stem}.provenance"
+
+
+def _pending_trials(store: Store, trial: TrialRow, pending: list[dict[str, Any]],
+                    decided_at: datetime | None) -> list[int | None]:
+    """Trial numbers of the experiments that were pending: open ones, or finished after the decision."""
+    if not pending:
+        return []
+    with Session(store.engine) as session:
+        query = select(TrialRow.index, TrialRow.parameters).where(TrialRow.campaign_id == trial.campaign_id,
+                                                                   TrialRow.id != trial.id)
+        if decided_at is not None:
+            since = decided_at - timedelta(seconds=1)
+            query = query.where(or_(TrialRow.status.in_([*OPEN_STATUSES, TrialStatus.held.value]),  # type: ignore[attr-defined]
+                                    TrialRow.finished_at >= since))  # type: ignore[operator]
+        candidates = list(session.exec(query.order_by(TrialRow.index)))
+    out: list[int | None] = []
+    used: set[int] = set()
+    for parameters in pending:
+        match = next((i for i, p in candidates if p == parameters and i not in used), None)
+        if match is not None:
+            used.add(match)
+        out.append(match)
+    return out
+
+
+# -- people in the loop: who approved, edited or rejected --------------------------------------------
+
+
+@event.listens_for(TrialRow, "after_update")
+def _follow_review(_mapper: Any, connection: Any, target: TrialRow) -> None:
+    """Copy an approval (with or without edits) or a rejection into the trial's provenance, in the same
+    transaction as the store's change (:meth:`Store.approve_held`, :meth:`Store.reject`)."""
+    state = inspect(target)
+    if not (state.attrs.planner.history.has_changes() or state.attrs.error.history.has_changes()):
+        return
+    planner = target.planner or {}
+    if target.error and target.error.startswith("rejected by "):
+        review, by = "rejected", target.error.removeprefix("rejected by ")
+    elif planner.get("approved_by"):
+        review, by = ("edited" if "proposed_parameters" in planner else "approved"), planner["approved_by"]
+    else:
+        return
+    connection.execute(update(ProvenanceRow.__table__).where(ProvenanceRow.__table__.c.trial_id == target.id)  # type: ignore[attr-defined]
+                       .values(review=review, reviewed_by=by))
+
+
+# -- reading --------------------------------------------------------------------------------------------
+
+
+def _trial(store: Store, campaign: str, index: int) -> tuple[int, TrialRow]:
+    campaign_id = store.campaign_row(campaign).id
+    assert campaign_id is not None
+    with Session(store.engine) as session:
+        row = session.exec(select(TrialRow).where(TrialRow.campaign_id == campaign_id, TrialRow.index == index)).first()
+    if row is None:
+        raise StoreError(f"campaign {campaign!r} has no trial #{index}")
+    return campaign_id, row
+
+
+def provenance(store: Store, campaign: str, index: int) -> ProvenanceRow | None:
+    """The provenance row of trial ``index`` (None for imported or hand-suggested trials, which have none)."""
+    _, trial = _trial(store, campaign, index)
+    with Session(store.engine) as session:
+        return session.get(ProvenanceRow, trial.id)
+
+
+def rows(store: Store, campaign_id: int) -> dict[int, ProvenanceRow]:
+    """Every provenance row of a campaign, keyed by trial id."""
+    with Session(store.engine) as session:
+        return {r.trial_id: r for r in session.exec(select(ProvenanceRow).where(ProvenanceRow.campaign_id == campaign_id))}
+
+
+def explain(store: Store, campaign: str, index: int) -> dict[str, Any]:
+    """Everything known about why trial ``index`` was run and what came of it, JSON-ready."""
+    from closedloop.store import ObservationRow
+
+    _, trial = _trial(store, campaign, index)
+    with Session(store.engine) as session:
+        prov = session.get(ProvenanceRow, trial.id)
+        obs = session.exec(select(ObservationRow).where(ObservationRow.trial_id == trial.id)).first()
+    out: dict[str, Any] = {
+        "campaign": campaign, "trial": trial.index, "status": trial.status, "parameters": trial.parameters,
+        "values": obs.values if obs else None, "error": trial.error, "station": trial.station,
+        "attempts": trial.attempts, "run_uids": [obs.run_uid] if obs else [], "planner_metadata": trial.planner,
+    }
+    if prov is None:
+        out["provenance"] = None
+        return out
+    data = prov.model_dump(exclude={"trial_id", "campaign_id"})
+    if prov.hyperparameters is None and prov.hyperparameters_file and Path(prov.hyperparameters_file).exists():
+        data["hyperparameters"] = json.loads(Path(prov.hyperparameters_file).read_text())
+    data["decided_at"] = prov.decided_at.isoformat() if prov.decided_at else None
+    out["provenance"] = data
+    return out
+
+
+def explain_lines(info: dict[str, Any]) -> list[str]:
+    """``explain`` as lines for a terminal."""
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.6g}"
+        if isinstance(v, dict):
+            return ", ".join(f"{k}={fmt(x)}" for k, x in v.items())
+        return "-" if v is None else str(v)
+
+    lines = [f"{info['campaign']} trial #{info['trial']}: {info['status']}",
+             f"  parameters: {fmt(info['parameters'])}",
+             f"  values:     {fmt(info['values'])}" + (f"   error: {info['error']}" if info["error"] else ""),
+             f"  station:    {fmt(info['station'])} (attempts {info['attempts']}); run uids: "
+             f"{', '.join(info['run_uids']) or '-'}"]
+    p = info["provenance"]
+    if p is None:
+        lines.append("  no decision record (imported, suggested by hand, or run before provenance was kept); "
+                     f"planner metadata: {fmt(info['planner_metadata'])}")
+        return lines
+    versions = ", ".join(f"{k} {v}" for k, v in (p["versions"] or {}).items())
+    lines += [
+        f"  planner:    {p['backend']} {p['backend_version'] or ''} ({versions}); generator {p['generator']}",
+        f"  seed:       {p['seed']} (decision seed {fmt(p['acquisition_seed'])}); batch of {p['batch_size']}, "
+        f"position {p['batch_position']}; decided {p['decided_at'] or '-'}",
+        f"  data:       {len(p['observed'])} results (trials {_ranges(p['observed'])}"
+        + (f"; failed {_ranges(p['failed'])}" if p["failed"] else "") + ")"
+        + f"; pending {len(p['pending'])} (trials {_ranges([i for i in p['pending'] if i is not None])})",
+    ]
+    if p["acquisition"]:
+        lines.append(f"  acquisition: {p['acquisition']} = {fmt(p['acquisition_value'])} at this point"
+                     f" (batch {fmt(p['acquisition_joint'])})")
+    if p["predicted"]:
+        lines.append("  predicted:  " + ", ".join(f"{k} = {v['mean']:.6g} ± {v['std']:.3g}"
+                                                   for k, v in p["predicted"].items()))
+    if p["hyperparameters"]:
+        lines.append("  hyperparameters: " + "; ".join(
+            f"{k.split('.')[-1] if k.count('.') < 2 else k} {', '.join(f'{x:.4g}' for x in v)}"
+            for k, v in p["hyperparameters"].items()))
+    if p["hyperparameters_digest"]:
+        lines.append(f"  hyperparameters digest: {p['hyperparameters_digest']}"
+                     + (f" ({p['hyperparameters_file']})" if p["hyperparameters_file"] else ""))
+    lines.append(f"  time:       fit {fmt(p['fit_seconds'])} s, optimize {fmt(p['optimize_seconds'])} s, "
+                 f"suggest {fmt(p['suggest_seconds'])} s")
+    if p["proposed_parameters"] != info["parameters"]:
+        lines.append(f"  proposed:   {fmt(p['proposed_parameters'])} (edited before it ran)")
+    if p["review"]:
+        lines.append(f"  review:     {p['review']} by {p['reviewed_by']}")
+    return lines
+
+
+def _ranges(numbers: list[int]) -> str:
+    """``1-5, 7, 9-10``."""
+    if not numbers:
+        return "-"
+    values = sorted(set(numbers))
+    parts, start, prev = [], values[0], values[0]
+    for v in values[1:] + [None]:  # type: ignore[list-item]
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        parts.append(f"{start}-{prev}" if prev != start else f"{start}")
+        if v is not None:
+            start = prev = v
+    return ", ".join(parts)
+
+
+# -- replay ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Replay:
+    """A decision made again: the recorded proposal, the replayed one, and whether they are the same."""
+
+    campaign: str
+    trial: int
+    recorded: dict[str, Any]
+    replayed: dict[str, Any] | None
+    batch: list[dict[str, Any]]
+    observed: int
+    pending: int
+    seconds: float
+
+    @property
+    def same(self) -> bool:
+        return self.replayed == self.recorded
+
+    def lines(self) -> list[str]:
+        from closedloop.view import format_values
+
+        verdict = "the same experiment" if self.same else "a DIFFERENT experiment"
+        return [f"{self.campaign} trial #{self.trial}: planner rebuilt with {self.observed} results and "
+                f"{self.pending} pending experiments ({self.seconds:.2f} s)",
+                f"  recorded: {format_values(self.recorded)}",
+                f"  replayed: {format_values(self.replayed)}",
+                f"  -> {verdict}"]
+
+
+def replay(store: Store, campaign: str, index: int) -> Replay:
+    """Rebuild the planner as it was before trial ``index`` and ask it again.
+
+    The planner gets exactly the results it had (in the order it received them, values from the store),
+    the same experiments as pending and the same batch size; the proposal at the recorded place in the
+    batch is compared with what the planner proposed then (before any person edited it).
+
+    Raises:
+        StoreError: the trial has no provenance record, or a result it rested on is no longer in the store.
+    """
+    from closedloop.planner import make_planner
+
+    campaign_id, trial = _trial(store, campaign, index)
+    with Session(store.engine) as session:
+        prov = session.get(ProvenanceRow, trial.id)
+    if prov is None:
+        raise StoreError(f"trial #{index} of {campaign!r} has no provenance record: it cannot be replayed")
+    spec = store.campaign(campaign_id)
+    results = {r.trial: r for r in store.results(campaign_id)}
+    failed = set(prov.failed)
+    given = []
+    for number in prov.observed:
+        result = results.get(number)
+        if result is None or (number in failed) != (result.values is None):
+            raise StoreError(f"trial #{index} rested on trial #{number}, which the store no longer has as it was")
+        given.append(result)
+    started = time.perf_counter()
+    planner = make_planner(spec)
+    if given:
+        planner.ingest(given)
+    with planning_lock:
+        proposals = planner.suggest(prov.batch_size, pending=[dict(p) for p in prov.pending_parameters])
+    seconds = time.perf_counter() - started
+    replayed = proposals[prov.batch_position].parameters if prov.batch_position < len(proposals) else None
+    # through JSON like the recorded one, so that equal means equal as stored
+    replayed = json.loads(json.dumps(_json_safe(replayed))) if replayed is not None else None
+    return Replay(campaign, index, prov.proposed_parameters, replayed, [p.parameters for p in proposals],
+                  len(given), len(prov.pending_parameters), seconds)

@@ -1,0 +1,136 @@
+"""Decision provenance: every trial of a finished campaign has its record, and replay reproduces a decision."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from typer.testing import CliRunner
+
+from closedloop import provenance
+from closedloop.cli import app
+from closedloop.daemon import run_embedded
+from closedloop.store import Store
+from tests.conftest import branin_campaign
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, str]:
+    """A short Branin campaign run to the end by the embedded daemon (Sobol design, then BoTorch)."""
+    path = tmp_path_factory.mktemp("provenance") / "branin.db"
+    store = Store(path)
+    campaign = branin_campaign(name="prov", experiments=10, initial=5, seed=3)
+    run_embedded(campaign, store)
+    yield store, campaign.name
+    store.close()
+
+
+def test_every_trial_has_its_record(finished: tuple[Store, str]) -> None:
+    store, name = finished
+    campaign_id = store.campaign_row(name).id
+    trials = store.trials(campaign_id)
+    records = provenance.rows(store, campaign_id)
+    assert len(trials) == 10 and {t.id for t in trials} == set(records)
+    observations = store.observations(campaign_id)
+    model_made = 0
+    for trial in trials:
+        row = records[trial.id]
+        assert row.backend == "botorch" and row.backend_version and row.versions["torch"]
+        assert row.seed == 3 and row.batch_size >= 1 and 0 <= row.batch_position < row.batch_size
+        assert row.proposed_parameters == trial.parameters
+        # the planner never had a result of an experiment that came after it, nor of itself
+        assert all(number < trial.index for number in row.observed)
+        assert trial.index not in [p for p in row.pending if p is not None]
+        assert len(row.pending) == len(row.pending_parameters)
+        assert trial.id in observations  # the Bluesky run uid is the observation's
+        if row.generator.startswith("botorch."):
+            model_made += 1
+            assert row.acquisition and row.acquisition_value is not None
+            assert row.predicted["y"]["std"] >= 0 and row.hyperparameters and row.hyperparameters_digest
+            assert row.fit_seconds is not None and row.optimize_seconds is not None and row.acquisition_seed is not None
+    assert model_made >= 3
+
+
+def test_provenance_is_queryable_in_sql(finished: tuple[Store, str]) -> None:
+    store, name = finished
+    with store.engine.connect() as connection:
+        rows = connection.execute(text(
+            'SELECT t."index", p.generator, p.acquisition_value, o.run_uid FROM provenance p '
+            "JOIN trial t ON t.id = p.trial_id LEFT JOIN observation o ON o.trial_id = t.id "
+            "JOIN campaign c ON c.id = p.campaign_id WHERE c.name = :name ORDER BY t.\"index\""), {"name": name}).all()
+    assert [r[0] for r in rows] == list(range(1, 11))
+    assert all(r[3] for r in rows)
+
+
+def test_replay_reproduces_a_model_decision_exactly(finished: tuple[Store, str]) -> None:
+    store, name = finished
+    campaign_id = store.campaign_row(name).id
+    records = provenance.rows(store, campaign_id)
+    by_index = {t.index: records[t.id] for t in store.trials(campaign_id)}
+    model_made = [i for i, r in by_index.items() if r.generator.startswith("botorch.") and r.observed]
+    # a decision with experiments pending is the hard case: a Monte-Carlo acquisition, a pruned baseline
+    chosen = max([i for i in model_made if by_index[i].pending_parameters] or model_made)
+    result = provenance.replay(store, name, chosen)
+    assert result.observed == len(by_index[chosen].observed) > 0
+    assert result.same, result.lines()
+    first = provenance.replay(store, name, 1)  # the design's first point, chosen with nothing known
+    assert first.same and first.observed == 0
+
+
+def test_replay_detects_a_different_decision(finished: tuple[Store, str], tmp_path: Path) -> None:
+    """A replay that cannot fail is no audit: change the recorded proposal and it must say so."""
+    store, name = finished
+    campaign_id = store.campaign_row(name).id
+    trial = store.trials(campaign_id)[-1]
+    copy = Store(tmp_path / "copy.db")
+    with store.engine.connect() as source, copy.engine.begin() as target:
+        for table in ("campaign", "trial", "observation", "provenance"):
+            for row in source.execute(text(f"SELECT * FROM {table}")).mappings():
+                columns = ", ".join(f'"{c}"' for c in row)
+                target.execute(text(f"INSERT INTO {table} ({columns}) VALUES ({', '.join(':' + c for c in row)})"),
+                               dict(row))
+        target.execute(text("UPDATE provenance SET proposed_parameters = :p WHERE trial_id = :t"),
+                       {"p": json.dumps({"x1": 0.0, "x2": 0.0}), "t": trial.id})
+    assert not provenance.replay(copy, name, trial.index).same
+    copy.close()
+
+
+def test_explain_and_replay_commands(finished: tuple[Store, str]) -> None:
+    store, name = finished
+    runner = CliRunner()
+    shown = runner.invoke(app, ["explain", name, "9", "--store", store.location])
+    assert shown.exit_code == 0, shown.output
+    assert "acquisition:" in shown.output and "predicted:" in shown.output and "run uids:" in shown.output
+    replayed = runner.invoke(app, ["replay", name, "--until", "9", "--store", store.location])
+    assert replayed.exit_code == 0, replayed.output
+    assert "the same experiment" in replayed.output
+
+
+def test_approval_is_recorded_with_the_decision(tmp_path: Path) -> None:
+    """A held proposal gets its record at once; approving (with an edit) or rejecting it is added to it."""
+    store = Store(tmp_path / "held.db")
+    campaign = branin_campaign(name="held", experiments=2, initial=2, backend="sobol")
+    campaign = campaign.model_copy(update={"execution": campaign.execution.model_copy(update={"approve": True})})
+    held_events: list[int] = []
+
+    def on_event(kind: str, details: dict) -> None:
+        if kind == "trial_proposed" and details.get("held"):
+            held_events.append(details["trial"])
+
+    started = time.monotonic()
+    run = run_embedded(campaign, store, on_event=on_event,
+                       should_stop=lambda: len(held_events) >= 2 or time.monotonic() - started > 30)
+    assert run.held == 2
+    held = store.trials(run.id)
+    assert all(provenance.provenance(store, "held", t.index).review is None for t in held)
+    store.approve_held(held[0].id, "ada", {**held[0].parameters, "x1": 1.5})
+    store.reject(held[1].id, "grace")
+    first = provenance.provenance(store, "held", held[0].index)
+    second = provenance.provenance(store, "held", held[1].index)
+    assert (first.review, first.reviewed_by) == ("edited", "ada")
+    assert first.proposed_parameters["x1"] != 1.5
+    assert (second.review, second.reviewed_by) == ("rejected", "grace")
+    store.close()
