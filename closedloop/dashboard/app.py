@@ -1,0 +1,457 @@
+"""The live dashboard: a Starlette app serving one page, its state as JSON, and the daemon's events.
+
+- ``GET /`` the page (plain HTML, one vanilla JS file drawing SVG charts; nothing from the network);
+- ``GET /api/state`` campaigns, stations, trials with provenance, best-so-far series, Pareto fronts:
+  read from the store, with the daemon's live status from its control socket;
+- ``GET /api/model?campaign=C&parameter=P`` the model's view: predicted mean and uncertainty of the
+  first objective along ``P`` through the current best experiment, from a planner rebuilt from the
+  store (cached per number of results);
+- ``GET /api/trial?campaign=C&trial=N`` why trial N was chosen (:func:`closedloop.provenance.explain`);
+- ``GET /events`` the daemon's PUB event stream as server-sent events;
+- ``POST /api/control`` ``{"method": "pause"|"resume"|"stop", "campaign"?}`` through the daemon's
+  control socket, and ``{"method": "approve"|"reject", "campaign", "trial", "parameters"?}`` through the
+  store, exactly as the command line does; refused with 403 when the dashboard is read-only.
+
+A dashboard is read-only unless it listens on loopback or has a token (``--token``): anyone who can
+reach a non-loopback port could otherwise stop a campaign. With a token, every request must carry it
+(``?token=`` on the page's address, which the page then sends as ``X-Closedloop-Token``).
+
+Example:
+    >>> server = DashboardServer(DashboardConfig(store="results/branin.db",
+    ...                                          control="tcp://127.0.0.1:5700", events="tcp://127.0.0.1:5702"))  # doctest: +SKIP
+    >>> server.start(); print(server.url)                                                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import math
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from closedloop import provenance
+from closedloop.errors import ClosedLoopError, ProtocolError
+from closedloop.store import Store, TrialStatus
+
+log = logging.getLogger("closedloop.dashboard")
+
+STATIC = Path(__file__).parent / "static"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+MAX_TRIALS = 2000  # rows sent to the page; the store keeps them all
+
+
+@dataclass(frozen=True)
+class DashboardConfig:
+    """What the dashboard reads and talks to.
+
+    Args:
+        store: store file or URL (the daemon's).
+        control: the daemon's control endpoint (None: no live status, no buttons).
+        events: the daemon's PUB endpoint (None: the page polls the store instead).
+        host: interface to listen on; anything but loopback makes the dashboard read-only without a token.
+        port: TCP port (0 picks a free one).
+        token: a shared secret that allows control from beyond loopback.
+        read_only: refuse every control request even on loopback.
+    """
+
+    store: str
+    control: str | None = None
+    events: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8765
+    token: str | None = None
+    read_only: bool = False
+
+    @property
+    def effective_read_only(self) -> bool:
+        return self.read_only or (self.host not in LOOPBACK and not self.token)
+
+    @property
+    def read_only_reason(self) -> str:
+        if self.read_only:
+            return "this dashboard was started read-only (--read-only)"
+        return (f"this dashboard listens on {self.host}, beyond loopback, without a token: it is read-only "
+                "(start it with --token SECRET, or on 127.0.0.1)")
+
+
+class _ModelCache:
+    """The model's view per (campaign, results, parameter): a refit only when results arrive."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # one fit at a time: the machine running the loop has few cores
+        self._cache: dict[tuple[str, int, str | None], dict[str, Any]] = {}
+
+    def get(self, store: Store, campaign: str, parameter: str | None) -> dict[str, Any]:
+        row = store.campaign_row(campaign)
+        counts = store.counts(row.id)  # type: ignore[arg-type]
+        finished = counts.get(TrialStatus.completed.value, 0) + counts.get(TrialStatus.failed.value, 0)
+        key = (campaign, finished, parameter)
+        with self._lock:
+            if key not in self._cache:
+                self._cache = {k: v for k, v in self._cache.items() if k[0] != campaign or k[1] == finished}
+                self._cache[key] = model_view(store, campaign, parameter)
+            return self._cache[key]
+
+
+def model_view(store: Store, campaign: str, parameter: str | None = None, points: int = 61) -> dict[str, Any]:
+    """Predicted mean and standard deviation of the first objective along ``parameter`` through the best
+    experiment so far, with the observed experiments projected on that axis.
+
+    The campaign's planner is rebuilt from the store; a backend without a model of its own (Sobol,
+    random, Ax) is shown through the BoTorch planner's GP on the same data.
+    """
+    from closedloop.campaign import ContinuousParameter, IntegerParameter
+    from closedloop.planner import make_planner
+    from closedloop.planner.botorch_backend import BotorchPlanner
+
+    row = store.campaign_row(campaign)
+    spec = store.campaign(row.id)  # type: ignore[arg-type]
+    results = store.results(row.id)  # type: ignore[arg-type]
+    axes = [n for n, p in spec.parameters.items() if isinstance(p, (ContinuousParameter, IntegerParameter))]
+    objective = next(iter(spec.objectives))
+    out: dict[str, Any] = {"available": False, "parameters": axes, "objective": objective, "results": len(results)}
+    if not axes:
+        return {**out, "reason": "no numeric parameter to draw along"}
+    parameter = parameter if parameter in axes else axes[0]
+    out["parameter"] = parameter
+    planner = make_planner(spec)
+    if not hasattr(planner, "predict") or spec.planner.backend != "botorch":
+        try:
+            planner = BotorchPlanner(spec)
+        except ClosedLoopError as exc:
+            return {**out, "reason": f"no model for this campaign: {exc}"}
+    planner.ingest(results)
+    with provenance.planning_lock:
+        best = planner.best()
+    if best is None:
+        return {**out, "reason": "no completed experiment yet"}
+    p = spec.parameters[parameter]
+    low, high = p.bounds  # type: ignore[union-attr]
+    log_scale = getattr(p, "scale", None) == "log" and low > 0
+    xs = [math.exp(math.log(low) + (math.log(high) - math.log(low)) * i / (points - 1)) if log_scale
+          else low + (high - low) * i / (points - 1) for i in range(points)]
+    if isinstance(p, IntegerParameter):
+        xs = sorted({int(round(x)) for x in xs})
+    with provenance.planning_lock:
+        predictions = planner.predict([{**best.parameters, parameter: x} for x in xs])
+    if predictions is None:
+        return {**out, "reason": "too few results for a model"}
+    observed = [{"x": r.parameters.get(parameter), "y": r.values.get(objective), "trial": r.trial}
+                for r in results if r.values is not None and objective in r.values]
+    return {**out, "available": True, "through": best.parameters, "best_trial": best.trial, "x": xs,
+            "mean": [pr[objective]["mean"] for pr in predictions], "std": [pr[objective]["std"] for pr in predictions],
+            "observed": observed, "log_scale": log_scale,
+            "backend": spec.planner.backend if spec.planner.backend == "botorch" else "botorch (view only)"}
+
+
+def campaign_state(store: Store, name: str) -> dict[str, Any]:
+    """One campaign as the page draws it: spec summary, counts, best-so-far series, front, trials."""
+    row = store.campaign_row(name)
+    assert row.id is not None
+    spec = store.campaign(row.id)
+    trials = store.trials(row.id)
+    observations = store.observations(row.id)
+    records = provenance.rows(store, row.id)
+    objectives = [{"name": n, "goal": o.goal} for n, o in spec.objectives.items()]
+    first, goal = objectives[0]["name"], objectives[0]["goal"]
+    series, best = [], None
+    table = []
+    for t in trials:
+        obs = observations.get(t.id)  # type: ignore[arg-type]
+        values = obs.values if obs else None
+        if values is not None and first in values:
+            v = values[first]
+            best = v if best is None or (v > best if goal == "maximize" else v < best) else best
+            series.append({"trial": t.index, "value": v, "best": best})
+        prov = records.get(t.id)  # type: ignore[arg-type]
+        table.append({
+            "trial": t.index, "status": t.status, "parameters": t.parameters, "values": values, "error": t.error,
+            "station": t.station, "attempts": t.attempts, "run_uid": obs.run_uid if obs else None,
+            "generator": (prov.generator if prov else None) or t.planner.get("generator"),
+            "acquisition": prov.acquisition if prov else None,
+            "acquisition_value": prov.acquisition_value if prov else None,
+            "predicted": prov.predicted if prov else None,
+            "review": f"{prov.review} by {prov.reviewed_by}" if prov and prov.review else t.planner.get("approved_by"),
+            "execution": t.planner.get("execution"),
+            "dispatched_at": _iso(t.dispatched_at), "finished_at": _iso(t.finished_at),
+        })
+    out: dict[str, Any] = {
+        "name": name, "status": row.status, "budget": spec.budget.experiments,
+        "objectives": objectives, "outputs": spec.outputs, "backend": spec.planner.backend,
+        "parameters": {n: _parameter_summary(p) for n, p in spec.parameters.items()},
+        "counts": store.counts(row.id), "series": series,
+        "trials": table[-MAX_TRIALS:], "held": [r for r in table if r["status"] == TrialStatus.held.value],
+    }
+    if len(objectives) > 1:
+        out["pareto"] = _pareto(spec, store.results(row.id))
+    return out
+
+
+def _pareto(spec: Any, results: list[Any]) -> dict[str, Any]:
+    from closedloop.planner.observations import ObservationLog
+
+    log_ = ObservationLog(spec)
+    log_.add(results)
+    names = log_.objectives[:2]
+    front = {r.trial for r in log_.pareto_front()}
+    points = [{"trial": r.trial, "x": r.values[names[0]], "y": r.values[names[1]], "front": r.trial in front}
+              for r in log_.completed]
+    try:
+        hypervolume = log_.hypervolume() if points else 0.0
+    except Exception:  # noqa: BLE001 - a degenerate front has no hypervolume worth stopping the page for
+        hypervolume = None
+    return {"x": names[0], "y": names[1], "points": points, "hypervolume": hypervolume,
+            "reference": log_.reference_point() if points else None}
+
+
+def _parameter_summary(p: Any) -> dict[str, Any]:
+    return {"type": p.type, **({"bounds": list(p.bounds)} if hasattr(p, "bounds") and p.bounds is not None else {}),
+            **({"values": list(p.values)} if hasattr(p, "values") else {})}
+
+
+def _iso(moment: Any) -> str | None:
+    return moment.isoformat() + ("" if moment.tzinfo else "Z") if moment is not None else None
+
+
+class Dashboard:
+    """The app's state: the store, the daemon's endpoints, the model cache."""
+
+    def __init__(self, config: DashboardConfig):
+        self.config = config
+        self.store = Store(config.store)
+        self.models = _ModelCache()
+        self.closing = False
+        self.app = Starlette(routes=[
+            Route("/", self.index),
+            Route("/api/state", self.state),
+            Route("/api/model", self.model),
+            Route("/api/trial", self.trial),
+            Route("/api/control", self.control, methods=["POST"]),
+            Route("/events", self.events),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        ])
+
+    # -- access ----------------------------------------------------------------------------------
+
+    def _denied(self, request: Request) -> Response | None:
+        token = self.config.token
+        if not token:
+            return None
+        given = request.headers.get("x-closedloop-token") or request.query_params.get("token") or ""
+        if hmac.compare_digest(given.encode(), token.encode()):
+            return None
+        return JSONResponse({"success": False, "msg": "this dashboard needs its token (?token=...)"}, status_code=401)
+
+    # -- pages and data --------------------------------------------------------------------------
+
+    async def index(self, request: Request) -> Response:
+        return self._denied(request) or FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
+
+    async def state(self, request: Request) -> Response:
+        if (denied := self._denied(request)) is not None:
+            return denied
+        daemon = await run_in_threadpool(self._daemon_status)
+        campaigns = await run_in_threadpool(self._campaigns, daemon)
+        return JSONResponse(_finite({
+            "read_only": self.config.effective_read_only,
+            "read_only_reason": self.config.read_only_reason if self.config.effective_read_only else None,
+            "store": self.store.location, "daemon": daemon, "campaigns": campaigns, "events": bool(self.config.events),
+            "time": time.time()}))
+
+    def _daemon_status(self) -> dict[str, Any] | None:
+        if not self.config.control:
+            return None
+        from closedloop.daemon import control_request
+
+        try:
+            return control_request(self.config.control, "status", timeout_s=1.5)
+        except ProtocolError as exc:
+            return {"success": False, "msg": str(exc)}
+
+    def _campaigns(self, daemon: dict[str, Any] | None) -> list[dict[str, Any]]:
+        live = {c["name"]: c for c in (daemon or {}).get("campaigns", [])}
+        out = []
+        for row in self.store.campaigns():
+            state = campaign_state(self.store, row.name)
+            state["live"] = live.get(row.name)
+            out.append(state)
+        return out
+
+    async def model(self, request: Request) -> Response:
+        if (denied := self._denied(request)) is not None:
+            return denied
+        campaign = request.query_params.get("campaign", "")
+        try:
+            view = await run_in_threadpool(self.models.get, self.store, campaign, request.query_params.get("parameter"))
+        except ClosedLoopError as exc:
+            return JSONResponse({"available": False, "reason": str(exc)}, status_code=404)
+        return JSONResponse(_finite(view))
+
+    async def trial(self, request: Request) -> Response:
+        if (denied := self._denied(request)) is not None:
+            return denied
+        try:
+            info = await run_in_threadpool(provenance.explain, self.store, request.query_params.get("campaign", ""),
+                                           int(request.query_params.get("trial", "0")))
+        except (ClosedLoopError, ValueError) as exc:
+            return JSONResponse({"success": False, "msg": str(exc)}, status_code=404)
+        return JSONResponse(_finite({**info, "lines": provenance.explain_lines(info)}))
+
+    # -- control ---------------------------------------------------------------------------------
+
+    async def control(self, request: Request) -> Response:
+        if (denied := self._denied(request)) is not None:
+            return denied
+        if self.config.effective_read_only:
+            return JSONResponse({"success": False, "msg": self.config.read_only_reason}, status_code=403)
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise ValueError("send a JSON object")
+        except ValueError as exc:
+            return JSONResponse({"success": False, "msg": f"bad request: {exc}"}, status_code=400)
+        reply = await run_in_threadpool(self._control, body)
+        return JSONResponse(reply, status_code=200 if reply.get("success") else 409)
+
+    def _control(self, body: dict[str, Any]) -> dict[str, Any]:
+        method, campaign = body.get("method"), body.get("campaign")
+        by = str(body.get("by") or "dashboard")
+        try:
+            if method in ("pause", "resume", "stop"):
+                if not self.config.control:
+                    return {"success": False, "msg": "no daemon control endpoint: start the dashboard with --control"}
+                from closedloop.daemon import control_request
+
+                return control_request(self.config.control, method, {"campaign": campaign} if campaign else {})
+            if method in ("approve", "reject"):
+                from closedloop import hitl  # the command line's approval, so both check edits the same way
+
+                trial = int(body["trial"])
+                if method == "reject":
+                    row = hitl.reject(self.store, str(campaign), trial, by=by)
+                    return {"success": True, "msg": f"trial #{row.index} {row.error}"}
+                edits = {str(k): v for k, v in (body.get("parameters") or {}).items()}
+                row = hitl.approve(self.store, str(campaign), trial, edits or None, by=by)
+                return {"success": True, "msg": f"trial #{row.index} approved by {by}"}
+        except (ClosedLoopError, KeyError, TypeError, ValueError) as exc:
+            return {"success": False, "msg": str(exc)}
+        return {"success": False, "msg": f"unknown method {method!r} (pause, resume, stop, approve, reject)"}
+
+    # -- live events -----------------------------------------------------------------------------
+
+    async def events(self, request: Request) -> Response:
+        if (denied := self._denied(request)) is not None:
+            return denied
+        return StreamingResponse(self._stream(request), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    async def _stream(self, request: Request) -> Any:
+        yield "retry: 2000\n\n"
+        if not self.config.events:
+            yield 'event: info\ndata: {"msg": "no daemon event stream; polling the store"}\n\n'
+            while not self.closing and not await request.is_disconnected():
+                await asyncio.sleep(1.0)
+            return
+        context = zmq.asyncio.Context.instance()
+        sub = context.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(self.config.events)
+        last = time.monotonic()
+        try:
+            while not self.closing:
+                if await sub.poll(500, zmq.POLLIN):
+                    frames = await sub.recv_multipart()
+                    if len(frames) == 2:
+                        yield f"data: {frames[1].decode()}\n\n"
+                        last = time.monotonic()
+                        continue
+                if await request.is_disconnected():
+                    return
+                if time.monotonic() - last > 15:
+                    yield ": keep-alive\n\n"  # proxies close silent streams
+                    last = time.monotonic()
+        finally:
+            sub.close(linger=0)
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: they become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def create_app(config: DashboardConfig) -> Starlette:
+    """The ASGI app (for ``uvicorn closedloop.dashboard:create_app --factory`` style deployments)."""
+    return Dashboard(config).app
+
+
+class DashboardServer:
+    """The dashboard served by uvicorn in a background thread (``closedloop daemon --dashboard``, tests)."""
+
+    def __init__(self, config: DashboardConfig):
+        import uvicorn
+
+        self.dashboard = Dashboard(config)
+        self.config = config
+        self._socket = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind((config.host, config.port))
+        self.port = self._socket.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(self.dashboard.app, log_level="warning", lifespan="off",
+                                                    timeout_graceful_shutdown=2, access_log=False))
+        self._thread = threading.Thread(target=self._run, name="closedloop-dashboard", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        return f"http://{host}:{self.port}/" + (f"?token={self.config.token}" if self.config.token else "")
+
+    def _run(self) -> None:
+        self.server.run(sockets=[self._socket])
+
+    def start(self, timeout_s: float = 10.0) -> DashboardServer:
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not self.server.started:
+            raise ProtocolError(f"the dashboard did not start on {self.config.host}:{self.port}")
+        return self
+
+    def stop(self) -> None:
+        self.dashboard.closing = True
+        self.server.should_exit = True
+        self._thread.join(timeout=10)
+        self._socket.close()
+        self.dashboard.store.close()
+
+    def serve_forever(self) -> None:
+        """Serve in this thread until interrupted."""
+        try:
+            self._run()
+        finally:
+            self.dashboard.closing = True
+            self._socket.close()
+            self.dashboard.store.close()

@@ -1,0 +1,378 @@
+// closedloop dashboard: state from /api/state, live events from /events (server-sent), charts in inline SVG.
+// No library and nothing from the network: the page must work in a lab with no internet.
+"use strict";
+
+const token = new URLSearchParams(location.search).get("token");
+const headers = token ? { "X-Closedloop-Token": token } : {};
+const withToken = (url) => (token ? url + (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(token) : url);
+const SVG = "http://www.w3.org/2000/svg";
+
+let state = null;
+let selected = null; // campaign whose charts are drawn
+let modelKey = "";
+let refreshTimer = null;
+let readOnly = false;
+
+const $ = (sel) => document.querySelector(sel);
+const el = (tag, attrs = {}, text) => {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  if (text !== undefined) node.textContent = text;
+  return node;
+};
+const fmt = (v) => (v === null || v === undefined ? "" : typeof v === "number" ? (Number.isInteger(v) ? String(v) : v.toPrecision(5)) : String(v));
+const fmtValues = (o) => (o ? Object.entries(o).map(([k, v]) => `${k}=${fmt(v)}`).join(", ") : "");
+const seconds = (s) => (s === null || s === undefined ? "-" : s < 60 ? `${s.toFixed(0)} s` : s < 3600 ? `${Math.floor(s / 60)} min ${String(Math.floor(s % 60)).padStart(2, "0")} s` : `${Math.floor(s / 3600)} h ${String(Math.floor((s % 3600) / 60)).padStart(2, "0")} min`);
+
+function say(text, error = false) {
+  const box = $("#message");
+  box.hidden = false;
+  box.textContent = text;
+  box.className = error ? "error" : "";
+}
+
+async function getJSON(url) {
+  const reply = await fetch(withToken(url), { headers, cache: "no-store" });
+  if (!reply.ok && reply.status !== 404) throw new Error(`${url}: HTTP ${reply.status}`);
+  return reply.json();
+}
+
+async function control(method, extra = {}) {
+  if (readOnly) {
+    say(state && state.read_only_reason ? state.read_only_reason : "this dashboard is read-only", true);
+    return;
+  }
+  try {
+    const reply = await fetch(withToken("api/control"), {
+      method: "POST",
+      headers: { ...headers, "Content-Type": "application/json" },
+      body: JSON.stringify({ method, ...extra }),
+    });
+    const body = await reply.json();
+    say(body.msg || `${method}: ${reply.status}`, !body.success);
+  } catch (err) {
+    say(`${method} failed: ${err}`, true);
+  }
+  refresh();
+}
+
+// -- state ------------------------------------------------------------------------------------------
+
+async function refresh() {
+  try {
+    state = await getJSON("api/state");
+  } catch (err) {
+    $("#daemon-state").textContent = "dashboard unreachable";
+    $("#daemon-state").className = "pill bad";
+    return;
+  }
+  readOnly = state.read_only;
+  const ro = $("#read-only");
+  ro.hidden = !readOnly;
+  ro.textContent = "read-only";
+  ro.title = state.read_only_reason || "";
+  document.body.classList.toggle("read-only", readOnly);
+  const daemon = state.daemon;
+  const ds = $("#daemon-state");
+  if (!daemon) { ds.textContent = "no daemon (store only)"; ds.className = "pill"; }
+  else if (daemon.success === false) { ds.textContent = "daemon not answering"; ds.className = "pill bad"; ds.title = daemon.msg; }
+  else { ds.textContent = daemon.stopping ? "daemon stopping" : `daemon up ${seconds(daemon.uptime_s)}`; ds.className = daemon.stopping ? "pill warn" : "pill ok"; }
+  $("#stop-daemon").disabled = readOnly || !daemon || daemon.success === false;
+  if (!selected || !state.campaigns.some((c) => c.name === selected)) {
+    const live = state.campaigns.find((c) => c.live);
+    selected = (live || state.campaigns[0] || {}).name || null;
+  }
+  drawCampaigns();
+  drawStations();
+  const campaign = state.campaigns.find((c) => c.name === selected);
+  if (campaign) {
+    drawBest(campaign);
+    drawPareto(campaign);
+    drawHeld(campaign);
+    drawTrials(campaign);
+    updateModel(campaign);
+  }
+}
+
+function scheduleRefresh(delay = 250) {
+  if (refreshTimer) return;
+  refreshTimer = setTimeout(() => { refreshTimer = null; refresh(); }, delay);
+}
+
+function campaignState(c) {
+  if (c.live) return c.live.stopping ? "stopping" : c.live.paused ? "paused" : "running";
+  return c.status;
+}
+
+function drawCampaigns() {
+  const box = $("#campaigns");
+  box.replaceChildren();
+  for (const c of state.campaigns) {
+    const card = el("div", { class: "card", "data-campaign": c.name });
+    const finished = ["completed", "failed", "abandoned"].reduce((n, s) => n + (c.counts[s] || 0), 0);
+    const st = campaignState(c);
+    const h = el("h3");
+    h.append(el("span", {}, c.name), el("span", { class: `state state-${st}`, "data-state": st }, st));
+    const pause = el("button", { class: "pause", "data-campaign": c.name }, "pause");
+    const resume = el("button", { class: "resume", "data-campaign": c.name }, "resume");
+    pause.disabled = readOnly || !c.live || c.live.paused;
+    resume.disabled = readOnly || !c.live || !c.live.paused;
+    pause.onclick = () => control("pause", { campaign: c.name });
+    resume.onclick = () => control("resume", { campaign: c.name });
+    const show = el("button", {}, c.name === selected ? "shown below" : "show");
+    show.disabled = c.name === selected;
+    show.onclick = () => { selected = c.name; modelKey = ""; refresh(); };
+    h.append(pause, resume, show);
+    card.append(h);
+    const bar = el("div", { class: "bar" });
+    bar.append(el("div", { style: `width:${Math.min(100, (100 * finished) / c.budget)}%` }));
+    card.append(bar);
+    const best = c.series.length ? c.series[c.series.length - 1] : null;
+    const objectives = c.objectives.map((o) => `${o.goal} ${o.name}`).join(", ");
+    const counts = Object.entries(c.counts).map(([k, v]) => `${v} ${k}`).join(", ");
+    let line = `${finished}/${c.budget} done (${counts || "none yet"}); ${objectives}; planner ${c.backend}`;
+    if (best) line += `; best ${c.objectives[0].name}=${fmt(best.best)}`;
+    if (c.live && c.live.planner_error) line += `; planner error: ${c.live.planner_error}`;
+    card.append(el("div", {}, line));
+    box.append(card);
+  }
+}
+
+function drawStations() {
+  const body = $("#stations tbody");
+  body.replaceChildren();
+  const daemon = state.daemon;
+  if (!daemon || daemon.success === false) {
+    const tr = el("tr");
+    tr.append(el("td", { colspan: 6 }, daemon ? daemon.msg : "no daemon control endpoint: stations unknown"));
+    body.append(tr);
+    return;
+  }
+  const flights = [];
+  for (const c of daemon.campaigns || []) for (const f of c.in_flight) flights.push({ ...f, campaign: c.name });
+  for (const s of daemon.stations || []) {
+    const mine = flights.filter((f) => f.station === s.name);
+    const health = s.last_seen_s < 3 ? "ok" : s.last_seen_s < 10 ? "late" : "silent";
+    const tr = el("tr", { "data-station": s.name });
+    const healthCell = el("td");
+    healthCell.append(el("span", { class: `pill ${health === "ok" ? "ok" : health === "late" ? "warn" : "bad"}` }, health));
+    tr.append(
+      el("td", {}, s.name), healthCell,
+      el("td", {}, mine.map((f) => `#${f.trial} ${f.campaign}${f.started ? "" : " (queued)"}`).join(", ") || "idle"),
+      el("td", {}, mine.map((f) => seconds(f.age_s)).join(", ") || "-"),
+      el("td", {}, `${s.running.length}/${s.capacity}`),
+      el("td", {}, `${s.last_seen_s.toFixed(1)} s ago`),
+    );
+    body.append(tr);
+  }
+  if (!(daemon.stations || []).length) {
+    const tr = el("tr");
+    tr.append(el("td", { colspan: 6 }, "no station connected"));
+    body.append(tr);
+  }
+}
+
+// -- charts -----------------------------------------------------------------------------------------
+
+function ticks(lo, hi, n = 5) {
+  if (!(hi > lo)) return [lo];
+  const step0 = (hi - lo) / n;
+  const mag = Math.pow(10, Math.floor(Math.log10(step0)));
+  const step = [1, 2, 5, 10].map((m) => m * mag).find((s) => s >= step0) || step0;
+  const out = [];
+  for (let v = Math.ceil(lo / step) * step; v <= hi + 1e-9 * step; v += step) out.push(Number(v.toPrecision(12)));
+  return out;
+}
+
+function frame(svg, xr, yr, xlabel, ylabel) {
+  svg.replaceChildren();
+  const W = 560, H = 300, L = 58, R = 12, T = 10, B = 36;
+  const pad = (r) => (r[1] > r[0] ? r : [r[0] - 1, r[0] + 1]);
+  xr = pad(xr); yr = pad(yr);
+  const sx = (x) => L + ((x - xr[0]) / (xr[1] - xr[0])) * (W - L - R);
+  const sy = (y) => H - B - ((y - yr[0]) / (yr[1] - yr[0])) * (H - T - B);
+  const add = (tag, attrs, text) => {
+    const node = document.createElementNS(SVG, tag);
+    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+    if (text !== undefined) node.textContent = text;
+    svg.append(node);
+    return node;
+  };
+  for (const t of ticks(yr[0], yr[1])) {
+    add("line", { x1: L, x2: W - R, y1: sy(t), y2: sy(t), class: "grid" });
+    add("text", { x: L - 4, y: sy(t) + 4, "text-anchor": "end" }, fmt(t));
+  }
+  for (const t of ticks(xr[0], xr[1], 8)) add("text", { x: sx(t), y: H - B + 14, "text-anchor": "middle" }, fmt(t));
+  add("line", { x1: L, x2: W - R, y1: H - B, y2: H - B, class: "axis" });
+  add("line", { x1: L, x2: L, y1: T, y2: H - B, class: "axis" });
+  add("text", { x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle" }, xlabel);
+  add("text", { x: 12, y: (T + H - B) / 2, transform: `rotate(-90 12 ${(T + H - B) / 2})`, "text-anchor": "middle" }, ylabel);
+  return { sx, sy, add };
+}
+
+function extent(values) {
+  const v = values.filter((x) => x !== null && x !== undefined && Number.isFinite(x));
+  return v.length ? [Math.min(...v), Math.max(...v)] : [0, 1];
+}
+
+function drawBest(c) {
+  const svg = $("#best-plot");
+  const s = c.series;
+  svg.setAttribute("data-count", String(s.length));
+  const obj = c.objectives[0];
+  $("#best-caption").textContent = `${c.name}: ${obj.goal} ${obj.name}, ${s.length} experiments`;
+  const lastTrial = Math.max(1, ...c.trials.map((t) => t.trial));
+  const { sx, sy, add } = frame(svg, [0, lastTrial], extent(s.flatMap((p) => [p.value, p.best])), "experiment number", obj.name);
+  for (const p of s) add("circle", { cx: sx(p.trial), cy: sy(p.value), r: 3, fill: "#9bb4d6" }).append(Object.assign(document.createElementNS(SVG, "title"), { textContent: `#${p.trial}: ${fmt(p.value)}` }));
+  if (s.length) {
+    let d = `M${sx(s[0].trial)},${sy(s[0].best)}`;
+    for (let i = 1; i < s.length; i++) d += `H${sx(s[i].trial)}V${sy(s[i].best)}`;
+    d += `H${sx(lastTrial)}`;
+    add("path", { d, fill: "none", stroke: "#1f5fbf", "stroke-width": 2, class: "best-line" });
+  }
+  for (const t of c.trials.filter((t) => t.status === "failed" || t.status === "abandoned")) {
+    add("text", { x: sx(t.trial), y: 22, "text-anchor": "middle", fill: "#c62828" }, "×").append(Object.assign(document.createElementNS(SVG, "title"), { textContent: `#${t.trial} ${t.status}: ${t.error || ""}` }));
+  }
+}
+
+function drawPareto(c) {
+  const box = $("#pareto-box");
+  box.hidden = !c.pareto;
+  if (!c.pareto) return;
+  const p = c.pareto;
+  $("#pareto-caption").textContent = `hypervolume ${fmt(p.hypervolume)} (${p.points.filter((q) => q.front).length} on the front)`;
+  const { sx, sy, add } = frame($("#pareto-plot"), extent(p.points.map((q) => q.x)), extent(p.points.map((q) => q.y)), p.x, p.y);
+  for (const q of p.points) add("circle", { cx: sx(q.x), cy: sy(q.y), r: q.front ? 4.5 : 3, fill: q.front ? "#d1495b" : "#b8c4d4" }).append(Object.assign(document.createElementNS(SVG, "title"), { textContent: `#${q.trial}: ${p.x}=${fmt(q.x)}, ${p.y}=${fmt(q.y)}` }));
+  const front = p.points.filter((q) => q.front).sort((a, b) => a.x - b.x);
+  if (front.length > 1) add("polyline", { points: front.map((q) => `${sx(q.x)},${sy(q.y)}`).join(" "), fill: "none", stroke: "#d1495b", "stroke-dasharray": "4 3" });
+}
+
+async function updateModel(c) {
+  const select = $("#model-parameter");
+  const numeric = Object.entries(c.parameters).filter(([, p]) => p.type === "continuous" || p.type === "integer").map(([n]) => n);
+  if ([...select.options].map((o) => o.value).join() !== numeric.join()) {
+    select.replaceChildren(...numeric.map((n) => el("option", { value: n }, n)));
+  }
+  const finished = (c.counts.completed || 0) + (c.counts.failed || 0);
+  const key = `${c.name}|${finished}|${select.value}`;
+  if (key === modelKey) return;
+  modelKey = key;
+  let view;
+  try {
+    view = await getJSON(`api/model?campaign=${encodeURIComponent(c.name)}&parameter=${encodeURIComponent(select.value)}`);
+  } catch (err) {
+    $("#model-caption").textContent = String(err);
+    return;
+  }
+  const svg = $("#model-plot");
+  if (!view.available) {
+    svg.replaceChildren();
+    $("#model-caption").textContent = view.reason || "no model yet";
+    return;
+  }
+  $("#model-caption").textContent = `${view.objective} along ${view.parameter} through best #${view.best_trial} (${view.results} results, ${view.backend})`;
+  const lo = view.mean.map((m, i) => m - 2 * view.std[i]);
+  const hi = view.mean.map((m, i) => m + 2 * view.std[i]);
+  const { sx, sy, add } = frame(svg, extent(view.x), extent([...lo, ...hi, ...view.observed.map((o) => o.y)]), view.parameter, view.objective);
+  const band = view.x.map((x, i) => `${sx(x)},${sy(hi[i])}`).concat(view.x.slice().reverse().map((x, j) => `${sx(x)},${sy(lo[view.x.length - 1 - j])}`));
+  add("polygon", { points: band.join(" "), fill: "#1f5fbf", "fill-opacity": 0.15, stroke: "none" });
+  add("polyline", { points: view.x.map((x, i) => `${sx(x)},${sy(view.mean[i])}`).join(" "), fill: "none", stroke: "#1f5fbf", "stroke-width": 2 });
+  for (const o of view.observed) add("circle", { cx: sx(o.x), cy: sy(o.y), r: 2.5, fill: "#555", "fill-opacity": 0.6 });
+  const bx = view.through[view.parameter];
+  add("line", { x1: sx(bx), x2: sx(bx), y1: 10, y2: 264, stroke: "#d1495b", "stroke-dasharray": "3 3" });
+}
+
+// -- tables -------------------------------------------------------------------------------------------
+
+function drawHeld(c) {
+  const box = $("#held-box");
+  box.hidden = !c.held.length;
+  const body = $("#held tbody");
+  body.replaceChildren();
+  for (const t of c.held) {
+    const tr = el("tr", { "data-trial": t.trial });
+    const inputs = el("td");
+    for (const [name, value] of Object.entries(t.parameters)) {
+      const label = el("label", {}, `${name} `);
+      const input = el("input", { class: "edit", name, value: String(value) });
+      input.disabled = readOnly;
+      label.append(input);
+      inputs.append(label, " ");
+    }
+    const approve = el("button", { class: "approve" }, "approve");
+    const reject = el("button", { class: "reject" }, "reject");
+    approve.disabled = reject.disabled = readOnly;
+    approve.onclick = () => {
+      const edits = {};
+      for (const input of inputs.querySelectorAll("input")) if (input.value !== String(t.parameters[input.name])) edits[input.name] = input.value;
+      control("approve", { campaign: c.name, trial: t.trial, parameters: edits });
+    };
+    reject.onclick = () => control("reject", { campaign: c.name, trial: t.trial });
+    const actions = el("td");
+    actions.append(approve, " ", reject);
+    tr.append(el("td", {}, `#${t.trial}`), inputs, el("td", {}, predicted(t, c)), actions);
+    body.append(tr);
+  }
+}
+
+function predicted(t, c) {
+  const p = t.predicted && t.predicted[c.objectives[0].name];
+  return p ? `${fmt(p.mean)} ± ${fmt(p.std)}` : "";
+}
+
+function drawTrials(c) {
+  const names = Object.keys(c.parameters);
+  const columns = ["trial", "status", ...names, ...c.outputs, "generator", "acquisition", "predicted", "review", "station", "error"];
+  const head = $("#trials thead");
+  if (head.dataset.columns !== columns.join()) {
+    head.dataset.columns = columns.join();
+    const tr = el("tr");
+    for (const col of columns) tr.append(el("th", {}, col));
+    head.replaceChildren(tr);
+  }
+  const body = $("#trials tbody");
+  body.replaceChildren();
+  $("#trials-caption").textContent = `${c.trials.length} trials, newest first; click one for why it was chosen`;
+  for (const t of c.trials.slice().reverse()) {
+    const tr = el("tr", { class: `${t.status} clickable`, "data-trial": t.trial });
+    const cells = [t.trial, t.status, ...names.map((n) => t.parameters[n]), ...c.outputs.map((o) => (t.values ? t.values[o] : null)),
+      t.generator, t.acquisition ? `${t.acquisition} ${fmt(t.acquisition_value)}` : "", predicted(t, c), t.review, t.station, t.error];
+    for (const v of cells) tr.append(el("td", {}, fmt(v)));
+    tr.onclick = () => showTrial(c.name, t.trial);
+    body.append(tr);
+  }
+}
+
+async function showTrial(campaign, trial) {
+  const info = await getJSON(`api/trial?campaign=${encodeURIComponent(campaign)}&trial=${trial}`);
+  const box = $("#trial-detail");
+  box.hidden = false;
+  box.querySelector("pre").textContent = info.lines ? info.lines.join("\n") : info.msg;
+}
+
+// -- live events ------------------------------------------------------------------------------------
+
+function connectEvents() {
+  const status = $("#stream-state");
+  const source = new EventSource(withToken("events"));
+  source.onopen = () => { status.textContent = "events: live"; status.className = "pill ok"; };
+  source.onerror = () => { status.textContent = "events: reconnecting"; status.className = "pill warn"; };
+  source.onmessage = (message) => {
+    let event;
+    try { event = JSON.parse(message.data); } catch { return; }
+    const list = $("#events");
+    const time = (event.time || "").slice(11, 19);
+    const what = [event.campaign, event.trial !== undefined ? `#${event.trial}` : "", event.station || "",
+      event.values ? fmtValues(event.values) : "", event.error || ""].filter(Boolean).join(" ");
+    list.prepend(el("li", {}, `${time} ${event.kind} ${what}`));
+    while (list.children.length > 60) list.lastChild.remove();
+    scheduleRefresh();
+  };
+}
+
+$("#stop-daemon").onclick = () => { if (confirm("Stop the daemon? Experiments in flight finish; nothing new is dispatched.")) control("stop"); };
+$("#close-detail").onclick = () => { $("#trial-detail").hidden = true; };
+$("#model-parameter").onchange = () => { modelKey = ""; refresh(); };
+refresh();
+connectEvents();
+setInterval(refresh, 2000); // ticks "running for" and catches events a PUB/SUB stream dropped

@@ -1,0 +1,261 @@
+"""The live dashboard: its JSON, its event stream and its controls against a real daemon, then a real browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from closedloop.campaign import Campaign
+from closedloop.daemon import Daemon, control_request
+from closedloop.dashboard import DashboardConfig, DashboardServer
+from closedloop.store import Store
+from closedloop.worker import StationWorker
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "artifacts"
+CHROMIUM = os.environ.get("CLOSEDLOOP_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+
+CAMPAIGN = """
+name: {name}
+parameters:
+  x1: {{type: continuous, bounds: [-5, 10]}}
+  x2: {{type: continuous, bounds: [0, 15]}}
+objectives:
+  y: {{goal: minimize}}
+budget: {{experiments: 400}}
+planner: {{backend: sobol, seed: 1}}
+execution: {{approve: {approve}}}
+instrument:
+  simulator: simulators.surfaces:Branin
+  options: {{noise: 0.01, seed: 0, exposure: {exposure}}}
+"""
+
+
+@dataclass
+class Loop:
+    """A daemon (PUB and control sockets), one simulated station, and the store they write."""
+
+    daemon: Daemon
+    store: Store
+    name: str
+    path: Path
+
+    def dispatched(self) -> int:
+        campaign_id = self.store.campaign_row(self.name).id
+        return sum(1 for t in self.store.trials(campaign_id) if t.dispatched_at is not None)
+
+
+@contextmanager
+def _running(path: Path, approve: bool = False) -> Iterator[Loop]:
+    store = Store(path)
+    campaign = Campaign.from_yaml_text(CAMPAIGN.format(name="dash", exposure=0.15, approve=str(approve).lower()))
+    daemon = Daemon(store, [campaign], publish="tcp://127.0.0.1:0", control="tcp://127.0.0.1:0", heartbeat_s=0.5)
+    stop = threading.Event()
+    worker = StationWorker(daemon.endpoint, name="station-a", heartbeat_s=0.5)
+    threads = [threading.Thread(target=daemon.serve, args=(stop.is_set,), daemon=True),
+               threading.Thread(target=worker.run, args=(stop,), daemon=True)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield Loop(daemon, store, campaign.name, path)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=15)
+        daemon.close()
+        store.close()
+
+
+@pytest.fixture
+def loop(tmp_path: Path) -> Iterator[Loop]:
+    """A daemon (PUB and control sockets) running a Sobol campaign on one simulated station (0.15 s a run)."""
+    with _running(tmp_path / "dash.db") as running:
+        yield running
+
+
+def _server(loop: Loop, **options: object) -> DashboardServer:
+    config = DashboardConfig(store=str(loop.path), control=loop.daemon.control_endpoint,
+                             events=loop.daemon.publish_endpoint, port=0, **options)  # type: ignore[arg-type]
+    return DashboardServer(config).start()
+
+
+def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _post(url: str, body: dict, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _wait(condition, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def test_state_events_and_controls(loop: Loop) -> None:
+    server = _server(loop)
+    base = f"http://127.0.0.1:{server.port}/"
+    try:
+        _wait(lambda: loop.dispatched() >= 3, 30, "three experiments")
+        status, state = _get(base + "api/state")
+        assert status == 200 and state["read_only"] is False
+        campaign = state["campaigns"][0]
+        assert campaign["name"] == "dash" and campaign["live"]["paused"] is False
+        assert [s["name"] for s in state["daemon"]["stations"]] == ["station-a"]
+        assert campaign["series"] and all(p["best"] <= p["value"] for p in campaign["series"])
+        assert any(t["generator"] == "sobol" for t in campaign["trials"])
+
+        # the event stream carries the daemon's PUB events as they happen
+        with urllib.request.urlopen(base + "events", timeout=20) as stream:
+            kinds = []
+            while len(kinds) < 3:
+                line = stream.readline().decode()
+                if line.startswith("data: "):
+                    kinds.append(json.loads(line[6:])["kind"])
+        assert {"trial_dispatched", "trial_completed", "trial_started", "trial_proposed"} & set(kinds)
+
+        status, reply = _post(base + "api/control", {"method": "pause", "campaign": "dash"})
+        assert status == 200 and reply["success"], reply
+        assert control_request(loop.daemon.control_endpoint, "status")["campaigns"][0]["paused"] is True
+        status, reply = _post(base + "api/control", {"method": "resume", "campaign": "dash"})
+        assert status == 200 and reply["success"]
+        status, reply = _post(base + "api/control", {"method": "pause", "campaign": "nope"})
+        assert status == 409 and "not run by this daemon" in reply["msg"]
+
+        status, info = _get(base + "api/trial?campaign=dash&trial=1")
+        assert status == 200 and info["provenance"]["backend"] == "sobol" and info["lines"]
+
+        _wait(lambda: loop.dispatched() >= 6, 30, "six experiments")
+        status, view = _get(base + "api/model?campaign=dash&parameter=x2")
+        assert status == 200 and view["available"], view
+        assert view["parameter"] == "x2" and len(view["x"]) == len(view["mean"]) == len(view["std"])
+        assert all(s >= 0 for s in view["std"]) and view["x"][0] == 0 and view["x"][-1] == 15
+    finally:
+        server.stop()
+
+
+def test_read_only_and_token(loop: Loop) -> None:
+    assert DashboardConfig(store="x", host="0.0.0.0").effective_read_only
+    assert not DashboardConfig(store="x", host="0.0.0.0", token="s3cret").effective_read_only
+    server = _server(loop, read_only=True)
+    try:
+        status, reply = _post(f"http://127.0.0.1:{server.port}/api/control", {"method": "pause"})
+        assert status == 403 and "read-only" in reply["msg"]
+        assert control_request(loop.daemon.control_endpoint, "status")["campaigns"][0]["paused"] is False
+        assert _get(f"http://127.0.0.1:{server.port}/api/state")[1]["read_only"] is True
+    finally:
+        server.stop()
+    server = _server(loop, token="s3cret")
+    try:
+        assert _get(f"http://127.0.0.1:{server.port}/api/state")[0] == 401
+        status, state = _get(f"http://127.0.0.1:{server.port}/api/state", {"X-Closedloop-Token": "s3cret"})
+        assert status == 200 and state["campaigns"][0]["name"] == "dash"
+    finally:
+        server.stop()
+
+
+def test_held_proposals_are_approved_edited_and_rejected(tmp_path: Path) -> None:
+    """Approval mode: the page's approve (with an edit) and reject go through the same path as the command line."""
+    with _running(tmp_path / "held.db", approve=True) as held_loop:
+        server = _server(held_loop)
+        base = f"http://127.0.0.1:{server.port}/"
+        try:
+            def held() -> list[dict]:
+                return _get(base + "api/state")[1]["campaigns"][0]["held"]
+
+            _wait(lambda: len(held()) >= 2, 20, "two held proposals")
+            first, second = held()[:2]
+            status, reply = _post(base + "api/control", {"method": "approve", "campaign": "dash",
+                                                         "trial": first["trial"], "parameters": {"x1": "99"}})
+            assert status == 409 and "outside the bounds" in reply["msg"]
+            status, reply = _post(base + "api/control", {"method": "approve", "campaign": "dash",
+                                                         "trial": first["trial"], "parameters": {"x1": "1.25"}, "by": "ada"})
+            assert status == 200 and reply["success"], reply
+            status, reply = _post(base + "api/control", {"method": "reject", "campaign": "dash",
+                                                         "trial": second["trial"], "by": "grace"})
+            assert status == 200 and "rejected by grace" in reply["msg"]
+
+            def trial(index: int) -> dict:
+                return next(t for t in _get(base + "api/state")[1]["campaigns"][0]["trials"] if t["trial"] == index)
+
+            # the daemon picks the approved trial up from the store and runs it as edited
+            _wait(lambda: trial(first["trial"])["status"] == "completed", 20, "the approved trial to run")
+            assert trial(first["trial"])["parameters"]["x1"] == 1.25
+            assert trial(first["trial"])["review"] == "edited by ada"
+            assert trial(second["trial"])["status"] == "failed" and trial(second["trial"])["review"] == "rejected by grace"
+        finally:
+            server.stop()
+
+
+@pytest.mark.slow
+def test_the_page_in_a_real_browser(loop: Loop, tmp_path: Path) -> None:
+    """Headless Chromium: the best-value plot fills as results arrive; pause stops dispatch; resume restarts it."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (.ci/run installs Debian's chromium)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    started = time.monotonic()
+    server = _server(loop)
+    profile = tempfile.mkdtemp(prefix="closedloop-chromium-")
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch_persistent_context(
+                profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS[1:],
+                viewport={"width": 1280, "height": 1400})
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{server.port}/")
+            page.wait_for_function("Number(document.querySelector('#best-plot').dataset.count) >= 8", timeout=40_000)
+            assert page.locator("#best-plot circle").count() >= 8
+            assert page.locator("#stations tr[data-station='station-a']").count() == 1
+            page.wait_for_selector("#stream-state.ok", timeout=10_000)
+
+            page.click(".card[data-campaign='dash'] button.pause")
+            page.wait_for_selector(".card[data-campaign='dash'] [data-state='paused']", timeout=10_000)
+            # in-flight experiments finish; nothing new goes out while paused
+            time.sleep(0.6)
+            before = loop.dispatched()
+            time.sleep(2.5)
+            assert loop.dispatched() == before, "the campaign dispatched while paused"
+            page.click(".card[data-campaign='dash'] button.resume")
+            page.wait_for_selector(".card[data-campaign='dash'] [data-state='running']", timeout=10_000)
+            _wait(lambda: loop.dispatched() > before, 15, "dispatch after resume")
+
+            page.click("#trials tr[data-trial='1']")
+            page.wait_for_selector("#trial-detail:not([hidden]) pre:has-text('planner:')", timeout=10_000)
+            page.wait_for_function("document.querySelector('#model-plot polyline') !== null", timeout=30_000)
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+            browser.close()
+    finally:
+        server.stop()
+        shutil.rmtree(profile, ignore_errors=True)
+    assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
+    assert time.monotonic() - started < 90
