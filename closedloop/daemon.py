@@ -867,6 +867,7 @@ class Daemon:
                 rows = self.store.add_trials(run.id, [(proposal.parameters, proposal.metadata)], status=_HELD)  # type: ignore[call-arg]
                 provenance.record(self.store, run.planner, rows[0], proposal)  # issue 9: why, before anyone sees it
                 run.held += 1
+                run.held_ids.add(rows[0].id)  # type: ignore[arg-type]  # issue 7: a rejection before the next look counts
                 self._transition(run, rows[0].index, rows[0].id, "held", parameters=proposal.parameters)
                 self._emit("trial_proposed", run, trial=rows[0].index, parameters=proposal.parameters, held=True)
                 self._update_planner(run)

@@ -194,6 +194,7 @@ def test_approval_mode_holds_each_proposal_until_a_person_decides(tmp_path: Path
         wait_held(3)
         assert cli("approve", "held", "3", "--store", db).exit_code == 0
         runner.join(timeout=60)
+        assert not runner.is_alive(), [(t.index, t.status) for t in store.trials(1)]  # the budget is spent: it ends
     finally:
         done.set()
         runner.join(timeout=20)
