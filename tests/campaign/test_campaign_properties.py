@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from closedloop.campaign import (
     Campaign,
+    CampaignFileError,
     CategoricalParameter,
     ContinuousParameter,
     DiscreteParameter,
@@ -57,13 +58,12 @@ def parameters(draw: st.DrawFn, name: str) -> Any:
 
 
 def midpoint(p: Any) -> float:
+    """A point of the parameter's own space (an allowed value for integers and discrete ones)."""
     if isinstance(p, DiscreteParameter):
         return p.values[0]
+    if isinstance(p, IntegerParameter):
+        return (p.bounds[0] + p.bounds[1]) // 2
     return (p.bounds[0] + p.bounds[1]) / 2
-
-
-def value_at(p: Any, point: float) -> float:
-    return p.values[0] if isinstance(p, DiscreteParameter) else point
 
 
 @st.composite
@@ -159,3 +159,44 @@ def test_quick_planners_propose_only_points_of_the_declared_space(campaign: Camp
     planner.ingest([Result(p.parameters, {o: 0.0 for o in campaign.outputs}) for p in first])
     for proposal in planner.suggest(2, pending=[first[0].parameters]):
         check_proposal(campaign, proposal.parameters)
+
+
+junk = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats() | st.text(max_size=12)
+    | st.sampled_from(["continuous", "log", "x1 + y <= 1", "10 min", "simulators.surfaces:Branin", "minimize"]),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=6,
+)
+
+
+def paths_in(node: Any, prefix: tuple = ()) -> list[tuple]:
+    out = [prefix]
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out += paths_in(v, prefix + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            out += paths_in(v, prefix + (i,))
+    return out
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(campaigns(), st.data())
+def test_any_corruption_of_a_valid_file_is_reported_never_crashes(campaign: Campaign, data: st.DataObject) -> None:
+    tree = yaml.safe_load(campaign.to_yaml())
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from(paths_in(tree)[1:]))
+        parent = tree
+        for part in path[:-1]:
+            parent = parent[part]
+        if data.draw(st.booleans()) and isinstance(parent, dict):
+            del parent[path[-1]]
+        else:
+            parent[path[-1]] = data.draw(junk)
+        if not isinstance(tree, dict) or not tree:
+            break
+    text = yaml.safe_dump(tree, sort_keys=False)
+    try:
+        Campaign.from_yaml_text(text, "c.yaml", check_instrument=False)
+    except CampaignFileError as exc:
+        assert exc.problems and all(str(p).startswith("c.yaml") and p.message for p in exc.problems)
