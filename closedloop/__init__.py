@@ -59,11 +59,11 @@ def __dir__() -> list[str]:
     return sorted(__all__)
 
 
-if TYPE_CHECKING:
-    from closedloop.campaign import Campaign, load_campaign
-    from closedloop.errors import ClosedLoopError
-    from closedloop.hitl import approve, import_csv, reject, suggest, tell
-    from closedloop.planner import Planner, Proposal, Result, make_planner
-    from closedloop.report import best, make_figures, pareto_front, write_report
-    from closedloop.store import Store, TrialStatus
-    from closedloop.view import Snapshot, trial_records
+if TYPE_CHECKING:  # names for type checkers and editors; at run time __getattr__ imports them
+    from closedloop.campaign import Campaign, load_campaign  # noqa: F401
+    from closedloop.errors import ClosedLoopError  # noqa: F401
+    from closedloop.hitl import approve, import_csv, reject, suggest, tell  # noqa: F401
+    from closedloop.planner import Planner, Proposal, Result, make_planner  # noqa: F401
+    from closedloop.report import best, make_figures, pareto_front, write_report  # noqa: F401
+    from closedloop.store import Store, TrialStatus  # noqa: F401
+    from closedloop.view import Snapshot, trial_records  # noqa: F401

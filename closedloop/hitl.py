@@ -25,7 +25,6 @@ from typing import Any
 from closedloop.campaign import (
     Campaign,
     CategoricalParameter,
-    ContinuousParameter,
     DiscreteParameter,
     FixedParameter,
     IntegerParameter,
@@ -208,7 +207,8 @@ def _check_outputs(campaign: Campaign, values: dict[str, Any], where: str) -> di
     parsed: dict[str, float] = {}
     for name, text in values.items():
         if name not in campaign.outputs:
-            problems.append(f"{where}: {name!r} is not an output of {campaign.name} (outputs: {', '.join(campaign.outputs)})")
+            problems.append(f"{where}: {name!r} is not an output of {campaign.name} "
+                            f"(outputs: {', '.join(campaign.outputs)})")
             continue
         try:
             parsed[name] = parse_output(text)

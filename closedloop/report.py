@@ -81,7 +81,8 @@ class Data:
         return [r for r in self.records if r["status"] == "completed"]
 
     def feasible(self, record: dict[str, Any]) -> bool:
-        return all(b.satisfied(record[b.output]) for b in self.campaign.output_bounds if record.get(b.output) is not None)
+        bounds = self.campaign.output_bounds
+        return all(b.satisfied(record[b.output]) for b in bounds if record.get(b.output) is not None)
 
     def oriented(self, name: str, value: float) -> float:
         """Larger is better."""
@@ -463,7 +464,8 @@ def _slice_rows(p: Any, name: str, base: dict[str, Any]) -> tuple[list[dict[str,
         values = list(p.values)
     elif isinstance(p, IntegerParameter):
         lo, hi = int(p.bounds[0]), int(p.bounds[1])
-        values = list(range(lo, hi + 1)) if hi - lo <= 200 else sorted({int(round(v)) for v in np.linspace(lo, hi, 200)})
+        values = (list(range(lo, hi + 1)) if hi - lo <= 200
+                  else sorted({int(round(v)) for v in np.linspace(lo, hi, 200)}))
     else:
         lo, hi = p.bounds
         values = list(np.geomspace(lo, hi, 120) if p.scale == "log" else np.linspace(lo, hi, 120))
@@ -601,7 +603,8 @@ def versions() -> dict[str, str]:
 
 
 _CSS = """
-body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;max-width:1150px;color:#222;padding:0 1em}
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;max-width:1150px;color:#222;
+     padding:0 1em}
 h1{margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 table{border-collapse:collapse;font-size:13px} td,th{padding:2px 8px;border-bottom:1px solid #eee;text-align:left}
 td.n{text-align:right;font-variant-numeric:tabular-nums} tr.failed td{color:#b00}
@@ -635,9 +638,11 @@ def render_html(data: Data, figures: list[Figure], extra: dict[str, Any]) -> str
         best = _best_record(data, name)
         if best is not None:
             params = ", ".join(f"{n}={_fmt(best[n])}" for n in c.parameters)
-            summary.append((f"best {name} ({objective.goal})", f"{best[name]:.6g} at experiment #{best['trial']}: {params}"))
+            summary.append((f"best {name} ({objective.goal})",
+                            f"{best[name]:.6g} at experiment #{best['trial']}: {params}"))
     for output, q in extra.get("quality", {}).items():
-        summary.append((f"model quality ({output})", f"leave-one-out RMSE {q['rmse']:.4g} ({q['rmse_over_sd']:.2f} of the "
+        summary.append((f"model quality ({output})",
+                        f"leave-one-out RMSE {q['rmse']:.4g} ({q['rmse_over_sd']:.2f} of the "
                                                      f"data's sd), {q['within_2sd']:.0%} within ±2 sd, n={q['n']}"))
     parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(c.name)} — "
              f"closedloop report</title><style>{_CSS}</style></head><body>",
@@ -652,7 +657,8 @@ def render_html(data: Data, figures: list[Figure], extra: dict[str, Any]) -> str
         parts.append(f'<h2>{html.escape(f.title)}</h2><figure><img alt="{html.escape(f.title)}" '
                      f'src="data:image/png;base64,{encoded}"><figcaption>{html.escape(f.caption)} '
                      f'(<a href="{html.escape(f.path.name)}">{html.escape(f.path.name)}</a>)</figcaption></figure>')
-    columns = ["trial", "status", *c.parameters, *c.outputs, "generator", "station", "duration_s", "finished_at", "error"]
+    columns = ["trial", "status", *c.parameters, *c.outputs, "generator", "station", "duration_s", "finished_at",
+               "error"]
     rows = "".join(
         f'<tr class="{"failed" if r["status"] in ("failed", "abandoned") else ""}">'
         + "".join(_cell(r.get(col)) for col in columns) + "</tr>"

@@ -296,7 +296,8 @@ class ProgressView:
             best = details.get("best")
             if best:
                 self.best[name] = f"{format_values(best['values'])} (#{best['trial']})"
-            outcome = format_values(details.get("values")) if kind == "trial_completed" else f"failed: {details['error']}"
+            outcome = (format_values(details.get("values")) if kind == "trial_completed"
+                       else f"failed: {details['error']}")
             self.console.print(f"{prefix}[{details['finished']}/{total}] experiment {details['trial']}: {outcome}; "
                                f"best {self.best.get(name, '-')}", highlight=False, soft_wrap=True)
         elif kind == "trial_proposed" and details.get("held"):
