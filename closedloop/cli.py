@@ -409,6 +409,12 @@ def show(
     from closedloop.view import trial_records
 
     the_store, name = _find_store(campaign, store)
+    if trial is not None:  # issue 9: one trial's provenance
+        from closedloop import provenance
+
+        for line in provenance.explain_lines(provenance.explain(the_store, name, trial)):
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
+        return
     spec = the_store.campaign(name)
     records = trial_records(the_store, name)
     table = Table(title=f"{name}: {len(records)} trials", box=None, header_style="bold", title_justify="left")

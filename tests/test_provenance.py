@@ -104,6 +104,8 @@ def test_explain_and_replay_commands(finished: tuple[Store, str]) -> None:
     shown = runner.invoke(app, ["explain", name, "9", "--store", store.location])
     assert shown.exit_code == 0, shown.output
     assert "acquisition:" in shown.output and "predicted:" in shown.output and "run uids:" in shown.output
+    shown_too = runner.invoke(app, ["show", name, "9", "--store", store.location])
+    assert shown_too.exit_code == 0 and shown_too.output == shown.output, shown_too.output
     replayed = runner.invoke(app, ["replay", name, "--until", "9", "--store", store.location])
     assert replayed.exit_code == 0, replayed.output
     assert "the same experiment" in replayed.output
