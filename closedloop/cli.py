@@ -401,9 +401,10 @@ def list_campaigns(store: Optional[list[str]] = typer.Option(None, help="stores 
 @app.command()
 def show(
     campaign: str = typer.Argument(..., help="campaign name"),
+    trial: Optional[int] = typer.Argument(None, help="a trial number: why it was run (as `closedloop explain`)"),
     store: Optional[str] = typer.Option(None, help=_STORE_HELP),
 ) -> None:
-    """The campaign's trials as a table: parameters, outputs, status, station and errors."""
+    """The campaign's trials as a table: parameters, outputs, status, station and errors; or one trial's decision."""
     from rich.table import Table
 
     from closedloop.view import trial_records
