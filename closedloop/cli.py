@@ -684,6 +684,22 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks of the engine's p
 app.add_typer(bench_app, name="bench")
 
 
+@bench_app.command("scale")
+def bench_scale(
+    experiments: int = typer.Option(1000, help="cheap computational experiments on the Dask LocalCluster"),
+    workers: int = typer.Option(2, help="worker processes of the LocalCluster"),
+    seconds: float = typer.Option(0.02, help="work in one computational experiment, seconds"),
+    stations: list[int] = typer.Option([1, 8, 32], help="simulated station counts for the daemon overhead runs"),
+    station_experiments: int = typer.Option(600, help="experiments in each daemon overhead run"),
+    output: Optional[Path] = typer.Option(None, help="also write the figures to this JSON file"),
+) -> None:
+    """Beyond one machine: throughput and worker busy time on Dask; daemon overhead with 1 to 32 stations."""
+    from closedloop.bench.scale import main as scale
+
+    scale(experiments=experiments, workers=workers, seconds=seconds, station_counts=tuple(stations),
+          station_experiments=station_experiments, console=console, output=output)
+
+
 @bench_app.command("planner")
 def bench_planner(
     problem: Optional[list[str]] = typer.Option(None, "--problem", "-p", help="problems to run (default all; repeat)"),
