@@ -344,3 +344,13 @@ def test_scientific_notation_is_a_number() -> None:
     c = Campaign.from_yaml_text(text)
     assert c.parameters["x2"].bounds == (0.001, 10.0)
     assert Campaign.from_yaml_text(c.to_yaml()) == c
+
+
+def test_schema_command_prints_the_models_schema() -> None:
+    from typer.testing import CliRunner
+
+    from closedloop.cli import app
+
+    result = CliRunner().invoke(app, ["schema"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == Campaign.json_schema()
