@@ -36,6 +36,7 @@ import importlib
 import inspect
 import keyword
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -115,7 +116,8 @@ Duration = Annotated[
     WithJsonSchema({
         "anyOf": [
             {"type": "number", "exclusiveMinimum": 0},
-            {"type": "string", "pattern": r"^\s*[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?\s*(ms|s|sec|seconds?|min|minutes?|m|h|hours?|d|days?)?\s*$"},
+            {"type": "string",
+             "pattern": r"^\s*[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?\s*(ms|s|sec|seconds?|min|minutes?|m|h|hours?|d|days?)?\s*$"},
         ],
         "description": "a duration: seconds, or a number with a unit ('90 s', '10 min', '2 h')",
     }),
@@ -123,7 +125,9 @@ Duration = Annotated[
 
 # Option values written as durations are given to instrument factories in seconds. The bare 'm' is
 # left out here: in an option it could as well mean metres.
-_OPTION_DURATION_RE = re.compile(r"\s*[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?\s*(ms|s|sec|seconds?|min|minutes?|h|hours?|d|days?)\s*")
+_OPTION_DURATION_RE = re.compile(
+    r"\s*[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?\s*(ms|s|sec|seconds?|min|minutes?|h|hours?|d|days?)\s*"
+)
 
 # --------------------------------------------------------------------------------------------
 # Scalar types. YAML gives ints, floats, strings and booleans; a scientist's '60' in quotes or a
@@ -137,7 +141,8 @@ Text = Annotated[str, Strict()]
 def _no_boolean(value: Any) -> Any:
     if isinstance(value, bool):
         raise ValueError(
-            f"{value!r} is a boolean: YAML reads yes/no/on/off/true/false as booleans; quote it ('\"yes\"') if you meant text"
+            f"{value!r} is a boolean: YAML reads yes/no/on/off/true/false as booleans; "
+            "quote it ('\"yes\"') if you meant text"
         )
     return value
 
@@ -365,7 +370,8 @@ _KEYWORD_PREFIX = "_closedloop_kw_"
 
 def _parse_expression(text: str) -> ast.expr:
     # names such as 'yield' or 'lambda' are Python keywords but fine outputs and parameters
-    escaped = re.sub(r"[A-Za-z_]\w*", lambda m: _KEYWORD_PREFIX + m.group(0) if keyword.iskeyword(m.group(0)) else m.group(0),
+    escaped = re.sub(r"[A-Za-z_]\w*",
+                     lambda m: _KEYWORD_PREFIX + m.group(0) if keyword.iskeyword(m.group(0)) else m.group(0),
                      text.strip())
     try:
         tree = ast.parse(escaped, mode="eval").body
@@ -408,7 +414,8 @@ def parse_output_bound(text: str) -> OutputBound:
     '>='
     """
     tree = _parse_expression(text)
-    if not (isinstance(tree, ast.Compare) and len(tree.ops) == 1 and type(tree.ops[0]) in (ast.LtE, ast.GtE, ast.Lt, ast.Gt)):
+    bounds_ops = (ast.LtE, ast.GtE, ast.Lt, ast.Gt)
+    if not (isinstance(tree, ast.Compare) and len(tree.ops) == 1 and type(tree.ops[0]) in bounds_ops):
         raise ValueError(f"{text!r} must be 'OUTPUT >= NUMBER' or 'OUTPUT <= NUMBER'")
     left, right, op = tree.left, tree.comparators[0], _COMPARISONS[type(tree.ops[0])]
     if isinstance(right, ast.Name):
@@ -613,13 +620,16 @@ class Campaign(_Model):
         json_schema_extra={"$schema": "https://json-schema.org/draft/2020-12/schema"},
     )
 
-    name: Text = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", description="names the campaign in the store")
+    name: Text = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
+                       description="names the campaign in the store")
     description: Text = ""
     parameters: dict[Text, Parameter] = Field(min_length=1, description="what may be varied, by name")
-    constraints: list[Text] = Field(default_factory=list, description="linear constraints, e.g. 'a + b <= 1', 'a + b + c == 1'")
+    constraints: list[Text] = Field(default_factory=list,
+                                    description="linear constraints, e.g. 'a + b <= 1', 'a + b + c == 1'")
     candidates: Candidates | None = Field(None, description="a CSV table of allowed experiments")
     objectives: dict[Text, Objective] = Field(min_length=1, description="outputs to optimize, by name")
-    outcome_constraints: list[Text] = Field(default_factory=list, description="bounds on measured outputs, e.g. 'yield >= 0.8'")
+    outcome_constraints: list[Text] = Field(default_factory=list,
+                                            description="bounds on measured outputs, e.g. 'yield >= 0.8'")
     budget: Budget
     execution: Execution = Field(default_factory=Execution)
     planner: PlannerSettings = Field(default_factory=PlannerSettings)
@@ -702,7 +712,8 @@ class Campaign(_Model):
 
     def summary(self) -> list[str]:
         """A few lines describing the campaign: parameters, objectives, budget, size of the space."""
-        lines = [f"parameters ({len(self.tunable_parameters)} varied, {len(self.parameters) - len(self.tunable_parameters)} fixed):"]
+        varied = len(self.tunable_parameters)
+        lines = [f"parameters ({varied} varied, {len(self.parameters) - varied} fixed):"]
         for name, p in self.parameters.items():
             unit = f" {p.unit}" if getattr(p, "unit", None) else ""
             if isinstance(p, ContinuousParameter):
@@ -733,15 +744,18 @@ class Campaign(_Model):
         lines.append(f"planner: {self.planner.backend}, {self.default_initial_experiments()} initial experiments"
                      + (f", seed {self.planner.seed}" if self.planner.seed is not None else ""))
         ex = self.execution
-        lines.append(f"execution: {ex.concurrency} at once" + (f", timeout {_format_duration(ex.timeout)}" if ex.timeout else "")
-                     + (f", {ex.retries} retr{'y' if ex.retries == 1 else 'ies'}" if ex.retries else "") + (", each approved by a person" if ex.approve else ""))
+        lines.append(f"execution: {ex.concurrency} at once"
+                     + (f", timeout {_format_duration(ex.timeout)}" if ex.timeout else "")
+                     + (f", {ex.retries} retr{'y' if ex.retries == 1 else 'ies'}" if ex.retries else "")
+                     + (", each approved by a person" if ex.approve else ""))
         lines.append(f"instrument: {self.instrument.field} {self.instrument.target}")
         return lines
 
     def describe_space(self) -> str:
         """The size of the search space in words."""
         if self.candidates is not None:
-            return f"{len(self.candidate_table())} candidate rows" + (" (repeats allowed)" if self.candidates.repeats else "")
+            repeats = " (repeats allowed)" if self.candidates.repeats else ""
+            return f"{len(self.candidate_table())} candidate rows{repeats}"
         continuous = [p for p in self.tunable_parameters.values() if isinstance(p, ContinuousParameter)]
         discrete = 1
         for p in self.tunable_parameters.values():
@@ -1157,6 +1171,12 @@ def instrument_problems(campaign: Campaign) -> list[tuple[str, str]]:
         unknown = sorted(set(command_placeholders(instrument.command)) - known)
         return [(where, f"unknown placeholder {{{n}}}; known: {', '.join(sorted(known))}") for n in unknown]
     module_name, _, attribute = (instrument.import_path or "").partition(":")
+    if instrument.function is not None:
+        import os
+        import sys
+
+        if os.getcwd() not in sys.path:  # a compute station imports a function from the working folder too
+            sys.path.append(os.getcwd())
     failure = _import_problems(module_name)
     if failure:
         return [(where, failure)]
@@ -1165,7 +1185,8 @@ def instrument_problems(campaign: Campaign) -> list[tuple[str, str]]:
     if factory is None:
         public = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
         close = difflib.get_close_matches(attribute, public, n=1)
-        return [(where, f"module {module_name!r} has no {attribute!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))]
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return [(where, f"module {module_name!r} has no {attribute!r}{hint}")]
     if not callable(factory):
         return [(where, f"{instrument.target!r} is not callable")]
     if instrument.function is not None:  # called per experiment with the parameters: nothing to build now
@@ -1379,7 +1400,8 @@ def _unknown_key(data: Any, path: tuple) -> str:
     if model in _PARAMETER_TYPES.values():
         owners = sorted(t for t, m in _PARAMETER_TYPES.items() if key in m.model_fields)
         if owners:
-            return message + f": {key!r} belongs to {' and '.join(owners)} parameters, this one is {model.model_fields['type'].default}"
+            this = model.model_fields["type"].default
+            return message + f": {key!r} belongs to {' and '.join(owners)} parameters, this one is {this}"
     return message + (f"; allowed here: {', '.join(fields)}" if fields else "")
 
 
@@ -1387,7 +1409,8 @@ _TYPE_WORDS = {
     "float_type": "a number", "float_parsing": "a number", "finite_number": "a finite number",
     "int_type": "a whole number", "int_parsing": "a whole number", "int_from_float": "a whole number",
     "string_type": "text", "bool_type": "true or false", "bool_parsing": "true or false",
-    "dict_type": "a mapping (key: value)", "model_type": "a mapping (key: value)", "model_attributes_type": "a mapping (key: value)",
+    "dict_type": "a mapping (key: value)", "model_type": "a mapping (key: value)",
+    "model_attributes_type": "a mapping (key: value)",
     "list_type": "a list", "tuple_type": "a list", "model_class": "a mapping (key: value)",
 }
 
@@ -1430,7 +1453,8 @@ def _describe(data: Any, path: tuple, error: dict) -> str:
     if kind == "literal_error":
         expected = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
         close = difflib.get_close_matches(str(given), expected, n=1) if isinstance(given, str) else []
-        choices = " or ".join(repr(e) for e in expected) if len(expected) < 3 else "one of " + ", ".join(repr(e) for e in expected)
+        quoted = [repr(e) for e in expected]
+        choices = " or ".join(quoted) if len(quoted) < 3 else "one of " + ", ".join(quoted)
         return (f"{_shown(given)} is not allowed; use {choices}"
                 + (f" (did you mean {close[0]!r}?)" if close else ""))
     if kind in _TYPE_WORDS:
@@ -1445,7 +1469,8 @@ def _describe(data: Any, path: tuple, error: dict) -> str:
         limit = f"{limit:g}" if isinstance(limit, (int, float)) else limit
         return f"must be {word} {limit}, got {_shown(given)}"
     if kind in ("too_short", "too_long") and "Tuple" in msg:
-        return f"expected a list of two numbers [lower, upper], got {len(given) if isinstance(given, (list, tuple)) else '?'} items"
+        count = len(given) if isinstance(given, (list, tuple)) else "?"
+        return f"expected a list of two numbers [lower, upper], got {count} items"
     if kind == "too_short":
         return "is empty; it needs at least one entry" if not given else msg
     if kind == "string_pattern_mismatch":
@@ -1489,7 +1514,8 @@ def _section_parts(data: dict[str, Any]) -> dict[str, Any]:
 
     parameters = data.get("parameters")
     parts: dict[str, Any] = {
-        "parameters": {n: valid(_PARAMETER_ADAPTER, v) for n, v in parameters.items()} if isinstance(parameters, dict) else None,
+        "parameters": ({n: valid(_PARAMETER_ADAPTER, v) for n, v in parameters.items()}
+                       if isinstance(parameters, dict) else None),
         "constraints": [c for c in data.get("constraints") or [] if isinstance(c, str)]
         if valid(_TEXTS, data.get("constraints", [])) is not None else None,
         "objectives": valid(_OBJECTIVES, data.get("objectives")),
@@ -1535,7 +1561,9 @@ def load_campaign_text(
         raise CampaignFileError([Problem(source, None, None, "", "the file is empty; a campaign needs name, "
                                          "parameters, objectives, budget and instrument")])
     if not isinstance(data, dict):
-        raise CampaignFileError([Problem(source, 1, 1, "", "a campaign file must be a mapping of fields (name, parameters, ...)")])
+        raise CampaignFileError(
+            [Problem(source, 1, 1, "", "a campaign file must be a mapping of fields (name, parameters, ...)")]
+        )
     marks: dict[tuple, yaml.Mark] = {}
     duplicates: list[tuple[tuple, yaml.Mark, yaml.Mark]] = []
     if root is not None:
