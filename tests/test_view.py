@@ -176,3 +176,61 @@ def test_status_without_a_store_says_what_to_do(tmp_path: Path, monkeypatch: pyt
     assert result.exit_code == 1
     assert result.stderr.strip() == "error: give --store: no results/*.db here"
     assert not (tmp_path / "results").exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_watch_in_another_terminal_follows_a_running_daemon(tmp_path: Path) -> None:
+    """`closedloop daemon`, `worker` and `watch` as three processes, as a scientist runs them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    campaign = tmp_path / "c.yaml"
+    campaign.write_text((Path(__file__).resolve().parents[1] / "campaigns" / "branin.yaml").read_text()
+                        .replace("experiments: 30", "experiments: 6").replace("initial_experiments: 8",
+                                                                             "initial_experiments: 6")
+                        .replace("backend: botorch", "backend: sobol"))
+    bind, publish, control = (f"tcp://127.0.0.1:{_free_port()}" for _ in range(3))
+    db = str(tmp_path / "branin.db")
+    cli = [sys.executable, "-m", "closedloop.cli"]
+    started: list[subprocess.Popen[str]] = []
+
+    def start(*args: str) -> subprocess.Popen[str]:
+        process = subprocess.Popen([*cli, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True)
+        started.append(process)
+        return process
+
+    try:
+        daemon = start("daemon", str(campaign), "--bind", bind, "--publish", publish, "--control", control,
+                       "--store", db)
+        assert daemon.stdout is not None and "daemon listening" in daemon.stdout.readline()
+        watcher = start("watch", "branin", "--store", db, "--control", control, "--timeout", "120")
+        assert watcher.stdout is not None
+        first = watcher.stdout.readline()
+        assert first.startswith(f"following branin on {publish}: 0/6 experiments"), first
+        time.sleep(0.5)  # let the subscription reach the daemon before anything happens
+        start("worker", "--connect", bind, "--name", "station-1")
+        out, _ = watcher.communicate(timeout=180)
+        assert watcher.returncode == 0, out
+        lines = out.splitlines()
+        assert [line.split("]")[0] for line in lines] == [f"[{k}/6" for k in range(1, 7)], out
+        assert all("best y=" in line for line in lines)
+        assert daemon.wait(timeout=60) == 0
+    finally:
+        for process in started:
+            if process.poll() is None:
+                os.kill(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
