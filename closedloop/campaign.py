@@ -748,7 +748,7 @@ class Campaign(_Model):
                      + (f", timeout {_format_duration(ex.timeout)}" if ex.timeout else "")
                      + (f", {ex.retries} retr{'y' if ex.retries == 1 else 'ies'}" if ex.retries else "")
                      + (", each approved by a person" if ex.approve else ""))
-        lines.append(f"instrument: {self.instrument.field} {self.instrument.target}")
+        lines.append(f"instrument: {self.instrument.field} {getattr(self.instrument, self.instrument.field)}")
         return lines
 
     def describe_space(self) -> str:
