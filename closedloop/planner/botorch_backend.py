@@ -31,6 +31,25 @@ from closedloop.planner.space import Space
 __all__ = ["BotorchPlanner", "ObservationLog", "SobolSequence"]
 
 
+# TuRBO's trust region (edge lengths in encoded units) and the final closing-in
+TR_MIN_DIM = 4
+TR_INIT, TR_MAX, TR_MIN = 0.8, 1.6, 0.5**7
+FINAL_SHARE = 0.15
+FINAL_LENGTH = 0.1
+
+
+def _lengthscales(model: Model, d: int) -> torch.Tensor | None:
+    """The first output's ARD lengthscales (``d``), where the kernel has them."""
+    first = model.models[0] if isinstance(model, ModelListGP) else model
+    kernel = getattr(first, "covar_module", None)
+    while kernel is not None and not hasattr(kernel, "lengthscale") and hasattr(kernel, "base_kernel"):
+        kernel = kernel.base_kernel
+    ls = getattr(kernel, "lengthscale", None)
+    if ls is None or ls.numel() != d:
+        return None
+    return ls.detach().reshape(-1)
+
+
 class SobolSequence:
     """The space-filling design over the encoded space, resumable at any position."""
 
@@ -173,10 +192,18 @@ class BotorchPlanner:
         if len(done) < 2:
             return None
         x = self.space.encode_many([r.parameters for r in done])
+        failed = [r for r in results if not self.log.usable(r)]
+        failed_x = self.space.encode_many([r.parameters for r in failed])
         columns: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         for i, name in enumerate(self.log.objectives):
             y = torch.tensor([[self.log.signs[i] * float(r.values[name])] for r in done], dtype=torch.double)  # type: ignore[index]
-            columns.append((name, x, y))
+            if failed:
+                # a failed experiment counts as the worst result seen, so the objective's model itself
+                # turns away from where things fail (the classifier below says how likely that is)
+                y = torch.cat([y, y.min().expand(len(failed), 1)])
+                columns.append((name, torch.cat([x, failed_x]), y))
+            else:
+                columns.append((name, x, y))
         bounds: list[tuple[int, str, float, float]] = []
         for b in self.log.bounds:
             if b.output in self.log.objectives:
@@ -233,7 +260,9 @@ class BotorchPlanner:
             acquisition, name = self._acquisition(surrogate, pending, q, seed)
         # -- end issue 9
         bounds = self._trust_region(surrogate)
-        candidates, value = maximize(acquisition, self.space, q, seed, bounds=bounds)
+        # Monte-Carlo acquisitions cost ~50x an analytic one per evaluation: fewer restarts
+        effort = 1.0 if name == "LogExpectedImprovement" else 0.5
+        candidates, value = maximize(acquisition, self.space, q, seed, bounds=bounds, effort=effort)
         meta = {
             "generator": f"botorch.{name}",
             "acquisition_value": value,
@@ -331,8 +360,61 @@ class BotorchPlanner:
     # -- end issue 9
 
     def _trust_region(self, surrogate: Surrogate) -> torch.Tensor | None:
-        """A box around the incumbent for higher-dimensional single-objective searches, else None."""
-        return None
+        """A box around the incumbent (TuRBO-style) for single-objective searches, else None.
+
+        From ``TR_MIN_DIM`` numeric dimensions on, the box's size follows TuRBO's rule (double after
+        ``3`` improvements in a row, halve after ``max(4, d)`` non-improvements, start again when it
+        collapses), replayed from the results in their canonical order so that it is a function of the
+        data. In the last ``FINAL_SHARE`` of the budget every search closes in on the incumbent.
+        """
+        if surrogate.n_objectives > 1 or self.space.has_constraints:
+            return None
+        numeric = [i for i in range(self.space.dim) if i not in self.space.cat_dims]
+        if not numeric:
+            return None
+        remaining = self.campaign.budget.experiments - len(self.log.results)
+        final = remaining <= max(2, math.ceil(FINAL_SHARE * self.campaign.budget.experiments))
+        length = self._turbo_length(len(numeric)) if len(numeric) >= TR_MIN_DIM else None
+        if final:
+            length = min(length or FINAL_LENGTH, FINAL_LENGTH)
+        if length is None:
+            return None
+        i, _ = self._incumbent_mean(surrogate)
+        center = surrogate.train_x[i]
+        weights = torch.ones(self.space.dim, dtype=torch.double)
+        lengthscale = _lengthscales(surrogate.model, self.space.dim)
+        if lengthscale is not None:
+            w = lengthscale[numeric]
+            weights[numeric] = w / torch.exp(torch.log(w).mean())
+        bounds = self.space.bounds().clone()
+        for j in numeric:
+            half = 0.5 * length * float(weights[j])
+            bounds[0, j] = max(0.0, float(center[j]) - half)
+            bounds[1, j] = min(1.0, float(center[j]) + half)
+        return bounds
+
+    def _turbo_length(self, d: int) -> float:
+        """The trust region's edge after replaying every model-phase result (TuRBO-1's rules)."""
+        length, wins, losses = TR_INIT, 0, 0
+        best = -math.inf
+        for k, r in enumerate(self.log.results):
+            if not self.log.feasible(r):
+                if k >= self.initial:
+                    losses, wins = losses + 1, 0
+                continue
+            score = self.log.score(r)
+            improved = score > best + 1e-3 * abs(best) if math.isfinite(best) else True
+            best = max(best, score)
+            if k < self.initial:
+                continue
+            wins, losses = (wins + 1, 0) if improved else (0, losses + 1)
+            if wins >= 3:
+                length, wins = min(2 * length, TR_MAX), 0
+            elif losses >= max(4, d):
+                length, losses = length / 2, 0
+            if length < TR_MIN:
+                length = TR_INIT
+        return length
 
     def _suggest_from_table(self, n: int, pending: list[dict[str, Any]]) -> list[Proposal]:
         rows = self.space.candidates

@@ -22,12 +22,12 @@ from gpytorch.mlls import ExactMarginalLogLikelihood
 from gpytorch.priors import LogNormalPrior
 
 # fit at every experiment up to this many, then whenever the data grew by GROWTH
-EVERY_UP_TO = 40
-GROWTH = 1.2
+EVERY_UP_TO = 20
+GROWTH = 1.15
 # exact GPs are conditioned on at most this many experiments (the best and a spread of the rest)
 MAX_TRAIN = 400
 # fits on at most this many (hyperparameters do not need every point)
-MAX_FIT = 250
+MAX_FIT = 150
 
 
 def checkpoint(n: int) -> int:

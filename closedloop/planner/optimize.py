@@ -50,11 +50,11 @@ def maximize(
                 discrete_dims=discrete or None,
                 cat_dims=space.cat_dims or None,
                 q=q,
-                num_restarts=restarts,
+                num_restarts=max(2, restarts // 2),
                 raw_samples=raw,
                 inequality_constraints=inequalities,
                 equality_constraints=equalities,
-                options={"maxiter_alternating": 16, "batch_limit": 16},
+                options={"maxiter_alternating": 8, "batch_limit": 16, "init_batch_limit": 512},
             )
         else:
             candidates, value = optimize_acqf(
@@ -65,7 +65,7 @@ def maximize(
                 raw_samples=raw,
                 inequality_constraints=inequalities,
                 equality_constraints=equalities,
-                options={"batch_limit": 16, "maxiter": 200, "seed": seed},
+                options={"batch_limit": 16, "init_batch_limit": 512, "maxiter": 200, "seed": seed},
             )
     return candidates.detach().reshape(q, -1), float(torch.as_tensor(value).sum())
 

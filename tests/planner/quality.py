@@ -59,7 +59,7 @@ def run(problem: str, seed: int, backend: str = "botorch") -> dict:
     campaign = Campaign.from_yaml_text(
         f"name: {problem}\nparameters:\n  {params}\nobjectives: {{y: {{goal: minimize}}}}\n"
         f"budget: {{experiments: {budget}}}\nplanner: {{backend: {backend}, seed: {seed}}}\n"
-        "instrument: {simulator: 'simulators.surfaces:Branin'}\n")
+        "instrument: {simulator: 'simulators.surfaces:Branin'}\n", check_instrument=False)
     planner = make_planner(campaign)
     rng = np.random.default_rng(1000 + seed)
     truth: dict[int, float] = {}
@@ -78,13 +78,46 @@ def run(problem: str, seed: int, backend: str = "botorch") -> dict:
             "log10_true_best": math.log10(max(true_best, 1e-12)), "seconds": statistics.median(times)}
 
 
+def speed(sizes: list[int], q: int = 1) -> None:
+    """Seconds per suggestion on Hartmann6 after ``n`` random observations: cold (with the fit) and warm."""
+    params = PROBLEMS["hartmann6"][0]
+    for n in sizes:
+        campaign = Campaign.from_yaml_text(
+            f"name: speed\nparameters:\n  {params}\nobjectives: {{y: {{goal: minimize}}}}\n"
+            f"budget: {{experiments: {max(2000, 10 * n)}}}\nplanner: {{seed: 0}}\n"
+            "instrument: {simulator: 'simulators.surfaces:Branin'}\n", check_instrument=False)
+        planner = make_planner(campaign)
+        rng = np.random.default_rng(n)
+        xs = rng.uniform(size=(n + 3, 6))
+        planner.ingest([Result({f"x{i + 1}": float(v) for i, v in enumerate(x)}, {"y": hartmann6(x)}, k + 1)
+                        for k, x in enumerate(xs[:n])])
+        t = time.perf_counter()
+        planner.suggest(q)
+        cold = time.perf_counter() - t
+        warm = []
+        for k in range(3):
+            x = xs[n + k]
+            planner.ingest([Result({f"x{i + 1}": float(v) for i, v in enumerate(x)}, {"y": hartmann6(x)}, n + k + 1)])
+            t = time.perf_counter()
+            planner.suggest(q)
+            warm.append(time.perf_counter() - t)
+        print(f"n={n} q={q}: cold {cold:.3f} s, warm median {statistics.median(warm):.3f} s", flush=True)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("problems", nargs="+")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first", type=int, default=0)
     parser.add_argument("--backend", default="botorch")
+    parser.add_argument("--speed", action="store_true", help="the problems are observation counts")
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)  # two shared cores: one run per core
+    if args.speed:
+        speed([int(p) for p in args.problems])
+        sys.exit()
     for problem in args.problems:
         rows = [run(problem, s, args.backend) for s in range(args.first, args.first + args.seeds)]
         for r in rows:
