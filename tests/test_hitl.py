@@ -205,3 +205,37 @@ def test_approval_mode_holds_each_proposal_until_a_person_decides(tmp_path: Path
     assert trials[1].status == "failed" and trials[1].error.startswith("rejected by ")
     assert trials[2].status == "completed"
     assert [r.failed for r in store.results(1)] == [False, True, False]  # the planner's known-bad point
+
+
+def test_approve_checks_edits_against_types_and_constraints(tmp_path: Path) -> None:
+    campaign = Campaign.from_yaml_text("""
+name: limits
+parameters:
+  a: {type: continuous, bounds: [0, 10]}
+  b: {type: integer, bounds: [0, 10]}
+  c: {type: categorical, values: [red, blue]}
+constraints: ["a + b <= 12"]
+objectives: {y: {goal: maximize}}
+budget: {experiments: 5}
+execution: {approve: true}
+instrument: {simulator: "simulators.surfaces:Branin"}
+""", check_instrument=False)
+    store = Store(tmp_path / "s.db")
+    cid = store.open_campaign(campaign)
+    store.add_trials(cid, [({"a": 1.0, "b": 2, "c": "red"}, {"generator": "sobol"})], status=TrialStatus.held)
+    with pytest.raises(hitl.DataError) as caught:
+        hitl.approve(store, "limits", 1, {"a": "9", "b": "5"})
+    assert caught.value.problems == ["--set: breaks constraint 'a + b <= 12' (left side is 14)"]
+    with pytest.raises(hitl.DataError) as caught:
+        hitl.approve(store, "limits", 1, {"b": "2.5", "c": "green", "d": "1"})
+    assert caught.value.problems == [
+        "--set b=2.5: is not an integer",
+        "--set c=green: is not one of red, blue",
+        "--set d: not a parameter of limits (parameters: a, b, c)",
+    ]
+    assert store.trials(cid)[0].status == "held"  # a refused edit changes nothing
+    row = hitl.approve(store, "limits", 1, {"a": "9", "c": "blue"}, by="ada")
+    assert row.status == "proposed" and row.parameters == {"a": 9.0, "b": 2, "c": "blue"}
+    assert row.planner["approved_by"] == "ada" and row.planner["proposed_parameters"]["a"] == 1.0
+    with pytest.raises(Exception, match="not held for approval"):
+        hitl.approve(store, "limits", 1)
