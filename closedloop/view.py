@@ -246,6 +246,7 @@ class ProgressView:
         self.live: Live | None = None
         self._lock = threading.Lock()
         self._read_at = 0.0
+        self._dirty = False
 
     def __enter__(self) -> ProgressView:
         if self.live_mode:
@@ -259,8 +260,11 @@ class ProgressView:
             self.live.stop()
 
     def _render(self) -> RenderableType:
-        # approvals and results told by hand change the store without a daemon event: look again now and then
-        if time.monotonic() - self._read_at > 2.0:
+        # Called by Live's refresh thread, never the daemon's: the store is read at most four times a
+        # second after events (a daemon finishing thousands of trials a second is not slowed), and every
+        # two seconds without (approvals and results told by hand arrive without a daemon event).
+        if time.monotonic() - self._read_at > (0.25 if self._dirty else 2.0):
+            self._dirty = False
             self._refresh()
         with self._lock:
             shown = [self.snapshots[c.name] for c in self.campaigns if c.name in self.snapshots]
@@ -281,7 +285,7 @@ class ProgressView:
 
     def __call__(self, kind: str, details: dict[str, Any]) -> None:
         if self.live_mode:
-            self._refresh(details.get("campaign"))
+            self._dirty = True
             if kind == "goal_reached" and self.live is not None:
                 self.live.console.print(f"goal reached: {details['rule']}", highlight=False)
             return
