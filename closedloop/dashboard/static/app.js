@@ -184,6 +184,8 @@ function ticks(lo, hi, n = 5) {
   return out;
 }
 
+const tickText = (t) => String(Number(t.toPrecision(6)));
+
 function frame(svg, xr, yr, xlabel, ylabel) {
   svg.replaceChildren();
   const W = 560, H = 300, L = 58, R = 12, T = 10, B = 36;
@@ -200,9 +202,9 @@ function frame(svg, xr, yr, xlabel, ylabel) {
   };
   for (const t of ticks(yr[0], yr[1])) {
     add("line", { x1: L, x2: W - R, y1: sy(t), y2: sy(t), class: "grid" });
-    add("text", { x: L - 4, y: sy(t) + 4, "text-anchor": "end" }, fmt(t));
+    add("text", { x: L - 4, y: sy(t) + 4, "text-anchor": "end" }, tickText(t));
   }
-  for (const t of ticks(xr[0], xr[1], 8)) add("text", { x: sx(t), y: H - B + 14, "text-anchor": "middle" }, fmt(t));
+  for (const t of ticks(xr[0], xr[1], 8)) add("text", { x: sx(t), y: H - B + 14, "text-anchor": "middle" }, tickText(t));
   add("line", { x1: L, x2: W - R, y1: H - B, y2: H - B, class: "axis" });
   add("line", { x1: L, x2: L, y1: T, y2: H - B, class: "axis" });
   add("text", { x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle" }, xlabel);
@@ -355,8 +357,13 @@ async function showTrial(campaign, trial) {
 function connectEvents() {
   const status = $("#stream-state");
   const source = new EventSource(withToken("events"));
-  source.onopen = () => { status.textContent = "events: live"; status.className = "pill ok"; };
+  source.onopen = () => { if (state === null || state.events) { status.textContent = "events: live"; status.className = "pill ok"; } };
   source.onerror = () => { status.textContent = "events: reconnecting"; status.className = "pill warn"; };
+  source.addEventListener("info", (message) => {
+    status.textContent = "events: none (polling the store)";
+    status.className = "pill";
+    status.title = JSON.parse(message.data).msg;
+  });
   source.onmessage = (message) => {
     let event;
     try { event = JSON.parse(message.data); } catch { return; }
