@@ -326,9 +326,11 @@ def _campaign_names(the_store: Any, campaign: str | None) -> list[str]:
 def status(
     campaign: Optional[str] = typer.Argument(None, help="campaign name (default every campaign in the store)"),
     store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+    control: str = typer.Option("tcp://127.0.0.1:5700", help="control endpoint of a running daemon, asked for its "
+                                "stations ('' not to ask)"),
 ) -> None:
     """Where a campaign stands: progress, experiments in flight, best so far, last results."""
-    from closedloop.view import Snapshot
+    from closedloop.view import Snapshot, daemon_lines
 
     the_store, name = _find_store(campaign, store)
     names = _campaign_names(the_store, name)
@@ -341,6 +343,8 @@ def status(
         else:
             for line in snap.lines():
                 console.print(line, highlight=False, soft_wrap=True)
+    for line in daemon_lines(control, names) if control else []:
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -432,3 +432,29 @@ def watch_events(store: Store, campaign: str, console: Console, endpoint: str,
     finally:
         sub.close(linger=0)
     return Snapshot.from_store(store, campaign)
+
+
+def daemon_lines(control: str, campaigns: list[str], timeout_s: float = 0.3) -> list[str]:
+    """What a daemon answering on ``control`` says of its stations and of ``campaigns``; [] if none answers.
+
+    The store knows trials; only the daemon knows idle stations, its queue and proposals computed ahead.
+    """
+    from closedloop.daemon import control_request
+    from closedloop.errors import ClosedLoopError
+
+    try:
+        status = control_request(control, "status", timeout_s=timeout_s)
+    except (ClosedLoopError, OSError, ValueError):
+        return []
+    stations = status.get("stations", [])
+    lines = [f"daemon at {status.get('endpoint')} (up {format_seconds(status.get('uptime_s'))}): "
+             + ("; ".join(f"{s['name']} {len(s.get('running', []))}/{s.get('capacity', '?')} busy, "
+                          f"seen {s.get('last_seen_s', 0):.0f} s ago" for s in stations) or "no station connected")]
+    for c in status.get("campaigns", []):
+        if c.get("name") in campaigns:
+            flags = [f for f in ("paused", "stopping") if c.get(f)]
+            lines.append(f"  {c['name']}: {c.get('queued', 0)} queued, {c.get('held', 0)} held, "
+                         f"{c.get('buffered_proposals', 0)} proposals ready"
+                         + (f" ({', '.join(flags)})" if flags else "")
+                         + (f"; planner error: {c['planner_error']}" if c.get("planner_error") else ""))
+    return lines

@@ -219,6 +219,11 @@ def test_watch_in_another_terminal_follows_a_running_daemon(tmp_path: Path) -> N
         first = watcher.stdout.readline()
         assert first.startswith(f"following branin on {publish}: 0/6 experiments"), first
         time.sleep(0.5)  # let the subscription reach the daemon before anything happens
+        status = subprocess.run([*cli, "status", "branin", "--store", db, "--control", control], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=120)
+        assert status.returncode == 0, status.stderr
+        assert f"daemon at {bind}" in status.stdout and "no station connected" in status.stdout
+        assert "  branin: 0 queued, 0 held" in status.stdout
         start("worker", "--connect", bind, "--name", "station-1")
         out, _ = watcher.communicate(timeout=180)
         assert watcher.returncode == 0, out
