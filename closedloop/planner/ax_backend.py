@@ -68,15 +68,21 @@ class AxPlanner:
 
         self.campaign = campaign
         self.seed = campaign.planner.seed if campaign.planner.seed is not None else 0
+        # Ax parses names with sympy, where words such as ``yield`` or ``lambda`` break: Ax sees
+        # neutral names (p0, p1... for parameters, m0, m1... for outputs) and we translate.
+        self.names = {name: f"p{i}" for i, name in enumerate(campaign.tunable_parameters)}
+        self.metrics = {name: f"m{i}" for i, name in enumerate(campaign.outputs)}
         self.client = Client(random_seed=self.seed)
         self.client.configure_experiment(
-            parameters=[_parameter_config(name, p) for name, p in campaign.tunable_parameters.items()],
-            parameter_constraints=[_constraint_text(c.coefficients, c.op, c.rhs) for c in campaign.linear_constraints],
+            parameters=[_parameter_config(self.names[name], p) for name, p in campaign.tunable_parameters.items()],
+            parameter_constraints=[_constraint_text({self.names[n]: v for n, v in c.coefficients.items() if n in self.names},
+                                                    c.op, c.rhs - _fixed_part(campaign, c.coefficients))
+                                   for c in campaign.linear_constraints if set(c.coefficients) & set(self.names)],
             name=campaign.name,
         )
         self.client.configure_optimization(
-            objective=_objective_text(campaign),
-            outcome_constraints=_outcome_constraints(campaign) or None,
+            objective=_objective_text(campaign, self.metrics),
+            outcome_constraints=_outcome_constraints(campaign, self.metrics) or None,
         )
         self.results: list[Result] = []
         self._running: dict[int, _Key] = {}  # Ax trial index -> parameters, for experiments in flight
@@ -112,7 +118,7 @@ class AxPlanner:
                 self.client.mark_trial_failed(index, failed_reason="experiment failed or gave no value")
                 log.info("ax trial %d failed (our trial %s)", index, result.trial)
             else:
-                self.client.complete_trial(index, raw_data=values)
+                self.client.complete_trial(index, raw_data={self.metrics[k]: v for k, v in values.items()})
                 log.info("ax trial %d completed (our trial %s): %s", index, result.trial, values)
             self.results.append(result)
 
@@ -206,11 +212,11 @@ class AxPlanner:
         return out
 
     def _decode(self, ax_parameters: dict[str, Any]) -> dict[str, Any]:
-        return self._typed(ax_parameters)
+        return self._typed({name: ax_parameters[ax] for name, ax in self.names.items()})
 
     def _ax_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
         typed = self._typed(parameters)
-        return {name: _to_ax(p, typed[name]) for name, p in self.campaign.tunable_parameters.items()}
+        return {self.names[name]: _to_ax(p, typed[name]) for name, p in self.campaign.tunable_parameters.items()}
 
 
 def unsupported(campaign: Campaign) -> list[str]:
@@ -298,17 +304,23 @@ def _constraint_text(coefficients: dict[str, float], op: str, rhs: float) -> str
     return f"{terms} {op} {rhs!r}"
 
 
-def _objective_text(campaign: Campaign) -> str:
-    return ", ".join(name if o.goal == "maximize" else f"-{name}" for name, o in campaign.objectives.items())
+def _fixed_part(campaign: Campaign, coefficients: dict[str, float]) -> float:
+    """The constant a constraint's fixed parameters contribute (moved to the right-hand side)."""
+    return sum(c * float(campaign.parameters[n].value) for n, c in coefficients.items()  # type: ignore[union-attr]
+               if isinstance(campaign.parameters[n], FixedParameter))
 
 
-def _outcome_constraints(campaign: Campaign) -> list[str]:
-    texts = [f"{b.output} {b.op} {b.value!r}" for b in campaign.output_bounds]
+def _objective_text(campaign: Campaign, metrics: dict[str, str]) -> str:
+    return ", ".join(metrics[name] if o.goal == "maximize" else f"-{metrics[name]}" for name, o in campaign.objectives.items())
+
+
+def _outcome_constraints(campaign: Campaign, metrics: dict[str, str]) -> list[str]:
+    texts = [f"{metrics[b.output]} {b.op} {b.value!r}" for b in campaign.output_bounds]
     if len(campaign.objectives) > 1:
         # Ax turns a bound on an objective into that objective's threshold (Pareto reference point).
         for name, o in campaign.objectives.items():
             if o.threshold is not None:
-                texts.append(f"{name} {'>=' if o.goal == 'maximize' else '<='} {o.threshold!r}")
+                texts.append(f"{metrics[name]} {'>=' if o.goal == 'maximize' else '<='} {o.threshold!r}")
     return texts
 
 

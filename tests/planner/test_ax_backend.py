@@ -129,7 +129,7 @@ def test_failures_are_marked_failed_and_a_rebuilt_planner_learns_every_result():
     [pending] = planner.suggest(1)
     rebuilt.suggest(1, pending=[pending.parameters])
     running = [t for t in rebuilt.client._experiment.trials.values() if t.status == TrialStatus.RUNNING]
-    assert any(t.arm.parameters["x1"] == pytest.approx(pending.parameters["x1"]) for t in running)
+    assert any(t.arm.parameters[rebuilt.names["x1"]] == pytest.approx(pending.parameters["x1"]) for t in running)
     best = rebuilt.best()
     assert best is not None and best.values["y"] == min(r.values["y"] for r in results if r.values)
 
@@ -166,3 +166,16 @@ def test_two_objectives_with_thresholds_and_an_outcome_constraint():
     assert front and all(r.values["w"] >= 0 for r in front)
     for r in front:  # nothing run dominates a member of the front
         assert not any(o.values["y"] < r.values["y"] and o.values["z"] > r.values["z"] for o in results[1:])
+
+
+def test_names_that_are_words_in_python_or_sympy_and_constraints_with_fixed_parameters():
+    c = campaign(BRANIN, **{"x1:": "lambda:", "  y: {goal: minimize}": "  yield: {goal: maximize}",
+                            "objectives:": 'constraints: ["lambda + x2 + f <= 14"]\nobjectives:',
+                            "  x2: {type: continuous, bounds: [0, 15]}":
+                            "  x2: {type: continuous, bounds: [0, 15]}\n  f: {type: fixed, value: 2}"})
+    planner = AxPlanner(c)
+    for proposal in planner.suggest(3):
+        p = proposal.parameters
+        assert p["f"] == 2 and p["lambda"] + p["x2"] + p["f"] <= 14 + 1e-9
+        planner.ingest([Result(p, {"yield": -p["x2"]})])
+    assert planner.best().values["yield"] == max(r.values["yield"] for r in planner.results)
