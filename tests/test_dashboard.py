@@ -259,3 +259,83 @@ def test_the_page_in_a_real_browser(loop: Loop, tmp_path: Path) -> None:
         shutil.rmtree(profile, ignore_errors=True)
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
     assert time.monotonic() - started < 90
+
+
+def test_dashboard_command_serves_a_store(tmp_path: Path, free_port: int) -> None:
+    """``closedloop dashboard`` in its own process, on a store alone (no daemon): the page and its state."""
+    import subprocess
+    import sys
+
+    store = Store(tmp_path / "alone.db")
+    store.open_campaign(Campaign.from_yaml_text(CAMPAIGN.format(name="alone", exposure=0, approve="false")))
+    store.close()
+    process = subprocess.Popen([sys.executable, "-m", "closedloop.cli", "dashboard", "--store", str(tmp_path / "alone.db"),
+                                "--port", str(free_port), "--control", "", "--events", ""],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    try:
+        base = f"http://127.0.0.1:{free_port}/"
+
+        def up() -> bool:
+            try:
+                return _get(base + "api/state")[0] == 200
+            except OSError:
+                return False
+
+        _wait(up, 30, "the dashboard process")
+        state = _get(base + "api/state")[1]
+        assert state["daemon"] is None and state["campaigns"][0]["name"] == "alone"
+        with urllib.request.urlopen(base, timeout=10) as page:
+            html = page.read().decode()
+        assert "best-plot" in html and "http" not in html.replace("http-equiv", "")  # nothing from the network
+        status, reply = _post(base + "api/control", {"method": "pause"})
+        assert status == 409 and "no daemon control endpoint" in reply["msg"]
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_daemon_with_dashboard_option(tmp_path: Path) -> None:
+    """``closedloop daemon --dashboard PORT`` serves the page from the daemon's process, live from its sockets."""
+    import signal
+    import subprocess
+    import sys
+
+    spec = tmp_path / "dash.yaml"
+    spec.write_text(CAMPAIGN.format(name="dash", exposure=0.1, approve="false"))
+    bind, board = _free_port(), _free_port()
+    cli = [sys.executable, "-m", "closedloop.cli"]
+    daemon = subprocess.Popen([*cli, "daemon", str(spec), "--store", str(tmp_path / "d.db"), "--bind",
+                               f"tcp://127.0.0.1:{bind}", "--control", "tcp://127.0.0.1:0", "--publish",
+                               "tcp://127.0.0.1:0", "--dashboard", str(board), "--drain", "5"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    station = subprocess.Popen([*cli, "worker", "--connect", f"tcp://127.0.0.1:{bind}", "--name", "station-b"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    base = f"http://127.0.0.1:{board}/"
+    try:
+        def results() -> int:
+            try:
+                state = _get(base + "api/state")[1]
+            except OSError:
+                return 0
+            return len(state["campaigns"][0]["series"]) if state.get("campaigns") else 0
+
+        _wait(lambda: results() >= 3, 40, "three results on the daemon's dashboard")
+        state = _get(base + "api/state")[1]
+        assert [s["name"] for s in state["daemon"]["stations"]] == ["station-b"] and not state["read_only"]
+        assert _post(base + "api/control", {"method": "pause", "campaign": "dash"})[1]["success"]
+        assert _get(base + "api/state")[1]["campaigns"][0]["live"]["paused"] is True
+    finally:
+        station.send_signal(signal.SIGTERM)
+        daemon.send_signal(signal.SIGTERM)
+        output = daemon.communicate(timeout=30)[0]
+        station.wait(timeout=15)
+    assert f"dashboard on http://127.0.0.1:{board}/" in output
