@@ -309,8 +309,7 @@ class ComputeStation:
         registered = False
         try:
             while not self._stop.is_set():
-                # short naps while experiments run: a finished future is noticed within milliseconds
-                if sock.poll(3 if self._running else 20, zmq.POLLIN):
+                if sock.poll(20, zmq.POLLIN):
                     last_heard = time.monotonic()
                     registered = self._on_message(sock, sock.recv(), registered)
                 while True:
