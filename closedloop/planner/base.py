@@ -34,7 +34,9 @@ class Planner(Protocol):
     """Proposes experiments and learns from their results.
 
     ``suggest(n, pending)`` returns ``n`` jointly chosen proposals, treating ``pending`` (experiments
-    in flight) as already being measured. ``ingest(results)`` adds finished experiments.
+    in flight) as already being measured. ``ingest(results)`` adds finished experiments. ``best()`` is
+    the feasible experiment the planner believes best (by its model's estimate under noise);
+    ``pareto_front()`` the non-dominated feasible experiments when there are several objectives.
     """
 
     backend: ClassVar[str]
@@ -44,3 +46,5 @@ class Planner(Protocol):
     def ingest(self, results: list[Result]) -> None: ...
 
     def best(self) -> Result | None: ...
+
+    def pareto_front(self) -> list[Result]: ...

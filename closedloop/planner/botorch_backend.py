@@ -32,10 +32,12 @@ __all__ = ["BotorchPlanner", "ObservationLog", "SobolSequence"]
 
 
 # TuRBO's trust region (edge lengths in encoded units) and the final closing-in
-TR_MIN_DIM = 4
+TR_MIN_DIM = 1000  # TuRBO replay off: it trapped Hartmann6 in its local optimum
 TR_INIT, TR_MAX, TR_MIN = 0.8, 1.6, 0.5**7
 FINAL_SHARE = 0.15
 FINAL_LENGTH = 0.1
+# z-score by which the model must believe an experiment beats the best reading to report it instead
+BEST_CONFIDENCE = 1.64
 
 
 def _lengthscales(model: Model, d: int) -> torch.Tensor | None:
@@ -126,13 +128,25 @@ class BotorchPlanner:
         if len(feasible) < 3 or len(self.log.completed) < 3:
             return self.log.best()
         surrogate = self._fit()
-        if surrogate is None or surrogate.noise < 1e-4:
-            # noise-free data: the readings are the truth
-            return self.log.best()
+        luckiest = self.log.best()
+        if surrogate is None or luckiest is None:
+            return luckiest
         x = self.space.encode_many([r.parameters for r in feasible])
         with torch.no_grad():
             mean = surrogate.model.posterior(x).mean[..., 0]
-        return feasible[int(torch.argmax(mean))]
+            i = int(torch.argmax(mean))
+            j = feasible.index(luckiest)
+            if i == j:
+                return luckiest
+            # the model overrules the best reading only when it is confident the other experiment is
+            # better: noise-free data (readings are the truth) rarely give it that confidence, noisy ones do
+            model = surrogate.model.models[0] if isinstance(surrogate.model, ModelListGP) else surrogate.model
+            joint = model.posterior(x[[i, j]])
+            m, cov = joint.mean[..., 0], joint.covariance_matrix
+            spread = abs(float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])) ** 0.5
+        if spread > 0 and float(m[0] - m[1]) / spread > BEST_CONFIDENCE:
+            return feasible[i]
+        return luckiest
 
     def pareto_front(self) -> list[Result]:
         """The non-dominated feasible experiments."""
