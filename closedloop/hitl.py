@@ -169,13 +169,17 @@ def suggest(store: Store, campaign: Campaign | str, n: int = 1) -> list[TrialRow
     if isinstance(campaign, str):
         campaign = store.campaign(campaign)
     campaign_id = store.open_campaign(campaign)
-    planner = make_planner(campaign)
+    from closedloop import provenance  # issue 9: hand-run trials are explained like the daemon's
+
+    planner = provenance.Recorder(make_planner(campaign))
     planner.ingest(store.results(campaign_id))
     open_trials = store.trials(campaign_id, [TrialStatus.proposed.value, TrialStatus.dispatched.value,
                                              TrialStatus.held.value])
     proposals = planner.suggest(n, pending=[t.parameters for t in open_trials])
     rows = store.add_trials(campaign_id, [(p.parameters, {**p.metadata, "execution": MANUAL, "suggested_by": user()})
                                           for p in proposals])
+    for row, proposal in zip(rows, proposals):  # issue 9
+        provenance.record(store, planner, row, proposal)
     for row in rows:
         log.info("campaign=%s trial=%s suggested for hand execution parameters=%s", campaign.name, row.index,
                  row.parameters)

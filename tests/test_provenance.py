@@ -136,3 +136,19 @@ def test_approval_is_recorded_with_the_decision(tmp_path: Path) -> None:
     assert first.proposed_parameters["x1"] != 1.5
     assert (second.review, second.reviewed_by) == ("rejected", "grace")
     store.close()
+
+
+def test_hand_suggested_trials_are_explained_and_replayed(tmp_path: Path) -> None:
+    """``closedloop suggest`` runs a planner outside the daemon: its proposals get a record too."""
+    from closedloop import hitl
+
+    store = Store(tmp_path / "hand.db")
+    campaign = branin_campaign(name="hand", experiments=6, initial=4, backend="sobol")
+    first = hitl.suggest(store, campaign, n=2)
+    hitl.tell(store, "hand", first[0].index, {"y": 3.5})
+    second = hitl.suggest(store, "hand", n=1)[0]
+    record = provenance.provenance(store, "hand", second.index)
+    assert record is not None and record.observed == [first[0].index]
+    assert record.pending == [first[1].index] and record.batch_size == 1
+    assert provenance.replay(store, "hand", second.index).same
+    store.close()
