@@ -75,8 +75,10 @@ class ProvenanceRow(SQLModel, table=True):
     acquisition_seed: int | None = None  # the seed the planner derived for this decision (sampler, restarts)
     batch_size: int = 1  # ``n`` of the ``suggest(n, pending)`` call that chose it
     batch_position: int = 0
-    observed: list[int] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))  # trials ingested
-    failed: list[int] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))  # of those, failed
+    # the trials whose results the planner had, and those of them that had failed, as ``[first, last]`` ranges
+    # of trial numbers (``[[1, 57], [59, 60]]``): a list of every number would grow with the square of the campaign
+    observed: list[list[int]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    failed: list[list[int]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     pending: list[int | None] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))  # trial numbers
     pending_parameters: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     proposed_parameters: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
@@ -162,8 +164,8 @@ class Recorder:
                 "seed": getattr(self.planner, "seed", None),
                 "acquisition_seed": evidence.get("seed") if point is not None else None,
                 "batch_size": n, "batch_position": position,
-                "observed": [t for t, _ in observed if t is not None],
-                "failed": [t for t, bad in observed if bad and t is not None],
+                "observed": ranges_of(t for t, _ in observed if t is not None),
+                "failed": ranges_of(t for t, bad in observed if bad and t is not None),
                 "pending_parameters": pending,
                 "proposed_parameters": dict(proposal.parameters),
                 "acquisition": evidence.get("acquisition") if point is not None else None,
@@ -360,8 +362,8 @@ def explain_lines(info: dict[str, Any]) -> list[str]:
         f"  planner:    {p['backend']} {p['backend_version'] or ''} ({versions}); generator {p['generator']}",
         f"  seed:       {p['seed']} (decision seed {fmt(p['acquisition_seed'])}); batch of {p['batch_size']}, "
         f"position {p['batch_position']}; decided {p['decided_at'] or '-'}",
-        f"  data:       {len(p['observed'])} results (trials {_ranges(p['observed'])}"
-        + (f"; failed {_ranges(p['failed'])}" if p["failed"] else "") + ")"
+        f"  data:       {len(expand(p['observed']))} results (trials {_ranges(expand(p['observed']))}"
+        + (f"; failed {_ranges(expand(p['failed']))}" if p["failed"] else "") + ")"
         + f"; pending {len(p['pending'])} (trials {_ranges([i for i in p['pending'] if i is not None])})",
     ]
     if p["acquisition"]:
@@ -384,6 +386,22 @@ def explain_lines(info: dict[str, Any]) -> list[str]:
     if p["review"]:
         lines.append(f"  review:     {p['review']} by {p['reviewed_by']}")
     return lines
+
+
+def ranges_of(numbers: Any) -> list[list[int]]:
+    """Trial numbers as sorted ``[first, last]`` ranges: ``[1, 2, 3, 5]`` -> ``[[1, 3], [5, 5]]``."""
+    out: list[list[int]] = []
+    for n in sorted(set(numbers)):
+        if out and n == out[-1][1] + 1:
+            out[-1][1] = n
+        else:
+            out.append([n, n])
+    return out
+
+
+def expand(ranges: list[list[int]]) -> list[int]:
+    """The trial numbers of ``[first, last]`` ranges, in order."""
+    return [n for first, last in ranges for n in range(first, last + 1)]
 
 
 def _ranges(numbers: list[int]) -> str:
@@ -452,9 +470,9 @@ def replay(store: Store, campaign: str, index: int) -> Replay:
         raise StoreError(f"trial #{index} of {campaign!r} has no provenance record: it cannot be replayed")
     spec = store.campaign(campaign_id)
     results = {r.trial: r for r in store.results(campaign_id)}
-    failed = set(prov.failed)
+    failed = set(expand(prov.failed))
     given = []
-    for number in prov.observed:
+    for number in expand(prov.observed):
         result = results.get(number)
         if result is None or (number in failed) != (result.values is None):
             raise StoreError(f"trial #{index} rested on trial #{number}, which the store no longer has as it was")

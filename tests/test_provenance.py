@@ -42,7 +42,7 @@ def test_every_trial_has_its_record(finished: tuple[Store, str]) -> None:
         assert row.seed == 3 and row.batch_size >= 1 and 0 <= row.batch_position < row.batch_size
         assert row.proposed_parameters == trial.parameters
         # the planner never had a result of an experiment that came after it, nor of itself
-        assert all(number < trial.index for number in row.observed)
+        assert all(number < trial.index for number in provenance.expand(row.observed))
         assert trial.index not in [p for p in row.pending if p is not None]
         assert len(row.pending) == len(row.pending_parameters)
         assert trial.id in observations  # the Bluesky run uid is the observation's
@@ -52,6 +52,12 @@ def test_every_trial_has_its_record(finished: tuple[Store, str]) -> None:
             assert row.predicted["y"]["std"] >= 0 and row.hyperparameters and row.hyperparameters_digest
             assert row.fit_seconds is not None and row.optimize_seconds is not None and row.acquisition_seed is not None
     assert model_made >= 3
+
+
+def test_ranges_round_trip() -> None:
+    assert provenance.ranges_of([5, 1, 2, 3, 9, 8]) == [[1, 3], [5, 5], [8, 9]]
+    assert provenance.expand([[1, 3], [5, 5], [8, 9]]) == [1, 2, 3, 5, 8, 9]
+    assert provenance.ranges_of([]) == [] and provenance.expand([]) == []
 
 
 def test_provenance_is_queryable_in_sql(finished: tuple[Store, str]) -> None:
@@ -74,7 +80,7 @@ def test_replay_reproduces_a_model_decision_exactly(finished: tuple[Store, str])
     # a decision with experiments pending is the hard case: a Monte-Carlo acquisition, a pruned baseline
     chosen = max([i for i in model_made if by_index[i].pending_parameters] or model_made)
     result = provenance.replay(store, name, chosen)
-    assert result.observed == len(by_index[chosen].observed) > 0
+    assert result.observed == len(provenance.expand(by_index[chosen].observed)) > 0
     assert result.same, result.lines()
     first = provenance.replay(store, name, 1)  # the design's first point, chosen with nothing known
     assert first.same and first.observed == 0
@@ -148,7 +154,7 @@ def test_hand_suggested_trials_are_explained_and_replayed(tmp_path: Path) -> Non
     hitl.tell(store, "hand", first[0].index, {"y": 3.5})
     second = hitl.suggest(store, "hand", n=1)[0]
     record = provenance.provenance(store, "hand", second.index)
-    assert record is not None and record.observed == [first[0].index]
+    assert record is not None and record.observed == [[first[0].index, first[0].index]]
     assert record.pending == [first[1].index] and record.batch_size == 1
     assert provenance.replay(store, "hand", second.index).same
     store.close()
