@@ -207,9 +207,9 @@ def figure_progress(data: Data, outdir: Path) -> Figure | None:
             unit, scale = ("s", 1.0) if seconds[-1] < 120 else ("min", 60.0) if seconds[-1] < 7200 else ("h", 3600.0)
             minutes = [t / scale for t in seconds]
             tvalues = [r[name] if r["status"] == "completed" and data.feasible(r) else None for r in finished]
-            for initial, color, label in ((True, "tab:blue", "initial design"), (False, "tab:orange", "later")):
-                xs = [m for m, r in zip(minutes, finished) if data.initial(r) == initial]
-                ys = [np.nan if v is None else v for v, r in zip(tvalues, finished) if data.initial(r) == initial]
+            for early, color, label in ((True, "tab:blue", "initial design"), (False, "tab:orange", "later")):
+                xs = [m for m, r in zip(minutes, finished) if data.initial(r) == early]
+                ys = [np.nan if v is None else v for v, r in zip(tvalues, finished) if data.initial(r) == early]
                 if xs:
                     ax.scatter(xs, ys, s=14, color=color, alpha=0.6, label=label)
             ax.step(minutes, _best_so_far(tvalues, objective.goal), where="post", color="black", label="best so far")

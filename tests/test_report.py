@@ -132,3 +132,17 @@ def test_the_report_renders_in_headless_chromium(mixed_report: tuple[Path, Store
         import matplotlib.image as mpimg
 
         assert mpimg.imread(io.BytesIO(base64.b64decode(encoded, validate=True)), format="png").shape[0] > 100
+
+
+def test_the_initial_design_is_marked_for_every_objective(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, _ = mixed_store(tmp_path / "s.db", n=12, fail=())
+    shaded: list[int] = []
+    save = report._save
+
+    def spy(fig, outdir, name):  # type: ignore[no-untyped-def]
+        shaded.extend(len(ax.patches) for ax in fig.axes if ax.get_xlabel() == "experiment number")
+        return save(fig, outdir, name)
+
+    monkeypatch.setattr(report, "_save", spy)
+    report.figure_progress(report.load(store, "mixed"), tmp_path)
+    assert shaded == [1, 1]  # one shaded span over experiments 1-8 in each objective's panel
