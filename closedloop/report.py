@@ -156,6 +156,14 @@ def _save(fig: MplFigure, outdir: Path, name: str) -> Path:
     return path
 
 
+def _log_x(ax: Any) -> None:
+    """A log x axis labelled at powers of ten only (minor labels overlap in narrow panels)."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def _best_so_far(values: list[float | None], goal: str) -> list[float]:
     out: list[float] = []
     best = math.nan
@@ -333,7 +341,7 @@ def figure_parameters(data: Data, outdir: Path) -> Figure | None:
             if labels is not None:
                 ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=8)
             elif isinstance(p, ContinuousParameter) and p.scale == "log":
-                ax.set_xscale("log")
+                _log_x(ax)
             unit = getattr(p, "unit", None)
             ax.set_xlabel(name + (f" [{unit}]" if unit else ""))
             if j == 0:
@@ -495,7 +503,7 @@ def figure_model(data: Data, fitted: list[Fitted], outdir: Path) -> Figure | Non
                 ax.plot(xs, mean, color="tab:blue", label="model mean")
                 ax.fill_between(xs, mean - 2 * sd, mean + 2 * sd, color="tab:blue", alpha=0.2, label="±2 sd")
                 if isinstance(p, ContinuousParameter) and p.scale == "log":
-                    ax.set_xscale("log")
+                    _log_x(ax)
             else:
                 ax.errorbar(xs, mean, yerr=2 * sd, fmt="o", color="tab:blue", capsize=3, label="model mean ±2 sd")
                 ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=8)
