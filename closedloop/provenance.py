@@ -231,7 +231,7 @@ def _write(store: Store, trial: TrialRow, decision: dict[str, Any]) -> Provenanc
         fields[key] = _json_safe(fields.get(key))
     row = ProvenanceRow(trial_id=trial.id, campaign_id=trial.campaign_id, **fields)
     with store._lock, Session(store.engine) as session:
-        session.merge(row)
+        session.add(row)  # one row per trial, written once: no read before the write
         session.commit()
     return row
 
@@ -249,14 +249,17 @@ def _pending_trials(store: Store, trial: TrialRow, pending: list[dict[str, Any]]
     """Trial numbers of the experiments that were pending: open ones, or finished after the decision."""
     if not pending:
         return []
-    with Session(store.engine) as session:
+    with store.engine.connect() as session:  # Core, not the ORM: this runs in the daemon's loop
         query = select(TrialRow.index, TrialRow.parameters).where(TrialRow.campaign_id == trial.campaign_id,
                                                                    TrialRow.id != trial.id)
         if decided_at is not None:
-            since = decided_at - timedelta(seconds=1)
-            query = query.where(or_(TrialRow.status.in_([*OPEN_STATUSES, TrialStatus.held.value]),  # type: ignore[attr-defined]
-                                    TrialRow.finished_at >= since))  # type: ignore[operator]
-        candidates = list(session.exec(query.order_by(TrialRow.index)))
+            # pending then: proposed before the decision, and open now or finished since; with a margin, as the
+            # planner thread took its pending set a moment before it started deciding
+            margin = timedelta(seconds=0.5)
+            query = query.where(TrialRow.proposed_at <= decided_at + margin,
+                                or_(TrialRow.status.in_([*OPEN_STATUSES, TrialStatus.held.value]),  # type: ignore[attr-defined]
+                                    TrialRow.finished_at >= decided_at - margin))  # type: ignore[operator]
+        candidates = [tuple(r) for r in session.execute(query.order_by(TrialRow.index))]
     out: list[int | None] = []
     used: set[int] = set()
     for parameters in pending:
