@@ -1,0 +1,177 @@
+"""``closedloop bench planner``: our planner against Ax, BayBE, Xopt, Optuna TPE and Sobol.
+
+Example:
+    >>> from closedloop.bench import planner_benchmark
+    >>> report = planner_benchmark(problems=["branin"], peers=["sobol"], seeds=1, budget_scale=0.2,
+    ...                            speed_sizes=())
+    >>> report["summary"]["branin"]["sobol"]["seeds"]
+    1
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from closedloop.bench.peers import PEERS
+from closedloop.bench.problems import PROBLEMS
+from closedloop.bench.runner import (
+    SPEED_CAP_SECONDS,
+    environment,
+    plan,
+    run_many,
+    speed_plan,
+    speed_table,
+    summarize,
+)
+
+__all__ = ["PEERS", "PROBLEMS", "planner_benchmark", "render"]
+
+
+def planner_benchmark(problems: list[str] | None = None, peers: list[str] | None = None, seeds: int = 10,
+                      budget_scale: float = 1.0, jobs: int = 1, speed_sizes: tuple[int, ...] = (10, 50, 200, 500, 1000),
+                      speed_cap: float = SPEED_CAP_SECONDS, json_path: Path | None = None, command: str = "",
+                      progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Runs the planner benchmark and returns (and, with ``json_path``, keeps writing) its report.
+
+    The JSON is rewritten after every finished run, so a benchmark cut short keeps what it measured.
+    """
+    problems = list(problems or PROBLEMS)
+    peers = list(peers or PEERS)
+    unknown = [p for p in problems if p not in PROBLEMS] + [p for p in peers if p not in PEERS]
+    if unknown:
+        raise ValueError(f"unknown problem or peer: {', '.join(unknown)}; problems: {', '.join(PROBLEMS)}; "
+                         f"peers: {', '.join(PEERS)}")
+    missing = {name: reason for name in peers if (reason := PEERS[name].missing())}
+    runnable = [p for p in peers if p not in missing]
+    budgets = {}
+    descriptions = {}
+    for name in problems:
+        problem = PROBLEMS[name]()
+        if budget_scale != 1.0:
+            problem = problem.with_budget(int(round(problem.budget * budget_scale)))
+        budgets[name] = problem.budget
+        descriptions[name] = problem.describe()
+    report: dict[str, Any] = {
+        "command": command,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished": None,
+        "environment": environment(),
+        "config": {"problems": problems, "peers": peers, "seeds": seeds, "budget_scale": budget_scale, "jobs": jobs,
+                   "speed_sizes": list(speed_sizes), "speed_cap_seconds": speed_cap},
+        "missing_peers": missing,
+        "problems": descriptions,
+        "summary": {},
+        "speed": {"problem": "hartmann6", "seconds_per_suggestion": {}},
+        "runs": [],
+    }
+    speed_records: list[dict[str, Any]] = []
+    started = time.perf_counter()
+
+    def done(result: dict[str, Any]) -> None:
+        if "speed" in result:
+            speed_records.extend(result["speed"])
+            report["speed"]["seconds_per_suggestion"] = speed_table(speed_records)
+        else:
+            report["runs"].append(result)
+            report["summary"] = summarize(report["runs"], budgets)
+        report["elapsed_seconds"] = round(time.perf_counter() - started, 1)
+        if json_path is not None:
+            _write(json_path, report)
+        if progress is not None:
+            progress(result)
+
+    tasks = plan(problems, runnable, seeds, budget_scale)
+    if speed_sizes:
+        tasks = speed_plan(runnable, speed_sizes, speed_cap) + tasks
+    run_many(tasks, jobs, done)
+    report["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    report["elapsed_seconds"] = round(time.perf_counter() - started, 1)
+    if json_path is not None:
+        _write(json_path, report)
+    return report
+
+
+def _write(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1, default=_json_default, allow_nan=False))
+    tmp.replace(path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, set):
+        return sorted(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+# -- tables ---------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, spec: str = ".2f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def render(report: dict[str, Any], console: Any) -> None:
+    """Rich tables: one per problem (peers side by side), then seconds per suggestion on Hartmann6."""
+    from rich.table import Table
+
+    for name, reason in report["missing_peers"].items():
+        console.print(f"[yellow]peer {name} missing[/]: {reason}", highlight=False)
+    peers = report["config"]["peers"]
+    for problem, by_peer in report["summary"].items():
+        info = report["problems"][problem]
+        table = Table(title=f"{problem} ({info['dimensions']}-D, {info['budget']} experiments"
+                            + (f", noise sd {info['noise_sd']:g}" if info["noise_sd"] else "") + ")",
+                      title_justify="left")
+        table.add_column("planner")
+        table.add_column("median log10 regret", justify="right")
+        table.add_column("IQR", justify="right")
+        table.add_column("exp. to 1 %", justify="right")
+        table.add_column("s / suggestion", justify="right")
+        if info["noise_sd"]:
+            table.add_column("reported / best-run regret", justify="right")
+        table.add_column("seeds", justify="right")
+        for peer in peers:
+            entry = by_peer.get(peer)
+            if entry is None:
+                continue
+            label = PEERS[peer].label
+            if not entry["seeds"]:
+                table.add_row(label, *["–"] * (len(table.columns) - 2), "0",
+                              end_section=False)
+                console.print(f"  {problem} / {peer}: {'; '.join(entry.get('messages', []))[:300]}", highlight=False)
+                continue
+            iqr = entry["iqr_log10_regret"]
+            reached = entry["median_experiments_to_1pct"]
+            row = [label, _fmt(entry["median_log10_regret"]), f"{iqr[0]:.2f} … {iqr[1]:.2f}",
+                   f">{entry['budget']}" if reached is None else f"{reached:g}",
+                   _fmt(entry["median_seconds_per_suggestion"], ".3f")]
+            if info["noise_sd"]:
+                row.append(_fmt(entry["median_reported_to_true_regret"], ".2f"))
+            row.append(str(entry["seeds"]))
+            table.add_row(*row)
+        console.print(table)
+    speed = report["speed"]["seconds_per_suggestion"]
+    if speed:
+        sizes = [str(n) for n in report["config"]["speed_sizes"]]
+        table = Table(title="seconds per suggestion on Hartmann6 after N observations", title_justify="left")
+        table.add_column("planner")
+        for n in sizes:
+            table.add_column(f"N={n}", justify="right")
+        table.add_column("batch of 4 at 200", justify="right")
+        for peer in peers:
+            row = speed.get(peer)
+            if row is None:
+                continue
+            cells = [row.get(n) for n in sizes] + [row.get("batch4_at_200")]
+            table.add_row(PEERS[peer].label, *[("–" if c is None else f"{c:.3f}" if isinstance(c, float) else
+                                               c.split(":")[0]) for c in cells])
+        console.print(table)

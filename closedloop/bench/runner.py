@@ -1,0 +1,289 @@
+"""Running planners over the suite and measuring them: regret, experiments to 1 %, seconds per suggestion.
+
+Planners are driven directly on pure functions (no RunEngine, no daemon), so the figures measure the
+planners and not the loop. Every run is one (peer, problem, seed); runs are independent and may go
+to several worker processes. Regret is computed on the noiseless truth from the problem's known
+optimum; the planners only ever see the noisy readings.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import traceback
+import zlib
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Any
+
+import numpy as np
+
+from closedloop.bench.peers import PEERS, Peer
+from closedloop.bench.problems import PROBLEMS, Problem
+
+log = logging.getLogger(__name__)
+
+#: log10 of a regret of exactly zero is reported as this floor (a table problem solved exactly).
+REGRET_FLOOR = 1e-8
+SPEED_SIZES = (10, 50, 200, 500, 1000)
+SPEED_CAP_SECONDS = 60.0
+
+
+# -- measuring -------------------------------------------------------------------------------------
+
+
+def hypervolume_2d(points: np.ndarray, reference: np.ndarray) -> float:
+    """Hypervolume dominated by ``n x 2`` points (both minimized) up to ``reference``."""
+    inside = points[(points < reference).all(axis=1)]
+    if not len(inside):
+        return 0.0
+    inside = inside[np.lexsort((inside[:, 1], inside[:, 0]))]
+    volume, best_second = 0.0, reference[1]
+    for first, second in inside:
+        if second < best_second:
+            volume += (reference[0] - first) * (best_second - second)
+            best_second = second
+    return float(volume)
+
+
+def regret_trace(problem: Problem, truths: list[dict[str, float]]) -> list[float]:
+    """Simple regret after each experiment, on the truth: the best feasible value so far against the optimum.
+
+    Before any feasible experiment the regret is the whole range. With two objectives it is the maximum
+    hypervolume minus the hypervolume of the feasible experiments so far.
+    """
+    trace: list[float] = []
+    if problem.multi_objective:
+        names = list(problem.campaign.objectives)
+        signs = np.array([1.0 if problem.campaign.objectives[n].goal == "minimize" else -1.0 for n in names])
+        reference = signs * np.array(problem.reference)
+        kept: list[np.ndarray] = []
+        for truth in truths:
+            if problem.feasible(truth):
+                kept.append(signs * np.array([truth[n] for n in names]))
+            volume = hypervolume_2d(np.array(kept), reference) if kept else 0.0
+            trace.append(max(0.0, problem.optimum - volume))
+        return trace
+    best: float | None = None
+    for truth in truths:
+        if problem.feasible(truth):
+            value = truth[problem.objective]
+            if best is None or (value < best if problem.minimize else value > best):
+                best = value
+        trace.append(problem.range if best is None else max(0.0, (best - problem.optimum) * (1 if problem.minimize else -1)))
+    return trace
+
+
+def single_regret(problem: Problem, truth: dict[str, float]) -> float:
+    if not problem.feasible(truth):
+        return problem.range
+    return max(0.0, (truth[problem.objective] - problem.optimum) * (1 if problem.minimize else -1))
+
+
+def log10_regret(regret: float) -> float:
+    return math.log10(max(regret, REGRET_FLOOR))
+
+
+def run_one(peer_name: str, problem_name: str, seed: int, budget_scale: float = 1.0) -> dict[str, Any]:
+    """One planner on one problem for one seed: the record that goes into the JSON."""
+    problem = _problem(problem_name, budget_scale)
+    peer = PEERS[peer_name]
+    record: dict[str, Any] = {"problem": problem_name, "peer": peer_name, "seed": seed, "budget": problem.budget}
+    reason = peer.missing() or peer.refuses(problem)
+    if reason:
+        return {**record, "status": "skipped", "message": reason}
+    noise = np.random.default_rng([seed, zlib.crc32(problem_name.encode())])
+    truths: list[dict[str, float]] = []
+    seconds: list[float] = []
+    started = time.perf_counter()
+    try:
+        session = peer.start(problem, seed)
+        while len(truths) < problem.budget:
+            t0 = time.perf_counter()
+            points = session.suggest(1)
+            seconds.append(time.perf_counter() - t0)
+            observed = []
+            for point in points:
+                truth = problem.evaluate(point)
+                truths.append(truth)
+                observed.append({k: v + (float(noise.normal(0, problem.noise)) if problem.noise and k in
+                                          problem.campaign.objectives else 0.0) for k, v in truth.items()})
+            session.observe(points, observed)
+        reported = session.reported_best() if not problem.multi_objective else None
+    except Exception as exc:  # a peer that breaks is recorded, the run goes on
+        log.warning("%s on %s seed %d failed: %s", peer_name, problem_name, seed, exc)
+        return {**record, "status": "error", "message": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(limit=4)[-2000:], "experiments": len(truths)}
+    trace = regret_trace(problem, truths)
+    final = trace[-1]
+    within = 0.01 * problem.range
+    record.update({
+        "status": "ok",
+        "final_regret": final,
+        "log10_final_regret": log10_regret(final),
+        "experiments_to_1pct": next((i + 1 for i, r in enumerate(trace) if r <= within), None),
+        "seconds_per_suggestion": [round(s, 5) for s in seconds],
+        "median_seconds_per_suggestion": float(np.median(seconds)),
+        "wall_seconds": round(time.perf_counter() - started, 3),
+        "regret_trace": trace,
+    })
+    if reported is not None:
+        record["reported_regret"] = single_regret(problem, problem.evaluate(reported))
+    return record
+
+
+def speed_one(peer_name: str, observations: int, batch: int = 1, seed: int = 0) -> dict[str, Any]:
+    """Seconds for one ``suggest(batch)`` after ``observations`` Hartmann6 experiments (Sobol points)."""
+    from scipy.stats import qmc
+
+    problem = PROBLEMS["hartmann6"]().with_budget(max(2 * observations, 100))
+    peer = PEERS[peer_name]
+    record: dict[str, Any] = {"peer": peer_name, "observations": observations, "batch": batch}
+    reason = peer.missing() or peer.refuses(problem)
+    if reason:
+        return {**record, "status": "skipped", "message": reason}
+    names = list(problem.campaign.tunable_parameters)
+    x = qmc.Sobol(6, scramble=True, seed=seed).random(observations)
+    points = [dict(zip(names, map(float, row))) for row in x]
+    try:
+        session = peer.start(problem, seed)
+        session.observe(points, [problem.evaluate(p) for p in points])
+        t0 = time.perf_counter()
+        proposals = session.suggest(batch)
+        elapsed = time.perf_counter() - t0
+    except Exception as exc:
+        return {**record, "status": "error", "message": f"{type(exc).__name__}: {exc}"}
+    return {**record, "status": "ok", "seconds": elapsed, "proposals": len(proposals)}
+
+
+def _problem(name: str, budget_scale: float) -> Problem:
+    problem = PROBLEMS[name]()
+    if budget_scale != 1.0:
+        problem = problem.with_budget(int(round(problem.budget * budget_scale)))
+    return problem
+
+
+# -- running many ------------------------------------------------------------------------------------
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.getLogger().setLevel(logging.WARNING)
+
+
+def run_many(tasks: list[tuple[Callable[..., dict[str, Any]], tuple]], jobs: int,
+             on_done: Callable[[dict[str, Any]], None]) -> None:
+    """Runs ``(function, args)`` tasks, ``jobs`` at a time in worker processes (in order when ``jobs`` is 1)."""
+    if jobs <= 1:
+        for function, args in tasks:
+            on_done(function(*args))
+        return
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # torch and fork do not mix
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(1,)) as pool:
+        futures = [pool.submit(function, *args) for function, args in tasks]
+        for future in as_completed(futures):
+            on_done(future.result())
+
+
+def plan(problems: Iterable[str], peers: Iterable[str], seeds: int, budget_scale: float) -> list[tuple]:
+    """Seeds outermost, so a run cut short still has every (problem, peer) at the first seeds."""
+    return [(run_one, (peer, problem, seed, budget_scale)) for seed in range(seeds) for problem in problems for peer in peers]
+
+
+def speed_peer(peer: str, sizes: tuple[int, ...], cap: float) -> dict[str, Any]:
+    """Seconds per suggestion of one peer at growing numbers of observations, then a batch of 4 at 200.
+
+    Once one suggestion takes longer than ``cap`` seconds the larger sizes are skipped (they would
+    only take longer), and the record says so.
+    """
+    records: list[dict[str, Any]] = []
+    over: int | None = None
+    for n in sorted(sizes):
+        if over is not None:
+            records.append({"peer": peer, "observations": n, "batch": 1, "status": "skipped",
+                            "message": f"over {cap:g} s at {over} observations"})
+            continue
+        record = speed_one(peer, n)
+        records.append(record)
+        if record["status"] == "ok" and record["seconds"] > cap:
+            over = n
+    if 200 in sizes:
+        records.append(speed_one(peer, 200, 4) if over is None or over > 200 else
+                       {"peer": peer, "observations": 200, "batch": 4, "status": "skipped",
+                        "message": f"over {cap:g} s at {over} observations"})
+    return {"speed": records}
+
+
+def speed_plan(peers: Iterable[str], sizes: Iterable[int], cap: float) -> list[tuple]:
+    return [(speed_peer, (peer, tuple(sizes), cap)) for peer in peers]
+
+
+# -- summarizing ---------------------------------------------------------------------------------------
+
+
+def _median(values: list[float]) -> float | None:
+    return float(np.median(values)) if values else None
+
+
+def summarize(runs: list[dict[str, Any]], budgets: dict[str, int]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per problem and peer: median and IQR of log10 final regret, experiments to 1 %, seconds per suggestion."""
+    summary: dict[str, dict[str, dict[str, Any]]] = {}
+    for run in runs:
+        entry = summary.setdefault(run["problem"], {}).setdefault(run["peer"], {"runs": [], "messages": set()})
+        if run["status"] == "ok":
+            entry["runs"].append(run)
+        else:
+            entry["messages"].add(f"{run['status']}: {run['message']}")
+    for problem, by_peer in summary.items():
+        for peer, entry in by_peer.items():
+            ok = entry.pop("runs")
+            messages = sorted(entry.pop("messages"))
+            logs = [r["log10_final_regret"] for r in ok]
+            # A run that never got within 1 % counts as needing more than its budget.
+            reached = [r["experiments_to_1pct"] if r["experiments_to_1pct"] is not None else math.inf for r in ok]
+            median_reached = _median(reached)
+            ratios = [r["reported_regret"] / max(r["final_regret"], REGRET_FLOOR) for r in ok if "reported_regret" in r]
+            entry.update({
+                "seeds": len(ok),
+                "median_log10_regret": _median(logs),
+                "iqr_log10_regret": [float(np.percentile(logs, 25)), float(np.percentile(logs, 75))] if logs else None,
+                "median_experiments_to_1pct": (None if median_reached is None or math.isinf(median_reached)
+                                               else median_reached),
+                "reached_1pct": sum(1 for r in reached if not math.isinf(r)),
+                "median_seconds_per_suggestion": _median([r["median_seconds_per_suggestion"] for r in ok]),
+                "median_log10_reported_regret": _median([log10_regret(r["reported_regret"]) for r in ok
+                                                         if "reported_regret" in r]),
+                "median_reported_to_true_regret": _median(ratios),
+                "budget": budgets.get(problem),
+            })
+            if messages:
+                entry["messages"] = messages
+    return summary
+
+
+def speed_table(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    table: dict[str, dict[str, Any]] = {}
+    for r in records:
+        key = f"batch{r['batch']}_at_{r['observations']}" if r["batch"] > 1 else str(r["observations"])
+        table.setdefault(r["peer"], {})[key] = r["seconds"] if r["status"] == "ok" else f"{r['status']}: {r['message']}"
+    return table
+
+
+def environment() -> dict[str, Any]:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for package in ("torch", "botorch", "gpytorch", "ax-platform", "baybe", "xopt", "optuna", "gest-api", "numpy"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "packages": versions}

@@ -1,0 +1,103 @@
+"""The planner benchmark: a one-seed, tiny-budget run, its JSON, and regret from known optima."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from closedloop.bench import PEERS, PROBLEMS, planner_benchmark
+from closedloop.bench.peers import Peer
+from closedloop.bench.runner import hypervolume_2d, regret_trace
+from closedloop.cli import app
+
+
+def test_every_problem_knows_its_optimum_and_reaches_it():
+    known = {
+        "branin": {"x1": math.pi, "x2": 2.275},
+        "hartmann6": dict(zip([f"x{i}" for i in range(1, 7)], [0.20169, 0.150011, 0.476874, 0.275332, 0.311652, 0.6573])),
+        "ackley5": dict(zip([f"x{i}" for i in range(1, 6)], [7.1, -11.3, 3.7, 15.9, -5.3])),
+        "mixed4": {"u1": (math.pi + 5) / 15, "u2": 2.275 / 15, "c1": "b", "c2": "p"},
+        "constrained": {"x1": 0.1954, "x2": 0.4044},
+        "direct_arylation": {"base": "CsOPiv", "ligand": "CgMe-PPh", "solvent": "DMAc", "concentration": 0.153,
+                             "temperature": 105.0},
+    }
+    for name, point in known.items():
+        problem = PROBLEMS[name]()
+        [regret] = regret_trace(problem, [problem.evaluate(point)])
+        assert regret == pytest.approx(0.0, abs=1e-5 * problem.range), name
+    # A worse experiment has exactly its distance to the optimum as regret; an infeasible one the whole range.
+    branin = PROBLEMS["branin"]()
+    worse = branin.evaluate({"x1": 0.0, "x2": 0.0})
+    assert regret_trace(branin, [worse]) == [pytest.approx(worse["y"] - 0.39788735772973816)]
+    constrained = PROBLEMS["constrained"]()
+    assert regret_trace(constrained, [constrained.evaluate({"x1": 0.0, "x2": 0.0})]) == [constrained.range]
+
+
+def test_hypervolume_regret_of_the_two_objective_problem():
+    assert hypervolume_2d(np.array([[1.0, 1.0]]), np.array([2.0, 3.0])) == 2.0
+    assert hypervolume_2d(np.array([[1.0, 2.0], [1.5, 1.0], [3.0, 0.0]]), np.array([2.0, 3.0])) == 1.5
+    problem = PROBLEMS["two_objective"]()
+    x = np.linspace(0, 1, 60)
+    grid = [problem.evaluate({"x1": a, "x2": b}) for a in x for b in x]
+    trace = regret_trace(problem, grid)
+    assert all(later <= earlier for earlier, later in zip(trace, trace[1:]))
+    # 54.182675253237775 is what BoTorch's Hypervolume gives for this grid of BraninCurrin(negate=True).
+    assert trace[-1] == pytest.approx(59.36011874867746 - 54.182675253237775, rel=1e-9)
+
+
+def test_a_missing_peer_is_named_not_fatal():
+    class Absent(Peer):
+        name, label, modules = "absent", "absent", ("no_such_module_for_closedloop",)
+
+    assert "no_such_module_for_closedloop" in Absent().missing()
+    assert PEERS["sobol"].missing() is None
+
+
+def test_tiny_run_writes_a_complete_report(tmp_path):
+    path = tmp_path / "planner.json"
+    problems = ["branin", "constrained", "two_objective", "direct_arylation"]
+    report = planner_benchmark(problems=problems, peers=["sobol", "optuna"], seeds=1, budget_scale=0.2,
+                               speed_sizes=(10,), json_path=path, command="test")
+    data = json.loads(path.read_text())
+    assert data["summary"] == json.loads(json.dumps(report["summary"]))
+    assert data["config"]["seeds"] == 1 and data["finished"]
+    assert set(data["problems"]) == set(problems)
+    peers = ["sobol"] + ([] if PEERS["optuna"].missing() else ["optuna"])
+    assert len(data["runs"]) == len(problems) * len(peers)
+    for run in data["runs"]:
+        problem = PROBLEMS[run["problem"]]().with_budget(data["problems"][run["problem"]]["budget"])
+        assert run["status"] == "ok", run
+        trace = run["regret_trace"]
+        assert len(trace) == problem.budget == len(run["seconds_per_suggestion"])
+        assert all(math.isfinite(r) and 0 <= r <= problem.range + 1e-9 for r in trace)
+        assert all(later <= earlier for earlier, later in zip(trace, trace[1:]))
+        assert run["final_regret"] == trace[-1]
+        assert run["log10_final_regret"] == pytest.approx(math.log10(max(trace[-1], 1e-8)))
+        if not problem.multi_objective:
+            assert 0 <= run["reported_regret"] <= problem.range
+    for problem in problems:
+        for peer in peers:
+            entry = data["summary"][problem][peer]
+            assert entry["seeds"] == 1 and math.isfinite(entry["median_log10_regret"])
+            low, high = entry["iqr_log10_regret"]
+            assert low <= entry["median_log10_regret"] <= high
+            assert entry["median_seconds_per_suggestion"] >= 0
+    speed = data["speed"]["seconds_per_suggestion"]
+    assert sorted(speed) == sorted(peers)
+    for peer in peers:
+        assert set(speed[peer]) == {"10"} and 0 <= speed[peer]["10"] < 60
+
+
+def test_cli_runs_the_benchmark_and_refuses_unknown_names(tmp_path):
+    path = tmp_path / "out.json"
+    result = CliRunner().invoke(app, ["bench", "planner", "-p", "branin", "--peer", "sobol", "--seeds", "1",
+                                      "--budget-scale", "0.2", "--speed", "0", "--json", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "branin" in result.output and "Sobol" in result.output
+    assert json.loads(path.read_text())["summary"]["branin"]["sobol"]["seeds"] == 1
+    result = CliRunner().invoke(app, ["bench", "planner", "--peer", "nosuch", "--seeds", "1"])
+    assert result.exit_code == 2 and "nosuch" in result.output
