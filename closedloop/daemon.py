@@ -523,7 +523,7 @@ class Daemon:
 
     # -- intake -----------------------------------------------------------------------------
 
-    def _receive_batch(self, limit: int = 2000) -> None:
+    def _receive_batch(self, limit: int = 1000) -> None:
         results: list[tuple[bytes, protocol.ResultMessage]] = []
         for _ in range(limit):
             try:
@@ -1036,7 +1036,9 @@ class Daemon:
             self._emit(kind, run, **details)
 
     def _transition(self, run: CampaignRun, index: int, trial_id: int | None, state: str, **fields: Any) -> None:
-        translog.info("%s", _logfmt(campaign=run.campaign.name, trial=index, trial_id=trial_id, state=state, **fields))
+        if translog.isEnabledFor(logging.INFO):
+            translog.info("%s", _logfmt(campaign=run.campaign.name, trial=index, trial_id=trial_id, state=state,
+                                        **fields))
 
     def _emit(self, kind: str, run: CampaignRun, **details: Any) -> None:
         self._publish(kind, {"campaign": run.campaign.name, "time": _now_iso(), **details})

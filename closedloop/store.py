@@ -19,7 +19,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Column, UniqueConstraint, event, func
+from sqlalchemy import JSON, Column, UniqueConstraint, bindparam, event, func
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
@@ -275,57 +275,62 @@ class Store:
         Returns per item True (stored), False (duplicate of a stored result: same trial, same run uid)
         or the reason it was refused (unknown trial, finished by another run, run uid reused,
         non-finite value); a refused item changes nothing. Idempotency rests on the unique
-        ``observation.trial_id`` and ``observation.run_uid`` indexes.
+        ``observation.trial_id`` and ``observation.run_uid`` indexes. SQL Core, not the ORM: this is
+        the daemon's hot path.
         """
         outcomes: list[bool | str] = []
         if not items:
             return outcomes
-        with self._lock, Session(self.engine) as session:
-            trial_ids = {item[0] for item in items}
-            trials = {t.id: t for t in session.exec(select(TrialRow).where(TrialRow.id.in_(trial_ids)))}  # type: ignore[union-attr]
-            by_trial = {o.trial_id: o.run_uid for o in session.exec(
-                select(ObservationRow).where(ObservationRow.trial_id.in_(trial_ids)))}  # type: ignore[attr-defined]
-            uids = {item[1] for item in items}
-            used_uids = {o.run_uid: o.trial_id for o in session.exec(
-                select(ObservationRow).where(ObservationRow.run_uid.in_(uids)))}  # type: ignore[attr-defined]
-            now = utcnow()
+        trial, observation = TrialRow.__table__, ObservationRow.__table__  # type: ignore[attr-defined]
+        now = utcnow()
+        with self._lock, self.engine.begin() as conn:
+            ids = list({item[0] for item in items})
+            status = dict(conn.execute(select(trial.c.id, trial.c.status).where(trial.c.id.in_(ids))).all())
+            by_trial = dict(conn.execute(select(observation.c.trial_id, observation.c.run_uid)
+                                         .where(observation.c.trial_id.in_(ids))).all())
+            used_uids = dict(conn.execute(select(observation.c.run_uid, observation.c.trial_id)
+                                          .where(observation.c.run_uid.in_(list({item[1] for item in items})))).all())
+            new_rows: list[dict[str, Any]] = []
             for trial_id, run_uid, values, noise, duration_s in items:
                 bad = [k for k, v in values.items()
                        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)]
-                row = trials.get(trial_id)
                 if bad:
                     outcomes.append(f"trial {trial_id}: value {bad[0]}={values[bad[0]]!r} is not a finite number")
-                elif row is None:
+                elif trial_id not in status:
                     outcomes.append(f"no trial with id {trial_id}")
                 elif trial_id in by_trial:
                     same = by_trial[trial_id] == run_uid
                     outcomes.append(False if same else f"trial {trial_id} already has a result from run {by_trial[trial_id]}")
                 elif run_uid in used_uids:
                     outcomes.append(f"run {run_uid} already stored for another trial")
-                elif row.status not in OPEN_STATUSES:
-                    outcomes.append(f"trial {trial_id} is {row.status}; result refused")
+                elif status[trial_id] not in OPEN_STATUSES:
+                    outcomes.append(f"trial {trial_id} is {status[trial_id]}; result refused")
                 else:
-                    session.add(ObservationRow(trial_id=trial_id, run_uid=run_uid, values=dict(values), noise=noise,
-                                               duration_s=duration_s, received_at=now))
-                    row.status, row.finished_at, row.error = TrialStatus.completed.value, now, None
-                    session.add(row)
+                    new_rows.append({"trial_id": trial_id, "run_uid": run_uid, "values": dict(values), "noise": noise,
+                                     "duration_s": duration_s, "received_at": now})
                     by_trial[trial_id], used_uids[run_uid] = run_uid, trial_id
                     outcomes.append(True)
-            session.commit()
+            if new_rows:
+                conn.execute(observation.insert(), new_rows)
+                conn.execute(trial.update().where(trial.c.id == bindparam("done_id"))
+                             .values(status=TrialStatus.completed.value, finished_at=now, error=None),
+                             [{"done_id": row["trial_id"]} for row in new_rows])
         return outcomes
 
     def add_dispatched(self, campaign_id: int, parameters: dict[str, Any], metadata: dict[str, Any],
                        station: str) -> TrialRow:
-        """Record a new proposal already dispatched to ``station``, in one transaction (the daemon's fast path)."""
-        with self._lock, Session(self.engine) as session:
-            last = session.exec(select(func.max(TrialRow.index)).where(TrialRow.campaign_id == campaign_id)).one()
-            row = TrialRow(campaign_id=campaign_id, index=(last or 0) + 1, parameters=parameters,
-                           planner=_json_safe(metadata), status=TrialStatus.dispatched.value, station=station,
-                           attempts=1, dispatched_at=utcnow())
-            session.add(row)
-            session.commit()
-            session.refresh(row)
-            return row
+        """Record a new proposal already dispatched to ``station``, in one transaction (the daemon's hot path)."""
+        trial = TrialRow.__table__  # type: ignore[attr-defined]
+        now = utcnow()
+        values = {"campaign_id": campaign_id, "parameters": parameters, "planner": _json_safe(metadata),
+                  "status": TrialStatus.dispatched.value, "station": station, "attempts": 1, "proposed_at": now,
+                  "dispatched_at": now}
+        with self._lock, self.engine.begin() as conn:
+            lock_campaign(conn, campaign_id)  # issue 8: one allocator at a time, even across daemons
+            last = conn.execute(select(func.max(trial.c.index)).where(trial.c.campaign_id == campaign_id)).scalar()
+            values["index"] = (last or 0) + 1
+            trial_id = conn.execute(trial.insert().values(**values)).inserted_primary_key[0]
+        return TrialRow(id=trial_id, **values)
 
     def record_failure(self, trial_id: int, error: str, status: TrialStatus = TrialStatus.failed) -> bool:
         """Mark an open trial failed (or abandoned) with its error; False if it was already finished."""

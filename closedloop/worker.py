@@ -45,7 +45,9 @@ class Outbox:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        # NORMAL in WAL mode: a commit survives a crash of this process (kill -9); only an OS crash or power
+        # loss can lose the last ones, which the daemon then times out and retries like a lost station
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS outbox (trial_id INTEGER PRIMARY KEY, payload BLOB NOT NULL)")
         # the station's own record of every run it measured, written with the outbox entry
         self._db.execute("CREATE TABLE IF NOT EXISTS ran (trial_id INTEGER NOT NULL, run_uid TEXT, at REAL NOT NULL)")
@@ -155,6 +157,23 @@ class StationWorker:
         self.registered = threading.Event()
         self.refused: str | None = None
         self.completed = 0
+        # the RunEngine thread rings this after queueing a message, so the comms thread sends it now
+        # rather than at the end of its poll timeout
+        self._wake_address = f"inproc://closedloop-station-wake-{id(self)}"
+        self._wake_push: zmq.Socket | None = None
+
+    def _post(self, payload: bytes) -> None:
+        """Queue a message for the daemon (RunEngine thread) and wake the comms thread."""
+        self._outgoing.put(payload)
+        if self._wake_push is None:
+            self._wake_push = self.context.socket(zmq.PUSH)
+            self._wake_push.setsockopt(zmq.LINGER, 0)
+            self._wake_push.setsockopt(zmq.SNDHWM, 1)
+            self._wake_push.connect(self._wake_address)
+        try:
+            self._wake_push.send(b"", zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # a wake-up is already pending
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -178,6 +197,8 @@ class StationWorker:
         finally:
             self._stop.set()
             comms.join(timeout=5)
+            if self._wake_push is not None:
+                self._wake_push.close(linger=0)
             self.outbox.close()
 
     # -- experiments ------------------------------------------------------------------------
@@ -199,14 +220,14 @@ class StationWorker:
         stored = self.outbox.get(trial)
         if stored is not None:  # already measured (re-sent assignment): send the same result, never re-run
             self._held.discard(trial)
-            self._outgoing.put(stored)
+            self._post(stored)
             return
         if trial in self._cancelled:
             self._held.discard(trial)
             log.info("trial %s cancelled before it started", trial)
             return
         self._running = trial
-        self._outgoing.put(protocol.encode(protocol.Started(trial_id=trial)))
+        self._post(protocol.encode(protocol.Started(trial_id=trial)))
         started, started_at = time.monotonic(), time.time()
         try:
             message: protocol.ResultMessage | protocol.Failure = self._measure(assignment, started, started_at)
@@ -222,7 +243,7 @@ class StationWorker:
         if self.journal is not None and isinstance(message, protocol.ResultMessage):
             with self.journal.open("a") as journal:
                 journal.write(f"{trial} {message.run_uid}\n")
-        self._outgoing.put(payload)
+        self._post(payload)
         self.completed += 1
 
     def _measure(self, assignment: protocol.Assign, started: float,
@@ -299,13 +320,26 @@ class StationWorker:
                                               software=f"closedloop-worker/{protocol.PROTOCOL_VERSION}"))
 
     def _communicate(self) -> None:
+        wake = self.context.socket(zmq.PULL)
+        wake.setsockopt(zmq.LINGER, 0)
+        wake.bind(self._wake_address)
         sock = self._connect()
         self._session: int | None = None
         sock.send(self._hello())
         last_sent = last_heard = time.monotonic()
         try:
             while not self._stop.is_set():
-                if sock.poll(20, zmq.POLLIN):
+                poller = zmq.Poller()
+                poller.register(sock, zmq.POLLIN)
+                poller.register(wake, zmq.POLLIN)
+                ready = dict(poller.poll(100))
+                if wake in ready:
+                    while True:
+                        try:
+                            wake.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                if sock in ready:
                     while True:
                         try:
                             frame = sock.recv(zmq.NOBLOCK)
@@ -337,6 +371,7 @@ class StationWorker:
                     last_heard = last_sent = now
         finally:
             sock.close(linger=0)
+            wake.close(linger=0)
 
     def _on_message(self, sock: zmq.Socket, frame: bytes) -> None:
         try:

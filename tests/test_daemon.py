@@ -1,15 +1,27 @@
-"""The daemon and station workers as separate processes on loopback."""
+"""The loop daemon: separate processes on loopback, and its behaviour with in-process stations."""
 
 from __future__ import annotations
 
+import json
+import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import zmq
 
+from closedloop import protocol
+from closedloop.campaign import Campaign
+from closedloop.daemon import Daemon, control_request
 from closedloop.store import Store
+from closedloop.worker import StationWorker
 from tests.conftest import BRANIN_YAML
+from tests.daemon.procs import campaign_yaml, completed, free_port, kill9, start_daemon, start_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,3 +48,217 @@ def test_daemon_and_worker_in_separate_processes_complete_a_campaign(tmp_path: P
     assert len(trials) == 8 and {t.status for t in trials} == {"completed"}
     assert {t.station for t in trials} == {"station-a"}
     assert len(store.observations(campaign_id)) == 8
+
+
+# -- behaviour, with the daemon and stations as threads of this process on real loopback sockets -----------
+
+def _campaign(name: str, experiments: int, **kw: object) -> Campaign:
+    return Campaign.from_yaml_text(campaign_yaml(name, experiments, **kw))  # type: ignore[arg-type]
+
+
+@contextmanager
+def serving(daemon: Daemon) -> Iterator[threading.Thread]:
+    thread = threading.Thread(target=daemon.serve, name="test-daemon", daemon=True)
+    thread.start()
+    try:
+        yield thread
+    finally:
+        daemon.request_stop("test over")
+        thread.join(timeout=30)
+        daemon.close()
+
+
+@contextmanager
+def station(endpoint: str, name: str, tmp_path: Path, **kw: object) -> Iterator[StationWorker]:
+    worker = StationWorker(endpoint, name=name, outbox=tmp_path / f"{name}.outbox", heartbeat_s=0.2, **kw)  # type: ignore[arg-type]
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        stop.set()
+        thread.join(timeout=15)
+
+
+def _wait(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_a_station_of_another_version_is_refused_and_told_why(store: Store) -> None:
+    daemon = Daemon(store, [_campaign("versions", 1)], heartbeat_s=0.2)
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(daemon.endpoint)
+    try:
+        hello = json.loads(protocol.encode(protocol.Hello(station="future")))
+        sock.send(json.dumps({**hello, "v": 2}).encode())
+        for _ in range(50):
+            daemon.step(20)
+            if sock.poll(0):
+                break
+        reply = json.loads(sock.recv())
+        assert reply["type"] == "refused"
+        assert "version 2 refused" in reply["reason"] and "speaks version 1" in reply["reason"]
+        assert daemon.stations == {}
+    finally:
+        sock.close()
+        context.term()
+        daemon.close()
+
+
+def test_a_station_meeting_a_daemon_of_another_version_stops_and_says_so(tmp_path: Path) -> None:
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    worker = StationWorker(f"tcp://127.0.0.1:{port}", name="old", outbox=tmp_path / "o.db", heartbeat_s=0.2)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        assert router.poll(5000)
+        identity, _ = router.recv_multipart()
+        router.send_multipart([identity, json.dumps({"v": 2, "type": "welcome", "heartbeat_s": 1}).encode()])
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+        assert worker.refused is not None and "version 2" in worker.refused
+    finally:
+        worker.stop()
+        router.close()
+        context.term()
+
+
+@pytest.mark.slow
+def test_a_trial_past_its_timeout_is_cancelled_on_the_station_and_failed(store: Store, tmp_path: Path) -> None:
+    campaign = _campaign("timeout", 1, latency=8.0, retries=0, timeout=1.0)
+    daemon = Daemon(store, [campaign], heartbeat_s=0.2)
+    started = time.monotonic()
+    with station(daemon.endpoint, "slow", tmp_path) as worker, serving(daemon) as thread:
+        thread.join(timeout=20)
+        elapsed = time.monotonic() - started
+        # the daemon has finished (its only trial failed); the station aborted the run and kept the failure
+        _wait(lambda: worker.outbox.pending() != [], 5, "the station to report the aborted run")
+        report = protocol.decode(worker.outbox.pending()[0][1])
+        assert report.type == "failure" and "cancelled" in report.error
+        assert worker.RE is not None and worker.RE.state == "idle"
+    trial = store.trials(daemon.runs[next(iter(daemon.runs))].id)[0]
+    assert trial.status == "failed" and "timed out" in (trial.error or "")
+    assert elapsed < 6, "the run was not cancelled: the daemon waited for the 8 s move"
+    assert store.results(trial.campaign_id)[0].failed  # what the planner is told on a restart too
+
+
+@pytest.mark.slow
+def test_a_silent_station_is_lost_and_its_trial_retried_elsewhere(store: Store, tmp_path: Path) -> None:
+    campaign = _campaign("lost", 1, latency=0.05, retries=1)
+    daemon = Daemon(store, [campaign], heartbeat_s=0.2)
+    context = zmq.Context()
+    silent = context.socket(zmq.DEALER)
+    silent.setsockopt(zmq.LINGER, 0)
+    silent.setsockopt(zmq.ROUTING_ID, b"silent")
+    silent.connect(daemon.endpoint)
+    silent.send(protocol.encode(protocol.Hello(station="silent")))
+    try:
+        with serving(daemon) as thread:
+            assert silent.poll(10_000)
+            assert protocol.decode(silent.recv()).type == "welcome"
+            assert silent.poll(10_000)
+            assigned = protocol.decode(silent.recv())
+            assert assigned.type == "assign"  # ...and the silent station never answers
+            _wait(lambda: not daemon.stations, 5, "the silent station to be declared lost")
+            with station(daemon.endpoint, "healthy", tmp_path):
+                thread.join(timeout=30)
+    finally:
+        silent.close()
+        context.term()
+    trial = store.trials(store.campaign_row("lost").id)[0]
+    assert trial.status == "completed" and trial.station == "healthy" and trial.attempts == 2
+
+
+@pytest.mark.slow
+def test_pause_resume_cancel_status_and_the_event_stream(store: Store, tmp_path: Path) -> None:
+    campaign = _campaign("ctl", 6, latency=0.4, retries=0)
+    control, publish = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    seen: list[str] = []
+    daemon = Daemon(store, [campaign], heartbeat_s=0.2, control=control, publish=publish,
+                    on_event=lambda kind, details: seen.append(kind))
+    context = zmq.Context()
+    sub = context.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"campaign.ctl.")
+    sub.connect(publish)
+    try:
+        with station(daemon.endpoint, "s1", tmp_path), serving(daemon) as thread:
+            _wait(lambda: "trial_dispatched" in seen, 20, "a first dispatch")
+            assert control_request(control, "pause", {"campaign": "ctl"})["success"]
+            _wait(lambda: not daemon.in_flight, 5, "the trial in flight to finish")
+            dispatched = seen.count("trial_dispatched")
+            time.sleep(1.0)
+            assert seen.count("trial_dispatched") == dispatched, "a paused campaign dispatched"
+            status = control_request(control, "status")
+            assert status["campaigns"][0]["paused"] and status["stations"][0]["name"] == "s1"
+            assert control_request(control, "health")["healthy"]
+            assert not control_request(control, "pause", {"campaign": "nope"})["success"]
+            assert control_request(control, "resume")["success"]
+            _wait(lambda: daemon.in_flight, 5, "dispatch after resume")
+            index = next(iter(daemon.in_flight.values())).index
+            reply = control_request(control, "cancel", {"trial": index, "by": "tester"})
+            assert reply["success"], reply
+            thread.join(timeout=60)
+        events = []
+        while sub.poll(100):
+            topic, body = sub.recv_multipart()
+            events.append((topic.decode(), json.loads(body)))
+    finally:
+        sub.close()
+        context.term()
+    trials = {t.index: t for t in store.trials(store.campaign_row("ctl").id)}
+    assert trials[index].status == "failed" and trials[index].error == "cancelled by tester"
+    assert sum(t.status == "completed" for t in trials.values()) == 5
+    kinds = [body["kind"] for _, body in events]
+    assert {"trial_dispatched", "trial_completed", "campaign_paused", "campaign_resumed", "model_updated"} <= set(kinds)
+    assert all(topic == f"campaign.ctl.{body['kind']}" and body["campaign"] == "ctl" for topic, body in events)
+    seqs = [body["seq"] for _, body in events]
+    assert seqs == sorted(seqs)
+
+
+@pytest.mark.slow
+def test_two_campaigns_in_one_daemon_each_with_its_own_station(store: Store, tmp_path: Path) -> None:
+    daemon = Daemon(store, [_campaign("left", 4, latency=0.05), _campaign("right", 4, latency=0.05)], heartbeat_s=0.2)
+    with station(daemon.endpoint, "for-left", tmp_path, campaigns=["left"]), \
+            station(daemon.endpoint, "for-right", tmp_path, campaigns=["right"]), serving(daemon) as thread:
+        thread.join(timeout=60)
+    for name in ("left", "right"):
+        trials = store.trials(store.campaign_row(name).id)
+        assert len(trials) == 4 and {t.status for t in trials} == {"completed"}
+        assert {t.station for t in trials} == {f"for-{name}"}
+
+
+@pytest.mark.slow
+def test_sigterm_stops_dispatch_waits_for_results_in_flight_and_a_restart_finishes(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text(campaign_yaml("term", 12, latency=1.0))
+    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    daemon = start_daemon(tmp_path, endpoint, control)
+    workers = [start_worker(tmp_path, endpoint, f"t{i}") for i in (1, 2)]
+    try:
+        deadline = time.monotonic() + 60
+        while completed(tmp_path / "s.db") < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=10) == 0
+        store = Store(tmp_path / "s.db")
+        trials = store.trials(store.campaign_row("term").id)
+        assert "dispatched" not in {t.status for t in trials}, "SIGTERM left results in flight"
+        assert len(trials) < 12
+        assert 'state="completed"' in (tmp_path / "daemon.log").read_text()
+        daemon = start_daemon(tmp_path, endpoint, control)
+        assert daemon.wait(timeout=90) == 0
+    finally:
+        for proc in [daemon, *workers]:
+            kill9(proc)
+    trials = Store(tmp_path / "s.db").trials(1)
+    assert len(trials) == 12 and {t.status for t in trials} == {"completed"}

@@ -46,7 +46,7 @@ def hostile_frames(rng: random.Random, trial_ids: list[int]) -> list[list[bytes]
 
 def test_hostile_frames_change_nothing_but_valid_results(tmp_path: Path) -> None:
     rng = random.Random(7)
-    (tmp_path / "c.yaml").write_text(campaign_yaml("fuzz", 40, latency=0.1))
+    (tmp_path / "c.yaml").write_text(campaign_yaml("fuzz", 40, latency=0.4))
     endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     daemon = start_daemon(tmp_path, endpoint, control)
     workers = [start_worker(tmp_path, endpoint, f"station-{i}") for i in (1, 2)]
@@ -69,7 +69,9 @@ def test_hostile_frames_change_nothing_but_valid_results(tmp_path: Path) -> None
         controller.setsockopt(zmq.LINGER, 0)
         controller.connect(control)
         trial_ids = list(range(1, 60))
-        for _ in range(8):
+        for _ in range(10):
+            if daemon.poll() is not None:
+                break  # the campaign finished under fire
             for frames in hostile_frames(rng, trial_ids):
                 rng.choice(peers).send_multipart(frames)
                 sent += 1
@@ -78,9 +80,10 @@ def test_hostile_frames_change_nothing_but_valid_results(tmp_path: Path) -> None
                                    b'{"method": "status", "params": 5}', b'{"method": "x", "extra": 1}', b"[]"])
                 controller.send_multipart([b"", body])
                 sent += 1
-            assert control_request(control, "health", timeout_s=10)["healthy"]
-            time.sleep(0.2)
-        assert sent >= 4000
+            if daemon.poll() is None:
+                assert control_request(control, "health", timeout_s=30)["healthy"]
+            time.sleep(0.1)
+        assert sent >= 3000, "the campaign ended before thousands of hostile frames reached it"
         assert daemon.wait(timeout=120) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
     finally:
         for proc in [daemon, *workers]:

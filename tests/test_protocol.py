@@ -1,0 +1,90 @@
+"""The wire protocol: every message round-trips; anything malformed, foreign or non-finite is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from closedloop import protocol
+from closedloop.errors import ProtocolError
+
+EXAMPLES = [
+    protocol.Hello(station="s1", instruments=["simulators.surfaces:Branin"], campaigns=["a"], capacity=2,
+                   outstanding=[3, 4]),
+    protocol.Welcome(heartbeat_s=0.5, session=7),
+    protocol.Refused(reason="unregistered: send hello"),
+    protocol.Heartbeat(running=[1]),
+    protocol.Assign(campaign="c", trial_id=1, trial_index=1, setpoints={"x": 1.5, "gas": "Ar"}, outputs=["y"],
+                    instrument=protocol.InstrumentSpec(target="simulators.surfaces:Branin", options={"noise": 0.1}),
+                    timeout_s=30.0, session=7),
+    protocol.Started(trial_id=1),
+    protocol.ResultMessage(trial_id=1, run_uid="abc", values={"y": 1.25}, noise={"y": 0.1}, duration_s=1.0,
+                           started_at=1.0, finished_at=2.0),
+    protocol.Failure(trial_id=1, error="DeviceError: x: limit"),
+    protocol.Ack(trial_id=1),
+    protocol.Cancel(trial_id=1, reason="timed out"),
+]
+
+
+@pytest.mark.parametrize("message", EXAMPLES, ids=lambda m: m.type)
+def test_every_message_round_trips(message: protocol._Message) -> None:
+    assert protocol.decode(protocol.encode(message)) == message
+
+
+def _raw(**changes: object) -> bytes:
+    body = json.loads(protocol.encode(protocol.ResultMessage(trial_id=1, run_uid="u", values={"y": 1.0})))
+    body.update(changes)
+    return json.dumps(body).encode()
+
+
+def test_another_version_is_refused_naming_both_versions() -> None:
+    with pytest.raises(protocol.VersionMismatch) as caught:
+        protocol.decode(_raw(v=2))
+    assert "2" in str(caught.value) and f"speaks {protocol.PROTOCOL_VERSION}" in str(caught.value)
+    refusal = json.loads(protocol.refusal_for(caught.value))
+    assert refusal["type"] == "refused" and "version 2" in refusal["reason"] and "speaks version 1" in refusal["reason"]
+
+
+def test_a_refusal_from_another_version_is_still_read() -> None:
+    frame = json.dumps({"v": 9, "type": "refused", "reason": "this daemon speaks version 9"}).encode()
+    with pytest.raises(protocol.VersionMismatch, match="speaks version 9"):
+        protocol.decode(frame)
+
+
+@pytest.mark.parametrize("frame, why", [
+    (b"\xff\xfe", "not JSON"),
+    (b"[1, 2]", "JSON object"),
+    (_raw(type="teleport"), "invalid"),
+    (_raw(extra=1), "extra"),
+    (_raw(values={"y": "1"}).replace(b'"1"', b"NaN"), "not a number"),
+    (_raw(values={"y": 1e999}).replace(b"Infinity", b"1e999"), "finite"),
+    (_raw(noise={"y": float("inf")}).replace(b"Infinity", b"1e999"), "finite"),
+    (_raw(trial_id="one"), "trial_id"),
+    (b"x" * (protocol.MAX_MESSAGE_BYTES + 1), "exceeds"),
+])
+def test_malformed_frames_are_refused_with_a_reason(frame: bytes, why: str) -> None:
+    with pytest.raises(ProtocolError, match=why):
+        protocol.decode(frame)
+
+
+@given(st.binary(max_size=300))
+def test_random_bytes_never_escape_as_anything_but_protocol_error(frame: bytes) -> None:
+    try:
+        protocol.decode(frame)
+    except ProtocolError:
+        pass
+
+
+@given(st.recursive(st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=5),
+                    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children,
+                                                                                        max_size=3), max_leaves=12))
+def test_random_json_never_escapes_as_anything_but_protocol_error(value: object) -> None:
+    try:
+        frame = json.dumps({"v": 1, "type": "result", "payload": value}).encode()
+    except ValueError:
+        return
+    with pytest.raises(ProtocolError):
+        protocol.decode(frame)

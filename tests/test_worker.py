@@ -1,0 +1,91 @@
+"""The station worker: its outbox, and the instrument's suspenders in its RunEngine."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from bluesky.suspenders import SuspendBoolHigh
+from ophyd import Signal
+
+from closedloop import protocol
+from closedloop.campaign import Campaign
+from closedloop.daemon import Daemon
+from closedloop.store import Store
+from closedloop.worker import Outbox, StationWorker
+from drivers.binding import InstrumentBinding
+from simulators.surfaces import Branin
+
+# the campaign names this module by import path; make that path resolve to this very module (pytest may
+# have imported it under another name), so the station's binding shares the test's interlock signal
+sys.modules.setdefault("tests.test_worker", sys.modules[__name__])
+
+BEAM_DOWN = Signal(name="beam_down", value=0)
+SUSPENDER = SuspendBoolHigh(BEAM_DOWN, sleep=0)
+
+
+def interlocked_branin(**options: object) -> InstrumentBinding:
+    """Branin behind a beam interlock: the RunEngine suspends while ``BEAM_DOWN`` is high."""
+    binding = Branin(**options)  # type: ignore[arg-type]
+    binding.suspenders = [SUSPENDER]
+    return binding
+
+
+def test_outbox_keeps_results_until_removed_and_records_every_run(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "o.db")
+    payload = protocol.encode(protocol.ResultMessage(trial_id=4, run_uid="r4", values={"y": 1.0}))
+    outbox.put(4, payload, "r4")
+    outbox.put(5, protocol.encode(protocol.Failure(trial_id=5, error="x")))
+    outbox.close()
+    reopened = Outbox(tmp_path / "o.db")  # what a restarted station finds
+    assert [t for t, _ in reopened.pending()] == [4, 5] and reopened.get(4) == payload
+    reopened.remove(4)
+    assert [t for t, _ in reopened.pending()] == [5]
+    assert reopened.ran() == [(4, "r4")]  # failures are not runs that measured something
+
+
+@pytest.mark.slow
+def test_the_instruments_suspenders_hold_the_run_until_the_interlock_clears(tmp_path: Path) -> None:
+    campaign = Campaign.from_yaml_text("""
+name: interlock
+parameters:
+  x1: {type: continuous, bounds: [-5, 10]}
+  x2: {type: continuous, bounds: [0, 15]}
+objectives:
+  y: {goal: minimize}
+budget: {experiments: 2}
+planner: {backend: sobol}
+instrument:
+  simulator: tests.test_worker:interlocked_branin
+""")
+    store = Store(tmp_path / "s.db")
+    daemon = Daemon(store, [campaign], heartbeat_s=0.2)
+    worker = StationWorker(daemon.endpoint, name="beamline", outbox=tmp_path / "o.db", heartbeat_s=0.2)
+    stop = threading.Event()
+    threads = [threading.Thread(target=worker.run, args=(stop,), daemon=True),
+               threading.Thread(target=daemon.serve, daemon=True)]
+    BEAM_DOWN.put(1)
+    for thread in threads:
+        thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while worker.RE is None or SUSPENDER not in worker.RE.suspenders or worker.RE.state != "running":
+            assert time.monotonic() < deadline, "the station never started the run"
+            time.sleep(0.05)
+        time.sleep(1.0)  # a zero-latency instrument would have finished both experiments by now
+        assert SUSPENDER.tripped
+        assert store.counts(store.campaign_row("interlock").id).get("completed", 0) == 0
+        BEAM_DOWN.put(0)
+        threads[1].join(timeout=30)
+        assert not threads[1].is_alive()
+    finally:
+        BEAM_DOWN.put(0)
+        stop.set()
+        threads[0].join(timeout=10)
+        daemon.request_stop()
+        threads[1].join(timeout=10)
+        daemon.close()
+    assert store.counts(store.campaign_row("interlock").id) == {"completed": 2}
