@@ -668,7 +668,11 @@ def keys_new(name: str = typer.Argument(..., help="key name, e.g. daemon or stat
     console.print(f"public key {public}\nsecret key {secret}", highlight=False)
 
 
-@app.command("bench-loop")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks of the engine's parts.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("loop")
 def bench_loop(
     experiments: int = typer.Option(100, help="experiments in the utilization run"),
     stations: int = typer.Option(4, help="stations in the utilization run"),
@@ -682,10 +686,6 @@ def bench_loop(
 
     bench(experiments=experiments, stations=stations, seconds=seconds, intake=intake, overhead=overhead,
           utilization=not quick, console=console)
-
-
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks of the engine's parts.")
-app.add_typer(bench_app, name="bench")
 
 
 @bench_app.command("scale")

@@ -1,4 +1,4 @@
-"""``closedloop bench-loop``: what the loop itself costs, how fast it stores results, how busy it keeps stations.
+"""``closedloop bench loop``: what the loop itself costs, how fast it stores results, how busy it keeps stations.
 
 Three measurements, each with real sockets, a real SQLite store and (except intake) real station
 processes running real RunEngines:
