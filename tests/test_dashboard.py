@@ -159,6 +159,9 @@ def test_state_events_and_controls(loop: Loop) -> None:
         assert status == 200 and view["available"], view
         assert view["parameter"] == "x2" and len(view["x"]) == len(view["mean"]) == len(view["std"])
         assert all(s >= 0 for s in view["std"]) and view["x"][0] == 0 and view["x"][-1] == 15
+        status, plane = _get(base + "api/model?campaign=dash&parameter=x1&second=x2")
+        assert status == 200 and plane["second"] == "x2"
+        assert len(plane["grid"]) == len(plane["grid_y"]) and len(plane["grid"][0]) == len(plane["grid_x"])
     finally:
         server.stop()
 

@@ -31,7 +31,7 @@ import math
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,23 +94,25 @@ class _ModelCache:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # one fit at a time: the machine running the loop has few cores
-        self._cache: dict[tuple[str, int, str | None], dict[str, Any]] = {}
+        self._cache: dict[tuple[str, int, str | None, str | None], dict[str, Any]] = {}
 
-    def get(self, store: Store, campaign: str, parameter: str | None) -> dict[str, Any]:
+    def get(self, store: Store, campaign: str, parameter: str | None, second: str | None = None) -> dict[str, Any]:
         row = store.campaign_row(campaign)
         counts = store.counts(row.id)  # type: ignore[arg-type]
         finished = counts.get(TrialStatus.completed.value, 0) + counts.get(TrialStatus.failed.value, 0)
-        key = (campaign, finished, parameter)
+        key = (campaign, finished, parameter, second)
         with self._lock:
             if key not in self._cache:
                 self._cache = {k: v for k, v in self._cache.items() if k[0] != campaign or k[1] == finished}
-                self._cache[key] = model_view(store, campaign, parameter)
+                self._cache[key] = model_view(store, campaign, parameter, second)
             return self._cache[key]
 
 
-def model_view(store: Store, campaign: str, parameter: str | None = None, points: int = 61) -> dict[str, Any]:
+def model_view(store: Store, campaign: str, parameter: str | None = None, second: str | None = None,
+               points: int = 61) -> dict[str, Any]:
     """Predicted mean and standard deviation of the first objective along ``parameter`` through the best
-    experiment so far, with the observed experiments projected on that axis.
+    experiment so far, with the observed experiments projected on that axis; with ``second``, also the
+    predicted mean over the plane of both (``grid``: rows along ``second``, columns along ``parameter``).
 
     The campaign's planner is rebuilt from the store; a backend without a model of its own (Sobol,
     random, Ax) is shown through the BoTorch planner's GP on the same data.
@@ -140,23 +142,39 @@ def model_view(store: Store, campaign: str, parameter: str | None = None, points
         best = planner.best()
     if best is None:
         return {**out, "reason": "no completed experiment yet"}
-    p = spec.parameters[parameter]
-    low, high = p.bounds  # type: ignore[union-attr]
+    xs, log_scale = _axis(spec.parameters[parameter], points)
+    with provenance.planning_lock:
+        predictions = planner.predict([{**best.parameters, parameter: x} for x in xs])
+    if predictions is None:
+        return {**out, "reason": "too few results for a model"}
+    observed = [{"x": r.parameters.get(parameter), "y": r.values.get(objective), "trial": r.trial,
+                 **({"x2": r.parameters.get(second)} if second else {})}
+                for r in results if r.values is not None and objective in r.values]
+    out = {**out, "available": True, "through": best.parameters, "best_trial": best.trial, "x": xs,
+           "mean": [pr[objective]["mean"] for pr in predictions], "std": [pr[objective]["std"] for pr in predictions],
+           "observed": observed, "log_scale": log_scale,
+           "backend": spec.planner.backend if spec.planner.backend == "botorch" else "botorch (view only)"}
+    if second in axes and second != parameter:
+        gx, _ = _axis(spec.parameters[parameter], 25)
+        gy, _ = _axis(spec.parameters[second], 25)
+        with provenance.planning_lock:
+            plane = planner.predict([{**best.parameters, parameter: x, second: y} for y in gy for x in gx]) or []
+        means = [pr[objective]["mean"] for pr in plane]
+        out.update(second=second, grid_x=gx, grid_y=gy, grid=[means[i * len(gx):(i + 1) * len(gx)] for i in range(len(gy))])
+    return out
+
+
+def _axis(p: Any, points: int) -> tuple[list[float], bool]:
+    """Evenly spread values of a numeric parameter (log-spaced on a log scale; whole numbers for integers)."""
+    from closedloop.campaign import IntegerParameter
+
+    low, high = p.bounds
     log_scale = getattr(p, "scale", None) == "log" and low > 0
     xs = [math.exp(math.log(low) + (math.log(high) - math.log(low)) * i / (points - 1)) if log_scale
           else low + (high - low) * i / (points - 1) for i in range(points)]
     if isinstance(p, IntegerParameter):
         xs = sorted({int(round(x)) for x in xs})
-    with provenance.planning_lock:
-        predictions = planner.predict([{**best.parameters, parameter: x} for x in xs])
-    if predictions is None:
-        return {**out, "reason": "too few results for a model"}
-    observed = [{"x": r.parameters.get(parameter), "y": r.values.get(objective), "trial": r.trial}
-                for r in results if r.values is not None and objective in r.values]
-    return {**out, "available": True, "through": best.parameters, "best_trial": best.trial, "x": xs,
-            "mean": [pr[objective]["mean"] for pr in predictions], "std": [pr[objective]["std"] for pr in predictions],
-            "observed": observed, "log_scale": log_scale,
-            "backend": spec.planner.backend if spec.planner.backend == "botorch" else "botorch (view only)"}
+    return xs, log_scale
 
 
 def campaign_state(store: Store, name: str) -> dict[str, Any]:
@@ -232,6 +250,8 @@ class Dashboard:
     """The app's state: the store, the daemon's endpoints, the model cache."""
 
     def __init__(self, config: DashboardConfig):
+        # a daemon bound to every interface (tcp://*:5702) is reached on loopback
+        config = replace(config, control=_connectable(config.control), events=_connectable(config.events))
         self.config = config
         self.store = Store(config.store)
         self.models = _ModelCache()
@@ -297,7 +317,8 @@ class Dashboard:
             return denied
         campaign = request.query_params.get("campaign", "")
         try:
-            view = await run_in_threadpool(self.models.get, self.store, campaign, request.query_params.get("parameter"))
+            view = await run_in_threadpool(self.models.get, self.store, campaign, request.query_params.get("parameter"),
+                                           request.query_params.get("second") or None)
         except ClosedLoopError as exc:
             return JSONResponse({"available": False, "reason": str(exc)}, status_code=404)
         return JSONResponse(_finite(view))
@@ -388,6 +409,16 @@ class Dashboard:
                     last = time.monotonic()
         finally:
             sub.close(linger=0)
+
+
+def _connectable(endpoint: str | None) -> str | None:
+    """A bound endpoint as a peer connects to it: ``tcp://*:5702`` and ``tcp://0.0.0.0:5702`` via loopback."""
+    if endpoint is None:
+        return None
+    for wildcard in ("tcp://*:", "tcp://0.0.0.0:"):
+        if endpoint.startswith(wildcard):
+            return "tcp://127.0.0.1:" + endpoint[len(wildcard):]
+    return endpoint
 
 
 def _finite(value: Any) -> Any:

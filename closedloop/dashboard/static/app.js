@@ -255,13 +255,21 @@ async function updateModel(c) {
   if ([...select.options].map((o) => o.value).join() !== numeric.join()) {
     select.replaceChildren(...numeric.map((n) => el("option", { value: n }, n)));
   }
+  const second = $("#model-second");
+  const others = ["", ...numeric.filter((n) => n !== select.value)];
+  if ([...second.options].map((o) => o.value).join() !== others.join()) {
+    const keep = second.value;
+    second.replaceChildren(...others.map((n) => el("option", { value: n }, n ? `and ${n}` : "(one parameter)")));
+    second.value = others.includes(keep) ? keep : "";
+  }
   const finished = (c.counts.completed || 0) + (c.counts.failed || 0);
-  const key = `${c.name}|${finished}|${select.value}`;
+  const key = `${c.name}|${finished}|${select.value}|${second.value}`;
   if (key === modelKey) return;
   modelKey = key;
   let view;
   try {
-    view = await getJSON(`api/model?campaign=${encodeURIComponent(c.name)}&parameter=${encodeURIComponent(select.value)}`);
+    view = await getJSON(`api/model?campaign=${encodeURIComponent(c.name)}&parameter=${encodeURIComponent(select.value)}` +
+      `&second=${encodeURIComponent(second.value)}`);
   } catch (err) {
     $("#model-caption").textContent = String(err);
     return;
@@ -269,6 +277,7 @@ async function updateModel(c) {
   const svg = $("#model-plot");
   if (!view.available) {
     svg.replaceChildren();
+    $("#model-plane").style.display = "none";
     $("#model-caption").textContent = view.reason || "no model yet";
     return;
   }
@@ -282,6 +291,36 @@ async function updateModel(c) {
   for (const o of view.observed) add("circle", { cx: sx(o.x), cy: sy(o.y), r: 2.5, fill: "#555", "fill-opacity": 0.6 });
   const bx = view.through[view.parameter];
   add("line", { x1: sx(bx), x2: sx(bx), y1: 10, y2: 264, stroke: "#d1495b", "stroke-dasharray": "3 3" });
+  drawPlane(view);
+}
+
+function drawPlane(view) {
+  const svg = $("#model-plane");
+  svg.style.display = view.grid ? "" : "none"; // an SVG element has no `hidden` property
+  if (!view.grid) return;
+  const gx = view.grid_x, gy = view.grid_y;
+  const half = (values, i) => ((i > 0 ? values[i] - values[i - 1] : values[1] - values[0]) / 2);
+  // the cells are centred on the grid points: the axes reach half a cell beyond the first and last
+  const span = (values) => [values[0] - half(values, 0), values[values.length - 1] + half(values, values.length - 1)];
+  const { sx, sy, add } = frame(svg, span(gx), span(gy), view.parameter, view.second);
+  const [lo, hi] = extent(view.grid.flat());
+  const colour = (v) => {
+    const t = hi > lo ? (v - lo) / (hi - lo) : 0.5; // light = low, dark = high
+    const mix = (a, b) => Math.round(a + (b - a) * t);
+    return `rgb(${mix(239, 8)},${mix(246, 48)},${mix(255, 107)})`;
+  };
+  for (let j = 0; j < gy.length; j++) {
+    for (let i = 0; i < gx.length; i++) {
+      const x0 = sx(gx[i] - half(gx, i)), x1 = sx(gx[i] + half(gx, i));
+      const y0 = sy(gy[j] + half(gy, j)), y1 = sy(gy[j] - half(gy, j));
+      add("rect", { x: Math.min(x0, x1), y: Math.min(y0, y1), width: Math.abs(x1 - x0) + 0.5, height: Math.abs(y1 - y0) + 0.5, fill: colour(view.grid[j][i]) })
+        .append(Object.assign(document.createElementNS(SVG, "title"), { textContent: `${view.parameter}=${fmt(gx[i])}, ${view.second}=${fmt(gy[j])}: ${view.objective} ${fmt(view.grid[j][i])}` }));
+    }
+  }
+  for (const o of view.observed) if (o.x2 !== undefined) add("circle", { cx: sx(o.x), cy: sy(o.x2), r: 2.5, fill: "#fff", stroke: "#333" });
+  const b = view.through;
+  add("path", { d: `M${sx(b[view.parameter]) - 6},${sy(b[view.second])}h12M${sx(b[view.parameter])},${sy(b[view.second]) - 6}v12`, stroke: "#d1495b", "stroke-width": 2.5 });
+  $("#model-caption").textContent += `; plane: ${view.objective} from ${fmt(lo)} (light) to ${fmt(hi)} (dark)`;
 }
 
 // -- tables -------------------------------------------------------------------------------------------
@@ -380,6 +419,7 @@ function connectEvents() {
 $("#stop-daemon").onclick = () => { if (confirm("Stop the daemon? Experiments in flight finish; nothing new is dispatched.")) control("stop"); };
 $("#close-detail").onclick = () => { $("#trial-detail").hidden = true; };
 $("#model-parameter").onchange = () => { modelKey = ""; refresh(); };
+$("#model-second").onchange = () => { modelKey = ""; refresh(); };
 refresh();
 connectEvents();
 setInterval(refresh, 2000); // ticks "running for" and catches events a PUB/SUB stream dropped
