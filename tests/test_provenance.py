@@ -28,6 +28,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, str]:
     store.close()
 
 
+@pytest.mark.slow  # a campaign run to its end (shared by the module)
 def test_every_trial_has_its_record(finished: tuple[Store, str]) -> None:
     store, name = finished
     campaign_id = store.campaign_row(name).id
@@ -60,6 +61,7 @@ def test_ranges_round_trip() -> None:
     assert provenance.ranges_of([]) == [] and provenance.expand([]) == []
 
 
+@pytest.mark.slow  # a campaign run to its end (shared by the module)
 def test_provenance_is_queryable_in_sql(finished: tuple[Store, str]) -> None:
     store, name = finished
     with store.engine.connect() as connection:
@@ -71,6 +73,7 @@ def test_provenance_is_queryable_in_sql(finished: tuple[Store, str]) -> None:
     assert all(r[3] for r in rows)
 
 
+@pytest.mark.slow  # a campaign run to its end (shared by the module)
 def test_replay_reproduces_a_model_decision_exactly(finished: tuple[Store, str]) -> None:
     store, name = finished
     campaign_id = store.campaign_row(name).id
@@ -86,6 +89,7 @@ def test_replay_reproduces_a_model_decision_exactly(finished: tuple[Store, str])
     assert first.same and first.observed == 0
 
 
+@pytest.mark.slow  # a campaign run to its end (shared by the module)
 def test_replay_detects_a_different_decision(finished: tuple[Store, str], tmp_path: Path) -> None:
     """A replay that cannot fail is no audit: change the recorded proposal and it must say so."""
     store, name = finished
@@ -104,6 +108,7 @@ def test_replay_detects_a_different_decision(finished: tuple[Store, str], tmp_pa
     copy.close()
 
 
+@pytest.mark.slow  # a campaign run to its end (shared by the module)
 def test_explain_and_replay_commands(finished: tuple[Store, str]) -> None:
     store, name = finished
     runner = CliRunner()

@@ -184,7 +184,7 @@ def campaign_state(store: Store, name: str) -> dict[str, Any]:
     spec = store.campaign(row.id)
     trials = store.trials(row.id)
     observations = store.observations(row.id)
-    records = provenance.rows(store, row.id)
+    records = _decision_summaries(store, row.id)
     objectives = [{"name": n, "goal": o.goal} for n, o in spec.objectives.items()]
     first, goal = objectives[0]["name"], objectives[0]["goal"]
     series, best = [], None
@@ -218,6 +218,18 @@ def campaign_state(store: Store, name: str) -> dict[str, Any]:
     if len(objectives) > 1:
         out["pareto"] = _pareto(spec, store.results(row.id))
     return out
+
+
+def _decision_summaries(store: Store, campaign_id: int) -> dict[int, Any]:
+    """The provenance columns the trials table shows, keyed by trial id (not the hyperparameters and data
+    lists, which the page fetches per trial: the state is re-read on every event)."""
+    from sqlalchemy import select
+
+    table = provenance.ProvenanceRow.__table__  # type: ignore[attr-defined]
+    columns = [table.c.trial_id, table.c.generator, table.c.acquisition, table.c.acquisition_value,
+               table.c.predicted, table.c.review, table.c.reviewed_by]
+    with store.engine.connect() as connection:
+        return {r.trial_id: r for r in connection.execute(select(*columns).where(table.c.campaign_id == campaign_id))}
 
 
 def _pareto(spec: Any, results: list[Any]) -> dict[str, Any]:
