@@ -132,12 +132,12 @@ def render(report: dict[str, Any], console: Any) -> None:
                             + (f", noise sd {info['noise_sd']:g}" if info["noise_sd"] else "") + ")",
                       title_justify="left")
         table.add_column("planner")
-        table.add_column("median log10 regret", justify="right")
+        table.add_column("log10 regret", justify="right")
         table.add_column("IQR", justify="right")
-        table.add_column("exp. to 1 %", justify="right")
-        table.add_column("s / suggestion", justify="right")
+        table.add_column("to 1 %", justify="right")
+        table.add_column("s/sugg.", justify="right")
         if info["noise_sd"]:
-            table.add_column("reported / best-run regret", justify="right")
+            table.add_column("reported/best", justify="right")
         table.add_column("seeds", justify="right")
         for peer in peers:
             entry = by_peer.get(peer)
@@ -151,7 +151,7 @@ def render(report: dict[str, Any], console: Any) -> None:
                 continue
             iqr = entry["iqr_log10_regret"]
             reached = entry["median_experiments_to_1pct"]
-            row = [label, _fmt(entry["median_log10_regret"]), f"{iqr[0]:.2f} … {iqr[1]:.2f}",
+            row = [label, _fmt(entry["median_log10_regret"]), f"{iqr[0]:.2f}…{iqr[1]:.2f}",
                    f">{entry['budget']}" if reached is None else f"{reached:g}",
                    _fmt(entry["median_seconds_per_suggestion"], ".3f")]
             if info["noise_sd"]:

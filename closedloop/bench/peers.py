@@ -258,7 +258,7 @@ class BaybeSession(Session):
 
 
 class BaybePeer(Peer):
-    name, label, modules = "baybe", "BayBE (default recommender)", ("baybe",)
+    name, label, modules = "baybe", "BayBE", ("baybe",)
 
     def refuses(self, problem: Problem) -> str | None:
         if problem.campaign.output_bounds:
@@ -349,7 +349,7 @@ class XoptSession(Session):
 
 
 class XoptPeer(Peer):
-    name, label, modules = "xopt", "Xopt (expected improvement)", ("xopt",)
+    name, label, modules = "xopt", "Xopt EI", ("xopt",)
 
     def start(self, problem: Problem, seed: int) -> Session:
         seed_everything(seed)
@@ -380,8 +380,8 @@ def _typed(campaign: Campaign, point: dict[str, Any]) -> dict[str, Any]:
 
 #: Every peer, in table order. Sobol and ours need nothing beyond the engine.
 PEERS: dict[str, Peer] = {
-    "botorch": ClosedLoopPeer("botorch", "botorch", "closedloop (BoTorch)"),
-    "ax": ClosedLoopPeer("ax", "ax", "Ax (default generation strategy)", ("ax",)),
+    "botorch": ClosedLoopPeer("botorch", "botorch", "ours (botorch)"),
+    "ax": ClosedLoopPeer("ax", "ax", "Ax", ("ax",)),
     "baybe": BaybePeer(),
     "xopt": XoptPeer(),
     "optuna": OptunaPeer(),
