@@ -715,9 +715,10 @@ def bench_planner(
                                                          "(default 10 50 200 500 1000; 0 skips it)"),
     speed_cap: float = typer.Option(60.0, help="skip larger speed sizes once a suggestion takes longer (s)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON here (rewritten as runs end)"),
+    markdown: Optional[Path] = typer.Option(None, help="write the tables as markdown here at the end"),
 ) -> None:
     """Our planner against Ax, BayBE, Xopt, Optuna TPE and Sobol over the benchmark suite."""
-    from closedloop.bench import PEERS, PROBLEMS, planner_benchmark, render
+    from closedloop.bench import PEERS, PROBLEMS, planner_benchmark, render, to_markdown
 
     unknown = [p for p in problem or [] if p not in PROBLEMS] + [p for p in peer or [] if p not in PEERS]
     if unknown:
@@ -745,6 +746,10 @@ def bench_planner(
     render(report, console)
     if json_out is not None:
         console.print(f"report written to {json_out}", highlight=False)
+    if markdown is not None:
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        markdown.write_text(to_markdown(report))
+        console.print(f"tables written to {markdown}", highlight=False)
 
 
 # -- issue 9: why each experiment was chosen (closedloop.provenance), the live dashboard (closedloop.dashboard) --

@@ -30,7 +30,7 @@ from closedloop.bench.runner import (
     summarize,
 )
 
-__all__ = ["PEERS", "PROBLEMS", "planner_benchmark", "render"]
+__all__ = ["PEERS", "PROBLEMS", "planner_benchmark", "render", "to_markdown"]
 
 
 def planner_benchmark(problems: list[str] | None = None, peers: list[str] | None = None, seeds: int = 10,
@@ -175,3 +175,74 @@ def render(report: dict[str, Any], console: Any) -> None:
             table.add_row(PEERS[peer].label, *[("–" if c is None else f"{c:.3f}" if isinstance(c, float) else
                                                c.split(":")[0]) for c in cells])
         console.print(table)
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    """The report as markdown: the command, one table per problem, the speed table, what is missing."""
+    peers = report["config"]["peers"]
+    lines = [
+        "# Planner benchmark",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"Started {report['started']}, finished {report['finished'] or '(cut short; partial results)'}, "
+        f"{report.get('elapsed_seconds', 0):.0f} s. Machine: {report['environment']['cpus']} CPUs (shared). "
+        "Packages: " + ", ".join(f"{k} {v}" for k, v in report["environment"]["packages"].items() if v) + ".",
+        "",
+        "Regret is measured on the noiseless truth from each problem's known optimum: the best feasible experiment "
+        "run so far (for two objectives, the maximum hypervolume minus the hypervolume reached). log10 regret is "
+        "floored at -8. *to 1 %*: median number of experiments until the regret is within 1 % of the optimum's "
+        "range (`>N`: the median run did not get there within its N experiments). *s/sugg.*: median over runs of the "
+        "median seconds per suggestion. *reported/best*: median ratio of the regret of the experiment the tool reports "
+        "as best (ours and Ax: `best()`; the others: the best noisy reading) to the regret of the truly best experiment "
+        "it ran.",
+        "",
+    ]
+    for name, reason in report["missing_peers"].items():
+        lines.append(f"- peer **{name}** missing: {reason}")
+    for problem, by_peer in report["summary"].items():
+        info = report["problems"][problem]
+        noisy = bool(info["noise_sd"])
+        lines += ["", f"## {problem}", "",
+                  f"{info['source']}. {info['dimensions']}-D, {info['budget']} experiments, optimum {info['optimum']:.6g}"
+                  + (f", noise sd {info['noise_sd']:g}" if noisy else "") + ".", ""]
+        header = ["planner", "median log10 regret", "IQR", "to 1 %", "s/sugg.", *(["reported/best"] if noisy else []),
+                  "seeds"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        notes = []
+        for peer in peers:
+            entry = by_peer.get(peer)
+            if entry is None:
+                continue
+            if not entry["seeds"]:
+                lines.append(f"| {PEERS[peer].label} | – | – | – | – |" + (" – |" if noisy else "") + " 0 |")
+                notes += [f"- {PEERS[peer].label}: {m[:300]}" for m in entry.get("messages", [])]
+                continue
+            iqr = entry["iqr_log10_regret"]
+            reached = entry["median_experiments_to_1pct"]
+            row = [PEERS[peer].label, _fmt(entry["median_log10_regret"]), f"{iqr[0]:.2f} … {iqr[1]:.2f}",
+                   f">{entry['budget']}" if reached is None else f"{reached:g}",
+                   _fmt(entry["median_seconds_per_suggestion"], ".3f")]
+            if noisy:
+                row.append(_fmt(entry["median_reported_to_true_regret"], ".2f"))
+            row.append(str(entry["seeds"]))
+            lines.append("| " + " | ".join(row) + " |")
+            notes += [f"- {PEERS[peer].label}: {m[:300]}" for m in entry.get("messages", [])]
+        lines += [""] + notes if notes else []
+    speed = report["speed"]["seconds_per_suggestion"]
+    if speed:
+        sizes = [str(n) for n in report["config"]["speed_sizes"]]
+        lines += ["", "## Seconds per suggestion on Hartmann6", "",
+                  "After N observations (N−1 Sobol points and one the planner proposed, so its model is in use); "
+                  f"larger sizes are skipped for a peer once one suggestion took over "
+                  f"{report['config']['speed_cap_seconds']:g} s (never for ours).", "",
+                  "| planner | " + " | ".join(f"N={n}" for n in sizes) + " | batch of 4 at 200 |",
+                  "|" + "---|" * (len(sizes) + 2)]
+        for peer in peers:
+            row = speed.get(peer)
+            if row is None:
+                continue
+            cells = [row.get(n) for n in sizes] + [row.get("batch4_at_200")]
+            lines.append(f"| {PEERS[peer].label} | " + " | ".join(
+                "–" if c is None else f"{c:.3f}" if isinstance(c, float) else c for c in cells) + " |")
+    return "\n".join(lines) + "\n"

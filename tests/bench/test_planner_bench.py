@@ -95,8 +95,10 @@ def test_tiny_run_writes_a_complete_report(tmp_path):
 def test_cli_runs_the_benchmark_and_refuses_unknown_names(tmp_path):
     path = tmp_path / "out.json"
     result = CliRunner().invoke(app, ["bench", "planner", "-p", "branin", "--peer", "sobol", "--seeds", "1",
-                                      "--budget-scale", "0.2", "--speed", "0", "--json", str(path)])
+                                      "--budget-scale", "0.2", "--speed", "0", "--json", str(path),
+                                      "--markdown", str(tmp_path / "out.md")])
     assert result.exit_code == 0, result.output
+    assert "| Sobol |" in (tmp_path / "out.md").read_text()
     assert "branin" in result.output and "Sobol" in result.output
     assert json.loads(path.read_text())["summary"]["branin"]["sobol"]["seeds"] == 1
     result = CliRunner().invoke(app, ["bench", "planner", "--peer", "nosuch", "--seeds", "1"])
