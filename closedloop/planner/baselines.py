@@ -15,7 +15,7 @@ import torch
 from closedloop.campaign import Campaign
 from closedloop.planner.base import Proposal, Result
 from closedloop.planner.observations import ObservationLog
-from closedloop.planner.space import Space
+from closedloop.planner.space import Space, candidates_repeat
 
 
 class SobolPlanner:
@@ -72,7 +72,7 @@ class SobolPlanner:
         free = []
         for i, row in enumerate(rows):
             k = self.space.key(row)
-            if taken.get(k, 0) > 0:
+            if taken.get(k, 0) > 0 and not candidates_repeat(self.campaign):
                 taken[k] -= 1
             else:
                 free.append(i)
