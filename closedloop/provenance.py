@@ -30,9 +30,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from importlib import metadata as importlib_metadata
@@ -159,7 +162,7 @@ class Recorder:
             point = next((p for p in points if p.get("parameters") == proposal.parameters), None)
             meta = proposal.metadata
             decision = {
-                "backend": self.planner.backend, "versions": self.versions,
+                "backend": self.planner.backend, "versions": {**self.versions, **_threads()},
                 "generator": meta.get("generator"),
                 "seed": getattr(self.planner, "seed", None),
                 "acquisition_seed": evidence.get("seed") if point is not None else None,
@@ -189,6 +192,28 @@ class Recorder:
             entry = self._decisions.pop(id(proposal), None)
         # the id could be reused by a new object once the old proposal is gone: check it is this one
         return entry[1] if entry is not None and entry[0] is proposal else None
+
+
+def _threads() -> dict[str, str]:
+    """torch's intra-op thread count: sums split across threads round differently, and a model fitted or an
+    acquisition optimized with another count can end elsewhere, so a replay uses the same count."""
+    torch = sys.modules.get("torch")  # only a planner that uses torch imports it
+    return {"torch_threads": str(torch.get_num_threads())} if torch is not None else {}
+
+
+@contextmanager
+def _torch_threads(count: str | None) -> Iterator[None]:
+    """Run with torch's intra-op thread count set to ``count`` (as recorded), then restore it."""
+    torch = sys.modules.get("torch")
+    if count is None or torch is None or int(count) == torch.get_num_threads():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(count))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def record(store: Store, planner: Any, trial: TrialRow, proposal: Proposal) -> ProvenanceRow | None:
@@ -402,9 +427,12 @@ def ranges_of(numbers: Any) -> list[list[int]]:
     return out
 
 
-def expand(ranges: list[list[int]]) -> list[int]:
-    """The trial numbers of ``[first, last]`` ranges, in order."""
-    return [n for first, last in ranges for n in range(first, last + 1)]
+def expand(ranges: list[list[int]] | list[int]) -> list[int]:
+    """The trial numbers of ``[first, last]`` ranges, in order (plain numbers, as first written, pass through)."""
+    out: list[int] = []
+    for item in ranges:
+        out.extend([item] if isinstance(item, int) else range(item[0], item[1] + 1))
+    return out
 
 
 def _ranges(numbers: list[int]) -> str:
@@ -484,7 +512,7 @@ def replay(store: Store, campaign: str, index: int) -> Replay:
     planner = make_planner(spec)
     if given:
         planner.ingest(given)
-    with planning_lock:
+    with planning_lock, _torch_threads((prov.versions or {}).get("torch_threads")):
         proposals = planner.suggest(prov.batch_size, pending=[dict(p) for p in prov.pending_parameters])
     seconds = time.perf_counter() - started
     replayed = proposals[prov.batch_position].parameters if prov.batch_position < len(proposals) else None

@@ -85,6 +85,16 @@ def test_replay_reproduces_a_model_decision_exactly(finished: tuple[Store, str])
     result = provenance.replay(store, name, chosen)
     assert result.observed == len(provenance.expand(by_index[chosen].observed)) > 0
     assert result.same, result.lines()
+    # in a process whose torch uses another thread count (sums round differently), replay uses the recorded one
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        assert provenance.replay(store, name, chosen).same
+    finally:
+        torch.set_num_threads(threads)
+    assert by_index[chosen].versions["torch_threads"] == str(threads)
     first = provenance.replay(store, name, 1)  # the design's first point, chosen with nothing known
     assert first.same and first.observed == 0
 
