@@ -237,14 +237,20 @@ def compute_station(
     name: Optional[str] = typer.Option(None, help="station name (default compute-HOST-PID)"),
     instrument: Optional[list[str]] = typer.Option(None, help="instruments served, e.g. 'function:pkg.mod:f' (default any)"),
     outbox: Optional[Path] = typer.Option(None, help="outbox file of unacknowledged results"),
+    secret_key: Optional[Path] = typer.Option(None, help="this station's CURVE secret key (NAME.key_secret)"),
+    server_key: Optional[Path] = typer.Option(None, help="the daemon's CURVE public key (daemon.key)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run a compute station: computational experiments (functions, commands) on a Dask cluster."""
     _setup_logging(verbose)
     from closedloop.compute import ComputeStation
+    from closedloop.keys import ClientKeys
 
+    if (secret_key is None) != (server_key is None):
+        _fail("give both --secret-key and --server-key, or neither", EXIT_BAD_INPUT)
+    keys = ClientKeys(secret_key, server_key) if secret_key and server_key else None
     station = ComputeStation(connect, name=name, capacity=capacity, instruments=instrument or None, outbox=outbox,
-                             scheduler=scheduler, local_workers=workers)
+                             scheduler=scheduler, local_workers=workers, keys=keys)
     console.print(f"compute station {station.name} connecting to {connect}", highlight=False)
     try:
         station.run()

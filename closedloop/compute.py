@@ -191,6 +191,8 @@ class ComputeStation:
         local_workers: worker processes (or threads) of the LocalCluster, when one is started.
         local_threads: threads per worker of the LocalCluster (default: enough for ``capacity``).
         processes: LocalCluster workers as processes (isolation; a crash loses one worker) or threads.
+        keys: CURVE keys (:class:`closedloop.keys.ClientKeys`: this station's pair and the daemon's
+            public key); None for plain loopback.
     """
 
     def __init__(
@@ -206,10 +208,12 @@ class ComputeStation:
         local_threads: int | None = None,
         processes: bool = True,
         heartbeat_s: float = 1.0,
+        keys: Any | None = None,
         context: zmq.Context | None = None,
     ):
         self.endpoint = connect
         self.name = name or f"compute-{default_station_name()}"
+        self.keys = keys
         self.instruments = instruments or ["*"]
         self.outbox = Outbox(outbox or Path.home() / ".closedloop" / f"outbox-{self.name}.db")
         self.scheduler = scheduler
@@ -309,7 +313,8 @@ class ComputeStation:
         registered = False
         try:
             while not self._stop.is_set():
-                if sock.poll(20, zmq.POLLIN):
+                # short naps while experiments run: a finished future is noticed within milliseconds
+                if sock.poll(3 if self._running else 20, zmq.POLLIN):
                     last_heard = time.monotonic()
                     registered = self._on_message(sock, sock.recv(), registered)
                 while True:
@@ -347,6 +352,8 @@ class ComputeStation:
         sock.setsockopt(zmq.LINGER, 500)
         sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        if self.keys is not None:
+            self.keys.apply(sock)
         sock.connect(self.endpoint)
         return sock
 

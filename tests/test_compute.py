@@ -292,3 +292,22 @@ def test_a_result_is_kept_in_the_outbox_until_acknowledged_and_offered_again_aft
         thread.join(timeout=30)
         daemon.close()
         context.destroy(linger=0)
+
+
+def test_a_compute_station_with_curve_keys_serves_a_daemon_that_requires_them(tmp_path: Path) -> None:
+    from closedloop.keys import ClientKeys, ServerKeys, new_keypair
+
+    _, daemon_secret = new_keypair(tmp_path / "daemon", "daemon")
+    allowed = tmp_path / "allowed"
+    station_public, station_secret = new_keypair(tmp_path / "station", "cluster")
+    allowed.mkdir()
+    (allowed / "cluster.key").write_bytes(station_public.read_bytes())
+    c = campaign("curve", '{function: "tests.test_compute:quadratic"}', experiments=2, concurrency=1)
+    store = Store(tmp_path / "s.db")
+    daemon = Daemon(store, [c], heartbeat_s=0.5, reconcile_s=1.0, keys=ServerKeys(daemon_secret, allowed))
+    station = ComputeStation(daemon.endpoint, name="cluster", capacity=1, outbox=tmp_path / "o.db", processes=False,
+                             local_workers=1, heartbeat_s=0.5,
+                             keys=ClientKeys(station_secret, tmp_path / "daemon" / "daemon.key"))
+    serve(daemon, station, limit_s=60)
+    assert [t.status for t in store.trials(store.campaign_row("curve").id)] == ["completed", "completed"]
+    store.close()
