@@ -42,7 +42,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Column, event, inspect, or_, update
+from sqlalchemy import JSON, BigInteger, Column, event, inspect, or_, update
 from sqlmodel import Field, Session, SQLModel, select
 
 from closedloop.errors import StoreError
@@ -74,8 +74,10 @@ class ProvenanceRow(SQLModel, table=True):
     backend_version: str | None = None
     versions: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     generator: str | None = None
-    seed: int | None = None  # the campaign's planner seed
-    acquisition_seed: int | None = None  # the seed the planner derived for this decision (sampler, restarts)
+    # 64-bit: a derived seed is any unsigned 32-bit number, beyond PostgreSQL's INTEGER
+    seed: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))  # the campaign's planner seed
+    # the seed the planner derived for this decision (sampler, restarts)
+    acquisition_seed: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     batch_size: int = 1  # ``n`` of the ``suggest(n, pending)`` call that chose it
     batch_position: int = 0
     # the trials whose results the planner had, and those of them that had failed, as ``[first, last]`` ranges
