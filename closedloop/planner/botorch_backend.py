@@ -388,7 +388,9 @@ class BotorchPlanner:
         """
         if surrogate.n_objectives > 1 or self.space.has_constraints:
             return None
-        numeric = [i for i in range(self.space.dim) if i not in self.space.cat_dims]
+        # only continuous columns shrink: BoTorch's mixed optimizer needs each discrete column's values to
+        # span its bounds
+        numeric = [i for i in range(self.space.dim) if i not in self.space.cat_dims and i not in self.space.discrete_dims]
         if not numeric:
             return None
         remaining = self.campaign.budget.experiments - len(self.log.results)

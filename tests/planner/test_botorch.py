@@ -221,3 +221,11 @@ def test_a_thousand_experiments_still_give_a_suggestion_in_seconds() -> None:
     started = time.perf_counter()
     planner.suggest(1)
     assert time.perf_counter() - started < 5.0
+
+
+def test_the_last_experiments_close_in_on_the_incumbent_in_mixed_spaces() -> None:
+    planner = make_planner(campaign(MIXED, initial=5, experiments=8))
+    results = run(planner, lambda p: {"y": b(p) + p["n"] + (0 if p["c"] == "q" else 3)}, 7)
+    final = planner.suggest(1)[0]
+    assert "trust_region" in final.metadata and planner.space.feasible(final.parameters, tolerance=0)
+    assert len(results) == 7
