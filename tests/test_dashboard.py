@@ -177,6 +177,20 @@ def test_read_only_and_token(loop: Loop) -> None:
         assert _get(f"http://127.0.0.1:{server.port}/api/state")[1]["read_only"] is True
     finally:
         server.stop()
+    server = _server(loop)
+    try:
+        base = f"http://127.0.0.1:{server.port}/"
+        status, reply = _post(base + "api/control", {"method": "pause"}, {"Origin": "http://evil.example"})
+        assert status == 403 and "evil.example" in reply["msg"]
+        request = urllib.request.Request(base + "api/control", data=b'{"method": "pause"}', method="POST",
+                                         headers={"Content-Type": "text/plain"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 415
+        assert _get(base + "api/state", {"Host": "rebound.example:80"})[0] == 403
+        assert control_request(loop.daemon.control_endpoint, "status")["campaigns"][0]["paused"] is False
+    finally:
+        server.stop()
     server = _server(loop, token="s3cret")
     try:
         assert _get(f"http://127.0.0.1:{server.port}/api/state")[0] == 401

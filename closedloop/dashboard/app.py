@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import zmq
 import zmq.asyncio
@@ -281,6 +282,10 @@ class Dashboard:
     # -- access ----------------------------------------------------------------------------------
 
     def _denied(self, request: Request) -> Response | None:
+        host = (request.headers.get("host") or "").rsplit(":", 1)[0].strip("[]")
+        if self.config.host in LOOPBACK and host not in LOOPBACK:
+            # a loopback dashboard asked for by another name: a DNS-rebinding page, not this machine's browser
+            return JSONResponse({"success": False, "msg": f"refused: Host {host!r} is not loopback"}, status_code=403)
         token = self.config.token
         if not token:
             return None
@@ -352,6 +357,13 @@ class Dashboard:
             return denied
         if self.config.effective_read_only:
             return JSONResponse({"success": False, "msg": self.config.read_only_reason}, status_code=403)
+        # another site's page in the scientist's browser must not press the buttons: such a request either
+        # names its origin or, to avoid a CORS preflight, cannot be sent as application/json
+        origin = request.headers.get("origin")
+        if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+            return JSONResponse({"success": False, "msg": f"refused: a request from {origin}"}, status_code=403)
+        if not (request.headers.get("content-type") or "").startswith("application/json"):
+            return JSONResponse({"success": False, "msg": "send JSON (Content-Type: application/json)"}, status_code=415)
         try:
             body = await request.json()
             if not isinstance(body, dict):
