@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -71,6 +72,7 @@ class Station:
     last_seen: float
     running: dict[int, float] = field(default_factory=dict)  # trial id -> dispatch time
     declared: set[int] = field(default_factory=set)  # trials its hello said it holds (results in its outbox)
+    prefetch: int = 0  # trials queued on the station beyond its capacity, so it never waits for a round trip
 
     def serves(self, run: CampaignRun) -> bool:
         return (("*" in self.instruments or run.target in self.instruments)
@@ -78,7 +80,7 @@ class Station:
 
     @property
     def free(self) -> int:
-        return self.capacity - len(self.running)
+        return self.capacity + self.prefetch - len(self.running)
 
 
 @dataclass
@@ -243,6 +245,27 @@ class CampaignRun:
         self.held_ids: set[int] = set()  # issue 7: to notice proposals a person rejected
         self.refresh_queue()
         self.service: PlannerService | None = None
+        self.starved_since: float | None = None  # a station has waited on the planner since then
+        self.filler: Planner | None = None
+        self.filled = 0
+        self.fill_after_s: float | None = 0.2
+
+    def fill(self) -> Proposal | None:
+        """A space-filling (Sobol, own seed) proposal for a station the model cannot serve in time."""
+        if self.filler is None:
+            settings = self.campaign.planner.model_copy(update={"backend": "sobol",
+                                                                "seed": (self.campaign.planner.seed or 0) + 104_729})
+            try:
+                self.filler = make_planner(self.campaign.model_copy(update={"planner": settings}))
+            except ClosedLoopError as exc:  # a campaign Sobol cannot serve: stations wait for the model
+                log.warning("campaign=%s no filler proposals: %s", self.campaign.name, exc)
+                self.fill_after_s = None
+                return None
+        # the filler's Sobol position is its own count of points handed out
+        proposal = self.filler.suggest(1, pending=[{}] * self.filled)[0]
+        self.filled += 1
+        return Proposal(proposal.parameters, {**proposal.metadata, "generator": "filler",
+                                              "reason": "the model was still fitting while a station was free"})
 
     @property
     def target(self) -> str:
@@ -317,6 +340,10 @@ class Daemon:
         heartbeat_s: how often stations heartbeat; a station silent for ``lost_after`` heartbeats is lost.
         reconcile_s: how long trials left in flight by an earlier daemon wait for their station.
         drain_s: on stop, how long to wait for results of trials in flight.
+        prefetch: trials sent to a station ahead of its capacity; it starts the next the moment the
+            last ends instead of waiting for a result-dispatch round trip (0: only when a slot is free).
+        fill_after_s: when a station has had a free slot this long and the planner is still fitting,
+            it gets a space-filling (Sobol) proposal instead of waiting; None: always wait for the model.
         on_event: called with (kind, details) for every transition, in the daemon thread.
 
     Example:
@@ -337,6 +364,8 @@ class Daemon:
         heartbeat_s: float = 1.0,
         lost_after: float = 5.0,
         reconcile_s: float = 10.0,
+        fill_after_s: float | None = 0.2,
+        prefetch: int = 1,
         drain_s: float = 60.0,
         on_event: EventSink | None = None,
         context: zmq.Context | None = None,
@@ -352,6 +381,9 @@ class Daemon:
         self.heartbeat_s = heartbeat_s
         self.lost_after = lost_after
         self.drain_s = drain_s
+        self.prefetch = prefetch
+        for run in self.runs.values():
+            run.fill_after_s = fill_after_s
         self.on_event: EventSink = on_event or (lambda kind, details: None)
         self.context = context or (zmq.Context() if keys else zmq.Context.instance())
         self._own_context = context is None and keys is not None
@@ -452,6 +484,9 @@ class Daemon:
 
     def serve(self, should_stop: Callable[[], bool] = lambda: False) -> None:
         """Run until every campaign is done, or until stopped (``should_stop()``, :meth:`request_stop`, SIGTERM)."""
+        # the planner threads hold the GIL through long stretches of model fitting; a short switch
+        # interval lets this loop thread answer a station within a millisecond or so instead of 5 ms turns
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         for run in self.runs.values():
             run.service = PlannerService(run.planner, run.campaign.name, self.wake)
             self._update_planner(run)
@@ -671,7 +706,7 @@ class Daemon:
         previous = self.stations.pop(identity, None)
         holds = set(hello.outstanding)
         station = Station(hello.station, identity, hello.instruments, hello.campaigns, hello.capacity, self._session,
-                          now, declared=holds)
+                          now, declared=holds, prefetch=self.prefetch)
         for trial_id, flight in list(self.in_flight.items()):
             if trial_id in holds and (flight.reconciling or flight.station == hello.station):
                 # the station still has it (running, queued or in its outbox): it stays there
@@ -825,7 +860,7 @@ class Daemon:
         if run.queue or run.held:
             statuses = [TrialStatus.proposed.value] + ([_HELD.value] if _HELD is not None else [])
             pending += [t.parameters for t in self.store.trials(run.id, statuses)]
-        capacity = sum(s.capacity for s in self.stations.values() if s.serves(run)) or 1
+        capacity = sum(s.capacity + s.prefetch for s in self.stations.values() if s.serves(run)) or 1
         capacity = min(capacity, run.campaign.execution.concurrency)
         want = max(0, min(capacity, self._remaining(run))) if self._may_dispatch(run) else 0
         run.service.update(results=results, pending=pending, want=want)
@@ -862,7 +897,16 @@ class Daemon:
                 return False
             proposal = run.service.take()
             if proposal is None:
-                return False  # the planner is still computing; its wake-up turns the loop again
+                # the planner is still computing; its wake-up turns the loop again. An instrument idle for
+                # fill_after_s costs more than one exploratory point: it gets a space-filling one
+                now = time.monotonic()
+                run.starved_since = run.starved_since or now
+                if run.fill_after_s is None or now - run.starved_since < run.fill_after_s:
+                    return False
+                proposal = run.fill()
+                if proposal is None:
+                    return False
+            run.starved_since = None
             if run.approve:
                 rows = self.store.add_trials(run.id, [(proposal.parameters, proposal.metadata)], status=_HELD)  # type: ignore[call-arg]
                 provenance.record(self.store, run.planner, rows[0], proposal)  # issue 9: why, before anyone sees it

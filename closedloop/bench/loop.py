@@ -78,6 +78,17 @@ class _Clock:
             self.results += 1
 
 
+def _generators(directory: Path, campaign: Campaign) -> dict[str, int]:
+    from closedloop.store import Store
+
+    store = Store(directory / f"{campaign.name}.db")
+    counts: dict[str, int] = {}
+    for trial in store.trials(store.campaign_row(campaign.name).id):
+        generator = str((trial.planner or {}).get("generator"))
+        counts[generator] = counts.get(generator, 0) + 1
+    return counts
+
+
 def _run_with_stations(campaign: Campaign, stations: int, directory: Path) -> tuple[_Clock, float]:
     """Serve ``campaign`` to ``stations`` worker processes; the clock starts once all have registered."""
     from closedloop.daemon import Daemon
@@ -195,12 +206,15 @@ def measure_intake(results: int, directory: Path) -> dict[str, float]:
 
 
 def measure_utilization(experiments: int, stations: int, seconds: float, directory: Path) -> dict[str, float]:
-    campaign = _campaign("utilization", experiments, "botorch", seconds, stations)
+    # concurrency counts trials queued on a station ahead of time (one each) as well as running ones
+    campaign = _campaign("utilization", experiments, "botorch", seconds, 2 * stations)
     clock, _ = _run_with_stations(campaign, stations, directory)
     assert clock.first_dispatch is not None and clock.last_result is not None
     wall = clock.last_result - clock.first_dispatch
+    generators = _generators(directory, campaign)
     return {"experiments": clock.results, "wall_s": wall, "busy_s": clock.busy,
-            "utilization": clock.busy / (stations * wall)}
+            "utilization": clock.busy / (stations * wall), "filler": generators.get("filler", 0),
+            "model": sum(n for g, n in generators.items() if g not in ("filler", "sobol"))}
 
 
 def main(*, experiments: int = 100, stations: int = 4, seconds: float = 1.0, intake: int = 5000, overhead: int = 200,
@@ -218,7 +232,8 @@ def main(*, experiments: int = 100, stations: int = 4, seconds: float = 1.0, int
         if utilization:
             u = figures["utilization"] = measure_utilization(experiments, stations, seconds, directory)
             say(f"station utilization: {100 * u['utilization']:.1f} % ({stations} stations, {seconds:g} s experiments, "
-                f"{u['experiments']:.0f} experiments, BoTorch planner, wall {u['wall_s']:.1f} s; target > 95 %)")
+                f"{u['experiments']:.0f} experiments, BoTorch planner, wall {u['wall_s']:.1f} s; target > 95 %); "
+                f"{u['model']:.0f} model proposals, {u['filler']:.0f} space-filling while the model was fitting")
     return figures
 
 
