@@ -194,3 +194,20 @@ def test_records_and_replay_on_postgresql() -> None:
             assert provenance.replay(store, "pg", model_made[-1]).same
         finally:
             store.close()
+
+
+def test_large_hyperparameters_go_to_a_file_with_their_digest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    monkeypatch.setattr(provenance, "INLINE_LIMIT", 100)
+    store = Store(tmp_path / "big.db")
+    campaign_id = store.open_campaign(branin_campaign(name="big"))
+    trial = store.add_trials(campaign_id, [({"x1": 1.0, "x2": 2.0}, {"generator": "botorch.x"})])[0]
+    hyper = {f"models.{i}.covar_module.lengthscale": [0.1 * i, 0.2 * i] for i in range(20)}
+    row = provenance._write(store, trial, {"backend": "botorch", "generator": "botorch.x", "hyperparameters": hyper,
+                                           "proposed_parameters": trial.parameters})
+    assert row.hyperparameters is None and row.hyperparameters_file
+    text = Path(row.hyperparameters_file).read_text()
+    assert row.hyperparameters_digest == "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+    assert provenance.explain(store, "big", trial.index)["provenance"]["hyperparameters"] == hyper
+    store.close()
