@@ -257,7 +257,7 @@ def _write(store: Store, trial: TrialRow, decision: dict[str, Any]) -> Provenanc
     for key in ("acquisition_value", "acquisition_joint"):
         fields[key] = _json_safe(fields.get(key))
     row = ProvenanceRow(trial_id=trial.id, campaign_id=trial.campaign_id, **fields)
-    with store._lock, Session(store.engine) as session:
+    with store._lock, Session(store.engine, expire_on_commit=False) as session:  # the row stays readable
         session.add(row)  # one row per trial, written once: no read before the write
         session.commit()
     return row
