@@ -21,7 +21,7 @@ from closedloop.daemon import Daemon, control_request
 from closedloop.store import Store
 from closedloop.worker import StationWorker
 from tests.conftest import BRANIN_YAML
-from tests.daemon.procs import campaign_yaml, completed, free_port, kill9, start_daemon, start_worker
+from tests.daemon.procs import campaign_yaml, completed, env, free_port, kill9, start_daemon, start_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -237,9 +237,16 @@ def test_two_campaigns_in_one_daemon_each_with_its_own_station(store: Store, tmp
         assert {t.station for t in trials} == {f"for-{name}"}
 
 
+def _cli(*args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "closedloop.cli", *args], capture_output=True, text=True, timeout=60,
+                          env=env())
+    assert done.returncode == 0, (args, done.stdout, done.stderr)
+    return done.stdout
+
+
 @pytest.mark.slow
 def test_sigterm_stops_dispatch_waits_for_results_in_flight_and_a_restart_finishes(tmp_path: Path) -> None:
-    (tmp_path / "c.yaml").write_text(campaign_yaml("term", 12, latency=1.0))
+    (tmp_path / "c.yaml").write_text(campaign_yaml("term", 20, latency=1.0))
     endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     daemon = start_daemon(tmp_path, endpoint, control)
     workers = [start_worker(tmp_path, endpoint, f"t{i}") for i in (1, 2)]
@@ -250,15 +257,22 @@ def test_sigterm_stops_dispatch_waits_for_results_in_flight_and_a_restart_finish
             time.sleep(0.05)
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=10) == 0
+        gone = subprocess.run([sys.executable, "-m", "closedloop.cli", "health", "--control", control, "--timeout", "1"],
+                              capture_output=True, text=True, timeout=60, env=env())
+        assert gone.returncode == 1 and '"healthy": false' in gone.stdout
         store = Store(tmp_path / "s.db")
         trials = store.trials(store.campaign_row("term").id)
         assert "dispatched" not in {t.status for t in trials}, "SIGTERM left results in flight"
-        assert len(trials) < 12
+        assert len(trials) < 20
         assert 'state="completed"' in (tmp_path / "daemon.log").read_text()
         daemon = start_daemon(tmp_path, endpoint, control)
+        # the operator's commands, against the restarted daemon
+        assert "paused term" in _cli("pause", "term", "--control", control)
+        assert '"healthy": true' in _cli("health", "--control", control)
+        assert "resumed term" in _cli("resume", "--control", control)
         assert daemon.wait(timeout=90) == 0
     finally:
         for proc in [daemon, *workers]:
             kill9(proc)
     trials = Store(tmp_path / "s.db").trials(1)
-    assert len(trials) == 12 and {t.status for t in trials} == {"completed"}
+    assert len(trials) == 20 and {t.status for t in trials} == {"completed"}
