@@ -256,7 +256,7 @@ class CampaignRun:
             settings = self.campaign.planner.model_copy(update={"backend": "sobol",
                                                                 "seed": (self.campaign.planner.seed or 0) + 104_729})
             try:
-                self.filler = make_planner(self.campaign.model_copy(update={"planner": settings}))
+                self.filler = provenance.Recorder(make_planner(self.campaign.model_copy(update={"planner": settings})))
             except ClosedLoopError as exc:  # a campaign Sobol cannot serve: stations wait for the model
                 log.warning("campaign=%s no filler proposals: %s", self.campaign.name, exc)
                 self.fill_after_s = None
@@ -264,8 +264,9 @@ class CampaignRun:
         # the filler's Sobol position is its own count of points handed out
         proposal = self.filler.suggest(1, pending=[{}] * self.filled)[0]
         self.filled += 1
-        return Proposal(proposal.parameters, {**proposal.metadata, "generator": "filler",
-                                              "reason": "the model was still fitting while a station was free"})
+        # issue 9: derive keeps the filler's record (its own Sobol sequence and seed) with the proposal
+        return provenance.derive(proposal, generator="filler",
+                                 reason="the model was still fitting while a station was free")
 
     @property
     def target(self) -> str:

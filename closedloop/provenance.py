@@ -35,7 +35,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from importlib import metadata as importlib_metadata
@@ -59,6 +59,7 @@ _KEEP = 512
 # planners (campaigns, the dashboard's model view) doing so at once in one process would draw from each
 # other's seeds, and a decision would no longer follow from its data and seed. They take turns.
 planning_lock = threading.RLock()
+_OWN_GENERATORS = ("sobol", "random")
 _PACKAGES = {"botorch": ("botorch", "gpytorch", "torch"), "ax": ("ax-platform", "botorch", "torch"),
              "sobol": ("torch",), "random": ("torch",)}
 
@@ -115,6 +116,38 @@ def _versions(backend: str) -> dict[str, str]:
     return out
 
 
+# what each proposal not yet written as a trial rested on, by the proposal object (any Recorder's)
+_decisions: OrderedDict[int, tuple[Proposal, dict[str, Any]]] = OrderedDict()
+_decisions_lock = threading.Lock()
+
+
+def _keep(proposal: Proposal, decision: dict[str, Any]) -> None:
+    with _decisions_lock:
+        _decisions[id(proposal)] = (proposal, decision)
+        while len(_decisions) > _KEEP:
+            _decisions.popitem(last=False)
+
+
+def _take(proposal: Proposal) -> dict[str, Any] | None:
+    with _decisions_lock:
+        entry = _decisions.pop(id(proposal), None)
+    # the id could be reused by a new object once the old proposal is gone: check it is this one
+    return entry[1] if entry is not None and entry[0] is proposal else None
+
+
+def derive(proposal: Proposal, **metadata: Any) -> Proposal:
+    """``proposal`` with more metadata (``generator="filler"``), keeping the record of the decision behind it.
+
+    Example:
+        >>> filled = derive(proposal, generator="filler", reason="the model was still fitting")  # doctest: +SKIP
+    """
+    new = Proposal(proposal.parameters, {**proposal.metadata, **metadata})
+    decision = _take(proposal)
+    if decision is not None:
+        _keep(new, {**decision, **({"generator": metadata["generator"]} if "generator" in metadata else {})})
+    return new
+
+
 class Recorder:
     """A planner that remembers what it was given and what each of its proposals rested on.
 
@@ -131,7 +164,6 @@ class Recorder:
         self.planner = planner
         self._lock = threading.Lock()
         self._observed: list[tuple[int | None, bool]] = []
-        self._decisions: OrderedDict[int, tuple[Proposal, dict[str, Any]]] = OrderedDict()
         self.versions = _versions(planner.backend)
 
     def __getattr__(self, name: str) -> Any:
@@ -154,7 +186,9 @@ class Recorder:
         if hasattr(self.planner, "last_decision"):
             self.planner.last_decision = None
         decided_at = utcnow()
-        with planning_lock:
+        # Sobol and random planners draw from generators of their own: they need not wait (the daemon's
+        # filler runs in its loop, and must not wait for a model fit)
+        with planning_lock if self.planner.backend not in _OWN_GENERATORS else nullcontext():
             started = time.perf_counter()
             proposals = self.planner.suggest(n, pending=pending)
             elapsed = time.perf_counter() - started
@@ -182,18 +216,12 @@ class Recorder:
                 "fit_seconds": meta.get("fit_seconds"), "optimize_seconds": meta.get("optimize_seconds"),
                 "suggest_seconds": round(elapsed, 4), "decided_at": decided_at,
             }
-            with self._lock:
-                self._decisions[id(proposal)] = (proposal, decision)
-                while len(self._decisions) > _KEEP:
-                    self._decisions.popitem(last=False)
+            _keep(proposal, decision)
         return proposals
 
     def decision(self, proposal: Proposal) -> dict[str, Any] | None:
         """What ``proposal`` rested on (once: the record is handed over)."""
-        with self._lock:
-            entry = self._decisions.pop(id(proposal), None)
-        # the id could be reused by a new object once the old proposal is gone: check it is this one
-        return entry[1] if entry is not None and entry[0] is proposal else None
+        return _take(proposal)
 
 
 def _threads() -> dict[str, str]:
@@ -219,12 +247,13 @@ def _torch_threads(count: str | None) -> Iterator[None]:
 
 
 def record(store: Store, planner: Any, trial: TrialRow, proposal: Proposal) -> ProvenanceRow | None:
-    """Write the provenance of ``trial``, just stored from ``proposal`` by ``planner`` (a :class:`Recorder`).
+    """Write the provenance of ``trial``, just stored from ``proposal`` (made by a :class:`Recorder`; else
+    ``planner`` is named as its author, without the data it had).
 
     Never raises: a missing record is logged, and the experiment goes ahead (the store keeps the trial).
     """
     try:
-        decision = planner.decision(proposal) if isinstance(planner, Recorder) else None
+        decision = _take(proposal)
         if decision is None:
             decision = {"backend": getattr(planner, "backend", "unknown"), "generator": proposal.metadata.get("generator"),
                         "proposed_parameters": dict(proposal.parameters)}
@@ -502,6 +531,10 @@ def replay(store: Store, campaign: str, index: int) -> Replay:
     if prov is None:
         raise StoreError(f"trial #{index} of {campaign!r} has no provenance record: it cannot be replayed")
     spec = store.campaign(campaign_id)
+    if prov.backend != spec.planner.backend or (prov.seed is not None and prov.seed != spec.planner.seed):
+        # another planner than the campaign's made it (the daemon's space-filling filler): rebuild that one
+        spec = spec.model_copy(update={"planner": spec.planner.model_copy(update={"backend": prov.backend,
+                                                                                  "seed": prov.seed})})
     results = {r.trial: r for r in store.results(campaign_id)}
     failed = set(expand(prov.failed))
     given = []

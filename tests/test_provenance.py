@@ -23,9 +23,31 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, str]:
     path = tmp_path_factory.mktemp("provenance") / "branin.db"
     store = Store(path)
     campaign = branin_campaign(name="prov", experiments=10, initial=5, seed=3)
-    run_embedded(campaign, store)
+    _run(campaign, store, fill_after_s=None)  # every decision the campaign's planner's (fillers: their own test)
     yield store, campaign.name
     store.close()
+
+
+def _run(campaign, store: Store, fill_after_s: float | None) -> None:  # type: ignore[no-untyped-def]
+    """``run_embedded``, with the daemon's space-filling proposals for a waiting station set as asked."""
+    import threading
+
+    from closedloop.daemon import Daemon
+    from closedloop.worker import StationWorker
+
+    daemon = Daemon(store, [campaign], heartbeat_s=0.5)
+    for run in daemon.runs.values():
+        run.fill_after_s = fill_after_s
+    stop = threading.Event()
+    worker = StationWorker(daemon.endpoint, name="station", heartbeat_s=0.5)
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        daemon.serve()
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        daemon.close()
 
 
 @pytest.mark.slow  # a campaign run to its end (shared by the module)
@@ -39,8 +61,8 @@ def test_every_trial_has_its_record(finished: tuple[Store, str]) -> None:
     model_made = 0
     for trial in trials:
         row = records[trial.id]
-        assert row.backend == "botorch" and row.backend_version and row.versions["torch"]
-        assert row.seed == 3 and row.batch_size >= 1 and 0 <= row.batch_position < row.batch_size
+        assert row.backend == "botorch" and row.seed == 3 and row.backend_version and row.versions["torch"]
+        assert row.batch_size >= 1 and 0 <= row.batch_position < row.batch_size
         assert row.proposed_parameters == trial.parameters
         # the planner never had a result of an experiment that came after it, nor of itself
         assert all(number < trial.index for number in provenance.expand(row.observed))
@@ -97,6 +119,7 @@ def test_replay_reproduces_a_model_decision_exactly(finished: tuple[Store, str])
     assert by_index[chosen].versions["torch_threads"] == str(threads)
     first = provenance.replay(store, name, 1)  # the design's first point, chosen with nothing known
     assert first.same and first.observed == 0
+
 
 
 @pytest.mark.slow  # a campaign run to its end (shared by the module)
@@ -210,4 +233,22 @@ def test_large_hyperparameters_go_to_a_file_with_their_digest(tmp_path: Path, mo
     text = Path(row.hyperparameters_file).read_text()
     assert row.hyperparameters_digest == "sha256:" + hashlib.sha256(text.encode()).hexdigest()
     assert provenance.explain(store, "big", trial.index)["provenance"]["hyperparameters"] == hyper
+    store.close()
+
+
+@pytest.mark.slow
+def test_filler_proposals_are_recorded_and_replayed(tmp_path: Path) -> None:
+    """The daemon's space-filling points for a station the model keeps waiting come from their own Sobol
+    planner (own seed): the record names it, and replay rebuilds that planner, not the campaign's."""
+    store = Store(tmp_path / "fill.db")
+    campaign = branin_campaign(name="fill", experiments=9, initial=3, seed=4)
+    _run(campaign, store, fill_after_s=0.0)  # a free station never waits for the model
+    campaign_id = store.campaign_row("fill").id
+    records = provenance.rows(store, campaign_id)
+    fillers = [t.index for t in store.trials(campaign_id) if records[t.id].generator == "filler"]
+    assert fillers, "no filler proposal: the model kept up with an instant simulator"
+    for index in fillers[:2]:
+        row = provenance.provenance(store, "fill", index)
+        assert row.backend == "sobol" and row.seed not in (None, 4) and row.observed == []
+        assert provenance.replay(store, "fill", index).same
     store.close()
