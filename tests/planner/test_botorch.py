@@ -47,7 +47,7 @@ def test_a_batch_is_jointly_chosen_and_pending_experiments_are_avoided() -> None
 def test_same_seed_and_data_give_the_same_proposals_even_rebuilt_from_the_store() -> None:
     c = campaign(BRANIN, initial=4, seed=3)
     live = make_planner(c)
-    results = run(live, lambda p: {"y": b(p)}, 9)
+    results = run(live, lambda p: {"y": b(p)}, 6)
     # the store lists trials by number; the live planner may have received them in another order
     rebuilt = make_planner(c)
     rebuilt.ingest(list(reversed(results)))
@@ -115,6 +115,7 @@ def test_outcome_constraints_steer_the_search_and_the_best_is_feasible() -> None
     assert later[-1].parameters and results[-1].values is not None
 
 
+@pytest.mark.slow
 def test_failed_experiments_teach_the_planner_where_not_to_go() -> None:
     c = campaign("x1: {type: continuous, bounds: [0, 1]}\nx2: {type: continuous, bounds: [0, 1]}", initial=6)
     planner = make_planner(c)
@@ -205,24 +206,27 @@ def test_thinking_stays_fast_as_data_grow() -> None:
     planner = BotorchPlanner(campaign(HARTMANN, experiments=1000))
     planner.ingest(hartmann_like(200))
     planner.suggest(1)  # the checkpoint fit
-    started = time.perf_counter()
+    planner.ingest(hartmann_like(201)[200:])
+    # CPU seconds, not wall time: the machine is shared (about 0.2 s of CPU at 200 observations)
+    started = time.process_time()
     planner.suggest(1)
-    # about 0.1 s of CPU on an idle machine; generous for a loaded CI box
-    assert time.perf_counter() - started < 5.0
+    assert time.process_time() - started < 2.0
 
 
 @pytest.mark.slow
 def test_a_thousand_experiments_still_give_a_suggestion_in_seconds() -> None:
     planner = BotorchPlanner(campaign(HARTMANN, experiments=1000))
     planner.ingest(hartmann_like(1000))
-    started = time.perf_counter()
+    started = time.process_time()
     planner.suggest(1)  # including the fit
-    assert time.perf_counter() - started < 20.0
-    started = time.perf_counter()
+    assert time.process_time() - started < 10.0
+    planner.ingest(hartmann_like(1001)[1000:])
+    started = time.process_time()
     planner.suggest(1)
-    assert time.perf_counter() - started < 5.0
+    assert time.process_time() - started < 5.0
 
 
+@pytest.mark.slow
 def test_the_last_experiments_close_in_on_the_incumbent_in_mixed_spaces() -> None:
     planner = make_planner(campaign(MIXED, initial=5, experiments=8))
     results = run(planner, lambda p: {"y": b(p) + p["n"] + (0 if p["c"] == "q" else 3)}, 7)
