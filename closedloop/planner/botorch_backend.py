@@ -3,9 +3,13 @@
 One objective: analytic ``LogEI`` (plug-in noisy EI) for single proposals, ``qLogNEI`` for batches,
 experiments in flight and constraints. Several objectives: ``qLogNEHVI`` above the campaign's
 thresholds (inferred where missing). Outcome constraints and a success classifier (a GP on the 0/1
-label "gave a result", fitted once anything has failed) enter as BoTorch constraints. From four
-encoded dimensions on, a trust region around the incumbent (TuRBO-style, its size replayed from the
-data) focuses the search.
+label "gave a result", fitted once anything has failed) enter as BoTorch constraints, and a failed
+experiment also counts as the worst result seen in the objective's model. In the last 15 % of the
+budget the search closes in on the incumbent (a small trust region); a TuRBO-style trust region, its
+size replayed from the data, can be turned on for higher dimensions (``CLOSEDLOOP_TR_MIN_DIM``).
+
+Thinking is cheap: hyperparameters are fitted only at checkpoints (:mod:`closedloop.planner.models`),
+single proposals use analytic LogEI, and past 400 experiments the GP is conditioned on a subset.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ TR_MIN_DIM = int(os.environ.get("CLOSEDLOOP_TR_MIN_DIM", "1000"))
 TR_INIT, TR_MAX, TR_MIN = 0.8, 1.6, 0.5**7
 FINAL_SHARE = 0.15
 FINAL_LENGTH = 0.1
+# scales restarts and raw samples of the acquisition optimization
+EFFORT = float(os.environ.get("CLOSEDLOOP_EFFORT", "1"))
 # z-score by which the model must believe an experiment beats the best reading to report it instead
 BEST_CONFIDENCE = 1.64
 
@@ -278,7 +284,7 @@ class BotorchPlanner:
         # -- end issue 9
         bounds = self._trust_region(surrogate)
         # Monte-Carlo acquisitions cost ~50x an analytic one per evaluation: fewer restarts
-        effort = 1.0 if name == "LogExpectedImprovement" else 0.5
+        effort = (1.0 if name == "LogExpectedImprovement" else 0.5) * EFFORT
         candidates, value = maximize(acquisition, self.space, q, seed, bounds=bounds, effort=effort)
         meta = {
             "generator": f"botorch.{name}",

@@ -54,11 +54,12 @@ PROBLEMS = {
 }
 
 
-def run(problem: str, seed: int, backend: str = "botorch") -> dict:
+def run(problem: str, seed: int, backend: str = "botorch", initial: int | None = None) -> dict:
     params, func, optimum, budget, noise = PROBLEMS[problem]
     campaign = Campaign.from_yaml_text(
         f"name: {problem}\nparameters:\n  {params}\nobjectives: {{y: {{goal: minimize}}}}\n"
-        f"budget: {{experiments: {budget}}}\nplanner: {{backend: {backend}, seed: {seed}}}\n"
+        f"budget: {{experiments: {budget}}}\nplanner: {{backend: {backend}, seed: {seed}"
+        + (f", initial_experiments: {initial}" if initial else "") + "}\n"
         "instrument: {simulator: 'simulators.surfaces:Branin'}\n", check_instrument=False)
     planner = make_planner(campaign)
     rng = np.random.default_rng(1000 + seed)
@@ -115,6 +116,7 @@ if __name__ == "__main__":
     parser.add_argument("--first", type=int, default=0)
     parser.add_argument("--backend", default="botorch")
     parser.add_argument("--speed", action="store_true", help="the problems are observation counts")
+    parser.add_argument("--initial", type=int, default=None, help="initial design size")
     parser.add_argument("--q", type=int, default=1, help="batch size for --speed")
     args = parser.parse_args()
     import torch
@@ -124,7 +126,7 @@ if __name__ == "__main__":
         speed([int(p) for p in args.problems], q=args.q)
         sys.exit()
     for problem in args.problems:
-        rows = [run(problem, s, args.backend) for s in range(args.first, args.first + args.seeds)]
+        rows = [run(problem, s, args.backend, args.initial) for s in range(args.first, args.first + args.seeds)]
         for r in rows:
             print(json.dumps(r), file=sys.stderr)
         print(f"{problem}: median log10 regret {statistics.median(r['log10_regret'] for r in rows):+.2f} "
