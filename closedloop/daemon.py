@@ -1153,8 +1153,10 @@ def run_embedded(
     """The daemon and one station worker in this process, on loopback: ``closedloop run``."""
     from closedloop.worker import StationWorker
 
+    # One station: every experiment waits for the model rather than taking a space-filling point, so
+    # a campaign's result does not depend on how fast this machine fits (fillers serve many stations).
     daemon = Daemon(store, [campaign], bind="tcp://127.0.0.1:0", on_event=on_event, reconcile_s=3.0,
-                    heartbeat_s=0.5)
+                    heartbeat_s=0.5, fill_after_s=None)
     stop = threading.Event()
     # -- issue 8: a function or command instrument runs on Dask through a compute station (closedloop.compute)
     worker: Any

@@ -27,8 +27,8 @@ import numpy as np
 
 from closedloop.campaign import Campaign
 
-#: Where the shared data sets live, beside the repository.
-DATASETS = Path(__file__).resolve().parents[2].parent / "shared" / "datasets"
+#: The project's own copies of the public data sets (with their licenses and sources).
+DATASETS = Path(__file__).resolve().parents[2] / "simulators" / "data"
 
 # The bench evaluates functions directly; the campaign still names an importable factory.
 _INSTRUMENT = {"driver": "closedloop.bench.problems:caller_evaluates"}
@@ -304,7 +304,7 @@ def _table(path: str) -> Any:
 
 def _require(path: Path) -> Path:
     if not path.exists():
-        raise FileNotFoundError(f"data set {path} is missing (the emulators read ../shared/datasets/)")
+        raise FileNotFoundError(f"data set {path} is missing (the emulators read simulators/data/)")
     return path
 
 

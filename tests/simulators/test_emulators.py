@@ -17,9 +17,10 @@ pytest.importorskip("sklearn")
 
 
 @pytest.fixture(scope="module")
-def cache_dir(request):
+def cache_dir(request, tmp_path_factory):
     # pytest's own cache survives between runs, so each model is fitted once per checkout.
-    return request.config.cache.mkdir("closedloop-emulators")
+    cache = getattr(request.config, "cache", None)
+    return cache.mkdir("closedloop-emulators") if cache is not None else tmp_path_factory.mktemp("emulators")
 
 
 def training_rmse(spec, emulator) -> dict[str, float]:
