@@ -6,7 +6,7 @@ thresholds (inferred where missing). Outcome constraints and a success classifie
 label "gave a result", fitted once anything has failed) enter as BoTorch constraints, and a failed
 experiment also counts as the worst result seen in the objective's model. In the last 15 % of the
 budget the search closes in on the incumbent (a small trust region); a TuRBO-style trust region, its
-size replayed from the data, can be turned on for higher dimensions (``CLOSEDLOOP_TR_MIN_DIM``).
+size replayed from the data, can be turned on for higher dimensions (``TR_MIN_DIM``).
 
 Thinking is cheap: hyperparameters are fitted only at checkpoints (:mod:`closedloop.planner.models`),
 single proposals use analytic LogEI, and past 400 experiments the GP is conditioned on a subset.
@@ -15,7 +15,6 @@ single proposals use analytic LogEI, and past 400 experiments the GP is conditio
 from __future__ import annotations
 
 import hashlib
-import os
 import math
 import time
 from dataclasses import dataclass
@@ -37,14 +36,14 @@ __all__ = ["BotorchPlanner", "ObservationLog", "SobolSequence"]
 
 
 # TuRBO's trust region (edge lengths in encoded units) and the final closing-in
-# TuRBO's replayed trust region is off by default (it kept Hartmann6 in its local optimum more often);
-# CLOSEDLOOP_TR_MIN_DIM=4 turns it on from four numeric dimensions (it helped Ackley5: +0.48 against +0.70)
-TR_MIN_DIM = int(os.environ.get("CLOSEDLOOP_TR_MIN_DIM", "1000"))
+# TuRBO's replayed trust region is off (it kept Hartmann6 in its local optimum more often; from four
+# numeric dimensions on it helped Ackley5: +0.48 against +0.70): lower TR_MIN_DIM to turn it on
+TR_MIN_DIM = 1000
 TR_INIT, TR_MAX, TR_MIN = 0.8, 1.6, 0.5**7
 FINAL_SHARE = 0.15
 FINAL_LENGTH = 0.1
 # scales restarts and raw samples of the acquisition optimization
-EFFORT = float(os.environ.get("CLOSEDLOOP_EFFORT", "1"))
+EFFORT = 1.0
 # z-score by which the model must believe an experiment beats the best reading to report it instead
 BEST_CONFIDENCE = 1.64
 

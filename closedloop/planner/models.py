@@ -9,26 +9,25 @@ are functions of the data alone, so a planner rebuilt from the store makes the s
 
 from __future__ import annotations
 
+import logging
 import math
-import os
 
 import torch
 from botorch.fit import fit_gpytorch_mll
 from botorch.models import MixedSingleTaskGP, SingleTaskGP
 from botorch.models.model import Model
 from botorch.models.transforms.outcome import Standardize
-from botorch.models.utils.gpytorch_modules import get_matern_kernel_with_gamma_prior
 from gpytorch.constraints import GreaterThan
 from gpytorch.likelihoods import GaussianLikelihood
 from gpytorch.mlls import ExactMarginalLogLikelihood
 from gpytorch.kernels import MaternKernel, ScaleKernel
-from gpytorch.priors import GammaPrior, LogNormalPrior
+from gpytorch.priors import GammaPrior
+
+log = logging.getLogger("closedloop.planner")
 
 # Priors: EDBO's (Shields et al. 2021, as BayBE uses them) for a Matern-5/2 kernel and the noise. On
 # Hartmann6 and Branin they beat BoTorch's dimension-scaled defaults and the older Gamma(3, 6) priors
 # (tests/planner/quality.py): the generous noise prior keeps the model smooth enough to go on exploring.
-KERNEL = os.environ.get("CLOSEDLOOP_KERNEL", "edbo")  # "edbo", "matern-gamma" or "default" (BoTorch's)
-NOISE = os.environ.get("CLOSEDLOOP_NOISE", "edbo")  # "edbo" or "lognormal" (BoTorch's)
 # fit at every experiment up to this many, then whenever the data grew by GROWTH
 EVERY_UP_TO = 20
 GROWTH = 1.15
@@ -53,27 +52,17 @@ def make_gp(train_x: torch.Tensor, train_y: torch.Tensor, cat_dims: list[int]) -
         train_x: ``n x d`` encoded experiments (numeric columns in [0, 1], categories as indices).
         train_y: ``n x 1`` outcomes, oriented so larger is better.
     """
-    # BoTorch's default noise prior with a lower floor: noiseless lab simulators and very repeatable
-    # instruments need the model to interpolate closely near the optimum.
-    if NOISE == "edbo":
-        likelihood = GaussianLikelihood(
-            noise_prior=GammaPrior(1.05, 0.5), noise_constraint=GreaterThan(1e-5, transform=None, initial_value=0.1))
-    else:
-        noise_prior = LogNormalPrior(loc=-4.0, scale=1.0)
-        likelihood = GaussianLikelihood(
-            noise_prior=noise_prior, noise_constraint=GreaterThan(1e-6, transform=None, initial_value=noise_prior.mode)
-        )
+    # a low noise floor: noiseless lab simulators and very repeatable instruments need the model to
+    # interpolate closely near the optimum
+    likelihood = GaussianLikelihood(
+        noise_prior=GammaPrior(1.05, 0.5), noise_constraint=GreaterThan(1e-5, transform=None, initial_value=0.1))
     if cat_dims:
         return MixedSingleTaskGP(train_x, train_y, cat_dims=cat_dims, likelihood=likelihood,
                                  outcome_transform=Standardize(m=1))
-    covar = None
-    if KERNEL == "matern-gamma":
-        covar = get_matern_kernel_with_gamma_prior(ard_num_dims=train_x.shape[-1])
-    elif KERNEL == "edbo":
-        covar = ScaleKernel(
-            MaternKernel(nu=2.5, ard_num_dims=train_x.shape[-1], lengthscale_prior=GammaPrior(1.2, 1.1)),
-            outputscale_prior=GammaPrior(5.0, 0.5),
-        )
+    covar = ScaleKernel(
+        MaternKernel(nu=2.5, ard_num_dims=train_x.shape[-1], lengthscale_prior=GammaPrior(1.2, 1.1)),
+        outputscale_prior=GammaPrior(5.0, 0.5),
+    )
     return SingleTaskGP(train_x, train_y, likelihood=likelihood, covar_module=covar,
                         outcome_transform=Standardize(m=1))
 
@@ -91,8 +80,8 @@ def fit_gp(train_x: torch.Tensor, train_y: torch.Tensor, cat_dims: list[int], se
         torch.manual_seed(seed)
         try:
             fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
-        except Exception:  # noqa: BLE001 - a failed fit keeps the prior's hyperparameters, the loop goes on
-            pass
+        except Exception as exc:  # noqa: BLE001 - a failed fit keeps the prior's hyperparameters, the loop goes on
+            log.warning("GP fit on %d experiments failed (%s); keeping the prior's hyperparameters", len(train_x), exc)
     return hyperparameters(model)
 
 
