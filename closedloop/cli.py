@@ -92,6 +92,8 @@ def _setup_logging(verbose: bool, logfile: Path | None = None) -> None:
         handlers.append(logging.StreamHandler(sys.stderr))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", handlers=handlers
                         or [logging.NullHandler()], force=True)
+    # library warnings (an optimizer restart, a deprecation) belong in the log, not in the scientist's view
+    logging.captureWarnings(True)
 
 
 def _summary(campaign: Campaign, store_path: Path, run: Any, seconds: float) -> None:

@@ -106,8 +106,9 @@ class PlannerService:
     instrument costs more than a proposal that has not seen the last result yet.
     """
 
-    def __init__(self, planner: Planner, name: str, wake: Callable[[], None]):
+    def __init__(self, planner: Planner, name: str, wake: Callable[[], None], fresh_only: bool = False):
         self.planner = planner
+        self.fresh_only = fresh_only  # hand out only proposals that have seen every result
         self.name = name
         self._wake = wake
         self._cond = threading.Condition()
@@ -153,7 +154,8 @@ class PlannerService:
 
     def take(self) -> Proposal | None:
         with self._cond:
-            if not self._buffer:
+            stale = self._incoming or self._buffer_version != self._data_version
+            if not self._buffer or (self.fresh_only and stale):
                 self._cond.notify_all()
                 return None
             proposal = self._buffer.pop(0)
@@ -344,7 +346,9 @@ class Daemon:
         prefetch: trials sent to a station ahead of its capacity; it starts the next the moment the
             last ends instead of waiting for a result-dispatch round trip (0: only when a slot is free).
         fill_after_s: when a station has had a free slot this long and the planner is still fitting,
-            it gets a space-filling (Sobol) proposal instead of waiting; None: always wait for the model.
+            it gets a space-filling (Sobol) proposal instead of waiting; None: always wait for the model
+            to propose with every result so far (with ``prefetch=0`` and one station, a seeded campaign
+            then makes the same decisions every time).
         on_event: called with (kind, details) for every transition, in the daemon thread.
 
     Example:
@@ -489,7 +493,8 @@ class Daemon:
         # interval lets this loop thread answer a station within a millisecond or so instead of 5 ms turns
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         for run in self.runs.values():
-            run.service = PlannerService(run.planner, run.campaign.name, self.wake)
+            run.service = PlannerService(run.planner, run.campaign.name, self.wake,
+                                         fresh_only=run.fill_after_s is None)
             self._update_planner(run)
             run.service.start()
             self._emit("campaign_started", run, total=run.campaign.budget.experiments, finished=run.finished)
@@ -1153,10 +1158,11 @@ def run_embedded(
     """The daemon and one station worker in this process, on loopback: ``closedloop run``."""
     from closedloop.worker import StationWorker
 
-    # One station: every experiment waits for the model rather than taking a space-filling point, so
-    # a campaign's result does not depend on how fast this machine fits (fillers serve many stations).
+    # One station: every experiment waits for the model's proposal on all results so far rather than
+    # taking a space-filling or stale one, so a seeded campaign is reproducible whatever this machine's
+    # speed (fillers and prefetch pay off with many stations; see Daemon).
     daemon = Daemon(store, [campaign], bind="tcp://127.0.0.1:0", on_event=on_event, reconcile_s=3.0,
-                    heartbeat_s=0.5, fill_after_s=None)
+                    heartbeat_s=0.5, fill_after_s=None, prefetch=0)
     stop = threading.Event()
     # -- issue 8: a function or command instrument runs on Dask through a compute station (closedloop.compute)
     worker: Any

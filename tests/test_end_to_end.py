@@ -40,3 +40,16 @@ def test_resuming_a_finished_campaign_runs_nothing_more(store: Store, tmp_path) 
     run_embedded(campaign, store, outbox=str(tmp_path / "outbox.db"))
     assert [(t.index, t.parameters) for t in store.trials(store.open_campaign(campaign))] == first
     assert len(first) == 3
+
+
+@pytest.mark.slow
+def test_a_seeded_campaign_makes_the_same_decisions_every_time(tmp_path) -> None:
+    campaign = branin_campaign(name="seeded", experiments=10, initial=4, seed=3, noise=0.0)
+    runs = []
+    for attempt in ("a", "b"):
+        store = Store(tmp_path / f"{attempt}.db")
+        run = run_embedded(campaign, store, outbox=str(tmp_path / f"{attempt}.outbox"))
+        runs.append([(t.index, t.parameters) for t in store.trials(run.id)])
+        store.close()
+    assert len(runs[0]) == 10
+    assert runs[0] == runs[1]
