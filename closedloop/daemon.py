@@ -656,6 +656,12 @@ class Daemon:
             accepted.append((identity, result, run, index, parameters, values))
         if not items:
             return
+        for identity, result, *_ in accepted:
+            if result.documents:
+                try:  # kept before the result is stored and acknowledged, like the result itself
+                    self.store.save_documents(result.run_uid, result.documents)
+                except (StoreError, OSError) as exc:
+                    log.warning("trial %s: documents of run %s not kept: %s", result.trial_id, result.run_uid, exc)
         outcomes = self.store.record_results(items)
         ingest: dict[int, list[Result]] = {}
         for (identity, result, run, index, parameters, values), outcome in zip(accepted, outcomes):
@@ -1013,6 +1019,11 @@ class Daemon:
                     run.paused = method == "pause"
                     log.info("campaign=%s %sd", run.campaign.name, method)
                     self._emit(f"campaign_{method}d", run, in_flight=self._in_flight_count(run))
+                    # stations running its trials pause their RunEngines at the next checkpoint (moves finish)
+                    running = {f.station for f in self.in_flight.values() if f.campaign_id == run.id}
+                    for station in list(self.stations.values()):
+                        if station.name in running:
+                            self._send(station.identity, protocol.Control(action=method, reason=str(params.get("by", ""))))
                 self._update_planner(run)
             return {"success": True, "msg": f"{method}d {', '.join(r.campaign.name for r in runs)}"}
         if method == "stop":

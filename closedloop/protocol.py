@@ -17,6 +17,7 @@ message carries ``v`` (the protocol version) and a ``msg_id``; a peer speaking a
 | failure    | station -> daemon  | the trial failed, with the device error                          |
 | ack        | daemon -> station  | the result or failure of a trial is stored; forget it            |
 | cancel     | daemon -> station  | stop the trial (timeout, operator)                               |
+| control    | daemon -> station  | pause the RunEngine at its next checkpoint, or resume it         |
 
 Exactly-once rests on three rules: the daemon stores a trial as dispatched before the ``assign``
 leaves; a station keeps each ``result``/``failure`` in its on-disk outbox until the ``ack``; the
@@ -128,6 +129,7 @@ class ResultMessage(_Message):
     duration_s: float | None = Field(default=None, ge=0)
     started_at: float | None = None  # unix seconds on the station's clock
     finished_at: float | None = None
+    documents: str | None = Field(default=None, max_length=MAX_MESSAGE_BYTES // 2)  # the run's JSON lines
 
     _finite = field_validator("values", "noise")(_finite_values)
 
@@ -151,8 +153,16 @@ class Cancel(_Message):
     reason: str = Field(default="", max_length=4096)
 
 
+class Control(_Message):
+    """Operator pause or resume of a campaign, carried to the RunEngine of a station running its trial."""
+
+    type: Literal["control"] = "control"
+    action: Literal["pause", "resume"]
+    reason: str = Field(default="", max_length=4096)
+
+
 Message = Annotated[
-    Union[Hello, Welcome, Refused, Heartbeat, Assign, Started, ResultMessage, Failure, Ack, Cancel],
+    Union[Hello, Welcome, Refused, Heartbeat, Assign, Started, ResultMessage, Failure, Ack, Cancel, Control],
     Field(discriminator="type"),
 ]
 _adapter: TypeAdapter[Any] = TypeAdapter(Message)

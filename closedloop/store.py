@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import math
+import re
 import threading
 from collections.abc import Iterable
 from datetime import datetime, timezone
@@ -26,6 +27,8 @@ from sqlmodel import Field, Session, SQLModel, create_engine, select
 from closedloop.campaign import Campaign
 from closedloop.errors import StoreError
 from closedloop.planner.base import Result
+
+_RUN_UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,127}")
 
 
 def utcnow() -> datetime:
@@ -135,6 +138,37 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    # -- Bluesky documents ------------------------------------------------------------------
+
+    @property
+    def documents_dir(self) -> Path:
+        """Where each run's Bluesky documents are kept: beside a SQLite file, else ``results/documents``."""
+        url = self.location
+        if "://" not in url:
+            return Path(url + ".documents")
+        if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
+            return Path(url[len("sqlite:///"):] + ".documents")
+        return Path("results") / "documents"
+
+    def save_documents(self, run_uid: str, jsonl: str) -> Path:
+        """Keep a run's documents (JSON lines, as the RunEngine emitted them) under its run uid."""
+        if not _RUN_UID.fullmatch(run_uid):
+            raise StoreError(f"run uid {run_uid[:80]!r} is not a valid file name")
+        folder = self.documents_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{run_uid}.jsonl"
+        partial = path.with_suffix(".partial")
+        partial.write_text(jsonl)
+        partial.replace(path)  # a crash never leaves half a record under the final name
+        return path
+
+    def documents(self, run_uid: str) -> str | None:
+        """The documents of a run as JSON lines, or None when none were kept."""
+        if not _RUN_UID.fullmatch(run_uid):
+            return None
+        path = self.documents_dir / f"{run_uid}.jsonl"
+        return path.read_text() if path.exists() else None
 
     # -- campaigns ------------------------------------------------------------------------
 

@@ -33,7 +33,9 @@ from closedloop import protocol
 from closedloop.errors import DeviceError, ProtocolError
 from closedloop.keys import ClientKeys
 from drivers.binding import InstrumentBinding, load_binding
+from drivers.documents import DocumentCollector
 from drivers.plans import experiment_plan
+from drivers.readout import outputs_from_events
 
 log = logging.getLogger("closedloop.worker")
 
@@ -89,24 +91,6 @@ def default_station_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def _outputs(binding: InstrumentBinding, events: list[dict[str, Any]],
-             outputs: list[str]) -> tuple[dict[str, float], dict[str, float] | None]:
-    try:
-        from drivers.readout import outputs_from_events
-    except ImportError:  # an instruments package without the readout helper: last event, named keys
-        if not events:
-            raise DeviceError("the run produced no event documents") from None
-        data = events[-1]["data"]
-        values = {}
-        for output in outputs:
-            key = binding.outputs.get(output)
-            if not isinstance(key, str) or key not in data:
-                raise DeviceError(f"output {output!r} not in the run's readings ({', '.join(sorted(data))})") from None
-            values[output] = float(data[key])
-        return values, None
-    return outputs_from_events(binding, events, outputs)
-
-
 class StationWorker:
     """Runs trials sent by a daemon on this station's instruments.
 
@@ -152,6 +136,8 @@ class StationWorker:
         self._held: set[int] = set()  # accepted, not yet measured (queued or running)
         self._running: int | None = None
         self._cancelled: set[int] = set()
+        self._resumed = threading.Event()  # cleared while an operator holds the RunEngine paused
+        self._resumed.set()
         self._bindings: dict[str, InstrumentBinding] = {}
         self.RE: RunEngine | None = None
         self.registered = threading.Event()
@@ -193,6 +179,8 @@ class StationWorker:
                     assignment = self.assignments.get(timeout=0.05)
                 except queue.Empty:
                     continue
+                while not self._resumed.wait(timeout=0.05) and not self._stop.is_set():
+                    pass  # an operator paused the campaign: trials already handed to this station wait too
                 self._execute(assignment)
         finally:
             self._stop.set()
@@ -257,35 +245,56 @@ class StationWorker:
             "station": self.name,
             "planner": assignment.metadata,
         }
-        events: list[dict[str, Any]] = []
-        stops: list[dict[str, Any]] = []
-
-        def collect(name: str, doc: dict[str, Any]) -> None:
-            if name == "event":
-                events.append(doc)
-            elif name == "event_page":
-                events.extend({"data": {k: v[i] for k, v in doc["data"].items()}} for i in range(len(doc["seq_num"])))
-            elif name == "stop":
-                stops.append(doc)
+        documents = DocumentCollector()
 
         assert self.RE is not None
         if assignment.trial_id in self._cancelled:
             raise DeviceError(f"trial {assignment.trial_id} cancelled")
         try:
-            uids = self.RE(experiment_plan(binding, assignment.setpoints, md), collect)
+            uids = self.RE(experiment_plan(binding, assignment.setpoints, md), documents)
         except RunEngineInterrupted:
-            # paused by a cancel from the communication thread: end the run as aborted
-            self.RE.abort(reason="cancelled")
-            raise DeviceError(f"trial {assignment.trial_id} cancelled") from None
+            uids = self._interrupted(assignment.trial_id)
         if not uids:
             raise DeviceError("the plan opened no run")
-        if stops and stops[-1].get("exit_status") != "success":
-            raise DeviceError(f"run ended with {stops[-1].get('exit_status')}: {stops[-1].get('reason')}")
-        values, noise = _outputs(binding, events, assignment.outputs)
+        stop = documents.stop
+        if stop is not None and stop.get("exit_status") != "success":
+            raise DeviceError(f"run ended with {stop.get('exit_status')}: {stop.get('reason')}")
+        values, noise = outputs_from_events(binding, documents.events(), assignment.outputs)
+        record = documents.to_jsonl()
         return protocol.ResultMessage(
             trial_id=assignment.trial_id, run_uid=str(uids[-1]), values=values, noise=noise,
             duration_s=time.monotonic() - started, started_at=started_at, finished_at=time.time(),
+            documents=record if len(record) <= protocol.MAX_MESSAGE_BYTES // 2 else None,
         )
+
+    def _interrupted(self, trial_id: int) -> Any:
+        """The RunEngine paused mid-run: wait for the operator's resume, or end the run on a cancel."""
+        assert self.RE is not None
+        while True:
+            while not self._resumed.wait(timeout=0.1):
+                if trial_id in self._cancelled or self._stop.is_set():
+                    break
+            if trial_id in self._cancelled or self._stop.is_set():
+                self.RE.abort(reason="cancelled")
+                raise DeviceError(f"trial {trial_id} cancelled")
+            log.info("trial %s: resuming the RunEngine", trial_id)
+            try:
+                return self.RE.resume()
+            except RunEngineInterrupted:
+                continue  # paused again before the run ended
+
+    def _control(self, action: str) -> None:
+        """Operator pause/resume from the daemon (communication thread)."""
+        if action == "pause":
+            self._resumed.clear()
+            if self._running is not None and self.RE is not None and self.RE.state == "running":
+                log.info("pausing the RunEngine at its next checkpoint (trial %s)", self._running)
+                try:
+                    self.RE.request_pause(defer=True)
+                except Exception as exc:  # the run ended meanwhile: nothing to pause
+                    log.info("pause: %s", exc)
+        else:
+            self._resumed.set()
 
     def _cancel(self, trial_id: int, reason: str) -> None:
         self._cancelled.add(trial_id)
@@ -411,5 +420,7 @@ class StationWorker:
             self.assignments.put(message)
         elif isinstance(message, protocol.Cancel):
             self._cancel(message.trial_id, message.reason)
+        elif isinstance(message, protocol.Control):
+            self._control(message.action)
         elif isinstance(message, protocol.Heartbeat):
             pass

@@ -20,6 +20,7 @@ from closedloop.campaign import Campaign
 from closedloop.daemon import Daemon, control_request
 from closedloop.store import Store
 from closedloop.worker import StationWorker
+from drivers.documents import DocumentCollector
 from tests.conftest import BRANIN_YAML
 from tests.daemon.procs import campaign_yaml, completed, env, free_port, kill9, start_daemon, start_worker
 
@@ -191,13 +192,16 @@ def test_pause_resume_cancel_status_and_the_event_stream(store: Store, tmp_path:
     sub.setsockopt(zmq.SUBSCRIBE, b"campaign.ctl.")
     sub.connect(publish)
     try:
-        with station(daemon.endpoint, "s1", tmp_path), serving(daemon) as thread:
+        with station(daemon.endpoint, "s1", tmp_path) as worker, serving(daemon) as thread:
             _wait(lambda: "trial_dispatched" in seen, 20, "a first dispatch")
             assert control_request(control, "pause", {"campaign": "ctl"})["success"]
-            _wait(lambda: not daemon.in_flight, 5, "the trial in flight to finish")
-            dispatched = seen.count("trial_dispatched")
+            # the trial in flight finishes its moves and holds at the next checkpoint (or had already ended)
+            _wait(lambda: worker.RE is not None and worker.RE.state == "paused" or not daemon.in_flight, 5,
+                  "the station to pause")
+            dispatched, completed = seen.count("trial_dispatched"), seen.count("trial_completed")
             time.sleep(1.0)
             assert seen.count("trial_dispatched") == dispatched, "a paused campaign dispatched"
+            assert seen.count("trial_completed") == completed, "a paused campaign measured"
             status = control_request(control, "status")
             assert status["campaigns"][0]["paused"] and status["stations"][0]["name"] == "s1"
             assert control_request(control, "health")["healthy"]
@@ -226,6 +230,28 @@ def test_pause_resume_cancel_status_and_the_event_stream(store: Store, tmp_path:
 
 
 @pytest.mark.slow
+def test_pause_holds_the_runengine_mid_run_and_resume_finishes_the_same_run(store: Store, tmp_path: Path) -> None:
+    campaign = _campaign("held", 3, latency=1.0, retries=0)
+    control = f"tcp://127.0.0.1:{free_port()}"
+    daemon = Daemon(store, [campaign], heartbeat_s=0.2, control=control, prefetch=0)
+    with station(daemon.endpoint, "s1", tmp_path) as worker, serving(daemon) as thread:
+        _wait(lambda: worker.RE is not None and worker.RE.state == "running", 20, "a run moving its axes")
+        assert control_request(control, "pause")["success"]
+        _wait(lambda: worker.RE.state == "paused", 5, "the RunEngine to pause at its checkpoint")
+        campaign_id = store.campaign_row("held").id
+        time.sleep(1.5)
+        assert store.counts(campaign_id).get("completed", 0) == 0, "a paused RunEngine measured"
+        assert control_request(control, "resume")["success"]
+        thread.join(timeout=60)
+    trials = store.trials(campaign_id)
+    observations = store.observations(campaign_id)
+    assert [t.status for t in trials] == ["completed"] * 3
+    # the paused trial is one run that ended well, not an aborted run and a second one
+    documents = DocumentCollector.from_jsonl(store.documents(observations[trials[0].id].run_uid) or "")
+    assert documents.run_uids == [observations[trials[0].id].run_uid]
+    assert documents.stop is not None and documents.stop["exit_status"] == "success"
+
+
 def test_two_campaigns_in_one_daemon_each_with_its_own_station(store: Store, tmp_path: Path) -> None:
     daemon = Daemon(store, [_campaign("left", 4, latency=0.05), _campaign("right", 4, latency=0.05)], heartbeat_s=0.2)
     with station(daemon.endpoint, "for-left", tmp_path, campaigns=["left"]), \

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from closedloop.daemon import run_embedded
+from drivers.documents import DocumentCollector
 from closedloop.store import Store
 from simulators.surfaces import branin
 from tests.conftest import branin_campaign
@@ -53,3 +54,21 @@ def test_a_seeded_campaign_makes_the_same_decisions_every_time(tmp_path) -> None
         store.close()
     assert len(runs[0]) == 10
     assert runs[0] == runs[1]
+
+
+def test_each_trial_keeps_the_bluesky_documents_of_its_run(store: Store, tmp_path) -> None:
+    campaign = branin_campaign(name="documented", experiments=3, initial=3, backend="sobol")
+    run = run_embedded(campaign, store, outbox=str(tmp_path / "outbox.db"))
+    observations = store.observations(run.id)
+    assert len(observations) == 3
+    for trial in store.trials(run.id):
+        observation = observations[trial.id]
+        documents = DocumentCollector.from_jsonl(store.documents(observation.run_uid) or "")
+        start, stop = documents.start, documents.stop
+        assert start is not None and stop is not None
+        assert start["uid"] == observation.run_uid and start["trial_id"] == trial.id
+        assert start["campaign"] == "documented" and stop["exit_status"] == "success"
+        (event,) = documents.events()
+        assert event["data"]["y"] == observation.values["y"]  # the stored value is the detector's reading
+        assert event["data"]["x1"] == pytest.approx(trial.parameters["x1"], abs=1e-9)
+    assert store.documents("../../etc/passwd") is None
