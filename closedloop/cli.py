@@ -53,6 +53,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Closed-loop 
 @app.callback()
 def _options(debug: bool = typer.Option(False, "--debug", help="show the full traceback of an error")) -> None:
     """Closed-loop autonomous experimentation engine."""
+    # library warnings (an optimizer restart, a deprecation) go to the log, not over the scientist's view
+    if not debug:
+        logging.captureWarnings(True)
+        logging.getLogger("py.warnings").addHandler(logging.NullHandler())  # never printed by logging's last resort
 
 EXIT_BAD_INPUT = 2
 
@@ -92,8 +96,6 @@ def _setup_logging(verbose: bool, logfile: Path | None = None) -> None:
         handlers.append(logging.StreamHandler(sys.stderr))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", handlers=handlers
                         or [logging.NullHandler()], force=True)
-    # library warnings (an optimizer restart, a deprecation) belong in the log, not in the scientist's view
-    logging.captureWarnings(True)
 
 
 def _summary(campaign: Campaign, store_path: Path, run: Any, seconds: float) -> None:
