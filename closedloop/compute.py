@@ -51,7 +51,7 @@ import zmq
 
 from closedloop import protocol
 from closedloop.errors import ClosedLoopError, DeviceError, ProtocolError
-from closedloop.worker import Outbox, default_station_name
+from closedloop.worker import Outbox, connect_station, default_station_name
 
 log = logging.getLogger("closedloop.compute")
 
@@ -347,15 +347,7 @@ class ComputeStation:
     # -- communication ------------------------------------------------------------------------
 
     def _connect(self) -> zmq.Socket:
-        sock = self.context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.ROUTING_ID, self.name.encode())
-        sock.setsockopt(zmq.LINGER, 500)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
-        if self.keys is not None:
-            self.keys.apply(sock)
-        sock.connect(self.endpoint)
-        return sock
+        return connect_station(self.context, self.endpoint, self.name, self.keys)
 
     def _hello(self, capacity: int) -> bytes:
         outstanding = sorted(set(self._running) | {trial for trial, _ in self.outbox.pending()})

@@ -87,6 +87,21 @@ class Outbox:
             self._db.close()
 
 
+def connect_station(context: zmq.Context, endpoint: str, name: str, keys: ClientKeys | None) -> zmq.Socket:
+    """A station's DEALER socket to the daemon: routed by the station name, ZMTP heartbeats, quick reconnects."""
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.ROUTING_ID, name.encode())
+    sock.setsockopt(zmq.LINGER, 500)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    if keys is not None:
+        keys.apply(sock)
+    sock.connect(endpoint)
+    return sock
+
+
 def default_station_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -308,17 +323,7 @@ class StationWorker:
     # -- communication (owns the socket) ------------------------------------------------------
 
     def _connect(self) -> zmq.Socket:
-        sock = self.context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.ROUTING_ID, self.name.encode())
-        sock.setsockopt(zmq.LINGER, 500)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        if self.keys is not None:
-            self.keys.apply(sock)
-        sock.connect(self.endpoint)
-        return sock
+        return connect_station(self.context, self.endpoint, self.name, self.keys)
 
     def _hello(self) -> bytes:
         outstanding = set(self._held) | {trial for trial, _ in self.outbox.pending()}
