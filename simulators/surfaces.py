@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import yaml
 
 from drivers.binding import InstrumentBinding
 from simulators.devices import Axis, Choice, simulated_instrument
@@ -151,3 +152,31 @@ def FailingBranin(*, output: str = "y", **options: Any) -> InstrumentBinding:
     """
     return surface_instrument("failing-branin", branin, [("x1", (-5.0, 10.0)), ("x2", (0.0, 15.0))], output,
                               failure_region=in_failure_region, **options)
+
+
+def branin_campaign(
+    name: str,
+    experiments: int,
+    *,
+    planner: dict[str, Any] | None = None,
+    execution: dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None,
+    instrument: dict[str, Any] | None = None,
+) -> str:
+    """YAML of a campaign minimizing Branin over ``x1`` in [-5, 10] and ``x2`` in [0, 15].
+
+    One definition for tests, benchmarks and examples: by default on this module's :func:`Branin`
+    simulator with ``options``, or on any ``instrument`` mapping (a function or command, say).
+    """
+    data: dict[str, Any] = {
+        "name": name,
+        "parameters": {"x1": {"type": "continuous", "bounds": [-5, 10]},
+                       "x2": {"type": "continuous", "bounds": [0, 15]}},
+        "objectives": {"y": {"goal": "minimize"}},
+        "budget": {"experiments": experiments},
+        "planner": planner or {"backend": "sobol", "seed": 1},
+        "instrument": instrument or {"simulator": "simulators.surfaces:Branin", "options": options or {}},
+    }
+    if execution:
+        data["execution"] = execution
+    return yaml.safe_dump(data, sort_keys=False)

@@ -14,26 +14,17 @@ if str(ROOT) not in sys.path:
 
 from closedloop.campaign import Campaign  # noqa: E402
 from closedloop.store import Store  # noqa: E402
+from simulators.surfaces import branin_campaign as branin_campaign_yaml  # noqa: E402
 
-BRANIN_YAML = """
-name: {name}
-parameters:
-  x1: {{type: continuous, bounds: [-5, 10]}}
-  x2: {{type: continuous, bounds: [0, 15]}}
-objectives:
-  y: {{goal: minimize}}
-budget: {{experiments: {experiments}}}
-planner: {{backend: {backend}, initial_experiments: {initial}, seed: {seed}}}
-instrument:
-  simulator: simulators.surfaces:Branin
-  options: {{noise: {noise}, seed: {seed}}}
-"""
+
+def branin_yaml(name: str, experiments: int, *, initial: int, seed: int, noise: float, backend: str) -> str:
+    return branin_campaign_yaml(name, experiments, planner={"backend": backend, "initial_experiments": initial, "seed": seed},
+                           options={"noise": noise, "seed": seed})
 
 
 def branin_campaign(name: str = "branin-test", experiments: int = 15, initial: int = 6, seed: int = 0,
                     noise: float = 0.01, backend: str = "botorch") -> Campaign:
-    return Campaign.from_yaml_text(BRANIN_YAML.format(name=name, experiments=experiments, initial=initial, seed=seed,
-                                                      noise=noise, backend=backend))
+    return Campaign.from_yaml_text(branin_yaml(name, experiments, initial=initial, seed=seed, noise=noise, backend=backend))
 
 
 @pytest.fixture

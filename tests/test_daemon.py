@@ -21,7 +21,7 @@ from closedloop.daemon import Daemon, control_request
 from closedloop.store import Store
 from closedloop.worker import StationWorker
 from drivers.documents import DocumentCollector
-from tests.conftest import BRANIN_YAML
+from tests.conftest import branin_yaml
 from tests.daemon.procs import campaign_yaml, completed, env, free_port, kill9, start_daemon, start_worker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,8 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_daemon_and_worker_in_separate_processes_complete_a_campaign(tmp_path: Path, free_port: int) -> None:
-    (tmp_path / "c.yaml").write_text(BRANIN_YAML.format(name="apart", experiments=8, initial=4, seed=1, noise=0.0,
-                                                        backend="botorch"))
+    (tmp_path / "c.yaml").write_text(branin_yaml("apart", 8, initial=4, seed=1, noise=0.0, backend="botorch"))
     endpoint = f"tcp://127.0.0.1:{free_port}"
     env_python = [sys.executable, "-m", "closedloop.cli"]
     daemon = subprocess.Popen([*env_python, "daemon", "c.yaml", "--bind", endpoint, "--store", "s.db"], cwd=tmp_path,

@@ -22,6 +22,7 @@ from closedloop.daemon import Daemon, control_request
 from closedloop.dashboard import DashboardConfig, DashboardServer
 from closedloop.store import Store
 from closedloop.worker import StationWorker
+from simulators.surfaces import branin_campaign
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
@@ -29,20 +30,9 @@ CHROMIUM = os.environ.get("CLOSEDLOOP_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
 
-CAMPAIGN = """
-name: {name}
-parameters:
-  x1: {{type: continuous, bounds: [-5, 10]}}
-  x2: {{type: continuous, bounds: [0, 15]}}
-objectives:
-  y: {{goal: minimize}}
-budget: {{experiments: 400}}
-planner: {{backend: sobol, seed: 1}}
-execution: {{approve: {approve}}}
-instrument:
-  simulator: simulators.surfaces:Branin
-  options: {{noise: 0.01, seed: 0, exposure: {exposure}}}
-"""
+def dashboard_campaign(name: str, exposure: float, approve: bool) -> str:
+    return branin_campaign(name, 400, execution={"approve": approve},
+                           options={"noise": 0.01, "seed": 0, "exposure": exposure})
 
 
 @dataclass
@@ -62,7 +52,7 @@ class Loop:
 @contextmanager
 def _running(path: Path, approve: bool = False) -> Iterator[Loop]:
     store = Store(path)
-    campaign = Campaign.from_yaml_text(CAMPAIGN.format(name="dash", exposure=0.15, approve=str(approve).lower()))
+    campaign = Campaign.from_yaml_text(dashboard_campaign("dash", 0.15, approve))
     daemon = Daemon(store, [campaign], publish="tcp://127.0.0.1:0", control="tcp://127.0.0.1:0", heartbeat_s=0.5)
     stop = threading.Event()
     worker = StationWorker(daemon.endpoint, name="station-a", heartbeat_s=0.5)
@@ -284,7 +274,7 @@ def test_dashboard_command_serves_a_store(tmp_path: Path, free_port: int) -> Non
     import sys
 
     store = Store(tmp_path / "alone.db")
-    store.open_campaign(Campaign.from_yaml_text(CAMPAIGN.format(name="alone", exposure=0, approve="false")))
+    store.open_campaign(Campaign.from_yaml_text(dashboard_campaign("alone", 0, False)))
     store.close()
     process = subprocess.Popen([sys.executable, "-m", "closedloop.cli", "dashboard", "--store", str(tmp_path / "alone.db"),
                                 "--port", str(free_port), "--control", "", "--events", ""],
@@ -327,7 +317,7 @@ def test_daemon_with_dashboard_option(tmp_path: Path) -> None:
     import sys
 
     spec = tmp_path / "dash.yaml"
-    spec.write_text(CAMPAIGN.format(name="dash", exposure=0.1, approve="false"))
+    spec.write_text(dashboard_campaign("dash", 0.1, False))
     bind, board = _free_port(), _free_port()
     cli = [sys.executable, "-m", "closedloop.cli"]
     daemon = subprocess.Popen([*cli, "daemon", str(spec), "--store", str(tmp_path / "d.db"), "--bind",

@@ -14,25 +14,10 @@ from typer.testing import CliRunner
 from closedloop import hitl
 from closedloop.campaign import Campaign
 from closedloop.store import Store, TrialStatus
+from simulators.surfaces import branin_campaign
 from tests.reportdata import mixed_campaign
 
 ROOT = Path(__file__).resolve().parents[1]
-
-BRANIN = """
-name: {name}
-parameters:
-  x1: {{type: continuous, bounds: [-5, 10]}}
-  x2: {{type: continuous, bounds: [0, 15]}}
-objectives:
-  y: {{goal: minimize}}
-budget: {{experiments: {experiments}}}
-execution: {{approve: {approve}}}
-planner: {{backend: sobol, seed: 1}}
-instrument:
-  simulator: simulators.surfaces:Branin
-  options: {{noise: 0.0, seed: 0}}
-"""
-
 
 def cli(*args: str) -> object:
     from closedloop.cli import app
@@ -42,7 +27,7 @@ def cli(*args: str) -> object:
 
 def campaign_file(tmp_path: Path, name: str = "hand", experiments: int = 10, approve: bool = False) -> Path:
     path = tmp_path / f"{name}.yaml"
-    path.write_text(BRANIN.format(name=name, experiments=experiments, approve=str(approve).lower()))
+    path.write_text(branin_campaign(name, experiments, execution={"approve": approve}, options={"noise": 0.0, "seed": 0}))
     return path
 
 

@@ -29,26 +29,12 @@ import zmq
 
 from closedloop import protocol
 from closedloop.campaign import Campaign
-
-CAMPAIGN = """
-name: {name}
-parameters:
-  x1: {{type: continuous, bounds: [-5, 10]}}
-  x2: {{type: continuous, bounds: [0, 15]}}
-objectives:
-  y: {{goal: minimize}}
-budget: {{experiments: {experiments}}}
-execution: {{concurrency: {concurrency}}}
-planner: {{backend: {backend}, seed: 1}}
-instrument:
-  simulator: simulators.surfaces:Branin
-  options: {{latency: {latency}, seed: 1}}
-"""
-
+from simulators.surfaces import branin_campaign
 
 def _campaign(name: str, experiments: int, backend: str, latency: float, concurrency: int) -> Campaign:
-    return Campaign.from_yaml_text(CAMPAIGN.format(name=name, experiments=experiments, backend=backend,
-                                                   latency=latency, concurrency=concurrency))
+    return Campaign.from_yaml_text(branin_campaign(name, experiments, planner={"backend": backend, "seed": 1},
+                                                   execution={"concurrency": concurrency},
+                                                   options={"latency": latency, "seed": 1}))
 
 
 def _worker(endpoint: str, name: str, directory: Path) -> subprocess.Popen:

@@ -31,35 +31,19 @@ from pathlib import Path
 from typing import Any
 
 from closedloop.campaign import Campaign
-
-CAMPAIGN = """
-name: {name}
-parameters:
-  x1: {{type: continuous, bounds: [-5, 10]}}
-  x2: {{type: continuous, bounds: [0, 15]}}
-objectives:
-  y: {{goal: minimize}}
-budget: {{experiments: {experiments}}}
-execution: {{concurrency: {concurrency}}}
-planner: {{backend: random, seed: 1}}
-instrument: {instrument}
-"""
-
+from simulators.surfaces import branin, branin_campaign
 
 def cheap(x1: float, x2: float, seconds: float = 0.02) -> dict[str, float]:
     """A cheap computational experiment: the Branin function after ``seconds`` of busy work."""
-    import math
-
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:  # CPU work, as a small simulation would do
         pass
-    y = (x2 - 5.1 / (4 * math.pi**2) * x1**2 + 5 / math.pi * x1 - 6) ** 2 + 10 * (1 - 1 / (8 * math.pi)) * math.cos(x1) + 10
-    return {"y": y}
+    return {"y": branin([x1, x2])}
 
 
-def _campaign(name: str, experiments: int, concurrency: int, instrument: str) -> Campaign:
-    return Campaign.from_yaml_text(CAMPAIGN.format(name=name, experiments=experiments, concurrency=concurrency,
-                                                   instrument=instrument))
+def _campaign(name: str, experiments: int, concurrency: int, instrument: dict[str, Any]) -> Campaign:
+    return Campaign.from_yaml_text(branin_campaign(name, experiments, planner={"backend": "random", "seed": 1},
+                                                   execution={"concurrency": concurrency}, instrument=instrument))
 
 
 class _Clock:
@@ -110,7 +94,7 @@ def measure_dask(experiments: int = 1000, workers: int = 2, seconds: float = 0.0
         # queued at the worker, so a worker never idles while a result travels back through the loop
         concurrency = in_flight * workers
         campaign = _campaign("scale-dask", experiments, concurrency,
-                             json.dumps({"function": "closedloop.bench.scale:cheap", "options": {"seconds": seconds}}))
+                             {"function": "closedloop.bench.scale:cheap", "options": {"seconds": seconds}})
         clock = _Clock()
         store = Store(where / "dask.db")
         daemon = Daemon(store, [campaign], on_event=clock, heartbeat_s=1.0)
@@ -193,7 +177,7 @@ def measure_stations(stations: int, experiments: int, directory: Path | None = N
     with tempfile.TemporaryDirectory(prefix="closedloop-scale-") as tmp:
         where = directory or Path(tmp)
         campaign = _campaign(f"scale-{stations}", experiments, stations,
-                             '{simulator: "simulators.surfaces:Branin"}')
+                             {"simulator": "simulators.surfaces:Branin"})
         clock = _Clock()
         store = Store(where / f"stations-{stations}.db")
         daemon = Daemon(store, [campaign], on_event=clock, heartbeat_s=1.0)

@@ -11,30 +11,19 @@ import sys
 import time
 from pathlib import Path
 
+from simulators.surfaces import branin_campaign
+
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "closedloop.cli"]
-
-CAMPAIGN = """
-name: {name}
-parameters:
-  x1: {{type: continuous, bounds: [-5, 10]}}
-  x2: {{type: continuous, bounds: [0, 15]}}
-objectives:
-  y: {{goal: minimize}}
-budget: {{experiments: {experiments}}}
-execution: {{concurrency: {concurrency}, retries: {retries}{timeout}}}
-planner: {{backend: {backend}, seed: 3}}
-instrument:
-  simulator: simulators.surfaces:Branin
-  options: {{latency: {latency}, seed: 1}}
-"""
 
 
 def campaign_yaml(name: str = "crash", experiments: int = 100, *, latency: float = 0.2, backend: str = "sobol",
                   concurrency: int = 16, retries: int = 20, timeout: float | None = None) -> str:
-    return CAMPAIGN.format(name=name, experiments=experiments, latency=latency, backend=backend,
-                           concurrency=concurrency, retries=retries,
-                           timeout=f", timeout: {timeout}" if timeout else "")
+    execution: dict[str, object] = {"concurrency": concurrency, "retries": retries}
+    if timeout:
+        execution["timeout"] = timeout
+    return branin_campaign(name, experiments, planner={"backend": backend, "seed": 3}, execution=execution,
+                           options={"latency": latency, "seed": 1})
 
 
 def free_port() -> int:
