@@ -45,7 +45,7 @@ def _worker(endpoint: str, name: str, directory: Path) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
 
-class _Clock:
+class EventClock:
     """Collects the first dispatch, the last result and the stations' busy time from daemon events."""
 
     def __init__(self) -> None:
@@ -63,6 +63,12 @@ class _Clock:
             self.busy += details.get("duration_s") or 0.0
             self.results += 1
 
+    @property
+    def wall(self) -> float:
+        """Seconds from the first dispatch to the last stored result."""
+        assert self.first_dispatch is not None and self.last_result is not None, "no experiment completed"
+        return self.last_result - self.first_dispatch
+
 
 def _generators(directory: Path, campaign: Campaign) -> dict[str, int]:
     from closedloop.store import Store
@@ -75,12 +81,12 @@ def _generators(directory: Path, campaign: Campaign) -> dict[str, int]:
     return counts
 
 
-def _run_with_stations(campaign: Campaign, stations: int, directory: Path) -> tuple[_Clock, float]:
+def _run_with_stations(campaign: Campaign, stations: int, directory: Path) -> tuple[EventClock, float]:
     """Serve ``campaign`` to ``stations`` worker processes; the clock starts once all have registered."""
     from closedloop.daemon import Daemon
     from closedloop.store import Store
 
-    clock = _Clock()
+    clock = EventClock()
     daemon = Daemon(Store(directory / f"{campaign.name}.db"), [campaign], on_event=clock, heartbeat_s=0.5)
     run = next(iter(daemon.runs.values()))
     run.paused = True
@@ -104,8 +110,7 @@ def _run_with_stations(campaign: Campaign, stations: int, directory: Path) -> tu
 
 def measure_overhead(experiments: int, directory: Path) -> dict[str, float]:
     clock, _ = _run_with_stations(_campaign("overhead", experiments, "random", 0.0, 1), 1, directory)
-    assert clock.first_dispatch is not None and clock.last_result is not None
-    wall = clock.last_result - clock.first_dispatch
+    wall = clock.wall
     return {"experiments": clock.results, "wall_s": wall, "run_engine_ms": 1000 * clock.busy / clock.results,
             "overhead_ms": 1000 * (wall - clock.busy) / clock.results}
 
@@ -199,8 +204,7 @@ def measure_utilization(experiments: int, stations: int, seconds: float, directo
     # concurrency counts trials queued on a station ahead of time (one each) as well as running ones
     campaign = _campaign("utilization", experiments, "botorch", seconds, 2 * stations)
     clock, _ = _run_with_stations(campaign, stations, directory)
-    assert clock.first_dispatch is not None and clock.last_result is not None
-    wall = clock.last_result - clock.first_dispatch
+    wall = clock.wall
     generators = _generators(directory, campaign)
     return {"experiments": clock.results, "wall_s": wall, "busy_s": clock.busy,
             "utilization": clock.busy / (stations * wall), "filler": generators.get("filler", 0),

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from closedloop.bench.loop import EventClock
 from closedloop.campaign import Campaign
 from simulators.surfaces import branin, branin_campaign
 
@@ -44,28 +45,6 @@ def cheap(x1: float, x2: float, seconds: float = 0.02) -> dict[str, float]:
 def _campaign(name: str, experiments: int, concurrency: int, instrument: dict[str, Any]) -> Campaign:
     return Campaign.from_yaml_text(branin_campaign(name, experiments, planner={"backend": "random", "seed": 1},
                                                    execution={"concurrency": concurrency}, instrument=instrument))
-
-
-class _Clock:
-    """First dispatch and last stored result, from the daemon's events."""
-
-    def __init__(self) -> None:
-        self.first_dispatch: float | None = None
-        self.last_result: float | None = None
-        self.results = 0
-
-    def __call__(self, kind: str, details: dict[str, Any]) -> None:
-        now = time.perf_counter()
-        if kind == "trial_dispatched" and self.first_dispatch is None:
-            self.first_dispatch = now
-        elif kind == "trial_completed":
-            self.last_result = now
-            self.results += 1
-
-    @property
-    def wall(self) -> float:
-        assert self.first_dispatch is not None and self.last_result is not None, "no experiment completed"
-        return self.last_result - self.first_dispatch
 
 
 def _serve_when_registered(daemon: Any, stations: int, limit_s: float = 180) -> None:
@@ -95,7 +74,7 @@ def measure_dask(experiments: int = 1000, workers: int = 2, seconds: float = 0.0
         concurrency = in_flight * workers
         campaign = _campaign("scale-dask", experiments, concurrency,
                              {"function": "closedloop.bench.scale:cheap", "options": {"seconds": seconds}})
-        clock = _Clock()
+        clock = EventClock()
         store = Store(where / "dask.db")
         daemon = Daemon(store, [campaign], on_event=clock, heartbeat_s=1.0)
         station = ComputeStation(daemon.endpoint, name="scale-compute", capacity=concurrency, local_workers=workers,
@@ -178,7 +157,7 @@ def measure_stations(stations: int, experiments: int, directory: Path | None = N
         where = directory or Path(tmp)
         campaign = _campaign(f"scale-{stations}", experiments, stations,
                              {"simulator": "simulators.surfaces:Branin"})
-        clock = _Clock()
+        clock = EventClock()
         store = Store(where / f"stations-{stations}.db")
         daemon = Daemon(store, [campaign], on_event=clock, heartbeat_s=1.0)
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
