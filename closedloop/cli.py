@@ -726,6 +726,8 @@ def bench_planner(
     speed_cap: float = typer.Option(60.0, help="skip larger speed sizes once a suggestion takes longer (s)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON here (rewritten as runs end)"),
     markdown: Optional[Path] = typer.Option(None, help="write the tables as markdown here at the end"),
+    resume: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
+                                          help="take over the finished runs of an earlier --json report"),
 ) -> None:
     """Our planner against Ax, BayBE, Xopt, Optuna TPE and Sobol over the benchmark suite."""
     from closedloop.bench import PEERS, PROBLEMS, planner_benchmark, render, to_markdown
@@ -752,7 +754,8 @@ def bench_planner(
 
     report = planner_benchmark(problems=problem, peers=peer, seeds=seeds, budget_scale=budget_scale, jobs=jobs,
                                speed_sizes=sizes, speed_cap=speed_cap, json_path=json_out,
-                               command="closedloop bench planner " + " ".join(sys.argv[3:]), progress=progress)
+                               command="closedloop bench planner " + " ".join(sys.argv[3:]), progress=progress,
+                               resume=resume)
     render(report, console)
     if json_out is not None:
         console.print(f"report written to {json_out}", highlight=False)

@@ -36,10 +36,15 @@ __all__ = ["PEERS", "PROBLEMS", "planner_benchmark", "render", "to_markdown"]
 def planner_benchmark(problems: list[str] | None = None, peers: list[str] | None = None, seeds: int = 10,
                       budget_scale: float = 1.0, jobs: int = 1, speed_sizes: tuple[int, ...] = (10, 50, 200, 500, 1000),
                       speed_cap: float = SPEED_CAP_SECONDS, json_path: Path | None = None, command: str = "",
-                      progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                      progress: Callable[[dict[str, Any]], None] | None = None,
+                      resume: Path | None = None) -> dict[str, Any]:
     """Runs the planner benchmark and returns (and, with ``json_path``, keeps writing) its report.
 
     The JSON is rewritten after every finished run, so a benchmark cut short keeps what it measured.
+    With ``resume`` (an earlier report), its finished runs of the same (problem, planner, seed, budget)
+    are taken over instead of run again, each marked ``reused_from`` with that report's start time: a
+    suite of many CPU-hours can be completed in several sittings. The speed test is always measured anew,
+    so its ratios come from one run.
     """
     problems = list(problems or PROBLEMS)
     peers = list(peers or PEERS)
@@ -87,6 +92,22 @@ def planner_benchmark(problems: list[str] | None = None, peers: list[str] | None
             progress(result)
 
     tasks = plan(problems, runnable, seeds, budget_scale)
+    if resume is not None:
+        earlier = json.loads(Path(resume).read_text())
+        report["config"]["resumed_from"] = {"path": str(resume), "started": earlier.get("started"),
+                                            "environment": earlier.get("environment")}
+        finished = {(r["problem"], r["peer"], r["seed"], r["budget"]): r for r in earlier.get("runs", [])
+                    if r.get("status") in ("ok", "skipped")}
+        remaining = []
+        for task in tasks:
+            peer, problem, seed, _ = task[1]
+            previous = finished.get((problem, peer, seed, budgets[problem]))
+            if previous is None:
+                remaining.append(task)
+            else:
+                report["runs"].append({**previous, "reused_from": previous.get("reused_from", earlier.get("started"))})
+        tasks = remaining
+        report["summary"] = summarize(report["runs"], budgets)
     if speed_sizes:
         tasks = speed_plan(runnable, speed_sizes, speed_cap) + tasks
     run_many(tasks, jobs, done)

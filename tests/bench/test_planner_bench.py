@@ -107,3 +107,22 @@ def test_cli_runs_the_benchmark_and_refuses_unknown_names(tmp_path):
     assert json.loads(path.read_text())["summary"]["branin"]["sobol"]["seeds"] == 1
     result = CliRunner().invoke(app, ["bench", "planner", "--peer", "nosuch", "--seeds", "1"])
     assert result.exit_code == 2 and "nosuch" in result.output
+
+
+def test_resume_takes_over_finished_runs_and_runs_only_the_rest(tmp_path):
+    first = tmp_path / "first.json"
+    planner_benchmark(problems=["branin"], peers=["sobol"], seeds=2, budget_scale=0.2, speed_sizes=(), json_path=first)
+    earlier = json.loads(first.read_text())
+    # a third seed and a second peer are new; the two Sobol seeds are taken over as they were
+    second = tmp_path / "second.json"
+    report = planner_benchmark(problems=["branin"], peers=["sobol", "optuna"], seeds=3, budget_scale=0.2,
+                               speed_sizes=(), json_path=second, resume=first)
+    runs = {(r["peer"], r["seed"]): r for r in report["runs"]}
+    assert sorted(runs) == [("optuna", 0), ("optuna", 1), ("optuna", 2), ("sobol", 0), ("sobol", 1), ("sobol", 2)]
+    for old in earlier["runs"]:
+        reused = runs[("sobol", old["seed"])]
+        assert reused["reused_from"] == earlier["started"]
+        assert reused["regret_trace"] == old["regret_trace"]
+    assert all("reused_from" not in r for key, r in runs.items() if key not in {("sobol", 0), ("sobol", 1)})
+    assert report["summary"]["branin"]["sobol"]["seeds"] == 3
+    assert json.loads(second.read_text())["config"]["resumed_from"]["started"] == earlier["started"]
