@@ -920,15 +920,18 @@ class Daemon:
                     return False
             run.starved_since = None
             if run.approve:
-                rows = self.store.add_trials(run.id, [(proposal.parameters, proposal.metadata)], status=_HELD)  # type: ignore[call-arg]
-                provenance.record(self.store, run.planner, rows[0], proposal)  # issue 9: why, before anyone sees it
+                # issue 9: why it was chosen, in the same transaction, before anyone sees it
+                rows = self.store.add_trials(run.id, [(proposal.parameters, proposal.metadata)], status=_HELD,  # type: ignore[arg-type]
+                                             companion=provenance.companion(self.store, run.planner, [proposal]))
                 run.held += 1
                 run.held_ids.add(rows[0].id)  # type: ignore[arg-type]  # issue 7: a rejection before the next look counts
                 self._transition(run, rows[0].index, rows[0].id, "held", parameters=proposal.parameters)
                 self._emit("trial_proposed", run, trial=rows[0].index, parameters=proposal.parameters, held=True)
                 self._update_planner(run)
                 return False
-            trial = self.store.add_dispatched(run.id, proposal.parameters, proposal.metadata, station.name)
+            # issue 9: why it was chosen, in the trial's own transaction: durable before the assign leaves
+            trial = self.store.add_dispatched(run.id, proposal.parameters, proposal.metadata, station.name,
+                                              companion=provenance.companion(self.store, run.planner, [proposal]))
             self._emit("trial_proposed", run, trial=trial.index, parameters=trial.parameters,
                        generator=proposal.metadata.get("generator"))
         assert trial.id is not None
@@ -948,10 +951,6 @@ class Daemon:
         self.in_flight[trial.id] = flight
         station.running[trial.id] = flight.dispatched
         sent = self._send(station.identity, assignment)
-        if proposal is not None:
-            # issue 9: why it was chosen. Written right after the assign leaves, so it overlaps the
-            # experiment instead of delaying it; the trial row itself was durable before the send
-            provenance.record(self.store, run.planner, trial, proposal)
         if not sent:
             self._release(trial.id)
             self.store.requeue(trial.id, f"station {station.name} unreachable")

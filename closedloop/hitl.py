@@ -177,9 +177,8 @@ def suggest(store: Store, campaign: Campaign | str, n: int = 1) -> list[TrialRow
                                              TrialStatus.held.value])
     proposals = planner.suggest(n, pending=[t.parameters for t in open_trials])
     rows = store.add_trials(campaign_id, [(p.parameters, {**p.metadata, "execution": MANUAL, "suggested_by": user()})
-                                          for p in proposals])
-    for row, proposal in zip(rows, proposals):  # issue 9
-        provenance.record(store, planner, row, proposal)
+                                          for p in proposals],
+                            companion=provenance.companion(store, planner, proposals))  # issue 9: why, with them
     for row in rows:
         log.info("campaign=%s trial=%s suggested for hand execution parameters=%s", campaign.name, row.index,
                  row.parameters)

@@ -1,8 +1,8 @@
 """Why each experiment was chosen: a provenance record per trial, and replaying a decision.
 
 Every proposal the daemon turns into a trial gets one row in the ``provenance`` table (same SQL
-database and SQLModel metadata as :mod:`closedloop.store`), written right after the trial and before
-it is dispatched. The row says what the planner had (the trials it had ingested, the experiments it
+database and SQLModel metadata as :mod:`closedloop.store`), written in the transaction that stores the
+trial, so it is durable before the trial is dispatched or shown to a person. The row says what the planner had (the trials it had ingested, the experiments it
 treated as pending, the batch size and the proposal's place in the batch), what it was (backend and
 versions, seed), what it thought (fitted hyperparameters, the acquisition function and its value at
 the chosen point, the model's predicted mean and uncertainty there), how long it took, and who
@@ -19,8 +19,8 @@ scientist audits a decision: ``closedloop replay CAMPAIGN --until TRIAL``.
 Example:
     >>> planner = Recorder(make_planner(campaign))          # doctest: +SKIP
     >>> proposal = planner.suggest(1)[0]                     # doctest: +SKIP
-    >>> row = store.add_dispatched(cid, proposal.parameters, proposal.metadata, "station-a")  # doctest: +SKIP
-    >>> record(store, planner, row, proposal)                # doctest: +SKIP
+    >>> row = store.add_dispatched(cid, proposal.parameters, proposal.metadata, "station-a",
+    ...                            companion=companion(store, planner, [proposal]))  # doctest: +SKIP
     >>> replay(store, "branin", row.index).same              # doctest: +SKIP
     True
 """
@@ -43,11 +43,12 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Column, event, inspect, or_, update
+from sqlalchemy.engine import Connection
 from sqlmodel import Field, Session, SQLModel, select
 
 from closedloop.errors import StoreError
 from closedloop.planner.base import Proposal, Result
-from closedloop.store import OPEN_STATUSES, Store, TrialRow, TrialStatus, _json_safe, utcnow
+from closedloop.store import OPEN_STATUSES, Store, TrialCompanion, TrialRow, TrialStatus, _json_safe, utcnow
 
 log = logging.getLogger("closedloop.provenance")
 
@@ -246,29 +247,39 @@ def _torch_threads(count: str | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def record(store: Store, planner: Any, trial: TrialRow, proposal: Proposal) -> ProvenanceRow | None:
-    """Write the provenance of ``trial``, just stored from ``proposal`` (made by a :class:`Recorder`; else
-    ``planner`` is named as its author, without the data it had).
+def companion(store: Store, planner: Any, proposals: list[Proposal]) -> TrialCompanion:
+    """The provenance of the trials about to be stored from ``proposals`` (in order), for the store to write in
+    the trials' own transaction (``Store.add_dispatched(..., companion=...)``, ``Store.add_trials``): a trial is
+    never dispatched, nor shown to a person, before the record of why it was chosen is durable.
 
-    Never raises: a missing record is logged, and the experiment goes ahead (the store keeps the trial).
+    The proposals should come from a :class:`Recorder`; else ``planner`` is named as their author, without the
+    data it had. A record that cannot be written is logged and left out (its own savepoint): the trial and the
+    experiment go ahead.
+
+    Example:
+        >>> row = store.add_dispatched(cid, p.parameters, p.metadata, "station-a",
+        ...                            companion=companion(store, planner, [p]))   # doctest: +SKIP
     """
-    try:
-        decision = _take(proposal)
-        if decision is None:
-            decision = {"backend": getattr(planner, "backend", "unknown"), "generator": proposal.metadata.get("generator"),
-                        "proposed_parameters": dict(proposal.parameters)}
-        return _write(store, trial, decision)
-    except Exception:  # noqa: BLE001 - the record explains the loop; it must never stop it
-        log.exception("campaign_id=%s trial=%s: provenance not recorded", trial.campaign_id, trial.index)
-        return None
+    decisions = [_take(p) or {"backend": getattr(planner, "backend", "unknown"), "generator": p.metadata.get("generator"),
+                              "proposed_parameters": dict(p.parameters)} for p in proposals]
+
+    def write(connection: Connection, trials: list[TrialRow]) -> None:
+        for trial, decision in zip(trials, decisions):
+            try:
+                with connection.begin_nested():
+                    _write(connection, store, trial, decision)
+            except Exception:  # noqa: BLE001 - the record explains the loop; it must never stop it
+                log.exception("campaign_id=%s trial=%s: provenance not recorded", trial.campaign_id, trial.index)
+
+    return write
 
 
-def _write(store: Store, trial: TrialRow, decision: dict[str, Any]) -> ProvenanceRow:
+def _write(connection: Connection, store: Store, trial: TrialRow, decision: dict[str, Any]) -> None:
     assert trial.id is not None
     fields = {k: v for k, v in decision.items() if k in ProvenanceRow.model_fields}
     fields["backend_version"] = (fields.get("versions") or {}).get(
         {"ax": "ax-platform"}.get(fields["backend"], fields["backend"]), (fields.get("versions") or {}).get("closedloop"))
-    fields["pending"] = _pending_trials(store, trial, fields.get("pending_parameters") or [],
+    fields["pending"] = _pending_trials(connection, trial, fields.get("pending_parameters") or [],
                                         fields.get("decided_at"))
     hyper = fields.get("hyperparameters")
     if hyper is not None:
@@ -285,11 +296,9 @@ def _write(store: Store, trial: TrialRow, decision: dict[str, Any]) -> Provenanc
             fields[key] = _json_safe(fields[key])
     for key in ("acquisition_value", "acquisition_joint"):
         fields[key] = _json_safe(fields.get(key))
+    # the model fills in the defaults; SQL Core inserts it on the trial's own connection
     row = ProvenanceRow(trial_id=trial.id, campaign_id=trial.campaign_id, **fields)
-    with store._lock, Session(store.engine, expire_on_commit=False) as session:  # the row stays readable
-        session.add(row)  # one row per trial, written once: no read before the write
-        session.commit()
-    return row
+    connection.execute(ProvenanceRow.__table__.insert().values(**row.model_dump()))  # type: ignore[attr-defined]
 
 
 def _files_folder(store: Store) -> Path | None:
@@ -300,22 +309,22 @@ def _files_folder(store: Store) -> Path | None:
     return path.parent / f"{path.stem}.provenance"
 
 
-def _pending_trials(store: Store, trial: TrialRow, pending: list[dict[str, Any]],
+def _pending_trials(connection: Connection, trial: TrialRow, pending: list[dict[str, Any]],
                     decided_at: datetime | None) -> list[int | None]:
     """Trial numbers of the experiments that were pending: open ones, or finished after the decision."""
     if not pending:
         return []
-    with store.engine.connect() as session:  # Core, not the ORM: this runs in the daemon's loop
-        query = select(TrialRow.index, TrialRow.parameters).where(TrialRow.campaign_id == trial.campaign_id,
-                                                                   TrialRow.id != trial.id)
-        if decided_at is not None:
-            # pending then: proposed before the decision, and open now or finished since; with a margin, as the
-            # planner thread took its pending set a moment before it started deciding
-            margin = timedelta(seconds=0.5)
-            query = query.where(TrialRow.proposed_at <= decided_at + margin,
-                                or_(TrialRow.status.in_([*OPEN_STATUSES, TrialStatus.held.value]),  # type: ignore[attr-defined]
-                                    TrialRow.finished_at >= decided_at - margin))  # type: ignore[operator]
-        candidates = [tuple(r) for r in session.execute(query.order_by(TrialRow.index))]
+    # Core on the trial's own connection, inside its transaction: this runs in the daemon's loop
+    query = select(TrialRow.index, TrialRow.parameters).where(TrialRow.campaign_id == trial.campaign_id,
+                                                               TrialRow.id != trial.id)
+    if decided_at is not None:
+        # pending then: proposed before the decision, and open now or finished since; with a margin, as the
+        # planner thread took its pending set a moment before it started deciding
+        margin = timedelta(seconds=0.5)
+        query = query.where(TrialRow.proposed_at <= decided_at + margin,
+                            or_(TrialRow.status.in_([*OPEN_STATUSES, TrialStatus.held.value]),  # type: ignore[attr-defined]
+                                TrialRow.finished_at >= decided_at - margin))  # type: ignore[operator]
+    candidates = [tuple(r) for r in connection.execute(query.order_by(TrialRow.index))]
     out: list[int | None] = []
     used: set[int] = set()
     for parameters in pending:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
@@ -27,6 +27,10 @@ from sqlmodel import Field, Session, SQLModel, create_engine, select
 from closedloop.campaign import Campaign
 from closedloop.errors import StoreError
 from closedloop.planner.base import Result
+
+# Writes rows that belong with new trials (their provenance) on the connection and in the transaction that
+# stores the trials, so neither exists without the other and both are durable before a trial is dispatched.
+TrialCompanion = Callable[[Connection, "list[TrialRow]"], None]
 
 _RUN_UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,127}")
 
@@ -226,10 +230,11 @@ class Store:
     # -- trials ---------------------------------------------------------------------------
 
     def add_trials(self, campaign_id: int, proposals: Iterable[tuple[dict[str, Any], dict[str, Any]]],
-                   status: TrialStatus = TrialStatus.proposed) -> list[TrialRow]:
+                   status: TrialStatus = TrialStatus.proposed, companion: TrialCompanion | None = None) -> list[TrialRow]:
         """Record new proposals (parameters, planner metadata) as trials numbered from 1 upwards.
 
-        ``status`` is ``held`` for proposals that wait for a person's approval.
+        ``status`` is ``held`` for proposals that wait for a person's approval. ``companion`` writes
+        rows that belong with the new trials in the same transaction.
         """
         with self._lock, Session(self.engine) as session:
             lock_campaign(session.connection(), campaign_id)
@@ -240,6 +245,9 @@ class Store:
                                planner=_json_safe(metadata), status=status.value)
                 session.add(row)
                 rows.append(row)
+            if companion is not None:
+                session.flush()  # the trials' ids
+                companion(session.connection(), rows)
             session.commit()
             for row in rows:
                 session.refresh(row)
@@ -352,8 +360,9 @@ class Store:
         return outcomes
 
     def add_dispatched(self, campaign_id: int, parameters: dict[str, Any], metadata: dict[str, Any],
-                       station: str) -> TrialRow:
-        """Record a new proposal already dispatched to ``station``, in one transaction (the daemon's hot path)."""
+                       station: str, companion: TrialCompanion | None = None) -> TrialRow:
+        """Record a new proposal already dispatched to ``station``, in one transaction (the daemon's hot path),
+        with ``companion``'s rows for it (its provenance)."""
         trial = TrialRow.__table__  # type: ignore[attr-defined]
         now = utcnow()
         values = {"campaign_id": campaign_id, "parameters": parameters, "planner": _json_safe(metadata),
@@ -363,8 +372,10 @@ class Store:
             lock_campaign(conn, campaign_id)  # issue 8: one allocator at a time, even across daemons
             last = conn.execute(select(func.max(trial.c.index)).where(trial.c.campaign_id == campaign_id)).scalar()
             values["index"] = (last or 0) + 1
-            trial_id = conn.execute(trial.insert().values(**values)).inserted_primary_key[0]
-        return TrialRow(id=trial_id, **values)
+            row = TrialRow(id=conn.execute(trial.insert().values(**values)).inserted_primary_key[0], **values)
+            if companion is not None:
+                companion(conn, [row])
+        return row
 
     def record_failure(self, trial_id: int, error: str, status: TrialStatus = TrialStatus.failed) -> bool:
         """Mark an open trial failed (or abandoned) with its error; False if it was already finished."""

@@ -222,18 +222,93 @@ def test_records_and_replay_on_postgresql() -> None:
 def test_large_hyperparameters_go_to_a_file_with_their_digest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import hashlib
 
+    from closedloop.planner.base import Proposal
+
     monkeypatch.setattr(provenance, "INLINE_LIMIT", 100)
     store = Store(tmp_path / "big.db")
     campaign_id = store.open_campaign(branin_campaign(name="big"))
-    trial = store.add_trials(campaign_id, [({"x1": 1.0, "x2": 2.0}, {"generator": "botorch.x"})])[0]
     hyper = {f"models.{i}.covar_module.lengthscale": [0.1 * i, 0.2 * i] for i in range(20)}
-    row = provenance._write(store, trial, {"backend": "botorch", "generator": "botorch.x", "hyperparameters": hyper,
-                                           "proposed_parameters": trial.parameters})
+    proposal = Proposal({"x1": 1.0, "x2": 2.0}, {"generator": "botorch.x"})
+    provenance._keep(proposal, {"backend": "botorch", "generator": "botorch.x", "hyperparameters": hyper,
+                                "proposed_parameters": proposal.parameters})
+    trial = store.add_trials(campaign_id, [(proposal.parameters, proposal.metadata)],
+                             companion=provenance.companion(store, None, [proposal]))[0]
+    row = provenance.provenance(store, "big", trial.index)
     assert row.hyperparameters is None and row.hyperparameters_file
     text = Path(row.hyperparameters_file).read_text()
     assert row.hyperparameters_digest == "sha256:" + hashlib.sha256(text.encode()).hexdigest()
     assert provenance.explain(store, "big", trial.index)["provenance"]["hyperparameters"] == hyper
     store.close()
+
+
+def test_a_record_that_cannot_be_written_leaves_the_trial_alone(tmp_path: Path) -> None:
+    """The record has its own savepoint in the trial's transaction: a bad one is logged, the trial is stored."""
+    from closedloop.planner.base import Proposal
+
+    store = Store(tmp_path / "bad.db")
+    campaign_id = store.open_campaign(branin_campaign(name="bad"))
+    good, bad = Proposal({"x1": 1.0, "x2": 2.0}, {}), Proposal({"x1": 3.0, "x2": 4.0}, {})
+    provenance._keep(bad, {"backend": None, "proposed_parameters": bad.parameters})  # backend is NOT NULL
+    rows = store.add_trials(campaign_id, [(good.parameters, {}), (bad.parameters, {})],
+                            companion=provenance.companion(store, type("P", (), {"backend": "sobol"})(), [good, bad]))
+    assert [t.index for t in store.trials(campaign_id)] == [1, 2]
+    assert set(provenance.rows(store, campaign_id)) == {rows[0].id}
+    store.close()
+
+
+def test_the_record_is_durable_before_the_assign_leaves(tmp_path: Path) -> None:
+    """Read from other connections (committed rows only): at the moment the daemon sends each assign, and on the
+    station's side when it arrives, the trial's provenance is already in the store."""
+    import threading
+    import uuid
+
+    import zmq
+
+    from closedloop import protocol
+    from closedloop.daemon import Daemon
+
+    path = tmp_path / "order.db"
+    store, at_daemon, at_station = Store(path), Store(path), Store(path)
+    campaign = branin_campaign(name="order", experiments=6, initial=6, backend="sobol")
+    seen_at_send: dict[int, bool] = {}
+
+    class Observed(Daemon):
+        def _send(self, identity: bytes, message: object) -> bool:
+            if isinstance(message, protocol.Assign):
+                seen_at_send[message.trial_index] = provenance.provenance(at_daemon, "order", message.trial_index) is not None
+            return super()._send(identity, message)
+
+    daemon = Observed(store, [campaign], heartbeat_s=0.5, prefetch=0)
+    serving = threading.Thread(target=daemon.serve, daemon=True)
+    serving.start()
+    context = zmq.Context()
+    station = context.socket(zmq.DEALER)
+    station.setsockopt(zmq.LINGER, 0)
+    station.setsockopt(zmq.ROUTING_ID, b"reader")
+    station.connect(daemon.endpoint)
+    seen_on_arrival: dict[int, bool] = {}
+    try:
+        station.send(protocol.encode(protocol.Hello(station="reader")))
+        deadline = time.monotonic() + 30
+        while serving.is_alive() and time.monotonic() < deadline:
+            if not station.poll(200):
+                station.send(protocol.encode(protocol.Heartbeat()))
+                continue
+            message = protocol.decode(station.recv())
+            if isinstance(message, protocol.Assign):
+                seen_on_arrival[message.trial_index] = (
+                    provenance.provenance(at_station, "order", message.trial_index) is not None)
+                station.send(protocol.encode(protocol.ResultMessage(trial_id=message.trial_id, run_uid=str(uuid.uuid4()),
+                                                                    values={"y": 1.0})))
+        serving.join(timeout=10)
+        assert not serving.is_alive(), "the campaign did not finish"
+    finally:
+        station.close()
+        context.term()
+        daemon.close()
+    assert seen_at_send == seen_on_arrival == {i: True for i in range(1, 7)}
+    for each in (store, at_daemon, at_station):
+        each.close()
 
 
 @pytest.mark.slow
