@@ -446,15 +446,25 @@ class Objective(_Model):
 
 
 class Budget(_Model):
-    """When the campaign ends: after ``experiments``, after ``hours``, or once ``stop_when`` holds.
+    """When the campaign ends: after ``experiments``, once ``cost`` is spent, after ``hours``, or once ``stop_when`` holds.
+
+    ``cost`` is in the unit of the sources' costs (a campaign with ``sources`` only); at least one of
+    ``experiments`` and ``cost`` is given.
 
     >>> Budget(experiments=60, hours=12, stop_when="quality >= 0.95").hours
     12.0
     """
 
-    experiments: Whole = Field(ge=1, description="the most experiments to run")
+    experiments: Whole | None = Field(None, ge=1, description="the most experiments to run")
+    cost: Real | None = Field(None, gt=0, description="the most cost to spend, summed over the sources' costs")
     hours: Real | None = Field(None, gt=0, description="wall-clock limit")
     stop_when: Text | None = Field(None, description="stop early once a result meets this, e.g. 'quality >= 0.95'")
+
+    @model_validator(mode="after")
+    def _limited(self) -> Budget:
+        if self.experiments is None and self.cost is None:
+            raise ValueError("give 'experiments', 'cost' (with sources) or both")
+        return self
 
     @field_validator("stop_when")
     @classmethod
@@ -560,6 +570,25 @@ class Instrument(_Model):
         return self.function is not None or self.command is not None
 
 
+SOURCE = "source"  # the key naming an experiment's source among its parameters (campaigns with sources)
+
+
+class Source(_Model):
+    """One source of the campaign's outputs and the cost of an experiment there: a fast simulation, a slow robot.
+
+    Every source measures the same objectives; exactly one is the ``target``, the one whose results
+    count (the real experiment). The others are cheaper, biased views of it that the planner may use
+    to decide where to spend the target's experiments.
+
+    >>> Source(cost=0.1, instrument=Instrument(function="simulators.surfaces:biased_branin")).target
+    False
+    """
+
+    cost: Real = Field(gt=0, description="cost of one experiment from this source, in a unit shared by all sources")
+    instrument: Instrument = Field(description="what runs this source's experiments (as the top-level 'instrument')")
+    target: StrictBool = Field(False, description="this source's results are the ones that count; exactly one")
+
+
 def command_placeholders(template: str) -> list[str]:
     """The ``{name}`` fields of a command template; ValueError if it is malformed or indexes a field."""
     import string
@@ -633,13 +662,17 @@ class Campaign(_Model):
     budget: Budget
     execution: Execution = Field(default_factory=Execution)
     planner: PlannerSettings = Field(default_factory=PlannerSettings)
-    instrument: Instrument
+    instrument: Instrument | None = Field(None, description="the simulator, driver, function or command that runs the "
+                                          "experiments (or give 'sources')")
+    sources: dict[Text, Source] = Field(default_factory=dict,
+                                        description="several sources of the same objectives with their costs (a "
+                                        "simulation and a robot), instead of one 'instrument'")
 
     @model_validator(mode="after")
     def _consistent(self) -> Campaign:
         problems = consistency_problems(
             self.parameters, self.constraints, self.objectives, self.outcome_constraints, self.budget, self.planner,
-            self.candidates,
+            self.candidates, self.instrument, self.sources,
         )
         if problems:
             raise CampaignFileError([Problem("<campaign>", None, None, path, message) for path, message in problems])
@@ -684,17 +717,58 @@ class Campaign(_Model):
     def tunable_parameters(self) -> dict[str, Parameter]:
         return {n: p for n, p in self.parameters.items() if not isinstance(p, FixedParameter)}
 
+    # -- sources: one instrument, or several sources of the same objectives with costs --------------
+
+    @property
+    def target_source(self) -> str | None:
+        """The source whose results count; None for a campaign with one instrument."""
+        return next((name for name, s in self.sources.items() if s.target), None)
+
+    @property
+    def instruments(self) -> dict[str | None, Instrument]:
+        """Every instrument the campaign runs: by source name, or ``{None: instrument}`` without sources."""
+        if self.sources:
+            return {name: s.instrument for name, s in self.sources.items()}
+        assert self.instrument is not None  # the model validator requires one or the other
+        return {None: self.instrument}
+
+    def source_of(self, parameters: Mapping[str, Any]) -> str | None:
+        """The source an experiment ran at (from its ``source`` parameter); None without sources."""
+        return str(parameters.get(SOURCE)) if self.sources else None
+
+    def instrument_for(self, parameters: Mapping[str, Any]) -> Instrument:
+        """The instrument that runs an experiment: its source's, or the campaign's only one."""
+        return self.instruments[self.source_of(parameters)]
+
+    def counts(self, parameters: Mapping[str, Any]) -> bool:
+        """Whether an experiment's results count towards the objectives: run at the target source (or no sources)."""
+        return not self.sources or parameters.get(SOURCE) == self.target_source
+
+    def cost_of(self, parameters: Mapping[str, Any]) -> float:
+        """What an experiment costs: its source's cost; 1 (one experiment) without sources."""
+        source = self.source_of(parameters)
+        return self.sources[source].cost if source in self.sources else 1.0
+
+    @property
+    def max_experiments(self) -> int:
+        """The most experiments the budget allows: ``budget.experiments``, or what ``budget.cost`` buys at the
+        cheapest source (the last experiment may pass the cost, so rounded up)."""
+        limits = [self.budget.experiments] if self.budget.experiments is not None else []
+        if self.budget.cost is not None and self.sources:
+            limits.append(max(1, math.ceil(self.budget.cost / min(s.cost for s in self.sources.values()) - 1e-9)))
+        return min(limits) if limits else 1
+
     def cross_field_problems(self) -> list[tuple[str, str]]:
         """(field path, message) for each problem that spans several fields (empty for a valid campaign)."""
         return consistency_problems(self.parameters, self.constraints, self.objectives, self.outcome_constraints,
-                                    self.budget, self.planner, self.candidates)
+                                    self.budget, self.planner, self.candidates, self.instrument, self.sources)
 
     def default_initial_experiments(self) -> int:
         """Size of the space-filling design before the model takes over."""
         if self.planner.initial_experiments is not None:
             return self.planner.initial_experiments
         dims = len(self.tunable_parameters)
-        return max(1, min(self.budget.experiments, max(5, 2 * dims + 1)))
+        return max(1, min(self.max_experiments, max(5, 2 * dims + 1)))
 
     def space_size(self) -> int | None:
         """How many distinct experiments the space holds, before linear constraints; None if infinite.
@@ -734,7 +808,9 @@ class Campaign(_Model):
         lines.append(f"objectives: {kind}{', '.join(goals)}")
         if self.outcome_constraints:
             lines.append(f"outcome constraints: {', '.join(self.outcome_constraints)}")
-        budget = f"budget: {self.budget.experiments} experiments"
+        spends = ([f"{self.budget.experiments} experiments"] if self.budget.experiments is not None else []) + (
+            [f"cost {self.budget.cost:g}"] if self.budget.cost is not None else [])
+        budget = f"budget: {' or '.join(spends)}"
         if self.budget.hours is not None:
             budget += f", at most {self.budget.hours:g} h"
         if self.budget.stop_when:
@@ -748,7 +824,13 @@ class Campaign(_Model):
                      + (f", timeout {_format_duration(ex.timeout)}" if ex.timeout else "")
                      + (f", {ex.retries} retr{'y' if ex.retries == 1 else 'ies'}" if ex.retries else "")
                      + (", each approved by a person" if ex.approve else ""))
-        lines.append(f"instrument: {self.instrument.field} {getattr(self.instrument, self.instrument.field)}")
+        for source, instrument in self.instruments.items():
+            what = f"{instrument.field} {getattr(instrument, instrument.field)}"
+            if source is None:
+                lines.append(f"instrument: {what}")
+            else:
+                s = self.sources[source]
+                lines.append(f"source {source}: cost {s.cost:g}, {what}" + (" (target)" if s.target else ""))
         return lines
 
     def describe_space(self) -> str:
@@ -861,12 +943,14 @@ def consistency_problems(
     budget: Budget | None,
     planner: PlannerSettings | None,
     candidates: Candidates | None = None,
+    instrument: Any = None,
+    sources: Mapping[str, Source] | None = None,
 ) -> list[tuple[str, str]]:
     """(field path, message) for each problem spanning several fields.
 
     ``None`` stands for a section that is itself invalid: checks that need it are skipped. In
     ``parameters``, a value of ``None`` marks a parameter whose name is known but whose definition is
-    invalid.
+    invalid. ``instrument`` only matters by being given (anything but None) or not.
     """
     problems: list[tuple[str, str]] = []
     names = set(parameters or {})
@@ -943,11 +1027,48 @@ def consistency_problems(
             problems.append(("budget.stop_when", f"{budget.stop_when!r}: "
                              + _unknown_names("output", [rule.output], known_outputs)
                              + " (an objective or an output named in outcome_constraints)"))
-    if budget is not None and planner is not None:
+    problems.extend(_source_problems(parameters, budget, planner, instrument, sources))
+    if budget is not None and planner is not None and budget.experiments is not None:
         initial = planner.initial_experiments
         if initial is not None and initial > budget.experiments:
             problems.append(("planner.initial_experiments",
                              f"{initial} initial experiments exceed the budget of {budget.experiments} experiments"))
+    return problems
+
+
+def _source_problems(parameters: Mapping[str, Any] | None, budget: Budget | None, planner: PlannerSettings | None,
+                     instrument: Any, sources: Mapping[str, Source] | None) -> list[tuple[str, str]]:
+    """One instrument or several sources (exactly one the target), and what sources ask of the rest."""
+    if sources is None:  # the sources section is itself wrong: its own errors say why
+        return []
+    problems: list[tuple[str, str]] = []
+    if not sources:
+        if instrument is None:
+            problems.append(("instrument", "required field is missing (the instrument that runs the experiments, "
+                                           "or 'sources' for several of them with costs)"))
+        if budget is not None and budget.cost is not None:
+            problems.append(("budget.cost", "a budget in cost needs 'sources', each with the cost of its experiments; "
+                                            "with one instrument give 'experiments'"))
+        return problems
+    if instrument is not None:
+        problems.append(("sources", "give either 'instrument' (one) or 'sources' (several, with costs), not both"))
+    for name in sources:
+        if bad := _bad_name(name):
+            problems.append((f"sources.{name}", bad))
+    if len(sources) < 2:
+        problems.append(("sources", f"needs at least two sources (only {', '.join(map(repr, sources))}); "
+                                    "with one, write it as 'instrument'"))
+    targets = [name for name, s in sources.items() if s.target]
+    if len(targets) != 1:
+        found = "none is" if not targets else f"{', '.join(map(repr, targets))} are"
+        problems.append(("sources", f"exactly one source must be the target ('target: true'), the one whose results "
+                                    f"count; {found}"))
+    if parameters is not None and SOURCE in parameters:
+        problems.append((f"parameters.{SOURCE}", f"{SOURCE!r} names each experiment's source in a campaign with "
+                                                 "sources; give the parameter another name"))
+    if planner is not None and planner.backend != "botorch":
+        problems.append(("planner.backend", f"the {planner.backend} backend cannot choose among sources; "
+                                            "use 'botorch' (its multi-fidelity model)"))
     return problems
 
 
@@ -1158,14 +1279,21 @@ def _import_problems(module_name: str) -> str:
 
 
 def instrument_problems(campaign: Campaign) -> list[tuple[str, str]]:
-    """(field path, message) for each way the campaign's instrument cannot serve it.
+    """(field path, message) for each way the campaign's instrument (or a source's) cannot serve it.
 
     Imports the factory and checks its options against its signature. A simulator is also built (it
     touches no hardware) so that its axes, limits and outputs can be compared with the campaign; a
     driver is only imported, never called.
     """
-    instrument = campaign.instrument
-    where = f"instrument.{instrument.field}"
+    problems: list[tuple[str, str]] = []
+    for source, instrument in campaign.instruments.items():
+        at = "instrument" if source is None else f"sources.{source}.instrument"
+        problems.extend(_instrument_problems(campaign, instrument, at))
+    return problems
+
+
+def _instrument_problems(campaign: Campaign, instrument: Instrument, at: str) -> list[tuple[str, str]]:
+    where = f"{at}.{instrument.field}"
     if instrument.command is not None:  # issue 8: every placeholder must be a parameter or an option
         known = set(campaign.parameters) | set(instrument.options)
         unknown = sorted(set(command_placeholders(instrument.command)) - known)
@@ -1203,12 +1331,12 @@ def instrument_problems(campaign: Campaign) -> list[tuple[str, str]]:
             for key in instrument.options:
                 if key not in accepted:
                     close = difflib.get_close_matches(key, sorted(accepted), n=1)
-                    problems.append((f"instrument.options.{key}", f"{instrument.target} takes no option {key!r}"
+                    problems.append((f"{at}.options.{key}", f"{instrument.target} takes no option {key!r}"
                                      + (f" (did you mean {close[0]!r}?)" if close else "")
                                      + f"; it takes: {', '.join(sorted(accepted)) or 'none'}"))
         for n, p in signature.parameters.items():
             if p.default is p.empty and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in instrument.options:
-                problems.append(("instrument.options", f"{instrument.target} needs the option {n!r}"))
+                problems.append((f"{at}.options", f"{instrument.target} needs the option {n!r}"))
     if problems or instrument.driver is not None:
         return problems
     try:
@@ -1382,6 +1510,10 @@ def _model_at(data: Any, path: tuple) -> type[_Model] | None:
         return _SECTION_MODELS[path[0]]
     if len(path) == 2 and path[0] == "objectives":
         return Objective
+    if len(path) == 2 and path[0] == "sources":
+        return Source
+    if len(path) == 3 and path[0] == "sources" and path[2] == "instrument":
+        return Instrument
     if len(path) == 2 and path[0] == "parameters":
         node = data.get("parameters", {}).get(path[1]) if isinstance(data.get("parameters"), dict) else None
         if isinstance(node, dict):
@@ -1523,6 +1655,8 @@ def _section_parts(data: dict[str, Any]) -> dict[str, Any]:
         "budget": valid(TypeAdapter(Budget), data.get("budget")),
         "planner": valid(TypeAdapter(PlannerSettings), data.get("planner", {})),
         "candidates": valid(TypeAdapter(Candidates | None), data.get("candidates")),
+        "instrument": data.get("instrument"),
+        "sources": valid(_SOURCES, data.get("sources") or {}),
     }
     return parts
 
@@ -1530,6 +1664,7 @@ def _section_parts(data: dict[str, Any]) -> dict[str, Any]:
 _PARAMETER_ADAPTER: TypeAdapter = TypeAdapter(Parameter)
 _TEXTS: TypeAdapter = TypeAdapter(list[Text])
 _OBJECTIVES: TypeAdapter = TypeAdapter(dict[Text, Objective])
+_SOURCES: TypeAdapter = TypeAdapter(dict[Text, Source])
 
 
 def load_campaign_text(
@@ -1618,14 +1753,18 @@ def load_campaign_text(
                 add(_parse_path(path), message)
     elif check_instrument:
         # the rest of the file is wrong, but an instrument that does not import is worth saying now
-        try:
-            instrument = Instrument.model_validate(data.get("instrument"))
-        except ValidationError:
-            instrument = None
-        if instrument is not None and instrument.import_path is not None:
-            failure = _import_problems(instrument.import_path.partition(":")[0])
-            if failure:
-                add(("instrument", instrument.field), failure)
+        sources = data.get("sources") if isinstance(data.get("sources"), dict) else {}
+        given = [(("instrument",), data.get("instrument"))] + [
+            (("sources", name, "instrument"), s.get("instrument")) for name, s in sources.items() if isinstance(s, dict)]
+        for at, raw in given:
+            try:
+                instrument = Instrument.model_validate(raw)
+            except ValidationError:
+                continue
+            if instrument.import_path is not None:
+                failure = _import_problems(instrument.import_path.partition(":")[0])
+                if failure:
+                    add(at + (instrument.field,), failure)
     if problems:
         problems.sort(key=lambda p: (p.line or 0, p.column or 0))
         raise CampaignFileError(problems)

@@ -11,6 +11,10 @@ to run a single fidelity). Outputs: ``y`` and ``cost``.
   it takes ``exposure * cost_ratio`` seconds and costs ``cost_ratio`` (default 0.1).
 
 The ``cost`` output lets a cost-aware planner trade fidelity for budget.
+
+The same cheap surface as a computational experiment, for a campaign with ``sources`` (a Dask
+function source beside the ``simulators.surfaces:Branin`` instrument, as in
+``campaigns/branin_multifidelity.yaml``): ``simulators.multifidelity:biased_branin``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,15 @@ def branin_low(x: np.ndarray) -> float:
     """The cheap, biased Branin."""
     x1, x2 = float(x[0]), float(x[1])
     return 0.8 * branin(np.array([x1 + 0.5, x2 - 0.5])) + 2.0 + 0.5 * (x1 - 2.5) / 7.5
+
+
+def biased_branin(x1: float, x2: float) -> dict[str, float]:
+    """The cheap, biased Branin as a function source: ``{"y": branin_low([x1, x2])}``.
+
+    >>> round(biased_branin(x1=0.0, x2=0.0)["y"], 3)
+    42.901
+    """
+    return {"y": float(branin_low(np.array([x1, x2], dtype=float)))}
 
 
 def BraninPair(*, cost_ratio: float = 0.1, exposure: float = 0.0, **options: Any) -> InstrumentBinding:
