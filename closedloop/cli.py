@@ -531,14 +531,26 @@ def approve(
     trial: int = typer.Argument(..., help="trial number held for approval"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="edit a parameter within its limits: NAME=VALUE"),
     store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+    control: str = typer.Option("tcp://127.0.0.1:5700", help="control endpoint of the daemon running the campaign"),
 ) -> None:
-    """Let a held proposal run, as proposed or edited within the campaign's limits."""
+    """Let a held proposal run, as proposed or edited within the campaign's limits.
+
+    The daemon serving the campaign does it (through its control socket) and dispatches the trial at once;
+    with no daemon serving it, the store is written and the next daemon on it dispatches the trial.
+    """
     from closedloop import hitl
 
     the_store, name = _find_store(campaign, store)
     assert name is not None
-    row = hitl.approve(the_store, name, trial, hitl._assignments(set_ or []))
-    console.print(f"{name}: trial #{row.index} approved: {_format_values(row.parameters)}", highlight=False, soft_wrap=True)
+    edits = hitl._assignments(set_ or [])
+    reply = _review(control, "edit" if edits else "approve", name, {"trial": trial, "parameters": edits or None})
+    if reply is not None:
+        console.print(f"{name}: {reply['msg']}: {_format_values(reply['parameters'])}", highlight=False, soft_wrap=True)
+        return
+    row = hitl.approve(the_store, name, trial, edits)
+    console.print(f"{name}: trial #{row.index} approved in the store (no daemon serves {name} on {control}; the next "
+                  f"one started on this store dispatches it): {_format_values(row.parameters)}", highlight=False,
+                  soft_wrap=True)
 
 
 @app.command()
@@ -546,14 +558,42 @@ def reject(
     campaign: str = typer.Argument(..., help="campaign name"),
     trial: int = typer.Argument(..., help="trial number held for approval"),
     store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+    control: str = typer.Option("tcp://127.0.0.1:5700", help="control endpoint of the daemon running the campaign"),
 ) -> None:
-    """Refuse a proposal: it is recorded as failed, and the planner steers away from it."""
+    """Refuse a proposal: it is recorded as failed, and the planner steers away from it.
+
+    Through the daemon serving the campaign when one answers on --control; otherwise in the store.
+    """
     from closedloop import hitl
 
     the_store, name = _find_store(campaign, store)
     assert name is not None
+    reply = _review(control, "reject", name, {"trial": trial})
+    if reply is not None:
+        console.print(f"{name}: {reply['msg']}", highlight=False, soft_wrap=True)
+        return
     row = hitl.reject(the_store, name, trial)
-    console.print(f"{name}: trial #{row.index} {row.error}", highlight=False, soft_wrap=True)
+    console.print(f"{name}: trial #{row.index} {row.error} in the store (no daemon serves {name} on {control})",
+                  highlight=False, soft_wrap=True)
+
+
+def _review(control: str, method: str, campaign: str, params: dict[str, Any]) -> dict[str, Any] | None:
+    """A person's decision sent to the daemon serving ``campaign`` on ``control``: its reply, or None when no
+    daemon there serves the campaign (the caller then writes the store). A refusal is an error, and changes nothing."""
+    from closedloop import hitl
+    from closedloop.daemon import control_request
+    from closedloop.errors import ProtocolError
+
+    try:
+        status = control_request(control, "status", timeout_s=1.5)
+    except ProtocolError:
+        return None
+    if campaign not in [c.get("name") for c in status.get("campaigns", [])]:
+        return None
+    reply = control_request(control, method, {"campaign": campaign, "by": hitl.user(), **params})
+    if not reply.get("success"):
+        raise ClosedLoopError(reply.get("msg") or f"{method} refused by the daemon on {control}")
+    return reply
 
 
 @app.command("import")

@@ -6,7 +6,8 @@ Sockets (docs/daemon.md has the diagram and every message):
   :mod:`closedloop.protocol`.
 - PUB (``publish``) streaming campaign events as ``[topic, json]`` (:mod:`closedloop.events`).
 - control (``control``, ROUTER serving REQ clients) taking ``{"method", "params"}`` and answering
-  ``{"success", "msg", ...}``: ``status``, ``health``, ``pause``, ``resume``, ``stop``, ``cancel``.
+  ``{"success", "msg", ...}``: ``status``, ``health``, ``pause``, ``resume``, ``stop``, ``cancel``, and
+  ``approve`` / ``edit`` / ``reject`` of proposals held for a person.
   :func:`control_request` is the client.
 
 Ordering rules that make the loop lose nothing and run nothing twice: a trial is written to the store
@@ -1000,7 +1001,8 @@ class Daemon:
         return chosen
 
     def handle_control(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
-        """Answer one control request (``status``, ``health``, ``pause``, ``resume``, ``stop``, ``cancel``)."""
+        """Answer one control request (``status``, ``health``, ``pause``, ``resume``, ``stop``, ``cancel``,
+        ``approve``, ``edit``, ``reject``)."""
         if not isinstance(params, dict):
             raise ValueError("params must be an object")
         if method == "status":
@@ -1031,7 +1033,63 @@ class Daemon:
             return {"success": True, "msg": f"stopping; {len(self.in_flight)} trials in flight"}
         if method == "cancel":
             return self._cancel(params)
-        raise ValueError(f"unknown method {method!r} (status, health, pause, resume, stop, cancel)")
+        if method in ("approve", "edit", "reject"):
+            return self._review(method, params)
+        raise ValueError(f"unknown method {method!r} (status, health, pause, resume, stop, cancel, approve, edit, reject)")
+
+    def _review(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        """A person's decision on a held proposal: ``approve`` (``edit``: approve with changed ``parameters``,
+        checked against the campaign's types, bounds and constraints) or ``reject``.
+
+        The daemon writes it (:mod:`closedloop.hitl`, the same checks as a notebook's) and acts on it in the same
+        turn: an approved trial joins the queue and this loop turn dispatches it; a rejected one is a failure the
+        planner learns from. Who decided goes into the trial's provenance. Bad input changes nothing.
+        """
+        from closedloop import hitl
+
+        index, by, edits = params.get("trial"), params.get("by") or "operator", params.get("parameters")
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise ValueError(f"{method} needs params.trial, the trial number")
+        if not isinstance(by, str) or len(by) > 128:
+            raise ValueError("params.by is who decides: a name of at most 128 characters")
+        if edits is not None and not isinstance(edits, dict):
+            raise ValueError("params.parameters is an object of parameter names and values")
+        if method == "edit" and not edits:
+            raise ValueError("edit needs params.parameters, the parameters to change (approve takes it as proposed)")
+        if method == "reject" and edits:
+            raise ValueError("reject takes no params.parameters")
+        runs = self._select(params)
+        if len(runs) > 1:
+            raise ValueError("this daemon runs several campaigns: name one with params.campaign")
+        run = runs[0]
+        if method == "reject":
+            row = hitl.reject(self.store, run.campaign.name, index, by=by)
+            assert row.id is not None
+            if row.id in run.held_ids:
+                run.held_ids.discard(row.id)
+                run.held -= 1
+            if row.id in run.queue:
+                run.queue.remove(row.id)
+            run.finished += 1
+            self._transition(run, index, row.id, "rejected", by=by)
+            self._update_planner(run, [Result(row.parameters, None, row.index)])  # a known-bad point
+            self._emit("trial_failed", run, trial=index, error=row.error, finished=run.finished, review="rejected",
+                       by=by, best=_result_dict(run.best))
+            return {"success": True, "msg": f"trial {index} of {run.campaign.name} {row.error}", "trial": index}
+        row = hitl.approve(self.store, run.campaign.name, index, {str(k): v for k, v in (edits or {}).items()} or None,
+                           by=by)
+        assert row.id is not None
+        if row.id in run.held_ids:
+            run.held_ids.discard(row.id)
+            run.held -= 1
+        run.queue.append(row.id)
+        edited = "proposed_parameters" in row.planner
+        self._transition(run, index, row.id, "approved", by=by, edited=edited, parameters=row.parameters)
+        self._emit("trial_approved", run, trial=index, parameters=row.parameters, by=by, edited=edited)
+        self._update_planner(run)  # an edit changes what is pending
+        self.wake()
+        return {"success": True, "msg": f"trial {index} of {run.campaign.name} {'edited and ' if edited else ''}"
+                f"approved by {by}", "trial": index, "parameters": row.parameters}
 
     def _cancel(self, params: dict[str, Any]) -> dict[str, Any]:
         index = params.get("trial")

@@ -269,7 +269,12 @@ def tell_csv(store: Store, campaign_name: str, path: Path) -> list[TrialRow]:
 
 def approve(store: Store, campaign_name: str, index: int, edits: dict[str, Any] | None = None,
             by: str | None = None) -> TrialRow:
-    """Let a held proposal run, with parameters edited within the campaign's limits if ``edits``."""
+    """Let a held proposal run, with parameters edited within the campaign's limits if ``edits``.
+
+    This writes the store: with a daemon serving the campaign, ask it instead (its ``approve`` control
+    request calls this and then dispatches the trial at once). Raises :class:`DataError` (nothing
+    changes) when an edit names no parameter, has the wrong type, leaves the bounds or breaks a constraint.
+    """
     campaign = store.campaign(campaign_name)
     campaign_id = store.campaign_row(campaign_name).id
     assert campaign_id is not None
@@ -280,15 +285,15 @@ def approve(store: Store, campaign_name: str, index: int, edits: dict[str, Any] 
         problems = []
         for name, text in edits.items():
             if name not in campaign.parameters:
-                problems.append(f"--set {name}: not a parameter of {campaign.name} "
+                problems.append(f"trial #{index}: {name!r} is not a parameter of {campaign.name} "
                                 f"(parameters: {', '.join(campaign.parameters)})")
                 continue
             try:
                 parameters[name] = parse_value(campaign, name, text)
             except ValueError as exc:
-                problems.append(f"--set {name}={text}: {exc}")
+                problems.append(f"trial #{index}: {name}={text} {exc}")
         if not problems:
-            problems = [f"--set: {message}" for message in check_constraints(campaign, parameters)]
+            problems = [f"trial #{index}: the edit {message}" for message in check_constraints(campaign, parameters)]
         if problems:
             raise DataError(problems)
     assert trial.id is not None
@@ -298,7 +303,10 @@ def approve(store: Store, campaign_name: str, index: int, edits: dict[str, Any] 
 
 
 def reject(store: Store, campaign_name: str, index: int, by: str | None = None) -> TrialRow:
-    """Refuse a held (or pending) proposal: it is stored as failed, ``rejected by <user>``."""
+    """Refuse a held (or pending) proposal: it is stored as failed, ``rejected by <user>``.
+
+    Like :func:`approve`, this writes the store; a daemon serving the campaign takes a ``reject`` control request.
+    """
     campaign_id = store.campaign_row(campaign_name).id
     assert campaign_id is not None
     trial = trial_by_index(store, campaign_id, index)

@@ -157,8 +157,18 @@ def test_state_events_and_controls(loop: Loop) -> None:
 
 
 def test_read_only_and_token(loop: Loop) -> None:
-    assert DashboardConfig(store="x", host="0.0.0.0").effective_read_only
     assert not DashboardConfig(store="x", host="0.0.0.0", token="s3cret").effective_read_only
+    server = _server(loop, host="0.0.0.0")  # beyond loopback without a token: read-only by default
+    try:
+        for method in ("pause", "resume", "stop", "approve", "reject"):
+            status, reply = _post(f"http://127.0.0.1:{server.port}/api/control",
+                                  {"method": method, "campaign": "dash", "trial": 1})
+            assert status == 403 and "beyond loopback, without a token" in reply["msg"], reply
+        assert _get(f"http://127.0.0.1:{server.port}/api/state")[1]["read_only"] is True
+        live = control_request(loop.daemon.control_endpoint, "status")
+        assert live["campaigns"][0]["paused"] is False and live["stopping"] is False
+    finally:
+        server.stop()
     server = _server(loop, read_only=True)
     try:
         status, reply = _post(f"http://127.0.0.1:{server.port}/api/control", {"method": "pause"})
@@ -191,7 +201,8 @@ def test_read_only_and_token(loop: Loop) -> None:
 
 
 def test_held_proposals_are_approved_edited_and_rejected(tmp_path: Path) -> None:
-    """Approval mode: the page's approve (with an edit) and reject go through the same path as the command line."""
+    """Approval mode: the page's approve (with an edit) and reject go to the daemon's control socket, as the
+    command line's do; read-only, they are refused and nothing changes."""
     with _running(tmp_path / "held.db", approve=True) as held_loop:
         server = _server(held_loop)
         base = f"http://127.0.0.1:{server.port}/"
@@ -201,9 +212,19 @@ def test_held_proposals_are_approved_edited_and_rejected(tmp_path: Path) -> None
 
             _wait(lambda: len(held()) >= 2, 20, "two held proposals")
             first, second = held()[:2]
+            read_only = _server(held_loop, read_only=True)
+            try:
+                for body in ({"method": "approve", "campaign": "dash", "trial": first["trial"]},
+                             {"method": "edit", "campaign": "dash", "trial": first["trial"], "parameters": {"x1": 1}},
+                             {"method": "reject", "campaign": "dash", "trial": second["trial"]}):
+                    status, reply = _post(f"http://127.0.0.1:{read_only.port}/api/control", body)
+                    assert status == 403 and "read-only" in reply["msg"], reply
+            finally:
+                read_only.stop()
             status, reply = _post(base + "api/control", {"method": "approve", "campaign": "dash",
                                                          "trial": first["trial"], "parameters": {"x1": "99"}})
-            assert status == 409 and "outside the bounds" in reply["msg"]
+            assert status == 409 and f"trial #{first['trial']}: x1=99 is outside the bounds [-5, 10]" in reply["msg"]
+            assert [t["trial"] for t in held()[:2]] == [first["trial"], second["trial"]]  # refused: nothing changed
             status, reply = _post(base + "api/control", {"method": "approve", "campaign": "dash",
                                                          "trial": first["trial"], "parameters": {"x1": "1.25"}, "by": "ada"})
             assert status == 200 and reply["success"], reply
@@ -214,7 +235,7 @@ def test_held_proposals_are_approved_edited_and_rejected(tmp_path: Path) -> None
             def trial(index: int) -> dict:
                 return next(t for t in _get(base + "api/state")[1]["campaigns"][0]["trials"] if t["trial"] == index)
 
-            # the daemon picks the approved trial up from the store and runs it as edited
+            # the daemon queued the approved trial as it answered, and runs it as edited
             _wait(lambda: trial(first["trial"])["status"] == "completed", 20, "the approved trial to run")
             assert trial(first["trial"])["parameters"]["x1"] == 1.25
             assert trial(first["trial"])["review"] == "edited by ada"
@@ -294,8 +315,11 @@ def test_dashboard_command_serves_a_store(tmp_path: Path, free_port: int) -> Non
         with urllib.request.urlopen(base, timeout=10) as page:
             html = page.read().decode()
         assert "best-plot" in html and "http" not in html.replace("http-equiv", "")  # nothing from the network
-        status, reply = _post(base + "api/control", {"method": "pause"})
-        assert status == 409 and "no daemon control endpoint" in reply["msg"]
+        for method in ("pause", "approve"):
+            status, reply = _post(base + "api/control", {"method": method, "campaign": "alone", "trial": 1})
+            assert status == 409 and "no daemon control endpoint" in reply["msg"]
+        status, reply = _post(base + "api/control", {"method": "status"})
+        assert status == 409 and "unknown method 'status'" in reply["msg"]
     finally:
         process.terminate()
         process.wait(timeout=15)

@@ -6,14 +6,19 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from closedloop import hitl
+from closedloop import hitl, provenance
 from closedloop.campaign import Campaign
+from closedloop.daemon import Daemon, control_request
+from closedloop.planner import make_planner
 from closedloop.store import Store, TrialStatus
+from closedloop.worker import StationWorker
 from simulators.surfaces import branin_campaign
 from tests.reportdata import mixed_campaign
 
@@ -146,17 +151,111 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path: Path) -> No
     assert "Traceback (most recent call last)" in debug.stderr and "StoreError: no store" in debug.stderr
 
 
+@contextmanager
+def serving(store: Store, campaign: Campaign, station: bool = False) -> Iterator[tuple[Daemon, list[tuple[str, dict]]]]:
+    """A daemon with its control socket serving ``campaign`` in a thread (and one simulated station if asked)."""
+    events: list[tuple[str, dict]] = []
+    daemon = Daemon(store, [campaign], control="tcp://127.0.0.1:0", heartbeat_s=0.5,
+                    on_event=lambda kind, details: events.append((kind, details)))
+    stop = threading.Event()
+    threads = [threading.Thread(target=daemon.serve, args=(stop.is_set,), daemon=True)]
+    if station:
+        worker = StationWorker(daemon.endpoint, name="station", heartbeat_s=0.5)
+        threads.append(threading.Thread(target=worker.run, args=(stop,), daemon=True))
+    for thread in threads:
+        thread.start()
+    try:
+        yield daemon, events
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=15)
+        daemon.close()
+
+
+def held_campaign(tmp_path: Path, name: str = "review", held: int = 3) -> tuple[Store, Campaign, int]:
+    """A campaign in approval mode with ``held`` proposals waiting for a person, each with its provenance."""
+    campaign = Campaign.from_yaml(campaign_file(tmp_path, name, experiments=10, approve=True))
+    store = Store(tmp_path / f"{name}.db")
+    cid = store.open_campaign(campaign)
+    planner = provenance.Recorder(make_planner(campaign))
+    proposals = planner.suggest(held)
+    store.add_trials(cid, [(p.parameters, p.metadata) for p in proposals], status=TrialStatus.held,
+                     companion=provenance.companion(store, planner, proposals))
+    return store, campaign, cid
+
+
+def test_the_daemon_approves_edits_and_rejects_through_its_control_socket(tmp_path: Path) -> None:
+    store, campaign, cid = held_campaign(tmp_path)
+    proposed = {t.index: t.parameters for t in store.trials(cid)}
+    with serving(store, campaign) as (daemon, events):
+        endpoint = daemon.control_endpoint
+        assert endpoint is not None
+
+        def ask(method: str, **params: object) -> dict:
+            return control_request(endpoint, method, {"campaign": "review", **params})
+
+        # bad requests: a clear answer each, and nothing changes
+        refused = [
+            (ask("edit", trial=1, parameters={"x1": 99}), "trial #1: x1=99 is outside the bounds [-5, 10]"),
+            (ask("edit", trial=1, parameters={"x1": "1.5", "x3": 1}), "trial #1: 'x3' is not a parameter of review"),
+            (ask("edit", trial=1, parameters={"x1": True}), "trial #1: x1=True is not a number"),
+            (ask("edit", trial=1), "edit needs params.parameters"),
+            (ask("approve", trial="1"), "approve needs params.trial"),
+            (ask("approve", trial=9), "no trial #9"),
+            (ask("reject", trial=2, parameters={"x1": 1}), "reject takes no params.parameters"),
+            (ask("approve", trial=1, by=["x"]), "params.by is who decides"),
+            (control_request(endpoint, "approve", {"campaign": "other", "trial": 1}), "'other' is not run by this daemon"),
+        ]
+        for reply, message in refused:
+            assert reply["success"] is False and message in reply["msg"], (message, reply)
+        assert [(t.status, t.parameters) for t in store.trials(cid)] == [("held", proposed[i]) for i in (1, 2, 3)]
+        assert all(provenance.provenance(store, "review", i).review is None for i in (1, 2, 3))
+
+        reply = ask("edit", trial=1, parameters={"x1": "1.5"}, by="ada")
+        assert reply["success"] and reply["parameters"] == {**proposed[1], "x1": 1.5}, reply
+        reply = ask("approve", trial=2, by="bob")
+        assert reply["success"] and reply["parameters"] == proposed[2], reply
+        again = ask("approve", trial=2)
+        assert not again["success"] and "trial 2 is proposed, not held for approval" in again["msg"]
+        # the command line goes through the same socket when a daemon serves the campaign
+        result = cli("reject", "review", "3", "--store", str(tmp_path / "review.db"), "--control", endpoint)
+        assert result.exit_code == 0, result.output
+        assert f"trial 3 of review rejected by {hitl.user()}" in result.output and "in the store" not in result.output
+
+        # the daemon acted at once (not at its next look at the store): queue, counts and events
+        live = control_request(endpoint, "status")["campaigns"][0]
+        assert (live["queued"], live["held"], live["finished"]) == (2, 0, 1)
+    approved = [d for k, d in events if k == "trial_approved"]
+    assert [(d["trial"], d["by"], d["edited"]) for d in approved] == [(1, "ada", True), (2, "bob", False)]
+    assert any(k == "trial_failed" and d["trial"] == 3 and d["review"] == "rejected" for k, d in events)
+    trials = store.trials(cid)
+    assert [t.status for t in trials] == ["proposed", "proposed", "failed"]
+    assert trials[0].parameters["x1"] == 1.5 and trials[0].planner["proposed_parameters"] == proposed[1]
+    reviews = [(r.review, r.reviewed_by) for r in (provenance.provenance(store, "review", i) for i in (1, 2, 3))]
+    assert reviews == [("edited", "ada"), ("approved", "bob"), ("rejected", hitl.user())]
+    store.close()
+
+
+def test_without_a_daemon_approve_and_reject_write_the_store_and_say_so(tmp_path: Path, free_port: int) -> None:
+    store, _, cid = held_campaign(tmp_path, "alone", held=2)
+    db, nobody = str(tmp_path / "alone.db"), f"tcp://127.0.0.1:{free_port}"
+    refused = cli("approve", "alone", "1", "--set", "x2=-1", "--store", db, "--control", nobody)
+    assert refused.exit_code == 1 and "trial #1: x2=-1 is outside the bounds [0, 15]" in refused.stderr
+    result = cli("approve", "alone", "1", "--set", "x2=2", "--store", db, "--control", nobody)
+    assert result.exit_code == 0 and "approved in the store (no daemon serves alone" in result.output, result.output
+    result = cli("reject", "alone", "2", "--store", db, "--control", nobody)
+    assert result.exit_code == 0 and "in the store (no daemon serves alone" in result.output, result.output
+    assert [(t.status, t.parameters["x2"] == 2) for t in store.trials(cid)] == [("proposed", True), ("failed", False)]
+    store.close()
+
+
 @pytest.mark.slow
 def test_approval_mode_holds_each_proposal_until_a_person_decides(tmp_path: Path) -> None:
-    from closedloop.daemon import run_embedded
-
+    """A daemon and a station: each proposal waits for a person; the command line decides through the daemon."""
     db = str(tmp_path / "s.db")
     campaign = Campaign.from_yaml(campaign_file(tmp_path, "held", experiments=3, approve=True))
-    store, daemon_store = Store(db), Store(db)  # two connections, as a daemon and a person in another terminal
-    done = threading.Event()
-    runner = threading.Thread(target=lambda: (run_embedded(campaign, daemon_store, should_stop=lambda: done.is_set()),
-                                              done.set()), daemon=True)
-    runner.start()
+    store = Store(db)
 
     def wait_held(index: int) -> None:
         deadline = time.monotonic() + 60
@@ -167,22 +266,23 @@ def test_approval_mode_holds_each_proposal_until_a_person_decides(tmp_path: Path
             time.sleep(0.05)
         raise AssertionError(f"trial {index} was never held; trials: {[(t.index, t.status) for t in store.trials(1)]}")
 
-    try:
+    with serving(Store(db), campaign, station=True) as (daemon, events):  # a second connection, as in another process
+        control = ["--store", db, "--control", str(daemon.control_endpoint)]
         wait_held(1)
         time.sleep(0.5)
         assert store.trial(store.trials(1)[0].id).status == "held"  # nothing runs without a person
-        refused = cli("approve", "held", "1", "--set", "x1=99", "--store", db)
-        assert refused.exit_code == 1 and "x1=99: is outside the bounds [-5, 10]" in refused.stderr
-        assert cli("approve", "held", "1", "--set", "x1=1.5", "--store", db).exit_code == 0
+        refused = cli("approve", "held", "1", "--set", "x1=99", *control)
+        assert refused.exit_code == 1 and "x1=99 is outside the bounds [-5, 10]" in refused.stderr
+        assert store.trial(store.trials(1)[0].id).status == "held"
+        assert cli("approve", "held", "1", "--set", "x1=1.5", *control).exit_code == 0
         wait_held(2)
-        assert cli("reject", "held", "2", "--store", db).exit_code == 0
+        assert cli("reject", "held", "2", *control).exit_code == 0
         wait_held(3)
-        assert cli("approve", "held", "3", "--store", db).exit_code == 0
-        runner.join(timeout=60)
-        assert not runner.is_alive(), [(t.index, t.status) for t in store.trials(1)]  # the budget is spent: it ends
-    finally:
-        done.set()
-        runner.join(timeout=20)
+        assert cli("approve", "held", "3", *control).exit_code == 0
+        deadline = time.monotonic() + 60
+        while not daemon.done() and time.monotonic() < deadline:  # the budget is spent: it ends
+            time.sleep(0.05)
+        assert daemon.done(), [(t.index, t.status) for t in store.trials(1)]
     trials = store.trials(1)
     first = trials[0]
     assert first.status == "completed" and first.parameters["x1"] == 1.5
@@ -190,6 +290,8 @@ def test_approval_mode_holds_each_proposal_until_a_person_decides(tmp_path: Path
     assert trials[1].status == "failed" and trials[1].error.startswith("rejected by ")
     assert trials[2].status == "completed"
     assert [r.failed for r in store.results(1)] == [False, True, False]  # the planner's known-bad point
+    assert [d["trial"] for k, d in events if k == "trial_approved"] == [1, 3]  # the daemon did it, not a store poll
+    store.close()
 
 
 def test_approve_checks_edits_against_types_and_constraints(tmp_path: Path) -> None:
@@ -210,13 +312,13 @@ instrument: {simulator: "simulators.surfaces:Branin"}
     store.add_trials(cid, [({"a": 1.0, "b": 2, "c": "red"}, {"generator": "sobol"})], status=TrialStatus.held)
     with pytest.raises(hitl.DataError) as caught:
         hitl.approve(store, "limits", 1, {"a": "9", "b": "5"})
-    assert caught.value.problems == ["--set: breaks constraint 'a + b <= 12' (left side is 14)"]
+    assert caught.value.problems == ["trial #1: the edit breaks constraint 'a + b <= 12' (left side is 14)"]
     with pytest.raises(hitl.DataError) as caught:
         hitl.approve(store, "limits", 1, {"b": "2.5", "c": "green", "d": "1"})
     assert caught.value.problems == [
-        "--set b=2.5: is not an integer",
-        "--set c=green: is not one of red, blue",
-        "--set d: not a parameter of limits (parameters: a, b, c)",
+        "trial #1: b=2.5 is not an integer",
+        "trial #1: c=green is not one of red, blue",
+        "trial #1: 'd' is not a parameter of limits (parameters: a, b, c)",
     ]
     assert store.trials(cid)[0].status == "held"  # a refused edit changes nothing
     row = hitl.approve(store, "limits", 1, {"a": "9", "c": "blue"}, by="ada")

@@ -8,9 +8,10 @@
   store (cached per number of results);
 - ``GET /api/trial?campaign=C&trial=N`` why trial N was chosen (:func:`closedloop.provenance.explain`);
 - ``GET /events`` the daemon's PUB event stream as server-sent events;
-- ``POST /api/control`` ``{"method": "pause"|"resume"|"stop", "campaign"?}`` through the daemon's
-  control socket, and ``{"method": "approve"|"reject", "campaign", "trial", "parameters"?}`` through the
-  store, exactly as the command line does; refused with 403 when the dashboard is read-only.
+- ``POST /api/control`` ``{"method": "pause"|"resume"|"stop", "campaign"?}`` and
+  ``{"method": "approve"|"edit"|"reject", "campaign", "trial", "parameters"?, "by"?}``, relayed to the
+  daemon's control socket exactly as the command line sends them; refused with 403 when the dashboard
+  is read-only.
 
 A dashboard is read-only unless it listens on loopback or has a token (``--token``): anyone who can
 reach a non-loopback port could otherwise stop a campaign. With a token, every request must carry it
@@ -54,6 +55,8 @@ log = logging.getLogger("closedloop.dashboard")
 STATIC = Path(__file__).parent / "static"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_TRIALS = 2000  # rows sent to the page; the store keeps them all
+# what the buttons may ask of the daemon's control socket (status and cancel are not the page's)
+CONTROL_METHODS = ("pause", "resume", "stop", "approve", "edit", "reject")
 
 
 @dataclass(frozen=True)
@@ -374,28 +377,22 @@ class Dashboard:
         return JSONResponse(reply, status_code=200 if reply.get("success") else 409)
 
     def _control(self, body: dict[str, Any]) -> dict[str, Any]:
-        method, campaign = body.get("method"), body.get("campaign")
-        by = str(body.get("by") or "dashboard")
+        """Relay a button to the daemon's control socket, as the command line sends it."""
+        method = body.get("method")
+        if method not in CONTROL_METHODS:
+            return {"success": False, "msg": f"unknown method {method!r} ({', '.join(CONTROL_METHODS)})"}
+        if not self.config.control:
+            return {"success": False, "msg": "no daemon control endpoint: start the dashboard with --control "
+                                             "(the buttons act through a running daemon)"}
+        params = {k: body[k] for k in ("campaign", "trial", "parameters", "by") if body.get(k) is not None}
+        if method in ("approve", "edit", "reject"):
+            params.setdefault("by", "dashboard")
+        from closedloop.daemon import control_request
+
         try:
-            if method in ("pause", "resume", "stop"):
-                if not self.config.control:
-                    return {"success": False, "msg": "no daemon control endpoint: start the dashboard with --control"}
-                from closedloop.daemon import control_request
-
-                return control_request(self.config.control, method, {"campaign": campaign} if campaign else {})
-            if method in ("approve", "reject"):
-                from closedloop import hitl  # the command line's approval, so both check edits the same way
-
-                trial = int(body["trial"])
-                if method == "reject":
-                    row = hitl.reject(self.store, str(campaign), trial, by=by)
-                    return {"success": True, "msg": f"trial #{row.index} {row.error}"}
-                edits = {str(k): v for k, v in (body.get("parameters") or {}).items()}
-                row = hitl.approve(self.store, str(campaign), trial, edits or None, by=by)
-                return {"success": True, "msg": f"trial #{row.index} approved by {by}"}
-        except (ClosedLoopError, KeyError, TypeError, ValueError) as exc:
+            return control_request(self.config.control, method, params)
+        except ProtocolError as exc:  # no daemon answers
             return {"success": False, "msg": str(exc)}
-        return {"success": False, "msg": f"unknown method {method!r} (pause, resume, stop, approve, reject)"}
 
     # -- live events -----------------------------------------------------------------------------
 
