@@ -289,6 +289,58 @@ def test_the_page_in_a_real_browser(loop: Loop, tmp_path: Path) -> None:
     assert time.monotonic() - started < 90
 
 
+@pytest.mark.slow
+def test_held_proposals_in_a_real_browser(tmp_path: Path) -> None:
+    """Headless Chromium, approval mode: an edit typed into a held proposal survives the page's redraws, approve
+    sends it through the daemon, which runs the trial as edited; reject fails the next one; read-only, the
+    buttons are disabled."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (.ci/run installs Debian's chromium)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    profile = tempfile.mkdtemp(prefix="closedloop-chromium-")
+    with _running(tmp_path / "held.db", approve=True) as held_loop:
+        server, read_only = _server(held_loop), _server(held_loop, read_only=True)
+        campaign_id = held_loop.store.campaign_row("dash").id
+        try:
+            with playwright.sync_playwright() as p:
+                browser = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
+                                                               args=CHROMIUM_FLAGS[1:])
+                page = browser.new_page()
+                page.goto(f"http://127.0.0.1:{read_only.port}/")
+                page.wait_for_selector("#held tr[data-trial] button.approve", timeout=20_000)
+                assert page.locator("#held button.approve").first.is_disabled()
+                assert page.locator("#held input.edit").first.is_disabled()
+
+                page.goto(f"http://127.0.0.1:{server.port}/")
+                row = page.locator("#held tr[data-trial]").first
+                row.wait_for(timeout=20_000)
+                first = int(row.get_attribute("data-trial"))
+                page.fill(f"#held tr[data-trial='{first}'] input[name='x1']", "1.25")
+                time.sleep(2.5)  # the page redraws every 2 s: the typed value must stay
+                assert page.input_value(f"#held tr[data-trial='{first}'] input[name='x1']") == "1.25"
+                page.click(f"#held tr[data-trial='{first}'] button.approve")
+                page.wait_for_selector("#message:has-text('edited and approved by dashboard')", timeout=10_000)
+                _wait(lambda: held_loop.store.trials(campaign_id)[first - 1].status == "completed", 20,
+                      "the edited trial to run")
+                second = page.locator(f"#held tr[data-trial]:not([data-trial='{first}'])").first
+                second.wait_for(timeout=20_000)
+                other = int(second.get_attribute("data-trial"))
+                second.locator("button.reject").click()
+                page.wait_for_selector("#message:has-text('rejected by dashboard')", timeout=10_000)
+                browser.close()
+        finally:
+            server.stop()
+            read_only.stop()
+            shutil.rmtree(profile, ignore_errors=True)
+        trials = held_loop.store.trials(campaign_id)
+        assert trials[first - 1].parameters["x1"] == 1.25
+        assert trials[other - 1].status == "failed" and trials[other - 1].error == "rejected by dashboard"
+        from closedloop import provenance
+
+        record = provenance.provenance(held_loop.store, "dash", first)
+        assert (record.review, record.reviewed_by) == ("edited", "dashboard")
+
+
 def test_dashboard_command_serves_a_store(tmp_path: Path, free_port: int) -> None:
     """``closedloop dashboard`` in its own process, on a store alone (no daemon): the page and its state."""
     import subprocess

@@ -329,14 +329,25 @@ function drawHeld(c) {
   const box = $("#held-box");
   box.hidden = !c.held.length;
   const body = $("#held tbody");
+  // the table is redrawn on every event and every 2 s: keep what the scientist is typing, and where
+  const typed = new Map();
+  let focused = null;
+  for (const input of body.querySelectorAll("input.edit")) {
+    const key = `${input.closest("tr").dataset.trial}:${input.name}`;
+    if (input.value !== input.dataset.proposed) typed.set(key, input.value);
+    if (input === document.activeElement) focused = [key, input.selectionStart, input.selectionEnd];
+  }
   body.replaceChildren();
   for (const t of c.held) {
     const tr = el("tr", { "data-trial": t.trial });
     const inputs = el("td");
     for (const [name, value] of Object.entries(t.parameters)) {
       const label = el("label", {}, `${name} `);
-      const input = el("input", { class: "edit", name, value: String(value) });
+      const key = `${t.trial}:${name}`;
+      const input = el("input", { class: "edit", name, value: typed.has(key) ? typed.get(key) : String(value) });
+      input.dataset.proposed = String(value);
       input.disabled = readOnly;
+      if (focused && focused[0] === key) queueMicrotask(() => { input.focus(); input.setSelectionRange(focused[1], focused[2]); });
       label.append(input);
       inputs.append(label, " ");
     }
