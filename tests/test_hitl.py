@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import threading
@@ -11,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from closedloop import hitl, provenance
@@ -18,6 +20,7 @@ from closedloop.campaign import Campaign
 from closedloop.daemon import Daemon, control_request
 from closedloop.planner import make_planner
 from closedloop.store import Store, TrialStatus
+from closedloop.view import ProgressView
 from closedloop.worker import StationWorker
 from simulators.surfaces import branin_campaign
 from tests.reportdata import mixed_campaign
@@ -229,6 +232,12 @@ def test_the_daemon_approves_edits_and_rejects_through_its_control_socket(tmp_pa
     approved = [d for k, d in events if k == "trial_approved"]
     assert [(d["trial"], d["by"], d["edited"]) for d in approved] == [(1, "ada", True), (2, "bob", False)]
     assert any(k == "trial_failed" and d["trial"] == 3 and d["review"] == "rejected" for k, d in events)
+    out = io.StringIO()  # what `closedloop daemon` prints for them in a log
+    with ProgressView(campaign, store, Console(file=out, force_terminal=False, width=200)) as view:
+        for details in approved:
+            view("trial_approved", details)
+    assert [line.split(":")[0] for line in out.getvalue().splitlines()] == [
+        "experiment 1 edited and approved by ada", "experiment 2 approved by bob"]
     trials = store.trials(cid)
     assert [t.status for t in trials] == ["proposed", "proposed", "failed"]
     assert trials[0].parameters["x1"] == 1.5 and trials[0].planner["proposed_parameters"] == proposed[1]
