@@ -185,6 +185,8 @@ class ComputeStation:
         capacity: experiments at once; default: the Dask cluster's worker threads.
         instruments: wire targets this station accepts (``["*"]``: any; a compute station fails
             the trials of instruments that are not computational).
+        sources: campaign sources this station serves (``["*"]``: any), e.g. the simulation of a
+            campaign whose robot is served by a station worker.
         outbox: path of the SQLite outbox of unacknowledged results.
         scheduler: a Dask scheduler address that overrides the campaign's; None: the campaign's
             ``instrument.options.scheduler``, else ``DASK_SCHEDULER_ADDRESS``, else a LocalCluster.
@@ -202,6 +204,7 @@ class ComputeStation:
         name: str | None = None,
         capacity: int | None = None,
         instruments: list[str] | None = None,
+        sources: list[str] | None = None,
         outbox: str | Path | None = None,
         scheduler: str | None = None,
         local_workers: int | None = None,
@@ -215,6 +218,7 @@ class ComputeStation:
         self.name = name or f"compute-{default_station_name()}"
         self.keys = keys
         self.instruments = instruments or ["*"]
+        self.sources = sources or ["*"]
         self.outbox = Outbox(outbox or Path.home() / ".closedloop" / f"outbox-{self.name}.db")
         self.scheduler = scheduler
         self.local_workers = local_workers
@@ -351,7 +355,8 @@ class ComputeStation:
 
     def _hello(self, capacity: int) -> bytes:
         outstanding = sorted(set(self._running) | {trial for trial, _ in self.outbox.pending()})
-        return protocol.encode(protocol.Hello(station=self.name, instruments=self.instruments, capacity=capacity,
+        return protocol.encode(protocol.Hello(station=self.name, instruments=self.instruments, sources=self.sources,
+                                              capacity=capacity,
                                               outstanding=outstanding))
 
     def _on_message(self, sock: zmq.Socket, frame: bytes, registered: bool) -> bool:

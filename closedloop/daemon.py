@@ -37,7 +37,7 @@ import zmq
 
 from closedloop import events as event_format
 from closedloop import protocol, provenance
-from closedloop.campaign import Campaign
+from closedloop.campaign import SOURCE, Campaign
 from closedloop.errors import ClosedLoopError, ProtocolError, StoreError
 from closedloop.keys import ServerKeys, check_exposure
 from closedloop.planner import Planner, Proposal, Result, make_planner
@@ -71,13 +71,19 @@ class Station:
     capacity: int
     session: int
     last_seen: float
+    sources: list[str] = field(default_factory=lambda: ["*"])  # issue 8: the campaign sources it serves
     running: dict[int, float] = field(default_factory=dict)  # trial id -> dispatch time
     declared: set[int] = field(default_factory=set)  # trials its hello said it holds (results in its outbox)
     prefetch: int = 0  # trials queued on the station beyond its capacity, so it never waits for a round trip
 
-    def serves(self, run: CampaignRun) -> bool:
-        return (("*" in self.instruments or run.target in self.instruments)
-                and ("*" in self.campaigns or run.campaign.name in self.campaigns))
+    def serves(self, run: CampaignRun, parameters: dict[str, Any] | None = None) -> bool:
+        """Whether this station may run the campaign's experiments: any of them, or the one at ``parameters``
+        (which, in a campaign with sources, runs only on a station serving its source's instrument)."""
+        if not ("*" in self.campaigns or run.campaign.name in self.campaigns):
+            return False
+        wanted = run.campaign.instruments if parameters is None else [run.campaign.source_of(parameters)]
+        return any(("*" in self.instruments or run.campaign.instruments[source].target in self.instruments)
+                   and (source is None or "*" in self.sources or source in self.sources) for source in wanted)
 
     @property
     def free(self) -> int:
@@ -238,8 +244,9 @@ class CampaignRun:
         self.started = time.monotonic()
         self.stopping = False
         self.paused = False
-        counts = store.counts(self.id)
-        self.finished = sum(counts.get(s, 0) for s in ("completed", "failed", "abandoned"))
+        finished = store.trials(self.id, ["completed", "failed", "abandoned"])
+        self.finished = len(finished)
+        self.spent = sum(campaign.cost_of(t.parameters) for t in finished)  # issue 8: a budget in cost
         self.best: Result | None = None
         for result in results:
             self._consider_best(result)
@@ -271,9 +278,14 @@ class CampaignRun:
         return provenance.derive(proposal, generator="filler",
                                  reason="the model was still fitting while a station was free")
 
-    @property
-    def target(self) -> str:
-        return self.campaign.instrument.target
+    def count_finished(self, parameters: dict[str, Any]) -> None:
+        self.finished += 1
+        self.spent += self.campaign.cost_of(parameters)
+
+    def budget_spent(self) -> bool:
+        budget = self.campaign.budget
+        return self.finished >= self.campaign.max_experiments or (budget.cost is not None
+                                                                   and self.spent >= budget.cost - 1e-9)
 
     @property
     def approve(self) -> bool:
@@ -311,8 +323,8 @@ class CampaignRun:
         return hours is not None and time.monotonic() - self.started > hours * 3600
 
     def _consider_best(self, result: Result) -> bool:
-        if result.values is None:
-            return False
+        if result.values is None or not self.campaign.counts(result.parameters):
+            return False  # a cheaper source's result says where to look, not what was found
         name, objective = next(iter(self.campaign.objectives.items()))
         if name not in result.values:
             return False
@@ -486,7 +498,7 @@ class Daemon:
     def _campaign_done(self, run: CampaignRun) -> bool:
         if any(f.campaign_id == run.id for f in self.in_flight.values()):
             return False
-        return run.stopping or run.finished >= run.campaign.budget.experiments
+        return run.stopping or run.budget_spent()
 
     def serve(self, should_stop: Callable[[], bool] = lambda: False) -> None:
         """Run until every campaign is done, or until stopped (``should_stop()``, :meth:`request_stop`, SIGTERM)."""
@@ -498,7 +510,7 @@ class Daemon:
                                          fresh_only=run.fill_after_s is None)
             self._update_planner(run)
             run.service.start()
-            self._emit("campaign_started", run, total=run.campaign.budget.experiments, finished=run.finished)
+            self._emit("campaign_started", run, total=run.campaign.max_experiments, finished=run.finished)
         try:
             while True:
                 if should_stop():
@@ -683,7 +695,7 @@ class Daemon:
                 continue
             self.stats["results"] += 1
             self._release(result.trial_id, cancel_elsewhere=identity)
-            run.finished += 1
+            run.count_finished(parameters)
             finished = Result(parameters, values, index)
             ingest.setdefault(run.id, []).append(finished)
             is_best = run._consider_best(finished)
@@ -719,7 +731,7 @@ class Daemon:
         previous = self.stations.pop(identity, None)
         holds = set(hello.outstanding)
         station = Station(hello.station, identity, hello.instruments, hello.campaigns, hello.capacity, self._session,
-                          now, declared=holds, prefetch=self.prefetch)
+                          now, sources=hello.sources, declared=holds, prefetch=self.prefetch)
         for trial_id, flight in list(self.in_flight.items()):
             if trial_id in holds and (flight.reconciling or flight.station == hello.station):
                 # the station still has it (running, queued or in its outbox): it stays there
@@ -794,7 +806,7 @@ class Daemon:
             self._emit("trial_requeued", run, trial=flight.index, reason=error)
             return
         if self.store.record_failure(flight.trial_id, error, status):
-            run.finished += 1
+            run.count_finished(flight.parameters)
             if status == TrialStatus.failed:
                 # a failure teaches the planner to avoid the region; an abandoned trial says nothing about it
                 self._update_planner(run, [Result(flight.parameters, None, flight.index)])
@@ -847,6 +859,20 @@ class Daemon:
 
     # -- dispatch -------------------------------------------------------------------------------
 
+    def _next_queued(self, run: CampaignRun, station: Station) -> int | None:
+        """The first queued trial this station can run: in a campaign with sources, one of a source it serves."""
+        if not run.campaign.sources:
+            return run.queue.popleft()
+        for trial_id in run.queue:
+            try:
+                parameters = self.store.trial(trial_id).parameters
+            except StoreError:
+                parameters = {}
+            if not parameters or station.serves(run, parameters):
+                run.queue.remove(trial_id)
+                return trial_id
+        return None
+
     def _in_flight_count(self, run: CampaignRun) -> int:
         return sum(1 for f in self.in_flight.values() if f.campaign_id == run.id)
 
@@ -860,8 +886,18 @@ class Daemon:
 
     def _remaining(self, run: CampaignRun) -> int:
         """Experiments still to propose within the budget."""
-        return (run.campaign.budget.experiments - run.finished - self._in_flight_count(run) - len(run.queue)
+        left = (run.campaign.max_experiments - run.finished - self._in_flight_count(run) - len(run.queue)
                 - run.held)
+        if run.campaign.budget.cost is not None and left > 0:
+            # issue 8: nothing more once the cost spent and committed reaches the budget (the last
+            # experiment may pass it by less than its own cost)
+            committed = [f.parameters for f in self.in_flight.values() if f.campaign_id == run.id]
+            if run.queue or run.held:
+                statuses = [TrialStatus.proposed.value] + ([_HELD.value] if _HELD is not None else [])
+                committed += [t.parameters for t in self.store.trials(run.id, statuses)]
+            if run.spent + sum(run.campaign.cost_of(p) for p in committed) >= run.campaign.budget.cost - 1e-9:
+                return 0
+        return left
 
     def _update_planner(self, run: CampaignRun, results: list[Result] | None = None) -> None:
         """Tell the planner thread the new results, what is pending and how many proposals to keep ready."""
@@ -900,7 +936,9 @@ class Daemon:
         trial: TrialRow | None = None
         proposal: Proposal | None = None
         while run.queue and trial is None:
-            trial_id = run.queue.popleft()
+            trial_id = self._next_queued(run, station)
+            if trial_id is None:
+                break
             try:
                 trial = self.store.mark_dispatched(trial_id, station.name)
             except StoreError:
@@ -920,6 +958,14 @@ class Daemon:
                 if proposal is None:
                     return False
             run.starved_since = None
+            if not station.serves(run, proposal.parameters):
+                # issue 8: for a source this station does not serve; it waits in the queue for one that does
+                rows = self.store.add_trials(run.id, [(proposal.parameters, proposal.metadata)],
+                                             companion=provenance.companion(self.store, run.planner, [proposal]))
+                run.queue.append(rows[0].id)  # type: ignore[arg-type]
+                self._emit("trial_proposed", run, trial=rows[0].index, parameters=proposal.parameters)
+                self._update_planner(run)
+                return False
             if run.approve:
                 # issue 9: why it was chosen, in the same transaction, before anyone sees it
                 rows = self.store.add_trials(run.id, [(proposal.parameters, proposal.metadata)], status=_HELD,  # type: ignore[arg-type]
@@ -936,13 +982,15 @@ class Daemon:
             self._emit("trial_proposed", run, trial=trial.index, parameters=trial.parameters,
                        generator=proposal.metadata.get("generator"))
         assert trial.id is not None
+        instrument = run.campaign.instrument_for(trial.parameters)
         assignment = protocol.Assign(
             campaign=run.campaign.name,
             trial_id=trial.id,
             trial_index=trial.index,
-            setpoints=trial.parameters,
+            # issue 8: the source chooses the instrument; it is not a setting of it
+            setpoints={k: v for k, v in trial.parameters.items() if not (run.campaign.sources and k == SOURCE)},
             outputs=run.campaign.outputs,
-            instrument=protocol.InstrumentSpec(target=run.target, options=run.campaign.instrument.options),
+            instrument=protocol.InstrumentSpec(target=instrument.target, options=instrument.options),
             timeout_s=float(run.campaign.execution.timeout) if run.campaign.execution.timeout else None,
             session=station.session,
             metadata=trial.planner,
@@ -1126,7 +1174,7 @@ class Daemon:
             flights = sorted((f for f in self.in_flight.values() if f.campaign_id == run.id), key=lambda f: f.index)
             campaigns.append({
                 "name": run.campaign.name, "id": run.id, "paused": run.paused, "stopping": run.stopping,
-                "budget": run.campaign.budget.experiments, "finished": run.finished, "counts": counts,
+                "budget": run.campaign.max_experiments, "finished": run.finished, "counts": counts,
                 "in_flight": [{"trial": f.index, "station": f.station, "started": f.started,
                                "reconciling": f.reconciling, "age_s": round(now - f.dispatched, 2)} for f in flights],
                 "queued": len(run.queue), "held": run.held,
@@ -1223,32 +1271,43 @@ def run_embedded(
     on_event: EventSink | None = None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> CampaignRun:
-    """The daemon and one station worker in this process, on loopback: ``closedloop run``."""
+    """The daemon and one station worker in this process, on loopback: ``closedloop run``.
+
+    A campaign with sources gets one station per source, each serving only its source's instrument.
+    """
     from closedloop.worker import StationWorker
 
-    # One station: every experiment waits for the model's proposal on all results so far rather than
-    # taking a space-filling or stale one, so a seeded campaign is reproducible whatever this machine's
-    # speed (fillers and prefetch pay off with many stations; see Daemon).
+    # One station per instrument: every experiment waits for the model's proposal on all results so far
+    # rather than taking a space-filling or stale one, so a seeded campaign is reproducible whatever this
+    # machine's speed (fillers and prefetch pay off with many stations; see Daemon).
     daemon = Daemon(store, [campaign], bind="tcp://127.0.0.1:0", on_event=on_event, reconcile_s=3.0,
                     heartbeat_s=0.5, fill_after_s=None, prefetch=0)
     stop = threading.Event()
-    # -- issue 8: a function or command instrument runs on Dask through a compute station (closedloop.compute)
-    worker: Any
-    if getattr(campaign.instrument, "computational", False):
-        from closedloop.compute import ComputeStation
+    workers: list[Any] = []
+    for source, instrument in campaign.instruments.items():
+        name = "embedded" + (f"-{source}" if source is not None else "")
+        box = outbox + (f"-{source}" if source is not None else "") if outbox is not None else None
+        only = [source] if source is not None else None
+        # -- issue 8: a function or command instrument runs on Dask through a compute station (closedloop.compute)
+        if instrument.computational:
+            from closedloop.compute import ComputeStation
 
-        worker = ComputeStation(daemon.endpoint, name="embedded-compute", outbox=outbox, heartbeat_s=0.5,
-                                capacity=campaign.execution.concurrency, instruments=[campaign.instrument.target],
-                                scheduler=campaign.instrument.options.get("scheduler"))
-    else:
-        worker = StationWorker(daemon.endpoint, name="embedded", outbox=outbox, heartbeat_s=0.5)
-    # -- end issue 8
-    thread = threading.Thread(target=worker.run, args=(stop,), name="closedloop-station", daemon=True)
-    thread.start()
+            workers.append(ComputeStation(daemon.endpoint, name=f"{name}-compute", outbox=box, heartbeat_s=0.5,
+                                          capacity=campaign.execution.concurrency, instruments=[instrument.target],
+                                          sources=only, scheduler=instrument.options.get("scheduler")))
+        else:
+            workers.append(StationWorker(daemon.endpoint, name=name, outbox=box, heartbeat_s=0.5,
+                                         instruments=[instrument.target] if source is not None else None,
+                                         sources=only))
+    threads = [threading.Thread(target=w.run, args=(stop,), name=f"closedloop-station-{w.name}", daemon=True)
+               for w in workers]
+    for thread in threads:
+        thread.start()
     try:
         daemon.serve(should_stop)
     finally:
         stop.set()
-        thread.join(timeout=10)
+        for thread in threads:
+            thread.join(timeout=10)
         daemon.close()
     return next(iter(daemon.runs.values()))

@@ -65,6 +65,8 @@ class Hello(_Message):
     station: str = Field(min_length=1, max_length=128)
     instruments: list[str] = Field(default_factory=lambda: ["*"], max_length=256)
     campaigns: list[str] = Field(default_factory=lambda: ["*"], max_length=256)
+    # a campaign's sources (issue 8) this station serves: a simulation station, a robot station
+    sources: list[str] = Field(default_factory=lambda: ["*"], max_length=256)
     capacity: int = Field(default=1, ge=1, le=1024)
     outstanding: list[int] = Field(default_factory=list, max_length=100_000)
     software: str = Field(default="", max_length=256)

@@ -114,6 +114,8 @@ class StationWorker:
         name: station name (ZeroMQ routing id); unique among the daemon's stations.
         instruments: import paths of instruments this station may drive; ``["*"]`` accepts any.
         campaigns: names of campaigns this station serves; ``["*"]`` serves any.
+        sources: names of the campaign sources this station serves (a campaign with ``sources``);
+            ``["*"]`` serves any.
         outbox: path of the SQLite outbox of unacknowledged results.
         keys: CURVE keys (this station's pair and the daemon's public key); None for plain loopback.
         journal: optional file to which the id and run uid of every trial measured here is appended
@@ -130,6 +132,7 @@ class StationWorker:
         name: str | None = None,
         instruments: list[str] | None = None,
         campaigns: list[str] | None = None,
+        sources: list[str] | None = None,
         outbox: str | Path | None = None,
         keys: ClientKeys | None = None,
         journal: str | Path | None = None,
@@ -140,6 +143,7 @@ class StationWorker:
         self.name = name or default_station_name()
         self.instruments = instruments or ["*"]
         self.campaigns = campaigns or ["*"]
+        self.sources = sources or ["*"]
         self.outbox = Outbox(outbox or Path.home() / ".closedloop" / f"outbox-{self.name}.db")
         self.keys = keys
         self.journal = Path(journal) if journal else None
@@ -330,7 +334,7 @@ class StationWorker:
         if self._running is not None:
             outstanding.add(self._running)
         return protocol.encode(protocol.Hello(station=self.name, instruments=self.instruments,
-                                              campaigns=self.campaigns, outstanding=sorted(outstanding),
+                                              campaigns=self.campaigns, sources=self.sources, outstanding=sorted(outstanding),
                                               software=f"closedloop-worker/{protocol.PROTOCOL_VERSION}"))
 
     def _communicate(self) -> None:

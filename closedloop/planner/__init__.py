@@ -10,8 +10,18 @@ __all__ = ["Planner", "Proposal", "Result", "make_planner"]
 
 
 def make_planner(campaign: Campaign) -> Planner:
-    """The planner the campaign's ``planner.backend`` names."""
+    """The planner the campaign's ``planner.backend`` names.
+
+    A campaign with ``sources`` gets the botorch backend's multi-fidelity planner; the other backends
+    cannot choose among sources and refuse it.
+    """
     backend = campaign.planner.backend
+    if campaign.sources:
+        if backend != "botorch":
+            raise PlannerError(f"planner.backend: the {backend} backend cannot choose among sources; use 'botorch'")
+        from closedloop.planner.multifidelity import MultiFidelityPlanner
+
+        return MultiFidelityPlanner(campaign)
     if backend == "botorch":
         from closedloop.planner.botorch_backend import BotorchPlanner
 

@@ -1,28 +1,32 @@
 """Multi-fidelity planning: choose where *and from which source* to experiment next, per unit cost.
 
-A campaign may have several sources of the same objective with different costs: a fast simulation
-and a slow robot, say. :class:`MultiFidelityPlanner` models them jointly with BoTorch's
-``SingleTaskMultiFidelityGP`` (the source is one more input, the *fidelity* ``s`` in [0, 1], 1 being
-the target source) and proposes a (point, source) pair. Two acquisitions:
+A campaign may declare several ``sources`` of the same objective with different costs: a fast
+simulation and a slow robot, say (``docs/campaign.md``). :class:`MultiFidelityPlanner` models them
+jointly with BoTorch's ``SingleTaskMultiFidelityGP`` (the source is one more input, the *fidelity*
+``s`` in [0, 1], 1 being the dearest source) and proposes a (point, source) pair. Two acquisitions:
 
+- ``ucb`` (default): the MF-GP-UCB rule of Kandasamy et al. (2016). The point maximizes the upper
+  confidence bound at the target source; the source is the cheapest one whose prediction there is
+  still uncertain (its posterior standard deviation there above ``threshold`` times the spread of
+  the observations), else the target. Cheap sources explore, the target
+  confirms. Fractions of a second per proposal.
 - ``kg``: the cost-aware multi-fidelity knowledge gradient (``qMultiFidelityKnowledgeGradient`` with
   ``InverseCostWeightedUtility``): the expected gain in the best value *at the target source* per
   unit of cost. Principled, and tens of seconds per proposal on a small machine.
-- ``ucb`` (default): the MF-GP-UCB rule: the point maximizes the upper confidence bound at the
-  target source; the source is the cheapest one still uncertain there. Fractions of a second.
 
 Sources sit on the fidelity axis by cost, ``s = (cost - cheapest) / (dearest - cheapest)``, so the
 affine cost model ``cost(s) = cheapest + (dearest - cheapest) * s`` is exact for every source.
 
-Status: a prototype planner (issue 8). The campaign file does not yet declare sources, so the daemon
-does not use it, and the benchmark against the expensive source alone is still to be run on a
-machine where a multi-fidelity GP fit takes less than the 4 to 40 s it took on a loaded 2-core one.
+Each proposal's parameters name its source under ``source`` (:data:`closedloop.campaign.SOURCE`),
+and so does every stored trial. A proposal depends only on the seed, the results (taken in trial
+order) and the pending experiments, so a planner rebuilt from the store after a crash, or by
+``closedloop replay``, proposes the same experiments.
 
 Example:
-    >>> planner = MultiFidelityPlanner({"x1": (-5, 10), "x2": (0, 15)}, {"sim": 0.1, "robot": 1.0},
-    ...                                target="robot", output="y", goal="minimize", seed=0)
-    >>> [p.metadata["source"] for p in planner.suggest(1)]                       # doctest: +SKIP
-    ['sim']
+    >>> from closedloop.campaign import load_campaign
+    >>> planner = MultiFidelityPlanner(load_campaign("campaigns/branin_multifidelity.yaml"))
+    >>> planner.suggest(1)[0].parameters["source"]
+    'robot'
 """
 
 from __future__ import annotations
@@ -31,129 +35,221 @@ from typing import Any, ClassVar
 
 import torch
 
+from closedloop.campaign import SOURCE, Campaign, ContinuousParameter, FixedParameter
+from closedloop.errors import PlannerError
 from closedloop.planner.base import Proposal, Result
 
-SOURCE = "source"  # the key that names the source in a proposal's metadata and a result's parameters
+__all__ = ["SOURCE", "MultiFidelityPlanner", "unsupported"]
+
+
+def unsupported(campaign: Campaign) -> list[str]:
+    """What of the campaign the multi-fidelity planner cannot handle, each naming the campaign field."""
+    problems = []
+    if not campaign.sources:
+        problems.append("sources: the multi-fidelity planner needs at least two sources")
+    for name, p in campaign.parameters.items():
+        if not isinstance(p, (ContinuousParameter, FixedParameter)):
+            problems.append(f"parameters.{name}: the multi-fidelity planner handles continuous and fixed "
+                            f"parameters, not {p.type}")
+    if campaign.constraints:
+        problems.append("constraints: the multi-fidelity planner does not handle linear constraints")
+    if campaign.candidates is not None:
+        problems.append("candidates: the multi-fidelity planner does not handle candidate tables")
+    if len(campaign.objectives) > 1:
+        problems.append("objectives: the multi-fidelity planner optimizes one objective")
+    if campaign.outcome_constraints:
+        problems.append("outcome_constraints: the multi-fidelity planner does not handle outcome constraints")
+    target = campaign.target_source
+    if target is not None:
+        for name, source in campaign.sources.items():
+            if source.cost > campaign.sources[target].cost:
+                problems.append(f"sources.{name}.cost: {source.cost:g} is more than the target's "
+                                f"{campaign.sources[target].cost:g}; a source dearer than the experiment that counts "
+                                "is never worth running")
+    return problems
 
 
 class MultiFidelityPlanner:
-    """Cost-aware multi-fidelity Bayesian optimization over a box of continuous parameters.
+    """Cost-aware multi-fidelity Bayesian optimization over the campaign's continuous parameters.
 
     Args:
-        bounds: parameter name -> (low, high).
-        sources: source name -> cost of one experiment (any positive unit); at least two.
-        target: the source whose objective counts (usually the dearest, the real experiment).
-        output: the objective's name in results.
-        goal: ``minimize`` or ``maximize``.
-        initial: experiments of the space-filling start, as (source, count) pairs; default: 2 at the
-            target and 2 per unit of target cost at each cheaper source, at least 4.
+        campaign: a campaign with ``sources`` (at least two, one the target) and one objective.
+        acquisition: ``ucb`` (default, fast) or ``kg`` (cost-aware knowledge gradient, slow).
+        initial: the space-filling start as (source, count) pairs; default: ``planner.initial_experiments``
+            (else 2) at the target, and at each cheaper source as many as cost, together, one
+            target experiment per cheap source (at least 2, at most 4 per dimension).
+        beta: UCB's exploration weight.
+        threshold: a cheaper source is chosen while its posterior standard deviation at the chosen
+            point exceeds this fraction of the observations' spread.
     """
 
-    backend: ClassVar[str] = "multifidelity"
+    backend: ClassVar[str] = "botorch"  # the botorch backend, with a multi-fidelity model (make_planner)
 
-    def __init__(self, bounds: dict[str, tuple[float, float]], sources: dict[str, float], *, target: str,
-                 output: str, goal: str = "minimize", seed: int | None = None,
-                 initial: list[tuple[str, int]] | None = None, acquisition: str = "ucb", num_fantasies: int = 16,
-                 num_restarts: int = 4, raw_samples: int = 128, beta: float = 4.0, threshold: float = 0.1):
-        if len(sources) < 2 or target not in sources or min(sources.values()) <= 0:
-            raise ValueError("give at least two sources with positive costs, the target among them")
-        self.names = list(bounds)
-        self.lower = torch.tensor([float(bounds[n][0]) for n in self.names], dtype=torch.double)
-        self.upper = torch.tensor([float(bounds[n][1]) for n in self.names], dtype=torch.double)
-        self.sources, self.target, self.output = dict(sources), target, output
-        self.sign = -1.0 if goal == "minimize" else 1.0  # the model maximizes sign * objective
-        cheapest, dearest = min(sources.values()), max(sources.values())
-        span = dearest - cheapest or 1.0
-        self.fidelity = {name: (cost - cheapest) / span for name, cost in sources.items()}
-        self.target_fidelity = self.fidelity[target]
-        self.cost_fixed, self.cost_slope = cheapest, span
+    def __init__(self, campaign: Campaign, *, acquisition: str = "ucb", initial: list[tuple[str, int]] | None = None,
+                 beta: float = 4.0, threshold: float = 0.1, num_fantasies: int = 16, num_restarts: int = 4,
+                 raw_samples: int = 128):
+        problems = unsupported(campaign)
+        if problems:
+            raise PlannerError("; ".join(problems))
         if acquisition not in ("ucb", "kg"):
-            raise ValueError(f"acquisition {acquisition!r}: use 'ucb' or 'kg'")
+            raise PlannerError(f"acquisition {acquisition!r}: use 'ucb' or 'kg'")
+        self.campaign = campaign
+        self.names = list(campaign.tunable_parameters)
+        self.fixed = {n: p.value for n, p in campaign.parameters.items() if isinstance(p, FixedParameter)}
+        params = [campaign.parameters[n] for n in self.names]
+        self.bounds = [p.bounds for p in params]  # type: ignore[union-attr]
+        self.log_scale = torch.tensor([p.scale == "log" for p in params])  # type: ignore[union-attr]
+        lower = torch.tensor([p.bounds[0] for p in params], dtype=torch.double)  # type: ignore[union-attr]
+        upper = torch.tensor([p.bounds[1] for p in params], dtype=torch.double)  # type: ignore[union-attr]
+        self.lower = torch.where(self.log_scale, lower.log(), lower)
+        self.upper = torch.where(self.log_scale, upper.log(), upper)
+        self.sources = {name: s.cost for name, s in campaign.sources.items()}
+        self.target = campaign.target_source or ""
+        self.output, objective = next(iter(campaign.objectives.items()))
+        self.sign = -1.0 if objective.goal == "minimize" else 1.0  # the model maximizes sign * objective
+        cheapest, dearest = min(self.sources.values()), max(self.sources.values())
+        span = dearest - cheapest or 1.0
+        self.fidelity = {name: (cost - cheapest) / span for name, cost in self.sources.items()}
+        self.target_fidelity = self.fidelity[self.target]
+        self.cost_fixed, self.cost_slope = cheapest, span
         self.acquisition, self.beta, self.threshold = acquisition, beta, threshold
         self.num_fantasies, self.num_restarts, self.raw_samples = num_fantasies, num_restarts, raw_samples
-        self.generator = torch.Generator().manual_seed(seed if seed is not None else 0)
-        self.seed = seed
-        self.X: list[list[float]] = []  # n x (d + 1): unit-cube parameters, then fidelity
-        self.Y: list[float] = []
+        self.seed = campaign.planner.seed if campaign.planner.seed is not None else 0
         self.results: list[Result] = []
-        self._initial = self._initial_design(initial)
+        self.design = self._initial_design(initial)
+        self.last_decision: dict[str, Any] | None = None
 
-    # -- encoding ---------------------------------------------------------------------------
+    # -- encoding: parameters <-> unit cube (n x d), then the fidelity column ---------------------
 
     def _unit(self, parameters: dict[str, Any]) -> list[float]:
         x = torch.tensor([float(parameters[n]) for n in self.names], dtype=torch.double)
-        return ((x - self.lower) / (self.upper - self.lower)).tolist()
+        x = torch.where(self.log_scale, x.log(), x)
+        return ((x - self.lower) / (self.upper - self.lower)).clamp(0, 1).tolist()
 
-    def _parameters(self, unit: torch.Tensor) -> dict[str, float]:
+    def _parameters(self, unit: torch.Tensor, source: str) -> dict[str, Any]:
         x = self.lower + unit.clamp(0, 1) * (self.upper - self.lower)
-        return {n: float(v) for n, v in zip(self.names, x)}
+        x = torch.where(self.log_scale, x.exp(), x)
+        # exp(log(x)) may stray from a bound by an ulp
+        values = {n: min(max(float(v), lo), hi) for n, v, (lo, hi) in zip(self.names, x, self.bounds)}
+        return {**values, **self.fixed, SOURCE: source}
 
     def _initial_design(self, initial: list[tuple[str, int]] | None) -> list[tuple[str, torch.Tensor]]:
         if initial is None:
-            ratio = max(self.sources.values()) / min(self.sources.values())
-            initial = [(self.target, 2)] + [(s, max(2, min(8, int(ratio // 2)))) for s in self.sources if s != self.target]
-        d = len(self.names)
-        sobol = torch.quasirandom.SobolEngine(d, scramble=True, seed=self.seed if self.seed is not None else 0)
+            d = len(self.names)
+            at_target = self.campaign.planner.initial_experiments or 2
+            initial = [(self.target, at_target)]
+            cheaper = [s for s in self.sources if s != self.target]
+            for source in cheaper:
+                # together the cheap sources' start costs about one target experiment each
+                count = int(self.sources[self.target] / self.sources[source])
+                initial.append((source, max(2, min(4 * d, count))))
+        sobol = torch.quasirandom.SobolEngine(len(self.names), scramble=True, seed=self.seed)
         return [(source, point) for source, count in initial for point in sobol.draw(count).double()]
 
     def cost(self, source: str) -> float:
+        """What one experiment at ``source`` costs."""
         return self.sources[source]
 
-    # -- the verbs -------------------------------------------------------------------------------
+    # -- the Planner protocol -----------------------------------------------------------------------
 
     def ingest(self, results: list[Result]) -> None:
         """Add finished experiments; each result's parameters name their source under ``source``."""
-        for result in results:
-            self.results.append(result)
-            if result.values is None or self.output not in result.values:
-                continue  # a failed experiment teaches the model nothing about the surface here
-            source = result.parameters[SOURCE]
-            self.X.append(self._unit(result.parameters) + [self.fidelity[source]])
-            self.Y.append(self.sign * float(result.values[self.output]))
-
-    def suggest(self, n: int = 1, pending: list[dict[str, Any]] | None = None) -> list[Proposal]:
-        """``n`` proposals, one at a time; metadata holds the ``source`` and its ``cost``."""
-        proposals = []
-        for _ in range(n):
-            if self._initial:
-                source, unit = self._initial.pop(0)
-                meta: dict[str, Any] = {"generator": "sobol"}
-            elif self.acquisition == "kg":
-                unit, source, meta = self._knowledge_gradient()
-            else:
-                unit, source, meta = self._ucb_then_cheapest_informative()
-            parameters = self._parameters(unit)
-            proposals.append(Proposal({**parameters, SOURCE: source},
-                                      {**meta, SOURCE: source, "cost": self.sources[source]}))
-        return proposals
-
-    def recommend(self) -> dict[str, float] | None:
-        """The point with the best posterior mean at the target source (what to build or report)."""
-        if not self.X:
-            return None
-        model = self._model()
-        unit, _ = self._best_at_target(model)
-        return self._parameters(unit)
+        self.results.extend(results)
 
     def best(self) -> Result | None:
-        """The best measured result at the target source."""
-        at_target = [r for r in self.results if r.values is not None and r.parameters.get(SOURCE) == self.target]
+        """The best *measured* result at the target source: what was seen, not a model estimate.
+
+        Cheaper sources never count. :meth:`recommend` gives the model's estimate instead.
+        """
+        at_target = [r for r in self.results
+                     if r.values is not None and self.output in r.values and r.parameters.get(SOURCE) == self.target]
         if not at_target:
             return None
         return max(at_target, key=lambda r: self.sign * r.values[self.output])  # type: ignore[index]
 
-    # -- BoTorch -----------------------------------------------------------------------------------
+    def pareto_front(self) -> list[Result]:
+        """One objective: the best result, or nothing."""
+        best = self.best()
+        return [best] if best is not None else []
+
+    def recommend(self) -> dict[str, Any] | None:
+        """The point with the best posterior mean at the target source (what to build or report)."""
+        X, _ = self._training_data()
+        if len(X) < 2:
+            return None
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed)
+            model = self._model()
+            unit, _ = self._best_at_target(model)
+        parameters = self._parameters(unit, self.target)
+        del parameters[SOURCE]
+        return parameters
+
+    def suggest(self, n: int = 1, pending: list[dict[str, Any]] | None = None) -> list[Proposal]:
+        """``n`` proposals, chosen one after another, each treating the ones before and ``pending`` as
+        measured at the model's mean (the kriging believer). Parameters and metadata name the source."""
+        pending = [dict(p) for p in pending or []]
+        proposals: list[Proposal] = []
+        for _ in range(n):
+            started = len(self.results) + len(pending)
+            if started < len(self.design):
+                source, unit = self.design[started]
+                meta: dict[str, Any] = {"generator": "sobol", "design_index": started}
+            else:
+                X, _ = self._training_data()
+                if len(X) < 2:  # no model yet (everything failed): keep filling the space at the target
+                    sobol = torch.quasirandom.SobolEngine(len(self.names), scramble=True, seed=self.seed + 1)
+                    unit, source = sobol.draw(started + 1).double()[-1], self.target
+                    meta = {"generator": "sobol", "design_index": started}
+                else:
+                    # the same seed for the same data: a rebuilt planner proposes the same experiment
+                    with torch.random.fork_rng():
+                        torch.manual_seed(self.seed * 1_000_003 + started)
+                        unit, source, meta = self._model_proposal(pending)
+            parameters = self._parameters(unit, source)
+            proposals.append(Proposal(parameters, {**meta, SOURCE: source, "cost": self.sources[source]}))
+            pending.append(parameters)
+        return proposals
+
+    # -- BoTorch ------------------------------------------------------------------------------------
+
+    def _training_data(self) -> tuple[list[list[float]], list[float]]:
+        """n x (d + 1) inputs (unit cube, then fidelity) and n outputs (oriented to maximize), in trial order."""
+        X, Y = [], []
+        ordered = sorted(self.results, key=lambda r: r.trial if r.trial is not None else -1)
+        for result in ordered:
+            if result.values is None or self.output not in result.values:
+                continue  # a failed experiment teaches this model nothing about the surface
+            source = result.parameters.get(SOURCE)
+            if source not in self.fidelity:
+                continue
+            X.append(self._unit(result.parameters) + [self.fidelity[source]])
+            Y.append(self.sign * float(result.values[self.output]))
+        return X, Y
 
     def _model(self) -> Any:
         from botorch.fit import fit_gpytorch_mll
         from botorch.models import SingleTaskMultiFidelityGP
         from gpytorch.mlls import ExactMarginalLogLikelihood
 
-        X = torch.tensor(self.X, dtype=torch.double)  # n x (d + 1)
-        Y = torch.tensor(self.Y, dtype=torch.double).unsqueeze(-1)  # n x 1
+        X_list, Y_list = self._training_data()
+        X = torch.tensor(X_list, dtype=torch.double)  # n x (d + 1)
+        Y = torch.tensor(Y_list, dtype=torch.double).unsqueeze(-1)  # n x 1
         model = SingleTaskMultiFidelityGP(X, Y, data_fidelities=[X.shape[-1] - 1])
-        fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
+        # a capped L-BFGS run: the fit is most of a proposal's time and more iterations rarely move it
+        fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model),
+                         optimizer_kwargs={"options": {"maxiter": 75}})
         return model
+
+    def _believe(self, model: Any, pending: list[dict[str, Any]]) -> Any:
+        """The model conditioned on the pending experiments at its own mean: it stops proposing them again."""
+        known = [p for p in pending if p.get(SOURCE) in self.fidelity and all(n in p for n in self.names)]
+        if not known:
+            return model
+        X = torch.tensor([self._unit(p) + [self.fidelity[p[SOURCE]]] for p in known], dtype=torch.double)
+        with torch.no_grad():
+            mean = model.posterior(X).mean  # p x 1
+        return model.condition_on_observations(X, mean)
 
     def _best_at_target(self, model: Any) -> tuple[torch.Tensor, float]:
         from botorch.acquisition import PosteriorMean
@@ -162,11 +258,21 @@ class MultiFidelityPlanner:
 
         d = len(self.names)
         mean = FixedFeatureAcquisitionFunction(PosteriorMean(model), d + 1, [d], [self.target_fidelity])
-        unit, value = optimize_acqf(mean, torch.stack([torch.zeros(d), torch.ones(d)]).double(), q=1,
-                                    num_restarts=self.num_restarts, raw_samples=self.raw_samples)
+        unit, value = optimize_acqf(mean, self._box(d), q=1, num_restarts=self.num_restarts,
+                                    raw_samples=self.raw_samples)
         return unit.squeeze(0), float(value)
 
-    def _knowledge_gradient(self) -> tuple[torch.Tensor, str, dict[str, Any]]:
+    @staticmethod
+    def _box(d: int) -> torch.Tensor:
+        return torch.stack([torch.zeros(d), torch.ones(d)]).double()  # 2 x d
+
+    def _model_proposal(self, pending: list[dict[str, Any]]) -> tuple[torch.Tensor, str, dict[str, Any]]:
+        model = self._believe(self._model(), pending)
+        if self.acquisition == "kg":
+            return self._knowledge_gradient(model)
+        return self._ucb_then_cheapest_informative(model)
+
+    def _knowledge_gradient(self, model: Any) -> tuple[torch.Tensor, str, dict[str, Any]]:
         from botorch.acquisition.cost_aware import InverseCostWeightedUtility
         from botorch.acquisition.knowledge_gradient import qMultiFidelityKnowledgeGradient
         from botorch.acquisition.utils import project_to_target_fidelity
@@ -174,52 +280,46 @@ class MultiFidelityPlanner:
         from botorch.optim.optimize import optimize_acqf_mixed
 
         d = len(self.names)
-        with torch.random.fork_rng():
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator)))
-            model = self._model()
-            _, current = self._best_at_target(model)
-            cost_model = AffineFidelityCostModel(fidelity_weights={d: self.cost_slope}, fixed_cost=self.cost_fixed)
-            target = {d: self.target_fidelity}
-            acquisition = qMultiFidelityKnowledgeGradient(
-                model, num_fantasies=self.num_fantasies, current_value=torch.tensor(current, dtype=torch.double),
-                cost_aware_utility=InverseCostWeightedUtility(cost_model=cost_model),
-                project=lambda X: project_to_target_fidelity(X=X, target_fidelities=target, d=d + 1))
-            bounds = torch.stack([torch.zeros(d + 1), torch.ones(d + 1)]).double()
-            candidate, value = optimize_acqf_mixed(
-                acquisition, bounds=bounds, q=1, num_restarts=self.num_restarts, raw_samples=self.raw_samples,
-                fixed_features_list=[{d: f} for f in sorted(set(self.fidelity.values()))],
-                options={"batch_limit": 4, "maxiter": 100})
+        _, current = self._best_at_target(model)
+        cost_model = AffineFidelityCostModel(fidelity_weights={d: self.cost_slope}, fixed_cost=self.cost_fixed)
+        target = {d: self.target_fidelity}
+        acquisition = qMultiFidelityKnowledgeGradient(
+            model, num_fantasies=self.num_fantasies, current_value=torch.tensor(current, dtype=torch.double),
+            cost_aware_utility=InverseCostWeightedUtility(cost_model=cost_model),
+            project=lambda X: project_to_target_fidelity(X=X, target_fidelities=target, d=d + 1))
+        candidate, value = optimize_acqf_mixed(
+            acquisition, bounds=self._box(d + 1), q=1, num_restarts=self.num_restarts, raw_samples=self.raw_samples,
+            fixed_features_list=[{d: f} for f in sorted(set(self.fidelity.values()))],
+            options={"batch_limit": 4, "maxiter": 100})
         fidelity = float(candidate[0, d])
         source = min(self.fidelity, key=lambda s: abs(self.fidelity[s] - fidelity))
         return candidate[0, :d], source, {"generator": "mf-kg", "acquisition_value": float(value)}
 
-    def _ucb_then_cheapest_informative(self) -> tuple[torch.Tensor, str, dict[str, Any]]:
-        """Where: the upper confidence bound at the target source. Which source: the cheapest one that
-        is still uncertain there (posterior standard deviation above ``threshold`` x the spread of the
-        observations), else the target. The rule of MF-GP-UCB (Kandasamy et al., 2016): cheap sources
-        explore, the expensive one confirms; a fraction of a second per proposal where the
-        knowledge gradient takes tens of seconds."""
+    def _ucb_then_cheapest_informative(self, model: Any) -> tuple[torch.Tensor, str, dict[str, Any]]:
+        """Where: the upper confidence bound at the target source. Which source: the cheapest one still
+        uncertain there, else the target (MF-GP-UCB: cheap sources explore, the expensive one confirms)."""
         from botorch.acquisition import UpperConfidenceBound
         from botorch.acquisition.fixed_feature import FixedFeatureAcquisitionFunction
         from botorch.optim import optimize_acqf
 
         d = len(self.names)
-        with torch.random.fork_rng():
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator)))
-            model = self._model()
-            ucb = FixedFeatureAcquisitionFunction(UpperConfidenceBound(model, beta=self.beta), d + 1, [d],
-                                                  [self.target_fidelity])
-            unit, value = optimize_acqf(ucb, torch.stack([torch.zeros(d), torch.ones(d)]).double(), q=1,
-                                        num_restarts=self.num_restarts, raw_samples=self.raw_samples)
-            unit = unit.squeeze(0)
-            spread = float(torch.tensor(self.Y, dtype=torch.double).std()) or 1.0
-            chosen = self.target
-            for source in sorted(self.sources, key=self.sources.__getitem__):
-                if source == self.target or self.sources[source] >= self.sources[self.target]:
-                    continue
-                X = torch.cat([unit, torch.tensor([self.fidelity[source]], dtype=torch.double)]).unsqueeze(0)
-                std = float(model.posterior(X).variance.sqrt().squeeze().detach())
-                if std > self.threshold * spread:
-                    chosen = source
-                    break
+        ucb = FixedFeatureAcquisitionFunction(UpperConfidenceBound(model, beta=self.beta), d + 1, [d],
+                                              [self.target_fidelity])
+        unit, value = optimize_acqf(ucb, self._box(d), q=1, num_restarts=self.num_restarts,
+                                    raw_samples=self.raw_samples)
+        unit = unit.squeeze(0)
+        _, Y = self._training_data()
+        spread = float(torch.tensor(Y, dtype=torch.double).std()) or 1.0
+        chosen, stds = self.target, {}
+        for source in sorted(self.sources, key=self.sources.__getitem__):
+            if source == self.target:
+                break
+            X = torch.cat([unit, torch.tensor([self.fidelity[source]], dtype=torch.double)]).unsqueeze(0)
+            with torch.no_grad():
+                stds[source] = float(model.posterior(X).variance.sqrt().squeeze())
+            if stds[source] > self.threshold * spread:
+                chosen = source
+                break
+        self.last_decision = {"acquisition": "MF-GP-UCB", "acquisition_value": float(value), "beta": self.beta,
+                              "source_std": stds, "threshold": self.threshold * spread}
         return unit, chosen, {"generator": "mf-ucb", "acquisition_value": float(value)}
