@@ -202,6 +202,8 @@ def worker(
     instrument: Optional[list[str]] = typer.Option(None, help="instrument import paths this station drives (default any)"),
     outbox: Optional[Path] = typer.Option(None, help="outbox file of unacknowledged results"),
     campaign: Optional[list[str]] = typer.Option(None, help="campaigns this station serves (default any)"),
+    source: Optional[list[str]] = typer.Option(None, help="campaign sources this station serves, e.g. robot "
+                                               "(default any; see docs/scaling.md)"),
     secret_key: Optional[Path] = typer.Option(None, help="this station's CURVE secret key (NAME.key_secret)"),
     server_key: Optional[Path] = typer.Option(None, help="the daemon's CURVE public key (daemon.key)"),
     journal: Optional[Path] = typer.Option(None, help="append the trial id and run uid of every measured trial here"),
@@ -220,7 +222,7 @@ def worker(
         _fail("give both --secret-key and --server-key, or neither", EXIT_BAD_INPUT)
     keys = ClientKeys(secret_key, server_key) if secret_key and server_key else None
     station = StationWorker(connect, name=name, instruments=instrument or None, campaigns=campaign or None,
-                            outbox=outbox, keys=keys, journal=journal, heartbeat_s=heartbeat)
+                            sources=source or None, outbox=outbox, keys=keys, journal=journal, heartbeat_s=heartbeat)
     signal.signal(signal.SIGTERM, lambda *_: station.stop())
     console.print(f"station {station.name} connecting to {connect}", highlight=False)
     try:
@@ -240,6 +242,8 @@ def compute_station(
     workers: Optional[int] = typer.Option(None, min=1, help="worker processes of the local cluster (default: cores)"),
     name: Optional[str] = typer.Option(None, help="station name (default compute-HOST-PID)"),
     instrument: Optional[list[str]] = typer.Option(None, help="instruments served, e.g. 'function:pkg.mod:f' (default any)"),
+    source: Optional[list[str]] = typer.Option(None, help="campaign sources this station serves, e.g. simulation "
+                                               "(default any)"),
     outbox: Optional[Path] = typer.Option(None, help="outbox file of unacknowledged results"),
     secret_key: Optional[Path] = typer.Option(None, help="this station's CURVE secret key (NAME.key_secret)"),
     server_key: Optional[Path] = typer.Option(None, help="the daemon's CURVE public key (daemon.key)"),
@@ -253,7 +257,8 @@ def compute_station(
     if (secret_key is None) != (server_key is None):
         _fail("give both --secret-key and --server-key, or neither", EXIT_BAD_INPUT)
     keys = ClientKeys(secret_key, server_key) if secret_key and server_key else None
-    station = ComputeStation(connect, name=name, capacity=capacity, instruments=instrument or None, outbox=outbox,
+    station = ComputeStation(connect, name=name, capacity=capacity, instruments=instrument or None,
+                             sources=source or None, outbox=outbox,
                              scheduler=scheduler, local_workers=workers, keys=keys)
     console.print(f"compute station {station.name} connecting to {connect}", highlight=False)
     try:
@@ -752,6 +757,19 @@ def bench_scale(
 
     scale(experiments=experiments, workers=workers, seconds=seconds, station_counts=tuple(stations),
           station_experiments=station_experiments, console=console, output=output)
+
+
+@bench_app.command("multifidelity")
+def bench_multifidelity(
+    seeds: int = typer.Option(5, min=1, help="seeds per planner"),
+    budget: float = typer.Option(25.0, min=1.0, help="total cost per run (the expensive source costs 1)"),
+    regret: float = typer.Option(0.1, help="the target regret (best measured at the expensive source - minimum)"),
+    output: Optional[Path] = typer.Option(None, help="also write the figures to this JSON file"),
+) -> None:
+    """A cheap biased simulation beside the real experiment: cost to a regret against the real one alone."""
+    from closedloop.bench.multifidelity import main as multifidelity
+
+    multifidelity(seeds=seeds, budget=budget, regret=regret, console=console, output=output)
 
 
 @bench_app.command("planner")
