@@ -1,52 +1,122 @@
-"""The multi-fidelity planner prototype (closedloop.planner.multifidelity): real BoTorch models, small data."""
+"""Campaigns with several sources (issue 8): the multi-fidelity planner, dispatch by source, budget in cost.
+
+Real BoTorch models, a real daemon with real stations on loopback (the cheap source on a Dask
+LocalCluster), a real SQLite store.
+"""
 
 from __future__ import annotations
 
-import math
+from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
-from closedloop.planner.base import Result
-from closedloop.planner.multifidelity import SOURCE, MultiFidelityPlanner
+from closedloop.campaign import SOURCE, Campaign, load_campaign
+from closedloop.daemon import Station
+from closedloop.errors import PlannerError
+from closedloop.planner import Result, make_planner
+from closedloop.planner.multifidelity import MultiFidelityPlanner
+from simulators.multifidelity import branin_low
+from simulators.surfaces import branin
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "campaigns" / "branin_multifidelity.yaml"
 
 
-def branin(x1: float, x2: float) -> float:
-    return (x2 - 5.1 / (4 * math.pi**2) * x1**2 + 5 / math.pi * x1 - 6) ** 2 + 10 * (1 - 1 / (8 * math.pi)) * math.cos(x1) + 10
+def example(**budget: float) -> Campaign:
+    campaign = load_campaign(EXAMPLE)
+    return campaign.model_copy(update={"budget": campaign.budget.model_copy(update=budget)}) if budget else campaign
 
 
-def biased(x1: float, x2: float) -> float:
-    return 0.9 * branin(x1, x2) + 3 + 2 * math.sin(x1)
+def measure(parameters: dict) -> float:
+    x = np.array([parameters["x1"], parameters["x2"]])
+    return float(branin(x)) if parameters[SOURCE] == "robot" else float(branin_low(x))
 
 
-def test_sources_must_be_priced_and_include_the_target() -> None:
-    with pytest.raises(ValueError, match="at least two sources"):
-        MultiFidelityPlanner({"x": (0, 1)}, {"robot": 1.0}, target="robot", output="y")
-    with pytest.raises(ValueError, match="at least two sources"):
-        MultiFidelityPlanner({"x": (0, 1)}, {"sim": 0.1, "robot": 1.0}, target="other", output="y")
+def test_the_example_declares_two_priced_sources_and_a_budget_in_cost() -> None:
+    campaign = example()
+    assert campaign.instrument is None and campaign.target_source == "robot"
+    assert {name: s.cost for name, s in campaign.sources.items()} == {"simulation": 0.1, "robot": 1.0}
+    assert campaign.sources["simulation"].instrument.computational
+    assert campaign.budget.cost == 12 and campaign.max_experiments == 120  # what 12 buys at 0.1 each
+    assert campaign.cost_of({SOURCE: "simulation"}) == 0.1 and campaign.counts({SOURCE: "robot"})
+    assert not campaign.counts({SOURCE: "simulation"})
+    assert Campaign.from_yaml_text(campaign.to_yaml()) == campaign
+    assert "source robot: cost 1, simulator simulators.surfaces:Branin (target)" in campaign.summary()
+
+
+def test_sources_get_the_multifidelity_planner_and_other_backends_refuse() -> None:
+    campaign = example()
+    assert isinstance(make_planner(campaign), MultiFidelityPlanner)
+    sobol = campaign.model_copy(update={"planner": campaign.planner.model_copy(update={"backend": "sobol"})})
+    with pytest.raises(PlannerError, match="planner.backend: the sobol backend cannot choose among sources"):
+        make_planner(sobol)
+    dearer = campaign.model_copy(update={"sources": {
+        **campaign.sources, "simulation": campaign.sources["simulation"].model_copy(update={"cost": 5.0})}})
+    with pytest.raises(PlannerError, match="sources.simulation.cost: 5 is more than the target's 1"):
+        make_planner(dearer)
+
+
+def test_a_station_serves_only_the_sources_and_instruments_it_names() -> None:
+    run = SimpleNamespace(campaign=example())
+    robot = Station("r", b"r", ["simulators.surfaces:Branin"], ["*"], 1, 1, 0.0, sources=["robot"])
+    anything = Station("a", b"a", ["*"], ["*"], 1, 1, 0.0)
+    simulation = Station("s", b"s", ["*"], ["*"], 1, 1, 0.0, sources=["simulation"])
+    assert robot.serves(run) and robot.serves(run, {SOURCE: "robot"}) and not robot.serves(run, {SOURCE: "simulation"})
+    assert simulation.serves(run, {SOURCE: "simulation"}) and not simulation.serves(run, {SOURCE: "robot"})
+    assert anything.serves(run, {SOURCE: "simulation"}) and anything.serves(run, {SOURCE: "robot"})
+    wrong = Station("w", b"w", ["simulators.surfaces:Ackley"], ["*"], 1, 1, 0.0, sources=["robot"])
+    assert not wrong.serves(run)
 
 
 @pytest.mark.slow
-def test_proposals_name_a_source_stay_in_bounds_and_the_model_learns_across_sources() -> None:
-    bounds = {"x1": (-5.0, 10.0), "x2": (0.0, 15.0)}
-    planner = MultiFidelityPlanner(bounds, {"sim": 0.1, "robot": 1.0}, target="robot", output="y", seed=3,
-                                   num_restarts=2, raw_samples=32)
-    spent, trial = 0.0, 0
-    sources = []
-    for _ in range(9):  # the start (2 robot + 5 sim) and two model-based proposals
+def test_proposals_name_a_source_and_a_rebuilt_planner_proposes_the_same() -> None:
+    campaign = example()
+    planner = make_planner(campaign)
+    results = []
+    for trial in range(1, 15):  # the start (2 robot + 10 simulation) and two model-based proposals
         (proposal,) = planner.suggest(1)
-        source = proposal.metadata[SOURCE]
-        assert proposal.parameters[SOURCE] == source and proposal.metadata["cost"] == planner.cost(source)
-        for name, (low, high) in bounds.items():
-            assert low <= proposal.parameters[name] <= high
-        f = branin if source == "robot" else biased
-        trial += 1
-        planner.ingest([Result(proposal.parameters, {"y": f(proposal.parameters["x1"], proposal.parameters["x2"])},
-                               trial)])
-        spent += planner.cost(source)
-        sources.append(source)
-    assert sources[:7].count("robot") == 2 and sources[:7].count("sim") == 5
-    assert {p.metadata["generator"] for p in [planner.suggest(1)[0]]} == {"mf-ucb"}
-    assert planner.best() is not None and planner.best().parameters[SOURCE] == "robot"
-    recommended = planner.recommend()
-    assert recommended is not None and set(recommended) == set(bounds)
-    assert spent < 9 * planner.cost("robot")
+        source = proposal.parameters[SOURCE]
+        assert proposal.metadata[SOURCE] == source and proposal.metadata["cost"] == campaign.sources[source].cost
+        assert -5 <= proposal.parameters["x1"] <= 10 and 0 <= proposal.parameters["x2"] <= 15
+        results.append(Result(proposal.parameters, {"y": measure(proposal.parameters)}, trial))
+        planner.ingest(results[-1:])
+    assert [r.parameters[SOURCE] for r in results[:12]].count("robot") == 2
+    best = planner.best()
+    assert best is not None and best.parameters[SOURCE] == "robot"  # cheap results never count
+    # the daemon after a crash, and `closedloop replay`: the same data in another order, the same proposals
+    rebuilt = make_planner(campaign)
+    rebuilt.ingest(results[::-1])
+    pending = [results[0].parameters]
+    assert ([p.parameters for p in rebuilt.suggest(2, pending=pending)]
+            == [p.parameters for p in planner.suggest(2, pending=pending)])
+    assert set(planner.recommend() or {}) == {"x1", "x2"}
+
+
+@pytest.mark.slow
+def test_the_example_runs_embedded_one_station_per_source_until_the_cost_is_spent(tmp_path: Path) -> None:
+    from closedloop.daemon import run_embedded
+    from closedloop.provenance import replay
+    from closedloop.store import Store
+
+    campaign = example(cost=3.5)
+    store = Store(tmp_path / "mf.db")
+    try:
+        run = run_embedded(campaign, store, outbox=str(tmp_path / "outbox"))
+        trials = store.trials(run.id)
+        assert all(t.status == "completed" for t in trials)
+        spent = sum(campaign.cost_of(t.parameters) for t in trials)
+        assert 3.5 <= spent < 3.5 + 1.0 and run.spent == pytest.approx(spent)  # the last may pass it
+        stations = {t.parameters[SOURCE]: set() for t in trials}
+        for t in trials:
+            stations[t.parameters[SOURCE]].add(t.station)
+            assert set(store.observations(run.id)[t.id].values) == {"y"}
+        assert stations == {"robot": {"embedded-robot"}, "simulation": {"embedded-simulation-compute"}}
+        assert run.best is not None and run.best.parameters[SOURCE] == "robot"
+        # every proposal of the model can be made again from the store
+        model_made = [t for t in trials if (t.planner or {}).get("generator") == "mf-ucb"]
+        assert model_made
+        assert replay(store, campaign.name, model_made[0].index).same
+    finally:
+        store.close()

@@ -86,7 +86,7 @@ class MultiFidelityPlanner:
     backend: ClassVar[str] = "botorch"  # the botorch backend, with a multi-fidelity model (make_planner)
 
     def __init__(self, campaign: Campaign, *, acquisition: str = "ucb", initial: list[tuple[str, int]] | None = None,
-                 beta: float = 4.0, threshold: float = 0.1, num_fantasies: int = 16, num_restarts: int = 4,
+                 beta: float = 4.0, threshold: float = 0.1, where: str = "ei", num_fantasies: int = 16, num_restarts: int = 4,
                  raw_samples: int = 128):
         problems = unsupported(campaign)
         if problems:
@@ -112,7 +112,7 @@ class MultiFidelityPlanner:
         self.fidelity = {name: (cost - cheapest) / span for name, cost in self.sources.items()}
         self.target_fidelity = self.fidelity[self.target]
         self.cost_fixed, self.cost_slope = cheapest, span
-        self.acquisition, self.beta, self.threshold = acquisition, beta, threshold
+        self.acquisition, self.beta, self.threshold, self.where = acquisition, beta, threshold, where
         self.num_fantasies, self.num_restarts, self.raw_samples = num_fantasies, num_restarts, raw_samples
         self.seed = campaign.planner.seed if campaign.planner.seed is not None else 0
         self.results: list[Result] = []
@@ -302,9 +302,15 @@ class MultiFidelityPlanner:
         from botorch.acquisition.fixed_feature import FixedFeatureAcquisitionFunction
         from botorch.optim import optimize_acqf
 
+        from botorch.acquisition import LogExpectedImprovement
+
         d = len(self.names)
-        ucb = FixedFeatureAcquisitionFunction(UpperConfidenceBound(model, beta=self.beta), d + 1, [d],
-                                              [self.target_fidelity])
+        at_target = [y for x, y in zip(*self._training_data()) if x[-1] == self.target_fidelity]
+        if self.where == "ei" and at_target:
+            where = LogExpectedImprovement(model, best_f=max(at_target))
+        else:
+            where = UpperConfidenceBound(model, beta=self.beta)
+        ucb = FixedFeatureAcquisitionFunction(where, d + 1, [d], [self.target_fidelity])
         unit, value = optimize_acqf(ucb, self._box(d), q=1, num_restarts=self.num_restarts,
                                     raw_samples=self.raw_samples)
         unit = unit.squeeze(0)
