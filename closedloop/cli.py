@@ -438,7 +438,7 @@ def show(
     spec = the_store.campaign(name)
     records = trial_records(the_store, name)
     table = Table(title=f"{name}: {len(records)} trials", box=None, header_style="bold", title_justify="left")
-    columns = ["trial", "status", *spec.parameters, *spec.outputs, "station", "error"]
+    columns = ["trial", "status", *spec.parameters, *(["source"] if spec.sources else []), *spec.outputs, "station", "error"]
     for column in columns:
         table.add_column(column, justify="right" if column in spec.outputs or column == "trial" else "left")
     for record in records:

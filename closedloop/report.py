@@ -458,7 +458,8 @@ def fit(data: Data, output: str) -> Fitted | None:
 
 
 def _best_record(data: Data, output: str) -> dict[str, Any] | None:
-    done = [r for r in data.completed if data.feasible(r)]
+    # issue 8: only the target source's results count (a campaign with sources)
+    done = [r for r in data.completed if data.feasible(r) and data.campaign.counts(r)]
     if not done:
         return None
     if output in data.campaign.objectives:
@@ -642,7 +643,7 @@ def render_html(data: Data, figures: list[Figure], extra: dict[str, Any]) -> str
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     summary = [("campaign", c.name), ("description", c.description or "-"),
                ("experiments", f"{sum(counts.get(s, 0) for s in ('completed', 'failed', 'abandoned'))} of "
-                               f"{c.budget.experiments} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))})"),
+                               f"{c.max_experiments} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))})"),
                ("planner", c.planner.backend),
                ("started", f"{data.started:%Y-%m-%d %H:%M:%S} UTC" if data.started else "-")]
     for name, objective in c.objectives.items():

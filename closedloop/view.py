@@ -24,7 +24,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from closedloop.campaign import Campaign
+from closedloop.campaign import SOURCE, Campaign
 from closedloop.errors import StoreError
 
 if TYPE_CHECKING:  # the store (SQLAlchemy) is imported only when a view reads one: `closedloop validate` stays quick
@@ -117,8 +117,8 @@ class Snapshot:
             entry = Finished(t.index, t.status, obs.values if obs else None, t.error, _utc(t.finished_at))
             entries.append(entry)
             values = entry.values
-            if values is None or name not in values:
-                continue
+            if values is None or name not in values or not spec.counts(t.parameters):
+                continue  # issue 8: a cheaper source's result is not a finding
             if not all(b.satisfied(values[b.output]) for b in bounds if b.output in values):
                 continue
             if best is None or sign * values[name] < sign * best.values[name]:  # type: ignore[index]
@@ -127,7 +127,7 @@ class Snapshot:
         for t in trials:
             counts[t.status] = counts.get(t.status, 0) + 1
         return cls(
-            name=row.name, status=row.status, budget=spec.budget.experiments, objective=name, goal=objective.goal,
+            name=row.name, status=row.status, budget=spec.max_experiments, objective=name, goal=objective.goal,
             counts=counts, in_flight=in_flight,
             held=[t.index for t in trials if t.status == HELD],
             manual=[t.index for t in trials
@@ -293,8 +293,8 @@ class ProgressView:
 
     def _plain(self, kind: str, details: dict[str, Any]) -> None:
         name = details.get("campaign", self.campaigns[0].name)
-        total = next((c.budget.experiments for c in self.campaigns if c.name == name),
-                     self.campaigns[0].budget.experiments)
+        total = next((c.max_experiments for c in self.campaigns if c.name == name),
+                     self.campaigns[0].max_experiments)
         prefix = f"{name} " if len(self.campaigns) > 1 else ""
         if kind in ("trial_completed", "trial_failed"):
             best = details.get("best")
@@ -359,6 +359,8 @@ def trial_records(store: Store, campaign: str | int) -> list[dict[str, Any]]:
         obs = observations.get(t.id)  # type: ignore[arg-type]
         record: dict[str, Any] = {"trial": t.index, "status": t.status}
         record.update({name: t.parameters.get(name) for name in spec.parameters})
+        if spec.sources:  # issue 8: which source measured it, a column of its own
+            record[SOURCE] = t.parameters.get(SOURCE)
         record.update({name: (obs.values.get(name) if obs else None) for name in spec.outputs})
         record.update({
             "station": t.station, "error": t.error, "run_uid": obs.run_uid if obs else None,

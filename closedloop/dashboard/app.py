@@ -213,7 +213,7 @@ def campaign_state(store: Store, name: str) -> dict[str, Any]:
             "dispatched_at": _iso(t.dispatched_at), "finished_at": _iso(t.finished_at),
         })
     out: dict[str, Any] = {
-        "name": name, "status": row.status, "budget": spec.budget.experiments,
+        "name": name, "status": row.status, "budget": spec.max_experiments,
         "objectives": objectives, "outputs": spec.outputs, "backend": spec.planner.backend,
         "parameters": {n: _parameter_summary(p) for n, p in spec.parameters.items()},
         "counts": store.counts(row.id), "series": series,
