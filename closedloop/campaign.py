@@ -1240,7 +1240,7 @@ def _read_candidates(campaign: Campaign, base: Path) -> tuple[list[dict[str, Any
         return [], problems
     if not rows:
         problems.append((where, f"{path.name} has a header but no rows"))
-    elif not campaign.candidates.repeats and campaign.budget.experiments > len(rows):
+    elif not campaign.candidates.repeats and (campaign.budget.experiments or 0) > len(rows):
         problems.append(("budget.experiments",
                          f"a budget of {campaign.budget.experiments} experiments but only {len(rows)} candidate rows, "
                          "each used at most once (lower the budget or set candidates.repeats: true)"))
