@@ -785,34 +785,46 @@ class Daemon:
         flight = self.in_flight.get(failure.trial_id)
         station = self.stations[identity]
         if flight is None or flight.station != station.name:
-            # late (timed out, cancelled, re-queued) or unknown: the store already says what happened
-            log.info("failure of trial %s from %s ignored: not in flight there (%s)", failure.trial_id, station.name,
-                     failure.error[:200])
+            # late (timed out, cancelled, re-queued) or unknown: the store already says what happened, except
+            # for the run the station had opened (a timed-out run reports its failure once aborted)
+            log.info("failure of trial %s from %s ignored: not in flight there (run %s: %s)", failure.trial_id,
+                     station.name, failure.run_uid or "-", failure.error[:200])
+            if failure.run_uid and self._runs_trial(failure.trial_id):
+                self.store.record_run(failure.trial_id, failure.run_uid)
             self._send(identity, protocol.Ack(trial_id=failure.trial_id))
             return
         run = self.runs[flight.campaign_id]
-        self._fail(run, flight, failure.error, retry=True)
+        self._fail(run, flight, failure.error, retry=True, run_uid=failure.run_uid)
         self._send(identity, protocol.Ack(trial_id=failure.trial_id))
 
+    def _runs_trial(self, trial_id: int) -> bool:
+        """Whether the trial is one of this daemon's campaigns' (a station could name any number)."""
+        try:
+            return self.store.trial(trial_id).campaign_id in self.runs
+        except StoreError:
+            return False
+
     def _fail(self, run: CampaignRun, flight: InFlight, error: str, *, retry: bool,
-              status: TrialStatus = TrialStatus.failed) -> None:
-        """Retry the trial if the campaign allows another attempt, else record it failed (or abandoned)."""
+              status: TrialStatus = TrialStatus.failed, run_uid: str | None = None) -> None:
+        """Retry the trial if the campaign allows another attempt, else record it failed (or abandoned); either
+        way the store keeps ``run_uid``, the Bluesky run of the failed attempt when it opened one."""
         self._release(flight.trial_id)
         trial = self.store.trial(flight.trial_id)
         if retry and trial.attempts <= run.campaign.execution.retries and trial.status == TrialStatus.dispatched.value:
-            self.store.requeue(flight.trial_id, error)
+            self.store.requeue(flight.trial_id, error, run_uid)
             run.queue.append(flight.trial_id)
-            self._transition(run, flight.index, flight.trial_id, "requeued", reason=error, attempts=trial.attempts)
-            self._emit("trial_requeued", run, trial=flight.index, reason=error)
+            self._transition(run, flight.index, flight.trial_id, "requeued", reason=error, attempts=trial.attempts,
+                             run_uid=run_uid)
+            self._emit("trial_requeued", run, trial=flight.index, reason=error, run_uid=run_uid)
             return
-        if self.store.record_failure(flight.trial_id, error, status):
+        if self.store.record_failure(flight.trial_id, error, status, run_uid):
             run.count_finished(flight.parameters)
             if status == TrialStatus.failed:
                 # a failure teaches the planner to avoid the region; an abandoned trial says nothing about it
                 self._update_planner(run, [Result(flight.parameters, None, flight.index)])
-            self._transition(run, flight.index, flight.trial_id, status.value, error=error)
-            self._emit(f"trial_{status.value}", run, trial=flight.index, error=error, finished=run.finished,
-                       best=_result_dict(run.best))
+            self._transition(run, flight.index, flight.trial_id, status.value, error=error, run_uid=run_uid)
+            self._emit(f"trial_{status.value}", run, trial=flight.index, error=error, run_uid=run_uid,
+                       finished=run.finished, best=_result_dict(run.best))
         self._update_planner(run)
 
     def _release(self, trial_id: int, cancel_elsewhere: bytes | None = None) -> None:

@@ -6,9 +6,10 @@ trial, so it is durable before the trial is dispatched or shown to a person. The
 treated as pending, the batch size and the proposal's place in the batch), what it was (backend and
 versions, seed), what it thought (fitted hyperparameters, the acquisition function and its value at
 the chosen point, the model's predicted mean and uncertainty there), how long it took, and who
-approved, edited or rejected it. The Bluesky run uid of the experiment is in ``observation``::
+approved, edited or rejected it. The Bluesky run uids of the experiment's attempts, failed ones first, are
+``trial.run_uids``; the completed run's is also ``observation.run_uid``::
 
-    SELECT t."index", p.generator, p.acquisition_value, p.predicted, p.reviewed_by, o.run_uid
+    SELECT t."index", p.generator, p.acquisition_value, p.predicted, p.reviewed_by, t.run_uids, o.run_uid
     FROM provenance p JOIN trial t ON t.id = p.trial_id LEFT JOIN observation o ON o.trial_id = t.id
     WHERE p.campaign_id = 1 ORDER BY t."index";
 
@@ -393,7 +394,9 @@ def explain(store: Store, campaign: str, index: int) -> dict[str, Any]:
     out: dict[str, Any] = {
         "campaign": campaign, "trial": trial.index, "status": trial.status, "parameters": trial.parameters,
         "values": obs.values if obs else None, "error": trial.error, "station": trial.station,
-        "attempts": trial.attempts, "run_uids": [obs.run_uid] if obs else [], "planner_metadata": trial.planner,
+        # every attempt's Bluesky run in order; ``run_uid`` is the one whose result was stored
+        "attempts": trial.attempts, "run_uids": list(trial.run_uids or []), "run_uid": obs.run_uid if obs else None,
+        "planner_metadata": trial.planner,
     }
     if prov is None:
         out["provenance"] = None
@@ -419,7 +422,7 @@ def explain_lines(info: dict[str, Any]) -> list[str]:
              f"  parameters: {fmt(info['parameters'])}",
              f"  values:     {fmt(info['values'])}" + (f"   error: {info['error']}" if info["error"] else ""),
              f"  station:    {fmt(info['station'])} (attempts {info['attempts']}); run uids: "
-             f"{', '.join(info['run_uids']) or '-'}"]
+             f"{', '.join(u if u == info['run_uid'] else f'{u} (failed)' for u in info['run_uids']) or '-'}"]
     p = info["provenance"]
     if p is None:
         lines.append("  no decision record (imported, suggested by hand, or run before provenance was kept); "

@@ -20,7 +20,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Column, UniqueConstraint, bindparam, event, func
+from sqlalchemy import JSON, Column, UniqueConstraint, bindparam, event, func, text
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
@@ -79,6 +79,18 @@ class TrialRow(SQLModel, table=True):
     proposed_at: datetime = Field(default_factory=utcnow)
     dispatched_at: datetime | None = None
     finished_at: datetime | None = None
+    # the Bluesky run of every attempt, in order: failed ones (their run opened, then the device failed) first,
+    # the completed one (also ``observation.run_uid``) last. A server default, as the daemon inserts with SQL Core
+    run_uids: list[str] = Field(default_factory=list,
+                                sa_column=Column(JSON, nullable=False, server_default=text("'[]'")))
+
+
+def _with_run(run_uids: list[str] | None, run_uid: str | None) -> list[str]:
+    """``run_uids`` with ``run_uid`` added at the end, once (a failure or result may be delivered twice)."""
+    uids = list(run_uids or [])
+    if run_uid and run_uid not in uids:
+        uids.append(run_uid)
+    return uids
 
 
 class ObservationRow(SQLModel, table=True):
@@ -266,14 +278,29 @@ class Store:
             session.refresh(row)
             return row
 
-    def requeue(self, trial_id: int, reason: str) -> None:
-        """Put a dispatched trial back to be dispatched again (its station never started it)."""
+    def requeue(self, trial_id: int, reason: str, run_uid: str | None = None) -> None:
+        """Put a dispatched trial back to be dispatched again (its station never started it, or its attempt
+        failed: ``run_uid`` is the Bluesky run of that attempt, when it opened one)."""
         with self._lock, Session(self.engine) as session:
             row = self._trial(session, trial_id)
             if row.status == TrialStatus.dispatched.value:
                 row.status, row.station, row.error = TrialStatus.proposed.value, None, reason
+                row.run_uids = _with_run(row.run_uids, run_uid)
                 session.add(row)
                 session.commit()
+
+    def record_run(self, trial_id: int, run_uid: str) -> bool:
+        """Keep the run uid of an attempt whose failure arrived after the trial had moved on (a timed-out run
+        reported once the station aborted it); False if the trial already had it."""
+        with self._lock, Session(self.engine) as session:
+            row = self._trial(session, trial_id)
+            uids = _with_run(row.run_uids, run_uid)
+            if uids == row.run_uids:
+                return False
+            row.run_uids = uids
+            session.add(row)
+            session.commit()
+            return True
 
     def record_result(
         self,
@@ -305,6 +332,7 @@ class Store:
             session.add(ObservationRow(trial_id=trial_id, run_uid=run_uid, values=dict(values), noise=noise,
                                        duration_s=duration_s))
             row.status, row.finished_at, row.error = TrialStatus.completed.value, utcnow(), None
+            row.run_uids = _with_run(row.run_uids, run_uid)
             session.add(row)
             session.commit()
             return True
@@ -327,7 +355,9 @@ class Store:
         now = utcnow()
         with self._lock, self.engine.begin() as conn:
             ids = list({item[0] for item in items})
-            status = dict(conn.execute(select(trial.c.id, trial.c.status).where(trial.c.id.in_(ids))).all())
+            known = conn.execute(select(trial.c.id, trial.c.status, trial.c.run_uids).where(trial.c.id.in_(ids))).all()
+            status = {row.id: row.status for row in known}
+            earlier = {row.id: row.run_uids for row in known}  # the runs of failed attempts
             by_trial = dict(conn.execute(select(observation.c.trial_id, observation.c.run_uid)
                                          .where(observation.c.trial_id.in_(ids))).all())
             used_uids = dict(conn.execute(select(observation.c.run_uid, observation.c.trial_id)
@@ -355,8 +385,10 @@ class Store:
             if new_rows:
                 conn.execute(observation.insert(), new_rows)
                 conn.execute(trial.update().where(trial.c.id == bindparam("done_id"))
-                             .values(status=TrialStatus.completed.value, finished_at=now, error=None),
-                             [{"done_id": row["trial_id"]} for row in new_rows])
+                             .values(status=TrialStatus.completed.value, finished_at=now, error=None,
+                                     run_uids=bindparam("uids")),
+                             [{"done_id": row["trial_id"], "uids": _with_run(earlier[row["trial_id"]], row["run_uid"])}
+                              for row in new_rows])
         return outcomes
 
     def add_dispatched(self, campaign_id: int, parameters: dict[str, Any], metadata: dict[str, Any],
@@ -377,13 +409,16 @@ class Store:
                 companion(conn, [row])
         return row
 
-    def record_failure(self, trial_id: int, error: str, status: TrialStatus = TrialStatus.failed) -> bool:
-        """Mark an open trial failed (or abandoned) with its error; False if it was already finished."""
+    def record_failure(self, trial_id: int, error: str, status: TrialStatus = TrialStatus.failed,
+                       run_uid: str | None = None) -> bool:
+        """Mark an open trial failed (or abandoned) with its error and the Bluesky run of the failed attempt, if
+        it opened one; False if it was already finished."""
         with self._lock, Session(self.engine) as session:
             row = self._trial(session, trial_id)
             if row.status not in OPEN_STATUSES:
                 return False
             row.status, row.error, row.finished_at = status.value, error, utcnow()
+            row.run_uids = _with_run(row.run_uids, run_uid)
             session.add(row)
             session.commit()
             return True
@@ -449,7 +484,8 @@ class Store:
             session.flush()
             for trial, values in trials:
                 if values is not None:
-                    session.add(ObservationRow(trial_id=trial.id, run_uid=f"import-{uuid.uuid4()}", values=dict(values)))  # type: ignore[arg-type]
+                    trial.run_uids = [f"import-{uuid.uuid4()}"]
+                    session.add(ObservationRow(trial_id=trial.id, run_uid=trial.run_uids[0], values=dict(values)))  # type: ignore[arg-type]
             session.commit()
             for trial, _ in trials:
                 session.refresh(trial)

@@ -236,12 +236,16 @@ class StationWorker:
         self._running = trial
         self._post(protocol.encode(protocol.Started(trial_id=trial)))
         started, started_at = time.monotonic(), time.time()
+        documents = DocumentCollector()
         try:
-            message: protocol.ResultMessage | protocol.Failure = self._measure(assignment, started, started_at)
+            message: protocol.ResultMessage | protocol.Failure = self._measure(assignment, documents, started,
+                                                                               started_at)
         except Exception as exc:  # every failure is reported with its error, never swallowed
-            log.warning("trial %s of %s failed: %s", trial, assignment.campaign, exc)
+            # the run it opened, if it got that far, so the store can point at what the hardware did
+            opened = (documents.start or {}).get("uid")
+            log.warning("trial %s of %s failed (run %s): %s", trial, assignment.campaign, opened or "not opened", exc)
             message = protocol.Failure(trial_id=trial, error=f"{type(exc).__name__}: {exc}",
-                                       duration_s=time.monotonic() - started)
+                                       run_uid=str(opened) if opened else None, duration_s=time.monotonic() - started)
         payload = protocol.encode(message)
         run_uid = message.run_uid if isinstance(message, protocol.ResultMessage) else None
         self.outbox.put(trial, payload, run_uid)  # persisted before it is sent: survives a crash from here on
@@ -253,7 +257,7 @@ class StationWorker:
         self._post(payload)
         self.completed += 1
 
-    def _measure(self, assignment: protocol.Assign, started: float,
+    def _measure(self, assignment: protocol.Assign, documents: DocumentCollector, started: float,
                  started_at: float) -> protocol.ResultMessage | protocol.Failure:
         binding = self._binding(assignment.instrument)
         binding.check_limits(assignment.setpoints)
@@ -264,7 +268,6 @@ class StationWorker:
             "station": self.name,
             "planner": assignment.metadata,
         }
-        documents = DocumentCollector()
 
         assert self.RE is not None
         if assignment.trial_id in self._cancelled:

@@ -262,6 +262,40 @@ def test_two_campaigns_in_one_daemon_each_with_its_own_station(store: Store, tmp
         assert {t.station for t in trials} == {f"for-{name}"}
 
 
+def test_every_attempt_of_a_trial_keeps_its_run_uid_the_failed_one_first(store: Store, tmp_path: Path) -> None:
+    from closedloop import provenance
+    from simulators.surfaces import branin_campaign
+
+    # the simulated device's first measurement fails (seed 8 draws 0.33 < 0.5), its second succeeds (0.99)
+    campaign = Campaign.from_yaml_text(branin_campaign("again", 1, execution={"retries": 1},
+                                                       options={"failure_rate": 0.5, "seed": 8}))
+    daemon = Daemon(store, [campaign], heartbeat_s=0.2)
+    with station(daemon.endpoint, "s1", tmp_path), serving(daemon) as thread:
+        thread.join(timeout=30)
+    (trial,) = store.trials(store.campaign_row("again").id)
+    observation = store.observations(trial.campaign_id)[trial.id]
+    assert trial.status == "completed" and trial.attempts == 2
+    failed, completed = trial.run_uids
+    assert completed == observation.run_uid and failed != completed
+    # a failure carries no documents (yet): only the completed run's are kept
+    assert store.documents(completed) is not None and store.documents(failed) is None
+    lines = provenance.explain_lines(provenance.explain(store, "again", trial.index))
+    assert f"run uids: {failed} (failed), {completed}" in "\n".join(lines)
+
+
+def test_a_failed_trial_keeps_the_run_uid_of_its_attempt(store: Store, tmp_path: Path) -> None:
+    from simulators.surfaces import branin_campaign
+
+    campaign = Campaign.from_yaml_text(branin_campaign("lost-sample", 1, execution={"retries": 0},
+                                                       options={"failure_rate": 1.0}))
+    daemon = Daemon(store, [campaign], heartbeat_s=0.2)
+    with station(daemon.endpoint, "s1", tmp_path), serving(daemon) as thread:
+        thread.join(timeout=30)
+    (trial,) = store.trials(store.campaign_row("lost-sample").id)
+    assert trial.status == "failed" and trial.error
+    assert len(trial.run_uids) == 1 and store.observations(trial.campaign_id) == {}
+
+
 def _cli(*args: str) -> str:
     done = subprocess.run([sys.executable, "-m", "closedloop.cli", *args], capture_output=True, text=True, timeout=60,
                           env=env())

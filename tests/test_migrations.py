@@ -84,8 +84,10 @@ def test_a_store_from_before_migrations_is_upgraded_without_losing_its_campaign(
     assert [(r.trial, r.parameters["x1"], r.values) for r in store.results(cid)] == [(1, 1.0, {"y": 12.5}),
                                                                                      (2, 2.0, {"y": 7.25})]
     # and the upgraded store keeps working: new trials continue the numbering
+    # the run of each completed trial is its only known attempt's
+    assert [t.run_uids for t in store.trials(cid)] == [["run-1"], ["run-2"]]
     (row,) = store.add_trials(cid, [({"x1": 3.0, "x2": 3.0}, {})])
-    assert row.index == 3
+    assert row.index == 3 and store.trial(row.id).run_uids == []
     with store.engine.connect() as connection:
         assert current_revision(connection) == head_revision()
         assert "provenance" in inspect(connection).get_table_names()
