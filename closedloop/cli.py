@@ -413,7 +413,7 @@ def list_campaigns(store: Optional[list[str]] = typer.Option(None, help="stores 
             best = (f"{snap.objective}={snap.best.values[snap.objective]:.6g} (#{snap.best.index})"
                     if snap.best and snap.best.values else "-")
             started = f"{snap.started.astimezone():%Y-%m-%d %H:%M}" if snap.started else "-"
-            table.add_row(row.name, row.status, f"{snap.finished}/{snap.budget}", best, started, location)
+            table.add_row(row.name, row.status, snap.progress_text(), best, started, location)
     console.print(table, width=None if console.is_terminal else 200)
 
 

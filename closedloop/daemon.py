@@ -703,7 +703,7 @@ class Daemon:
                              duration_s=result.duration_s)
             self._emit("trial_completed", run, trial=index, parameters=parameters, values=values,
                        noise=result.noise, run_uid=result.run_uid, duration_s=result.duration_s,
-                       best=_result_dict(run.best), is_best=is_best, finished=run.finished)
+                       best=_result_dict(run.best), is_best=is_best, finished=run.finished, spent=run.spent)
             if is_best:
                 self._emit("best", run, **(_result_dict(run.best) or {}))
             if run.goal_reached(values) and not run.stopping:
@@ -824,7 +824,7 @@ class Daemon:
                 self._update_planner(run, [Result(flight.parameters, None, flight.index)])
             self._transition(run, flight.index, flight.trial_id, status.value, error=error, run_uid=run_uid)
             self._emit(f"trial_{status.value}", run, trial=flight.index, error=error, run_uid=run_uid,
-                       finished=run.finished, best=_result_dict(run.best))
+                       finished=run.finished, spent=run.spent, best=_result_dict(run.best))
         self._update_planner(run)
 
     def _release(self, trial_id: int, cancel_elsewhere: bytes | None = None) -> None:

@@ -92,6 +92,11 @@ class Snapshot:
     ended: datetime | None
     hours: float | None
     now: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    # issue 8: a budget in cost (sources) is counted in cost; ``budget`` is then only what it buys at the cheapest
+    # source, an upper bound, not the campaign's measure of progress
+    cost_budget: float | None = None
+    spent: float = 0.0  # cost of the finished experiments, counted as the daemon counts it
+    experiments: int | None = None  # the budget's limit in experiments, None with a budget in cost alone
 
     @classmethod
     def from_store(cls, store: Store, campaign: str | int, recent: int = 5) -> Snapshot:
@@ -126,6 +131,7 @@ class Snapshot:
         counts: dict[str, int] = {}
         for t in trials:
             counts[t.status] = counts.get(t.status, 0) + 1
+        spent = sum(spec.cost_of(t.parameters) for t in finished) if spec.budget.cost is not None else 0.0
         return cls(
             name=row.name, status=row.status, budget=spec.max_experiments, objective=name, goal=objective.goal,
             counts=counts, in_flight=in_flight,
@@ -134,6 +140,7 @@ class Snapshot:
                     if t.status == PROPOSED and t.planner.get("execution") == "manual"],
             best=best, best_after=best_after, recent=entries[-recent:][::-1] if recent else [],
             started=_utc(row.created_at), ended=_utc(row.finished_at), hours=spec.budget.hours,
+            cost_budget=spec.budget.cost, spent=spent, experiments=spec.budget.experiments,
         )
 
     # -- derived numbers --------------------------------------------------------------------------
@@ -148,16 +155,30 @@ class Snapshot:
         end = self.ended or now or datetime.now(timezone.utc)
         return (end - self.started).total_seconds()
 
+    def used(self) -> float:
+        """How much of the budget is spent, 0 to 1: of its experiments or of its cost, whichever is further."""
+        parts = [self.finished / self.experiments] if self.experiments else []
+        if self.cost_budget:
+            parts.append(self.spent / self.cost_budget)
+        return min(1.0, max(parts, default=self.finished / max(1, self.budget)))
+
+    def progress_text(self) -> str:
+        """``12/30 experiments``; with a budget in cost ``cost 3.2/12, 14 experiments``."""
+        experiments = f"{self.finished}/{self.experiments}" if self.experiments else f"{self.finished}"
+        if self.cost_budget is None:
+            return f"{experiments} experiments"
+        return f"cost {self.spent:.4g}/{self.cost_budget:g}, {experiments} experiments"
+
     def remaining_s(self, now: datetime | None = None) -> float | None:
         """Time left at the pace so far, capped by the budget's hours; 0 once the budget is spent."""
         elapsed = self.elapsed_s(now)
-        left = max(0, self.budget - self.finished)
-        if left == 0 or self.ended is not None:
+        used = self.used()
+        if used >= 1.0 - 1e-9 or self.ended is not None:
             return 0.0
-        if elapsed is None or self.finished == 0:
+        if elapsed is None or used == 0:
             estimate = None
         else:
-            estimate = elapsed / self.finished * left
+            estimate = elapsed * (1 - used) / used
         if self.hours is not None and elapsed is not None:
             cap = max(0.0, self.hours * 3600 - elapsed)
             estimate = cap if estimate is None else min(estimate, cap)
@@ -174,7 +195,7 @@ class Snapshot:
 
     def lines(self) -> list[str]:
         """Plain text, for logs and scripts."""
-        out = [f"{self.name}: {self.status}, {self.finished}/{self.budget} experiments "
+        out = [f"{self.name}: {self.status}, {self.progress_text()} "
                f"({self.counts.get('completed', 0)} completed, {self.counts.get('failed', 0)} failed"
                + (f", {self.counts.get('abandoned', 0)} abandoned" if self.counts.get("abandoned") else "") + ")",
                f"  best {self.goal[:3]} {self.best_text()}"]
@@ -195,8 +216,7 @@ class Snapshot:
         head = Table.grid(padding=(0, 1), expand=True)
         head.add_column(ratio=1)
         head.add_column(justify="right")
-        head.add_row(ProgressBar(total=self.budget, completed=min(self.finished, self.budget)),
-                     f"{self.finished}/{self.budget}")
+        head.add_row(ProgressBar(total=1.0, completed=self.used()), self.progress_text())
         facts = Table.grid(padding=(0, 2))
         facts.add_column(style="bold")
         facts.add_column()
@@ -293,8 +313,7 @@ class ProgressView:
 
     def _plain(self, kind: str, details: dict[str, Any]) -> None:
         name = details.get("campaign", self.campaigns[0].name)
-        total = next((c.max_experiments for c in self.campaigns if c.name == name),
-                     self.campaigns[0].max_experiments)
+        spec = next((c for c in self.campaigns if c.name == name), self.campaigns[0])
         prefix = f"{name} " if len(self.campaigns) > 1 else ""
         if kind in ("trial_completed", "trial_failed"):
             best = details.get("best")
@@ -302,8 +321,13 @@ class ProgressView:
                 self.best[name] = f"{format_values(best['values'])} (#{best['trial']})"
             outcome = (format_values(details.get("values")) if kind == "trial_completed"
                        else f"failed: {details['error']}")
-            self.console.print(f"{prefix}[{details['finished']}/{total}] experiment {details['trial']}: {outcome}; "
-                               f"best {self.best.get(name, '-')}", highlight=False, soft_wrap=True)
+            done = f"{details['finished']}/{spec.budget.experiments or spec.max_experiments}"
+            if spec.budget.cost is not None and details.get("spent") is not None:  # issue 8: counted in cost
+                done = (f"cost {details['spent']:.4g}/{spec.budget.cost:g}, "
+                        + (done if spec.budget.experiments else str(details["finished"])))
+            # not markup: "[cost 4.5/12, 9]" would read as a style tag, and an error may hold brackets too
+            self.console.print(f"{prefix}[{done}] experiment {details['trial']}: {outcome}; "
+                               f"best {self.best.get(name, '-')}", highlight=False, soft_wrap=True, markup=False)
         elif kind == "trial_proposed" and details.get("held"):
             self.console.print(f"{prefix}experiment {details['trial']} held for approval: "
                                f"{format_values(details.get('parameters'))}", highlight=False, soft_wrap=True)
@@ -341,7 +365,7 @@ def watch(store: Store, campaign: str, console: Console, interval_s: float = 1.0
     while True:
         if snap.finished != last:
             last = snap.finished
-            console.print(f"{snap.name}: {snap.finished}/{snap.budget} experiments, best {snap.best_text()}, "
+            console.print(f"{snap.name}: {snap.progress_text()}, best {snap.best_text()}, "
                           f"in flight {sum(len(v) for v in snap.in_flight.values())}", highlight=False, soft_wrap=True)
         if done():
             return snap
@@ -415,7 +439,7 @@ def watch_events(store: Store, campaign: str, console: Console, endpoint: str,
     try:
         with view:
             if not view.live_mode:
-                console.print(f"following {campaign} on {endpoint}: {snap.finished}/{snap.budget} experiments, "
+                console.print(f"following {campaign} on {endpoint}: {snap.progress_text()}, "
                               f"best {snap.best_text()}", highlight=False, soft_wrap=True)
             else:
                 view._refresh()

@@ -239,3 +239,50 @@ def test_watch_in_another_terminal_follows_a_running_daemon(tmp_path: Path) -> N
                     process.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     process.kill()
+
+
+@pytest.fixture
+def costly(tmp_path: Path) -> tuple[Store, str]:
+    """A campaign with sources and a budget in cost 12: 5 simulations (0.1 each), 2 robot runs (1 each) and a
+    failed robot run finished (cost 3.5), 1 robot run in flight."""
+    from closedloop.campaign import Campaign
+
+    store = Store(tmp_path / "costly.db")
+    campaign = Campaign.from_yaml(Path(__file__).resolve().parents[1] / "campaigns" / "branin_multifidelity.yaml")
+    cid = store.open_campaign(campaign)
+    runs = [("simulation", 20.0)] * 5 + [("robot", 9.0), ("robot", 4.5), ("robot", None), ("robot", "flight")]
+    for i, (source, y) in enumerate(runs, start=1):
+        (trial,) = store.add_trials(cid, [({"x1": float(i), "x2": 1.0, "source": source}, {})])
+        store.mark_dispatched(trial.id, source)
+        if y is None:
+            store.record_failure(trial.id, "gripper dropped the vial")
+        elif y != "flight":
+            store.record_result(trial.id, f"run-{i}", {"y": y})
+    return store, str(tmp_path / "costly.db")
+
+
+def test_progress_with_a_budget_in_cost_is_cost_spent_over_the_budget(costly: tuple[Store, str]) -> None:
+    store, path = costly
+    snap = Snapshot.from_store(store, "branin-multifidelity")
+    # not 8/120: 120 is only what the cost buys at the cheapest source
+    assert snap.spent == pytest.approx(3.5) and snap.used() == pytest.approx(3.5 / 12)
+    assert snap.progress_text() == "cost 3.5/12, 8 experiments"
+    assert snap.lines()[0] == "branin-multifidelity: running, cost 3.5/12, 8 experiments (7 completed, 1 failed)"
+    elapsed, remaining = snap.elapsed_s(), snap.remaining_s()
+    assert remaining == pytest.approx(elapsed * 8.5 / 3.5, rel=0.5)  # 8.5 of 12 left at the pace of 3.5
+    status = CliRunner().invoke(app, ["status", "branin-multifidelity", "--store", path, "--control", ""])
+    assert status.exit_code == 0 and "cost 3.5/12, 8 experiments" in status.stdout, status.output
+    listing = CliRunner().invoke(app, ["list", "--store", path])
+    assert "cost 3.5/12" in listing.stdout and "/120" not in listing.stdout
+
+    terminal = io.StringIO()
+    with ProgressView(store.campaign("branin-multifidelity"), store,
+                      Console(file=terminal, force_terminal=True, width=120, color_system=None)):
+        pass
+    assert "cost 3.5/12, 8 experiments" in terminal.getvalue() and "/120" not in terminal.getvalue()
+
+    plain = io.StringIO()
+    view = ProgressView(store.campaign("branin-multifidelity"), store, Console(file=plain, force_terminal=False))
+    view("trial_completed", {"campaign": "branin-multifidelity", "trial": 9, "values": {"y": 2.0}, "finished": 9,
+                             "spent": 4.5, "best": {"trial": 9, "values": {"y": 2.0}}})
+    assert plain.getvalue().splitlines() == ["[cost 4.5/12, 9] experiment 9: y=2; best y=2 (#9)"]
