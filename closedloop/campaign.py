@@ -740,6 +740,17 @@ class Campaign(_Model):
         """The instrument that runs an experiment: its source's, or the campaign's only one."""
         return self.instruments[self.source_of(parameters)]
 
+    def at_source(self, source: str) -> Campaign:
+        """The campaign as one of its sources measures it: the same parameters and objectives on that source's
+        instrument, without sources, its budget in experiments (what the cost buys at the cheapest source). For a
+        planner that cannot choose among sources but may be told where: the daemon's space-filling filler.
+
+        >>> campaign.at_source("simulation").sources                  # doctest: +SKIP
+        {}
+        """
+        budget = self.budget.model_copy(update={"experiments": self.max_experiments, "cost": None})
+        return self.model_copy(update={"sources": {}, "instrument": self.sources[source].instrument, "budget": budget})
+
     def counts(self, parameters: Mapping[str, Any]) -> bool:
         """Whether an experiment's results count towards the objectives: run at the target source (or no sources)."""
         return not self.sources or parameters.get(SOURCE) == self.target_source

@@ -258,15 +258,36 @@ class CampaignRun:
         self.starved_since: float | None = None  # a station has waited on the planner since then
         self.filler: Planner | None = None
         self.filled = 0
+        self.unfilled: set[str] = set()  # stations told they wait for the model (sources: target only)
         self.fill_after_s: float | None = 0.2
 
-    def fill(self) -> Proposal | None:
-        """A space-filling (Sobol, own seed) proposal for a station the model cannot serve in time."""
+    def fill(self, station: Station) -> Proposal | None:
+        """A space-filling (Sobol, own seed) proposal for a station the model cannot serve in time.
+
+        In a campaign with sources the point goes to the cheapest source the station serves that is cheaper
+        than the target: an idle simulation costs more than a cheap exploratory point, but the target's
+        experiments are the budget, and where to spend them is the multi-fidelity model's to choose. A station
+        serving only the target waits for the model.
+        """
+        source = None
+        if self.campaign.sources:
+            target = self.campaign.sources[self.campaign.target_source].cost  # type: ignore[index]
+            cheaper = sorted((s.cost, name) for name, s in self.campaign.sources.items()
+                             if s.cost < target and station.serves(self, {SOURCE: name}))
+            if not cheaper:
+                if station.name not in self.unfilled:  # once per station, not every loop turn
+                    self.unfilled.add(station.name)
+                    log.info("campaign=%s station %s waits for the model: space-filling points go only to sources "
+                             "cheaper than the target", self.campaign.name, station.name)
+                return None
+            source = cheaper[0][1]
         if self.filler is None:
             settings = self.campaign.planner.model_copy(update={"backend": "sobol",
                                                                 "seed": (self.campaign.planner.seed or 0) + 104_729})
+            # Sobol covers the parameters; with sources the daemon, not the sequence, says where it runs
+            spec = self.campaign.at_source(self.campaign.target_source) if self.campaign.sources else self.campaign  # type: ignore[arg-type]
             try:
-                self.filler = provenance.Recorder(make_planner(self.campaign.model_copy(update={"planner": settings})))
+                self.filler = provenance.Recorder(make_planner(spec.model_copy(update={"planner": settings})))
             except ClosedLoopError as exc:  # a campaign Sobol cannot serve: stations wait for the model
                 log.warning("campaign=%s no filler proposals: %s", self.campaign.name, exc)
                 self.fill_after_s = None
@@ -274,6 +295,8 @@ class CampaignRun:
         # the filler's Sobol position is its own count of points handed out
         proposal = self.filler.suggest(1, pending=[{}] * self.filled)[0]
         self.filled += 1
+        if source is not None:
+            proposal = provenance.derive(proposal, parameters={**proposal.parameters, SOURCE: source})
         # issue 9: derive keeps the filler's record (its own Sobol sequence and seed) with the proposal
         return provenance.derive(proposal, generator="filler",
                                  reason="the model was still fitting while a station was free")
@@ -966,7 +989,7 @@ class Daemon:
                 run.starved_since = run.starved_since or now
                 if run.fill_after_s is None or now - run.starved_since < run.fill_after_s:
                     return False
-                proposal = run.fill()
+                proposal = run.fill(station)
                 if proposal is None:
                     return False
             run.starved_since = None

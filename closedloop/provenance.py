@@ -47,6 +47,7 @@ from sqlalchemy import JSON, BigInteger, Column, event, inspect, or_, update
 from sqlalchemy.engine import Connection
 from sqlmodel import Field, Session, SQLModel, select
 
+from closedloop.campaign import SOURCE
 from closedloop.errors import StoreError
 from closedloop.planner.base import Proposal, Result
 from closedloop.store import OPEN_STATUSES, Store, TrialCompanion, TrialRow, TrialStatus, _json_safe, utcnow
@@ -137,16 +138,20 @@ def _take(proposal: Proposal) -> dict[str, Any] | None:
     return entry[1] if entry is not None and entry[0] is proposal else None
 
 
-def derive(proposal: Proposal, **metadata: Any) -> Proposal:
-    """``proposal`` with more metadata (``generator="filler"``), keeping the record of the decision behind it.
+def derive(proposal: Proposal, parameters: dict[str, Any] | None = None, **metadata: Any) -> Proposal:
+    """``proposal`` with more metadata (``generator="filler"``), or with ``parameters`` completed by whoever
+    decided the rest (the daemon names the source of a filler's point), keeping the record of the decision.
 
     Example:
         >>> filled = derive(proposal, generator="filler", reason="the model was still fitting")  # doctest: +SKIP
     """
-    new = Proposal(proposal.parameters, {**proposal.metadata, **metadata})
+    new = Proposal(proposal.parameters if parameters is None else dict(parameters), {**proposal.metadata, **metadata})
     decision = _take(proposal)
     if decision is not None:
-        _keep(new, {**decision, **({"generator": metadata["generator"]} if "generator" in metadata else {})})
+        changed = {"generator": metadata["generator"]} if "generator" in metadata else {}
+        if parameters is not None:
+            changed["proposed_parameters"] = dict(parameters)
+        _keep(new, {**decision, **changed})
     return new
 
 
@@ -543,8 +548,13 @@ def replay(store: Store, campaign: str, index: int) -> Replay:
     if prov is None:
         raise StoreError(f"trial #{index} of {campaign!r} has no provenance record: it cannot be replayed")
     spec = store.campaign(campaign_id)
+    source = None
     if prov.backend != spec.planner.backend or (prov.seed is not None and prov.seed != spec.planner.seed):
-        # another planner than the campaign's made it (the daemon's space-filling filler): rebuild that one
+        # another planner than the campaign's made it (the daemon's space-filling filler): rebuild that one; with
+        # sources it covered the parameters alone and the daemon chose the source (``CampaignRun.fill``)
+        if spec.sources:
+            source = prov.proposed_parameters.get(SOURCE)
+            spec = spec.at_source(spec.target_source)  # type: ignore[arg-type]
         spec = spec.model_copy(update={"planner": spec.planner.model_copy(update={"backend": prov.backend,
                                                                                   "seed": prov.seed})})
     results = {r.trial: r for r in store.results(campaign_id)}
@@ -563,6 +573,8 @@ def replay(store: Store, campaign: str, index: int) -> Replay:
         proposals = planner.suggest(prov.batch_size, pending=[dict(p) for p in prov.pending_parameters])
     seconds = time.perf_counter() - started
     replayed = proposals[prov.batch_position].parameters if prov.batch_position < len(proposals) else None
+    if replayed is not None and source is not None:
+        replayed = {**replayed, SOURCE: source}
     # through JSON like the recorded one, so that equal means equal as stored
     replayed = json.loads(json.dumps(_json_safe(replayed))) if replayed is not None else None
     return Replay(campaign, index, prov.proposed_parameters, replayed, [p.parameters for p in proposals],

@@ -120,3 +120,62 @@ def test_the_example_runs_embedded_one_station_per_source_until_the_cost_is_spen
         assert replay(store, campaign.name, model_made[0].index).same
     finally:
         store.close()
+
+
+TWO_SIMULATORS = """
+name: mf-fill
+parameters:
+  x1: {type: continuous, bounds: [-5, 10]}
+  x2: {type: continuous, bounds: [0, 15]}
+objectives:
+  y: {goal: minimize}
+budget: {cost: 3.5}
+planner: {backend: botorch, seed: 2}
+sources:
+  simulation:
+    cost: 0.1
+    instrument: {simulator: simulators.surfaces:Branin, options: {noise: 0.5, seed: 1}}
+  robot:
+    cost: 1.0
+    target: true
+    instrument: {simulator: simulators.surfaces:Branin, options: {seed: 2}}
+"""
+
+
+def test_the_filler_serves_a_waiting_cheap_station_and_leaves_the_target_to_the_model(tmp_path: Path) -> None:
+    """Space-filling points while the model fits go to the cheaper source only, are recorded, and replay."""
+    import threading
+
+    from closedloop import provenance
+    from closedloop.daemon import Daemon
+    from closedloop.store import Store
+    from closedloop.worker import StationWorker
+
+    campaign = Campaign.from_yaml_text(TWO_SIMULATORS)
+    store = Store(tmp_path / "fill.db")
+    daemon = Daemon(store, [campaign], heartbeat_s=0.2, fill_after_s=0.0)  # a free station never waits
+    stop = threading.Event()
+    workers = [StationWorker(daemon.endpoint, name=source, outbox=tmp_path / f"{source}.outbox", heartbeat_s=0.2,
+                             sources=[source]) for source in ("simulation", "robot")]
+    threads = [threading.Thread(target=w.run, args=(stop,), daemon=True) for w in workers]
+    for thread in threads:
+        thread.start()
+    try:
+        daemon.serve()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=10)
+        daemon.close()
+    try:
+        campaign_id = store.campaign_row("mf-fill").id
+        records = provenance.rows(store, campaign_id)
+        trials = store.trials(campaign_id)
+        fillers = [t for t in trials if records[t.id].generator == "filler"]
+        assert fillers, "no filler proposal: the model kept up with an instant simulator"
+        assert {(t.parameters[SOURCE], t.station) for t in fillers} == {("simulation", "simulation")}
+        assert any(t.parameters[SOURCE] == "robot" for t in trials)  # the model's choices, the robot's runs
+        assert records[fillers[0].id].proposed_parameters == fillers[0].parameters  # not shown as edited
+        assert provenance.replay(store, "mf-fill", fillers[0].index).same
+    finally:
+        store.close()
