@@ -45,7 +45,14 @@ FINAL_LENGTH = 0.1
 # scales restarts and raw samples of the acquisition optimization
 EFFORT = 1.0
 # z-score by which the model must believe an experiment beats the best reading to report it instead
+# (noise-free data; under noise the model's estimate decides alone)
 BEST_CONFIDENCE = 1.64
+# inferred noise variance (standardized units) above which readings count as noisy: ten times the
+# likelihood's floor, which noise-free problems reach (Branin, Hartmann6: 1e-5; with noise: 7e-4 to 1e-2)
+NOISY_VARIANCE = 1e-4
+# experiments needed before the inferred noise is believed: with fewer it is mostly the noise prior's
+# (EDBO's is generous), and a noise-free campaign would look noisy
+NOISE_EVIDENCE = 20
 
 
 def _lengthscales(model: Model, d: int) -> torch.Tensor | None:
@@ -127,6 +134,10 @@ class BotorchPlanner:
     def best(self) -> Result | None:
         """The feasible experiment with the best model estimate of the objective (not the luckiest reading).
 
+        Under noise (inferred noise above ``NOISY_VARIANCE`` from at least ``NOISE_EVIDENCE`` experiments)
+        the model's estimate decides among readings closer than twice the noise; otherwise the best
+        reading stands unless the model is confident (``BEST_CONFIDENCE``) another is better.
+
         With several objectives: the member of the Pareto front best in the first objective.
         """
         feasible = [r for r in self.log.results if self.log.feasible(r)]
@@ -146,6 +157,11 @@ class BotorchPlanner:
             j = feasible.index(luckiest)
             if i == j:
                 return luckiest
+            scores = torch.tensor([self.log.score(r) for r in feasible], dtype=torch.double)
+            gap = (scores[j] - scores[i]) / (scores.std() if len(scores) > 1 else 1.0)
+            noisy = surrogate.noise > NOISY_VARIANCE and len(feasible) >= NOISE_EVIDENCE
+            if noisy and float(gap) < 2 * surrogate.noise**0.5:
+                return feasible[i]  # the readings differ by less than the noise: they cannot tell, the model can
             # the model overrules the best reading only when it is confident the other experiment is
             # better: noise-free data (readings are the truth) rarely give it that confidence, noisy ones do
             model = surrogate.model.models[0] if isinstance(surrogate.model, ModelListGP) else surrogate.model
@@ -398,8 +414,7 @@ class BotorchPlanner:
         numeric = [i for i in range(self.space.dim) if i not in self.space.cat_dims and i not in self.space.discrete_dims]
         if not numeric:
             return None
-        remaining = self.campaign.budget.experiments - len(self.log.results)
-        final = remaining <= max(2, math.ceil(FINAL_SHARE * self.campaign.budget.experiments))
+        final = self._final_phase()
         length = self._turbo_length(len(numeric)) if len(numeric) >= TR_MIN_DIM else None
         if final:
             length = min(length or FINAL_LENGTH, FINAL_LENGTH)
@@ -418,6 +433,11 @@ class BotorchPlanner:
             bounds[0, j] = max(0.0, float(center[j]) - half)
             bounds[1, j] = min(1.0, float(center[j]) + half)
         return bounds
+
+    def _final_phase(self) -> bool:
+        """Whether the campaign is in the last ``FINAL_SHARE`` of its experiments."""
+        remaining = self.campaign.budget.experiments - len(self.log.results)
+        return remaining <= max(2, math.ceil(FINAL_SHARE * self.campaign.budget.experiments))
 
     def _turbo_length(self, d: int) -> float:
         """The trust region's edge after replaying every model-phase result (TuRBO-1's rules)."""
