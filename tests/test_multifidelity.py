@@ -6,6 +6,7 @@ LocalCluster), a real SQLite store.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -179,3 +180,21 @@ def test_the_filler_serves_a_waiting_cheap_station_and_leaves_the_target_to_the_
         assert provenance.replay(store, "mf-fill", fillers[0].index).same
     finally:
         store.close()
+
+
+@pytest.mark.slow
+def test_the_multifidelity_benchmark_spends_the_same_cost_on_both_planners_and_writes_its_figures(tmp_path: Path) -> None:
+    from closedloop.bench.multifidelity import main as multifidelity_benchmark
+
+    output = tmp_path / "mf.json"
+    summary = multifidelity_benchmark(seeds=1, budget=3.0, regret=50.0, output=output)
+    written = json.loads(output.read_text())
+    assert written["seeds"] == 1 and written["budget_cost"] == 3.0
+    for name in ("multifidelity", "target_only"):
+        assert written[name]["reached"] == 1  # regret 50 is reached by any reasonable design
+        assert 0 < written[name]["median_cost_to_target_regret"] <= 3.0 + 1e-9
+        assert written[name]["median_final_regret"] >= 0
+    assert summary["target_only"]["experiments"] == [{"target": 3}]
+    cheap = summary["multifidelity"]["experiments"][0]
+    assert sum(cheap.values()) > 3  # the cheap source buys more experiments for the same cost
+    assert written["cost_ratio"] == pytest.approx(summary["cost_ratio"])
