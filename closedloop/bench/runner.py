@@ -186,8 +186,16 @@ def run_many(tasks: list[tuple[Callable[..., dict[str, Any]], tuple]], jobs: int
              on_done: Callable[[dict[str, Any]], None]) -> None:
     """Runs ``(function, args)`` tasks, ``jobs`` at a time in worker processes (in order when ``jobs`` is 1)."""
     if jobs <= 1:
-        for function, args in tasks:
-            on_done(function(*args))
+        import torch
+
+        # one torch thread, as in the worker processes: every planner is timed alike whatever ``jobs`` is
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for function, args in tasks:
+                on_done(function(*args))
+        finally:
+            torch.set_num_threads(threads)
         return
     import multiprocessing
 
