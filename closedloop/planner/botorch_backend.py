@@ -269,19 +269,21 @@ class BotorchPlanner:
 
     def _gp(self, name: str, x: torch.Tensor, y: torch.Tensor) -> tuple[Model, float]:
         """A GP for one output: hyperparameters from the checkpoint fit, conditioned on (a subset of) the data."""
-        cat = self.space.categorical_columns
+        cat = {i: len(values) for i, values in self.space.cat_dims.items()}
+        # categories one-hot where no column is continuous (see models.make_gp)
+        one_hot = bool(cat) and len(cat) + len(self.space.discrete_dims) == self.space.dim
         n = x.shape[0]
         m = gp.checkpoint(n)
         fit_idx = gp.training_subset(y[:m, 0], gp.MAX_FIT)
         fit_key = (name, m, hashlib.sha256(x[:m].numpy().tobytes() + y[:m].numpy().tobytes()).hexdigest())
         state = self._fits.get(fit_key)
         if state is None:
-            state = gp.fit_gp(x[fit_idx], y[fit_idx], cat, self._data_seed("fit", name, m))
+            state = gp.fit_gp(x[fit_idx], y[fit_idx], cat, self._data_seed("fit", name, m), one_hot)
             # only the latest checkpoint per output is worth keeping
             self._fits = {k: v for k, v in self._fits.items() if k[0] != name}
             self._fits[fit_key] = state
         idx = gp.training_subset(y[:, 0], gp.MAX_TRAIN)
-        model = gp.conditioned_gp(x[idx], y[idx], cat, state)
+        model = gp.conditioned_gp(x[idx], y[idx], cat, state, one_hot)
         noise = float(model.likelihood.noise.detach().mean()) if hasattr(model.likelihood, "noise") else 0.0
         return model, noise
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 from botorch.fit import fit_gpytorch_mll
 from botorch.models import MixedSingleTaskGP, SingleTaskGP
 from botorch.models.model import Model
+from botorch.models.transforms.input import NumericToCategoricalEncoding
 from botorch.models.transforms.outcome import Standardize
 from gpytorch.constraints import GreaterThan
 from gpytorch.likelihoods import GaussianLikelihood
@@ -45,26 +47,41 @@ def checkpoint(n: int) -> int:
     return int(EVERY_UP_TO * GROWTH**k)
 
 
-def make_gp(train_x: torch.Tensor, train_y: torch.Tensor, cat_dims: list[int]) -> Model:
+def _one_hot(k: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: torch.nn.functional.one_hot(x.round().long().clamp(0, k - 1), k)
+
+
+def make_gp(train_x: torch.Tensor, train_y: torch.Tensor, categories: dict[int, int], one_hot: bool = False) -> Model:
     """An unfitted GP: ``MixedSingleTaskGP`` with categorical columns, else ``SingleTaskGP``.
 
     Args:
         train_x: ``n x d`` encoded experiments (numeric columns in [0, 1], categories as indices).
         train_y: ``n x 1`` outcomes, oriented so larger is better.
+        categories: categorical column -> number of choices.
+        one_hot: model the categories one-hot in one Matern kernel (as BayBE and EDBO do) instead of
+            ``MixedSingleTaskGP``'s category-overlap kernel. Measured on the direct-arylation table
+            (three categories, two discrete numbers, no continuous column) it found the best yield in
+            4 of 10 seeds against 1, while on a space with continuous columns (mixed4) it did worse.
     """
     # a low noise floor: noiseless lab simulators and very repeatable instruments need the model to
     # interpolate closely near the optimum
     likelihood = GaussianLikelihood(
         noise_prior=GammaPrior(1.05, 0.5), noise_constraint=GreaterThan(1e-5, transform=None, initial_value=0.1))
-    if cat_dims:
-        return MixedSingleTaskGP(train_x, train_y, cat_dims=cat_dims, likelihood=likelihood,
+    if categories and not one_hot:
+        return MixedSingleTaskGP(train_x, train_y, cat_dims=sorted(categories), likelihood=likelihood,
                                  outcome_transform=Standardize(m=1))
+    encode = None
+    width = train_x.shape[-1]
+    if categories:
+        many = {i: k for i, k in categories.items() if k > 1}
+        encode = NumericToCategoricalEncoding(width, many, {i: _one_hot(k) for i, k in many.items()}) if many else None
+        width += sum(k - 1 for k in many.values())
     covar = ScaleKernel(
-        MaternKernel(nu=2.5, ard_num_dims=train_x.shape[-1], lengthscale_prior=GammaPrior(1.2, 1.1)),
+        MaternKernel(nu=2.5, ard_num_dims=width, lengthscale_prior=GammaPrior(1.2, 1.1)),
         outputscale_prior=GammaPrior(5.0, 0.5),
     )
     return SingleTaskGP(train_x, train_y, likelihood=likelihood, covar_module=covar,
-                        outcome_transform=Standardize(m=1))
+                        outcome_transform=Standardize(m=1), input_transform=encode)
 
 
 def hyperparameters(model: Model) -> dict[str, torch.Tensor]:
@@ -73,9 +90,10 @@ def hyperparameters(model: Model) -> dict[str, torch.Tensor]:
             if not k.startswith(("outcome_transform", "input_transform")) and "train" not in k}
 
 
-def fit_gp(train_x: torch.Tensor, train_y: torch.Tensor, cat_dims: list[int], seed: int) -> dict[str, torch.Tensor]:
+def fit_gp(train_x: torch.Tensor, train_y: torch.Tensor, categories: dict[int, int], seed: int,
+           one_hot: bool = False) -> dict[str, torch.Tensor]:
     """Hyperparameters fitted by maximum a posteriori marginal likelihood (deterministic for a seed)."""
-    model = make_gp(train_x, train_y, cat_dims)
+    model = make_gp(train_x, train_y, categories, one_hot)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         try:
@@ -86,10 +104,11 @@ def fit_gp(train_x: torch.Tensor, train_y: torch.Tensor, cat_dims: list[int], se
 
 
 def conditioned_gp(
-    train_x: torch.Tensor, train_y: torch.Tensor, cat_dims: list[int], state: dict[str, torch.Tensor]
+    train_x: torch.Tensor, train_y: torch.Tensor, categories: dict[int, int], state: dict[str, torch.Tensor],
+    one_hot: bool = False,
 ) -> Model:
     """A GP on ``train_x``/``train_y`` with the given hyperparameters, in eval mode."""
-    model = make_gp(train_x, train_y, cat_dims)
+    model = make_gp(train_x, train_y, categories, one_hot)
     model.load_state_dict(state, strict=False)
     model.eval()
     return model

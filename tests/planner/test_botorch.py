@@ -222,9 +222,9 @@ def counting_fits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     sizes: list[int] = []
     fit = gp.fit_gp
 
-    def counted(x, y, cat_dims, seed):
+    def counted(x, y, categories, seed, one_hot=False):
         sizes.append(x.shape[0])
-        return fit(x, y, cat_dims, seed)
+        return fit(x, y, categories, seed, one_hot)
 
     monkeypatch.setattr(gp, "fit_gp", counted)
     return sizes
@@ -273,3 +273,22 @@ def test_the_last_experiments_close_in_on_the_incumbent_in_mixed_spaces() -> Non
     final = planner.suggest(1)[0]
     assert "trust_region" in final.metadata and planner.space.feasible(final.parameters, tolerance=0)
     assert len(results) == 7
+
+
+def test_categories_are_one_hot_where_no_column_is_continuous() -> None:
+    from botorch.models import MixedSingleTaskGP, SingleTaskGP
+    from botorch.models.transforms.input import NumericToCategoricalEncoding
+
+    def fit_on(parameters: str) -> object:
+        planner = make_planner(campaign(parameters, initial=4, experiments=10))
+        run(planner, lambda p: {"y": {"a": 1.0, "b": 0.0, "c": 2.0}[p["c"]] + float(p["n"]) ** 2}, 6)
+        (proposal,) = planner.suggest(1)
+        assert planner.space.feasible(proposal.parameters, tolerance=0)
+        return planner._fit().model
+
+    discrete = fit_on("c: {type: categorical, values: [a, b, c]}\nn: {type: discrete, values: [-1, 0, 1, 2]}")
+    assert type(discrete) is SingleTaskGP and isinstance(discrete.input_transform, NumericToCategoricalEncoding)
+    # one Matern lengthscale per choice and per number: 3 + 1
+    assert discrete.covar_module.base_kernel.lengthscale.numel() == 4
+    mixed = fit_on("c: {type: categorical, values: [a, b, c]}\nn: {type: continuous, bounds: [-1, 2]}")
+    assert isinstance(mixed, MixedSingleTaskGP)
