@@ -8,6 +8,10 @@ experiment also counts as the worst result seen in the objective's model. In the
 budget the search closes in on the incumbent (a small trust region); a TuRBO-style trust region, its
 size replayed from the data, can be turned on for higher dimensions (``TR_MIN_DIM``).
 
+Categorical columns are modelled by ``MixedSingleTaskGP`` beside continuous ones, and one-hot in a
+single Matern kernel where every column is categorical or discrete (:func:`models.make_gp`). The best
+reported under noise is the model's estimate among the experiments run, not the luckiest reading.
+
 Thinking is cheap: hyperparameters are fitted only at checkpoints (:mod:`closedloop.planner.models`),
 single proposals use analytic LogEI, and past 400 experiments the GP is conditioned on a subset.
 """
