@@ -13,6 +13,7 @@ import math
 import os
 import time
 import traceback
+import warnings
 import zlib
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -148,7 +149,9 @@ def speed_one(peer_name: str, observations: int, batch: int = 1, seed: int = 0) 
     if reason:
         return {**record, "status": "skipped", "message": reason}
     names = list(problem.campaign.tunable_parameters)
-    x = qmc.Sobol(6, scramble=True, seed=seed).random(observations)
+    with warnings.catch_warnings():  # sizes such as 200 are not powers of 2; balance does not matter here
+        warnings.simplefilter("ignore", UserWarning)
+        x = qmc.Sobol(6, scramble=True, seed=seed).random(observations)
     points = [dict(zip(names, map(float, row))) for row in x]
     try:
         session = peer.start(problem, seed)
