@@ -113,12 +113,12 @@ def test_resume_takes_over_finished_runs_and_runs_only_the_rest(tmp_path):
     first = tmp_path / "first.json"
     planner_benchmark(problems=["branin"], peers=["sobol"], seeds=2, budget_scale=0.2, speed_sizes=(), json_path=first)
     earlier = json.loads(first.read_text())
-    # a third seed and a second peer are new; the two Sobol seeds are taken over as they were
+    # a third seed and a second planner are new (both ours: the peers' extra may not be installed); the two Sobol seeds are taken over as they were
     second = tmp_path / "second.json"
-    report = planner_benchmark(problems=["branin"], peers=["sobol", "optuna"], seeds=3, budget_scale=0.2,
+    report = planner_benchmark(problems=["branin"], peers=["sobol", "botorch"], seeds=3, budget_scale=0.2,
                                speed_sizes=(), json_path=second, resume=first)
     runs = {(r["peer"], r["seed"]): r for r in report["runs"]}
-    assert sorted(runs) == [("optuna", 0), ("optuna", 1), ("optuna", 2), ("sobol", 0), ("sobol", 1), ("sobol", 2)]
+    assert sorted(runs) == [("botorch", 0), ("botorch", 1), ("botorch", 2), ("sobol", 0), ("sobol", 1), ("sobol", 2)]
     for old in earlier["runs"]:
         reused = runs[("sobol", old["seed"])]
         assert reused["reused_from"] == earlier["started"]
