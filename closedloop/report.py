@@ -641,10 +641,14 @@ def render_html(data: Data, figures: list[Figure], extra: dict[str, Any]) -> str
     counts: dict[str, int] = {}
     for r in data.records:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
+    finished = [r for r in data.records if r["status"] in ("completed", "failed", "abandoned")]
+    # a budget in cost alone sets no number of experiments: show the cost instead of an invented limit
+    limit = f" of {c.budget.experiments}" if c.budget.experiments is not None else ""
     summary = [("campaign", c.name), ("description", c.description or "-"),
-               ("experiments", f"{sum(counts.get(s, 0) for s in ('completed', 'failed', 'abandoned'))} of "
-                               f"{c.max_experiments} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))})"),
-               ("planner", c.planner.backend),
+               ("experiments", f"{len(finished)}{limit} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))})")]
+    if c.budget.cost is not None:
+        summary.append(("cost", f"{sum(c.cost_of(r) for r in finished):.4g} of {c.budget.cost:g}"))
+    summary += [("planner", c.planner.backend),
                ("started", f"{data.started:%Y-%m-%d %H:%M:%S} UTC" if data.started else "-")]
     for name, objective in c.objectives.items():
         best = _best_record(data, name)

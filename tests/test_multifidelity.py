@@ -119,6 +119,11 @@ def test_the_example_runs_embedded_one_station_per_source_until_the_cost_is_spen
         model_made = [t for t in trials if (t.planner or {}).get("generator") == "mf-ucb"]
         assert model_made
         assert replay(store, campaign.name, model_made[0].index).same
+        # the report counts the cost, not experiments against what the cost would buy at the cheapest source
+        from closedloop.report import load, render_html
+
+        page = render_html(load(store, campaign.name), [], {})
+        assert f"<td>{spent:.4g} of 3.5</td>" in page and f"<td>{len(trials)} (" in page
     finally:
         store.close()
 
