@@ -51,6 +51,8 @@ EventSink = Callable[[str, dict[str, Any]], None]
 DEFAULT_CONTROL = "tcp://127.0.0.1:5700"
 DEFAULT_PUBLISH = "tcp://127.0.0.1:5702"
 _HELD = getattr(TrialStatus, "held", None)  # approval mode (people in the loop), when the store has it
+# proposals stored but not yet dispatched: queued for a station, or held for a person
+_WAITING = [TrialStatus.proposed.value] + ([_HELD.value] if _HELD is not None else [])
 
 
 def _now_iso() -> str:
@@ -319,10 +321,9 @@ class CampaignRun:
 
         Returns the held proposals a person rejected since the last look (now failed in the store).
         """
-        statuses = [TrialStatus.proposed.value] + ([_HELD.value] if _HELD is not None else [])
         queued, held = [], 0
         held_ids: set[int] = set()
-        for trial in self.store.trials(self.id, statuses):
+        for trial in self.store.trials(self.id, _WAITING):
             if (trial.planner or {}).get("execution") == "manual":
                 continue
             if trial.status == TrialStatus.proposed.value:
@@ -919,17 +920,21 @@ class Daemon:
             return False
         return True
 
-    def _remaining(self, run: CampaignRun) -> int:
-        """Experiments still to propose within the budget."""
+    def _committed(self, run: CampaignRun) -> list[dict[str, Any]]:
+        """Parameters of the experiments decided but not finished: in flight, queued or held for a person."""
+        committed = [f.parameters for f in self.in_flight.values() if f.campaign_id == run.id]
+        if run.queue or run.held:
+            committed += [t.parameters for t in self.store.trials(run.id, _WAITING)]
+        return committed
+
+    def _remaining(self, run: CampaignRun, committed: list[dict[str, Any]] | None = None) -> int:
+        """Experiments still to propose within the budget (``committed``: :meth:`_committed`, when known)."""
         left = (run.campaign.max_experiments - run.finished - self._in_flight_count(run) - len(run.queue)
                 - run.held)
         if run.campaign.budget.cost is not None and left > 0:
             # issue 8: nothing more once the cost spent and committed reaches the budget (the last
             # experiment may pass it by less than its own cost)
-            committed = [f.parameters for f in self.in_flight.values() if f.campaign_id == run.id]
-            if run.queue or run.held:
-                statuses = [TrialStatus.proposed.value] + ([_HELD.value] if _HELD is not None else [])
-                committed += [t.parameters for t in self.store.trials(run.id, statuses)]
+            committed = self._committed(run) if committed is None else committed
             if run.spent + sum(run.campaign.cost_of(p) for p in committed) >= run.campaign.budget.cost - 1e-9:
                 return 0
         return left
@@ -940,13 +945,10 @@ class Daemon:
             if results:
                 run.planner.ingest(results)
             return
-        pending = [f.parameters for f in self.in_flight.values() if f.campaign_id == run.id]
-        if run.queue or run.held:
-            statuses = [TrialStatus.proposed.value] + ([_HELD.value] if _HELD is not None else [])
-            pending += [t.parameters for t in self.store.trials(run.id, statuses)]
+        pending = self._committed(run)
         capacity = sum(s.capacity + s.prefetch for s in self.stations.values() if s.serves(run)) or 1
         capacity = min(capacity, run.campaign.execution.concurrency)
-        want = max(0, min(capacity, self._remaining(run))) if self._may_dispatch(run) else 0
+        want = max(0, min(capacity, self._remaining(run, pending))) if self._may_dispatch(run) else 0
         run.service.update(results=results, pending=pending, want=want)
 
     def _dispatch(self) -> None:
@@ -1147,10 +1149,14 @@ class Daemon:
         run = runs[0]
         if method == "reject":
             row = hitl.reject(self.store, run.campaign.name, index, by=by)
-            assert row.id is not None
-            if row.id in run.held_ids:
-                run.held_ids.discard(row.id)
-                run.held -= 1
+        else:
+            row = hitl.approve(self.store, run.campaign.name, index,
+                               {str(k): v for k, v in (edits or {}).items()} or None, by=by)
+        assert row.id is not None
+        if row.id in run.held_ids:
+            run.held_ids.discard(row.id)
+            run.held -= 1
+        if method == "reject":
             if row.id in run.queue:
                 run.queue.remove(row.id)
             run.finished += 1
@@ -1159,12 +1165,6 @@ class Daemon:
             self._emit("trial_failed", run, trial=index, error=row.error, finished=run.finished, review="rejected",
                        by=by, best=_result_dict(run.best))
             return {"success": True, "msg": f"trial {index} of {run.campaign.name} {row.error}", "trial": index}
-        row = hitl.approve(self.store, run.campaign.name, index, {str(k): v for k, v in (edits or {}).items()} or None,
-                           by=by)
-        assert row.id is not None
-        if row.id in run.held_ids:
-            run.held_ids.discard(row.id)
-            run.held -= 1
         run.queue.append(row.id)
         edited = "proposed_parameters" in row.planner
         self._transition(run, index, row.id, "approved", by=by, edited=edited, parameters=row.parameters)

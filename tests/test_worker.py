@@ -17,7 +17,7 @@ from closedloop.daemon import Daemon
 from closedloop.store import Store
 from closedloop.worker import Outbox, StationWorker
 from drivers.binding import InstrumentBinding
-from simulators.surfaces import Branin
+from simulators.surfaces import Branin, branin_campaign
 
 # the campaign names this module by import path; make that path resolve to this very module (pytest may
 # have imported it under another name), so the station's binding shares the test's interlock signal
@@ -49,18 +49,8 @@ def test_outbox_keeps_results_until_removed_and_records_every_run(tmp_path: Path
 
 @pytest.mark.slow
 def test_the_instruments_suspenders_hold_the_run_until_the_interlock_clears(tmp_path: Path) -> None:
-    campaign = Campaign.from_yaml_text("""
-name: interlock
-parameters:
-  x1: {type: continuous, bounds: [-5, 10]}
-  x2: {type: continuous, bounds: [0, 15]}
-objectives:
-  y: {goal: minimize}
-budget: {experiments: 2}
-planner: {backend: sobol}
-instrument:
-  simulator: tests.test_worker:interlocked_branin
-""")
+    campaign = Campaign.from_yaml_text(branin_campaign(
+        "interlock", 2, planner={"backend": "sobol"}, instrument={"simulator": "tests.test_worker:interlocked_branin"}))
     store = Store(tmp_path / "s.db")
     daemon = Daemon(store, [campaign], heartbeat_s=0.2)
     worker = StationWorker(daemon.endpoint, name="beamline", outbox=tmp_path / "o.db", heartbeat_s=0.2)

@@ -6,8 +6,8 @@ jointly with BoTorch's ``SingleTaskMultiFidelityGP`` (the source is one more inp
 ``s`` in [0, 1], 1 being the dearest source) and proposes a (point, source) pair. Two acquisitions:
 
 - ``ucb`` (default): after the MF-GP-UCB rule of Kandasamy et al. (2016). *Where*: the point that
-  maximizes, at the target source, the log expected improvement over the best target result
-  (``where="ei"``, default) or the upper confidence bound (``where="ucb"``). *Which source*: the
+  maximizes, at the target source, the log expected improvement over the best target result (the
+  upper confidence bound until the target has a result; EI beat UCB here). *Which source*: the
   cheapest one whose prediction there is still uncertain (its posterior standard deviation above
   ``threshold`` times the spread of the observations), else the target. Cheap sources explore,
   the target confirms. About a second per proposal on a busy two-core machine.
@@ -76,7 +76,6 @@ class MultiFidelityPlanner:
     Args:
         campaign: a campaign with ``sources`` (at least two, one the target) and one objective.
         acquisition: ``ucb`` (default, fast) or ``kg`` (cost-aware knowledge gradient, slow).
-        where: ``ei`` (default) or ``ucb``: what chooses the point at the target source under ``ucb``.
         initial: the space-filling start as (source, count) pairs; default: ``planner.initial_experiments``
             (else 2) at the target, and at each cheaper source as many as cost, together, one
             target experiment per cheap source (at least 2, at most 4 per dimension).
@@ -88,15 +87,13 @@ class MultiFidelityPlanner:
     backend: ClassVar[str] = "botorch"  # the botorch backend, with a multi-fidelity model (make_planner)
 
     def __init__(self, campaign: Campaign, *, acquisition: str = "ucb", initial: list[tuple[str, int]] | None = None,
-                 beta: float = 4.0, threshold: float = 0.1, where: str = "ei", num_fantasies: int = 16, num_restarts: int = 4,
+                 beta: float = 4.0, threshold: float = 0.1, num_fantasies: int = 16, num_restarts: int = 4,
                  raw_samples: int = 128):
         problems = unsupported(campaign)
         if problems:
             raise PlannerError("; ".join(problems))
         if acquisition not in ("ucb", "kg"):
             raise PlannerError(f"acquisition {acquisition!r}: use 'ucb' or 'kg'")
-        if where not in ("ei", "ucb"):
-            raise PlannerError(f"where {where!r}: use 'ei' or 'ucb'")
         self.campaign = campaign
         self.names = list(campaign.tunable_parameters)
         self.fixed = {n: p.value for n, p in campaign.parameters.items() if isinstance(p, FixedParameter)}
@@ -116,7 +113,7 @@ class MultiFidelityPlanner:
         self.fidelity = {name: (cost - cheapest) / span for name, cost in self.sources.items()}
         self.target_fidelity = self.fidelity[self.target]
         self.cost_fixed, self.cost_slope = cheapest, span
-        self.acquisition, self.beta, self.threshold, self.where = acquisition, beta, threshold, where
+        self.acquisition, self.beta, self.threshold = acquisition, beta, threshold
         self.num_fantasies, self.num_restarts, self.raw_samples = num_fantasies, num_restarts, raw_samples
         self.seed = campaign.planner.seed if campaign.planner.seed is not None else 0
         self.results: list[Result] = []
@@ -302,15 +299,14 @@ class MultiFidelityPlanner:
     def _ucb_then_cheapest_informative(self, model: Any) -> tuple[torch.Tensor, str, dict[str, Any]]:
         """Where: the upper confidence bound at the target source. Which source: the cheapest one still
         uncertain there, else the target (MF-GP-UCB: cheap sources explore, the expensive one confirms)."""
-        from botorch.acquisition import UpperConfidenceBound
+        from botorch.acquisition import LogExpectedImprovement, UpperConfidenceBound
         from botorch.acquisition.fixed_feature import FixedFeatureAcquisitionFunction
         from botorch.optim import optimize_acqf
 
-        from botorch.acquisition import LogExpectedImprovement
-
         d = len(self.names)
-        at_target = [y for x, y in zip(*self._training_data()) if x[-1] == self.target_fidelity]
-        if self.where == "ei" and at_target:
+        X, Y = self._training_data()
+        at_target = [y for x, y in zip(X, Y) if x[-1] == self.target_fidelity]
+        if at_target:
             where = LogExpectedImprovement(model, best_f=max(at_target))
         else:
             where = UpperConfidenceBound(model, beta=self.beta)
@@ -318,7 +314,6 @@ class MultiFidelityPlanner:
         unit, value = optimize_acqf(at_fidelity, self._box(d), q=1, num_restarts=self.num_restarts,
                                     raw_samples=self.raw_samples)
         unit = unit.squeeze(0)
-        _, Y = self._training_data()
         spread = float(torch.tensor(Y, dtype=torch.double).std()) or 1.0
         chosen, stds = self.target, {}
         for source in sorted(self.sources, key=self.sources.__getitem__):
@@ -330,6 +325,7 @@ class MultiFidelityPlanner:
             if stds[source] > self.threshold * spread:
                 chosen = source
                 break
-        self.last_decision = {"acquisition": f"MF-GP-UCB source rule, {type(where).__name__} at the target", "acquisition_value": float(value), "beta": self.beta,
+        self.last_decision = {"acquisition": f"MF-GP-UCB source rule, {type(where).__name__} at the target",
+                              "acquisition_value": float(value), "beta": self.beta,
                               "source_std": stds, "threshold": self.threshold * spread}
         return unit, chosen, {"generator": "mf-ucb", "acquisition_value": float(value)}
