@@ -52,18 +52,21 @@ def single_objective(
     q: int,
     best_f: float,
     seed: int,
+    noisy: bool = False,
 ) -> AcquisitionFunction:
-    """Analytic ``LogEI`` for one plain experiment, ``qLogNEI`` for batches, pending or constraints.
+    """Analytic ``LogEI`` for one plain experiment, ``qLogNEI`` for batches, pending, constraints or noise.
 
     ``LogEI`` against the best posterior mean at the experiments run is the plug-in form of noisy EI;
-    it is an order of magnitude cheaper than the Monte-Carlo ``qLogNEI`` and as good for ``q = 1``.
+    it is an order of magnitude cheaper than the Monte-Carlo ``qLogNEI`` and as good for ``q = 1`` on
+    nearly noise-free data. On noisy data it overrates repeating the incumbent.
 
     Args:
         baseline_x: ``n x d`` experiments already observed.
         pending_x: ``p x d`` experiments dispatched but not yet observed, or None.
+        noisy: the model infers enough noise that plug-in EI would mislead.
     """
     has_pending = pending_x is not None and len(pending_x) > 0
-    if q == 1 and not has_pending and not constraints and model.num_outputs == 1:
+    if q == 1 and not has_pending and not constraints and model.num_outputs == 1 and not noisy:
         return LogExpectedImprovement(model=model, best_f=best_f)
     return qLogNoisyExpectedImprovement(
         model=model,

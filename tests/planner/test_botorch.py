@@ -85,6 +85,19 @@ def test_under_noise_the_reported_best_is_truly_better_than_the_luckiest_reading
     assert sum(r != lk for r, lk in zip(reported, luckiest)) >= 3
 
 
+def test_under_noise_single_proposals_weigh_the_noise_and_noise_free_ones_stay_analytic() -> None:
+    # plug-in EI on a noisy model keeps re-proposing the incumbent (its posterior never collapses);
+    # noisy EI compares the candidate with the incumbent jointly, so a repeat gains nothing
+    xs = np.linspace(0, 1, 24)
+    readings = (xs - 0.4) ** 2 + 0.05 * np.random.default_rng(1).standard_normal(len(xs))
+    noisy = make_planner(campaign("x: {type: continuous, bounds: [0, 1]}", initial=4))
+    noisy.ingest([Result({"x": float(x)}, {"y": float(y)}, i + 1) for i, (x, y) in enumerate(zip(xs, readings))])
+    assert noisy.suggest(1)[0].metadata["generator"] == "botorch.qLogNoisyExpectedImprovement"
+    clean = make_planner(campaign(BRANIN, initial=5))
+    run(clean, lambda p: {"y": b(p)}, 22)
+    assert clean.suggest(1)[0].metadata["generator"] == "botorch.LogExpectedImprovement"
+
+
 def test_noise_free_best_is_the_best_reading() -> None:
     planner = make_planner(campaign(BRANIN, initial=5))
     results = run(planner, lambda p: {"y": b(p)}, 8)
