@@ -41,7 +41,7 @@ from closedloop.campaign import SOURCE, Campaign
 from closedloop.errors import ClosedLoopError, ProtocolError, StoreError
 from closedloop.keys import ServerKeys, check_exposure
 from closedloop.planner import Planner, Proposal, Result, make_planner
-from closedloop.store import Store, TrialRow, TrialStatus
+from closedloop.store import Store, TrialRow, TrialStatus, used_instrument
 
 log = logging.getLogger("closedloop.daemon")
 translog = logging.getLogger("closedloop.trial")  # one structured line per trial transition
@@ -248,7 +248,8 @@ class CampaignRun:
         self.paused = False
         finished = store.trials(self.id, ["completed", "failed", "abandoned"])
         self.finished = len(finished)
-        self.spent = sum(campaign.cost_of(t.parameters) for t in finished)  # issue 8: a budget in cost
+        # issue 8: a budget in cost; a proposal rejected before it ran cost nothing (as in a running daemon)
+        self.spent = sum(campaign.cost_of(t.parameters) for t in finished if used_instrument(t.attempts, t.error))
         self.best: Result | None = None
         for result in results:
             self._consider_best(result)
@@ -1159,7 +1160,10 @@ class Daemon:
         if method == "reject":
             if row.id in run.queue:
                 run.queue.remove(row.id)
-            run.finished += 1
+            if used_instrument(row.attempts, row.error):
+                run.count_finished(row.parameters)  # a retry refused: its earlier attempt used the instrument
+            else:
+                run.finished += 1
             self._transition(run, index, row.id, "rejected", by=by)
             self._update_planner(run, [Result(row.parameters, None, row.index)])  # a known-bad point
             self._emit("trial_failed", run, trial=index, error=row.error, finished=run.finished, review="rejected",

@@ -50,7 +50,7 @@ from sqlmodel import Field, Session, SQLModel, select
 from closedloop.campaign import SOURCE
 from closedloop.errors import StoreError
 from closedloop.planner.base import Proposal, Result
-from closedloop.store import OPEN_STATUSES, Store, TrialCompanion, TrialRow, TrialStatus, _json_safe, utcnow
+from closedloop.store import OPEN_STATUSES, REJECTED_BY, Store, TrialCompanion, TrialRow, TrialStatus, _json_safe, utcnow
 
 log = logging.getLogger("closedloop.provenance")
 
@@ -352,8 +352,8 @@ def _follow_review(_mapper: Any, connection: Any, target: TrialRow) -> None:
     if not (state.attrs.planner.history.has_changes() or state.attrs.error.history.has_changes()):
         return
     planner = target.planner or {}
-    if target.error and target.error.startswith("rejected by "):
-        review, by = "rejected", target.error.removeprefix("rejected by ")
+    if target.error and target.error.startswith(REJECTED_BY):
+        review, by = "rejected", target.error.removeprefix(REJECTED_BY)
     elif planner.get("approved_by"):
         review, by = ("edited" if "proposed_parameters" in planner else "approved"), planner["approved_by"]
     else:

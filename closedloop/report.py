@@ -647,7 +647,10 @@ def render_html(data: Data, figures: list[Figure], extra: dict[str, Any]) -> str
     summary = [("campaign", c.name), ("description", c.description or "-"),
                ("experiments", f"{len(finished)}{limit} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))})")]
     if c.budget.cost is not None:
-        summary.append(("cost", f"{sum(c.cost_of(r) for r in finished):.4g} of {c.budget.cost:g}"))
+        from closedloop.store import used_instrument
+
+        spent = sum(c.cost_of(r) for r in finished if used_instrument(r["attempts"], r["error"]))
+        summary.append(("cost", f"{spent:.4g} of {c.budget.cost:g}"))
     summary += [("planner", c.planner.backend),
                ("started", f"{data.started:%Y-%m-%d %H:%M:%S} UTC" if data.started else "-")]
     for name, objective in c.objectives.items():

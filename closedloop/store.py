@@ -85,6 +85,15 @@ class TrialRow(SQLModel, table=True):
                                 sa_column=Column(JSON, nullable=False, server_default=text("'[]'")))
 
 
+REJECTED_BY = "rejected by "
+
+
+def used_instrument(attempts: int, error: str | None) -> bool:
+    """Whether a finished trial took its instrument's time and cost: every one but a proposal a person
+    rejected before it was ever dispatched (``Store.reject``)."""
+    return attempts > 0 or not (error or "").startswith(REJECTED_BY)
+
+
 def _with_run(run_uids: list[str] | None, run_uid: str | None) -> list[str]:
     """``run_uids`` with ``run_uid`` added at the end, once (a failure or result may be delivered twice)."""
     uids = list(run_uids or [])
@@ -454,7 +463,7 @@ class Store:
             row = self._trial(session, trial_id)
             if row.status not in (TrialStatus.held.value, TrialStatus.proposed.value):
                 raise StoreError(f"trial {row.index} is {row.status}; only held or proposed trials can be rejected")
-            row.status, row.error, row.finished_at = TrialStatus.failed.value, f"rejected by {by}", utcnow()
+            row.status, row.error, row.finished_at = TrialStatus.failed.value, f"{REJECTED_BY}{by}", utcnow()
             session.add(row)
             session.commit()
             session.refresh(row)

@@ -131,7 +131,10 @@ class Snapshot:
         counts: dict[str, int] = {}
         for t in trials:
             counts[t.status] = counts.get(t.status, 0) + 1
-        spent = sum(spec.cost_of(t.parameters) for t in finished) if spec.budget.cost is not None else 0.0
+        from closedloop.store import used_instrument
+
+        spent = (sum(spec.cost_of(t.parameters) for t in finished if used_instrument(t.attempts, t.error))
+                 if spec.budget.cost is not None else 0.0)
         return cls(
             name=row.name, status=row.status, budget=spec.max_experiments, objective=name, goal=objective.goal,
             counts=counts, in_flight=in_flight,

@@ -261,6 +261,26 @@ def costly(tmp_path: Path) -> tuple[Store, str]:
     return store, str(tmp_path / "costly.db")
 
 
+def test_a_proposal_rejected_before_it_ran_costs_nothing_in_views_report_or_a_restarted_daemon(
+        costly: tuple[Store, str], tmp_path: Path) -> None:
+    from closedloop.daemon import CampaignRun
+    from closedloop.report import write_report
+
+    store, _ = costly
+    campaign = store.campaign("branin-multifidelity")
+    cid = store.campaign_row("branin-multifidelity").id
+    (refused,) = store.add_trials(cid, [({"x1": 2.0, "x2": 2.0, "source": "robot"}, {})])
+    store.reject(refused.id, "grace")
+    (retried,) = store.add_trials(cid, [({"x1": 3.0, "x2": 3.0, "source": "robot"}, {})])
+    store.mark_dispatched(retried.id, "robot")
+    store.requeue(retried.id, "station lost")  # its first attempt ran (and cost), then a person refused the retry
+    store.reject(retried.id, "grace")
+    assert Snapshot.from_store(store, "branin-multifidelity").spent == pytest.approx(4.5)
+    assert CampaignRun(campaign, store).spent == pytest.approx(4.5)  # a daemon restarting on this store
+    page = write_report(store, "branin-multifidelity", tmp_path / "report.html").read_text()
+    assert "<td>4.5 of 12</td>" in page
+
+
 def test_progress_with_a_budget_in_cost_is_cost_spent_over_the_budget(costly: tuple[Store, str]) -> None:
     store, path = costly
     snap = Snapshot.from_store(store, "branin-multifidelity")
