@@ -1,8 +1,8 @@
 """The default planner: a space-filling design, then Gaussian processes and BoTorch acquisition.
 
 One objective: analytic ``LogEI`` (plug-in noisy EI) for single proposals, ``qLogNEI`` for batches,
-experiments in flight, constraints and noisy data (``NEI_VARIANCE``). Several objectives: ``qLogNEHVI`` above the campaign's
-thresholds (inferred where missing). Outcome constraints and a success classifier (a GP on the 0/1
+experiments in flight, constraints and noisy data (``NEI_VARIANCE``). Several objectives:
+``qLogNEHVI`` above the campaign's thresholds (inferred where missing). Outcome constraints and a success classifier (a GP on the 0/1
 label "gave a result", fitted once anything has failed) enter as BoTorch constraints, and a failed
 experiment also counts as the worst result seen in the objective's model. In the last 15 % of the
 budget the search closes in on the incumbent (a small trust region); a TuRBO-style trust region, its
@@ -339,7 +339,8 @@ class BotorchPlanner:
                                       constraints, seed), "qLogNEHVI"
         best_f = self._incumbent_mean(surrogate)[1]
         noisy = surrogate.noise > NEI_VARIANCE and len(surrogate.train_x) >= NOISE_EVIDENCE
-        acquisition = single_objective(surrogate.model, surrogate.train_x, pending_x, constraints, q, best_f, seed, noisy)
+        acquisition = single_objective(surrogate.model, surrogate.train_x, pending_x, constraints, q, best_f, seed,
+                                       noisy)
         return acquisition, type(acquisition).__name__
 
     def _incumbent_mean(self, surrogate: Surrogate) -> tuple[int, float]:
