@@ -5,7 +5,8 @@ experiments in flight, constraints and noisy data (``NEI_VARIANCE``). Several ob
 ``qLogNEHVI`` above the campaign's thresholds (inferred where missing). Outcome constraints and a success classifier (a GP on the 0/1
 label "gave a result", fitted once anything has failed) enter as BoTorch constraints, and a failed
 experiment also counts as the worst result seen in the objective's model. In the last 15 % of the
-budget the search closes in on the incumbent (a small trust region); a TuRBO-style trust region, its
+budget the search closes in on the incumbent (a small trust region, the incumbent's categories held:
+mixed4 -2.20 -> -2.56 median log10 regret over 10 seeds); a TuRBO-style trust region, its
 size replayed from the data, can be turned on for higher dimensions (``TR_MIN_DIM``).
 
 Categorical columns are modelled by ``MixedSingleTaskGP`` beside continuous ones, and one-hot in a
@@ -312,7 +313,8 @@ class BotorchPlanner:
         bounds = self._trust_region(surrogate)
         # Monte-Carlo acquisitions cost ~50x an analytic one per evaluation: fewer restarts
         effort = (1.0 if name == "LogExpectedImprovement" else 0.5) * EFFORT
-        candidates, value = maximize(acquisition, self.space, q, seed, bounds=bounds, effort=effort)
+        fixed = self._final_fixed(surrogate)
+        candidates, value = maximize(acquisition, self.space, q, seed, bounds=bounds, effort=effort, fixed=fixed)
         meta = {
             "generator": f"botorch.{name}",
             "acquisition_value": value,
@@ -447,6 +449,20 @@ class BotorchPlanner:
             bounds[0, j] = max(0.0, float(center[j]) - half)
             bounds[1, j] = min(1.0, float(center[j]) + half)
         return bounds
+
+    def _final_fixed(self, surrogate: Surrogate) -> dict[int, float] | None:
+        """In the final phase, the incumbent's categories, held while the numeric columns close in.
+
+        A category has no neighbours to close in on: left free, the last experiments went on trying
+        other categories. Discrete numbers stay free, as their neighbours are near (crossed barrel:
+        holding them too was worse on 2 of 10 seeds).
+        """
+        continuous = self.space.dim - len(self.space.cat_dims) - len(self.space.discrete_dims)
+        if not self.space.cat_dims or not continuous or surrogate.n_objectives > 1 \
+                or self.space.has_constraints or not self._final_phase():
+            return None
+        i, _ = self._incumbent_mean(surrogate)
+        return {j: float(surrogate.train_x[i, j]) for j in sorted(self.space.cat_dims)}
 
     def _final_phase(self) -> bool:
         """Whether the campaign is in the last ``FINAL_SHARE`` of its experiments."""

@@ -27,13 +27,16 @@ def maximize(
     seed: int,
     bounds: torch.Tensor | None = None,
     effort: float = 1.0,
+    fixed: dict[int, float] | None = None,
 ) -> tuple[torch.Tensor, float]:
     """The ``q x d`` batch maximizing ``acquisition`` and its value.
 
     Args:
         bounds: ``2 x d`` box to search (a trust region), the whole space by default.
         effort: scales the number of restarts and raw samples.
+        fixed: encoded columns held at a value (discrete or categorical columns of the incumbent).
     """
+    fixed = fixed or {}
     bounds = space.bounds() if bounds is None else bounds
     restarts = max(2, int(round(8 * effort)))
     raw = max(64, int(round(512 * effort)))
@@ -42,13 +45,15 @@ def maximize(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         relaxed = {int(i) for e in space.equality_constraints for i in e[0].tolist()}
-        discrete = {i: v for i, v in space.discrete_dims.items() if i not in relaxed}
-        if discrete or space.cat_dims:
+        discrete = {i: v for i, v in space.discrete_dims.items() if i not in relaxed and i not in fixed}
+        categorical = {i: v for i, v in space.cat_dims.items() if i not in fixed}
+        if discrete or categorical:
             candidates, value = optimize_acqf_mixed_alternating(
                 acq_function=acquisition,
                 bounds=bounds,
                 discrete_dims=discrete or None,
-                cat_dims=space.cat_dims or None,
+                cat_dims=categorical or None,
+                fixed_features=fixed or None,
                 q=q,
                 num_restarts=max(2, restarts // 2),
                 raw_samples=raw,
@@ -65,6 +70,7 @@ def maximize(
                 raw_samples=raw,
                 inequality_constraints=inequalities,
                 equality_constraints=equalities,
+                fixed_features=fixed or None,
                 options={"batch_limit": 16, "init_batch_limit": 512, "maxiter": 200, "seed": seed},
             )
     return candidates.detach().reshape(q, -1), float(torch.as_tensor(value).sum())
