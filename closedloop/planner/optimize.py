@@ -34,7 +34,7 @@ def maximize(
     Args:
         bounds: ``2 x d`` box to search (a trust region), the whole space by default.
         effort: scales the number of restarts and raw samples.
-        fixed: encoded columns held at a value (discrete or categorical columns of the incumbent).
+        fixed: encoded columns held at a value (the incumbent's categories while closing in).
     """
     fixed = fixed or {}
     bounds = space.bounds() if bounds is None else bounds
