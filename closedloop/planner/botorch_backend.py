@@ -7,8 +7,7 @@ label "gave a result", fitted once anything has failed) enter as BoTorch constra
 experiment also counts as the worst result seen in the objective's model. In the last 15 % of the
 budget the search closes in on the incumbent (a small trust region, the incumbent's categories held:
 mixed4 -2.20 -> -2.56 median log10 regret on seeds 0-9, -1.98 -> -2.61 on seeds 10-19); a TuRBO-style
-trust region, its
-size replayed from the data, can be turned on for higher dimensions (``TR_MIN_DIM``).
+trust region, its size replayed from the data, can be turned on for higher dimensions (``TR_MIN_DIM``).
 
 Categorical columns are modelled by ``MixedSingleTaskGP`` beside continuous ones, and one-hot in a
 single Matern kernel where every column is categorical or discrete (:func:`models.make_gp`). The best
