@@ -102,7 +102,8 @@ def planner_benchmark(problems: list[str] | None = None, peers: list[str] | None
         for task in tasks:
             peer, problem, seed, _ = task[1]
             previous = finished.get((problem, peer, seed, budgets[problem]))
-            if previous is None:
+            # a run with the reagents' real names is not a blinded run of the same problem
+            if previous is None or previous.get("blinded", False) != descriptions[problem]["blinded"]:
                 remaining.append(task)
             else:
                 report["runs"].append({**previous, "reused_from": previous.get("reused_from", earlier.get("started"))})

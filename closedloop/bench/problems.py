@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from closedloop.campaign import Campaign
+from closedloop.campaign import Campaign, CategoricalParameter
 
 #: The project's own copies of the public data sets (with their licenses and sources).
 DATASETS = Path(__file__).resolve().parents[2] / "simulators" / "data"
@@ -63,6 +64,7 @@ class Problem:
     reference: list[float] | None = None
     source: str = ""
     notes: dict[str, Any] = field(default_factory=dict)
+    blind: bool = False
 
     @property
     def objective(self) -> str:
@@ -93,6 +95,33 @@ class Problem:
         data["budget"] = {"experiments": max(2, experiments)}
         return Problem(**{**self.__dict__, "campaign": Campaign.model_validate(data)})
 
+    def for_seed(self, seed: int) -> Problem:
+        """The problem as one seed's run sees it: with ``blind``, each categorical parameter's choices
+        relabelled ``<parameter>-<k>`` in an order drawn from the seed.
+
+        Real reagent names carry an accidental order: in the direct-arylation table the best ligand is
+        the second of twelve alphabetically, and a planner that breaks ties by candidate order (BayBE
+        enumerates its candidates sorted) finds it by its name. Measured, 10 seeds: BayBE's median
+        log10 regret was -8 with the names and 0.66 blinded.
+        """
+        if not self.blind:
+            return self
+        rng = np.random.default_rng([seed, zlib.crc32(self.name.encode())])
+        data = self.campaign.model_dump(mode="json")
+        real: dict[str, dict[str, Any]] = {}
+        for name, p in self.campaign.tunable_parameters.items():
+            if isinstance(p, CategoricalParameter):
+                order = rng.permutation(len(p.values))
+                labels = {f"{name}-{k + 1:02d}": p.values[int(i)] for k, i in enumerate(order)}
+                real[name] = labels
+                data["parameters"][name]["values"] = list(labels)
+        evaluate = self.evaluate
+
+        def blinded(point: dict[str, Any]) -> dict[str, float]:
+            return evaluate({k: real[k][v] if k in real else v for k, v in point.items()})
+
+        return Problem(**{**self.__dict__, "campaign": Campaign.model_validate(data), "evaluate": blinded})
+
     def describe(self) -> dict[str, Any]:
         return {
             "dimensions": len(self.campaign.tunable_parameters),
@@ -106,6 +135,7 @@ class Problem:
             "noise_sd": self.noise,
             "reference_point": self.reference,
             "source": self.source,
+            "blinded": self.blind,
             **self.notes,
         }
 
@@ -364,7 +394,8 @@ def direct_arylation() -> Problem:
         return {"yield": lookup[(p["base"], p["ligand"], p["solvent"], float(p["concentration"]), float(p["temperature"]))]}
 
     return Problem("direct_arylation", c, evaluate, max(lookup.values()), min(lookup.values()),
-                   source="Shields et al. 2021 direct arylation: the full 1,728-experiment table")
+                   source="Shields et al. 2021 direct arylation: the full 1,728-experiment table, reagents "
+                          "blinded per seed", blind=True)
 
 
 #: Every problem of the suite, by name, as factories (emulators read their data only when built).

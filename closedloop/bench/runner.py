@@ -89,9 +89,10 @@ def log10_regret(regret: float) -> float:
 
 def run_one(peer_name: str, problem_name: str, seed: int, budget_scale: float = 1.0) -> dict[str, Any]:
     """One planner on one problem for one seed: the record that goes into the JSON."""
-    problem = _problem(problem_name, budget_scale)
+    problem = _problem(problem_name, budget_scale).for_seed(seed)
     peer = PEERS[peer_name]
-    record: dict[str, Any] = {"problem": problem_name, "peer": peer_name, "seed": seed, "budget": problem.budget}
+    record: dict[str, Any] = {"problem": problem_name, "peer": peer_name, "seed": seed, "budget": problem.budget,
+                              "blinded": problem.blind}
     reason = peer.missing() or peer.refuses(problem)
     if reason:
         return {**record, "status": "skipped", "message": reason}

@@ -310,10 +310,9 @@ class BotorchPlanner:
             torch.manual_seed(seed)
             acquisition, name = self._acquisition(surrogate, pending, q, seed)
         # -- end issue 9
-        bounds = self._trust_region(surrogate)
+        bounds, fixed = self._trust_region(surrogate)
         # Monte-Carlo acquisitions cost ~50x an analytic one per evaluation: fewer restarts
         effort = (1.0 if name == "LogExpectedImprovement" else 0.5) * EFFORT
-        fixed = self._final_fixed(surrogate)
         candidates, value = maximize(acquisition, self.space, q, seed, bounds=bounds, effort=effort, fixed=fixed)
         meta = {
             "generator": f"botorch.{name}",
@@ -415,27 +414,31 @@ class BotorchPlanner:
 
     # -- end issue 9
 
-    def _trust_region(self, surrogate: Surrogate) -> torch.Tensor | None:
-        """A box around the incumbent (TuRBO-style) for single-objective searches, else None.
+    def _trust_region(self, surrogate: Surrogate) -> tuple[torch.Tensor | None, dict[int, float] | None]:
+        """A box around the incumbent (TuRBO-style) for single-objective searches, and the encoded
+        columns held at the incumbent's values while closing in; None where the search is free.
 
         From ``TR_MIN_DIM`` numeric dimensions on, the box's size follows TuRBO's rule (double after
         ``3`` improvements in a row, halve after ``max(4, d)`` non-improvements, start again when it
         collapses), replayed from the results in their canonical order so that it is a function of the
-        data. In the last ``FINAL_SHARE`` of the budget every search closes in on the incumbent.
+        data. In the last ``FINAL_SHARE`` of the budget every search closes in on the incumbent, and
+        holds its categories: a category has no neighbours to close in on (left free, the last
+        experiments went on trying other categories). Discrete numbers stay free, as their neighbours
+        are near (crossed barrel: holding them too was worse on 2 of 10 seeds).
         """
         if surrogate.n_objectives > 1 or self.space.has_constraints:
-            return None
+            return None, None
         # only continuous columns shrink: BoTorch's mixed optimizer needs each discrete column's values to
         # span its bounds
         numeric = [i for i in range(self.space.dim) if i not in self.space.cat_dims and i not in self.space.discrete_dims]
         if not numeric:
-            return None
+            return None, None
         final = self._final_phase()
         length = self._turbo_length(len(numeric)) if len(numeric) >= TR_MIN_DIM else None
         if final:
             length = min(length or FINAL_LENGTH, FINAL_LENGTH)
         if length is None:
-            return None
+            return None, None
         i, _ = self._incumbent_mean(surrogate)
         center = surrogate.train_x[i]
         weights = torch.ones(self.space.dim, dtype=torch.double)
@@ -448,21 +451,8 @@ class BotorchPlanner:
             half = 0.5 * length * float(weights[j])
             bounds[0, j] = max(0.0, float(center[j]) - half)
             bounds[1, j] = min(1.0, float(center[j]) + half)
-        return bounds
-
-    def _final_fixed(self, surrogate: Surrogate) -> dict[int, float] | None:
-        """In the final phase, the incumbent's categories, held while the numeric columns close in.
-
-        A category has no neighbours to close in on: left free, the last experiments went on trying
-        other categories. Discrete numbers stay free, as their neighbours are near (crossed barrel:
-        holding them too was worse on 2 of 10 seeds).
-        """
-        continuous = self.space.dim - len(self.space.cat_dims) - len(self.space.discrete_dims)
-        if not self.space.cat_dims or not continuous or surrogate.n_objectives > 1 \
-                or self.space.has_constraints or not self._final_phase():
-            return None
-        i, _ = self._incumbent_mean(surrogate)
-        return {j: float(surrogate.train_x[i, j]) for j in sorted(self.space.cat_dims)}
+        held = {j: float(center[j]) for j in sorted(self.space.cat_dims)} if final else {}
+        return bounds, held or None
 
     def _final_phase(self) -> bool:
         """Whether the campaign is in the last ``FINAL_SHARE`` of its experiments."""

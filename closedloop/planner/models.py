@@ -62,6 +62,7 @@ def make_gp(train_x: torch.Tensor, train_y: torch.Tensor, categories: dict[int, 
             ``MixedSingleTaskGP``'s category-overlap kernel. Measured on the direct-arylation table
             (three categories, two discrete numbers, no continuous column) it found the best yield in
             4 of 10 seeds against 1, while on a space with continuous columns (mixed4) it did worse.
+            Its priors scale with the one-hot width (:func:`_dimension_scaled`).
     """
     # a low noise floor: noiseless lab simulators and very repeatable instruments need the model to
     # interpolate closely near the optimum
@@ -76,12 +77,35 @@ def make_gp(train_x: torch.Tensor, train_y: torch.Tensor, categories: dict[int, 
         many = {i: k for i, k in categories.items() if k > 1}
         encode = NumericToCategoricalEncoding(width, many, {i: _one_hot(k) for i, k in many.items()}) if many else None
         width += sum(k - 1 for k in many.values())
-    covar = ScaleKernel(
-        MaternKernel(nu=2.5, ard_num_dims=width, lengthscale_prior=GammaPrior(1.2, 1.1)),
-        outputscale_prior=GammaPrior(5.0, 0.5),
-    )
+        # a one-hot space is wide (22 columns for direct arylation's 3 categories and 2 numbers): EDBO's
+        # short low-dimensional lengthscales left the model unable to carry what it learned of one
+        # choice to the others, so it stopped trying new ligands. A prior scaled with the width
+        # (Hvarfner et al. 2024, BayBE's and BoTorch's default) and a small noise prior: 10 seeds of
+        # direct arylation, median log10 regret 0.99 -> 0.53 with the choices in a random order per seed
+        covar, likelihood = _dimension_scaled(width)
+    else:
+        covar = ScaleKernel(
+            MaternKernel(nu=2.5, ard_num_dims=width, lengthscale_prior=GammaPrior(1.2, 1.1)),
+            outputscale_prior=GammaPrior(5.0, 0.5),
+        )
     return SingleTaskGP(train_x, train_y, likelihood=likelihood, covar_module=covar,
                         outcome_transform=Standardize(m=1), input_transform=encode)
+
+
+def _dimension_scaled(width: int) -> tuple[MaternKernel, GaussianLikelihood]:
+    """A Matern-5/2 kernel whose lengthscale prior's mode grows with ``sqrt(width)``, and a small noise prior.
+
+    Gamma priors matched to the LogNormal priors of Hvarfner et al. 2024 (mode and concentration),
+    without an output scale as the outcomes are standardized.
+    """
+    concentration = 3.0
+    lengthscale = GammaPrior(concentration, (concentration - 1) / math.exp(math.sqrt(2) - 3) / math.sqrt(width))
+    kernel = MaternKernel(nu=2.5, ard_num_dims=width, lengthscale_prior=lengthscale,
+                          lengthscale_constraint=GreaterThan(2.5e-2, transform=None, initial_value=lengthscale.mode))
+    noise = GammaPrior(2.0, 1.0 / math.exp(-5.0))  # mode exp(-5)
+    likelihood = GaussianLikelihood(noise_prior=noise,
+                                    noise_constraint=GreaterThan(1e-5, transform=None, initial_value=noise.mode))
+    return kernel, likelihood
 
 
 def hyperparameters(model: Model) -> dict[str, torch.Tensor]:

@@ -5,6 +5,8 @@
 - integer, discrete and categorical columns: ``optimize_acqf_mixed_alternating`` (alternating
   discrete neighbourhood search and continuous steps); integer or discrete columns named in an
   equality constraint are relaxed, as that optimizer allows equalities only on continuous columns;
+- finite spaces (every column categorical, integer or discrete, at most ``GRID_LIMIT`` points):
+  ``optimize_acqf_discrete`` over every point, as a local search can miss the best of a few thousand;
 - candidate tables: ``optimize_acqf_discrete`` over the rows not yet used.
 
 Every result is decoded exactly by :class:`closedloop.planner.space.Space` afterwards.
@@ -38,6 +40,11 @@ def maximize(
     """
     fixed = fixed or {}
     bounds = space.bounds() if bounds is None else bounds
+    if space.grid is not None:
+        inside = ((space.grid >= bounds[0]) & (space.grid <= bounds[1])).all(-1)
+        for i, v in fixed.items():
+            inside &= space.grid[:, i] == v
+        return maximize_discrete(acquisition, space.grid[inside], q)
     restarts = max(2, int(round(8 * effort)))
     raw = max(64, int(round(512 * effort)))
     inequalities = space.inequality_constraints or None

@@ -21,6 +21,7 @@ equalities then corrected to float precision.
 from __future__ import annotations
 
 import csv
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,8 @@ from closedloop.errors import ClosedLoopError, PlannerError
 # push a point across the boundary; equalities are corrected afterwards to this absolute tolerance.
 _INEQUALITY_MARGIN = 1e-9
 EQUALITY_TOLERANCE = 1e-9
+# a finite space of at most this many points is searched by enumerating it (``Space.grid``)
+GRID_LIMIT = 20_000
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,27 @@ class Space:
             upper[i] = len(values) - 1
         return torch.stack([torch.zeros(self.dim, dtype=torch.double), upper])
 
+    @functools.cached_property
+    def grid(self) -> torch.Tensor | None:
+        """Every encoded point (``g x d``) of a finite space that satisfies the linear constraints.
+
+        None when a column is continuous or the space has more than ``GRID_LIMIT`` points: then the
+        acquisition is maximized by search, not by enumeration.
+        """
+        if self.dim == 0 or any(i not in self.cat_dims and i not in self.discrete_dims for i in range(self.dim)):
+            return None
+        values = [self.cat_dims.get(i) or self.discrete_dims[i] for i in range(self.dim)]
+        if math.prod(len(v) for v in values) > GRID_LIMIT:
+            return None
+        x = torch.cartesian_prod(*[torch.tensor(v, dtype=torch.double) for v in values]).reshape(-1, self.dim)
+        keep = torch.ones(len(x), dtype=torch.bool)
+        for (idx, coef, rhs), equal in [(c, False) for c in self.inequality_constraints] + \
+                                      [(c, True) for c in self.equality_constraints]:
+            total = x[:, idx] @ coef
+            slack = 1e-6 * max(1.0, abs(rhs))
+            keep &= (total - rhs).abs() <= slack if equal else total >= rhs - slack
+        return x[keep]
+
     @property
     def candidate_x(self) -> torch.Tensor | None:
         """``r x d`` encoded rows of the candidate table, or None without one."""
@@ -184,7 +208,8 @@ class Space:
         return torch.stack([self.encode(self.decode(row)) for row in x]) if len(x) else x
 
     def feasible(self, parameters: dict[str, Any], tolerance: float = 1e-6) -> bool:
-        """Whether a parameter dict satisfies bounds, types and constraints (equalities within ``tolerance``)."""
+        """Whether a parameter dict satisfies bounds, types and constraints, the constraints within ``tolerance``
+        (relative): where a constraint leaves a single boundary point, its float sum can miss by rounding."""
         for name, p in self.parameters.items():
             v = parameters.get(name)
             if isinstance(p, FixedParameter):
@@ -379,13 +404,23 @@ class Space:
             i = self.names.index(name)
             # rounded: denormal targets (1e-308) upset the solver's tolerances
             target[name] = round(self._lo[i] + float(min(1.0, max(0.0, u[i]))) * self._span[i], 12)
-        if self.feasible({**rounded, **{n: v for n, v in self._fixed_values().items()}}, tolerance=EQUALITY_TOLERANCE):
-            return {}
+        point = {**rounded, **self._fixed_values()}
+        if self.feasible(point, tolerance=EQUALITY_TOLERANCE):
+            # a point across an inequality by float rounding alone (x1 = -6e-15 for "x1 >= 0") moves
+            # inside it where it can; on a boundary that is the only solution, rounding is all there is
+            return {} if self._inside_inequalities(point) else (self._milp(target) or {})
         solved = self._milp(target) or self._milp(target, exact=False) or self._milp(self._middle())
         if solved is None:
             raise PlannerError("constraints: no allowed combination of values satisfies " +
                                "; ".join(c.text for c in self.constraints))
         return solved
+
+    def _inside_inequalities(self, values: dict[str, Any]) -> bool:
+        for c in self.constraints:
+            total = sum(a * float(values[n]) for n, a in c.coefficients.items())
+            if (c.op == "<=" and total > c.rhs) or (c.op == ">=" and total < c.rhs):
+                return False
+        return True
 
     def _fixed_values(self) -> dict[str, Any]:
         return {n: p.value for n, p in self.parameters.items() if isinstance(p, FixedParameter)}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from closedloop.planner import Result, make_planner
 from closedloop.planner import models as gp
@@ -305,7 +306,27 @@ def test_categories_are_one_hot_where_no_column_is_continuous() -> None:
 
     discrete = fit_on("c: {type: categorical, values: [a, b, c]}\nn: {type: discrete, values: [-1, 0, 1, 2]}")
     assert type(discrete) is SingleTaskGP and isinstance(discrete.input_transform, NumericToCategoricalEncoding)
-    # one Matern lengthscale per choice and per number: 3 + 1
-    assert discrete.covar_module.base_kernel.lengthscale.numel() == 4
+    # one Matern lengthscale per choice and per number: 3 + 1, with a prior whose mode grows with that width
+    assert discrete.covar_module.lengthscale.numel() == 4
+    numeric = gp.make_gp(torch.zeros(1, 4, dtype=torch.double), torch.zeros(1, 1, dtype=torch.double), {})
+    assert discrete.covar_module.lengthscale_prior.mode > numeric.covar_module.base_kernel.lengthscale_prior.mode
     mixed = fit_on("c: {type: categorical, values: [a, b, c]}\nn: {type: continuous, bounds: [-1, 2]}")
     assert isinstance(mixed, MixedSingleTaskGP)
+
+
+def test_a_finite_space_gets_the_best_of_all_its_points() -> None:
+    # 6 x 10 x 4 = 240 points: enumerated, so no local search can stop short of the best one
+    planner = make_planner(campaign("c: {type: categorical, values: [a, b, c, d, e, f]}\n"
+                                    "n: {type: integer, bounds: [0, 9]}\n"
+                                    "k: {type: discrete, values: [1, 2, 4, 8]}", initial=5, experiments=20))
+    shift = {"a": 3.0, "b": 1.0, "c": 0.0, "d": 2.0, "e": 4.0, "f": 5.0}
+    run(planner, lambda p: {"y": shift[p["c"]] + (p["n"] - 6) ** 2 / 9 + abs(math.log2(p["k"]) - 2)}, 9)
+    (proposal,) = planner.suggest(1)
+    assert proposal.metadata["generator"] == "botorch.LogExpectedImprovement"
+    surrogate = planner._fit()
+    acquisition, _ = planner._acquisition(surrogate, [], 1, 0)
+    grid = planner.space.grid
+    with torch.no_grad():
+        values = acquisition(grid.unsqueeze(1))
+        chosen = acquisition(planner.space.encode(proposal.parameters).reshape(1, 1, -1))
+    assert len(grid) == 240 and float(chosen) >= float(values.max()) - 1e-9

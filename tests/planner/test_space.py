@@ -110,3 +110,23 @@ def test_log_scale_is_logarithmic() -> None:
     u = MIXED_SPACE.encode({"t": 50.0, "rate": 0.1, "n": 3, "solvent": 3, "conc": 0.5, "pressure": 1.5})
     assert u[1].item() == pytest.approx((math.log(0.1) - math.log(0.001)) / (math.log(10) - math.log(0.001)))
     assert u[3].item() == 2.0  # the third category
+
+
+def test_a_finite_space_is_enumerated_with_its_constraints() -> None:
+    finite = """
+n: {type: integer, bounds: [0, 4]}
+m: {type: integer, bounds: [0, 4]}
+d: {type: discrete, values: [0.5, 1.5, 2.5]}
+s: {type: categorical, values: [x, y]}
+"""
+    space = Space(campaign(finite, extra='constraints: ["n + m <= 4", "n + d <= 2.5", "n + d >= 2.5"]'))
+    grid = space.grid
+    assert grid is not None
+    points = [space.decode(x) for x in grid]
+    expected = {(n, m, d, s) for n in range(5) for m in range(5) for d in (0.5, 1.5, 2.5) for s in "xy"
+                if n + m <= 4 and n + d == 2.5}
+    assert {(p["n"], p["m"], p["d"], p["s"]) for p in points} == expected
+    assert len(points) == len(expected)
+    # a continuous column, or too many points, leaves the search to the optimizer
+    assert Space(campaign(MIXED)).grid is None
+    assert Space(campaign("\n".join(f"k{i}: {{type: integer, bounds: [0, 9]}}" for i in range(5)))).grid is None
