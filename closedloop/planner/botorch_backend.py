@@ -10,7 +10,8 @@ mixed4 -2.20 -> -2.56 median log10 regret on seeds 0-9, -1.98 -> -2.61 on seeds 
 trust region, its size replayed from the data, can be turned on for higher dimensions (``TR_MIN_DIM``).
 
 Categorical columns are modelled by ``MixedSingleTaskGP`` beside continuous ones, and one-hot in a
-single Matern kernel where every column is categorical or discrete (:func:`models.make_gp`). The best
+single Matern kernel with priors scaled to its width where every column is categorical or discrete
+(:func:`models.make_gp`); such a finite space is searched by enumerating its points. The best
 reported under noise is the model's estimate among the experiments run, not the luckiest reading.
 
 Thinking is cheap: hyperparameters are fitted only at checkpoints (:mod:`closedloop.planner.models`),
