@@ -99,10 +99,11 @@ class Problem:
         """The problem as one seed's run sees it: with ``blind``, each categorical parameter's choices
         relabelled ``<parameter>-<k>`` in an order drawn from the seed.
 
-        Real reagent names carry an accidental order: in the direct-arylation table the best ligand is
-        the second of twelve alphabetically, and a planner that breaks ties by candidate order (BayBE
-        enumerates its candidates sorted) finds it by its name. Measured, 10 seeds: BayBE's median
-        log10 regret was -8 with the names and 0.66 blinded.
+        Names carry an accidental order: in the direct-arylation table the best ligand is the second of
+        twelve alphabetically (mixed4's scales are named in the order of their values), and a planner
+        that breaks ties by candidate order (BayBE enumerates its candidates sorted) finds it by its
+        name: after a random first experiment, its second takes the first base and ligand in that order
+        that differ from the first's.
         """
         if not self.blind:
             return self
@@ -269,7 +270,8 @@ def mixed() -> Problem:
     worst = max(_MIXED_SCALE.values()) * _grid_worst(_branin_rows, np.array([-5.0, 0]),
                                                       np.array([10.0, 15]), True) / 50 + max(_MIXED_OFFSET.values())
     return Problem("mixed4", c, lambda p: {"y": _mixed_value(p["u1"], p["u2"], p["c1"], p["c2"])}, optimum, worst,
-                   source="2 continuous + 2 categorical (3 and 4 choices): scaled, reflected Branin plus offsets")
+                   source="2 continuous + 2 categorical (3 and 4 choices): scaled, reflected Branin plus offsets; "
+                          "choices blinded per seed", blind=True)
 
 
 def _gramacy(x1: Any, x2: Any) -> tuple[Any, Any, Any]:
