@@ -126,3 +126,30 @@ def test_resume_takes_over_finished_runs_and_runs_only_the_rest(tmp_path):
     assert all("reused_from" not in r for key, r in runs.items() if key not in {("sobol", 0), ("sobol", 1)})
     assert report["summary"]["branin"]["sobol"]["seeds"] == 3
     assert json.loads(second.read_text())["config"]["resumed_from"]["started"] == earlier["started"]
+
+
+def test_categorical_choices_are_blinded_per_seed_and_old_named_runs_are_not_taken_over(tmp_path):
+    problem = PROBLEMS["mixed4"]()
+    point = {"u1": 0.3, "u2": 0.6}
+    real = sorted(problem.evaluate({**point, "c1": a, "c2": b})["y"] for a in "abc" for b in "pqrs")
+    by_label = {}
+    for seed in range(6):
+        blinded = problem.for_seed(seed)
+        assert blinded.campaign.parameters["c2"].values == ["c2-01", "c2-02", "c2-03", "c2-04"]
+        labels = [(a, b) for a in blinded.campaign.parameters["c1"].values for b in blinded.campaign.parameters["c2"].values]
+        by_label[seed] = [blinded.evaluate({**point, "c1": a, "c2": b})["y"] for a, b in labels]
+        # every label stands for one real choice: the same values, under other names
+        assert sorted(by_label[seed]) == pytest.approx(real)
+    assert len({tuple(v) for v in by_label.values()}) > 1  # the order is drawn per seed
+    assert problem.for_seed(3).evaluate({**point, "c1": "c1-02", "c2": "c2-03"}) == \
+        problem.for_seed(3).evaluate({**point, "c1": "c1-02", "c2": "c2-03"})
+    # a report made before blinding is not taken over for a blinded problem
+    earlier = tmp_path / "earlier.json"
+    planner_benchmark(problems=["mixed4"], peers=["sobol"], seeds=1, budget_scale=0.1, speed_sizes=(), json_path=earlier)
+    data = json.loads(earlier.read_text())
+    for run in data["runs"]:
+        run.pop("blinded")
+    earlier.write_text(json.dumps(data))
+    report = planner_benchmark(problems=["mixed4"], peers=["sobol"], seeds=1, budget_scale=0.1, speed_sizes=(),
+                               resume=earlier)
+    assert [r.get("reused_from") for r in report["runs"]] == [None] and report["runs"][0]["blinded"] is True
