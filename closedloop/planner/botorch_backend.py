@@ -143,6 +143,7 @@ class BotorchPlanner:
     def ingest(self, results: list[Result]) -> None:
         self.log.add(results)
 
+    @gp.in_double_precision
     def best(self) -> Result | None:
         """The feasible experiment with the best model estimate of the objective (not the luckiest reading).
 
@@ -192,6 +193,7 @@ class BotorchPlanner:
         """Hypervolume of the feasible experiments above the reference point (objectives oriented to maximize)."""
         return self.log.hypervolume()
 
+    @gp.in_double_precision
     def suggest(self, n: int = 1, pending: list[dict[str, Any]] | None = None) -> list[Proposal]:
         pending = list(pending or [])
         if self.space.candidates is not None:
@@ -360,6 +362,7 @@ class BotorchPlanner:
 
     last_decision: dict[str, Any] | None = None  # set by each model-based suggest; the caller may clear it
 
+    @gp.in_double_precision
     def predict(self, points: list[dict[str, Any]]) -> list[dict[str, dict[str, float]]] | None:
         """The model's posterior mean and standard deviation of every modelled output at ``points``.
 

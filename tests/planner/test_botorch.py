@@ -330,3 +330,21 @@ def test_a_finite_space_gets_the_best_of_all_its_points() -> None:
         values = acquisition(grid.unsqueeze(1))
         chosen = acquisition(planner.space.encode(proposal.parameters).reshape(1, 1, -1))
     assert len(grid) == 240 and float(chosen) >= float(values.max()) - 1e-9
+
+
+def test_proposals_do_not_depend_on_the_callers_default_dtype() -> None:
+    # another library in the same process may change torch's default dtype (Xopt sets float64 on import)
+    def proposals() -> list[dict]:
+        planner = make_planner(campaign(MIXED, initial=5, experiments=12))
+        results = run(planner, lambda p: {"y": b(p) + p["n"] + (0 if p["c"] == "q" else 3)}, 7)
+        return [r.parameters for r in results] + [p.parameters for p in planner.suggest(2)] + [planner.best().parameters]
+
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float32)
+        as_float32 = proposals()
+        assert torch.get_default_dtype() == torch.float32  # the caller's setting is put back
+        torch.set_default_dtype(torch.float64)
+        assert proposals() == as_float32
+    finally:
+        torch.set_default_dtype(previous)
