@@ -695,11 +695,7 @@ class Daemon:
         if not items:
             return
         for identity, result, *_ in accepted:
-            if result.documents:
-                try:  # kept before the result is stored and acknowledged, like the result itself
-                    self.store.save_documents(result.run_uid, result.documents)
-                except (StoreError, OSError) as exc:
-                    log.warning("trial %s: documents of run %s not kept: %s", result.trial_id, result.run_uid, exc)
+            self._keep_documents(result.trial_id, result.run_uid, result.documents)
         outcomes = self.store.record_results(items)
         ingest: dict[int, list[Result]] = {}
         for (identity, result, run, index, parameters, values), outcome in zip(accepted, outcomes):
@@ -736,6 +732,15 @@ class Daemon:
                 self._emit("goal_reached", run, rule=run.campaign.budget.stop_when, trial=index)
         for campaign_id, results in ingest.items():
             self._update_planner(self.runs[campaign_id], results)
+
+    def _keep_documents(self, trial_id: int, run_uid: str | None, documents: str | None) -> None:
+        """A run's Bluesky documents, kept before its result or failure is stored and acknowledged."""
+        if not documents or not run_uid:
+            return
+        try:
+            self.store.save_documents(run_uid, documents)
+        except (StoreError, OSError) as exc:
+            log.warning("trial %s: documents of run %s not kept: %s", trial_id, run_uid, exc)
 
     def _send(self, identity: bytes, message: Any) -> bool:
         return self._send_raw(identity, protocol.encode(message), message.type)
@@ -815,10 +820,12 @@ class Daemon:
             log.info("failure of trial %s from %s ignored: not in flight there (run %s: %s)", failure.trial_id,
                      station.name, failure.run_uid or "-", failure.error[:200])
             if failure.run_uid and self._runs_trial(failure.trial_id):
+                self._keep_documents(failure.trial_id, failure.run_uid, failure.documents)
                 self.store.record_run(failure.trial_id, failure.run_uid)
             self._send(identity, protocol.Ack(trial_id=failure.trial_id))
             return
         run = self.runs[flight.campaign_id]
+        self._keep_documents(failure.trial_id, failure.run_uid, failure.documents)
         self._fail(run, flight, failure.error, retry=True, run_uid=failure.run_uid)
         self._send(identity, protocol.Ack(trial_id=failure.trial_id))
 

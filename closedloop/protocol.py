@@ -137,11 +137,14 @@ class ResultMessage(_Message):
 
 
 class Failure(_Message):
+    """A trial that gave no result: the error, and the run it opened (with its documents) if it got that far."""
+
     type: Literal["failure"] = "failure"
     trial_id: int
     error: str = Field(max_length=16_384)
     run_uid: str | None = Field(default=None, max_length=128)
     duration_s: float | None = None
+    documents: str | None = Field(default=None, max_length=MAX_MESSAGE_BYTES // 2)  # the failed run's JSON lines
 
 
 class Ack(_Message):

@@ -244,8 +244,11 @@ class StationWorker:
             # the run it opened, if it got that far, so the store can point at what the hardware did
             opened = (documents.start or {}).get("uid")
             log.warning("trial %s of %s failed (run %s): %s", trial, assignment.campaign, opened or "not opened", exc)
+            # and its documents: a failure is when a scientist most needs to see what the hardware did
+            record = documents.to_jsonl() if opened else ""
             message = protocol.Failure(trial_id=trial, error=f"{type(exc).__name__}: {exc}",
-                                       run_uid=str(opened) if opened else None, duration_s=time.monotonic() - started)
+                                       run_uid=str(opened) if opened else None, duration_s=time.monotonic() - started,
+                                       documents=record if 0 < len(record) <= protocol.MAX_MESSAGE_BYTES // 2 else None)
         payload = protocol.encode(message)
         run_uid = message.run_uid if isinstance(message, protocol.ResultMessage) else None
         self.outbox.put(trial, payload, run_uid)  # persisted before it is sent: survives a crash from here on

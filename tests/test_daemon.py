@@ -277,8 +277,11 @@ def test_every_attempt_of_a_trial_keeps_its_run_uid_the_failed_one_first(store: 
     assert trial.status == "completed" and trial.attempts == 2
     failed, completed = trial.run_uids
     assert completed == observation.run_uid and failed != completed
-    # a failure carries no documents (yet): only the completed run's are kept
-    assert store.documents(completed) is not None and store.documents(failed) is None
+    # the failed run's documents are kept too: it opened, and the RunEngine closed it as failed
+    assert store.documents(completed) is not None
+    failed_run = DocumentCollector.from_jsonl(store.documents(failed) or "")
+    assert failed_run.run_uids == [failed] and failed_run.stop is not None
+    assert failed_run.stop["exit_status"] == "fail"
     lines = provenance.explain_lines(provenance.explain(store, "again", trial.index))
     assert f"run uids: {failed} (failed), {completed}" in "\n".join(lines)
 
@@ -294,6 +297,7 @@ def test_a_failed_trial_keeps_the_run_uid_of_its_attempt(store: Store, tmp_path:
     (trial,) = store.trials(store.campaign_row("lost-sample").id)
     assert trial.status == "failed" and trial.error
     assert len(trial.run_uids) == 1 and store.observations(trial.campaign_id) == {}
+    assert DocumentCollector.from_jsonl(store.documents(trial.run_uids[0]) or "").run_uids == trial.run_uids
 
 
 def _cli(*args: str) -> str:
