@@ -34,6 +34,10 @@ def hostile_frames(rng: random.Random, trial_ids: list[int]) -> list[list[bytes]
         lambda: [json.dumps({**result, "trial_id": rng.choice(trial_ids), "values": {"y": 1e999}}).encode()],
         lambda: [json.dumps({**result, "extra": 1}).encode()],
         lambda: [protocol.encode(protocol.Failure(trial_id=rng.choice(trial_ids), error="forged failure"))],
+        # documents that would overwrite a run's record, or that open another run than they are sent for
+        lambda: [protocol.encode(protocol.Failure(
+            trial_id=rng.choice(trial_ids), error="forged", run_uid=rng.choice(["forged-run", "a" * 36]),
+            documents=json.dumps({"name": "start", "doc": {"uid": rng.choice(["forged-run", "other"])}}) + "\n"))],
         lambda: [protocol.encode(protocol.Started(trial_id=rng.choice(trial_ids)))],
         lambda: [protocol.encode(protocol.Ack(trial_id=rng.choice(trial_ids)))],
         lambda: [b"a", b"b", b"c"],
@@ -99,5 +103,11 @@ def test_hostile_frames_change_nothing_but_valid_results(tmp_path: Path) -> None
     measured = set(ran(tmp_path / "station-1.outbox")) | set(ran(tmp_path / "station-2.outbox"))
     assert {(o.trial_id, o.run_uid) for o in observations.values()} <= measured
     assert not any(o.run_uid.startswith("forged") for o in observations.values())
+    # every documents record kept opens the run it is named for, and was measured by a station
+    kept = sorted((tmp_path / "s.db.documents").glob("*.jsonl"))
+    assert kept and {p.stem for p in kept} <= {u for t in trials for u in t.run_uids}
+    for path in kept:
+        first = json.loads(path.read_text().split("\n", 1)[0])
+        assert first["name"] == "start" and first["doc"]["uid"] == path.stem
     log = (tmp_path / "daemon.log").read_text()
     assert log.count("dropped a message") > 1000
