@@ -737,12 +737,7 @@ class Daemon:
         """A run's Bluesky documents, kept before its result or failure is stored and acknowledged."""
         if not documents or not run_uid:
             return
-        if _start_uid(documents) != run_uid:
-            log.warning("trial %s: documents that do not open run %s not kept", trial_id, run_uid[:80])
-            return
         try:
-            if self.store.documents(run_uid) is not None:
-                return  # written once: a resent (or forged) copy never replaces a run's record
             self.store.save_documents(run_uid, documents)
         except (StoreError, OSError) as exc:
             log.warning("trial %s: documents of run %s not kept: %s", trial_id, run_uid, exc)
@@ -1280,15 +1275,6 @@ def _result_dict(result: Result | None) -> dict[str, Any] | None:
     if result is None:
         return None
     return {"trial": result.trial, "parameters": result.parameters, "values": result.values}
-
-
-def _start_uid(documents: str) -> str | None:
-    """The uid of the run whose start document opens these JSON lines, or None."""
-    try:
-        first = json.loads(documents.split("\n", 1)[0])
-        return str(first["doc"]["uid"]) if first.get("name") == "start" else None
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None
 
 
 def control_request(endpoint: str, method: str, params: dict[str, Any] | None = None, *,

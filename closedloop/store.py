@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import threading
@@ -149,6 +150,16 @@ def lock_campaign(connection: Connection, campaign_id: int) -> None:
         connection.execute(select(table.c.id).where(table.c.id == campaign_id).with_for_update())
 
 
+
+def _start_uid(jsonl: str) -> str | None:
+    """The uid of the run whose start document opens these JSON lines, or None."""
+    try:
+        first = json.loads(jsonl.split("\n", 1)[0])
+        return str(first["doc"]["uid"]) if first.get("name") == "start" else None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 class Store:
     """Campaigns, their trials and the observations that completed them."""
 
@@ -177,12 +188,20 @@ class Store:
         return Path("results") / "documents"
 
     def save_documents(self, run_uid: str, jsonl: str) -> Path:
-        """Keep a run's documents (JSON lines, as the RunEngine emitted them) under its run uid."""
+        """Keep a run's documents (JSON lines, as the RunEngine emitted them) under its run uid.
+
+        Written once: a later copy (a resent or forged message) never replaces a run's record, and
+        documents whose start document opens another run are refused.
+        """
         if not _RUN_UID.fullmatch(run_uid):
             raise StoreError(f"run uid {run_uid[:80]!r} is not a valid file name")
+        if _start_uid(jsonl) != run_uid:
+            raise StoreError(f"the documents do not open run {run_uid}")
         folder = self.documents_dir
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{run_uid}.jsonl"
+        if path.exists():
+            return path
         partial = path.with_suffix(".partial")
         partial.write_text(jsonl)
         partial.replace(path)  # a crash never leaves half a record under the final name

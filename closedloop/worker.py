@@ -102,6 +102,12 @@ def connect_station(context: zmq.Context, endpoint: str, name: str, keys: Client
     return sock
 
 
+def _carried(documents: DocumentCollector) -> str | None:
+    """A run's documents as JSON lines for its result or failure, or None past the message's share."""
+    record = documents.to_jsonl()
+    return record if 0 < len(record) <= protocol.MAX_MESSAGE_BYTES // 2 else None
+
+
 def default_station_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -245,10 +251,9 @@ class StationWorker:
             opened = (documents.start or {}).get("uid")
             log.warning("trial %s of %s failed (run %s): %s", trial, assignment.campaign, opened or "not opened", exc)
             # and its documents: a failure is when a scientist most needs to see what the hardware did
-            record = documents.to_jsonl() if opened else ""
             message = protocol.Failure(trial_id=trial, error=f"{type(exc).__name__}: {exc}",
                                        run_uid=str(opened) if opened else None, duration_s=time.monotonic() - started,
-                                       documents=record if 0 < len(record) <= protocol.MAX_MESSAGE_BYTES // 2 else None)
+                                       documents=_carried(documents) if opened else None)
         payload = protocol.encode(message)
         run_uid = message.run_uid if isinstance(message, protocol.ResultMessage) else None
         self.outbox.put(trial, payload, run_uid)  # persisted before it is sent: survives a crash from here on
@@ -285,11 +290,10 @@ class StationWorker:
         if stop is not None and stop.get("exit_status") != "success":
             raise DeviceError(f"run ended with {stop.get('exit_status')}: {stop.get('reason')}")
         values, noise = outputs_from_events(binding, documents.events(), assignment.outputs)
-        record = documents.to_jsonl()
         return protocol.ResultMessage(
             trial_id=assignment.trial_id, run_uid=str(uids[-1]), values=values, noise=noise,
             duration_s=time.monotonic() - started, started_at=started_at, finished_at=time.time(),
-            documents=record if len(record) <= protocol.MAX_MESSAGE_BYTES // 2 else None,
+            documents=_carried(documents),
         )
 
     def _interrupted(self, trial_id: int) -> Any:

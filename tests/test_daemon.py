@@ -300,6 +300,20 @@ def test_a_failed_trial_keeps_the_run_uid_of_its_attempt(store: Store, tmp_path:
     assert DocumentCollector.from_jsonl(store.documents(trial.run_uids[0]) or "").run_uids == trial.run_uids
 
 
+def test_a_runs_documents_are_written_once_and_only_under_the_run_they_open(store: Store) -> None:
+    from closedloop.errors import StoreError
+
+    record = '{"name":"start","doc":{"uid":"run-a","time":1.0}}\n{"name":"stop","doc":{"run_start":"run-a"}}\n'
+    store.save_documents("run-a", record)
+    # a resent or forged copy does not replace the record
+    store.save_documents("run-a", '{"name":"start","doc":{"uid":"run-a","time":2.0}}\n')
+    assert store.documents("run-a") == record
+    for foreign in ['{"name":"start","doc":{"uid":"run-b"}}\n', "not json\n", '{"name":"stop","doc":{}}\n']:
+        with pytest.raises(StoreError):
+            store.save_documents("run-c", foreign)
+    assert store.documents("run-c") is None
+
+
 def _cli(*args: str) -> str:
     done = subprocess.run([sys.executable, "-m", "closedloop.cli", *args], capture_output=True, text=True, timeout=60,
                           env=env())
