@@ -93,10 +93,33 @@ class Data:
 
 
 def best(store: Store, campaign: str) -> Result | None:
-    """The best feasible completed experiment for the first objective, or None."""
+    """The experiment the campaign reports as best, or None.
+
+    The campaign's planner's ``best()`` where the planner can be built here: under noise that is the
+    experiment with the best model estimate, not the luckiest reading (docs/planner.md). Otherwise the
+    best feasible reading of the first objective.
+    """
     data = load(store, campaign)
+    planner = _planner(store, campaign, data)
+    if planner is not None:
+        return planner.best()
     record = _best_record(data, next(iter(data.campaign.objectives)))
     return _result(data, record) if record else None
+
+
+def _planner(store: Store, campaign: str, data: Data) -> Any:
+    """The campaign's planner, given every result in the store; None where it cannot be built here
+    (another backend's extras missing) or there is nothing to give it."""
+    if not data.completed:
+        return None
+    try:
+        from closedloop.planner import make_planner
+
+        planner = make_planner(data.campaign)
+    except Exception:  # noqa: BLE001 - the caller falls back to the data
+        return None
+    planner.ingest(store.results(store.campaign_row(campaign).id))
+    return planner
 
 
 def pareto_front(store: Store, campaign: str) -> list[Result]:
@@ -105,15 +128,8 @@ def pareto_front(store: Store, campaign: str) -> list[Result]:
     Uses the campaign's planner's ``pareto_front()`` when it has one, so the answer is the planner's.
     """
     data = load(store, campaign)
-    try:
-        from closedloop.planner import make_planner
-
-        planner = make_planner(data.campaign)
-    except Exception:  # a planner that cannot load here (another backend's extras): fall back to the data
-        planner = None
-    if planner is not None and hasattr(planner, "pareto_front"):
-        row = store.campaign_row(campaign)
-        planner.ingest(store.results(row.id))  # type: ignore[arg-type]
+    planner = _planner(store, campaign, data)
+    if planner is not None:
         return list(planner.pareto_front())
     done = [r for r in data.completed if data.feasible(r)]
     if not done:
@@ -653,12 +669,23 @@ def render_html(data: Data, figures: list[Figure], extra: dict[str, Any]) -> str
         summary.append(("cost", f"{spent:.4g} of {c.budget.cost:g}"))
     summary += [("planner", c.planner.backend),
                ("started", f"{data.started:%Y-%m-%d %H:%M:%S} UTC" if data.started else "-")]
+    reported = extra.get("reported_best")
     for name, objective in c.objectives.items():
         best = _best_record(data, name)
-        if best is not None:
-            params = ", ".join(f"{n}={_fmt(best[n])}" for n in c.parameters)
+        if best is None:
+            continue
+        params = ", ".join(f"{n}={_fmt(best[n])}" for n in c.parameters)
+        if reported is not None and reported.values is not None and reported.trial != best["trial"]:
+            # under noise the planner reports the best model estimate, not the luckiest reading (docs/planner.md)
+            chosen = ", ".join(f"{n}={_fmt(reported.parameters[n])}" for n in c.parameters)
             summary.append((f"best {name} ({objective.goal})",
-                            f"{best[name]:.6g} at experiment #{best['trial']}: {params}"))
+                            f"{reported.values[name]:.6g} at experiment #{reported.trial}: {chosen} (the best "
+                            f"model estimate among the experiments run)"))
+            summary.append((f"best single reading of {name}",
+                            f"{best[name]:.6g} at experiment #{best['trial']}: {params} (judged by the model "
+                            f"a lucky reading)"))
+            continue
+        summary.append((f"best {name} ({objective.goal})", f"{best[name]:.6g} at experiment #{best['trial']}: {params}"))
     for output, q in extra.get("quality", {}).items():
         summary.append((f"model quality ({output})",
                         f"leave-one-out RMSE {q['rmse']:.4g} ({q['rmse_over_sd']:.2f} of the "
@@ -703,6 +730,8 @@ def write_report(store: Store, campaign: str, path: str | Path) -> Path:
     started = time.perf_counter()
     data = load(store, campaign)
     figures, extra = _figures(data, path.parent)
+    planner = _planner(store, campaign, data) if len(data.campaign.objectives) == 1 else None
+    extra["reported_best"] = planner.best() if planner is not None else None
     path.write_text(render_html(data, figures, extra), encoding="utf-8")
     log.info("campaign=%s report %s written in %.2f s (%s)", campaign, path, time.perf_counter() - started,
              ", ".join(f"{k} {v:.2f}" for k, v in extra["timings"].items()))

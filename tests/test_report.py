@@ -146,3 +146,34 @@ def test_the_initial_design_is_marked_for_every_objective(tmp_path: Path, monkey
     monkeypatch.setattr(report, "_save", spy)
     report.figure_progress(report.load(store, "mixed"), tmp_path)
     assert shaded == [1, 1]  # one shaded span over experiments 1-8 in each objective's panel
+
+
+NOISY_YAML = """
+name: noisy
+parameters:
+  x: {type: continuous, bounds: [0, 1]}
+objectives:
+  y: {goal: minimize}
+budget: {experiments: 30}
+planner: {initial_experiments: 4, seed: 0}
+instrument: {simulator: "simulators.surfaces:Branin"}
+"""
+
+
+def test_under_noise_the_report_and_best_name_the_models_best_not_the_luckiest_reading(tmp_path: Path) -> None:
+    from closedloop.campaign import Campaign
+
+    campaign = Campaign.from_yaml_text(NOISY_YAML, check_instrument=False)
+    store = Store(tmp_path / "store.db")
+    cid = store.open_campaign(campaign)
+    xs = np.repeat(np.linspace(0, 1, 6), 4)  # repeated experiments show the noise
+    readings = (xs - 0.4) ** 2 + 0.05 * np.random.default_rng(0).standard_normal(len(xs))
+    lucky = int(np.argmax(xs))  # one reading at x = 1 (true value 0.36) came out best of all
+    readings[lucky] = readings.min() - 0.05
+    store.import_results(cid, [({"x": float(x)}, {"y": float(y)}, None) for x, y in zip(xs, readings)], "test")
+
+    reported = report.best(store, "noisy")
+    assert reported is not None and abs(reported.parameters["x"] - 0.4) < 0.01
+    html = report.write_report(store, "noisy", tmp_path / "out" / "report.html").read_text()
+    assert f"at experiment #{reported.trial}: x=0.4 (the best model estimate" in html
+    assert f"best single reading of y</td><td>{readings[lucky]:.6g} at experiment #{lucky + 1}: x=1 " in html
