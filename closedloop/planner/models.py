@@ -9,10 +9,12 @@ are functions of the data alone, so a planner rebuilt from the store makes the s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -55,14 +57,38 @@ def in_double_precision(method: _F) -> _F:
 
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(torch.float64)
-        try:
+        with _double_precision():
             return method(*args, **kwargs)
-        finally:
-            torch.set_default_dtype(previous)
 
     return wrapper  # type: ignore[return-value]
+
+
+_dtype_lock = threading.Lock()
+_dtype_users = 0
+_dtype_before: torch.dtype = torch.float32
+
+
+@contextlib.contextmanager
+def _double_precision() -> Iterator[None]:
+    """float64 as torch's (process-wide) default while any thread is inside; the caller's dtype after the last.
+
+    The default dtype is not per thread: a daemon's planner thread and its filler (the main thread) overlap,
+    and each restoring the dtype it found made the other's Sobol points float32 now and then (the first
+    point of torch's ``SobolEngine`` depends on the default dtype), so a filler proposal did not replay.
+    """
+    global _dtype_users, _dtype_before
+    with _dtype_lock:
+        if _dtype_users == 0:
+            _dtype_before = torch.get_default_dtype()
+            torch.set_default_dtype(torch.float64)
+        _dtype_users += 1
+    try:
+        yield
+    finally:
+        with _dtype_lock:
+            _dtype_users -= 1
+            if _dtype_users == 0:
+                torch.set_default_dtype(_dtype_before)
 
 
 def checkpoint(n: int) -> int:

@@ -348,3 +348,40 @@ def test_proposals_do_not_depend_on_the_callers_default_dtype() -> None:
         assert proposals() == as_float32
     finally:
         torch.set_default_dtype(previous)
+
+
+def test_planners_in_two_threads_both_think_in_double_precision() -> None:
+    # a daemon's planner thread and its filler overlap; torch's default dtype is one per process
+    import threading
+
+    from closedloop.planner.models import in_double_precision
+
+    inside, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, torch.dtype] = {}
+
+    @in_double_precision
+    def first() -> None:
+        inside.set()
+        second_in.wait(10)
+
+    @in_double_precision
+    def second() -> None:
+        second_in.set()
+        first_out.wait(10)  # the first thread has left meanwhile
+        seen["second"] = torch.get_default_dtype()
+
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float32)
+        a = threading.Thread(target=first)
+        a.start()
+        inside.wait(10)
+        b_thread = threading.Thread(target=second)
+        b_thread.start()
+        a.join(10)
+        first_out.set()
+        b_thread.join(10)
+        assert seen["second"] == torch.float64
+        assert torch.get_default_dtype() == torch.float32  # put back once the last one left
+    finally:
+        torch.set_default_dtype(previous)
