@@ -100,11 +100,23 @@ def best(store: Store, campaign: str) -> Result | None:
     best feasible reading of the first objective.
     """
     data = load(store, campaign)
-    planner = _planner(store, campaign, data)
-    if planner is not None:
-        return planner.best()
+    reported = _planners_best(store, campaign, data)
+    if reported is not None:
+        return reported
     record = _best_record(data, next(iter(data.campaign.objectives)))
     return _result(data, record) if record else None
+
+
+def _planners_best(store: Store, campaign: str, data: Data) -> Result | None:
+    """The planner's ``best()``; None where it has no answer or cannot give one here (the caller falls back)."""
+    planner = _planner(store, campaign, data)
+    if planner is None:
+        return None
+    try:
+        return planner.best()
+    except Exception as exc:  # noqa: BLE001 - a report must still come out; the best reading stands in
+        log.warning("campaign=%s the planner could not name its best (%s); showing the best reading", campaign, exc)
+        return None
 
 
 def _planner(store: Store, campaign: str, data: Data) -> Any:
@@ -730,8 +742,7 @@ def write_report(store: Store, campaign: str, path: str | Path) -> Path:
     started = time.perf_counter()
     data = load(store, campaign)
     figures, extra = _figures(data, path.parent)
-    planner = _planner(store, campaign, data) if len(data.campaign.objectives) == 1 else None
-    extra["reported_best"] = planner.best() if planner is not None else None
+    extra["reported_best"] = _planners_best(store, campaign, data) if len(data.campaign.objectives) == 1 else None
     path.write_text(render_html(data, figures, extra), encoding="utf-8")
     log.info("campaign=%s report %s written in %.2f s (%s)", campaign, path, time.perf_counter() - started,
              ", ".join(f"{k} {v:.2f}" for k, v in extra["timings"].items()))
