@@ -25,7 +25,7 @@ import math
 import platform
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -686,18 +686,15 @@ def render_html(data: Data, figures: list[Figure], extra: dict[str, Any]) -> str
         best = _best_record(data, name)
         if best is None:
             continue
-        params = ", ".join(f"{n}={_fmt(best[n])}" for n in c.parameters)
+        reading = _experiment_text(best[name], best["trial"], best, c.parameters)
+        # under noise the planner reports the best model estimate, not the luckiest reading (docs/planner.md)
         if reported is not None and reported.values is not None and reported.trial != best["trial"]:
-            # under noise the planner reports the best model estimate, not the luckiest reading (docs/planner.md)
-            chosen = ", ".join(f"{n}={_fmt(reported.parameters[n])}" for n in c.parameters)
-            summary.append((f"best {name} ({objective.goal})",
-                            f"{reported.values[name]:.6g} at experiment #{reported.trial}: {chosen} (the best "
-                            f"model estimate among the experiments run)"))
-            summary.append((f"best single reading of {name}",
-                            f"{best[name]:.6g} at experiment #{best['trial']}: {params} (judged by the model "
-                            f"a lucky reading)"))
-            continue
-        summary.append((f"best {name} ({objective.goal})", f"{best[name]:.6g} at experiment #{best['trial']}: {params}"))
+            chosen = _experiment_text(reported.values[name], reported.trial, reported.parameters, c.parameters)
+            summary.append((f"best {name} ({objective.goal})", f"{chosen} (the best model estimate among the "
+                                                               f"experiments run)"))
+            summary.append((f"best single reading of {name}", f"{reading} (judged by the model a lucky reading)"))
+        else:
+            summary.append((f"best {name} ({objective.goal})", reading))
     for output, q in extra.get("quality", {}).items():
         summary.append((f"model quality ({output})",
                         f"leave-one-out RMSE {q['rmse']:.4g} ({q['rmse_over_sd']:.2f} of the "
@@ -729,6 +726,11 @@ def render_html(data: Data, figures: list[Figure], extra: dict[str, Any]) -> str
         f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in versions().items()) + "</table>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _experiment_text(value: float, trial: int, parameters: Mapping[str, Any], names: Iterable[str]) -> str:
+    """One experiment for the summary: its value, number and parameters."""
+    return f"{value:.6g} at experiment #{trial}: " + ", ".join(f"{n}={_fmt(parameters[n])}" for n in names)
 
 
 def _fmt(value: Any) -> str:
