@@ -18,17 +18,30 @@ from simulators.surfaces import Branin, FailingBranin
 MD = {"campaign": "control", "trial_id": 1}
 
 
-def later(seconds: float, action) -> threading.Thread:
-    thread = threading.Thread(target=lambda: (time.sleep(seconds), action()), daemon=True)
+def later(seconds: float, action, engine=None) -> threading.Thread:
+    """Run ``action`` ``seconds`` after ``engine`` starts running (or after now, without an engine).
+
+    Timing from the engine's start, not from the thread's, keeps a loaded CI machine's slow run
+    start from moving the action out of the phase of the measurement it is meant to land in.
+    """
+
+    def wait_then_act() -> None:
+        deadline = time.monotonic() + 30
+        while engine is not None and engine.state != "running" and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(seconds)
+        action()
+
+    thread = threading.Thread(target=wait_then_act, daemon=True)
     thread.start()
     return thread
 
 
 def test_pause_from_another_thread_then_resume_completes_the_run(RE, docs):
-    binding = Branin(exposure=0.4, latency=0.05)
+    binding = Branin(exposure=1.0, latency=0.05)
     states: list[str] = []
     RE.state_hook = lambda new, old: states.append(new)
-    later(0.2, RE.request_pause)  # lands during the exposure
+    later(0.4, RE.request_pause, RE)  # lands during the exposure
     with pytest.raises(RunEngineInterrupted):
         RE(experiment_plan(binding, {"x1": 1.0, "x2": 2.0}, MD), docs)
     assert RE.state == "paused"
@@ -44,8 +57,8 @@ def test_pause_from_another_thread_then_resume_completes_the_run(RE, docs):
 
 
 def test_pause_then_abort_ends_the_run_as_aborted(RE, docs):
-    binding = Branin(exposure=0.4)
-    later(0.1, RE.request_pause)
+    binding = Branin(exposure=1.0)
+    later(0.3, RE.request_pause, RE)
     with pytest.raises(RunEngineInterrupted):
         RE(experiment_plan(binding, {"x1": 1.0, "x2": 2.0}, MD), docs)
     RE.abort(reason="operator abort")
@@ -55,19 +68,19 @@ def test_pause_then_abort_ends_the_run_as_aborted(RE, docs):
 
 def test_interlock_suspender_holds_the_run_without_failing_it(RE, docs):
     interlock = Signal(name="door_open", value=0)
-    binding = Branin(exposure=0.3)
+    binding = Branin(exposure=1.0)
     binding.suspenders.append(SuspendBoolHigh(interlock, sleep=0.1))
     binding.install_suspenders(RE)
     binding.install_suspenders(RE)  # idempotent: installing twice must not double-trip
     states: list[str] = []
     RE.state_hook = lambda new, old: states.append(new)
-    later(0.1, lambda: interlock.put(1))  # the door opens during the measurement...
-    later(0.6, lambda: interlock.put(0))  # ...and closes half a second later
+    later(0.3, lambda: interlock.put(1), RE)  # the door opens during the measurement...
+    later(0.8, lambda: interlock.put(0), RE)  # ...and closes half a second later
     started = time.monotonic()
     RE(experiment_plan(binding, {"x1": 3.0, "x2": 3.0}, MD), docs)
     elapsed = time.monotonic() - started
     assert "suspending" in states
-    assert elapsed >= 0.6 + 0.1  # held until the interlock cleared plus the suspender's sleep
+    assert elapsed >= 0.8 + 0.1  # held until the interlock cleared plus the suspender's sleep
     assert docs.stop["exit_status"] == "success"
     assert len(docs.events()) == 1
     binding.remove_suspenders(RE)
@@ -97,7 +110,7 @@ def test_failing_branin_fails_only_inside_its_unknown_region(RE, docs):
 def test_a_hanging_measurement_never_returns_but_the_engine_can_be_interrupted(RE, docs):
     binding = Branin(hang_rate=1.0, seed=0)
     detector = binding.detectors[0]
-    later(0.5, RE.request_pause)
+    later(0.5, RE.request_pause, RE)
     started = time.monotonic()
     with pytest.raises(RunEngineInterrupted):
         RE(experiment_plan(binding, {"x1": 1.0, "x2": 1.0}, MD), docs)
@@ -117,8 +130,8 @@ def test_rates_are_probabilities():
 
 def test_deferred_pause_lets_the_move_finish_and_measures_after_resume(RE, docs):
     # What a paused campaign needs: in-flight moves complete, nothing is measured until resumed.
-    binding = Branin(latency=0.4)
-    later(0.1, lambda: RE.request_pause(defer=True))  # lands during the move
+    binding = Branin(latency=1.0)
+    later(0.3, lambda: RE.request_pause(defer=True), RE)  # lands during the move
     with pytest.raises(RunEngineInterrupted):
         RE(experiment_plan(binding, {"x1": 4.0, "x2": 6.0}, MD), docs)
     assert RE.state == "paused"
