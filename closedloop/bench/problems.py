@@ -328,10 +328,10 @@ class NearestNeighbour:
 
 
 @cache
-def _table(path: str) -> Any:
+def _table(path: str, skip: tuple[int, ...] = ()) -> Any:
     import pandas as pd
 
-    return pd.read_csv(path, encoding="utf-8-sig")
+    return pd.read_csv(path, encoding="utf-8-sig", skiprows=list(skip))
 
 
 def _require(path: Path) -> Path:
@@ -370,6 +370,25 @@ def crossed_barrel() -> Problem:
     return Problem("crossed_barrel", c, lambda p: {"toughness": model(np.array([float(p[n]) for n in inputs]))},
                    float(mean["toughness"].max()), float(mean["toughness"].min()),
                    source="Liang et al. 2021 crossed barrel (Gongora et al. 2020): nearest neighbour of 600 averaged designs")
+
+
+def suzuki() -> Problem:
+    # Summit's CSV: row 2 is a "TYPE,DATA,..." metadata row
+    data = _table(str(_require(DATASETS / "reizman2016_suzuki" / "reizman_suzuki_case_1.csv")), (1,))
+    numeric = ["t_res", "temperature", "catalyst_loading"]
+    mean = data.groupby(["catalyst", *numeric], as_index=False)["yld"].mean()
+    lows, highs = mean[numeric].min().to_numpy(float), mean[numeric].max().to_numpy(float)
+    # the nearest experiment run with the same catalyst: a catalyst is a different reaction, not a neighbour
+    models = {c: NearestNeighbour(rows[numeric].to_numpy(float), rows["yld"].to_numpy(float), lows, highs)
+              for c, rows in mean.groupby("catalyst")}
+    c = _campaign("suzuki", {
+        "catalyst": {"type": "categorical", "values": sorted(models)},
+        **{n: {"type": "continuous", "bounds": [float(lo), float(hi)]} for n, lo, hi in zip(numeric, lows, highs)},
+    }, {"yld": {"goal": "maximize"}}, 40)
+    return Problem("suzuki", c, lambda p: {"yld": models[p["catalyst"]](np.array([float(p[n]) for n in numeric]))},
+                   float(mean["yld"].max()), float(mean["yld"].min()),
+                   source=f"Reizman et al. 2016 Suzuki-Miyaura, case 1: nearest neighbour, same catalyst, of {len(mean)} "
+                          "averaged experiments; catalysts blinded per seed", blind=True)
 
 
 def direct_arylation() -> Problem:
@@ -413,6 +432,7 @@ PROBLEMS: dict[str, Callable[[], Problem]] = {
     "agnp": agnp,
     "crossed_barrel": crossed_barrel,
     "direct_arylation": direct_arylation,
+    "suzuki": suzuki,
 }
 
 

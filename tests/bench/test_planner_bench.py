@@ -25,9 +25,10 @@ def test_every_problem_knows_its_optimum_and_reaches_it():
         "constrained": {"x1": 0.1954, "x2": 0.4044},
         "direct_arylation": {"base": "CsOPiv", "ligand": "CgMe-PPh", "solvent": "DMAc", "concentration": 0.153,
                              "temperature": 105.0},
+        "suzuki": {"catalyst": "P1-L4", "t_res": 189.0, "temperature": 110.0, "catalyst_loading": 2.51},
     }
     for name, point in known.items():
-        if name == "direct_arylation" and not DATASETS.exists():
+        if name in ("direct_arylation", "suzuki") and not DATASETS.exists():
             continue
         problem = PROBLEMS[name]()
         [regret] = regret_trace(problem, [problem.evaluate(point)])
@@ -38,6 +39,17 @@ def test_every_problem_knows_its_optimum_and_reaches_it():
     assert regret_trace(branin, [worse]) == [pytest.approx(worse["y"] - 0.39788735772973816)]
     constrained = PROBLEMS["constrained"]()
     assert regret_trace(constrained, [constrained.evaluate({"x1": 0.0, "x2": 0.0})]) == [constrained.range]
+
+
+@pytest.mark.skipif(not DATASETS.exists(), reason="needs simulators/data")
+def test_the_suzuki_emulator_answers_with_the_nearest_experiment_of_the_same_catalyst():
+    suzuki = PROBLEMS["suzuki"]()
+    best = {"t_res": 189.0, "temperature": 110.0, "catalyst_loading": 2.51}
+    assert suzuki.evaluate({"catalyst": "P1-L4", **best})["yld"] == 98.7
+    # close to the best conditions, but another catalyst: that catalyst's own nearest experiment
+    assert suzuki.evaluate({"catalyst": "P1-L2", **best})["yld"] < 98.7
+    assert suzuki.evaluate({"catalyst": "P1-L4", "t_res": 190.0, "temperature": 109.0, "catalyst_loading": 2.5}) == {"yld": 98.7}
+    assert suzuki.worst == 0.6 and suzuki.budget == 40
 
 
 def test_hypervolume_regret_of_the_two_objective_problem():
