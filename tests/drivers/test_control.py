@@ -18,8 +18,8 @@ from simulators.surfaces import Branin, FailingBranin
 MD = {"campaign": "control", "trial_id": 1}
 
 
-def later(seconds: float, action, engine=None) -> threading.Thread:
-    """Run ``action`` ``seconds`` after ``engine`` starts running (or after now, without an engine).
+def later(seconds: float, action, engine) -> threading.Thread:
+    """Run ``action`` ``seconds`` after ``engine`` starts running.
 
     Timing from the engine's start, not from the thread's, keeps a loaded CI machine's slow run
     start from moving the action out of the phase of the measurement it is meant to land in.
@@ -27,7 +27,7 @@ def later(seconds: float, action, engine=None) -> threading.Thread:
 
     def wait_then_act() -> None:
         deadline = time.monotonic() + 30
-        while engine is not None and engine.state != "running" and time.monotonic() < deadline:
+        while engine.state != "running" and time.monotonic() < deadline:
             time.sleep(0.005)
         time.sleep(seconds)
         action()
