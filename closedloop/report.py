@@ -8,8 +8,7 @@ errors included), the campaign file as run and the software versions.
 
 The model here is a BoTorch ``SingleTaskGP`` fitted afresh to the stored experiments, so the report
 needs only the store, whichever planner ran. It encodes categorical parameters one-hot (see
-:class:`Encoding`) rather than with the planner's mixed kernel: a report fits one model per objective
-and must take seconds, and ``MixedSingleTaskGP`` takes tens of seconds to fit on two cores.
+:class:`Encoding`) and fits one model per objective, in seconds.
 
 Example:
     >>> figures = make_figures(store, "branin", Path("reports/branin"))   # doctest: +SKIP

@@ -9,9 +9,9 @@ budget the search closes in on the incumbent (a small trust region, the incumben
 mixed4 -2.20 -> -2.56 median log10 regret on seeds 0-9, -1.98 -> -2.61 on seeds 10-19); a TuRBO-style
 trust region, its size replayed from the data, can be turned on for higher dimensions (``TR_MIN_DIM``).
 
-Categorical columns are modelled by ``MixedSingleTaskGP`` beside continuous ones, and one-hot in a
-single Matern kernel with priors scaled to its width where every column is categorical or discrete
-(:func:`models.make_gp`); such a finite space is searched by enumerating its points. The best
+Categorical columns enter a single Matern kernel one-hot, with priors scaled to its width
+(:func:`models.make_gp`); a finite space (every column categorical or discrete) is searched by
+enumerating its points. The best
 reported under noise is the model's estimate among the experiments run, not the luckiest reading.
 
 Thinking is cheap: hyperparameters are fitted only at checkpoints (:mod:`closedloop.planner.models`),
@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 from botorch.models import ModelListGP
 from botorch.models.model import Model
+from botorch.models.transforms.input import NumericToCategoricalEncoding
 
 from closedloop.campaign import Campaign
 from closedloop.planner import models as gp
@@ -68,15 +69,24 @@ NEI_VARIANCE = 1e-3
 
 
 def _lengthscales(model: Model, d: int) -> torch.Tensor | None:
-    """The first output's ARD lengthscales (``d``), where the kernel has them."""
+    """The first output's ARD lengthscales of the ``d`` encoded columns, where the kernel has them.
+
+    Categorical columns are one-hot inside the model, so they have no single lengthscale: NaN.
+    """
     first = model.models[0] if isinstance(model, ModelListGP) else model
     kernel = getattr(first, "covar_module", None)
     while kernel is not None and not hasattr(kernel, "lengthscale") and hasattr(kernel, "base_kernel"):
         kernel = kernel.base_kernel
     ls = getattr(kernel, "lengthscale", None)
-    if ls is None or ls.numel() != d:
+    if ls is None:
         return None
-    return ls.detach().reshape(-1)
+    ls = ls.detach().reshape(-1)
+    encoding = getattr(first, "input_transform", None)
+    if isinstance(encoding, NumericToCategoricalEncoding):
+        by_column = torch.full((d,), math.nan, dtype=ls.dtype)
+        by_column[encoding.numerical_idx] = ls[encoding.new_numerical_idx]
+        return by_column
+    return ls if ls.numel() == d else None
 
 
 class SobolSequence:
@@ -284,20 +294,18 @@ class BotorchPlanner:
     def _gp(self, name: str, x: torch.Tensor, y: torch.Tensor) -> tuple[Model, float]:
         """A GP for one output: hyperparameters from the checkpoint fit, conditioned on (a subset of) the data."""
         cat = {i: len(values) for i, values in self.space.cat_dims.items()}
-        # categories one-hot where no column is continuous (see models.make_gp)
-        one_hot = bool(cat) and len(cat) + len(self.space.discrete_dims) == self.space.dim
         n = x.shape[0]
         m = gp.checkpoint(n)
         fit_idx = gp.training_subset(y[:m, 0], gp.MAX_FIT)
         fit_key = (name, m, hashlib.sha256(x[:m].numpy().tobytes() + y[:m].numpy().tobytes()).hexdigest())
         state = self._fits.get(fit_key)
         if state is None:
-            state = gp.fit_gp(x[fit_idx], y[fit_idx], cat, self._data_seed("fit", name, m), one_hot)
+            state = gp.fit_gp(x[fit_idx], y[fit_idx], cat, self._data_seed("fit", name, m))
             # only the latest checkpoint per output is worth keeping
             self._fits = {k: v for k, v in self._fits.items() if k[0] != name}
             self._fits[fit_key] = state
         idx = gp.training_subset(y[:, 0], gp.MAX_TRAIN)
-        model = gp.conditioned_gp(x[idx], y[idx], cat, state, one_hot)
+        model = gp.conditioned_gp(x[idx], y[idx], cat, state)
         noise = float(model.likelihood.noise.detach().mean()) if hasattr(model.likelihood, "noise") else 0.0
         return model, noise
 

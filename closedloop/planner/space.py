@@ -5,8 +5,8 @@ Every tunable parameter takes one column:
 - continuous: mapped linearly (or logarithmically) onto [0, 1];
 - integer and discrete: mapped linearly onto [0, 1]; the allowed values are the column's grid
   (``Space.discrete_dims``, as BoTorch's mixed optimizers expect);
-- categorical: the index of the choice, ``0 .. k-1`` (``Space.cat_dims``, as ``MixedSingleTaskGP``
-  and ``optimize_acqf_mixed_alternating`` expect).
+- categorical: the index of the choice, ``0 .. k-1`` (``Space.cat_dims``, as
+  ``optimize_acqf_mixed_alternating`` expects; the model encodes it one-hot).
 
 Fixed parameters are not encoded and are added back on decoding. Linear constraints of the campaign
 become BoTorch ``(indices, coefficients, rhs)`` constraints on the encoded columns; a log-scale

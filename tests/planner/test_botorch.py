@@ -236,9 +236,9 @@ def counting_fits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     sizes: list[int] = []
     fit = gp.fit_gp
 
-    def counted(x, y, categories, seed, one_hot=False):
+    def counted(x, y, categories, seed):
         sizes.append(x.shape[0])
-        return fit(x, y, categories, seed, one_hot)
+        return fit(x, y, categories, seed)
 
     monkeypatch.setattr(gp, "fit_gp", counted)
     return sizes
@@ -282,19 +282,19 @@ def test_a_thousand_experiments_fit_and_condition_on_bounded_subsets(monkeypatch
 
 @pytest.mark.slow
 def test_the_last_experiments_close_in_on_the_incumbent_in_mixed_spaces() -> None:
-    # seed 2: left free, the last experiment would try category p beside the incumbent's q
-    planner = make_planner(campaign(MIXED, initial=6, experiments=11, seed=2))
-    run(planner, lambda p: {"y": b(p) + p["n"] + (30 if p["c"] == "r" else 0)}, 9)
+    # seed 0: left free, the last experiment would try category r beside the incumbent's p
+    planner = make_planner(campaign(MIXED, initial=6, experiments=11, seed=0))
+    run(planner, lambda p: {"y": b(p) + p["n"] + {"p": 0.0, "q": 0.3, "r": 0.6}[p["c"]]}, 9)
     final = planner.suggest(1)[0]
     assert "trust_region" in final.metadata and planner.space.feasible(final.parameters, tolerance=0)
     # a category has no neighbours to close in on: the incumbent's is held
     surrogate = planner._fit()
     incumbent = planner.space.decode(surrogate.train_x[planner._incumbent_mean(surrogate)[0]])
-    assert final.parameters["c"] == incumbent["c"] == "q"
+    assert final.parameters["c"] == incumbent["c"] == "p"
 
 
-def test_categories_are_one_hot_where_no_column_is_continuous() -> None:
-    from botorch.models import MixedSingleTaskGP, SingleTaskGP
+def test_categories_are_one_hot_in_one_kernel_with_a_width_scaled_prior() -> None:
+    from botorch.models import SingleTaskGP
     from botorch.models.transforms.input import NumericToCategoricalEncoding
 
     def fit_on(parameters: str) -> object:
@@ -304,14 +304,13 @@ def test_categories_are_one_hot_where_no_column_is_continuous() -> None:
         assert planner.space.feasible(proposal.parameters, tolerance=0)
         return planner._fit().model
 
-    discrete = fit_on("c: {type: categorical, values: [a, b, c]}\nn: {type: discrete, values: [-1, 0, 1, 2]}")
-    assert type(discrete) is SingleTaskGP and isinstance(discrete.input_transform, NumericToCategoricalEncoding)
-    # one Matern lengthscale per choice and per number: 3 + 1, with a prior whose mode grows with that width
-    assert discrete.covar_module.lengthscale.numel() == 4
     numeric = gp.make_gp(torch.zeros(1, 4, dtype=torch.double), torch.zeros(1, 1, dtype=torch.double), {})
-    assert discrete.covar_module.lengthscale_prior.mode > numeric.covar_module.base_kernel.lengthscale_prior.mode
-    mixed = fit_on("c: {type: categorical, values: [a, b, c]}\nn: {type: continuous, bounds: [-1, 2]}")
-    assert isinstance(mixed, MixedSingleTaskGP)
+    for second in ("n: {type: discrete, values: [-1, 0, 1, 2]}", "n: {type: continuous, bounds: [-1, 2]}"):
+        model = fit_on("c: {type: categorical, values: [a, b, c]}\n" + second)
+        assert type(model) is SingleTaskGP and isinstance(model.input_transform, NumericToCategoricalEncoding)
+        # one Matern lengthscale per choice and per number: 3 + 1, with a prior whose mode grows with that width
+        assert model.covar_module.lengthscale.numel() == 4
+        assert model.covar_module.lengthscale_prior.mode > numeric.covar_module.base_kernel.lengthscale_prior.mode
 
 
 def test_a_finite_space_gets_the_best_of_all_its_points() -> None:
