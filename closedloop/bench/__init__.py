@@ -22,6 +22,7 @@ from closedloop.bench.peers import PEERS
 from closedloop.bench.problems import PROBLEMS
 from closedloop.bench.runner import (
     SPEED_CAP_SECONDS,
+    SPEED_REPEATS,
     environment,
     plan,
     run_many,
@@ -82,6 +83,7 @@ def planner_benchmark(problems: list[str] | None = None, peers: list[str] | None
         if "speed" in result:
             speed_records.extend(result["speed"])
             report["speed"]["seconds_per_suggestion"] = speed_table(speed_records)
+            report["speed"]["measurements"] = speed_records
         else:
             report["runs"].append(result)
             report["summary"] = summarize(report["runs"], budgets)
@@ -256,7 +258,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         sizes = [str(n) for n in report["config"]["speed_sizes"]]
         lines += ["", "## Seconds per suggestion on Hartmann6", "",
                   "After N observations (N−1 Sobol points and one the planner proposed, so its model is in use); "
-                  f"larger sizes are skipped for a peer once one suggestion took over "
+                  f"each figure is the median of {SPEED_REPEATS} suggestions, each after its own Sobol history; "
+                  f"larger sizes are skipped for a peer once a median took over "
                   f"{report['config']['speed_cap_seconds']:g} s (never for ours).", "",
                   "| planner | " + " | ".join(f"N={n}" for n in sizes) + " | batch of 4 at 200 |",
                   "|" + "---|" * (len(sizes) + 2)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from typer.testing import CliRunner
 from closedloop.bench import PEERS, PROBLEMS, planner_benchmark
 from closedloop.bench.peers import Peer
 from closedloop.bench.problems import DATASETS
-from closedloop.bench.runner import hypervolume_2d, regret_trace
+from closedloop.bench.runner import SPEED_REPEATS, hypervolume_2d, regret_trace
 from closedloop.cli import app
 
 
@@ -106,6 +107,10 @@ def test_tiny_run_writes_a_complete_report(tmp_path):
     assert sorted(speed) == sorted(peers)
     for peer in peers:
         assert set(speed[peer]) == {"10"} and 0 <= speed[peer]["10"] < 60
+    # each figure is the median of SPEED_REPEATS suggestions, every one kept
+    for record in data["speed"]["measurements"]:
+        assert len(record["samples"]) == SPEED_REPEATS
+        assert record["seconds"] == statistics.median(record["samples"]) == speed[record["peer"]]["10"]
 
 
 def test_cli_runs_the_benchmark_and_refuses_unknown_names(tmp_path):
