@@ -11,8 +11,8 @@ trust region, its size replayed from the data, can be turned on for higher dimen
 
 Categorical columns enter a single Matern kernel one-hot, with priors scaled to its width
 (:func:`models.make_gp`); a finite space (every column categorical or discrete) is searched by
-enumerating its points. The best
-reported under noise is the model's estimate among the experiments run, not the luckiest reading.
+enumerating its points. The best reported under noise is the model's estimate among the experiments
+run, not the luckiest reading.
 
 Thinking is cheap: hyperparameters are fitted only at checkpoints (:mod:`closedloop.planner.models`),
 single proposals use analytic LogEI, and past 400 experiments the GP is conditioned on a subset.
