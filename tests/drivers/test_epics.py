@@ -104,6 +104,11 @@ def test_campaign_moves_the_ioc_to_each_setpoint_and_never_sends_an_out_of_limit
     from caproto.sync.client import read
 
     campaign = Campaign.from_yaml_text(CAMPAIGN.format(prefix=ioc))
+    # The binding for the device-level check below is made before the campaign and kept through it.
+    # Made after the campaign, just as the campaign's devices were let go, it once never received the
+    # motor's first readback in CI ("Pending operations: _pos_changed subscription"); caproto shares one
+    # subscription per PV within a process, and a live one hands each new device its latest value.
+    binding = load_binding("drivers.epics_motor:Stage", {"prefix": ioc})
     store = Store(tmp_path / "store.db")
     try:
         run = run_embedded(campaign, store, outbox=str(tmp_path / "outbox.db"))
@@ -133,7 +138,6 @@ def test_campaign_moves_the_ioc_to_each_setpoint_and_never_sends_an_out_of_limit
         assert readback == pytest.approx(inside[-1].parameters[axis], abs=1e-6)
 
     # The second line of defence: the ophyd device itself refuses, even when the pre-flight is skipped.
-    binding = load_binding("drivers.epics_motor:Stage", {"prefix": ioc})
     assert binding.positioners["x1"].limits == IOC_LIMITS["x1"]
     with pytest.raises(LimitError):
         binding.positioners["x1"].set(7.5)
