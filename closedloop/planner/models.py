@@ -119,10 +119,6 @@ def make_gp(train_x: torch.Tensor, train_y: torch.Tensor, categories: dict[int, 
         train_y: ``n x 1`` outcomes, oriented so larger is better.
         categories: categorical column -> number of choices.
     """
-    # a low noise floor: noiseless lab simulators and very repeatable instruments need the model to
-    # interpolate closely near the optimum
-    likelihood = GaussianLikelihood(
-        noise_prior=GammaPrior(1.05, 0.5), noise_constraint=GreaterThan(1e-5, transform=None, initial_value=0.1))
     encode = None
     width = train_x.shape[-1]
     if categories:
@@ -140,6 +136,10 @@ def make_gp(train_x: torch.Tensor, train_y: torch.Tensor, categories: dict[int, 
             MaternKernel(nu=2.5, ard_num_dims=width, lengthscale_prior=GammaPrior(1.2, 1.1)),
             outputscale_prior=GammaPrior(5.0, 0.5),
         )
+        # a low noise floor: noiseless lab simulators and very repeatable instruments need the model to
+        # interpolate closely near the optimum
+        likelihood = GaussianLikelihood(
+            noise_prior=GammaPrior(1.05, 0.5), noise_constraint=GreaterThan(1e-5, transform=None, initial_value=0.1))
     return SingleTaskGP(train_x, train_y, likelihood=likelihood, covar_module=covar,
                         outcome_transform=Standardize(m=1), input_transform=encode)
 
