@@ -143,6 +143,13 @@ def _fmt(value: Any, spec: str = ".2f") -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _against_ours(entry: dict[str, Any]) -> str:
+    paired = entry.get("against_ours")
+    if paired is None:
+        return "–"
+    return f"{paired['ours_better']} / {paired['ours_worse']} ({paired['p_value']:.2f})"
+
+
 def render(report: dict[str, Any], console: Any) -> None:
     """Rich tables: one per problem (peers side by side), then seconds per suggestion on Hartmann6."""
     from rich.table import Table
@@ -162,6 +169,7 @@ def render(report: dict[str, Any], console: Any) -> None:
         table.add_column("s/sugg.", justify="right")
         if info["noise_sd"]:
             table.add_column("reported/best", justify="right")
+        table.add_column("ours better / worse (p)", justify="right")
         table.add_column("seeds", justify="right")
         for peer in peers:
             entry = by_peer.get(peer)
@@ -180,7 +188,7 @@ def render(report: dict[str, Any], console: Any) -> None:
                    _fmt(entry["median_seconds_per_suggestion"], ".3f")]
             if info["noise_sd"]:
                 row.append(_fmt(entry["median_reported_to_true_regret"], ".2f"))
-            row.append(str(entry["seeds"]))
+            row += [_against_ours(entry), str(entry["seeds"])]
             table.add_row(*row)
         console.print(table)
     speed = report["speed"]["seconds_per_suggestion"]
@@ -219,7 +227,9 @@ def to_markdown(report: dict[str, Any]) -> str:
         "range (`>N`: the median run did not get there within its N experiments). *s/sugg.*: median over runs of the "
         "median seconds per suggestion. *reported/best*: median ratio of the regret of the experiment the tool reports "
         "as best (ours and Ax: `best()`; the others: the best noisy reading) to the regret of the truly best experiment "
-        "it ran.",
+        "it ran. *ours better / worse (p)*: the seeds on which our final regret was lower / higher than this planner's "
+        "(same seed: same blinding and noise; equal regrets are ties), and the two-sided Wilcoxon signed-rank p-value "
+        "of the paired differences.",
         "",
     ]
     for name, reason in report["missing_peers"].items():
@@ -231,7 +241,7 @@ def to_markdown(report: dict[str, Any]) -> str:
                   f"{info['source']}. {info['dimensions']}-D, {info['budget']} experiments, optimum {info['optimum']:.6g}"
                   + (f", noise sd {info['noise_sd']:g}" if noisy else "") + ".", ""]
         header = ["planner", "median log10 regret", "IQR", "to 1 %", "s/sugg.", *(["reported/best"] if noisy else []),
-                  "seeds"]
+                  "ours better / worse (p)", "seeds"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         notes = []
         for peer in peers:
@@ -239,7 +249,7 @@ def to_markdown(report: dict[str, Any]) -> str:
             if entry is None:
                 continue
             if not entry["seeds"]:
-                lines.append(f"| {PEERS[peer].label} | – | – | – | – |" + (" – |" if noisy else "") + " 0 |")
+                lines.append(f"| {PEERS[peer].label} | – | – | – | – |" + (" – |" if noisy else "") + " – | 0 |")
                 notes += [f"- {PEERS[peer].label}: {m[:300]}" for m in entry.get("messages", [])]
                 continue
             iqr = entry["iqr_log10_regret"]
@@ -249,7 +259,7 @@ def to_markdown(report: dict[str, Any]) -> str:
                    _fmt(entry["median_seconds_per_suggestion"], ".3f")]
             if noisy:
                 row.append(_fmt(entry["median_reported_to_true_regret"], ".2f"))
-            row.append(str(entry["seeds"]))
+            row += [_against_ours(entry), str(entry["seeds"])]
             lines.append("| " + " | ".join(row) + " |")
             notes += [f"- {PEERS[peer].label}: {m[:300]}" for m in entry.get("messages", [])]
         lines += [""] + notes if notes else []

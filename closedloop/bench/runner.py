@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 REGRET_FLOOR = 1e-8
 SPEED_SIZES = (10, 50, 200, 500, 1000)
 SPEED_CAP_SECONDS = 60.0
+#: the planner every other one is compared with, seed by seed
+OURS = "botorch"
 
 
 # -- measuring -------------------------------------------------------------------------------------
@@ -299,7 +301,30 @@ def summarize(runs: list[dict[str, Any]], budgets: dict[str, int]) -> dict[str, 
             })
             if messages:
                 entry["messages"] = messages
+    for problem, by_peer in summary.items():
+        for peer, entry in by_peer.items():
+            if peer != OURS and OURS in by_peer:
+                entry["against_ours"] = paired_with_ours(
+                    [r for r in runs if r["problem"] == problem and r["peer"] == OURS and r["status"] == "ok"],
+                    [r for r in runs if r["problem"] == problem and r["peer"] == peer and r["status"] == "ok"])
     return summary
+
+
+def paired_with_ours(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Our final log10 regret against another planner's, seed by seed (same problem, blinding and noise).
+
+    A median over ten seeds moves with one or two lucky runs; the seeds where each did better, and the
+    two-sided Wilcoxon signed-rank test on the paired differences, say whether a gap is more than that.
+    Equal regrets (both at the floor, or the same table row) are ties, left out of the test.
+    """
+    from scipy.stats import wilcoxon
+
+    mine = {r["seed"]: r["log10_final_regret"] for r in ours}
+    differences = [mine[r["seed"]] - r["log10_final_regret"] for r in theirs if r["seed"] in mine]
+    better = sum(1 for d in differences if d < -1e-9)
+    worse = sum(1 for d in differences if d > 1e-9)
+    p_value = float(wilcoxon([d for d in differences if abs(d) > 1e-9]).pvalue) if better + worse else 1.0
+    return {"seeds": len(differences), "ours_better": better, "ours_worse": worse, "p_value": p_value}
 
 
 def speed_table(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from closedloop.bench import PEERS, PROBLEMS, planner_benchmark
 from closedloop.bench.peers import Peer
 from closedloop.bench.problems import DATASETS
-from closedloop.bench.runner import SPEED_REPEATS, hypervolume_2d, regret_trace
+from closedloop.bench.runner import OURS, SPEED_REPEATS, hypervolume_2d, regret_trace, summarize
 from closedloop.cli import app
 
 
@@ -111,6 +111,28 @@ def test_tiny_run_writes_a_complete_report(tmp_path):
     for record in data["speed"]["measurements"]:
         assert len(record["samples"]) == SPEED_REPEATS
         assert record["seconds"] == statistics.median(record["samples"]) == speed[record["peer"]]["10"]
+
+
+def test_every_peer_is_compared_with_ours_seed_by_seed():
+    def run(peer: str, seed: int, log10: float) -> dict:
+        return {"problem": "branin", "peer": peer, "seed": seed, "status": "ok", "log10_final_regret": log10,
+                "final_regret": 10**log10, "experiments_to_1pct": None, "median_seconds_per_suggestion": 0.1}
+
+    ours = [-3.0, -2.0, -8.0, -1.0, -4.0, -5.0, -2.5, -3.5]
+    close = [-2.0, -2.0, -8.0, 0.0, -4.5, -4.0, -2.0, -3.0]  # ours lower on 5 seeds, higher on 1, 2 ties
+    far = [x + 2.0 for x in ours]  # ours lower on every seed
+    runs = [run(OURS, s, x) for s, x in enumerate(ours)] + [run("close", s, x) for s, x in enumerate(close)]
+    runs += [run("far", s, x) for s, x in enumerate(far)] + [run("far", 99, 0.0)]  # a seed ours lacks: unpaired
+    summary = summarize(runs, {"branin": 30})["branin"]
+    assert "against_ours" not in summary[OURS]
+    assert summary["close"]["against_ours"]["seeds"] == 8
+    assert (summary["close"]["against_ours"]["ours_better"], summary["close"]["against_ours"]["ours_worse"]) == (5, 1)
+    assert summary["far"]["against_ours"] == {"seeds": 8, "ours_better": 8, "ours_worse": 0,
+                                              "p_value": pytest.approx(2 / 2**8)}  # exact: all 8 signs alike
+    assert summary["far"]["against_ours"]["p_value"] < 0.05 < summary["close"]["against_ours"]["p_value"]
+    # equal runs everywhere: nothing to test, p = 1
+    same = summarize([run(OURS, 0, -2.0), run("same", 0, -2.0)], {"branin": 30})["branin"]["same"]
+    assert same["against_ours"] == {"seeds": 1, "ours_better": 0, "ours_worse": 0, "p_value": 1.0}
 
 
 def test_cli_runs_the_benchmark_and_refuses_unknown_names(tmp_path):
