@@ -6,7 +6,7 @@ import torch
 from botorch.acquisition.utils import prune_inferior_points
 
 from closedloop.planner import models as gp
-from closedloop.planner.acquisition import contenders, single_objective
+from closedloop.planner.acquisition import PRUNE_ALL_UP_TO, contenders, single_objective
 
 
 def _noisy_model(n: int, seed: int) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -32,16 +32,25 @@ def test_contenders_keep_every_experiment_the_pruning_keeps_and_drop_others() ->
             assert any(torch.equal(row, k) for k in kept), "an experiment the pruning keeps was dropped"
 
 
-def test_noisy_ei_scores_against_the_contenders_only() -> None:
-    model, x = _noisy_model(80, 0)
+def test_noisy_ei_scores_against_the_contenders_only_past_a_lab_sized_campaign() -> None:
+    model, x = _noisy_model(PRUNE_ALL_UP_TO + 50, 0)
     acquisition = single_objective(model, x, None, [], 1, 0.0, seed=0, noisy=True)
     assert type(acquisition).__name__ == "qLogNoisyExpectedImprovement"
-    assert len(acquisition.X_baseline) <= len(contenders(model, x))
+    near_peak = contenders(model, x)
+    assert len(near_peak) < len(x)
+    assert all(any(torch.equal(row, k) for k in near_peak) for row in acquisition.X_baseline)
     # with an outcome constraint the best feasible experiment may be far below the peak (here: feasible only
     # where y <= -5), so the whole baseline goes to BoTorch's constrained pruning
     constrained = single_objective(model, x, None, [lambda y: y[..., 0] + 5.0], 1, 0.0, seed=0, noisy=True)
-    near_peak = contenders(model, x)
     assert any(not any(torch.equal(row, k) for k in near_peak) for row in constrained.X_baseline)
     with torch.no_grad():
         value = acquisition(x[:5].unsqueeze(1))
     assert torch.isfinite(value).all()
+
+
+def test_up_to_a_lab_sized_campaign_the_baseline_is_botorchs_own_pruning_of_every_experiment() -> None:
+    model, x = _noisy_model(PRUNE_ALL_UP_TO, 1)
+    torch.manual_seed(7)
+    acquisition = single_objective(model, x, None, [], 1, 0.0, seed=0, noisy=True)
+    torch.manual_seed(7)
+    assert torch.equal(acquisition.X_baseline, prune_inferior_points(model, x, num_samples=2048))
