@@ -230,6 +230,8 @@ class ComputeStation:
         self._clients: dict[str | None, Any] = {}
         self._cluster: Any = None
         self._running: dict[int, _Running] = {}
+        self._instance = uuid.uuid4().hex  # this process, in its hellos
+        self._welcomed = 0
         self._done: queue.Queue[int] = queue.Queue()
         self._stop = threading.Event()
         self.completed = 0
@@ -356,8 +358,8 @@ class ComputeStation:
     def _hello(self, capacity: int) -> bytes:
         outstanding = sorted(set(self._running) | {trial for trial, _ in self.outbox.pending()})
         return protocol.encode(protocol.Hello(station=self.name, instruments=self.instruments, sources=self.sources,
-                                              capacity=capacity,
-                                              outstanding=outstanding))
+                                              capacity=capacity, outstanding=outstanding, instance=self._instance,
+                                              welcomed=self._welcomed))
 
     def _on_message(self, sock: zmq.Socket, frame: bytes, registered: bool) -> bool:
         try:
@@ -366,6 +368,7 @@ class ComputeStation:
             log.warning("dropped a message from the daemon: %s", exc)
             return registered
         if isinstance(message, protocol.Welcome):
+            self._welcomed += 1
             for _, payload in self.outbox.pending():  # the daemon may have restarted: offer what it never acked
                 sock.send(payload)
             return True

@@ -77,6 +77,8 @@ class Station:
     running: dict[int, float] = field(default_factory=dict)  # trial id -> dispatch time
     declared: set[int] = field(default_factory=set)  # trials its hello said it holds (results in its outbox)
     prefetch: int = 0  # trials queued on the station beyond its capacity, so it never waits for a round trip
+    instance: str = ""  # the station process, and the welcomes it had had, as its registering hello said
+    welcomed: int = 0
 
     def serves(self, run: CampaignRun, parameters: dict[str, Any] | None = None) -> bool:
         """Whether this station may run the campaign's experiments: any of them, or the one at ``parameters``
@@ -757,11 +759,20 @@ class Daemon:
 
     def _on_hello(self, identity: bytes, hello: protocol.Hello) -> None:
         now = time.monotonic()
+        current = self.stations.get(identity)
+        if (current is not None and hello.instance and hello.instance == current.instance
+                and hello.welcomed == current.welcomed):
+            # the same process asking again before our welcome reached it: its session stands, with what
+            # was dispatched in it since. A new session would re-queue those trials (this hello cannot list
+            # them) while the station, welcomed into the first one, runs them: a trial measured twice
+            self._send(identity, protocol.Welcome(heartbeat_s=self.heartbeat_s, session=current.session))
+            return
         self._session += 1
         previous = self.stations.pop(identity, None)
         holds = set(hello.outstanding)
         station = Station(hello.station, identity, hello.instruments, hello.campaigns, hello.capacity, self._session,
-                          now, sources=hello.sources, declared=holds, prefetch=self.prefetch)
+                          now, sources=hello.sources, declared=holds, prefetch=self.prefetch, instance=hello.instance,
+                          welcomed=hello.welcomed)
         for trial_id, flight in list(self.in_flight.items()):
             if trial_id in holds and (flight.reconciling or flight.station == hello.station):
                 # the station still has it (running, queued or in its outbox): it stays there

@@ -70,6 +70,10 @@ class Hello(_Message):
     capacity: int = Field(default=1, ge=1, le=1024)
     outstanding: list[int] = Field(default_factory=list, max_length=100_000)
     software: str = Field(default="", max_length=256)
+    # a station repeats an unanswered hello; these tell a repeat from a new registration: a random id of
+    # the station process, and how many welcomes that process had received when it sent this hello
+    instance: str = Field(default="", max_length=64)
+    welcomed: int = Field(default=0, ge=0)
 
 
 class Welcome(_Message):

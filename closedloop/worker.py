@@ -22,6 +22,7 @@ import socket
 import sqlite3
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,8 @@ class StationWorker:
         self._outgoing: queue.Queue[bytes] = queue.Queue()
         self._stop = threading.Event()
         self._held: set[int] = set()  # accepted, not yet measured (queued or running)
+        self._instance = uuid.uuid4().hex  # this process, in its hellos
+        self._welcomed = 0
         self._running: int | None = None
         self._cancelled: set[int] = set()
         self._resumed = threading.Event()  # cleared while an operator holds the RunEngine paused
@@ -345,7 +348,8 @@ class StationWorker:
             outstanding.add(self._running)
         return protocol.encode(protocol.Hello(station=self.name, instruments=self.instruments,
                                               campaigns=self.campaigns, sources=self.sources, outstanding=sorted(outstanding),
-                                              software=f"closedloop-worker/{protocol.PROTOCOL_VERSION}"))
+                                              software=f"closedloop-worker/{protocol.PROTOCOL_VERSION}",
+                                              instance=self._instance, welcomed=self._welcomed))
 
     def _communicate(self) -> None:
         wake = self.context.socket(zmq.PULL)
@@ -414,6 +418,7 @@ class StationWorker:
             return
         if isinstance(message, protocol.Welcome):
             self._session = message.session
+            self._welcomed += 1
             self.registered.set()
             log.info("registered with %s (session %d)", self.endpoint, message.session)
             for _, payload in self.outbox.pending():  # the daemon may have restarted: offer what it never acked
@@ -434,6 +439,11 @@ class StationWorker:
             if self._session is None or message.session != self._session:
                 # sent before the daemon saw our hello; it has re-queued the trial
                 log.info("ignored trial %s from an earlier session", message.trial_id)
+                return
+            if message.trial_id in self._held:
+                # one experiment is one run, however often the daemon asks for it
+                log.warning("trial %s is already queued or running here; its repeated assign is ignored",
+                            message.trial_id)
                 return
             self._held.add(message.trial_id)
             self.assignments.put(message)

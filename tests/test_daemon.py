@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -177,6 +177,51 @@ def test_a_silent_station_is_lost_and_its_trial_retried_elsewhere(store: Store, 
         context.term()
     trial = store.trials(store.campaign_row("lost").id)[0]
     assert trial.status == "completed" and trial.station == "healthy" and trial.attempts == 2
+
+
+def test_a_repeated_hello_keeps_the_session_and_nothing_is_dispatched_twice(store: Store) -> None:
+    """A station repeats its hello until welcomed; a daemon slow to answer (just restarted) reads both.
+
+    CI caught the race: the second hello opened a new session, re-queued the trials dispatched in the
+    first (the hello could not list them) and sent them again, while the station, welcomed into the first
+    session, was already running them: trial 55 of the crash test was measured twice.
+    """
+    daemon = Daemon(store, [_campaign("repeat", 4, latency=0.05)], heartbeat_s=5.0, drain_s=0.5)
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTING_ID, b"repeater")
+    sock.connect(daemon.endpoint)
+    hello = protocol.Hello(station="repeater", instance="process-1", welcomed=0)
+    received: list[protocol.Message] = []
+
+    def read(until: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 20
+        while not until():
+            assert time.monotonic() < deadline, f"{what}; received {[m.type for m in received]}"
+            if sock.poll(100):
+                received.append(protocol.decode(sock.recv()))
+
+    try:
+        sock.send(protocol.encode(hello))
+        sock.send(protocol.encode(hello))  # the repeat, sent before the first welcome arrived
+        with serving(daemon):
+            read(lambda: sum(m.type == "welcome" for m in received) == 2 and
+                 sum(m.type == "assign" for m in received) >= 2, "two welcomes and the first assignments")
+            time.sleep(0.5)  # anything a new session would have re-sent arrives by now
+            read(lambda: not sock.poll(0), "the rest")
+            welcomes = [m for m in received if m.type == "welcome"]
+            assigned = [m.trial_id for m in received if m.type == "assign"]
+            assert welcomes[0].session == welcomes[1].session
+            assert len(assigned) == len(set(assigned)) and {m.session for m in received if m.type == "assign"} == {
+                welcomes[0].session}
+            # a hello sent after a welcome is a new registration, even from the same process
+            sock.send(protocol.encode(hello.model_copy(update={"welcomed": 2, "msg_id": "again"})))
+            read(lambda: sum(m.type == "welcome" for m in received) == 3, "the new registration's welcome")
+            assert [m for m in received if m.type == "welcome"][2].session > welcomes[0].session
+    finally:
+        sock.close()
+        context.term()
 
 
 @pytest.mark.slow

@@ -79,3 +79,53 @@ def test_the_instruments_suspenders_hold_the_run_until_the_interlock_clears(tmp_
         threads[1].join(timeout=10)
         daemon.close()
     assert store.counts(store.campaign_row("interlock").id) == {"completed": 2}
+
+
+def test_an_assign_repeated_while_the_trial_is_queued_or_running_runs_it_once(tmp_path: Path) -> None:
+    import zmq
+
+    context = zmq.Context()
+    daemon = context.socket(zmq.ROUTER)
+    daemon.setsockopt(zmq.LINGER, 0)
+    port = daemon.bind_to_random_port("tcp://127.0.0.1")
+    worker = StationWorker(f"tcp://127.0.0.1:{port}", name="s", outbox=tmp_path / "s.outbox", heartbeat_s=0.2,
+                           context=context)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+
+    def receive(kind: type) -> tuple[bytes, object]:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if daemon.poll(100):
+                identity, frame = daemon.recv_multipart()
+                message = protocol.decode(frame)
+                if isinstance(message, kind):
+                    return identity, message
+        raise AssertionError(f"no {kind.__name__} within 30 s")
+
+    try:
+        identity, hello = receive(protocol.Hello)
+        assert hello.instance and hello.welcomed == 0  # a repeat of this hello would say the same
+        daemon.send_multipart([identity, protocol.encode(protocol.Welcome(heartbeat_s=0.2, session=1))])
+        def assign(trial: int) -> bytes:
+            return protocol.encode(protocol.Assign(
+                campaign="c", trial_id=trial, trial_index=trial, setpoints={"x1": 1.0, "x2": 2.0}, outputs=["y"],
+                session=1, instrument=protocol.InstrumentSpec(target="simulators.surfaces:Branin",
+                                                              options={"latency": 0.3})))
+
+        # trial 7 asked for again while it is queued or running, with trial 8 between: the repeat would run
+        # after 7's result was acknowledged (gone from the outbox), so nothing but the station's memory of
+        # what it holds stops a second run
+        for trial in (7, 8, 7):
+            daemon.send_multipart([identity, assign(trial)])
+        for _ in range(2):
+            _, result = receive(protocol.ResultMessage)
+            daemon.send_multipart([identity, protocol.encode(protocol.Ack(trial_id=result.trial_id))])
+        time.sleep(1.5)  # a second run of trial 7 would have finished by now
+        assert [trial for trial, _ in worker.outbox.ran()] == [7, 8] and worker.completed == 2
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        daemon.close()
+        context.term()
