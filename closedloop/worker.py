@@ -194,6 +194,11 @@ class StationWorker:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def paused(self) -> bool:
+        """Whether an operator's pause holds this station (its next trial waits for the resume)."""
+        return not self._resumed.is_set()
+
     def run(self, stop: threading.Event | None = None) -> None:
         """Serve trials until ``stop`` (or :meth:`stop`) is set. Blocks; runs the RunEngine here."""
         if stop is not None:

@@ -239,8 +239,9 @@ def test_pause_resume_cancel_status_and_the_event_stream(store: Store, tmp_path:
         with station(daemon.endpoint, "s1", tmp_path) as worker, serving(daemon) as thread:
             _wait(lambda: "trial_dispatched" in seen, 20, "a first dispatch")
             assert control_request(control, "pause", {"campaign": "ctl"})["success"]
-            # the trial in flight finishes its moves and holds at the next checkpoint (or had already ended)
-            _wait(lambda: worker.RE is not None and worker.RE.state == "paused" or not daemon.in_flight, 5,
+            # the trial in flight holds at its next checkpoint, or had ended and the next one waits queued
+            # (under load the first trial can end before the pause arrives: then the RunEngine stays idle)
+            _wait(lambda: worker.paused and worker.RE is not None and worker.RE.state != "running", 5,
                   "the station to pause")
             dispatched, completed = seen.count("trial_dispatched"), seen.count("trial_completed")
             time.sleep(1.0)
