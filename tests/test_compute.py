@@ -8,7 +8,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import zmq
@@ -18,6 +17,7 @@ from closedloop.campaign import Campaign
 from closedloop.compute import ComputeError, ComputeStation, command_argv, parse_outputs, run_experiment
 from closedloop.daemon import Daemon, run_embedded
 from closedloop.store import Store
+from tests.daemon.procs import receive
 
 # -- experiments the tests run (imported by Dask workers as tests.test_compute:NAME) ---------------
 
@@ -241,18 +241,6 @@ def test_a_result_is_kept_in_the_outbox_until_acknowledged_and_offered_again_aft
                 time.sleep(0.05)
         raise AssertionError(f"cannot bind {endpoint} again")
 
-    def receive(sock: zmq.Socket, kind: type, limit_s: float = 30) -> tuple[bytes, Any]:
-        deadline = time.monotonic() + limit_s
-        while time.monotonic() < deadline:
-            if sock.poll(100):
-                identity, frame = sock.recv_multipart()
-                message = protocol.decode(frame)
-                if isinstance(message, kind):
-                    return identity, message
-                if isinstance(message, protocol.Heartbeat):
-                    sock.send_multipart([identity, protocol.encode(protocol.Refused(reason="unregistered: send hello"))])
-        raise AssertionError(f"no {kind.__name__} within {limit_s} s")
-
     daemon = router()
     outbox = tmp_path / "o.db"
     station = ComputeStation(endpoint, name="cluster", capacity=1, outbox=outbox, processes=False, local_workers=1,
@@ -261,26 +249,26 @@ def test_a_result_is_kept_in_the_outbox_until_acknowledged_and_offered_again_aft
     thread = threading.Thread(target=station.run, args=(stop,), daemon=True)
     thread.start()
     try:
-        identity, hello = receive(daemon, protocol.Hello)
+        identity, hello = receive(daemon, protocol.Hello, refuse_heartbeats=True)
         assert hello.capacity == 1 and hello.outstanding == []
         daemon.send_multipart([identity, protocol.encode(protocol.Welcome(heartbeat_s=0.3))])
         assign = protocol.Assign(campaign="c", trial_id=41, trial_index=1, setpoints={"x1": 0.3, "x2": 0.6},
                                  outputs=["y"], instrument=protocol.InstrumentSpec(
                                      target="function:tests.test_compute:quadratic", options={"offset": 5.0}))
         daemon.send_multipart([identity, protocol.encode(assign)])
-        _, result = receive(daemon, protocol.ResultMessage)
+        _, result = receive(daemon, protocol.ResultMessage, refuse_heartbeats=True)
         assert result.trial_id == 41 and result.values == {"y": pytest.approx(5.0)}
         daemon.close()  # the daemon dies before acknowledging
 
         daemon = router()  # ... and restarts: the station registers again, still holding trial 41
-        identity, hello = receive(daemon, protocol.Hello)
+        identity, hello = receive(daemon, protocol.Hello, refuse_heartbeats=True)
         assert hello.outstanding == [41]
         daemon.send_multipart([identity, protocol.encode(protocol.Welcome(heartbeat_s=0.3))])
-        _, again = receive(daemon, protocol.ResultMessage)
+        _, again = receive(daemon, protocol.ResultMessage, refuse_heartbeats=True)
         assert (again.trial_id, again.run_uid, again.values) == (41, result.run_uid, result.values)
         # an assign of the same trial is answered from the outbox, never run twice
         daemon.send_multipart([identity, protocol.encode(assign)])
-        _, third = receive(daemon, protocol.ResultMessage)
+        _, third = receive(daemon, protocol.ResultMessage, refuse_heartbeats=True)
         assert third.run_uid == result.run_uid and station.completed == 1
         daemon.send_multipart([identity, protocol.encode(protocol.Ack(trial_id=41))])
         deadline = time.monotonic() + 10

@@ -17,6 +17,7 @@ from closedloop.daemon import Daemon
 from closedloop.store import Store
 from closedloop.worker import Outbox, StationWorker
 from drivers.binding import InstrumentBinding
+from tests.daemon.procs import receive
 from simulators.surfaces import Branin, branin_campaign
 
 # the campaign names this module by import path; make that path resolve to this very module (pytest may
@@ -94,20 +95,11 @@ def test_an_assign_repeated_while_the_trial_is_queued_or_running_runs_it_once(tm
     thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
     thread.start()
 
-    def receive(kind: type) -> tuple[bytes, object]:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if daemon.poll(100):
-                identity, frame = daemon.recv_multipart()
-                message = protocol.decode(frame)
-                if isinstance(message, kind):
-                    return identity, message
-        raise AssertionError(f"no {kind.__name__} within 30 s")
-
     try:
-        identity, hello = receive(protocol.Hello)
+        identity, hello = receive(daemon, protocol.Hello)
         assert hello.instance and hello.welcomed == 0  # a repeat of this hello would say the same
         daemon.send_multipart([identity, protocol.encode(protocol.Welcome(heartbeat_s=0.2, session=1))])
+
         def assign(trial: int) -> bytes:
             return protocol.encode(protocol.Assign(
                 campaign="c", trial_id=trial, trial_index=trial, setpoints={"x1": 1.0, "x2": 2.0}, outputs=["y"],
@@ -120,7 +112,7 @@ def test_an_assign_repeated_while_the_trial_is_queued_or_running_runs_it_once(tm
         for trial in (7, 8, 7):
             daemon.send_multipart([identity, assign(trial)])
         for _ in range(2):
-            _, result = receive(protocol.ResultMessage)
+            _, result = receive(daemon, protocol.ResultMessage)
             daemon.send_multipart([identity, protocol.encode(protocol.Ack(trial_id=result.trial_id))])
         time.sleep(1.5)  # a second run of trial 7 would have finished by now
         assert [trial for trial, _ in worker.outbox.ran()] == [7, 8] and worker.completed == 2

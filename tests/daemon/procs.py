@@ -10,7 +10,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import zmq
+
+from closedloop import protocol
 from simulators.surfaces import branin_campaign
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,3 +85,21 @@ def ran(outbox: Path) -> list[tuple[int, str]]:
     """The station's own record of the runs it measured (written with its outbox entry)."""
     with sqlite3.connect(outbox) as db:
         return list(db.execute("SELECT trial_id, run_uid FROM ran"))
+
+
+def receive(router: zmq.Socket, kind: type, limit_s: float = 30.0, *, refuse_heartbeats: bool = False) -> tuple[bytes, Any]:
+    """The next message of ``kind`` from a station, read on a ROUTER socket standing in for the daemon.
+
+    Other messages are skipped; with ``refuse_heartbeats`` a heartbeat is answered "unregistered", as a
+    restarted daemon does, so that the station registers again at once.
+    """
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if router.poll(100):
+            identity, frame = router.recv_multipart()
+            message = protocol.decode(frame)
+            if isinstance(message, kind):
+                return identity, message
+            if refuse_heartbeats and isinstance(message, protocol.Heartbeat):
+                router.send_multipart([identity, protocol.encode(protocol.Refused(reason="unregistered: send hello"))])
+    raise AssertionError(f"no {kind.__name__} within {limit_s} s")

@@ -22,10 +22,11 @@ def test_contenders_keep_every_experiment_the_pruning_keeps_and_drop_others() ->
     for seed in range(3):
         model, x = _noisy_model(80, seed)
         kept = contenders(model, x)
-        assert 1 <= len(kept) < len(x)
         with torch.no_grad():
             mean = model.posterior(x).mean.reshape(-1)
         assert any(torch.equal(row, x[int(torch.argmax(mean))]) for row in kept)  # the model's incumbent stays
+        # the experiment the model rates worst (far from the peak, its mean some 8 below the best) is cut
+        assert not any(torch.equal(row, x[int(torch.argmin(mean))]) for row in kept)
         torch.manual_seed(seed)
         pruned = prune_inferior_points(model, x, num_samples=2048)
         for row in pruned:
