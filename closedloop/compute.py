@@ -271,10 +271,14 @@ class ComputeStation:
         # a worker that dies takes its experiment with it: report that as a failure so the campaign's
         # retry policy decides, rather than Dask quietly running the experiment again elsewhere
         with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
-            # loopback only (the scheduler's HTTP routes too): the local cluster serves this station alone
+            # loopback only (the scheduler's HTTP routes too): the local cluster serves this station alone.
+            # No Bokeh dashboard: Dask imports it while starting the scheduler, and two stations starting
+            # clusters at once in one process race on that import ("module 'distributed.dashboard' has no
+            # attribute 'scheduler'"), failing one of them
             where = {"host": "127.0.0.1"} if self.processes else {}
             self._cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=self.processes,
-                                         dashboard_address="127.0.0.1:0", **where)
+                                         dashboard_address="127.0.0.1:0", scheduler_kwargs={"dashboard": False},
+                                         **where)
         log.info("started a local Dask cluster: %d workers x %d threads (%s)", workers, threads,
                  "processes" if self.processes else "threads")
         return self._cluster

@@ -299,3 +299,27 @@ def test_a_compute_station_with_curve_keys_serves_a_daemon_that_requires_them(tm
     serve(daemon, station, limit_s=60)
     assert [t.status for t in store.trials(store.campaign_row("curve").id)] == ["completed", "completed"]
     store.close()
+
+
+def test_stations_in_one_process_start_their_local_clusters_at_once(tmp_path: Path) -> None:
+    """Two labs' stations in one process (CI's shared-store test): neither loses its cluster to the other's start."""
+    stations = [ComputeStation("tcp://127.0.0.1:1", name=f"s{i}", processes=False, local_workers=1, local_threads=1,
+                               outbox=tmp_path / f"o{i}.db") for i in range(4)]
+    capacities: dict[str, int | BaseException] = {}
+
+    def start(station: ComputeStation) -> None:
+        try:
+            capacities[station.name] = station.capacity  # asks the station's own LocalCluster, starting it
+        except BaseException as exc:
+            capacities[station.name] = exc
+
+    threads = [threading.Thread(target=start, args=(s,)) for s in stations]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        for s in stations:
+            s.close()
+    assert capacities == {f"s{i}": 1 for i in range(4)}

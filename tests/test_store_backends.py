@@ -129,15 +129,27 @@ def test_two_daemons_share_one_store_without_touching_each_others_campaigns(stor
             station = ComputeStation(daemon.endpoint, name=f"{name}-station", capacity=2, processes=False,
                                      local_workers=1, outbox=tmp_path / f"{name}.outbox", heartbeat_s=0.5)
             stop = threading.Event()
-            thread = threading.Thread(target=station.run, args=(stop,), daemon=True)
+            station_failed: list[BaseException] = []
+
+            def run_station() -> None:
+                try:
+                    station.run(stop)
+                except BaseException as exc:  # reported by the lab, not lost in a thread
+                    station_failed.append(exc)
+
+            thread = threading.Thread(target=run_station, daemon=True)
             thread.start()
             deadline = time.monotonic() + 120
             try:
-                daemon.serve(lambda: time.monotonic() > deadline)
+                daemon.serve(lambda: time.monotonic() > deadline or not thread.is_alive())
             finally:
                 stop.set()
                 thread.join(timeout=30)
                 daemon.close()
+            if station_failed:
+                raise station_failed[0]
+            if store.campaign_row(name).status != "completed":
+                raise TimeoutError(f"{name}: the campaign did not finish in 120 s")
             finished[name] = None
         except BaseException as exc:
             finished[name] = exc
