@@ -261,6 +261,11 @@ class Space:
             for i, values in self.cat_dims.items():
                 # each choice gets an equal share of the unit interval before rounding
                 x[:, i] = (x[:, i] * len(values) - 0.5).clamp(0, len(values) - 1)
+            for i, values in self.discrete_dims.items():
+                # and so does each allowed number: rounding would give the smallest and the largest half a
+                # share each (n in {6, 8, 10, 12}: 12 in one design point of six, not one of four)
+                grid = torch.tensor(sorted(values), dtype=x.dtype)
+                x[:, i] = grid[(x[:, i] * len(grid)).long().clamp(max=len(grid) - 1)]
         else:
             from botorch.utils.sampling import get_polytope_samples
 

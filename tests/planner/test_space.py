@@ -99,6 +99,27 @@ def test_design_points_are_feasible_and_spread() -> None:
     assert torch.equal(MIXED_SPACE.sample(5, seed=1, start=3), MIXED_SPACE.sample(8, seed=1)[3:])
 
 
+def test_the_design_gives_every_allowed_value_an_equal_share() -> None:
+    """Sixteen design points: each of eight integers twice, each of four numbers and four choices four times.
+
+    Rounding a uniform draw gave the smallest and the largest number half the share of the others (struts in
+    {6, 8, 10, 12}: 12 in one point of six), which no scientist reading the first experiments would expect.
+    """
+    from collections import Counter
+
+    space = Space(campaign("""
+n: {type: integer, bounds: [0, 7]}
+d: {type: discrete, values: [6, 8, 10, 12]}
+s: {type: categorical, values: [a, b, c, e]}
+x: {type: continuous, bounds: [0, 1]}
+"""))
+    for seed in range(3):
+        points = [space.decode(row) for row in space.sample(16, seed=seed)]
+        assert Counter(p["n"] for p in points) == dict.fromkeys(range(8), 2)
+        assert Counter(p["d"] for p in points) == dict.fromkeys([6.0, 8.0, 10.0, 12.0], 4)
+        assert Counter(p["s"] for p in points) == dict.fromkeys("abce", 4)
+
+
 def test_unsatisfiable_integer_constraint_is_refused_before_any_experiment() -> None:
     # the campaign loader may catch it already; if not, the planner must
     with pytest.raises((CampaignError, PlannerError), match="constraints"):
