@@ -40,6 +40,17 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+# Row defaults come from Python functions, not the builtins dict and list: pydantic inspects a default
+# factory's signature on every row it builds, and a builtin's signature is parsed from text into an AST,
+# which CPython 3.11.7 cannot do in two threads at once ("AST constructor recursion depth mismatch")
+def _empty_metadata() -> dict[str, Any]:
+    return {}
+
+
+def _no_runs() -> list[str]:
+    return []
+
+
 class TrialStatus(str, Enum):
     proposed = "proposed"
     dispatched = "dispatched"
@@ -75,14 +86,14 @@ class TrialRow(SQLModel, table=True):
     status: str = Field(default=TrialStatus.proposed.value, index=True)
     station: str | None = None
     attempts: int = 0
-    planner: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    planner: dict[str, Any] = Field(default_factory=_empty_metadata, sa_column=Column(JSON, nullable=False))
     error: str | None = None
     proposed_at: datetime = Field(default_factory=utcnow)
     dispatched_at: datetime | None = None
     finished_at: datetime | None = None
     # the Bluesky run of every attempt, in order: failed ones (their run opened, then the device failed) first,
     # the completed one (also ``observation.run_uid``) last. A server default, as the daemon inserts with SQL Core
-    run_uids: list[str] = Field(default_factory=list,
+    run_uids: list[str] = Field(default_factory=_no_runs,
                                 sa_column=Column(JSON, nullable=False, server_default=text("'[]'")))
 
 

@@ -459,12 +459,13 @@ def create_app(config: DashboardConfig) -> Starlette:
 
 
 def _import_anyio_names_now() -> None:
-    """Import, in the calling thread, the anyio modules that starlette would otherwise import on first use.
+    """Import, while this module is imported, the anyio modules that starlette would otherwise import on first use.
 
     anyio imports its names lazily, so the first file response imports a module inside the server's
     thread. Under pytest that import parses source into an AST (assertion rewriting covers plugin
     packages such as anyio), and CPython 3.11.7 raises SystemError ("AST constructor recursion depth
-    mismatch") when two threads build ASTs at once: a page load failed in CI that way.
+    mismatch") when two threads build ASTs at once: a page load failed in CI that way. Done when a
+    server was built, it raced a daemon already serving in other threads (CI again), so it is done at import.
     """
     import anyio
     import anyio.abc
@@ -474,13 +475,15 @@ def _import_anyio_names_now() -> None:
             getattr(package, name)
 
 
+_import_anyio_names_now()
+
+
 class DashboardServer:
     """The dashboard served by uvicorn in a background thread (``closedloop daemon --dashboard``, tests)."""
 
     def __init__(self, config: DashboardConfig):
         import uvicorn
 
-        _import_anyio_names_now()
         self.dashboard = Dashboard(config)
         self.config = config
         self._socket = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
