@@ -302,7 +302,7 @@ def test_a_compute_station_with_curve_keys_serves_a_daemon_that_requires_them(tm
 
 
 def test_stations_in_one_process_start_their_local_clusters_at_once(tmp_path: Path) -> None:
-    """Two labs' stations in one process (CI's shared-store test): neither loses its cluster to the other's start."""
+    """Stations in one process (two labs in CI's shared-store test): none loses its cluster to another's start."""
     stations = [ComputeStation("tcp://127.0.0.1:1", name=f"s{i}", processes=False, local_workers=1, local_threads=1,
                                outbox=tmp_path / f"o{i}.db") for i in range(4)]
     capacities: dict[str, int | BaseException] = {}

@@ -74,6 +74,26 @@ def test_a_campaign_lives_through_its_whole_cycle_on_each_backend(store_url: str
     again.close()
 
 
+def test_recording_trials_parses_no_source_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon records trials while other threads run (stations, the dashboard): building a row must not
+    parse text into an AST, which CPython 3.11.7 cannot do in two threads at once. pydantic parsed the text
+    signature of the builtin default factories dict and list for every row."""
+    import ast
+
+    store = Store(tmp_path / "s.db")
+    cid = store.open_campaign(branin_campaign("no-ast"))
+    parsed: list[str] = []
+    real_parse = ast.parse
+    monkeypatch.setattr(ast, "parse", lambda source, *a, **k: parsed.append(str(source)) or real_parse(source, *a, **k))
+    rows = store.add_trials(cid, [({"x1": 1.0, "x2": 2.0}, {}), ({"x1": 3.0, "x2": 4.0}, {"generator": "sobol"})])
+    store.mark_dispatched(rows[0].id, "station-a")
+    assert store.record_result(rows[0].id, "run-1", {"y": 1.5}) is True
+    monkeypatch.undo()
+    assert parsed == []
+    assert [r.run_uids for r in store.trials(cid)] == [["run-1"], []]
+    store.close()
+
+
 def test_trial_numbers_stay_unique_and_dense_when_many_writers_add_trials_at_once(store_url: str) -> None:
     """Each writer has its own Store (its own connections), as separate daemons or CLI processes would."""
     Store(store_url).close()
