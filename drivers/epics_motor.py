@@ -19,6 +19,7 @@ Channel Access on loopback are in ``docs/instruments.md``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +29,13 @@ from ophyd import Device, EpicsMotor, EpicsSignal, EpicsSignalRO
 
 from closedloop.errors import DeviceError
 from drivers.binding import InstrumentBinding, MaxStep
+
+log = logging.getLogger("closedloop.drivers.epics")
+
+# A second try with new device objects: in CI a motor built while another binding held the same PVs in
+# one process never received its first readback ("Pending operations: _pos_changed subscription"),
+# and a new EpicsMotor on the same PVs connected at once
+CONNECT_ATTEMPTS = 2
 
 
 def use_caproto() -> None:
@@ -74,19 +82,25 @@ def Stage(
     from bluesky.suspenders import SuspendBoolHigh
 
     use_caproto()
-    motors = {axis: EpicsMotor(f"{prefix}{axis}", name=axis) for axis in axes}
-    det = AcquireDetector(f"{prefix}{detector}:", name=detector)
-    suspenders = []
-    devices: list[Any] = [*motors.values(), det]
-    if interlock:
-        door = EpicsSignalRO(f"{prefix}interlock", name="interlock")
-        devices.append(door)
-        suspenders.append(SuspendBoolHigh(door, sleep=0.5, tripped_message="interlock open"))
-    for device in devices:
+    for attempt in range(1, CONNECT_ATTEMPTS + 1):
+        motors = {axis: EpicsMotor(f"{prefix}{axis}", name=axis) for axis in axes}
+        det = AcquireDetector(f"{prefix}{detector}:", name=detector)
+        door = EpicsSignalRO(f"{prefix}interlock", name="interlock") if interlock else None
+        devices: list[Any] = [*motors.values(), det, *([door] if door is not None else [])]
         try:
-            device.wait_for_connection(timeout=timeout)
+            for device in devices:
+                waiting = device.name
+                device.wait_for_connection(timeout=timeout)
+            break
         except TimeoutError as exc:
-            raise DeviceError(f"EPICS stage {prefix!r}: {device.name} did not connect in {timeout} s: {exc}") from exc
+            for device in devices:
+                device.destroy()
+            if attempt == CONNECT_ATTEMPTS:
+                raise DeviceError(f"EPICS stage {prefix!r}: {waiting} did not connect in {timeout} s "
+                                  f"({attempt} attempts): {exc}") from exc
+            log.warning("EPICS stage %r: %s did not connect in %s s (%s); trying again with new devices",
+                        prefix, waiting, timeout, exc)
+    suspenders = [SuspendBoolHigh(door, sleep=0.5, tripped_message="interlock open")] if door is not None else []
     return InstrumentBinding(
         name=f"epics-stage:{prefix}",
         positioners=motors,

@@ -142,3 +142,18 @@ def test_campaign_moves_the_ioc_to_each_setpoint_and_never_sends_an_out_of_limit
     with pytest.raises(LimitError):
         binding.positioners["x1"].set(7.5)
     assert list(read(f"{ioc}x1:puts").data) == pytest.approx(puts["x1"])
+
+
+def test_a_stage_whose_ioc_does_not_answer_is_refused_after_a_second_try(monkeypatch, caplog) -> None:
+    """No IOC serves the prefix: the binding tries twice, with new devices, then names the device it waited for."""
+    from closedloop.errors import DeviceError
+
+    port = free_ca_port()  # nothing listens there: every search goes unanswered
+    for key, value in {"EPICS_CA_ADDR_LIST": "127.0.0.1", "EPICS_CA_AUTO_ADDR_LIST": "NO",
+                       "EPICS_CA_SERVER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    with caplog.at_level("WARNING", logger="closedloop.drivers.epics"):
+        with pytest.raises(DeviceError, match=r"'nobody:': x1 did not connect in 0.5 s \(2 attempts\)"):
+            load_binding("drivers.epics_motor:Stage", {"prefix": "nobody:", "timeout": 0.5})
+    retries = [r.getMessage() for r in caplog.records if "trying again" in r.getMessage()]
+    assert len(retries) == 1 and "x1 did not connect" in retries[0]
