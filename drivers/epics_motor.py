@@ -58,6 +58,16 @@ class AcquireDetector(Device):
         return self.acquire.set(1)
 
 
+def _first_unconnected(devices: list[Any], timeout: float) -> tuple[str, TimeoutError] | None:
+    """The first of ``devices`` that does not connect within ``timeout``, and why; None when all do."""
+    for device in devices:
+        try:
+            device.wait_for_connection(timeout=timeout)
+        except TimeoutError as exc:
+            return device.name, exc
+    return None
+
+
 def Stage(
     *,
     prefix: str = "sim:",
@@ -87,19 +97,17 @@ def Stage(
         det = AcquireDetector(f"{prefix}{detector}:", name=detector)
         door = EpicsSignalRO(f"{prefix}interlock", name="interlock") if interlock else None
         devices: list[Any] = [*motors.values(), det, *([door] if door is not None else [])]
-        try:
-            for device in devices:
-                waiting = device.name
-                device.wait_for_connection(timeout=timeout)
+        failure = _first_unconnected(devices, timeout)
+        if failure is None:
             break
-        except TimeoutError as exc:
-            for device in devices:
-                device.destroy()
-            if attempt == CONNECT_ATTEMPTS:
-                raise DeviceError(f"EPICS stage {prefix!r}: {waiting} did not connect in {timeout} s "
-                                  f"({attempt} attempts): {exc}") from exc
-            log.warning("EPICS stage %r: %s did not connect in %s s (%s); trying again with new devices",
-                        prefix, waiting, timeout, exc)
+        for device in devices:
+            device.destroy()
+        waiting, exc = failure
+        if attempt == CONNECT_ATTEMPTS:
+            raise DeviceError(f"EPICS stage {prefix!r}: {waiting} did not connect in {timeout} s "
+                              f"({attempt} attempts): {exc}") from exc
+        log.warning("EPICS stage %r: %s did not connect in %s s (%s); trying again with new devices",
+                    prefix, waiting, timeout, exc)
     suspenders = [SuspendBoolHigh(door, sleep=0.5, tripped_message="interlock open")] if door is not None else []
     return InstrumentBinding(
         name=f"epics-stage:{prefix}",

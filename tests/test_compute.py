@@ -72,17 +72,30 @@ instrument: {instrument}
 
 
 def serve(daemon: Daemon, station: ComputeStation, limit_s: float = 90) -> None:
-    """Run the daemon here and the station in a thread until the campaign ends (or the limit)."""
+    """Run the daemon here and the station in a thread until the campaign ends (or the limit).
+
+    A station that dies ends the wait at once, and its exception is raised here, not lost in its thread.
+    """
     stop = threading.Event()
-    thread = threading.Thread(target=station.run, args=(stop,), daemon=True)
+    station_failed: list[BaseException] = []
+
+    def run_station() -> None:
+        try:
+            station.run(stop)
+        except BaseException as exc:
+            station_failed.append(exc)
+
+    thread = threading.Thread(target=run_station, daemon=True)
     thread.start()
     deadline = time.monotonic() + limit_s
     try:
-        daemon.serve(lambda: time.monotonic() > deadline)
+        daemon.serve(lambda: time.monotonic() > deadline or not thread.is_alive())
     finally:
         stop.set()
         thread.join(timeout=30)
         daemon.close()
+    if station_failed:
+        raise station_failed[0]
     assert time.monotonic() <= deadline, "the campaign did not finish in time"
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from closedloop.daemon import Daemon
 from closedloop.store import Store, TrialStatus
 from tests.conftest import branin_campaign
 from tests.test_compute import campaign as compute_campaign
-from tests.test_compute import quadratic
+from tests.test_compute import quadratic, serve
 
 POSTGRES_ENV = "CLOSEDLOOP_TEST_POSTGRES_URL"
 
@@ -148,26 +147,7 @@ def test_two_daemons_share_one_store_without_touching_each_others_campaigns(stor
             daemon = Daemon(store, [c], heartbeat_s=0.5, reconcile_s=1.0)
             station = ComputeStation(daemon.endpoint, name=f"{name}-station", capacity=2, processes=False,
                                      local_workers=1, outbox=tmp_path / f"{name}.outbox", heartbeat_s=0.5)
-            stop = threading.Event()
-            station_failed: list[BaseException] = []
-
-            def run_station() -> None:
-                try:
-                    station.run(stop)
-                except BaseException as exc:  # reported by the lab, not lost in a thread
-                    station_failed.append(exc)
-
-            thread = threading.Thread(target=run_station, daemon=True)
-            thread.start()
-            deadline = time.monotonic() + 120
-            try:
-                daemon.serve(lambda: time.monotonic() > deadline or not thread.is_alive())
-            finally:
-                stop.set()
-                thread.join(timeout=30)
-                daemon.close()
-            if station_failed:
-                raise station_failed[0]
+            serve(daemon, station, limit_s=120)
             if store.campaign_row(name).status != "completed":
                 raise TimeoutError(f"{name}: the campaign did not finish in 120 s")
             finished[name] = None
