@@ -53,6 +53,10 @@ DEFAULT_PUBLISH = "tcp://127.0.0.1:5702"
 _HELD = getattr(TrialStatus, "held", None)  # approval mode (people in the loop), when the store has it
 # proposals stored but not yet dispatched: queued for a station, or held for a person
 _WAITING = [TrialStatus.proposed.value] + ([_HELD.value] if _HELD is not None else [])
+# an instrument its station could not reach gets none of its trials for this long, doubled after each failure
+# in a row up to the longest: a powered-off robot is tried again soon, one down for the night now and then
+REST_FIRST_S = 2.0
+REST_LONGEST_S = 300.0
 
 
 def _now_iso() -> str:
@@ -79,6 +83,7 @@ class Station:
     prefetch: int = 0  # trials queued on the station beyond its capacity, so it never waits for a round trip
     instance: str = ""  # the station process, and the welcomes it had had, as its registering hello said
     welcomed: int = 0
+    resting: dict[str, tuple[float, float]] = field(default_factory=dict)  # unreachable target -> (until, rest s)
 
     def serves(self, run: CampaignRun, parameters: dict[str, Any] | None = None) -> bool:
         """Whether this station may run the campaign's experiments: any of them, or the one at ``parameters``
@@ -88,6 +93,15 @@ class Station:
         wanted = run.campaign.instruments if parameters is None else [run.campaign.source_of(parameters)]
         return any(("*" in self.instruments or run.campaign.instruments[source].target in self.instruments)
                    and (source is None or "*" in self.sources or source in self.sources) for source in wanted)
+
+    def ready(self, run: CampaignRun, parameters: dict[str, Any] | None = None) -> bool:
+        """:meth:`serves`, and the instrument (any of the campaign's, or the one for ``parameters``) is not
+        resting after this station could not reach it."""
+        if not self.serves(run, parameters):
+            return False
+        now = time.monotonic()
+        wanted = run.campaign.instruments.values() if parameters is None else [run.campaign.instrument_for(parameters)]
+        return any(self.resting.get(i.target, (0.0, 0.0))[0] <= now for i in wanted)
 
     @property
     def free(self) -> int:
@@ -718,6 +732,7 @@ class Daemon:
                 continue
             self.stats["results"] += 1
             self._release(result.trial_id, cancel_elsewhere=identity)
+            self.stations[identity].resting.pop(run.campaign.instrument_for(parameters).target, None)
             run.count_finished(parameters)
             finished = Result(parameters, values, index)
             ingest.setdefault(run.id, []).append(finished)
@@ -837,8 +852,31 @@ class Daemon:
             return
         run = self.runs[flight.campaign_id]
         self._keep_documents(failure.trial_id, failure.run_uid, failure.documents)
-        self._fail(run, flight, failure.error, retry=True, run_uid=failure.run_uid)
+        if failure.unavailable and not failure.run_uid:
+            self._rest(run, flight, station, failure.error)
+        else:
+            self._fail(run, flight, failure.error, retry=True, run_uid=failure.run_uid)
         self._send(identity, protocol.Ack(trial_id=failure.trial_id))
+
+    def _rest(self, run: CampaignRun, flight: InFlight, station: Station, error: str) -> None:
+        """The station could not reach the trial's instrument, so nothing ran: the trial goes back to the front
+        of the queue, not counted as an attempt nor shown to the planner as a failure, and the station gets
+        none of that instrument's trials until its rest is over (the trial may go to another station)."""
+        target = run.campaign.instrument_for(flight.parameters).target
+        _, last = station.resting.get(target, (0.0, 0.0))
+        rest = min(REST_LONGEST_S, 2 * last) if last else REST_FIRST_S
+        station.resting[target] = (time.monotonic() + rest, rest)
+        self._release(flight.trial_id)
+        self.store.requeue(flight.trial_id, error, attempted=False)
+        run.queue.appendleft(flight.trial_id)
+        log.warning("station %s could not reach %s (%s); its trials wait, next try in %.0f s", station.name, target,
+                    error[:200], rest)
+        self._transition(run, flight.index, flight.trial_id, "requeued", reason=error, station=station.name,
+                         instrument_unavailable=True)
+        self._emit("trial_requeued", run, trial=flight.index, reason=error)
+        self._emit_daemon("instrument_unavailable", station=station.name, instrument=target, error=error[:500],
+                          retry_in_s=rest)
+        self._update_planner(run)
 
     def _runs_trial(self, trial_id: int) -> bool:
         """Whether the trial is one of this daemon's campaigns' (a station could name any number)."""
@@ -923,7 +961,7 @@ class Daemon:
                 parameters = self.store.trial(trial_id).parameters
             except StoreError:
                 parameters = {}
-            if not parameters or station.serves(run, parameters):
+            if not parameters or station.ready(run, parameters):
                 run.queue.remove(trial_id)
                 return trial_id
         return None
@@ -978,7 +1016,7 @@ class Daemon:
             while station.free > 0:
                 # campaigns take turns on a station that serves several
                 for i, run in enumerate(runs):
-                    if station.serves(run) and self._dispatch_one(run, station):
+                    if station.ready(run) and self._dispatch_one(run, station):
                         runs.append(runs.pop(i))
                         break
                 else:
@@ -1014,8 +1052,8 @@ class Daemon:
                 if proposal is None:
                     return False
             run.starved_since = None
-            if not station.serves(run, proposal.parameters):
-                # issue 8: for a source this station does not serve; it waits in the queue for one that does
+            if not station.ready(run, proposal.parameters):
+                # issue 8: for a source this station does not serve (or cannot reach now); it waits in the queue
                 rows = self.store.add_trials(run.id, [(proposal.parameters, proposal.metadata)],
                                              companion=provenance.companion(self.store, run.planner, [proposal]))
                 run.queue.append(rows[0].id)  # type: ignore[arg-type]
@@ -1240,7 +1278,8 @@ class Daemon:
                 "best": _result_dict(run.best),
             })
         stations = [{"name": s.name, "capacity": s.capacity, "running": sorted(s.running), "instruments": s.instruments,
-                     "campaigns": s.campaigns, "last_seen_s": round(now - s.last_seen, 2)}
+                     "campaigns": s.campaigns, "last_seen_s": round(now - s.last_seen, 2),
+                     "unreachable": {target: round(max(0.0, until - now), 1) for target, (until, _) in s.resting.items()}}
                     for s in self.stations.values()]
         return {"protocol": protocol.PROTOCOL_VERSION, "uptime_s": round(now - self.started, 1),
                 "stopping": self._stop_requested, "endpoint": self.endpoint, "publish": self.publish_endpoint,

@@ -15,6 +15,11 @@ class DeviceError(ClosedLoopError):
     """An instrument refused or failed an experiment: the hardware side acts."""
 
 
+class InstrumentUnavailable(DeviceError):
+    """The station could not reach its instrument (no connection, powered off): nothing was moved or read,
+    so the experiment says nothing about its setpoints and runs again once the instrument answers."""
+
+
 class PlannerError(ClosedLoopError):
     """The planner cannot handle the campaign or failed to propose."""
 

@@ -149,6 +149,8 @@ class Failure(_Message):
     run_uid: str | None = Field(default=None, max_length=128)
     duration_s: float | None = None
     documents: str | None = Field(default=None, max_length=MAX_MESSAGE_BYTES // 2)  # the failed run's JSON lines
+    # the station could not reach the instrument: nothing ran, the trial waits for it rather than failing
+    unavailable: bool = False
 
 
 class Ack(_Message):

@@ -317,13 +317,16 @@ class Store:
             session.refresh(row)
             return row
 
-    def requeue(self, trial_id: int, reason: str, run_uid: str | None = None) -> None:
+    def requeue(self, trial_id: int, reason: str, run_uid: str | None = None, *, attempted: bool = True) -> None:
         """Put a dispatched trial back to be dispatched again (its station never started it, or its attempt
-        failed: ``run_uid`` is the Bluesky run of that attempt, when it opened one)."""
+        failed: ``run_uid`` is the Bluesky run of that attempt, when it opened one). Without ``attempted``
+        the dispatch does not count as an attempt: the station could not reach its instrument."""
         with self._lock, Session(self.engine) as session:
             row = self._trial(session, trial_id)
             if row.status == TrialStatus.dispatched.value:
                 row.status, row.station, row.error = TrialStatus.proposed.value, None, reason
+                if not attempted:
+                    row.attempts = max(0, row.attempts - 1)
                 row.run_uids = _with_run(row.run_uids, run_uid)
                 session.add(row)
                 session.commit()

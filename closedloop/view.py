@@ -482,7 +482,10 @@ def daemon_lines(control: str, campaigns: list[str], timeout_s: float = 0.3) -> 
     stations = status.get("stations", [])
     lines = [f"daemon at {status.get('endpoint')} (up {format_seconds(status.get('uptime_s'))}): "
              + ("; ".join(f"{s['name']} {len(s.get('running', []))}/{s.get('capacity', '?')} busy, "
-                          f"seen {s.get('last_seen_s', 0):.0f} s ago" for s in stations) or "no station connected")]
+                          f"seen {s.get('last_seen_s', 0):.0f} s ago"
+                          + "".join(f", cannot reach {target} (next try in {left:.0f} s)"
+                                    for target, left in s.get("unreachable", {}).items())
+                          for s in stations) or "no station connected")]
     for c in status.get("campaigns", []):
         if c.get("name") in campaigns:
             flags = [f for f in ("paused", "stopping") if c.get(f)]

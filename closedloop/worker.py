@@ -31,7 +31,7 @@ from bluesky import RunEngine
 from bluesky.utils import RunEngineInterrupted
 
 from closedloop import protocol
-from closedloop.errors import DeviceError, ProtocolError
+from closedloop.errors import DeviceError, InstrumentUnavailable, ProtocolError
 from closedloop.keys import ClientKeys
 from drivers.binding import InstrumentBinding, load_binding
 from drivers.documents import DocumentCollector
@@ -261,7 +261,8 @@ class StationWorker:
             # and its documents: a failure is when a scientist most needs to see what the hardware did
             message = protocol.Failure(trial_id=trial, error=f"{type(exc).__name__}: {exc}",
                                        run_uid=str(opened) if opened else None, duration_s=time.monotonic() - started,
-                                       documents=_carried(documents) if opened else None)
+                                       documents=_carried(documents) if opened else None,
+                                       unavailable=isinstance(exc, InstrumentUnavailable) and not opened)
         payload = protocol.encode(message)
         run_uid = message.run_uid if isinstance(message, protocol.ResultMessage) else None
         self.outbox.put(trial, payload, run_uid)  # persisted before it is sent: survives a crash from here on

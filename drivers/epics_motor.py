@@ -27,7 +27,7 @@ import ophyd
 from ophyd import Component as Cpt
 from ophyd import Device, EpicsMotor, EpicsSignal, EpicsSignalRO
 
-from closedloop.errors import DeviceError
+from closedloop.errors import InstrumentUnavailable
 from drivers.binding import InstrumentBinding, MaxStep
 
 log = logging.getLogger("closedloop.drivers.epics")
@@ -104,7 +104,7 @@ def Stage(
             device.destroy()
         waiting, exc = failure
         if attempt == CONNECT_ATTEMPTS:
-            raise DeviceError(f"EPICS stage {prefix!r}: {waiting} did not connect in {timeout} s "
+            raise InstrumentUnavailable(f"EPICS stage {prefix!r}: {waiting} did not connect in {timeout} s "
                               f"({attempt} attempts): {exc}") from exc
         log.warning("EPICS stage %r: %s did not connect in %s s (%s); trying again with new devices",
                     prefix, waiting, timeout, exc)

@@ -41,9 +41,8 @@ def free_ca_port() -> int:
     raise RuntimeError("no free port for Channel Access")
 
 
-@pytest.fixture
-def ioc(monkeypatch, tmp_path):
-    """The simulated stage IOC in a subprocess, reachable only on loopback; yields its PV prefix."""
+def loopback_channel_access(monkeypatch) -> dict[str, str]:
+    """Channel Access on loopback only, on free ports, for this process's client and the IOCs it starts."""
     server_port, repeater_port = free_ca_port(), free_ca_port()
     env = {
         "EPICS_CA_ADDR_LIST": "127.0.0.1", "EPICS_CA_AUTO_ADDR_LIST": "NO",
@@ -52,15 +51,36 @@ def ioc(monkeypatch, tmp_path):
         "EPICS_CA_SERVER_PORT": str(server_port), "EPICS_CAS_SERVER_PORT": str(server_port),
         "EPICS_CA_REPEATER_PORT": str(repeater_port),
     }
-    for key, value in env.items():  # this process's Channel Access client reads them too
+    for key, value in env.items():
         monkeypatch.setenv(key, value)
-    prefix = f"cl{uuid.uuid4().hex[:6]}:"
+    return env
+
+
+def start_ioc(prefix: str, env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """The simulated stage IOC serving ``prefix``, in a subprocess writing to ``log_path``."""
     limits = [f"--limit={name}={low}:{high}" for name, (low, high) in IOC_LIMITS.items()]
-    log = (tmp_path / "ioc.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "simulators.epics_ioc", "--prefix", prefix, *limits, "--velocity", "100"],
-        cwd=ROOT, env={**os.environ, **env, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT,
-    )
+    with log_path.open("w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "simulators.epics_ioc", "--prefix", prefix, *limits, "--velocity", "100"],
+            cwd=ROOT, env={**os.environ, **env, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT,
+        )
+
+
+def stop_ioc(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture
+def ioc(monkeypatch, tmp_path):
+    """The simulated stage IOC in a subprocess, reachable only on loopback; yields its PV prefix."""
+    env = loopback_channel_access(monkeypatch)
+    prefix = f"cl{uuid.uuid4().hex[:6]}:"
+    process = start_ioc(prefix, env, tmp_path / "ioc.log")
     from caproto.sync.client import read
 
     deadline = time.monotonic() + 30
@@ -75,13 +95,7 @@ def ioc(monkeypatch, tmp_path):
     try:
         yield prefix
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+        stop_ioc(process)
 
 
 CAMPAIGN = """
@@ -157,3 +171,42 @@ def test_a_stage_whose_ioc_does_not_answer_is_refused_after_a_second_try(monkeyp
             load_binding("drivers.epics_motor:Stage", {"prefix": "nobody:", "timeout": 0.5})
     retries = [r.getMessage() for r in caplog.records if "trying again" in r.getMessage()]
     assert len(retries) == 1 and "x1 did not connect" in retries[0]
+
+
+@pytest.mark.slow
+def test_a_campaign_waits_for_an_ioc_that_is_down_and_loses_no_experiment(monkeypatch, tmp_path) -> None:
+    """The IOC starts only after the station has failed to reach it: the trial waits (not failed, not an attempt,
+    not a failure for the planner), the station is tried again after its rest, and every experiment runs once."""
+    env = loopback_channel_access(monkeypatch)
+    prefix = f"cl{uuid.uuid4().hex[:6]}:"
+    campaign = Campaign.from_yaml_text(CAMPAIGN.format(prefix=prefix).replace(
+        "budget: {experiments: 5}", "budget: {experiments: 3}").replace("[-5, 10]", "[-5, 5]").replace(
+        f'options: {{prefix: "{prefix}"}}', f'options: {{prefix: "{prefix}", timeout: 0.5}}'))
+    events: list[tuple[str, dict]] = []
+    iocs: list[subprocess.Popen] = []
+
+    def on_event(kind: str, details: dict) -> None:
+        events.append((kind, details))
+        if kind == "instrument_unavailable" and not iocs:
+            iocs.append(start_ioc(prefix, env, tmp_path / "ioc.log"))
+
+    store = Store(tmp_path / "store.db")
+    try:
+        run = run_embedded(campaign, store, outbox=str(tmp_path / "outbox.db"), on_event=on_event)
+        trials = store.trials(run.id)
+    finally:
+        store.close()
+        for process in iocs:
+            stop_ioc(process)
+
+    unavailable = [d for k, d in events if k == "instrument_unavailable"]
+    assert iocs and unavailable, "the station never reported the IOC unreachable"
+    assert unavailable[0]["instrument"] == "drivers.epics_motor:Stage" and unavailable[0]["retry_in_s"] == 2.0
+    assert "x1 did not connect" in unavailable[0]["error"]
+    # each further failure in a row rests the station twice as long
+    assert [d["retry_in_s"] for d in unavailable] == [2.0 * 2**i for i in range(len(unavailable))]
+    assert [t.status for t in trials] == ["completed"] * 3
+    assert [t.attempts for t in trials] == [1, 1, 1]
+    assert not any(k == "trial_failed" for k, _ in events)
+    requeued = [d for k, d in events if k == "trial_requeued"]
+    assert [d["trial"] for d in requeued] == [1] * len(unavailable)
