@@ -59,6 +59,12 @@ REST_FIRST_S = 2.0
 REST_LONGEST_S = 300.0
 
 
+def _instrument_label(instrument: Any) -> str:
+    """An instrument as a station reaches it: its driver and options (one driver may serve several robots)."""
+    options = json.dumps(instrument.options, sort_keys=True, default=str) if instrument.options else ""
+    return f"{instrument.target} {options}".strip()
+
+
 def _now_iso() -> str:
     return datetime.now(timezone.utc).isoformat()
 
@@ -83,7 +89,7 @@ class Station:
     prefetch: int = 0  # trials queued on the station beyond its capacity, so it never waits for a round trip
     instance: str = ""  # the station process, and the welcomes it had had, as its registering hello said
     welcomed: int = 0
-    resting: dict[str, tuple[float, float]] = field(default_factory=dict)  # unreachable target -> (until, rest s)
+    resting: dict[str, tuple[float, float]] = field(default_factory=dict)  # unreachable instrument -> (until, rest s)
 
     def serves(self, run: CampaignRun, parameters: dict[str, Any] | None = None) -> bool:
         """Whether this station may run the campaign's experiments: any of them, or the one at ``parameters``
@@ -101,7 +107,7 @@ class Station:
             return False
         now = time.monotonic()
         wanted = run.campaign.instruments.values() if parameters is None else [run.campaign.instrument_for(parameters)]
-        return any(self.resting.get(i.target, (0.0, 0.0))[0] <= now for i in wanted)
+        return any(self.resting.get(_instrument_label(i), (0.0, 0.0))[0] <= now for i in wanted)
 
     @property
     def free(self) -> int:
@@ -732,7 +738,7 @@ class Daemon:
                 continue
             self.stats["results"] += 1
             self._release(result.trial_id, cancel_elsewhere=identity)
-            self.stations[identity].resting.pop(run.campaign.instrument_for(parameters).target, None)
+            self.stations[identity].resting.pop(_instrument_label(run.campaign.instrument_for(parameters)), None)
             run.count_finished(parameters)
             finished = Result(parameters, values, index)
             ingest.setdefault(run.id, []).append(finished)
@@ -862,20 +868,21 @@ class Daemon:
         """The station could not reach the trial's instrument, so nothing ran: the trial goes back to the front
         of the queue, not counted as an attempt nor shown to the planner as a failure, and the station gets
         none of that instrument's trials until its rest is over (the trial may go to another station)."""
-        target = run.campaign.instrument_for(flight.parameters).target
-        _, last = station.resting.get(target, (0.0, 0.0))
+        instrument = run.campaign.instrument_for(flight.parameters)
+        label = _instrument_label(instrument)
+        _, last = station.resting.get(label, (0.0, 0.0))
         rest = min(REST_LONGEST_S, 2 * last) if last else REST_FIRST_S
-        station.resting[target] = (time.monotonic() + rest, rest)
+        station.resting[label] = (time.monotonic() + rest, rest)
         self._release(flight.trial_id)
         self.store.requeue(flight.trial_id, error, attempted=False)
         run.queue.appendleft(flight.trial_id)
-        log.warning("station %s could not reach %s (%s); its trials wait, next try in %.0f s", station.name, target,
+        log.warning("station %s could not reach %s (%s); its trials wait, next try in %.0f s", station.name, label,
                     error[:200], rest)
         self._transition(run, flight.index, flight.trial_id, "requeued", reason=error, station=station.name,
                          instrument_unavailable=True)
         self._emit("trial_requeued", run, trial=flight.index, reason=error)
-        self._emit_daemon("instrument_unavailable", station=station.name, instrument=target, error=error[:500],
-                          retry_in_s=rest)
+        self._emit_daemon("instrument_unavailable", station=station.name, instrument=instrument.target,
+                          options=instrument.options, error=error[:500], retry_in_s=rest)
         self._update_planner(run)
 
     def _runs_trial(self, trial_id: int) -> bool:
@@ -1279,7 +1286,7 @@ class Daemon:
             })
         stations = [{"name": s.name, "capacity": s.capacity, "running": sorted(s.running), "instruments": s.instruments,
                      "campaigns": s.campaigns, "last_seen_s": round(now - s.last_seen, 2),
-                     "unreachable": {target: round(max(0.0, until - now), 1) for target, (until, _) in s.resting.items()}}
+                     "unreachable": {label: round(max(0.0, until - now), 1) for label, (until, _) in s.resting.items()}}
                     for s in self.stations.values()]
         return {"protocol": protocol.PROTOCOL_VERSION, "uptime_s": round(now - self.started, 1),
                 "stopping": self._stop_requested, "endpoint": self.endpoint, "publish": self.publish_endpoint,

@@ -399,3 +399,58 @@ def test_sigterm_stops_dispatch_waits_for_results_in_flight_and_a_restart_finish
             kill9(proc)
     trials = Store(tmp_path / "s.db").trials(1)
     assert len(trials) == 20 and {t.status for t in trials} == {"completed"}
+
+
+def test_a_station_that_cannot_reach_its_instrument_gets_the_trial_back_after_a_rest(store: Store) -> None:
+    """A failure marked ``unavailable`` (nothing ran) is neither an attempt nor a failure: with no retries allowed
+    the trial still runs, first on the same station after 2 s, then 4 s; ``status`` says why it waits."""
+    from closedloop.view import daemon_lines
+
+    control = f"tcp://127.0.0.1:{free_port()}"
+    daemon = Daemon(store, [_campaign("reach", 1, latency=0.05, concurrency=1, retries=0)], heartbeat_s=5.0,
+                    control=control)
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(daemon.endpoint)
+
+    def next_message(kind: str) -> protocol.Message:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if sock.poll(100):
+                message = protocol.decode(sock.recv())
+                if message.type == kind:
+                    return message
+        raise AssertionError(f"no {kind} in 20 s")
+
+    try:
+        sock.send(protocol.encode(protocol.Hello(station="robot", instance="p1")))
+        with serving(daemon) as thread:
+            next_message("welcome")
+            assigned = [next_message("assign")]
+            trial_id = assigned[0].trial_id
+            refused_at = []
+            for rest in (2.0, 4.0):
+                refused_at.append(time.monotonic())
+                sock.send(protocol.encode(protocol.Failure(trial_id=trial_id, unavailable=True,
+                                                           error="InstrumentUnavailable: robot powered off")))
+                next_message("ack")
+                row = store.trial(trial_id)
+                assert (row.status, row.attempts, row.station) == ("proposed", 0, None)
+                assert "powered off" in row.error
+                waiting = control_request(control, "status")["stations"][0]["unreachable"]
+                (label, left), = waiting.items()
+                assert label.startswith("simulators.") and 0 <= left <= rest
+                assert any("cannot reach simulators." in line for line in daemon_lines(control, ["reach"]))
+                assigned.append(next_message("assign"))
+                assert assigned[-1].trial_id == trial_id
+                assert time.monotonic() - refused_at[-1] >= rest - 0.1, "dispatched again before the rest was over"
+            sock.send(protocol.encode(protocol.ResultMessage(trial_id=trial_id, run_uid="run-1", values={"y": 1.5})))
+            next_message("ack")
+            thread.join(timeout=20)
+        assert not thread.is_alive()
+        row = store.trial(trial_id)
+        assert (row.status, row.attempts, row.error) == ("completed", 1, None)
+    finally:
+        sock.close()
+        context.term()

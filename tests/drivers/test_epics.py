@@ -202,6 +202,7 @@ def test_a_campaign_waits_for_an_ioc_that_is_down_and_loses_no_experiment(monkey
     unavailable = [d for k, d in events if k == "instrument_unavailable"]
     assert iocs and unavailable, "the station never reported the IOC unreachable"
     assert unavailable[0]["instrument"] == "drivers.epics_motor:Stage" and unavailable[0]["retry_in_s"] == 2.0
+    assert unavailable[0]["options"] == {"prefix": prefix, "timeout": 0.5}
     assert "x1 did not connect" in unavailable[0]["error"]
     # each further failure in a row rests the station twice as long
     assert [d["retry_in_s"] for d in unavailable] == [2.0 * 2**i for i in range(len(unavailable))]
