@@ -23,13 +23,14 @@ import asyncio
 import importlib
 import inspect
 import math
+import sys
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from bluesky.protocols import Movable, Readable
 
-from closedloop.errors import DeviceError
+from closedloop.errors import DeviceError, InstrumentUnavailable
 
 Plan = Generator[Any, Any, Any]
 
@@ -267,17 +268,33 @@ def _run_check(checker: Callable[[Any], Any], value: Any) -> None:
             close()
 
 
+def _not_connected(exc: Exception) -> bool:
+    if isinstance(exc, TimeoutError):  # ophyd's wait_for_connection
+        return True
+    core = sys.modules.get("ophyd_async.core")  # loaded by any factory that made ophyd-async devices
+    return core is not None and isinstance(exc, core.NotConnectedError)
+
+
 def _device_name(device: Any) -> str:
     return str(getattr(device, "name", device))
 
 
 def load_binding(target: str, options: Mapping[str, Any] | None = None) -> InstrumentBinding:
-    """Build the binding named by an import path ``package.module:Factory`` with its options."""
+    """Build the binding named by an import path ``package.module:Factory`` with its options.
+
+    A factory that cannot reach its hardware (ophyd's connection timeout, ophyd-async's
+    ``NotConnectedError``) raises :class:`InstrumentUnavailable`: nothing has moved, and the daemon
+    keeps the experiment for when the instrument answers.
+    """
     factory = import_object(target)
     try:
         binding = factory(**dict(options or {}))
     except TypeError as exc:  # an unknown option: say which instrument refused it
         raise DeviceError(f"{target}: {exc}") from exc
+    except Exception as exc:
+        if _not_connected(exc):
+            raise InstrumentUnavailable(f"{target}: {exc}") from exc
+        raise
     if not isinstance(binding, InstrumentBinding):
         raise DeviceError(f"{target!r} returned {type(binding).__name__}, not an InstrumentBinding")
     return binding

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ophyd import EpicsSignal
 from ophyd.utils.errors import LimitError
 
 from closedloop.campaign import Campaign
 from closedloop.daemon import run_embedded
 from closedloop.store import Store
-from drivers.binding import load_binding
+from drivers.binding import InstrumentBinding, load_binding
+from drivers.epics_motor import use_caproto
 from simulators.surfaces import branin
 
 pytest.importorskip("caproto")
@@ -211,3 +213,23 @@ def test_a_campaign_waits_for_an_ioc_that_is_down_and_loses_no_experiment(monkey
     assert not any(k == "trial_failed" for k, _ in events)
     requeued = [d for k, d in events if k == "trial_requeued"]
     assert [d["trial"] for d in requeued] == [1] * len(unavailable)
+
+
+def signal_binding(pv: str) -> InstrumentBinding:
+    """A binding whose one setting is an EPICS PV, connected while the binding is built."""
+    use_caproto()
+    setting = EpicsSignal(pv, name="setting")
+    setting.wait_for_connection(timeout=0.3)
+    return InstrumentBinding(name="one-pv", signals={"x": setting})
+
+
+def test_a_factory_whose_pv_does_not_connect_makes_the_instrument_unavailable(monkeypatch) -> None:
+    """ophyd's connection timeout inside any binding factory means the hardware is out of reach, not a failed
+    experiment: load_binding says InstrumentUnavailable, naming the factory."""
+    from closedloop.errors import InstrumentUnavailable
+
+    for key, value in {"EPICS_CA_ADDR_LIST": "127.0.0.1", "EPICS_CA_AUTO_ADDR_LIST": "NO",
+                       "EPICS_CA_SERVER_PORT": str(free_ca_port())}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(InstrumentUnavailable, match=r"^tests\.drivers\.test_epics:signal_binding: .*nobody:pv"):
+        load_binding("tests.drivers.test_epics:signal_binding", {"pv": "nobody:pv"})
