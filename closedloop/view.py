@@ -309,8 +309,9 @@ class ProgressView:
     def __call__(self, kind: str, details: dict[str, Any]) -> None:
         if self.live_mode:
             self._dirty = True
-            if kind == "goal_reached" and self.live is not None:
-                self.live.console.print(f"goal reached: {details['rule']}", highlight=False)
+            notice = _notice(kind, details)
+            if notice and self.live is not None:
+                self.live.console.print(notice, highlight=False, markup=False)
             return
         self._plain(kind, details)
 
@@ -340,8 +341,18 @@ class ProgressView:
                                highlight=False, soft_wrap=True)
         elif kind == "campaign_started" and details.get("finished"):
             self.console.print(f"resuming {name}: {details['finished']} experiments already done", highlight=False)
-        elif kind == "goal_reached":
-            self.console.print(f"goal reached: {details['rule']}", highlight=False)
+        elif _notice(kind, details):
+            self.console.print(_notice(kind, details), highlight=False, soft_wrap=True, markup=False)
+
+
+def _notice(kind: str, details: dict[str, Any]) -> str | None:
+    """The line an event gets even on the live panel: what a scientist watching must not miss."""
+    if kind == "goal_reached":
+        return f"goal reached: {details['rule']}"
+    if kind == "instrument_unavailable":
+        return (f"station {details['station']} cannot reach {details['instrument']} ({details['error']}); "
+                f"the experiment waits, next try in {details['retry_in_s']:.0f} s")
+    return None
 
 
 def watch(store: Store, campaign: str, console: Console, interval_s: float = 1.0,

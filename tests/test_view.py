@@ -115,10 +115,13 @@ def test_the_plain_view_prints_one_line_per_event(busy: tuple[Store, str]) -> No
         view("trial_completed", {"campaign": "busy", "trial": 6, "values": {"y": 2.0}, "finished": 6,
                                  "best": {"trial": 6, "values": {"y": 2.0}}})
         view("trial_failed", {"campaign": "busy", "trial": 7, "error": "timed out", "finished": 7})
+        view("instrument_unavailable", {"station": "robot", "instrument": "drivers.epics_motor:Stage",
+                                        "error": "IOC [lab:] down", "retry_in_s": 4.0})
     assert out.getvalue().splitlines() == [
         "experiment 10 held for approval: x1=1",
         "[6/10] experiment 6: y=2; best y=2 (#6)",
         "[7/10] experiment 7: failed: timed out; best y=2 (#6)",
+        "station robot cannot reach drivers.epics_motor:Stage (IOC [lab:] down); the experiment waits, next try in 4 s",
     ]
 
 
