@@ -1161,7 +1161,9 @@ class Daemon:
                     "stations": len(self.stations), "in_flight": len(self.in_flight),
                     "stopping": self._stop_requested,
                     "planner_errors": {r.campaign.name: r.service.error for r in self.runs.values()
-                                       if r.service is not None and r.service.error}}
+                                       if r.service is not None and r.service.error},
+                    # the loop is fine, the lab is not: monitoring should hear of hardware out of reach
+                    "unreachable_instruments": {s.name: sorted(s.resting) for s in self.stations.values() if s.resting}}
         if method in ("pause", "resume"):
             runs = self._select(params)
             for run in runs:

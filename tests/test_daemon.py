@@ -442,6 +442,8 @@ def test_a_station_that_cannot_reach_its_instrument_gets_the_trial_back_after_a_
                 (label, left), = waiting.items()
                 assert label.startswith("simulators.") and 0 <= left <= rest
                 assert any("cannot reach simulators." in line for line in daemon_lines(control, ["reach"]))
+                health = control_request(control, "health")
+                assert health["healthy"] and health["unreachable_instruments"] == {"robot": [label]}
                 assigned.append(next_message("assign"))
                 assert assigned[-1].trial_id == trial_id
                 assert time.monotonic() - refused_at[-1] >= rest - 0.1, "dispatched again before the rest was over"
