@@ -341,8 +341,8 @@ class ProgressView:
                                highlight=False, soft_wrap=True)
         elif kind == "campaign_started" and details.get("finished"):
             self.console.print(f"resuming {name}: {details['finished']} experiments already done", highlight=False)
-        elif _notice(kind, details):
-            self.console.print(_notice(kind, details), highlight=False, soft_wrap=True, markup=False)
+        elif notice := _notice(kind, details):
+            self.console.print(notice, highlight=False, soft_wrap=True, markup=False)
 
 
 def _notice(kind: str, details: dict[str, Any]) -> str | None:
@@ -494,8 +494,8 @@ def daemon_lines(control: str, campaigns: list[str], timeout_s: float = 0.3) -> 
     lines = [f"daemon at {status.get('endpoint')} (up {format_seconds(status.get('uptime_s'))}): "
              + ("; ".join(f"{s['name']} {len(s.get('running', []))}/{s.get('capacity', '?')} busy, "
                           f"seen {s.get('last_seen_s', 0):.0f} s ago"
-                          + "".join(f", cannot reach {target} (next try in {left:.0f} s)"
-                                    for target, left in s.get("unreachable", {}).items())
+                          + "".join(f", cannot reach {instrument} (next try in {left:.0f} s)"
+                                    for instrument, left in s.get("unreachable", {}).items())
                           for s in stations) or "no station connected")]
     for c in status.get("campaigns", []):
         if c.get("name") in campaigns:

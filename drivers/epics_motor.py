@@ -105,7 +105,7 @@ def Stage(
         waiting, exc = failure
         if attempt == CONNECT_ATTEMPTS:
             raise InstrumentUnavailable(f"EPICS stage {prefix!r}: {waiting} did not connect in {timeout} s "
-                              f"({attempt} attempts): {exc}") from exc
+                                        f"({attempt} attempts): {exc}") from exc
         log.warning("EPICS stage %r: %s did not connect in %s s (%s); trying again with new devices",
                     prefix, waiting, timeout, exc)
     suspenders = [SuspendBoolHigh(door, sleep=0.5, tripped_message="interlock open")] if door is not None else []
