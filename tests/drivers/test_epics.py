@@ -193,13 +193,17 @@ def test_a_campaign_waits_for_an_ioc_that_is_down_and_loses_no_experiment(monkey
             iocs.append(start_ioc(prefix, env, tmp_path / "ioc.log"))
 
     store = Store(tmp_path / "store.db")
+    deadline = time.monotonic() + 120
     try:
-        run = run_embedded(campaign, store, outbox=str(tmp_path / "outbox.db"), on_event=on_event)
+        run = run_embedded(campaign, store, outbox=str(tmp_path / "outbox.db"), on_event=on_event,
+                           should_stop=lambda: time.monotonic() > deadline)
         trials = store.trials(run.id)
     finally:
         store.close()
         for process in iocs:
             stop_ioc(process)
+    log = (tmp_path / "ioc.log").read_text()[-2000:] if iocs else ""
+    assert time.monotonic() <= deadline, f"the campaign did not finish in 120 s; IOC log: {log}"
 
     unavailable = [d for k, d in events if k == "instrument_unavailable"]
     assert iocs and unavailable, "the station never reported the IOC unreachable"
