@@ -269,8 +269,12 @@ class ComputeStation:
         workers = self.local_workers or max(1, min(self._capacity or os.cpu_count() or 1, os.cpu_count() or 1))
         threads = self.local_threads or max(1, math.ceil((self._capacity or workers) / workers))
         # a worker that dies takes its experiment with it: report that as a failure so the campaign's
-        # retry policy decides, rather than Dask quietly running the experiment again elsewhere
-        with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        # retry policy decides, rather than Dask quietly running the experiment again elsewhere.
+        # No statistical profiler: it calls sys._current_frames() every 10 ms, and on CPython 3.11 a garbage
+        # collection inside that call which frees a threading.local deadlocks the whole process (the runtime's
+        # thread-list lock is taken twice; CI hung so in a thread-worker cluster). Nobody reads the profile.
+        settings = {"distributed.scheduler.allowed-failures": 0, "distributed.worker.profile.enabled": False}
+        with dask.config.set(settings):
             # loopback only (the scheduler's HTTP routes too): the local cluster serves this station alone.
             # No Bokeh dashboard: Dask imports it while starting the scheduler, and two stations starting
             # clusters at once in one process race on that import ("module 'distributed.dashboard' has no

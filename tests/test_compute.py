@@ -336,3 +336,19 @@ def test_stations_in_one_process_start_their_local_clusters_at_once(tmp_path: Pa
         for s in stations:
             s.close()
     assert capacities == {f"s{i}": 1 for i in range(4)}
+
+
+def test_a_stations_local_workers_run_no_statistical_profiler(tmp_path: Path) -> None:
+    """Dask's profiler calls sys._current_frames() every 10 ms in each worker; in a thread-worker cluster, on
+    CPython 3.11, a garbage collection inside that call deadlocked the test process (seen in CI). Off, for both
+    kinds of local cluster."""
+    for processes in (False, True):
+        station = ComputeStation("tcp://127.0.0.1:1", name=f"profile-{processes}", capacity=1, processes=processes,
+                                 local_workers=1, outbox=tmp_path / f"o{processes}.db")
+        try:
+            callbacks = station.client().run(lambda dask_worker: sorted(dask_worker.periodic_callbacks))
+        finally:
+            station.close()
+            station.outbox.close()
+        (names,) = callbacks.values()
+        assert "heartbeat" in names and "profile" not in names and "profile-cycle" not in names
