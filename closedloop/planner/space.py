@@ -247,37 +247,45 @@ class Space:
 
         A scrambled Sobol sequence; with linear constraints, hit-and-run samples of the constrained
         polytope (BoTorch's ``get_polytope_samples``) so that the design is spread inside it rather
-        than piled on its faces.
+        than piled on its faces. Inequalities that no feasible point satisfies strictly (``0.01 * a <= 0.01``
+        with ``0.02 * a >= 0.02``; ``u + v <= 1`` with ``u + v >= 1``) leave a polytope without an inside,
+        where hit-and-run cannot start: they are sampled as the equalities they are.
         """
         if n <= 0:
             return torch.zeros(0, self.dim, dtype=torch.double)
         if not self.constraints:
-            from torch.quasirandom import SobolEngine
+            return self.snap(self._sobol(n, seed, start))
+        from botorch.utils.sampling import get_polytope_samples
 
-            engine = SobolEngine(dimension=self.dim, scramble=True, seed=seed)
-            if start:
-                engine.fast_forward(start)
-            x = engine.draw(n, dtype=torch.double)
-            for i, values in self.cat_dims.items():
-                # each choice gets an equal share of the unit interval before rounding
-                x[:, i] = (x[:, i] * len(values) - 0.5).clamp(0, len(values) - 1)
-            for i, values in self.discrete_dims.items():
-                # and so does each allowed number: rounding would give the smallest and the largest half a
-                # share each (n in {6, 8, 10, 12}: 12 in one design point of six, not one of four)
-                grid = torch.tensor(sorted(values), dtype=x.dtype)
-                x[:, i] = grid[(x[:, i] * len(grid)).long().clamp(max=len(grid) - 1)]
-        else:
-            from botorch.utils.sampling import get_polytope_samples
-
-            # the relaxed box of categories is [-0.5, k-0.5] so each choice is equally likely
-            box = self.bounds().clone()
-            for i in self.cat_dims:
-                box[0, i], box[1, i] = -0.49, box[1, i] + 0.49
-            x = get_polytope_samples(
-                n=start + n, bounds=box, inequality_constraints=self.inequality_constraints or None,
-                equality_constraints=self.equality_constraints or None, seed=seed, n_burnin=200, n_thinning=8,
-            )[start:]
+        # the relaxed box of categories is [-0.5, k-0.5] so each choice is equally likely
+        box = self.bounds().clone()
+        for i in self.cat_dims:
+            box[0, i], box[1, i] = -0.49, box[1, i] + 0.49
+        # hit-and-run in a polytope without an inside either refuses its start point (by 3e-18) or stays
+        # at one vertex
+        inequalities, equalities = _pinning_as_equalities(box, self.inequality_constraints, self.equality_constraints)
+        x = get_polytope_samples(
+            n=start + n, bounds=box, inequality_constraints=inequalities or None,
+            equality_constraints=equalities or None, seed=seed, n_burnin=200, n_thinning=8,
+        )[start:]
         return self.snap(x)
+
+    def _sobol(self, n: int, seed: int, start: int) -> torch.Tensor:
+        from torch.quasirandom import SobolEngine
+
+        engine = SobolEngine(dimension=self.dim, scramble=True, seed=seed)
+        if start:
+            engine.fast_forward(start)
+        x = engine.draw(n, dtype=torch.double)
+        for i, values in self.cat_dims.items():
+            # each choice gets an equal share of the unit interval before rounding
+            x[:, i] = (x[:, i] * len(values) - 0.5).clamp(0, len(values) - 1)
+        for i, values in self.discrete_dims.items():
+            # and so does each allowed number: rounding would give the smallest and the largest half a
+            # share each (n in {6, 8, 10, 12}: 12 in one design point of six, not one of four)
+            grid = torch.tensor(sorted(values), dtype=x.dtype)
+            x[:, i] = grid[(x[:, i] * len(grid)).long().clamp(max=len(grid) - 1)]
+        return x
 
     # -- internals ---------------------------------------------------------------------
 
@@ -501,3 +509,35 @@ def load_candidates(campaign: Campaign) -> list[dict[str, Any]]:
     if not typed:
         raise PlannerError("candidates: the table has no rows")
     return typed
+
+
+def _pinning_as_equalities(box: torch.Tensor, inequalities: list, equalities: list) -> tuple[list, list]:
+    """BoTorch ``(indices, coefficients, rhs)`` constraints with every inequality that holds with equality
+    at every feasible point (its largest slack, by linear programming, is zero) moved to the equalities,
+    less those the others already imply."""
+    from scipy.optimize import linprog
+
+    d = box.shape[-1]
+
+    def dense(indices: torch.Tensor, coefficients: torch.Tensor) -> np.ndarray:
+        row = np.zeros(d)
+        row[indices.numpy()] = coefficients.numpy()
+        return row
+
+    a_ub = np.array([-dense(i, c) for i, c, _ in inequalities]).reshape(-1, d)
+    b_ub = np.array([-r for *_, r in inequalities])
+    a_eq = np.array([dense(i, c) for i, c, _ in equalities]).reshape(-1, d)
+    b_eq = np.array([r for *_, r in equalities])
+    limits = list(zip(box[0].tolist(), box[1].tolist()))
+    free, pinned = [], []
+    for constraint, row, rhs in zip(inequalities, -a_ub, -b_ub):
+        most = linprog(-row, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq if len(a_eq) else None, b_eq=b_eq if len(b_eq) else None,
+                       bounds=limits, method="highs")
+        slack = -most.fun - rhs if most.status == 0 else math.inf
+        (pinned if slack <= 1e-9 * max(1.0, abs(rhs)) else free).append(constraint)
+    kept = list(equalities)
+    for constraint in pinned:
+        rows = np.array([np.append(dense(i, c), r) for i, c, r in [*kept, constraint]])
+        if np.linalg.matrix_rank(rows, tol=1e-9) == len(rows):
+            kept.append(constraint)
+    return free, kept

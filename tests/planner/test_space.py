@@ -120,6 +120,18 @@ x: {type: continuous, bounds: [0, 1]}
         assert Counter(p["s"] for p in points) == dict.fromkeys("abce", 4)
 
 
+def test_constraints_that_pin_a_value_give_a_design_of_that_value() -> None:
+    """Two inequalities leaving one value (a polytope with no inside; hypothesis found it in CI): BoTorch's
+    hit-and-run sampler refused its start point by 3e-18, and no experiment could be proposed."""
+    space = Space(campaign("a: {type: integer, bounds: [0, 3]}", extra='constraints: ["0.01 * a <= 0.01", "0.02 * a >= 0.02"]'))
+    assert [space.decode(row)["a"] for row in space.sample(4, seed=0)] == [1, 1, 1, 1]
+    line = Space(campaign("u: {type: continuous, bounds: [0, 1]}\nv: {type: continuous, bounds: [0, 1]}",
+                          extra='constraints: ["u + v <= 1", "u + v >= 1"]'))
+    points = [line.decode(row) for row in line.sample(8, seed=1)]
+    assert all(line.feasible(p) for p in points)
+    assert len({round(p["u"], 6) for p in points}) >= 4, "the design spreads along the line"
+
+
 def test_unsatisfiable_integer_constraint_is_refused_before_any_experiment() -> None:
     # the campaign loader may catch it already; if not, the planner must
     with pytest.raises((CampaignError, PlannerError), match="constraints"):
