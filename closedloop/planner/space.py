@@ -111,6 +111,12 @@ class Space:
                 lo, hi = min(p.values), max(p.values)
                 self.discrete_dims[c.index] = [(v - lo) / (hi - lo) for v in p.values]
         self.inequality_constraints, self.equality_constraints = self._botorch_constraints()
+        if self.inequality_constraints:
+            # inequalities that leave no room are equalities to BoTorch's samplers and optimizers, which
+            # otherwise refuse a start point by 3e-18, stay at one vertex, or fix a column and then find
+            # the constraint "not met with fixed features"
+            self.inequality_constraints, self.equality_constraints = _pinning_as_equalities(
+                self.bounds(), self.inequality_constraints, self.equality_constraints)
         self._constrained_names = sorted(constrained, key=self.names.index)
         if self.constraints:
             self._check_integer_feasible()
@@ -247,9 +253,8 @@ class Space:
 
         A scrambled Sobol sequence; with linear constraints, hit-and-run samples of the constrained
         polytope (BoTorch's ``get_polytope_samples``) so that the design is spread inside it rather
-        than piled on its faces. Inequalities that no feasible point satisfies strictly (``0.01 * a <= 0.01``
-        with ``0.02 * a >= 0.02``; ``u + v <= 1`` with ``u + v >= 1``) leave a polytope without an inside,
-        where hit-and-run cannot start: they are sampled as the equalities they are.
+        than piled on its faces (inequalities that leave no room, ``u + v <= 1`` with ``u + v >= 1``, are
+        equalities here: see ``__init__``).
         """
         if n <= 0:
             return torch.zeros(0, self.dim, dtype=torch.double)
@@ -261,12 +266,9 @@ class Space:
         box = self.bounds().clone()
         for i in self.cat_dims:
             box[0, i], box[1, i] = -0.49, box[1, i] + 0.49
-        # hit-and-run in a polytope without an inside either refuses its start point (by 3e-18) or stays
-        # at one vertex
-        inequalities, equalities = _pinning_as_equalities(box, self.inequality_constraints, self.equality_constraints)
         x = get_polytope_samples(
-            n=start + n, bounds=box, inequality_constraints=inequalities or None,
-            equality_constraints=equalities or None, seed=seed, n_burnin=200, n_thinning=8,
+            n=start + n, bounds=box, inequality_constraints=self.inequality_constraints or None,
+            equality_constraints=self.equality_constraints or None, seed=seed, n_burnin=200, n_thinning=8,
         )[start:]
         return self.snap(x)
 

@@ -208,6 +208,17 @@ def test_mixture_equality_holds_after_decoding() -> None:
         assert abs(p["a"] + p["b"] + p["w"] - 1) <= 1e-9
 
 
+def test_inequalities_that_pin_a_value_still_give_model_proposals() -> None:
+    """``0.01 a <= 0.01`` with ``0.02 a >= 0.02`` leave a = 1: before, the design failed, and once past it the
+    mixed optimizer fixed a and found the constraint "not met with fixed features", so nothing was proposed."""
+    c = campaign("a: {type: integer, bounds: [0, 3]}\nx: {type: continuous, bounds: [0, 1]}",
+                 extra='constraints: ["0.01 * a <= 0.01", "0.02 * a >= 0.02"]', initial=3)
+    planner = make_planner(c)
+    results = run(planner, lambda p: {"y": (p["x"] - 0.3) ** 2}, 6)
+    assert [r.parameters["a"] for r in results] == [1] * 6
+    assert planner.suggest(1)[0].metadata["generator"].startswith("botorch.")
+
+
 @pytest.mark.parametrize("backend", ["sobol", "random"])
 def test_baselines_accept_every_campaign_and_count_only_feasible_experiments(backend: str) -> None:
     c = campaign(BRANIN, objectives="y: {goal: minimize}\nz: {goal: maximize}",
