@@ -51,7 +51,8 @@ class AxPlanner:
     Handles continuous (linear or log), integer, categorical, discrete and fixed parameters,
     ``<=``/``>=`` linear constraints on linear-scale continuous and integer parameters, one or several
     objectives (thresholds become Ax's objective thresholds) and outcome constraints. It refuses,
-    at construction, candidate tables and equality constraints, naming the campaign field.
+    at construction, candidate tables and equality constraints (written ``==`` or as a pair of
+    inequalities that leave no room), naming the campaign field.
     """
 
     backend: ClassVar[str] = "ax"
@@ -237,6 +238,14 @@ def unsupported(campaign: Campaign) -> list[str]:
                                 f"parameters; {name!r} is {p.type}")
             elif isinstance(p, ContinuousParameter) and p.scale == "log":
                 problems.append(f"constraints.{i}: the ax backend cannot constrain the log-scale parameter {name!r}")
+    if not problems and any(c.op != "==" for c in campaign.linear_constraints):
+        from closedloop.planner.space import Space
+
+        # Ax samples its start by rejection and finds nothing in a region of no volume
+        equalities = sum(c.op == "==" for c in campaign.linear_constraints)
+        if len(Space(campaign).equality_constraints) > equalities:
+            problems.append("constraints: some <= and >= constraints leave no room between them (together they are "
+                            "an equality), which the ax backend cannot sample; the botorch backend can")
     single = len(campaign.objectives) == 1
     for i, bound in enumerate(campaign.output_bounds):
         if single and bound.output in campaign.objectives:

@@ -139,6 +139,7 @@ def test_failures_are_marked_failed_and_a_rebuilt_planner_learns_every_result():
     [
         ({"budget:": "candidates: library.csv\nbudget:"}, "candidates"),
         ({'"x1 + x2 <= 12"': '"x1 + x2 == 12"'}, "constraints.0"),
+        ({'"x1 + x2 <= 12"': '"x1 + x2 <= 12", "x1 + x2 >= 12"'}, "constraints: some <= and >= constraints leave no room"),
         ({'"x1 + x2 <= 12"': '"x1 + d <= 12"'}, "constraints.0"),
         ({'"x1 + x2 <= 12"': '"x1 + r <= 12"'}, "constraints.0"),
         ({"budget:": 'outcome_constraints: ["y <= 3"]\nbudget:'}, "outcome_constraints.0"),
