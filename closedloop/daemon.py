@@ -105,6 +105,8 @@ class Station:
         resting after this station could not reach it."""
         if not self.serves(run, parameters):
             return False
+        if not self.resting:  # the usual case, asked every loop turn: nothing to label or compare
+            return True
         now = time.monotonic()
         wanted = run.campaign.instruments.values() if parameters is None else [run.campaign.instrument_for(parameters)]
         return any(self.resting.get(_instrument_label(i), (0.0, 0.0))[0] <= now for i in wanted)
@@ -738,7 +740,9 @@ class Daemon:
                 continue
             self.stats["results"] += 1
             self._release(result.trial_id, cancel_elsewhere=identity)
-            self.stations[identity].resting.pop(_instrument_label(run.campaign.instrument_for(parameters)), None)
+            resting = self.stations[identity].resting
+            if resting:
+                resting.pop(_instrument_label(run.campaign.instrument_for(parameters)), None)
             run.count_finished(parameters)
             finished = Result(parameters, values, index)
             ingest.setdefault(run.id, []).append(finished)
