@@ -404,14 +404,16 @@ class ComputeStation:
 
     def _start(self, sock: zmq.Socket, assignment: protocol.Assign) -> None:
         trial = assignment.trial_id
-        stored = self.outbox.get(trial)
-        if stored is not None:  # finished before a reconnect: send the same answer, never re-run
+        stored = self.outbox.result(trial)
+        if stored is not None:  # finished before a reconnect: send the same result, never re-run
             sock.send(stored)
             return
         if trial in self._running:
+            # one experiment is one run: the one running answers the daemon's latest assignment of it
+            self._running[trial].assignment = assignment
             return
         target = assignment.instrument.target
-        sock.send(protocol.encode(protocol.Started(trial_id=trial)))
+        sock.send(protocol.encode(protocol.Started(trial_id=trial, assignment=assignment.msg_id)))
         try:
             if not is_computational(target):
                 raise ComputeError(f"a compute station runs functions and commands, not instrument {target!r}")
@@ -420,7 +422,8 @@ class ComputeStation:
                                    dict(assignment.instrument.options), list(assignment.outputs), assignment.timeout_s,
                                    key=f"closedloop-trial-{trial}-{uuid.uuid4().hex[:8]}", pure=False)
         except Exception as exc:  # cannot even submit: a failure of this trial, reported like any other
-            payload = protocol.encode(protocol.Failure(trial_id=trial, error=_describe(exc)))
+            payload = protocol.encode(protocol.Failure(trial_id=trial, assignment=assignment.msg_id,
+                                                       error=_describe(exc)))
             self.outbox.put(trial, payload)
             sock.send(payload)
             self.failed += 1
@@ -438,13 +441,14 @@ class ComputeStation:
         try:
             outcome = future.result(timeout=5)
             message: protocol.ResultMessage | protocol.Failure = protocol.ResultMessage(
-                trial_id=trial_id, run_uid=f"dask-{future.key}", values=outcome["values"],
+                trial_id=trial_id, assignment=running.assignment.msg_id, run_uid=f"dask-{future.key}", values=outcome["values"],
                 duration_s=max(0.0, outcome["finished"] - outcome["started"]))
             self.spans.append((outcome["started"], outcome["finished"]))
             self.completed += 1
         except Exception as exc:  # every failure is reported with its error, never swallowed
             log.warning("trial %s of %s failed: %s", trial_id, running.assignment.campaign, _describe(exc))
-            message = protocol.Failure(trial_id=trial_id, error=_describe(exc))
+            message = protocol.Failure(trial_id=trial_id, assignment=running.assignment.msg_id,
+                                       error=_describe(exc))
             self.failed += 1
         payload = protocol.encode(message)
         self.outbox.put(trial_id, payload)  # persisted before it is sent: survives a crash from here on

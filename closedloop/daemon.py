@@ -127,6 +127,13 @@ class InFlight:
     dispatched: float = field(default_factory=time.monotonic)
     started: bool = False
     reconciling: bool = False  # dispatched by an earlier daemon; its station has not spoken since
+    # the assign's message id, which the station's answers name; None when an earlier daemon sent it
+    assignment: str | None = None
+
+    def answered_by(self, message: protocol.Started | protocol.ResultMessage | protocol.Failure) -> bool:
+        """Whether a station's message answers this assignment, not an earlier one of the same trial (a
+        retry on the same station: the aborted attempt's failure must not fail the new one)."""
+        return self.assignment is None or message.assignment is None or message.assignment == self.assignment
 
 
 class PlannerService:
@@ -495,6 +502,9 @@ class Daemon:
                 self.poller.register(sock, zmq.POLLIN)
         self.stations: dict[bytes, Station] = {}
         self.in_flight: dict[int, InFlight] = {}
+        # trials re-queued because their station was lost, by that station: if it comes back holding one,
+        # the experiment is still running (or done) there, and the trial goes back to it
+        self._left_behind: dict[int, str] = {}
         self._session = 0
         self._seq = 0
         self._stop_requested = False
@@ -715,14 +725,16 @@ class Daemon:
             values = {k: result.values[k] for k in run.campaign.outputs}
             noise = {k: v for k, v in (result.noise or {}).items() if k in values} or None
             items.append((result.trial_id, result.run_uid, values, noise, result.duration_s))
-            accepted.append((identity, result, run, index, parameters, values))
+            # an earlier attempt's result on the station that now holds a retry: the retry must not run
+            retry_here = flight is not None and flight.station == station.name and not flight.answered_by(result)
+            accepted.append((identity, result, run, index, parameters, values, retry_here))
         if not items:
             return
         for identity, result, *_ in accepted:
             self._keep_documents(result.trial_id, result.run_uid, result.documents)
         outcomes = self.store.record_results(items)
         ingest: dict[int, list[Result]] = {}
-        for (identity, result, run, index, parameters, values), outcome in zip(accepted, outcomes):
+        for (identity, result, run, index, parameters, values, retry_here), outcome in zip(accepted, outcomes):
             if isinstance(outcome, str):
                 self._drop(identity, f"result refused: {outcome}")
                 try:
@@ -740,6 +752,8 @@ class Daemon:
                 continue
             self.stats["results"] += 1
             self._release(result.trial_id, cancel_elsewhere=identity)
+            if retry_here:
+                self._send(identity, protocol.Cancel(trial_id=result.trial_id, reason="result already stored"))
             resting = self.stations[identity].resting
             if resting:
                 resting.pop(_instrument_label(run.campaign.instrument_for(parameters)), None)
@@ -815,8 +829,10 @@ class Daemon:
                 self._transition(run, flight.index, trial_id, "requeued", reason="station does not hold it")
                 self._emit("trial_requeued", run, trial=flight.index, reason="station does not hold it")
         for trial_id in holds - set(station.running):
-            # not this station's any more (run elsewhere, finished, re-queued): it must not run here; a
-            # result already in its outbox still arrives and is stored or acknowledged on its merits
+            if self._adopt(trial_id, station):
+                continue
+            # not this station's any more (run elsewhere, finished): it must not run here; a result
+            # already in its outbox still arrives and is stored or acknowledged on its merits
             self._send(identity, protocol.Cancel(trial_id=trial_id, reason="not assigned to this station"))
         self.stations[identity] = station
         log.info("station %s registered (session %d, capacity %d, instruments %s, campaigns %s, holds %s)",
@@ -826,6 +842,29 @@ class Daemon:
             self._emit_daemon("station_joined", station=hello.station, capacity=hello.capacity)
         for run in self.runs.values():
             self._update_planner(run)
+
+    def _adopt(self, trial_id: int, station: Station) -> bool:
+        """Give a re-queued trial back to the station that comes back holding it (it was declared lost, and
+        is still running the experiment or holds its result): the same attempt, not a second run."""
+        if self._left_behind.get(trial_id) != station.name:
+            return False  # re-queued for another reason (its attempt failed): a held failure is a late one
+        run = next((r for r in self.runs.values() if trial_id in r.queue), None)
+        if run is None or trial_id in self.in_flight:
+            return False
+        try:
+            trial = self.store.mark_dispatched(trial_id, station.name, attempted=False)
+        except StoreError:
+            return False
+        run.queue.remove(trial_id)
+        flight = InFlight(trial_id, run.id, trial.index, trial.parameters, station.name,
+                          self._deadline(run, started=False))
+        self.in_flight[trial_id] = flight
+        station.running[trial_id] = flight.dispatched
+        log.info("station %s came back holding trial %s: it stays there", station.name, trial_id)
+        self._transition(run, trial.index, trial_id, "dispatched", station=station.name, attempt=trial.attempts,
+                         reason="the station came back holding it")
+        self._emit("trial_dispatched", run, trial=trial.index, station=station.name, parameters=trial.parameters)
+        return True
 
     def _on_heartbeat(self, identity: bytes, heartbeat: protocol.Heartbeat) -> None:
         station = self.stations[identity]
@@ -839,7 +878,7 @@ class Daemon:
     def _on_started(self, identity: bytes, started: protocol.Started) -> None:
         flight = self.in_flight.get(started.trial_id)
         station = self.stations[identity]
-        if flight is None or flight.station != station.name:
+        if flight is None or flight.station != station.name or not flight.answered_by(started):
             return
         flight.reconciling, flight.started = False, True
         run = self.runs[flight.campaign_id]
@@ -850,7 +889,7 @@ class Daemon:
     def _on_failure(self, identity: bytes, failure: protocol.Failure) -> None:
         flight = self.in_flight.get(failure.trial_id)
         station = self.stations[identity]
-        if flight is None or flight.station != station.name:
+        if flight is None or flight.station != station.name or not flight.answered_by(failure):
             # late (timed out, cancelled, re-queued) or unknown: the store already says what happened, except
             # for the run the station had opened (a timed-out run reports its failure once aborted)
             log.info("failure of trial %s from %s ignored: not in flight there (run %s: %s)", failure.trial_id,
@@ -921,6 +960,7 @@ class Daemon:
 
     def _release(self, trial_id: int, cancel_elsewhere: bytes | None = None) -> None:
         self.in_flight.pop(trial_id, None)
+        self._left_behind.pop(trial_id, None)
         for station in self.stations.values():
             if station.running.pop(trial_id, None) is not None and cancel_elsewhere not in (None, station.identity):
                 # the result came from another station (an outbox after a re-queue): stop the duplicate run
@@ -948,6 +988,7 @@ class Daemon:
                         run = self.runs[flight.campaign_id]
                         self._fail(run, flight, f"station {station.name} lost", retry=True,
                                    status=TrialStatus.abandoned)
+                        self._left_behind[trial_id] = station.name
         for flight in list(self.in_flight.values()):
             if flight.deadline is None or now <= flight.deadline:
                 continue
@@ -1101,7 +1142,7 @@ class Daemon:
             metadata=trial.planner,
         )
         flight = InFlight(trial.id, run.id, trial.index, trial.parameters, station.name,
-                          self._deadline(run, started=False))
+                          self._deadline(run, started=False), assignment=assignment.msg_id)
         self.in_flight[trial.id] = flight
         station.running[trial.id] = flight.dispatched
         sent = self._send(station.identity, assignment)

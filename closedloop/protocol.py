@@ -112,9 +112,15 @@ class Assign(_Message):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
+#: the ``msg_id`` of the assign a station's started, result or failure message answers: a trial may be
+#: assigned to one station more than once (a retry), and an aborted attempt's failure is not the next one's
+AssignmentId = Annotated[str | None, Field(max_length=64)]
+
+
 class Started(_Message):
     type: Literal["started"] = "started"
     trial_id: int
+    assignment: AssignmentId = None
 
 
 def _finite_values(values: dict[str, float] | None) -> dict[str, float] | None:
@@ -129,6 +135,7 @@ class ResultMessage(_Message):
 
     type: Literal["result"] = "result"
     trial_id: int
+    assignment: AssignmentId = None
     run_uid: str = Field(min_length=1, max_length=128)
     values: dict[str, float] = Field(max_length=1024)
     noise: dict[str, float] | None = None
@@ -145,6 +152,7 @@ class Failure(_Message):
 
     type: Literal["failure"] = "failure"
     trial_id: int
+    assignment: AssignmentId = None
     error: str = Field(max_length=16_384)
     run_uid: str | None = Field(default=None, max_length=128)
     duration_s: float | None = None

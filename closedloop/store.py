@@ -304,13 +304,15 @@ class Store:
                 session.refresh(row)
             return rows
 
-    def mark_dispatched(self, trial_id: int, station: str) -> TrialRow:
-        """Record that a trial is being sent to ``station`` (before the message leaves)."""
+    def mark_dispatched(self, trial_id: int, station: str, *, attempted: bool = True) -> TrialRow:
+        """Record that a trial is being sent to ``station`` (before the message leaves). Without
+        ``attempted`` it is not a new attempt: ``station`` came back still holding the one it was given."""
         with self._lock, Session(self.engine) as session:
             row = self._trial(session, trial_id)
             if row.status not in OPEN_STATUSES:
                 raise StoreError(f"trial {trial_id} is {row.status}; it cannot be dispatched")
-            row.status, row.station, row.attempts = TrialStatus.dispatched.value, station, row.attempts + 1
+            row.status, row.station = TrialStatus.dispatched.value, station
+            row.attempts += 1 if attempted else 0
             row.dispatched_at = utcnow()
             session.add(row)
             session.commit()

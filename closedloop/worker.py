@@ -10,6 +10,12 @@ the RunEngine thread then aborts the run and reports the failure.
 Registration is a session: after sending ``hello`` the station ignores assignments until the
 ``welcome`` and any assignment of another session, because the daemon re-queues whatever a
 re-registering station does not list as held.
+
+Each accepted assignment is a job, and a ``cancel`` ends the job the station holds when it arrives, not
+the trial: the daemon may give the same trial to this station again (a retry after a timeout, a trial
+re-queued while the station was out of touch), and that new assignment runs. Started, result and failure
+messages name the assignment they answer, so the failure of an aborted earlier attempt is not taken for
+the new one's.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,10 +77,12 @@ class Outbox:
         with self._lock:
             return list(self._db.execute("SELECT trial_id, run_uid FROM ran ORDER BY at"))
 
-    def get(self, trial_id: int) -> bytes | None:
+    def result(self, trial_id: int) -> bytes | None:
+        """The trial's measured result, if it is here: sent again, never measured twice. A failure kept here is
+        an earlier attempt's, which a new assignment of the trial is to retry."""
         with self._lock:
             row = self._db.execute("SELECT payload FROM outbox WHERE trial_id = ?", (trial_id,)).fetchone()
-        return row[0] if row else None
+        return row[0] if row and _is_result(row[0]) else None
 
     def remove(self, trial_id: int) -> None:
         with self._lock:
@@ -109,8 +118,35 @@ def _carried(documents: DocumentCollector) -> str | None:
     return record if 0 < len(record) <= protocol.MAX_MESSAGE_BYTES // 2 else None
 
 
+def _is_result(payload: bytes) -> bool:
+    try:
+        return isinstance(protocol.decode(payload), protocol.ResultMessage)
+    except ProtocolError:
+        return False
+
+
 def default_station_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass
+class Job:
+    """One assignment this station accepted: queued or running, until it is measured or cancelled.
+
+    ``id`` is the assignment its messages answer: the assign's message id, or that of a later assign of
+    the same trial, which the daemon may send while this job runs and then waits on.
+    """
+
+    assignment: protocol.Assign
+    cancelled: bool = False
+    id: str = ""
+
+    def __post_init__(self) -> None:
+        self.id = self.id or self.assignment.msg_id
+
+    @property
+    def trial_id(self) -> int:
+        return self.assignment.trial_id
 
 
 class StationWorker:
@@ -156,14 +192,13 @@ class StationWorker:
         self.journal = Path(journal) if journal else None
         self.heartbeat_s = heartbeat_s
         self.context = context or zmq.Context.instance()
-        self.assignments: queue.Queue[protocol.Assign] = queue.Queue()
+        self.assignments: queue.Queue[Job] = queue.Queue()
         self._outgoing: queue.Queue[bytes] = queue.Queue()
         self._stop = threading.Event()
-        self._held: set[int] = set()  # accepted, not yet measured (queued or running)
+        self._jobs: dict[int, Job] = {}  # by trial: the latest accepted, not yet measured (queued or running)
         self._instance = uuid.uuid4().hex  # this process, in its hellos
         self._welcomed = 0
         self._running: int | None = None
-        self._cancelled: set[int] = set()
         self._resumed = threading.Event()  # cleared while an operator holds the RunEngine paused
         self._resumed.set()
         self._bindings: dict[str, InstrumentBinding] = {}
@@ -209,12 +244,15 @@ class StationWorker:
         try:
             while not self._stop.is_set():
                 try:
-                    assignment = self.assignments.get(timeout=0.05)
+                    job = self.assignments.get(timeout=0.05)
                 except queue.Empty:
                     continue
                 while not self._resumed.wait(timeout=0.05) and not self._stop.is_set():
                     pass  # an operator paused the campaign: trials already handed to this station wait too
-                self._execute(assignment)
+                try:
+                    self._execute(job)
+                finally:
+                    self._forget(job)
         finally:
             self._stop.set()
             comms.join(timeout=5)
@@ -236,30 +274,34 @@ class StationWorker:
             self._bindings[key] = binding
         return self._bindings[key]
 
-    def _execute(self, assignment: protocol.Assign) -> None:
-        trial = assignment.trial_id
-        stored = self.outbox.get(trial)
-        if stored is not None:  # already measured (re-sent assignment): send the same result, never re-run
-            self._held.discard(trial)
+    def _forget(self, job: Job) -> None:
+        """The job is over: a later assignment of its trial is a new job. Called before its answer is sent,
+        because the daemon may answer that with the next assignment of the same trial."""
+        if self._jobs.get(job.trial_id) is job:
+            del self._jobs[job.trial_id]
+
+    def _execute(self, job: Job) -> None:
+        assignment, trial = job.assignment, job.trial_id
+        stored = self.outbox.result(trial)
+        if stored is not None:  # already measured (the trial came back after a reconnect): never a second run
+            self._forget(job)
             self._post(stored)
             return
-        if trial in self._cancelled:
-            self._held.discard(trial)
+        if job.cancelled:
             log.info("trial %s cancelled before it started", trial)
             return
         self._running = trial
-        self._post(protocol.encode(protocol.Started(trial_id=trial)))
+        self._post(protocol.encode(protocol.Started(trial_id=trial, assignment=job.id)))
         started, started_at = time.monotonic(), time.time()
         documents = DocumentCollector()
         try:
-            message: protocol.ResultMessage | protocol.Failure = self._measure(assignment, documents, started,
-                                                                               started_at)
+            message: protocol.ResultMessage | protocol.Failure = self._measure(job, documents, started, started_at)
         except Exception as exc:  # every failure is reported with its error, never swallowed
             # the run it opened, if it got that far, so the store can point at what the hardware did
             opened = (documents.start or {}).get("uid")
             log.warning("trial %s of %s failed (run %s): %s", trial, assignment.campaign, opened or "not opened", exc)
             # and its documents: a failure is when a scientist most needs to see what the hardware did
-            message = protocol.Failure(trial_id=trial, error=f"{type(exc).__name__}: {exc}",
+            message = protocol.Failure(trial_id=trial, assignment=job.id, error=f"{type(exc).__name__}: {exc}",
                                        run_uid=str(opened) if opened else None, duration_s=time.monotonic() - started,
                                        documents=_carried(documents) if opened else None,
                                        unavailable=isinstance(exc, InstrumentUnavailable) and not opened)
@@ -267,15 +309,16 @@ class StationWorker:
         run_uid = message.run_uid if isinstance(message, protocol.ResultMessage) else None
         self.outbox.put(trial, payload, run_uid)  # persisted before it is sent: survives a crash from here on
         self._running = None
-        self._held.discard(trial)
+        self._forget(job)
         if self.journal is not None and isinstance(message, protocol.ResultMessage):
             with self.journal.open("a") as journal:
                 journal.write(f"{trial} {message.run_uid}\n")
         self._post(payload)
         self.completed += 1
 
-    def _measure(self, assignment: protocol.Assign, documents: DocumentCollector, started: float,
+    def _measure(self, job: Job, documents: DocumentCollector, started: float,
                  started_at: float) -> protocol.ResultMessage | protocol.Failure:
+        assignment = job.assignment
         binding = self._binding(assignment.instrument)
         binding.check_limits(assignment.setpoints)
         md = {
@@ -287,12 +330,12 @@ class StationWorker:
         }
 
         assert self.RE is not None
-        if assignment.trial_id in self._cancelled:
+        if job.cancelled:
             raise DeviceError(f"trial {assignment.trial_id} cancelled")
         try:
             uids = self.RE(experiment_plan(binding, assignment.setpoints, md), documents)
         except RunEngineInterrupted:
-            uids = self._interrupted(assignment.trial_id)
+            uids = self._interrupted(job)
         if not uids:
             raise DeviceError("the plan opened no run")
         stop = documents.stop
@@ -300,22 +343,22 @@ class StationWorker:
             raise DeviceError(f"run ended with {stop.get('exit_status')}: {stop.get('reason')}")
         values, noise = outputs_from_events(binding, documents.events(), assignment.outputs)
         return protocol.ResultMessage(
-            trial_id=assignment.trial_id, run_uid=str(uids[-1]), values=values, noise=noise,
+            trial_id=assignment.trial_id, assignment=job.id, run_uid=str(uids[-1]), values=values, noise=noise,
             duration_s=time.monotonic() - started, started_at=started_at, finished_at=time.time(),
             documents=_carried(documents),
         )
 
-    def _interrupted(self, trial_id: int) -> Any:
+    def _interrupted(self, job: Job) -> Any:
         """The RunEngine paused mid-run: wait for the operator's resume, or end the run on a cancel."""
         assert self.RE is not None
         while True:
             while not self._resumed.wait(timeout=0.1):
-                if trial_id in self._cancelled or self._stop.is_set():
+                if job.cancelled or self._stop.is_set():
                     break
-            if trial_id in self._cancelled or self._stop.is_set():
+            if job.cancelled or self._stop.is_set():
                 self.RE.abort(reason="cancelled")
-                raise DeviceError(f"trial {trial_id} cancelled")
-            log.info("trial %s: resuming the RunEngine", trial_id)
+                raise DeviceError(f"trial {job.trial_id} cancelled")
+            log.info("trial %s: resuming the RunEngine", job.trial_id)
             try:
                 return self.RE.resume()
             except RunEngineInterrupted:
@@ -335,7 +378,10 @@ class StationWorker:
             self._resumed.set()
 
     def _cancel(self, trial_id: int, reason: str) -> None:
-        self._cancelled.add(trial_id)
+        job = self._jobs.get(trial_id)
+        if job is None or job.cancelled:
+            return  # nothing held, or already ending: an assignment that follows this cancel is a new job
+        job.cancelled = True
         if self._running == trial_id and self.RE is not None:
             log.warning("cancelling running trial %s: %s", trial_id, reason)
             try:
@@ -349,7 +395,8 @@ class StationWorker:
         return connect_station(self.context, self.endpoint, self.name, self.keys)
 
     def _hello(self) -> bytes:
-        outstanding = set(self._held) | {trial for trial, _ in self.outbox.pending()}
+        outstanding = {trial for trial, job in list(self._jobs.items()) if not job.cancelled}
+        outstanding |= {trial for trial, _ in self.outbox.pending()}
         if self._running is not None:
             outstanding.add(self._running)
         return protocol.encode(protocol.Hello(station=self.name, instruments=self.instruments,
@@ -446,13 +493,16 @@ class StationWorker:
                 # sent before the daemon saw our hello; it has re-queued the trial
                 log.info("ignored trial %s from an earlier session", message.trial_id)
                 return
-            if message.trial_id in self._held:
+            held = self._jobs.get(message.trial_id)
+            if held is not None and not held.cancelled:
                 # one experiment is one run, however often the daemon asks for it
                 log.warning("trial %s is already queued or running here; its repeated assign is ignored",
                             message.trial_id)
+                held.id = message.msg_id
                 return
-            self._held.add(message.trial_id)
-            self.assignments.put(message)
+            job = Job(message)
+            self._jobs[message.trial_id] = job
+            self.assignments.put(job)
         elif isinstance(message, protocol.Cancel):
             self._cancel(message.trial_id, message.reason)
         elif isinstance(message, protocol.Control):

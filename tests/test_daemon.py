@@ -153,6 +153,30 @@ def test_a_trial_past_its_timeout_is_cancelled_on_the_station_and_failed(store: 
 
 
 @pytest.mark.slow
+def test_a_timed_out_trial_is_retried_on_the_same_station(store: Store, tmp_path: Path) -> None:
+    # a lab with one station: each retry after a timeout goes back to the station that is still aborting
+    # the previous attempt, and must run there (it was once taken for a repeat of the cancelled assignment)
+    campaign = _campaign("retry", 1, latency=3.0, retries=2, timeout=0.5)
+    daemon = Daemon(store, [campaign], heartbeat_s=0.2)
+    started = time.monotonic()
+    with station(daemon.endpoint, "only", tmp_path) as worker, serving(daemon) as thread:
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+        elapsed = time.monotonic() - started
+        # the last attempt's failure, which the daemon (done by then) may not have read
+        _wait(lambda: worker.outbox.pending() != [] and worker.RE is not None and worker.RE.state == "idle", 10,
+              "the station to abort the last attempt")
+        last = protocol.decode(worker.outbox.pending()[0][1])
+    trial = store.trials(daemon.runs[next(iter(daemon.runs))].id)[0]
+    assert trial.status == "failed" and trial.attempts == 3
+    # every attempt was cut off by the timeout, none failed by the previous attempt's late "cancelled"
+    assert "timed out" in (trial.error or "")
+    runs = set(trial.run_uids) | {last.run_uid}
+    assert len(runs) == 3, "an attempt did not run on the station"
+    assert elapsed < 20, "an attempt waited for the 30 s allowed to a trial that never starts"
+
+
+@pytest.mark.slow
 def test_a_silent_station_is_lost_and_its_trial_retried_elsewhere(store: Store, tmp_path: Path) -> None:
     campaign = _campaign("lost", 1, latency=0.05, retries=1)
     daemon = Daemon(store, [campaign], heartbeat_s=0.2)

@@ -42,7 +42,8 @@ def test_outbox_keeps_results_until_removed_and_records_every_run(tmp_path: Path
     outbox.put(5, protocol.encode(protocol.Failure(trial_id=5, error="x")))
     outbox.close()
     reopened = Outbox(tmp_path / "o.db")  # what a restarted station finds
-    assert [t for t, _ in reopened.pending()] == [4, 5] and reopened.get(4) == payload
+    assert [t for t, _ in reopened.pending()] == [4, 5] and reopened.result(4) == payload
+    assert reopened.result(5) is None  # an earlier attempt's failure does not answer a new assignment
     reopened.remove(4)
     assert [t for t, _ in reopened.pending()] == [5]
     assert reopened.ran() == [(4, "r4")]  # failures are not runs that measured something
