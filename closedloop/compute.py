@@ -232,6 +232,7 @@ class ComputeStation:
         self._running: dict[int, _Running] = {}
         self._instance = uuid.uuid4().hex  # this process, in its hellos
         self._welcomed = 0
+        self._seen: str | None = None  # the daemon's last heartbeat read here
         self._done: queue.Queue[int] = queue.Queue()
         self._stop = threading.Event()
         self.completed = 0
@@ -342,7 +343,8 @@ class ComputeStation:
                         last_sent = time.monotonic()
                 now = time.monotonic()
                 if now - last_sent >= self.heartbeat_s:
-                    sock.send(protocol.encode(protocol.Heartbeat(running=sorted(self._running)))
+                    sock.send(protocol.encode(protocol.Heartbeat(running=sorted(self._running), holds=self._holdings(),
+                                                                 seen=self._seen))
                               if registered else self._hello(capacity))
                     last_sent = now
                 if registered and now - last_heard > 10 * self.heartbeat_s:
@@ -363,10 +365,13 @@ class ComputeStation:
     def _connect(self) -> zmq.Socket:
         return connect_station(self.context, self.endpoint, self.name, self.keys)
 
+    def _holdings(self) -> list[int]:
+        """Trials this station holds: running, or answered and not yet acknowledged."""
+        return sorted(set(self._running) | {trial for trial, _ in self.outbox.pending()})
+
     def _hello(self, capacity: int) -> bytes:
-        outstanding = sorted(set(self._running) | {trial for trial, _ in self.outbox.pending()})
         return protocol.encode(protocol.Hello(station=self.name, instruments=self.instruments, sources=self.sources,
-                                              capacity=capacity, outstanding=outstanding, instance=self._instance,
+                                              capacity=capacity, outstanding=self._holdings(), instance=self._instance,
                                               welcomed=self._welcomed))
 
     def _on_message(self, sock: zmq.Socket, frame: bytes, registered: bool) -> bool:
@@ -389,6 +394,8 @@ class ComputeStation:
             return False
         if isinstance(message, protocol.Ack):
             self.outbox.remove(message.trial_id)
+        elif isinstance(message, protocol.Heartbeat):
+            self._seen = message.msg_id
         elif isinstance(message, protocol.Assign):
             self._start(sock, message)
         elif isinstance(message, protocol.Cancel):

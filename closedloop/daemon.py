@@ -90,6 +90,7 @@ class Station:
     instance: str = ""  # the station process, and the welcomes it had had, as its registering hello said
     welcomed: int = 0
     resting: dict[str, tuple[float, float]] = field(default_factory=dict)  # unreachable instrument -> (until, rest s)
+    pings: dict[str, float] = field(default_factory=dict)  # our recent heartbeats to it -> when sent
 
     def serves(self, run: CampaignRun, parameters: dict[str, Any] | None = None) -> bool:
         """Whether this station may run the campaign's experiments: any of them, or the one at ``parameters``
@@ -822,12 +823,7 @@ class Daemon:
             elif flight.station == hello.station:
                 # dispatched to this station, which does not have it: the assign was lost (or the station
                 # restarted before it ran): it never ran, so it goes back to the queue
-                run = self.runs[flight.campaign_id]
-                self._release(trial_id)
-                self.store.requeue(trial_id, f"station {hello.station} re-registered without it")
-                run.queue.appendleft(trial_id)
-                self._transition(run, flight.index, trial_id, "requeued", reason="station does not hold it")
-                self._emit("trial_requeued", run, trial=flight.index, reason="station does not hold it")
+                self._requeue_missing(flight, f"station {hello.station} re-registered without it")
         for trial_id in holds - set(station.running):
             if self._adopt(trial_id, station):
                 continue
@@ -866,9 +862,36 @@ class Daemon:
         self._emit("trial_dispatched", run, trial=trial.index, station=station.name, parameters=trial.parameters)
         return True
 
+    def _requeue_missing(self, flight: InFlight, reason: str) -> None:
+        """A trial its station does not hold (the assign never reached it) goes back to the front of the queue."""
+        run = self.runs[flight.campaign_id]
+        self._release(flight.trial_id)
+        self.store.requeue(flight.trial_id, reason)
+        run.queue.appendleft(flight.trial_id)
+        log.warning("trial %s: %s; it goes back to the queue", flight.trial_id, reason)
+        self._transition(run, flight.index, flight.trial_id, "requeued", reason="station does not hold it")
+        self._emit("trial_requeued", run, trial=flight.index, reason="station does not hold it")
+
     def _on_heartbeat(self, identity: bytes, heartbeat: protocol.Heartbeat) -> None:
         station = self.stations[identity]
-        self._send(identity, protocol.Heartbeat())
+        ping = protocol.Heartbeat()
+        if self._send(identity, ping):
+            station.pings[ping.msg_id] = time.monotonic()
+        sent = station.pings.get(heartbeat.seen or "")
+        if heartbeat.holds is not None and sent is not None:
+            # the station listed what it holds after reading our heartbeat sent at `sent`; an assign sent
+            # before that one went down the same connection, so if it is not listed it never arrived (lost
+            # in a reconnect): without this, a campaign with no timeout would wait for it forever
+            station.pings = {k: t for k, t in station.pings.items() if t >= sent}
+            holds = set(heartbeat.holds)
+            for trial_id, dispatched in list(station.running.items()):
+                flight = self.in_flight.get(trial_id)
+                if (dispatched < sent and trial_id not in holds and flight is not None
+                        and flight.station == station.name and not flight.reconciling):
+                    self._requeue_missing(flight, f"station {station.name} does not hold it")
+                    self._update_planner(self.runs[flight.campaign_id])
+        elif len(station.pings) > 16:  # a station that never names them (an older one): keep a few
+            station.pings = dict(list(station.pings.items())[-8:])
         for trial_id in heartbeat.running:
             flight = self.in_flight.get(trial_id)
             if flight is None or (flight.station != station.name and not flight.reconciling):

@@ -88,8 +88,15 @@ class Refused(_Message):
 
 
 class Heartbeat(_Message):
+    """Both ways. A station's says what it runs and holds; the daemon's answer is the mark ``seen`` names."""
+
     type: Literal["heartbeat"] = "heartbeat"
     running: list[int] = Field(default_factory=list, max_length=100_000)
+    # every trial the station holds (queued, running, answer not acknowledged), as in its hello, listed after
+    # it had read the daemon's heartbeat ``seen`` (a msg_id): whatever the daemon assigned before sending that
+    # one and is not listed never reached the station
+    holds: list[int] | None = Field(default=None, max_length=100_000)
+    seen: str | None = Field(default=None, max_length=64)
 
 
 class InstrumentSpec(BaseModel):

@@ -394,13 +394,17 @@ class StationWorker:
     def _connect(self) -> zmq.Socket:
         return connect_station(self.context, self.endpoint, self.name, self.keys)
 
-    def _hello(self) -> bytes:
+    def _holdings(self) -> list[int]:
+        """Trials this station holds: queued, running, or answered and not yet acknowledged."""
         outstanding = {trial for trial, job in list(self._jobs.items()) if not job.cancelled}
         outstanding |= {trial for trial, _ in self.outbox.pending()}
         if self._running is not None:
             outstanding.add(self._running)
+        return sorted(outstanding)
+
+    def _hello(self) -> bytes:
         return protocol.encode(protocol.Hello(station=self.name, instruments=self.instruments,
-                                              campaigns=self.campaigns, sources=self.sources, outstanding=sorted(outstanding),
+                                              campaigns=self.campaigns, sources=self.sources, outstanding=self._holdings(),
                                               software=f"closedloop-worker/{protocol.PROTOCOL_VERSION}",
                                               instance=self._instance, welcomed=self._welcomed))
 
@@ -410,6 +414,7 @@ class StationWorker:
         wake.bind(self._wake_address)
         sock = self._connect()
         self._session: int | None = None
+        self._seen: str | None = None  # the daemon's last heartbeat read here
         sock.send(self._hello())
         last_sent = last_heard = time.monotonic()
         try:
@@ -442,7 +447,8 @@ class StationWorker:
                 if now - last_sent >= self.heartbeat_s:
                     if self._session is not None:
                         running = [self._running] if self._running is not None else []
-                        sock.send(protocol.encode(protocol.Heartbeat(running=running)))
+                        sock.send(protocol.encode(protocol.Heartbeat(running=running, holds=self._holdings(),
+                                                                     seen=self._seen)))
                     else:
                         sock.send(self._hello())
                     last_sent = now
@@ -508,4 +514,4 @@ class StationWorker:
         elif isinstance(message, protocol.Control):
             self._control(message.action)
         elif isinstance(message, protocol.Heartbeat):
-            pass
+            self._seen = message.msg_id

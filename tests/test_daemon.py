@@ -425,6 +425,54 @@ def test_sigterm_stops_dispatch_waits_for_results_in_flight_and_a_restart_finish
     assert len(trials) == 20 and {t.status for t in trials} == {"completed"}
 
 
+def test_an_assign_that_never_reached_its_station_goes_back_to_the_queue(store: Store) -> None:
+    """A campaign with no timeout must not wait forever on an assign lost on the way (in a reconnect): the
+    station's heartbeat lists what it holds after reading one of the daemon's heartbeats, and a trial
+    assigned before that heartbeat and not listed is dispatched again. One assigned after it is not."""
+    daemon = Daemon(store, [_campaign("lost-assign", 1, latency=0.05, concurrency=1, retries=0)], heartbeat_s=5.0)
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(daemon.endpoint)
+
+    def next_message(kind: str) -> protocol.Message:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if sock.poll(100):
+                message = protocol.decode(sock.recv())
+                if message.type == kind:
+                    return message
+        raise AssertionError(f"no {kind} in 20 s")
+
+    try:
+        sock.send(protocol.encode(protocol.Hello(station="robot", instance="p1")))
+        with serving(daemon) as thread:
+            next_message("welcome")
+            first = next_message("assign")
+            sock.send(protocol.encode(protocol.Heartbeat(holds=[])))  # names no heartbeat it read: proves nothing
+            mark = next_message("heartbeat")  # the daemon's, sent after `first`
+            assert store.trial(first.trial_id).status == "dispatched"
+            # listed after reading `mark`, and `first` is not there: it never arrived
+            sock.send(protocol.encode(protocol.Heartbeat(holds=[], seen=mark.msg_id)))
+            again = next_message("assign")
+            assert again.trial_id == first.trial_id and again.msg_id != first.msg_id
+            # `again` left after `mark`: the same listing says nothing about it
+            sock.send(protocol.encode(protocol.Heartbeat(holds=[], seen=mark.msg_id)))
+            next_message("heartbeat")
+            assert not sock.poll(300), "assigned a third time"
+            assert store.trial(first.trial_id).status == "dispatched"
+            sock.send(protocol.encode(protocol.ResultMessage(trial_id=first.trial_id, assignment=again.msg_id,
+                                                             run_uid="run-1", values={"y": 1.5})))
+            next_message("ack")
+            thread.join(timeout=20)
+        assert not thread.is_alive()
+        row = store.trial(first.trial_id)
+        assert (row.status, row.attempts, row.error) == ("completed", 2, None)
+    finally:
+        sock.close()
+        context.term()
+
+
 def test_a_station_that_cannot_reach_its_instrument_gets_the_trial_back_after_a_rest(store: Store) -> None:
     """A failure marked ``unavailable`` (nothing ran) is neither an attempt nor a failure: with no retries allowed
     the trial still runs, first on the same station after 2 s, then 4 s; ``status`` says why it waits."""
