@@ -52,6 +52,7 @@ DEFAULT_CONTROL = "tcp://127.0.0.1:5700"
 DEFAULT_PUBLISH = "tcp://127.0.0.1:5702"
 _HELD = getattr(TrialStatus, "held", None)  # approval mode (people in the loop), when the store has it
 # proposals stored but not yet dispatched: queued for a station, or held for a person
+_SENT_KEPT = 100_000
 _WAITING = [TrialStatus.proposed.value] + ([_HELD.value] if _HELD is not None else [])
 # an instrument its station could not reach gets none of its trials for this long, doubled after each failure
 # in a row up to the longest: a powered-off robot is tried again soon, one down for the night now and then
@@ -506,6 +507,9 @@ class Daemon:
         # trials re-queued because their station was lost, by that station: if it comes back holding one,
         # the experiment is still running (or done) there, and the trial goes back to it
         self._left_behind: dict[int, str] = {}
+        # assigns sent (msg_id -> trial, station), the latest _SENT_KEPT: a late failure is taken as the record
+        # of a run only when it answers one of them, so no station can attach runs to a trial not given to it
+        self._sent: dict[str, tuple[int, str]] = {}
         self._session = 0
         self._seq = 0
         self._stop_requested = False
@@ -917,7 +921,7 @@ class Daemon:
             # for the run the station had opened (a timed-out run reports its failure once aborted)
             log.info("failure of trial %s from %s ignored: not in flight there (run %s: %s)", failure.trial_id,
                      station.name, failure.run_uid or "-", failure.error[:200])
-            if failure.run_uid and self._runs_trial(failure.trial_id):
+            if failure.run_uid and self._sent.get(failure.assignment or "") == (failure.trial_id, station.name):
                 self._keep_documents(failure.trial_id, failure.run_uid, failure.documents)
                 self.store.record_run(failure.trial_id, failure.run_uid)
             self._send(identity, protocol.Ack(trial_id=failure.trial_id))
@@ -950,13 +954,6 @@ class Daemon:
         self._emit_daemon("instrument_unavailable", station=station.name, instrument=instrument.target,
                           options=instrument.options, error=error[:500], retry_in_s=rest)
         self._update_planner(run)
-
-    def _runs_trial(self, trial_id: int) -> bool:
-        """Whether the trial is one of this daemon's campaigns' (a station could name any number)."""
-        try:
-            return self.store.trial(trial_id).campaign_id in self.runs
-        except StoreError:
-            return False
 
     def _fail(self, run: CampaignRun, flight: InFlight, error: str, *, retry: bool,
               status: TrialStatus = TrialStatus.failed, run_uid: str | None = None) -> None:
@@ -1177,6 +1174,9 @@ class Daemon:
             self._update_planner(run)
             return False
         self.stats["dispatched"] += 1
+        self._sent[assignment.msg_id] = (trial.id, station.name)
+        if len(self._sent) > _SENT_KEPT:
+            del self._sent[next(iter(self._sent))]
         self._transition(run, trial.index, trial.id, "dispatched", station=station.name, attempt=trial.attempts,
                          parameters=trial.parameters)
         self._emit("trial_dispatched", run, trial=trial.index, station=station.name, parameters=trial.parameters)

@@ -103,6 +103,8 @@ def test_hostile_frames_change_nothing_but_valid_results(tmp_path: Path) -> None
     measured = set(ran(tmp_path / "station-1.outbox")) | set(ran(tmp_path / "station-2.outbox"))
     assert {(o.trial_id, o.run_uid) for o in observations.values()} <= measured
     assert not any(o.run_uid.startswith("forged") for o in observations.values())
+    # a forged failure attaches no run to a trial: only the station a trial was assigned to records one
+    assert not any(uid in ("forged-run", "a" * 36) for t in trials for uid in t.run_uids)
     # every documents record kept opens the run it is named for, and was measured by a station
     kept = sorted((tmp_path / "s.db.documents").glob("*.jsonl"))
     assert kept and {p.stem for p in kept} <= {u for t in trials for u in t.run_uids}
