@@ -448,8 +448,8 @@ class ComputeStation:
         try:
             outcome = future.result(timeout=5)
             message: protocol.ResultMessage | protocol.Failure = protocol.ResultMessage(
-                trial_id=trial_id, assignment=running.assignment.msg_id, run_uid=f"dask-{future.key}", values=outcome["values"],
-                duration_s=max(0.0, outcome["finished"] - outcome["started"]))
+                trial_id=trial_id, assignment=running.assignment.msg_id, run_uid=f"dask-{future.key}",
+                values=outcome["values"], duration_s=max(0.0, outcome["finished"] - outcome["started"]))
             self.spans.append((outcome["started"], outcome["finished"]))
             self.completed += 1
         except Exception as exc:  # every failure is reported with its error, never swallowed

@@ -52,8 +52,9 @@ DEFAULT_CONTROL = "tcp://127.0.0.1:5700"
 DEFAULT_PUBLISH = "tcp://127.0.0.1:5702"
 _HELD = getattr(TrialStatus, "held", None)  # approval mode (people in the loop), when the store has it
 # proposals stored but not yet dispatched: queued for a station, or held for a person
-_SENT_KEPT = 100_000
 _WAITING = [TrialStatus.proposed.value] + ([_HELD.value] if _HELD is not None else [])
+# assigns remembered (their station and trial), so a late failure can show it answers one this daemon sent
+_SENT_KEPT = 100_000
 # an instrument its station could not reach gets none of its trials for this long, doubled after each failure
 # in a row up to the longest: a powered-off robot is tried again soon, one down for the night now and then
 REST_FIRST_S = 2.0

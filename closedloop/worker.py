@@ -404,7 +404,8 @@ class StationWorker:
 
     def _hello(self) -> bytes:
         return protocol.encode(protocol.Hello(station=self.name, instruments=self.instruments,
-                                              campaigns=self.campaigns, sources=self.sources, outstanding=self._holdings(),
+                                              campaigns=self.campaigns, sources=self.sources,
+                                              outstanding=self._holdings(),
                                               software=f"closedloop-worker/{protocol.PROTOCOL_VERSION}",
                                               instance=self._instance, welcomed=self._welcomed))
 
