@@ -393,7 +393,7 @@ class ComputeStation:
             self._stop.set()
             return False
         if isinstance(message, protocol.Ack):
-            self.outbox.remove(message.trial_id)
+            self.outbox.remove(message.trial_id, message.assignment)
         elif isinstance(message, protocol.Heartbeat):
             self._seen = message.msg_id
         elif isinstance(message, protocol.Assign):

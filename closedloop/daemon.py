@@ -749,9 +749,9 @@ class Daemon:
                     continue
                 if status not in (TrialStatus.proposed.value, TrialStatus.dispatched.value):
                     # the trial is finished: acknowledging lets the station forget a result the store will never take
-                    self._send(identity, protocol.Ack(trial_id=result.trial_id))
+                    self._send(identity, protocol.Ack(trial_id=result.trial_id, assignment=result.assignment))
                 continue
-            self._send(identity, protocol.Ack(trial_id=result.trial_id))
+            self._send(identity, protocol.Ack(trial_id=result.trial_id, assignment=result.assignment))
             if outcome is False:
                 self.stats["duplicates"] += 1
                 self._release(result.trial_id)
@@ -925,7 +925,7 @@ class Daemon:
             if failure.run_uid and self._sent.get(failure.assignment or "") == (failure.trial_id, station.name):
                 self._keep_documents(failure.trial_id, failure.run_uid, failure.documents)
                 self.store.record_run(failure.trial_id, failure.run_uid)
-            self._send(identity, protocol.Ack(trial_id=failure.trial_id))
+            self._send(identity, protocol.Ack(trial_id=failure.trial_id, assignment=failure.assignment))
             return
         run = self.runs[flight.campaign_id]
         self._keep_documents(failure.trial_id, failure.run_uid, failure.documents)
@@ -933,7 +933,7 @@ class Daemon:
             self._rest(run, flight, station, failure.error)
         else:
             self._fail(run, flight, failure.error, retry=True, run_uid=failure.run_uid)
-        self._send(identity, protocol.Ack(trial_id=failure.trial_id))
+        self._send(identity, protocol.Ack(trial_id=failure.trial_id, assignment=failure.assignment))
 
     def _rest(self, run: CampaignRun, flight: InFlight, station: Station, error: str) -> None:
         """The station could not reach the trial's instrument, so nothing ran: the trial goes back to the front
@@ -1009,7 +1009,8 @@ class Daemon:
                         run = self.runs[flight.campaign_id]
                         self._fail(run, flight, f"station {station.name} lost", retry=True,
                                    status=TrialStatus.abandoned)
-                        self._left_behind[trial_id] = station.name
+                        if trial_id in run.queue:  # re-queued, not abandoned
+                            self._left_behind[trial_id] = station.name
         for flight in list(self.in_flight.values()):
             if flight.deadline is None or now <= flight.deadline:
                 continue

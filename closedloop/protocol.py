@@ -171,6 +171,9 @@ class Failure(_Message):
 class Ack(_Message):
     type: Literal["ack"] = "ack"
     trial_id: int
+    # the assignment the stored answer named: a late ack of an earlier attempt's failure must not delete
+    # the retry's answer, which the station keeps under the same trial
+    assignment: AssignmentId = None
 
 
 class Cancel(_Message):

@@ -84,8 +84,12 @@ class Outbox:
             row = self._db.execute("SELECT payload FROM outbox WHERE trial_id = ?", (trial_id,)).fetchone()
         return row[0] if row and _is_result(row[0]) else None
 
-    def remove(self, trial_id: int) -> None:
+    def remove(self, trial_id: int, assignment: str | None = None) -> None:
+        """Forget the trial's answer, once acknowledged; with ``assignment``, only the answer to that assign."""
         with self._lock:
+            row = self._db.execute("SELECT payload FROM outbox WHERE trial_id = ?", (trial_id,)).fetchone()
+            if row is None or (assignment is not None and _assignment_of(row[0]) not in (None, assignment)):
+                return
             self._db.execute("DELETE FROM outbox WHERE trial_id = ?", (trial_id,))
 
     def pending(self) -> list[tuple[int, bytes]]:
@@ -123,6 +127,13 @@ def _is_result(payload: bytes) -> bool:
         return isinstance(protocol.decode(payload), protocol.ResultMessage)
     except ProtocolError:
         return False
+
+
+def _assignment_of(payload: bytes) -> str | None:
+    try:
+        return getattr(protocol.decode(payload), "assignment", None)
+    except ProtocolError:
+        return None
 
 
 def default_station_name() -> str:
@@ -494,7 +505,7 @@ class StationWorker:
             self.refused = message.reason
             self._stop.set()
         elif isinstance(message, protocol.Ack):
-            self.outbox.remove(message.trial_id)
+            self.outbox.remove(message.trial_id, message.assignment)
         elif isinstance(message, protocol.Assign):
             if self._session is None or message.session != self._session:
                 # sent before the daemon saw our hello; it has re-queued the trial

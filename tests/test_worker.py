@@ -47,6 +47,12 @@ def test_outbox_keeps_results_until_removed_and_records_every_run(tmp_path: Path
     reopened.remove(4)
     assert [t for t, _ in reopened.pending()] == [5]
     assert reopened.ran() == [(4, "r4")]  # failures are not runs that measured something
+    # a retry's answer replaces the trial's entry; a late ack of the earlier attempt leaves it
+    reopened.put(5, protocol.encode(protocol.Failure(trial_id=5, assignment="retry", error="y")))
+    reopened.remove(5, "first")
+    assert [t for t, _ in reopened.pending()] == [5]
+    reopened.remove(5, "retry")
+    assert reopened.pending() == []
 
 
 @pytest.mark.slow
