@@ -233,7 +233,7 @@ class ComputeStation:
         self._instance = uuid.uuid4().hex  # this process, in its hellos
         self._welcomed = 0
         self._seen: str | None = None  # the daemon's last heartbeat read here
-        self._done: queue.Queue[int] = queue.Queue()
+        self._done: queue.Queue[tuple[int, Any]] = queue.Queue()  # (trial, its finished future)
         self._stop = threading.Event()
         self.completed = 0
         self.failed = 0
@@ -334,10 +334,10 @@ class ComputeStation:
                     registered = self._on_message(sock, sock.recv(), registered)
                 while True:
                     try:
-                        trial_id = self._done.get_nowait()
+                        trial_id, future = self._done.get_nowait()
                     except queue.Empty:
                         break
-                    payload = self._finish(trial_id)
+                    payload = self._finish(trial_id, future)
                     if payload is not None:
                         sock.send(payload)
                         last_sent = time.monotonic()
@@ -436,15 +436,17 @@ class ComputeStation:
             self.failed += 1
             return
         self._running[trial] = _Running(assignment, future)
-        future.add_done_callback(lambda _f, trial=trial: self._done.put(trial))
+        future.add_done_callback(lambda f, trial=trial: self._done.put((trial, f)))
         log.info("campaign=%s trial=%s submitted to Dask as %s", assignment.campaign, trial, future.key)
 
-    def _finish(self, trial_id: int) -> bytes | None:
+    def _finish(self, trial_id: int, future: Any) -> bytes | None:
         """Store the outcome of a finished future in the outbox; the payload to send, or None if cancelled."""
-        running = self._running.pop(trial_id, None)
-        if running is None or running.future.cancelled():
+        running = self._running.get(trial_id)
+        if running is None or running.future is not future:
+            return None  # cancelled, and perhaps assigned here again since: that is another future
+        del self._running[trial_id]
+        if future.cancelled():
             return None
-        future = running.future
         try:
             outcome = future.result(timeout=5)
             message: protocol.ResultMessage | protocol.Failure = protocol.ResultMessage(
