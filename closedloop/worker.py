@@ -207,6 +207,7 @@ class StationWorker:
         self._outgoing: queue.Queue[bytes] = queue.Queue()
         self._stop = threading.Event()
         self._jobs: dict[int, Job] = {}  # by trial: the latest accepted, not yet measured (queued or running)
+        self._jobs_lock = threading.Lock()  # the comms thread adds jobs while the RunEngine thread ends them
         self._instance = uuid.uuid4().hex  # this process, in its hellos
         self._welcomed = 0
         self._running: int | None = None
@@ -288,8 +289,9 @@ class StationWorker:
     def _forget(self, job: Job) -> None:
         """The job is over: a later assignment of its trial is a new job. Called before its answer is sent,
         because the daemon may answer that with the next assignment of the same trial."""
-        if self._jobs.get(job.trial_id) is job:
-            del self._jobs[job.trial_id]
+        with self._jobs_lock:
+            if self._jobs.get(job.trial_id) is job:
+                del self._jobs[job.trial_id]
 
     def _execute(self, job: Job) -> None:
         assignment, trial = job.assignment, job.trial_id
@@ -511,15 +513,19 @@ class StationWorker:
                 # sent before the daemon saw our hello; it has re-queued the trial
                 log.info("ignored trial %s from an earlier session", message.trial_id)
                 return
-            held = self._jobs.get(message.trial_id)
-            if held is not None and not held.cancelled:
+            job = Job(message)
+            with self._jobs_lock:
+                held = self._jobs.get(message.trial_id)
+                repeat = held is not None and not held.cancelled
+                if held is not None and repeat:
+                    held.id = message.msg_id  # its answer answers this assign
+                else:
+                    self._jobs[message.trial_id] = job
+            if repeat:
                 # one experiment is one run, however often the daemon asks for it
                 log.warning("trial %s is already queued or running here; its repeated assign is ignored",
                             message.trial_id)
-                held.id = message.msg_id
                 return
-            job = Job(message)
-            self._jobs[message.trial_id] = job
             self.assignments.put(job)
         elif isinstance(message, protocol.Cancel):
             self._cancel(message.trial_id, message.reason)
