@@ -259,8 +259,8 @@ def companion(store: Store, planner: Any, proposals: list[Proposal]) -> TrialCom
     never dispatched, nor shown to a person, before the record of why it was chosen is durable.
 
     The proposals should come from a :class:`Recorder`; else ``planner`` is named as their author, without the
-    data it had. A record that cannot be written is logged and left out (its own savepoint): the trial and the
-    experiment go ahead.
+    data it had. A record that cannot be written is logged and left out (a savepoint on PostgreSQL; SQLite undoes
+    just the failed statement): the trial and the experiment go ahead.
 
     Example:
         >>> row = store.add_dispatched(cid, p.parameters, p.metadata, "station-a",
@@ -272,7 +272,8 @@ def companion(store: Store, planner: Any, proposals: list[Proposal]) -> TrialCom
     def write(connection: Connection, trials: list[TrialRow]) -> None:
         for trial, decision in zip(trials, decisions):
             try:
-                with connection.begin_nested():
+                # a failed statement leaves SQLite's transaction as it was; PostgreSQL's needs a savepoint
+                with connection.begin_nested() if connection.dialect.name != "sqlite" else nullcontext():
                     _write(connection, store, trial, decision)
             except Exception:  # noqa: BLE001 - the record explains the loop; it must never stop it
                 log.exception("campaign_id=%s trial=%s: provenance not recorded", trial.campaign_id, trial.index)
