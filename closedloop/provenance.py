@@ -43,7 +43,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, event, inspect, or_, update
+from sqlalchemy import JSON, BigInteger, Column, bindparam, event, inspect, or_, update
 from sqlalchemy.engine import Connection
 from sqlmodel import Field, Session, SQLModel, select
 
@@ -305,7 +305,18 @@ def _write(connection: Connection, store: Store, trial: TrialRow, decision: dict
         fields[key] = _json_safe(fields.get(key))
     # the model fills in the defaults; SQL Core inserts it on the trial's own connection
     row = ProvenanceRow(trial_id=trial.id, campaign_id=trial.campaign_id, **fields)
-    connection.execute(ProvenanceRow.__table__.insert().values(**row.model_dump()))  # type: ignore[attr-defined]
+    connection.execute(_INSERT, row.model_dump())
+
+
+# constant statements with parameters, compiled once: they run in the daemon's dispatch
+_INSERT = ProvenanceRow.__table__.insert()  # type: ignore[attr-defined]
+_OTHER_TRIALS = (select(TrialRow.index, TrialRow.parameters)
+                 .where(TrialRow.campaign_id == bindparam("campaign"), TrialRow.id != bindparam("trial"))
+                 .order_by(TrialRow.index))
+_PENDING_THEN = (_OTHER_TRIALS
+                 .where(TrialRow.proposed_at <= bindparam("until"),  # type: ignore[operator]
+                        or_(TrialRow.status.in_([*OPEN_STATUSES, TrialStatus.held.value]),  # type: ignore[attr-defined]
+                            TrialRow.finished_at >= bindparam("since"))))  # type: ignore[operator]
 
 
 def _files_folder(store: Store) -> Path | None:
@@ -322,16 +333,15 @@ def _pending_trials(connection: Connection, trial: TrialRow, pending: list[dict[
     if not pending:
         return []
     # Core on the trial's own connection, inside its transaction: this runs in the daemon's loop
-    query = select(TrialRow.index, TrialRow.parameters).where(TrialRow.campaign_id == trial.campaign_id,
-                                                               TrialRow.id != trial.id)
-    if decided_at is not None:
+    if decided_at is None:
+        rows = connection.execute(_OTHER_TRIALS, {"campaign": trial.campaign_id, "trial": trial.id})
+    else:
         # pending then: proposed before the decision, and open now or finished since; with a margin, as the
         # planner thread took its pending set a moment before it started deciding
         margin = timedelta(seconds=0.5)
-        query = query.where(TrialRow.proposed_at <= decided_at + margin,
-                            or_(TrialRow.status.in_([*OPEN_STATUSES, TrialStatus.held.value]),  # type: ignore[attr-defined]
-                                TrialRow.finished_at >= decided_at - margin))  # type: ignore[operator]
-    candidates = [tuple(r) for r in connection.execute(query.order_by(TrialRow.index))]
+        rows = connection.execute(_PENDING_THEN, {"campaign": trial.campaign_id, "trial": trial.id,
+                                                  "until": decided_at + margin, "since": decided_at - margin})
+    candidates = [tuple(r) for r in rows]
     out: list[int | None] = []
     used: set[int] = set()
     for parameters in pending:

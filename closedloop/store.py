@@ -154,11 +154,28 @@ def lock_campaign(connection: Connection, campaign_id: int) -> None:
     (``SELECT ... FOR UPDATE``); SQLite takes its database write lock with a no-op update, before the
     highest number is read. The unique ``(campaign_id, index)`` constraint remains the last guard.
     """
-    table = CampaignRow.__table__  # type: ignore[attr-defined]
-    if connection.dialect.name == "sqlite":
-        connection.execute(table.update().where(table.c.id == campaign_id).values(id=table.c.id))
-    else:
-        connection.execute(select(table.c.id).where(table.c.id == campaign_id).with_for_update())
+    sqlite = connection.dialect.name == "sqlite"
+    connection.execute(_TOUCH_CAMPAIGN if sqlite else _LOCK_CAMPAIGN, {"campaign": campaign_id})
+
+
+_campaign_table = CampaignRow.__table__  # type: ignore[attr-defined]
+_trial_table = TrialRow.__table__  # type: ignore[attr-defined]
+_TOUCH_CAMPAIGN = (_campaign_table.update().where(_campaign_table.c.id == bindparam("campaign"))
+                   .values(id=_campaign_table.c.id))
+_LOCK_CAMPAIGN = select(_campaign_table.c.id).where(_campaign_table.c.id == bindparam("campaign")).with_for_update()
+_LAST_INDEX = select(func.max(_trial_table.c.index)).where(_trial_table.c.campaign_id == bindparam("campaign"))
+_INSERT_TRIAL = _trial_table.insert()
+_TRIALS_BY_ID = (select(_trial_table.c.id, _trial_table.c.status, _trial_table.c.run_uids)
+                 .where(_trial_table.c.id.in_(bindparam("ids", expanding=True))))
+_observation_table = ObservationRow.__table__  # type: ignore[attr-defined]
+_RUNS_BY_TRIAL = (select(_observation_table.c.trial_id, _observation_table.c.run_uid)
+                  .where(_observation_table.c.trial_id.in_(bindparam("ids", expanding=True))))
+_TRIALS_BY_RUN = (select(_observation_table.c.run_uid, _observation_table.c.trial_id)
+                  .where(_observation_table.c.run_uid.in_(bindparam("uids", expanding=True))))
+_INSERT_OBSERVATION = _observation_table.insert()
+_COMPLETE_TRIAL = (_trial_table.update().where(_trial_table.c.id == bindparam("done_id"))
+                   .values(status=TrialStatus.completed.value, finished_at=bindparam("finished"), error=None,
+                           run_uids=bindparam("uids")))
 
 
 
@@ -395,17 +412,14 @@ class Store:
         outcomes: list[bool | str] = []
         if not items:
             return outcomes
-        trial, observation = TrialRow.__table__, ObservationRow.__table__  # type: ignore[attr-defined]
         now = utcnow()
         with self._lock, self.engine.begin() as conn:
             ids = list({item[0] for item in items})
-            known = conn.execute(select(trial.c.id, trial.c.status, trial.c.run_uids).where(trial.c.id.in_(ids))).all()
+            known = conn.execute(_TRIALS_BY_ID, {"ids": ids}).all()
             status = {row.id: row.status for row in known}
             earlier = {row.id: row.run_uids for row in known}  # the runs of failed attempts
-            by_trial = dict(conn.execute(select(observation.c.trial_id, observation.c.run_uid)
-                                         .where(observation.c.trial_id.in_(ids))).all())
-            used_uids = dict(conn.execute(select(observation.c.run_uid, observation.c.trial_id)
-                                          .where(observation.c.run_uid.in_(list({item[1] for item in items})))).all())
+            by_trial = dict(conn.execute(_RUNS_BY_TRIAL, {"ids": ids}).all())
+            used_uids = dict(conn.execute(_TRIALS_BY_RUN, {"uids": list({item[1] for item in items})}).all())
             new_rows: list[dict[str, Any]] = []
             for trial_id, run_uid, values, noise, duration_s in items:
                 bad = [k for k, v in values.items()
@@ -427,12 +441,10 @@ class Store:
                     by_trial[trial_id], used_uids[run_uid] = run_uid, trial_id
                     outcomes.append(True)
             if new_rows:
-                conn.execute(observation.insert(), new_rows)
-                conn.execute(trial.update().where(trial.c.id == bindparam("done_id"))
-                             .values(status=TrialStatus.completed.value, finished_at=now, error=None,
-                                     run_uids=bindparam("uids")),
-                             [{"done_id": row["trial_id"], "uids": _with_run(earlier[row["trial_id"]], row["run_uid"])}
-                              for row in new_rows])
+                conn.execute(_INSERT_OBSERVATION, new_rows)
+                conn.execute(_COMPLETE_TRIAL, [{"done_id": row["trial_id"], "finished": now,
+                                                "uids": _with_run(earlier[row["trial_id"]], row["run_uid"])}
+                                               for row in new_rows])
         return outcomes
 
     def add_dispatched(self, campaign_id: int, parameters: dict[str, Any], metadata: dict[str, Any],
@@ -446,9 +458,10 @@ class Store:
                   "dispatched_at": now}
         with self._lock, self.engine.begin() as conn:
             lock_campaign(conn, campaign_id)  # issue 8: one allocator at a time, even across daemons
-            last = conn.execute(select(func.max(trial.c.index)).where(trial.c.campaign_id == campaign_id)).scalar()
+            last = conn.execute(_LAST_INDEX, {"campaign": campaign_id}).scalar()
             values["index"] = (last or 0) + 1
-            row = TrialRow(id=conn.execute(trial.insert().values(**values)).inserted_primary_key[0], **values)
+            # constant statements with parameters: compiled once, not rebuilt for every experiment
+            row = TrialRow(id=conn.execute(_INSERT_TRIAL, values).inserted_primary_key[0], **values)
             if companion is not None:
                 companion(conn, [row])
         return row
