@@ -178,7 +178,6 @@ _COMPLETE_TRIAL = (_trial_table.update().where(_trial_table.c.id == bindparam("d
                            run_uids=bindparam("uids")))
 
 
-
 def _start_uid(jsonl: str) -> str | None:
     """The uid of the run whose start document opens these JSON lines, or None."""
     try:
@@ -451,7 +450,6 @@ class Store:
                        station: str, companion: TrialCompanion | None = None) -> TrialRow:
         """Record a new proposal already dispatched to ``station``, in one transaction (the daemon's hot path),
         with ``companion``'s rows for it (its provenance)."""
-        trial = TrialRow.__table__  # type: ignore[attr-defined]
         now = utcnow()
         values = {"campaign_id": campaign_id, "parameters": parameters, "planner": _json_safe(metadata),
                   "status": TrialStatus.dispatched.value, "station": station, "attempts": 1, "proposed_at": now,
