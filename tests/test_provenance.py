@@ -242,7 +242,7 @@ def test_large_hyperparameters_go_to_a_file_with_their_digest(tmp_path: Path, mo
 
 
 def test_a_record_that_cannot_be_written_leaves_the_trial_alone(tmp_path: Path) -> None:
-    """A record that cannot be written is undone alone in the trial's transaction: it is logged, the trial is stored."""
+    """A record that cannot be written is undone alone in the trial's transaction; logged, the trial is stored."""
     from closedloop.planner.base import Proposal
 
     store = Store(tmp_path / "bad.db")
