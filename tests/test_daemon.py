@@ -81,6 +81,31 @@ def station(endpoint: str, name: str, tmp_path: Path, **kw: object) -> Iterator[
         thread.join(timeout=15)
 
 
+@contextmanager
+def raw_station(endpoint: str) -> Iterator[zmq.Socket]:
+    """A station's socket driven by hand, to send what a real station would not."""
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        yield sock
+    finally:
+        sock.close()
+        context.term()
+
+
+def _next_message(sock: zmq.Socket, kind: str, limit_s: float = 20.0) -> protocol.Message:
+    """The next message of ``kind`` the daemon sends this hand-driven station (others skipped)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if sock.poll(100):
+            message = protocol.decode(sock.recv())
+            if message.type == kind:
+                return message
+    raise AssertionError(f"no {kind} in {limit_s:.0f} s")
+
+
 def _wait(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -430,47 +455,30 @@ def test_an_assign_that_never_reached_its_station_goes_back_to_the_queue(store: 
     station's heartbeat lists what it holds after reading one of the daemon's heartbeats, and a trial
     assigned before that heartbeat and not listed is dispatched again. One assigned after it is not."""
     daemon = Daemon(store, [_campaign("lost-assign", 1, latency=0.05, concurrency=1, retries=0)], heartbeat_s=5.0)
-    context = zmq.Context()
-    sock = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(daemon.endpoint)
-
-    def next_message(kind: str) -> protocol.Message:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if sock.poll(100):
-                message = protocol.decode(sock.recv())
-                if message.type == kind:
-                    return message
-        raise AssertionError(f"no {kind} in 20 s")
-
-    try:
+    with raw_station(daemon.endpoint) as sock:
         sock.send(protocol.encode(protocol.Hello(station="robot", instance="p1")))
         with serving(daemon) as thread:
-            next_message("welcome")
-            first = next_message("assign")
+            _next_message(sock, "welcome")
+            first = _next_message(sock, "assign")
             sock.send(protocol.encode(protocol.Heartbeat(holds=[])))  # names no heartbeat it read: proves nothing
-            mark = next_message("heartbeat")  # the daemon's, sent after `first`
+            mark = _next_message(sock, "heartbeat")  # the daemon's, sent after `first`
             assert store.trial(first.trial_id).status == "dispatched"
             # listed after reading `mark`, and `first` is not there: it never arrived
             sock.send(protocol.encode(protocol.Heartbeat(holds=[], seen=mark.msg_id)))
-            again = next_message("assign")
+            again = _next_message(sock, "assign")
             assert again.trial_id == first.trial_id and again.msg_id != first.msg_id
             # `again` left after `mark`: the same listing says nothing about it
             sock.send(protocol.encode(protocol.Heartbeat(holds=[], seen=mark.msg_id)))
-            next_message("heartbeat")
+            _next_message(sock, "heartbeat")
             assert not sock.poll(300), "assigned a third time"
             assert store.trial(first.trial_id).status == "dispatched"
             sock.send(protocol.encode(protocol.ResultMessage(trial_id=first.trial_id, assignment=again.msg_id,
                                                              run_uid="run-1", values={"y": 1.5})))
-            next_message("ack")
+            _next_message(sock, "ack")
             thread.join(timeout=20)
         assert not thread.is_alive()
         row = store.trial(first.trial_id)
         assert (row.status, row.attempts, row.error) == ("completed", 2, None)
-    finally:
-        sock.close()
-        context.term()
 
 
 def test_a_station_that_cannot_reach_its_instrument_gets_the_trial_back_after_a_rest(store: Store) -> None:
@@ -481,32 +489,18 @@ def test_a_station_that_cannot_reach_its_instrument_gets_the_trial_back_after_a_
     control = f"tcp://127.0.0.1:{free_port()}"
     daemon = Daemon(store, [_campaign("reach", 1, latency=0.05, concurrency=1, retries=0)], heartbeat_s=5.0,
                     control=control)
-    context = zmq.Context()
-    sock = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(daemon.endpoint)
-
-    def next_message(kind: str) -> protocol.Message:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if sock.poll(100):
-                message = protocol.decode(sock.recv())
-                if message.type == kind:
-                    return message
-        raise AssertionError(f"no {kind} in 20 s")
-
-    try:
+    with raw_station(daemon.endpoint) as sock:
         sock.send(protocol.encode(protocol.Hello(station="robot", instance="p1")))
         with serving(daemon) as thread:
-            next_message("welcome")
-            assigned = [next_message("assign")]
+            _next_message(sock, "welcome")
+            assigned = [_next_message(sock, "assign")]
             trial_id = assigned[0].trial_id
             refused_at = []
             for rest in (2.0, 4.0):
                 refused_at.append(time.monotonic())
                 sock.send(protocol.encode(protocol.Failure(trial_id=trial_id, unavailable=True,
                                                            error="InstrumentUnavailable: robot powered off")))
-                next_message("ack")
+                _next_message(sock, "ack")
                 row = store.trial(trial_id)
                 assert (row.status, row.attempts, row.station) == ("proposed", 0, None)
                 assert "powered off" in row.error
@@ -516,15 +510,12 @@ def test_a_station_that_cannot_reach_its_instrument_gets_the_trial_back_after_a_
                 assert any("cannot reach simulators." in line for line in daemon_lines(control, ["reach"]))
                 health = control_request(control, "health")
                 assert health["healthy"] and health["unreachable_instruments"] == {"robot": [label]}
-                assigned.append(next_message("assign"))
+                assigned.append(_next_message(sock, "assign"))
                 assert assigned[-1].trial_id == trial_id
                 assert time.monotonic() - refused_at[-1] >= rest - 0.1, "dispatched again before the rest was over"
             sock.send(protocol.encode(protocol.ResultMessage(trial_id=trial_id, run_uid="run-1", values={"y": 1.5})))
-            next_message("ack")
+            _next_message(sock, "ack")
             thread.join(timeout=20)
         assert not thread.is_alive()
         row = store.trial(trial_id)
         assert (row.status, row.attempts, row.error) == ("completed", 1, None)
-    finally:
-        sock.close()
-        context.term()
