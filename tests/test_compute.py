@@ -45,6 +45,14 @@ def hangs_once(x1: float, x2: float, marker: str) -> dict[str, float]:
     return quadratic(x1, x2)
 
 
+def waits_for(x1: float, x2: float, release: str) -> dict[str, float]:
+    """Answers once the test creates the file ``release`` (at the latest after 30 s)."""
+    deadline = time.time() + 30
+    while not os.path.exists(release) and time.time() < deadline:
+        time.sleep(0.05)
+    return quadratic(x1, x2)
+
+
 def returns_nan(x1: float, x2: float) -> dict[str, float]:
     return {"y": float("nan")}
 
@@ -289,6 +297,73 @@ def test_a_result_is_kept_in_the_outbox_until_acknowledged_and_offered_again_aft
             time.sleep(0.05)
         assert station.outbox.pending() == []
     finally:
+        stop.set()
+        thread.join(timeout=30)
+        daemon.close()
+        context.destroy(linger=0)
+
+
+def test_a_cancelled_runs_late_end_does_not_answer_the_trials_next_assignment(tmp_path: Path, free_port: int) -> None:
+    """A daemon stand-in cancels a running trial and assigns it to the station again at once.
+
+    Dask reports a future's end through callbacks run one at a time in one thread; while that thread is
+    busy (held here for 0.5 s, as a loaded machine may), the cancelled run's end reaches the station after
+    the new run has started. Taken for the trial's current run, it blocked the station on the new run
+    and, that run still going 5 s later, answered the new assignment with a timeout failure.
+    """
+    endpoint = f"tcp://127.0.0.1:{free_port}"
+    context = zmq.Context()
+    daemon = context.socket(zmq.ROUTER)
+    daemon.setsockopt(zmq.LINGER, 0)
+    daemon.bind(endpoint)
+    station = ComputeStation(endpoint, name="cluster", capacity=2, outbox=tmp_path / "o.db", processes=False,
+                             local_workers=2, heartbeat_s=1.0, context=context)
+    stop = threading.Event()
+    thread = threading.Thread(target=station.run, args=(stop,), daemon=True)
+    thread.start()
+    first, second = tmp_path / "first.release", tmp_path / "second.release"
+
+    def assign(release: Path) -> protocol.Assign:
+        return protocol.Assign(campaign="c", trial_id=7, trial_index=1, setpoints={"x1": 0.3, "x2": 0.6},
+                               outputs=["y"], instrument=protocol.InstrumentSpec(
+                                   target="function:tests.test_compute:waits_for", options={"release": str(release)}))
+
+    try:
+        identity, _ = receive(daemon, protocol.Hello)
+        daemon.send_multipart([identity, protocol.encode(protocol.Welcome(heartbeat_s=1.0))])
+        daemon.send_multipart([identity, protocol.encode(assign(first))])
+        receive(daemon, protocol.Started)
+        holding = threading.Event()
+
+        def hold(_: object) -> None:
+            holding.set()
+            time.sleep(0.5)
+
+        done = station.client().submit(time.sleep, 0, pure=False)
+        done.result()
+        done.add_done_callback(hold)
+        assert holding.wait(10)
+        daemon.send_multipart([identity, protocol.encode(protocol.Cancel(trial_id=7, reason="timed out"))])
+        again = assign(second)
+        daemon.send_multipart([identity, protocol.encode(again)])
+        _, started = receive(daemon, protocol.Started)
+        assert started.assignment == again.msg_id
+        first.touch()  # the cancelled run's function ends (a thread cannot be stopped), freeing its worker
+        answers = []
+        deadline = time.monotonic() + 7  # past the 0.5 s hold and the 5 s the station waited on the new run
+        while time.monotonic() < deadline:
+            if daemon.poll(100):
+                message = protocol.decode(daemon.recv_multipart()[1])
+                if isinstance(message, (protocol.ResultMessage, protocol.Failure)):
+                    answers.append(message)
+        assert answers == []  # the new run is still going: nothing may answer for it yet
+        second.touch()
+        _, result = receive(daemon, protocol.ResultMessage)
+        assert (result.trial_id, result.assignment) == (7, again.msg_id)
+        assert result.values == {"y": pytest.approx(0.0)} and station.failed == 0
+    finally:
+        first.touch()
+        second.touch()
         stop.set()
         thread.join(timeout=30)
         daemon.close()
