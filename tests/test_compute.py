@@ -34,22 +34,19 @@ def dies_once(x1: float, x2: float, marker: str) -> dict[str, float]:
     return quadratic(x1, x2)
 
 
-def hangs_once(x1: float, x2: float, marker: str) -> dict[str, float]:
-    """Never answers in time the first time it runs (until the test releases it), then behaves."""
-    if not os.path.exists(marker):
-        Path(marker).write_text("hung")
-        release = marker + ".release"
-        deadline = time.time() + 30
-        while not os.path.exists(release) and time.time() < deadline:
-            time.sleep(0.05)
-    return quadratic(x1, x2)
-
-
 def waits_for(x1: float, x2: float, release: str) -> dict[str, float]:
     """Answers once the test creates the file ``release`` (at the latest after 30 s)."""
     deadline = time.time() + 30
     while not os.path.exists(release) and time.time() < deadline:
         time.sleep(0.05)
+    return quadratic(x1, x2)
+
+
+def hangs_once(x1: float, x2: float, marker: str) -> dict[str, float]:
+    """Never answers in time the first time it runs (until the test releases it), then behaves."""
+    if not os.path.exists(marker):
+        Path(marker).write_text("hung")
+        return waits_for(x1, x2, marker + ".release")
     return quadratic(x1, x2)
 
 
