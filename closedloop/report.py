@@ -421,6 +421,7 @@ class Fitted:
     train_x: Any
     train_y: Any  # n x 1, raw values
     records: list[dict[str, Any]] = field(default_factory=list)
+    unit: float = 1.0  # the model sees ``train_y / unit`` (see ``closedloop.planner.models.output_scale``)
 
     def predict(self, rows: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
         """Posterior mean and standard deviation (raw units) of the output at parameter dicts."""
@@ -431,7 +432,7 @@ class Fitted:
             posterior = self.model.posterior(x)
         mean = posterior.mean.squeeze(-1).numpy()
         sd = posterior.variance.clamp_min(0).sqrt().squeeze(-1).numpy()
-        return mean, sd
+        return mean * self.unit, sd * self.unit
 
     def leave_one_out(self) -> tuple[np.ndarray, np.ndarray]:
         """Closed-form leave-one-out mean and standard deviation (raw units) of each training point.
@@ -457,7 +458,7 @@ class Fitted:
             if transform is not None and hasattr(transform, "stdvs"):
                 scale, shift = transform.stdvs.squeeze(), transform.means.squeeze()
                 mean, sd = mean * scale + shift, sd * scale
-        return mean.numpy(), sd.numpy()
+        return mean.numpy() * self.unit, sd.numpy() * self.unit
 
 
 def fit(data: Data, output: str) -> Fitted | None:
@@ -467,6 +468,8 @@ def fit(data: Data, output: str) -> Fitted | None:
     from botorch.models import SingleTaskGP
     from botorch.models.transforms.outcome import Standardize
     from gpytorch.mlls import ExactMarginalLogLikelihood
+
+    from closedloop.planner.models import output_scale
 
     done = [r for r in data.completed if r.get(output) is not None]
     if len(done) < 3 or len({r[output] for r in done}) < 2:
@@ -478,10 +481,11 @@ def fit(data: Data, output: str) -> Fitted | None:
     torch.manual_seed(0)
     with warnings.catch_warnings(), _one_thread():
         warnings.simplefilter("ignore")  # fitting chatter: the report shows the fit's quality instead
-        model = SingleTaskGP(train_x, train_y, outcome_transform=Standardize(m=1))
+        unit = output_scale(train_y)
+        model = SingleTaskGP(train_x, train_y / unit, outcome_transform=Standardize(m=1))
         fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))
     model.eval()
-    return Fitted(output, model, space, train_x, train_y, done)
+    return Fitted(output, model, space, train_x, train_y, done, unit)
 
 
 def _best_record(data: Data, output: str) -> dict[str, Any] | None:

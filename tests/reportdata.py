@@ -39,8 +39,9 @@ def mixed_outputs(p: dict) -> dict[str, float]:
     return {"yield": y, "cost": cost}
 
 
-def fill(store: Store, campaign: Campaign, n: int, *, fail: tuple[int, ...] = (), seed: int = 0) -> int:
-    """Add ``n`` finished experiments (trial numbers in ``fail`` failed) and return the campaign id."""
+def fill(store: Store, campaign: Campaign, n: int, *, fail: tuple[int, ...] = (), seed: int = 0, unit: float = 1.0) -> int:
+    """Add ``n`` finished experiments (trial numbers in ``fail`` failed; outputs times ``unit``) and return
+    the campaign id."""
     rng = np.random.default_rng(seed)
     cid = store.open_campaign(campaign)
     for i in range(1, n + 1):
@@ -53,12 +54,13 @@ def fill(store: Store, campaign: Campaign, n: int, *, fail: tuple[int, ...] = ()
         if i in fail:
             store.record_failure(trial.id, "sample holder jammed")
         else:
-            store.record_result(trial.id, f"run-{campaign.name}-{i}", mixed_outputs(p), duration_s=1.5)
+            outputs = {k: unit * v for k, v in mixed_outputs(p).items()}
+            store.record_result(trial.id, f"run-{campaign.name}-{i}", outputs, duration_s=1.5)
     return cid
 
 
-def mixed_store(path: Path, n: int = 24, fail: tuple[int, ...] = (5, 17)) -> tuple[Store, Campaign]:
+def mixed_store(path: Path, n: int = 24, fail: tuple[int, ...] = (5, 17), unit: float = 1.0) -> tuple[Store, Campaign]:
     store = Store(path)
     campaign = mixed_campaign()
-    fill(store, campaign, n, fail=fail)
+    fill(store, campaign, n, fail=fail, unit=unit)
     return store, campaign

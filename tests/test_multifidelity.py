@@ -95,6 +95,21 @@ def test_proposals_name_a_source_and_a_rebuilt_planner_proposes_the_same() -> No
     assert set(planner.recommend() or {}) == {"x1", "x2"}
 
 
+def test_an_output_in_tiny_units_gets_the_proposals_of_ordinary_ones() -> None:
+    def proposals(unit: float) -> list[dict]:
+        planner, seen = make_planner(example()), []
+        for trial in range(1, 15):
+            (proposal,) = planner.suggest(1)
+            seen.append(proposal.parameters)
+            planner.ingest([Result(proposal.parameters, {"y": unit * measure(proposal.parameters)}, trial)])
+        return seen
+
+    ordinary, tiny = proposals(1.0), proposals(1e-12)
+    assert [p[SOURCE] for p in tiny] == [p[SOURCE] for p in ordinary]
+    for got, want in zip(tiny[12:], ordinary[12:]):  # the two model-based proposals (a range of 15)
+        assert (got["x1"], got["x2"]) == pytest.approx((want["x1"], want["x2"]), abs=0.01)
+
+
 @pytest.mark.slow
 def test_the_example_runs_embedded_one_station_per_source_until_the_cost_is_spent(tmp_path: Path) -> None:
     from closedloop.daemon import run_embedded

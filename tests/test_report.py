@@ -87,6 +87,19 @@ def test_leave_one_out_equals_the_model_conditioned_on_the_other_points(tmp_path
     model.set_train_data(inputs=x, targets=y, strict=False)
 
 
+def test_the_model_of_an_output_in_tiny_units_is_the_model_of_ordinary_ones(tmp_path: Path) -> None:
+    # a current in amperes: BoTorch would leave a spread of 1e-12 unstandardized, a model of noise
+    ordinary, _ = mixed_store(tmp_path / "a.db", n=14, fail=())
+    tiny, _ = mixed_store(tmp_path / "b.db", n=14, fail=(), unit=1e-12)
+    expected, fitted = report.fit(report.load(ordinary, "mixed"), "yield"), report.fit(report.load(tiny, "mixed"), "yield")
+    assert expected is not None and fitted is not None
+    for got, want in zip(fitted.leave_one_out(), expected.leave_one_out()):
+        np.testing.assert_allclose(got, 1e-12 * want, rtol=1e-3)
+    rows = [{"temp": 50.0, "conc": 0.1, "steps": 2, "solvent": "ethanol", "pressure": 1}]
+    for got, want in zip(fitted.predict(rows), expected.predict(rows)):
+        np.testing.assert_allclose(got, 1e-12 * want, rtol=1e-3)
+
+
 def test_hypervolume_grows_and_the_front_is_non_dominated(tmp_path: Path) -> None:
     store, _ = mixed_store(tmp_path / "s.db", n=20, fail=(3,))
     data = report.load(store, "mixed")

@@ -110,6 +110,7 @@ class Surrogate:
     bounds: list[tuple[int, str, float, float]]
     success_index: int | None
     noise: float  # the first objective's inferred noise variance, standardized units
+    scales: list[float]  # per output: the models see measured values divided by it (see ``models.output_scale``)
 
 
 class BotorchPlanner:
@@ -278,6 +279,9 @@ class BotorchPlanner:
                 columns.append((b.output, x, y))
                 names.append(b.output)
             bounds.append((names.index(b.output), b.op, b.value, 1.0))
+        scales = [gp.output_scale(cy) for _, _, cy in columns]
+        columns = [(name, cx, cy / scale) for (name, cx, cy), scale in zip(columns, scales)]
+        bounds = [(i, op, value / scales[i], sign) for i, op, value, sign in bounds]
         success_index = None
         if len(done) < len(results):
             # something failed: learn where, from every experiment run
@@ -285,9 +289,10 @@ class BotorchPlanner:
             labels = torch.tensor([[1.0 if self.log.usable(r) else 0.0] for r in results], dtype=torch.double)
             success_index = len(columns)
             columns.append(("__success__", all_x, labels))
+            scales.append(1.0)
         fitted = [self._gp(name, cx, cy) for name, cx, cy in columns]
         model = fitted[0][0] if len(fitted) == 1 else ModelListGP(*[m for m, _ in fitted])
-        surrogate = Surrogate(model, x, len(self.log.objectives), bounds, success_index, fitted[0][1])
+        surrogate = Surrogate(model, x, len(self.log.objectives), bounds, success_index, fitted[0][1], scales)
         self._surrogate = (key, surrogate)
         return surrogate
 
@@ -346,7 +351,7 @@ class BotorchPlanner:
         pending_x = self.space.encode_many(pending) if pending else None
         constraints = output_constraints(surrogate.bounds, surrogate.success_index)
         if surrogate.n_objectives > 1:
-            ref = self.log.reference_point()
+            ref = [v / scale for v, scale in zip(self.log.reference_point(), surrogate.scales)]
             return several_objectives(surrogate.model, surrogate.n_objectives, ref, surrogate.train_x, pending_x,
                                       constraints, seed), "qLogNEHVI"
         best_f = self._incumbent_mean(surrogate)[1]
@@ -403,7 +408,8 @@ class BotorchPlanner:
             mean = posterior.mean.reshape(x.shape[0], -1)
             std = posterior.variance.clamp_min(0).sqrt().reshape(x.shape[0], -1)
         names = self._output_names(surrogate)
-        return [{name: {"mean": sign * float(mean[i, j]), "std": float(std[i, j])}
+        units = surrogate.scales
+        return [{name: {"mean": sign * units[j] * float(mean[i, j]), "std": units[j] * float(std[i, j])}
                  for j, (name, sign) in enumerate(names)} for i in range(x.shape[0])]
 
     def _explain(self, surrogate: Surrogate, acquisition: Any, name: str, candidates: torch.Tensor, seed: int,

@@ -171,6 +171,25 @@ def _dimension_scaled(width: int) -> tuple[MaternKernel, GaussianLikelihood]:
     return kernel, likelihood
 
 
+def output_scale(y: torch.Tensor) -> float:
+    """The unit (a power of ten) in which the models see an output's values ``y``; 1 for ordinary values.
+
+    A GP's posterior is returned in the units it was given, and BoTorch and GPyTorch hold absolute floors
+    there (a variance of at least 1e-10, no standardizing below a spread of 1e-8): outputs of order 1e-12
+    (a current in amperes) left the model seeing only noise, and two objectives of order 1e12 made every
+    hypervolume improvement NaN, so the suggestion failed. Outputs that spread between 1e-3 and 1e3 keep
+    unit 1, so the proposals of every campaign in those ranges (and their replay from the store) are
+    exactly what they were.
+    """
+    finite = y[torch.isfinite(y)]
+    spread = float(finite.std(correction=0)) if finite.numel() > 1 else 0.0
+    if spread == 0.0:
+        spread = float(finite.abs().max()) if finite.numel() else 0.0
+    if spread == 0.0 or 1e-3 <= spread <= 1e3:
+        return 1.0
+    return 10.0 ** round(math.log10(spread))
+
+
 def hyperparameters(model: Model) -> dict[str, torch.Tensor]:
     """The fitted hyperparameters of ``model``, without data-dependent transforms or caches."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()

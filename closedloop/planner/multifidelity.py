@@ -39,7 +39,7 @@ import torch
 from closedloop.campaign import SOURCE, Campaign, ContinuousParameter, FixedParameter
 from closedloop.errors import PlannerError
 from closedloop.planner.base import Proposal, Result
-from closedloop.planner.models import in_double_precision
+from closedloop.planner.models import in_double_precision, output_scale
 
 __all__ = ["SOURCE", "MultiFidelityPlanner", "unsupported"]
 
@@ -218,7 +218,8 @@ class MultiFidelityPlanner:
     # -- BoTorch ------------------------------------------------------------------------------------
 
     def _training_data(self) -> tuple[list[list[float]], list[float]]:
-        """n x (d + 1) inputs (unit cube, then fidelity) and n outputs (oriented to maximize), in trial order."""
+        """n x (d + 1) inputs (unit cube, then fidelity) and n outputs (oriented to maximize, in the unit
+        :func:`~closedloop.planner.models.output_scale` gives them), in trial order."""
         X, Y = [], []
         ordered = sorted(self.results, key=lambda r: r.trial if r.trial is not None else -1)
         for result in ordered:
@@ -229,7 +230,8 @@ class MultiFidelityPlanner:
                 continue
             X.append(self._unit(result.parameters) + [self.fidelity[source]])
             Y.append(self.sign * float(result.values[self.output]))
-        return X, Y
+        unit = output_scale(torch.tensor(Y, dtype=torch.double)) if Y else 1.0
+        return X, [y / unit for y in Y]
 
     def _model(self) -> Any:
         from botorch.fit import fit_gpytorch_mll

@@ -129,6 +129,34 @@ def test_two_objectives_give_a_pareto_front_and_a_growing_hypervolume() -> None:
     assert all(any(a <= r.values["f1"] and c2 <= r.values["f2"] for a, c2 in ys) for r in dominated)
 
 
+@pytest.mark.parametrize("unit", [1e-12, 1e12])
+def test_outputs_in_any_unit_get_the_proposals_of_ordinary_ones(unit: float) -> None:
+    # a current in amperes or a count per cm3: the model must not see only noise, nor overflow
+    ordinary, scaled = make_planner(campaign(BRANIN, initial=5)), make_planner(campaign(BRANIN, initial=5))
+    ordinary_runs = run(ordinary, lambda p: {"y": b(p)}, 9)
+    scaled_runs = run(scaled, lambda p: {"y": unit * b(p)}, 9)
+    for a, c in zip(ordinary_runs[5:], scaled_runs[5:]):
+        assert a.parameters == pytest.approx(c.parameters, abs=1e-4)
+    assert scaled.best().trial == ordinary.best().trial
+    # the model's view (dashboard, provenance) in measured units
+    at = [ordinary.best().parameters]
+    mine, theirs = scaled.predict(at)[0]["y"], ordinary.predict(at)[0]["y"]
+    assert mine["mean"] == pytest.approx(unit * theirs["mean"], rel=1e-3)
+    assert mine["std"] == pytest.approx(unit * theirs["std"], rel=1e-2) and theirs["std"] > 0
+
+
+def test_two_objectives_of_extreme_size_still_get_model_proposals() -> None:
+    c = campaign("x1: {type: continuous, bounds: [0, 1]}\nx2: {type: continuous, bounds: [0, 1]}",
+                 objectives="f1: {goal: minimize}\nf2: {goal: minimize}", initial=5)
+    for unit in (1e-12, 1e12):
+        planner = make_planner(c)
+        run(planner, lambda p: {k: unit * v for k, v in two_objectives(p).items()}, 9)
+        assert planner.log.results[-1].values is not None
+        proposal = planner.suggest(1)[0]
+        assert proposal.metadata["generator"] == "botorch.qLogNEHVI" and math.isfinite(proposal.metadata["acquisition_value"])
+        assert len(planner.pareto_front()) >= 2
+
+
 def test_outcome_constraints_steer_the_search_and_the_best_is_feasible() -> None:
     c = campaign(BRANIN, objectives="y: {goal: minimize}", extra='outcome_constraints: ["cost <= 2"]', initial=6)
     planner = make_planner(c)
