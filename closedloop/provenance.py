@@ -205,7 +205,7 @@ class Recorder:
             point = next((p for p in points if p.get("parameters") == proposal.parameters), None)
             meta = proposal.metadata
             decision = {
-                "backend": self.planner.backend, "versions": {**self.versions, **_threads()},
+                "backend": self.planner.backend, "versions": {**self.versions, **_threads(evidence)},
                 "generator": meta.get("generator"),
                 "seed": getattr(self.planner, "seed", None),
                 "acquisition_seed": evidence.get("seed") if point is not None else None,
@@ -231,9 +231,14 @@ class Recorder:
         return _take(proposal)
 
 
-def _threads() -> dict[str, str]:
+def _threads(evidence: dict[str, Any]) -> dict[str, str]:
     """torch's intra-op thread count: sums split across threads round differently, and a model fitted or an
-    acquisition optimized with another count can end elsewhere, so a replay uses the same count."""
+    acquisition optimized with another count can end elsewhere, so a replay uses the same count.
+
+    The count the planner says it thought with (ours think on one thread), else the process's.
+    """
+    if evidence.get("torch_threads") is not None:
+        return {"torch_threads": str(evidence["torch_threads"])}
     torch = sys.modules.get("torch")  # only a planner that uses torch imports it
     return {"torch_threads": str(torch.get_num_threads())} if torch is not None else {}
 

@@ -14,7 +14,7 @@ import torch
 
 from closedloop.campaign import Campaign
 from closedloop.planner.base import Proposal, Result
-from closedloop.planner.models import in_double_precision
+from closedloop.planner.models import in_planner_numerics
 from closedloop.planner.observations import ObservationLog
 from closedloop.planner.space import Space, candidates_repeat
 
@@ -42,7 +42,7 @@ class SobolPlanner:
     def ingest(self, results: list[Result]) -> None:
         self.log.add(results)
 
-    @in_double_precision
+    @in_planner_numerics
     def best(self) -> Result | None:
         if len(self.log.objectives) > 1:
             front = self.log.pareto_front()
@@ -55,7 +55,7 @@ class SobolPlanner:
     def hypervolume(self) -> float:
         return self.log.hypervolume()
 
-    @in_double_precision
+    @in_planner_numerics
     def suggest(self, n: int = 1, pending: list[dict[str, Any]] | None = None) -> list[Proposal]:
         start = len(self.log.results) + len(pending or [])
         if self.space.candidates is not None:

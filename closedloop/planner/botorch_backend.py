@@ -154,7 +154,7 @@ class BotorchPlanner:
     def ingest(self, results: list[Result]) -> None:
         self.log.add(results)
 
-    @gp.in_double_precision
+    @gp.in_planner_numerics
     def best(self) -> Result | None:
         """The feasible experiment with the best model estimate of the objective (not the luckiest reading).
 
@@ -204,7 +204,7 @@ class BotorchPlanner:
         """Hypervolume of the feasible experiments above the reference point (objectives oriented to maximize)."""
         return self.log.hypervolume()
 
-    @gp.in_double_precision
+    @gp.in_planner_numerics
     def suggest(self, n: int = 1, pending: list[dict[str, Any]] | None = None) -> list[Proposal]:
         pending = list(pending or [])
         if self.space.candidates is not None:
@@ -375,7 +375,7 @@ class BotorchPlanner:
 
     last_decision: dict[str, Any] | None = None  # set by each model-based suggest; the caller may clear it
 
-    @gp.in_double_precision
+    @gp.in_planner_numerics
     def predict(self, points: list[dict[str, Any]]) -> list[dict[str, dict[str, float]]] | None:
         """The model's posterior mean and standard deviation of every modelled output at ``points``.
 
@@ -427,6 +427,7 @@ class BotorchPlanner:
                 single = [None] * candidates.shape[0]
         predictions = self._predict(surrogate, candidates)
         return {"acquisition": name, "acquisition_joint": value, "seed": seed, "hyperparameters": hyper,
+                "torch_threads": torch.get_num_threads(),
                 "points": [{"parameters": self.space.decode(x), "acquisition_value": a, "prediction": p}
                            for x, a, p in zip(candidates, single, predictions)]}
 

@@ -39,7 +39,7 @@ import torch
 from closedloop.campaign import SOURCE, Campaign, ContinuousParameter, FixedParameter
 from closedloop.errors import PlannerError
 from closedloop.planner.base import Proposal, Result
-from closedloop.planner.models import in_double_precision, output_scale
+from closedloop.planner.models import in_planner_numerics, output_scale
 
 __all__ = ["SOURCE", "MultiFidelityPlanner", "unsupported"]
 
@@ -158,7 +158,7 @@ class MultiFidelityPlanner:
         """Add finished experiments; each result's parameters name their source under ``source``."""
         self.results.extend(results)
 
-    @in_double_precision
+    @in_planner_numerics
     def best(self) -> Result | None:
         """The best *measured* result at the target source: what was seen, not a model estimate.
 
@@ -188,7 +188,7 @@ class MultiFidelityPlanner:
         del parameters[SOURCE]
         return parameters
 
-    @in_double_precision
+    @in_planner_numerics
     def suggest(self, n: int = 1, pending: list[dict[str, Any]] | None = None) -> list[Proposal]:
         """``n`` proposals, chosen one after another, each treating the ones before and ``pending`` as
         measured at the model's mean (the kriging believer). Parameters and metadata name the source."""

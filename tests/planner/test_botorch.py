@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -391,29 +392,31 @@ def test_proposals_do_not_depend_on_the_callers_default_dtype() -> None:
         torch.set_default_dtype(previous)
 
 
-def test_planners_in_two_threads_both_think_in_double_precision() -> None:
-    # a daemon's planner thread and its filler overlap; torch's default dtype is one per process
+def test_planners_in_two_threads_both_think_in_double_precision_on_one_thread() -> None:
+    # a daemon's planner thread and its filler overlap; torch's default dtype and thread count are per process
     import threading
 
-    from closedloop.planner.models import in_double_precision
+    from closedloop.planner.models import in_planner_numerics
 
     inside, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
-    seen: dict[str, torch.dtype] = {}
+    seen: dict[str, Any] = {}
 
-    @in_double_precision
+    @in_planner_numerics
     def first() -> None:
         inside.set()
         second_in.wait(10)
 
-    @in_double_precision
+    @in_planner_numerics
     def second() -> None:
         second_in.set()
         first_out.wait(10)  # the first thread has left meanwhile
         seen["second"] = torch.get_default_dtype()
+        seen["threads"] = torch.get_num_threads()
 
-    previous = torch.get_default_dtype()
+    previous, threads = torch.get_default_dtype(), torch.get_num_threads()
     try:
         torch.set_default_dtype(torch.float32)
+        torch.set_num_threads(2)
         a = threading.Thread(target=first)
         a.start()
         inside.wait(10)
@@ -422,7 +425,9 @@ def test_planners_in_two_threads_both_think_in_double_precision() -> None:
         a.join(10)
         first_out.set()
         b_thread.join(10)
-        assert seen["second"] == torch.float64
-        assert torch.get_default_dtype() == torch.float32  # put back once the last one left
+        assert seen["second"] == torch.float64 and seen["threads"] == 1
+        # put back once the last one left
+        assert torch.get_default_dtype() == torch.float32 and torch.get_num_threads() == 2
     finally:
         torch.set_default_dtype(previous)
+        torch.set_num_threads(threads)
