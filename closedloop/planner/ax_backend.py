@@ -39,6 +39,7 @@ from closedloop.campaign import (
 )
 from closedloop.errors import PlannerError
 from closedloop.planner.base import Proposal, Result
+from closedloop.planner.space import Space
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class AxPlanner:
         if problems:
             raise PlannerError("; ".join(problems))
         from ax.api.client import Client
+        from ax.exceptions.core import UserInputError
         from ax.utils.common.logger import set_stderr_log_level
 
         # Ax prints every trial at INFO on its own stderr handler; our loop logs transitions itself.
@@ -74,6 +76,18 @@ class AxPlanner:
         self.names = {name: f"p{i}" for i, name in enumerate(campaign.tunable_parameters)}
         self.metrics = {name: f"m{i}" for i, name in enumerate(campaign.outputs)}
         self.client = Client(random_seed=self.seed)
+        try:
+            self._configure(campaign)
+        except UserInputError as exc:  # e.g. a parameter range too narrow for Ax's numerics
+            raise PlannerError(f"planner.backend: Ax refuses this campaign: {exc}") from None
+        self.results: list[Result] = []
+        self._running: dict[int, _Key] = {}  # Ax trial index -> parameters, for experiments in flight
+        grid = Space(campaign).grid
+        # Ax never repeats a point of a finite space, and near its end spends ~24 s per call rejection
+        # sampling before it says so: the size lets us ask only for what is left
+        self._points = len(grid) if grid is not None else None
+
+    def _configure(self, campaign: Campaign) -> None:
         self.client.configure_experiment(
             parameters=[_parameter_config(self.names[name], p) for name, p in campaign.tunable_parameters.items()],
             parameter_constraints=[_constraint_text({self.names[n]: v for n, v in c.coefficients.items() if n in self.names},
@@ -85,20 +99,37 @@ class AxPlanner:
             objective=_objective_text(campaign, self.metrics),
             outcome_constraints=_outcome_constraints(campaign, self.metrics) or None,
         )
-        self.results: list[Result] = []
-        self._running: dict[int, _Key] = {}  # Ax trial index -> parameters, for experiments in flight
 
     # -- the protocol ----------------------------------------------------------------------
 
     def suggest(self, n: int = 1, pending: list[dict[str, Any]] | None = None) -> list[Proposal]:
         """``n`` new Ax trials; ``pending`` are the experiments in flight, kept RUNNING in Ax."""
+        from ax.exceptions.core import SearchSpaceExhausted
+
         if n < 1:
             return []
         self._sync_pending(pending or [])
         proposals: list[Proposal] = []
+        one_by_one = False
         while len(proposals) < n:
             # Ax may hand out fewer trials than asked while its generation step is capped.
-            trials = self.client.get_next_trials(max_trials=n - len(proposals))
+            ask = 1 if one_by_one else n - len(proposals)
+            if self._points is not None:
+                tried = {_key(self._typed(r.parameters)) for r in self.results} | set(self._running.values())
+                ask = min(ask, self._points - len(tried))
+            try:
+                if ask <= 0:
+                    raise SearchSpaceExhausted("every point proposed")
+                trials = self.client.get_next_trials(max_trials=ask)
+            except SearchSpaceExhausted:
+                # fewer points left than asked: Ax refuses the batch, not the points
+                if ask > 1:
+                    one_by_one = True
+                    continue
+                if proposals:
+                    return proposals  # the rest of the space, as a candidate table gives its last rows
+                raise PlannerError("the ax backend has proposed every point of this finite space and does not "
+                                   "repeat experiments (the botorch backend does)") from None
             if not trials:
                 raise PlannerError(f"the ax backend could not propose {n} experiments ({len(proposals)} given)")
             for index, parameters in trials.items():

@@ -180,3 +180,26 @@ def test_names_that_are_words_in_python_or_sympy_and_constraints_with_fixed_para
         assert p["f"] == 2 and p["lambda"] + p["x2"] + p["f"] <= 14 + 1e-9
         planner.ingest([Result(p, {"yield": -p["x2"]})])
     assert planner.best().values["yield"] == max(r.values["yield"] for r in planner.results)
+
+
+def test_a_range_too_narrow_for_ax_is_refused_at_construction_with_a_planner_error():
+    with pytest.raises(PlannerError, match="planner.backend: Ax refuses this campaign: .*x1|planner.backend: Ax refuses"):
+        AxPlanner(campaign(BRANIN, **{"bounds: [-5, 10]": "bounds: [100, 100.000000001]"}))
+
+
+def test_a_finite_space_run_through_gives_its_last_points_then_a_planner_error():
+    c = campaign(BRANIN, **{"x1: {type: continuous, bounds: [-5, 10]}": "x1: {type: discrete, values: [1, 2]}",
+                            "x2: {type: continuous, bounds: [0, 15]}": "x2: {type: categorical, values: [a, b]}"})
+    planner = AxPlanner(c)
+    seen = []
+    for trial in range(1, 4):
+        (proposal,) = planner.suggest(1)
+        seen.append((proposal.parameters["x1"], proposal.parameters["x2"]))
+        planner.ingest([Result(proposal.parameters, {"y": float(trial)}, trial)])
+    last = planner.suggest(3)  # one point is left
+    assert len(last) == 1
+    seen.append((last[0].parameters["x1"], last[0].parameters["x2"]))
+    assert sorted(seen) == [(1, "a"), (1, "b"), (2, "a"), (2, "b")]
+    planner.ingest([Result(last[0].parameters, {"y": 0.0}, 4)])
+    with pytest.raises(PlannerError, match="every point of this finite space"):
+        planner.suggest(1)
