@@ -413,9 +413,10 @@ class BotorchPlanner:
                  for j, (name, sign) in enumerate(names)} for i in range(x.shape[0])]
 
     def _explain(self, surrogate: Surrogate, acquisition: Any, name: str, candidates: torch.Tensor, seed: int,
-                 value: float) -> dict[str, Any]:
+                 value: float, parameters: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """JSON-ready evidence: hyperparameters, and per chosen point (``q x d``) its acquisition value
-        (the point alone, given what is pending) and the model's prediction there."""
+        (the point alone, given what is pending) and the model's prediction there. ``parameters`` names the
+        points as proposed where decoding would not give them back exactly (rows of a candidate table)."""
         hyper: dict[str, Any] = {}
         for pname, param, constraint in surrogate.model.named_parameters_and_constraints():
             actual = constraint.transform(param) if constraint is not None else param
@@ -428,8 +429,9 @@ class BotorchPlanner:
         predictions = self._predict(surrogate, candidates)
         return {"acquisition": name, "acquisition_joint": value, "seed": seed, "hyperparameters": hyper,
                 "torch_threads": torch.get_num_threads(),
-                "points": [{"parameters": self.space.decode(x), "acquisition_value": a, "prediction": p}
-                           for x, a, p in zip(candidates, single, predictions)]}
+                "points": [{"parameters": chosen, "acquisition_value": a, "prediction": p}
+                           for chosen, a, p in zip(parameters or [self.space.decode(x) for x in candidates],
+                                                   single, predictions)]}
 
     # -- end issue 9
 
@@ -531,10 +533,13 @@ class BotorchPlanner:
                 acquisition, name = self._acquisition(surrogate, pend, q, seed)
             choices = self.space.candidate_x[free]  # type: ignore[index]
             chosen, value = maximize_discrete(acquisition, choices, q)
-            for x in chosen:
-                i = free[int(torch.argmin((choices - x).abs().sum(-1)))]
+            picked = [free[int(torch.argmin((choices - x).abs().sum(-1)))] for x in chosen]
+            for i in picked:
                 proposals.append(Proposal(dict(rows[i]), {"generator": f"botorch.{name}", "candidate_row": i,
                                                           "acquisition_value": value}))
+            # issue 9: the evidence, naming the rows as the table has them (decoding would round them)
+            self.last_decision = self._explain(surrogate, acquisition, name, chosen, seed, value,
+                                               [dict(rows[i]) for i in picked])
         return proposals
 
     def _used_rows(self, parameters: list[dict[str, Any]]) -> set[int]:

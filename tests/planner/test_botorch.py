@@ -207,6 +207,11 @@ def test_candidate_tables_are_used_row_by_row(tmp_path: Path) -> None:
     assert all(row in rows for row in chosen)
     assert len(set(chosen)) == len(chosen) and rows[0] not in chosen[7:]
     assert batch[0].metadata["generator"].startswith("botorch.")
+    # the evidence behind the choice, for provenance: each chosen row, its prediction, the thread count
+    evidence = planner.last_decision
+    assert evidence is not None and evidence["torch_threads"] == 1
+    assert [p["parameters"] for p in evidence["points"]] == [p.parameters for p in batch]
+    assert all(math.isfinite(p["prediction"]["y"]["mean"]) for p in evidence["points"])
 
 
 MIXED = """
