@@ -104,8 +104,6 @@ class AxPlanner:
 
     def suggest(self, n: int = 1, pending: list[dict[str, Any]] | None = None) -> list[Proposal]:
         """``n`` new Ax trials; ``pending`` are the experiments in flight, kept RUNNING in Ax."""
-        from ax.exceptions.core import SearchSpaceExhausted
-
         if n < 1:
             return []
         self._sync_pending(pending or [])
@@ -117,19 +115,15 @@ class AxPlanner:
             if self._points is not None:
                 tried = {_key(self._typed(r.parameters)) for r in self.results} | set(self._running.values())
                 ask = min(ask, self._points - len(tried))
-            try:
-                if ask <= 0:
-                    raise SearchSpaceExhausted("every point proposed")
-                trials = self.client.get_next_trials(max_trials=ask)
-            except SearchSpaceExhausted:
-                # fewer points left than asked: Ax refuses the batch, not the points
-                if ask > 1:
+            trials = self._next_trials(ask) if ask > 0 else None
+            if trials is None:  # the finite space has fewer points left than asked
+                if ask > 1:  # Ax refuses the batch, not the points
                     one_by_one = True
                     continue
                 if proposals:
                     return proposals  # the rest of the space, as a candidate table gives its last rows
                 raise PlannerError("the ax backend has proposed every point of this finite space and does not "
-                                   "repeat experiments (the botorch backend does)") from None
+                                   "repeat experiments (the botorch backend does)")
             if not trials:
                 raise PlannerError(f"the ax backend could not propose {n} experiments ({len(proposals)} given)")
             for index, parameters in trials.items():
@@ -205,6 +199,15 @@ class AxPlanner:
         for index in unmatched:
             self.client.mark_trial_abandoned(index)
             del self._running[index]
+
+    def _next_trials(self, ask: int) -> dict[int, Any] | None:
+        """Up to ``ask`` new Ax trials, or None where Ax says its finite space is used up."""
+        from ax.exceptions.core import SearchSpaceExhausted
+
+        try:
+            return self.client.get_next_trials(max_trials=ask)
+        except SearchSpaceExhausted:
+            return None
 
     def _take_running(self, key: _Key) -> int | None:
         for index, running in self._running.items():

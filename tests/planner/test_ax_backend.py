@@ -183,7 +183,7 @@ def test_names_that_are_words_in_python_or_sympy_and_constraints_with_fixed_para
 
 
 def test_a_range_too_narrow_for_ax_is_refused_at_construction_with_a_planner_error():
-    with pytest.raises(PlannerError, match="planner.backend: Ax refuses this campaign: .*x1|planner.backend: Ax refuses"):
+    with pytest.raises(PlannerError, match="planner.backend: Ax refuses this campaign: "):
         AxPlanner(campaign(BRANIN, **{"bounds: [-5, 10]": "bounds: [100, 100.000000001]"}))
 
 
