@@ -1191,7 +1191,7 @@ def _read_candidates(campaign: Campaign, base: Path) -> tuple[list[dict[str, Any
         return [], [(where, f"cannot read the candidate table {str(path)!r}: {exc.strerror}")]
     except (csv.Error, UnicodeDecodeError) as exc:
         return [], [(where, f"{path.name} is not a readable CSV file: {exc}")]
-    lines = [(n, row) for n, row in lines if any(cell.strip() for cell in row)]
+    lines = [(n, row) for n, row in lines if "".join(row).strip()]
     if not lines:
         return [], [(where, f"{path.name} is empty; it needs a header naming the parameters and at least one row")]
     header = [h.strip() for h in lines[0][1]]
@@ -1217,6 +1217,7 @@ def _read_candidates(campaign: Campaign, base: Path) -> tuple[list[dict[str, Any
     row_problems: list[str] = []
     constraints = campaign.linear_constraints
     seen_rows: dict[tuple, int] = {}
+    fixed = {name: p.value for name, p in campaign.parameters.items() if isinstance(p, FixedParameter)}
     for line, cells in lines[1:]:
         if len(cells) != len(header):
             row_problems.append(f"line {line} has {len(cells)} cells, the header {len(header)}")
@@ -1232,10 +1233,7 @@ def _read_candidates(campaign: Campaign, base: Path) -> tuple[list[dict[str, Any
                 row_problems.append(f"line {line}, column {h}: {message}")
         if len(row) != len(header):
             continue
-        for name, p in campaign.parameters.items():
-            if isinstance(p, FixedParameter):
-                row[name] = p.value
-        row = {name: row[name] for name in campaign.parameters}
+        row = {name: fixed[name] if name in fixed else row[name] for name in campaign.parameters}
         for c in constraints:
             if not c.satisfied(row):
                 row_problems.append(f"line {line} violates the constraint {c.text!r}")

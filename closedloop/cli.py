@@ -772,6 +772,19 @@ def bench_multifidelity(
     multifidelity(seeds=seeds, budget=budget, regret=regret, console=console, output=output)
 
 
+@bench_app.command("library")
+def bench_library(
+    rows: list[int] = typer.Option([10_000, 100_000], help="candidate table sizes (repeat)"),
+    columns: int = typer.Option(6, min=1, help="continuous parameters, one column each"),
+    results: int = typer.Option(25, min=2, help="results before the suggestions are timed"),
+    output: Optional[Path] = typer.Option(None, help="also write the figures to this JSON file"),
+) -> None:
+    """Pool campaigns over large candidate tables: seconds to load, build the planner and suggest."""
+    from closedloop.bench.library import main as library
+
+    library(sizes=tuple(rows), columns=columns, results=results, console=console, output=output)
+
+
 @bench_app.command("planner")
 def bench_planner(
     problem: Optional[list[str]] = typer.Option(None, "--problem", "-p", help="problems to run (default all; repeat)"),

@@ -20,6 +20,7 @@ single proposals use analytic LogEI, and past 400 experiments the GP is conditio
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import time
@@ -542,16 +543,19 @@ class BotorchPlanner:
                                                [dict(rows[i]) for i in picked])
         return proposals
 
+    @functools.cached_property
+    def _rows_by_key(self) -> dict[tuple, list[int]]:
+        """The candidate table's row numbers by parameter key (a table of 100,000 rows takes a second to index)."""
+        index: dict[tuple, list[int]] = {}
+        for i, row in enumerate(self.space.candidates or []):
+            index.setdefault(self.space.key(row), []).append(i)
+        return index
+
     def _used_rows(self, parameters: list[dict[str, Any]]) -> set[int]:
         """Rows of the candidate table already run or in flight (each row is used at most once)."""
-        rows = self.space.candidates
-        assert rows is not None
-        index: dict[tuple, list[int]] = {}
-        for i, row in enumerate(rows):
-            index.setdefault(self.space.key(row), []).append(i)
         used: set[int] = set()
         for p in parameters:
-            for i in index.get(self.space.key(p), []):
+            for i in self._rows_by_key.get(self.space.key(p), []):
                 if i not in used:
                     used.add(i)
                     break

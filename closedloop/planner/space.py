@@ -20,11 +20,9 @@ equalities then corrected to float precision.
 
 from __future__ import annotations
 
-import csv
 import functools
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -174,23 +172,22 @@ class Space:
 
     def encode(self, parameters: dict[str, Any]) -> torch.Tensor:
         """A ``d`` tensor for one parameter dict."""
-        row = torch.zeros(self.dim, dtype=torch.double)
-        for c in self.columns:
-            p, v = self.parameters[c.name], parameters[c.name]
-            if isinstance(p, CategoricalParameter):
-                row[c.index] = float(_index_of(p, v))
-            elif c.name in self.linear_override or not _is_log(p):
-                row[c.index] = (float(v) - self._lo[c.index]) / self._span[c.index]
-            else:
-                lo, hi = math.log(p.bounds[0]), math.log(p.bounds[1])
-                row[c.index] = (math.log(float(v)) - lo) / (hi - lo)
-        return row
+        return self.encode_many([parameters])[0]
 
     def encode_many(self, rows: list[dict[str, Any]]) -> torch.Tensor:
-        """An ``n x d`` tensor."""
-        if not rows:
-            return torch.zeros(0, self.dim, dtype=torch.double)
-        return torch.stack([self.encode(r) for r in rows])
+        """An ``n x d`` tensor, built a column at a time (a candidate table may have a million rows)."""
+        x = np.zeros((len(rows), self.dim))
+        for c in self.columns:
+            p = self.parameters[c.name]
+            if isinstance(p, CategoricalParameter):
+                x[:, c.index] = [float(_index_of(p, r[c.name])) for r in rows]
+            elif c.name in self.linear_override or not _is_log(p):
+                x[:, c.index] = (np.array([float(r[c.name]) for r in rows]) - self._lo[c.index]) / self._span[c.index]
+            else:
+                lo, hi = math.log(p.bounds[0]), math.log(p.bounds[1])
+                # math.log, not np.log: the encoding of a stored experiment must not move by an ulp
+                x[:, c.index] = (np.array([math.log(float(r[c.name])) for r in rows]) - lo) / (hi - lo)
+        return torch.from_numpy(x)
 
     def decode(self, x: torch.Tensor | np.ndarray) -> dict[str, Any]:
         """Parameter values, in their declared types, for one ``d`` vector; exact (see module docstring)."""
@@ -472,45 +469,14 @@ def candidates_repeat(campaign: Campaign) -> bool:
 
 
 def load_candidates(campaign: Campaign) -> list[dict[str, Any]]:
-    """The campaign's candidate table as parameter dicts typed as declared (fixed parameters included).
-
-    Uses ``Campaign.candidate_table()`` where the campaign offers it; otherwise reads the CSV file
-    named by ``campaign.candidates`` (a header naming the tunable parameters, one row each).
-    """
-    table = getattr(campaign, "candidate_table", None)
-    rows: list[dict[str, Any]]
-    if callable(table):
-        try:
-            rows = list(table())
-        except ClosedLoopError as exc:
-            raise PlannerError(f"candidates: {exc}") from None
-    else:
-        path = Path(str(getattr(campaign.candidates, "file", campaign.candidates)))
-        try:
-            with path.open(newline="") as handle:
-                rows = list(csv.DictReader(handle))
-        except OSError as exc:
-            raise PlannerError(f"candidates: cannot read {str(path)!r}: {exc.strerror}") from None
-    typed = []
-    for i, row in enumerate(rows):
-        out: dict[str, Any] = {}
-        for name, p in campaign.tunable_parameters.items():
-            if name not in row:
-                raise PlannerError(f"candidates: row {i + 1} has no value for parameter {name!r}")
-            v = row[name]
-            if isinstance(p, CategoricalParameter):
-                out[name] = p.values[_index_of(p, v)]
-            elif isinstance(p, IntegerParameter):
-                out[name] = int(round(float(v)))
-            else:
-                out[name] = float(v)
-        for name, p in campaign.parameters.items():
-            if isinstance(p, FixedParameter):
-                out[name] = p.value
-        typed.append({n: out[n] for n in campaign.parameters})
-    if not typed:
+    """The campaign's candidate table as parameter dicts typed as declared (fixed parameters included)."""
+    try:
+        rows = campaign.candidate_table()
+    except ClosedLoopError as exc:
+        raise PlannerError(f"candidates: {exc}") from None
+    if not rows:
         raise PlannerError("candidates: the table has no rows")
-    return typed
+    return rows
 
 
 def _pinning_as_equalities(box: torch.Tensor, inequalities: list, equalities: list) -> tuple[list, list]:
