@@ -112,6 +112,8 @@ class Surrogate:
     success_index: int | None
     noise: float  # the first objective's inferred noise variance, standardized units
     scales: list[float]  # per output: the models see measured values divided by it (see ``models.output_scale``)
+    objective_data: tuple[torch.Tensor, torch.Tensor]  # the first objective's model's ``x`` and ``y``, in model units
+    smooth: Model | None = None  # a second model of the first objective, made when the best is asked for under noise
 
 
 class BotorchPlanner:
@@ -160,8 +162,8 @@ class BotorchPlanner:
         """The feasible experiment with the best model estimate of the objective (not the luckiest reading).
 
         Under noise (inferred noise above ``NOISY_VARIANCE`` from at least ``NOISE_EVIDENCE`` experiments)
-        the model's estimate decides; otherwise the best reading stands unless the model is confident
-        (``BEST_CONFIDENCE``) another is better.
+        the models' estimates decide (:meth:`_consensus_best`); otherwise the best reading stands unless
+        the model is confident (``BEST_CONFIDENCE``) another is better.
 
         With several objectives: the member of the Pareto front best in the first objective.
         """
@@ -178,15 +180,15 @@ class BotorchPlanner:
         x = self.space.encode_many([r.parameters for r in feasible])
         with torch.no_grad():
             mean = surrogate.model.posterior(x).mean[..., 0]
-            i = int(torch.argmax(mean))
-            j = feasible.index(luckiest)
-            if i == j:
-                return luckiest
-            if surrogate.noise > NOISY_VARIANCE and len(feasible) >= NOISE_EVIDENCE:
-                # a reading far above the model's estimate is most likely a lucky one: on noisy Branin
-                # (10 seeds) keeping the best reading where readings differed by more than twice the
-                # noise reported 4.25 times the regret of the truly best experiment run, this 3.02
-                return feasible[i]
+        if surrogate.noise > NOISY_VARIANCE and len(feasible) >= NOISE_EVIDENCE:
+            # a reading far above the model's estimate is most likely a lucky one: on noisy Branin
+            # (10 seeds) keeping the best reading where readings differed by more than twice the
+            # noise reported 4.25 times the regret of the truly best experiment run, the model's pick 3.02
+            return feasible[self._consensus_best(surrogate, x, mean)]
+        i, j = int(torch.argmax(mean)), feasible.index(luckiest)
+        if i == j:
+            return luckiest
+        with torch.no_grad():
             # the model overrules the best reading only when it is confident the other experiment is
             # better: noise-free data (readings are the truth) rarely give it that confidence, noisy ones do
             model = surrogate.model.models[0] if isinstance(surrogate.model, ModelListGP) else surrogate.model
@@ -196,6 +198,30 @@ class BotorchPlanner:
         if spread > 0 and float(m[0] - m[1]) / spread > BEST_CONFIDENCE:
             return feasible[i]
         return luckiest
+
+    def _consensus_best(self, surrogate: Surrogate, x: torch.Tensor, mean: torch.Tensor) -> int:
+        """Index into ``x`` of the experiment that the search model (posterior ``mean`` at ``x``) and a
+        smoother model of the same data together rate best, each's estimates standardized over ``x``.
+
+        Under noise the experiments near the optimum differ by less than the noise, and either model
+        alone picks among them partly by where its kernel let a lucky reading pull it. Recorded runs of
+        our planner, the experiment reported by this rule against the rule before it (the search model's
+        pick), each on the same data: noisy Branin, seeds 0-199, lower regret on 53 runs and higher on 27
+        (sign test p 0.005); noisy Hartmann6, seeds 0-49, lower on 9, higher on 9. The smoother model alone
+        did worse on noisy Hartmann6 (seeds 0-49: 14 / 17).
+        """
+        if surrogate.smooth is None:
+            cx, cy = surrogate.objective_data
+            categories = {i: len(values) for i, values in self.space.cat_dims.items()}
+            fit_idx = gp.training_subset(cy[:, 0], gp.MAX_FIT)
+            state = gp.fit_gp(cx[fit_idx], cy[fit_idx], categories, self._data_seed("smooth", len(cx)),
+                              make=gp.make_smooth_gp)
+            idx = gp.training_subset(cy[:, 0], gp.MAX_TRAIN)
+            surrogate.smooth = gp.conditioned_gp(cx[idx], cy[idx], categories, state, make=gp.make_smooth_gp)
+        with torch.no_grad():
+            smooth = surrogate.smooth.posterior(x).mean[..., 0]
+        score = sum((m - m.mean()) / m.std().clamp_min(1e-12) for m in (mean, smooth))
+        return int(torch.argmax(score))
 
     def pareto_front(self) -> list[Result]:
         """The non-dominated feasible experiments."""
@@ -293,7 +319,8 @@ class BotorchPlanner:
             scales.append(1.0)
         fitted = [self._gp(name, cx, cy) for name, cx, cy in columns]
         model = fitted[0][0] if len(fitted) == 1 else ModelListGP(*[m for m, _ in fitted])
-        surrogate = Surrogate(model, x, len(self.log.objectives), bounds, success_index, fitted[0][1], scales)
+        surrogate = Surrogate(model, x, len(self.log.objectives), bounds, success_index, fitted[0][1], scales,
+                              columns[0][1:])
         self._surrogate = (key, surrogate)
         return surrogate
 

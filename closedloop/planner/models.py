@@ -23,6 +23,7 @@ from botorch.models import SingleTaskGP
 from botorch.models.model import Model
 from botorch.models.transforms.input import NumericToCategoricalEncoding
 from botorch.models.transforms.outcome import Standardize
+from botorch.models.utils.gpytorch_modules import get_covar_module_with_dim_scaled_prior
 from gpytorch.constraints import GreaterThan
 from gpytorch.likelihoods import GaussianLikelihood
 from gpytorch.mlls import ExactMarginalLogLikelihood
@@ -128,12 +129,8 @@ def make_gp(train_x: torch.Tensor, train_y: torch.Tensor, categories: dict[int, 
         train_y: ``n x 1`` outcomes, oriented so larger is better.
         categories: categorical column -> number of choices.
     """
-    encode = None
-    width = train_x.shape[-1]
+    encode, width = _one_hot_encoding(train_x.shape[-1], categories)
     if categories:
-        many = {i: k for i, k in categories.items() if k > 1}
-        encode = NumericToCategoricalEncoding(width, many, {i: _one_hot(k) for i, k in many.items()}) if many else None
-        width += sum(k - 1 for k in many.values())
         # a one-hot space is wide (22 columns for direct arylation's 3 categories and 2 numbers): EDBO's
         # short low-dimensional lengthscales left the model unable to carry what it learned of one
         # choice to the others, so it stopped trying new ligands. A prior scaled with the width
@@ -150,6 +147,26 @@ def make_gp(train_x: torch.Tensor, train_y: torch.Tensor, categories: dict[int, 
         likelihood = GaussianLikelihood(
             noise_prior=GammaPrior(1.05, 0.5), noise_constraint=GreaterThan(1e-5, transform=None, initial_value=0.1))
     return SingleTaskGP(train_x, train_y, likelihood=likelihood, covar_module=covar,
+                        outcome_transform=Standardize(m=1), input_transform=encode)
+
+
+def _one_hot_encoding(width: int, categories: dict[int, int]) -> tuple[NumericToCategoricalEncoding | None, int]:
+    """The input transform that one-hots the categorical columns (None if there are none), and the kernel's width."""
+    many = {i: k for i, k in categories.items() if k > 1}
+    if not many:
+        return None, width
+    encode = NumericToCategoricalEncoding(width, many, {i: _one_hot(k) for i, k in many.items()})
+    return encode, width + sum(k - 1 for k in many.values())
+
+
+def make_smooth_gp(train_x: torch.Tensor, train_y: torch.Tensor, categories: dict[int, int]) -> Model:
+    """An unfitted ``SingleTaskGP`` with BoTorch's default kernel: squared exponential, priors scaled to the width.
+
+    Smoother than :func:`make_gp`'s Matern kernel, which the search needs rough enough to go on exploring;
+    the reported best under noise asks both (see ``BotorchPlanner.best``).
+    """
+    encode, width = _one_hot_encoding(train_x.shape[-1], categories)
+    return SingleTaskGP(train_x, train_y, covar_module=get_covar_module_with_dim_scaled_prior(ard_num_dims=width),
                         outcome_transform=Standardize(m=1), input_transform=encode)
 
 
@@ -205,9 +222,11 @@ def hyperparameters(model: Model) -> dict[str, torch.Tensor]:
             if not k.startswith(("outcome_transform", "input_transform")) and "train" not in k}
 
 
-def fit_gp(train_x: torch.Tensor, train_y: torch.Tensor, categories: dict[int, int], seed: int) -> dict[str, torch.Tensor]:
-    """Hyperparameters fitted by maximum a posteriori marginal likelihood (deterministic for a seed)."""
-    model = make_gp(train_x, train_y, categories)
+def fit_gp(train_x: torch.Tensor, train_y: torch.Tensor, categories: dict[int, int], seed: int,
+           make: Callable[..., Model] = make_gp) -> dict[str, torch.Tensor]:
+    """Hyperparameters of the GP ``make`` builds, fitted by maximum a posteriori marginal likelihood
+    (deterministic for a seed)."""
+    model = make(train_x, train_y, categories)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         try:
@@ -219,9 +238,10 @@ def fit_gp(train_x: torch.Tensor, train_y: torch.Tensor, categories: dict[int, i
 
 def conditioned_gp(
     train_x: torch.Tensor, train_y: torch.Tensor, categories: dict[int, int], state: dict[str, torch.Tensor],
+    make: Callable[..., Model] = make_gp,
 ) -> Model:
-    """A GP on ``train_x``/``train_y`` with the given hyperparameters, in eval mode."""
-    model = make_gp(train_x, train_y, categories)
+    """A GP built by ``make`` on ``train_x``/``train_y`` with the given hyperparameters, in eval mode."""
+    model = make(train_x, train_y, categories)
     model.load_state_dict(state, strict=False)
     model.eval()
     return model
