@@ -83,7 +83,22 @@ def maximize(
     return candidates.detach().reshape(q, -1), float(torch.as_tensor(value).sum())
 
 
+# a batch's members after the first are chosen among this many rows, those best for the first
+SHORTLIST = 4096
+
+
 def maximize_discrete(acquisition: AcquisitionFunction, choices: torch.Tensor, q: int) -> tuple[torch.Tensor, float]:
-    """The ``q`` rows of ``choices`` (``r x d``) chosen jointly (sequential greedy) and their value."""
+    """The ``q`` rows of ``choices`` (``r x d``) chosen jointly (sequential greedy) and their value.
+
+    Each greedy step scores every row with the members chosen so far pending, so a batch over a large
+    table costs ``q`` passes over it. Past ``SHORTLIST`` rows one pass scores every row alone, and the
+    batch is chosen among the ``SHORTLIST`` best: the first member is the same, and a later one, whose
+    value is at most its value alone, comes from below the shortlist only when the chosen ones have
+    spoilt the value of every row above it.
+    """
+    if q > 1 and len(choices) > SHORTLIST:
+        with torch.no_grad():
+            alone = torch.cat([acquisition(chunk.unsqueeze(-2)) for chunk in choices.split(2048)])
+        choices = choices[alone.topk(SHORTLIST).indices]
     candidates, value = optimize_acqf_discrete(acquisition, q=q, choices=choices, unique=True)
     return candidates.detach(), float(torch.as_tensor(value).sum())

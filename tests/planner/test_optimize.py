@@ -1,0 +1,53 @@
+"""Maximizing the acquisition: a batch over a large table is chosen from a shortlist, not q passes over it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from closedloop.planner import models as gp
+from closedloop.planner import optimize
+from closedloop.planner.acquisition import single_objective
+
+
+def _batch_acquisition(rows: int) -> tuple[object, torch.Tensor, list[int]]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(30, 3, generator=generator, dtype=torch.double)
+    y = -((x - 0.3) ** 2).sum(-1, keepdim=True) + 0.01 * torch.randn(30, 1, generator=generator, dtype=torch.double)
+    model = gp.conditioned_gp(x, y, {}, gp.fit_gp(x, y, {}, 0))
+    acquisition = single_objective(model, x, None, None, 4, float(y.max()), 0, True)
+    evaluated = [0]
+    forward = acquisition.forward
+
+    def counted(points: torch.Tensor) -> torch.Tensor:
+        evaluated[0] += points.shape[0]
+        return forward(points)
+
+    acquisition.forward = counted  # type: ignore[method-assign]
+    return acquisition, torch.rand(rows, 3, generator=generator, dtype=torch.double), evaluated
+
+
+def test_a_batch_over_a_large_table_scores_each_row_once_then_chooses_among_the_best(monkeypatch) -> None:
+    monkeypatch.setattr(optimize, "SHORTLIST", 200)
+    acquisition, choices, evaluated = _batch_acquisition(3000)
+    chosen, _ = gp.in_planner_numerics(optimize.maximize_discrete)(acquisition, choices, 4)
+    acquisition.set_X_pending(None)
+    with torch.no_grad():
+        alone = acquisition(choices.unsqueeze(-2))
+    assert evaluated[0] <= 3000 + 4 * 200 + 3000  # one pass, four over the shortlist, and the check just above
+    assert len({tuple(row.tolist()) for row in chosen}) == 4
+    top = choices[alone.topk(200).indices]
+    assert all(any(torch.equal(row, t) for t in top) for row in chosen)
+    assert torch.equal(chosen[0], choices[int(torch.argmax(alone))])  # the first member is the best row alone
+
+
+@pytest.mark.parametrize("rows", [150, 3000])
+def test_a_single_proposal_or_a_small_table_is_searched_exactly(monkeypatch, rows: int) -> None:
+    monkeypatch.setattr(optimize, "SHORTLIST", 200)
+    acquisition, choices, evaluated = _batch_acquisition(rows)
+    chosen, _ = gp.in_planner_numerics(optimize.maximize_discrete)(acquisition, choices, 1 if rows > 200 else 4)
+    if rows > 200:
+        assert evaluated[0] == rows
+    else:
+        assert evaluated[0] > 3 * rows  # a greedy pass over every row for each member
+    assert chosen.shape[0] == (1 if rows > 200 else 4)
