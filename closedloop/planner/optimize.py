@@ -7,7 +7,8 @@
   equality constraint are relaxed, as that optimizer allows equalities only on continuous columns;
 - finite spaces (every column categorical, integer or discrete, at most ``GRID_LIMIT`` points):
   ``optimize_acqf_discrete`` over every point, as a local search can miss the best of a few thousand;
-- candidate tables: ``optimize_acqf_discrete`` over the rows not yet used.
+- candidate tables: ``optimize_acqf_discrete`` over the rows not yet used (a batch over more than
+  ``SHORTLIST`` rows or points: over the ``SHORTLIST`` best alone, see :func:`maximize_discrete`).
 
 Every result is decoded exactly by :class:`closedloop.planner.space.Space` afterwards.
 """
