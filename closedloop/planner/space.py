@@ -208,7 +208,7 @@ class Space:
 
     def snap(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (``n x d``) moved to the encoding of its exact decoded point."""
-        return torch.stack([self.encode(self.decode(row)) for row in x]) if len(x) else x
+        return self.encode_many([self.decode(row) for row in x]) if len(x) else x
 
     def feasible(self, parameters: dict[str, Any], tolerance: float = 1e-6) -> bool:
         """Whether a parameter dict satisfies bounds, types and constraints, the constraints within ``tolerance``
