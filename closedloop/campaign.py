@@ -889,7 +889,7 @@ class Campaign(_Model):
             name: {"type": p.type, **data["parameters"][name]} for name, p in self.parameters.items()
         }
         data = {"name": self.name, **data}  # keep the name first even when other keys are defaults
-        return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, allow_unicode=True, width=100)
+        return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=None, allow_unicode=True, width=100)
 
     @classmethod
     def from_yaml_text(cls, text: str, source: str = "<campaign>", *, check_instrument: bool = True) -> Campaign:
@@ -1454,6 +1454,14 @@ _Loader.add_implicit_resolver(
                 |\.(?:nan|NaN|NAN))$""", re.X),
     list("-+0123456789."),
 )
+
+
+
+class _Dumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, quoting text that :class:`_Loader` would read as a number (a name ``0e0``)."""
+
+
+_Dumper.yaml_implicit_resolvers = dict(_Loader.yaml_implicit_resolvers)
 
 
 def _walk_marks(node: yaml.Node, path: tuple, marks: dict[tuple, yaml.Mark],

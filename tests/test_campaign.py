@@ -152,6 +152,17 @@ def test_every_construct_round_trips_through_yaml() -> None:
     assert c.instrument.options["latency"] == 0.05  # '0.05 s' reaches the simulator in seconds
 
 
+def test_text_that_reads_as_a_number_round_trips_quoted() -> None:
+    # the loader reads 1e3 as a number (people write it so); PyYAML's own dumper would leave such text bare
+    c = Campaign.from_yaml_text(
+        "name: '0e0'\nparameters:\n  k: {type: categorical, values: ['1e3', x]}\n"
+        "objectives: {y: {goal: minimize}}\nbudget: {experiments: 1}\n"
+        "instrument: {simulator: 'simulators.surfaces:Branin'}\n", check_instrument=False)
+    text = c.to_yaml()
+    assert "name: '0e0'" in text and "'1e3'" in text
+    assert Campaign.from_yaml_text(text, check_instrument=False) == c
+
+
 def test_declared_types_are_kept() -> None:
     c = load_campaign(ROOT / "campaigns" / "perovskite.yaml")
     assert c.parameters["cycles"].bounds == (1, 10) and all(type(b) is int for b in c.parameters["cycles"].bounds)
