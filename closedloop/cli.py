@@ -799,6 +799,8 @@ def bench_planner(
     markdown: Optional[Path] = typer.Option(None, help="write the tables as markdown here at the end"),
     resume: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
                                           help="take over the finished runs of an earlier --json report"),
+    stations: int = typer.Option(1, min=1, help="experiments always in flight, as on a lab with this many stations "
+                                                "(each asks for its next while the others run)"),
 ) -> None:
     """Our planner against Ax, BayBE, Xopt, Optuna TPE and Sobol over the benchmark suite."""
     from closedloop.bench import PEERS, PROBLEMS, planner_benchmark, render, to_markdown
@@ -826,7 +828,7 @@ def bench_planner(
     report = planner_benchmark(problems=problem, peers=peer, seeds=seeds, budget_scale=budget_scale, jobs=jobs,
                                speed_sizes=sizes, speed_cap=speed_cap, json_path=json_out,
                                command="closedloop bench planner " + " ".join(sys.argv[3:]), progress=progress,
-                               resume=resume)
+                               resume=resume, stations=stations)
     render(report, console)
     if json_out is not None:
         console.print(f"report written to {json_out}", highlight=False)

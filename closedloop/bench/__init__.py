@@ -38,14 +38,15 @@ def planner_benchmark(problems: list[str] | None = None, peers: list[str] | None
                       budget_scale: float = 1.0, jobs: int = 1, speed_sizes: tuple[int, ...] = (10, 50, 200, 500, 1000),
                       speed_cap: float = SPEED_CAP_SECONDS, json_path: Path | None = None, command: str = "",
                       progress: Callable[[dict[str, Any]], None] | None = None,
-                      resume: Path | None = None) -> dict[str, Any]:
+                      resume: Path | None = None, stations: int = 1) -> dict[str, Any]:
     """Runs the planner benchmark and returns (and, with ``json_path``, keeps writing) its report.
 
     The JSON is rewritten after every finished run, so a benchmark cut short keeps what it measured.
     With ``resume`` (an earlier report), its finished runs of the same (problem, planner, seed, budget)
     are taken over instead of run again, each marked ``reused_from`` with that report's start time: a
     suite of many CPU-hours can be completed in several sittings. The speed test is always measured anew,
-    so its ratios come from one run.
+    so its ratios come from one run. ``stations`` runs every campaign with that many experiments in flight
+    (see :func:`closedloop.bench.runner.run_one`); only runs made with as many are taken over.
     """
     problems = list(problems or PROBLEMS)
     peers = list(peers or PEERS)
@@ -69,7 +70,7 @@ def planner_benchmark(problems: list[str] | None = None, peers: list[str] | None
         "finished": None,
         "environment": environment(),
         "config": {"problems": problems, "peers": peers, "seeds": seeds, "budget_scale": budget_scale, "jobs": jobs,
-                   "speed_sizes": list(speed_sizes), "speed_cap_seconds": speed_cap},
+                   "stations": stations, "speed_sizes": list(speed_sizes), "speed_cap_seconds": speed_cap},
         "missing_peers": missing,
         "problems": descriptions,
         "summary": {},
@@ -93,17 +94,17 @@ def planner_benchmark(problems: list[str] | None = None, peers: list[str] | None
         if progress is not None:
             progress(result)
 
-    tasks = plan(problems, runnable, seeds, budget_scale)
+    tasks = plan(problems, runnable, seeds, budget_scale, stations)
     if resume is not None:
         earlier = json.loads(Path(resume).read_text())
         report["config"]["resumed_from"] = {"path": str(resume), "started": earlier.get("started"),
                                             "environment": earlier.get("environment")}
-        finished = {(r["problem"], r["peer"], r["seed"], r["budget"]): r for r in earlier.get("runs", [])
-                    if r.get("status") in ("ok", "skipped")}
+        finished = {(r["problem"], r["peer"], r["seed"], r["budget"], r.get("stations", 1)): r
+                    for r in earlier.get("runs", []) if r.get("status") in ("ok", "skipped")}
         remaining = []
         for task in tasks:
-            peer, problem, seed, _ = task[1]
-            previous = finished.get((problem, peer, seed, budgets[problem]))
+            peer, problem, seed, _, _ = task[1]
+            previous = finished.get((problem, peer, seed, budgets[problem], stations))
             # a run with the reagents' real names is not a blinded run of the same problem
             if previous is None or previous.get("blinded", False) != descriptions[problem]["blinded"]:
                 remaining.append(task)
@@ -150,6 +151,11 @@ def _against_ours(entry: dict[str, Any]) -> str:
     return f"{paired['ours_better']} / {paired['ours_worse']} ({paired['p_value']:.2f})"
 
 
+def _stations(report: dict[str, Any]) -> str:
+    stations = report["config"].get("stations", 1)
+    return f", {stations} experiments always in flight" if stations > 1 else ""
+
+
 def render(report: dict[str, Any], console: Any) -> None:
     """Rich tables: one per problem (peers side by side), then seconds per suggestion on Hartmann6."""
     from rich.table import Table
@@ -160,7 +166,8 @@ def render(report: dict[str, Any], console: Any) -> None:
     for problem, by_peer in report["summary"].items():
         info = report["problems"][problem]
         table = Table(title=f"{problem} ({info['dimensions']}-D, {info['budget']} experiments"
-                            + (f", noise sd {info['noise_sd']:g}" if info["noise_sd"] else "") + ")",
+                            + (f", noise sd {info['noise_sd']:g}" if info["noise_sd"] else "")
+                            + _stations(report) + ")",
                       title_justify="left")
         table.add_column("planner")
         table.add_column("log10 regret", justify="right")
@@ -239,7 +246,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         noisy = bool(info["noise_sd"])
         lines += ["", f"## {problem}", "",
                   f"{info['source']}. {info['dimensions']}-D, {info['budget']} experiments, optimum {info['optimum']:.6g}"
-                  + (f", noise sd {info['noise_sd']:g}" if noisy else "") + ".", ""]
+                  + (f", noise sd {info['noise_sd']:g}" if noisy else "") + _stations(report) + ".", ""]
         header = ["planner", "median log10 regret", "IQR", "to 1 %", "s/sugg.", *(["reported/best"] if noisy else []),
                   "ours better / worse (p)", "seeds"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

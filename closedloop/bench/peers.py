@@ -27,7 +27,11 @@ from closedloop.campaign import (
 
 
 class Session:
-    """One run of one planner on one problem."""
+    """One run of one planner on one problem.
+
+    ``suggest`` may be called again before earlier proposals are observed (several stations): those are in
+    flight, and a session passes them to its tool as pending where the tool takes them.
+    """
 
     def suggest(self, n: int) -> list[dict[str, Any]]:
         raise NotImplementedError
@@ -88,13 +92,18 @@ class PlannerSession(Session):
         from closedloop.planner import make_planner
 
         self.planner = make_planner(campaign)
+        self.in_flight: list[dict[str, Any]] = []
 
     def suggest(self, n: int) -> list[dict[str, Any]]:
-        return [p.parameters for p in self.planner.suggest(n, pending=[])]
+        points = [p.parameters for p in self.planner.suggest(n, pending=list(self.in_flight))]
+        self.in_flight += points
+        return points
 
     def observe(self, points: list[dict[str, Any]], values: list[dict[str, float]]) -> None:
         from closedloop.planner import Result
 
+        for point in points:
+            _take(self.in_flight, point)
         self.planner.ingest([Result(dict(p), dict(v)) for p, v in zip(points, values)])
 
     def reported_best(self) -> dict[str, Any] | None:
@@ -191,6 +200,13 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return all(a[k] == b.get(k) for k in a)
 
 
+def _take(in_flight: list[dict[str, Any]], point: dict[str, Any]) -> None:
+    """Removes ``point`` from the proposals in flight (the speed test's history was never proposed)."""
+    match = next((i for i, p in enumerate(in_flight) if _same(p, point)), None)
+    if match is not None:
+        del in_flight[match]
+
+
 def _with_fixed(campaign: Campaign, point: dict[str, Any]) -> dict[str, Any]:
     for name, p in campaign.parameters.items():
         if isinstance(p, FixedParameter):
@@ -238,17 +254,24 @@ class BaybeSession(Session):
         self.campaign = BaybeCampaign(SearchSpace.from_product(parameters), objective)
         self.points: list[dict[str, Any]] = []
         self.values: list[dict[str, float]] = []
+        self.in_flight: list[dict[str, Any]] = []
+
+    def _row(self, point: dict[str, Any]) -> dict[str, Any]:
+        return {k: (str(point[k]) if isinstance(p, CategoricalParameter) else float(point[k]))
+                for k, p in self.problem.campaign.tunable_parameters.items()}
 
     def suggest(self, n: int) -> list[dict[str, Any]]:
-        frame = self.campaign.recommend(batch_size=n)
-        return [_typed(self.problem.campaign, row) for row in frame.to_dict("records")]
+        pending = self.pd.DataFrame([self._row(p) for p in self.in_flight]) if self.in_flight else None
+        frame = self.campaign.recommend(batch_size=n, pending_experiments=pending)
+        points = [_typed(self.problem.campaign, row) for row in frame.to_dict("records")]
+        self.in_flight += points
+        return points
 
     def observe(self, points: list[dict[str, Any]], values: list[dict[str, float]]) -> None:
         rows = []
         for point, value in zip(points, values):
-            row = {k: (str(point[k]) if isinstance(p, CategoricalParameter) else float(point[k]))
-                   for k, p in self.problem.campaign.tunable_parameters.items()}
-            rows.append({**row, **{o: value[o] for o in self.problem.campaign.objectives}})
+            _take(self.in_flight, point)
+            rows.append({**self._row(point), **{o: value[o] for o in self.problem.campaign.objectives}})
         self.campaign.add_measurements(self.pd.DataFrame(rows))
         self.points += points
         self.values += values
@@ -274,7 +297,10 @@ class BaybePeer(Peer):
 
 
 class XoptSession(Session):
-    """Xopt's expected-improvement generator (MOBO for two objectives), after a random start."""
+    """Xopt's expected-improvement generator (MOBO for two objectives), after a random start.
+
+    Its generators take no pending points: with several stations each proposal is made from the results alone.
+    """
 
     initial = 5  # Xopt's examples start its Bayesian generators from a handful of random points
 

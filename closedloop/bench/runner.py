@@ -89,12 +89,19 @@ def log10_regret(regret: float) -> float:
     return math.log10(max(regret, REGRET_FLOOR))
 
 
-def run_one(peer_name: str, problem_name: str, seed: int, budget_scale: float = 1.0) -> dict[str, Any]:
-    """One planner on one problem for one seed: the record that goes into the JSON."""
+def run_one(peer_name: str, problem_name: str, seed: int, budget_scale: float = 1.0, stations: int = 1) -> dict[str, Any]:
+    """One planner on one problem for one seed: the record that goes into the JSON.
+
+    With ``stations`` above one the campaign runs as on a lab with that many stations: as many experiments
+    are always in flight, each station asking for its next one when its experiment ends (the oldest first),
+    while the others' are still running. The planner sees only what has ended; the experiments in flight
+    are its own proposals not yet observed, which each session passes on as pending where its tool takes
+    them. With one station every experiment ends before the next is asked for.
+    """
     problem = _problem(problem_name, budget_scale).for_seed(seed)
     peer = PEERS[peer_name]
     record: dict[str, Any] = {"problem": problem_name, "peer": peer_name, "seed": seed, "budget": problem.budget,
-                              "blinded": problem.blind}
+                              "blinded": problem.blind, "stations": stations}
     reason = peer.missing() or peer.refuses(problem)
     if reason:
         return {**record, "status": "skipped", "message": reason}
@@ -102,19 +109,28 @@ def run_one(peer_name: str, problem_name: str, seed: int, budget_scale: float = 
     truths: list[dict[str, float]] = []
     seconds: list[float] = []
     started = time.perf_counter()
+
+    def ask(n: int) -> list[dict[str, Any]]:
+        t0 = time.perf_counter()
+        points = session.suggest(n)
+        seconds.append(time.perf_counter() - t0)
+        return points
+
     try:
         session = peer.start(problem, seed)
-        while len(truths) < problem.budget:
-            t0 = time.perf_counter()
-            points = session.suggest(1)
-            seconds.append(time.perf_counter() - t0)
-            observed = []
-            for point in points:
-                truth = problem.evaluate(point)
-                truths.append(truth)
-                observed.append({k: v + (float(noise.normal(0, problem.noise)) if problem.noise and k in
-                                          problem.campaign.objectives else 0.0) for k, v in truth.items()})
-            session.observe(points, observed)
+        in_flight = ask(min(stations, problem.budget))
+        asked = len(in_flight)
+        while in_flight:
+            point = in_flight.pop(0)
+            truth = problem.evaluate(point)
+            truths.append(truth)
+            observed = {k: v + (float(noise.normal(0, problem.noise)) if problem.noise and k in
+                                problem.campaign.objectives else 0.0) for k, v in truth.items()}
+            session.observe([point], [observed])
+            if asked < problem.budget:
+                more = ask(1)
+                in_flight += more
+                asked += len(more)
         reported = session.reported_best() if not problem.multi_objective else None
     except Exception as exc:  # a peer that breaks is recorded, the run goes on
         log.warning("%s on %s seed %d failed: %s", peer_name, problem_name, seed, exc)
@@ -227,9 +243,10 @@ def run_many(tasks: list[tuple[Callable[..., dict[str, Any]], tuple]], jobs: int
             on_done(future.result())
 
 
-def plan(problems: Iterable[str], peers: Iterable[str], seeds: int, budget_scale: float) -> list[tuple]:
+def plan(problems: Iterable[str], peers: Iterable[str], seeds: int, budget_scale: float, stations: int = 1) -> list[tuple]:
     """Seeds outermost, so a run cut short still has every (problem, peer) at the first seeds."""
-    return [(run_one, (peer, problem, seed, budget_scale)) for seed in range(seeds) for problem in problems for peer in peers]
+    return [(run_one, (peer, problem, seed, budget_scale, stations))
+            for seed in range(seeds) for problem in problems for peer in peers]
 
 
 def speed_peer(peer: str, sizes: tuple[int, ...], cap: float) -> dict[str, Any]:

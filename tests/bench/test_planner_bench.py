@@ -192,3 +192,32 @@ def test_categorical_choices_are_blinded_per_seed_and_old_named_runs_are_not_tak
     report = planner_benchmark(problems=["mixed4"], peers=["sobol"], seeds=1, budget_scale=0.1, speed_sizes=(),
                                resume=earlier)
     assert [r.get("reused_from") for r in report["runs"]] == [None] and report["runs"][0]["blinded"] is True
+
+
+def test_several_stations_keep_experiments_in_flight_as_the_planners_pending_ones(tmp_path):
+    problem = PROBLEMS["branin"]().with_budget(12)
+    session = PEERS["botorch"].start(problem, 0)
+    design = session.suggest(5)
+    session.observe(design, [problem.evaluate(p) for p in design])
+    first = session.suggest(1)[0]
+    # the first is still running: the next station's proposal treats it as pending (the same data
+    # and seed without it would give the same point again)
+    second = session.suggest(1)[0]
+    assert second != first
+    assert session.in_flight == [first, second]
+    session.observe([first], [problem.evaluate(first)])
+    assert session.in_flight == [second]
+
+    path = tmp_path / "stations.json"
+    report = planner_benchmark(problems=["branin"], peers=["botorch"], seeds=1, budget_scale=0.4, speed_sizes=(),
+                               json_path=path, stations=3)
+    (run,) = report["runs"]
+    assert run["status"] == "ok" and run["stations"] == 3 == report["config"]["stations"]
+    assert len(run["regret_trace"]) == run["budget"] == 12
+    # one batch of three to fill the stations, then one proposal as each of the other nine experiments ends
+    assert len(run["seconds_per_suggestion"]) == 1 + 9
+    # a run made with one station is not taken over for three
+    again = planner_benchmark(problems=["branin"], peers=["botorch"], seeds=1, budget_scale=0.4, speed_sizes=(),
+                              resume=path, stations=1)
+    assert "reused_from" not in again["runs"][0] and again["runs"][0]["stations"] == 1
+    assert len(again["runs"][0]["seconds_per_suggestion"]) == 12
