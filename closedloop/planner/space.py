@@ -392,7 +392,8 @@ class Space:
         return self._polish(out)
 
     def _polish(self, values: dict[str, Any]) -> dict[str, Any]:
-        """Equalities corrected to float precision by moving the continuous parameters they name."""
+        """Equalities corrected to float precision, and inequalities crossed by the solver's tolerance (HiGHS
+        allows 1e-7) or by rounding moved back inside, by moving the continuous parameters they name."""
         equalities = [c for c in self.constraints if c.op == "=="]
         for _ in range(3):
             worst = 0.0
@@ -408,6 +409,20 @@ class Space:
                     values[n] = float(min(hi, max(lo, values[n] + residual * c.coefficients[n] / norm)))
             if worst <= 1e-13:
                 break
+        for c in self.constraints:
+            if c.op == "==":
+                continue
+            sign = 1.0 if c.op == "<=" else -1.0
+            free = [n for n in c.coefficients if isinstance(self.parameters[n], ContinuousParameter)]
+            norm = sum(c.coefficients[n] ** 2 for n in free)
+            for _ in range(4):
+                excess = sign * (sum(a * float(values[n]) for n, a in c.coefficients.items()) - c.rhs)
+                if excess <= 0 or not free:
+                    break
+                step = excess + 4 * math.ulp(max(1.0, abs(c.rhs)))
+                for n in free:
+                    lo, hi = self.parameters[n].bounds  # type: ignore[union-attr]
+                    values[n] = float(min(hi, max(lo, values[n] - sign * step * c.coefficients[n] / norm)))
         return values
 
     def _repair(self, u: np.ndarray, rounded: dict[str, Any]) -> dict[str, Any]:
@@ -420,7 +435,7 @@ class Space:
         if self.feasible(point, tolerance=EQUALITY_TOLERANCE):
             # a point across an inequality by float rounding alone (x1 = -6e-15 for "x1 >= 0") moves
             # inside it where it can; on a boundary that is the only solution, rounding is all there is
-            return {} if self._inside_inequalities(point) else (self._milp(target) or {})
+            return {} if self._inside_inequalities(point) else (self._milp(target) or self._polish(point))
         solved = self._milp(target) or self._milp(target, exact=False) or self._milp(self._middle())
         if solved is None:
             raise PlannerError("constraints: no allowed combination of values satisfies " +

@@ -84,6 +84,31 @@ def test_integer_and_discrete_values_under_constraints(x: torch.Tensor) -> None:
     assert INTEGER_SPACE.feasible(p, tolerance=1e-9)
 
 
+INEQUALITIES = """
+x1: {type: continuous, bounds: [-5, 10]}
+x2: {type: continuous, bounds: [0, 15]}
+n: {type: integer, bounds: [0, 4]}
+c: {type: categorical, values: [p, q, r]}
+"""
+INEQUALITY_SPACE = Space(campaign(INEQUALITIES, extra='constraints: ["x1 + x2 <= 12", "x1 + 2 * n >= 0"]'))
+
+
+@settings(max_examples=150, deadline=None)
+@given(vectors(INEQUALITY_SPACE))
+def test_inequalities_hold_exactly_not_within_a_tolerance(x: torch.Tensor) -> None:
+    p = INEQUALITY_SPACE.decode(x)
+    assert INEQUALITY_SPACE.feasible(p, tolerance=0.0)
+    assert p["x1"] + p["x2"] <= 12 and p["x1"] + 2 * p["n"] >= 0
+
+
+def test_a_point_across_an_inequality_by_the_solvers_tolerance_is_moved_inside() -> None:
+    # a planner's batch member: the nearest-point solver (HiGHS, feasible within 1e-7) gave x1 + x2 = 12.000000000001
+    p = {"x1": 9.226572663473, "x2": 2.773427336528, "n": 0, "c": "r"}
+    q = INEQUALITY_SPACE.decode(INEQUALITY_SPACE.encode(p))
+    assert q["x1"] + q["x2"] <= 12
+    assert q == pytest.approx(p, abs=1e-9)
+
+
 def test_decoding_moves_a_feasible_point_nowhere() -> None:
     p = {"a": 0.2, "b": 0.5, "c": 0.3, "n": 3, "d": 1.5, "s": "y"}
     assert MIXTURE_SPACE.decode(MIXTURE_SPACE.encode(p)) == pytest.approx(p)
