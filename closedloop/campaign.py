@@ -1456,7 +1456,6 @@ _Loader.add_implicit_resolver(
 )
 
 
-
 class _Dumper(yaml.SafeDumper):
     """PyYAML's safe dumper, quoting text that :class:`_Loader` would read as a number (a name ``0e0``)."""
 

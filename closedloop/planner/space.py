@@ -410,14 +410,14 @@ class Space:
             if worst <= 1e-13:
                 break
         for c in self.constraints:
-            if c.op == "==":
+            free = [n for n in c.coefficients if isinstance(self.parameters[n], ContinuousParameter)]
+            if c.op == "==" or not free:
                 continue
             sign = 1.0 if c.op == "<=" else -1.0
-            free = [n for n in c.coefficients if isinstance(self.parameters[n], ContinuousParameter)]
             norm = sum(c.coefficients[n] ** 2 for n in free)
             for _ in range(4):
                 excess = sign * (sum(a * float(values[n]) for n, a in c.coefficients.items()) - c.rhs)
-                if excess <= 0 or not free:
+                if excess <= 0:
                     break
                 step = excess + 4 * math.ulp(max(1.0, abs(c.rhs)))
                 for n in free:
