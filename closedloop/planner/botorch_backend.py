@@ -4,7 +4,8 @@ One objective: analytic ``LogEI`` (plug-in noisy EI) for single proposals, ``qLo
 experiments in flight, constraints and noisy data (``NEI_VARIANCE``). Several objectives:
 ``qLogNEHVI`` above the campaign's thresholds (inferred where missing). Outcome constraints and a success classifier (a GP on the 0/1
 label "gave a result", fitted once anything has failed) enter as BoTorch constraints, and a failed
-experiment also counts as the worst result seen in the objective's model. In the last 15 % of the
+experiment also counts as the worst result seen in the objective's model. No experiment run or in
+flight is proposed again while a new one is left (``FRESH_SAMPLES``). In the last 15 % of the
 budget the search closes in on the incumbent (a small trust region, the incumbent's categories held:
 mixed4 -2.20 -> -2.56 median log10 regret on seeds 0-9, -1.98 -> -2.61 on seeds 10-19); a TuRBO-style
 trust region, its size replayed from the data, can be turned on for higher dimensions (``TR_MIN_DIM``).
@@ -67,6 +68,12 @@ NOISE_EVIDENCE = 20
 # nothing. 10 seeds: noisy Hartmann6 -1.29 -> -1.62, crossed barrel 0.79 -> 0.62, AgNP -1.63 -> -1.68
 # median log10 regret; noise-free problems and Branin's small noise stay below it and keep LogEI
 NEI_VARIANCE = 1e-3
+# An experiment run or in flight is not proposed again: in a deterministic experiment a repeat learns
+# nothing, and on noisy data the reported best is the model's estimate, not a replicated reading. A search
+# that lands on one (a corner of the box, the incumbent while closing in: crossed barrel, seeds 0-19, 0.95
+# repeats per run, the last six experiments of one run all one design) searches again with it pending,
+# and if it lands on one again takes the best of this many space-filling points of the same box instead
+FRESH_SAMPLES = 512
 
 
 def _lengthscales(model: Model, d: int) -> torch.Tensor | None:
@@ -348,19 +355,37 @@ class BotorchPlanner:
         assert surrogate is not None
         fitted = time.perf_counter()
         seed = self._data_seed("suggest", len(self.log.results), len(pending))
-        # -- issue 9: BoTorch prunes the baseline with a sampler seeded from torch's global generator; seed it,
-        # so that the same data, pending set and seed give the same acquisition function (replay, audit)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            acquisition, name = self._acquisition(surrogate, pending, q, seed)
-        # -- end issue 9
         bounds, fixed = self._trust_region(surrogate)
         # Monte-Carlo acquisitions cost ~50x an analytic one per evaluation: fewer restarts, but not in a mixed
         # space, where BoTorch's alternating search then had two, too few (mixed4 with four experiments always
         # in flight, seeds 0-9: median log10 regret -1.58 -> -1.99, better on 7 seeds, worse on 3)
         mixed = bool(self.space.cat_dims or self.space.discrete_dims)
-        effort = (1.0 if name == "LogExpectedImprovement" or mixed else 0.5) * EFFORT
-        candidates, value = maximize(acquisition, self.space, q, seed, bounds=bounds, effort=effort, fixed=fixed)
+        taken = [r.parameters for r in self.log.results] + pending
+        avoid = self.space.encode_many(taken) if taken and self.space.grid is not None else None
+
+        def search(pending: list[dict[str, Any]]) -> tuple[Any, str, torch.Tensor, float]:
+            # -- issue 9: BoTorch prunes the baseline with a sampler seeded from torch's global generator; seed
+            # it, so that the same data, pending set and seed give the same acquisition function (replay, audit)
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                acquisition, name = self._acquisition(surrogate, pending, q, seed)
+            # -- end issue 9
+            effort = (1.0 if name == "LogExpectedImprovement" or mixed else 0.5) * EFFORT
+            candidates, value = maximize(acquisition, self.space, q, seed, bounds=bounds, effort=effort, fixed=fixed,
+                                         avoid=avoid)
+            return acquisition, name, candidates, value
+
+        acquisition, name, candidates, value = search(pending)
+        # a finite space leaves run experiments out of its enumeration (``avoid``); a searched one checks
+        repeated = [] if avoid is not None else self._repeated(candidates, taken)
+        if repeated:
+            # search again with the repeats pending: the acquisition then values only what they do not give
+            acquisition, name, candidates, value = search(pending + [self.space.decode(candidates[i]) for i in repeated])
+            repeated = self._repeated(candidates, taken)
+        if repeated:
+            # the search still ends on a repeat where the model values nothing near more (a plateau, ties at a
+            # corner): the best fresh points, by the acquisition, of a space-filling sample of the same box
+            candidates = self._fresh(acquisition, candidates, repeated, taken, bounds, fixed, seed)
         meta = {
             "generator": f"botorch.{name}",
             "acquisition_value": value,
@@ -377,6 +402,46 @@ class BotorchPlanner:
         self.last_decision = self._explain(surrogate, acquisition, name, candidates, seed, value)
         # -- end issue 9
         return [Proposal(self.space.decode(x), meta) for x in candidates]
+
+    def _repeated(self, candidates: torch.Tensor, taken: list[dict[str, Any]]) -> list[int]:
+        """Rows of ``candidates`` (``q x d``) whose decoded point repeats an experiment of ``taken`` or an
+        earlier row."""
+        seen = {self.space.key(p) for p in taken}
+        repeated = []
+        for i, x in enumerate(candidates):
+            key = self.space.key(self.space.decode(x))
+            if key in seen:
+                repeated.append(i)
+            seen.add(key)
+        return repeated
+
+    def _fresh(self, acquisition: Any, candidates: torch.Tensor, repeated: list[int], taken: list[dict[str, Any]],
+               bounds: torch.Tensor | None, fixed: dict[int, float] | None, seed: int) -> torch.Tensor:
+        """``candidates`` with each ``repeated`` row replaced by the best point, by ``acquisition`` alone, of
+        ``FRESH_SAMPLES`` space-filling points of ``bounds`` (and ``fixed``) that repeats nothing."""
+        x = self.space.sample(FRESH_SAMPLES, self._data_seed("fresh", seed))
+        if bounds is not None:  # a trust region: only continuous columns shrink (see _trust_region)
+            cont = [i for i in range(self.space.dim) if i not in self.space.cat_dims and i not in self.space.discrete_dims]
+            x[:, cont] = bounds[0, cont] + x[:, cont] * (bounds[1, cont] - bounds[0, cont])
+        for i, v in (fixed or {}).items():
+            x[:, i] = v
+        x = self.space.snap(x)
+        with torch.no_grad():
+            score = acquisition(x.unsqueeze(-2)).reshape(-1)
+        seen = {self.space.key(p) for p in taken}
+        seen |= {self.space.key(self.space.decode(c)) for i, c in enumerate(candidates) if i not in repeated}
+        fresh = []
+        for j in score.argsort(descending=True).tolist():
+            key = self.space.key(self.space.decode(x[j]))
+            if key not in seen:
+                seen.add(key)
+                fresh.append(x[j])
+                if len(fresh) == len(repeated):
+                    break
+        out = candidates.clone()
+        for i, point in zip(repeated, fresh):
+            out[i] = point
+        return out
 
     def _acquisition(self, surrogate: Surrogate, pending: list[dict[str, Any]], q: int, seed: int) -> tuple[Any, str]:
         pending_x = self.space.encode_many(pending) if pending else None

@@ -31,6 +31,7 @@ def maximize(
     bounds: torch.Tensor | None = None,
     effort: float = 1.0,
     fixed: dict[int, float] | None = None,
+    avoid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
     """The ``q x d`` batch maximizing ``acquisition`` and its value.
 
@@ -38,6 +39,8 @@ def maximize(
         bounds: ``2 x d`` box to search (a trust region), the whole space by default.
         effort: scales the number of restarts and raw samples.
         fixed: encoded columns held at a value (the incumbent's categories while closing in).
+        avoid: ``n x d`` encoded points not to propose, for a finite space: left out of its enumeration
+            unless nothing else is left (a search cannot leave points out: the planner checks what it finds).
     """
     fixed = fixed or {}
     bounds = space.bounds() if bounds is None else bounds
@@ -45,6 +48,9 @@ def maximize(
         inside = ((space.grid >= bounds[0]) & (space.grid <= bounds[1])).all(-1)
         for i, v in fixed.items():
             inside &= space.grid[:, i] == v
+        if avoid is not None and len(avoid):
+            fresh = inside & ~_among(space.grid, avoid)
+            inside = fresh if fresh.sum() >= q else inside
         return maximize_discrete(acquisition, space.grid[inside], q)
     restarts = max(2, int(round(8 * effort)))
     raw = max(64, int(round(512 * effort)))
@@ -82,6 +88,13 @@ def maximize(
                 options={"batch_limit": 16, "init_batch_limit": 512, "maxiter": 200, "seed": seed},
             )
     return candidates.detach().reshape(q, -1), float(torch.as_tensor(value).sum())
+
+
+def _among(rows: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Which of ``rows`` (``r x d``) equal one of ``points`` (``n x d``) to 1e-9."""
+    both = torch.round(torch.cat([rows, points]) * 1e9).long()
+    ids = torch.unique(both, dim=0, return_inverse=True)[1]
+    return torch.isin(ids[: len(rows)], ids[len(rows):])
 
 
 # a batch's members after the first are chosen among this many rows, those best for the first

@@ -411,6 +411,41 @@ def test_a_finite_space_gets_the_best_of_all_its_points() -> None:
     assert len(grid) == 240 and float(chosen) >= float(values.max()) - 1e-9
 
 
+def noisy_plane(planner, points: list[tuple[float, float]], seed: int = 0) -> list[Result]:
+    """``y = a + b`` plus noise (sd 0.3) at ``points``, ingested."""
+    rng = np.random.default_rng(seed)
+    results = [Result({"a": a, "b": b}, {"y": a + b + float(rng.normal(0, 0.3))}, t) for t, (a, b) in enumerate(points, 1)]
+    planner.ingest(results)
+    return results
+
+
+def test_a_finite_space_proposes_no_experiment_run_or_in_flight_until_every_point_is_used() -> None:
+    planner = make_planner(campaign("a: {type: integer, bounds: [0, 4]}\nb: {type: integer, bounds: [0, 4]}",
+                                    objectives="y: {goal: maximize}", experiments=60))
+    # every point but the worst, twice: the noisy best (4, 4) is what the acquisition likes most
+    noisy_plane(planner, [(a, b) for _ in range(2) for a in range(5) for b in range(5) if (a, b) != (0, 0)])
+    assert [p.parameters for p in planner.suggest(1)] == [{"a": 0, "b": 0}]
+    # with that one in flight nothing new is left: a point runs again rather than the station waiting
+    (again,) = planner.suggest(1, pending=[{"a": 0, "b": 0}])
+    assert planner.space.feasible(again.parameters, tolerance=0)
+
+
+def test_a_search_that_ends_on_an_experiment_run_proposes_another() -> None:
+    # the last experiments all at the corner (4, 1) of a plane, with noise: closing in, the search ends
+    # exactly there, and (before this rule) proposed it again, and twice in a batch
+    planner = make_planner(campaign("a: {type: integer, bounds: [0, 4]}\nb: {type: continuous, bounds: [0, 1]}",
+                                    objectives="y: {goal: maximize}", experiments=40))
+    rng = np.random.default_rng(1)
+    spread = [(int(rng.integers(0, 5)), float(rng.uniform(0, 1))) for _ in range(25)]
+    results = noisy_plane(planner, spread + [(4, 1.0)] * 11)
+    run_keys = {planner.space.key(r.parameters) for r in results}
+    for n in (1, 2):
+        proposals = [p.parameters for p in planner.suggest(n)]
+        keys = {planner.space.key(p) for p in proposals}
+        assert len(keys) == n and not keys & run_keys, proposals
+        assert all(planner.space.feasible(p, tolerance=0) and p["a"] == 4 for p in proposals)
+
+
 def test_proposals_do_not_depend_on_the_callers_default_dtype() -> None:
     # another library in the same process may change torch's default dtype (Xopt sets float64 on import)
     def proposals() -> list[dict]:
