@@ -386,6 +386,8 @@ class BotorchPlanner:
             # the search still ends on a repeat where the model values nothing near more (a plateau, ties at a
             # corner): the best fresh points, by the acquisition, of a space-filling sample of the same box
             candidates = self._fresh(acquisition, candidates, repeated, taken, bounds, fixed, seed)
+            with torch.no_grad():
+                value = float(acquisition(candidates.unsqueeze(0)))
         meta = {
             "generator": f"botorch.{name}",
             "acquisition_value": value,

@@ -99,6 +99,9 @@ class Space:
             for c in self.columns
             if isinstance(p := self.parameters[c.name], CategoricalParameter)
         }
+        self._key_scales = [(c.name, None, 1.0) if c.index in self.cat_dims
+                            else (c.name, float(self._lo[c.index]), float(self._span[c.index]) or 1.0)
+                            for c in self.columns]
         self.discrete_dims: dict[int, list[float]] = {}
         for c in self.columns:
             p = self.parameters[c.name]
@@ -239,9 +242,11 @@ class Space:
         return True
 
     def key(self, parameters: dict[str, Any]) -> tuple:
-        """A hashable identity of a parameter dict (rounded so that float noise does not split it)."""
-        return tuple(round(float(v), 9) if isinstance(v, (int, float)) else v
-                     for v in (parameters[n] for n in self.names))
+        """A hashable identity of a parameter dict: numbers rounded to 1e-10 of their parameter's range, so
+        that float noise does not split a point and values in any unit stay apart (rounded to nine decimals,
+        every value of a range [1e-9, 1e-8] was one point)."""
+        return tuple(parameters[name] if lo is None else round((float(parameters[name]) - lo) / span, 10)
+                     for name, lo, span in self._key_scales)
 
     # -- sampling ----------------------------------------------------------------------
 

@@ -170,6 +170,18 @@ def test_log_scale_is_logarithmic() -> None:
     assert u[3].item() == 2.0  # the third category
 
 
+def test_a_points_key_ignores_float_noise_but_not_values_in_small_units() -> None:
+    space = Space(campaign("a: {type: continuous, bounds: [0, 1]}\n"
+                           "current: {type: continuous, bounds: [1e-9, 1e-8], scale: log}\n"
+                           "c: {type: categorical, values: [x, y]}"))
+    point = {"a": 0.3, "current": 1.2e-9, "c": "x"}
+    assert space.key({**point, "a": 0.1 + 0.2}) == space.key(point)
+    assert space.key(space.decode(space.encode(point))) == space.key(point)
+    # nanoamperes: rounded to nine decimals, every current was one point (and every proposal a repeat)
+    assert space.key({**point, "current": 1.3e-9}) != space.key(point)
+    assert space.key({**point, "c": "y"}) != space.key(point)
+
+
 def test_a_finite_space_is_enumerated_with_its_constraints() -> None:
     finite = """
 n: {type: integer, bounds: [0, 4]}
