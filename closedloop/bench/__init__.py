@@ -45,8 +45,9 @@ def planner_benchmark(problems: list[str] | None = None, peers: list[str] | None
     With ``resume`` (an earlier report), its finished runs of the same (problem, planner, seed, budget)
     are taken over instead of run again, each marked ``reused_from`` with that report's start time: a
     suite of many CPU-hours can be completed in several sittings. The speed test is always measured anew,
-    so its ratios come from one run, and first, alone: nothing else runs while a suggestion is timed. ``stations`` runs every campaign with that many experiments in flight
-    (see :func:`closedloop.bench.runner.run_one`); only runs made with as many are taken over.
+    so its ratios come from one run, and first, alone: nothing else runs while a suggestion is timed.
+    ``stations`` runs every campaign with that many experiments in flight (see
+    :func:`closedloop.bench.runner.run_one`); only runs made with as many are taken over.
     """
     problems = list(problems or PROBLEMS)
     peers = list(peers or PEERS)

@@ -363,12 +363,13 @@ class BotorchPlanner:
         taken = [r.parameters for r in self.log.results] + pending
         avoid = self.space.encode_many(taken) if taken and self.space.grid is not None else None
 
-        def search(pending: list[dict[str, Any]]) -> tuple[Any, str, torch.Tensor, float]:
+        def search(assumed: list[dict[str, Any]]) -> tuple[Any, str, torch.Tensor, float]:
+            """The acquisition with ``assumed`` pending, its name, and the batch that maximizes it."""
             # -- issue 9: BoTorch prunes the baseline with a sampler seeded from torch's global generator; seed
             # it, so that the same data, pending set and seed give the same acquisition function (replay, audit)
             with torch.random.fork_rng():
                 torch.manual_seed(seed)
-                acquisition, name = self._acquisition(surrogate, pending, q, seed)
+                acquisition, name = self._acquisition(surrogate, assumed, q, seed)
             # -- end issue 9
             effort = (1.0 if name == "LogExpectedImprovement" or mixed else 0.5) * EFFORT
             candidates, value = maximize(acquisition, self.space, q, seed, bounds=bounds, effort=effort, fixed=fixed,
