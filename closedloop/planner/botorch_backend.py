@@ -362,6 +362,7 @@ class BotorchPlanner:
         mixed = bool(self.space.cat_dims or self.space.discrete_dims)
         taken = [r.parameters for r in self.log.results] + pending
         avoid = self.space.encode_many(taken) if taken and self.space.grid is not None else None
+        taken_keys = {self.space.key(p) for p in taken} if avoid is None else set()
 
         def search(assumed: list[dict[str, Any]]) -> tuple[Any, str, torch.Tensor, float]:
             """The acquisition with ``assumed`` pending, its name, and the batch that maximizes it."""
@@ -378,15 +379,15 @@ class BotorchPlanner:
 
         acquisition, name, candidates, value = search(pending)
         # a finite space leaves run experiments out of its enumeration (``avoid``); a searched one checks
-        repeated = [] if avoid is not None else self._repeated(candidates, taken)
+        repeated = [] if avoid is not None else self._repeated(candidates, taken_keys)
         if repeated:
             # search again with the repeats pending: the acquisition then values only what they do not give
             acquisition, name, candidates, value = search(pending + [self.space.decode(candidates[i]) for i in repeated])
-            repeated = self._repeated(candidates, taken)
+            repeated = self._repeated(candidates, taken_keys)
         if repeated:
             # the search still ends on a repeat where the model values nothing near more (a plateau, ties at a
             # corner): the best fresh points, by the acquisition, of a space-filling sample of the same box
-            candidates = self._fresh(acquisition, candidates, repeated, taken, bounds, fixed, seed)
+            candidates = self._fresh(acquisition, candidates, repeated, taken_keys, bounds, fixed, seed)
             with torch.no_grad():
                 value = float(acquisition(candidates.unsqueeze(0)))
         meta = {
@@ -406,10 +407,10 @@ class BotorchPlanner:
         # -- end issue 9
         return [Proposal(self.space.decode(x), meta) for x in candidates]
 
-    def _repeated(self, candidates: torch.Tensor, taken: list[dict[str, Any]]) -> list[int]:
-        """Rows of ``candidates`` (``q x d``) whose decoded point repeats an experiment of ``taken`` or an
-        earlier row."""
-        seen = {self.space.key(p) for p in taken}
+    def _repeated(self, candidates: torch.Tensor, taken: set[tuple]) -> list[int]:
+        """Rows of ``candidates`` (``q x d``) whose decoded point repeats an experiment (``taken``: their
+        ``Space.key``) or an earlier row."""
+        seen = set(taken)
         repeated = []
         for i, x in enumerate(candidates):
             key = self.space.key(self.space.decode(x))
@@ -418,21 +419,20 @@ class BotorchPlanner:
             seen.add(key)
         return repeated
 
-    def _fresh(self, acquisition: Any, candidates: torch.Tensor, repeated: list[int], taken: list[dict[str, Any]],
+    def _fresh(self, acquisition: Any, candidates: torch.Tensor, repeated: list[int], taken: set[tuple],
                bounds: torch.Tensor | None, fixed: dict[int, float] | None, seed: int) -> torch.Tensor:
         """``candidates`` with each ``repeated`` row replaced by the best point, by ``acquisition`` alone, of
         ``FRESH_SAMPLES`` space-filling points of ``bounds`` (and ``fixed``) that repeats nothing."""
         x = self.space.sample(FRESH_SAMPLES, self._data_seed("fresh", seed))
         if bounds is not None:  # a trust region: only continuous columns shrink (see _trust_region)
-            cont = [i for i in range(self.space.dim) if i not in self.space.cat_dims and i not in self.space.discrete_dims]
+            cont = self.space.continuous_columns
             x[:, cont] = bounds[0, cont] + x[:, cont] * (bounds[1, cont] - bounds[0, cont])
         for i, v in (fixed or {}).items():
             x[:, i] = v
         x = self.space.snap(x)
         with torch.no_grad():
             score = acquisition(x.unsqueeze(-2)).reshape(-1)
-        seen = {self.space.key(p) for p in taken}
-        seen |= {self.space.key(self.space.decode(c)) for i, c in enumerate(candidates) if i not in repeated}
+        seen = taken | {self.space.key(self.space.decode(c)) for i, c in enumerate(candidates) if i not in repeated}
         fresh = []
         for j in score.argsort(descending=True).tolist():
             key = self.space.key(self.space.decode(x[j]))
@@ -550,7 +550,7 @@ class BotorchPlanner:
             return None, None
         # only continuous columns shrink: BoTorch's mixed optimizer needs each discrete column's values to
         # span its bounds
-        numeric = [i for i in range(self.space.dim) if i not in self.space.cat_dims and i not in self.space.discrete_dims]
+        numeric = self.space.continuous_columns
         if not numeric:
             return None, None
         final = self._final_phase()

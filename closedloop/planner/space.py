@@ -131,6 +131,11 @@ class Space:
         return sorted(self.cat_dims)
 
     @property
+    def continuous_columns(self) -> list[int]:
+        """Encoded columns of continuous parameters (neither categorical, integer nor discrete)."""
+        return [i for i in range(self.dim) if i not in self.cat_dims and i not in self.discrete_dims]
+
+    @property
     def is_continuous(self) -> bool:
         return not self.cat_dims and not self.discrete_dims
 
