@@ -99,9 +99,18 @@ class Space:
             for c in self.columns
             if isinstance(p := self.parameters[c.name], CategoricalParameter)
         }
-        self._key_scales = [(c.name, None, 1.0) if c.index in self.cat_dims
-                            else (c.name, float(self._lo[c.index]), float(self._span[c.index]) or 1.0)
-                            for c in self.columns]
+        # a log-scale column is keyed on its logarithm: in a range of many decades ([1e-12, 1]) a fraction
+        # of the raw range would round every value below 1e-10 to one point
+        self._key_scales: list[tuple[str, float | None, float, bool]] = []
+        for c in self.columns:
+            p = self.parameters[c.name]
+            if c.index in self.cat_dims:
+                self._key_scales.append((c.name, None, 1.0, False))
+            elif _is_log(p) and c.name not in self.linear_override:
+                lo, hi = math.log(p.bounds[0]), math.log(p.bounds[1])
+                self._key_scales.append((c.name, lo, (hi - lo) or 1.0, True))
+            else:
+                self._key_scales.append((c.name, float(self._lo[c.index]), float(self._span[c.index]) or 1.0, False))
         self.discrete_dims: dict[int, list[float]] = {}
         for c in self.columns:
             p = self.parameters[c.name]
@@ -250,8 +259,9 @@ class Space:
         """A hashable identity of a parameter dict: numbers rounded to 1e-10 of their parameter's range, so
         that float noise does not split a point and values in any unit stay apart (rounded to nine decimals,
         every value of a range [1e-9, 1e-8] was one point)."""
-        return tuple(parameters[name] if lo is None else round((float(parameters[name]) - lo) / span, 10)
-                     for name, lo, span in self._key_scales)
+        return tuple(parameters[name] if lo is None
+                     else round(((math.log(float(parameters[name])) if log else float(parameters[name])) - lo) / span, 10)
+                     for name, lo, span, log in self._key_scales)
 
     # -- sampling ----------------------------------------------------------------------
 

@@ -182,6 +182,15 @@ def test_a_points_key_ignores_float_noise_but_not_values_in_small_units() -> Non
     assert space.key({**point, "c": "y"}) != space.key(point)
 
 
+def test_a_points_key_keeps_apart_values_decades_below_a_log_ranges_top() -> None:
+    space = Space(campaign("k: {type: continuous, bounds: [1e-12, 1], scale: log}"))
+    # keyed on a fraction of the raw range, every value below 1e-10 was one point
+    low = [space.key({"k": v}) for v in (1e-12, 3e-12, 1e-11, 5e-11)]
+    assert len(set(low)) == 4
+    assert space.key({"k": 1e-11 * (1 + 1e-14)}) == space.key({"k": 1e-11})
+    assert space.key(space.decode(space.encode({"k": 2e-12}))) == space.key({"k": 2e-12})
+
+
 def test_a_finite_space_is_enumerated_with_its_constraints() -> None:
     finite = """
 n: {type: integer, bounds: [0, 4]}
