@@ -31,7 +31,6 @@ from typing import Any, ClassVar
 import torch
 from botorch.models import ModelListGP
 from botorch.models.model import Model
-from botorch.models.transforms.input import NumericToCategoricalEncoding
 
 from closedloop.campaign import Campaign
 from closedloop.planner import models as gp
@@ -74,27 +73,6 @@ NEI_VARIANCE = 1e-3
 # repeats per run, the last six experiments of one run all one design) searches again with it pending,
 # and if it lands on one again takes the best of this many space-filling points of the same box instead
 FRESH_SAMPLES = 512
-
-
-def _lengthscales(model: Model, d: int) -> torch.Tensor | None:
-    """The first output's ARD lengthscales of the ``d`` encoded columns, where the kernel has them.
-
-    Categorical columns are one-hot inside the model, so they have no single lengthscale: NaN.
-    """
-    first = model.models[0] if isinstance(model, ModelListGP) else model
-    kernel = getattr(first, "covar_module", None)
-    while kernel is not None and not hasattr(kernel, "lengthscale") and hasattr(kernel, "base_kernel"):
-        kernel = kernel.base_kernel
-    ls = getattr(kernel, "lengthscale", None)
-    if ls is None:
-        return None
-    ls = ls.detach().reshape(-1)
-    encoding = getattr(first, "input_transform", None)
-    if isinstance(encoding, NumericToCategoricalEncoding):
-        by_column = torch.full((d,), math.nan, dtype=ls.dtype)
-        by_column[encoding.numerical_idx] = ls[encoding.new_numerical_idx]
-        return by_column
-    return ls if ls.numel() == d else None
 
 
 class SobolSequence:
@@ -561,14 +539,9 @@ class BotorchPlanner:
             return None, None
         i, _ = self._incumbent_mean(surrogate)
         center = surrogate.train_x[i]
-        weights = torch.ones(self.space.dim, dtype=torch.double)
-        lengthscale = _lengthscales(surrogate.model, self.space.dim)
-        if lengthscale is not None:
-            w = lengthscale[numeric]
-            weights[numeric] = w / torch.exp(torch.log(w).mean())
         bounds = self.space.bounds().clone()
         for j in numeric:
-            half = 0.5 * length * float(weights[j])
+            half = 0.5 * length
             bounds[0, j] = max(0.0, float(center[j]) - half)
             bounds[1, j] = min(1.0, float(center[j]) + half)
         held = {j: float(center[j]) for j in sorted(self.space.cat_dims)} if final else {}

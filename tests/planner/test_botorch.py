@@ -12,7 +12,7 @@ import torch
 
 from closedloop.planner import Result, make_planner
 from closedloop.planner import models as gp
-from closedloop.planner.botorch_backend import BotorchPlanner, _lengthscales
+from closedloop.planner.botorch_backend import FINAL_LENGTH, BotorchPlanner
 from simulators.surfaces import branin
 from tests.planner.conftest import campaign
 
@@ -368,6 +368,10 @@ def test_the_last_experiments_close_in_on_the_incumbent_in_mixed_spaces() -> Non
     surrogate = planner._fit()
     incumbent = planner.space.decode(surrogate.train_x[planner._incumbent_mean(surrogate)[0]])
     assert final.parameters["c"] == incumbent["c"] == "p"
+    # and every continuous column is held to a box of FINAL_LENGTH (encoded units) around the incumbent's
+    step = planner.space.encode(final.parameters) - planner.space.encode(incumbent)
+    assert planner.space.continuous_columns
+    assert all(abs(float(step[j])) <= FINAL_LENGTH / 2 + 1e-9 for j in planner.space.continuous_columns)
 
 
 def test_categories_are_one_hot_in_one_kernel_with_a_width_scaled_prior() -> None:
@@ -388,9 +392,6 @@ def test_categories_are_one_hot_in_one_kernel_with_a_width_scaled_prior() -> Non
         # one Matern lengthscale per choice and per number: 3 + 1, with a prior whose mode grows with that width
         assert model.covar_module.lengthscale.numel() == 4
         assert model.covar_module.lengthscale_prior.mode > numeric.covar_module.base_kernel.lengthscale_prior.mode
-        # the closing-in box reads the number's lengthscale at its one-hot-encoded position (after c's three)
-        by_column = _lengthscales(model, 2)
-        assert math.isnan(by_column[0]) and by_column[1] == model.covar_module.lengthscale[0, 3]
 
 
 def test_a_finite_space_gets_the_best_of_all_its_points() -> None:
