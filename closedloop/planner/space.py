@@ -256,9 +256,9 @@ class Space:
         return True
 
     def key(self, parameters: dict[str, Any]) -> tuple:
-        """A hashable identity of a parameter dict: numbers rounded to 1e-10 of their parameter's range, so
-        that float noise does not split a point and values in any unit stay apart (rounded to nine decimals,
-        every value of a range [1e-9, 1e-8] was one point)."""
+        """A hashable identity of a parameter dict: numbers rounded to 1e-10 of their parameter's range (on a
+        log scale, of its logarithm's), so that float noise does not split a point and values in any unit stay
+        apart (rounded to nine decimals, every value of a range [1e-9, 1e-8] was one point)."""
         return tuple(parameters[name] if lo is None
                      else round(((math.log(float(parameters[name])) if log else float(parameters[name])) - lo) / span, 10)
                      for name, lo, span, log in self._key_scales)
