@@ -79,10 +79,13 @@ class SobolPlanner:
                 taken[k] -= 1
             else:
                 free.append(i)
+        start = len(self.log.results) + len(pending)
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed)).tolist()
         if self.backend == "random":
-            start = len(self.log.results) + len(pending)
             order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed * 7919 + start)).tolist()
+        elif candidates_repeat(self.campaign):
+            # nothing is used up: walk on through the shuffled table (else every proposal was its first row)
+            order = order[start % len(rows):] + order[:start % len(rows)]
         chosen = [i for i in order if i in set(free)][:n]
         return [Proposal(dict(rows[i]), {"generator": self.backend, "candidate_row": i}) for i in chosen]
 

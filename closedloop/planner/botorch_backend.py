@@ -588,6 +588,9 @@ class BotorchPlanner:
         started = len(self.log.results) + len(pending)
         from_design = max(0, min(n, self.initial - started))
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed))
+        if candidates_repeat(self.campaign):
+            # nothing is used up: the design walks on through the shuffled table (else it took its first row again)
+            order = order.roll(-started)
         picks = [int(i) for i in order if int(i) not in used][:from_design]
         proposals = [Proposal(dict(rows[i]), {"generator": "sobol", "candidate_row": i}) for i in picks]
         q = n - from_design

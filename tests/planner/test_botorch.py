@@ -246,6 +246,19 @@ def test_candidate_tables_are_used_row_by_row(tmp_path: Path) -> None:
     assert all(math.isfinite(p["prediction"]["y"]["mean"]) for p in evidence["points"])
 
 
+
+@pytest.mark.parametrize("backend", ["botorch", "sobol"])
+def test_a_table_whose_rows_may_repeat_still_starts_with_a_spread_of_rows(tmp_path: Path, backend: str) -> None:
+    table = tmp_path / "library.csv"
+    table.write_text("x1,x2\n" + "\n".join(f"{x1},{x2}" for x1, x2 in zip(range(-5, 10), range(15))) + "\n")
+    c = campaign(BRANIN, extra=f"candidates: {{file: {table}, repeats: true}}", initial=5, experiments=20,
+                 backend=backend)
+    planner = make_planner(c)
+    # one at a time: nothing is used up, and the design took the first row of its shuffle every time
+    design = [(r.parameters["x1"], r.parameters["x2"]) for r in run(planner, lambda p: {"y": b(p)}, 5)]
+    assert len(set(design)) == 5
+
+
 MIXED = """
 x1: {type: continuous, bounds: [-5, 10]}
 x2: {type: continuous, bounds: [0, 15]}
