@@ -95,6 +95,20 @@ def test_proposals_name_a_source_and_a_rebuilt_planner_proposes_the_same() -> No
     assert set(planner.recommend() or {}) == {"x1", "x2"}
 
 
+def test_the_start_is_the_same_whatever_the_processs_default_dtype() -> None:
+    import torch
+
+    designs = []
+    default = torch.get_default_dtype()
+    try:
+        for dtype in (torch.float32, torch.float64):  # float64: a process that imported Xopt
+            torch.set_default_dtype(dtype)
+            designs.append([p.parameters for p in make_planner(example()).suggest(3)])
+    finally:
+        torch.set_default_dtype(default)
+    assert designs[0] == designs[1]
+
+
 def test_an_output_in_tiny_units_gets_the_proposals_of_ordinary_ones() -> None:
     def proposals(unit: float) -> list[dict]:
         planner, seen = make_planner(example()), []
