@@ -82,6 +82,7 @@ class AxPlanner:
             raise PlannerError(f"planner.backend: Ax refuses this campaign: {exc}") from None
         self.results: list[Result] = []
         self._running: dict[int, _Key] = {}  # Ax trial index -> parameters, for experiments in flight
+        self._abandoned: set[_Key] = set()  # dropped by the caller: Ax never proposes these again
         grid = Space(campaign).grid
         # Ax never repeats a point of a finite space, and near its end spends ~24 s per call rejection
         # sampling before it says so: the size lets us ask only for what is left
@@ -113,7 +114,8 @@ class AxPlanner:
             # Ax may hand out fewer trials than asked while its generation step is capped.
             ask = 1 if one_by_one else n - len(proposals)
             if self._points is not None:
-                tried = {_key(self._typed(r.parameters)) for r in self.results} | set(self._running.values())
+                tried = ({_key(self._typed(r.parameters)) for r in self.results} | set(self._running.values())
+                         | self._abandoned)
                 ask = min(ask, self._points - len(tried))
             trials = self._next_trials(ask) if ask > 0 else None
             if trials is None:  # the finite space has fewer points left than asked
@@ -183,9 +185,10 @@ class AxPlanner:
     def _sync_pending(self, pending: list[dict[str, Any]]) -> None:
         """Make Ax's RUNNING trials exactly the experiments in flight.
 
-        A trial we proposed that is neither pending nor finished was dropped by the caller: Ax
-        abandons it so it stops steering away from that point. A pending experiment Ax does not
-        know (the planner was rebuilt) is attached so Ax treats it as pending.
+        A trial we proposed that is neither pending nor finished was dropped by the caller: Ax abandons
+        it (Ax 1.3 keeps an abandoned trial's point among the pending ones for good, and so never
+        proposes it again). A pending experiment Ax does not know (the planner was rebuilt) is attached
+        so Ax treats it as pending.
         """
         unmatched = dict(self._running)
         for parameters in pending:
@@ -198,7 +201,7 @@ class AxPlanner:
                 del unmatched[index]
         for index in unmatched:
             self.client.mark_trial_abandoned(index)
-            del self._running[index]
+            self._abandoned.add(self._running.pop(index))
 
     def _next_trials(self, ask: int) -> dict[int, Any] | None:
         """Up to ``ask`` new Ax trials, or None where Ax says its finite space is used up."""
