@@ -101,6 +101,4 @@ class RandomPlanner(SobolPlanner):
             return self.space.sample(n, self.seed * 7919 + start, 0)
         generator = torch.Generator().manual_seed(self.seed * 7919 + start)
         u = torch.rand(n, self.space.dim, generator=generator, dtype=torch.double)
-        for i, values in self.space.cat_dims.items():
-            u[:, i] = (u[:, i] * len(values) - 0.5).clamp(0, len(values) - 1)
-        return self.space.snap(u)
+        return self.space.snap(self.space.from_uniform(u))

@@ -295,13 +295,16 @@ class Space:
         engine = SobolEngine(dimension=self.dim, scramble=True, seed=seed)
         if start:
             engine.fast_forward(start)
-        x = engine.draw(n, dtype=torch.double)
+        return self.from_uniform(engine.draw(n, dtype=torch.double))
+
+    def from_uniform(self, u: torch.Tensor) -> torch.Tensor:
+        """Encoded points (``n x d``) from draws uniform in the unit cube, each choice of a categorical column
+        and each allowed number of an integer or discrete one given an equal share (rounding would give the
+        smallest and the largest number half a share each: n in {6, 8, 10, 12}, 12 in one point of six)."""
+        x = u.clone()
         for i, values in self.cat_dims.items():
-            # each choice gets an equal share of the unit interval before rounding
             x[:, i] = (x[:, i] * len(values) - 0.5).clamp(0, len(values) - 1)
         for i, values in self.discrete_dims.items():
-            # and so does each allowed number: rounding would give the smallest and the largest half a
-            # share each (n in {6, 8, 10, 12}: 12 in one design point of six, not one of four)
             grid = torch.tensor(sorted(values), dtype=x.dtype)
             x[:, i] = grid[(x[:, i] * len(grid)).long().clamp(max=len(grid) - 1)]
         return x

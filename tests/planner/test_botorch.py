@@ -309,6 +309,17 @@ def test_baselines_accept_every_campaign_and_count_only_feasible_experiments(bac
     assert len({tuple(r.parameters.values()) for r in results}) == 12
 
 
+@pytest.mark.parametrize("backend", ["sobol", "random"])
+def test_baselines_give_every_allowed_number_an_equal_share(backend: str) -> None:
+    planner = make_planner(campaign("n: {type: integer, bounds: [1, 4]}\nd: {type: discrete, values: [6, 8, 10, 12]}",
+                                    experiments=2000, backend=backend))
+    points = [p.parameters for p in planner.suggest(800)]
+    for name, values in (("n", [1, 2, 3, 4]), ("d", [6, 8, 10, 12])):
+        counts = [sum(p[name] == v for p in points) for v in values]
+        # rounded, the smallest and the largest got half a share each: about 133 of 800 against 200
+        assert min(counts) > 150, (name, counts)
+
+
 def hartmann_like(n: int, seed: int = 0) -> list[Result]:
     from simulators.surfaces import hartmann6
 
