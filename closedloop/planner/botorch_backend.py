@@ -333,7 +333,7 @@ class BotorchPlanner:
         assert surrogate is not None
         fitted = time.perf_counter()
         seed = self._data_seed("suggest", len(self.log.results), len(pending))
-        bounds, fixed = self._trust_region(surrogate)
+        bounds, fixed = self._trust_region(surrogate, len(pending))
         # Monte-Carlo acquisitions cost ~50x an analytic one per evaluation: fewer restarts, but not in a mixed
         # space, where BoTorch's alternating search then had two, too few (mixed4 with four experiments always
         # in flight, seeds 0-9: median log10 regret -1.58 -> -1.99, better on 7 seeds, worse on 3)
@@ -512,7 +512,7 @@ class BotorchPlanner:
 
     # -- end issue 9
 
-    def _trust_region(self, surrogate: Surrogate) -> tuple[torch.Tensor | None, dict[int, float] | None]:
+    def _trust_region(self, surrogate: Surrogate, in_flight: int) -> tuple[torch.Tensor | None, dict[int, float] | None]:
         """A box around the incumbent (TuRBO-style) for single-objective searches, and the encoded
         columns held at the incumbent's values while closing in; None where the search is free.
 
@@ -522,7 +522,8 @@ class BotorchPlanner:
         data. In the last ``FINAL_SHARE`` of the budget every search closes in on the incumbent, and
         holds its categories: a category has no neighbours to close in on (left free, the last
         experiments went on trying other categories). Discrete numbers stay free, as their neighbours
-        are near (crossed barrel: holding them too was worse on 2 of 10 seeds).
+        are near (crossed barrel: holding them too was worse on 2 of 10 seeds). ``in_flight``: experiments
+        proposed and not yet finished.
         """
         if surrogate.n_objectives > 1 or self.space.has_constraints:
             return None, None
@@ -531,7 +532,7 @@ class BotorchPlanner:
         numeric = self.space.continuous_columns
         if not numeric:
             return None, None
-        final = self._final_phase()
+        final = self._final_phase(in_flight)
         length = self._turbo_length(len(numeric)) if len(numeric) >= TR_MIN_DIM else None
         if final:
             length = min(length or FINAL_LENGTH, FINAL_LENGTH)
@@ -547,9 +548,10 @@ class BotorchPlanner:
         held = {j: float(center[j]) for j in sorted(self.space.cat_dims)} if final else {}
         return bounds, held or None
 
-    def _final_phase(self) -> bool:
-        """Whether the campaign is in the last ``FINAL_SHARE`` of its experiments."""
-        remaining = self.campaign.budget.experiments - len(self.log.results)
+    def _final_phase(self, in_flight: int) -> bool:
+        """Whether the experiment to propose is in the last ``FINAL_SHARE`` of the budget, the ``in_flight``
+        ones counted as spent (uncounted, with three always in flight only two of the last five of 30 closed in)."""
+        remaining = self.campaign.budget.experiments - len(self.log.results) - in_flight
         return remaining <= max(2, math.ceil(FINAL_SHARE * self.campaign.budget.experiments))
 
     def _turbo_length(self, d: int) -> float:

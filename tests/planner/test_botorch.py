@@ -398,6 +398,17 @@ def test_the_last_experiments_close_in_on_the_incumbent_in_mixed_spaces() -> Non
     assert all(abs(float(step[j])) <= FINAL_LENGTH / 2 + 1e-9 for j in planner.space.continuous_columns)
 
 
+def test_experiments_in_flight_count_as_spent_when_closing_in() -> None:
+    planner = make_planner(campaign(BRANIN, initial=5, experiments=20))
+    run(planner, lambda p: {"y": b(p)}, 16)
+    in_flight = [planner.space.decode(x) for x in planner.space.sample(3, seed=7)]
+    # the 20th and last experiment of the budget: closing in, as it would with the three finished
+    (last,) = planner.suggest(1, pending=in_flight)
+    assert last.metadata.get("trust_region") == pytest.approx(FINAL_LENGTH)
+    (earlier,) = planner.suggest(1)
+    assert "trust_region" not in earlier.metadata
+
+
 def test_categories_are_one_hot_in_one_kernel_with_a_width_scaled_prior() -> None:
     from botorch.models import SingleTaskGP
     from botorch.models.transforms.input import NumericToCategoricalEncoding
