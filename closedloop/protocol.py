@@ -47,6 +47,11 @@ class VersionMismatch(ProtocolError):
         self.peer_version = peer_version
 
 
+#: a trial's id, as the store keeps it: SQLite's INTEGER is 64-bit, and a larger id (10**26) raised OverflowError
+#: in the daemon's lookup instead of being dropped as malformed
+TrialId = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+
+
 def _msg_id() -> str:
     return uuid.uuid4().hex
 
@@ -68,7 +73,7 @@ class Hello(_Message):
     # a campaign's sources (issue 8) this station serves: a simulation station, a robot station
     sources: list[str] = Field(default_factory=lambda: ["*"], max_length=256)
     capacity: int = Field(default=1, ge=1, le=1024)
-    outstanding: list[int] = Field(default_factory=list, max_length=100_000)
+    outstanding: list[TrialId] = Field(default_factory=list, max_length=100_000)
     software: str = Field(default="", max_length=256)
     # a station repeats an unanswered hello; these tell a repeat from a new registration: a random id of
     # the station process, and how many welcomes that process had received when it sent this hello
@@ -91,11 +96,11 @@ class Heartbeat(_Message):
     """Both ways. A station's says what it runs and holds; the daemon's answer is the mark ``seen`` names."""
 
     type: Literal["heartbeat"] = "heartbeat"
-    running: list[int] = Field(default_factory=list, max_length=100_000)
+    running: list[TrialId] = Field(default_factory=list, max_length=100_000)
     # every trial the station holds (queued, running, answer not acknowledged), as in its hello, listed after
     # it had read the daemon's heartbeat ``seen`` (a msg_id): whatever the daemon assigned before sending that
     # one and is not listed never reached the station
-    holds: list[int] | None = Field(default=None, max_length=100_000)
+    holds: list[TrialId] | None = Field(default=None, max_length=100_000)
     seen: str | None = Field(default=None, max_length=64)
 
 
@@ -109,7 +114,7 @@ class InstrumentSpec(BaseModel):
 class Assign(_Message):
     type: Literal["assign"] = "assign"
     campaign: str = Field(max_length=256)
-    trial_id: int
+    trial_id: TrialId
     trial_index: int
     setpoints: dict[str, Any]
     outputs: list[str]
@@ -126,7 +131,7 @@ AssignmentId = Annotated[str | None, Field(max_length=64)]
 
 class Started(_Message):
     type: Literal["started"] = "started"
-    trial_id: int
+    trial_id: TrialId
     assignment: AssignmentId = None
 
 
@@ -141,7 +146,7 @@ class ResultMessage(_Message):
     """A measured trial: outputs, their noise (standard deviation) where the instrument knows it, timing."""
 
     type: Literal["result"] = "result"
-    trial_id: int
+    trial_id: TrialId
     assignment: AssignmentId = None
     run_uid: str = Field(min_length=1, max_length=128)
     values: dict[str, float] = Field(max_length=1024)
@@ -158,7 +163,7 @@ class Failure(_Message):
     """A trial that gave no result: the error, and the run it opened (with its documents) if it got that far."""
 
     type: Literal["failure"] = "failure"
-    trial_id: int
+    trial_id: TrialId
     assignment: AssignmentId = None
     error: str = Field(max_length=16_384)
     run_uid: str | None = Field(default=None, max_length=128)
@@ -170,7 +175,7 @@ class Failure(_Message):
 
 class Ack(_Message):
     type: Literal["ack"] = "ack"
-    trial_id: int
+    trial_id: TrialId
     # the assignment the stored answer named: a late ack of an earlier attempt's failure must not delete
     # the retry's answer, which the station keeps under the same trial
     assignment: AssignmentId = None
@@ -178,7 +183,7 @@ class Ack(_Message):
 
 class Cancel(_Message):
     type: Literal["cancel"] = "cancel"
-    trial_id: int
+    trial_id: TrialId
     reason: str = Field(default="", max_length=4096)
 
 

@@ -63,6 +63,8 @@ def test_a_refusal_from_another_version_is_still_read() -> None:
     (_raw(values={"y": 1e999}).replace(b"Infinity", b"1e999"), "finite"),
     (_raw(noise={"y": float("inf")}).replace(b"Infinity", b"1e999"), "finite"),
     (_raw(trial_id="one"), "trial_id"),
+    # beyond SQLite's 64-bit INTEGER: the daemon's lookup raised OverflowError and its loop ended
+    (_raw(trial_id=10**26), "trial_id"),
     (b"x" * (protocol.MAX_MESSAGE_BYTES + 1), "exceeds"),
 ])
 def test_malformed_frames_are_refused_with_a_reason(frame: bytes, why: str) -> None:
