@@ -491,6 +491,8 @@ class StationWorker:
             return
         if isinstance(message, protocol.Welcome):
             self._session = message.session
+            # the daemon counts a station lost after a few of its heartbeat intervals: never beat slower than it asks
+            self.heartbeat_s = min(self.heartbeat_s, message.heartbeat_s)
             self._welcomed += 1
             self.registered.set()
             log.info("registered with %s (session %d)", self.endpoint, message.session)

@@ -128,3 +128,31 @@ def test_an_assign_repeated_while_the_trial_is_queued_or_running_runs_it_once(tm
         thread.join(timeout=30)
         daemon.close()
         context.term()
+
+
+def test_a_station_beats_at_least_as_often_as_the_daemon_asks(tmp_path: Path) -> None:
+    campaign = Campaign.from_yaml_text(branin_campaign("beats", 2, planner={"backend": "sobol"}))
+    store = Store(tmp_path / "s.db")
+    events: list[str] = []
+    daemon = Daemon(store, [campaign], heartbeat_s=0.15, on_event=lambda kind, details: events.append(kind))
+    # the station's own default is 1 s: beating at that pace, a daemon that counts a station lost after five
+    # missed 0.15 s beats lost and re-registered this healthy one again and again, its trials with it
+    worker = StationWorker(daemon.endpoint, name="slow", outbox=tmp_path / "o.db")
+    stop = threading.Event()
+    threads = [threading.Thread(target=worker.run, args=(stop,), daemon=True),
+               threading.Thread(target=daemon.serve, daemon=True)]
+    for thread in threads:
+        thread.start()
+    try:
+        assert worker.registered.wait(10)
+        assert worker.heartbeat_s == pytest.approx(0.15)
+        threads[1].join(timeout=30)
+        assert not threads[1].is_alive()
+    finally:
+        stop.set()
+        threads[0].join(timeout=10)
+        daemon.request_stop()
+        threads[1].join(timeout=10)
+        daemon.close()
+    assert "station_lost" not in events
+    assert store.counts(store.campaign_row("beats").id) == {"completed": 2}
