@@ -1202,7 +1202,7 @@ class Daemon:
                 if not isinstance(request, dict) or set(request) - {"method", "params"}:
                     raise ValueError("a request is {\"method\": ..., \"params\": {...}}")
                 reply = self.handle_control(str(request.get("method")), request.get("params") or {})
-            except (ValueError, TypeError, ClosedLoopError) as exc:
+            except (ValueError, TypeError, RecursionError, ClosedLoopError) as exc:  # RecursionError: deep JSON
                 reply = {"success": False, "msg": str(exc)}
             try:
                 self.control.send_multipart([*envelope, json.dumps(reply, default=str).encode()], zmq.NOBLOCK)

@@ -346,6 +346,28 @@ def test_pause_holds_the_runengine_mid_run_and_resume_finishes_the_same_run(stor
     assert documents.stop is not None and documents.stop["exit_status"] == "success"
 
 
+def test_a_malformed_control_request_gets_an_error_and_the_daemon_keeps_serving(store: Store, tmp_path: Path) -> None:
+    campaign = _campaign("asked", 2, latency=0.05)
+    control = f"tcp://127.0.0.1:{free_port()}"
+    daemon = Daemon(store, [campaign], heartbeat_s=0.2, control=control)
+    with serving(daemon) as thread:
+        request = zmq.Context.instance().socket(zmq.REQ)
+        request.setsockopt(zmq.LINGER, 0)
+        request.connect(control)
+        try:
+            # 40 kB of nested JSON arrays: json.loads raised RecursionError, which ended the daemon's loop
+            request.send(b"[" * 20_000 + b"]" * 20_000)
+            assert request.poll(5000), "no reply"
+            assert request.recv_json()["success"] is False
+        finally:
+            request.close()
+        assert thread.is_alive()
+        assert control_request(control, "status")["success"]
+        with station(daemon.endpoint, "s1", tmp_path):
+            thread.join(timeout=30)
+    assert store.counts(store.campaign_row("asked").id) == {"completed": 2}
+
+
 def test_two_campaigns_in_one_daemon_each_with_its_own_station(store: Store, tmp_path: Path) -> None:
     daemon = Daemon(store, [_campaign("left", 4, latency=0.05), _campaign("right", 4, latency=0.05)], heartbeat_s=0.2)
     with station(daemon.endpoint, "for-left", tmp_path, campaigns=["left"]), \
