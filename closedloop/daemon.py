@@ -820,10 +820,13 @@ class Daemon:
                           welcomed=hello.welcomed)
         for trial_id, flight in list(self.in_flight.items()):
             if trial_id in holds and (flight.reconciling or flight.station == hello.station):
-                # the station still has it (running, queued or in its outbox): it stays there
-                flight.station, flight.reconciling = hello.station, False
-                if flight.deadline is not None and flight.deadline < now + self.heartbeat_s * self.lost_after:
+                # the station still has it (running, queued or in its outbox): it stays there. A reconciled
+                # trial's deadline was the grace for its station to come back, not the experiment's timeout
+                # (kept, a campaign with no timeout cancelled a running experiment reconcile_s after a restart)
+                if flight.reconciling or (flight.deadline is not None
+                                          and flight.deadline < now + self.heartbeat_s * self.lost_after):
                     flight.deadline = self._deadline(self.runs[flight.campaign_id], started=flight.started)
+                flight.station, flight.reconciling = hello.station, False
                 station.running[trial_id] = flight.dispatched
             elif flight.station == hello.station:
                 # dispatched to this station, which does not have it: the assign was lost (or the station

@@ -368,6 +368,31 @@ def test_a_malformed_control_request_gets_an_error_and_the_daemon_keeps_serving(
     assert store.counts(store.campaign_row("asked").id) == {"completed": 2}
 
 
+def test_a_trial_its_station_still_runs_after_a_restart_keeps_the_campaigns_timeout(store: Store) -> None:
+    campaign = _campaign("untimed", 3, retries=0)  # no execution.timeout: an experiment may take days
+    # what a killed daemon left: a trial dispatched to station "st", which is still running it
+    trial = store.add_dispatched(store.open_campaign(campaign), {"x1": 1.0, "x2": 2.0}, {}, "st")
+    daemon = Daemon(store, [campaign], heartbeat_s=0.2, reconcile_s=3.0, prefetch=0, drain_s=0.5)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(daemon.endpoint)
+    sent: list[str] = []
+    with serving(daemon):
+        try:
+            sock.send(protocol.encode(protocol.Hello(station="st", outstanding=[trial.id], instance="i1")))
+            end = time.monotonic() + 4.5  # past the 3 s grace the station had to come back
+            while time.monotonic() < end:
+                while sock.poll(100):
+                    sent.append(protocol.decode(sock.recv()).type)
+                sock.send(protocol.encode(protocol.Heartbeat(running=[trial.id], holds=[trial.id])))
+            # the grace was kept as the trial's deadline: the running experiment was cancelled as timed out
+            assert "cancel" not in sent and "welcome" in sent
+            assert store.trial(trial.id).status == "dispatched"
+        finally:
+            sock.close()
+            daemon.request_stop()
+
+
 def test_two_campaigns_in_one_daemon_each_with_its_own_station(store: Store, tmp_path: Path) -> None:
     daemon = Daemon(store, [_campaign("left", 4, latency=0.05), _campaign("right", 4, latency=0.05)], heartbeat_s=0.2)
     with station(daemon.endpoint, "for-left", tmp_path, campaigns=["left"]), \
