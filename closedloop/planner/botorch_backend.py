@@ -512,7 +512,8 @@ class BotorchPlanner:
 
     # -- end issue 9
 
-    def _trust_region(self, surrogate: Surrogate, in_flight: int) -> tuple[torch.Tensor | None, dict[int, float] | None]:
+    def _trust_region(self, surrogate: Surrogate,
+                      in_flight: int) -> tuple[torch.Tensor | None, dict[int, float] | None]:
         """A box around the incumbent (TuRBO-style) for single-objective searches, and the encoded
         columns held at the incumbent's values while closing in; None where the search is free.
 

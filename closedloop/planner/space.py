@@ -259,8 +259,7 @@ class Space:
         """A hashable identity of a parameter dict: numbers rounded to 1e-10 of their parameter's range (on a
         log scale, of its logarithm's), so that float noise does not split a point and values in any unit stay
         apart (rounded to nine decimals, every value of a range [1e-9, 1e-8] was one point)."""
-        return tuple(parameters[name] if lo is None
-                     else round(((math.log(float(parameters[name])) if log else float(parameters[name])) - lo) / span, 10)
+        return tuple(parameters[name] if lo is None else _key_number(parameters[name], lo, span, log)
                      for name, lo, span, log in self._key_scales)
 
     # -- sampling ----------------------------------------------------------------------
@@ -484,6 +483,10 @@ class Space:
         if self._milp(middle) is None and self._milp(middle, exact=False) is None:
             raise PlannerError("constraints: no combination of allowed integer/discrete values satisfies " +
                                "; ".join(c.text for c in self.constraints))
+
+
+def _key_number(value: Any, lo: float, span: float, log: bool) -> float:
+    return round(((math.log(float(value)) if log else float(value)) - lo) / span, 10)
 
 
 def _is_log(p: Any) -> bool:
