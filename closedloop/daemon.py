@@ -803,6 +803,12 @@ class Daemon:
     # -- handlers -----------------------------------------------------------------------------
 
     def _on_hello(self, identity: bytes, hello: protocol.Hello) -> None:
+        if identity != hello.station.encode():
+            # a station's routing id is its name (connect_station): a hello naming another station would take
+            # that station's trials, re-queue the one it runs and hand it out again, to be measured twice
+            self._drop(identity, f"hello names station {hello.station!r}, not this connection's routing id")
+            self._send(identity, protocol.Refused(reason="a station's hello must name its own routing id"))
+            return
         now = time.monotonic()
         current = self.stations.get(identity)
         if (current is not None and hello.instance and hello.instance == current.instance

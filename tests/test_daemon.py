@@ -82,10 +82,11 @@ def station(endpoint: str, name: str, tmp_path: Path, **kw: object) -> Iterator[
 
 
 @contextmanager
-def raw_station(endpoint: str) -> Iterator[zmq.Socket]:
+def raw_station(endpoint: str, name: str) -> Iterator[zmq.Socket]:
     """A station's socket driven by hand, to send what a real station would not."""
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.ROUTING_ID, name.encode())
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
     try:
@@ -374,6 +375,7 @@ def test_a_trial_its_station_still_runs_after_a_restart_keeps_the_campaigns_time
     trial = store.add_dispatched(store.open_campaign(campaign), {"x1": 1.0, "x2": 2.0}, {}, "st")
     daemon = Daemon(store, [campaign], heartbeat_s=0.2, reconcile_s=3.0, prefetch=0, drain_s=0.5)
     sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.ROUTING_ID, b"st")
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(daemon.endpoint)
     sent: list[str] = []
@@ -391,6 +393,20 @@ def test_a_trial_its_station_still_runs_after_a_restart_keeps_the_campaigns_time
         finally:
             sock.close()
             daemon.request_stop()
+
+
+def test_a_hello_naming_another_station_is_refused_and_its_trial_stays_put(store: Store, tmp_path: Path) -> None:
+    daemon = Daemon(store, [_campaign("named", 2, latency=1.0, retries=2, concurrency=1)], heartbeat_s=0.2)
+    with station(daemon.endpoint, "A", tmp_path) as worker, serving(daemon) as thread, \
+            raw_station(daemon.endpoint, "X") as impostor:
+        _wait(lambda: worker.RE is not None and worker.RE.state == "running", 20, "station A measuring")
+        # a connection that is not A claims A's name, holding nothing: A's running trial was re-queued and
+        # assigned to it, while A went on measuring it
+        impostor.send(protocol.encode(protocol.Hello(station="A", outstanding=[])))
+        assert _next_message(impostor, "refused")
+        thread.join(timeout=60)
+    trials = store.trials(store.campaign_row("named").id)
+    assert [(t.status, t.station, t.attempts) for t in trials] == [("completed", "A", 1)] * 2
 
 
 def test_two_campaigns_in_one_daemon_each_with_its_own_station(store: Store, tmp_path: Path) -> None:
@@ -502,7 +518,7 @@ def test_an_assign_that_never_reached_its_station_goes_back_to_the_queue(store: 
     station's heartbeat lists what it holds after reading one of the daemon's heartbeats, and a trial
     assigned before that heartbeat and not listed is dispatched again. One assigned after it is not."""
     daemon = Daemon(store, [_campaign("lost-assign", 1, latency=0.05, concurrency=1, retries=0)], heartbeat_s=5.0)
-    with raw_station(daemon.endpoint) as sock:
+    with raw_station(daemon.endpoint, "robot") as sock:
         sock.send(protocol.encode(protocol.Hello(station="robot", instance="p1")))
         with serving(daemon) as thread:
             _next_message(sock, "welcome")
@@ -536,7 +552,7 @@ def test_a_station_that_cannot_reach_its_instrument_gets_the_trial_back_after_a_
     control = f"tcp://127.0.0.1:{free_port()}"
     daemon = Daemon(store, [_campaign("reach", 1, latency=0.05, concurrency=1, retries=0)], heartbeat_s=5.0,
                     control=control)
-    with raw_station(daemon.endpoint) as sock:
+    with raw_station(daemon.endpoint, "robot") as sock:
         sock.send(protocol.encode(protocol.Hello(station="robot", instance="p1")))
         with serving(daemon) as thread:
             _next_message(sock, "welcome")

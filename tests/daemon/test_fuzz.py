@@ -67,8 +67,8 @@ def test_hostile_frames_change_nothing_but_valid_results(tmp_path: Path) -> None
             peers.append(sock)
         # half the peers register first (serving an instrument no campaign uses), so their forged
         # results reach the result handlers instead of being refused as unregistered
-        for sock in peers[:3]:
-            sock.send(protocol.encode(protocol.Hello(station=f"fuzz-{id(sock)}", instruments=["nothing:Here"])))
+        for i, sock in enumerate(peers[:3]):
+            sock.send(protocol.encode(protocol.Hello(station=f"fuzz-{i}", instruments=["nothing:Here"])))
         controller = context.socket(zmq.DEALER)
         controller.setsockopt(zmq.LINGER, 0)
         controller.connect(control)
