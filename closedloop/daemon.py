@@ -748,7 +748,10 @@ class Daemon:
                 except StoreError:
                     continue
                 if status not in (TrialStatus.proposed.value, TrialStatus.dispatched.value):
-                    # the trial is finished: acknowledging lets the station forget a result the store will never take
+                    # the trial is finished: acknowledging lets the station forget a result the store will never
+                    # take, so its reading stays on record here and in the run's documents (kept above)
+                    log.warning("trial %s is %s: late result %s of run %s not stored as an observation",
+                                result.trial_id, status, values, result.run_uid)
                     self._send(identity, protocol.Ack(trial_id=result.trial_id, assignment=result.assignment))
                 continue
             self._send(identity, protocol.Ack(trial_id=result.trial_id, assignment=result.assignment))
