@@ -16,7 +16,7 @@ from closedloop.campaign import Campaign
 from closedloop.planner.base import Proposal, Result
 from closedloop.planner.models import in_planner_numerics
 from closedloop.planner.observations import ObservationLog
-from closedloop.planner.space import Space, candidates_repeat
+from closedloop.planner.space import Space, candidates_repeat, table_order
 
 
 class SobolPlanner:
@@ -80,13 +80,12 @@ class SobolPlanner:
             else:
                 free.append(i)
         start = len(self.log.results) + len(pending)
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed)).tolist()
         if self.backend == "random":
             order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed * 7919 + start)).tolist()
-        elif candidates_repeat(self.campaign):
-            # nothing is used up: walk on through the shuffled table (else every proposal was its first row)
-            order = order[start % len(rows):] + order[:start % len(rows)]
-        chosen = [i for i in order if i in set(free)][:n]
+        else:
+            order = table_order(self.campaign, len(rows), self.seed, start)
+        free_rows = set(free)
+        chosen = [i for i in order if i in free_rows][:n]
         return [Proposal(dict(rows[i]), {"generator": self.backend, "candidate_row": i}) for i in chosen]
 
 

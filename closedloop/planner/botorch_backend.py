@@ -38,7 +38,7 @@ from closedloop.planner.acquisition import output_constraints, several_objective
 from closedloop.planner.base import Proposal, Result
 from closedloop.planner.observations import ObservationLog
 from closedloop.planner.optimize import maximize, maximize_discrete
-from closedloop.planner.space import Space, candidates_repeat
+from closedloop.planner.space import Space, candidates_repeat, table_order
 
 __all__ = ["BotorchPlanner", "ObservationLog", "SobolSequence"]
 
@@ -590,17 +590,14 @@ class BotorchPlanner:
             return []
         started = len(self.log.results) + len(pending)
         from_design = max(0, min(n, self.initial - started))
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed))
-        if candidates_repeat(self.campaign):
-            # nothing is used up: the design walks on through the shuffled table (else it took its first row again)
-            order = order.roll(-started)
-        picks = [int(i) for i in order if int(i) not in used][:from_design]
+        order = table_order(self.campaign, len(rows), self.seed, started)
+        picks = [i for i in order if i not in used][:from_design]
         proposals = [Proposal(dict(rows[i]), {"generator": "sobol", "candidate_row": i}) for i in picks]
         q = n - from_design
         if q > 0:
             free = [i for i in free if i not in picks]
             if not self._can_model():
-                picks = [int(i) for i in order if int(i) in free][:q]
+                picks = [i for i in order if i in free][:q]
                 return proposals + [Proposal(dict(rows[i]), {"generator": "random", "candidate_row": i}) for i in picks]
             surrogate = self._fit()
             assert surrogate is not None

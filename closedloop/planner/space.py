@@ -509,6 +509,16 @@ def candidates_repeat(campaign: Campaign) -> bool:
     return bool(getattr(campaign.candidates, "repeats", False))
 
 
+def table_order(campaign: Campaign, rows: int, seed: int, started: int) -> list[int]:
+    """A candidate table's row indices in the seed's shuffle, the order a design takes them in. With
+    ``candidates.repeats`` nothing is used up, so the order begins at the ``started``-th row: the design walks
+    on through the table (else it took the same first row for every experiment)."""
+    order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed)).tolist()
+    if candidates_repeat(campaign) and rows:
+        order = order[started % rows:] + order[:started % rows]
+    return order
+
+
 def load_candidates(campaign: Campaign) -> list[dict[str, Any]]:
     """The campaign's candidate table as parameter dicts typed as declared (fixed parameters included)."""
     try:

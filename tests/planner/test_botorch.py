@@ -246,7 +246,6 @@ def test_candidate_tables_are_used_row_by_row(tmp_path: Path) -> None:
     assert all(math.isfinite(p["prediction"]["y"]["mean"]) for p in evidence["points"])
 
 
-
 @pytest.mark.parametrize("backend", ["botorch", "sobol"])
 def test_a_table_whose_rows_may_repeat_still_starts_with_a_spread_of_rows(tmp_path: Path, backend: str) -> None:
     table = tmp_path / "library.csv"
