@@ -288,6 +288,23 @@ class Space:
         )[start:]
         return self.snap(x)
 
+    def centre(self, like: torch.Tensor) -> torch.Tensor:
+        """The encoded centre of the space (``d``), with the categories of ``like`` (an encoded point).
+
+        Continuous columns at the middle of their range (of its logarithm on a log scale), integer and
+        discrete ones at their middle allowed value, the larger of the two middle ones where their number
+        is even (Ax's convention). Categories have no middle: a fixed choice would favour whichever name
+        comes first, so they are ``like``'s.
+        """
+        x = like.clone()
+        for i in range(self.dim):
+            if i in self.discrete_dims:
+                values = sorted(self.discrete_dims[i])
+                x[i] = values[len(values) // 2]
+            elif i not in self.cat_dims:
+                x[i] = 0.5
+        return self.snap(x.unsqueeze(0))[0]
+
     def _sobol(self, n: int, seed: int, start: int) -> torch.Tensor:
         from torch.quasirandom import SobolEngine
 

@@ -145,6 +145,18 @@ x: {type: continuous, bounds: [0, 1]}
         assert Counter(p["s"] for p in points) == dict.fromkeys("abce", 4)
 
 
+def test_the_centre_is_the_middle_of_every_number_and_keeps_the_given_categories() -> None:
+    like = MIXED_SPACE.sample(1, seed=4)[0]
+    centre = MIXED_SPACE.decode(MIXED_SPACE.centre(like))
+    assert centre["t"] == 50.0
+    assert math.isclose(centre["rate"], 0.1)  # the middle of a log scale: the geometric mean
+    assert centre["n"] == 4  # 1..6: the larger of the two middle values, as Ax's centre takes
+    assert centre["conc"] == 0.5
+    assert centre["solvent"] == MIXED_SPACE.decode(like)["solvent"]
+    assert centre["pressure"] == 1.5
+    assert MIXED_SPACE.feasible(centre)
+
+
 def test_constraints_that_pin_a_value_give_a_design_of_that_value() -> None:
     """Two inequalities leaving one value (a polytope with no inside; hypothesis found it in CI): BoTorch's
     hit-and-run sampler refused its start point by 3e-18, and no experiment could be proposed."""
