@@ -374,25 +374,17 @@ def test_a_trial_its_station_still_runs_after_a_restart_keeps_the_campaigns_time
     # what a killed daemon left: a trial dispatched to station "st", which is still running it
     trial = store.add_dispatched(store.open_campaign(campaign), {"x1": 1.0, "x2": 2.0}, {}, "st")
     daemon = Daemon(store, [campaign], heartbeat_s=0.2, reconcile_s=3.0, prefetch=0, drain_s=0.5)
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.ROUTING_ID, b"st")
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(daemon.endpoint)
     sent: list[str] = []
-    with serving(daemon):
-        try:
-            sock.send(protocol.encode(protocol.Hello(station="st", outstanding=[trial.id], instance="i1")))
-            end = time.monotonic() + 4.5  # past the 3 s grace the station had to come back
-            while time.monotonic() < end:
-                while sock.poll(100):
-                    sent.append(protocol.decode(sock.recv()).type)
-                sock.send(protocol.encode(protocol.Heartbeat(running=[trial.id], holds=[trial.id])))
-            # the grace was kept as the trial's deadline: the running experiment was cancelled as timed out
-            assert "cancel" not in sent and "welcome" in sent
-            assert store.trial(trial.id).status == "dispatched"
-        finally:
-            sock.close()
-            daemon.request_stop()
+    with serving(daemon), raw_station(daemon.endpoint, "st") as sock:
+        sock.send(protocol.encode(protocol.Hello(station="st", outstanding=[trial.id], instance="i1")))
+        end = time.monotonic() + 4.5  # past the 3 s grace the station had to come back
+        while time.monotonic() < end:
+            while sock.poll(100):
+                sent.append(protocol.decode(sock.recv()).type)
+            sock.send(protocol.encode(protocol.Heartbeat(running=[trial.id], holds=[trial.id])))
+        # the grace was kept as the trial's deadline: the running experiment was cancelled as timed out
+        assert "cancel" not in sent and "welcome" in sent
+        assert store.trial(trial.id).status == "dispatched"
 
 
 def test_a_hello_naming_another_station_is_refused_and_its_trial_stays_put(store: Store, tmp_path: Path) -> None:

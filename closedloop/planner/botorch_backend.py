@@ -91,7 +91,7 @@ class InitialDesign:
     def points(self, start: int, n: int) -> torch.Tensor:
         """Points ``start`` to ``start + n`` of the design (``n x d``), exactly feasible."""
         x = self.space.sample(n, self.seed, start)
-        if start == 0 and n > 0 and self.is_centre(0):
+        if n > 0 and self.is_centre(start):
             x[0] = self.space.centre(x[0])
         return x
 
