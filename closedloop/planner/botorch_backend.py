@@ -79,10 +79,10 @@ class InitialDesign:
     """The first experiments: the centre of the space, then a scrambled Sobol sequence; resumable at any position.
 
     The centre first, as Ax's default generation strategy starts (and with its tie-break: the larger of two
-    middle values). On the crossed-barrel emulator the centre carried much of Ax's lead (seeds 0-39, runs
+    middle values). On the crossed-barrel emulator the centre carried part of Ax's lead (seeds 0-39, runs
     that found one of the three best designs): Ax 23, Ax with its centre's strut count rounded down (8, not
-    10) 19; ours 12 without a centre, 18 with it, 13 with the count rounded down. With linear constraints the
-    design is the polytope sample alone: the box's centre may lie outside the constrained region.
+    10) 19; ours 12 without a centre, 15 with it. With linear constraints the design is the polytope
+    sample alone: the box's centre may lie outside the constrained region.
     """
 
     def __init__(self, space: Space, seed: int):
