@@ -496,7 +496,10 @@ class PlannerSettings(_Model):
 
     backend: Literal["botorch", "ax", "sobol", "random"] = "botorch"
     initial_experiments: Whole | None = Field(None, ge=1, description="space-filling experiments before the model")
-    seed: Whole | None = None
+    # torch's and NumPy's generators take seeds of 0 to 2**63 - 1: a larger one passed validation, then the
+    # planner failed at every suggestion
+    seed: Whole | None = Field(None, ge=0, le=2**63 - 1, description="the planner's seed: same seed, same data, "
+                               "same proposals")
 
 
 def _instrument_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -775,11 +778,17 @@ class Campaign(_Model):
                                     self.budget, self.planner, self.candidates, self.instrument, self.sources)
 
     def default_initial_experiments(self) -> int:
-        """Size of the space-filling design before the model takes over."""
+        """Size of the botorch planner's space-filling start before the model takes over:
+        ``planner.initial_experiments``, else ``max(5, 2 d + 1)`` for one or two varied parameters and
+        ``max(5, d + 4)`` above, at most a third of the budget and at most the candidate table's rows."""
         if self.planner.initial_experiments is not None:
             return self.planner.initial_experiments
         dims = len(self.tunable_parameters)
-        return max(1, min(self.max_experiments, max(5, 2 * dims + 1)))
+        size = max(5, 2 * dims + 1) if dims <= 2 else max(5, dims + 4)
+        size = min(size, max(1, self.max_experiments // 3))
+        if self.candidates is not None:
+            size = min(size, len(self.candidate_table()))
+        return max(1, size)
 
     def space_size(self) -> int | None:
         """How many distinct experiments the space holds, before linear constraints; None if infinite.
@@ -828,7 +837,8 @@ class Campaign(_Model):
             budget += f", stop when {self.budget.stop_when}"
         lines.append(budget)
         lines.append(f"space: {self.describe_space()}")
-        lines.append(f"planner: {self.planner.backend}, {self.default_initial_experiments()} initial experiments"
+        start = f", {self.default_initial_experiments()} initial experiments" if self.planner.backend == "botorch" else ""
+        lines.append(f"planner: {self.planner.backend}{start}"
                      + (f", seed {self.planner.seed}" if self.planner.seed is not None else ""))
         ex = self.execution
         lines.append(f"execution: {ex.concurrency} at once"
@@ -1463,6 +1473,39 @@ class _Dumper(yaml.SafeDumper):
 _Dumper.yaml_implicit_resolvers = dict(_Loader.yaml_implicit_resolvers)
 
 
+# a campaign is a few hundred values a few levels deep; these limits stop hostile files (nested aliases that
+# expand a few kilobytes into billions of values, thousands of nested brackets) before anything walks them
+MAX_YAML_VALUES = 100_000
+MAX_YAML_DEPTH = 64
+
+
+def _oversized(root: yaml.Node | None) -> tuple[str, yaml.Mark] | None:
+    """Why the composed file is too large to read (None if it is not): too deep, or too many values counted
+    with every alias (``*name``) expanded, as reading it would; each node is counted once, so a shared one
+    costs nothing to count."""
+    if root is None:
+        return None
+    size: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool, int]] = [(root, False, 1)]
+    while stack:
+        node, children_done, level = stack.pop()
+        if level > MAX_YAML_DEPTH:
+            return f"the file nests deeper than {MAX_YAML_DEPTH} levels of lists and mappings", node.start_mark
+        children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                    else list(node.value) if isinstance(node, yaml.SequenceNode) else [])
+        if id(node) in size:
+            continue
+        if not children_done:
+            stack.append((node, True, level))
+            stack.extend((child, False, level + 1) for child in children if id(child) not in size)
+            continue
+        size[id(node)] = 1 + sum(size[id(child)] for child in children)
+        if size[id(node)] > MAX_YAML_VALUES:
+            return (f"the file holds more than {MAX_YAML_VALUES:,} values once its aliases (*name) are expanded; "
+                    "a campaign needs far fewer", node.start_mark)
+    return None
+
+
 def _walk_marks(node: yaml.Node, path: tuple, marks: dict[tuple, yaml.Mark],
                 duplicates: list[tuple[tuple, yaml.Mark, yaml.Mark]]) -> None:
     marks.setdefault(path, node.start_mark)
@@ -1697,7 +1740,14 @@ def load_campaign_text(
     """
     try:
         root = yaml.compose(text, Loader=_Loader)
+        oversized = _oversized(root)
+        if oversized:
+            message, mark = oversized
+            raise CampaignFileError([Problem(source, mark.line + 1, mark.column + 1, "", message)])
         data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except RecursionError:
+        raise CampaignFileError([Problem(source, None, None, "", f"the file nests deeper than {MAX_YAML_DEPTH} levels "
+                                         "of lists and mappings")]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)

@@ -29,7 +29,10 @@ class _Commands(TyperGroup):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, typer.Exit, click.exceptions.Abort, click.ClickException):  # typer.Exit is no click Exit
+        # typer.Exit is no click Exit, and typer (0.29) raises usage errors from its own copy of click, whose
+        # exceptions derive from typer.TyperException: caught below they were "internal errors" with exit 1
+        except (click.exceptions.Exit, typer.Exit, click.exceptions.Abort, typer.Abort, click.ClickException,
+                typer.TyperException):
             raise
         except KeyboardInterrupt:
             errors.print("interrupted", highlight=False)
@@ -99,8 +102,11 @@ def _setup_logging(verbose: bool, logfile: Path | None = None) -> None:
 
 
 def _summary(campaign: Campaign, store_path: Path, run: Any, seconds: float) -> None:
+    from closedloop import report
+
     counts = run.store.counts(run.id)
-    best = run.planner.best()
+    # from the store, not the running planner, which may not have taken in the last results yet
+    best = report.best(run.store, campaign.name)
     console.print(f"\n[bold]{campaign.name}[/]: {counts.get('completed', 0)} completed, {counts.get('failed', 0)} failed "
                   f"in {seconds:.1f} s")
     if best is None:

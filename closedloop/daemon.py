@@ -454,7 +454,15 @@ class Daemon:
                                         or "localhost" in control):
             raise ProtocolError(f"control endpoint {control}: use ipc:// or a 127.0.0.1 address (it has no keys)")
         self.store = store
-        self.runs = {run.id: run for run in (CampaignRun(c, store) for c in campaigns)}
+        self._claimed: list[str] = []
+        try:
+            for c in campaigns:
+                store.claim(c.name)
+                self._claimed.append(c.name)
+            self.runs = {run.id: run for run in (CampaignRun(c, store) for c in campaigns)}
+        except BaseException:
+            self._release_campaigns()
+            raise
         self.heartbeat_s = heartbeat_s
         self.lost_after = lost_after
         self.drain_s = drain_s
@@ -601,7 +609,13 @@ class Daemon:
                     self.store.set_campaign_status(run.id, "completed")
                     self._emit("campaign_finished", run, best=_result_dict(run.best), finished=run.finished)
 
+    def _release_campaigns(self) -> None:
+        for name in self._claimed:
+            self.store.release(name)
+        self._claimed = []
+
     def close(self) -> None:
+        self._release_campaigns()
         for sock in (self.socket, self.pub, self.control, self._wake_pull, self._wake_push):
             if sock is not None:
                 sock.close(linger=0)

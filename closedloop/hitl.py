@@ -197,12 +197,27 @@ def tell(store: Store, campaign_name: str, index: int, values: dict[str, Any],
     assert campaign_id is not None
     trial = trial_by_index(store, campaign_id, index)
     parsed = _check_outputs(campaign, values, f"trial #{index}")
-    if trial.status == TrialStatus.held.value:
-        raise StoreError(f"trial #{index} is held for approval; approve it before telling its result")
+    refusal = _takes_no_result(trial)
+    if refusal:
+        raise StoreError(refusal)
     assert trial.id is not None
     store.record_result(trial.id, f"manual-{uuid.uuid4()}", parsed, duration_s=duration_s)
     log.info("campaign=%s trial=%s completed by hand values=%s", campaign.name, index, parsed)
     return store.trial(trial.id)
+
+
+def _takes_no_result(trial: TrialRow) -> str | None:
+    """Why a result told by hand cannot be recorded for ``trial`` (None if it can): only an open trial from
+    :func:`suggest` takes one. A trial the daemon proposed goes to a station, whose measurement would
+    otherwise be thrown away, and the budget passed."""
+    if trial.status == TrialStatus.held.value:
+        return f"trial #{trial.index} is held for approval; approve it before telling its result"
+    if trial.status not in (TrialStatus.proposed.value, TrialStatus.dispatched.value):
+        return f"trial #{trial.index} is {trial.status}; it takes no result"
+    if not is_manual(trial):
+        return (f"trial #{trial.index} was proposed for a station, which measures it; only trials from "
+                "'closedloop suggest' take results by hand")
+    return None
 
 
 def _check_outputs(campaign: Campaign, values: dict[str, Any], where: str) -> dict[str, float]:
@@ -239,6 +254,7 @@ def tell_csv(store: Store, campaign_name: str, path: Path) -> list[TrialRow]:
     problems: list[str] = []
     checked: list[tuple[TrialRow, dict[str, float]]] = []
     by_index = {t.index: t for t in store.trials(campaign_id)}
+    rows_of: dict[int, int] = {}
     for number, row in rows:
         where = f"{path} row {number}"
         try:
@@ -247,8 +263,14 @@ def tell_csv(store: Store, campaign_name: str, path: Path) -> list[TrialRow]:
         except (ValueError, KeyError):
             problems.append(f"{where}, column trial: {row['trial']!r} is not a trial of {campaign.name}")
             continue
-        if trial.status not in (TrialStatus.proposed.value, TrialStatus.dispatched.value):
-            problems.append(f"{where}, column trial: trial #{index} is {trial.status}; it takes no result")
+        if index in rows_of:
+            problems.append(f"{where}, column trial: trial #{index} is also on row {rows_of[index]}; "
+                            "a trial takes one result")
+            continue
+        rows_of[index] = number
+        refusal = _takes_no_result(trial)
+        if refusal:
+            problems.append(f"{where}, column trial: {refusal}")
             continue
         try:
             values = _check_outputs(campaign, {k: row.get(k, "") for k in campaign.outputs}, where)

@@ -194,10 +194,16 @@ def test_candidates_take_a_path_or_a_mapping() -> None:
     assert Candidates.model_validate({"file": "lib.csv", "repeats": True}).repeats
 
 
-def test_default_initial_experiments_follow_the_dimension() -> None:
-    c = Campaign.from_yaml_text(BASE)
-    assert c.default_initial_experiments() == 5
+def test_default_initial_experiments_follow_the_dimension_and_the_budget() -> None:
+    c = Campaign.from_yaml_text(BASE.replace("experiments: 10", "experiments: 30"))
+    assert c.default_initial_experiments() == 5  # max(5, 2 d + 1) with d = 2
+    assert Campaign.from_yaml_text(BASE).default_initial_experiments() == 3  # at most a third of 10
+    four = BASE.replace("parameters:\n", "parameters:\n  x3: {type: integer, bounds: [0, 9]}\n"
+                        "  x4: {type: categorical, values: [a, b]}\n").replace("experiments: 10", "experiments: 60")
+    # the instrument (Branin) takes two parameters: not checked here
+    assert Campaign.from_yaml_text(four, check_instrument=False).default_initial_experiments() == 8  # max(5, d + 4), d = 4
     assert c.model_copy(update={"planner": c.planner.model_copy(update={"initial_experiments": 3})}).default_initial_experiments() == 3
+    assert "planner: botorch, 5 initial experiments" in c.summary()
 
 
 # -- the space -------------------------------------------------------------------------------

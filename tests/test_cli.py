@@ -43,3 +43,47 @@ def test_run_prints_the_best_experiment_and_the_store(tmp_path: Path) -> None:
     assert "best experiment: #" in result.stdout
     assert "results stored in results/branin.db" in result.stdout
     assert (tmp_path / "results" / "branin.db").exists()
+
+
+@pytest.mark.parametrize("args", [["run"], ["validate"], ["bogus"], ["show", "branin", "abc"]])
+def test_a_usage_error_gets_the_usage_and_exit_2(args: list[str], tmp_path: Path) -> None:
+    result = closedloop(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Usage:" in result.stderr and "error:" not in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_the_closing_summary_names_the_best_experiment_stored_even_when_the_goal_stops_the_run(tmp_path: Path) -> None:
+    campaign = (ROOT / "campaigns" / "branin.yaml").read_text().replace(
+        "experiments: 30", 'experiments: 30\n  stop_when: "y <= 20"')
+    (tmp_path / "c.yaml").write_text(campaign)
+    result = closedloop("run", "c.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    status = closedloop("status", "branin", "--store", "results/branin.db", cwd=tmp_path)
+    best = [line for line in status.stdout.splitlines() if "best" in line][0]
+    number = best.split("(#", 1)[1].split(",", 1)[0]
+    assert f"best experiment: #{number} " in result.stdout, (result.stdout, status.stdout)
+
+
+@pytest.mark.slow
+def test_a_second_run_of_a_campaign_being_run_is_refused_and_the_budget_holds(tmp_path: Path) -> None:
+    campaign = (ROOT / "campaigns" / "branin.yaml").read_text().replace("experiments: 30", "experiments: 8").replace(
+        "options: {noise: 0.01, seed: 0}", "options: {noise: 0.01, seed: 0, latency: 0.5}")
+    (tmp_path / "c.yaml").write_text(campaign)
+    first = subprocess.Popen([sys.executable, "-m", "closedloop.cli", "run", "c.yaml"], cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        store = tmp_path / "results" / "branin.db"
+        for _ in range(600):  # until the first run holds the campaign
+            if (tmp_path / "results" / "branin.db.claims").exists() and first.poll() is None:
+                break
+            __import__("time").sleep(0.1)
+        second = closedloop("run", "c.yaml", cwd=tmp_path)
+        assert first.poll() is None, "the first run ended before the second started: make it slower"
+        assert second.returncode == 1
+        assert "campaign 'branin' is being run by another process" in second.stderr
+    finally:
+        out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    status = closedloop("status", "branin", "--store", str(store), cwd=tmp_path)
+    assert "8/8 experiments (8 completed, 0 failed)" in status.stdout, status.stdout

@@ -335,3 +335,30 @@ instrument: {simulator: "simulators.surfaces:Branin"}
     assert row.planner["approved_by"] == "ada" and row.planner["proposed_parameters"]["a"] == 1.0
     with pytest.raises(Exception, match="not held for approval"):
         hitl.approve(store, "limits", 1)
+
+
+def test_tell_takes_no_result_for_a_trial_a_station_measures(tmp_path: Path) -> None:
+    db = str(tmp_path / "s.db")
+    cli("suggest", str(campaign_file(tmp_path)), "--store", db)
+    store = Store(db)
+    cid = store.campaign_row("hand").id
+    (station_trial,) = store.add_trials(cid, [({"x1": 1.0, "x2": 2.0}, {"generator": "sobol"})])
+    store.mark_dispatched(station_trial.id, "embedded")
+    result = cli("tell", "hand", str(station_trial.index), "y=-999", "--store", db)
+    assert result.exit_code == 1
+    assert f"trial #{station_trial.index} was proposed for a station" in result.stderr
+    table = tmp_path / "t.csv"
+    table.write_text(f"trial,y\n1,5.0\n{station_trial.index},-999\n")
+    assert cli("tell", "hand", "--csv", str(table), "--store", db).exit_code == 1
+    assert store.counts(cid) == {"proposed": 1, "dispatched": 1}  # nothing stored, the station's trial untouched
+
+
+def test_tell_from_a_csv_refuses_a_trial_given_twice_and_stores_nothing(tmp_path: Path) -> None:
+    db = str(tmp_path / "s.db")
+    cli("suggest", str(campaign_file(tmp_path)), "-n", "3", "--store", db)
+    table = tmp_path / "twice.csv"
+    table.write_text("trial,y\n1,5.0\n3,7\n1,6.0\n")
+    result = cli("tell", "hand", "--csv", str(table), "--store", db)
+    assert result.exit_code == 1
+    assert "row 4, column trial: trial #1 is also on row 2" in result.stderr
+    assert Store(db).counts(1) == {"proposed": 3}

@@ -173,3 +173,30 @@ def test_two_daemons_share_one_store_without_touching_each_others_campaigns(stor
         for t in trials:
             assert observations[t.id].values["y"] == pytest.approx(quadratic(**t.parameters)["y"])
     store.close()
+
+
+def test_a_campaign_is_run_by_one_process_at_a_time_and_let_go_when_it_dies(store_url: str) -> None:
+    import subprocess
+    import sys
+
+    from closedloop.errors import StoreError
+
+    Store(store_url)  # migrated before the other process opens it
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom closedloop.store import Store\n"
+         "Store(sys.argv[1]).claim('held')\nprint('held', flush=True)\ntime.sleep(120)\n", store_url],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        store = Store(store_url)
+        with pytest.raises(StoreError, match="'held' is being run by another process"):
+            store.claim("held")
+        store.claim("other")  # another campaign of the same store is free
+        store.claim("other")  # and this process may hold it twice (released twice)
+        store.release("other")
+        store.release("other")
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    store.claim("held")  # the operating system let go with the process
+    store.release("held")

@@ -73,6 +73,8 @@ NEI_VARIANCE = 1e-3
 # repeats per run, the last six experiments of one run all one design) searches again with it pending,
 # and if it lands on one again takes the best of this many space-filling points of the same box instead
 FRESH_SAMPLES = 512
+# design positions looked through for a point not yet run, beyond the ones asked for
+DESIGN_LOOKAHEAD = 64
 
 
 class InitialDesign:
@@ -112,6 +114,7 @@ class Surrogate:
     scales: list[float]  # per output: the models see measured values divided by it (see ``models.output_scale``)
     objective_data: tuple[torch.Tensor, torch.Tensor]  # the first objective's model's ``x`` and ``y``, in model units
     smooth: Model | None = None  # a second model of the first objective, made when the best is asked for under noise
+    measured: Model | None = None  # the first objective's model without the failures' stand-in values (see ``best``)
 
 
 class BotorchPlanner:
@@ -146,7 +149,7 @@ class BotorchPlanner:
         self.seed = campaign.planner.seed if campaign.planner.seed is not None else 0
         self.log = ObservationLog(campaign)
         self.design = InitialDesign(self.space, self.seed)
-        self.initial = self._initial_size()
+        self.initial = campaign.default_initial_experiments()
         self._fits: dict[tuple, dict[str, torch.Tensor]] = {}
         self._surrogate: tuple[tuple, Surrogate] | None = None
 
@@ -176,8 +179,9 @@ class BotorchPlanner:
         if surrogate is None or luckiest is None:
             return luckiest
         x = self.space.encode_many([r.parameters for r in feasible])
+        model = self._measured_model(surrogate)
         with torch.no_grad():
-            mean = surrogate.model.posterior(x).mean[..., 0]
+            mean = model.posterior(x).mean[..., 0]
         if surrogate.noise > NOISY_VARIANCE and len(feasible) >= NOISE_EVIDENCE:
             # a reading far above the model's estimate is most likely a lucky one: on noisy Branin
             # (10 seeds) keeping the best reading where readings differed by more than twice the
@@ -189,13 +193,28 @@ class BotorchPlanner:
         with torch.no_grad():
             # the model overrules the best reading only when it is confident the other experiment is
             # better: noise-free data (readings are the truth) rarely give it that confidence, noisy ones do
-            model = surrogate.model.models[0] if isinstance(surrogate.model, ModelListGP) else surrogate.model
             joint = model.posterior(x[[i, j]])
             m, cov = joint.mean[..., 0], joint.covariance_matrix
             spread = abs(float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])) ** 0.5
         if spread > 0 and float(m[0] - m[1]) / spread > BEST_CONFIDENCE:
             return feasible[i]
         return luckiest
+
+    def _measured_model(self, surrogate: Surrogate) -> Model:
+        """The first objective's model conditioned on the experiments that measured it, with its fitted
+        hyperparameters. The search model counts each failure as the worst result seen, to turn away from
+        where experiments fail; judging the experiments run by it pulled down the best one next to failures
+        (noise-free, the best reading beside four failures lost to one twelve times worse)."""
+        model = surrogate.model.models[0] if isinstance(surrogate.model, ModelListGP) else surrogate.model
+        usable = len(surrogate.train_x)
+        if len(surrogate.objective_data[0]) == usable:
+            return model
+        if surrogate.measured is None:
+            cx, cy = (t[:usable] for t in surrogate.objective_data)
+            categories = {i: len(values) for i, values in self.space.cat_dims.items()}
+            idx = gp.training_subset(cy[:, 0], gp.MAX_TRAIN)
+            surrogate.measured = gp.conditioned_gp(cx[idx], cy[idx], categories, gp.hyperparameters(model))
+        return surrogate.measured
 
     def _consensus_best(self, surrogate: Surrogate, x: torch.Tensor, mean: torch.Tensor) -> int:
         """Index into ``x`` of the experiment that the search model (posterior ``mean`` at ``x``) and a
@@ -209,7 +228,7 @@ class BotorchPlanner:
         did worse on noisy Hartmann6 (seeds 0-49: 14 / 17).
         """
         if surrogate.smooth is None:
-            cx, cy = surrogate.objective_data
+            cx, cy = (t[:len(surrogate.train_x)] for t in surrogate.objective_data)
             categories = {i: len(values) for i, values in self.space.cat_dims.items()}
             fit_idx = gp.training_subset(cy[:, 0], gp.MAX_FIT)
             state = gp.fit_gp(cx[fit_idx], cy[fit_idx], categories, self._data_seed("smooth", len(cx)),
@@ -236,34 +255,48 @@ class BotorchPlanner:
             return self._suggest_from_table(n, pending)
         started = len(self.log.results) + len(pending)
         from_design = max(0, min(n, self.initial - started))
-        proposals = self._from_design(started, from_design)
+        taken = [r.parameters for r in self.log.results] + pending
+        proposals = self._from_design(started, from_design, taken)
         if n > from_design:
             if not self._can_model():
-                proposals += self._from_design(started + from_design, n - from_design)
+                proposals += self._from_design(started + from_design, n - from_design,
+                                               taken + [p.parameters for p in proposals])
             else:
                 proposals += self._model_proposals(n - from_design, pending + [p.parameters for p in proposals])
         return proposals
 
     # -- internals ---------------------------------------------------------------------
 
-    def _from_design(self, start: int, n: int) -> list[Proposal]:
+    def _from_design(self, start: int, n: int, taken: list[dict[str, Any]]) -> list[Proposal]:
+        """``n`` points of the design from position ``start`` on, passing over any that repeats an experiment
+        run, in flight (``taken``) or earlier in the batch: in a finite space Sobol points meet (two integers
+        of two values each gave the centre twice, and the centre again with it in flight). Where the space has
+        no new point within ``DESIGN_LOOKAHEAD`` positions, points repeat rather than a station waiting."""
+        if n <= 0:
+            return []
+        seen = {self.space.key(p) for p in taken}
+        window = self.design.points(start, n + DESIGN_LOOKAHEAD)
+        picked: list[tuple[int, dict[str, Any]]] = []
+        for i, x in enumerate(window, start):
+            point = self.space.decode(x)
+            key = self.space.key(point)
+            if key not in seen:
+                seen.add(key)
+                picked.append((i, point))
+                if len(picked) == n:
+                    break
+        repeats = iter(range(start, start + n))
+        while len(picked) < n:
+            i = next(repeats)
+            picked.append((i, self.space.decode(window[i - start])))
         proposals = []
-        for i, x in enumerate(self.design.points(start, n), start):
+        for i, point in picked:
             meta: dict[str, Any] = {"generator": "sobol", "design_index": i}
             if self.design.is_centre(i):
                 meta["design_point"] = "centre"
-            proposals.append(Proposal(self.space.decode(x), meta))
+            proposals.append(Proposal(point, meta))
         return proposals
 
-    def _initial_size(self) -> int:
-        if self.campaign.planner.initial_experiments is not None:
-            return self.campaign.planner.initial_experiments
-        d = self.space.dim
-        size = max(5, 2 * d + 1) if d <= 2 else max(5, d + 4)
-        size = min(size, max(1, self.campaign.budget.experiments // 3))
-        if self.space.candidates is not None:
-            size = min(size, len(self.space.candidates))
-        return max(1, size)
 
     def _can_model(self) -> bool:
         done = self.log.completed

@@ -38,7 +38,7 @@ from gest_api.vocs import (
 )
 
 from closedloop.campaign import Campaign
-from closedloop.errors import CampaignError
+from closedloop.errors import CampaignError, ClosedLoopError, PlannerError
 from closedloop.planner import Planner, Result, make_planner
 
 __all__ = ["PlannerGenerator", "campaign_from_vocs"]
@@ -64,8 +64,11 @@ class PlannerGenerator(Generator):
                  planner: Planner | None = None):
         super().__init__(vocs)
         self.vocs = vocs
-        self.campaign = campaign_from_vocs(vocs, backend=backend, seed=seed, budget=budget)
-        self.planner: Planner = planner if planner is not None else make_planner(self.campaign)
+        try:
+            self.campaign = campaign_from_vocs(vocs, backend=backend, seed=seed, budget=budget)
+            self.planner: Planner = planner if planner is not None else make_planner(self.campaign)
+        except ClosedLoopError as exc:  # gest-api: a VOCS a generator cannot take is a ValueError
+            raise ValueError(str(exc)) from exc
         self._outstanding: dict[int, dict[str, Any]] = {}  # suggested, not yet ingested, by "_id"
         self._next_id = 0
 
@@ -99,14 +102,19 @@ class PlannerGenerator(Generator):
         return points
 
     def ingest(self, results: list[dict]) -> None:
-        """Evaluated points; a point whose objectives are missing or not finite counts as failed."""
+        """Evaluated points, all or none (a bad point raises ``ValueError`` and nothing is taken); a point
+        whose objectives are missing or not finite counts as failed."""
         finished: list[Result] = []
+        identifiers: set[Any] = set()
         for point in results:
             identifier = point.get("_id")
             if identifier is not None:
-                if identifier not in self._outstanding:
+                if identifier not in self._outstanding or identifier in identifiers:
                     raise ValueError(f"_id {identifier!r} was not suggested by this generator or was already ingested")
-                del self._outstanding[identifier]
+                identifiers.add(identifier)
+            missing = [name for name in self.campaign.parameters if name not in point]
+            if missing:
+                raise ValueError(f"a point has no value for {', '.join(missing)}")
             parameters = {name: point[name] for name in self.campaign.parameters}
             values: dict[str, float] | None = {}
             for name in self.campaign.outputs:
@@ -116,7 +124,12 @@ class PlannerGenerator(Generator):
                     break
                 values[name] = float(value)  # type: ignore[index]
             finished.append(Result(parameters, values, identifier))
-        self.planner.ingest(finished)
+        try:
+            self.planner.ingest(finished)
+        except PlannerError as exc:
+            raise ValueError(str(exc)) from exc
+        for identifier in identifiers:
+            del self._outstanding[identifier]
 
     def finalize(self) -> None:
         """Nothing runs in the background: the planner is up to date after every ``ingest``."""

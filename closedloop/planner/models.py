@@ -208,9 +208,11 @@ def output_scale(y: torch.Tensor) -> float:
     exactly what they were.
     """
     finite = y[torch.isfinite(y)]
-    spread = float(finite.std(correction=0)) if finite.numel() > 1 else 0.0
+    largest = float(finite.abs().max()) if finite.numel() else 0.0
+    # the spread of values over their largest: squaring readings above ~1e154 overflows to infinity
+    spread = largest * float((finite / largest).std(correction=0)) if finite.numel() > 1 and largest > 0 else 0.0
     if spread == 0.0:
-        spread = float(finite.abs().max()) if finite.numel() else 0.0
+        spread = largest
     if spread == 0.0 or 1e-3 <= spread <= 1e3:
         return 1.0
     return 10.0 ** round(math.log10(spread))

@@ -7,10 +7,12 @@ thing whichever planner proposed the experiments.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
-from closedloop.campaign import Campaign
+from closedloop.campaign import CategoricalParameter, Campaign, ContinuousParameter, DiscreteParameter, IntegerParameter
+from closedloop.errors import PlannerError
 from closedloop.planner.base import Result
 
 
@@ -32,6 +34,13 @@ class ObservationLog:
         self._keys: list[tuple[float, int]] = []
 
     def add(self, results: list[Result]) -> None:
+        """Add ``results``, all or none: one whose parameters cannot be an experiment of this campaign
+        raises :class:`PlannerError` (taken in, it would break every later suggestion)."""
+        for k, r in enumerate(results):
+            problem = parameter_problem(self.campaign, r.parameters)
+            if problem is not None:
+                trial = f" (trial {r.trial})" if r.trial is not None else ""
+                raise PlannerError(f"result {k}{trial}: {problem}; none of the {len(results)} results was taken")
         for r in results:
             key = (float(r.trial) if r.trial is not None else math.inf, self._arrival)
             self._arrival += 1
@@ -48,7 +57,8 @@ class ObservationLog:
             return False
         for name in self.campaign.outputs:
             v = result.values.get(name)
-            if v is None or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+            # numbers.Real, not (int, float): a NumPy reading from a driver is a measurement, not a failure
+            if v is None or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
                 return False
         return True
 
@@ -110,3 +120,32 @@ class ObservationLog:
         ref = torch.tensor(reference if reference is not None else self.reference_point(), dtype=torch.double)
         y = torch.tensor([self.oriented(r) for r in done], dtype=torch.double)
         return float(DominatedPartitioning(ref_point=ref, Y=y).compute_hypervolume())
+
+
+def parameter_problem(campaign: Campaign, parameters: dict) -> str | None:
+    """Why ``parameters`` cannot be an experiment of ``campaign`` (None if they can): a varied parameter
+    missing, an unknown choice, a value that is not a number, or one outside the parameter's limits."""
+    for name, p in campaign.tunable_parameters.items():
+        if name not in parameters:
+            return f"parameter {name!r} is missing"
+        v = parameters[name]
+        if isinstance(p, CategoricalParameter):
+            # values read back from a CSV or JSON may have lost their type ("1" for 1), as Space reads them
+            if v not in p.values and str(v) not in {str(a) for a in p.values}:
+                return f"{name}={v!r} is not one of {p.values}"
+            continue
+        if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(float(v)):
+            return f"{name}={v!r} is not a number"
+        x = float(v)
+        if isinstance(p, DiscreteParameter):
+            if not any(math.isclose(x, float(a), rel_tol=1e-9, abs_tol=1e-300) for a in p.values):
+                return f"{name}={v!r} is not one of {p.values}"
+            continue
+        if isinstance(p, IntegerParameter) and x != round(x):
+            return f"{name}={v!r} is not an integer"
+        if isinstance(p, (ContinuousParameter, IntegerParameter)):
+            lo, hi = float(p.bounds[0]), float(p.bounds[1])
+            slack = 1e-9 * (hi - lo)
+            if not lo - slack <= x <= hi + slack:
+                return f"{name}={v!r} is outside [{p.bounds[0]}, {p.bounds[1]}]"
+    return None

@@ -110,6 +110,10 @@ def maximize_discrete(acquisition: AcquisitionFunction, choices: torch.Tensor, q
     value is at most its value alone, comes from below the shortlist only when the chosen ones have
     spoilt the value of every row above it.
     """
+    if q > len(choices):
+        # fewer points than asked for: every one, then again in the order chosen, rather than a station waiting
+        candidates, value = maximize_discrete(acquisition, choices, len(choices))
+        return candidates[torch.arange(q) % len(candidates)], value
     if q > 1 and len(choices) > SHORTLIST:
         with torch.no_grad():
             alone = torch.cat([acquisition(chunk.unsqueeze(-2)) for chunk in choices.split(2048)])

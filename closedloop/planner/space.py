@@ -4,7 +4,9 @@ Every tunable parameter takes one column:
 
 - continuous: mapped linearly (or logarithmically) onto [0, 1];
 - integer and discrete: mapped linearly onto [0, 1]; the allowed values are the column's grid
-  (``Space.discrete_dims``, as BoTorch's mixed optimizers expect);
+  (``Space.discrete_dims``, as BoTorch's mixed optimizers expect); an integer of more than
+  ``MAX_INTEGER_VALUES`` values is searched as a continuous column and rounded on decoding, as a list
+  of every value would not fit in memory ([0, 1e9]);
 - categorical: the index of the choice, ``0 .. k-1`` (``Space.cat_dims``, as
   ``optimize_acqf_mixed_alternating`` expects; the model encodes it one-hot).
 
@@ -114,7 +116,7 @@ class Space:
         self.discrete_dims: dict[int, list[float]] = {}
         for c in self.columns:
             p = self.parameters[c.name]
-            if isinstance(p, IntegerParameter):
+            if isinstance(p, IntegerParameter) and p.bounds[1] - p.bounds[0] < MAX_INTEGER_VALUES:
                 lo, hi = int(p.bounds[0]), int(p.bounds[1])
                 self.discrete_dims[c.index] = [(v - lo) / (hi - lo) for v in range(lo, hi + 1)]
             elif isinstance(p, DiscreteParameter):
@@ -274,17 +276,23 @@ class Space:
         """
         if n <= 0:
             return torch.zeros(0, self.dim, dtype=torch.double)
+        x = self._sobol(n, seed, start)
         if not self.constraints:
-            return self.snap(self._sobol(n, seed, start))
+            return self.snap(x)
         from botorch.utils.sampling import get_polytope_samples
 
-        # the relaxed box of categories is [-0.5, k-0.5] so each choice is equally likely
-        box = self.bounds().clone()
-        for i in self.cat_dims:
-            box[0, i], box[1, i] = -0.49, box[1, i] + 0.49
-        x = get_polytope_samples(
-            n=start + n, bounds=box, inequality_constraints=self.inequality_constraints or None,
-            equality_constraints=self.equality_constraints or None, seed=seed, n_burnin=200, n_thinning=8,
+        # only the columns a constraint names are sampled inside the polytope, the others are the Sobol
+        # points': a region without volume in the constrained columns (``a + b >= 2`` with both at most 1)
+        # stopped the chain, and with it every other column (one value in every experiment)
+        columns = [self.names.index(name) for name in self._constrained_names]
+        at = {column: k for k, column in enumerate(columns)}
+
+        def within(constraints: list) -> list:
+            return [(torch.tensor([at[int(i)] for i in idx], dtype=torch.long), coef, rhs) for idx, coef, rhs in constraints]
+
+        x[:, columns] = get_polytope_samples(
+            n=start + n, bounds=self.bounds()[:, columns], inequality_constraints=within(self.inequality_constraints) or None,
+            equality_constraints=within(self.equality_constraints) or None, seed=seed, n_burnin=200, n_thinning=8,
         )[start:]
         return self.snap(x)
 
@@ -500,6 +508,10 @@ class Space:
         if self._milp(middle) is None and self._milp(middle, exact=False) is None:
             raise PlannerError("constraints: no combination of allowed integer/discrete values satisfies " +
                                "; ".join(c.text for c in self.constraints))
+
+
+# integers with more values than this are searched as continuous columns (see the module docstring)
+MAX_INTEGER_VALUES = 100_000
 
 
 def _key_number(value: Any, lo: float, span: float, log: bool) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from closedloop.errors import PlannerError
 from closedloop.planner import Result, make_planner
 from closedloop.planner import models as gp
 from closedloop.planner.botorch_backend import FINAL_LENGTH, BotorchPlanner
@@ -550,3 +552,90 @@ def test_planners_in_two_threads_both_think_in_double_precision_on_one_thread() 
     finally:
         torch.set_default_dtype(previous)
         torch.set_num_threads(threads)
+
+
+# -- found by probing the planner's public interface (2026-12-05) ---------------------------------------------
+
+
+def test_a_finite_design_repeats_no_experiment_run_in_flight_or_in_the_batch() -> None:
+    two_by_two = "a: {type: integer, bounds: [0, 1]}\nb: {type: integer, bounds: [0, 1]}"
+    for seed in range(6):
+        planner = make_planner(campaign(two_by_two, experiments=12, seed=seed, initial=4))
+        run(planner, lambda p: {"y": float(p["a"] + 2 * p["b"])}, 4)
+        assert len({(r.parameters["a"], r.parameters["b"]) for r in planner.log.results}) == 4, seed
+    fresh = make_planner(campaign(two_by_two, experiments=12, initial=4))
+    (p,) = fresh.suggest(1, pending=[{"a": 1, "b": 1}, {"a": 0, "b": 1}])
+    assert (p.parameters["a"], p.parameters["b"]) in {(0, 0), (1, 0)}
+    batch = [tuple(q.parameters.values()) for q in fresh.suggest(6)]
+    assert len(set(batch[:4])) == 4 and len(batch) == 6  # then points again rather than a station waiting
+
+
+def test_a_finite_space_gives_as_many_proposals_as_asked_even_past_its_size() -> None:
+    planner = make_planner(campaign("n: {type: integer, bounds: [0, 2]}\ns: {type: categorical, values: [A, B]}",
+                                    experiments=20, initial=3))
+    for t, q in enumerate(planner.suggest(4)):
+        planner.ingest([Result(q.parameters, {"y": (q.parameters["n"] - 1) ** 2 + 0.1 * t}, t)])
+    proposals = planner.suggest(10)
+    assert len(proposals) == 10
+    assert len({tuple(p.parameters.values()) for p in proposals[:6]}) == 6
+
+
+def test_a_constraint_leaving_one_point_does_not_freeze_the_other_parameters() -> None:
+    parameters = "a: {type: continuous, bounds: [0, 1]}\nb: {type: continuous, bounds: [0, 1]}\n" \
+                 "c: {type: continuous, bounds: [0, 1]}"
+    for backend in ("botorch", "sobol"):
+        planner = make_planner(campaign(parameters, extra='constraints: ["a + b >= 2"]', experiments=12,
+                                        backend=backend, initial=4))
+        proposals = [p.parameters for p in planner.suggest(4)]
+        assert all(p["a"] + p["b"] >= 2 for p in proposals)
+        assert max(p["c"] for p in proposals) - min(p["c"] for p in proposals) > 0.5, backend
+    planner = make_planner(campaign(parameters, extra='constraints: ["a + b >= 2"]', experiments=10, initial=4))
+    run(planner, lambda p: {"y": (p["c"] - 0.7) ** 2}, 10)
+    assert abs(planner.best().parameters["c"] - 0.7) < 0.05
+
+
+def test_failures_do_not_pull_the_noise_free_best_away_from_the_best_reading() -> None:
+    planner = make_planner(campaign("x: {type: continuous, bounds: [0, 1]}\nz: {type: continuous, bounds: [0, 1]}",
+                                    experiments=16, initial=5))
+    # the best lies on the edge of where the instrument fails
+    results = run(planner, lambda p: None if p["x"] > 0.5 else {"y": (p["x"] - 0.45) ** 2 + (p["z"] - 0.5) ** 2}, 14)
+    assert sum(r.failed for r in results) >= 2
+    best_reading = min((r for r in results if not r.failed), key=lambda r: r.values["y"])
+    assert planner.best() == best_reading
+
+
+def test_readings_of_any_finite_size_or_numpy_type_are_results() -> None:
+    planner = make_planner(campaign("x: {type: continuous, bounds: [0, 1]}", experiments=12, initial=3))
+    results = run(planner, lambda p: {"y": 1e200 * (1 + p["x"])}, 3)
+    assert len(planner.suggest(1)) == 1
+    assert planner.best().values["y"] == min(r.values["y"] for r in results)
+    for backend in ("botorch", "sobol"):
+        other = make_planner(campaign("x: {type: continuous, bounds: [0, 1]}", experiments=10, backend=backend))
+        other.ingest([Result({"x": 0.3}, {"y": np.float32(0.25)}, 0), Result({"x": 0.9}, {"y": np.int64(5)}, 1)])
+        assert other.best().parameters == {"x": 0.3}, backend
+
+
+@pytest.mark.parametrize("backend", ["botorch", "sobol", "random"])
+def test_a_result_that_cannot_be_an_experiment_of_the_campaign_is_refused_whole(backend: str) -> None:
+    c = campaign("x: {type: continuous, bounds: [0, 1]}\ns: {type: categorical, values: [A, B]}\n"
+                 "n: {type: integer, bounds: [1, 5]}", experiments=12, backend=backend, initial=3)
+    planner = make_planner(c)
+    good = planner.suggest(1)[0].parameters
+    for bad, problem in (({"x": 0.2, "s": "C", "n": 2}, "s='C' is not one of"),
+                         ({"x": 0.2, "s": "A"}, "parameter 'n' is missing"),
+                         ({"x": 2.5, "s": "A", "n": 2}, "x=2.5 is outside [0.0, 1.0]"),
+                         ({"x": "0.2", "s": "A", "n": 2}, "is not a number"),
+                         ({"x": 0.2, "s": "A", "n": 2.5}, "n=2.5 is not an integer")):
+        with pytest.raises(PlannerError, match=re.escape(problem)):
+            planner.ingest([Result(good, {"y": 1.0}, 0), Result(bad, {"y": 0.5}, 1)])
+        assert planner.log.results == []  # none of the batch was taken
+    planner.ingest([Result(good, {"y": 1.0}, 0), Result({"x": 0.2, "s": "B", "n": 2}, {"y": 0.5}, 1)])
+    assert len(planner.suggest(1)) == 1 and planner.best().values == {"y": 0.5}
+
+
+def test_an_integer_of_a_billion_values_is_searched_without_listing_them() -> None:
+    c = campaign("n: {type: integer, bounds: [0, 1000000000]}\nx: {type: continuous, bounds: [0, 1]}",
+                 experiments=12, initial=4)
+    planner = make_planner(c)
+    run(planner, lambda p: {"y": (p["n"] / 1e9 - 0.3) ** 2 + p["x"]}, 7)
+    assert all(isinstance(r.parameters["n"], int) and 0 <= r.parameters["n"] <= 10**9 for r in planner.log.results)

@@ -80,3 +80,22 @@ def test_unknown_ids_are_refused_and_foreign_points_are_learned():
 def test_refuses_what_a_planner_cannot_take(spec: dict, field: str):
     with pytest.raises(ValueError, match=field):
         PlannerGenerator(VOCS(**spec), backend="ax")
+
+
+def test_a_batch_with_a_bad_point_is_refused_whole_and_can_be_sent_again():
+    generator = PlannerGenerator(VOCS(variables={"x": [0.0, 1.0]}, objectives={"f": "MINIMIZE"}), backend="sobol",
+                                 seed=0)
+    a, b = generator.suggest(2)
+    for bad in (dict(b, f=2.0, _id=999), dict(b, x=7.0, f=2.0), {"_id": b["_id"], "f": 2.0}):
+        with pytest.raises(ValueError):
+            generator.ingest([dict(a, f=1.0), bad])
+        assert generator.planner.log.results == []
+    with pytest.raises(ValueError, match="already ingested"):
+        generator.ingest([dict(a, f=1.0), dict(a, f=1.0)])
+    generator.ingest([dict(a, f=1.0), dict(b, f=2.0)])
+    assert len(generator.planner.log.results) == 2 and generator.planner.best().values == {"f": 1.0}
+
+
+def test_a_vocs_the_campaign_language_cannot_express_is_a_value_error():
+    with pytest.raises(ValueError, match="x-1"):
+        PlannerGenerator(VOCS(variables={"x-1": [0.0, 1.0]}, objectives={"f": "MINIMIZE"}), backend="sobol")
