@@ -652,7 +652,8 @@ class Campaign(_Model):
         json_schema_extra={"$schema": "https://json-schema.org/draft/2020-12/schema"},
     )
 
-    name: Text = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
+    # the name makes file names (results/NAME.db and beside it): a 5,000-character one passed, then failed to run
+    name: Text = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
                        description="names the campaign in the store")
     description: Text = ""
     parameters: dict[Text, Parameter] = Field(min_length=1, description="what may be varied, by name")

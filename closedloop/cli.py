@@ -466,22 +466,23 @@ def export(
     """Write the campaign's trials as a table (one row per trial, parameters and outputs as columns)."""
     import pandas as pd
 
-    from closedloop.view import trial_records
+    from closedloop.view import trial_columns, trial_records
 
     if format not in ("csv", "parquet", "json"):
         _fail(f"--format {format}: use csv, parquet or json", EXIT_BAD_INPUT)
     the_store, name = _find_store(campaign, store)
-    frame = pd.DataFrame(trial_records(the_store, name))
+    frame = pd.DataFrame(trial_records(the_store, name), columns=trial_columns(the_store.campaign(name)))
     target = output or Path(f"{name}.{format}")
     if str(target) == "-":
         if format == "parquet":
             _fail("parquet is binary: give --output FILE", EXIT_BAD_INPUT)
-        sys.stdout.write(frame.to_csv(index=False) if format == "csv" else frame.to_json(orient="records", indent=1))
+        sys.stdout.write(frame.to_csv(index=False) if format == "csv" else frame.to_json(orient="records", indent=1, double_precision=15))
         return
     if format == "csv":
         frame.to_csv(target, index=False)
     elif format == "json":
-        frame.to_json(target, orient="records", indent=1)
+        # pandas writes 10 significant digits unless told (15 is its most); CSV keeps every digit
+        frame.to_json(target, orient="records", indent=1, double_precision=15)
     else:
         try:
             frame.to_parquet(target, index=False)

@@ -135,6 +135,8 @@ def _assignments(pairs: Iterable[str]) -> dict[str, str]:
         name, sep, value = pair.partition("=")
         if not sep or not name.strip():
             raise DataError([f"{pair!r}: write NAME=VALUE"])
+        if name.strip() in out:
+            raise DataError([f"{pair!r}: {name.strip()} is given twice"])
         out[name.strip()] = value.strip()
     return out
 

@@ -135,6 +135,18 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+class _AdvisoryHold:
+    """A PostgreSQL session-level advisory lock and the connection that holds it."""
+
+    def __init__(self, connection: Connection, key: int):
+        self.connection, self.key = connection, key
+
+    def close(self) -> None:
+        # the pool keeps the session alive: closing the connection alone would keep the lock
+        self.connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self.key})
+        self.connection.close()
+
+
 # campaigns this process holds (see Store.claim): (store location, campaign) -> (hold, claims)
 _claims: dict[tuple[str, str], tuple[Any, int]] = {}
 _claims_lock = threading.Lock()
@@ -240,6 +252,17 @@ class Store:
             elif handle is not None:
                 handle.close()
 
+    def held(self, campaign: str) -> bool | None:
+        """Whether a process (this one included) runs ``campaign`` now; None where this store cannot tell."""
+        with _claims_lock:
+            if (self.location, campaign) in _claims:
+                return True
+            handle = self._take(campaign)
+        if handle is None or handle is False:
+            return None if handle is None else True
+        handle.close()
+        return False
+
     def _take(self, campaign: str) -> Any:
         """The operating system's hold on ``campaign`` (an object with ``close``), None where this kind of
         store has none, False where another process holds it."""
@@ -248,7 +271,7 @@ class Store:
             connection = self.engine.connect()
             key = int.from_bytes(digest[:8], "big", signed=True)
             if connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar():
-                return connection
+                return _AdvisoryHold(connection, key)
             connection.close()
             return False
         database = self.engine.url.database

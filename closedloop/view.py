@@ -135,8 +135,11 @@ class Snapshot:
 
         spent = (sum(spec.cost_of(t.parameters) for t in finished if used_instrument(t.attempts, t.error))
                  if spec.budget.cost is not None else 0.0)
+        status = row.status
+        if status == "running" and store.held(row.name) is False:
+            status = "idle"  # no process runs it now (stopped, killed, or hand-run only): not "running"
         return cls(
-            name=row.name, status=row.status, budget=spec.max_experiments, objective=name, goal=objective.goal,
+            name=row.name, status=status, budget=spec.max_experiments, objective=name, goal=objective.goal,
             counts=counts, in_flight=in_flight,
             held=[t.index for t in trials if t.status == HELD],
             manual=[t.index for t in trials
@@ -409,6 +412,13 @@ def trial_records(store: Store, campaign: str | int) -> list[dict[str, Any]]:
         })
         records.append(record)
     return records
+
+
+def trial_columns(spec: Campaign) -> list[str]:
+    """The columns of :func:`trial_records`, in order, known before any trial (an empty export keeps its header)."""
+    return (["trial", "status", *spec.parameters] + ([SOURCE] if spec.sources else []) + list(spec.outputs)
+            + ["station", "error", "run_uid", "generator", "execution", "attempts", "duration_s", "proposed_at",
+               "dispatched_at", "finished_at"])
 
 
 def _iso(moment: datetime | None) -> str | None:

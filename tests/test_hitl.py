@@ -362,3 +362,11 @@ def test_tell_from_a_csv_refuses_a_trial_given_twice_and_stores_nothing(tmp_path
     assert result.exit_code == 1
     assert "row 4, column trial: trial #1 is also on row 2" in result.stderr
     assert Store(db).counts(1) == {"proposed": 3}
+
+
+def test_an_output_given_twice_is_refused_not_silently_the_last(tmp_path: Path) -> None:
+    db = str(tmp_path / "s.db")
+    cli("suggest", str(campaign_file(tmp_path)), "--store", db)
+    result = cli("tell", "hand", "1", "y=3", "y=4", "--store", db)
+    assert result.exit_code == 1 and "y is given twice" in result.stderr
+    assert Store(db).counts(1) == {"proposed": 1}

@@ -195,6 +195,10 @@ def test_a_campaign_is_run_by_one_process_at_a_time_and_let_go_when_it_dies(stor
         store.claim("other")  # and this process may hold it twice (released twice)
         store.release("other")
         store.release("other")
+        # let go for real: another process may take it now (a pooled PostgreSQL session had kept the lock)
+        taken = subprocess.run([sys.executable, "-c", "import sys\nfrom closedloop.store import Store\n"
+                                "Store(sys.argv[1]).claim('other')\n", store_url], capture_output=True, text=True)
+        assert taken.returncode == 0, taken.stderr
     finally:
         holder.kill()
         holder.wait(timeout=30)

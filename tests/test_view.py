@@ -62,7 +62,7 @@ def test_status_list_and_show_from_another_terminal(busy: tuple[Store, str]) -> 
     status = runner.invoke(app, ["status", "busy", "--store", busy[1]])
     assert status.exit_code == 0, status.output
     text = status.stdout
-    assert "busy: running, 5/10 experiments (4 completed, 1 failed)" in text
+    assert "busy: idle, 5/10 experiments (4 completed, 1 failed)" in text  # no process runs it
     assert "best min y=3.5 (#2, experiment 2 of 5" in text
     assert "in flight: station-a: #6; station-b: #7" in text
     assert "held for approval: #8" in text and "waiting for results by hand: #9" in text
@@ -290,7 +290,7 @@ def test_progress_with_a_budget_in_cost_is_cost_spent_over_the_budget(costly: tu
     # not 8/120: 120 is only what the cost buys at the cheapest source
     assert snap.spent == pytest.approx(3.5) and snap.used() == pytest.approx(3.5 / 12)
     assert snap.progress_text() == "cost 3.5/12, 8 experiments"
-    assert snap.lines()[0] == "branin-multifidelity: running, cost 3.5/12, 8 experiments (7 completed, 1 failed)"
+    assert snap.lines()[0] == "branin-multifidelity: idle, cost 3.5/12, 8 experiments (7 completed, 1 failed)"
     elapsed, remaining = snap.elapsed_s(), snap.remaining_s()
     assert remaining == pytest.approx(elapsed * 8.5 / 3.5, rel=0.5)  # 8.5 of 12 left at the pace of 3.5
     status = CliRunner().invoke(app, ["status", "branin-multifidelity", "--store", path, "--control", ""])
@@ -309,3 +309,28 @@ def test_progress_with_a_budget_in_cost_is_cost_spent_over_the_budget(costly: tu
     view("trial_completed", {"campaign": "branin-multifidelity", "trial": 9, "values": {"y": 2.0}, "finished": 9,
                              "spent": 4.5, "best": {"trial": 9, "values": {"y": 2.0}}})
     assert plain.getvalue().splitlines() == ["[cost 4.5/12, 9] experiment 9: y=2; best y=2 (#9)"]
+
+
+def test_status_says_running_only_while_a_process_runs_the_campaign(busy: tuple[Store, str]) -> None:
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom closedloop.store import Store\n"
+         "Store(sys.argv[1]).claim('busy')\nprint('held', flush=True)\ntime.sleep(120)\n", busy[1]],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert Snapshot.from_store(busy[0], "busy").status == "running"
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert Snapshot.from_store(busy[0], "busy").status == "idle"
+
+
+def test_an_export_of_a_campaign_without_trials_keeps_its_header(tmp_path: Path) -> None:
+    db = tmp_path / "empty.db"
+    Store(db).open_campaign(branin_campaign(name="empty", experiments=10, backend="sobol"))
+    result = CliRunner().invoke(app, ["export", "empty", "--store", str(db), "-o", "-"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().split(",")[:5] == ["trial", "status", "x1", "x2", "y"]
