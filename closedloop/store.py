@@ -135,6 +135,13 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+class _Unheld:
+    """A hold on a campaign that no process ever held: nothing to let go of."""
+
+    def close(self) -> None:
+        pass
+
+
 class _AdvisoryHold:
     """A PostgreSQL session-level advisory lock and the connection that holds it."""
 
@@ -257,15 +264,16 @@ class Store:
         with _claims_lock:
             if (self.location, campaign) in _claims:
                 return True
-            handle = self._take(campaign)
+            handle = self._take(campaign, create=False)
         if handle is None or handle is False:
             return None if handle is None else True
         handle.close()
         return False
 
-    def _take(self, campaign: str) -> Any:
+    def _take(self, campaign: str, create: bool = True) -> Any:
         """The operating system's hold on ``campaign`` (an object with ``close``), None where this kind of
-        store has none, False where another process holds it."""
+        store has none, False where another process holds it. Without ``create`` nothing is written (a
+        status read from another terminal): a campaign no process ever held there is free."""
         digest = hashlib.sha256(campaign.encode()).digest()
         if self.engine.dialect.name == "postgresql":
             connection = self.engine.connect()
@@ -282,13 +290,17 @@ class Store:
         except ImportError:  # not a POSIX system: no hold
             return None
         folder = Path(database + ".claims")
+        if not create and not (folder / digest.hex()[:24]).exists():
+            return _Unheld()
         folder.mkdir(parents=True, exist_ok=True)
-        handle = open(folder / digest.hex()[:24], "a+")  # noqa: SIM115 - held open until release
+        handle = open(folder / digest.hex()[:24], "a+" if create else "r")  # noqa: SIM115 - held open until release
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             handle.close()
             return False
+        if not create:
+            return handle
         handle.seek(0)
         handle.truncate()
         handle.write(f"{campaign}\npid {os.getpid()}\n")
