@@ -273,6 +273,7 @@ class ProgressView:
         self._lock = threading.Lock()
         self._read_at = 0.0
         self._dirty = False
+        self._planner_errors: dict[str, str] = {}  # the last one shown, per campaign
 
     def __enter__(self) -> ProgressView:
         if self.live_mode:
@@ -310,6 +311,20 @@ class ProgressView:
                 self.snapshots[campaign.name] = snap
 
     def __call__(self, kind: str, details: dict[str, Any]) -> None:
+        if kind in ("planner_error", "model_updated"):
+            # the planner tries again every second: say so once, not once a second, until it has recovered
+            name = details.get("campaign", self.campaigns[0].name)
+            error = details.get("error") if kind == "planner_error" else None
+            if error and self._planner_errors.get(name) != error:
+                prefix = f"{name}: " if len(self.campaigns) > 1 else ""
+                self.console.print(f"{prefix}the planner failed ({error}); it tries again every second "
+                                   "('closedloop run -v' logs the traceback)", highlight=False, markup=False,
+                                   soft_wrap=True)
+            if error:
+                self._planner_errors[name] = error
+            else:
+                self._planner_errors.pop(name, None)
+            return
         if self.live_mode:
             self._dirty = True
             notice = _notice(kind, details)

@@ -334,3 +334,15 @@ def test_an_export_of_a_campaign_without_trials_keeps_its_header(tmp_path: Path)
     result = CliRunner().invoke(app, ["export", "empty", "--store", str(db), "-o", "-"])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip().split(",")[:5] == ["trial", "status", "x1", "x2", "y"]
+
+
+def test_a_failing_planner_is_said_once_until_it_recovers() -> None:
+    out = io.StringIO()
+    view = ProgressView(branin_campaign(name="p", experiments=10, backend="sobol"), None,
+                        Console(file=out, force_terminal=False, width=200))
+    for _ in range(3):
+        view("planner_error", {"campaign": "p", "error": "ValueError: Overflow when unpacking long long"})
+    view("model_updated", {"campaign": "p", "generator": "sobol"})
+    view("planner_error", {"campaign": "p", "error": "ValueError: Overflow when unpacking long long"})
+    lines = out.getvalue().strip().splitlines()
+    assert len(lines) == 2 and all("the planner failed (ValueError: Overflow" in line for line in lines), lines
