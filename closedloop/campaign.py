@@ -1118,16 +1118,18 @@ def _infeasible(parameters: Mapping[str, Any], constraints: list[LinearConstrain
         integrality.append(1 if isinstance(p, IntegerParameter) else 0)
     a_ub, b_ub, a_eq, b_eq = [], [], [], []
     for c in constraints:
-        row = [c.coefficients.get(n, 0.0) for n in names]
+        # each row over its largest coefficient: HiGHS called "1e15 * x1 <= 1e16" (x1 <= 10) infeasible
+        scale = max(abs(c.coefficients.get(n, 0.0)) for n in names) or 1.0
+        row = [c.coefficients.get(n, 0.0) / scale for n in names]
         if c.op == "<=":
             a_ub.append(row)
-            b_ub.append(c.rhs)
+            b_ub.append(c.rhs / scale)
         elif c.op == ">=":
             a_ub.append([-v for v in row])
-            b_ub.append(-c.rhs)
+            b_ub.append(-c.rhs / scale)
         else:
             a_eq.append(row)
-            b_eq.append(c.rhs)
+            b_eq.append(c.rhs / scale)
     result = linprog(
         np.zeros(len(names)),
         A_ub=np.array(a_ub) if a_ub else None,

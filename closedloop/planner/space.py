@@ -84,7 +84,7 @@ class Space:
         self.columns = [Column(name, i) for i, name in enumerate(tunable)]
         self.names = [c.name for c in self.columns]
         self.dim = len(self.columns)
-        self.constraints: list[LinearConstraint] = campaign.linear_constraints
+        self.constraints: list[LinearConstraint] = [_well_scaled(c) for c in campaign.linear_constraints]
         constrained = {n for c in self.constraints for n in c.coefficients}
         # a log scale would make a linear constraint nonlinear in the encoded column
         self.linear_override = {n for n in constrained if _is_log(self.parameters[n])}
@@ -508,6 +508,16 @@ class Space:
         if self._milp(middle) is None and self._milp(middle, exact=False) is None:
             raise PlannerError("constraints: no combination of allowed integer/discrete values satisfies " +
                                "; ".join(c.text for c in self.constraints))
+
+
+def _well_scaled(constraint: LinearConstraint) -> LinearConstraint:
+    """``constraint`` over its largest coefficient where that is far from 1: the solvers hold absolute
+    tolerances, and HiGHS found no point satisfying ``1e15 * x1 + 1e15 * x2 <= 5e15`` (``x1 + x2 <= 5``)."""
+    largest = max(abs(a) for a in constraint.coefficients.values())
+    if 1e-3 <= largest <= 1e3:
+        return constraint
+    return LinearConstraint({n: a / largest for n, a in constraint.coefficients.items()}, constraint.op,
+                            constraint.rhs / largest, constraint.text)
 
 
 # integers with more values than this are searched as continuous columns (see the module docstring)

@@ -639,3 +639,12 @@ def test_an_integer_of_a_billion_values_is_searched_without_listing_them() -> No
     planner = make_planner(c)
     run(planner, lambda p: {"y": (p["n"] / 1e9 - 0.3) ** 2 + p["x"]}, 7)
     assert all(isinstance(r.parameters["n"], int) and 0 <= r.parameters["n"] <= 10**9 for r in planner.log.results)
+
+
+def test_a_constraint_written_in_large_units_is_the_constraint_it_means() -> None:
+    c = campaign("x1: {type: continuous, bounds: [-5, 10]}\nx2: {type: continuous, bounds: [0, 15]}",
+                 extra='constraints: ["1e15 * x1 + 1e15 * x2 <= 5e15"]', experiments=12, initial=4)
+    planner = make_planner(c)
+    run(planner, lambda p: {"y": (p["x1"] - 1) ** 2 + (p["x2"] - 3) ** 2}, 7)
+    (constraint,) = c.linear_constraints
+    assert all(constraint.satisfied(r.parameters, tolerance=0) for r in planner.log.results)
