@@ -263,6 +263,11 @@ def unsupported(campaign: Campaign) -> list[str]:
     if campaign.candidates is not None:
         problems.append("candidates: the ax backend cannot restrict proposals to a candidate table")
     tunable = campaign.tunable_parameters
+    for name, p in tunable.items():
+        # Ax takes mixed choices as text: 1 and "1" were one choice, and the space then ran out early
+        if isinstance(p, CategoricalParameter) and len({str(v) for v in p.values}) < len(p.values):
+            problems.append(f"parameters.{name}: the ax backend reads choices as text, and {p.values} has two "
+                            "that read alike")
     for i, c in enumerate(campaign.linear_constraints):
         if c.op == "==":
             problems.append(f"constraints.{i}: the ax backend handles only <= and >= constraints, not {c.text!r}")

@@ -143,6 +143,7 @@ def test_failures_are_marked_failed_and_a_rebuilt_planner_learns_every_result():
         ({'"x1 + x2 <= 12"': '"x1 + d <= 12"'}, "constraints.0"),
         ({'"x1 + x2 <= 12"': '"x1 + r <= 12"'}, "constraints.0"),
         ({"budget:": 'outcome_constraints: ["y <= 3"]\nbudget:'}, "outcome_constraints.0"),
+        ({"values: [a, b, 3]": 'values: [a, b, 3, "3"]'}, "parameters.s: the ax backend reads choices as text"),
     ],
 )
 def test_refuses_what_it_cannot_handle_naming_the_field(replace: dict[str, str], field: str):
