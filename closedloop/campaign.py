@@ -838,7 +838,8 @@ class Campaign(_Model):
             budget += f", stop when {self.budget.stop_when}"
         lines.append(budget)
         lines.append(f"space: {self.describe_space()}")
-        start = f", {self.default_initial_experiments()} initial experiments" if self.planner.backend == "botorch" else ""
+        start = (f", {self.default_initial_experiments()} initial experiments" if self.planner.backend == "botorch"
+                 else "")
         lines.append(f"planner: {self.planner.backend}{start}"
                      + (f", seed {self.planner.seed}" if self.planner.seed is not None else ""))
         ex = self.execution

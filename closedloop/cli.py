@@ -476,7 +476,8 @@ def export(
     if str(target) == "-":
         if format == "parquet":
             _fail("parquet is binary: give --output FILE", EXIT_BAD_INPUT)
-        sys.stdout.write(frame.to_csv(index=False) if format == "csv" else frame.to_json(orient="records", indent=1, double_precision=15))
+        sys.stdout.write(frame.to_csv(index=False) if format == "csv"
+                         else frame.to_json(orient="records", indent=1, double_precision=15))
         return
     if format == "csv":
         frame.to_csv(target, index=False)

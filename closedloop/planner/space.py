@@ -288,10 +288,12 @@ class Space:
         at = {column: k for k, column in enumerate(columns)}
 
         def within(constraints: list) -> list:
-            return [(torch.tensor([at[int(i)] for i in idx], dtype=torch.long), coef, rhs) for idx, coef, rhs in constraints]
+            return [(torch.tensor([at[int(i)] for i in idx], dtype=torch.long), coef, rhs)
+                    for idx, coef, rhs in constraints]
 
         x[:, columns] = get_polytope_samples(
-            n=start + n, bounds=self.bounds()[:, columns], inequality_constraints=within(self.inequality_constraints) or None,
+            n=start + n, bounds=self.bounds()[:, columns],
+            inequality_constraints=within(self.inequality_constraints) or None,
             equality_constraints=within(self.equality_constraints) or None, seed=seed, n_burnin=200, n_thinning=8,
         )[start:]
         return self.snap(x)
