@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -68,7 +69,7 @@ def test_the_closing_summary_names_the_best_experiment_stored_even_when_the_goal
 @pytest.mark.slow
 def test_a_second_run_of_a_campaign_being_run_is_refused_and_the_budget_holds(tmp_path: Path) -> None:
     campaign = (ROOT / "campaigns" / "branin.yaml").read_text().replace("experiments: 30", "experiments: 8").replace(
-        "options: {noise: 0.01, seed: 0}", "options: {noise: 0.01, seed: 0, latency: 0.5}")
+        "options: {noise: 0.01, seed: 0}", "options: {noise: 0.01, seed: 0, latency: 1.5}")  # >= 12 s in all
     (tmp_path / "c.yaml").write_text(campaign)
     first = subprocess.Popen([sys.executable, "-m", "closedloop.cli", "run", "c.yaml"], cwd=tmp_path,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -77,7 +78,7 @@ def test_a_second_run_of_a_campaign_being_run_is_refused_and_the_budget_holds(tm
         for _ in range(600):  # until the first run holds the campaign
             if (tmp_path / "results" / "branin.db.claims").exists() and first.poll() is None:
                 break
-            __import__("time").sleep(0.1)
+            time.sleep(0.1)
         second = closedloop("run", "c.yaml", cwd=tmp_path)
         assert first.poll() is None, "the first run ended before the second started: make it slower"
         assert second.returncode == 1
