@@ -289,11 +289,11 @@ class Store:
             import fcntl
         except ImportError:  # not a POSIX system: no hold
             return None
-        folder = Path(database + ".claims")
-        if not create and not (folder / digest.hex()[:24]).exists():
+        path = Path(database + ".claims") / digest.hex()[:24]
+        if not create and not path.exists():
             return _Unheld()
-        folder.mkdir(parents=True, exist_ok=True)
-        handle = open(folder / digest.hex()[:24], "a+" if create else "r")  # noqa: SIM115 - held open until release
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+" if create else "r")  # noqa: SIM115 - held open until release
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

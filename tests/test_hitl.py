@@ -83,6 +83,12 @@ def test_tell_from_a_csv_checks_every_row_first(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "row 3" in result.stderr and "row 4, column trial: '9'" in result.stderr
     assert Store(db).counts(1) == {"proposed": 3}  # nothing stored
+    twice = tmp_path / "twice.csv"
+    twice.write_text("trial,y\n1,5.0\n3,7\n1,6.0\n")
+    result = cli("tell", "hand", "--csv", str(twice), "--store", db)
+    assert result.exit_code == 1
+    assert "row 4, column trial: trial #1 is also on row 2" in result.stderr
+    assert Store(db).counts(1) == {"proposed": 3}  # a trial named twice: nothing stored either
     good = tmp_path / "good.csv"
     good.write_text("trial,y\n1,3.5\n3,-1e-3\n")
     assert cli("tell", "hand", "--csv", str(good), "--store", db).exit_code == 0
@@ -351,17 +357,6 @@ def test_tell_takes_no_result_for_a_trial_a_station_measures(tmp_path: Path) -> 
     table.write_text(f"trial,y\n1,5.0\n{station_trial.index},-999\n")
     assert cli("tell", "hand", "--csv", str(table), "--store", db).exit_code == 1
     assert store.counts(cid) == {"proposed": 1, "dispatched": 1}  # nothing stored, the station's trial untouched
-
-
-def test_tell_from_a_csv_refuses_a_trial_given_twice_and_stores_nothing(tmp_path: Path) -> None:
-    db = str(tmp_path / "s.db")
-    cli("suggest", str(campaign_file(tmp_path)), "-n", "3", "--store", db)
-    table = tmp_path / "twice.csv"
-    table.write_text("trial,y\n1,5.0\n3,7\n1,6.0\n")
-    result = cli("tell", "hand", "--csv", str(table), "--store", db)
-    assert result.exit_code == 1
-    assert "row 4, column trial: trial #1 is also on row 2" in result.stderr
-    assert Store(db).counts(1) == {"proposed": 3}
 
 
 def test_an_output_given_twice_is_refused_not_silently_the_last(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from closedloop.cli import app
 from closedloop.events import encode_event
 from closedloop.store import Store, TrialStatus
-from closedloop.view import ProgressView, Snapshot, trial_records, watch, watch_events
+from closedloop.view import ProgressView, Snapshot, trial_columns, trial_records, watch, watch_events
 from tests.conftest import branin_campaign
 
 
@@ -77,6 +77,7 @@ def test_status_list_and_show_from_another_terminal(busy: tuple[Store, str]) -> 
 
 def test_export_in_every_format_reads_back_the_same_table(busy: tuple[Store, str], tmp_path: Path) -> None:
     expected = pd.DataFrame(trial_records(busy[0], "busy"))
+    assert list(expected.columns) == trial_columns(busy[0].campaign("busy"))  # the header an empty export keeps
     runner = CliRunner()
     for fmt, read in (("csv", pd.read_csv), ("json", pd.read_json), ("parquet", pd.read_parquet)):
         out = tmp_path / f"busy.{fmt}"

@@ -112,10 +112,8 @@ class PlannerGenerator(Generator):
                 if identifier not in self._outstanding or identifier in identifiers:
                     raise ValueError(f"_id {identifier!r} was not suggested by this generator or was already ingested")
                 identifiers.add(identifier)
-            missing = [name for name in self.campaign.parameters if name not in point]
-            if missing:
-                raise ValueError(f"a point has no value for {', '.join(missing)}")
-            parameters = {name: point[name] for name in self.campaign.parameters}
+            # one missing is the planner's to refuse (its ingest checks every result), as a ValueError below
+            parameters = {name: point[name] for name in self.campaign.parameters if name in point}
             values: dict[str, float] | None = {}
             for name in self.campaign.outputs:
                 value = point.get(name)
