@@ -43,7 +43,7 @@ from closedloop.keys import ClientKeys
 from drivers.binding import InstrumentBinding, load_binding
 from drivers.documents import DocumentCollector
 from drivers.plans import experiment_plan
-from drivers.readout import outputs_from_events
+from drivers.readout import failure_reason, outputs_from_events
 
 log = logging.getLogger("closedloop.worker")
 
@@ -312,9 +312,11 @@ class StationWorker:
         except Exception as exc:  # every failure is reported with its error, never swallowed
             # the run it opened, if it got that far, so the store can point at what the hardware did
             opened = (documents.start or {}).get("uid")
-            log.warning("trial %s of %s failed (run %s): %s", trial, assignment.campaign, opened or "not opened", exc)
+            # bluesky wraps a device's fault as FailedStatus(DeviceStatus(...)), which names no cause
+            error = failure_reason(exc)
+            log.warning("trial %s of %s failed (run %s): %s", trial, assignment.campaign, opened or "not opened", error)
             # and its documents: a failure is when a scientist most needs to see what the hardware did
-            message = protocol.Failure(trial_id=trial, assignment=job.id, error=f"{type(exc).__name__}: {exc}",
+            message = protocol.Failure(trial_id=trial, assignment=job.id, error=error,
                                        run_uid=str(opened) if opened else None, duration_s=time.monotonic() - started,
                                        documents=_carried(documents) if opened else None,
                                        unavailable=isinstance(exc, InstrumentUnavailable) and not opened)

@@ -77,17 +77,18 @@ def failure_reason(exc: BaseException) -> str:
     """A failed experiment's cause in words, looking through bluesky's wrappers.
 
     A device fault reaches ``RE(...)`` as ``FailedStatus(status)`` whose text only says the status
-    failed; the device's own error (``status.exception()``, also the ``__cause__``) says why.
+    failed; the device's own error (``status.exception()``, also the ``__cause__``) says why. Other
+    errors are reported as they are: a ``DeviceError`` raised ``from`` a device's ``LimitError``
+    already names the parameter and the limit, which its cause alone would not.
     """
     seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
+    current = exc
+    while type(current).__name__ == "FailedStatus" and id(current) not in seen:
         seen.add(id(current))
-        status = current.args[0] if type(current).__name__ == "FailedStatus" and current.args else None
+        status = current.args[0] if current.args else None
         inner = status.exception() if status is not None and hasattr(status, "exception") else None
         nxt = inner or current.__cause__
         if nxt is None:
             break
         current = nxt
-    assert current is not None
     return f"{type(current).__name__}: {current}"

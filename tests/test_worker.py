@@ -156,3 +156,23 @@ def test_a_station_beats_at_least_as_often_as_the_daemon_asks(tmp_path: Path) ->
         daemon.close()
     assert "station_lost" not in events
     assert store.counts(store.campaign_row("beats").id) == {"completed": 2}
+
+
+@pytest.mark.slow
+def test_a_device_fault_is_stored_with_the_devices_own_error_and_its_runs_documents(tmp_path: Path) -> None:
+    from closedloop.daemon import run_embedded
+    from drivers.documents import DocumentCollector
+
+    # bluesky raises a device's fault as FailedStatus, whose text ("DeviceStatus(device=y, ...)") names no cause
+    campaign = Campaign.from_yaml_text(branin_campaign("faulty", 2, options={"failure_rate": 1.0, "seed": 0}))
+    store = Store(tmp_path / "s.db")
+    run = run_embedded(campaign, store, outbox=str(tmp_path / "o.db"))
+    trials = store.trials(run.id)
+    assert [t.status for t in trials] == ["failed", "failed"]
+    for trial in trials:
+        assert trial.error is not None and trial.error.startswith("DeviceError: y: simulated device fault at {"), trial.error
+        (run_uid,) = trial.run_uids
+        documents = DocumentCollector.from_jsonl(store.documents(run_uid) or "")
+        assert documents.start is not None and documents.start["trial_id"] == trial.id
+        assert documents.stop is not None and documents.stop["exit_status"] == "fail"
+    store.close()

@@ -96,6 +96,14 @@ def test_a_device_fault_fails_the_run_and_leaves_the_engine_idle(RE, docs):
     assert RE.state == "idle"
 
 
+def test_failure_reason_keeps_an_error_that_already_names_the_parameter_and_limit():
+    # a pre-flight refusal is a DeviceError raised from the device's LimitError: its cause alone names no parameter
+    binding = Branin()
+    with pytest.raises(DeviceError) as raised:
+        binding.check_limits({"x1": 20.0, "x2": 1.0})
+    assert failure_reason(raised.value).startswith("DeviceError: x1=20.0 refused by x1: ")
+
+
 def test_failing_branin_fails_only_inside_its_unknown_region(RE, docs):
     binding = FailingBranin()
     RE(experiment_plan(binding, {"x1": 3.14159, "x2": 2.275}, MD), docs)
