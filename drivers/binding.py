@@ -14,7 +14,7 @@ Example:
     >>> binding.check_limits({"x": 20.0})
     Traceback (most recent call last):
     ...
-    closedloop.errors.DeviceError: x: 20.0 is 20 away from the present 0, more than the allowed step 5
+    closedloop.errors.DeviceError: x: 20 is 20 away from the present 0, more than the allowed step 5
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import asyncio
 import importlib
 import inspect
 import math
+import numbers
 import sys
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
@@ -212,10 +213,12 @@ class InstrumentBinding:
                 raise DeviceError(f"instrument {self.name!r} has no device for {', '.join(sorted(unknown))}")
         for name, value in setpoints.items():
             device = self.positioners.get(name)
-            if device is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+            if device is not None and not _finite_number(value):
                 raise DeviceError(f"{name}={value!r} is not a finite number for positioner {_device_name(device)}")
+            # A campaign proposes only numbers and text; anything else (a list, a mapping, true, NaN) came from
+            # a corrupt or hostile message, and a plain Signal would take it without a word.
+            if not (isinstance(value, str) or _finite_number(value)):
+                raise DeviceError(f"{name}={value!r} is neither a finite number nor text; no device is given it")
         for name, value in setpoints.items():
             if name in self.limits:
                 low, high = self.limits[name]
@@ -266,6 +269,16 @@ def _run_check(checker: Callable[[Any], Any], value: Any) -> None:
         close = getattr(result, "close", None)
         if close is not None:
             close()
+
+
+def _finite_number(value: Any) -> bool:
+    """A real number (not a bool) that is finite; an integer too large for a float is not."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def _not_connected(exc: Exception) -> bool:

@@ -9,9 +9,11 @@ import pytest
 from bluesky import RunEngine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from ophyd import Signal
 from ophyd.utils.errors import LimitError
 
 from closedloop.errors import DeviceError
+from drivers.binding import InstrumentBinding
 from drivers.plans import experiment_plan
 from simulators.surfaces import Branin
 
@@ -55,3 +57,52 @@ def test_the_device_itself_refuses_when_the_preflight_is_bypassed(value):
         with pytest.raises(LimitError):
             _RE(bps.mv(axis, value))
         assert axis.position == start
+
+
+class RecordingSignal(Signal):
+    """A plain ophyd Signal, which takes any value: it keeps every value that reached its ``set``."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.set_calls: list[object] = []
+
+    def set(self, value, **kwargs):  # noqa: A003 - ophyd's verb
+        self.set_calls.append(value)
+        return super().set(value, **kwargs)
+
+
+# what a corrupt or hostile assign may carry as a setpoint: JSON has lists, mappings, booleans, huge integers
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(10**400), max_value=10**400) | st.text(max_size=5)
+    | st.floats(allow_nan=True, allow_infinity=True),
+    lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=3), inner, max_size=2),
+    max_leaves=4,
+)
+
+
+def campaign_value(value: object) -> bool:
+    """What a campaign can propose for a setting: text, or a finite number that is not a boolean."""
+    if isinstance(value, str):
+        return True
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(value=json_values)
+def test_a_plain_signal_is_given_only_values_a_campaign_could_propose(value):
+    gas = RecordingSignal(name="gas", value="N2")
+    binding = InstrumentBinding(name="plain", positioners={}, signals={"gas": gas}, detectors=[gas],
+                                outputs={"y": "gas"})
+    if campaign_value(value):
+        _RE(experiment_plan(binding, {"gas": value}, {"trial_id": 0}))
+        assert gas.set_calls == [value]
+    else:
+        with pytest.raises(DeviceError, match="gas="):
+            _RE(experiment_plan(binding, {"gas": value}, {"trial_id": 0}))
+        assert gas.set_calls == []
+    assert _RE.state == "idle"
