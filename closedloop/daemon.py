@@ -55,6 +55,9 @@ _HELD = getattr(TrialStatus, "held", None)  # approval mode (people in the loop)
 _WAITING = [TrialStatus.proposed.value] + ([_HELD.value] if _HELD is not None else [])
 # assigns remembered (their station and trial), so a late failure can show it answers one this daemon sent
 _SENT_KEPT = 100_000
+# how long a daemon whose campaigns are done still waits for the answer of a run it cancelled (a timeout):
+# the answer carries the aborted run's documents, which would otherwise never be kept
+OWED_GRACE_S = 10.0
 # an instrument its station could not reach gets none of its trials for this long, doubled after each failure
 # in a row up to the longest: a powered-off robot is tried again soon, one down for the night now and then
 REST_FIRST_S = 2.0
@@ -519,6 +522,8 @@ class Daemon:
         # assigns sent (msg_id -> trial, station), the latest _SENT_KEPT: a late failure is taken as the record
         # of a run only when it answers one of them, so no station can attach runs to a trial not given to it
         self._sent: dict[str, tuple[int, str]] = {}
+        # (trial id, station name) -> monotonic deadline: runs cancelled on a station that has not yet answered
+        self._owed: dict[tuple[int, str], float] = {}
         self._session = 0
         self._seq = 0
         self._stop_requested = False
@@ -597,7 +602,7 @@ class Daemon:
                         if live:
                             log.warning("stopping with %d trials in flight; the next start reconciles them", len(live))
                         break
-                elif self.done():
+                elif self.done() and not self._owing():
                     break
                 self.step(timeout_ms=50)
         finally:
@@ -608,6 +613,14 @@ class Daemon:
                 if self._campaign_done(run):
                     self.store.set_campaign_status(run.id, "completed")
                     self._emit("campaign_finished", run, best=_result_dict(run.best), finished=run.finished)
+
+    def _owing(self) -> bool:
+        """Whether a station still owes the answer (and documents) of a run cancelled here, and may give it."""
+        now, connected = time.monotonic(), {station.name for station in self.stations.values()}
+        for key, deadline in list(self._owed.items()):
+            if now > deadline or key[1] not in connected:
+                del self._owed[key]
+        return bool(self._owed)
 
     def _release_campaigns(self) -> None:
         for name in self._claimed:
@@ -721,6 +734,7 @@ class Daemon:
         for identity, result in batch:
             flight = self.in_flight.get(result.trial_id)
             station = self.stations[identity]
+            self._owed.pop((result.trial_id, station.name), None)
             if not ((flight is not None and flight.station == station.name) or result.trial_id in station.declared):
                 # only the station a trial was given to (or one that re-registered holding its result) may report it
                 self._drop(identity, f"result for trial {result.trial_id}, which station {station.name} does not hold")
@@ -943,6 +957,7 @@ class Daemon:
     def _on_failure(self, identity: bytes, failure: protocol.Failure) -> None:
         flight = self.in_flight.get(failure.trial_id)
         station = self.stations[identity]
+        self._owed.pop((failure.trial_id, station.name), None)
         if flight is None or flight.station != station.name or not flight.answered_by(failure):
             # late (timed out, cancelled, re-queued) or unknown: the store already says what happened, except
             # for the run the station had opened (a timed-out run reports its failure once aborted)
@@ -1048,6 +1063,7 @@ class Daemon:
             for station in self.stations.values():
                 if flight.trial_id in station.running:
                     self._send(station.identity, protocol.Cancel(trial_id=flight.trial_id, reason="timed out"))
+                    self._owed[(flight.trial_id, station.name)] = now + OWED_GRACE_S
             self._fail(run, flight, f"timed out after {run.campaign.execution.timeout} s", retry=True)
 
     # -- dispatch -------------------------------------------------------------------------------
