@@ -52,7 +52,8 @@ class Outbox:
     """Results and failures not yet acknowledged by the daemon, on disk (SQLite, synchronous commits)."""
 
     def __init__(self, path: str | Path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a commit survives a crash of this process (kill -9); only an OS crash or power
@@ -116,10 +117,22 @@ def connect_station(context: zmq.Context, endpoint: str, name: str, keys: Client
     return sock
 
 
-def _carried(documents: DocumentCollector) -> str | None:
-    """A run's documents as JSON lines for its result or failure, or None past the message's share."""
+def _carried(documents: DocumentCollector, outbox: Path) -> str | None:
+    """A run's documents as JSON lines for its result or failure.
+
+    Past the message's share (an image detector's events) they cannot travel: they are kept on this
+    station's disk instead, beside the outbox (``OUTBOX.documents/RUN_UID.jsonl``), and the log says where.
+    """
     record = documents.to_jsonl()
-    return record if 0 < len(record) <= protocol.MAX_MESSAGE_BYTES // 2 else None
+    if len(record) <= protocol.MAX_MESSAGE_BYTES // 2:
+        return record or None
+    uid = (documents.start or {}).get("uid", "unknown")
+    kept = outbox.with_name(outbox.name + ".documents") / f"{uid}.jsonl"
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_text(record)
+    log.warning("run %s: its documents (%d bytes) are more than a message carries (%d); kept on this station at %s",
+                uid, len(record), protocol.MAX_MESSAGE_BYTES // 2, kept)
+    return None
 
 
 def _is_result(payload: bytes) -> bool:
@@ -318,7 +331,7 @@ class StationWorker:
             # and its documents: a failure is when a scientist most needs to see what the hardware did
             message = protocol.Failure(trial_id=trial, assignment=job.id, error=error,
                                        run_uid=str(opened) if opened else None, duration_s=time.monotonic() - started,
-                                       documents=_carried(documents) if opened else None,
+                                       documents=_carried(documents, self.outbox.path) if opened else None,
                                        unavailable=isinstance(exc, InstrumentUnavailable) and not opened)
         payload = protocol.encode(message)
         run_uid = message.run_uid if isinstance(message, protocol.ResultMessage) else None
@@ -360,7 +373,7 @@ class StationWorker:
         return protocol.ResultMessage(
             trial_id=assignment.trial_id, assignment=job.id, run_uid=str(uids[-1]), values=values, noise=noise,
             duration_s=time.monotonic() - started, started_at=started_at, finished_at=time.time(),
-            documents=_carried(documents),
+            documents=_carried(documents, self.outbox.path),
         )
 
     def _interrupted(self, job: Job) -> Any:

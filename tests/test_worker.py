@@ -176,3 +176,43 @@ def test_a_device_fault_is_stored_with_the_devices_own_error_and_its_runs_docume
         assert documents.start is not None and documents.start["trial_id"] == trial.id
         assert documents.stop is not None and documents.stop["exit_status"] == "fail"
     store.close()
+
+
+def image_instrument() -> InstrumentBinding:
+    """One axis and a 300 x 300 image detector (about 0.7 MB of documents a run); the output is its mean."""
+    import numpy as np
+    from ophyd.sim import SynSignal
+
+    from drivers.binding import Derived
+    from simulators.devices import LimitedAxis
+
+    x = LimitedAxis(name="x", limits=(0.0, 1.0))
+    image = SynSignal(func=lambda: np.full((300, 300), x.position), name="image")
+    return InstrumentBinding(name="camera", positioners={"x": x}, detectors=[image],
+                             outputs={"y": Derived(keys=("image",), func=lambda a: float(np.mean(a)))})
+
+
+@pytest.mark.slow
+def test_documents_too_large_for_a_message_are_kept_on_the_station_not_dropped(tmp_path: Path) -> None:
+    from closedloop.daemon import run_embedded
+    from drivers.documents import DocumentCollector
+
+    campaign = Campaign.from_yaml_text("""
+name: camera
+parameters: {x: {type: continuous, bounds: [0, 1]}}
+objectives: {y: {goal: minimize}}
+budget: {experiments: 1}
+planner: {backend: sobol, seed: 0}
+instrument: {simulator: "tests.test_worker:image_instrument"}
+""")
+    store = Store(tmp_path / "s.db")
+    run = run_embedded(campaign, store, outbox=str(tmp_path / "o.db"))
+    (trial,) = store.trials(run.id)
+    assert trial.status == "completed"
+    (run_uid,) = trial.run_uids
+    assert store.documents(run_uid) is None  # more than a message may carry to the daemon
+    kept = tmp_path / "o.db.documents" / f"{run_uid}.jsonl"
+    documents = DocumentCollector.from_jsonl(kept.read_text())
+    assert documents.run_uids == [run_uid] and documents.stop is not None
+    assert len(documents.events()[0]["data"]["image"]) == 300
+    store.close()
