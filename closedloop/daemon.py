@@ -480,7 +480,12 @@ class Daemon:
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 500)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted station with the same name takes over
+        # No ROUTER_HANDOVER: with it a second process started under a station's name took the name's connection
+        # each time it (re)connected, re-registered with nothing held, and the trials the first was running were
+        # handed out again and measured twice. A second connection with a name in use is now ignored; the ZMTP
+        # heartbeat frees the name of a station whose host died (a killed process closes its connection at once).
+        self.socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
         self.socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES + 1024)
         self.socket.setsockopt(zmq.RCVHWM, 100_000)
         self.socket.setsockopt(zmq.SNDHWM, 100_000)

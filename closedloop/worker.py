@@ -482,7 +482,9 @@ class StationWorker:
                         sock.send(self._hello())
                     last_sent = now
                 if now - last_heard > 5 * self.heartbeat_s:
-                    log.warning("no word from the daemon for %.1f s; reconnecting", now - last_heard)
+                    # the daemon ignores a connection under a name another process holds: say so, not just "silent"
+                    log.warning("no word from the daemon at %s for %.1f s; reconnecting (if it is running, another "
+                                "process may be connected as station %r)", self.endpoint, now - last_heard, self.name)
                     sock.close(linger=0)
                     sock = self._connect()
                     self._session = None
