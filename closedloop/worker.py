@@ -324,7 +324,7 @@ class StationWorker:
             message: protocol.ResultMessage | protocol.Failure = self._measure(job, documents, started, started_at)
         except Exception as exc:  # every failure is reported with its error, never swallowed
             # the run it opened, if it got that far, so the store can point at what the hardware did
-            opened = (documents.start or {}).get("uid")
+            opened = next(iter(documents.run_uids), None)
             # bluesky wraps a device's fault as FailedStatus(DeviceStatus(...)), which names no cause
             error = failure_reason(exc)
             log.warning("trial %s of %s failed (run %s): %s", trial, assignment.campaign, opened or "not opened", error)
@@ -366,6 +366,10 @@ class StationWorker:
             uids = self._interrupted(job)
         if not uids:
             raise DeviceError("the plan opened no run")
+        if len(documents.run_uids) > 1:
+            # one trial is one run: the store keeps one run's documents per trial, and a result read from the
+            # last run alone would hide what the others measured
+            raise DeviceError(f"the plan opened {len(documents.run_uids)} runs; a trial's plan must open exactly one")
         stop = documents.stop
         if stop is not None and stop.get("exit_status") != "success":
             raise DeviceError(f"run ended with {stop.get('exit_status')}: {stop.get('reason')}")

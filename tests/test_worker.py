@@ -216,3 +216,35 @@ instrument: {simulator: "tests.test_worker:image_instrument"}
     assert documents.run_uids == [run_uid] and documents.stop is not None
     assert len(documents.events()[0]["data"]["image"]) == 300
     store.close()
+
+
+def two_run_instrument() -> InstrumentBinding:
+    """Branin whose custom plan measures twice, each time in a run of its own (the docs ask for exactly one)."""
+    from drivers.plans import measure
+
+    def measure_twice(binding: InstrumentBinding, setpoints: dict, md: dict):  # type: ignore[type-arg]
+        yield from measure(binding, setpoints, md)
+        return (yield from measure(binding, setpoints, md))
+
+    binding = Branin()
+    binding.plan = measure_twice
+    return binding
+
+
+@pytest.mark.slow
+def test_a_plan_that_opens_two_runs_fails_and_both_runs_documents_are_kept(tmp_path: Path) -> None:
+    from closedloop.daemon import run_embedded
+    from drivers.documents import DocumentCollector
+
+    campaign = Campaign.from_yaml_text(branin_campaign("two-runs", 1, instrument={
+        "simulator": "tests.test_worker:two_run_instrument"}))
+    store = Store(tmp_path / "s.db")
+    run = run_embedded(campaign, store, outbox=str(tmp_path / "o.db"))
+    (trial,) = store.trials(run.id)
+    # not a result read from the last run alone, with documents the store refused (they open another run)
+    assert trial.status == "failed"
+    assert trial.error == "DeviceError: the plan opened 2 runs; a trial's plan must open exactly one"
+    (first,) = trial.run_uids
+    documents = DocumentCollector.from_jsonl(store.documents(first) or "")
+    assert len(documents.run_uids) == 2 and documents.run_uids[0] == first
+    store.close()
