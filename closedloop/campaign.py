@@ -1282,7 +1282,13 @@ def _import_problems(module_name: str) -> str:
         hint = ""
         missing = exc.name or ""
         parent, _, leaf = missing.rpartition(".")
-        if missing and module_name.startswith(missing):
+        # A lab's own module beside the campaign file: Python's path holds the script's folder, not the working
+        # one, so the import fails there; say so rather than suggest a look-alike module (mylab -> pylab)
+        local = [f for f in (f"{missing}.py", os.path.join(missing, "__init__.py")) if os.path.exists(f)]
+        if missing and missing == module_name.split(".")[0] and local:
+            hint = (f" ({local[0]} is in the working folder, which Python does not search for it: add the folder "
+                    "to PYTHONPATH, e.g. PYTHONPATH=. closedloop ...)")
+        elif missing and module_name.startswith(missing):
             try:
                 import pkgutil
 

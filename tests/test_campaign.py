@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -308,6 +309,18 @@ def test_the_instrument_check_can_be_left_to_the_station() -> None:
     text = BASE.replace("simulator: simulators.surfaces:Branin", "driver: lab_only_module:Robot")
     assert "cannot import 'lab_only_module'" in str(problems_of(text)[0])
     assert Campaign.from_yaml_text(text, check_instrument=False).instrument.driver == "lab_only_module:Robot"
+
+
+def test_a_driver_module_in_the_working_folder_off_the_path_is_named_with_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `closedloop validate` beside the lab's own mylab.py: Python's path has the script's folder, not this one
+    (tmp_path / "spin_lab_driver.py").write_text("def Coater():\n    raise RuntimeError('never called')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    text = BASE.replace("simulator: simulators.surfaces:Branin", "driver: spin_lab_driver:Coater")
+    message = problems_of(text)[0].message
+    assert "spin_lab_driver.py is in the working folder" in message and "PYTHONPATH=." in message
 
 
 def test_a_driver_is_imported_but_never_called(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
