@@ -173,6 +173,15 @@ class InstrumentBinding:
             raise DeviceError(f"instrument {self.name!r}: repeats must be at least 1, got {self.repeats}")
         if self.settle_time < 0 or not math.isfinite(self.settle_time):
             raise DeviceError(f"instrument {self.name!r}: settle_time {self.settle_time} is not a duration")
+        if self.plan is None:
+            # Limits and rules apply by parameter name: one misspelled would guard nothing, and say nothing.
+            named = {"limits": list(self.limits)}
+            named["safety"] = [r.parameter for r in self.safety if isinstance(getattr(r, "parameter", None), str)]
+            for where, names in named.items():
+                stray = sorted(set(names) - set(self.settable))
+                if stray:
+                    raise DeviceError(f"instrument {self.name!r}: {where} names {', '.join(map(repr, stray))}, "
+                                      f"which no device sets (devices: {', '.join(sorted(self.settable)) or 'none'})")
 
     @property
     def settable(self) -> dict[str, Movable]:

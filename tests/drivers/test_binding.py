@@ -1,0 +1,29 @@
+"""The binding's own checks: limits and safety rules must name a parameter some device sets."""
+
+from __future__ import annotations
+
+import pytest
+from ophyd.sim import SynAxis
+
+from closedloop.errors import DeviceError
+from drivers.binding import InstrumentBinding, MaxStep
+from drivers.plans import measure
+
+
+def test_limits_or_a_safety_rule_naming_no_device_are_refused_when_the_binding_is_made() -> None:
+    # SynAxis has no limits of its own: a misspelled key in `limits` left the heater free to go anywhere
+    heater = SynAxis(name="heater")
+    with pytest.raises(DeviceError, match=r"limits names 'temprature', which no device sets \(devices: temperature\)"):
+        InstrumentBinding(name="oven", positioners={"temperature": heater}, detectors=[heater],
+                          outputs={"y": "heater"}, limits={"temprature": (20.0, 150.0)})
+    with pytest.raises(DeviceError, match="safety names 'temp', which no device sets"):
+        InstrumentBinding(name="oven", positioners={"temperature": heater}, detectors=[heater],
+                          outputs={"y": "heater"}, safety=[MaxStep("temp", 20.0)])
+
+
+def test_a_custom_plan_may_limit_parameters_it_sets_itself() -> None:
+    heater = SynAxis(name="heater")
+    binding = InstrumentBinding(name="oven", positioners={"temperature": heater}, detectors=[heater],
+                                outputs={"y": "heater"}, plan=measure, limits={"dwell": (0.0, 60.0)})
+    with pytest.raises(DeviceError, match=r"dwell=90.0 outside the instrument's limits \[0, 60\]"):
+        binding.check_limits({"temperature": 50.0, "dwell": 90.0})
