@@ -1406,20 +1406,29 @@ def _instrument_problems(campaign: Campaign, instrument: Instrument, at: str) ->
                                      + (f" (did you mean {close[0]!r}?)" if close else "")
                                      + f"; it has: {', '.join(sorted(axes)) or 'none'}"))
                 continue
-            problems.extend(_limit_problems(name, p, device))
+            limits = getattr(binding, "limits", None)
+            problems.extend(_limit_problems(name, p, device, limits.get(name) if isinstance(limits, Mapping) else None))
     return problems
 
 
-def _limit_problems(name: str, p: Any, device: Any) -> list[tuple[str, str]]:
-    check = getattr(device, "check_value", None)
-    if check is None:
-        return []
+def _limit_problems(name: str, p: Any, device: Any, limit: tuple[float, float] | None = None) -> list[tuple[str, str]]:
+    """What the instrument would refuse of a parameter's range: the binding's own ``limits``, then the device's."""
     if isinstance(p, (ContinuousParameter, IntegerParameter)):
         field, values = "bounds", list(p.bounds)
     elif isinstance(p, (DiscreteParameter, CategoricalParameter)):
         field, values = "values", list(p.values)
     else:
         field, values = "value", [p.value]
+    if limit is not None:  # enforced by the engine for devices with no limits of their own (a SynAxis, a Signal)
+        low, high = limit
+        for v in values:
+            if not (isinstance(v, (int, float)) and low <= v <= high):
+                shown = f"{v:g}" if isinstance(v, (int, float)) else repr(v)
+                return [(f"parameters.{name}.{field}",
+                         f"{shown} is refused by the instrument: outside its limits [{low:g}, {high:g}]")]
+    check = getattr(device, "check_value", None)
+    if check is None:
+        return []
     for v in values:
         try:
             check(v)

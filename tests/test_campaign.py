@@ -323,6 +323,22 @@ def test_a_driver_module_in_the_working_folder_off_the_path_is_named_with_the_fi
     assert "spin_lab_driver.py is in the working folder" in message and "PYTHONPATH=." in message
 
 
+def test_a_simulators_own_limits_are_checked_against_the_bounds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a SynAxis has no limits; the binding's `limits` are the instrument's, enforced by the engine at each trial
+    (tmp_path / "limited_oven.py").write_text(
+        "from ophyd.sim import SynAxis\nfrom drivers.binding import InstrumentBinding\n"
+        "def Oven():\n    t = SynAxis(name='t')\n"
+        "    return InstrumentBinding(name='oven', positioners={'x1': t, 'x2': SynAxis(name='u')}, detectors=[t],\n"
+        "                             outputs={'y': 't'}, limits={'x1': (-5.0, 5.0)})\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("sys.dont_write_bytecode", True)
+    text = BASE.replace("simulator: simulators.surfaces:Branin", "simulator: limited_oven:Oven")
+    (problem,) = problems_of(text)
+    assert problem.path == "parameters.x1.bounds"
+    assert problem.message == "10 is refused by the instrument: outside its limits [-5, 5]"
+
+
 def test_a_driver_is_imported_but_never_called(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "lab_driver.py").write_text(
         "CALLS = []\ndef Robot(*, port, speed=1.0):\n    CALLS.append(port)\n    raise RuntimeError('hardware touched')\n"
