@@ -527,6 +527,7 @@ class Daemon:
         # assigns sent (msg_id -> trial, station), the latest _SENT_KEPT: a late failure is taken as the record
         # of a run only when it answers one of them, so no station can attach runs to a trial not given to it
         self._sent: dict[str, tuple[int, str]] = {}
+        self._given: dict[str, set[int]] = {}  # station name -> trials this daemon has assigned to it
         # (trial id, station name) -> monotonic deadline: runs cancelled on a station that has not yet answered
         self._owed: dict[tuple[int, str], float] = {}
         self._session = 0
@@ -874,15 +875,20 @@ class Daemon:
                 # dispatched to this station, which does not have it: the assign was lost (or the station
                 # restarted before it ran): it never ran, so it goes back to the queue
                 self._requeue_missing(flight, f"station {hello.station} re-registered without it")
-        for trial_id in holds - set(station.running):
+        # only trials this daemon knows (open here, or once given to this station) are answered: the list is the
+        # station's word, and a cancel for each of 100 000 listed ids held the loop for seconds
+        known = set(self.in_flight).union(self._given.get(hello.station, ()), *(r.queue for r in self.runs.values()))
+        for trial_id in (holds - set(station.running)) & known:
             if self._adopt(trial_id, station):
                 continue
             # not this station's any more (run elsewhere, finished): it must not run here; a result
             # already in its outbox still arrives and is stored or acknowledged on its merits
             self._send(identity, protocol.Cancel(trial_id=trial_id, reason="not assigned to this station"))
         self.stations[identity] = station
-        log.info("station %s registered (session %d, capacity %d, instruments %s, campaigns %s, holds %s)",
-                 hello.station, station.session, hello.capacity, hello.instruments, hello.campaigns, sorted(holds))
+        shown = sorted(holds)[:20]  # a hello may list 100 000: one log line each must not fill the rotated logs
+        log.info("station %s registered (session %d, capacity %d, instruments %s, campaigns %s, holds %s%s)",
+                 hello.station, station.session, hello.capacity, str(hello.instruments)[:500],
+                 str(hello.campaigns)[:500], shown, f" and {len(holds) - len(shown)} more" if len(holds) > 20 else "")
         self._send(identity, protocol.Welcome(heartbeat_s=self.heartbeat_s, session=station.session))
         if previous is None:
             self._emit_daemon("station_joined", station=hello.station, capacity=hello.capacity)
@@ -924,6 +930,12 @@ class Daemon:
 
     def _on_heartbeat(self, identity: bytes, heartbeat: protocol.Heartbeat) -> None:
         station = self.stations[identity]
+        if len(heartbeat.running) > station.capacity + station.prefetch:
+            # it cannot run more than it was given; each listed trial not its own is answered with a cancel, and
+            # five heartbeats listing 100 000 held the loop 14 s (stations are lost after 5) and logged 400 000 lines
+            self._drop(identity, f"heartbeat lists {len(heartbeat.running)} running trials; station {station.name} "
+                                 f"has capacity {station.capacity}")
+            return
         ping = protocol.Heartbeat()
         if self._send(identity, ping):
             station.pings[ping.msg_id] = time.monotonic()
@@ -1224,6 +1236,7 @@ class Daemon:
             return False
         self.stats["dispatched"] += 1
         self._sent[assignment.msg_id] = (trial.id, station.name)
+        self._given.setdefault(station.name, set()).add(trial.id)
         if len(self._sent) > _SENT_KEPT:
             del self._sent[next(iter(self._sent))]
         self._transition(run, trial.index, trial.id, "dispatched", station=station.name, attempt=trial.attempts,
