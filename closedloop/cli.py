@@ -302,27 +302,32 @@ def schema() -> None:
 _STORE_HELP = "store file or URL (default results/NAME.db, else the results/*.db that holds the campaign)"
 
 
-def _find_store(campaign: str | None, store: str | None) -> tuple[Any, str | None]:
-    """The store to read and the campaign's name in it; never creates a store file by looking for one."""
+def _find_store(campaign: str | None, store: str | None, read_only: bool = False) -> tuple[Any, str | None]:
+    """The store to read and the campaign's name in it; never creates a store file by looking for one, and with
+    ``read_only`` (the commands that only look) writes nothing to it."""
     from closedloop.errors import StoreError
     from closedloop.store import Store
 
     if store is not None:
         if "://" not in store and not Path(store).exists():
             raise StoreError(f"no store {store}")
-        return Store(store), campaign
+        return Store(store, read_only=read_only), campaign
     if campaign is None:
         found = sorted(Path("results").glob("*.db"))
         if len(found) != 1:
             raise StoreError("give --store: " + (f"{len(found)} stores in results/" if found else "no results/*.db here"))
-        return Store(found[0]), None
+        return Store(found[0], read_only=read_only), None
     candidates = [Path("results") / f"{campaign}.db"] + sorted(Path("results").glob("*.db"))
     for path in dict.fromkeys(candidates):
         if path.exists():
-            the_store = Store(path)
-            if any(row.name == campaign for row in the_store.campaigns()):
-                return the_store, campaign
-            the_store.close()
+            try:
+                the_store = Store(path, read_only=True)
+                held = any(row.name == campaign for row in the_store.campaigns())
+                the_store.close()
+            except StoreError:  # another program's database in results/: not where the campaign is
+                continue
+            if held:
+                return Store(path, read_only=read_only), campaign
     raise StoreError(f"no campaign {campaign!r} in results/*.db; give --store")
 
 
@@ -353,7 +358,7 @@ def status(
     """Where a campaign stands: progress, experiments in flight, best so far, last results."""
     from closedloop.view import Snapshot, daemon_lines
 
-    the_store, name = _find_store(campaign, store)
+    the_store, name = _find_store(campaign, store, read_only=True)
     names = _campaign_names(the_store, name)
     if not names:
         _fail(f"no campaign in {the_store.location}")
@@ -382,7 +387,7 @@ def watch(
     from closedloop.view import daemon_events_endpoint, watch_events
     from closedloop.view import watch as follow
 
-    the_store, name = _find_store(campaign, store)
+    the_store, name = _find_store(campaign, store, read_only=True)
     names = _campaign_names(the_store, name)
     if len(names) != 1:
         _fail(f"name the campaign to watch: {', '.join(names) or 'none'} in {the_store.location}")
@@ -401,6 +406,7 @@ def list_campaigns(store: Optional[list[str]] = typer.Option(None, help="stores 
     """The campaigns in the stores: status, experiments done, best so far."""
     from rich.table import Table
 
+    from closedloop.errors import StoreError
     from closedloop.store import Store
     from closedloop.view import Snapshot
 
@@ -413,14 +419,34 @@ def list_campaigns(store: Optional[list[str]] = typer.Option(None, help="stores 
     for location in locations:
         if "://" not in location and not Path(location).exists():
             _fail(f"no store {location}")
-        the_store = Store(location)
+        try:
+            the_store = Store(location, read_only=True)
+        except StoreError as exc:
+            if store:
+                raise
+            # another program's database in results/ does not stop the listing of the stores there
+            errors.print(f"skipped {location}: {exc}", highlight=False, markup=False, soft_wrap=True)
+            continue
         for row in the_store.campaigns():
             snap = Snapshot.from_store(the_store, row.name, recent=0)
             best = (f"{snap.objective}={snap.best.values[snap.objective]:.6g} (#{snap.best.index})"
                     if snap.best and snap.best.values else "-")
             started = f"{snap.started.astimezone():%Y-%m-%d %H:%M}" if snap.started else "-"
-            table.add_row(row.name, row.status, snap.progress_text(), best, started, location)
-    console.print(table, width=None if console.is_terminal else 200)
+            # the snapshot's status, as `status` shows it: "idle" where the row says running but no process does
+            table.add_row(row.name, snap.status, snap.progress_text(), best, started, location)
+    _print_table(table)
+
+
+def _print_table(table: Any) -> None:
+    """A table on the terminal as wide as it is; piped or redirected, at its natural width (rich would wrap and
+    cut cells to 80 columns: a value printed as ``0.48…`` is digits lost to a script or a file)."""
+    from rich.measure import Measurement
+
+    if console.is_terminal:
+        console.print(table)
+        return
+    width = Measurement.get(console, console.options.update_width(1_000_000), table).maximum
+    Console(width=max(width, 1), no_color=True, highlight=False, soft_wrap=False).print(table)
 
 
 @app.command()
@@ -434,7 +460,7 @@ def show(
 
     from closedloop.view import trial_records
 
-    the_store, name = _find_store(campaign, store)
+    the_store, name = _find_store(campaign, store, read_only=True)
     if trial is not None:  # issue 9: one trial's provenance
         from closedloop import provenance
 
@@ -453,7 +479,7 @@ def show(
             value = record.get(column)
             cells.append("" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value))
         table.add_row(*cells, style="red" if record["status"] in ("failed", "abandoned") else None)
-    console.print(table, width=None if console.is_terminal else 200)
+    _print_table(table)
 
 
 @app.command()
@@ -470,20 +496,23 @@ def export(
 
     if format not in ("csv", "parquet", "json"):
         _fail(f"--format {format}: use csv, parquet or json", EXIT_BAD_INPUT)
-    the_store, name = _find_store(campaign, store)
-    frame = pd.DataFrame(trial_records(the_store, name), columns=trial_columns(the_store.campaign(name)))
+    the_store, name = _find_store(campaign, store, read_only=True)
+    records = trial_records(the_store, name)
+    columns = trial_columns(the_store.campaign(name))
+    frame = pd.DataFrame(records, columns=columns)
+    # Python's json, not pandas': pandas writes at most 15 significant digits, and 0.9841181663796306 came back as
+    # 0.984118166379631, another number than the CSV's and the store's. Names stay as written (H₂O, not H\u2082O)
+    as_json = json.dumps([{c: r.get(c) for c in columns} for r in records], indent=1, ensure_ascii=False)
     target = output or Path(f"{name}.{format}")
     if str(target) == "-":
         if format == "parquet":
             _fail("parquet is binary: give --output FILE", EXIT_BAD_INPUT)
-        sys.stdout.write(frame.to_csv(index=False) if format == "csv"
-                         else frame.to_json(orient="records", indent=1, double_precision=15))
+        sys.stdout.write(frame.to_csv(index=False) if format == "csv" else as_json + "\n")
         return
     if format == "csv":
         frame.to_csv(target, index=False)
     elif format == "json":
-        # pandas writes 10 significant digits unless told (15 is its most); CSV keeps every digit
-        frame.to_json(target, orient="records", indent=1, double_precision=15)
+        target.write_text(as_json + "\n", encoding="utf-8")
     else:
         try:
             frame.to_parquet(target, index=False)
@@ -647,7 +676,7 @@ def report(
     """Write a self-contained HTML report with its figures (PNG) beside it."""
     from closedloop.report import write_report
 
-    the_store, name = _find_store(campaign, store)
+    the_store, name = _find_store(campaign, store, read_only=True)
     assert name is not None
     started = time.monotonic()
     path = write_report(the_store, name, output or Path("reports") / name / "report.html")
@@ -856,7 +885,7 @@ def _provenance_store(campaign: str, store: str | None) -> Any:
     location = store or str(Path("results") / f"{campaign}.db")
     if "://" not in location and not Path(location).exists():
         raise StoreError(f"no store {location}; give --store")
-    return Store(location)
+    return Store(location, read_only=True)
 
 
 @app.command()

@@ -173,6 +173,60 @@ def make_engine(url_or_path: str | Path) -> Engine:
     return engine
 
 
+def _sqlite_file(url_or_path: str | Path) -> str | None:
+    """The file behind a SQLite path or ``sqlite:///`` URL; None for another database or an in-memory one."""
+    url = str(url_or_path)
+    if "://" not in url:
+        return url
+    if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
+        return url[len("sqlite:///"):]
+    return None
+
+
+def _reading_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # no journal_mode: setting it writes the file header (it had turned another program's database into WAL)
+    for pragma in ("query_only=ON", "busy_timeout=10000"):
+        cursor.execute(f"PRAGMA {pragma}")
+    cursor.close()
+
+
+def reading_engine(url_or_path: str | Path) -> Engine:
+    """An engine that can only read: a missing SQLite file is an error, not a new store, and nothing is written
+    to the file or beside it (a results folder may be read-only, an archive or a colleague's).
+
+    A WAL database needs its ``-shm`` index, which a reader creates if it may; in a folder it cannot write, and
+    with no ``-wal`` file (no writer has it open, nothing unmerged), the file is read as immutable.
+    """
+    import sqlite3
+    from urllib.parse import quote
+
+    from sqlalchemy.pool import NullPool
+
+    path = _sqlite_file(url_or_path)
+    if path is None:
+        return create_engine(str(url_or_path), pool_pre_ping=True)
+    if not Path(path).is_file():
+        raise StoreError(f"no store {url_or_path}")
+    uri = f"file:{quote(str(Path(path).resolve()))}?mode=ro"
+
+    def connect() -> sqlite3.Connection:
+        connection = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=10)
+        try:
+            connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return connection
+        except sqlite3.OperationalError:
+            connection.close()
+            wal = Path(path + "-wal")
+            if wal.exists() and wal.stat().st_size > 0:
+                raise
+        return sqlite3.connect(uri + "&immutable=1", uri=True, check_same_thread=False, timeout=10)
+
+    engine = create_engine("sqlite://", creator=connect, poolclass=NullPool)
+    event.listen(engine, "connect", _reading_pragmas)
+    return engine
+
+
 def lock_campaign(connection: Connection, campaign_id: int) -> None:
     """Hold the campaign's row until the transaction ends, so trial numbers are allocated one writer at a time.
 
@@ -216,14 +270,55 @@ def _start_uid(jsonl: str) -> str | None:
 class Store:
     """Campaigns, their trials and the observations that completed them."""
 
-    def __init__(self, url_or_path: str | Path):
-        self.location = str(url_or_path)
-        self.engine = make_engine(url_or_path)
-        # issue 8: alembic migrations (closedloop/migrations) bring any store, SQLite or PostgreSQL, to this schema
-        from closedloop.migrations import migrate
+    def __init__(self, url_or_path: str | Path, *, read_only: bool = False):
+        """Open a store, creating it (or bringing its schema up to date) unless ``read_only``.
 
-        migrate(self.engine)
+        A read-only store is one that exists and holds closedloop's tables; nothing is written to it, so the
+        commands that only look (status, show, export, report, explain, the dashboard) cannot change a file,
+        create one from a mistyped path, or put closedloop's tables into another program's database.
+        """
+        from sqlalchemy.exc import DatabaseError
+
+        self.location = str(url_or_path)
+        self.read_only = read_only
         self._lock = threading.RLock()  # one writer at a time within this process
+        try:
+            if read_only:
+                self.engine = reading_engine(url_or_path)
+                self._check_readable()
+            else:
+                self.engine = make_engine(url_or_path)
+                # issue 8: alembic migrations (closedloop/migrations) bring any store, SQLite or PostgreSQL, to
+                # this schema
+                from closedloop.migrations import migrate
+
+                migrate(self.engine)
+        except DatabaseError as exc:  # "file is not a database", "database disk image is malformed"
+            raise StoreError(f"cannot open the store {self.location}: {exc.orig or exc}") from None
+
+    def _check_readable(self) -> None:
+        """Refuse, writing nothing, a database that is not a closedloop store; upgrade an older store's schema
+        where it can be written (as any command opening it would), else say what to do."""
+        from sqlalchemy import inspect
+
+        from closedloop.migrations import current_revision, head_revision, migrate
+
+        with self.engine.connect() as connection:
+            tables = set(inspect(connection).get_table_names())
+            revision = current_revision(connection) if "alembic_version" in tables else None
+        if "campaign" not in tables:
+            raise StoreError(f"{self.location} is not a closedloop store (it has no campaign table)")
+        if revision == head_revision():
+            return
+        writer = make_engine(self.location)
+        try:
+            migrate(writer)
+        except Exception as exc:  # noqa: BLE001 - a folder or file it may not write, a lock: the reader is told the same
+            raise StoreError(f"{self.location} was written by an older closedloop (schema {revision or 'before 0001'}, "
+                             f"this one reads {head_revision()}) and cannot be upgraded here ({exc}); open it once "
+                             "with closedloop where it can be written") from None
+        finally:
+            writer.dispose()
 
     def close(self) -> None:
         self.engine.dispose()
@@ -282,7 +377,8 @@ class Store:
                 return _AdvisoryHold(connection, key)
             connection.close()
             return False
-        database = self.engine.url.database
+        # the file as given, not the engine's URL: a read-only engine connects through a URI of its own
+        database = _sqlite_file(self.location)
         if self.engine.dialect.name != "sqlite" or not database or database == ":memory:":
             return None
         try:

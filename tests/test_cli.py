@@ -88,3 +88,101 @@ def test_a_second_run_of_a_campaign_being_run_is_refused_and_the_budget_holds(tm
     assert first.returncode == 0, err
     status = closedloop("status", "branin", "--store", str(store), cwd=tmp_path)
     assert "8/8 experiments (8 completed, 0 failed)" in status.stdout, status.stdout
+
+
+# -- commands that only look at a store ------------------------------------------------------------
+
+
+def _looked_at_store(path: Path) -> None:
+    """A store with three results and one failure, written here (nothing is run)."""
+    from closedloop.store import Store
+    from tests.conftest import branin_campaign
+
+    store = Store(path)
+    cid = store.open_campaign(branin_campaign(name="looked-at", experiments=5, initial=2, backend="sobol"))
+    for i, y in enumerate([12.0, 3.5, 7.25], start=1):
+        (trial,) = store.add_trials(cid, [({"x1": float(i), "x2": 1.0}, {"generator": "sobol"})])
+        store.mark_dispatched(trial.id, "station-a")
+        store.record_result(trial.id, f"run-{i}", {"y": y})
+    (failed,) = store.add_trials(cid, [({"x1": 0.0, "x2": 0.0}, {"generator": "sobol"})])
+    store.mark_dispatched(failed.id, "station-a")
+    store.record_failure(failed.id, "beam dump")
+    store.close()
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()} | {
+        p.name: b"<folder>" for p in folder.iterdir() if p.is_dir()}
+
+
+def test_read_commands_refuse_a_database_that_is_not_a_store_and_change_nothing(tmp_path: Path) -> None:
+    """`status` had put closedloop's tables (and WAL mode) into another program's SQLite file, and made an empty
+    file a store; a file that is no database was two lines of SQLAlchemy naming no file."""
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "samples.db") as db:
+        db.execute("CREATE TABLE samples (id INTEGER, name TEXT)")
+        db.execute("INSERT INTO samples VALUES (1, 'a')")
+    db.close()
+    (tmp_path / "blank.db").touch()
+    (tmp_path / "notes.db").write_text("not a database\n")
+    before = _files(tmp_path)
+    for args, expected in (
+        (["status", "--store", "samples.db"], "samples.db is not a closedloop store"),
+        (["list", "--store", "samples.db"], "samples.db is not a closedloop store"),
+        (["show", "x", "--store", "samples.db"], "samples.db is not a closedloop store"),
+        (["explain", "x", "1", "--store", "samples.db"], "samples.db is not a closedloop store"),
+        (["status", "--store", "blank.db"], "blank.db is not a closedloop store"),
+        (["export", "x", "-o", "-", "--store", "notes.db"], "cannot open the store notes.db: file is not a database"),
+    ):
+        result = closedloop(*args, cwd=tmp_path)
+        assert result.returncode == 1, (args, result.stdout, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], (args, result.stderr)
+        assert "Traceback" not in result.stderr
+    assert _files(tmp_path) == before
+
+
+def _as_another_user() -> list[str] | None:
+    """A command prefix that runs as a user the files are not writable for: none needed unless root (whom
+    permissions do not stop); None where root cannot drop to another user here."""
+    import os
+    import shutil
+
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"] if setpriv else None
+
+
+def test_a_store_in_a_read_only_folder_is_read_and_left_as_it_was(tmp_path: Path) -> None:
+    """An archived campaign, a colleague's results: every read command had failed with PermissionError on the
+    migration lock file it tried to create beside the store."""
+    import os
+    import shutil
+    import tempfile
+
+    prefix = _as_another_user()
+    if prefix is None:
+        pytest.skip("running as root without setpriv: a read-only file is writable to root")
+    folder = Path(tempfile.mkdtemp(prefix="closedloop-ro-"))  # outside pytest's private tmp, for the other user
+    try:
+        _looked_at_store(folder / "archive.db")
+        for leftover in folder.glob("archive.db?*"):  # the lock and claims of the writer that made it
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        (folder / "archive.db").chmod(0o444)
+        folder.chmod(0o555)
+        before = _files(folder)
+        env = {**os.environ, "HOME": str(folder)}
+        for args, expected in ((["status", "looked-at", "--control", ""], "looked-at: idle, 4/5 experiments"),
+                               (["show", "looked-at"], "beam dump"),
+                               (["export", "looked-at", "-o", "-"], "3,completed,3.0,1.0,7.25")):
+            result = subprocess.run([*prefix, sys.executable, "-m", "closedloop.cli", *args, "--store",
+                                     str(folder / "archive.db")], cwd=folder, env=env, capture_output=True, text=True,
+                                    timeout=300)
+            assert result.returncode == 0, (args, result.stderr)
+            assert expected in result.stdout, (args, result.stdout)
+        assert _files(folder) == before
+    finally:
+        folder.chmod(0o755)
+        shutil.rmtree(folder)

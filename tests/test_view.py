@@ -347,3 +347,66 @@ def test_a_failing_planner_is_said_once_until_it_recovers() -> None:
     view("planner_error", {"campaign": "p", "error": "ValueError: Overflow when unpacking long long"})
     lines = out.getvalue().strip().splitlines()
     assert len(lines) == 2 and all("the planner failed (ValueError: Overflow" in line for line in lines), lines
+
+
+def test_list_says_idle_as_status_does(busy: tuple[Store, str]) -> None:
+    """`list` showed the stored "running" of a campaign no process runs, where `status` said "idle"."""
+    listing = CliRunner().invoke(app, ["list", "--store", busy[1]])
+    assert listing.exit_code == 0, listing.output
+    (row,) = [line for line in listing.stdout.splitlines() if line.strip().startswith("busy")]
+    assert row.split()[1] == "idle", row
+
+
+def test_piped_tables_keep_every_cell_whole(tmp_path: Path) -> None:
+    """Piped or redirected, `show` and `list` were cut to 80 columns: 0.123457 printed as 0.12…, errors wrapped
+    over five lines (the console's own width capped the 200 columns asked for)."""
+    from closedloop.campaign import Campaign
+
+    store = Store(tmp_path / "wide.db")
+    campaign = Campaign.from_yaml((Path(__file__).resolve().parents[1] / "campaigns" / "zdt1.yaml"))
+    cid = store.open_campaign(campaign)
+    parameters = {f"x{i}": 0.123456789 * i for i in range(1, 7)}
+    (done,) = store.add_trials(cid, [(parameters, {"generator": "sobol"})])
+    store.mark_dispatched(done.id, "station-with-a-long-name")
+    store.record_result(done.id, "run-1", {"f1": 0.987654321, "f2": 5.4321012345})
+    (failed,) = store.add_trials(cid, [(parameters, {"generator": "sobol"})])
+    store.mark_dispatched(failed.id, "station-with-a-long-name")
+    error = "DeviceError: y: simulated device fault at {'x1': 0.12345678912345, 'x2': 0.2469135782469}"
+    store.record_failure(failed.id, error)
+    runner = CliRunner()
+    shown = runner.invoke(app, ["show", "zdt1-front", "--store", str(tmp_path / "wide.db")])
+    assert shown.exit_code == 0, shown.output
+    assert "…" not in shown.stdout
+    lines = shown.stdout.splitlines()
+    assert len(lines) == 4, shown.stdout  # title, header, one line per trial
+    assert lines[2].split()[:9] == ["1", "completed", "0.123457", "0.246914", "0.37037", "0.493827", "0.617284",
+                                    "0.740741", "0.987654"]
+    assert error in lines[3]
+    listing = runner.invoke(app, ["list", "--store", str(tmp_path / "wide.db")])
+    assert "…" not in listing.stdout and "f1=0.987654 (#1)" in listing.stdout
+
+
+def test_a_json_export_holds_the_stored_numbers_and_names_exactly(tmp_path: Path) -> None:
+    """pandas wrote at most 15 significant digits: 0.9841181663796306 came back as 0.984118166379631."""
+    from closedloop.campaign import Campaign
+
+    campaign = Campaign.from_yaml_text(
+        "name: solvents\nparameters:\n  x1: {type: continuous, bounds: [-5, 10]}\n"
+        "  solvent: {type: categorical, values: [H₂O, éthanol, 酢酸]}\nobjectives:\n  y: {goal: minimize}\n"
+        "budget: {experiments: 5}\nplanner: {backend: sobol, initial_experiments: 2}\n"
+        "instrument: {function: 'lab:measure'}\n", check_instrument=False)
+    store = Store(tmp_path / "s.db")
+    cid = store.open_campaign(campaign)
+    (trial,) = store.add_trials(cid, [({"x1": -0.9841181663796306, "solvent": "酢酸"}, {"generator": "sobol"})])
+    store.mark_dispatched(trial.id, "station-a")
+    store.record_result(trial.id, "run-1", {"y": 0.1 + 0.2})
+    runner = CliRunner()
+    piped = runner.invoke(app, ["export", "solvents", "-f", "json", "-o", "-", "--store", str(tmp_path / "s.db")])
+    written = runner.invoke(app, ["export", "solvents", "-f", "json", "-o", str(tmp_path / "s.json"), "--store",
+                                  str(tmp_path / "s.db")])
+    assert piped.exit_code == 0 and written.exit_code == 0, piped.output + written.output
+    for text in (piped.stdout, (tmp_path / "s.json").read_text(encoding="utf-8")):
+        (row,) = json.loads(text)
+        assert row["x1"] == -0.9841181663796306 and row["y"] == 0.1 + 0.2
+        assert row["solvent"] == "酢酸" and "酢酸" in text  # as written, not \u9162\u9178
+    assert pd.read_json(tmp_path / "s.json", precise_float=True)["x1"].tolist() == [-0.9841181663796306]
