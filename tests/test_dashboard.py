@@ -422,3 +422,53 @@ def test_daemon_with_dashboard_option(tmp_path: Path) -> None:
         output = daemon.communicate(timeout=30)[0]
         station.wait(timeout=15)
     assert f"dashboard on http://127.0.0.1:{board}/" in output
+
+
+CONSTRAINED_YAML = """
+name: anneal
+parameters:
+  temperature: {type: continuous, bounds: [80, 250]}
+objectives:
+  quality: {goal: maximize}
+outcome_constraints:
+  - "yield >= 0.8"
+budget: {experiments: 10}
+planner: {backend: sobol, initial_experiments: 2}
+instrument: {simulator: "simulators.materials:PerovskiteAnneal"}
+"""
+
+
+def test_best_so_far_counts_only_results_within_the_outcome_constraints(tmp_path: Path) -> None:
+    """The page's best quality was 0.9 from a film with a yield of 0.3, where `status` and the report said 0.6."""
+    store = Store(tmp_path / "anneal.db")
+    cid = store.open_campaign(Campaign.from_yaml_text(CONSTRAINED_YAML, check_instrument=False))
+    for i, (quality, yield_) in enumerate([(0.5, 0.9), (0.9, 0.3), (0.6, 0.95)], start=1):
+        (trial,) = store.add_trials(cid, [({"temperature": 100.0 + i}, {"generator": "sobol"})])
+        store.mark_dispatched(trial.id, "station-a")
+        store.record_result(trial.id, f"run-{i}", {"quality": quality, "yield": yield_})
+    store.close()
+    server = DashboardServer(DashboardConfig(store=str(tmp_path / "anneal.db"), port=0)).start()
+    try:
+        status, state = _get(f"http://127.0.0.1:{server.port}/api/state")
+    finally:
+        server.stop()
+    assert status == 200
+    series = state["campaigns"][0]["series"]
+    assert [(p["trial"], p["value"], p["best"]) for p in series] == [(1, 0.5, 0.5), (2, 0.9, 0.5), (3, 0.6, 0.6)]
+    assert [p["counts"] for p in series] == [True, False, True]  # the page draws the second hollow
+
+
+def test_a_mistyped_store_is_refused_not_served_empty(tmp_path: Path) -> None:
+    """`closedloop dashboard --store` with a wrong path had created an empty store there and served it."""
+    import subprocess
+    import sys
+
+    try:
+        result = subprocess.run([sys.executable, "-m", "closedloop.cli", "dashboard", "--store",
+                                 str(tmp_path / "reslts" / "branin.db"), "--port", str(_free_port()), "--control", "",
+                                 "--events", ""], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the dashboard served a store that does not exist")
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: no store {tmp_path / 'reslts' / 'branin.db'}"
+    assert not (tmp_path / "reslts").exists()

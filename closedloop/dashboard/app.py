@@ -191,6 +191,7 @@ def campaign_state(store: Store, name: str) -> dict[str, Any]:
     records = _decision_summaries(store, row.id)
     objectives = [{"name": n, "goal": o.goal} for n, o in spec.objectives.items()]
     first, goal = objectives[0]["name"], objectives[0]["goal"]
+    bounds = spec.output_bounds
     series, best = [], None
     table = []
     for t in trials:
@@ -198,8 +199,13 @@ def campaign_state(store: Store, name: str) -> dict[str, Any]:
         values = obs.values if obs else None
         if values is not None and first in values:
             v = values[first]
-            best = v if best is None or (v > best if goal == "maximize" else v < best) else best
-            series.append({"trial": t.index, "value": v, "best": best})
+            # as `closedloop status` and the report count it: a result that breaks an outcome constraint, or one
+            # from a cheaper source, is drawn but is no finding (a yield of 0.3 had been the page's best quality)
+            counts = spec.counts(t.parameters) and all(b.satisfied(values[b.output]) for b in bounds
+                                                       if b.output in values)
+            if counts:
+                best = v if best is None or (v > best if goal == "maximize" else v < best) else best
+            series.append({"trial": t.index, "value": v, "best": best, "counts": counts})
         prov = records.get(t.id)  # type: ignore[arg-type]
         table.append({
             "trial": t.index, "status": t.status, "parameters": t.parameters, "values": values, "error": t.error,
@@ -269,7 +275,8 @@ class Dashboard:
         # a daemon bound to every interface (tcp://*:5702) is reached on loopback
         config = replace(config, control=_connectable(config.control), events=_connectable(config.events))
         self.config = config
-        self.store = Store(config.store)
+        # it only reads: a mistyped --store is refused rather than served as a new empty store
+        self.store = Store(config.store, read_only=True)
         self.models = _ModelCache()
         self.closing = False
         self.app = Starlette(routes=[

@@ -127,7 +127,7 @@ function drawCampaigns() {
     const bar = el("div", { class: "bar" });
     bar.append(el("div", { style: `width:${Math.min(100, (100 * finished) / c.budget)}%` }));
     card.append(bar);
-    const best = c.series.length ? c.series[c.series.length - 1] : null;
+    const best = c.series.length && c.series[c.series.length - 1].best !== null ? c.series[c.series.length - 1] : null;
     const objectives = c.objectives.map((o) => `${o.goal} ${o.name}`).join(", ");
     const counts = Object.entries(c.counts).map(([k, v]) => `${v} ${k}`).join(", ");
     let line = `${finished}/${c.budget} done (${counts || "none yet"}); ${objectives}; planner ${c.backend}`;
@@ -225,10 +225,12 @@ function drawBest(c) {
   $("#best-caption").textContent = `${c.name}: ${obj.goal} ${obj.name}, ${s.length} experiments`;
   const lastTrial = Math.max(1, ...c.trials.map((t) => t.trial));
   const { sx, sy, add } = frame(svg, [0, lastTrial], extent(s.flatMap((p) => [p.value, p.best])), "experiment number", obj.name);
-  for (const p of s) add("circle", { cx: sx(p.trial), cy: sy(p.value), r: 3, fill: "#9bb4d6" }).append(Object.assign(document.createElementNS(SVG, "title"), { textContent: `#${p.trial}: ${fmt(p.value)}` }));
-  if (s.length) {
-    let d = `M${sx(s[0].trial)},${sy(s[0].best)}`;
-    for (let i = 1; i < s.length; i++) d += `H${sx(s[i].trial)}V${sy(s[i].best)}`;
+  // a result that breaks an outcome constraint (or comes from a cheaper source) is drawn hollow and is never the best
+  for (const p of s) add("circle", { cx: sx(p.trial), cy: sy(p.value), r: 3, fill: p.counts === false ? "none" : "#9bb4d6", stroke: "#9bb4d6" }).append(Object.assign(document.createElementNS(SVG, "title"), { textContent: `#${p.trial}: ${fmt(p.value)}${p.counts === false ? " (not counted: outcome constraint or source)" : ""}` }));
+  const line = s.filter((p) => p.best !== null);
+  if (line.length) {
+    let d = `M${sx(line[0].trial)},${sy(line[0].best)}`;
+    for (let i = 1; i < line.length; i++) d += `H${sx(line[i].trial)}V${sy(line[i].best)}`;
     d += `H${sx(lastTrial)}`;
     add("path", { d, fill: "none", stroke: "#1f5fbf", "stroke-width": 2, class: "best-line" });
   }
