@@ -675,8 +675,9 @@ def render_html(data: Data, figures: list[Figure], extra: dict[str, Any]) -> str
     finished = [r for r in data.records if r["status"] in ("completed", "failed", "abandoned")]
     # a budget in cost alone sets no number of experiments: show the cost instead of an invented limit
     limit = f" of {c.budget.experiments}" if c.budget.experiments is not None else ""
+    states = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
     summary = [("campaign", c.name), ("description", c.description or "-"),
-               ("experiments", f"{len(finished)}{limit} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))})")]
+               ("experiments", f"{len(finished)}{limit}" + (f" ({states})" if states else " (no trial yet)"))]
     if c.budget.cost is not None:
         from closedloop.store import used_instrument
 

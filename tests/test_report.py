@@ -117,6 +117,7 @@ def test_report_of_a_campaign_without_results_still_renders(tmp_path: Path) -> N
     store.open_campaign(mixed_campaign())
     path = report.write_report(store, "mixed", tmp_path / "r" / "report.html")
     assert "No completed experiment yet" in path.read_text()
+    assert "<td>experiments</td><td>0 of 30 (no trial yet)</td>" in path.read_text()  # it had read "0 of 30 ()"
 
 
 def _chromium() -> str | None:
