@@ -423,11 +423,29 @@ def explain(store: Store, campaign: str, index: int) -> dict[str, Any]:
         out["provenance"] = None
         return out
     data = prov.model_dump(exclude={"trial_id", "campaign_id"})
-    if prov.hyperparameters is None and prov.hyperparameters_file and Path(prov.hyperparameters_file).exists():
-        data["hyperparameters"] = json.loads(Path(prov.hyperparameters_file).read_text())
+    if prov.hyperparameters is None and prov.hyperparameters_file:
+        text = _hyperparameters_text(store, prov)
+        data["hyperparameters"] = json.loads(text) if text is not None else None
     data["decided_at"] = prov.decided_at.isoformat() if prov.decided_at else None
     out["provenance"] = data
     return out
+
+
+def _hyperparameters_text(store: Store, prov: ProvenanceRow) -> str | None:
+    """The hyperparameters kept in a file beside the store, found where they were written or beside the store as
+    it is opened now: the path is as the daemon named it, relative to its working folder (``results/...``), and
+    a store read from another folder, or moved with its folder, had shown none. Only a file with the recorded
+    digest is taken."""
+    assert prov.hyperparameters_file is not None
+    written = Path(prov.hyperparameters_file)
+    folder = _files_folder(store)
+    candidates = [written] + ([folder / written.parent.name / written.name] if folder is not None else [])
+    for path in candidates:
+        if path.is_file():
+            text = path.read_text()
+            if prov.hyperparameters_digest == "sha256:" + hashlib.sha256(text.encode()).hexdigest():
+                return text
+    return None
 
 
 def explain_lines(info: dict[str, Any]) -> list[str]:

@@ -327,3 +327,36 @@ def test_filler_proposals_are_recorded_and_replayed(tmp_path: Path) -> None:
         assert row.backend == "sobol" and row.seed not in (None, 4) and row.observed == []
         assert provenance.replay(store, "fill", index).same
     store.close()
+
+
+def test_hyperparameters_in_a_file_are_found_beside_the_store_from_any_folder(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file's path is kept as the daemon named it (``results/...``, relative to where it ran): `explain` from
+    another folder, or of a results folder moved elsewhere, had shown no hyperparameters."""
+    import shutil
+
+    from closedloop.planner.base import Proposal
+
+    monkeypatch.setattr(provenance, "INLINE_LIMIT", 100)
+    (tmp_path / "lab").mkdir()
+    monkeypatch.chdir(tmp_path / "lab")
+    store = Store("results/big.db")
+    campaign_id = store.open_campaign(branin_campaign(name="big"))
+    hyper = {f"models.{i}.covar_module.lengthscale": [0.1 * i, 0.2 * i] for i in range(20)}
+    proposal = Proposal({"x1": 1.0, "x2": 2.0}, {"generator": "botorch.x"})
+    provenance._keep(proposal, {"backend": "botorch", "generator": "botorch.x", "hyperparameters": hyper,
+                                "proposed_parameters": proposal.parameters})
+    trial = store.add_trials(campaign_id, [(proposal.parameters, proposal.metadata)],
+                             companion=provenance.companion(store, None, [proposal]))[0]
+    store.close()
+    assert not Path(provenance.provenance(Store("results/big.db"), "big", trial.index).hyperparameters_file).is_absolute()
+    shutil.copytree(tmp_path / "lab" / "results", tmp_path / "archive")  # the results folder, moved
+    monkeypatch.chdir(tmp_path)
+    for location in (tmp_path / "lab" / "results" / "big.db", tmp_path / "archive" / "big.db"):
+        info = provenance.explain(Store(location, read_only=True), "big", trial.index)
+        assert info["provenance"]["hyperparameters"] == hyper, location
+    # a file that is not the one recorded (its digest differs) is not shown as the decision's
+    (tmp_path / "archive" / "big.provenance" / f"campaign-{campaign_id}" /
+     f"trial-{trial.index}-hyperparameters.json").write_text("{}")
+    info = provenance.explain(Store(tmp_path / "archive" / "big.db", read_only=True), "big", trial.index)
+    assert info["provenance"]["hyperparameters"] is None
