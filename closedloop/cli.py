@@ -879,20 +879,17 @@ def bench_planner(
 
 
 def _provenance_store(campaign: str, store: str | None) -> Any:
-    from closedloop.errors import StoreError
-    from closedloop.store import Store
-
-    location = store or str(Path("results") / f"{campaign}.db")
-    if "://" not in location and not Path(location).exists():
-        raise StoreError(f"no store {location}; give --store")
-    return Store(location, read_only=True)
+    # looked up as every command looks (results/NAME.db, then results/*.db): `show CAMPAIGN N` found a trial that
+    # `explain CAMPAIGN N`, said to be the same, did not
+    the_store, _ = _find_store(campaign, store, read_only=True)
+    return the_store
 
 
 @app.command()
 def explain(
     campaign: str = typer.Argument(..., help="campaign name"),
     trial: int = typer.Argument(..., help="trial number"),
-    store: Optional[str] = typer.Option(None, help="store file or URL (default results/CAMPAIGN.db)"),
+    store: Optional[str] = typer.Option(None, help=_STORE_HELP),
     as_json: bool = typer.Option(False, "--json", help="the whole record as JSON"),
 ) -> None:
     """Why a trial was run: the planner's data, model, acquisition, seed, timing, approval and run uids."""
@@ -910,7 +907,7 @@ def explain(
 def replay(
     campaign: str = typer.Argument(..., help="campaign name"),
     until: int = typer.Option(..., "--until", help="the trial whose decision is made again"),
-    store: Optional[str] = typer.Option(None, help="store file or URL (default results/CAMPAIGN.db)"),
+    store: Optional[str] = typer.Option(None, help=_STORE_HELP),
 ) -> None:
     """Rebuild the planner as it was before a trial and show that it proposes the same experiment (exit 1 if not)."""
     from closedloop import provenance

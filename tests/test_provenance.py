@@ -360,3 +360,25 @@ def test_hyperparameters_in_a_file_are_found_beside_the_store_from_any_folder(tm
      f"trial-{trial.index}-hyperparameters.json").write_text("{}")
     info = provenance.explain(Store(tmp_path / "archive" / "big.db", read_only=True), "big", trial.index)
     assert info["provenance"]["hyperparameters"] is None
+
+
+def test_explain_and_replay_find_the_campaign_as_every_command_does(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --store, `show CAMPAIGN N` looked through results/*.db but `explain` and `replay` only at
+    results/CAMPAIGN.db: 'no store results/hand.db' for a campaign `show` had just explained."""
+    from closedloop import hitl
+
+    (tmp_path / "results").mkdir()
+    store = Store(tmp_path / "results" / "lab.db")
+    campaign = branin_campaign(name="hand", experiments=6, initial=4, backend="sobol")
+    trial = hitl.suggest(store, campaign, n=1)[0]
+    store.close()
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    shown = runner.invoke(app, ["show", "hand", str(trial.index)])
+    explained = runner.invoke(app, ["explain", "hand", str(trial.index)])
+    assert explained.exit_code == 0, explained.output
+    assert explained.stdout == shown.stdout and "generator sobol" in explained.stdout
+    replayed = runner.invoke(app, ["replay", "hand", "--until", str(trial.index)])
+    assert replayed.exit_code == 0, replayed.output
+    assert "the same experiment" in replayed.stdout
