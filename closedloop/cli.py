@@ -361,7 +361,7 @@ def status(
     the_store, name = _find_store(campaign, store, read_only=True)
     names = _campaign_names(the_store, name)
     if not names:
-        _fail(f"no campaign in {the_store.location}")
+        _fail(f"no campaign in {the_store.display}")
     for each in names:
         snap = Snapshot.from_store(the_store, each)
         if console.is_terminal:
@@ -390,7 +390,7 @@ def watch(
     the_store, name = _find_store(campaign, store, read_only=True)
     names = _campaign_names(the_store, name)
     if len(names) != 1:
-        _fail(f"name the campaign to watch: {', '.join(names) or 'none'} in {the_store.location}")
+        _fail(f"name the campaign to watch: {', '.join(names) or 'none'} in {the_store.display}")
     endpoint = events or (daemon_events_endpoint(control, names[0]) if control else None)
     try:
         if endpoint:

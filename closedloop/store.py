@@ -173,6 +173,21 @@ def make_engine(url_or_path: str | Path) -> Engine:
     return engine
 
 
+def displayed(url_or_path: str | Path) -> str:
+    """A store's location as messages and pages show it: a database URL without its password (the dashboard
+    serves its state beyond loopback, and errors go to logs)."""
+    location = str(url_or_path)
+    if "://" not in location:
+        return location
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(location).render_as_string(hide_password=True)
+    except ArgumentError:
+        return location.split("://", 1)[0] + "://..."
+
+
 def _sqlite_file(url_or_path: str | Path) -> str | None:
     """The file behind a SQLite path or ``sqlite:///`` URL; None for another database or an in-memory one."""
     url = str(url_or_path)
@@ -280,6 +295,7 @@ class Store:
         from sqlalchemy.exc import DatabaseError
 
         self.location = str(url_or_path)
+        self.display = displayed(self.location)
         self.read_only = read_only
         self._lock = threading.RLock()  # one writer at a time within this process
         try:
@@ -294,7 +310,9 @@ class Store:
 
                 migrate(self.engine)
         except DatabaseError as exc:  # "file is not a database", "database disk image is malformed"
-            raise StoreError(f"cannot open the store {self.location}: {exc.orig or exc}") from None
+            # one line: a server's refusal comes over several (psycopg: "...refused\n\tIs the server running ...")
+            reason = " ".join(str(exc.orig or exc).split())
+            raise StoreError(f"cannot open the store {self.display}: {reason}") from None
 
     def _check_readable(self) -> None:
         """Refuse, writing nothing, a database that is not a closedloop store; upgrade an older store's schema
@@ -307,14 +325,14 @@ class Store:
             tables = set(inspect(connection).get_table_names())
             revision = current_revision(connection) if "alembic_version" in tables else None
         if "campaign" not in tables:
-            raise StoreError(f"{self.location} is not a closedloop store (it has no campaign table)")
+            raise StoreError(f"{self.display} is not a closedloop store (it has no campaign table)")
         if revision == head_revision():
             return
         writer = make_engine(self.location)
         try:
             migrate(writer)
         except Exception as exc:  # noqa: BLE001 - a folder or file it may not write, a lock: the reader is told the same
-            raise StoreError(f"{self.location} was written by an older closedloop (schema {revision or 'before 0001'}, "
+            raise StoreError(f"{self.display} was written by an older closedloop (schema {revision or 'before 0001'}, "
                              f"this one reads {head_revision()}) and cannot be upgraded here ({exc}); open it once "
                              "with closedloop where it can be written") from None
         finally:
@@ -338,7 +356,7 @@ class Store:
                 return
             handle = self._take(campaign)
             if handle is False:
-                raise StoreError(f"campaign {campaign!r} is being run by another process on {self.location}; "
+                raise StoreError(f"campaign {campaign!r} is being run by another process on {self.display}; "
                                  "stop it first, or watch it with 'closedloop status'")
             _claims[key] = (handle, 1)
 
@@ -459,7 +477,7 @@ class Store:
                 session.refresh(row)
             elif row.spec_hash != campaign.spec_hash:
                 raise StoreError(
-                    f"campaign {campaign.name!r} already exists in {self.location} with a different definition; "
+                    f"campaign {campaign.name!r} already exists in {self.display} with a different definition; "
                     "rename the campaign or use another store"
                 )
             assert row.id is not None
@@ -472,13 +490,13 @@ class Store:
             else:
                 row = session.exec(select(CampaignRow).where(CampaignRow.name == name_or_id)).first()
         if row is None:
-            raise StoreError(f"no campaign {name_or_id!r} in {self.location}")
+            raise StoreError(f"no campaign {name_or_id!r} in {self.display}")
         return row
 
     def campaign(self, name_or_id: str | int) -> Campaign:
         """The campaign as it was stored."""
         # checked against its instrument when it was started; reading results must not need the lab's drivers
-        return Campaign.from_yaml_text(self.campaign_row(name_or_id).spec_yaml, source=f"{self.location}:{name_or_id}",
+        return Campaign.from_yaml_text(self.campaign_row(name_or_id).spec_yaml, source=f"{self.display}:{name_or_id}",
                                        check_instrument=False)
 
     def campaigns(self) -> list[CampaignRow]:

@@ -186,3 +186,19 @@ def test_a_store_in_a_read_only_folder_is_read_and_left_as_it_was(tmp_path: Path
     finally:
         folder.chmod(0o755)
         shutil.rmtree(folder)
+
+
+def test_a_database_server_that_refuses_is_one_line_without_the_password(tmp_path: Path) -> None:
+    """psycopg's refusal spans two lines (two 'error:' lines), and the URL was echoed with its password."""
+    import socket
+
+    with socket.socket() as s:  # a port with nothing listening: the connection is refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"postgresql+psycopg://lab:s3cret-word@127.0.0.1:{port}/results"
+    result = closedloop("status", "--store", url, "--control", "", cwd=tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: cannot open the store postgresql+psycopg://lab:***@127.0.0.1:{port}/results: ")
+    assert "s3cret-word" not in result.stderr + result.stdout and "Traceback" not in result.stderr

@@ -472,3 +472,23 @@ def test_a_mistyped_store_is_refused_not_served_empty(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: no store {tmp_path / 'reslts' / 'branin.db'}"
     assert not (tmp_path / "reslts").exists()
+
+
+def test_the_page_state_names_a_database_store_without_its_password() -> None:
+    """A dashboard beyond loopback is read-only but open to all: its /api/state carried the store URL's password."""
+    from sqlalchemy.engine import make_url
+
+    from tests.test_store_backends import postgres_database
+
+    for url in postgres_database():
+        if not make_url(url).password:
+            pytest.skip("the PostgreSQL test URL has no password to hide")
+        Store(url).open_campaign(Campaign.from_yaml_text(dashboard_campaign("pg", 0, False)))
+        server = DashboardServer(DashboardConfig(store=url, port=0)).start()
+        try:
+            status, state = _get(f"http://127.0.0.1:{server.port}/api/state")
+        finally:
+            server.stop()
+        assert status == 200 and state["campaigns"][0]["name"] == "pg"
+        assert make_url(url).password not in json.dumps(state)
+        assert state["store"] == make_url(url).render_as_string(hide_password=True)

@@ -48,7 +48,7 @@ from starlette.staticfiles import StaticFiles
 
 from closedloop import provenance
 from closedloop.errors import ClosedLoopError, ProtocolError
-from closedloop.store import Store, TrialStatus
+from closedloop.store import Store, TrialStatus, displayed
 
 log = logging.getLogger("closedloop.dashboard")
 
@@ -317,7 +317,7 @@ class Dashboard:
         return JSONResponse(_finite({
             "read_only": self.config.effective_read_only,
             "read_only_reason": self.config.read_only_reason if self.config.effective_read_only else None,
-            "store": self.store.location, "daemon": daemon, "campaigns": campaigns, "events": bool(self.config.events),
+            "store": self.store.display, "daemon": daemon, "campaigns": campaigns, "events": bool(self.config.events),
             "time": time.time()}))
 
     def _daemon_status(self) -> dict[str, Any] | None:
@@ -326,9 +326,12 @@ class Dashboard:
         from closedloop.daemon import control_request
 
         try:
-            return control_request(self.config.control, "status", timeout_s=1.5)
+            status = control_request(self.config.control, "status", timeout_s=1.5)
         except ProtocolError as exc:
             return {"success": False, "msg": str(exc)}
+        if isinstance(status.get("store"), str):  # the daemon names its store as given, password and all
+            status["store"] = displayed(status["store"])
+        return status
 
     def _campaigns(self, daemon: dict[str, Any] | None) -> list[dict[str, Any]]:
         live = {c["name"]: c for c in (daemon or {}).get("campaigns", [])}
