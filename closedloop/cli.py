@@ -509,6 +509,7 @@ def export(
             _fail("parquet is binary: give --output FILE", EXIT_BAD_INPUT)
         sys.stdout.write(frame.to_csv(index=False) if format == "csv" else as_json + "\n")
         return
+    target.parent.mkdir(parents=True, exist_ok=True)  # as `report -o` does (exports/branin.csv had been an error)
     if format == "csv":
         frame.to_csv(target, index=False)
     elif format == "json":

@@ -410,3 +410,12 @@ def test_a_json_export_holds_the_stored_numbers_and_names_exactly(tmp_path: Path
         assert row["x1"] == -0.9841181663796306 and row["y"] == 0.1 + 0.2
         assert row["solvent"] == "酢酸" and "酢酸" in text  # as written, not \u9162\u9178
     assert pd.read_json(tmp_path / "s.json", precise_float=True)["x1"].tolist() == [-0.9841181663796306]
+
+
+def test_an_export_into_a_new_folder_makes_it_as_a_report_does(busy: tuple[Store, str], tmp_path: Path) -> None:
+    """`report -o reports/x/report.html` made its folder; `export -o exports/x.csv` failed ("non-existent directory")."""
+    for fmt in ("csv", "json", "parquet"):
+        target = tmp_path / "exports" / fmt / f"busy.{fmt}"
+        result = CliRunner().invoke(app, ["export", "busy", "-f", fmt, "-o", str(target), "--store", busy[1]])
+        assert result.exit_code == 0, result.output
+        assert target.stat().st_size > 0
