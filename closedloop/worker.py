@@ -219,6 +219,7 @@ class StationWorker:
         self.assignments: queue.Queue[Job] = queue.Queue()
         self._outgoing: queue.Queue[bytes] = queue.Queue()
         self._stop = threading.Event()
+        self._idle = threading.Event()  # the RunEngine thread will run nothing more
         self._jobs: dict[int, Job] = {}  # by trial: the latest accepted, not yet measured (queued or running)
         self._jobs_lock = threading.Lock()  # the comms thread adds jobs while the RunEngine thread ends them
         self._instance = uuid.uuid4().hex  # this process, in its hellos
@@ -252,6 +253,7 @@ class StationWorker:
     # -- lifecycle --------------------------------------------------------------------------
 
     def stop(self) -> None:
+        """Start nothing more: the run in progress finishes and its answer is delivered before :meth:`run` returns."""
         self._stop.set()
 
     @property
@@ -280,7 +282,9 @@ class StationWorker:
                     self._forget(job)
         finally:
             self._stop.set()
-            comms.join(timeout=5)
+            self._idle.set()
+            # the comms thread delivers the last run's answer, waiting up to five heartbeats for its ack
+            comms.join(timeout=5 * self.heartbeat_s + 5)
             if self._wake_push is not None:
                 self._wake_push.close(linger=0)
             self.outbox.close()
@@ -313,10 +317,13 @@ class StationWorker:
             self._forget(job)
             self._post(stored)
             return
-        if job.cancelled:
-            log.info("trial %s cancelled before it started", trial)
-            return
-        self._running = trial
+        with self._jobs_lock:
+            # atomic with the holdings a stopping station reports: a trial it has said it does not hold, which the
+            # daemon then gives to another station, must not start here after all
+            if job.cancelled or self._stop.is_set():
+                log.info("trial %s %s before it started", trial, "cancelled" if job.cancelled else "not run: stopping")
+                return
+            self._running = trial
         self._post(protocol.encode(protocol.Started(trial_id=trial, assignment=job.id)))
         started, started_at = time.monotonic(), time.time()
         documents = DocumentCollector()
@@ -427,16 +434,24 @@ class StationWorker:
         return connect_station(self.context, self.endpoint, self.name, self.keys)
 
     def _holdings(self) -> list[int]:
-        """Trials this station holds: queued, running, or answered and not yet acknowledged."""
-        outstanding = {trial for trial, job in list(self._jobs.items()) if not job.cancelled}
+        """Trials this station holds: queued, running, or answered and not yet acknowledged.
+
+        A stopping station holds no queued trial: it will not run them, and the daemon re-queues what a station
+        does not hold, for the others, instead of losing them with this one.
+        """
+        with self._jobs_lock:
+            leaving = self._stop.is_set()
+            outstanding = {trial for trial, job in list(self._jobs.items()) if not job.cancelled and not leaving}
+            if self._running is not None:
+                outstanding.add(self._running)
         outstanding |= {trial for trial, _ in self.outbox.pending()}
-        if self._running is not None:
-            outstanding.add(self._running)
         return sorted(outstanding)
 
     def _hello(self) -> bytes:
         return protocol.encode(protocol.Hello(station=self.name, instruments=self.instruments,
-                                              campaigns=self.campaigns, sources=self.sources,
+                                              # a stopping station serves nothing: the daemon sends it no more
+                                              campaigns=[] if self._stop.is_set() else self.campaigns,
+                                              sources=self.sources,
                                               outstanding=self._holdings(),
                                               software=f"closedloop-worker/{protocol.PROTOCOL_VERSION}",
                                               instance=self._instance, welcomed=self._welcomed))
@@ -450,8 +465,25 @@ class StationWorker:
         self._seen: str | None = None  # the daemon's last heartbeat read here
         sock.send(self._hello())
         last_sent = last_heard = time.monotonic()
+        # a stop lets the run in progress finish: this thread beats on (a silent station is lost, and its trial
+        # run again elsewhere while the run here goes on) until that run's answer is acknowledged
+        leaving = False
+        idle_since: float | None = None
         try:
-            while not self._stop.is_set():
+            while True:
+                if self._stop.is_set():
+                    if self.refused is not None:
+                        break
+                    if not leaving:
+                        leaving = True
+                        if self._session is not None:  # say so now: what is queued here goes to other stations
+                            self._session = None
+                            self.registered.clear()
+                            sock.send(self._hello())
+                    if self._idle.is_set():
+                        idle_since = idle_since or time.monotonic()
+                        if not self.outbox.pending() or time.monotonic() - idle_since > 5 * self.heartbeat_s:
+                            break
                 poller = zmq.Poller()
                 poller.register(sock, zmq.POLLIN)
                 poller.register(wake, zmq.POLLIN)
