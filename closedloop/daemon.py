@@ -283,6 +283,8 @@ class CampaignRun:
         self.started = time.monotonic()
         self.stopping = False
         self.paused = False
+        self.paused_at = 0.0  # monotonic time of the pause: its length is added back to the deadlines on resume
+        self.paused_on: set[str] = set()  # stations told to pause, to be told to resume even if its trials left
         finished = store.trials(self.id, ["completed", "failed", "abandoned"])
         self.finished = len(finished)
         # issue 8: a budget in cost; a proposal rejected before it ran cost nothing (as in a running daemon)
@@ -1073,6 +1075,8 @@ class Daemon:
             if flight.deadline is None or now <= flight.deadline:
                 continue
             run = self.runs[flight.campaign_id]
+            if run.paused and not flight.reconciling:
+                continue  # its station holds it for the operator; the clock restarts on resume
             if flight.reconciling:
                 self._fail(run, flight, f"station {flight.station} did not come back after a daemon restart",
                            retry=True, status=TrialStatus.abandoned)
@@ -1303,6 +1307,19 @@ class Daemon:
                     self._emit(f"campaign_{method}d", run, in_flight=self._in_flight_count(run))
                     # stations running its trials pause their RunEngines at the next checkpoint (moves finish)
                     running = {f.station for f in self.in_flight.values() if f.campaign_id == run.id}
+                    if run.paused:
+                        run.paused_at, run.paused_on = time.monotonic(), set(running)
+                    else:
+                        # a trial waits out a pause on its station: the time paused is not the experiment's
+                        # (deadlines ran on, and a pause past the timeout failed trials that had not run)
+                        paused_for = time.monotonic() - run.paused_at
+                        for flight in self.in_flight.values():
+                            if flight.campaign_id == run.id and flight.deadline is not None and not flight.reconciling:
+                                flight.deadline += paused_for
+                        # and every station told to pause hears the resume, even one whose trials have left since
+                        # (it held the next ones it was given, for good)
+                        running |= run.paused_on
+                        run.paused_on = set()
                     for station in list(self.stations.values()):
                         if station.name in running:
                             self._send(station.identity, protocol.Control(action=method, reason=str(params.get("by", ""))))

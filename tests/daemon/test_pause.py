@@ -1,0 +1,63 @@
+"""An operator's pause longer than the campaign's per-experiment timeout (a lunch break, a sample change)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from closedloop.daemon import control_request
+from closedloop.store import Store
+from tests.daemon.procs import campaign_yaml, free_port, kill9, ran, start_daemon, start_worker, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_pause_longer_than_the_timeout_times_out_nothing(tmp_path: Path) -> None:
+    """The deadlines ran on while the campaign was paused: the trial queued on the station (allowed the timeout
+    and 30 s to start) timed out during the pause and was stored failed, and the planner was told its parameters
+    failed, though it never ran."""
+    (tmp_path / "c.yaml").write_text(campaign_yaml("lunch", 3, latency=1.0, concurrency=2, retries=0, timeout=2))
+    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    daemon = start_daemon(tmp_path, endpoint, control)
+    worker = start_worker(tmp_path, endpoint, "station")
+    log = tmp_path / "daemon.log"
+    try:
+        wait_for(lambda: log.exists() and 'trial=2 trial_id=2 state="dispatched"' in log.read_text(), 60,
+                 "a trial queued behind the first")
+        assert control_request(control, "pause", timeout_s=10)["success"]
+        time.sleep(36)  # past the 2 s timeout and the 30 s a queued trial is allowed to start
+        assert control_request(control, "resume", timeout_s=10)["success"]
+        assert daemon.wait(timeout=60) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
+    finally:
+        for proc in (daemon, worker):
+            kill9(proc)
+
+    store = Store(tmp_path / "s.db")
+    trials = store.trials(store.campaign_row("lunch").id)
+    assert [(t.index, t.status, t.error) for t in trials] == [(i, "completed", None) for i in (1, 2, 3)]
+    assert Counter(trial for trial, _ in ran(tmp_path / "station.outbox")) == {t.id: 1 for t in trials}
+
+
+def test_a_station_whose_run_ends_during_a_pause_hears_the_resume(tmp_path: Path) -> None:
+    """The resume went only to stations with the campaign's trials in flight: a station whose run finished
+    during the pause (its pause waits for a checkpoint) had none, stayed paused, and held every later trial."""
+    (tmp_path / "c.yaml").write_text(campaign_yaml("break", 2, latency=2.0, concurrency=1))
+    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    daemon = start_daemon(tmp_path, endpoint, control)
+    worker = start_worker(tmp_path, endpoint, "station")
+    log = tmp_path / "daemon.log"
+    try:
+        wait_for(lambda: log.exists() and 'trial=1 trial_id=1 state="started"' in log.read_text(), 60,
+                 "the first experiment to start")
+        assert control_request(control, "pause", timeout_s=10)["success"]  # mid-move: the run goes on to its end
+        wait_for(lambda: 'trial=1 trial_id=1 state="completed"' in log.read_text(), 30, "the first experiment's result")
+        assert control_request(control, "resume", timeout_s=10)["success"]
+        assert daemon.wait(timeout=30) == 0, "the second experiment never ran"
+    finally:
+        for proc in (daemon, worker):
+            kill9(proc)
+    store = Store(tmp_path / "s.db")
+    assert [t.status for t in store.trials(store.campaign_row("break").id)] == ["completed", "completed"]
