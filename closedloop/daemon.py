@@ -280,7 +280,11 @@ class CampaignRun:
         # -- end issue 9
         results = store.results(self.id)
         self.planner.ingest(results)
-        self.started = time.monotonic()
+        # budget.hours counts from the campaign's start, as `closedloop status` does, not from this daemon's: a
+        # daemon restarted (a crash, systemd) gave the campaign all its hours again
+        created = store.campaign_row(self.id).created_at
+        since = datetime.now(timezone.utc) - (created if created.tzinfo else created.replace(tzinfo=timezone.utc))
+        self.started = time.monotonic() - max(0.0, since.total_seconds())
         self.stopping = False
         self.paused = False
         self.paused_at = 0.0  # monotonic time of the pause: its length is added back to the deadlines on resume
