@@ -1067,12 +1067,27 @@ class Daemon:
                 log.warning("station %s lost (silent for %.1f s)", station.name, now - station.last_seen)
                 del self.stations[identity]
                 self._emit_daemon("station_lost", station=station.name, trials=sorted(station.running))
+                flights = [f for f in (self.in_flight.get(t) for t in station.running) if f is not None]
+                busy = any(f.started for f in flights)
                 for trial_id in list(station.running):
                     flight = self.in_flight.get(trial_id)
                     if flight is not None:
                         run = self.runs[flight.campaign_id]
-                        self._fail(run, flight, f"station {station.name} lost", retry=True,
-                                   status=TrialStatus.abandoned)
+                        if busy and flight.assignment is not None and not flight.started:
+                            # queued behind the run in progress, never started: nothing ran, so it goes back to the
+                            # front of the queue (abandoned, with no retries, it was an experiment of the budget
+                            # that no instrument ran). Without a run in progress it may be what killed the station,
+                            # and it follows the retry policy
+                            reason = f"station {station.name} lost before starting it"
+                            self._release(trial_id)
+                            self.store.requeue(trial_id, reason, attempted=False)
+                            run.queue.appendleft(trial_id)
+                            self._transition(run, flight.index, trial_id, "requeued", reason=reason)
+                            self._emit("trial_requeued", run, trial=flight.index, reason=reason)
+                            self._update_planner(run)
+                        else:
+                            self._fail(run, flight, f"station {station.name} lost", retry=True,
+                                       status=TrialStatus.abandoned)
                         if trial_id in run.queue:  # re-queued, not abandoned
                             self._left_behind[trial_id] = station.name
         for flight in list(self.in_flight.values()):

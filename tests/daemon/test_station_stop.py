@@ -51,3 +51,31 @@ def test_a_station_stopped_mid_run_finishes_the_run_delivers_it_and_hands_back_i
     # nothing: no trial of it was re-queued or abandoned as a lost station's
     assert 'state="requeued" reason="station does not hold it"' in log.read_text()
     assert 'reason="station stopped lost"' not in log.read_text()
+
+
+def test_a_trial_queued_on_a_killed_station_goes_back_to_the_queue(tmp_path: Path) -> None:
+    """A station killed mid-run also held the trial queued behind its run, which it had not started: with the
+    default retries (0) both were abandoned, an experiment of the budget lost that no instrument ever ran."""
+    (tmp_path / "c.yaml").write_text(campaign_yaml("killed", 6, latency=3.0, concurrency=4, retries=0))
+    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    daemon = start_daemon(tmp_path, endpoint, control)
+    killed = start_worker(tmp_path, endpoint, "killed")
+    other = start_worker(tmp_path, endpoint, "other")
+    log = tmp_path / "daemon.log"
+    try:
+        wait_for(lambda: log.exists() and 'state="started" station="killed"' in log.read_text()
+                 and log.read_text().count('station="killed" attempt=1') >= 2, 60,
+                 "the station to run one experiment with another queued behind it")
+        kill9(killed)
+        assert daemon.wait(timeout=120) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
+    finally:
+        for proc in (daemon, killed, other):
+            kill9(proc)
+
+    store = Store(tmp_path / "s.db")
+    trials = store.trials(store.campaign_row("killed").id)
+    # the run cut off by the kill is abandoned (it may have used the sample); the queued trial ran elsewhere
+    assert Counter(t.status for t in trials) == {"completed": 5, "abandoned": 1}
+    (abandoned,) = [t for t in trials if t.status == "abandoned"]
+    assert f'trial={abandoned.index} trial_id={abandoned.id} state="started" station="killed"' in log.read_text()
+    assert not [t for t, n in Counter(t for t, _ in ran(tmp_path / "other.outbox")).items() if n > 1]
