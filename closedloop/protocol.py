@@ -31,7 +31,7 @@ import math
 import uuid
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, TypeAdapter, ValidationError, field_validator
 
 from closedloop.errors import ProtocolError
 
@@ -135,6 +135,10 @@ class Started(_Message):
     assignment: AssignmentId = None
 
 
+#: a measured value: a JSON number, not text or a boolean (lax parsing took "12.5" and true as 12.5 and 1.0)
+Measurement = Annotated[float, Strict()]
+
+
 def _finite_values(values: dict[str, float] | None) -> dict[str, float] | None:
     for key, value in (values or {}).items():
         if not math.isfinite(value):
@@ -149,8 +153,8 @@ class ResultMessage(_Message):
     trial_id: TrialId
     assignment: AssignmentId = None
     run_uid: str = Field(min_length=1, max_length=128)
-    values: dict[str, float] = Field(max_length=1024)
-    noise: dict[str, float] | None = None
+    values: dict[str, Measurement] = Field(max_length=1024)
+    noise: dict[str, Measurement] | None = None
     duration_s: float | None = Field(default=None, ge=0)
     started_at: float | None = None  # unix seconds on the station's clock
     finished_at: float | None = None

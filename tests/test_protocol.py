@@ -66,6 +66,10 @@ def test_a_refusal_from_another_version_is_still_read() -> None:
     # beyond SQLite's 64-bit INTEGER: the daemon's lookup raised OverflowError and its loop ended
     (_raw(trial_id=10**26), "trial_id"),
     (b"x" * (protocol.MAX_MESSAGE_BYTES + 1), "exceeds"),
+    # a measurement is a number: text and booleans were taken as 12.5 and 1.0 (and a flag stored as a yield)
+    (_raw(values={"y": "12.5"}), "values.y"),
+    (_raw(values={"y": True}), "values.y"),
+    (_raw(noise={"y": "0.1"}), "noise.y"),
 ])
 def test_malformed_frames_are_refused_with_a_reason(frame: bytes, why: str) -> None:
     with pytest.raises(ProtocolError, match=why):
