@@ -41,10 +41,10 @@ def test_a_pause_longer_than_the_timeout_times_out_nothing(tmp_path: Path) -> No
     assert Counter(trial for trial, _ in ran(tmp_path / "station.outbox")) == {t.id: 1 for t in trials}
 
 
-def test_a_station_whose_run_ends_during_a_pause_hears_the_resume(tmp_path: Path) -> None:
-    """The resume went only to stations with the campaign's trials in flight: a station whose run finished
-    during the pause (its pause waits for a checkpoint) had none, stayed paused, and held every later trial."""
-    (tmp_path / "c.yaml").write_text(campaign_yaml("break", 2, latency=2.0, concurrency=1))
+def test_a_station_whose_trial_ends_during_a_pause_hears_the_resume(tmp_path: Path) -> None:
+    """The resume went only to stations with the campaign's trials in flight: a station whose trial ended
+    during the pause (here an operator cancelled it) had none, stayed paused, and held every later trial."""
+    (tmp_path / "c.yaml").write_text(campaign_yaml("break", 2, latency=2.0, concurrency=1, retries=0))
     endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     daemon = start_daemon(tmp_path, endpoint, control)
     worker = start_worker(tmp_path, endpoint, "station")
@@ -52,12 +52,13 @@ def test_a_station_whose_run_ends_during_a_pause_hears_the_resume(tmp_path: Path
     try:
         wait_for(lambda: log.exists() and 'trial=1 trial_id=1 state="started"' in log.read_text(), 60,
                  "the first experiment to start")
-        assert control_request(control, "pause", timeout_s=10)["success"]  # mid-move: the run goes on to its end
-        wait_for(lambda: 'trial=1 trial_id=1 state="completed"' in log.read_text(), 30, "the first experiment's result")
+        assert control_request(control, "pause", timeout_s=10)["success"]
+        assert control_request(control, "cancel", {"trial": 1}, timeout_s=10)["success"]
+        wait_for(lambda: 'trial=1 trial_id=1 state="failed"' in log.read_text(), 30, "the cancel")
         assert control_request(control, "resume", timeout_s=10)["success"]
         assert daemon.wait(timeout=30) == 0, "the second experiment never ran"
     finally:
         for proc in (daemon, worker):
             kill9(proc)
     store = Store(tmp_path / "s.db")
-    assert [t.status for t in store.trials(store.campaign_row("break").id)] == ["completed", "completed"]
+    assert [t.status for t in store.trials(store.campaign_row("break").id)] == ["failed", "completed"]
