@@ -1090,11 +1090,13 @@ class Daemon:
                                        status=TrialStatus.abandoned)
                         if trial_id in run.queue:  # re-queued, not abandoned
                             self._left_behind[trial_id] = station.name
+        # stations holding their RunEngines for a paused campaign: every trial there waits, whatever its campaign
+        held = set().union(*(r.paused_on for r in self.runs.values() if r.paused))
         for flight in list(self.in_flight.values()):
             if flight.deadline is None or now <= flight.deadline:
                 continue
             run = self.runs[flight.campaign_id]
-            if run.paused and not flight.reconciling:
+            if not flight.reconciling and (run.paused or flight.station in held):
                 continue  # its station holds it for the operator; the clock restarts on resume
             if flight.reconciling:
                 self._fail(run, flight, f"station {flight.station} did not come back after a daemon restart",
@@ -1331,9 +1333,11 @@ class Daemon:
                     else:
                         # a trial waits out a pause on its station: the time paused is not the experiment's
                         # (deadlines ran on, and a pause past the timeout failed trials that had not run)
+                        # another campaign's trial on a station it paused waited as well (one RunEngine)
                         paused_for = time.monotonic() - run.paused_at
                         for flight in self.in_flight.values():
-                            if flight.campaign_id == run.id and flight.deadline is not None and not flight.reconciling:
+                            if ((flight.campaign_id == run.id or flight.station in run.paused_on)
+                                    and flight.deadline is not None and not flight.reconciling):
                                 flight.deadline += paused_for
                         # and every station told to pause hears the resume, even one whose trials have left since
                         # (it held the next ones it was given, for good)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from closedloop.daemon import control_request
+from closedloop.campaign import Campaign
+from closedloop.daemon import Daemon, control_request
 from closedloop.store import Store
+from closedloop.worker import StationWorker
 from tests.daemon.procs import campaign_yaml, free_port, kill9, ran, start_daemon, start_worker, wait_for
 
 pytestmark = pytest.mark.slow
@@ -62,3 +65,40 @@ def test_a_station_whose_trial_ends_during_a_pause_hears_the_resume(tmp_path: Pa
             kill9(proc)
     store = Store(tmp_path / "s.db")
     assert [t.status for t in store.trials(store.campaign_row("break").id)] == ["failed", "completed"]
+
+
+def test_pausing_one_campaign_times_out_nothing_of_another_on_the_same_station(tmp_path: Path) -> None:
+    """A station has one RunEngine: pausing campaign A holds campaign B's trial queued there too. B's clock ran
+    on, and its trial, which never ran, timed out and was stored failed."""
+    store = Store(tmp_path / "s.db")
+    campaigns = [Campaign.from_yaml_text(campaign_yaml(name, 2, latency=1.0, concurrency=1, retries=0, timeout=2))
+                 for name in ("a", "b")]
+    control = f"tcp://127.0.0.1:{free_port()}"
+    daemon = Daemon(store, campaigns, heartbeat_s=0.3, control=control)
+    worker = StationWorker(daemon.endpoint, name="shared", outbox=tmp_path / "outbox.db", heartbeat_s=0.3)
+    stop = threading.Event()
+    station = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    station.start()
+    serving = threading.Thread(target=daemon.serve, daemon=True)
+    serving.start()
+    try:
+        wait_for(lambda: len(control_request(control, "status")["stations"]) == 1
+                 and sum(len(c["in_flight"]) for c in control_request(control, "status")["campaigns"]) == 2
+                 and any(f["started"] for c in control_request(control, "status")["campaigns"]
+                         for f in c["in_flight"]), 60, "one campaign's trial running, the other's queued behind it")
+        running = next(c["name"] for c in control_request(control, "status")["campaigns"]
+                       if any(f["started"] for f in c["in_flight"]))
+        assert control_request(control, "pause", {"campaign": running})["success"]
+        time.sleep(36)  # past the 2 s timeout and the 30 s a queued trial is allowed to start
+        assert control_request(control, "resume", {"campaign": running})["success"]
+        serving.join(timeout=60)
+        assert not serving.is_alive(), "the campaigns did not finish after the resume"
+    finally:
+        daemon.request_stop("test over")
+        serving.join(timeout=30)
+        stop.set()
+        station.join(timeout=15)
+        daemon.close()
+    for run in daemon.runs.values():
+        assert [(t.status, t.error) for t in store.trials(run.id)] == [("completed", None)] * 2, run.campaign.name
+    store.close()
