@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 from botorch.acquisition import AcquisitionFunction
+from botorch.utils.transforms import t_batch_mode_transform
 from botorch.acquisition.analytic import LogExpectedImprovement
 from botorch.acquisition.logei import qLogNoisyExpectedImprovement
 from botorch.acquisition.multi_objective.logei import qLogNoisyExpectedHypervolumeImprovement
@@ -102,6 +103,34 @@ def contenders(model: Model, x: torch.Tensor, z: float = 5.0) -> torch.Tensor:
         posterior = model.posterior(x.unsqueeze(-2))  # one point at a time: marginals, no joint covariance
         mean, sd = posterior.mean.reshape(-1), posterior.variance.clamp_min(0).sqrt().reshape(-1)
     return x[mean + z * sd >= (mean - z * sd).max()]
+
+
+class ConsensusMean(AcquisitionFunction):
+    """Several models' posterior means of one objective, each standardized over the experiments run, summed.
+
+    Under noise the experiments near the optimum differ by less than the noise, and one model alone rates
+    them partly by where its kernel let a lucky reading pull it; two models of the same data together
+    are steadier (see ``BotorchPlanner.best``). Maximized over the space it is the point those models
+    together expect to be best: what a noisy campaign confirms in its last experiments.
+
+    Args:
+        models: single-output models of the objective, oriented so that larger is better.
+        x: ``n x d`` experiments run, over which each model's means are standardized.
+    """
+
+    def __init__(self, models: list[Model], x: torch.Tensor):
+        super().__init__(models[0])
+        self.models = models
+        with torch.no_grad():
+            means = [m.posterior(x).mean[..., 0] for m in models]
+        self.centres = [float(m.mean()) for m in means]
+        self.spreads = [float(m.std().clamp_min(1e-12)) if len(m) > 1 else 1.0 for m in means]
+
+    @t_batch_mode_transform(expected_q=1)
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        """``b x 1 x d`` points to ``b`` scores."""
+        return sum((m.posterior(X).mean[..., 0, 0] - c) / s
+                   for m, c, s in zip(self.models, self.centres, self.spreads))  # type: ignore[return-value]
 
 
 def several_objectives(

@@ -146,6 +146,54 @@ def test_under_noise_single_proposals_weigh_the_noise_and_noise_free_ones_stay_a
     assert clean.suggest(1)[0].metadata["generator"] == "botorch.LogExpectedImprovement"
 
 
+def _consensus_scores(planner, points: list[dict], readings: list[float], at: list[dict]) -> torch.Tensor:
+    """The search model's and BoTorch's default GP's means at ``at``, each standardized over ``points``
+    (Branin's box, ``y`` minimized), summed: rebuilt outside the planner."""
+    from botorch.fit import fit_gpytorch_mll
+    from botorch.models import SingleTaskGP
+    from botorch.models.transforms.outcome import Standardize
+    from gpytorch.mlls import ExactMarginalLogLikelihood
+
+    unit = lambda ps: torch.tensor([[(p["x1"] + 5) / 15, p["x2"] / 15] for p in ps], dtype=torch.double)  # noqa: E731
+    smooth = SingleTaskGP(unit(points), -torch.tensor(readings, dtype=torch.double).unsqueeze(-1),
+                          outcome_transform=Standardize(m=1))
+    fit_gpytorch_mll(ExactMarginalLogLikelihood(smooth.likelihood, smooth))
+    score = torch.zeros(len(at), dtype=torch.double)
+    for mean in (lambda ps: -torch.tensor([p["y"]["mean"] for p in planner.predict(ps)]),
+                 lambda ps: smooth.posterior(unit(ps)).mean[:, 0].detach()):
+        ref = mean(points)
+        score += (mean(at) - ref.mean()) / ref.std()
+    return score
+
+
+def test_a_noisy_campaign_ends_on_the_experiments_the_models_expect_best() -> None:
+    from closedloop.planner.botorch_backend import CONFIRMING
+
+    rng = np.random.default_rng(1)
+    noisy = make_planner(campaign(BRANIN, initial=5, experiments=24))
+    results = run(noisy, lambda p: {"y": b(p) + float(rng.standard_normal())}, 24 - CONFIRMING)
+    for trial in range(25 - CONFIRMING, 25):
+        proposal = noisy.suggest(1)[0]
+        assert proposal.metadata["generator"] == "botorch.ConsensusMean"
+        points, readings = [r.parameters for r in results], [r.values["y"] for r in results]
+        score = _consensus_scores(noisy, points, readings, [proposal.parameters, *points])
+        # the whole space's best by the two models: at least as good as every experiment run
+        assert float(score[0]) >= float(score[1:].max()) - 1e-3
+        assert proposal.parameters not in points
+        results.append(Result(proposal.parameters, {"y": b(proposal.parameters) + float(rng.standard_normal())}, trial))
+        noisy.ingest([results[-1]])
+    # noise-free readings keep the acquisition's choice to the end, and so does a noisy campaign not at its end
+    clean = make_planner(campaign(BRANIN, initial=5, experiments=24))
+    run(clean, lambda p: {"y": b(p)}, 24 - CONFIRMING)
+    for trial in range(25 - CONFIRMING, 25):
+        proposal = clean.suggest(1)[0]
+        assert proposal.metadata["generator"] != "botorch.ConsensusMean"
+        clean.ingest([Result(proposal.parameters, {"y": b(proposal.parameters)}, trial)])
+    longer = make_planner(campaign(BRANIN, initial=5, experiments=40))
+    longer.ingest(results[:24 - CONFIRMING])
+    assert longer.suggest(1)[0].metadata["generator"] != "botorch.ConsensusMean"
+
+
 def test_noise_free_best_is_the_best_reading() -> None:
     planner = make_planner(campaign(BRANIN, initial=5))
     results = run(planner, lambda p: {"y": b(p)}, 8)
