@@ -40,8 +40,16 @@ class _Commands(TyperGroup):
         except Exception as exc:
             if ctx.params.get("debug"):
                 raise
+            from sqlalchemy.exc import DBAPIError
+
             if isinstance(exc, ClosedLoopError):
                 message = str(exc)
+            elif isinstance(exc, DBAPIError):
+                # the driver's reason alone, on one line: SQLAlchemy's text adds the statement, its parameters and
+                # a link, four "error:" lines for a full disk
+                reason = " ".join(str(exc.orig or exc).split())
+                message = (f"the store's database failed: {reason} ({type(exc.orig or exc).__name__}; "
+                           "run with --debug for the traceback)")
             else:
                 message = f"{type(exc).__name__}: {exc} (run with --debug for the traceback)"
             for line in message.splitlines() or [type(exc).__name__]:

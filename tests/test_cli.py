@@ -202,3 +202,24 @@ def test_a_database_server_that_refuses_is_one_line_without_the_password(tmp_pat
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"error: cannot open the store postgresql+psycopg://lab:***@127.0.0.1:{port}/results: ")
     assert "s3cret-word" not in result.stderr + result.stdout and "Traceback" not in result.stderr
+
+
+def test_a_database_that_fails_a_write_is_one_line_and_changes_nothing(tmp_path: Path) -> None:
+    """A full disk came out as four 'error:' lines (SQLAlchemy's statement, parameters and link); a trigger stands in
+    for the disk, refusing every new trial as SQLite refuses a write past its space."""
+    import sqlite3
+
+    from closedloop.campaign import Campaign
+    from closedloop.store import Store
+
+    path = tmp_path / "campaigns.db"
+    Store(path).open_campaign(Campaign.from_yaml(ROOT / "campaigns" / "branin.yaml"))
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TRIGGER full BEFORE INSERT ON trial BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+    result = closedloop("run", str(ROOT / "campaigns" / "branin.yaml"), "--store", str(path), cwd=tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["error: the store's database failed: database or disk is full (IntegrityError; "
+                     "run with --debug for the traceback)"], result.stderr
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*) FROM trial").fetchone() == (0,)
