@@ -22,7 +22,8 @@ from closedloop.store import Store
 from closedloop.worker import StationWorker
 from drivers.documents import DocumentCollector
 from tests.conftest import branin_yaml
-from tests.daemon.procs import campaign_yaml, completed, env, free_port, kill9, start_daemon, start_worker
+from tests.daemon.procs import (campaign_yaml, completed, env, free_port, kill9, serving, start_daemon,
+                                start_worker, station)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,31 +55,6 @@ def test_daemon_and_worker_in_separate_processes_complete_a_campaign(tmp_path: P
 
 def _campaign(name: str, experiments: int, **kw: object) -> Campaign:
     return Campaign.from_yaml_text(campaign_yaml(name, experiments, **kw))  # type: ignore[arg-type]
-
-
-@contextmanager
-def serving(daemon: Daemon) -> Iterator[threading.Thread]:
-    thread = threading.Thread(target=daemon.serve, name="test-daemon", daemon=True)
-    thread.start()
-    try:
-        yield thread
-    finally:
-        daemon.request_stop("test over")
-        thread.join(timeout=30)
-        daemon.close()
-
-
-@contextmanager
-def station(endpoint: str, name: str, tmp_path: Path, **kw: object) -> Iterator[StationWorker]:
-    worker = StationWorker(endpoint, name=name, outbox=tmp_path / f"{name}.outbox", heartbeat_s=0.2, **kw)  # type: ignore[arg-type]
-    stop = threading.Event()
-    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        yield worker
-    finally:
-        stop.set()
-        thread.join(timeout=15)
 
 
 @contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -219,13 +220,10 @@ def test_records_and_replay_on_postgresql() -> None:
             store.close()
 
 
-def test_large_hyperparameters_go_to_a_file_with_their_digest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import hashlib
-
+def _trial_with_large_hyperparameters(store: Store) -> tuple[Any, dict[str, list[float]]]:
+    """A trial of campaign "big" whose proposal kept hyperparameters past ``INLINE_LIMIT`` (set low by the caller)."""
     from closedloop.planner.base import Proposal
 
-    monkeypatch.setattr(provenance, "INLINE_LIMIT", 100)
-    store = Store(tmp_path / "big.db")
     campaign_id = store.open_campaign(branin_campaign(name="big"))
     hyper = {f"models.{i}.covar_module.lengthscale": [0.1 * i, 0.2 * i] for i in range(20)}
     proposal = Proposal({"x1": 1.0, "x2": 2.0}, {"generator": "botorch.x"})
@@ -233,6 +231,15 @@ def test_large_hyperparameters_go_to_a_file_with_their_digest(tmp_path: Path, mo
                                 "proposed_parameters": proposal.parameters})
     trial = store.add_trials(campaign_id, [(proposal.parameters, proposal.metadata)],
                              companion=provenance.companion(store, None, [proposal]))[0]
+    return trial, hyper
+
+
+def test_large_hyperparameters_go_to_a_file_with_their_digest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    monkeypatch.setattr(provenance, "INLINE_LIMIT", 100)
+    store = Store(tmp_path / "big.db")
+    trial, hyper = _trial_with_large_hyperparameters(store)
     row = provenance.provenance(store, "big", trial.index)
     assert row.hyperparameters is None and row.hyperparameters_file
     text = Path(row.hyperparameters_file).read_text()
@@ -335,19 +342,11 @@ def test_hyperparameters_in_a_file_are_found_beside_the_store_from_any_folder(tm
     another folder, or of a results folder moved elsewhere, had shown no hyperparameters."""
     import shutil
 
-    from closedloop.planner.base import Proposal
-
     monkeypatch.setattr(provenance, "INLINE_LIMIT", 100)
     (tmp_path / "lab").mkdir()
     monkeypatch.chdir(tmp_path / "lab")
     store = Store("results/big.db")
-    campaign_id = store.open_campaign(branin_campaign(name="big"))
-    hyper = {f"models.{i}.covar_module.lengthscale": [0.1 * i, 0.2 * i] for i in range(20)}
-    proposal = Proposal({"x1": 1.0, "x2": 2.0}, {"generator": "botorch.x"})
-    provenance._keep(proposal, {"backend": "botorch", "generator": "botorch.x", "hyperparameters": hyper,
-                                "proposed_parameters": proposal.parameters})
-    trial = store.add_trials(campaign_id, [(proposal.parameters, proposal.metadata)],
-                             companion=provenance.companion(store, None, [proposal]))[0]
+    trial, hyper = _trial_with_large_hyperparameters(store)
     store.close()
     assert not Path(provenance.provenance(Store("results/big.db"), "big", trial.index).hyperparameters_file).is_absolute()
     shutil.copytree(tmp_path / "lab" / "results", tmp_path / "archive")  # the results folder, moved
@@ -356,7 +355,7 @@ def test_hyperparameters_in_a_file_are_found_beside_the_store_from_any_folder(tm
         info = provenance.explain(Store(location, read_only=True), "big", trial.index)
         assert info["provenance"]["hyperparameters"] == hyper, location
     # a file that is not the one recorded (its digest differs) is not shown as the decision's
-    (tmp_path / "archive" / "big.provenance" / f"campaign-{campaign_id}" /
+    (tmp_path / "archive" / "big.provenance" / f"campaign-{trial.campaign_id}" /
      f"trial-{trial.index}-hyperparameters.json").write_text("{}")
     info = provenance.explain(Store(tmp_path / "archive" / "big.db", read_only=True), "big", trial.index)
     assert info["provenance"]["hyperparameters"] is None

@@ -12,7 +12,6 @@ from collections.abc import Callable
 
 import torch
 from botorch.acquisition import AcquisitionFunction
-from botorch.utils.transforms import t_batch_mode_transform
 from botorch.acquisition.analytic import LogExpectedImprovement
 from botorch.acquisition.logei import qLogNoisyExpectedImprovement
 from botorch.acquisition.multi_objective.logei import qLogNoisyExpectedHypervolumeImprovement
@@ -20,6 +19,7 @@ from botorch.acquisition.multi_objective.objective import IdentityMCMultiOutputO
 from botorch.acquisition.objective import GenericMCObjective
 from botorch.models.model import Model
 from botorch.sampling.normal import SobolQMCNormalSampler
+from botorch.utils.transforms import t_batch_mode_transform
 
 Constraint = Callable[[torch.Tensor], torch.Tensor]
 
@@ -111,7 +111,7 @@ class ConsensusMean(AcquisitionFunction):
     Under noise the experiments near the optimum differ by less than the noise, and one model alone rates
     them partly by where its kernel let a lucky reading pull it; two models of the same data together
     are steadier (see ``BotorchPlanner.best``). Maximized over the space it is the point those models
-    together expect to be best: what a noisy campaign confirms in its last experiments.
+    together expect to be best: what a noisy campaign confirms with its last experiment.
 
     Args:
         models: single-output models of the objective, oriented so that larger is better.

@@ -1,4 +1,5 @@
-"""Real processes for daemon tests: the daemon and station workers as `closedloop` subprocesses."""
+"""Real processes for daemon tests: the daemon and station workers as `closedloop` subprocesses, or as threads
+of the test's process (:func:`serving`, :func:`station`) on real loopback sockets."""
 
 from __future__ import annotations
 
@@ -8,13 +9,18 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import zmq
 
 from closedloop import protocol
+from closedloop.daemon import Daemon
+from closedloop.worker import StationWorker
 from simulators.surfaces import branin_campaign
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,3 +109,28 @@ def receive(router: zmq.Socket, kind: type, limit_s: float = 30.0, *, refuse_hea
             if refuse_heartbeats and isinstance(message, protocol.Heartbeat):
                 router.send_multipart([identity, protocol.encode(protocol.Refused(reason="unregistered: send hello"))])
     raise AssertionError(f"no {kind.__name__} within {limit_s} s")
+
+
+@contextmanager
+def serving(daemon: Daemon) -> Iterator[threading.Thread]:
+    thread = threading.Thread(target=daemon.serve, name="test-daemon", daemon=True)
+    thread.start()
+    try:
+        yield thread
+    finally:
+        daemon.request_stop("test over")
+        thread.join(timeout=30)
+        daemon.close()
+
+
+@contextmanager
+def station(endpoint: str, name: str, tmp_path: Path, **kw: object) -> Iterator[StationWorker]:
+    worker = StationWorker(endpoint, name=name, outbox=tmp_path / f"{name}.outbox", heartbeat_s=0.2, **kw)  # type: ignore[arg-type]
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        stop.set()
+        thread.join(timeout=15)

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import sqlite3
-import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from closedloop.campaign import Campaign
 from closedloop.daemon import Daemon
 from closedloop.store import Store
-from closedloop.worker import StationWorker
-from tests.daemon.procs import campaign_yaml
+from tests.daemon.procs import campaign_yaml, serving, station
 
 
 def test_a_restarted_daemon_keeps_the_campaigns_hours_from_its_start(tmp_path: Path) -> None:
@@ -26,20 +24,8 @@ def test_a_restarted_daemon_keeps_the_campaigns_hours_from_its_start(tmp_path: P
     with sqlite3.connect(tmp_path / "s.db") as db:
         db.execute("UPDATE campaign SET created_at = ?", (started.replace(tzinfo=None).isoformat(" "),))
     daemon = Daemon(store, [campaign], heartbeat_s=0.3)
-    worker = StationWorker(daemon.endpoint, name="station", outbox=tmp_path / "outbox.db", heartbeat_s=0.3)
-    stop = threading.Event()
-    station = threading.Thread(target=worker.run, args=(stop,), daemon=True)
-    station.start()
-    serving = threading.Thread(target=daemon.serve, daemon=True)
-    serving.start()
-    try:
-        serving.join(timeout=30)
-        assert not serving.is_alive(), "the daemon ran on past the campaign's hours"
-    finally:
-        daemon.request_stop("test over")
-        serving.join(timeout=30)
-        stop.set()
-        station.join(timeout=15)
-        daemon.close()
+    with station(daemon.endpoint, "station", tmp_path), serving(daemon) as thread:
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "the daemon ran on past the campaign's hours"
     assert store.trials(store.campaign_row("clock").id) == []
     store.close()

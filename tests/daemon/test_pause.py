@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -12,8 +11,8 @@ import pytest
 from closedloop.campaign import Campaign
 from closedloop.daemon import Daemon, control_request
 from closedloop.store import Store
-from closedloop.worker import StationWorker
-from tests.daemon.procs import campaign_yaml, free_port, kill9, ran, start_daemon, start_worker, wait_for
+from tests.daemon.procs import (campaign_yaml, free_port, kill9, ran, serving, start_daemon, start_worker, station,
+                                wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -75,13 +74,7 @@ def test_pausing_one_campaign_times_out_nothing_of_another_on_the_same_station(t
                  for name in ("a", "b")]
     control = f"tcp://127.0.0.1:{free_port()}"
     daemon = Daemon(store, campaigns, heartbeat_s=0.3, control=control)
-    worker = StationWorker(daemon.endpoint, name="shared", outbox=tmp_path / "outbox.db", heartbeat_s=0.3)
-    stop = threading.Event()
-    station = threading.Thread(target=worker.run, args=(stop,), daemon=True)
-    station.start()
-    serving = threading.Thread(target=daemon.serve, daemon=True)
-    serving.start()
-    try:
+    with station(daemon.endpoint, "shared", tmp_path), serving(daemon) as thread:
         wait_for(lambda: len(control_request(control, "status")["stations"]) == 1
                  and sum(len(c["in_flight"]) for c in control_request(control, "status")["campaigns"]) == 2
                  and any(f["started"] for c in control_request(control, "status")["campaigns"]
@@ -91,14 +84,8 @@ def test_pausing_one_campaign_times_out_nothing_of_another_on_the_same_station(t
         assert control_request(control, "pause", {"campaign": running})["success"]
         time.sleep(36)  # past the 2 s timeout and the 30 s a queued trial is allowed to start
         assert control_request(control, "resume", {"campaign": running})["success"]
-        serving.join(timeout=60)
-        assert not serving.is_alive(), "the campaigns did not finish after the resume"
-    finally:
-        daemon.request_stop("test over")
-        serving.join(timeout=30)
-        stop.set()
-        station.join(timeout=15)
-        daemon.close()
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "the campaigns did not finish after the resume"
     for run in daemon.runs.values():
         assert [(t.status, t.error) for t in store.trials(run.id)] == [("completed", None)] * 2, run.campaign.name
     store.close()
