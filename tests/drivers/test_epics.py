@@ -77,18 +77,24 @@ def stop_ioc(process: subprocess.Popen) -> None:
         process.wait()
 
 
+def read_pv(pv: str, timeout: float = 10.0):
+    """The PV's value read by caproto's plain client, waiting long enough for an IOC on a loaded machine
+    (CI once missed the search reply for a readback within caproto's default 2 s)."""
+    from caproto.sync.client import read
+
+    return read(pv, timeout=timeout)
+
+
 @pytest.fixture
 def ioc(monkeypatch, tmp_path):
     """The simulated stage IOC in a subprocess, reachable only on loopback; yields its PV prefix."""
     env = loopback_channel_access(monkeypatch)
     prefix = f"cl{uuid.uuid4().hex[:6]}:"
     process = start_ioc(prefix, env, tmp_path / "ioc.log")
-    from caproto.sync.client import read
-
     deadline = time.monotonic() + 30
     while True:
         try:
-            read(f"{prefix}det:value", timeout=0.5)
+            read_pv(f"{prefix}det:value", timeout=0.5)
             break
         except Exception:
             if process.poll() is not None or time.monotonic() > deadline:
@@ -117,8 +123,6 @@ instrument:
 
 @pytest.mark.slow
 def test_campaign_moves_the_ioc_to_each_setpoint_and_never_sends_an_out_of_limits_one(ioc, tmp_path):
-    from caproto.sync.client import read
-
     campaign = Campaign.from_yaml_text(CAMPAIGN.format(prefix=ioc))
     # The binding for the device-level check below is made before the campaign and kept through it.
     # Made after the campaign, just as the campaign's devices were let go, it once never received the
@@ -146,18 +150,18 @@ def test_campaign_moves_the_ioc_to_each_setpoint_and_never_sends_an_out_of_limit
         assert observations[trial.id].values["y"] == pytest.approx(expected, rel=1e-3, abs=1e-3)
 
     # Every value ever written to the motors' .VAL, in order: exactly the accepted setpoints.
-    puts = {axis: list(read(f"{ioc}{axis}:puts").data) for axis in IOC_LIMITS}
+    puts = {axis: list(read_pv(f"{ioc}{axis}:puts").data) for axis in IOC_LIMITS}
     for axis in IOC_LIMITS:
         assert puts[axis] == pytest.approx([t.parameters[axis] for t in inside], abs=1e-9)
         assert all(IOC_LIMITS[axis][0] <= v <= IOC_LIMITS[axis][1] for v in puts[axis])
-        readback = float(read(f"{ioc}{axis}.RBV").data[0])
+        readback = float(read_pv(f"{ioc}{axis}.RBV").data[0])
         assert readback == pytest.approx(inside[-1].parameters[axis], abs=1e-6)
 
     # The second line of defence: the ophyd device itself refuses, even when the pre-flight is skipped.
     assert binding.positioners["x1"].limits == IOC_LIMITS["x1"]
     with pytest.raises(LimitError):
         binding.positioners["x1"].set(7.5)
-    assert list(read(f"{ioc}x1:puts").data) == pytest.approx(puts["x1"])
+    assert list(read_pv(f"{ioc}x1:puts").data) == pytest.approx(puts["x1"])
 
 
 def test_a_stage_whose_ioc_does_not_answer_is_refused_after_a_second_try(monkeypatch, caplog) -> None:
