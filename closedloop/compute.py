@@ -181,7 +181,8 @@ class ComputeStation:
 
     Args:
         connect: the daemon's ROUTER endpoint, e.g. ``tcp://127.0.0.1:5701``.
-        name: station name (ZeroMQ routing id); unique among the daemon's stations.
+        name: station name (ZeroMQ routing id); unique among the daemon's stations; with keys
+            by default theirs (``NAME.key_secret``), the only name the daemon admits them under.
         capacity: experiments at once; default: the Dask cluster's worker threads.
         instruments: wire targets this station accepts (``["*"]``: any; a compute station fails
             the trials of instruments that are not computational).
@@ -215,7 +216,7 @@ class ComputeStation:
         context: zmq.Context | None = None,
     ):
         self.endpoint = connect
-        self.name = name or f"compute-{default_station_name()}"
+        self.name = name or (keys.name if keys is not None else f"compute-{default_station_name()}")
         self.keys = keys
         self.instruments = instruments or ["*"]
         self.sources = sources or ["*"]

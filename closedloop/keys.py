@@ -10,7 +10,9 @@ Layout (all plain files made by ``closedloop keys new NAME``, i.e. :func:`zmq.au
 
 The daemon authenticates stations with ZAP (:class:`zmq.auth.thread.ThreadAuthenticator`): a peer whose
 public key is not in the allowed directory never completes the handshake, so it can neither register
-nor deliver a result. Without keys the daemon binds only to loopback unless told ``--insecure``.
+nor deliver a result. ZAP names each connection after its key file (the ZMTP ``User-Id`` of every
+message it sends: ``station-a`` for ``allowed/station-a.key``), and the daemon takes messages only from
+a station of that name. Without keys the daemon binds only to loopback unless told ``--insecure``.
 
 Example:
     >>> import tempfile
@@ -30,6 +32,7 @@ from pathlib import Path
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
 from closedloop.errors import ProtocolError
 
@@ -65,6 +68,23 @@ def _load(path: str | Path, *, secret: bool) -> tuple[bytes, bytes | None]:
     return public, secret_key
 
 
+class _NamedKeys(ThreadAuthenticator):
+    """Admits the allowed directory's keys, read once (as ``configure_curve`` reads them: restart the daemon after
+    adding one), and names each connection after its key's file, so that a key is a station's name: pyzmq's
+    default User-Id is the key itself, which says nothing about which station may use it."""
+
+    def __init__(self, context: zmq.Context, names: dict[bytes, str], log: logging.Logger):
+        super().__init__(context, log=log)
+        self.names = names
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """The credentials provider of ``configure_curve_callback``: ``key`` is z85."""
+        return key in self.names
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self.names[z85.encode(client_public_key)]
+
+
 @dataclass(frozen=True)
 class ServerKeys:
     """The daemon's key pair and the directory of station public keys it accepts."""
@@ -79,11 +99,27 @@ class ServerKeys:
         if not any(Path(self.allowed_dir).glob("*.key")):
             log.warning("allowed-keys directory %s holds no public keys: no station can connect", self.allowed_dir)
 
+    def allowed(self) -> dict[bytes, str]:
+        """The allowed directory's public keys (z85) and the names of their files (``good.key``: ``good``)."""
+        names: dict[bytes, str] = {}
+        for path in sorted(Path(self.allowed_dir).glob("*.key")):
+            try:
+                public, _ = _load(path, secret=False)
+            except ProtocolError as exc:
+                log.error("allowed key %s skipped: %s", path, exc)
+                continue
+            name = names.setdefault(public, path.stem)
+            if name != path.stem:
+                log.warning("allowed key %s is also %s.key: its holder may register only as station %r",
+                            path, name, name)
+        return names
+
     def start_authenticator(self, context: zmq.Context) -> ThreadAuthenticator:
-        """ZAP handler for ``context``: CURVE peers must hold a key from the allowed directory."""
-        auth = ThreadAuthenticator(context, log=logging.getLogger("closedloop.auth"))
+        """ZAP handler for ``context``: CURVE peers must hold a key from the allowed directory, and each
+        connection's User-Id is the name of that key's file."""
+        auth = _NamedKeys(context, self.allowed(), log=logging.getLogger("closedloop.auth"))
         auth.start()
-        auth.configure_curve(domain="*", location=str(self.allowed_dir))
+        auth.configure_curve_callback(domain="*", credentials_provider=auth)
         return auth
 
     def apply(self, sock: zmq.Socket) -> None:
@@ -104,6 +140,12 @@ class ClientKeys:
     def __post_init__(self) -> None:
         _load(self.secret_file, secret=True)
         _load(self.server_public_file, secret=False)
+
+    @property
+    def name(self) -> str:
+        """The name the pair was made under (``station-a.key_secret``: ``station-a``), a station's default name:
+        the daemon admits a key only as the station its file in the allowed directory is named for."""
+        return Path(self.secret_file).name.removesuffix(".key_secret")
 
     def apply(self, sock: zmq.Socket) -> None:
         """Make ``sock`` a CURVE client of the daemon (before it connects)."""

@@ -178,7 +178,8 @@ class StationWorker:
 
     Args:
         connect: the daemon's ROUTER endpoint, e.g. ``tcp://127.0.0.1:5701``.
-        name: station name (ZeroMQ routing id); unique among the daemon's stations.
+        name: station name (ZeroMQ routing id); unique among the daemon's stations; with keys
+            by default theirs (``NAME.key_secret``), the only name the daemon admits them under.
         instruments: import paths of instruments this station may drive; ``["*"]`` accepts any.
         campaigns: names of campaigns this station serves; ``["*"]`` serves any.
         sources: names of the campaign sources this station serves (a campaign with ``sources``);
@@ -207,7 +208,7 @@ class StationWorker:
         context: zmq.Context | None = None,
     ):
         self.endpoint = connect
-        self.name = name or default_station_name()
+        self.name = name or (keys.name if keys is not None else default_station_name())  # with keys, the only name its key admits
         self.instruments = instruments or ["*"]
         self.campaigns = campaigns or ["*"]
         self.sources = sources or ["*"]
