@@ -556,6 +556,19 @@ def figure_model(data: Data, fitted: list[Fitted], outdir: Path) -> Figure | Non
                   "the curve).", _save(fig, outdir, "model"))
 
 
+def _magnitude(values: np.ndarray) -> float:
+    """The largest absolute value, 1 for none or all zero: what to divide by before squaring."""
+    largest = float(np.max(np.abs(values))) if values.size else 0.0
+    return largest if largest > 0 and math.isfinite(largest) else 1.0
+
+
+def _rms(values: np.ndarray) -> float:
+    """Root mean square computed in units of the largest value: squares of outputs of order 1e300
+    overflow and of 1e-300 underflow (the report read "RMSE inf (nan of the data's sd)" and "RMSE 0")."""
+    scale = _magnitude(values)
+    return scale * float(np.sqrt(np.mean((values / scale) ** 2)))
+
+
 def figure_loo(fitted: list[Fitted], outdir: Path) -> tuple[Figure | None, dict[str, dict[str, float]]]:
     """Leave-one-out predicted against observed, with RMSE and the share within two sd."""
     if not fitted:
@@ -566,9 +579,10 @@ def figure_loo(fitted: list[Fitted], outdir: Path) -> tuple[Figure | None, dict[
     for ax, f in zip(axes[0], fitted):
         observed = f.train_y.squeeze(-1).numpy()
         mean, sd = f.leave_one_out()
-        rmse = float(np.sqrt(np.mean((mean - observed) ** 2)))
+        rmse = _rms(mean - observed)
         within = float(np.mean(np.abs(mean - observed) <= 2 * sd))
-        spread = float(np.std(observed)) or 1.0
+        scale = _magnitude(observed)
+        spread = _rms(observed - scale * np.mean(observed / scale)) or 1.0
         quality[f.output] = {"rmse": rmse, "rmse_over_sd": rmse / spread, "within_2sd": within, "n": len(observed)}
         ax.errorbar(observed, mean, yerr=2 * sd, fmt="o", ms=4, alpha=0.7, capsize=2, color="tab:blue")
         lo, hi = float(min(observed.min(), mean.min())), float(max(observed.max(), mean.max()))

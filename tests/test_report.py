@@ -191,3 +191,18 @@ def test_under_noise_the_report_and_best_name_the_models_best_not_the_luckiest_r
     html = report.write_report(store, "noisy", tmp_path / "out" / "report.html").read_text()
     assert f"at experiment #{reported.trial}: x=0.4 (the best model estimate" in html
     assert f"best single reading of y</td><td>{readings[lucky]:.6g} at experiment #{lucky + 1}: x=1 " in html
+
+
+@pytest.mark.parametrize("unit", [1e300, 1e-300])
+def test_leave_one_out_numbers_of_outputs_near_the_float_limits_are_the_ordinary_ones_scaled(tmp_path: Path,
+                                                                                             unit: float) -> None:
+    # squares of 1e300 overflow and of 1e-300 underflow: the report read "RMSE inf (nan of the data's sd)"
+    # and "RMSE 0 (0.00 of the data's sd)"
+    ordinary, _ = mixed_store(tmp_path / "a.db", n=14, fail=())
+    extreme, _ = mixed_store(tmp_path / "b.db", n=14, fail=(), unit=unit)
+    fits = [report.fit(report.load(s, "mixed"), "yield") for s in (ordinary, extreme)]
+    assert fits[0] is not None and fits[1] is not None
+    (_, want), (_, got) = (report.figure_loo([f], tmp_path) for f in fits)
+    assert got["yield"]["rmse"] == pytest.approx(unit * want["yield"]["rmse"], rel=1e-3)
+    assert got["yield"]["rmse_over_sd"] == pytest.approx(want["yield"]["rmse_over_sd"], rel=1e-3)
+    assert got["yield"]["within_2sd"] == want["yield"]["within_2sd"]
