@@ -420,7 +420,8 @@ class Daemon:
         bind: ROUTER endpoint for stations; ``tcp://127.0.0.1:0`` picks a free port (see :attr:`endpoint`).
         publish: PUB endpoint for events (None: no PUB socket).
         control: control endpoint (None: no control socket); must be loopback or ipc.
-        keys: CURVE server keys; without them only loopback endpoints are allowed unless ``insecure``.
+        keys: CURVE server keys; without them only loopback endpoints are allowed unless ``insecure``. With
+            them a station is admitted only under the name of its key's file in the allowed directory.
         heartbeat_s: how often stations heartbeat; a station silent for ``lost_after`` heartbeats is lost.
         reconcile_s: how long trials left in flight by an earlier daemon wait for their station.
         drain_s: on stop, how long to wait for results of trials in flight.
@@ -685,10 +686,10 @@ class Daemon:
         results: list[tuple[bytes, protocol.ResultMessage]] = []
         for _ in range(limit):
             try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+                frames, key_name = self._recv()
             except zmq.Again:
                 break
-            message = self._parse(frames)
+            message = self._parse(frames, key_name)
             if message is None:
                 continue
             identity, msg = message
@@ -711,12 +712,31 @@ class Daemon:
         if results:
             self._intake(results)
 
-    def _parse(self, frames: list[bytes]) -> tuple[bytes, Any] | None:
+    def _recv(self) -> tuple[list[bytes], str | None]:
+        """A message's frames and, with keys, the name of the key its connection holds (ZAP's User-Id)."""
+        if self.keys is None:
+            return self.socket.recv_multipart(zmq.NOBLOCK), None
+        frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+        try:
+            key_name = frames[-1].get("User-Id")
+        except zmq.ZMQError:  # never after a CURVE handshake, which ZAP answers with the key's name
+            key_name = ""
+        return [frame.bytes for frame in frames], key_name
+
+    def _parse(self, frames: list[bytes], key_name: str | None = None) -> tuple[bytes, Any] | None:
         if len(frames) != 2:
             self.stats["dropped"] += 1
             log.warning("dropped a message of %d frames", len(frames))
             return None
         identity, frame = frames
+        if key_name is not None and identity != key_name.encode():
+            # with keys a station's name is its key's (keys.py): any allowed key could otherwise say hello as
+            # another station and take its trials, or, in the seconds before a station that left is counted
+            # lost, connect under its routing id and report results for the trials it held
+            self._drop(identity, f"the connection holds the key of station {key_name!r}")
+            self._send(identity, protocol.Refused(reason=f"this station's key admits only a station named "
+                                                  f"{key_name!r} (the name of its file in the allowed directory)"))
+            return None
         try:
             message = protocol.decode(frame)
         except protocol.VersionMismatch as exc:

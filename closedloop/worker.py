@@ -208,7 +208,7 @@ class StationWorker:
         context: zmq.Context | None = None,
     ):
         self.endpoint = connect
-        self.name = name or (keys.name if keys is not None else default_station_name())  # with keys, the only name its key admits
+        self.name = name or (keys.name if keys is not None else default_station_name())
         self.instruments = instruments or ["*"]
         self.campaigns = campaigns or ["*"]
         self.sources = sources or ["*"]

@@ -91,3 +91,56 @@ def test_station_without_the_right_key_cannot_register_or_report(tmp_path: Path)
     trials = store.trials(campaign_id)
     assert len(trials) == 6 and {t.status for t in trials} == {"completed"} and {t.station for t in trials} == {"good"}
     assert "forged" not in {o.run_uid for o in store.observations(campaign_id).values()}
+
+
+@pytest.mark.slow
+def test_an_allowed_key_registers_only_the_station_its_file_is_named_for(tmp_path: Path) -> None:
+    """Any allowed key could say hello under any station's name and take that station's trials and results:
+    a key now admits only the station its file in the allowed directory is named for (ZAP's User-Id)."""
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    for name in ("daemon", "good", "other"):
+        new_keypair(keys, name)
+    allowed.mkdir()
+    for name in ("good", "other"):
+        shutil.copy(keys / f"{name}.key", allowed / f"{name}.key")
+    (tmp_path / "c.yaml").write_text(campaign_yaml("named", 6, latency=0.05))
+    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    daemon = start_daemon(tmp_path, endpoint, control, "--secret-key", str(keys / "daemon.key_secret"),
+                          "--allowed-keys", str(allowed))
+    other_keys = ("--secret-key", str(keys / "other.key_secret"), "--server-key", str(keys / "daemon.key"))
+    (tmp_path / "thief").mkdir()  # its own log, outbox and journal: the rightful station's stay its own
+    context = zmq.Context()
+    thief = good = None
+    try:
+        # a peer holding the allowed key of 'other' says hello as 'good' (its routing id, as connect_station sets)
+        raw = context.socket(zmq.DEALER)
+        raw.setsockopt(zmq.LINGER, 0)
+        raw.setsockopt(zmq.ROUTING_ID, b"good")
+        ClientKeys(keys / "other.key_secret", keys / "daemon.key").apply(raw)
+        raw.connect(endpoint)
+        raw.send(protocol.encode(protocol.Hello(station="good")))
+        assert raw.poll(60_000, zmq.POLLIN), "no answer to the hello"  # a loaded CI machine starts the daemon slowly
+        answer = protocol.decode(raw.recv())
+        assert isinstance(answer, protocol.Refused), answer
+        assert "only a station named 'other'" in answer.reason
+        raw.close()
+
+        # a station worker started with another station's name and its own allowed key: refused, it exits
+        thief = start_worker(tmp_path / "thief", endpoint, "good", *other_keys)
+        assert thief.wait(timeout=60) == 1
+        assert "only a station named 'other'" in (tmp_path / "thief" / "good.out").read_text()
+        status = control_request(control, "status", timeout_s=30)
+        assert status["stations"] == [] and status["campaigns"][0]["finished"] == 0
+
+        good = start_worker(tmp_path, endpoint, "good", "--secret-key", str(keys / "good.key_secret"),
+                            "--server-key", str(keys / "daemon.key"))
+        assert daemon.wait(timeout=120) == 0, (tmp_path / "daemon.out").read_text()[-2000:]
+    finally:
+        for proc in (daemon, thief, good):
+            if proc is not None:
+                kill9(proc)
+        context.destroy(linger=0)
+    assert "the connection holds the key of station 'other'" in (tmp_path / "daemon.log").read_text()
+    store = Store(tmp_path / "s.db")
+    trials = store.trials(store.campaign_row("named").id)
+    assert len(trials) == 6 and {t.status for t in trials} == {"completed"} and {t.station for t in trials} == {"good"}
