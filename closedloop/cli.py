@@ -263,7 +263,10 @@ def compute_station(
     server_key: Optional[Path] = typer.Option(None, help="the daemon's CURVE public key (daemon.key)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Run a compute station: computational experiments (functions, commands) on a Dask cluster."""
+    """Run a compute station: computational experiments (functions, commands) on a Dask cluster (SIGTERM: finish
+    and deliver the experiments computing, hand back the rest, exit)."""
+    import signal
+
     _setup_logging(verbose)
     from closedloop.compute import ComputeStation
     from closedloop.keys import ClientKeys
@@ -274,11 +277,14 @@ def compute_station(
     station = ComputeStation(connect, name=name, capacity=capacity, instruments=instrument or None,
                              sources=source or None, outbox=outbox,
                              scheduler=scheduler, local_workers=workers, keys=keys)
+    signal.signal(signal.SIGTERM, lambda *_: station.stop())
     console.print(f"compute station {station.name} connecting to {connect}", highlight=False)
     try:
         station.run()
     except KeyboardInterrupt:
         station.stop()
+    if station.refused:
+        _fail(f"the daemon refused this station: {station.refused}")
 
 
 @app.command()

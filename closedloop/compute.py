@@ -7,6 +7,13 @@ outbox a station worker uses (:class:`closedloop.worker.Outbox`) before it is se
 there until the daemon's ``ack``, so it survives a lost connection or a crash and is offered again
 after reconnecting.
 
+It gives Dask at most ``capacity`` experiments at once; a trial the daemon sends beyond that (its
+prefetch) waits here, not in Dask, and is ``started`` when a running one ends. :meth:`ComputeStation.stop`
+(SIGTERM to ``closedloop compute-station``) is graceful, as for a station worker: the station tells
+the daemon that it serves nothing more and holds only what it is computing (the trials waiting here
+go back to the daemon's queue for other stations), delivers those experiments' answers, and returns
+once they are acknowledged.
+
 Each trial runs as one ``dask.distributed`` future: on a ``LocalCluster`` by default, or on the
 scheduler named by (first match wins) the station's ``scheduler`` argument
 (``closedloop compute-station --scheduler``), the campaign's ``instrument.options.scheduler``, or
@@ -231,6 +238,10 @@ class ComputeStation:
         self._clients: dict[str | None, Any] = {}
         self._cluster: Any = None
         self._running: dict[int, _Running] = {}
+        # assigned beyond capacity (the daemon's prefetch), in arrival order: not started, so handed back on a stop
+        self._queued: dict[int, protocol.Assign] = {}
+        #: why the daemon refused this station, if it did
+        self.refused: str | None = None
         self._instance = uuid.uuid4().hex  # this process, in its hellos
         self._welcomed = 0
         self._seen: str | None = None  # the daemon's last heartbeat read here
@@ -314,6 +325,7 @@ class ComputeStation:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def stop(self) -> None:
+        """Start nothing more: what is computing finishes and its answer is delivered before :meth:`run` returns."""
         self._stop.set()
 
     def run(self, stop: threading.Event | None = None) -> None:
@@ -327,8 +339,33 @@ class ComputeStation:
         sock.send(self._hello(capacity))
         last_sent = last_heard = time.monotonic()
         registered = False
+        # a stop lets the experiments computing finish: the station beats on (a silent station is lost, and its
+        # trials run again elsewhere while they go on here) until their answers are acknowledged
+        leaving = False
+        idle_since: float | None = None
         try:
-            while not self._stop.is_set():
+            while True:
+                if self._stop.is_set():
+                    if self.refused is not None:
+                        break
+                    if not leaving:
+                        leaving = True
+                        # say so now, listing only what is computing: the trials waiting here go to other stations
+                        self._queued.clear()
+                        registered = False
+                        sock.send(self._hello(capacity))
+                        last_sent = time.monotonic()
+                        log.info("stopping: finishing %d experiment(s) before leaving", len(self._running))
+                    if not self._running:
+                        idle_since = idle_since or time.monotonic()
+                        if not self.outbox.pending() or time.monotonic() - idle_since > 5 * self.heartbeat_s:
+                            break
+                    if time.monotonic() - last_heard > 10 * self.heartbeat_s:
+                        # nobody to deliver to (the daemon has ended, as when `closedloop run` is interrupted):
+                        # waiting for an experiment that may take hours would hold the process for nothing
+                        log.warning("stopping: no word from the daemon for %.0f s; leaving %d experiment(s) unfinished",
+                                    time.monotonic() - last_heard, len(self._running))
+                        break
                 # short naps while experiments run: a finished future is noticed within milliseconds
                 if sock.poll(3 if self._running else 20, zmq.POLLIN):
                     last_heard = time.monotonic()
@@ -342,6 +379,9 @@ class ComputeStation:
                     if payload is not None:
                         sock.send(payload)
                         last_sent = time.monotonic()
+                while self._queued and len(self._running) < capacity and not self._stop.is_set():
+                    trial_id = next(iter(self._queued))
+                    self._submit(sock, self._queued.pop(trial_id))
                 now = time.monotonic()
                 if now - last_sent >= self.heartbeat_s:
                     sock.send(protocol.encode(protocol.Heartbeat(running=sorted(self._running), holds=self._holdings(),
@@ -367,11 +407,18 @@ class ComputeStation:
         return connect_station(self.context, self.endpoint, self.name, self.keys)
 
     def _holdings(self) -> list[int]:
-        """Trials this station holds: running, or answered and not yet acknowledged."""
-        return sorted(set(self._running) | {trial for trial, _ in self.outbox.pending()})
+        """Trials this station holds: running, waiting for a free slot, or answered and not yet acknowledged.
+
+        A stopping station holds no waiting trial: it will not start them, and the daemon re-queues what a station
+        does not hold, for the others.
+        """
+        waiting = set() if self._stop.is_set() else set(self._queued)
+        return sorted(set(self._running) | waiting | {trial for trial, _ in self.outbox.pending()})
 
     def _hello(self, capacity: int) -> bytes:
         return protocol.encode(protocol.Hello(station=self.name, instruments=self.instruments, sources=self.sources,
+                                              # a stopping station serves nothing: the daemon sends it no more
+                                              campaigns=[] if self._stop.is_set() else ["*"],
                                               capacity=capacity, outstanding=self._holdings(), instance=self._instance,
                                               welcomed=self._welcomed))
 
@@ -382,6 +429,8 @@ class ComputeStation:
             log.warning("dropped a message from the daemon: %s", exc)
             return registered
         if isinstance(message, protocol.Welcome):
+            # the daemon counts a station lost after a few of its heartbeat intervals: never beat slower than it asks
+            self.heartbeat_s = min(self.heartbeat_s, message.heartbeat_s)
             self._welcomed += 1
             for _, payload in self.outbox.pending():  # the daemon may have restarted: offer what it never acked
                 sock.send(payload)
@@ -391,6 +440,7 @@ class ComputeStation:
                 sock.send(self._hello(self.capacity))
                 return False
             log.error("daemon refused this station: %s", message.reason)
+            self.refused = message.reason
             self._stop.set()
             return False
         if isinstance(message, protocol.Ack):
@@ -400,6 +450,8 @@ class ComputeStation:
         elif isinstance(message, protocol.Assign):
             self._start(sock, message)
         elif isinstance(message, protocol.Cancel):
+            if self._queued.pop(message.trial_id, None) is not None:
+                log.info("trial %s cancelled before it started: %s", message.trial_id, message.reason)
             running = self._running.pop(message.trial_id, None)
             if running is not None:
                 # the daemon has already recorded the timeout and applied its retry policy; a failure
@@ -420,6 +472,18 @@ class ComputeStation:
             # one experiment is one run: the one running answers the daemon's latest assignment of it
             self._running[trial].assignment = assignment
             return
+        if trial in self._queued or (not self._stop.is_set() and len(self._running) >= self.capacity):
+            # held here, not in Dask's queue, so that a stop can hand it back unstarted
+            self._queued[trial] = assignment
+            return
+        if self._stop.is_set():
+            # sent before the daemon read that this station is leaving; it re-queues what the station does not hold
+            log.info("trial %s not started: stopping", trial)
+            return
+        self._submit(sock, assignment)
+
+    def _submit(self, sock: zmq.Socket, assignment: protocol.Assign) -> None:
+        trial = assignment.trial_id
         target = assignment.instrument.target
         sock.send(protocol.encode(protocol.Started(trial_id=trial, assignment=assignment.msg_id)))
         try:
@@ -461,7 +525,8 @@ class ComputeStation:
                                        error=_describe(exc))
             self.failed += 1
         payload = protocol.encode(message)
-        self.outbox.put(trial_id, payload)  # persisted before it is sent: survives a crash from here on
+        # persisted before it is sent: survives a crash from here on; a result is also the station's record of a run
+        self.outbox.put(trial_id, payload, message.run_uid if isinstance(message, protocol.ResultMessage) else None)
         return payload
 
 

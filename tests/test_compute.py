@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ from closedloop.campaign import Campaign
 from closedloop.compute import ComputeError, ComputeStation, command_argv, parse_outputs, run_experiment
 from closedloop.daemon import Daemon, run_embedded
 from closedloop.store import Store
-from tests.daemon.procs import receive
+from tests.daemon.procs import CLI, env, free_port, kill9, ran, receive, start_daemon, wait_for
 
 # -- experiments the tests run (imported by Dask workers as tests.test_compute:NAME) ---------------
 
@@ -52,6 +55,11 @@ def hangs_once(x1: float, x2: float, marker: str) -> dict[str, float]:
 
 def returns_nan(x1: float, x2: float) -> dict[str, float]:
     return {"y": float("nan")}
+
+
+def takes(x1: float, x2: float, seconds: float) -> dict[str, float]:
+    time.sleep(seconds)
+    return quadratic(x1, x2)
 
 
 SCRIPT = "import json, sys; x1, x2 = float(sys.argv[1]), float(sys.argv[2]); print('log line'); " \
@@ -365,6 +373,56 @@ def test_a_cancelled_runs_late_end_does_not_answer_the_trials_next_assignment(tm
         thread.join(timeout=30)
         daemon.close()
         context.destroy(linger=0)
+
+
+@pytest.mark.slow
+def test_a_compute_station_stopped_mid_experiment_finishes_it_delivers_it_and_hands_back_its_queue(
+    tmp_path: Path
+) -> None:
+    """SIGTERM (systemctl stop, a redeploy) ended the station at once: the daemon declared it lost and ran the
+    experiment it was computing again on the other station (computed twice), and the trial waiting behind it
+    was lost with the station."""
+    c = campaign("stop", json.dumps({"function": "tests.test_compute:takes", "options": {"seconds": 3.0}}),
+                 concurrency=4, retries=20)
+    (tmp_path / "c.yaml").write_text(c.to_yaml())
+    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+
+    def start_compute(name: str) -> subprocess.Popen:
+        out = (tmp_path / f"{name}.out").open("a")
+        return subprocess.Popen([*CLI, "compute-station", "--connect", endpoint, "--name", name, "--outbox",
+                                 f"{name}.outbox", "--capacity", "1", "--workers", "1", "--verbose"], cwd=tmp_path,
+                                stdout=out, stderr=subprocess.STDOUT, env=env())
+
+    daemon = start_daemon(tmp_path, endpoint, control)
+    stopped, other = start_compute("stopped"), start_compute("other")
+    log = tmp_path / "daemon.log"
+    try:
+        # computing one experiment, with the daemon's prefetch waiting behind it
+        wait_for(lambda: log.exists() and 'state="started" station="stopped"' in log.read_text()
+                 and log.read_text().count('station="stopped" attempt=1') >= 2, 90,
+                 "the station to compute an experiment with another assigned behind it")
+        time.sleep(0.5)  # mid-experiment
+        os.kill(stopped.pid, signal.SIGTERM)
+        asked = time.monotonic()
+        assert stopped.wait(timeout=60) == 0, (tmp_path / "stopped.out").read_text()[-3000:]
+        assert time.monotonic() - asked < 20, "the station did not leave once its experiment was delivered"
+        assert daemon.wait(timeout=180) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
+    finally:
+        for proc in (daemon, stopped, other):
+            kill9(proc)
+
+    computed = ran(tmp_path / "stopped.outbox") + ran(tmp_path / "other.outbox")
+    twice = sorted(trial for trial, n in Counter(trial for trial, _ in computed).items() if n > 1)
+    assert not twice, f"trials computed twice: {twice}"
+    assert len(ran(tmp_path / "stopped.outbox")) == 1, "the stopping station computed more than its experiment"
+    store = Store(tmp_path / "s.db")
+    trials = store.trials(store.campaign_row("stop").id)
+    assert Counter(t.status for t in trials) == {"completed": 6}
+    assert {(o.trial_id, o.run_uid) for o in store.observations(trials[0].campaign_id).values()} == set(computed)
+    # the trial waiting behind the experiment went back to the queue when the station said it was stopping
+    assert 'state="requeued" reason="station does not hold it"' in log.read_text()
+    assert 'reason="station stopped lost"' not in log.read_text()
+    store.close()
 
 
 def test_a_compute_station_with_curve_keys_serves_a_daemon_that_requires_them(tmp_path: Path) -> None:
