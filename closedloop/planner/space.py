@@ -123,10 +123,10 @@ class Space:
                 lo, hi = min(p.values), max(p.values)
                 self.discrete_dims[c.index] = [(v - lo) / (hi - lo) for v in p.values]
         self.inequality_constraints, self.equality_constraints = self._botorch_constraints()
-        if self.inequality_constraints:
+        if self.inequality_constraints or self.equality_constraints:
             # inequalities that leave no room are equalities to BoTorch's samplers and optimizers, which
             # otherwise refuse a start point by 3e-18, stay at one vertex, or fix a column and then find
-            # the constraint "not met with fixed features"
+            # the constraint "not met with fixed features"; so are bounds the constraints pin a column to
             self.inequality_constraints, self.equality_constraints = _pinning_as_equalities(
                 self.bounds(), self.inequality_constraints, self.equality_constraints)
         self._constrained_names = sorted(constrained, key=self.names.index)
@@ -574,7 +574,9 @@ def load_candidates(campaign: Campaign) -> list[dict[str, Any]]:
 def _pinning_as_equalities(box: torch.Tensor, inequalities: list, equalities: list) -> tuple[list, list]:
     """BoTorch ``(indices, coefficients, rhs)`` constraints with every inequality that holds with equality
     at every feasible point (its largest slack, by linear programming, is zero) moved to the equalities,
-    less those the others already imply."""
+    less those the others already imply, and with an equality for every constrained column the constraints
+    hold at one of its bounds (``a + b == 2`` with both at most 1): hit-and-run moved along the equalities
+    in directions that all left the box at once, never moved, and froze the other constrained columns."""
     from scipy.optimize import linprog
 
     d = box.shape[-1]
@@ -595,6 +597,24 @@ def _pinning_as_equalities(box: torch.Tensor, inequalities: list, equalities: li
                        bounds=limits, method="highs")
         slack = -most.fun - rhs if most.status == 0 else math.inf
         (pinned if slack <= 1e-9 * max(1.0, abs(rhs)) else free).append(constraint)
+    a_ub = np.array([-dense(i, c) for i, c, _ in free]).reshape(-1, d)
+    b_ub = np.array([-r for *_, r in free])
+    a_eq = np.array([dense(i, c) for i, c, _ in [*equalities, *pinned]]).reshape(-1, d)
+    b_eq = np.array([r for *_, r in [*equalities, *pinned]])
+    for column in sorted({int(i) for idx, _, _ in [*inequalities, *equalities] for i in idx}):
+        low, high = limits[column]
+        if high <= low:
+            continue
+        for sign, bound in ((1.0, low), (-1.0, high)):
+            # how far the column gets from this bound over the region: its largest value above the lower
+            # bound (sign 1), its smallest below the upper one (sign -1)
+            extreme = linprog(-sign * np.eye(d)[column], A_ub=a_ub if len(a_ub) else None,
+                              b_ub=b_ub if len(b_ub) else None, A_eq=a_eq if len(a_eq) else None,
+                              b_eq=b_eq if len(b_eq) else None, bounds=limits, method="highs")
+            if extreme.status == 0 and -extreme.fun - sign * bound <= 1e-9 * max(1.0, abs(bound)):
+                pinned.append((torch.tensor([column], dtype=torch.long), torch.tensor([1.0], dtype=torch.double),
+                               float(bound)))
+                break
     kept = list(equalities)
     for constraint in pinned:
         rows = np.array([np.append(dense(i, c), r) for i, c, r in [*kept, constraint]])

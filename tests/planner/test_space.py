@@ -169,6 +169,18 @@ def test_constraints_that_pin_a_value_give_a_design_of_that_value() -> None:
     assert len({round(p["u"], 6) for p in points}) >= 4, "the design spreads along the line"
 
 
+def test_an_equality_that_pins_columns_at_their_bounds_leaves_the_other_constrained_columns_free() -> None:
+    """``a + b == 2`` with both at most 1 holds only at a = b = 1: the hit-and-run chain, moving along the
+    equality in every direction but c's, never moved, and every design point was (1, 1, 0)."""
+    for constraints in ('["a + b == 2", "c <= 0.5"]', '["a + b == 2", "c + d == 1"]'):
+        space = Space(campaign("a: {type: continuous, bounds: [0, 1]}\nb: {type: continuous, bounds: [0, 1]}\n"
+                               "c: {type: continuous, bounds: [0, 1]}\nd: {type: continuous, bounds: [0, 1]}",
+                               extra=f"constraints: {constraints}"))
+        points = [space.decode(row) for row in space.sample(8, seed=0)]
+        assert all(space.feasible(p) and p["a"] == p["b"] == 1 for p in points), constraints
+        assert len({round(p["c"], 6) for p in points}) == 8, constraints
+
+
 def test_unsatisfiable_integer_constraint_is_refused_before_any_experiment() -> None:
     # the campaign loader may catch it already; if not, the planner must
     with pytest.raises((CampaignError, PlannerError), match="constraints"):
