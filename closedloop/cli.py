@@ -45,10 +45,14 @@ class _Commands(TyperGroup):
             if isinstance(exc, ClosedLoopError):
                 message = str(exc)
             elif isinstance(exc, DBAPIError):
+                from closedloop.store import displayed
+
                 # the driver's reason alone, on one line: SQLAlchemy's text adds the statement, its parameters and
                 # a link, four "error:" lines for a full disk
                 reason = " ".join(str(exc.orig or exc).split())
-                message = (f"the store's database failed: {reason} ({type(exc.orig or exc).__name__}; "
+                store = ctx.meta.get(_STORE_META)  # the command's context shares its meta with this one
+                which = f"the database of store {displayed(store)}" if store else "the store's database"
+                message = (f"{which} failed: {reason} ({type(exc.orig or exc).__name__}; "
                            "run with --debug for the traceback)")
             else:
                 message = f"{type(exc).__name__}: {exc} (run with --debug for the traceback)"
@@ -70,6 +74,17 @@ def _options(debug: bool = typer.Option(False, "--debug", help="show the full tr
         logging.getLogger("py.warnings").addHandler(logging.NullHandler())  # never printed by logging's last resort
 
 EXIT_BAD_INPUT = 2
+
+#: the key, in the meta that a command's click context shares with the app's, of the store the command works on
+_STORE_META = "closedloop.store"
+
+
+def _name_store(ctx: typer.Context, location: Any) -> Any:
+    """Note the store a command works on (its ``--store`` option's callback), for the one line of a database error,
+    which is caught outside the command. Returns ``location``, as a callback must."""
+    if location:
+        ctx.meta[_STORE_META] = str(location)
+    return location
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -127,8 +142,10 @@ def _summary(campaign: Campaign, store_path: Path, run: Any, seconds: float) -> 
 
 @app.command()
 def run(
+    ctx: typer.Context,
     campaign_file: Path = typer.Argument(..., help="campaign YAML file"),
-    store: Optional[Path] = typer.Option(None, help="SQLite file of results (default results/NAME.db)"),
+    store: Optional[Path] = typer.Option(None, help="SQLite file of results (default results/NAME.db)",
+                                         callback=_name_store),
     seed: Optional[int] = typer.Option(None, help="override the planner's seed"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="log every transition to stderr"),
 ) -> None:
@@ -140,7 +157,7 @@ def run(
     from closedloop.daemon import run_embedded
     from closedloop.store import Store
 
-    store_path = store or _default_store(campaign)
+    store_path = _name_store(ctx, store or _default_store(campaign))
     started = time.monotonic()
     try:
         the_store = Store(store_path)
@@ -153,9 +170,11 @@ def run(
 
 @app.command()
 def daemon(
+    ctx: typer.Context,
     campaign_files: list[Path] = typer.Argument(..., help="campaign YAML files to run"),
     bind: str = typer.Option("tcp://127.0.0.1:5701", help="ROUTER endpoint stations connect to"),
-    store: Optional[Path] = typer.Option(None, help="store file or URL (default results/NAME.db of the first campaign)"),
+    store: Optional[Path] = typer.Option(None, help="store file or URL (default results/NAME.db of the first campaign)",
+                                         callback=_name_store),
     publish: str = typer.Option("tcp://127.0.0.1:5702", help="PUB endpoint streaming campaign events ('' for none)"),
     control: str = typer.Option("tcp://127.0.0.1:5700", help="control endpoint for pause/resume/stop/cancel/status"),
     secret_key: Optional[Path] = typer.Option(None, help="the daemon's CURVE secret key (NAME.key_secret)"),
@@ -180,7 +199,7 @@ def daemon(
 
     if (secret_key is None) != (allowed_keys is None):
         _fail("give both --secret-key and --allowed-keys, or neither", EXIT_BAD_INPUT)
-    store_path = store or _default_store(campaigns[0])
+    store_path = _name_store(ctx, store or _default_store(campaigns[0]))
     started = time.monotonic()
     try:
         keys = ServerKeys(secret_key, allowed_keys) if secret_key and allowed_keys else None
@@ -365,7 +384,7 @@ def _campaign_names(the_store: Any, campaign: str | None) -> list[str]:
 @app.command()
 def status(
     campaign: Optional[str] = typer.Argument(None, help="campaign name (default every campaign in the store)"),
-    store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+    store: Optional[str] = typer.Option(None, help=_STORE_HELP, callback=_name_store),
     control: str = typer.Option("tcp://127.0.0.1:5700", help="control endpoint of a running daemon, asked for its "
                                 "stations ('' not to ask)"),
 ) -> None:
@@ -390,7 +409,7 @@ def status(
 @app.command()
 def watch(
     campaign: Optional[str] = typer.Argument(None, help="campaign name (default the only one in the store)"),
-    store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+    store: Optional[str] = typer.Option(None, help=_STORE_HELP, callback=_name_store),
     interval: float = typer.Option(1.0, help="seconds between looks at the store"),
     timeout: Optional[float] = typer.Option(None, help="stop watching after this many seconds"),
     events: Optional[str] = typer.Option(None, help="a daemon's PUB endpoint to follow (default: ask the daemon "
@@ -416,7 +435,10 @@ def watch(
 
 
 @app.command("list")
-def list_campaigns(store: Optional[list[str]] = typer.Option(None, help="stores to list (default results/*.db)")) -> None:
+def list_campaigns(
+    ctx: typer.Context,
+    store: Optional[list[str]] = typer.Option(None, help="stores to list (default results/*.db)"),
+) -> None:
     """The campaigns in the stores: status, experiments done, best so far."""
     from rich.table import Table
 
@@ -433,6 +455,7 @@ def list_campaigns(store: Optional[list[str]] = typer.Option(None, help="stores 
     for location in locations:
         if "://" not in location and not Path(location).exists():
             _fail(f"no store {location}")
+        _name_store(ctx, location)  # the one being read, should its database fail
         try:
             the_store = Store(location, read_only=True)
         except StoreError as exc:
@@ -467,7 +490,7 @@ def _print_table(table: Any) -> None:
 def show(
     campaign: str = typer.Argument(..., help="campaign name"),
     trial: Optional[int] = typer.Argument(None, help="a trial number: why it was run (as `closedloop explain`)"),
-    store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+    store: Optional[str] = typer.Option(None, help=_STORE_HELP, callback=_name_store),
 ) -> None:
     """The campaign's trials as a table: parameters, outputs, status, station and errors; or one trial's decision."""
     from rich.table import Table
@@ -501,7 +524,7 @@ def export(
     campaign: str = typer.Argument(..., help="campaign name"),
     format: str = typer.Option("csv", "--format", "-f", help="csv, parquet or json"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="file to write (default NAME.FORMAT; - for stdout)"),
-    store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+    store: Optional[str] = typer.Option(None, help=_STORE_HELP, callback=_name_store),
 ) -> None:
     """Write the campaign's trials as a table (one row per trial, parameters and outputs as columns)."""
     import pandas as pd
@@ -546,7 +569,7 @@ def _print_trials(rows: list[Any], header: str) -> None:
 def suggest(
     campaign: str = typer.Argument(..., help="campaign file or stored campaign name"),
     n: int = typer.Option(1, "-n", help="how many experiments to propose"),
-    store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+    store: Optional[str] = typer.Option(None, help=_STORE_HELP, callback=_name_store),
 ) -> None:
     """Propose the next experiments to run by hand and record them as pending."""
     from closedloop import hitl
@@ -563,7 +586,7 @@ def tell(
     trial: Optional[int] = typer.Argument(None, help="trial number (as shown by suggest)"),
     values: Optional[list[str]] = typer.Argument(None, help="measured outputs as OUTPUT=VALUE"),
     csv: Optional[Path] = typer.Option(None, "--csv", help="CSV of results: a trial column and one per output"),
-    store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+    store: Optional[str] = typer.Option(None, help=_STORE_HELP, callback=_name_store),
 ) -> None:
     """Record results of experiments done by hand."""
     from closedloop import hitl
@@ -587,7 +610,7 @@ def approve(
     campaign: str = typer.Argument(..., help="campaign name"),
     trial: int = typer.Argument(..., help="trial number held for approval"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="edit a parameter within its limits: NAME=VALUE"),
-    store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+    store: Optional[str] = typer.Option(None, help=_STORE_HELP, callback=_name_store),
     control: str = typer.Option("tcp://127.0.0.1:5700", help="control endpoint of the daemon running the campaign"),
 ) -> None:
     """Let a held proposal run, as proposed or edited within the campaign's limits.
@@ -614,7 +637,7 @@ def approve(
 def reject(
     campaign: str = typer.Argument(..., help="campaign name"),
     trial: int = typer.Argument(..., help="trial number held for approval"),
-    store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+    store: Optional[str] = typer.Option(None, help=_STORE_HELP, callback=_name_store),
     control: str = typer.Option("tcp://127.0.0.1:5700", help="control endpoint of the daemon running the campaign"),
 ) -> None:
     """Refuse a proposal: it is recorded as failed, and the planner steers away from it.
@@ -657,7 +680,7 @@ def _review(control: str, method: str, campaign: str, params: dict[str, Any]) ->
 def import_(
     campaign: str = typer.Argument(..., help="campaign file or stored campaign name"),
     results: Path = typer.Argument(..., help="CSV: one column per parameter and per output"),
-    store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+    store: Optional[str] = typer.Option(None, help=_STORE_HELP, callback=_name_store),
 ) -> None:
     """Seed a campaign with past experiments; nothing is written if any row is bad."""
     from closedloop import hitl
@@ -686,7 +709,7 @@ def import_(
 def report(
     campaign: str = typer.Argument(..., help="campaign name"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="HTML file (default reports/NAME/report.html)"),
-    store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+    store: Optional[str] = typer.Option(None, help=_STORE_HELP, callback=_name_store),
 ) -> None:
     """Write a self-contained HTML report with its figures (PNG) beside it."""
     from closedloop.report import write_report
@@ -904,7 +927,7 @@ def _provenance_store(campaign: str, store: str | None) -> Any:
 def explain(
     campaign: str = typer.Argument(..., help="campaign name"),
     trial: int = typer.Argument(..., help="trial number"),
-    store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+    store: Optional[str] = typer.Option(None, help=_STORE_HELP, callback=_name_store),
     as_json: bool = typer.Option(False, "--json", help="the whole record as JSON"),
 ) -> None:
     """Why a trial was run: the planner's data, model, acquisition, seed, timing, approval and run uids."""
@@ -922,7 +945,7 @@ def explain(
 def replay(
     campaign: str = typer.Argument(..., help="campaign name"),
     until: int = typer.Option(..., "--until", help="the trial whose decision is made again"),
-    store: Optional[str] = typer.Option(None, help=_STORE_HELP),
+    store: Optional[str] = typer.Option(None, help=_STORE_HELP, callback=_name_store),
 ) -> None:
     """Rebuild the planner as it was before a trial and show that it proposes the same experiment (exit 1 if not)."""
     from closedloop import provenance
@@ -947,7 +970,7 @@ def _start_dashboard(store: Any, control: str | None, events: str | None, host: 
 
 @app.command()
 def dashboard(
-    store: Path = typer.Option(..., help="the daemon's store file or URL"),
+    store: Path = typer.Option(..., help="the daemon's store file or URL", callback=_name_store),
     control: Optional[str] = typer.Option("tcp://127.0.0.1:5700", help="the daemon's control endpoint ('' for none)"),
     events: Optional[str] = typer.Option("tcp://127.0.0.1:5702", help="the daemon's PUB endpoint ('' for none)"),
     host: str = typer.Option("127.0.0.1", help="interface to listen on (beyond loopback: read-only without --token)"),

@@ -206,7 +206,8 @@ def test_a_database_server_that_refuses_is_one_line_without_the_password(tmp_pat
 
 def test_a_database_that_fails_a_write_is_one_line_and_changes_nothing(tmp_path: Path) -> None:
     """A full disk came out as four 'error:' lines (SQLAlchemy's statement, parameters and link); a trigger stands in
-    for the disk, refusing every new trial as SQLite refuses a write past its space."""
+    for the disk, refusing every new trial as SQLite refuses a write past its space. The line names the store, as
+    given: a daemon's operator may run several."""
     import sqlite3
 
     from closedloop.campaign import Campaign
@@ -219,7 +220,7 @@ def test_a_database_that_fails_a_write_is_one_line_and_changes_nothing(tmp_path:
     result = closedloop("run", str(ROOT / "campaigns" / "branin.yaml"), "--store", str(path), cwd=tmp_path)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
-    assert lines == ["error: the store's database failed: database or disk is full (IntegrityError; "
+    assert lines == [f"error: the database of store {path} failed: database or disk is full (IntegrityError; "
                      "run with --debug for the traceback)"], result.stderr
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT count(*) FROM trial").fetchone() == (0,)
