@@ -231,7 +231,7 @@ def daemon(
 @app.command()
 def worker(
     connect: str = typer.Option("tcp://127.0.0.1:5701", help="the daemon's endpoint"),
-    name: Optional[str] = typer.Option(None, help="station name (default HOST-PID)"),
+    name: Optional[str] = typer.Option(None, help="station name (default: the --secret-key file's name, else HOST-PID)"),
     instrument: Optional[list[str]] = typer.Option(None, help="instrument import paths this station drives (default any)"),
     outbox: Optional[Path] = typer.Option(None, help="outbox file of unacknowledged results"),
     campaign: Optional[list[str]] = typer.Option(None, help="campaigns this station serves (default any)"),
@@ -273,7 +273,7 @@ def compute_station(
                                             "instrument.options.scheduler, else DASK_SCHEDULER_ADDRESS, else a local cluster)"),
     capacity: Optional[int] = typer.Option(None, min=1, help="experiments at once (default: the cluster's worker threads)"),
     workers: Optional[int] = typer.Option(None, min=1, help="worker processes of the local cluster (default: cores)"),
-    name: Optional[str] = typer.Option(None, help="station name (default compute-HOST-PID)"),
+    name: Optional[str] = typer.Option(None, help="station name (default: the --secret-key file's name, else compute-HOST-PID)"),
     instrument: Optional[list[str]] = typer.Option(None, help="instruments served, e.g. 'function:pkg.mod:f' (default any)"),
     source: Optional[list[str]] = typer.Option(None, help="campaign sources this station serves, e.g. simulation "
                                                "(default any)"),
