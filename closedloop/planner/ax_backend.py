@@ -122,6 +122,7 @@ class AxPlanner:
                 if ask > 1:  # Ax refuses the batch, not the points
                     one_by_one = True
                     continue
+                proposals += self._dropped_points(n - len(proposals))
                 if proposals:
                     return proposals  # the rest of the space, as a candidate table gives its last rows
                 raise PlannerError("the ax backend has proposed every point of this finite space and does not "
@@ -202,6 +203,31 @@ class AxPlanner:
         for index in unmatched:
             self.client.mark_trial_abandoned(index)
             self._abandoned.add(self._running.pop(index))
+
+    def _dropped_points(self, n: int) -> list[Proposal]:
+        """Up to ``n`` points of a finite space that were proposed, dropped by the caller and never run, as
+        new trials. Ax keeps an abandoned trial's point pending for good and never proposes it again: the
+        daemon drops the proposals it has not handed out when a result comes in, and a campaign of four
+        points had stopped after two ("every point proposed")."""
+        from ax.core.base_trial import TrialStatus
+
+        taken = {_key(self._typed(r.parameters)) for r in self.results} | set(self._running.values())
+        proposals: list[Proposal] = []
+        for trial in list(self.client._experiment.trials.values()):  # by trial index: reproducible
+            if len(proposals) >= n:
+                break
+            if trial.status != TrialStatus.ABANDONED or trial.arm is None:
+                continue
+            values = self._decode(trial.arm.parameters)
+            key = _key(values)
+            if key in taken:
+                continue
+            taken.add(key)
+            index = self.client.attach_trial(parameters=self._ax_parameters(values))
+            self._running[index] = key
+            log.info("ax trial %d proposed again (dropped as trial %d): %s", index, trial.index, values)
+            proposals.append(Proposal(values, {"generator": "ax", "ax_trial": index}))
+        return proposals
 
     def _next_trials(self, ask: int) -> dict[int, Any] | None:
         """Up to ``ask`` new Ax trials, or None where Ax says its finite space is used up."""

@@ -204,3 +204,19 @@ def test_a_finite_space_run_through_gives_its_last_points_then_a_planner_error()
     planner.ingest([Result(last[0].parameters, {"y": 0.0}, 4)])
     with pytest.raises(PlannerError, match="every point of this finite space"):
         planner.suggest(1)
+
+
+def test_points_of_a_finite_space_proposed_but_dropped_are_proposed_again_before_it_is_done():
+    # the daemon drops the proposals it has not handed out when a result comes in: Ax abandoned them and never
+    # proposed them again, so a campaign of four points stopped after two, "every point proposed"
+    c = campaign(BRANIN, **{"x1: {type: continuous, bounds: [-5, 10]}": "x1: {type: discrete, values: [1, 2]}",
+                            "x2: {type: continuous, bounds: [0, 15]}": "x2: {type: categorical, values: [a, b]}"})
+    planner = AxPlanner(c)
+    first = planner.suggest(3)
+    planner.ingest([Result(first[0].parameters, {"y": 1.0}, 1)])
+    rest = planner.suggest(3)  # the other two of the first batch were dropped
+    points = [(p.parameters["x1"], p.parameters["x2"]) for p in [first[0], *rest]]
+    assert sorted(points) == [(1, "a"), (1, "b"), (2, "a"), (2, "b")]
+    planner.ingest([Result(p.parameters, {"y": 2.0 + i}, 2 + i) for i, p in enumerate(rest)])
+    with pytest.raises(PlannerError, match="every point of this finite space"):
+        planner.suggest(1)
