@@ -38,7 +38,7 @@ import zmq
 from closedloop import events as event_format
 from closedloop import protocol, provenance
 from closedloop.campaign import SOURCE, Campaign
-from closedloop.errors import ClosedLoopError, ProtocolError, StoreError
+from closedloop.errors import ClosedLoopError, ProtocolError, SpaceExhausted, StoreError
 from closedloop.keys import ServerKeys, check_exposure
 from closedloop.planner import Planner, Proposal, Result, make_planner
 from closedloop.store import Store, TrialRow, TrialStatus, used_instrument
@@ -167,6 +167,8 @@ class PlannerService:
         self.pending: list[dict[str, Any]] = []
         self.events: queue.SimpleQueue[tuple[str, dict[str, Any]]] = queue.SimpleQueue()
         self.error: str | None = None
+        # the planner has proposed every point it will (a finite space, a planner that never repeats one)
+        self.exhausted: str | None = None
         self.fits = 0
         self.busy_s = 0.0
         self._stop = False
@@ -221,7 +223,7 @@ class PlannerService:
     def _needs_work(self) -> bool:
         if self._incoming:
             return True
-        if self.want <= 0 or self.error is not None:
+        if self.want <= 0 or self.error is not None or self.exhausted is not None:
             return False
         return len(self._buffer) < self.want or self._buffer_version != self._data_version
 
@@ -243,6 +245,13 @@ class PlannerService:
                     self.planner.ingest(results)
                     self.error = None
                 proposals = self.planner.suggest(want, pending=pending) if want > 0 else []
+                self.exhausted = None
+            except SpaceExhausted as exc:
+                # nothing is wrong and nothing to retry: the campaign ends once what is in flight is in (it
+                # had said "the planner failed" and tried again every second, for good)
+                self.exhausted = str(exc)
+                self._wake()
+                continue
             except Exception as exc:  # a planner fault must not stop intake; it is reported and retried
                 self.error = f"{type(exc).__name__}: {exc}"
                 log.exception("campaign=%s planner failed", self.name)
@@ -589,7 +598,8 @@ class Daemon:
     def _campaign_done(self, run: CampaignRun) -> bool:
         if any(f.campaign_id == run.id for f in self.in_flight.values()):
             return False
-        return run.stopping or run.budget_spent()
+        exhausted = run.service is not None and run.service.exhausted is not None and not run.queue and not run.held
+        return run.stopping or run.budget_spent() or exhausted
 
     def serve(self, should_stop: Callable[[], bool] = lambda: False) -> None:
         """Run until every campaign is done, or until stopped (``should_stop()``, :meth:`request_stop`, SIGTERM)."""
@@ -624,6 +634,8 @@ class Daemon:
                     run.service.stop()
                     self._drain_service_events(run)
                 if self._campaign_done(run):
+                    if run.service is not None and run.service.exhausted is not None and not run.budget_spent():
+                        self._emit("space_exhausted", run, finished=run.finished, reason=run.service.exhausted)
                     self.store.set_campaign_status(run.id, "completed")
                     self._emit("campaign_finished", run, best=_result_dict(run.best), finished=run.finished)
 

@@ -24,6 +24,10 @@ class PlannerError(ClosedLoopError):
     """The planner cannot handle the campaign or failed to propose."""
 
 
+class SpaceExhausted(PlannerError):
+    """The planner has proposed every point of a finite space and does not repeat one: the campaign is done."""
+
+
 class ProtocolError(ClosedLoopError):
     """A network message is malformed, hostile or of another protocol version."""
 

@@ -367,6 +367,8 @@ def _notice(kind: str, details: dict[str, Any]) -> str | None:
     """The line an event gets even on the live panel: what a scientist watching must not miss."""
     if kind == "goal_reached":
         return f"goal reached: {details['rule']}"
+    if kind == "space_exhausted":
+        return f"every point of the space has been run: the campaign ends after {details['finished']} experiments"
     if kind == "instrument_unavailable":
         return (f"station {details['station']} cannot reach {details['instrument']} ({details['error']}); "
                 f"the experiment waits, next try in {details['retry_in_s']:.0f} s")

@@ -549,3 +549,32 @@ def test_a_station_that_cannot_reach_its_instrument_gets_the_trial_back_after_a_
         assert not thread.is_alive()
         row = store.trial(trial_id)
         assert (row.status, row.attempts, row.error) == ("completed", 1, None)
+
+
+def test_a_finite_space_a_planner_will_not_repeat_ends_the_campaign_once_every_point_is_run(store: Store) -> None:
+    """Ax never repeats a point: a campaign of 8 experiments over 4 points said "the planner failed" and
+    tried again every second, for good."""
+    from closedloop.daemon import run_embedded
+
+    campaign = Campaign.from_yaml_text("""
+name: four-points
+parameters:
+  x1: {type: discrete, values: [1, 2]}
+  x2: {type: discrete, values: [3, 4]}
+objectives: {y: {goal: minimize}}
+budget: {experiments: 8}
+execution: {concurrency: 3}
+planner: {backend: ax, seed: 3}
+instrument: {simulator: "simulators.surfaces:Branin"}
+""")
+    assert campaign.space_size() == 4
+    events: list[str] = []
+    deadline = time.monotonic() + 120
+    run = run_embedded(campaign, store, on_event=lambda kind, details: events.append(kind),
+                       should_stop=lambda: time.monotonic() > deadline)
+    assert time.monotonic() < deadline, "the campaign did not end"
+    trials = store.trials(run.id)
+    assert sorted((t.parameters["x1"], t.parameters["x2"]) for t in trials) == [(1, 3), (1, 4), (2, 3), (2, 4)]
+    assert {t.status for t in trials} == {"completed"}
+    assert store.campaign_row("four-points").status == "completed"
+    assert "space_exhausted" in events and "planner_error" not in events

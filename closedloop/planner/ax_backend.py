@@ -37,7 +37,7 @@ from closedloop.campaign import (
     FixedParameter,
     IntegerParameter,
 )
-from closedloop.errors import PlannerError
+from closedloop.errors import PlannerError, SpaceExhausted
 from closedloop.planner.base import Proposal, Result
 from closedloop.planner.space import Space
 
@@ -125,7 +125,7 @@ class AxPlanner:
                 proposals += self._dropped_points(n - len(proposals))
                 if proposals:
                     return proposals  # the rest of the space, as a candidate table gives its last rows
-                raise PlannerError("the ax backend has proposed every point of this finite space and does not "
+                raise SpaceExhausted("the ax backend has proposed every point of this finite space and does not "
                                    "repeat experiments (the botorch backend does)")
             if not trials:
                 raise PlannerError(f"the ax backend could not propose {n} experiments ({len(proposals)} given)")
