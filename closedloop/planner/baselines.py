@@ -8,6 +8,7 @@ exactly, through the same :class:`~closedloop.planner.space.Space` the BoTorch b
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, ClassVar
 
 import torch
@@ -17,6 +18,10 @@ from closedloop.planner.base import Proposal, Result
 from closedloop.planner.models import in_planner_numerics
 from closedloop.planner.observations import ObservationLog
 from closedloop.planner.space import Space, candidates_repeat, table_order
+
+
+# positions of the sequence looked through for a point of a finite space not yet run, beyond the ones asked for
+LOOKAHEAD = 64
 
 
 class SobolPlanner:
@@ -60,7 +65,29 @@ class SobolPlanner:
         start = len(self.log.results) + len(pending or [])
         if self.space.candidates is not None:
             return self._rows(n, pending or [])
+        if self.space.grid is not None:
+            return self._fresh(start, n, pending or [])
         return [Proposal(self.space.decode(x), {"generator": self.backend}) for x in self._points(start, n)]
+
+    def _fresh(self, start: int, n: int, pending: list[dict[str, Any]]) -> list[Proposal]:
+        """``n`` points of a finite space, passing over those run, in flight or earlier in the batch: rounded
+        to a few values, random draws and Sobol points meet (random gave one of four points twice while
+        another had never run). Past ``LOOKAHEAD`` positions the points not yet run are taken in the space's
+        order; once none is left, points run again rather than a station waiting."""
+        seen = {self.space.key(p) for p in [r.parameters for r in self.log.results] + pending}
+        window = [self.space.decode(x) for x in self._points(start, n + LOOKAHEAD)]
+        grid = self.space.grid
+        assert grid is not None
+        picked: list[dict[str, Any]] = []
+        for point in itertools.chain(window, (self.space.decode(x) for x in grid)):  # the grid only as needed
+            if len(picked) == n:
+                break
+            key = self.space.key(point)
+            if key not in seen:
+                seen.add(key)
+                picked.append(point)
+        picked += window[: n - len(picked)]
+        return [Proposal(point, {"generator": self.backend}) for point in picked]
 
     def _points(self, start: int, n: int) -> torch.Tensor:
         return self.space.sample(n, self.seed, start)

@@ -1,0 +1,39 @@
+"""The Sobol and random baselines: what they propose in spaces too small for a sequence not to repeat."""
+
+from __future__ import annotations
+
+import pytest
+
+from closedloop.planner import Result, make_planner
+from tests.planner.conftest import campaign
+
+FINITE = {
+    "three choices": "c: {type: categorical, values: [A, B, C]}",
+    "five integers": "n: {type: integer, bounds: [1, 5]}",
+    "two by two": "n: {type: integer, bounds: [0, 1]}\nc: {type: categorical, values: [A, B]}",
+    "three by two": "c: {type: categorical, values: [A, B, C]}\nd: {type: discrete, values: [1, 2]}",
+}
+
+
+@pytest.mark.parametrize("backend", ["sobol", "random"])
+@pytest.mark.parametrize("space", FINITE)
+def test_no_point_of_a_finite_space_is_proposed_again_while_one_is_left(backend: str, space: str) -> None:
+    # random draws and a Sobol sequence rounded to a few values meet: random gave (0, A) twice in a space of
+    # four points while (0, B) had never run, and a batch of five over five integers held three of them
+    c = campaign(FINITE[space], experiments=12, backend=backend)
+    size = c.space_size()
+    assert size is not None
+    planner = make_planner(c)
+    seen = []
+    for trial in range(size):
+        (proposal,) = planner.suggest(1)
+        seen.append(tuple(proposal.parameters.values()))
+        planner.ingest([Result(proposal.parameters, {"y": float(trial)}, trial)])
+    assert len(set(seen)) == size, seen
+    assert len(planner.suggest(3)) == 3  # then points again, rather than a station waiting
+    batch = make_planner(c).suggest(size + 2)
+    assert len({tuple(p.parameters.values()) for p in batch[:size]}) == size
+    assert len(batch) == size + 2
+    pending = [p.parameters for p in make_planner(c).suggest(size - 1)]
+    (last,) = make_planner(c).suggest(1, pending=pending)
+    assert last.parameters not in pending
