@@ -543,7 +543,10 @@ class Daemon:
         # assigns sent (msg_id -> trial, station), the latest _SENT_KEPT: a late failure is taken as the record
         # of a run only when it answers one of them, so no station can attach runs to a trial not given to it
         self._sent: dict[str, tuple[int, str]] = {}
-        self._given: dict[str, set[int]] = {}  # station name -> trials this daemon has assigned to it
+        # station name -> trials this daemon has assigned to it that it may still hold (queued, running, or an
+        # answer not yet acknowledged): a hello listing one of them is answered. Pruned when the station's answer
+        # is acknowledged and at each hello, so it holds what is out, not every trial of a weeks-long run
+        self._given: dict[str, set[int]] = {}
         # (trial id, station name) -> monotonic deadline: runs cancelled on a station that has not yet answered
         self._owed: dict[tuple[int, str], float] = {}
         self._session = 0
@@ -825,14 +828,17 @@ class Daemon:
                     log.warning("trial %s is %s: late result %s of run %s not stored as an observation",
                                 result.trial_id, status, values, result.run_uid)
                     self._send(identity, protocol.Ack(trial_id=result.trial_id, assignment=result.assignment))
+                    self._acknowledged(self.stations[identity], result.trial_id)
                 continue
             self._send(identity, protocol.Ack(trial_id=result.trial_id, assignment=result.assignment))
             if outcome is False:
                 self.stats["duplicates"] += 1
                 self._release(result.trial_id)
+                self._acknowledged(self.stations[identity], result.trial_id)
                 continue
             self.stats["results"] += 1
             self._release(result.trial_id, cancel_elsewhere=identity)
+            self._acknowledged(self.stations[identity], result.trial_id)
             if retry_here:
                 self._send(identity, protocol.Cancel(trial_id=result.trial_id, reason="result already stored"))
             resting = self.stations[identity].resting
@@ -923,6 +929,8 @@ class Daemon:
             # already in its outbox still arrives and is stored or acknowledged on its merits
             self._send(identity, protocol.Cancel(trial_id=trial_id, reason="not assigned to this station"))
         self.stations[identity] = station
+        # what it does not list it no longer holds, and an assign of an earlier session is ignored there
+        self._prune_given(hello.station, keep=holds | set(station.running))
         shown = sorted(holds)[:20]  # a hello may list 100 000: one log line each must not fill the rotated logs
         log.info("station %s registered (session %d, capacity %d, instruments %s, campaigns %s, holds %s%s)",
                  hello.station, station.session, hello.capacity, str(hello.instruments)[:500],
@@ -1022,6 +1030,7 @@ class Daemon:
                 self._keep_documents(failure.trial_id, failure.run_uid, failure.documents)
                 self.store.record_run(failure.trial_id, failure.run_uid)
             self._send(identity, protocol.Ack(trial_id=failure.trial_id, assignment=failure.assignment))
+            self._acknowledged(station, failure.trial_id)
             return
         run = self.runs[flight.campaign_id]
         self._keep_documents(failure.trial_id, failure.run_uid, failure.documents)
@@ -1030,6 +1039,7 @@ class Daemon:
         else:
             self._fail(run, flight, failure.error, retry=True, run_uid=failure.run_uid)
         self._send(identity, protocol.Ack(trial_id=failure.trial_id, assignment=failure.assignment))
+        self._acknowledged(station, failure.trial_id)
 
     def _rest(self, run: CampaignRun, flight: InFlight, station: Station, error: str) -> None:
         """The station could not reach the trial's instrument, so nothing ran: the trial goes back to the front
@@ -1082,6 +1092,24 @@ class Daemon:
             if station.running.pop(trial_id, None) is not None and cancel_elsewhere not in (None, station.identity):
                 # the result came from another station (an outbox after a re-queue): stop the duplicate run
                 self._send(station.identity, protocol.Cancel(trial_id=trial_id, reason="result already stored"))
+
+    def _acknowledged(self, station: Station, trial_id: int) -> None:
+        """The station's answer for the trial is acknowledged, so it deletes it: unless the trial is in flight
+        there again (a retry), the station holds it no more and need not be remembered as given to it."""
+        flight = self.in_flight.get(trial_id)
+        if flight is None or flight.station != station.name:
+            self._prune_given(station.name, drop=trial_id)
+
+    def _prune_given(self, name: str, *, keep: set[int] | None = None, drop: int | None = None) -> None:
+        given = self._given.get(name)
+        if given is None:
+            return
+        if keep is not None:
+            given &= keep
+        if drop is not None:
+            given.discard(drop)
+        if not given:
+            del self._given[name]
 
     # -- timeouts and lost stations -------------------------------------------------------------
 

@@ -1,0 +1,29 @@
+"""A station runs for weeks: what the daemon keeps per trial must not outlive the trial's time in flight."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from closedloop.campaign import Campaign
+from closedloop.daemon import Daemon
+from closedloop.store import Store
+from tests.daemon.procs import campaign_yaml, serving, station
+
+
+def test_the_daemon_forgets_which_station_had_a_trial_once_its_answer_is_acknowledged(tmp_path: Path) -> None:
+    """The daemon remembered every trial it had ever given each station (a set per station, never pruned): one
+    entry per experiment for as long as the daemon ran, about 0.85 MB of RAM per 10 000 experiments, and each
+    hello copied the whole set."""
+    campaign = Campaign.from_yaml_text(campaign_yaml("weeks", 40, latency=0.0, concurrency=4))
+    store = Store(tmp_path / "s.db")
+    daemon = Daemon(store, [campaign], heartbeat_s=0.3)
+    with station(daemon.endpoint, "a", tmp_path), station(daemon.endpoint, "b", tmp_path), \
+            serving(daemon) as thread:
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "the campaign did not finish"
+    trials = store.trials(store.campaign_row("weeks").id)
+    assert len(trials) == 40 and {t.status for t in trials} == {"completed"}
+    assert {t.station for t in trials} == {"a", "b"}
+    # every answer was acknowledged and nothing is in flight: no station holds any trial any more
+    assert not daemon.in_flight
+    assert daemon._given == {}, f"still remembered as given: { {k: len(v) for k, v in daemon._given.items()} }"
