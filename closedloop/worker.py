@@ -48,10 +48,15 @@ from drivers.readout import failure_reason, outputs_from_events
 log = logging.getLogger("closedloop.worker")
 
 
+# runs kept in the outbox's ``ran`` record, the latest: it had one row per run for as long as the station lived
+# (about 60 bytes each, never read by the station itself); a full record is ``--journal``'s to keep
+RAN_KEPT = 100_000
+
+
 class Outbox:
     """Results and failures not yet acknowledged by the daemon, on disk (SQLite, synchronous commits)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, ran_kept: int = RAN_KEPT):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
@@ -60,8 +65,9 @@ class Outbox:
         # loss can lose the last ones, which the daemon then times out and retries like a lost station
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS outbox (trial_id INTEGER PRIMARY KEY, payload BLOB NOT NULL)")
-        # the station's own record of every run it measured, written with the outbox entry
+        # the station's own record of the runs it measured (the latest ran_kept), written with the outbox entry
         self._db.execute("CREATE TABLE IF NOT EXISTS ran (trial_id INTEGER NOT NULL, run_uid TEXT, at REAL NOT NULL)")
+        self._ran_kept = ran_kept
         self._lock = threading.Lock()
 
     def put(self, trial_id: int, payload: bytes, run_uid: str | None = None) -> None:
@@ -71,10 +77,12 @@ class Outbox:
             self._db.execute("INSERT OR REPLACE INTO outbox VALUES (?, ?)", (trial_id, payload))
             if run_uid is not None:
                 self._db.execute("INSERT INTO ran VALUES (?, ?, ?)", (trial_id, run_uid, time.time()))
+                # rowids grow with each insert: older than the latest ran_kept goes (a seek when nothing does)
+                self._db.execute("DELETE FROM ran WHERE rowid <= (SELECT max(rowid) FROM ran) - ?", (self._ran_kept,))
             self._db.execute("COMMIT")
 
     def ran(self) -> list[tuple[int, str]]:
-        """(trial id, run uid) of every run this outbox's station measured."""
+        """(trial id, run uid) of the runs this outbox's station measured, the latest ``RAN_KEPT``."""
         with self._lock:
             return list(self._db.execute("SELECT trial_id, run_uid FROM ran ORDER BY at"))
 
