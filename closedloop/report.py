@@ -488,9 +488,9 @@ def fit(data: Data, output: str) -> Fitted | None:
     return Fitted(output, model, space, train_x, train_y, done, unit)
 
 
-def _best_record(data: Data, output: str) -> dict[str, Any] | None:
+def _best_record(data: Data, output: str, *, feasible: bool = True) -> dict[str, Any] | None:
     # issue 8: only the target source's results count (a campaign with sources)
-    done = [r for r in data.completed if data.feasible(r) and data.campaign.counts(r)]
+    done = [r for r in data.completed if (data.feasible(r) or not feasible) and data.campaign.counts(r)]
     if not done:
         return None
     if output in data.campaign.objectives:
@@ -523,9 +523,12 @@ def figure_model(data: Data, fitted: list[Fitted], outdir: Path) -> Figure | Non
     tunable = list(data.campaign.tunable_parameters.items())
     fig, axes = plt.subplots(len(fitted), len(tunable), figsize=(3.2 * len(tunable) + 0.6, 2.9 * len(fitted)),
                              squeeze=False)
+    through_reading = False
     for i, f in enumerate(fitted):
-        best = _best_record(data, f.output)
-        assert best is not None
+        # no experiment within the outcome constraints yet: the slices go through the best reading instead
+        best = _best_record(data, f.output) or _best_record(data, f.output, feasible=False)
+        assert best is not None  # fitted on completed experiments
+        through_reading |= _best_record(data, f.output) is None
         base = {n: best[n] for n in data.campaign.parameters}
         for j, (name, p) in enumerate(tunable):
             ax = axes[i][j]
@@ -553,7 +556,8 @@ def figure_model(data: Data, fitted: list[Fitted], outdir: Path) -> Figure | Non
     return Figure("model", "Model along the best point's slices",
                   "A GP fitted to all completed experiments; each panel varies one parameter with the others at "
                   "the best experiment's values. Grey dots are experiments (projected, so they need not lie on "
-                  "the curve).", _save(fig, outdir, "model"))
+                  "the curve)." + (" No experiment meets the outcome constraints yet: the best point is the best "
+                                   "reading." if through_reading else ""), _save(fig, outdir, "model"))
 
 
 def _magnitude(values: np.ndarray) -> float:
@@ -703,6 +707,10 @@ def render_html(data: Data, figures: list[Figure], extra: dict[str, Any]) -> str
     for name, objective in c.objectives.items():
         best = _best_record(data, name)
         if best is None:
+            counted = [r for r in data.completed if c.counts(r)]
+            if counted and c.outcome_constraints:  # measured, but none within the outcome constraints
+                summary.append((f"best {name} ({objective.goal})", f"no feasible experiment yet: none of the "
+                                f"{len(counted)} completed meets the outcome constraints"))
             continue
         reading = _experiment_text(best[name], best["trial"], best, c.parameters)
         # under noise the planner reports the best model estimate, not the luckiest reading (docs/planner.md)

@@ -206,3 +206,23 @@ def test_leave_one_out_numbers_of_outputs_near_the_float_limits_are_the_ordinary
     assert got["yield"]["rmse"] == pytest.approx(unit * want["yield"]["rmse"], rel=1e-3)
     assert got["yield"]["rmse_over_sd"] == pytest.approx(want["yield"]["rmse_over_sd"], rel=1e-3)
     assert got["yield"]["within_2sd"] == want["yield"]["within_2sd"]
+
+
+def test_a_campaign_whose_experiments_all_break_its_outcome_constraints_gets_a_report_that_says_so(
+        tmp_path: Path) -> None:
+    # the model's slices go through the best feasible experiment: with none, the report failed on an assertion
+    from tests.reportdata import MIXED_YAML, fill
+
+    from closedloop.campaign import Campaign
+
+    text = MIXED_YAML.format(name="infeasible", experiments=30).replace(
+        "budget:", 'outcome_constraints: ["cost >= 1000"]\nbudget:')
+    campaign = Campaign.from_yaml_text(text, check_instrument=False)
+    store = Store(tmp_path / "s.db")
+    fill(store, campaign, 12)
+    result = CliRunner().invoke(app, ["report", "infeasible", "--store", str(tmp_path / "s.db"),
+                                      "-o", str(tmp_path / "r" / "report.html")])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "r" / "report.html").read_text()
+    assert "no feasible experiment yet" in text
+    assert (tmp_path / "r" / "model.png").exists()
