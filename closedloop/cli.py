@@ -132,7 +132,10 @@ def _summary(campaign: Campaign, store_path: Path, run: Any, seconds: float) -> 
     best = report.best(run.store, campaign.name)
     console.print(f"\n[bold]{campaign.name}[/]: {counts.get('completed', 0)} completed, {counts.get('failed', 0)} failed "
                   f"in {seconds:.1f} s")
-    if best is None:
+    if best is None and counts.get("completed", 0) and campaign.outcome_constraints:
+        console.print(f"no feasible experiment yet: none of the {counts['completed']} completed meets the outcome "
+                      "constraints", soft_wrap=True)
+    elif best is None:
         console.print("no experiment completed")
     else:
         console.print(f"best experiment: #{best.trial}  {_format_values(best.values)}")

@@ -405,6 +405,8 @@ class CampaignRun:
         name, objective = next(iter(self.campaign.objectives.items()))
         if name not in result.values:
             return False
+        if not all(b.satisfied(result.values[b.output]) for b in self.campaign.output_bounds if b.output in result.values):
+            return False  # outside the outcome constraints: not a good experiment, as status and the report count
         if self.best is None or self.best.values is None:
             self.best = result
             return True

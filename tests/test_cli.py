@@ -224,3 +224,16 @@ def test_a_database_that_fails_a_write_is_one_line_and_changes_nothing(tmp_path:
                      "run with --debug for the traceback)"], result.stderr
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT count(*) FROM trial").fetchone() == (0,)
+
+
+@pytest.mark.slow
+def test_a_run_whose_experiments_all_break_the_outcome_constraints_reports_no_best(tmp_path: Path) -> None:
+    # the live lines named an infeasible reading "best" and the summary said "no experiment completed"
+    campaign = (ROOT / "campaigns" / "branin.yaml").read_text().replace(
+        "experiments: 30", "experiments: 3").replace("budget:", 'outcome_constraints: ["y >= 1000"]\nbudget:').replace(
+        "initial_experiments: 8", "initial_experiments: 1")
+    (tmp_path / "c.yaml").write_text(campaign)
+    result = closedloop("run", "c.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "[3/3] experiment 3: y=" in result.stdout and "best y=" not in result.stdout, result.stdout
+    assert "no feasible experiment yet: none of the 3 completed meets the outcome constraints" in result.stdout
