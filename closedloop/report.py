@@ -334,7 +334,8 @@ def figure_pareto(data: Data, outdir: Path) -> list[Figure]:
     ax.set_ylabel("hypervolume")
     ax.set_title("Hypervolume of the feasible experiments")
     fig.tight_layout()
-    reference = ", ".join(f"{n}={abs(v):.4g}" for n, v in zip(names, ref))
+    # in the objectives' own units: the oriented point negates minimized ones (orienting again undoes it)
+    reference = ", ".join(f"{n}={data.oriented(n, float(v)):.4g}" for n, v in zip(names, ref))
     figures.append(Figure("hypervolume", "Hypervolume over experiments",
                           f"Hypervolume dominated by the experiments so far, with reference point {reference}.",
                           _save(fig, outdir, "hypervolume")))

@@ -226,3 +226,19 @@ def test_a_campaign_whose_experiments_all_break_its_outcome_constraints_gets_a_r
     text = (tmp_path / "r" / "report.html").read_text()
     assert "no feasible experiment yet" in text
     assert (tmp_path / "r" / "model.png").exists()
+
+
+def test_the_hypervolume_reference_point_is_shown_with_the_thresholds_signs(tmp_path: Path) -> None:
+    # shown as the oriented point's absolute values: thresholds -1 and -5 read "yield=1, cost=5"
+    from tests.reportdata import MIXED_YAML, fill
+
+    from closedloop.campaign import Campaign
+
+    text = MIXED_YAML.format(name="signs", experiments=30).replace(
+        "yield: {goal: maximize}", "yield: {goal: maximize, threshold: -1}").replace(
+        "cost: {goal: minimize}", "cost: {goal: minimize, threshold: -5}")
+    store = Store(tmp_path / "s.db")
+    fill(store, Campaign.from_yaml_text(text, check_instrument=False), 6)
+    figures, _ = report.make_figures(store, "signs", tmp_path / "r")
+    (caption,) = [f.caption for f in figures if f.name == "hypervolume"]
+    assert "with reference point yield=-1, cost=-5." in caption
