@@ -1095,6 +1095,26 @@ def _source_problems(parameters: Mapping[str, Any] | None, budget: Budget | None
     return problems
 
 
+# Ax refuses a range narrower than this, whatever its units (ax.core.parameter: 100 * EPS, EPS = 1.5e-7)
+AX_NARROWEST = 1.5e-5
+
+
+def backend_problems(campaign: Campaign) -> list[tuple[str, str]]:
+    """What the campaign's planner backend cannot handle, as ``(field path, message)``: found when the file is
+    loaded, not when the daemon builds the planner, by which time the campaign had been written to the store
+    (an idle campaign of 0 experiments) and `closedloop run` ended with exit code 1."""
+    if campaign.planner.backend != "ax" or campaign.sources:
+        return []  # the other backends handle every campaign; with sources the sources' check says it
+    from closedloop.planner.ax_backend import unsupported
+
+    problems = [tuple(text.split(": ", 1)) for text in unsupported(campaign)]
+    for name, p in campaign.tunable_parameters.items():
+        if isinstance(p, ContinuousParameter) and p.bounds[1] - p.bounds[0] < AX_NARROWEST:
+            problems.append((f"parameters.{name}.bounds", f"the ax backend refuses a range narrower than "
+                             f"{AX_NARROWEST:g} (Ax's numerics); rescale the parameter or use the botorch backend"))
+    return problems  # type: ignore[return-value]
+
+
 def _unknown_names(kind: str, unknown: list[str], known: set[str]) -> str:
     parts = []
     for name in unknown:
@@ -1836,6 +1856,8 @@ def load_campaign_text(
         if check_instrument:
             for path, message in instrument_problems(campaign):
                 add(_parse_path(path), message)
+        for path, message in backend_problems(campaign):
+            add(tuple(int(k) if k.isdigit() else k for k in _parse_path(path)), message)
     elif check_instrument:
         # the rest of the file is wrong, but an instrument that does not import is worth saying now
         sources = data.get("sources") if isinstance(data.get("sources"), dict) else {}
