@@ -1775,7 +1775,8 @@ def load_campaign_text(
         source: the file name that problems are reported against.
         base: the folder a relative candidate table is read from (default: the current one).
         check_instrument: import the instrument and compare it with the campaign (see
-            :func:`instrument_problems`); turn off on a host that cannot import the lab's drivers.
+            :func:`instrument_problems`), and check what the planner backend cannot handle (see
+            :func:`backend_problems`); turn off on a host that cannot import the lab's drivers.
     """
     try:
         root = yaml.compose(text, Loader=_Loader)
@@ -1856,8 +1857,9 @@ def load_campaign_text(
         if check_instrument:
             for path, message in instrument_problems(campaign):
                 add(_parse_path(path), message)
-        for path, message in backend_problems(campaign):
-            add(tuple(int(k) if k.isdigit() else k for k in _parse_path(path)), message)
+            # whether it can be run here, as the instrument: a stored campaign is read back without either
+            for path, message in backend_problems(campaign):
+                add(tuple(int(k) if k.isdigit() else k for k in _parse_path(path)), message)
     elif check_instrument:
         # the rest of the file is wrong, but an instrument that does not import is worth saying now
         sources = data.get("sources") if isinstance(data.get("sources"), dict) else {}
