@@ -1100,11 +1100,18 @@ AX_NARROWEST = 1.5e-5
 
 
 def backend_problems(campaign: Campaign) -> list[tuple[str, str]]:
-    """What the campaign's planner backend cannot handle, as ``(field path, message)``: found when the file is
-    loaded, not when the daemon builds the planner, by which time the campaign had been written to the store
-    (an idle campaign of 0 experiments) and `closedloop run` ended with exit code 1."""
-    if campaign.planner.backend != "ax" or campaign.sources:
-        return []  # the other backends handle every campaign; with sources the sources' check says it
+    """What the campaign's planner (the ax backend, or the multi-fidelity planner of a campaign with sources)
+    cannot handle, as ``(field path, message)``: found when the file is loaded, not when the daemon builds the
+    planner, by which time the campaign had been written to the store (an idle campaign of 0 experiments) and
+    `closedloop run` ended with exit code 1."""
+    if campaign.sources:
+        if campaign.planner.backend != "botorch":
+            return []  # the sources' check says it
+        from closedloop.planner.multifidelity import unsupported as multifidelity_unsupported
+
+        return [tuple(text.split(": ", 1)) for text in multifidelity_unsupported(campaign)]  # type: ignore[misc]
+    if campaign.planner.backend != "ax":
+        return []  # the other backends handle every campaign
     from closedloop.planner.ax_backend import unsupported
 
     problems = [tuple(text.split(": ", 1)) for text in unsupported(campaign)]
