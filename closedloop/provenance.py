@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
@@ -170,7 +171,11 @@ class Recorder:
     def __init__(self, planner: Any):
         self.planner = planner
         self._lock = threading.Lock()
-        self._observed: list[tuple[int | None, bool]] = []
+        # the trials it has seen, and the failed ones, as ranges kept up to date on ingest: a list of every result,
+        # sorted into ranges twice per proposal, cost the planner thread O(n log n) per proposal (87 s of 141 s
+        # at 6 000 experiments, every step slower as the campaign grew)
+        self._observed = _Ranges()
+        self._failed = _Ranges()
         self.versions = _versions(planner.backend)
 
     def __getattr__(self, name: str) -> Any:
@@ -184,12 +189,16 @@ class Recorder:
     def ingest(self, results: list[Result]) -> None:
         self.planner.ingest(results)
         with self._lock:
-            self._observed.extend((r.trial, r.values is None) for r in results)
+            for r in results:
+                if r.trial is not None:
+                    self._observed.add(r.trial)
+                    if r.values is None:
+                        self._failed.add(r.trial)
 
     def suggest(self, n: int = 1, pending: list[dict[str, Any]] | None = None) -> list[Proposal]:
         pending = [dict(p) for p in (pending or [])]
         with self._lock:
-            observed = list(self._observed)
+            observed, failed = self._observed.ranges(), self._failed.ranges()
         if hasattr(self.planner, "last_decision"):
             self.planner.last_decision = None
         decided_at = utcnow()
@@ -210,8 +219,8 @@ class Recorder:
                 "seed": getattr(self.planner, "seed", None),
                 "acquisition_seed": evidence.get("seed") if point is not None else None,
                 "batch_size": n, "batch_position": position,
-                "observed": ranges_of(t for t, _ in observed if t is not None),
-                "failed": ranges_of(t for t, bad in observed if bad and t is not None),
+                "observed": [list(r) for r in observed],
+                "failed": [list(r) for r in failed],
                 "pending_parameters": pending,
                 "proposed_parameters": dict(proposal.parameters),
                 "acquisition": evidence.get("acquisition") if point is not None else None,
@@ -507,6 +516,35 @@ def ranges_of(numbers: Any) -> list[list[int]]:
         else:
             out.append([n, n])
     return out
+
+
+class _Ranges:
+    """Trial numbers as :func:`ranges_of` gives them, kept up to date as numbers arrive (in any order, repeated):
+    the cost of an addition grows with the number of gaps, not of trials."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ranges: list[list[int]] = []
+
+    def add(self, n: int) -> None:
+        i = bisect.bisect_right(self._starts, n)  # ranges[i - 1] starts at or before n, ranges[i] after it
+        if i and n <= self._ranges[i - 1][1]:
+            return
+        left = bool(i) and self._ranges[i - 1][1] == n - 1
+        right = i < len(self._ranges) and self._ranges[i][0] == n + 1
+        if left and right:
+            self._ranges[i - 1][1] = self._ranges[i][1]
+            del self._ranges[i], self._starts[i]
+        elif left:
+            self._ranges[i - 1][1] = n
+        elif right:
+            self._ranges[i][0] = self._starts[i] = n
+        else:
+            self._ranges.insert(i, [n, n])
+            self._starts.insert(i, n)
+
+    def ranges(self) -> list[list[int]]:
+        return [list(r) for r in self._ranges]
 
 
 def expand(ranges: list[list[int]] | list[int]) -> list[int]:
