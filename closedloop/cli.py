@@ -367,15 +367,14 @@ def _find_store(campaign: str | None, store: str | None, read_only: bool = False
     raise StoreError(f"no campaign {campaign!r} in results/*.db; give --store")
 
 
-def _open_campaign(campaign: str, store: str | None) -> tuple[Any, str]:
-    """For commands that may start a campaign: CAMPAIGN is a campaign file or the name of a stored one."""
+def _campaign_to_start(campaign: str, store: str | None) -> tuple[Any, Any]:
+    """For commands that may start a campaign: CAMPAIGN is a campaign file (its spec is returned, for the
+    command to write once it has checked its request) or the name of a stored one."""
     from closedloop.store import Store
 
     if campaign.endswith((".yaml", ".yml")) or Path(campaign).is_file():
         spec = _load(Path(campaign))
-        the_store = Store(store or _default_store(spec))
-        the_store.open_campaign(spec)
-        return the_store, spec.name
+        return Store(store or _default_store(spec)), spec
     the_store, name = _find_store(campaign, store)
     return the_store, name or campaign
 
@@ -577,8 +576,12 @@ def suggest(
     """Propose the next experiments to run by hand and record them as pending."""
     from closedloop import hitl
 
-    the_store, name = _open_campaign(campaign, store)
-    rows = hitl.suggest(the_store, name, n)
+    the_store, target = _campaign_to_start(campaign, store)
+    try:
+        rows = hitl.suggest(the_store, target, n)
+    except hitl.DataError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    name = target if isinstance(target, str) else target.name
     _print_trials(rows, f"{name}: {len(rows)} experiment(s) to run by hand; report results with "
                         f"`closedloop tell {name} TRIAL OUTPUT=VALUE`")
 

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from closedloop.campaign import (
     Campaign,
@@ -170,13 +170,19 @@ def suggest(store: Store, campaign: Campaign | str, n: int = 1) -> list[TrialRow
         raise DataError([f"-n {n}: ask for at least one proposal"])
     if isinstance(campaign, str):
         campaign = store.campaign(campaign)
+    if n > campaign.max_experiments:  # before the campaign is written to a new store
+        _over_budget(campaign, n, 0, 0)
     campaign_id = store.open_campaign(campaign)
+    open_trials = store.trials(campaign_id, [TrialStatus.proposed.value, TrialStatus.dispatched.value,
+                                             TrialStatus.held.value])
+    finished = len(store.trials(campaign_id, [TrialStatus.completed.value, TrialStatus.failed.value,
+                                              TrialStatus.abandoned.value]))
+    if n > campaign.max_experiments - finished - len(open_trials):
+        _over_budget(campaign, n, finished, len(open_trials))
     from closedloop import provenance  # issue 9: hand-run trials are explained like the daemon's
 
     planner = provenance.Recorder(make_planner(campaign))
     planner.ingest(store.results(campaign_id))
-    open_trials = store.trials(campaign_id, [TrialStatus.proposed.value, TrialStatus.dispatched.value,
-                                             TrialStatus.held.value])
     proposals = planner.suggest(n, pending=[t.parameters for t in open_trials])
     rows = store.add_trials(campaign_id, [(p.parameters, {**p.metadata, "execution": MANUAL, "suggested_by": user()})
                                           for p in proposals],
@@ -185,6 +191,14 @@ def suggest(store: Store, campaign: Campaign | str, n: int = 1) -> list[TrialRow
         log.info("campaign=%s trial=%s suggested for hand execution parameters=%s", campaign.name, row.index,
                  row.parameters)
     return rows
+
+
+def _over_budget(campaign: Campaign, n: int, finished: int, open_trials: int) -> NoReturn:
+    """Refuse ``n`` hand proposals past the budget, as a daemon counts it (they were recorded, and the
+    campaign ran over its budget)."""
+    room = max(campaign.max_experiments - finished - open_trials, 0)
+    raise DataError([f"-n {n}: the budget of {campaign.max_experiments} experiments leaves {room} ({finished} "
+                     f"finished, {open_trials} open); ask for at most {room}, or raise budget.experiments"])
 
 
 def tell(store: Store, campaign_name: str, index: int, values: dict[str, Any],

@@ -365,3 +365,24 @@ def test_an_output_given_twice_is_refused_not_silently_the_last(tmp_path: Path) 
     result = cli("tell", "hand", "1", "y=3", "y=4", "--store", db)
     assert result.exit_code == 1 and "y is given twice" in result.stderr
     assert Store(db).counts(1) == {"proposed": 1}
+
+
+def test_suggest_refuses_proposals_past_the_budget_and_writes_nothing(tmp_path: Path) -> None:
+    db = str(tmp_path / "s.db")
+    path = campaign_file(tmp_path, experiments=4)
+    over = cli("suggest", str(path), "-n", "5", "--store", db)
+    assert over.exit_code == 2
+    assert "-n 5: the budget of 4 experiments leaves 4 (0 finished, 0 open)" in over.output
+    assert not Store(db).campaigns()  # not even the campaign
+
+    assert cli("suggest", str(path), "-n", "3", "--store", db).exit_code == 0
+    store = Store(db)
+    cid = store.campaign_row("hand").id
+    assert cli("tell", "hand", "1", "y=1.5", "--store", db).exit_code == 0
+    again = cli("suggest", "hand", "-n", "2", "--store", db)
+    assert again.exit_code == 2
+    assert "the budget of 4 experiments leaves 1 (1 finished, 2 open); ask for at most 1" in again.output
+    assert len(store.trials(cid)) == 3
+    assert cli("suggest", "hand", "-n", "1", "--store", db).exit_code == 0
+    assert len(store.trials(cid)) == 4
+    assert "leaves 0" in cli("suggest", "hand", "--store", db).output
