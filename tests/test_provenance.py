@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from closedloop import provenance
 from closedloop.cli import app
 from closedloop.daemon import run_embedded
+from closedloop.errors import StoreError
 from closedloop.store import Store
 from tests.conftest import branin_campaign
 
@@ -381,3 +382,19 @@ def test_explain_and_replay_find_the_campaign_as_every_command_does(tmp_path: Pa
     replayed = runner.invoke(app, ["replay", "hand", "--until", str(trial.index)])
     assert replayed.exit_code == 0, replayed.output
     assert "the same experiment" in replayed.stdout
+
+
+def test_a_trial_ax_proposed_is_explained_but_not_replayed(tmp_path: Path) -> None:
+    """Ax keeps state of its own (its Sobol sequence's position): replay says so instead of 'a different experiment'."""
+    from closedloop import hitl
+
+    store = Store(tmp_path / "ax.db")
+    campaign = branin_campaign(name="axed", experiments=6, initial=3, backend="ax")
+    first = hitl.suggest(store, campaign, n=1)[0]
+    hitl.tell(store, "axed", first.index, {"y": 3.5})
+    second = hitl.suggest(store, "axed", n=1)[0]
+    record = provenance.provenance(store, "axed", second.index)
+    assert record is not None and record.backend == "ax" and record.observed == [[first.index, first.index]]
+    with pytest.raises(StoreError, match=r"trial #2 of 'axed' was proposed by Ax, .* cannot be replayed"):
+        provenance.replay(store, "axed", second.index)
+    store.close()
