@@ -1316,7 +1316,8 @@ class Daemon:
         sent = self._send(station.identity, assignment)
         if not sent:
             self._release(trial.id)
-            self.store.requeue(trial.id, f"station {station.name} unreachable")
+            # the assignment never left: not an attempt (counted, `retries: 0` abandoned a trial never tried)
+            self.store.requeue(trial.id, f"station {station.name} unreachable", attempted=False)
             run.queue.appendleft(trial.id)
             self.stations.pop(station.identity, None)
             self._update_planner(run)

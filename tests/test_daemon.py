@@ -578,3 +578,32 @@ instrument: {simulator: "simulators.surfaces:Branin"}
     assert {t.status for t in trials} == {"completed"}
     assert store.campaign_row("four-points").status == "completed"
     assert "space_exhausted" in events and "planner_error" not in events
+
+
+def test_an_assignment_that_never_left_for_a_station_gone_is_not_an_attempt(store: Store) -> None:
+    """A station says hello and is gone before the daemon reads it: the welcome and the first assignment
+    cannot leave (ROUTER_MANDATORY: host unreachable). The trial goes back to the queue as never tried, so
+    the campaign's retries are not spent on it (with `retries: 0` it was abandoned: CI's partition test)."""
+    daemon = Daemon(store, [_campaign("gone", 1, retries=0)], heartbeat_s=1.0)
+    cid = store.campaign_row("gone").id
+    started = time.monotonic()
+    ghost_gone = False
+
+    def between_turns() -> bool:
+        nonlocal ghost_gone
+        if not ghost_gone and time.monotonic() - started > 1.0:  # the planner's first proposal is ready
+            with raw_station(daemon.endpoint, "ghost") as sock:
+                sock.send(protocol.encode(protocol.Hello(station="ghost")))
+                time.sleep(0.3)  # in the daemon's socket, unread, when the station goes
+            time.sleep(0.3)
+            ghost_gone = True
+        trials = store.trials(cid)
+        return bool(trials and trials[0].error) or time.monotonic() - started > 20
+
+    try:
+        daemon.serve(should_stop=between_turns)
+    finally:
+        daemon.close()
+    [trial] = store.trials(cid)
+    assert trial.status == "proposed" and "station ghost unreachable" in trial.error
+    assert trial.attempts == 0, "a dispatch that never left the daemon counted as an attempt"
