@@ -421,7 +421,9 @@ def trial_records(store: Store, campaign: str | int) -> list[dict[str, Any]]:
             record[SOURCE] = t.parameters.get(SOURCE)
         record.update({name: (obs.values.get(name) if obs else None) for name in spec.outputs})
         record.update({
-            "station": t.station, "error": t.error, "run_uid": obs.run_uid if obs else None,
+            "station": t.station, "error": t.error,
+            # the result's run, or a failed trial's last attempt's: the documents that show what went wrong
+            "run_uid": obs.run_uid if obs else (t.run_uids[-1] if t.run_uids else None),
             "generator": t.planner.get("generator"), "execution": t.planner.get("execution"),
             "attempts": t.attempts, "duration_s": obs.duration_s if obs else None,
             "proposed_at": _iso(t.proposed_at), "dispatched_at": _iso(t.dispatched_at),

@@ -419,3 +419,17 @@ def test_an_export_into_a_new_folder_makes_it_as_a_report_does(busy: tuple[Store
         result = CliRunner().invoke(app, ["export", "busy", "-f", fmt, "-o", str(target), "--store", busy[1]])
         assert result.exit_code == 0, result.output
         assert target.stat().st_size > 0
+
+
+def test_an_export_names_the_run_of_a_failed_trial_as_explain_does(tmp_path: Path) -> None:
+    store = Store(tmp_path / "failed.db")
+    cid = store.open_campaign(branin_campaign(name="failing", experiments=6, backend="sobol"))
+    (done, failed) = store.add_trials(cid, [({"x1": 1.0, "x2": 1.0}, {}), ({"x1": 2.0, "x2": 2.0}, {})])
+    store.mark_dispatched(done.id, "station-a")
+    store.record_result(done.id, "run-done", {"y": 3.0})
+    store.mark_dispatched(failed.id, "station-a")
+    store.record_failure(failed.id, "gripper dropped the vial", run_uid="run-dropped")
+    records = {r["trial"]: r for r in trial_records(store, "failing")}
+    assert records[done.index]["run_uid"] == "run-done"
+    assert records[failed.index]["run_uid"] == "run-dropped" and records[failed.index]["y"] is None
+    store.close()
