@@ -58,7 +58,7 @@ import zmq
 
 from closedloop import protocol
 from closedloop.errors import ClosedLoopError, DeviceError, ProtocolError
-from closedloop.worker import Outbox, connect_station, default_station_name
+from closedloop.worker import Departure, Outbox, connect_station, default_station_name
 
 log = logging.getLogger("closedloop.compute")
 
@@ -341,25 +341,21 @@ class ComputeStation:
         registered = False
         # a stop lets the experiments computing finish: the station beats on (a silent station is lost, and its
         # trials run again elsewhere while they go on here) until their answers are acknowledged
-        leaving = False
-        idle_since: float | None = None
+        departure = Departure()
         try:
             while True:
                 if self._stop.is_set():
                     if self.refused is not None:
                         break
-                    if not leaving:
-                        leaving = True
+                    if departure.announce():
                         # say so now, listing only what is computing: the trials waiting here go to other stations
                         self._queued.clear()
                         registered = False
                         sock.send(self._hello(capacity))
                         last_sent = time.monotonic()
                         log.info("stopping: finishing %d experiment(s) before leaving", len(self._running))
-                    if not self._running:
-                        idle_since = idle_since or time.monotonic()
-                        if not self.outbox.pending() or time.monotonic() - idle_since > 5 * self.heartbeat_s:
-                            break
+                    if departure.may_leave(not self._running, self.outbox, self.heartbeat_s):
+                        break
                     if time.monotonic() - last_heard > 10 * self.heartbeat_s:
                         # nobody to deliver to (the daemon has ended, as when `closedloop run` is interrupted):
                         # waiting for an experiment that may take hours would hold the process for nothing

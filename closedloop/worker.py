@@ -53,6 +53,29 @@ log = logging.getLogger("closedloop.worker")
 RAN_KEPT = 100_000
 
 
+class Departure:
+    """A stopping station's way out. It tells the daemon once that it is leaving (:meth:`announce`), then leaves
+    when it runs nothing and the daemon has acknowledged every answer, or ``ACK_WAIT_BEATS`` heartbeats after it
+    fell idle (what is still unacknowledged stays in the outbox, offered again at the next start)."""
+
+    ACK_WAIT_BEATS = 5
+
+    def __init__(self) -> None:
+        self._announced = False
+        self._idle_since: float | None = None
+
+    def announce(self) -> bool:
+        """True the first time it is asked: the moment to tell the daemon."""
+        first, self._announced = not self._announced, True
+        return first
+
+    def may_leave(self, idle: bool, outbox: Outbox, heartbeat_s: float) -> bool:
+        if not idle:
+            return False
+        self._idle_since = self._idle_since or time.monotonic()
+        return not outbox.pending() or time.monotonic() - self._idle_since > self.ACK_WAIT_BEATS * heartbeat_s
+
+
 class Outbox:
     """Results and failures not yet acknowledged by the daemon, on disk (SQLite, synchronous commits)."""
 
@@ -476,23 +499,19 @@ class StationWorker:
         last_sent = last_heard = time.monotonic()
         # a stop lets the run in progress finish: this thread beats on (a silent station is lost, and its trial
         # run again elsewhere while the run here goes on) until that run's answer is acknowledged
-        leaving = False
-        idle_since: float | None = None
+        departure = Departure()
         try:
             while True:
                 if self._stop.is_set():
                     if self.refused is not None:
                         break
-                    if not leaving:
-                        leaving = True
-                        if self._session is not None:  # say so now: what is queued here goes to other stations
-                            self._session = None
-                            self.registered.clear()
-                            sock.send(self._hello())
-                    if self._idle.is_set():
-                        idle_since = idle_since or time.monotonic()
-                        if not self.outbox.pending() or time.monotonic() - idle_since > 5 * self.heartbeat_s:
-                            break
+                    # say so now: what is queued here goes to other stations
+                    if departure.announce() and self._session is not None:
+                        self._session = None
+                        self.registered.clear()
+                        sock.send(self._hello())
+                    if departure.may_leave(self._idle.is_set(), self.outbox, self.heartbeat_s):
+                        break
                 poller = zmq.Poller()
                 poller.register(sock, zmq.POLLIN)
                 poller.register(wake, zmq.POLLIN)

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,8 @@ from closedloop.campaign import Campaign
 from closedloop.compute import ComputeError, ComputeStation, command_argv, parse_outputs, run_experiment
 from closedloop.daemon import Daemon, run_embedded
 from closedloop.store import Store
-from tests.daemon.procs import CLI, env, free_port, kill9, ran, receive, start_daemon, wait_for
+from tests.daemon.procs import (CLI, check_one_run_then_handed_back, env, free_port, kill9, receive,
+                                sigterm_mid_run, start_daemon, wait_for)
 
 # -- experiments the tests run (imported by Dask workers as tests.test_compute:NAME) ---------------
 
@@ -401,29 +400,13 @@ def test_a_compute_station_stopped_mid_experiment_finishes_it_delivers_it_and_ha
         wait_for(lambda: log.exists() and 'state="started" station="stopped"' in log.read_text()
                  and log.read_text().count('station="stopped" attempt=1') >= 2, 90,
                  "the station to compute an experiment with another assigned behind it")
-        time.sleep(0.5)  # mid-experiment
-        os.kill(stopped.pid, signal.SIGTERM)
-        asked = time.monotonic()
-        assert stopped.wait(timeout=60) == 0, (tmp_path / "stopped.out").read_text()[-3000:]
-        assert time.monotonic() - asked < 20, "the station did not leave once its experiment was delivered"
+        sigterm_mid_run(stopped, tmp_path / "stopped.out", leave_within_s=20)
         assert daemon.wait(timeout=180) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
     finally:
         for proc in (daemon, stopped, other):
             kill9(proc)
-
-    computed = ran(tmp_path / "stopped.outbox") + ran(tmp_path / "other.outbox")
-    twice = sorted(trial for trial, n in Counter(trial for trial, _ in computed).items() if n > 1)
-    assert not twice, f"trials computed twice: {twice}"
-    assert len(ran(tmp_path / "stopped.outbox")) == 1, "the stopping station computed more than its experiment"
-    store = Store(tmp_path / "s.db")
-    trials = store.trials(store.campaign_row("stop").id)
-    assert Counter(t.status for t in trials) == {"completed": 6}
-    assert {(o.trial_id, o.run_uid) for o in store.observations(trials[0].campaign_id).values()} == set(computed)
     # the trial waiting behind the experiment went back to the queue when the station said it was stopping
-    assert 'state="requeued" reason="station does not hold it"' in log.read_text()
-    assert 'reason="station stopped lost"' not in log.read_text()
-    store.close()
-
+    check_one_run_then_handed_back(tmp_path, "stop", 6)
 
 def test_a_compute_station_with_curve_keys_serves_a_daemon_that_requires_them(tmp_path: Path) -> None:
     from closedloop.keys import ClientKeys, ServerKeys, new_keypair

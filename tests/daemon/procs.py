@@ -93,6 +93,39 @@ def ran(outbox: Path) -> list[tuple[int, str]]:
         return list(db.execute("SELECT trial_id, run_uid FROM ran"))
 
 
+def sigterm_mid_run(station: subprocess.Popen, output: Path, leave_within_s: float) -> None:
+    """SIGTERM to ``station`` half a second into its run; it must exit 0 within ``leave_within_s``."""
+    time.sleep(0.5)
+    os.kill(station.pid, signal.SIGTERM)
+    asked = time.monotonic()
+    assert station.wait(timeout=3 * leave_within_s) == 0, output.read_text()[-3000:]
+    assert time.monotonic() - asked < leave_within_s, "the station did not leave once its run was delivered"
+
+
+def check_one_run_then_handed_back(cwd: Path, campaign: str, experiments: int) -> None:
+    """After :func:`sigterm_mid_run` on station ``stopped`` beside station ``other`` (outboxes and the daemon's
+    store and log in ``cwd``): the stopped station finished the one run it was in, nothing ran twice, every
+    experiment completed, and the trial queued behind the run went back to the queue, not as a lost station's."""
+    from collections import Counter
+
+    from closedloop.store import Store
+
+    runs = ran(cwd / "stopped.outbox") + ran(cwd / "other.outbox")
+    twice = sorted(trial for trial, n in Counter(trial for trial, _ in runs).items() if n > 1)
+    assert not twice, f"trials run twice: {twice}"
+    assert len(ran(cwd / "stopped.outbox")) == 1, "the stopping station ran more than the run it was in"
+    store = Store(cwd / "s.db")
+    try:
+        trials = store.trials(store.campaign_row(campaign).id)
+        assert Counter(t.status for t in trials) == {"completed": experiments}
+        assert {(o.trial_id, o.run_uid) for o in store.observations(trials[0].campaign_id).values()} == set(runs)
+    finally:
+        store.close()
+    log = (cwd / "daemon.log").read_text()
+    assert 'state="requeued" reason="station does not hold it"' in log
+    assert 'reason="station stopped lost"' not in log
+
+
 def receive(router: zmq.Socket, kind: type, limit_s: float = 30.0, *, refuse_heartbeats: bool = False) -> tuple[bytes, Any]:
     """The next message of ``kind`` from a station, read on a ROUTER socket standing in for the daemon.
 

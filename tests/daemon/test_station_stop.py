@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from closedloop.store import Store
-from tests.daemon.procs import campaign_yaml, free_port, kill9, ran, start_daemon, start_worker, wait_for
+from tests.daemon.procs import (campaign_yaml, check_one_run_then_handed_back, free_port, kill9, ran, sigterm_mid_run,
+                                start_daemon, start_worker, wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -29,29 +27,13 @@ def test_a_station_stopped_mid_run_finishes_the_run_delivers_it_and_hands_back_i
     try:
         wait_for(lambda: log.exists() and 'state="started" station="stopped"' in log.read_text(), 60,
                  "the station to start an experiment")
-        time.sleep(0.5)  # mid-run
-        os.kill(stopped.pid, signal.SIGTERM)
-        asked = time.monotonic()
-        assert stopped.wait(timeout=30) == 0
-        assert time.monotonic() - asked < 10, "the station did not leave once its run was delivered"
+        sigterm_mid_run(stopped, tmp_path / "stopped.out", leave_within_s=10)
         assert daemon.wait(timeout=120) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
     finally:
         for proc in (daemon, stopped, other):
             kill9(proc)
-
-    measured = ran(tmp_path / "stopped.outbox") + ran(tmp_path / "other.outbox")
-    twice = sorted(trial for trial, n in Counter(trial for trial, _ in measured).items() if n > 1)
-    assert not twice, f"trials measured twice: {twice}"
-    assert len(ran(tmp_path / "stopped.outbox")) == 1, "the stopping station ran more than the run it was in"
-    store = Store(tmp_path / "s.db")
-    trials = store.trials(store.campaign_row("stop").id)
-    assert Counter(t.status for t in trials) == {"completed": 6}
-    assert {(o.trial_id, o.run_uid) for o in store.observations(trials[0].campaign_id).values()} == set(measured)
-    # the trial queued behind its run went back to the queue when it said it was stopping, and it left holding
-    # nothing: no trial of it was re-queued or abandoned as a lost station's
-    assert 'state="requeued" reason="station does not hold it"' in log.read_text()
-    assert 'reason="station stopped lost"' not in log.read_text()
-
+    # it left holding nothing: no trial of it was re-queued or abandoned as a lost station's
+    check_one_run_then_handed_back(tmp_path, "stop", 6)
 
 def test_a_trial_queued_on_a_killed_station_goes_back_to_the_queue(tmp_path: Path) -> None:
     """A station killed mid-run also held the trial queued behind its run, which it had not started: with the
