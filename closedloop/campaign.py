@@ -1027,9 +1027,9 @@ def consistency_problems(
                 continue
         parsed.append(folded)
     if parsed and parameters is not None and len(parsed) == len(constraints or []):
-        infeasible = _infeasible(parameters, parsed)
-        if infeasible:
-            problems.append(("constraints", infeasible))
+        degenerate = _infeasible(parameters, parsed) or (_one_point(parameters, parsed) if candidates is None else None)
+        if degenerate:
+            problems.append(("constraints", degenerate))
 
     known_outputs = set(objectives or {})
     for i, text in enumerate(outcome_constraints or []):
@@ -1130,10 +1130,10 @@ def _unknown_names(kind: str, unknown: list[str], known: set[str]) -> str:
     return "; ".join(parts) + f"; known: {', '.join(sorted(known)) or 'none'}"
 
 
-def _infeasible(parameters: Mapping[str, Any], constraints: list[LinearConstraint]) -> str | None:
-    """A message when no point within the parameters' bounds satisfies every linear constraint."""
+def _polytope(parameters: Mapping[str, Any], constraints: list[LinearConstraint]) -> dict[str, Any]:
+    """The constrained parameters' bounds and constraints as keyword arguments of ``scipy.optimize.linprog``,
+    with ``names`` (sorted) for its columns."""
     import numpy as np
-    from scipy.optimize import linprog
 
     names = sorted({n for c in constraints for n in c.coefficients})
     bounds, integrality = [], []
@@ -1158,20 +1158,48 @@ def _infeasible(parameters: Mapping[str, Any], constraints: list[LinearConstrain
         else:
             a_eq.append(row)
             b_eq.append(c.rhs / scale)
-    result = linprog(
-        np.zeros(len(names)),
-        A_ub=np.array(a_ub) if a_ub else None,
-        b_ub=np.array(b_ub) if b_ub else None,
-        A_eq=np.array(a_eq) if a_eq else None,
-        b_eq=np.array(b_eq) if b_eq else None,
-        bounds=bounds,
-        integrality=integrality,
-        method="highs",
-    )
+    return {"names": names, "bounds": bounds, "integrality": integrality,
+            "A_ub": np.array(a_ub) if a_ub else None, "b_ub": np.array(b_ub) if b_ub else None,
+            "A_eq": np.array(a_eq) if a_eq else None, "b_eq": np.array(b_eq) if b_eq else None}
+
+
+def _infeasible(parameters: Mapping[str, Any], constraints: list[LinearConstraint]) -> str | None:
+    """A message when no point within the parameters' bounds satisfies every linear constraint."""
+    import numpy as np
+    from scipy.optimize import linprog
+
+    problem = _polytope(parameters, constraints)
+    names = problem.pop("names")
+    result = linprog(np.zeros(len(names)), **problem, method="highs")
     if result.status == 2:
         return ("no point within the parameters' bounds satisfies all constraints together: "
                 + "; ".join(repr(c.text) for c in constraints))
     return None
+
+
+def _one_point(parameters: Mapping[str, Any], constraints: list[LinearConstraint]) -> str | None:
+    """A message when the constraints leave every parameter a single value: the campaign would run that one
+    experiment for its whole budget (``a + b == 2`` with both at most 1)."""
+    import numpy as np
+    from scipy.optimize import linprog
+
+    problem = _polytope(parameters, constraints)
+    names = problem.pop("names")
+    if any(n not in names and not isinstance(p, FixedParameter) for n, p in parameters.items()):
+        return None
+    values = []
+    for i, n in enumerate(names):
+        direction = np.zeros(len(names))
+        direction[i] = 1.0
+        low, high = (linprog(sign * direction, **problem, method="highs") for sign in (1.0, -1.0))
+        if low.status != 0 or high.status != 0:
+            return None
+        width = problem["bounds"][i][1] - problem["bounds"][i][0]
+        if high.x[i] - low.x[i] > 1e-9 * max(width, 1e-300):
+            return None
+        values.append(f"{n}={low.x[i]:g}")
+    return (f"the constraints leave a single point ({', '.join(values)}): there is nothing to vary; make these "
+            "fixed parameters, or loosen the constraints: " + "; ".join(repr(c.text) for c in constraints))
 
 
 # --------------------------------------------------------------------------------------------

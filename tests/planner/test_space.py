@@ -160,8 +160,11 @@ def test_the_centre_is_the_middle_of_every_number_and_keeps_the_given_categories
 def test_constraints_that_pin_a_value_give_a_design_of_that_value() -> None:
     """Two inequalities leaving one value (a polytope with no inside; hypothesis found it in CI): BoTorch's
     hit-and-run sampler refused its start point by 3e-18, and no experiment could be proposed."""
-    space = Space(campaign("a: {type: integer, bounds: [0, 3]}", extra='constraints: ["0.01 * a <= 0.01", "0.02 * a >= 0.02"]'))
+    pinned = 'constraints: ["0.01 * a <= 0.01", "0.02 * a >= 0.02"]'
+    space = Space(campaign("a: {type: integer, bounds: [0, 3]}\nb: {type: continuous, bounds: [0, 1]}", extra=pinned))
     assert [space.decode(row)["a"] for row in space.sample(4, seed=0)] == [1, 1, 1, 1]
+    with pytest.raises(CampaignError, match=r"leave a single point \(a=1\)"):
+        campaign("a: {type: integer, bounds: [0, 3]}", extra=pinned)  # alone, there is nothing to vary
     line = Space(campaign("u: {type: continuous, bounds: [0, 1]}\nv: {type: continuous, bounds: [0, 1]}",
                           extra='constraints: ["u + v <= 1", "u + v >= 1"]'))
     points = [line.decode(row) for row in line.sample(8, seed=1)]
