@@ -164,7 +164,7 @@ def test_a_timed_out_trial_is_retried_on_the_same_station(store: Store, tmp_path
     campaign = _campaign("retry", 1, latency=3.0, retries=2, timeout=0.5)
     daemon = Daemon(store, [campaign], heartbeat_s=0.2)
     started = time.monotonic()
-    with station(daemon.endpoint, "only", tmp_path) as worker, serving(daemon) as thread:
+    with station(daemon.endpoint, "only", tmp_path), serving(daemon) as thread:
         thread.join(timeout=60)
         assert not thread.is_alive()
         elapsed = time.monotonic() - started

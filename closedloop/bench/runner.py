@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from closedloop.bench.peers import PEERS, Peer
+from closedloop.bench.peers import PEERS
 from closedloop.bench.problems import PROBLEMS, Problem
 
 log = logging.getLogger(__name__)

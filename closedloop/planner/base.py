@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from closedloop.campaign import Campaign
 
 
 @dataclass(frozen=True)
