@@ -33,6 +33,10 @@ if TYPE_CHECKING:  # the store (SQLAlchemy) is imported only when a view reads o
 # trial statuses as the store spells them
 FINISHED = ("completed", "failed", "abandoned")
 DISPATCHED, HELD, PROPOSED = "dispatched", "held", "proposed"
+# an experiment in flight this many times longer than the longest completed one is shown as running long: a
+# campaign without a timeout waits for a hung device forever, and a station left for days should say so
+LONG_FACTOR = 5.0
+LONG_AFTER = 3  # completed experiments needed before their durations say what is long
 
 
 def format_values(values: dict[str, Any] | None) -> str:
@@ -59,6 +63,11 @@ def _utc(moment: datetime | None) -> datetime | None:
     if moment is None:
         return None
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> float | None:
+    start, end = _utc(start), _utc(end)
+    return (end - start).total_seconds() if start is not None and end is not None else None
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,10 @@ class Snapshot:
     cost_budget: float | None = None
     spent: float = 0.0  # cost of the finished experiments, counted as the daemon counts it
     experiments: int | None = None  # the budget's limit in experiments, None with a budget in cost alone
+    # in-flight trials running LONG_FACTOR times longer than the longest completed experiment: (trial, seconds)
+    running_long: list[tuple[int, float]] = field(default_factory=list)
+    longest_s: float | None = None  # the longest completed experiment, dispatch to result
+    timeout_s: float | None = None  # the campaign's execution timeout
 
     @classmethod
     def from_store(cls, store: Store, campaign: str | int, recent: int = 5) -> Snapshot:
@@ -135,6 +148,12 @@ class Snapshot:
 
         spent = (sum(spec.cost_of(t.parameters) for t in finished if used_instrument(t.attempts, t.error))
                  if spec.budget.cost is not None else 0.0)
+        now = datetime.now(timezone.utc)
+        durations = [d for t in finished if t.status == "completed"
+                     and (d := _seconds(t.dispatched_at, t.finished_at)) is not None]
+        longest = max(durations) if len(durations) >= LONG_AFTER else None
+        running_long = [(t.index, d) for t in trials if t.status == DISPATCHED and longest is not None
+                        and (d := _seconds(t.dispatched_at, now)) is not None and d > LONG_FACTOR * max(longest, 1.0)]
         status = row.status
         if status == "running" and store.held(row.name) is False:
             status = "idle"  # no process runs it now (stopped, killed, or hand-run only): not "running"
@@ -147,6 +166,8 @@ class Snapshot:
             best=best, best_after=best_after, recent=entries[-recent:][::-1] if recent else [],
             started=_utc(row.created_at), ended=_utc(row.finished_at), hours=spec.budget.hours,
             cost_budget=spec.budget.cost, spent=spent, experiments=spec.budget.experiments,
+            running_long=running_long, longest_s=longest, now=now,
+            timeout_s=float(spec.execution.timeout) if spec.execution.timeout else None,
         )
 
     # -- derived numbers --------------------------------------------------------------------------
@@ -197,6 +218,14 @@ class Snapshot:
         return (f"{self.objective}={self.best.values[self.objective]:.6g} (#{self.best.index}, "
                 f"experiment {self.best_after} of {self.finished}{when})")
 
+    def running_long_text(self) -> str | None:
+        """``#12 for 2 h 05 min (the longest completed took 4 min 10 s; no timeout set)``; None when none."""
+        if not self.running_long:
+            return None
+        limit = f"timeout {format_seconds(self.timeout_s)}" if self.timeout_s else "no timeout set"
+        return (", ".join(f"#{i} for {format_seconds(s)}" for i, s in self.running_long)
+                + f" (the longest completed took {format_seconds(self.longest_s)}; {limit})")
+
     # -- output -----------------------------------------------------------------------------------
 
     def lines(self) -> list[str]:
@@ -208,6 +237,8 @@ class Snapshot:
         if self.in_flight:
             out.append("  in flight: " + "; ".join(f"{s}: " + ", ".join(f"#{i}" for i in sorted(t))
                                                     for s, t in sorted(self.in_flight.items())))
+        if (long := self.running_long_text()) is not None:
+            out.append("  running long: " + long)
         if self.held:
             out.append("  held for approval: " + ", ".join(f"#{i}" for i in self.held))
         if self.manual:
@@ -234,6 +265,8 @@ class Snapshot:
         if self.in_flight:
             facts.add_row("in flight", "; ".join(f"{s}: " + ", ".join(f"#{i}" for i in sorted(t))
                                                  for s, t in sorted(self.in_flight.items())))
+        if (long := self.running_long_text()) is not None:
+            facts.add_row("running long", Text(long, style="bold yellow"))
         if self.held:
             facts.add_row("held", ", ".join(f"#{i}" for i in self.held) + "  (closedloop approve / reject)")
         if self.manual:

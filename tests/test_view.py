@@ -6,11 +6,13 @@ import io
 import json
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import zmq
+from sqlalchemy import text
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -73,6 +75,21 @@ def test_status_list_and_show_from_another_terminal(busy: tuple[Store, str]) -> 
     shown = runner.invoke(app, ["show", "busy", "--store", busy[1]])
     assert shown.exit_code == 0
     assert "beam dump" in shown.stdout and "station-b" in shown.stdout and "9 trials" in shown.stdout
+
+
+def test_status_names_an_experiment_running_far_longer_than_any_completed_one(busy: tuple[Store, str]) -> None:
+    """A campaign without a timeout waits for a hung device forever: status says which experiment has been in
+    flight five times longer than the longest completed one, and for how long."""
+    store, path = busy
+    assert Snapshot.from_store(store, "busy").running_long == []  # #6 and #7 were dispatched a moment ago
+    with store.engine.begin() as connection:
+        connection.execute(text('UPDATE trial SET dispatched_at = :then WHERE "index" = 6'),
+                           {"then": datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(hours=2, minutes=5)})
+    snap = Snapshot.from_store(store, "busy")
+    assert [i for i, _ in snap.running_long] == [6]
+    status = CliRunner().invoke(app, ["status", "busy", "--store", path])
+    assert status.exit_code == 0, status.output
+    assert "running long: #6 for 2 h 05 min (the longest completed took 0 s; no timeout set)" in status.stdout
 
 
 def test_export_in_every_format_reads_back_the_same_table(busy: tuple[Store, str], tmp_path: Path) -> None:
