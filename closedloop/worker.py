@@ -356,11 +356,17 @@ class StationWorker:
                 log.info("trial %s %s before it started", trial, "cancelled" if job.cancelled else "not run: stopping")
                 return
             self._running = trial
-        self._post(protocol.encode(protocol.Started(trial_id=trial, assignment=job.id)))
         started, started_at = time.monotonic(), time.time()
         documents = DocumentCollector()
         try:
-            message: protocol.ResultMessage | protocol.Failure = self._measure(job, documents, started, started_at)
+            # connecting the instrument (a first trial: EPICS devices may take many seconds) is no part of the
+            # experiment: announced before it, its time counted against the campaign's timeout, which failed a
+            # trial that had not yet opened a run as "timed out"
+            binding = self._binding(assignment.instrument)
+            self._post(protocol.encode(protocol.Started(trial_id=trial, assignment=job.id)))
+            started, started_at = time.monotonic(), time.time()
+            message: protocol.ResultMessage | protocol.Failure = self._measure(job, binding, documents, started,
+                                                                              started_at)
         except Exception as exc:  # every failure is reported with its error, never swallowed
             # the run it opened, if it got that far, so the store can point at what the hardware did
             opened = next(iter(documents.run_uids), None)
@@ -383,10 +389,9 @@ class StationWorker:
         self._post(payload)
         self.completed += 1
 
-    def _measure(self, job: Job, documents: DocumentCollector, started: float,
+    def _measure(self, job: Job, binding: InstrumentBinding, documents: DocumentCollector, started: float,
                  started_at: float) -> protocol.ResultMessage | protocol.Failure:
         assignment = job.assignment
-        binding = self._binding(assignment.instrument)
         binding.check_limits(assignment.setpoints)
         md = {
             "campaign": assignment.campaign,

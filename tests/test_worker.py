@@ -248,3 +248,25 @@ def test_a_plan_that_opens_two_runs_fails_and_both_runs_documents_are_kept(tmp_p
     documents = DocumentCollector.from_jsonl(store.documents(first) or "")
     assert len(documents.run_uids) == 2 and documents.run_uids[0] == first
     store.close()
+
+
+def slow_to_connect_branin(*, connect_s: float = 0.0, **options: object) -> InstrumentBinding:
+    """Branin whose devices take ``connect_s`` to connect, as EPICS devices may on a station's first trial."""
+    time.sleep(connect_s)
+    return Branin(**options)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_connecting_the_instrument_is_not_counted_against_the_experiments_timeout(tmp_path: Path) -> None:
+    from closedloop.daemon import run_embedded
+
+    # a driver (imported, never built by the loader) that connects for 3 s; each experiment takes milliseconds
+    campaign = Campaign.from_yaml_text(branin_campaign("slow-connect", 2, execution={"timeout": 1}, instrument={
+        "driver": "tests.test_worker:slow_to_connect_branin", "options": {"connect_s": 3.0}}))
+    store = Store(tmp_path / "s.db")
+    run = run_embedded(campaign, store, outbox=str(tmp_path / "o.db"))
+    trials = store.trials(run.id)
+    # the first trial failed "timed out after 1.0 s" with no run opened: the station announced it before connecting
+    assert [(t.status, t.error) for t in trials] == [("completed", None), ("completed", None)]
+    assert all(t.attempts == 1 for t in trials)
+    store.close()
