@@ -42,6 +42,7 @@ from closedloop.errors import ClosedLoopError, ProtocolError, SpaceExhausted, St
 from closedloop.keys import ServerKeys, check_exposure
 from closedloop.planner import Planner, Proposal, Result, make_planner
 from closedloop.store import Store, TrialRow, TrialStatus, used_instrument
+from closedloop.view import runs_long
 
 log = logging.getLogger("closedloop.daemon")
 translog = logging.getLogger("closedloop.trial")  # one structured line per trial transition
@@ -135,6 +136,7 @@ class InFlight:
     reconciling: bool = False  # dispatched by an earlier daemon; its station has not spoken since
     # the assign's message id, which the station's answers name; None when an earlier daemon sent it
     assignment: str | None = None
+    said_long: bool = False  # logged once as running long (a campaign without a timeout)
 
     def answered_by(self, message: protocol.Started | protocol.ResultMessage | protocol.Failure) -> bool:
         """Whether a station's message answers this assignment, not an earlier one of the same trial (a
@@ -305,6 +307,10 @@ class CampaignRun:
         self.best: Result | None = None
         for result in results:
             self._consider_best(result)
+        # the completed experiments' durations, as status counts them: what "running long" is judged by
+        timed = [(t.finished_at - t.dispatched_at).total_seconds() for t in finished
+                 if t.status == TrialStatus.completed.value and t.finished_at and t.dispatched_at]
+        self.timed, self.longest_s = len(timed), max(timed, default=0.0)
         self.queue: deque[int] = deque()
         self.held = 0
         self.held_ids: set[int] = set()  # issue 7: to notice proposals a person rejected
@@ -847,6 +853,8 @@ class Daemon:
             if resting:
                 resting.pop(_instrument_label(run.campaign.instrument_for(parameters)), None)
             run.count_finished(parameters)
+            if result.duration_s is not None:
+                run.timed, run.longest_s = run.timed + 1, max(run.longest_s, result.duration_s)
             finished = Result(parameters, values, index)
             ingest.setdefault(run.id, []).append(finished)
             is_best = run._consider_best(finished)
@@ -1152,6 +1160,7 @@ class Daemon:
                                        status=TrialStatus.abandoned)
                         if trial_id in run.queue:  # re-queued, not abandoned
                             self._left_behind[trial_id] = station.name
+        self._say_running_long(now)
         # stations holding their RunEngines for a paused campaign: every trial there waits, whatever its campaign
         held = set().union(*(r.paused_on for r in self.runs.values() if r.paused))
         for flight in list(self.in_flight.values()):
@@ -1169,6 +1178,22 @@ class Daemon:
                     self._send(station.identity, protocol.Cancel(trial_id=flight.trial_id, reason="timed out"))
                     self._owed[(flight.trial_id, station.name)] = now + OWED_GRACE_S
             self._fail(run, flight, f"timed out after {run.campaign.execution.timeout} s", retry=True)
+
+    def _say_running_long(self, now: float) -> None:
+        """Log (once) and publish an experiment with no timeout that has run far longer than any completed one:
+        an unattended station may be waiting on a hung device."""
+        for flight in self.in_flight.values():
+            run = self.runs[flight.campaign_id]
+            if flight.said_long or flight.deadline is not None or run.paused:
+                continue
+            elapsed = now - flight.dispatched
+            if runs_long(elapsed, run.longest_s, run.timed):
+                flight.said_long = True
+                log.warning("campaign %s trial %s on station %s: running for %.0f s; the longest completed experiment "
+                            "took %.0f s and the campaign has no timeout (a hung device?)", run.campaign.name,
+                            flight.index, flight.station, elapsed, run.longest_s)
+                self._emit("trial_running_long", run, trial=flight.index, station=flight.station, elapsed_s=elapsed,
+                           longest_s=run.longest_s)
 
     # -- dispatch -------------------------------------------------------------------------------
 

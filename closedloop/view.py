@@ -65,6 +65,13 @@ def _utc(moment: datetime | None) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
+def runs_long(elapsed_s: float, longest_s: float, completed: int) -> bool:
+    """Whether an experiment in flight for ``elapsed_s`` runs long: ``LONG_FACTOR`` times the longest of the
+    ``completed`` experiments (at least a second), once there are ``LONG_AFTER`` of them to judge by. The daemon
+    logs it by the same rule."""
+    return completed >= LONG_AFTER and elapsed_s > LONG_FACTOR * max(longest_s, 1.0)
+
+
 def _seconds(start: datetime | None, end: datetime | None) -> float | None:
     start, end = _utc(start), _utc(end)
     return (end - start).total_seconds() if start is not None and end is not None else None
@@ -151,9 +158,9 @@ class Snapshot:
         now = datetime.now(timezone.utc)
         durations = [d for t in finished if t.status == "completed"
                      and (d := _seconds(t.dispatched_at, t.finished_at)) is not None]
-        longest = max(durations) if len(durations) >= LONG_AFTER else None
-        running_long = [(t.index, d) for t in trials if t.status == DISPATCHED and longest is not None
-                        and (d := _seconds(t.dispatched_at, now)) is not None and d > LONG_FACTOR * max(longest, 1.0)]
+        longest = max(durations, default=0.0)
+        running_long = [(t.index, d) for t in trials if t.status == DISPATCHED
+                        and (d := _seconds(t.dispatched_at, now)) is not None and runs_long(d, longest, len(durations))]
         status = row.status
         if status == "running" and store.held(row.name) is False:
             status = "idle"  # no process runs it now (stopped, killed, or hand-run only): not "running"
@@ -166,7 +173,7 @@ class Snapshot:
             best=best, best_after=best_after, recent=entries[-recent:][::-1] if recent else [],
             started=_utc(row.created_at), ended=_utc(row.finished_at), hours=spec.budget.hours,
             cost_budget=spec.budget.cost, spent=spent, experiments=spec.budget.experiments,
-            running_long=running_long, longest_s=longest, now=now,
+            running_long=running_long, longest_s=longest if durations else None, now=now,
             timeout_s=float(spec.execution.timeout) if spec.execution.timeout else None,
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -509,6 +510,42 @@ def test_an_assign_that_never_reached_its_station_goes_back_to_the_queue(store: 
         assert not thread.is_alive()
         row = store.trial(first.trial_id)
         assert (row.status, row.attempts, row.error) == ("completed", 2, None)
+
+
+def test_an_experiment_far_longer_than_any_completed_one_is_said_once(store: Store,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A campaign without a timeout waits on a hung device forever: after three experiments of 0.2 s, the fourth,
+    silent for over 5 s (five times the longest, at least a second), is logged and published once as running
+    long; it still completes when its result comes."""
+    events: list[tuple[str, dict]] = []
+    daemon = Daemon(store, [_campaign("hang", 4, latency=0.05, concurrency=1)], heartbeat_s=0.5,
+                    on_event=lambda kind, details: events.append((kind, details)))
+    with raw_station(daemon.endpoint, "robot") as sock, caplog.at_level(logging.WARNING, "closedloop.daemon"):
+        sock.send(protocol.encode(protocol.Hello(station="robot", instance="p1")))
+        with serving(daemon) as thread:
+            _next_message(sock, "welcome")
+            for n in range(4):
+                assign = _next_message(sock, "assign")
+                if n == 3:
+                    waited = time.monotonic()
+                    while not any(k == "trial_running_long" for k, _ in events) and time.monotonic() - waited < 20:
+                        sock.send(protocol.encode(protocol.Heartbeat(holds=[assign.trial_id])))  # alive, still busy
+                        time.sleep(0.3)
+                    assert time.monotonic() - waited >= 5.0 - 0.5, "said before five times the longest (1 s floor)"
+                    for _ in range(4):  # said once, not on every look
+                        sock.send(protocol.encode(protocol.Heartbeat(holds=[assign.trial_id])))
+                        time.sleep(0.3)
+                sock.send(protocol.encode(protocol.ResultMessage(trial_id=assign.trial_id, assignment=assign.msg_id,
+                                                                 run_uid=f"run-{n}", values={"y": 1.0 + n},
+                                                                 duration_s=0.2)))
+                _next_message(sock, "ack")
+            thread.join(timeout=20)
+        assert not thread.is_alive()
+    said = [d for k, d in events if k == "trial_running_long"]
+    assert len(said) == 1 and said[0]["trial"] == 4 and said[0]["station"] == "robot"
+    assert said[0]["longest_s"] == pytest.approx(0.2) and said[0]["elapsed_s"] > 5.0
+    assert sum("running for" in r.getMessage() and "no timeout" in r.getMessage() for r in caplog.records) == 1
+    assert [t.status for t in store.trials(store.campaign_row("hang").id)] == ["completed"] * 4
 
 
 def test_a_station_that_cannot_reach_its_instrument_gets_the_trial_back_after_a_rest(store: Store) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import zmq
-from sqlalchemy import text
+import sqlalchemy
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -83,7 +83,7 @@ def test_status_names_an_experiment_running_far_longer_than_any_completed_one(bu
     store, path = busy
     assert Snapshot.from_store(store, "busy").running_long == []  # #6 and #7 were dispatched a moment ago
     with store.engine.begin() as connection:
-        connection.execute(text('UPDATE trial SET dispatched_at = :then WHERE "index" = 6'),
+        connection.execute(sqlalchemy.text('UPDATE trial SET dispatched_at = :then WHERE "index" = 6'),
                            {"then": datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(hours=2, minutes=5)})
     snap = Snapshot.from_store(store, "busy")
     assert [i for i, _ in snap.running_long] == [6]
