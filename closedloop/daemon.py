@@ -1406,7 +1406,9 @@ class Daemon:
                     "planner_errors": {r.campaign.name: r.service.error for r in self.runs.values()
                                        if r.service is not None and r.service.error},
                     # the loop is fine, the lab is not: monitoring should hear of hardware out of reach
-                    "unreachable_instruments": {s.name: sorted(s.resting) for s in self.stations.values() if s.resting}}
+                    "unreachable_instruments": {s.name: sorted(s.resting) for s in self.stations.values() if s.resting},
+                    "running_long": {f"{self.runs[f.campaign_id].campaign.name} #{f.index}": f.station
+                                     for f in self.in_flight.values() if f.said_long}}
         if method in ("pause", "resume"):
             runs = self._select(params)
             for run in runs:

@@ -518,7 +518,8 @@ def test_an_experiment_far_longer_than_any_completed_one_is_said_once(store: Sto
     silent for over 5 s (five times the longest, at least a second), is logged and published once as running
     long; it still completes when its result comes."""
     events: list[tuple[str, dict]] = []
-    daemon = Daemon(store, [_campaign("hang", 4, latency=0.05, concurrency=1)], heartbeat_s=0.5,
+    control = f"tcp://127.0.0.1:{free_port()}"
+    daemon = Daemon(store, [_campaign("hang", 4, latency=0.05, concurrency=1)], heartbeat_s=0.5, control=control,
                     on_event=lambda kind, details: events.append((kind, details)))
     with raw_station(daemon.endpoint, "robot") as sock, caplog.at_level(logging.WARNING, "closedloop.daemon"):
         sock.send(protocol.encode(protocol.Hello(station="robot", instance="p1")))
@@ -532,6 +533,7 @@ def test_an_experiment_far_longer_than_any_completed_one_is_said_once(store: Sto
                         sock.send(protocol.encode(protocol.Heartbeat(holds=[assign.trial_id])))  # alive, still busy
                         time.sleep(0.3)
                     assert time.monotonic() - waited >= 5.0 - 0.5, "said before five times the longest (1 s floor)"
+                    assert control_request(control, "health")["running_long"] == {"hang #4": "robot"}
                     for _ in range(4):  # said once, not on every look
                         sock.send(protocol.encode(protocol.Heartbeat(holds=[assign.trial_id])))
                         time.sleep(0.3)
