@@ -67,17 +67,24 @@ class SobolPlanner:
             return self._rows(n, pending or [])
         if self.space.grid is not None:
             return self._fresh(start, n, pending or [])
-        return [Proposal(self.space.decode(x), {"generator": self.backend}) for x in self._points(start, n)]
+        points = [self.space.decode(x) for x in self._points(start, n)]
+        # The position counts results and pending experiments; an abandoned one (its station killed mid-run)
+        # is neither, so the count falls back and the sequence gives a point already run again (a station
+        # killed during trial 4 made trials 5 and 6 the same experiment)
+        taken = {self.space.key(p) for p in [r.parameters for r in self.log.results] + (pending or [])}
+        if any(self.space.key(p) in taken for p in points):
+            return self._fresh(start, n, pending or [])
+        return [Proposal(point, {"generator": self.backend}) for point in points]
 
     def _fresh(self, start: int, n: int, pending: list[dict[str, Any]]) -> list[Proposal]:
-        """``n`` points of a finite space, passing over those run, in flight or earlier in the batch: rounded
+        """``n`` points of a finite space (or of a continuous one whose sequence repeats an experiment after an
+        abandoned one), passing over those run, in flight or earlier in the batch: rounded
         to a few values, random draws and Sobol points meet (random gave one of four points twice while
         another had never run). Past ``LOOKAHEAD`` positions the points not yet run are taken in the space's
         order; once none is left, points run again rather than a station waiting."""
         seen = {self.space.key(p) for p in [r.parameters for r in self.log.results] + pending}
         window = [self.space.decode(x) for x in self._points(start, n + LOOKAHEAD)]
-        grid = self.space.grid
-        assert grid is not None
+        grid = self.space.grid if self.space.grid is not None else ()  # a continuous space: the window suffices
         picked: list[dict[str, Any]] = []
         for point in itertools.chain(window, (self.space.decode(x) for x in grid)):  # the grid only as needed
             if len(picked) == n:
