@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from bluesky.protocols import Movable, Readable
 
-from closedloop.errors import DeviceError, InstrumentUnavailable
+from closedloop.errors import ClosedLoopError, DeviceError, InstrumentUnavailable
 
 Plan = Generator[Any, Any, Any]
 
@@ -313,10 +313,14 @@ def load_binding(target: str, options: Mapping[str, Any] | None = None) -> Instr
         binding = factory(**dict(options or {}))
     except TypeError as exc:  # an unknown option: say which instrument refused it
         raise DeviceError(f"{target}: {exc}") from exc
+    except ClosedLoopError:
+        raise
     except Exception as exc:
         if _not_connected(exc):
             raise InstrumentUnavailable(f"{target}: {exc}") from exc
-        raise
+        # the factory's own error ("RuntimeError: serial port not found") said what but not where: stored with
+        # each trial it failed, it read like the experiment's fault
+        raise DeviceError(f"{target}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(binding, InstrumentBinding):
         raise DeviceError(f"{target!r} returned {type(binding).__name__}, not an InstrumentBinding")
     return binding

@@ -176,6 +176,17 @@ def test_load_binding_by_import_path_with_options():
         load_binding("simulators.surfaces:Branin", {"colour": "red"})
 
 
+def unplugged_stage(**options):
+    """A lab driver whose factory fails on its own (a serial port that is not there)."""
+    raise RuntimeError("serial port /dev/ttyUSB7 not found")
+
+
+def test_a_factorys_own_error_names_the_instrument_that_failed():
+    # stored with every trial it failed, "RuntimeError: serial port /dev/ttyUSB7 not found" named no instrument
+    with pytest.raises(DeviceError, match=r"^tests\.drivers\.test_plans:unplugged_stage: RuntimeError: serial port"):
+        load_binding("tests.drivers.test_plans:unplugged_stage")
+
+
 def test_a_binding_refuses_parameters_it_has_no_device_for():
     binding = Branin()
     with pytest.raises(DeviceError, match="no device for x3"):
