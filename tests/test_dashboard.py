@@ -13,6 +13,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ import pytest
 from closedloop.campaign import Campaign
 from closedloop.daemon import Daemon, control_request
 from closedloop.dashboard import DashboardConfig, DashboardServer
-from closedloop.store import Store
+from closedloop.store import Store, TrialStatus
 from closedloop.worker import StationWorker
 from simulators.surfaces import branin_campaign
 
@@ -493,3 +494,203 @@ def test_the_page_state_names_a_database_store_without_its_password() -> None:
         # as it stands in the URL (CI's password is also the user's and the database's name)
         assert f":{make_url(url).password}@" not in json.dumps(state)
         assert state["store"] == make_url(url).render_as_string(hide_password=True)
+
+
+# -- the state kept between polls -----------------------------------------------------------------------
+
+TWO_OBJECTIVES_YAML = """
+name: film
+parameters:
+  x1: {type: continuous, bounds: [-5, 10]}
+  x2: {type: continuous, bounds: [0, 15]}
+objectives:
+  y: {goal: minimize}
+  cost: {goal: minimize}
+outcome_constraints:
+  - "y <= 50"
+budget: {experiments: 100}
+planner: {backend: botorch, seed: 1}
+instrument: {simulator: "simulators.surfaces:Branin"}
+"""
+
+
+def _from_scratch(store: Store, name: str, max_trials: int) -> dict:
+    """A campaign's page state as the dashboard computed it before it kept anything between polls: every trial,
+    result and decision read anew through the ORM (the reference the kept state must equal)."""
+    from closedloop import provenance
+    from closedloop.planner.observations import ObservationLog
+
+    row = store.campaign_row(name)
+    spec = store.campaign(row.id)
+    observations = store.observations(row.id)
+    decisions = provenance.rows(store, row.id)
+    first, goal = next(iter(spec.objectives)), next(iter(spec.objectives.values())).goal
+    series, best, table = [], None, []
+    for t in store.trials(row.id):
+        obs = observations.get(t.id)
+        values = obs.values if obs else None
+        if values is not None and first in values:
+            v = values[first]
+            counts = spec.counts(t.parameters) and all(b.satisfied(values[b.output]) for b in spec.output_bounds
+                                                       if b.output in values)
+            if counts:
+                best = v if best is None or (v > best if goal == "maximize" else v < best) else best
+            series.append({"trial": t.index, "value": v, "best": best, "counts": counts})
+        prov = decisions.get(t.id)
+        table.append({
+            "trial": t.index, "status": t.status, "parameters": t.parameters, "values": values, "error": t.error,
+            "station": t.station, "attempts": t.attempts, "run_uid": obs.run_uid if obs else None,
+            "generator": (prov.generator if prov else None) or t.planner.get("generator"),
+            "acquisition": prov.acquisition if prov else None,
+            "acquisition_value": prov.acquisition_value if prov else None,
+            "predicted": prov.predicted if prov else None,
+            "review": f"{prov.review} by {prov.reviewed_by}" if prov and prov.review else t.planner.get("approved_by"),
+            "execution": t.planner.get("execution"),
+            "dispatched_at": _iso(t.dispatched_at), "finished_at": _iso(t.finished_at),
+        })
+    out = {"name": name, "status": row.status, "budget": spec.max_experiments,
+           "objectives": [{"name": n, "goal": o.goal} for n, o in spec.objectives.items()], "outputs": spec.outputs,
+           "backend": spec.planner.backend,
+           "parameters": {n: {"type": p.type, "bounds": list(p.bounds)} for n, p in spec.parameters.items()},
+           "counts": store.counts(row.id), "series": series, "trials": table[-max_trials:],
+           "held": [r for r in table if r["status"] == "held"]}
+    log_ = ObservationLog(spec)
+    log_.add(store.results(row.id))
+    front = {r.trial for r in log_.pareto_front()}
+    points = [{"trial": r.trial, "x": r.values["y"], "y": r.values["cost"], "front": r.trial in front}
+              for r in log_.completed]
+    out["pareto"] = {"x": "y", "y": "cost", "points": points, "hypervolume": log_.hypervolume() if points else 0.0,
+                     "reference": log_.reference_point() if points else None}
+    return json.loads(json.dumps(out))
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() + ("" if moment.tzinfo else "Z") if moment is not None else None
+
+
+class _Film:
+    """A two-objective campaign with an outcome constraint, changed the ways a daemon and people change one."""
+
+    def __init__(self, path: Path):
+        self.store = Store(path)
+        self.cid = self.store.open_campaign(Campaign.from_yaml_text(TWO_OBJECTIVES_YAML, check_instrument=False))
+        self.ids: dict[int, int] = {}  # trial number -> id
+
+    def propose(self, n: int, status: str = "proposed") -> list[int]:
+        from closedloop.provenance import ProvenanceRow
+
+        def decisions(connection, rows) -> None:  # type: ignore[no-untyped-def]
+            connection.execute(ProvenanceRow.__table__.insert(), [ProvenanceRow(
+                trial_id=r.id, campaign_id=r.campaign_id, backend="botorch", generator="botorch",
+                acquisition="qLogNEI", acquisition_value=0.1 * r.index,
+                predicted={"y": {"mean": 1.0, "std": 0.5}}).model_dump() for r in rows])
+
+        start = len(self.ids)
+        rows = self.store.add_trials(self.cid, [({"x1": float((start + k) % 15 - 5), "x2": 1.0}, {"generator": "botorch"})
+                                                for k in range(n)], TrialStatus(status), companion=decisions)
+        self.ids.update({r.index: r.id for r in rows})
+        return [r.index for r in rows]
+
+    def dispatch(self, *numbers: int) -> None:
+        for number in numbers:
+            self.store.mark_dispatched(self.ids[number], "station-a")
+
+    def complete(self, number: int, y: float, cost: float) -> None:
+        self.store.record_results([(self.ids[number], f"run-{number}-{y}", {"y": y, "cost": cost}, None, 1.0)])
+
+
+def test_the_state_kept_between_polls_equals_the_state_read_from_scratch(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The dashboard keeps each campaign's rows and series between polls and reads only new and open trials;
+    after every kind of change a trial can make (out-of-order results, failures, retries, approvals with edits,
+    rejections, abandoned and imported experiments, a trial finishing after it left the table) its reply must be
+    what reading everything anew gives."""
+    import closedloop.dashboard.state
+
+    monkeypatch.setattr(closedloop.dashboard.state, "MAX_TRIALS", 4)  # the table's window slides within the test
+    film = _Film(tmp_path / "film.db")
+    server = DashboardServer(DashboardConfig(store=str(tmp_path / "film.db"), port=0)).start()
+
+    def same() -> None:
+        status, state = _get(f"http://127.0.0.1:{server.port}/api/state")
+        assert status == 200
+        (campaign,) = state["campaigns"]
+        assert campaign.pop("live") is None
+        assert campaign == _from_scratch(film.store, "film", 4)
+
+    try:
+        same()
+        film.propose(4)
+        film.dispatch(1, 2, 3)
+        film.complete(1, 30.0, 5.0)
+        film.complete(3, 20.0, 1.0)
+        same()
+        film.complete(2, 10.0, 9.0)  # after 3: the series' best changes from trial 2 on
+        film.dispatch(4)
+        film.store.record_failure(film.ids[4], "device fault", run_uid="run-4-failed")
+        same()
+        film.propose(2, "held")  # 5 and 6
+        same()
+        film.store.approve_held(film.ids[5], "ada", {"x1": 1.25, "x2": 2.0})
+        film.store.reject(film.ids[6], "grace")
+        same()
+        film.dispatch(5)
+        film.store.requeue(film.ids[5], "station lost", "run-5-lost")  # a retry
+        same()
+        film.dispatch(5)
+        film.complete(5, 5.0, 5.0)
+        film.propose(4)  # 7 to 10
+        film.dispatch(7, 8, 9)
+        film.store.record_failure(film.ids[7], "station gone", status=TrialStatus.abandoned)
+        film.store.reject(film.ids[10], "ada")
+        film.complete(9, 99.0, 0.5)  # breaks y <= 50: drawn, never the best nor on the front
+        same()
+        film.propose(5)  # 11 to 15: trial 8, still dispatched, leaves the table's window
+        film.dispatch(11, 12, 13)
+        for number in (11, 12, 13):
+            film.complete(number, 40.0 + number, 2.0)
+        same()
+        film.complete(8, 1.0, 1.0)  # the new best, long after it left the table
+        film.store.import_results(film.cid, [({"x1": 2.0, "x2": 3.0}, {"y": 0.5, "cost": 8.0}, None),
+                                             ({"x1": 3.0, "x2": 3.0}, None, "clogged")], "old.csv")
+        same()
+        film.store.record_run(film.ids[4], "run-4-late")  # a finished trial's late run: nothing shown changes
+        same()
+    finally:
+        server.stop()
+        film.store.close()
+
+
+def test_a_repeated_poll_reads_only_the_trials_that_are_new_or_open(tmp_path: Path) -> None:
+    """Every poll (each 2 s and each daemon event) re-read and rebuilt every trial, result and decision: 2 s a
+    request at 23 000 trials. Rows the dashboard's queries return, counted by running them again."""
+    import sqlite3
+
+    from sqlalchemy import event
+
+    film = _Film(tmp_path / "film.db")
+    film.propose(40)
+    film.dispatch(*range(1, 38))
+    for number in range(1, 36):
+        film.complete(number, float(number), 1.0)
+    film.propose(1, "held")  # 41; 36 and 37 dispatched, 38 to 40 proposed
+    server = DashboardServer(DashboardConfig(store=str(tmp_path / "film.db"), port=0)).start()
+    statements: list[tuple[str, tuple]] = []
+    event.listen(server.dashboard.store.engine, "before_cursor_execute",
+                 lambda _c, _cursor, statement, parameters, _x, _m: statements.append((statement, parameters)))
+
+    def rows_read() -> int:
+        statements.clear()
+        assert _get(f"http://127.0.0.1:{server.port}/api/state")[0] == 200
+        with sqlite3.connect(tmp_path / "film.db") as again:
+            return sum(len(again.execute(s, p).fetchall()) for s, p in statements if s.lstrip().upper().startswith("SELECT"))
+
+    try:
+        assert rows_read() >= 41  # the first poll reads them all
+        film.complete(36, 0.5, 0.5)
+        film.propose(2)  # 42 and 43
+        # one campaign row, the six trials open before (36 to 41) and the two new ones, a count per status (four)
+        assert rows_read() == 1 + 6 + 2 + 4
+        assert rows_read() == 1 + 7 + 4  # nothing new: the open ones only
+    finally:
+        server.stop()
+        film.store.close()

@@ -2,7 +2,8 @@
 
 - ``GET /`` the page (plain HTML, one vanilla JS file drawing SVG charts; nothing from the network);
 - ``GET /api/state`` campaigns, stations, trials with provenance, best-so-far series, Pareto fronts:
-  read from the store, with the daemon's live status from its control socket;
+  read from the store (only what is new or open since the last poll: :mod:`closedloop.dashboard.state`),
+  with the daemon's live status from its control socket;
 - ``GET /api/model?campaign=C&parameter=P`` the model's view: predicted mean and uncertainty of the
   first objective along ``P`` through the current best experiment, from a planner rebuilt from the
   store (cached per number of results);
@@ -47,6 +48,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from closedloop import provenance
+from closedloop.dashboard.state import CampaignView, finite
 from closedloop.errors import ClosedLoopError, ProtocolError
 from closedloop.store import Store, TrialStatus, displayed
 
@@ -54,7 +56,6 @@ log = logging.getLogger("closedloop.dashboard")
 
 STATIC = Path(__file__).parent / "static"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-MAX_TRIALS = 2000  # rows sent to the page; the store keeps them all
 # what the buttons may ask of the daemon's control socket (status and cancel are not the page's)
 CONTROL_METHODS = ("pause", "resume", "stop", "approve", "edit", "reject")
 
@@ -181,93 +182,6 @@ def _axis(p: Any, points: int) -> tuple[list[float], bool]:
     return xs, log_scale
 
 
-def campaign_state(store: Store, name: str) -> dict[str, Any]:
-    """One campaign as the page draws it: spec summary, counts, best-so-far series, front, trials."""
-    row = store.campaign_row(name)
-    assert row.id is not None
-    spec = store.campaign(row.id)
-    trials = store.trials(row.id)
-    observations = store.observations(row.id)
-    records = _decision_summaries(store, row.id)
-    objectives = [{"name": n, "goal": o.goal} for n, o in spec.objectives.items()]
-    first, goal = objectives[0]["name"], objectives[0]["goal"]
-    bounds = spec.output_bounds
-    series, best = [], None
-    table = []
-    for t in trials:
-        obs = observations.get(t.id)  # type: ignore[arg-type]
-        values = obs.values if obs else None
-        if values is not None and first in values:
-            v = values[first]
-            # as `closedloop status` and the report count it: a result that breaks an outcome constraint, or one
-            # from a cheaper source, is drawn but is no finding (a yield of 0.3 had been the page's best quality)
-            counts = spec.counts(t.parameters) and all(b.satisfied(values[b.output]) for b in bounds
-                                                       if b.output in values)
-            if counts:
-                best = v if best is None or (v > best if goal == "maximize" else v < best) else best
-            series.append({"trial": t.index, "value": v, "best": best, "counts": counts})
-        prov = records.get(t.id)  # type: ignore[arg-type]
-        table.append({
-            "trial": t.index, "status": t.status, "parameters": t.parameters, "values": values, "error": t.error,
-            "station": t.station, "attempts": t.attempts, "run_uid": obs.run_uid if obs else None,
-            "generator": (prov.generator if prov else None) or t.planner.get("generator"),
-            "acquisition": prov.acquisition if prov else None,
-            "acquisition_value": prov.acquisition_value if prov else None,
-            "predicted": prov.predicted if prov else None,
-            "review": f"{prov.review} by {prov.reviewed_by}" if prov and prov.review else t.planner.get("approved_by"),
-            "execution": t.planner.get("execution"),
-            "dispatched_at": _iso(t.dispatched_at), "finished_at": _iso(t.finished_at),
-        })
-    out: dict[str, Any] = {
-        "name": name, "status": row.status, "budget": spec.max_experiments,
-        "objectives": objectives, "outputs": spec.outputs, "backend": spec.planner.backend,
-        "parameters": {n: _parameter_summary(p) for n, p in spec.parameters.items()},
-        "counts": store.counts(row.id), "series": series,
-        "trials": table[-MAX_TRIALS:], "held": [r for r in table if r["status"] == TrialStatus.held.value],
-    }
-    if len(objectives) > 1:
-        out["pareto"] = _pareto(spec, store.results(row.id))
-    return out
-
-
-def _decision_summaries(store: Store, campaign_id: int) -> dict[int, Any]:
-    """The provenance columns the trials table shows, keyed by trial id (not the hyperparameters and data
-    lists, which the page fetches per trial: the state is re-read on every event)."""
-    from sqlalchemy import select
-
-    table = provenance.ProvenanceRow.__table__  # type: ignore[attr-defined]
-    columns = [table.c.trial_id, table.c.generator, table.c.acquisition, table.c.acquisition_value,
-               table.c.predicted, table.c.review, table.c.reviewed_by]
-    with store.engine.connect() as connection:
-        return {r.trial_id: r for r in connection.execute(select(*columns).where(table.c.campaign_id == campaign_id))}
-
-
-def _pareto(spec: Any, results: list[Any]) -> dict[str, Any]:
-    from closedloop.planner.observations import ObservationLog
-
-    log_ = ObservationLog(spec)
-    log_.add(results)
-    names = log_.objectives[:2]
-    front = {r.trial for r in log_.pareto_front()}
-    points = [{"trial": r.trial, "x": r.values[names[0]], "y": r.values[names[1]], "front": r.trial in front}
-              for r in log_.completed]
-    try:
-        hypervolume = log_.hypervolume() if points else 0.0
-    except Exception:  # noqa: BLE001 - a degenerate front has no hypervolume worth stopping the page for
-        hypervolume = None
-    return {"x": names[0], "y": names[1], "points": points, "hypervolume": hypervolume,
-            "reference": log_.reference_point() if points else None}
-
-
-def _parameter_summary(p: Any) -> dict[str, Any]:
-    return {"type": p.type, **({"bounds": list(p.bounds)} if hasattr(p, "bounds") and p.bounds is not None else {}),
-            **({"values": list(p.values)} if hasattr(p, "values") else {})}
-
-
-def _iso(moment: Any) -> str | None:
-    return moment.isoformat() + ("" if moment.tzinfo else "Z") if moment is not None else None
-
-
 class Dashboard:
     """The app's state: the store, the daemon's endpoints, the model cache."""
 
@@ -278,6 +192,8 @@ class Dashboard:
         # it only reads: a mistyped --store is refused rather than served as a new empty store
         self.store = Store(config.store, read_only=True)
         self.models = _ModelCache()
+        self._views: dict[str, CampaignView] = {}  # by campaign name: what the page was last sent of each
+        self._views_lock = threading.Lock()
         self.closing = False
         self.app = Starlette(routes=[
             Route("/", self.index),
@@ -312,13 +228,14 @@ class Dashboard:
     async def state(self, request: Request) -> Response:
         if (denied := self._denied(request)) is not None:
             return denied
-        daemon = await run_in_threadpool(self._daemon_status)
+        daemon = finite(await run_in_threadpool(self._daemon_status))
         campaigns = await run_in_threadpool(self._campaigns, daemon)
-        return JSONResponse(_finite({
+        # the campaigns are finite already: going over every point of their series again cost more than the poll
+        return JSONResponse({
             "read_only": self.config.effective_read_only,
             "read_only_reason": self.config.read_only_reason if self.config.effective_read_only else None,
             "store": self.store.display, "daemon": daemon, "campaigns": campaigns, "events": bool(self.config.events),
-            "time": time.time()}))
+            "time": time.time()})
 
     def _daemon_status(self) -> dict[str, Any] | None:
         if not self.config.control:
@@ -336,10 +253,15 @@ class Dashboard:
     def _campaigns(self, daemon: dict[str, Any] | None) -> list[dict[str, Any]]:
         live = {c["name"]: c for c in (daemon or {}).get("campaigns", [])}
         out = []
-        for row in self.store.campaigns():
-            state = campaign_state(self.store, row.name)
-            state["live"] = live.get(row.name)
-            out.append(state)
+        with self._views_lock:  # two polls at once would both bring one view up to date
+            rows = self.store.campaigns()
+            for row in rows:
+                view = self._views.get(row.name)
+                if view is None or view.key != CampaignView.key_of(row):
+                    view = self._views[row.name] = CampaignView(self.store, row)
+                out.append({**view.poll(self.store, row), "live": live.get(row.name)})
+            for gone in self._views.keys() - {row.name for row in rows}:
+                del self._views[gone]
         return out
 
     async def model(self, request: Request) -> Response:
@@ -351,7 +273,7 @@ class Dashboard:
                                            request.query_params.get("second") or None)
         except ClosedLoopError as exc:
             return JSONResponse({"available": False, "reason": str(exc)}, status_code=404)
-        return JSONResponse(_finite(view))
+        return JSONResponse(finite(view))
 
     async def trial(self, request: Request) -> Response:
         if (denied := self._denied(request)) is not None:
@@ -361,7 +283,7 @@ class Dashboard:
                                            int(request.query_params.get("trial", "0")))
         except (ClosedLoopError, ValueError) as exc:
             return JSONResponse({"success": False, "msg": str(exc)}, status_code=404)
-        return JSONResponse(_finite({**info, "lines": provenance.explain_lines(info)}))
+        return JSONResponse(finite({**info, "lines": provenance.explain_lines(info)}))
 
     # -- control ---------------------------------------------------------------------------------
 
@@ -450,17 +372,6 @@ def _connectable(endpoint: str | None) -> str | None:
         if endpoint.startswith(wildcard):
             return "tcp://127.0.0.1:" + endpoint[len(wildcard):]
     return endpoint
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN or infinity: they become null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def create_app(config: DashboardConfig) -> Starlette:
