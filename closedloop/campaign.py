@@ -31,6 +31,7 @@ from __future__ import annotations
 import ast
 import csv
 import difflib
+import functools
 import hashlib
 import importlib
 import inspect
@@ -407,8 +408,10 @@ def parse_linear_constraint(text: str) -> LinearConstraint:
     return LinearConstraint(coefficients, _COMPARISONS[type(tree.ops[0])], rhs, text)  # type: ignore[arg-type]
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_output_bound(text: str) -> OutputBound:
-    """Parse ``"yield >= 0.8"`` into an :class:`OutputBound`.
+    """Parse ``"yield >= 0.8"`` into an :class:`OutputBound` (immutable, so kept: a campaign's bounds are asked
+    for once per result whenever results are filtered, which re-parsed them 25,000 times for a 5,000-result front).
 
     >>> parse_output_bound("0.8 <= yield").op
     '>='
