@@ -566,6 +566,13 @@ class Daemon:
         self._last_queue_refresh = time.monotonic()
         self.started = time.monotonic()
         self.stats = {"results": 0, "duplicates": 0, "dropped": 0, "dispatched": 0}
+        for run in self.runs.values():
+            if self.control is not None and store.campaign_row(run.id).status == "paused":
+                # an operator's pause outlives the daemon: a daemon killed and restarted (systemd) ran experiments
+                # again on an instrument its operator had stopped. Only a daemon with a control socket can resume
+                run.paused, run.paused_at = True, time.monotonic()
+                log.warning("campaign=%s stays paused, as an operator left it; 'closedloop resume %s' continues it",
+                            run.campaign.name, run.campaign.name)
         self._reconcile(reconcile_s)
 
     @staticmethod
@@ -946,6 +953,15 @@ class Daemon:
                  hello.station, station.session, hello.capacity, str(hello.instruments)[:500],
                  str(hello.campaigns)[:500], shown, f" and {len(holds) - len(shown)} more" if len(holds) > 20 else "")
         self._send(identity, protocol.Welcome(heartbeat_s=self.heartbeat_s, session=station.session))
+        # a station keeps an operator's pause until it hears the resume, which a daemon killed since never sends:
+        # tell one welcomed before where it stands (paused only for a paused campaign it holds), or it held every
+        # later trial, and `closedloop resume` (nothing paused here) never reached it
+        held = [r for r in self.runs.values() if r.paused and (hello.station in r.paused_on or any(
+            self.in_flight[t].campaign_id == r.id for t in station.running if t in self.in_flight))]
+        for run in held:
+            run.paused_on.add(hello.station)
+        if held or hello.welcomed:
+            self._send(identity, protocol.Control(action="pause" if held else "resume", reason="registered"))
         if previous is None:
             self._emit_daemon("station_joined", station=hello.station, capacity=hello.capacity)
         for run in self.runs.values():
@@ -1413,6 +1429,7 @@ class Daemon:
             runs = self._select(params)
             for run in runs:
                 if run.paused != (method == "pause"):
+                    self.store.set_campaign_status(run.id, "paused" if method == "pause" else "running")
                     run.paused = method == "pause"
                     log.info("campaign=%s %sd", run.campaign.name, method)
                     self._emit(f"campaign_{method}d", run, in_flight=self._in_flight_count(run))

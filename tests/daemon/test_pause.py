@@ -89,3 +89,60 @@ def test_pausing_one_campaign_times_out_nothing_of_another_on_the_same_station(t
     for run in daemon.runs.values():
         assert [(t.status, t.error) for t in store.trials(run.id)] == [("completed", None)] * 2, run.campaign.name
     store.close()
+
+
+def test_a_pause_outlives_a_daemon_killed_and_restarted(tmp_path: Path) -> None:
+    """The pause lived only in the daemon's memory: killed and restarted (systemd's Restart=on-failure), the
+    daemon dispatched the paused campaign's experiments again, on an instrument its operator had stopped."""
+    (tmp_path / "c.yaml").write_text(campaign_yaml("night", 4, latency=1.5, concurrency=1, retries=0))
+    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    daemon = start_daemon(tmp_path, endpoint, control)
+    worker = start_worker(tmp_path, endpoint, "station")
+    log = tmp_path / "daemon.log"
+    try:
+        wait_for(lambda: log.exists() and 'trial=1 trial_id=1 state="started"' in log.read_text(), 60,
+                 "the first experiment to start")
+        assert control_request(control, "pause", timeout_s=10)["success"]
+        kill9(daemon)
+        daemon = start_daemon(tmp_path, endpoint, control, log_name="again")
+        again = tmp_path / "again.log"
+        wait_for(lambda: again.exists() and "station station registered" in again.read_text(), 60,
+                 "the station to register with the restarted daemon")
+        time.sleep(5)  # three experiments' time
+        status = control_request(control, "status", timeout_s=10)
+        assert [c["paused"] for c in status["campaigns"]] == [True]
+        assert "trial=3" not in again.read_text(), "the restarted daemon dispatched a paused campaign's experiment"
+        assert control_request(control, "resume", timeout_s=10)["success"]
+        assert daemon.wait(timeout=60) == 0, (tmp_path / "again.out").read_text()[-3000:]
+    finally:
+        for proc in (daemon, worker):
+            kill9(proc)
+    store = Store(tmp_path / "s.db")
+    trials = store.trials(store.campaign_row("night").id)
+    assert [t.status for t in trials] == ["completed"] * 4
+    assert Counter(trial for trial, _ in ran(tmp_path / "station.outbox")) == {t.id: 1 for t in trials}
+
+
+def test_a_station_paused_by_a_daemon_since_killed_runs_the_next_daemons_trials(tmp_path: Path) -> None:
+    """A station keeps an operator's pause until it hears the resume; the daemon that paused it was killed, and
+    the next one (here with another campaign: an edited file) had nothing paused to resume, so the station held
+    every trial it was given, for good, and `closedloop resume` could not reach it."""
+    (tmp_path / "c.yaml").write_text(campaign_yaml("evening", 2, latency=1.5, concurrency=1, retries=0))
+    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    daemon = start_daemon(tmp_path, endpoint, control)
+    worker = start_worker(tmp_path, endpoint, "station")
+    log = tmp_path / "daemon.log"
+    try:
+        wait_for(lambda: log.exists() and 'trial=1 trial_id=1 state="started"' in log.read_text(), 60,
+                 "the first experiment to start")
+        assert control_request(control, "pause", timeout_s=10)["success"]
+        wait_for(lambda: "pausing the RunEngine" in (tmp_path / "station.log").read_text(), 30, "the station's pause")
+        kill9(daemon)
+        (tmp_path / "c.yaml").write_text(campaign_yaml("morning", 2, latency=0.2, concurrency=1, retries=0))
+        daemon = start_daemon(tmp_path, endpoint, control, log_name="again")
+        assert daemon.wait(timeout=60) == 0, "the paused station never ran the new daemon's experiments"
+    finally:
+        for proc in (daemon, worker):
+            kill9(proc)
+    store = Store(tmp_path / "s.db")
+    assert [t.status for t in store.trials(store.campaign_row("morning").id)] == ["completed"] * 2
