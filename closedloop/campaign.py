@@ -1256,7 +1256,7 @@ def _read_candidates(campaign: Campaign, base: Path) -> tuple[list[dict[str, Any
     path = Path(campaign.candidates.file)
     path = path if path.is_absolute() else base / path
     try:
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # Excel's "CSV UTF-8" starts with a BOM
             reader = csv.reader(f)
             lines = [(reader.line_num, row) for row in reader]
     except OSError as exc:
@@ -1458,7 +1458,8 @@ def _instrument_problems(campaign: Campaign, instrument: Instrument, at: str) ->
         for name, p in campaign.parameters.items():
             device = devices.get(name)
             if device is None:
-                if not custom_plan and not isinstance(p, FixedParameter):
+                # fixed values are sent too, and the binding refuses a setpoint no device takes
+                if not custom_plan:
                     close = difflib.get_close_matches(name, sorted(axes), n=1)
                     problems.append((f"parameters.{name}", f"{instrument.target} has no axis or setting {name!r}"
                                      + (f" (did you mean {close[0]!r}?)" if close else "")

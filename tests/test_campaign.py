@@ -242,6 +242,16 @@ def test_candidate_table_may_fix_a_column_and_holds_fixed_values(tmp_path: Path)
         load_campaign(tmp_path / "c.yaml")
 
 
+def test_candidate_table_saved_by_excel_reads_past_its_byte_order_mark(tmp_path: Path) -> None:
+    # Excel's "CSV UTF-8" starts the file with a BOM: the table was refused, its first column "\ufeffx1"
+    # "not a parameter (did you mean 'x1'?)"
+    (tmp_path / "lib.csv").write_bytes("x1,x2\r\n1,5\r\n2,6\r\n".encode("utf-8-sig"))
+    text = BASE.replace("{experiments: 10}", "{experiments: 2}")
+    (tmp_path / "c.yaml").write_text(text + "candidates: lib.csv\n")
+    c = load_campaign(tmp_path / "c.yaml")
+    assert c.candidate_table() == [{"x1": 1.0, "x2": 5.0}, {"x1": 2.0, "x2": 6.0}]
+
+
 def test_repeated_candidates_need_repeats(tmp_path: Path) -> None:
     (tmp_path / "lib.csv").write_text("x1,x2\n1,5\n1,5\n")
     text = BASE.replace("{experiments: 10}", "{experiments: 4}")
