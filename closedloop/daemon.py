@@ -1569,6 +1569,7 @@ class Daemon:
                     for s in self.stations.values()]
         return {"protocol": protocol.PROTOCOL_VERSION, "uptime_s": round(now - self.started, 1),
                 "stopping": self._stop_requested, "endpoint": self.endpoint, "publish": self.publish_endpoint,
+                "publish_keys": self.keys is not None,  # its subscribers need an allowed key pair (CURVE)
                 "store": self.store.location, "campaigns": campaigns, "stations": stations, "stats": dict(self.stats)}
 
     # -- events and logs ----------------------------------------------------------------------------

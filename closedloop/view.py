@@ -495,6 +495,8 @@ def daemon_events_endpoint(control: str, campaign: str, timeout_s: float = 0.5) 
     except (ClosedLoopError, OSError, ValueError):
         return None
     names = [c.get("name") for c in status.get("campaigns", [])]
+    if status.get("publish_keys"):
+        return None  # a plain SUB never completes a CURVE handshake: watch heard nothing for the whole campaign
     return status.get("publish") if campaign in names else None
 
 

@@ -144,3 +144,37 @@ def test_an_allowed_key_registers_only_the_station_its_file_is_named_for(tmp_pat
     store = Store(tmp_path / "s.db")
     trials = store.trials(store.campaign_row("named").id)
     assert len(trials) == 6 and {t.status for t in trials} == {"completed"} and {t.station for t in trials} == {"good"}
+
+
+@pytest.mark.slow
+def test_watch_follows_a_daemon_whose_events_need_keys(tmp_path: Path) -> None:
+    """`closedloop watch --control` subscribed to the daemon's event stream without keys: the CURVE handshake never
+    completed, and it printed 'following ...' and then nothing while the campaign ran. It reads the store instead."""
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    for name in ("daemon", "good"):
+        new_keypair(keys, name)
+    allowed.mkdir()
+    shutil.copy(keys / "good.key", allowed / "good.key")
+    (tmp_path / "c.yaml").write_text(campaign_yaml("watched", 12, latency=0.5, concurrency=1))
+    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    daemon = start_daemon(tmp_path, endpoint, control, "--secret-key", str(keys / "daemon.key_secret"),
+                          "--allowed-keys", str(allowed), "--publish", f"tcp://127.0.0.1:{free_port()}")
+    good = start_worker(tmp_path, endpoint, "good", "--secret-key", str(keys / "good.key_secret"),
+                        "--server-key", str(keys / "daemon.key"))
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if control_request(control, "status", timeout_s=2)["campaigns"][0]["counts"].get("completed"):
+                    break  # the daemon answers, and the campaign runs
+            except Exception:
+                pass  # not up yet
+            time.sleep(0.2)
+        watched = subprocess.run([*CLI, "watch", "watched", "--store", "s.db", "--control", control, "--timeout", "8"],
+                                 cwd=tmp_path, capture_output=True, text=True, env=env(), timeout=120)
+    finally:
+        for proc in (daemon, good):
+            kill9(proc)
+    assert watched.returncode == 0, watched.stderr
+    lines = [line for line in watched.stdout.splitlines() if "experiments" in line]
+    assert len(lines) >= 3, watched.stdout
