@@ -191,6 +191,23 @@ def _log_x(ax: Any) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
+def _label(data: Data, name: str) -> str:
+    """A parameter's or objective's name with its unit, for an axis (``temperature [degC]``)."""
+    item = data.campaign.parameters.get(name) or data.campaign.objectives.get(name)
+    unit = getattr(item, "unit", None)
+    return name + (f" [{unit}]" if unit else "")
+
+
+# An experiment that breaks an outcome constraint is not a candidate for the best: drawn like the others it
+# sat below a best-so-far line that passed it by, and the time panel left it out.
+INFEASIBLE = "breaks an outcome constraint (not counted)"
+
+
+def _scatter_infeasible(ax: Any, xs: list[float], ys: list[float]) -> None:
+    if xs:
+        ax.scatter(xs, ys, s=18, facecolors="none", edgecolors="tab:gray", label=INFEASIBLE)
+
+
 def _best_so_far(values: list[float | None], goal: str) -> list[float]:
     out: list[float] = []
     best = math.nan
@@ -219,19 +236,22 @@ def figure_progress(data: Data, outdir: Path) -> Figure | None:
         values = [r[name] if r["status"] == "completed" and data.feasible(r) else None for r in records]
         if initial:
             ax.axvspan(min(initial) - 0.5, max(initial) + 0.5, color="tab:blue", alpha=0.08, label="initial design")
+        feasible = [r for r in data.completed if data.feasible(r)]
         for kind, marker, color in (("initial", "o", "tab:blue"), ("model", "o", "tab:orange")):
-            xs = [r["trial"] for r in records if r["status"] == "completed" and data.initial(r) == (kind == "initial")]
-            ys = [r[name] for r in records if r["status"] == "completed" and data.initial(r) == (kind == "initial")]
+            xs = [r["trial"] for r in feasible if data.initial(r) == (kind == "initial")]
+            ys = [r[name] for r in feasible if data.initial(r) == (kind == "initial")]
             if xs:
                 ax.scatter(xs, ys, s=18, marker=marker, color=color, alpha=0.6,
                            label="initial design" if kind == "initial" else "proposed by the model / by hand")
+        infeasible = [r for r in data.completed if not data.feasible(r)]
+        _scatter_infeasible(ax, [r["trial"] for r in infeasible], [r[name] for r in infeasible])
         failed = [r["trial"] for r in records if r["status"] in ("failed", "abandoned")]
         if failed:
             ax.scatter(failed, [np.nanmin([v for v in values if v is not None] or [0])] * len(failed), marker="x",
                        color="tab:red", label="failed (at the bottom)")
         ax.step(numbers, _best_so_far(values, objective.goal), where="post", color="black", label="best so far")
         ax.set_xlabel("experiment number")
-        ax.set_ylabel(name + (f" [{objective.unit}]" if objective.unit else ""))
+        ax.set_ylabel(_label(data, name))
         ax.set_title(f"{name}: best so far ({objective.goal})")
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles))
@@ -247,6 +267,9 @@ def figure_progress(data: Data, outdir: Path) -> Figure | None:
                 ys = [np.nan if v is None else v for v, r in zip(tvalues, finished) if data.initial(r) == early]
                 if xs:
                     ax.scatter(xs, ys, s=14, color=color, alpha=0.6, label=label)
+            broken = [(m, r[name]) for m, r in zip(minutes, finished) if r["status"] == "completed"
+                      and not data.feasible(r)]
+            _scatter_infeasible(ax, [m for m, _ in broken], [v for _, v in broken])
             ax.step(minutes, _best_so_far(tvalues, objective.goal), where="post", color="black", label="best so far")
             ax.legend(fontsize=8)
             ax.set_xlabel(f"wall time since the campaign started [{unit}]")
@@ -254,7 +277,9 @@ def figure_progress(data: Data, outdir: Path) -> Figure | None:
     fig.tight_layout()
     return Figure("progress", "Best so far",
                   "Best feasible value after each experiment, against the experiment number (shaded: the "
-                  "initial space-filling design) and against wall time.", _save(fig, outdir, "progress"))
+                  "initial space-filling design) and against wall time."
+                  + (" Hollow grey: experiments that break an outcome constraint, not counted for the best."
+                     if data.campaign.output_bounds else ""), _save(fig, outdir, "progress"))
 
 
 def pareto_mask(points: np.ndarray) -> np.ndarray:
@@ -320,8 +345,8 @@ def figure_pareto(data: Data, outdir: Path) -> list[Figure]:
     front = np.argsort(xs[mask])
     ax.plot(xs[mask][front], ys[mask][front], "-o", color="tab:red", label=f"Pareto front ({mask.sum()} points)")
     fig.colorbar(scatter, ax=ax, label="experiment number")
-    ax.set_xlabel(f"{a} ({data.campaign.objectives[a].goal})")
-    ax.set_ylabel(f"{b} ({data.campaign.objectives[b].goal})")
+    ax.set_xlabel(f"{_label(data, a)} ({data.campaign.objectives[a].goal})")
+    ax.set_ylabel(f"{_label(data, b)} ({data.campaign.objectives[b].goal})")
     ax.legend(fontsize=8)
     ax.set_title("Pareto front" + (f" (of {', '.join(names)}: first two shown)" if len(names) > 2 else ""))
     fig.tight_layout()
@@ -370,10 +395,9 @@ def figure_parameters(data: Data, outdir: Path) -> Figure | None:
                 ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=8)
             elif isinstance(p, ContinuousParameter) and p.scale == "log":
                 _log_x(ax)
-            unit = getattr(p, "unit", None)
-            ax.set_xlabel(name + (f" [{unit}]" if unit else ""))
+            ax.set_xlabel(_label(data, name))
             if j == 0:
-                ax.set_ylabel(output)
+                ax.set_ylabel(_label(data, output))
     fig.suptitle("Each parameter against each output (blue: initial design, orange: later)")
     fig.tight_layout()
     return Figure("parameters", "Parameters against outputs",
@@ -547,9 +571,9 @@ def figure_model(data: Data, fitted: list[Fitted], outdir: Path) -> Figure | Non
             ax.axvline(bx, color="tab:red", lw=1, ls="--", label="best point")
             observed_x, _ = _axis_values(p, [r[name] for r in f.records])
             ax.scatter(observed_x, [r[f.output] for r in f.records], s=8, color="gray", alpha=0.4, label="experiments")
-            ax.set_xlabel(name)
+            ax.set_xlabel(_label(data, name))
             if j == 0:
-                ax.set_ylabel(f.output)
+                ax.set_ylabel(_label(data, f.output))
             if i == 0 and j == 0:
                 ax.legend(fontsize=7)
     fig.suptitle("Model slices through the best point (other parameters held at the best point)")

@@ -242,3 +242,65 @@ def test_the_hypervolume_reference_point_is_shown_with_the_thresholds_signs(tmp_
     figures, _ = report.make_figures(store, "signs", tmp_path / "r")
     (caption,) = [f.caption for f in figures if f.name == "hypervolume"]
     assert "with reference point yield=-1, cost=-5." in caption
+
+
+def _constrained_store(tmp_path: Path) -> Store:
+    """Twelve experiments of the mixed campaign with units on its objectives, some above a cost limit."""
+    from tests.reportdata import MIXED_YAML, fill
+
+    from closedloop.campaign import Campaign
+
+    text = MIXED_YAML.format(name="limited", experiments=30).replace(
+        "budget:", 'outcome_constraints: ["cost <= 2.5"]\nbudget:').replace(
+        "yield: {goal: maximize}", "yield: {goal: maximize, unit: mg}").replace(
+        "cost: {goal: minimize}", "cost: {goal: minimize, unit: EUR}")
+    campaign = Campaign.from_yaml_text(text, check_instrument=False)
+    store = Store(tmp_path / "s.db")
+    fill(store, campaign, 12)
+    return store
+
+
+def _spy_figures(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    figures: dict[str, object] = {}
+    save = report._save
+
+    def spy(fig, outdir, name):  # type: ignore[no-untyped-def]
+        figures[name] = [(ax.get_xlabel(), ax.get_ylabel(),
+                          {c.get_label(): np.asarray(c.get_offsets()) for c in ax.collections}) for ax in fig.axes]
+        return save(fig, outdir, name)
+
+    monkeypatch.setattr(report, "_save", spy)
+    return figures
+
+
+def test_experiments_that_break_an_outcome_constraint_are_marked_in_both_progress_panels(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # they were drawn as ordinary experiments below a best-so-far line that passed them by, and the time
+    # panel left them out
+    store = _constrained_store(tmp_path)
+    data = report.load(store, "limited")
+    broken = [r for r in data.completed if not data.feasible(r)]
+    assert 0 < len(broken) < len(data.completed)
+    figures = _spy_figures(monkeypatch)
+    report.figure_progress(data, tmp_path)
+    for _, _, points in figures["progress"]:
+        assert len(points[report.INFEASIBLE]) == len(broken)
+        shown = sum(int(np.isfinite(o).all(axis=1).sum()) for o in points.values() if len(o))
+        assert shown == len(data.completed)  # every completed experiment once, in either panel
+
+
+def test_every_figure_labels_parameters_and_objectives_with_their_units(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = _constrained_store(tmp_path)
+    data = report.load(store, "limited")
+    figures = _spy_figures(monkeypatch)
+    report.figure_parameters(data, tmp_path)
+    report.figure_pareto(data, tmp_path)
+    report.figure_model(data, [report.fit(data, "cost")], tmp_path)
+    for name in ("parameters", "model"):
+        xlabels = {x for x, _, _ in figures[name]}
+        ylabels = {y for _, y, _ in figures[name]} - {""}
+        assert "temp [C]" in xlabels, (name, xlabels)
+        assert "cost [EUR]" in ylabels, (name, ylabels)
+    ((x, y, _), _colorbar) = figures["pareto"]
+    assert (x, y) == ("yield [mg] (maximize)", "cost [EUR] (minimize)")
