@@ -552,8 +552,12 @@ class StationWorker:
                     last_sent = now
                 if now - last_heard > 5 * self.heartbeat_s:
                     # the daemon ignores a connection under a name another process holds: say so, not just "silent"
-                    log.warning("no word from the daemon at %s for %.1f s; reconnecting (if it is running, another "
-                                "process may be connected as station %r)", self.endpoint, now - last_heard, self.name)
+                    # with keys a wrong --server-key fails the CURVE handshake, of which ZeroMQ says nothing
+                    keyed = ("the --server-key may not be the daemon's public key, this station's key may not be in "
+                             "its --allowed-keys, or " if self.keys is not None else "")
+                    log.warning("no word from the daemon at %s for %.1f s; reconnecting (if it is running, %sanother "
+                                "process may be connected as station %r)", self.endpoint, now - last_heard, keyed,
+                                self.name)
                     sock.close(linger=0)
                     sock = self._connect()
                     self._session = None

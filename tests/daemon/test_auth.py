@@ -178,3 +178,29 @@ def test_watch_follows_a_daemon_whose_events_need_keys(tmp_path: Path) -> None:
     assert watched.returncode == 0, watched.stderr
     lines = [line for line in watched.stdout.splitlines() if "experiments" in line]
     assert len(lines) >= 3, watched.stdout
+
+
+def test_a_station_given_the_wrong_daemon_key_says_the_key_may_be_wrong(tmp_path: Path) -> None:
+    """A station whose --server-key is not the daemon's never completes the CURVE handshake; its log said only that
+    another process might hold its name, every 5 s, and nothing of the keys."""
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    for name in ("daemon", "good", "stranger"):
+        new_keypair(keys, name)
+    allowed.mkdir()
+    shutil.copy(keys / "good.key", allowed / "good.key")
+    (tmp_path / "c.yaml").write_text(campaign_yaml("keyed", 2, latency=0.05))
+    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    daemon = start_daemon(tmp_path, endpoint, control, "--secret-key", str(keys / "daemon.key_secret"),
+                          "--allowed-keys", str(allowed))
+    good = start_worker(tmp_path, endpoint, "good", "--secret-key", str(keys / "good.key_secret"),
+                        "--server-key", str(keys / "stranger.key"))
+    log = tmp_path / "good.log"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (log.exists() and "no word from the daemon" in log.read_text()):
+            time.sleep(0.2)
+    finally:
+        for proc in (daemon, good):
+            kill9(proc)
+    assert "no word from the daemon" in log.read_text()
+    assert "the --server-key may not be the daemon's public key" in log.read_text()
