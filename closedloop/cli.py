@@ -212,8 +212,9 @@ def daemon(
         _fail(str(exc))
     signal.signal(signal.SIGTERM, lambda *_: the_daemon.request_stop("SIGTERM"))
     # -- issue 9: the live dashboard in this process, fed by this daemon's events and control socket
-    board = _start_dashboard(store_path, the_daemon.control_endpoint, the_daemon.publish_endpoint, dashboard_host,
-                             dashboard) if dashboard is not None else None
+    # (with keys its events go to CURVE subscribers alone, and this dashboard holds no allowed key: it polls)
+    board = _start_dashboard(store_path, the_daemon.control_endpoint, None if keys else the_daemon.publish_endpoint,
+                             dashboard_host, dashboard) if dashboard is not None else None
     # -- end issue 9
     console.print(f"daemon listening on {the_daemon.endpoint}; events on {the_daemon.publish_endpoint}; "
                   f"control on {the_daemon.control_endpoint}; store {store_path}", highlight=False)
@@ -983,12 +984,19 @@ def dashboard(
     port: int = typer.Option(8765, help="TCP port"),
     token: Optional[str] = typer.Option(None, help="secret that allows control from beyond loopback (?token=...)"),
     read_only: bool = typer.Option(False, "--read-only", help="refuse pause/resume/stop/approve/reject"),
+    secret_key: Optional[Path] = typer.Option(None, help="a CURVE secret key the daemon allows (NAME.key_secret), for "
+                                              "the events of a daemon with keys"),
+    server_key: Optional[Path] = typer.Option(None, help="the daemon's CURVE public key (daemon.key)"),
 ) -> None:
     """Serve the live dashboard in the browser: campaigns, stations, best so far, model, trials, controls."""
     from closedloop.dashboard import DashboardConfig, DashboardServer
+    from closedloop.keys import ClientKeys
 
+    if (secret_key is None) != (server_key is None):
+        _fail("give both --secret-key and --server-key, or neither", EXIT_BAD_INPUT)
+    keys = ClientKeys(secret_key, server_key) if secret_key and server_key else None
     server = DashboardServer(DashboardConfig(store=str(store), control=control or None, events=events or None,
-                                             host=host, port=port, token=token, read_only=read_only))
+                                             host=host, port=port, token=token, read_only=read_only, keys=keys))
     console.print(f"dashboard on {server.url}" + (" (read-only)" if server.config.effective_read_only else ""),
                   highlight=False)
     try:

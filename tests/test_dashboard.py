@@ -157,6 +157,58 @@ def test_state_events_and_controls(loop: Loop) -> None:
         server.stop()
 
 
+def _first_events(url: str, count: int) -> list[dict]:
+    """The first ``count`` events (``data:``) or infos (``event: info``) of the page's event stream."""
+    out: list[dict] = []
+    with urllib.request.urlopen(url, timeout=20) as stream:
+        while len(out) < count:
+            line = stream.readline().decode()
+            if line.startswith("data: "):
+                out.append(json.loads(line[6:]))
+    return out
+
+
+def test_the_events_of_a_daemon_with_keys_reach_a_dashboard_holding_an_allowed_key(tmp_path: Path) -> None:
+    """A daemon with keys publishes to CURVE subscribers alone: a dashboard subscribing without keys heard nothing,
+    for good, while the docs said it needs a key pair, which it could not be given. With ``keys`` it hears the
+    events; without, it says why it polls the store."""
+    from closedloop.keys import ClientKeys, ServerKeys, new_keypair
+
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    for name in ("daemon", "station-a", "dashboard"):
+        new_keypair(keys, name)
+    allowed.mkdir()
+    for name in ("station-a", "dashboard"):
+        shutil.copy(keys / f"{name}.key", allowed / f"{name}.key")
+    store = Store(tmp_path / "keyed.db")
+    campaign = Campaign.from_yaml_text(dashboard_campaign("dash", 0.15, False))
+    daemon = Daemon(store, [campaign], publish="tcp://127.0.0.1:0", control="tcp://127.0.0.1:0", heartbeat_s=0.5,
+                    keys=ServerKeys(keys / "daemon.key_secret", allowed))
+    stop = threading.Event()
+    worker = StationWorker(daemon.endpoint, name="station-a", heartbeat_s=0.5,
+                           keys=ClientKeys(keys / "station-a.key_secret", keys / "daemon.key"))
+    threads = [threading.Thread(target=daemon.serve, args=(stop.is_set,), daemon=True),
+               threading.Thread(target=worker.run, args=(stop,), daemon=True)]
+    for thread in threads:
+        thread.start()
+    servers = [DashboardServer(DashboardConfig(store=str(tmp_path / "keyed.db"), control=daemon.control_endpoint,
+                                               events=daemon.publish_endpoint, port=0, keys=pair)).start()
+               for pair in (ClientKeys(keys / "dashboard.key_secret", keys / "daemon.key"), None)]
+    try:
+        heard = _first_events(f"http://127.0.0.1:{servers[0].port}/events", 3)
+        assert {e["kind"] for e in heard} & {"trial_dispatched", "trial_started", "trial_completed", "trial_proposed"}
+        (info,) = _first_events(f"http://127.0.0.1:{servers[1].port}/events", 1)
+        assert "need a key pair" in info["msg"] and "polling the store" in info["msg"]
+    finally:
+        for server in servers:
+            server.stop()
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=15)
+        daemon.close()
+        store.close()
+
+
 def test_read_only_and_token(loop: Loop) -> None:
     assert not DashboardConfig(store="x", host="0.0.0.0", token="s3cret").effective_read_only
     server = _server(loop, host="0.0.0.0")  # beyond loopback without a token: read-only by default

@@ -50,6 +50,7 @@ from starlette.staticfiles import StaticFiles
 from closedloop import provenance
 from closedloop.dashboard.state import CampaignView, finite
 from closedloop.errors import ClosedLoopError, ProtocolError
+from closedloop.keys import ClientKeys
 from closedloop.store import Store, TrialStatus, displayed
 
 log = logging.getLogger("closedloop.dashboard")
@@ -72,6 +73,8 @@ class DashboardConfig:
         port: TCP port (0 picks a free one).
         token: a shared secret that allows control from beyond loopback.
         read_only: refuse every control request even on loopback.
+        keys: a key pair the daemon allows, and its public key: a daemon with keys publishes its events to
+            CURVE subscribers only (without keys the page polls the store).
     """
 
     store: str
@@ -81,6 +84,7 @@ class DashboardConfig:
     port: int = 8765
     token: str | None = None
     read_only: bool = False
+    keys: ClientKeys | None = None
 
     @property
     def effective_read_only(self) -> bool:
@@ -341,10 +345,19 @@ class Dashboard:
             while not self.closing and not await request.is_disconnected():
                 await asyncio.sleep(1.0)
             return
+        if self.config.keys is None and ((await run_in_threadpool(self._daemon_status)) or {}).get("publish_keys"):
+            # a plain SUB never completes a CURVE handshake: the stream would stay silent for good
+            yield ('event: info\ndata: {"msg": "the daemon\'s events need a key pair it allows (closedloop dashboard '
+                   '--secret-key NAME.key_secret --server-key daemon.key); polling the store"}\n\n')
+            while not self.closing and not await request.is_disconnected():
+                await asyncio.sleep(1.0)
+            return
         context = zmq.asyncio.Context.instance()
         sub = context.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
+        if self.config.keys is not None:
+            self.config.keys.apply(sub)
         sub.connect(self.config.events)
         last = time.monotonic()
         try:
