@@ -285,12 +285,13 @@ def compute_station(
     secret_key: Optional[Path] = typer.Option(None, help="this station's CURVE secret key (NAME.key_secret)"),
     server_key: Optional[Path] = typer.Option(None, help="the daemon's CURVE public key (daemon.key)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
+    logfile: Optional[Path] = typer.Option(None, help="log file (rotated at 20 MB, 5 kept)"),
 ) -> None:
     """Run a compute station: computational experiments (functions, commands) on a Dask cluster (SIGTERM: finish
     and deliver the experiments computing, hand back the rest, exit)."""
     import signal
 
-    _setup_logging(verbose)
+    _setup_logging(verbose, logfile)
     from closedloop.compute import ComputeStation
     from closedloop.keys import ClientKeys
 

@@ -390,6 +390,15 @@ class ComputeStation:
                     sock = self._connect()
                     sock.send(self._hello(capacity))
                     registered, last_heard = False, now
+                elif not registered and now - last_heard > 10 * self.heartbeat_s:
+                    # ZeroMQ says nothing of a daemon that is down, nor of a CURVE handshake that fails: the station
+                    # was silent for good with a wrong key
+                    keyed = ("the --server-key may not be the daemon's public key, this station's key may not be in "
+                             "its --allowed-keys, or " if self.keys is not None else "")
+                    log.warning("not registered with the daemon at %s after %.0f s; still trying (if it is running, "
+                                "%sanother process may be connected as station %r)", self.endpoint, now - last_heard,
+                                keyed, self.name)
+                    last_heard = now
         finally:
             sock.close(linger=0)
             for running in self._running.values():

@@ -208,6 +208,45 @@ def test_a_command_campaign_runs_experiments_in_parallel_on_dask(tmp_path: Path)
     store.close()
 
 
+def test_a_compute_station_given_the_wrong_daemon_key_says_the_key_may_be_wrong(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A compute station whose --server-key is not the daemon's never completes the CURVE handshake, of which ZeroMQ
+    says nothing: it logged nothing at all while it never registered."""
+    import logging
+    import shutil
+
+    from closedloop.keys import ClientKeys, ServerKeys, new_keypair
+
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    for name in ("daemon", "cluster", "stranger"):
+        new_keypair(keys, name)
+    allowed.mkdir()
+    shutil.copy(keys / "cluster.key", allowed / "cluster.key")
+    c = campaign("keyed", json.dumps({"function": "tests.test_compute:quadratic"}), experiments=2)
+    store = Store(tmp_path / "s.db")
+    daemon = Daemon(store, [c], heartbeat_s=0.2, keys=ServerKeys(keys / "daemon.key_secret", allowed))
+    station = ComputeStation(daemon.endpoint, name="cluster", capacity=1, outbox=tmp_path / "o.db", processes=False,
+                             local_workers=1, heartbeat_s=0.2, keys=ClientKeys(keys / "cluster.key_secret",
+                                                                               keys / "stranger.key"))
+    stop = threading.Event()
+    threads = [threading.Thread(target=daemon.serve, args=(stop.is_set,), daemon=True),
+               threading.Thread(target=station.run, args=(stop,), daemon=True)]
+    with caplog.at_level(logging.WARNING, "closedloop.compute"):
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any("not registered" in r.getMessage() for r in caplog.records):
+            time.sleep(0.1)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=15)
+    daemon.close()
+    assert not any(t.status == "completed" for t in store.trials(store.campaign_row("keyed").id))  # it never ran one
+    store.close()
+    said = [r.getMessage() for r in caplog.records if "not registered" in r.getMessage()]
+    assert said and "the --server-key may not be the daemon's public key" in said[0], caplog.text
+
+
 def test_a_hung_experiment_times_out_and_is_retried_by_the_campaign_policy(tmp_path: Path) -> None:
     marker = tmp_path / "hung"
     c = campaign("hang", json.dumps({"function": "tests.test_compute:hangs_once", "options": {"marker": str(marker)}}),
