@@ -170,7 +170,8 @@ def suggest(store: Store, campaign: Campaign | str, n: int = 1) -> list[TrialRow
         raise DataError([f"-n {n}: ask for at least one proposal"])
     if isinstance(campaign, str):
         campaign = store.campaign(campaign)
-    if n > campaign.max_experiments:  # before the campaign is written to a new store
+    stored = any(row.name == campaign.name for row in store.campaigns())
+    if n > campaign.max_experiments and not stored:  # before the campaign is written to a new store
         _over_budget(campaign, n, 0, 0)
     campaign_id = store.open_campaign(campaign)
     open_trials = store.trials(campaign_id, [TrialStatus.proposed.value, TrialStatus.dispatched.value,
@@ -267,6 +268,9 @@ def tell_csv(store: Store, campaign_name: str, path: Path) -> list[TrialRow]:
     header, rows = _read_csv(path)
     if "trial" not in header:
         raise DataError([f"{path}: no 'trial' column (columns: {', '.join(header)})"])
+    missing = [n for n in campaign.outputs if n not in header]
+    if missing:  # else every row is refused as if its cells were empty
+        raise DataError([f"{path}: missing column {name!r}" for name in missing])
     problems: list[str] = []
     checked: list[tuple[TrialRow, dict[str, float]]] = []
     by_index = {t.index: t for t in store.trials(campaign_id)}

@@ -386,3 +386,29 @@ def test_suggest_refuses_proposals_past_the_budget_and_writes_nothing(tmp_path: 
     assert cli("suggest", "hand", "-n", "1", "--store", db).exit_code == 0
     assert len(store.trials(cid)) == 4
     assert "leaves 0" in cli("suggest", "hand", "--store", db).output
+
+
+def test_suggest_past_the_whole_budget_counts_what_the_stored_campaign_has_done(tmp_path: Path) -> None:
+    # -n above the budget itself was refused before the store was read: "leaves 4 (0 finished, 0 open)"
+    # with one finished and two open
+    db = str(tmp_path / "s.db")
+    path = campaign_file(tmp_path, experiments=4)
+    assert cli("suggest", str(path), "-n", "3", "--store", db).exit_code == 0
+    assert cli("tell", "hand", "1", "y=1.5", "--store", db).exit_code == 0
+    for campaign in ("hand", str(path)):
+        over = cli("suggest", campaign, "-n", "9", "--store", db)
+        assert over.exit_code == 2
+        assert "-n 9: the budget of 4 experiments leaves 1 (1 finished, 2 open); ask for at most 1" in over.output
+    assert len(Store(db).trials(Store(db).campaign_row("hand").id)) == 3
+
+
+def test_tell_from_a_csv_without_an_output_column_names_the_column(tmp_path: Path) -> None:
+    # every row was refused "y='' is not a number", as if the cells were empty
+    db = str(tmp_path / "s.db")
+    assert cli("suggest", str(campaign_file(tmp_path)), "-n", "2", "--store", db).exit_code == 0
+    (tmp_path / "r.csv").write_text("trial,yield\n1,1.5\n2,2.5\n")
+    result = cli("tell", "hand", "--csv", str(tmp_path / "r.csv"), "--store", db)
+    assert result.exit_code != 0
+    assert "missing column 'y'" in result.output and "is not a number" not in result.output
+    store = Store(db)
+    assert not store.results(store.campaign_row("hand").id)
