@@ -59,3 +59,17 @@ def test_an_abandoned_experiment_does_not_make_the_next_proposal_repeat_one_run(
     assert sixth.parameters not in run
     (again,) = planner.suggest(1, pending=[sixth.parameters])
     assert again.parameters != sixth.parameters
+
+
+@pytest.mark.parametrize("backend", ["sobol", "random"])
+@pytest.mark.parametrize("space", ["x: {type: continuous, bounds: [0, 1]}", FINITE["three by two"]])
+def test_places_held_by_empty_pending_entries_move_the_sequence_on(backend: str, space: str) -> None:
+    """The daemon's filler counts the proposals it made as ``pending=[{}] * filled``: they hold places in the
+    sequence and have no parameters to compare (a KeyError stopped every daemon whose station waited for the
+    model, once the baselines compared pending experiments with the sequence's points)."""
+    c = campaign(space, experiments=12, backend=backend)
+    planner = make_planner(c)
+    first = [planner.suggest(1, pending=[{}] * filled)[0].parameters for filled in range(3)]
+    assert all(set(p) == set(c.parameters) for p in first)
+    if backend == "sobol":  # the sequence's first three points, as one batch gives them
+        assert first == [p.parameters for p in make_planner(c).suggest(3)]
