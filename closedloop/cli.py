@@ -624,7 +624,8 @@ def approve(
     """Let a held proposal run, as proposed or edited within the campaign's limits.
 
     The daemon serving the campaign does it (through its control socket) and dispatches the trial at once;
-    with no daemon serving it, the store is written and the next daemon on it dispatches the trial.
+    with no daemon serving it, the store is written: a `closedloop run` of the campaign picks the trial up from
+    there, or the next process run on the store dispatches it.
     """
     from closedloop import hitl
 
@@ -636,9 +637,11 @@ def approve(
         console.print(f"{name}: {reply['msg']}: {_format_values(reply['parameters'])}", highlight=False, soft_wrap=True)
         return
     row = hitl.approve(the_store, name, trial, edits)
-    console.print(f"{name}: trial #{row.index} approved in the store (no daemon serves {name} on {control}; the next "
-                  f"one started on this store dispatches it): {_format_values(row.parameters)}", highlight=False,
-                  soft_wrap=True)
+    # `closedloop run` has no control socket, and reads approvals from the store as it runs
+    who = ("the process running it picks it up from there" if the_store.held(name)
+           else "the next process run on this store dispatches it")
+    console.print(f"{name}: trial #{row.index} approved in the store (no daemon serves {name} on {control}; {who}): "
+                  f"{_format_values(row.parameters)}", highlight=False, soft_wrap=True)
 
 
 @app.command()

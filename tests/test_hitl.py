@@ -253,15 +253,24 @@ def test_the_daemon_approves_edits_and_rejects_through_its_control_socket(tmp_pa
 
 
 def test_without_a_daemon_approve_and_reject_write_the_store_and_say_so(tmp_path: Path, free_port: int) -> None:
-    store, _, cid = held_campaign(tmp_path, "alone", held=2)
+    store, _, cid = held_campaign(tmp_path, "alone", held=3)
     db, nobody = str(tmp_path / "alone.db"), f"tcp://127.0.0.1:{free_port}"
     refused = cli("approve", "alone", "1", "--set", "x2=-1", "--store", db, "--control", nobody)
     assert refused.exit_code == 1 and "trial #1: x2=-1 is outside the bounds [0, 15]" in refused.stderr
     result = cli("approve", "alone", "1", "--set", "x2=2", "--store", db, "--control", nobody)
     assert result.exit_code == 0 and "approved in the store (no daemon serves alone" in result.output, result.output
+    assert "the next process run on this store dispatches it" in result.output
     result = cli("reject", "alone", "2", "--store", db, "--control", nobody)
     assert result.exit_code == 0 and "in the store (no daemon serves alone" in result.output, result.output
-    assert [(t.status, t.parameters["x2"] == 2) for t in store.trials(cid)] == [("proposed", True), ("failed", False)]
+    assert [(t.status, t.parameters["x2"] == 2) for t in store.trials(cid)[:2]] == [("proposed", True),
+                                                                                    ("failed", False)]
+    # `closedloop run` opens no control socket and reads approvals from the store: it was said to wait for the next
+    store.claim("alone")
+    try:
+        result = cli("approve", "alone", "3", "--store", db, "--control", nobody)
+    finally:
+        store.release("alone")
+    assert result.exit_code == 0 and "the process running it picks it up from there" in result.output, result.output
     store.close()
 
 
