@@ -714,6 +714,15 @@ def import_(
     console.print(f"{target.name}: imported {len(summary.trials)} experiments from {results}"
                   + (f" (ignored columns: {', '.join(summary.ignored_columns)})" if summary.ignored_columns else ""),
                   highlight=False, soft_wrap=True)
+    # imported experiments are the campaign's: a scientist importing 5 into a budget of 3 saw `run` do nothing
+    from closedloop.view import Snapshot
+
+    snap = Snapshot.from_store(the_store, target.name)
+    if snap.experiments is not None:
+        left = snap.experiments - snap.finished
+        console.print(f"{target.name}: {snap.finished} of the budget's {snap.experiments} experiments done; "
+                      + (f"{left} new ones to run" if left > 0 else
+                         "none left to run: raise budget.experiments to run new ones"), highlight=False, soft_wrap=True)
 
 
 @app.command()

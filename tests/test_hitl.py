@@ -112,9 +112,20 @@ def test_import_reports_every_bad_row_and_writes_nothing(tmp_path: Path) -> None
     result = cli("import", "hand", str(rows), "--store", db)
     assert result.exit_code == 0, result.output
     assert "imported 2 experiments" in result.stdout and "ignored columns: notes" in result.stdout
+    assert "2 of the budget's 10 experiments done; 8 new ones to run" in result.stdout
     store = Store(db)
     assert [t.status for t in store.trials(1)] == ["completed", "completed"]
     assert all(o.run_uid.startswith("import-") for o in store.observations(1).values())
+
+
+def test_importing_as_many_experiments_as_the_budget_says_none_are_left_to_run(tmp_path: Path) -> None:
+    """Imported experiments count against the budget: importing 3 into a campaign of 3, `run` then did nothing,
+    and nothing had said why."""
+    rows = tmp_path / "past.csv"
+    rows.write_text("x1,x2,y\n1.0,2.0,5.5\n-2,9,17.25\n9.5,0.5,0.75\n")
+    result = cli("import", str(campaign_file(tmp_path, experiments=3)), str(rows), "--store", str(tmp_path / "s.db"))
+    assert result.exit_code == 0, result.output
+    assert "3 of the budget's 3 experiments done; none left to run: raise budget.experiments" in result.stdout
 
 
 def test_export_then_import_round_trip_keeps_every_value(tmp_path: Path) -> None:
