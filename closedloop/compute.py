@@ -41,6 +41,7 @@ import importlib
 import json
 import logging
 import math
+import numbers
 import os
 import queue
 import shlex
@@ -123,8 +124,8 @@ def command_argv(template: str, fields: Mapping[str, Any]) -> list[str]:
         raise ComputeError(f"command {template!r}: {exc}") from None
 
 
-def parse_outputs(stdout: str) -> dict[str, Any]:
-    """The last line of ``stdout`` that is a JSON object (programs may log before it)."""
+def parse_outputs(stdout: str, who: str = "the command") -> dict[str, Any]:
+    """The last line of ``stdout`` that is a JSON object (programs may log before it); ``who`` printed it."""
     for line in reversed(stdout.strip().splitlines()):
         line = line.strip()
         if line.startswith("{"):
@@ -135,7 +136,7 @@ def parse_outputs(stdout: str) -> dict[str, Any]:
             if isinstance(value, dict):
                 return value
     tail = stdout.strip()[-300:]
-    raise ComputeError(f"the command printed no JSON object of outputs on a line of its own (output ends: {tail!r})")
+    raise ComputeError(f"{who} printed no JSON object of outputs on a line of its own (output ends: {tail!r})")
 
 
 def run_experiment(target: str, setpoints: dict[str, Any], options: dict[str, Any], outputs: list[str],
@@ -150,30 +151,71 @@ def run_experiment(target: str, setpoints: dict[str, Any], options: dict[str, An
     kwargs = {k: v for k, v in options.items() if k not in RESERVED_OPTIONS}
     started = time.time()
     if kind == "function":
-        raw = load_function(spec)(**setpoints, **kwargs)
+        who = f"function {spec}"
+        function = load_function(spec)
+        try:
+            raw = function(**setpoints, **kwargs)
+        except Exception as exc:  # the scientist's code failed: say whose, not only what
+            raise ComputeError(f"{who} raised {type(exc).__name__}: {exc}") from exc
         if not isinstance(raw, Mapping):
-            raise ComputeError(f"function {spec} returned {type(raw).__name__}, not a mapping of outputs")
+            raise ComputeError(f"{who} returned {type(raw).__name__}, not a mapping of outputs")
     else:
         argv = command_argv(spec, {**kwargs, **setpoints})
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s or DEFAULT_COMMAND_TIMEOUT_S,
-                                  stdin=subprocess.DEVNULL)
-        except FileNotFoundError:
-            raise ComputeError(f"command {argv[0]!r} not found") from None
-        except subprocess.TimeoutExpired:
-            raise ComputeError(f"command {argv[0]!r} still running after {timeout_s:g} s; killed") from None
-        if done.returncode != 0:
-            raise ComputeError(f"command {argv[0]!r} exited with status {done.returncode}: {done.stderr.strip()[-2000:]}")
-        raw = parse_outputs(done.stdout)
+        who = f"command {argv[0]!r}"
+        raw = parse_outputs(_run_command(argv, timeout_s or DEFAULT_COMMAND_TIMEOUT_S), who)
     values: dict[str, float] = {}
     for name in outputs:
         if name not in raw:
-            raise ComputeError(f"output {name!r} missing from the experiment's outputs ({', '.join(sorted(map(str, raw)))})")
+            raise ComputeError(f"output {name!r} missing from the outputs of {who} ({', '.join(sorted(map(str, raw)))})")
         value = raw[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ComputeError(f"output {name}={value!r} is not a finite number")
+        # numbers.Real: a simulation's numpy.float32 or numpy.int64 is a number too
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ComputeError(f"output {name}={value!r} of {who} is not a finite number")
         values[name] = float(value)
     return {"values": values, "started": started, "finished": time.time()}
+
+
+def _run_command(argv: list[str], timeout_s: float) -> str:
+    """The standard output of ``argv``; ComputeError if it cannot start, outlives ``timeout_s`` or exits non-zero."""
+    try:
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                   text=True)
+    except FileNotFoundError:
+        raise ComputeError(f"command {argv[0]!r} not found") from None
+    except OSError as exc:
+        raise ComputeError(f"command {argv[0]!r} cannot start: {exc.strerror}") from None
+    with process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_tree(process.pid)
+            raise ComputeError(f"command {argv[0]!r} still running after {timeout_s:g} s; killed") from None
+        except BaseException:
+            _kill_tree(process.pid)
+            raise
+    if process.returncode != 0:
+        raise ComputeError(f"command {argv[0]!r} exited with status {process.returncode}: {stderr.strip()[-2000:]}")
+    return stdout
+
+
+def _kill_tree(pid: int) -> None:
+    """Kill a process and every process it started.
+
+    The whole tree: a wrapper script's simulation (``bash run.sh`` -> ``mpirun`` -> the solver) would otherwise run on
+    after its experiment ended, on the CPUs of the next ones.
+    """
+    import psutil  # a dependency of dask.distributed
+
+    try:
+        parent = psutil.Process(pid)
+        doomed = [*parent.children(recursive=True), parent]
+    except psutil.NoSuchProcess:
+        return
+    for process in doomed:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 @dataclass

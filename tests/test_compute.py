@@ -61,6 +61,17 @@ def takes(x1: float, x2: float, seconds: float) -> dict[str, float]:
     return quadratic(x1, x2)
 
 
+def returns_numpy(x1: float, x2: float) -> dict[str, object]:
+    """A simulation's outputs as numpy computes them: numpy.float32 and numpy.int64, not Python numbers."""
+    import numpy as np
+
+    return {"y": np.float32(x1) + np.float32(x2), "n": np.int64(3)}
+
+
+def raises(x1: float, x2: float) -> dict[str, float]:
+    raise ValueError("mesh did not converge")
+
+
 SCRIPT = "import json, sys; x1, x2 = float(sys.argv[1]), float(sys.argv[2]); print('log line'); " \
          "print(json.dumps({'y': x1 + 10 * x2}))"
 
@@ -151,6 +162,41 @@ def test_a_command_experiment_runs_a_real_program_and_reports_its_failures(tmp_p
     slow = f"command:{sys.executable} -c 'import time; time.sleep(30)'"
     with pytest.raises(ComputeError, match="killed"):
         run_experiment(slow, {}, {}, ["y"], timeout_s=0.5)
+
+
+def test_a_functions_numpy_numbers_are_outputs_and_its_failures_name_it() -> None:
+    out = run_experiment("function:tests.test_compute:returns_numpy", {"x1": 0.25, "x2": 0.5}, {}, ["y", "n"])
+    assert out["values"] == {"y": 0.75, "n": 3.0} and all(type(v) is float for v in out["values"].values())
+    with pytest.raises(ComputeError, match="function tests.test_compute:raises raised ValueError: mesh did not conv"):
+        run_experiment("function:tests.test_compute:raises", {"x1": 0, "x2": 0}, {}, ["y"])
+    with pytest.raises(ComputeError, match=r"output y=nan of function tests.test_compute:returns_nan is not a finite"):
+        run_experiment("function:tests.test_compute:returns_nan", {"x1": 0, "x2": 0}, {}, ["y"])
+    with pytest.raises(ComputeError, match="output 'z' missing from the outputs of function tests.test_compute:quad"):
+        run_experiment("function:tests.test_compute:quadratic", {"x1": 0, "x2": 0}, {}, ["z"])
+    with pytest.raises(ComputeError, match="command 'echo' printed no JSON object"):
+        run_experiment("command:echo not json {x1}", {"x1": 0.5}, {}, ["y"])
+
+
+def test_a_command_killed_at_its_timeout_takes_the_programs_it_started_with_it(tmp_path: Path) -> None:
+    # a wrapper script (as on a cluster: run.sh -> the solver): the shell waits for its child, it does not exec it
+    solver = tmp_path / "solver.pid"
+    script = tmp_path / "run.sh"
+    script.write_text(f"{sys.executable} -c 'import os, time; open(\"{solver}\", \"w\").write(str(os.getpid())); "
+                      f"time.sleep(60)'\necho '{{\"y\": 1}}'\n")
+    started = time.monotonic()
+    with pytest.raises(ComputeError, match="still running after 2 s; killed"):
+        run_experiment(f"command:sh {script}", {}, {}, ["y"], timeout_s=2)
+    assert time.monotonic() - started < 10
+    pid = int(solver.read_text())
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
+            break  # killed, waiting for its new parent to reap it
+        time.sleep(0.05)
+    else:
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, 9)
+            raise AssertionError("the solver the command started runs on after the command was killed at its timeout")
 
 
 def test_a_campaign_file_accepts_function_and_command_instruments() -> None:
