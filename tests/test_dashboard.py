@@ -511,6 +511,25 @@ def test_best_so_far_counts_only_results_within_the_outcome_constraints(tmp_path
     assert [p["counts"] for p in series] == [True, False, True]  # the page draws the second hollow
 
 
+def test_a_campaign_no_daemon_runs_any_more_is_idle_not_running(tmp_path: Path) -> None:
+    """A daemon stopped (or killed) leaves its unfinished campaign 'running' in the store: `closedloop status` says
+    idle, the page said running, beside 'daemon not answering', for as long as it stayed open."""
+    with _running(tmp_path / "dash.db") as loop:
+        server = _server(loop)
+        base = f"http://127.0.0.1:{server.port}/"
+        _wait(lambda: loop.dispatched() >= 2, 30, "two experiments")
+        assert _get(base + "api/state")[1]["campaigns"][0]["status"] == "running"
+    try:
+        store = Store(tmp_path / "dash.db", read_only=True)
+        assert store.campaign_row("dash").status == "running"  # resumable: the store still says so
+        store.close()
+        state = _get(base + "api/state")[1]
+        assert state["daemon"]["success"] is False
+        assert state["campaigns"][0]["status"] == "idle"
+    finally:
+        server.stop()
+
+
 def test_a_mistyped_store_is_refused_not_served_empty(tmp_path: Path) -> None:
     """`closedloop dashboard --store` with a wrong path had created an empty store there and served it."""
     import subprocess
@@ -571,6 +590,7 @@ def _from_scratch(store: Store, name: str, max_trials: int) -> dict:
     result and decision read anew through the ORM (the reference the kept state must equal)."""
     from closedloop import provenance
     from closedloop.planner.observations import ObservationLog
+    from closedloop.view import Snapshot
 
     row = store.campaign_row(name)
     spec = store.campaign(row.id)
@@ -600,7 +620,7 @@ def _from_scratch(store: Store, name: str, max_trials: int) -> dict:
             "execution": t.planner.get("execution"),
             "dispatched_at": _iso(t.dispatched_at), "finished_at": _iso(t.finished_at),
         })
-    out = {"name": name, "status": row.status, "budget": spec.max_experiments,
+    out = {"name": name, "status": Snapshot.from_store(store, name, recent=0).status, "budget": spec.max_experiments,
            "objectives": [{"name": n, "goal": o.goal} for n, o in spec.objectives.items()], "outputs": spec.outputs,
            "backend": spec.planner.backend,
            "parameters": {n: {"type": p.type, "bounds": list(p.bounds)} for n, p in spec.parameters.items()},

@@ -101,8 +101,11 @@ class CampaignView:
         for trial in changed:
             self._take(trial)
         held = [self._rows[i] for i in sorted(self._open) if self._rows[i]["status"] == TrialStatus.held.value]
+        status = row.status
+        if status == "running" and store.held(row.name) is False:
+            status = "idle"  # as `closedloop status` says: no process runs it now (stopped, killed), whatever the row says
         out: dict[str, Any] = {
-            "name": row.name, "status": row.status, **self._static, "counts": store.counts(self.campaign_id),
+            "name": row.name, "status": status, **self._static, "counts": store.counts(self.campaign_id),
             "series": list(self._series), "trials": [self._rows[i] for i in self._window], "held": held,
         }
         if self._front is not None:
