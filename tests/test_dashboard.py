@@ -530,6 +530,49 @@ def test_a_campaign_no_daemon_runs_any_more_is_idle_not_running(tmp_path: Path) 
         server.stop()
 
 
+def test_a_store_put_back_from_an_earlier_copy_is_read_anew(tmp_path: Path) -> None:
+    """A backup of the store copied back over it, the daemon restarted on it: the campaign has the same record, so
+    the page kept what it had read of the other file, trials the store no longer holds among them, and never read
+    the new trials numbered as those were (the first poll after the copy showed 10 trials of a store of 4; after
+    the restart, the old trials' values)."""
+    import sqlite3
+
+    path, copy = tmp_path / "dash.db", tmp_path / "backup.db"
+
+    def table() -> list[tuple]:
+        store = Store(path, read_only=True)
+        try:
+            return [(t.index, t.status, t.parameters) for t in store.trials(store.campaign_row("dash").id)]
+        finally:
+            store.close()
+
+    def shown() -> tuple[list[tuple], list[int]]:
+        campaign = _get(base + "api/state")[1]["campaigns"][0]
+        return ([(t["trial"], t["status"], t["parameters"]) for t in campaign["trials"]],
+                [p["trial"] for p in campaign["series"]])
+
+    with _running(path) as loop:
+        server = _server(loop)
+        base = f"http://127.0.0.1:{server.port}/"
+        _wait(lambda: loop.dispatched() >= 3, 30, "three experiments")
+        with sqlite3.connect(path) as source, sqlite3.connect(copy) as backup:
+            source.backup(backup)
+        backed = len(table())
+        _wait(lambda: loop.dispatched() >= backed + 4 and len(shown()[0]) >= backed + 4, 30, "four more experiments")
+    try:
+        for suffix in ("-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        os.replace(copy, path)
+        assert shown()[0] == table()
+        with _running(path) as again:
+            _wait(lambda: again.dispatched() >= backed + 3, 30, "experiments after the restart")
+            shown()
+        trials = table()
+        assert shown() == (trials, [index for index, status, _ in trials if status == "completed"])
+    finally:
+        server.stop()
+
+
 def test_a_mistyped_store_is_refused_not_served_empty(tmp_path: Path) -> None:
     """`closedloop dashboard --store` with a wrong path had created an empty store there and served it."""
     import subprocess

@@ -13,7 +13,8 @@ final in the store: every change of status checks that the trial is open or held
 creates it, and a review (``provenance._follow_review``) in the one that approves or rejects it while it is
 still held or proposed; only its list of runs may grow later (``record_run``), which the page does not show.
 And trial numbers are allocated one writer at a time (``store.lock_campaign``), so no trial numbered below the
-highest one seen is committed later.
+highest one seen is committed later. Only an earlier copy of the store put back at its path breaks this; it holds
+fewer trials, or fewer finished ones, than were read, and the campaign is then read anew.
 
 Example:
     >>> view = CampaignView(store, store.campaign_row("branin"))    # doctest: +SKIP
@@ -77,12 +78,17 @@ class CampaignView:
         self._static = finite({"budget": spec.max_experiments, "objectives": objectives, "outputs": spec.outputs,
                                "backend": spec.planner.backend,
                                "parameters": {n: _parameter_summary(p) for n, p in spec.parameters.items()}})
+        self._forget()
+
+    def _forget(self) -> None:
+        """Start again from the first trial."""
         self._last = 0  # the highest trial number read
+        self._finished = 0  # how many trials were read finished
         self._open: dict[int, int] = {}  # trial number -> id of the trials not finished when last read
         self._window: deque[int] = deque()  # the numbers of the last MAX_TRIALS trials, in order
         self._rows: dict[int, dict[str, Any]] = {}  # by trial number: those in the window and the open ones
         self._series: list[dict[str, Any]] = []
-        self._front = None if len(objectives) < 2 else _Front(spec)
+        self._front = None if len(self.spec.objectives) < 2 else _Front(self.spec)
 
     @staticmethod
     def key_of(row: CampaignRow) -> tuple[Any, ...]:
@@ -95,6 +101,11 @@ class CampaignView:
         The lists and dicts returned are never changed afterwards (a later poll builds new ones), so a reply
         can be encoded while the next poll runs.
         """
+        counts = store.counts(self.campaign_id)
+        if sum(counts.values()) < self._last or sum(counts.get(s, 0) for s in FINISHED) < self._finished:
+            # fewer trials, or fewer finished ones, than were read: an earlier copy of the store was put back at its
+            # path (a backup restored), whose campaign has the same record; what was kept of the other is wrong
+            self._forget()
         with store.engine.connect() as connection:
             changed = connection.execute(_CHANGED, {"campaign": self.campaign_id, "after": self._last,
                                                     "open": list(self._open.values())}).mappings().all()
@@ -105,7 +116,7 @@ class CampaignView:
         if status == "running" and store.held(row.name) is False:
             status = "idle"  # as `closedloop status` says: no process runs it now (stopped, killed), whatever the row says
         out: dict[str, Any] = {
-            "name": row.name, "status": status, **self._static, "counts": store.counts(self.campaign_id),
+            "name": row.name, "status": status, **self._static, "counts": counts,
             "series": list(self._series), "trials": [self._rows[i] for i in self._window], "held": held,
         }
         if self._front is not None:
@@ -125,6 +136,7 @@ class CampaignView:
             self._rows[index] = row
             return
         self._open.pop(index, None)
+        self._finished += 1
         if index >= self._window[0]:
             self._rows[index] = row
         else:
