@@ -280,6 +280,9 @@ class ComputeStation:
         self._clients: dict[str | None, Any] = {}
         self._cluster: Any = None
         self._running: dict[int, _Running] = {}
+        # cancelled by the daemon (a timeout) but still computing: a Python function cannot be interrupted, and its
+        # Dask thread stays busy until it returns, so it keeps its slot (by future key) until then
+        self._cancelled: dict[str, int] = {}
         # assigned beyond capacity (the daemon's prefetch), in arrival order: not started, so handed back on a stop
         self._queued: dict[int, protocol.Assign] = {}
         #: why the daemon refused this station, if it did
@@ -417,7 +420,7 @@ class ComputeStation:
                     if payload is not None:
                         sock.send(payload)
                         last_sent = time.monotonic()
-                while self._queued and len(self._running) < capacity and not self._stop.is_set():
+                while self._queued and self._busy() < capacity and not self._stop.is_set():
                     trial_id = next(iter(self._queued))
                     self._submit(sock, self._queued.pop(trial_id))
                 now = time.monotonic()
@@ -452,6 +455,10 @@ class ComputeStation:
 
     def _connect(self) -> zmq.Socket:
         return connect_station(self.context, self.endpoint, self.name, self.keys)
+
+    def _busy(self) -> int:
+        """Experiments computing on Dask: the running trials and those cancelled that have not returned yet."""
+        return len(self._running) + len(self._cancelled)
 
     def _holdings(self) -> list[int]:
         """Trials this station holds: running, waiting for a free slot, or answered and not yet acknowledged.
@@ -502,9 +509,12 @@ class ComputeStation:
             running = self._running.pop(message.trial_id, None)
             if running is not None:
                 # the daemon has already recorded the timeout and applied its retry policy; a failure
-                # sent now would be taken for the next attempt's, so the trial is dropped quietly
-                running.future.cancel()
-                log.info("trial %s cancelled: %s", message.trial_id, message.reason)
+                # sent now would be taken for the next attempt's, so the trial is dropped quietly. Its future is
+                # not cancelled: that would free its slot while the function goes on holding the Dask thread, and the
+                # next experiment would wait in Dask's queue with its timeout running, to time out unrun
+                self._cancelled[running.future.key] = message.trial_id
+                log.info("trial %s cancelled: %s (its experiment holds a slot until it returns)", message.trial_id,
+                         message.reason)
         return registered
 
     # -- experiments ----------------------------------------------------------------------------
@@ -519,7 +529,7 @@ class ComputeStation:
             # one experiment is one run: the one running answers the daemon's latest assignment of it
             self._running[trial].assignment = assignment
             return
-        if trial in self._queued or (not self._stop.is_set() and len(self._running) >= self.capacity):
+        if trial in self._queued or (not self._stop.is_set() and self._busy() >= self.capacity):
             # held here, not in Dask's queue, so that a stop can hand it back unstarted
             self._queued[trial] = assignment
             return
@@ -553,6 +563,8 @@ class ComputeStation:
 
     def _finish(self, trial_id: int, future: Any) -> bytes | None:
         """Store the outcome of a finished future in the outbox; the payload to send, or None if cancelled."""
+        if self._cancelled.pop(future.key, None) is not None:
+            log.info("trial %s: the cancelled experiment has returned; its slot is free", trial_id)
         running = self._running.get(trial_id)
         if running is None or running.future is not future:
             return None  # cancelled, and perhaps assigned here again since: that is another future

@@ -312,6 +312,30 @@ def test_a_hung_experiment_times_out_and_is_retried_by_the_campaign_policy(tmp_p
     store.close()
 
 
+def test_a_retry_waits_for_the_timed_out_function_to_give_back_its_thread_instead_of_timing_out_unrun(
+        tmp_path: Path) -> None:
+    marker = tmp_path / "hung"
+    c = campaign("slot", json.dumps({"function": "tests.test_compute:hangs_once", "options": {"marker": str(marker)}}),
+                 experiments=1, concurrency=1, timeout="2 s", retries=1)
+    store = Store(tmp_path / "s.db")
+    daemon = Daemon(store, [c], heartbeat_s=0.5, reconcile_s=1.0)
+    # one Dask thread, as many as the station's capacity: the hung first attempt holds it until released at 6 s
+    station = ComputeStation(daemon.endpoint, name="cluster", capacity=1, outbox=tmp_path / "o.db", processes=False,
+                             local_workers=1, local_threads=1, heartbeat_s=0.5)
+    release = threading.Timer(6.0, lambda: Path(str(marker) + ".release").write_text("go"))
+    release.start()
+    try:
+        serve(daemon, station)
+    finally:
+        release.cancel()
+        Path(str(marker) + ".release").write_text("go")
+    (trial,) = store.trials(store.campaign_row("slot").id)
+    # before, the retry was handed to Dask at once, waited behind the hung call with its own 2 s running, and failed
+    # 'timed out' without having run
+    assert trial.status == "completed" and trial.attempts == 2, trial.error
+    store.close()
+
+
 @pytest.mark.slow
 def test_a_worker_lost_mid_experiment_fails_the_trial_and_the_retry_policy_decides(tmp_path: Path) -> None:
     for retries, expected in ((1, "completed"), (0, "failed")):
