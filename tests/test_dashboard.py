@@ -394,6 +394,38 @@ def test_held_proposals_in_a_real_browser(tmp_path: Path) -> None:
         assert (record.review, record.reviewed_by) == ("edited", "dashboard")
 
 
+@pytest.mark.slow
+def test_the_charts_label_zero_as_zero(tmp_path: Path) -> None:
+    """Headless Chromium: the axes' ticks were added up step by step from below, so with results from -0.0173 to
+    0.0005 the tick at zero read '1.73472e-18' (cut to '3472e-18' at the plot's edge)."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (.ci/run installs Debian's chromium)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    store = Store(tmp_path / "small.db")
+    cid = store.open_campaign(Campaign.from_yaml_text(dashboard_campaign("small", 0, False)))
+    for i, y in enumerate([-0.01731, 0.000527, -0.0092], start=1):
+        (trial,) = store.add_trials(cid, [({"x1": float(i), "x2": 1.0}, {"generator": "sobol"})])
+        store.mark_dispatched(trial.id, "station-a")
+        store.record_result(trial.id, f"run-{i}", {"y": y})
+    store.close()
+    server = DashboardServer(DashboardConfig(store=str(tmp_path / "small.db"), port=0)).start()
+    profile = tempfile.mkdtemp(prefix="closedloop-chromium-")
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
+                                                           args=CHROMIUM_FLAGS[1:])
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{server.port}/")
+            page.wait_for_function("document.querySelector('#best-plot').dataset.count === '3'", timeout=20_000)
+            labels = page.evaluate("[...document.querySelectorAll('#best-plot text')].map((t) => t.textContent)")
+            browser.close()
+    finally:
+        server.stop()
+        shutil.rmtree(profile, ignore_errors=True)
+    assert ["-0.015", "-0.01", "-0.005", "0"] == labels[:4], labels  # the y axis, from the bottom
+    assert not [label for label in labels if "e-" in label], labels
+
+
 def test_dashboard_command_serves_a_store(tmp_path: Path, free_port: int) -> None:
     """``closedloop dashboard`` in its own process, on a store alone (no daemon): the page and its state."""
     import subprocess

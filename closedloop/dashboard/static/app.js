@@ -180,7 +180,8 @@ function ticks(lo, hi, n = 5) {
   const mag = Math.pow(10, Math.floor(Math.log10(step0)));
   const step = [1, 2, 5, 10].map((m) => m * mag).find((s) => s >= step0) || step0;
   const out = [];
-  for (let v = Math.ceil(lo / step) * step; v <= hi + 1e-9 * step; v += step) out.push(Number(v.toPrecision(12)));
+  // each tick a whole number of steps: adding the step up from below drifted, and zero was drawn as 1.73472e-18
+  for (let i = Math.ceil(lo / step); i * step <= hi + 1e-9 * step; i++) out.push(Number((i * step).toPrecision(12)));
   return out;
 }
 
