@@ -543,6 +543,25 @@ def test_best_so_far_counts_only_results_within_the_outcome_constraints(tmp_path
     assert [p["counts"] for p in series] == [True, False, True]  # the page draws the second hollow
 
 
+def test_the_models_view_says_why_it_has_no_best_to_draw_through(tmp_path: Path) -> None:
+    """Three films, none with the yield the campaign asks for: the model's view said 'no completed experiment yet'."""
+    store = Store(tmp_path / "anneal.db")
+    cid = store.open_campaign(Campaign.from_yaml_text(CONSTRAINED_YAML, check_instrument=False))
+    for i, (quality, yield_) in enumerate([(0.5, 0.4), (0.9, 0.3), (0.6, 0.5)], start=1):
+        (trial,) = store.add_trials(cid, [({"temperature": 100.0 + 40 * i}, {"generator": "sobol"})])
+        store.mark_dispatched(trial.id, "station-a")
+        store.record_result(trial.id, f"run-{i}", {"quality": quality, "yield": yield_})
+    store.close()
+    server = DashboardServer(DashboardConfig(store=str(tmp_path / "anneal.db"), port=0)).start()
+    try:
+        status, view = _get(f"http://127.0.0.1:{server.port}/api/model?campaign=anneal&parameter=temperature")
+    finally:
+        server.stop()
+    assert status == 200 and view["available"] is False
+    assert view["reason"] == ("none of the 3 completed experiments counts (within the outcome constraints, from the "
+                              "campaign's source): no best to draw through")
+
+
 def test_a_campaign_no_daemon_runs_any_more_is_idle_not_running(tmp_path: Path) -> None:
     """A daemon stopped (or killed) leaves its unfinished campaign 'running' in the store: `closedloop status` says
     idle, the page said running, beside 'daemon not answering', for as long as it stayed open."""

@@ -150,7 +150,12 @@ def model_view(store: Store, campaign: str, parameter: str | None = None, second
     with provenance.planning_lock:
         best = planner.best()
     if best is None:
-        return {**out, "reason": "no completed experiment yet"}
+        # with results, it said "no completed experiment yet" as well: to a lab whose films all missed the yield
+        completed = sum(1 for r in results if r.values is not None)
+        counted = ("is on the Pareto front (within the objectives' thresholds and the outcome constraints)"
+                   if len(spec.objectives) > 1 else "counts (within the outcome constraints, from the campaign's source)")
+        return {**out, "reason": f"none of the {completed} completed experiments {counted}: no best to draw through"
+                if completed else "no completed experiment yet"}
     xs, log_scale = _axis(spec.parameters[parameter], points)
     with provenance.planning_lock:
         predictions = planner.predict([{**best.parameters, parameter: x} for x in xs])
