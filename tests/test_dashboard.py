@@ -426,6 +426,44 @@ def test_the_charts_label_zero_as_zero(tmp_path: Path) -> None:
     assert not [label for label in labels if "e-" in label], labels
 
 
+@pytest.mark.slow
+def test_the_best_so_far_chart_marks_every_failure(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Headless Chromium: failures were marked × from the trials table, which holds the last 2,000 trials, while the
+    chart draws every result: of a campaign of 5,000 trials failing one in fifty, none was marked before trial 3,000."""
+    import closedloop.dashboard.state
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (.ci/run installs Debian's chromium)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    monkeypatch.setattr(closedloop.dashboard.state, "MAX_TRIALS", 4)
+    store = Store(tmp_path / "faulty.db")
+    cid = store.open_campaign(Campaign.from_yaml_text(dashboard_campaign("faulty", 0, False)))
+    for i in range(1, 9):
+        (trial,) = store.add_trials(cid, [({"x1": float(i), "x2": 1.0}, {"generator": "sobol"})])
+        store.mark_dispatched(trial.id, "station-a")
+        if i in (2, 3):
+            store.record_failure(trial.id, "device fault", status=TrialStatus.failed if i == 2 else TrialStatus.abandoned)
+        else:
+            store.record_result(trial.id, f"run-{i}", {"y": float(i)})
+    store.close()
+    server = DashboardServer(DashboardConfig(store=str(tmp_path / "faulty.db"), port=0)).start()
+    profile = tempfile.mkdtemp(prefix="closedloop-chromium-")
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
+                                                           args=CHROMIUM_FLAGS[1:])
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{server.port}/")
+            page.wait_for_function("document.querySelector('#best-plot').dataset.count === '6'", timeout=20_000)
+            marked = page.evaluate("[...document.querySelectorAll('#best-plot text')].filter((t) => t.firstChild.textContent === '×')"
+                                   ".map((t) => t.querySelector('title').textContent)")
+            browser.close()
+    finally:
+        server.stop()
+        shutil.rmtree(profile, ignore_errors=True)
+    assert marked == ["#2 failed: ", "#3 abandoned: "]  # before the table's four trials: their errors are not sent
+
+
 def test_dashboard_command_serves_a_store(tmp_path: Path, free_port: int) -> None:
     """``closedloop dashboard`` in its own process, on a store alone (no daemon): the page and its state."""
     import subprocess
@@ -719,6 +757,7 @@ def _from_scratch(store: Store, name: str, max_trials: int) -> dict:
            "backend": spec.planner.backend,
            "parameters": {n: {"type": p.type, "bounds": list(p.bounds)} for n, p in spec.parameters.items()},
            "counts": store.counts(row.id), "series": series, "trials": table[-max_trials:],
+           "failures": [{"trial": r["trial"], "status": r["status"]} for r in table if r["status"] in ("failed", "abandoned")],
            "held": [r for r in table if r["status"] == "held"]}
     log_ = ObservationLog(spec)
     log_.add(store.results(row.id))

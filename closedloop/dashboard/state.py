@@ -63,8 +63,8 @@ class CampaignView:
 
     It keeps the campaign's spec, the rows of the last ``MAX_TRIALS`` trials and of the open ones, the
     best-so-far series (one point per result of the first objective, in trial order, as the page draws every
-    experiment), and for several objectives the results behind the Pareto front. Memory therefore grows with
-    the series alone, not with the trials table.
+    experiment) and the failed trials' numbers, and for several objectives the results behind the Pareto front.
+    Memory therefore grows with the series alone, not with the trials table.
     """
 
     def __init__(self, store: Store, row: CampaignRow):
@@ -88,6 +88,7 @@ class CampaignView:
         self._window: deque[int] = deque()  # the numbers of the last MAX_TRIALS trials, in order
         self._rows: dict[int, dict[str, Any]] = {}  # by trial number: those in the window and the open ones
         self._series: list[dict[str, Any]] = []
+        self._failures: list[dict[str, Any]] = []  # every failed or abandoned trial, in order: the chart marks them
         self._front = None if len(self.spec.objectives) < 2 else _Front(self.spec)
 
     @staticmethod
@@ -117,7 +118,7 @@ class CampaignView:
             status = "idle"  # as `closedloop status` says: no process runs it now (stopped, killed), whatever the row says
         out: dict[str, Any] = {
             "name": row.name, "status": status, **self._static, "counts": counts,
-            "series": list(self._series), "trials": [self._rows[i] for i in self._window], "held": held,
+            "series": list(self._series), "failures": list(self._failures), "trials": [self._rows[i] for i in self._window], "held": held,
         }
         if self._front is not None:
             out["pareto"] = self._front.state()
@@ -137,6 +138,8 @@ class CampaignView:
             return
         self._open.pop(index, None)
         self._finished += 1
+        if trial["status"] != TrialStatus.completed.value:
+            bisect.insort(self._failures, {"trial": index, "status": trial["status"]}, key=_trial_number)
         if index >= self._window[0]:
             self._rows[index] = row
         else:

@@ -235,8 +235,10 @@ function drawBest(c) {
     d += `H${sx(lastTrial)}`;
     add("path", { d, fill: "none", stroke: "#1f5fbf", "stroke-width": 2, class: "best-line" });
   }
-  for (const t of c.trials.filter((t) => t.status === "failed" || t.status === "abandoned")) {
-    add("text", { x: sx(t.trial), y: 22, "text-anchor": "middle", fill: "#c62828" }, "×").append(Object.assign(document.createElementNS(SVG, "title"), { textContent: `#${t.trial} ${t.status}: ${t.error || ""}` }));
+  // every failure, those before the trials table's window too (their error is in the trial's provenance)
+  const errors = new Map(c.trials.map((t) => [t.trial, t.error]));
+  for (const f of c.failures) {
+    add("text", { x: sx(f.trial), y: 22, "text-anchor": "middle", fill: "#c62828" }, "×").append(Object.assign(document.createElementNS(SVG, "title"), { textContent: `#${f.trial} ${f.status}: ${errors.get(f.trial) || ""}` }));
   }
 }
 
