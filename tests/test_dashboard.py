@@ -464,6 +464,52 @@ def test_the_best_so_far_chart_marks_every_failure(tmp_path: Path, monkeypatch) 
     assert marked == ["#2 failed: ", "#3 abandoned: "]  # before the table's four trials: their errors are not sent
 
 
+@pytest.mark.slow
+def test_the_page_draws_a_campaign_of_65000_results(tmp_path: Path) -> None:
+    """Headless Chromium: the charts' ranges were taken with Math.min(...values), one argument per value; a campaign
+    of 65,000 results (130,000 values and bests) overflowed the stack on every redraw, and the held proposal and
+    the trials table, drawn after the chart, never appeared."""
+    from datetime import timezone
+
+    from closedloop.store import ObservationRow, TrialRow
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (.ci/run installs Debian's chromium)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    n = 65_000
+    store = Store(tmp_path / "long.db")
+    cid = store.open_campaign(Campaign.from_yaml_text(branin_campaign("long", n + 1)))
+    at = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    with store.engine.begin() as connection:  # SQL Core bulk inserts, as benchmarks/dashboard_state.py builds a soak
+        connection.execute(TrialRow.__table__.insert(), [  # type: ignore[attr-defined]
+            {"id": i, "campaign_id": cid, "index": i, "parameters": {"x1": i % 15 - 5.0, "x2": 1.0},
+             "status": "completed", "station": "station-a", "attempts": 1, "planner": {"generator": "sobol"},
+             "proposed_at": at, "dispatched_at": at, "finished_at": at, "run_uids": [f"run-{i}"]} for i in range(1, n + 1)])
+        connection.execute(ObservationRow.__table__.insert(), [  # type: ignore[attr-defined]
+            {"trial_id": i, "run_uid": f"run-{i}", "values": {"y": float(i % 97)}, "received_at": at}
+            for i in range(1, n + 1)])
+    store.add_trials(cid, [({"x1": 1.0, "x2": 2.0}, {"generator": "sobol"})], TrialStatus.held)
+    store.close()
+    server = DashboardServer(DashboardConfig(store=str(tmp_path / "long.db"), port=0)).start()
+    profile = tempfile.mkdtemp(prefix="closedloop-chromium-")
+    errors: list[str] = []
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
+                                                           args=CHROMIUM_FLAGS[1:])
+            page = browser.new_page()
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(f"http://127.0.0.1:{server.port}/")
+            page.wait_for_function(f"document.querySelector('#best-plot').dataset.count === '{n}'", timeout=60_000)
+            page.wait_for_selector(f"#held tr[data-trial='{n + 1}']", timeout=20_000)
+            assert page.locator("#trials tbody tr").count() == 2000
+            browser.close()
+    finally:
+        server.stop()
+        shutil.rmtree(profile, ignore_errors=True)
+    assert not errors
+
+
 def test_dashboard_command_serves_a_store(tmp_path: Path, free_port: int) -> None:
     """``closedloop dashboard`` in its own process, on a store alone (no daemon): the page and its state."""
     import subprocess
