@@ -17,6 +17,7 @@ import math
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from enum import Enum
@@ -156,6 +157,7 @@ class _AdvisoryHold:
 
 # campaigns this process holds (see Store.claim): (store location, campaign) -> (hold, claims)
 _claims: dict[tuple[str, str], tuple[Any, int]] = {}
+CLAIM_PATIENCE_S = 1.0  # how long a claim waits out another process's hold before calling it a rival
 _claims_lock = threading.Lock()
 
 
@@ -355,6 +357,12 @@ class Store:
                 _claims[key] = (handle, count + 1)
                 return
             handle = self._take(campaign)
+            # a look from `closedloop status` or the dashboard (which polls) holds it for a moment: only a hold that
+            # lasts is another process running the campaign, and a daemon restarting must not take one for it
+            patience = time.monotonic() + CLAIM_PATIENCE_S
+            while handle is False and time.monotonic() < patience:
+                time.sleep(0.05)
+                handle = self._take(campaign)
             if handle is False:
                 raise StoreError(f"campaign {campaign!r} is being run by another process on {self.display}; "
                                  "stop it first, or watch it with 'closedloop status'")

@@ -175,6 +175,27 @@ def test_two_daemons_share_one_store_without_touching_each_others_campaigns(stor
     store.close()
 
 
+def test_a_hold_for_a_moment_does_not_keep_a_daemon_from_its_campaign(store_url: str) -> None:
+    """`closedloop status` and the dashboard (every 2 s) look whether a campaign is held by taking its lock for a
+    moment: a daemon (re)starting in that moment refused to run it, 'being run by another process'."""
+    import subprocess
+    import sys
+
+    Store(store_url)  # migrated before the other process opens it
+    looker = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom closedloop.store import Store\n"
+         "Store(sys.argv[1]).claim('c')\nprint('held', flush=True)\ntime.sleep(0.4)\n", store_url],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert looker.stdout is not None and looker.stdout.readline().strip() == "held"
+        store = Store(store_url)
+        store.claim("c")  # waits out a hold shorter than a second, where it raised at once
+        store.release("c")
+    finally:
+        looker.kill()
+        looker.wait(timeout=30)
+
+
 def test_a_campaign_is_run_by_one_process_at_a_time_and_let_go_when_it_dies(store_url: str) -> None:
     import subprocess
     import sys
