@@ -59,7 +59,7 @@ import zmq
 
 from closedloop import protocol
 from closedloop.errors import ClosedLoopError, DeviceError, ProtocolError
-from closedloop.worker import Departure, Outbox, connect_station, default_station_name
+from closedloop.worker import Departure, Outbox, connect_station, default_station_name, why_unheard
 
 log = logging.getLogger("closedloop.compute")
 
@@ -436,13 +436,9 @@ class ComputeStation:
                     sock.send(self._hello(capacity))
                     registered, last_heard = False, now
                 elif not registered and now - last_heard > 10 * self.heartbeat_s:
-                    # ZeroMQ says nothing of a daemon that is down, nor of a CURVE handshake that fails: the station
-                    # was silent for good with a wrong key
-                    keyed = ("the --server-key may not be the daemon's public key, this station's key may not be in "
-                             "its --allowed-keys, or " if self.keys is not None else "")
-                    log.warning("not registered with the daemon at %s after %.0f s; still trying (if it is running, "
-                                "%sanother process may be connected as station %r)", self.endpoint, now - last_heard,
-                                keyed, self.name)
+                    # the station was silent for good with a wrong key
+                    log.warning("not registered with the daemon at %s after %.0f s; still trying (%s)", self.endpoint,
+                                now - last_heard, why_unheard(self.keys, self.name))
                     last_heard = now
         finally:
             sock.close(linger=0)

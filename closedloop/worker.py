@@ -53,6 +53,15 @@ log = logging.getLogger("closedloop.worker")
 RAN_KEPT = 100_000
 
 
+def why_unheard(keys: ClientKeys | None, name: str) -> str:
+    """What may keep a station from hearing a running daemon, for its log: ZeroMQ says nothing of either cause."""
+    # the daemon ignores a connection under a name another process holds; with keys, a wrong --server-key fails
+    # the CURVE handshake
+    keyed = ("the --server-key may not be the daemon's public key, this station's key may not be in its "
+             "--allowed-keys, or " if keys is not None else "")
+    return f"if it is running, {keyed}another process may be connected as station {name!r}"
+
+
 class Departure:
     """A stopping station's way out. It tells the daemon once that it is leaving (:meth:`announce`), then leaves
     when it runs nothing and the daemon has acknowledged every answer, or ``ACK_WAIT_BEATS`` heartbeats after it
@@ -551,13 +560,8 @@ class StationWorker:
                         sock.send(self._hello())
                     last_sent = now
                 if now - last_heard > 5 * self.heartbeat_s:
-                    # the daemon ignores a connection under a name another process holds: say so, not just "silent"
-                    # with keys a wrong --server-key fails the CURVE handshake, of which ZeroMQ says nothing
-                    keyed = ("the --server-key may not be the daemon's public key, this station's key may not be in "
-                             "its --allowed-keys, or " if self.keys is not None else "")
-                    log.warning("no word from the daemon at %s for %.1f s; reconnecting (if it is running, %sanother "
-                                "process may be connected as station %r)", self.endpoint, now - last_heard, keyed,
-                                self.name)
+                    log.warning("no word from the daemon at %s for %.1f s; reconnecting (%s)", self.endpoint,
+                                now - last_heard, why_unheard(self.keys, self.name))
                     sock.close(linger=0)
                     sock = self._connect()
                     self._session = None
