@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from typing import Any, ClassVar
 
 from closedloop.campaign import (
@@ -39,6 +40,7 @@ from closedloop.campaign import (
 )
 from closedloop.errors import PlannerError, SpaceExhausted
 from closedloop.planner.base import Proposal, Result
+from closedloop.planner.observations import parameter_problem
 from closedloop.planner.space import Space
 
 log = logging.getLogger(__name__)
@@ -137,7 +139,17 @@ class AxPlanner:
         return proposals
 
     def ingest(self, results: list[Result]) -> None:
-        """Completes (or fails) the matching Ax trials; experiments Ax never proposed are attached."""
+        """Completes (or fails) the matching Ax trials; experiments Ax never proposed are attached.
+
+        All or none, as every backend: a result whose parameters cannot be an experiment of the campaign
+        raises :class:`PlannerError` and nothing is taken (Ax attached a value outside the limits as a
+        trial of its own, and a missing parameter raised ``KeyError`` with the results before it taken).
+        """
+        for k, result in enumerate(results):
+            problem = parameter_problem(self.campaign, result.parameters)
+            if problem is not None:
+                trial = f" (trial {result.trial})" if result.trial is not None else ""
+                raise PlannerError(f"result {k}{trial}: {problem}; none of the {len(results)} results was taken")
         for result in results:
             index = self._take_running(_key(self._typed(result.parameters)))
             if index is None:
@@ -260,7 +272,8 @@ class AxPlanner:
         out: dict[str, float] = {}
         for name in self.campaign.outputs:
             value = result.values.get(name)
-            if value is None or not math.isfinite(float(value)):
+            # as ObservationLog.usable: a value that is not a number is a failure, not a crash of ingest
+            if not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
                 return None
             out[name] = float(value)
         return out

@@ -220,3 +220,20 @@ def test_points_of_a_finite_space_proposed_but_dropped_are_proposed_again_before
     planner.ingest([Result(p.parameters, {"y": 2.0 + i}, 2 + i) for i, p in enumerate(rest)])
     with pytest.raises(PlannerError, match="every point of this finite space"):
         planner.suggest(1)
+
+
+def test_a_result_that_cannot_be_an_experiment_is_refused_all_or_none_and_a_non_number_is_a_failure():
+    planner = AxPlanner(campaign(BRANIN))
+    good = Result({"x1": 1.0, "x2": 2.0}, {"y": 3.0}, 0)
+    # a value outside its limits had been attached as an Ax trial; a missing parameter raised KeyError
+    # with the results before it already taken
+    for bad, message in [({"x1": 100.0, "x2": 2.0}, r"x1=100.0 is outside \[-5.0, 10.0\]"),
+                         ({"x1": 1.0}, "parameter 'x2' is missing"),
+                         ({"x1": "1.0", "x2": 2.0}, "x1='1.0' is not a number")]:
+        with pytest.raises(PlannerError, match=rf"result 1 \(trial 1\): {message}; none of the 2 results was taken"):
+            planner.ingest([good, Result(bad, {"y": 1.0}, 1)])
+    assert planner.results == [] and not planner.client._experiment.trials
+    # a reading that is not a number counts as a failure, as in every backend (it raised ValueError)
+    planner.ingest([Result({"x1": 1.0, "x2": 2.0}, {"y": "n/a"}, 0)])
+    [trial] = planner.client._experiment.trials.values()
+    assert trial.status == TrialStatus.FAILED

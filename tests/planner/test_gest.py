@@ -96,6 +96,18 @@ def test_a_batch_with_a_bad_point_is_refused_whole_and_can_be_sent_again():
     assert len(generator.planner.log.results) == 2 and generator.planner.best().values == {"f": 1.0}
 
 
+def test_the_ax_backend_refuses_a_bad_point_whole_as_a_value_error():
+    # the ax backend took a value outside the limits, and a point without a variable raised KeyError
+    generator = PlannerGenerator(VOCS(variables={"x": [0.0, 1.0]}, objectives={"f": "MINIMIZE"}), backend="ax", seed=0)
+    a, b = generator.suggest(2)
+    for bad, message in ((dict(b, x=7.0, f=2.0), r"x=7.0 is outside \[0.0, 1.0\]"),
+                         ({"_id": b["_id"], "f": 2.0}, "parameter 'x' is missing")):
+        with pytest.raises(ValueError, match=message):
+            generator.ingest([dict(a, f=1.0), bad])
+        assert generator.planner.results == []
+    generator.ingest([dict(a, f=1.0), dict(b, f=2.0)])
+    assert generator.planner.best().values == {"f": 1.0}
+
 def test_a_vocs_the_campaign_language_cannot_express_is_a_value_error():
     with pytest.raises(ValueError, match="x-1"):
         PlannerGenerator(VOCS(variables={"x-1": [0.0, 1.0]}, objectives={"f": "MINIMIZE"}), backend="sobol")
