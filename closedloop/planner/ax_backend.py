@@ -39,7 +39,7 @@ from closedloop.campaign import (
     IntegerParameter,
 )
 from closedloop.errors import PlannerError, SpaceExhausted
-from closedloop.planner.base import Proposal, Result
+from closedloop.planner.base import Proposal, Result, proposal_count
 from closedloop.planner.observations import parameter_problem
 from closedloop.planner.space import Space
 
@@ -107,6 +107,7 @@ class AxPlanner:
 
     def suggest(self, n: int = 1, pending: list[dict[str, Any]] | None = None) -> list[Proposal]:
         """``n`` new Ax trials; ``pending`` are the experiments in flight, kept RUNNING in Ax."""
+        n = proposal_count(n)
         if n < 1:
             return []
         self._sync_pending(pending or [])

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from closedloop.errors import PlannerError
 
 
 
@@ -47,3 +50,12 @@ class Planner(Protocol):
     def best(self) -> Result | None: ...
 
     def pareto_front(self) -> list[Result]: ...
+
+
+def proposal_count(n: Any) -> int:
+    """``n`` as a number of proposals to ask a planner for: a whole number, at least 0 (``suggest(0)`` is
+    ``[]``); anything else raises :class:`PlannerError` (``suggest(-1)`` had crashed inside torch in one
+    backend and given ``[]`` in the others, ``suggest(2.5)`` crashed in all)."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+        raise PlannerError(f"suggest: n is the number of experiments to propose, a whole number at least 0, not {n!r}")
+    return int(n)

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 
 from closedloop.campaign import Campaign
-from closedloop.planner.base import Proposal, Result
+from closedloop.planner.base import Proposal, Result, proposal_count
 from closedloop.planner.models import in_planner_numerics
 from closedloop.planner.observations import ObservationLog
 from closedloop.planner.space import Space, candidates_repeat, table_order
@@ -66,6 +66,7 @@ class SobolPlanner:
 
     @in_planner_numerics
     def suggest(self, n: int = 1, pending: list[dict[str, Any]] | None = None) -> list[Proposal]:
+        n = proposal_count(n)
         start = len(self.log.results) + len(pending or [])
         if self.space.candidates is not None:
             return self._rows(n, pending or [])

@@ -36,7 +36,7 @@ from botorch.models.model import Model
 from closedloop.campaign import Campaign
 from closedloop.planner import models as gp
 from closedloop.planner.acquisition import ConsensusMean, output_constraints, several_objectives, single_objective
-from closedloop.planner.base import Proposal, Result
+from closedloop.planner.base import Proposal, Result, proposal_count
 from closedloop.planner.observations import ObservationLog
 from closedloop.planner.optimize import maximize, maximize_discrete
 from closedloop.planner.space import Space, candidates_repeat, table_order
@@ -265,6 +265,7 @@ class BotorchPlanner:
 
     @gp.in_planner_numerics
     def suggest(self, n: int = 1, pending: list[dict[str, Any]] | None = None) -> list[Proposal]:
+        n = proposal_count(n)
         pending = list(pending or [])
         if self.space.candidates is not None:
             return self._suggest_from_table(n, pending)

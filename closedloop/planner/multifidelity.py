@@ -38,7 +38,7 @@ import torch
 
 from closedloop.campaign import SOURCE, Campaign, ContinuousParameter, FixedParameter
 from closedloop.errors import PlannerError
-from closedloop.planner.base import Proposal, Result
+from closedloop.planner.base import Proposal, Result, proposal_count
 from closedloop.planner.models import in_planner_numerics, output_scale
 
 __all__ = ["SOURCE", "MultiFidelityPlanner", "unsupported"]
@@ -195,6 +195,7 @@ class MultiFidelityPlanner:
     def suggest(self, n: int = 1, pending: list[dict[str, Any]] | None = None) -> list[Proposal]:
         """``n`` proposals, chosen one after another, each treating the ones before and ``pending`` as
         measured at the model's mean (the kriging believer). Parameters and metadata name the source."""
+        n = proposal_count(n)
         pending = [dict(p) for p in pending or []]
         proposals: list[Proposal] = []
         for _ in range(n):
