@@ -111,7 +111,13 @@ class ObservationLog:
         return [r for r, keep in zip(done, mask.tolist()) if keep]
 
     def hypervolume(self, reference: list[float] | None = None) -> float:
-        """Hypervolume dominated by the feasible experiments above the reference point (oriented)."""
+        """Hypervolume dominated by the feasible experiments above the reference point (oriented).
+
+        Several objectives only: with one, :class:`PlannerError` says so (BoTorch's partitioning had failed
+        with ``IndexError: max(): Expected reduction dim 1 to have non-zero size``)."""
+        if len(self.objectives) < 2:
+            raise PlannerError(f"hypervolume: the campaign has one objective ({self.objectives[0]!r}); a hypervolume "
+                               "measures a Pareto front of several (best() is the best experiment of one)")
         from botorch.utils.multi_objective.box_decompositions.dominated import DominatedPartitioning
 
         done = [r for r in self.results if self.feasible(r)]
