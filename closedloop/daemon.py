@@ -567,12 +567,19 @@ class Daemon:
         self.started = time.monotonic()
         self.stats = {"results": 0, "duplicates": 0, "dropped": 0, "dispatched": 0}
         for run in self.runs.values():
-            if self.control is not None and store.campaign_row(run.id).status == "paused":
+            if store.campaign_row(run.id).status != "paused":
+                continue
+            if self.control is not None:
                 # an operator's pause outlives the daemon: a daemon killed and restarted (systemd) ran experiments
                 # again on an instrument its operator had stopped. Only a daemon with a control socket can resume
                 run.paused, run.paused_at = True, time.monotonic()
                 log.warning("campaign=%s stays paused, as an operator left it; 'closedloop resume %s' continues it",
                             run.campaign.name, run.campaign.name)
+            else:
+                # `closedloop run` has no control socket to resume it from: starting it is the resume, and the store
+                # must not go on saying paused while it runs
+                store.set_campaign_status(run.id, "running")
+                log.info("campaign=%s was paused; run here without a control socket, it resumes", run.campaign.name)
         self._reconcile(reconcile_s)
 
     @staticmethod

@@ -146,3 +146,18 @@ def test_a_station_paused_by_a_daemon_since_killed_runs_the_next_daemons_trials(
             kill9(proc)
     store = Store(tmp_path / "s.db")
     assert [t.status for t in store.trials(store.campaign_row("morning").id)] == ["completed"] * 2
+
+
+def test_a_paused_campaign_run_without_a_control_socket_is_running_not_paused(tmp_path: Path) -> None:
+    """`closedloop run` has no control socket to resume from, so starting it is the resume: the store said
+    'paused' (a daemon had paused it) all the while the campaign ran."""
+    store = Store(tmp_path / "s.db")
+    campaign = Campaign.from_yaml_text(campaign_yaml("resumed", 2))
+    store.set_campaign_status(store.open_campaign(campaign), "paused")
+    daemon = Daemon(store, [campaign])
+    try:
+        assert store.campaign_row("resumed").status == "running"
+        assert not daemon.runs[store.campaign_row("resumed").id].paused
+    finally:
+        daemon.close()
+        store.close()
