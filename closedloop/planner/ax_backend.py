@@ -40,7 +40,7 @@ from closedloop.campaign import (
 )
 from closedloop.errors import PlannerError, SpaceExhausted
 from closedloop.planner.base import Proposal, Result, proposal_count
-from closedloop.planner.observations import parameter_problem
+from closedloop.planner.observations import check_pending, parameter_problem
 from closedloop.planner.space import Space
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,7 @@ class AxPlanner:
     def suggest(self, n: int = 1, pending: list[dict[str, Any]] | None = None) -> list[Proposal]:
         """``n`` new Ax trials; ``pending`` are the experiments in flight, kept RUNNING in Ax."""
         n = proposal_count(n)
+        check_pending(self.campaign, pending or [])
         if n < 1:
             return []
         self._sync_pending(pending or [])

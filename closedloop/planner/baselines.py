@@ -16,7 +16,7 @@ import torch
 from closedloop.campaign import Campaign
 from closedloop.planner.base import Proposal, Result, proposal_count
 from closedloop.planner.models import in_planner_numerics
-from closedloop.planner.observations import ObservationLog
+from closedloop.planner.observations import ObservationLog, check_pending
 from closedloop.planner.space import Space, candidates_repeat, table_order
 
 
@@ -67,6 +67,7 @@ class SobolPlanner:
     @in_planner_numerics
     def suggest(self, n: int = 1, pending: list[dict[str, Any]] | None = None) -> list[Proposal]:
         n = proposal_count(n)
+        check_pending(self.campaign, pending or [])
         start = len(self.log.results) + len(pending or [])
         if self.space.candidates is not None:
             return self._rows(n, pending or [])

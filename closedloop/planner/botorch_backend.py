@@ -37,7 +37,7 @@ from closedloop.campaign import Campaign
 from closedloop.planner import models as gp
 from closedloop.planner.acquisition import ConsensusMean, output_constraints, several_objectives, single_objective
 from closedloop.planner.base import Proposal, Result, proposal_count
-from closedloop.planner.observations import ObservationLog
+from closedloop.planner.observations import ObservationLog, check_pending
 from closedloop.planner.optimize import maximize, maximize_discrete
 from closedloop.planner.space import Space, candidates_repeat, table_order
 
@@ -267,6 +267,7 @@ class BotorchPlanner:
     def suggest(self, n: int = 1, pending: list[dict[str, Any]] | None = None) -> list[Proposal]:
         n = proposal_count(n)
         pending = list(pending or [])
+        check_pending(self.campaign, pending)
         if self.space.candidates is not None:
             return self._suggest_from_table(n, pending)
         started = len(self.log.results) + len(pending)

@@ -155,3 +155,14 @@ def parameter_problem(campaign: Campaign, parameters: dict) -> str | None:
             if not lo - slack <= x <= hi + slack:
                 return f"{name}={v!r} is outside [{p.bounds[0]}, {p.bounds[1]}]"
     return None
+
+
+def check_pending(campaign: Campaign, pending: list[dict]) -> None:
+    """Raise :class:`PlannerError` for an experiment in flight without a varied parameter (it had raised
+    ``KeyError`` deep in a backend). An empty dict only holds a place: the daemon's filler counts its
+    proposals so (``pending=[{}] * filled``)."""
+    for k, parameters in enumerate(pending):
+        missing = [name for name in campaign.tunable_parameters if parameters and name not in parameters]
+        if missing:
+            raise PlannerError(f"pending {k}: parameter {missing[0]!r} is missing (an experiment in flight names "
+                               "every varied parameter)")
