@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 from gest_api import Generator
@@ -87,6 +88,9 @@ class PlannerGenerator(Generator):
 
     def suggest(self, num_points: int | None = None) -> list[dict]:
         """``num_points`` points (one if not given), each with every variable, constant and ``_id``."""
+        # int(2.5) had silently given two points, where the standard asks for exactly num_points or a ValueError
+        if num_points is not None and (isinstance(num_points, bool) or not isinstance(num_points, numbers.Integral)):
+            raise ValueError(f"num_points must be a whole number, got {num_points!r}")
         n = 1 if num_points is None else int(num_points)
         if n < 1:
             raise ValueError(f"num_points must be at least 1, got {num_points}")
@@ -104,9 +108,13 @@ class PlannerGenerator(Generator):
     def ingest(self, results: list[dict]) -> None:
         """Evaluated points, all or none (a bad point raises ``ValueError`` and nothing is taken); a point
         whose objectives are missing or not finite counts as failed."""
+        points = [results] if isinstance(results, dict) else list(results)
+        if isinstance(results, dict) or not all(isinstance(point, dict) for point in points):
+            # one point on its own had failed with AttributeError: 'str' object has no attribute 'get'
+            raise ValueError(f"ingest takes a list of points (dicts), not {type(results).__name__} {str(results)[:80]}")
         finished: list[Result] = []
         identifiers: set[Any] = set()
-        for point in results:
+        for k, point in enumerate(points):
             identifier = point.get("_id")
             if identifier is not None:
                 if identifier not in self._outstanding or identifier in identifiers:
@@ -117,10 +125,14 @@ class PlannerGenerator(Generator):
             values: dict[str, float] | None = {}
             for name in self.campaign.outputs:
                 value = point.get(name)
-                if value is None or not math.isfinite(float(value)):
+                try:
+                    number = None if value is None else float(value)
+                except (TypeError, ValueError):  # a list or a word had raised TypeError or float()'s own message
+                    raise ValueError(f"point {k}: {name}={value!r} is not a number") from None
+                if number is None or not math.isfinite(number):
                     values = None
                     break
-                values[name] = float(value)  # type: ignore[index]
+                values[name] = number  # type: ignore[index]
             finished.append(Result(parameters, values, identifier))
         try:
             self.planner.ingest(finished)
@@ -130,7 +142,8 @@ class PlannerGenerator(Generator):
             del self._outstanding[identifier]
 
     def finalize(self) -> None:
-        """Nothing runs in the background: the planner is up to date after every ``ingest``."""
+        """Nothing runs in the background: the planner is up to date after every ``ingest``. Points suggested
+        and not ingested are dropped: no longer pending, and their ``_id`` refused by a later ``ingest``."""
         self._outstanding.clear()
 
 

@@ -108,6 +108,25 @@ def test_the_ax_backend_refuses_a_bad_point_whole_as_a_value_error():
     generator.ingest([dict(a, f=1.0), dict(b, f=2.0)])
     assert generator.planner.best().values == {"f": 1.0}
 
+def test_wrong_input_to_the_verbs_is_a_value_error_that_names_it():
+    generator = PlannerGenerator(VOCS(variables={"x": [0.0, 1.0]}, objectives={"f": "MINIMIZE"}), backend="sobol",
+                                 seed=0)
+    # int(2.5) had given two points; the standard asks for exactly num_points or a ValueError
+    for n in (2.5, "2"):
+        with pytest.raises(ValueError, match=f"num_points must be a whole number, got {n!r}"):
+            generator.suggest(n)
+    [a] = generator.suggest(1)
+    # a list had raised TypeError, a word float()'s "could not convert string to float"
+    for value in ([1.0], "abc", {"v": 1.0}):
+        with pytest.raises(ValueError, match=r"point 0: f=.* is not a number"):
+            generator.ingest([dict(a, f=value)])
+    # one point on its own had raised AttributeError: 'str' object has no attribute 'get'
+    with pytest.raises(ValueError, match="ingest takes a list of points"):
+        generator.ingest(dict(a, f=1.0))
+    assert generator.planner.log.results == []
+    generator.ingest([dict(a, f=1.0)])
+    assert generator.planner.best().values == {"f": 1.0}
+
 def test_a_vocs_the_campaign_language_cannot_express_is_a_value_error():
     with pytest.raises(ValueError, match="x-1"):
         PlannerGenerator(VOCS(variables={"x-1": [0.0, 1.0]}, objectives={"f": "MINIMIZE"}), backend="sobol")
