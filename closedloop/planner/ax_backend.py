@@ -40,7 +40,7 @@ from closedloop.campaign import (
 )
 from closedloop.errors import PlannerError, SpaceExhausted
 from closedloop.planner.base import Proposal, Result, proposal_count
-from closedloop.planner.observations import check_pending, parameter_problem
+from closedloop.planner.observations import ObservationLog, check_pending, parameter_problem
 from closedloop.planner.space import Space
 
 log = logging.getLogger(__name__)
@@ -185,15 +185,17 @@ class AxPlanner:
         return _observed_best(self.campaign, done)
 
     def pareto_front(self) -> list[Result]:
-        """Experiments on Ax's in-sample Pareto front (several objectives only)."""
-        if len(self.campaign.objectives) < 2 or not any(self._outcome(r) for r in self.results):
+        """The non-dominated feasible experiments (several objectives only), as every backend reports them.
+
+        Not Ax's in-sample frontier: before Ax's first proposal (a planner rebuilt from the store, as
+        ``closedloop.pareto_front`` builds it) that raised ``AssertionError: GenerationStrategy not set``, and
+        after one it could miss them (it gave none where eight experiments had two).
+        """
+        if len(self.campaign.objectives) < 2:
             return []
-        front = []
-        for _, _, index, _ in self.client.get_pareto_frontier(use_model_predictions=False):
-            chosen = self._result_of_trial(index)
-            if chosen is not None:
-                front.append(chosen)
-        return front
+        observed = ObservationLog(self.campaign)
+        observed.add(self.results)
+        return observed.pareto_front()
 
     # -- bookkeeping -----------------------------------------------------------------------
 

@@ -237,3 +237,23 @@ def test_a_result_that_cannot_be_an_experiment_is_refused_all_or_none_and_a_non_
     planner.ingest([Result({"x1": 1.0, "x2": 2.0}, {"y": "n/a"}, 0)])
     [trial] = planner.client._experiment.trials.values()
     assert trial.status == TrialStatus.FAILED
+
+
+def test_the_pareto_front_is_every_non_dominated_feasible_experiment_before_and_after_a_proposal():
+    c = Campaign.model_validate({
+        "name": "ax-front", "parameters": {"x": {"type": "continuous", "bounds": [0, 1]}, "z": {"type": "continuous", "bounds": [0, 1]}},
+        "objectives": {"f": {"goal": "minimize"}, "g": {"goal": "maximize"}}, "outcome_constraints": ["w >= 0"],
+        "budget": {"experiments": 20}, "planner": {"backend": "ax", "seed": 0},
+        "instrument": {"simulator": "simulators.surfaces:Branin"},
+    })
+    readings = [(0.844, 0.045, -1), (0.421, 0.082, 1), (0.511, 0.144, 1), (0.784, -0.311, -1), (0.477, 0.356, 1),
+                (0.908, -0.32, 1), (0.282, 0.676, -1), (0.618, -0.132, 1)]
+    results = [Result({"x": f, "z": 0.5}, {"f": f, "g": g, "w": float(w)}, i) for i, (f, g, w) in enumerate(readings)]
+    # rebuilt from the store (closedloop.pareto_front does so), Ax had no generation strategy yet:
+    # AssertionError: GenerationStrategy not set
+    planner = AxPlanner(c)
+    planner.ingest(results)
+    assert [r.trial for r in planner.pareto_front()] == [1, 4]
+    # Ax's own in-sample frontier was empty here, both experiments left out
+    planner.suggest(1)
+    assert [r.trial for r in planner.pareto_front()] == [1, 4]
