@@ -115,3 +115,15 @@ def test_daemons_starting_together_on_a_fresh_store_migrate_it_once(url: str) ->
     with engine.connect() as connection:
         assert connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [head_revision()]
     engine.dispose()
+
+
+def test_python_dash_m_closedloop_migrations_runs_the_revision_command() -> None:
+    """docs/scaling.md drafts a revision with ``python -m closedloop.migrations revision MESSAGE``; a package needs
+    a ``__main__`` module for ``-m`` (the ``if __name__ == "__main__"`` of its ``__init__`` never runs): it said
+    "No module named closedloop.migrations.__main__". Without a message it prints its usage and exits 2."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "closedloop.migrations"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "python -m closedloop.migrations revision MESSAGE" in done.stdout
