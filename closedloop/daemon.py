@@ -1308,6 +1308,10 @@ class Daemon:
         if trial is None:
             if self._remaining(run) <= 0 or run.service is None:
                 return False
+            if run.approve and run.held + len(run.queue) + self._in_flight_count(run) >= run.campaign.execution.concurrency:
+                # a person decides on as many proposals as may run at once: each free station's turn held another,
+                # and the whole budget (39 of 40) waited for approval within seconds, chosen without a result
+                return False
             proposal = run.service.take()
             if proposal is None:
                 # the planner is still computing; its wake-up turns the loop again. An instrument idle for

@@ -32,7 +32,8 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run
                   "--disable-component-update", "--disable-sync"]
 
 def dashboard_campaign(name: str, exposure: float, approve: bool) -> str:
-    return branin_campaign(name, 400, execution={"approve": approve},
+    # in approval mode a person decides on as many proposals as may run at once: two, for the tests' two at a time
+    return branin_campaign(name, 400, execution={"approve": approve, **({"concurrency": 2} if approve else {})},
                            options={"noise": 0.01, "seed": 0, "exposure": exposure})
 
 

@@ -306,6 +306,9 @@ def test_approval_mode_holds_each_proposal_until_a_person_decides(tmp_path: Path
         wait_held(1)
         time.sleep(0.5)
         assert store.trial(store.trials(1)[0].id).status == "held"  # nothing runs without a person
+        # as many proposals wait as may run at once (concurrency 1): each free station's turn had held another,
+        # and the whole budget waited for a person within seconds, chosen without a result
+        assert [t.status for t in store.trials(1)] == ["held"]
         refused = cli("approve", "held", "1", "--set", "x1=99", *control)
         assert refused.exit_code == 1 and "x1=99 is outside the bounds [-5, 10]" in refused.stderr
         assert store.trial(store.trials(1)[0].id).status == "held"
