@@ -161,7 +161,9 @@ def test_approval_is_recorded_with_the_decision(tmp_path: Path) -> None:
     """A held proposal gets its record at once; approving (with an edit) or rejecting it is added to it."""
     store = Store(tmp_path / "held.db")
     campaign = branin_campaign(name="held", experiments=2, initial=2, backend="sobol")
-    campaign = campaign.model_copy(update={"execution": campaign.execution.model_copy(update={"approve": True})})
+    # two held at once: as many wait for a person as may run at once
+    campaign = campaign.model_copy(update={"execution": campaign.execution.model_copy(update={"approve": True,
+                                                                                               "concurrency": 2})})
     held_events: list[int] = []
 
     def on_event(kind: str, details: dict) -> None:
