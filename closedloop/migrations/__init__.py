@@ -26,7 +26,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +123,3 @@ def _main(argv: list[str]) -> int:
             command.upgrade(alembic_config(connection), "head")
         command.revision(alembic_config(connection), message=argv[1], autogenerate=True)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
