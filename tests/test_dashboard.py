@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -298,21 +299,33 @@ def test_held_proposals_are_approved_edited_and_rejected(tmp_path: Path) -> None
             server.stop()
 
 
-@pytest.mark.slow
-def test_the_page_in_a_real_browser(loop: Loop, tmp_path: Path) -> None:
-    """Headless Chromium: the best-value plot fills as results arrive; pause stops dispatch; resume restarts it."""
+@contextmanager
+def _chromium(**options: object) -> Iterator[Any]:
+    """A new page of headless Chromium (``options``: the browser context's, a viewport say); the test is skipped
+    where Chromium or playwright is missing."""
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no Chromium at {CHROMIUM} (.ci/run installs Debian's chromium)")
     playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-    started = time.monotonic()
-    server = _server(loop)
     profile = tempfile.mkdtemp(prefix="closedloop-chromium-")
     try:
         with playwright.sync_playwright() as p:
-            browser = p.chromium.launch_persistent_context(
-                profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS[1:],
-                viewport={"width": 1280, "height": 1400})
-            page = browser.new_page()
+            browser = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
+                                                           args=CHROMIUM_FLAGS[1:], **options)
+            try:
+                yield browser.new_page()
+            finally:
+                browser.close()
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_the_page_in_a_real_browser(loop: Loop, tmp_path: Path) -> None:
+    """Headless Chromium: the best-value plot fills as results arrive; pause stops dispatch; resume restarts it."""
+    started = time.monotonic()
+    server = _server(loop)
+    try:
+        with _chromium(viewport={"width": 1280, "height": 1400}) as page:
             page.goto(f"http://127.0.0.1:{server.port}/")
             page.wait_for_function("Number(document.querySelector('#best-plot').dataset.count) >= 8", timeout=40_000)
             assert page.locator("#best-plot circle").count() >= 8
@@ -335,10 +348,8 @@ def test_the_page_in_a_real_browser(loop: Loop, tmp_path: Path) -> None:
             page.wait_for_function("document.querySelector('#model-plot polyline') !== null", timeout=30_000)
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
-            browser.close()
     finally:
         server.stop()
-        shutil.rmtree(profile, ignore_errors=True)
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
     assert time.monotonic() - started < 90
 
@@ -348,18 +359,11 @@ def test_held_proposals_in_a_real_browser(tmp_path: Path) -> None:
     """Headless Chromium, approval mode: an edit typed into a held proposal survives the page's redraws, approve
     sends it through the daemon, which runs the trial as edited; reject fails the next one; read-only, the
     buttons are disabled."""
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (.ci/run installs Debian's chromium)")
-    playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-    profile = tempfile.mkdtemp(prefix="closedloop-chromium-")
     with _running(tmp_path / "held.db", approve=True) as held_loop:
         server, read_only = _server(held_loop), _server(held_loop, read_only=True)
         campaign_id = held_loop.store.campaign_row("dash").id
         try:
-            with playwright.sync_playwright() as p:
-                browser = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
-                                                               args=CHROMIUM_FLAGS[1:])
-                page = browser.new_page()
+            with _chromium() as page:
                 page.goto(f"http://127.0.0.1:{read_only.port}/")
                 page.wait_for_selector("#held tr[data-trial] button.approve", timeout=20_000)
                 assert page.locator("#held button.approve").first.is_disabled()
@@ -381,11 +385,9 @@ def test_held_proposals_in_a_real_browser(tmp_path: Path) -> None:
                 other = int(second.get_attribute("data-trial"))
                 second.locator("button.reject").click()
                 page.wait_for_selector("#message:has-text('rejected by dashboard')", timeout=10_000)
-                browser.close()
         finally:
             server.stop()
             read_only.stop()
-            shutil.rmtree(profile, ignore_errors=True)
         trials = held_loop.store.trials(campaign_id)
         assert trials[first - 1].parameters["x1"] == 1.25
         assert trials[other - 1].status == "failed" and trials[other - 1].error == "rejected by dashboard"
@@ -399,9 +401,6 @@ def test_held_proposals_in_a_real_browser(tmp_path: Path) -> None:
 def test_the_charts_label_zero_as_zero(tmp_path: Path) -> None:
     """Headless Chromium: the axes' ticks were added up step by step from below, so with results from -0.0173 to
     0.0005 the tick at zero read '1.73472e-18' (cut to '3472e-18' at the plot's edge)."""
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (.ci/run installs Debian's chromium)")
-    playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
     store = Store(tmp_path / "small.db")
     cid = store.open_campaign(Campaign.from_yaml_text(dashboard_campaign("small", 0, False)))
     for i, y in enumerate([-0.01731, 0.000527, -0.0092], start=1):
@@ -410,19 +409,13 @@ def test_the_charts_label_zero_as_zero(tmp_path: Path) -> None:
         store.record_result(trial.id, f"run-{i}", {"y": y})
     store.close()
     server = DashboardServer(DashboardConfig(store=str(tmp_path / "small.db"), port=0)).start()
-    profile = tempfile.mkdtemp(prefix="closedloop-chromium-")
     try:
-        with playwright.sync_playwright() as p:
-            browser = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
-                                                           args=CHROMIUM_FLAGS[1:])
-            page = browser.new_page()
+        with _chromium() as page:
             page.goto(f"http://127.0.0.1:{server.port}/")
             page.wait_for_function("document.querySelector('#best-plot').dataset.count === '3'", timeout=20_000)
             labels = page.evaluate("[...document.querySelectorAll('#best-plot text')].map((t) => t.textContent)")
-            browser.close()
     finally:
         server.stop()
-        shutil.rmtree(profile, ignore_errors=True)
     assert ["-0.015", "-0.01", "-0.005", "0"] == labels[:4], labels  # the y axis, from the bottom
     assert not [label for label in labels if "e-" in label], labels
 
@@ -433,9 +426,6 @@ def test_the_best_so_far_chart_marks_every_failure(tmp_path: Path, monkeypatch) 
     chart draws every result: of a campaign of 5,000 trials failing one in fifty, none was marked before trial 3,000."""
     import closedloop.dashboard.state
 
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (.ci/run installs Debian's chromium)")
-    playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
     monkeypatch.setattr(closedloop.dashboard.state, "MAX_TRIALS", 4)
     store = Store(tmp_path / "faulty.db")
     cid = store.open_campaign(Campaign.from_yaml_text(dashboard_campaign("faulty", 0, False)))
@@ -448,20 +438,14 @@ def test_the_best_so_far_chart_marks_every_failure(tmp_path: Path, monkeypatch) 
             store.record_result(trial.id, f"run-{i}", {"y": float(i)})
     store.close()
     server = DashboardServer(DashboardConfig(store=str(tmp_path / "faulty.db"), port=0)).start()
-    profile = tempfile.mkdtemp(prefix="closedloop-chromium-")
     try:
-        with playwright.sync_playwright() as p:
-            browser = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
-                                                           args=CHROMIUM_FLAGS[1:])
-            page = browser.new_page()
+        with _chromium() as page:
             page.goto(f"http://127.0.0.1:{server.port}/")
             page.wait_for_function("document.querySelector('#best-plot').dataset.count === '6'", timeout=20_000)
             marked = page.evaluate("[...document.querySelectorAll('#best-plot text')].filter((t) => t.firstChild.textContent === '×')"
                                    ".map((t) => t.querySelector('title').textContent)")
-            browser.close()
     finally:
         server.stop()
-        shutil.rmtree(profile, ignore_errors=True)
     assert marked == ["#2 failed: ", "#3 abandoned: "]  # before the table's four trials: their errors are not sent
 
 
@@ -474,9 +458,6 @@ def test_the_page_draws_a_campaign_of_65000_results(tmp_path: Path) -> None:
 
     from closedloop.store import ObservationRow, TrialRow
 
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (.ci/run installs Debian's chromium)")
-    playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
     n = 65_000
     store = Store(tmp_path / "long.db")
     cid = store.open_campaign(Campaign.from_yaml_text(branin_campaign("long", n + 1)))
@@ -492,22 +473,16 @@ def test_the_page_draws_a_campaign_of_65000_results(tmp_path: Path) -> None:
     store.add_trials(cid, [({"x1": 1.0, "x2": 2.0}, {"generator": "sobol"})], TrialStatus.held)
     store.close()
     server = DashboardServer(DashboardConfig(store=str(tmp_path / "long.db"), port=0)).start()
-    profile = tempfile.mkdtemp(prefix="closedloop-chromium-")
     errors: list[str] = []
     try:
-        with playwright.sync_playwright() as p:
-            browser = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
-                                                           args=CHROMIUM_FLAGS[1:])
-            page = browser.new_page()
+        with _chromium() as page:
             page.on("pageerror", lambda error: errors.append(str(error)))
             page.goto(f"http://127.0.0.1:{server.port}/")
             page.wait_for_function(f"document.querySelector('#best-plot').dataset.count === '{n}'", timeout=60_000)
             page.wait_for_selector(f"#held tr[data-trial='{n + 1}']", timeout=20_000)
             assert page.locator("#trials tbody tr").count() == 2000
-            browser.close()
     finally:
         server.stop()
-        shutil.rmtree(profile, ignore_errors=True)
     assert not errors
 
 
