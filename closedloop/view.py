@@ -72,6 +72,12 @@ def runs_long(elapsed_s: float, longest_s: float, completed: int) -> bool:
     return completed >= LONG_AFTER and elapsed_s > LONG_FACTOR * max(longest_s, 1.0)
 
 
+def shown_status(store: Store, row: Any) -> str:
+    """A campaign's status as a person is shown it (``status``, the dashboard): ``idle`` where its row says running
+    but no process runs it now (stopped, killed, or run by hand only)."""
+    return "idle" if row.status == "running" and store.held(row.name) is False else row.status
+
+
 def _seconds(start: datetime | None, end: datetime | None) -> float | None:
     start, end = _utc(start), _utc(end)
     return (end - start).total_seconds() if start is not None and end is not None else None
@@ -161,11 +167,8 @@ class Snapshot:
         longest = max(durations, default=0.0)
         running_long = [(t.index, d) for t in trials if t.status == DISPATCHED
                         and (d := _seconds(t.dispatched_at, now)) is not None and runs_long(d, longest, len(durations))]
-        status = row.status
-        if status == "running" and store.held(row.name) is False:
-            status = "idle"  # no process runs it now (stopped, killed, or hand-run only): not "running"
         return cls(
-            name=row.name, status=status, budget=spec.max_experiments, objective=name, goal=objective.goal,
+            name=row.name, status=shown_status(store, row), budget=spec.max_experiments, objective=name, goal=objective.goal,
             counts=counts, in_flight=in_flight,
             held=[t.index for t in trials if t.status == HELD],
             manual=[t.index for t in trials

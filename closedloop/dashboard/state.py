@@ -36,6 +36,7 @@ from closedloop.campaign import Campaign
 from closedloop.planner.base import Result
 from closedloop.provenance import ProvenanceRow
 from closedloop.store import CampaignRow, ObservationRow, Store, TrialRow, TrialStatus
+from closedloop.view import shown_status
 
 MAX_TRIALS = 2000  # rows sent to the page; the store keeps them all
 FINISHED = (TrialStatus.completed.value, TrialStatus.failed.value, TrialStatus.abandoned.value)
@@ -113,11 +114,8 @@ class CampaignView:
         for trial in changed:
             self._take(trial)
         held = [self._rows[i] for i in sorted(self._open) if self._rows[i]["status"] == TrialStatus.held.value]
-        status = row.status
-        if status == "running" and store.held(row.name) is False:
-            status = "idle"  # as `closedloop status` says: no process runs it now (stopped, killed), whatever the row says
         out: dict[str, Any] = {
-            "name": row.name, "status": status, **self._static, "counts": counts,
+            "name": row.name, "status": shown_status(store, row), **self._static, "counts": counts,
             "series": list(self._series), "failures": list(self._failures), "trials": [self._rows[i] for i in self._window], "held": held,
         }
         if self._front is not None:
