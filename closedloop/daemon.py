@@ -63,6 +63,9 @@ OWED_GRACE_S = 10.0
 # in a row up to the longest: a powered-off robot is tried again soon, one down for the night now and then
 REST_FIRST_S = 2.0
 REST_LONGEST_S = 300.0
+# a trial's timeout counts from its start; until the station says it started, allow this much more for the message
+# and the station's queue
+START_GRACE_S = 30.0
 
 
 def _instrument_label(instrument: Any) -> str:
@@ -471,6 +474,7 @@ class Daemon:
         fill_after_s: float | None = 0.2,
         prefetch: int = 1,
         drain_s: float = 60.0,
+        start_grace_s: float = START_GRACE_S,
         on_event: EventSink | None = None,
         context: zmq.Context | None = None,
     ):
@@ -493,6 +497,7 @@ class Daemon:
         self.heartbeat_s = heartbeat_s
         self.lost_after = lost_after
         self.drain_s = drain_s
+        self.start_grace_s = start_grace_s
         self.prefetch = prefetch
         for run in self.runs.values():
             run.fill_after_s = fill_after_s
@@ -1150,8 +1155,7 @@ class Daemon:
         timeout = run.campaign.execution.timeout
         if not timeout:
             return None
-        # until the station says it started, allow for the message and the station's queue
-        return time.monotonic() + float(timeout) + (0 if started else 30)
+        return time.monotonic() + float(timeout) + (0 if started else self.start_grace_s)
 
     def _check_liveness(self) -> None:
         now = time.monotonic()

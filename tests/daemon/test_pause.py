@@ -16,31 +16,32 @@ from tests.daemon.procs import (campaign_yaml, free_port, kill9, ran, serving, s
 
 pytestmark = pytest.mark.slow
 
+# a queued trial's allowance to start, shortened from the daemon's 30 s so that a pause can outlast it quickly
+GRACE_S = 3.0
+PAUSE_S = 2 + GRACE_S + 2  # past the campaigns' 2 s timeout and the grace
+
 
 def test_a_pause_longer_than_the_timeout_times_out_nothing(tmp_path: Path) -> None:
     """The deadlines ran on while the campaign was paused: the trial queued on the station (allowed the timeout
-    and 30 s to start) timed out during the pause and was stored failed, and the planner was told its parameters
+    and the start grace) timed out during the pause and was stored failed, and the planner was told its parameters
     failed, though it never ran."""
-    (tmp_path / "c.yaml").write_text(campaign_yaml("lunch", 3, latency=1.0, concurrency=2, retries=0, timeout=2))
-    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    daemon = start_daemon(tmp_path, endpoint, control)
-    worker = start_worker(tmp_path, endpoint, "station")
-    log = tmp_path / "daemon.log"
-    try:
-        wait_for(lambda: log.exists() and 'trial=2 trial_id=2 state="dispatched"' in log.read_text(), 60,
+    store = Store(tmp_path / "s.db")
+    campaign = Campaign.from_yaml_text(campaign_yaml("lunch", 3, latency=1.0, concurrency=2, retries=0, timeout=2))
+    control = f"tcp://127.0.0.1:{free_port()}"
+    daemon = Daemon(store, [campaign], heartbeat_s=0.3, control=control, start_grace_s=GRACE_S)
+    with station(daemon.endpoint, "station", tmp_path), serving(daemon) as thread:
+        wait_for(lambda: [sorted(f["started"] for f in c["in_flight"])
+                          for c in control_request(control, "status")["campaigns"]] == [[False, True]], 60,
                  "a trial queued behind the first")
         assert control_request(control, "pause", timeout_s=10)["success"]
-        time.sleep(36)  # past the 2 s timeout and the 30 s a queued trial is allowed to start
+        time.sleep(PAUSE_S)
         assert control_request(control, "resume", timeout_s=10)["success"]
-        assert daemon.wait(timeout=60) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
-    finally:
-        for proc in (daemon, worker):
-            kill9(proc)
-
-    store = Store(tmp_path / "s.db")
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "the campaign did not finish after the resume"
     trials = store.trials(store.campaign_row("lunch").id)
     assert [(t.index, t.status, t.error) for t in trials] == [(i, "completed", None) for i in (1, 2, 3)]
     assert Counter(trial for trial, _ in ran(tmp_path / "station.outbox")) == {t.id: 1 for t in trials}
+    store.close()
 
 
 def test_a_station_whose_trial_ends_during_a_pause_hears_the_resume(tmp_path: Path) -> None:
@@ -73,7 +74,7 @@ def test_pausing_one_campaign_times_out_nothing_of_another_on_the_same_station(t
     campaigns = [Campaign.from_yaml_text(campaign_yaml(name, 2, latency=1.0, concurrency=1, retries=0, timeout=2))
                  for name in ("a", "b")]
     control = f"tcp://127.0.0.1:{free_port()}"
-    daemon = Daemon(store, campaigns, heartbeat_s=0.3, control=control)
+    daemon = Daemon(store, campaigns, heartbeat_s=0.3, control=control, start_grace_s=GRACE_S)
     with station(daemon.endpoint, "shared", tmp_path), serving(daemon) as thread:
         wait_for(lambda: len(control_request(control, "status")["stations"]) == 1
                  and sum(len(c["in_flight"]) for c in control_request(control, "status")["campaigns"]) == 2
@@ -82,7 +83,7 @@ def test_pausing_one_campaign_times_out_nothing_of_another_on_the_same_station(t
         running = next(c["name"] for c in control_request(control, "status")["campaigns"]
                        if any(f["started"] for f in c["in_flight"]))
         assert control_request(control, "pause", {"campaign": running})["success"]
-        time.sleep(36)  # past the 2 s timeout and the 30 s a queued trial is allowed to start
+        time.sleep(PAUSE_S)
         assert control_request(control, "resume", {"campaign": running})["success"]
         thread.join(timeout=60)
         assert not thread.is_alive(), "the campaigns did not finish after the resume"
