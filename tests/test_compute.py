@@ -299,12 +299,16 @@ def test_a_hung_experiment_times_out_and_is_retried_by_the_campaign_policy(tmp_p
                  experiments=2, concurrency=1, timeout="2 s", retries=1)
     store = Store(tmp_path / "s.db")
     daemon = Daemon(store, [c], heartbeat_s=0.5, reconcile_s=1.0)
-    # two threads: the hung first attempt keeps one busy until released (a thread cannot be interrupted)
+    # two threads: the hung first attempt keeps one busy until released (a thread cannot be interrupted), and
+    # keeps the station's slot till then, released here at 4 s rather than after waits_for's 30 s
     station = ComputeStation(daemon.endpoint, name="cluster", capacity=1, outbox=tmp_path / "o.db", processes=False,
                              local_workers=1, local_threads=2, heartbeat_s=0.5)
+    release = threading.Timer(4.0, lambda: Path(str(marker) + ".release").write_text("go"))
+    release.start()
     try:
         serve(daemon, station)
     finally:
+        release.cancel()
         Path(str(marker) + ".release").write_text("go")
     trials = store.trials(store.campaign_row("hang").id)
     assert [t.status for t in trials] == ["completed", "completed"]
@@ -491,7 +495,7 @@ def test_a_compute_station_stopped_mid_experiment_finishes_it_delivers_it_and_ha
     experiment it was computing again on the other station (computed twice), and the trial waiting behind it
     was lost with the station."""
     c = campaign("stop", json.dumps({"function": "tests.test_compute:takes", "options": {"seconds": 3.0}}),
-                 concurrency=4, retries=20)
+                 experiments=4, concurrency=4, retries=20)
     (tmp_path / "c.yaml").write_text(c.to_yaml())
     endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
 
@@ -515,7 +519,7 @@ def test_a_compute_station_stopped_mid_experiment_finishes_it_delivers_it_and_ha
         for proc in (daemon, stopped, other):
             kill9(proc)
     # the trial waiting behind the experiment went back to the queue when the station said it was stopping
-    check_one_run_then_handed_back(tmp_path, "stop", 6)
+    check_one_run_then_handed_back(tmp_path, "stop", 4)
 
 def test_a_compute_station_with_curve_keys_serves_a_daemon_that_requires_them(tmp_path: Path) -> None:
     from closedloop.keys import ClientKeys, ServerKeys, new_keypair

@@ -18,7 +18,7 @@ def test_a_station_stopped_mid_run_finishes_the_run_delivers_it_and_hands_back_i
     """The station's comms thread stopped at once while its RunEngine finished the run: the daemon heard nothing,
     declared it lost and ran the trial again on the other station (measured twice; with no retries, abandoned
     and the finished measurement thrown away as a late result)."""
-    (tmp_path / "c.yaml").write_text(campaign_yaml("stop", 6, latency=3.0, concurrency=4))
+    (tmp_path / "c.yaml").write_text(campaign_yaml("stop", 4, latency=3.0, concurrency=4))
     endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     daemon = start_daemon(tmp_path, endpoint, control)
     stopped = start_worker(tmp_path, endpoint, "stopped")
@@ -33,12 +33,12 @@ def test_a_station_stopped_mid_run_finishes_the_run_delivers_it_and_hands_back_i
         for proc in (daemon, stopped, other):
             kill9(proc)
     # it left holding nothing: no trial of it was re-queued or abandoned as a lost station's
-    check_one_run_then_handed_back(tmp_path, "stop", 6)
+    check_one_run_then_handed_back(tmp_path, "stop", 4)
 
 def test_a_trial_queued_on_a_killed_station_goes_back_to_the_queue(tmp_path: Path) -> None:
     """A station killed mid-run also held the trial queued behind its run, which it had not started: with the
     default retries (0) both were abandoned, an experiment of the budget lost that no instrument ever ran."""
-    (tmp_path / "c.yaml").write_text(campaign_yaml("killed", 6, latency=3.0, concurrency=4, retries=0))
+    (tmp_path / "c.yaml").write_text(campaign_yaml("killed", 4, latency=3.0, concurrency=4, retries=0))
     endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     daemon = start_daemon(tmp_path, endpoint, control)
     killed = start_worker(tmp_path, endpoint, "killed")
@@ -57,7 +57,7 @@ def test_a_trial_queued_on_a_killed_station_goes_back_to_the_queue(tmp_path: Pat
     store = Store(tmp_path / "s.db")
     trials = store.trials(store.campaign_row("killed").id)
     # the run cut off by the kill is abandoned (it may have used the sample); the queued trial ran elsewhere
-    assert Counter(t.status for t in trials) == {"completed": 5, "abandoned": 1}
+    assert Counter(t.status for t in trials) == {"completed": 3, "abandoned": 1}
     (abandoned,) = [t for t in trials if t.status == "abandoned"]
     assert f'trial={abandoned.index} trial_id={abandoned.id} state="started" station="killed"' in log.read_text()
     assert not [t for t, n in Counter(t for t, _ in ran(tmp_path / "other.outbox")).items() if n > 1]
