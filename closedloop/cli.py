@@ -73,6 +73,7 @@ def _options(debug: bool = typer.Option(False, "--debug", help="show the full tr
         logging.captureWarnings(True)
         logging.getLogger("py.warnings").addHandler(logging.NullHandler())  # never printed by logging's last resort
 
+
 EXIT_BAD_INPUT = 2
 
 #: the key, in the meta that a command's click context shares with the app's, of the store the command works on

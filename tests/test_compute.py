@@ -521,6 +521,7 @@ def test_a_compute_station_stopped_mid_experiment_finishes_it_delivers_it_and_ha
     # the trial waiting behind the experiment went back to the queue when the station said it was stopping
     check_one_run_then_handed_back(tmp_path, "stop", 4)
 
+
 def test_a_compute_station_with_curve_keys_serves_a_daemon_that_requires_them(tmp_path: Path) -> None:
     from closedloop.keys import ClientKeys, ServerKeys, new_keypair
 

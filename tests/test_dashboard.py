@@ -32,6 +32,7 @@ CHROMIUM = os.environ.get("CLOSEDLOOP_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
 
+
 def dashboard_campaign(name: str, exposure: float, approve: bool) -> str:
     # in approval mode a person decides on as many proposals as may run at once: two, for the tests' two at a time
     return branin_campaign(name, 400, execution={"approve": approve, **({"concurrency": 2} if approve else {})},

@@ -27,6 +27,7 @@ from tests.reportdata import mixed_campaign
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
 def cli(*args: str) -> object:
     from closedloop.cli import app
 

@@ -123,7 +123,6 @@ def test_replay_reproduces_a_model_decision_exactly(finished: tuple[Store, str])
     assert first.same and first.observed == 0
 
 
-
 @pytest.mark.slow  # a campaign run to its end (shared by the module)
 def test_replay_detects_a_different_decision(finished: tuple[Store, str], tmp_path: Path) -> None:
     """A replay that cannot fail is no audit: change the recorded proposal and it must say so."""

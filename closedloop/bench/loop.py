@@ -30,6 +30,7 @@ from closedloop import protocol
 from closedloop.campaign import Campaign
 from simulators.surfaces import branin_campaign
 
+
 def _campaign(name: str, experiments: int, backend: str, latency: float, concurrency: int) -> Campaign:
     return Campaign.from_yaml_text(branin_campaign(name, experiments, planner={"backend": backend, "seed": 1},
                                                    execution={"concurrency": concurrency},

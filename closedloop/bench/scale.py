@@ -34,6 +34,7 @@ from closedloop.bench.loop import EventClock
 from closedloop.campaign import Campaign
 from simulators.surfaces import branin, branin_campaign
 
+
 def cheap(x1: float, x2: float, seconds: float = 0.02) -> dict[str, float]:
     """A cheap computational experiment: the Branin function after ``seconds`` of busy work."""
     end = time.perf_counter() + seconds

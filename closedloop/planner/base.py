@@ -9,7 +9,6 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 from closedloop.errors import PlannerError
 
 
-
 @dataclass(frozen=True)
 class Proposal:
     """An experiment the planner wants run: parameter values in their declared types."""

@@ -314,7 +314,6 @@ class BotorchPlanner:
             proposals.append(Proposal(point, meta))
         return proposals
 
-
     def _can_model(self) -> bool:
         done = self.log.completed
         return len(done) >= 2 and len({self.log.score(r) for r in done}) >= 2

@@ -35,6 +35,7 @@ def test_a_station_stopped_mid_run_finishes_the_run_delivers_it_and_hands_back_i
     # it left holding nothing: no trial of it was re-queued or abandoned as a lost station's
     check_one_run_then_handed_back(tmp_path, "stop", 4)
 
+
 def test_a_trial_queued_on_a_killed_station_goes_back_to_the_queue(tmp_path: Path) -> None:
     """A station killed mid-run also held the trial queued behind its run, which it had not started: with the
     default retries (0) both were abandoned, an experiment of the budget lost that no instrument ever ran."""

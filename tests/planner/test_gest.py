@@ -108,6 +108,7 @@ def test_the_ax_backend_refuses_a_bad_point_whole_as_a_value_error():
     generator.ingest([dict(a, f=1.0), dict(b, f=2.0)])
     assert generator.planner.best().values == {"f": 1.0}
 
+
 def test_wrong_input_to_the_verbs_is_a_value_error_that_names_it():
     generator = PlannerGenerator(VOCS(variables={"x": [0.0, 1.0]}, objectives={"f": "MINIMIZE"}), backend="sobol",
                                  seed=0)
@@ -126,6 +127,7 @@ def test_wrong_input_to_the_verbs_is_a_value_error_that_names_it():
     assert generator.planner.log.results == []
     generator.ingest([dict(a, f=1.0)])
     assert generator.planner.best().values == {"f": 1.0}
+
 
 def test_a_vocs_the_campaign_language_cannot_express_is_a_value_error():
     with pytest.raises(ValueError, match="x-1"):
