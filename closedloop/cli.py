@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -163,13 +165,33 @@ def run(
 
     store_path = _name_store(ctx, store or _default_store(campaign))
     started = time.monotonic()
+    stopping: list[str] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        if stopping:  # asked twice: the station's thread gets a few seconds to end its run, then the process exits
+            raise KeyboardInterrupt
+        stopping.append("Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name)
+        console.print(f"{stopping[0]}: no new experiment; waiting for those in progress to finish "
+                      "(Ctrl-C again to stop sooner: an experiment cut short runs again when the campaign resumes)",
+                      highlight=False)
+
+    # Ctrl-C, or SIGTERM from a batch system, ends the experiment in progress rather than cutting it off: its
+    # sample is spent, and its result is kept
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
     try:
         the_store = Store(store_path)
         with ProgressView(campaign, the_store, console) as view:
-            result = run_embedded(campaign, the_store, outbox=str(store_path) + ".outbox", on_event=view)
+            result = run_embedded(campaign, the_store, outbox=str(store_path) + ".outbox", on_event=view,
+                                  should_stop=lambda: bool(stopping), drain_s=math.inf)
     except ClosedLoopError as exc:
         _fail(str(exc))
     _summary(campaign, store_path, result, time.monotonic() - started)
+    if stopping and result.store.campaign_row(result.id).status != "completed":
+        console.print(f"stopped by {stopping[0]} before the campaign's end: run the same command again to go on",
+                      highlight=False)
+        if stopping[0] == "Ctrl-C":
+            raise typer.Exit(130)
 
 
 @app.command()

@@ -1668,10 +1668,12 @@ def run_embedded(
     outbox: str | None = None,
     on_event: EventSink | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    drain_s: float = 60.0,
 ) -> CampaignRun:
     """The daemon and one station worker in this process, on loopback: ``closedloop run``.
 
-    A campaign with sources gets one station per source, each serving only its source's instrument.
+    A campaign with sources gets one station per source, each serving only its source's instrument. Once
+    ``should_stop()``, no experiment starts, and those in flight are waited for up to ``drain_s``.
     """
     from closedloop.worker import StationWorker
 
@@ -1679,7 +1681,7 @@ def run_embedded(
     # rather than taking a space-filling or stale one, so a seeded campaign is reproducible whatever this
     # machine's speed (fillers and prefetch pay off with many stations; see Daemon).
     daemon = Daemon(store, [campaign], bind="tcp://127.0.0.1:0", on_event=on_event, reconcile_s=3.0,
-                    heartbeat_s=0.5, fill_after_s=None, prefetch=0)
+                    heartbeat_s=0.5, fill_after_s=None, prefetch=0, drain_s=drain_s)
     stop = threading.Event()
     workers: list[Any] = []
     for source, instrument in campaign.instruments.items():

@@ -165,10 +165,13 @@ class Snapshot:
         durations = [d for t in finished if t.status == "completed"
                      and (d := _seconds(t.dispatched_at, t.finished_at)) is not None]
         longest = max(durations, default=0.0)
-        running_long = [(t.index, d) for t in trials if t.status == DISPATCHED
-                        and (d := _seconds(t.dispatched_at, now)) is not None and runs_long(d, longest, len(durations))]
+        status = shown_status(store, row)
+        # nothing runs an idle campaign's trials left in flight (its process was stopped or killed): none runs long
+        running_long = [] if status == "idle" else [
+            (t.index, d) for t in trials if t.status == DISPATCHED
+            and (d := _seconds(t.dispatched_at, now)) is not None and runs_long(d, longest, len(durations))]
         return cls(
-            name=row.name, status=shown_status(store, row), budget=spec.max_experiments, objective=name, goal=objective.goal,
+            name=row.name, status=status, budget=spec.max_experiments, objective=name, goal=objective.goal,
             counts=counts, in_flight=in_flight,
             held=[t.index for t in trials if t.status == HELD],
             manual=[t.index for t in trials
@@ -228,6 +231,20 @@ class Snapshot:
         return (f"{self.objective}={self.best.values[self.objective]:.6g} (#{self.best.index}, "
                 f"experiment {self.best_after} of {self.finished}{when})")
 
+    def in_flight_label(self) -> str:
+        return "left in flight" if self.status == "idle" else "in flight"
+
+    def in_flight_text(self) -> str:
+        """``embedded: #5, #6``; for an idle campaign also what becomes of them."""
+        text = "; ".join(f"{s}: " + ", ".join(f"#{i}" for i in sorted(t)) for s, t in sorted(self.in_flight.items()))
+        if self.status == "idle":
+            # a station keeps a run it finished in its outbox and delivers it on reconnecting; one it never
+            # finished is run again (the daemon reconciles what each station still holds)
+            text += (" (nothing runs them now; when the campaign runs again, their stations deliver those they"
+                     " finished and the rest are queued again, or follow the retry policy if a station does not"
+                     " come back)")
+        return text
+
     def running_long_text(self) -> str | None:
         """``#12 for 2 h 05 min (the longest completed took 4 min 10 s; no timeout set)``; None when none."""
         if not self.running_long:
@@ -245,8 +262,7 @@ class Snapshot:
                + (f", {self.counts.get('abandoned', 0)} abandoned" if self.counts.get("abandoned") else "") + ")",
                f"  best {self.goal[:3]} {self.best_text()}"]
         if self.in_flight:
-            out.append("  in flight: " + "; ".join(f"{s}: " + ", ".join(f"#{i}" for i in sorted(t))
-                                                    for s, t in sorted(self.in_flight.items())))
+            out.append(f"  {self.in_flight_label()}: {self.in_flight_text()}")
         if (long := self.running_long_text()) is not None:
             out.append("  running long: " + long)
         if self.held:
@@ -273,8 +289,7 @@ class Snapshot:
         counts = ", ".join(f"{v} {k}" for k, v in sorted(self.counts.items()))
         facts.add_row("trials", counts or "none yet")
         if self.in_flight:
-            facts.add_row("in flight", "; ".join(f"{s}: " + ", ".join(f"#{i}" for i in sorted(t))
-                                                 for s, t in sorted(self.in_flight.items())))
+            facts.add_row(self.in_flight_label(), self.in_flight_text())
         if (long := self.running_long_text()) is not None:
             facts.add_row("running long", Text(long, style="bold yellow"))
         if self.held:

@@ -90,6 +90,51 @@ def test_a_second_run_of_a_campaign_being_run_is_refused_and_the_budget_holds(tm
     assert "8/8 experiments (8 completed, 0 failed)" in status.stdout, status.stdout
 
 
+@pytest.mark.slow
+def test_ctrl_c_ends_the_experiment_in_progress_keeps_it_and_a_second_run_goes_on(tmp_path: Path) -> None:
+    """Ctrl-C cut `closedloop run` off mid-experiment: its result was stranded in the station's outbox, the
+    store showed the trial in flight, and `status` then said it was "running long" for as long as the campaign
+    stayed stopped."""
+    import signal
+
+    from closedloop.store import Store
+    from tests.daemon.procs import campaign_yaml, completed, ran
+
+    (tmp_path / "c.yaml").write_text(campaign_yaml("ctrlc", 4, latency=0.6, concurrency=1))
+    first = subprocess.Popen([sys.executable, "-m", "closedloop.cli", "run", "c.yaml", "--store", "s.db"],
+                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while completed(tmp_path / "s.db") < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # into the second experiment
+        first.send_signal(signal.SIGINT)
+        out, err = first.communicate(timeout=60)
+    finally:
+        first.kill()
+    assert first.returncode == 130, err
+    assert "Ctrl-C: no new experiment; waiting for those in progress to finish" in " ".join(out.split())
+    assert "stopped by Ctrl-C before the campaign's end: run the same command again to go on" in out
+    store = Store(tmp_path / "s.db")
+    trials = store.trials(store.campaign_row("ctrlc").id)
+    store.close()
+    assert trials and {t.status for t in trials} == {"completed"}, [(t.index, t.status) for t in trials]
+    assert len(trials) < 4
+    assert f"ctrlc: {len(trials)} completed, 0 failed" in out
+    status = closedloop("status", "ctrlc", "--store", "s.db", cwd=tmp_path)
+    assert "in flight" not in status.stdout and "running long" not in status.stdout, status.stdout
+
+    again = closedloop("run", "c.yaml", "--store", "s.db", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert f"resuming ctrlc: {len(trials)} experiments already done" in again.stdout
+    store = Store(tmp_path / "s.db")
+    trials = store.trials(store.campaign_row("ctrlc").id)
+    store.close()
+    assert [t.status for t in trials] == ["completed"] * 4
+    measured = [trial for trial, _ in ran(Path(str(tmp_path / "s.db") + ".outbox"))]
+    assert sorted(measured) == [t.id for t in trials], "an experiment was run twice or not at all"
+
+
 # -- commands that only look at a store ------------------------------------------------------------
 
 

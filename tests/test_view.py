@@ -66,7 +66,7 @@ def test_status_list_and_show_from_another_terminal(busy: tuple[Store, str]) -> 
     text = status.stdout
     assert "busy: idle, 5/10 experiments (4 completed, 1 failed)" in text  # no process runs it
     assert "best min y=3.5 (#2, experiment 2 of 5" in text
-    assert "in flight: station-a: #6; station-b: #7" in text
+    assert "left in flight: station-a: #6; station-b: #7 (nothing runs them now" in " ".join(text.split())
     assert "held for approval: #8" in text and "waiting for results by hand: #9" in text
     assert "failed: beam dump" in text
     listing = runner.invoke(app, ["list", "--store", busy[1]])
@@ -81,15 +81,37 @@ def test_status_names_an_experiment_running_far_longer_than_any_completed_one(bu
     """A campaign without a timeout waits for a hung device forever: status says which experiment has been in
     flight five times longer than the longest completed one, and for how long."""
     store, path = busy
-    assert Snapshot.from_store(store, "busy").running_long == []  # #6 and #7 were dispatched a moment ago
+    store.claim("busy")  # as the process running it does
+    try:
+        assert Snapshot.from_store(store, "busy").running_long == []  # #6 and #7 were dispatched a moment ago
+        with store.engine.begin() as connection:
+            connection.execute(sqlalchemy.text('UPDATE trial SET dispatched_at = :then WHERE "index" = 6'),
+                               {"then": datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(hours=2,
+                                                                                                    minutes=5)})
+        snap = Snapshot.from_store(store, "busy")
+        assert snap.status == "running" and [i for i, _ in snap.running_long] == [6]
+        status = CliRunner().invoke(app, ["status", "busy", "--store", path])
+        assert status.exit_code == 0, status.output
+        assert "running long: #6 for 2 h 05 min (the longest completed took 0 s; no timeout set)" in status.stdout
+        assert "  in flight: station-a: #6; station-b: #7\n" in status.stdout
+    finally:
+        store.release("busy")
+
+
+def test_an_idle_campaigns_trials_left_in_flight_are_not_said_to_run_long(busy: tuple[Store, str]) -> None:
+    """`closedloop run` stopped with Ctrl-C leaves its experiment in flight in the store: status said it was
+    "running long" (for as long as the campaign stayed stopped), as if an instrument were hung."""
+    store, path = busy
     with store.engine.begin() as connection:
         connection.execute(sqlalchemy.text('UPDATE trial SET dispatched_at = :then WHERE "index" = 6'),
-                           {"then": datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(hours=2, minutes=5)})
+                           {"then": datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(hours=2)})
     snap = Snapshot.from_store(store, "busy")
-    assert [i for i, _ in snap.running_long] == [6]
+    assert snap.status == "idle" and snap.running_long == []
     status = CliRunner().invoke(app, ["status", "busy", "--store", path])
     assert status.exit_code == 0, status.output
-    assert "running long: #6 for 2 h 05 min (the longest completed took 0 s; no timeout set)" in status.stdout
+    assert "running long" not in status.stdout
+    assert "left in flight: station-a: #6; station-b: #7 (nothing runs them now; when the campaign runs again" \
+        in " ".join(status.stdout.split())
 
 
 def test_export_in_every_format_reads_back_the_same_table(busy: tuple[Store, str], tmp_path: Path) -> None:
