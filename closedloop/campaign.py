@@ -35,6 +35,7 @@ import functools
 import hashlib
 import importlib
 import inspect
+import json
 import keyword
 import math
 import os
@@ -505,6 +506,11 @@ class PlannerSettings(_Model):
                                "same proposals")
 
 
+def _said(value: Any) -> str:
+    """A setting's value in a message: ``unset`` for one not given."""
+    return "unset" if value is None else json.dumps(value) if isinstance(value, str) else str(value)
+
+
 def _instrument_options(options: dict[str, Any]) -> dict[str, Any]:
     return {k: parse_duration(v) if isinstance(v, str) and _OPTION_DURATION_RE.fullmatch(v) else v
             for k, v in options.items()}
@@ -893,6 +899,20 @@ class Campaign(_Model):
         if problems:
             raise CampaignFileError([Problem("<campaign>", None, None, path, message) for path, message in problems])
         return rows
+
+    def differences(self, other: Campaign, limit: int = 3) -> list[str]:
+        """Where ``other`` differs from this campaign, as a person would say it: ``budget.experiments: 12 → 15``
+        (at most ``limit``, then ``and N more``)."""
+        def flat(value: Any, prefix: str = "") -> dict[str, Any]:
+            if isinstance(value, dict):
+                return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}.").items()}
+            return {prefix[:-1]: value}
+
+        mine = flat(self.model_dump(mode="json", exclude_defaults=True))
+        theirs = flat(other.model_dump(mode="json", exclude_defaults=True))
+        said = [f"{key}: {_said(mine.get(key))} → {_said(theirs.get(key))}"
+                for key in sorted(set(mine) | set(theirs)) if mine.get(key) != theirs.get(key)]
+        return said[:limit] + ([f"and {len(said) - limit} more"] if len(said) > limit else [])
 
     # -- YAML ---------------------------------------------------------------------------
 

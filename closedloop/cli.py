@@ -177,8 +177,7 @@ def run(
 
     # Ctrl-C, or SIGTERM from a batch system, ends the experiment in progress rather than cutting it off: its
     # sample is spent, and its result is kept
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, stop)
+    before = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         the_store = Store(store_path)
         with ProgressView(campaign, the_store, console) as view:
@@ -186,6 +185,9 @@ def run(
                                   should_stop=lambda: bool(stopping), drain_s=math.inf)
     except ClosedLoopError as exc:
         _fail(str(exc))
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
     _summary(campaign, store_path, result, time.monotonic() - started)
     if stopping and result.store.campaign_row(result.id).status != "completed":
         console.print(f"stopped by {stopping[0]} before the campaign's end: run the same command again to go on",

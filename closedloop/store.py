@@ -484,9 +484,13 @@ class Store:
                 session.commit()
                 session.refresh(row)
             elif row.spec_hash != campaign.spec_hash:
+                # its results (and the record of why each experiment was chosen) were made under the stored file
+                stored = Campaign.from_yaml_text(row.spec_yaml, check_instrument=False)
                 raise StoreError(
-                    f"campaign {campaign.name!r} already exists in {self.display} with a different definition; "
-                    "rename the campaign or use another store"
+                    f"campaign {campaign.name!r} already exists in {self.display} with a different definition ("
+                    + "; ".join(stored.differences(campaign)) + "). To go on under the new file (more experiments,"
+                    f" say), give it a new name and seed it with these results: closedloop export {campaign.name} -f"
+                    f" csv -o {campaign.name}.csv, then closedloop import NEW_FILE {campaign.name}.csv"
                 )
             assert row.id is not None
             return row.id

@@ -135,6 +135,37 @@ def test_ctrl_c_ends_the_experiment_in_progress_keeps_it_and_a_second_run_goes_o
     assert sorted(measured) == [t.id for t in trials], "an experiment was run twice or not at all"
 
 
+def test_a_campaign_file_changed_after_a_run_is_refused_saying_what_changed_and_how_to_go_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Raising the budget of a finished campaign (the commonest follow-up: ten more experiments) was refused with
+    "a different definition; rename the campaign or use another store": nothing said what differed, and a new
+    name started over without the results."""
+    from typer.testing import CliRunner
+
+    from closedloop.cli import app
+    from tests.daemon.procs import campaign_yaml
+
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    Path("c.yaml").write_text(campaign_yaml("short", 3, latency=0.0, concurrency=1))
+    assert runner.invoke(app, ["run", "c.yaml"]).exit_code == 0
+    Path("more.yaml").write_text(campaign_yaml("short", 5, latency=0.0, concurrency=1))
+    refused = runner.invoke(app, ["run", "more.yaml"])
+    said = " ".join(refused.stderr.split())
+    assert refused.exit_code == 1 and said.count("error:") == 1, refused.output
+    assert "campaign 'short' already exists in results/short.db with a different definition " \
+           "(budget.experiments: 3 → 5)" in said
+    # the way out it gives, followed as written
+    export, then = said.split("closedloop ")[1:3]
+    assert export.startswith("export short -f csv -o short.csv") and then.startswith("import NEW_FILE short.csv")
+    assert runner.invoke(app, ["export", "short", "-f", "csv", "-o", "short.csv"]).exit_code == 0
+    Path("more.yaml").write_text(campaign_yaml("short-more", 5, latency=0.0, concurrency=1))
+    imported = runner.invoke(app, ["import", "more.yaml", "short.csv"])
+    assert imported.exit_code == 0 and "imported 3 experiments" in imported.stdout, imported.output
+    went_on = runner.invoke(app, ["run", "more.yaml"])
+    assert went_on.exit_code == 0 and "short-more: 5 completed, 0 failed" in went_on.stdout, went_on.output
+
+
 # -- commands that only look at a store ------------------------------------------------------------
 
 
