@@ -237,10 +237,21 @@ def run_many(tasks: list[tuple[Callable[..., dict[str, Any]], tuple]], jobs: int
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")  # torch and fork do not mix
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(1,)) as pool:
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(1,))
+    try:
         futures = [pool.submit(function, *args) for function, args in tasks]
         for future in as_completed(futures):
             on_done(future.result())
+    except BaseException:
+        # Ctrl-C (or a report that cannot be written) ends the benchmark now: leaving the pool's ``with`` block
+        # waited for every run submitted, the rest of the suite, computed and thrown away. The runs not started
+        # are cancelled and the ones in progress stopped; what had ended is in the report already.
+        processes = list((pool._processes or {}).values())  # shutdown forgets them
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
+        raise
+    pool.shutdown()
 
 
 def plan(problems: Iterable[str], peers: Iterable[str], seeds: int, budget_scale: float, stations: int = 1) -> list[tuple]:

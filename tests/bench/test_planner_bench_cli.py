@@ -1,0 +1,69 @@
+"""``closedloop bench planner`` as a user runs it: interrupted, resumed, its output files and its messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CLOSEDLOOP = [sys.executable, "-m", "closedloop.cli"]
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+def _wait_for_runs(path: Path, runs: int, process: subprocess.Popen, limit: float = 60.0) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"ended with {process.returncode}"
+        try:
+            if len(json.loads(path.read_text())["runs"]) >= runs:
+                return
+        except (OSError, ValueError, KeyError):
+            pass  # not written yet
+        time.sleep(0.1)
+    raise AssertionError(f"no {runs} runs in {path} after {limit} s")
+
+
+def _group_ends(group: int, limit: float) -> bool:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_ctrl_c_with_jobs_stops_at_once_and_keeps_the_runs_that_ended(tmp_path):
+    path = tmp_path / "planner.json"
+    log = tmp_path / "output.txt"
+    # forty seeds of our planner on Branin: more than a minute of work for two worker processes; in a session of its own, so that the worker processes of a run that fails here can be ended with it
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [*CLOSEDLOOP, "bench", "planner", "-p", "branin", "--peer", "sobol", "--peer", "botorch", "--seeds", "40",
+             "--jobs", "2", "--speed", "0", "--json", str(path)],
+            stdout=out, stderr=subprocess.STDOUT, cwd=REPOSITORY, start_new_session=True)
+    try:
+        _wait_for_runs(path, 1, process)
+        process.send_signal(signal.SIGINT)
+        interrupted = time.monotonic()
+        # it had waited for every run submitted (the whole suite) before exiting, and kept none of them
+        process.wait(timeout=10)
+        assert time.monotonic() - interrupted < 10
+        assert process.returncode == 130, log.read_text()
+        # and its worker processes end with it, rather than going on with the suite
+        assert _group_ends(process.pid, 5.0)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # every process of the session has ended
+        process.wait()
+    report = json.loads(path.read_text())
+    assert report["finished"] is None and 1 <= len(report["runs"]) < 80
+    assert all(r["status"] == "ok" for r in report["runs"])
+
