@@ -923,6 +923,8 @@ def bench_planner(
                                                 "(each asks for its next while the others run)"),
 ) -> None:
     """Our planner against Ax, BayBE, Xopt, Optuna TPE and Sobol over the benchmark suite."""
+    from rich.markup import escape
+
     from closedloop.bench import PEERS, PROBLEMS, planner_benchmark, render, to_markdown
 
     unknown = [p for p in problem or [] if p not in PROBLEMS] + [p for p in peer or [] if p not in PEERS]
@@ -933,7 +935,8 @@ def bench_planner(
     for name in peer or list(PEERS):
         reason = PEERS[name].missing()
         if reason:
-            console.print(f"[yellow]peer {name} is missing and is left out[/]: {reason}", highlight=False)
+            # the reason is text, not markup: read as markup, its "pip install ... -e '.[bench]'" lost "[bench]"
+            console.print(f"[yellow]peer {name} is missing and is left out[/]: {escape(reason)}", highlight=False)
 
     def progress(result: dict[str, Any]) -> None:
         if "speed" in result:
@@ -943,7 +946,8 @@ def bench_planner(
         else:
             detail = (f"log10 regret {result['log10_final_regret']:.2f}" if result["status"] == "ok"
                       else f"{result['status']}: {result['message'][:120]}")
-            console.print(f"  {result['problem']} {result['peer']} seed {result['seed']}: {detail}", highlight=False)
+            console.print(f"  {result['problem']} {result['peer']} seed {result['seed']}: {detail}", highlight=False,
+                          markup=False)
 
     report = planner_benchmark(problems=problem, peers=peer, seeds=seeds, budget_scale=budget_scale, jobs=jobs,
                                speed_sizes=sizes, speed_cap=speed_cap, json_path=json_out,
@@ -951,11 +955,11 @@ def bench_planner(
                                resume=resume, stations=stations)
     render(report, console)
     if json_out is not None:
-        console.print(f"report written to {json_out}", highlight=False)
+        console.print(f"report written to {json_out}", highlight=False, markup=False)
     if markdown is not None:
         markdown.parent.mkdir(parents=True, exist_ok=True)
         markdown.write_text(to_markdown(report))
-        console.print(f"tables written to {markdown}", highlight=False)
+        console.print(f"tables written to {markdown}", highlight=False, markup=False)
 
 
 # -- issue 9: why each experiment was chosen (closedloop.provenance), the live dashboard (closedloop.dashboard) --

@@ -162,10 +162,12 @@ def _stations(report: dict[str, Any]) -> str:
 
 def render(report: dict[str, Any], console: Any) -> None:
     """Rich tables: one per problem (peers side by side), then seconds per suggestion on Hartmann6."""
+    from rich.markup import escape
     from rich.table import Table
 
+    # reasons and messages are text, not markup: read as markup, "pip install ... -e '.[bench]'" lost its "[bench]"
     for name, reason in report["missing_peers"].items():
-        console.print(f"[yellow]peer {name} missing[/]: {reason}", highlight=False)
+        console.print(f"[yellow]peer {name} missing[/]: {escape(reason)}", highlight=False)
     peers = report["config"]["peers"]
     for problem, by_peer in report["summary"].items():
         info = report["problems"][problem]
@@ -190,7 +192,8 @@ def render(report: dict[str, Any], console: Any) -> None:
             if not entry["seeds"]:
                 table.add_row(label, *["–"] * (len(table.columns) - 2), "0",
                               end_section=False)
-                console.print(f"  {problem} / {peer}: {'; '.join(entry.get('messages', []))[:300]}", highlight=False)
+                console.print(f"  {problem} / {peer}: {'; '.join(entry.get('messages', []))[:300]}", highlight=False,
+                              markup=False)
                 continue
             iqr = entry["iqr_log10_regret"]
             reached = entry["median_experiments_to_1pct"]

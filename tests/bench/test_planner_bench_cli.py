@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 CLOSEDLOOP = [sys.executable, "-m", "closedloop.cli"]
 REPOSITORY = Path(__file__).resolve().parents[2]
 
@@ -67,3 +69,23 @@ def test_ctrl_c_with_jobs_stops_at_once_and_keeps_the_runs_that_ended(tmp_path):
     assert report["finished"] is None and 1 <= len(report["runs"]) < 80
     assert all(r["status"] == "ok" for r in report["runs"])
 
+
+
+def test_a_missing_peer_is_named_with_the_whole_install_command(tmp_path):
+    from typer.testing import CliRunner
+
+    from closedloop.bench import PEERS
+    from closedloop.cli import app
+
+    missing = [name for name, peer in PEERS.items() if peer.missing()]
+    if not missing:
+        pytest.skip("every peer is installed here")
+    args = ["bench", "planner", "-p", "branin", "--peer", "sobol", "--seeds", "1", "--budget-scale", "0.1",
+            "--speed", "0"]
+    result = CliRunner().invoke(app, args + [a for name in missing for a in ("--peer", name)])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())  # as one line, whatever the console's width
+    # read as markup, the hint lost its extra: "pip install -c constraints.txt -e '.'"
+    assert "-e '.')" not in output
+    # once as it is left out, once with the tables
+    assert output.count("pip install -c constraints.txt -e '.[bench]')") == 2 * len(missing), result.output
