@@ -925,7 +925,7 @@ def bench_planner(
     """Our planner against Ax, BayBE, Xopt, Optuna TPE and Sobol over the benchmark suite."""
     from rich.markup import escape
 
-    from closedloop.bench import PEERS, PROBLEMS, planner_benchmark, render, to_markdown
+    from closedloop.bench import PEERS, PROBLEMS, ResumeError, planner_benchmark, render, to_markdown
 
     unknown = [p for p in problem or [] if p not in PROBLEMS] + [p for p in peer or [] if p not in PEERS]
     if unknown:
@@ -949,10 +949,13 @@ def bench_planner(
             console.print(f"  {result['problem']} {result['peer']} seed {result['seed']}: {detail}", highlight=False,
                           markup=False)
 
-    report = planner_benchmark(problems=problem, peers=peer, seeds=seeds, budget_scale=budget_scale, jobs=jobs,
-                               speed_sizes=sizes, speed_cap=speed_cap, json_path=json_out,
-                               command="closedloop bench planner " + " ".join(sys.argv[3:]), progress=progress,
-                               resume=resume, stations=stations)
+    try:
+        report = planner_benchmark(problems=problem, peers=peer, seeds=seeds, budget_scale=budget_scale, jobs=jobs,
+                                   speed_sizes=sizes, speed_cap=speed_cap, json_path=json_out,
+                                   command="closedloop bench planner " + " ".join(sys.argv[3:]), progress=progress,
+                                   resume=resume, stations=stations)
+    except ResumeError as exc:  # raised before anything runs or is written
+        _fail(escape(str(exc)), EXIT_BAD_INPUT)
     render(report, console)
     if json_out is not None:
         console.print(f"report written to {json_out}", highlight=False, markup=False)

@@ -31,7 +31,7 @@ from closedloop.bench.runner import (
     summarize,
 )
 
-__all__ = ["PEERS", "PROBLEMS", "planner_benchmark", "render", "to_markdown"]
+__all__ = ["PEERS", "PROBLEMS", "ResumeError", "planner_benchmark", "read_report", "render", "to_markdown"]
 
 
 def planner_benchmark(problems: list[str] | None = None, peers: list[str] | None = None, seeds: int = 10,
@@ -97,14 +97,16 @@ def planner_benchmark(problems: list[str] | None = None, peers: list[str] | None
 
     tasks = plan(problems, runnable, seeds, budget_scale, stations)
     if resume is not None:
-        earlier = json.loads(Path(resume).read_text())
+        earlier = read_report(Path(resume))
         report["config"]["resumed_from"] = {"path": str(resume), "started": earlier.get("started"),
                                             "environment": earlier.get("environment")}
         finished = {(r["problem"], r["peer"], r["seed"], r["budget"], r.get("stations", 1)): r
                     for r in earlier.get("runs", []) if r.get("status") in ("ok", "skipped")}
         remaining = []
+        planned = set()
         for task in tasks:
             peer, problem, seed, _, _ = task[1]
+            planned.add((problem, peer, seed, budgets[problem], stations))
             previous = finished.get((problem, peer, seed, budgets[problem], stations))
             # a run with the reagents' real names is not a blinded run of the same problem
             if previous is None or previous.get("blinded", False) != descriptions[problem]["blinded"]:
@@ -112,6 +114,13 @@ def planner_benchmark(problems: list[str] | None = None, peers: list[str] | None
             else:
                 report["runs"].append({**previous, "reused_from": previous.get("reused_from", earlier.get("started"))})
         tasks = remaining
+        left = len(set(finished) - planned)
+        if left and json_path is not None and Path(json_path).resolve() == Path(resume).resolve():
+            # rewriting the report resumed from would drop them: a sitting with another -p or --budget-scale
+            # had emptied the file of the earlier sittings' runs, hours of them, without a word
+            raise ResumeError(f"--resume {resume} is also --json: {left} of its finished runs are not runs of this "
+                             "benchmark (other problems, peers, seeds, budget or stations) and would be lost; "
+                             "write the report to another --json file")
         report["summary"] = summarize(report["runs"], budgets)
     if speed_sizes:
         # alone, one suggestion at a time, whatever ``jobs`` is: beside other runs on this 2-core machine
@@ -123,6 +132,30 @@ def planner_benchmark(problems: list[str] | None = None, peers: list[str] | None
     report["elapsed_seconds"] = round(time.perf_counter() - started, 1)
     if json_path is not None:
         _write(json_path, report)
+    return report
+
+
+class ResumeError(ValueError):
+    """An earlier report that cannot be resumed from, found before anything runs or is written."""
+
+
+def read_report(path: Path) -> dict[str, Any]:
+    """An earlier ``--json`` report, for ``resume``; ``ResumeError`` saying what is wrong with a file that is not one.
+
+    A truncated file (a copy cut short) had ended the command with a bare ``JSONDecodeError``, another JSON file
+    with an ``AttributeError``.
+    """
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ResumeError(f"--resume {path} cannot be read as a planner report: {exc}") from None
+    runs = report.get("runs") if isinstance(report, dict) else None
+    if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
+        raise ResumeError(f"--resume {path} is not a planner report of closedloop bench planner --json (no list of runs)")
+    keys = ("problem", "peer", "seed", "budget")
+    for number, run in enumerate(runs):
+        if run.get("status") in ("ok", "skipped") and not all(k in run for k in keys):
+            raise ResumeError(f"--resume {path}: run {number} lacks {', '.join(k for k in keys if k not in run)}")
     return report
 
 

@@ -89,3 +89,35 @@ def test_a_missing_peer_is_named_with_the_whole_install_command(tmp_path):
     assert "-e '.')" not in output
     # once as it is left out, once with the tables
     assert output.count("pip install -c constraints.txt -e '.[bench]')") == 2 * len(missing), result.output
+
+
+def test_resume_from_a_file_that_is_no_report_or_into_itself_with_runs_left_out_is_refused(tmp_path):
+    from typer.testing import CliRunner
+
+    from closedloop.cli import app
+
+    def bench(*args: str):
+        return CliRunner().invoke(app, ["bench", "planner", "--peer", "sobol", "--seeds", "1", "--budget-scale", "0.1",
+                                        "--speed", "0", *args])
+
+    report = tmp_path / "planner.json"
+    assert bench("-p", "branin", "--json", str(report)).exit_code == 0
+    whole = report.read_text()
+    # a copy cut short, another JSON file, a run without its keys: exit 2 saying so, not a bare JSONDecodeError
+    broken = {"cut.json": whole[: len(whole) // 2], "list.json": "[1, 2]",
+              "keys.json": '{"runs": [{"status": "ok", "problem": "branin"}]}'}
+    for name, text in broken.items():
+        (tmp_path / name).write_text(text)
+        result = bench("-p", "branin", "--resume", str(tmp_path / name), "--json", str(tmp_path / name))
+        assert result.exit_code == 2, result.output
+        assert f"--resume {tmp_path / name}" in " ".join(result.output.split())
+        assert (tmp_path / name).read_text() == text
+    # resumed into itself with another problem: its Branin run would have been dropped from the file
+    result = bench("-p", "constrained", "--resume", str(report), "--json", str(report))
+    assert result.exit_code == 2 and "would be lost" in result.output, result.output
+    assert report.read_text() == whole
+    # into another file it goes on, and into itself where every run is taken over or added
+    assert bench("-p", "constrained", "--resume", str(report), "--json", str(tmp_path / "other.json")).exit_code == 0
+    assert bench("-p", "branin", "-p", "constrained", "--resume", str(report), "--json", str(report)).exit_code == 0
+    runs = json.loads(report.read_text())["runs"]
+    assert sorted((r["problem"], "reused_from" in r) for r in runs) == [("branin", True), ("constrained", False)]
