@@ -44,7 +44,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, bindparam, event, inspect, or_, update
+from sqlalchemy import JSON, BigInteger, Column, bindparam, event, inspect, union_all, update
 from sqlalchemy.engine import Connection
 from sqlmodel import Field, Session, SQLModel, select
 
@@ -327,10 +327,16 @@ _INSERT = ProvenanceRow.__table__.insert()  # type: ignore[attr-defined]
 _OTHER_TRIALS = (select(TrialRow.index, TrialRow.parameters)
                  .where(TrialRow.campaign_id == bindparam("campaign"), TrialRow.id != bindparam("trial"))
                  .order_by(TrialRow.index))
-_PENDING_THEN = (_OTHER_TRIALS
-                 .where(TrialRow.proposed_at <= bindparam("until"),  # type: ignore[operator]
-                        or_(TrialRow.status.in_([*OPEN_STATUSES, TrialStatus.held.value]),  # type: ignore[attr-defined]
-                            TrialRow.finished_at >= bindparam("since"))))  # type: ignore[operator]
+# pending then: open now (never finished, so no finished_at), or finished since. Two halves, each a range of the
+# (campaign_id, finished_at) index: as one OR, ordered by index, it scanned every trial of the campaign at each
+# dispatch, decoding their parameters (16 ms of daemon CPU per experiment by 28 000 trials, from 5 ms)
+_THEN = (select(TrialRow.index, TrialRow.parameters)
+         .where(TrialRow.campaign_id == bindparam("campaign"), TrialRow.id != bindparam("trial"),
+                TrialRow.proposed_at <= bindparam("until")))  # type: ignore[operator]
+_PENDING_THEN = union_all(
+    _THEN.where(TrialRow.finished_at.is_(None),  # type: ignore[union-attr]
+                TrialRow.status.in_([*OPEN_STATUSES, TrialStatus.held.value])),  # type: ignore[attr-defined]
+    _THEN.where(TrialRow.finished_at >= bindparam("since")))  # type: ignore[operator]
 
 
 def _files_folder(store: Store) -> Path | None:
@@ -355,7 +361,7 @@ def _pending_trials(connection: Connection, trial: TrialRow, pending: list[dict[
         margin = timedelta(seconds=0.5)
         rows = connection.execute(_PENDING_THEN, {"campaign": trial.campaign_id, "trial": trial.id,
                                                   "until": decided_at + margin, "since": decided_at - margin})
-    candidates = [tuple(r) for r in rows]
+    candidates = sorted(tuple(r) for r in rows)  # by trial number: the earliest matching trial is taken
     out: list[int | None] = []
     used: set[int] = set()
     for parameters in pending:

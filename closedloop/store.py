@@ -24,7 +24,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Column, UniqueConstraint, bindparam, event, func, text
+from sqlalchemy import JSON, Column, Index, UniqueConstraint, bindparam, event, func, text
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
@@ -80,7 +80,10 @@ class CampaignRow(SQLModel, table=True):
 
 class TrialRow(SQLModel, table=True):
     __tablename__ = "trial"
-    __table_args__ = (UniqueConstraint("campaign_id", "index", name="uq_trial_campaign_index"),)
+    # ix_trial_campaign_finished: each dispatch's provenance looks up the trials open or finished since its
+    # decision (provenance._PENDING_THEN), a few rows that without it were found by scanning every trial
+    __table_args__ = (UniqueConstraint("campaign_id", "index", name="uq_trial_campaign_index"),
+                      Index("ix_trial_campaign_finished", "campaign_id", "finished_at"))
 
     id: int | None = Field(default=None, primary_key=True)
     campaign_id: int = Field(foreign_key="campaign.id", index=True)
