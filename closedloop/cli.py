@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -847,6 +848,24 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks of the engine's p
 app.add_typer(bench_app, name="bench")
 
 
+def _output_file(path: Path | None, option: str) -> None:
+    """Makes the folder of a benchmark's output file and checks that the file can be written there, before the
+    benchmark runs: a folder that did not exist, a path that is a folder or under a file, had failed only once the
+    figures were measured (``--markdown`` and ``--output`` at the very end), and they were lost."""
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        _fail(f"{option} {path}: cannot make its folder {path.parent}, a file is in the way", EXIT_BAD_INPUT)
+    except OSError as exc:
+        _fail(f"{option} {path}: cannot make its folder {path.parent} ({exc.strerror or exc})", EXIT_BAD_INPUT)
+    if path.is_dir():
+        _fail(f"{option} {path} is a folder: give the name of a file", EXIT_BAD_INPUT)
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        _fail(f"{option} {path}: cannot write there", EXIT_BAD_INPUT)
+
+
 @bench_app.command("loop")
 def bench_loop(
     experiments: int = typer.Option(100, help="experiments in the utilization run"),
@@ -875,6 +894,7 @@ def bench_scale(
     """Beyond one machine: throughput and worker busy time on Dask; daemon overhead with 1 to 32 stations."""
     from closedloop.bench.scale import main as scale
 
+    _output_file(output, "--output")
     scale(experiments=experiments, workers=workers, seconds=seconds, station_counts=tuple(stations),
           station_experiments=station_experiments, console=console, output=output)
 
@@ -889,6 +909,7 @@ def bench_multifidelity(
     """A cheap biased simulation beside the real experiment: cost to a regret against the real one alone."""
     from closedloop.bench.multifidelity import main as multifidelity
 
+    _output_file(output, "--output")
     multifidelity(seeds=seeds, budget=budget, regret=regret, console=console, output=output)
 
 
@@ -902,6 +923,7 @@ def bench_library(
     """Pool campaigns over large candidate tables: seconds to load, build the planner and suggest."""
     from closedloop.bench.library import main as library
 
+    _output_file(output, "--output")
     library(sizes=tuple(rows), columns=columns, results=results, console=console, output=output)
 
 
@@ -932,6 +954,8 @@ def bench_planner(
         _fail(f"unknown problem or peer: {', '.join(unknown)}; problems: {', '.join(PROBLEMS)}; peers: {', '.join(PEERS)}",
               EXIT_BAD_INPUT)
     sizes = (10, 50, 200, 500, 1000) if speed is None else tuple(n for n in speed if n > 0)
+    _output_file(json_out, "--json")
+    _output_file(markdown, "--markdown")
     for name in peer or list(PEERS):
         reason = PEERS[name].missing()
         if reason:

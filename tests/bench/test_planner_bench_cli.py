@@ -121,3 +121,24 @@ def test_resume_from_a_file_that_is_no_report_or_into_itself_with_runs_left_out_
     assert bench("-p", "branin", "-p", "constrained", "--resume", str(report), "--json", str(report)).exit_code == 0
     runs = json.loads(report.read_text())["runs"]
     assert sorted((r["problem"], "reused_from" in r) for r in runs) == [("branin", True), ("constrained", False)]
+
+
+def test_output_files_are_checked_and_their_folders_made_before_a_benchmark_runs(tmp_path):
+    from typer.testing import CliRunner
+
+    from closedloop.cli import app
+
+    planner = ["bench", "planner", "-p", "branin", "--peer", "sobol", "--seeds", "1", "--budget-scale", "0.1",
+               "--speed", "0"]
+    (tmp_path / "a-file").write_text("")
+    # a path under a file, a folder: refused at once, where they had failed once the runs were done
+    for option, path in (("--json", tmp_path / "a-file" / "planner.json"), ("--markdown", tmp_path)):
+        result = CliRunner().invoke(app, [*planner, option, str(path)])
+        assert result.exit_code == 2, result.output
+        assert f"{option} {path}" in " ".join(result.output.split()) and "branin sobol seed 0" not in result.output
+    # --output of the other benchmarks makes its folder, as --json and --markdown do (it failed at the end)
+    output = tmp_path / "new" / "folder" / "library.json"
+    result = CliRunner().invoke(app, ["bench", "library", "--rows", "200", "--columns", "2", "--results", "3",
+                                      "--output", str(output)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(output.read_text())
