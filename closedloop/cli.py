@@ -956,7 +956,12 @@ def bench_planner(
     sizes = (10, 50, 200, 500, 1000) if speed is None else tuple(n for n in speed if n > 0)
     _output_file(json_out, "--json")
     _output_file(markdown, "--markdown")
-    for name in peer or list(PEERS):
+    chosen = peer or list(PEERS)
+    if all(PEERS[name].missing() for name in chosen):
+        # it had run nothing, printed no table and exited 0, as if the benchmark had been made
+        _fail(f"none of the planners chosen can run here ({', '.join(chosen)}): "
+              f"{escape(PEERS[chosen[0]].missing() or '')}", EXIT_BAD_INPUT)
+    for name in chosen:
         reason = PEERS[name].missing()
         if reason:
             # the reason is text, not markup: read as markup, its "pip install ... -e '.[bench]'" lost "[bench]"

@@ -89,6 +89,10 @@ def test_a_missing_peer_is_named_with_the_whole_install_command(tmp_path):
     assert "-e '.')" not in output
     # once as it is left out, once with the tables
     assert output.count("pip install -c constraints.txt -e '.[bench]')") == 2 * len(missing), result.output
+    # only missing peers: nothing can run, said so with exit 2 (it had exited 0 with no table and an empty report)
+    result = CliRunner().invoke(app, args[:3] + ["--peer", missing[0], "--json", str(tmp_path / "none.json")])
+    assert result.exit_code == 2 and "none of the planners chosen can run here" in result.output, result.output
+    assert not (tmp_path / "none.json").exists()
 
 
 def test_resume_from_a_file_that_is_no_report_or_into_itself_with_runs_left_out_is_refused(tmp_path):
