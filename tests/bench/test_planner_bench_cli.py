@@ -90,7 +90,7 @@ def test_a_missing_peer_is_named_with_the_whole_install_command(tmp_path):
     # once as it is left out, once with the tables
     assert output.count("pip install -c constraints.txt -e '.[bench]')") == 2 * len(missing), result.output
     # only missing peers: nothing can run, said so with exit 2 (it had exited 0 with no table and an empty report)
-    result = CliRunner().invoke(app, args[:3] + ["--peer", missing[0], "--json", str(tmp_path / "none.json")])
+    result = CliRunner().invoke(app, args[:4] + ["--peer", missing[0], "--json", str(tmp_path / "none.json")])
     assert result.exit_code == 2 and "none of the planners chosen can run here" in result.output, result.output
     assert not (tmp_path / "none.json").exists()
 
