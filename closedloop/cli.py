@@ -985,6 +985,11 @@ def bench_planner(
                                    resume=resume, stations=stations)
     except ResumeError as exc:  # raised before anything runs or is written
         _fail(escape(str(exc)), EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        kept = (f"; the runs that ended are in {json_out}: go on with --resume {json_out}" if json_out is not None
+                else " (without --json no run is kept)")
+        errors.print(f"interrupted{kept}", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     render(report, console)
     if json_out is not None:
         console.print(f"report written to {json_out}", highlight=False, markup=False)

@@ -68,6 +68,8 @@ def test_ctrl_c_with_jobs_stops_at_once_and_keeps_the_runs_that_ended(tmp_path):
     report = json.loads(path.read_text())
     assert report["finished"] is None and 1 <= len(report["runs"]) < 80
     assert all(r["status"] == "ok" for r in report["runs"])
+    # and it says where they are and how to go on
+    assert f"the runs that ended are in {path}: go on with --resume {path}" in " ".join(log.read_text().split())
 
 
 
