@@ -126,6 +126,10 @@ def _setup_logging(verbose: bool, logfile: Path | None = None) -> None:
         handlers.append(logging.StreamHandler(sys.stderr))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", handlers=handlers
                         or [logging.NullHandler()], force=True)
+    # a station's log ran days on end at four lines of the RunEngine's state per experiment, most of the file, and
+    # every start logged a dozen lines of the store's migrations; their warnings still come through
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("bluesky").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def _summary(campaign: Campaign, store_path: Path, run: Any, seconds: float) -> None:

@@ -166,6 +166,34 @@ def test_a_campaign_file_changed_after_a_run_is_refused_saying_what_changed_and_
     assert went_on.exit_code == 0 and "short-more: 5 completed, 0 failed" in went_on.stdout, went_on.output
 
 
+def test_a_stations_log_file_keeps_its_own_lines_and_the_libraries_warnings_not_their_chatter(tmp_path: Path) -> None:
+    """A station's log file ran at four INFO lines of the RunEngine's state per experiment, most of the file over
+    a run of days, and each start logged a dozen lines of the store's migrations."""
+    import logging
+
+    from closedloop.cli import _setup_logging
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, {n: logging.getLogger(n).level for n in ("bluesky", "alembic")})
+    try:
+        _setup_logging(False, tmp_path / "station.log")
+        logging.getLogger("bluesky.RE.state").info("Change state on <RunEngine> from 'idle' -> 'running'")
+        logging.getLogger("alembic.runtime.migration").info("Context impl SQLiteImpl.")
+        logging.getLogger("bluesky").warning("a plan left a device staged")
+        logging.getLogger("closedloop.trial").info('trial=1 state="completed"')
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:], root.level = saved[0], saved[1]
+        for name, level in saved[2].items():
+            logging.getLogger(name).setLevel(level)
+    text = (tmp_path / "station.log").read_text()
+    assert 'trial=1 state="completed"' in text and "a plan left a device staged" in text
+    assert "Change state" not in text and "SQLiteImpl" not in text
+
+
 # -- commands that only look at a store ------------------------------------------------------------
 
 
