@@ -300,6 +300,7 @@ class CampaignRun:
         since = datetime.now(timezone.utc) - (created if created.tzinfo else created.replace(tzinfo=timezone.utc))
         self.started = time.monotonic() - max(0.0, since.total_seconds())
         self.stopping = False
+        self.closed = False  # marked completed and announced (campaign_finished), while the daemon serves others
         self.paused = False
         self.paused_at = 0.0  # monotonic time of the pause: its length is added back to the deadlines on resume
         self.paused_on: set[str] = set()  # stations told to pause, to be told to resume even if its trials left
@@ -658,16 +659,27 @@ class Daemon:
                 elif self.done() and not self._owing():
                     break
                 self.step(timeout_ms=50)
+                # a campaign that finishes while others run is completed now, not when the daemon exits: it
+                # read "running, 6/6" in `closedloop status` and no campaign_finished came for as long as the rest ran
+                for run in self.runs.values():
+                    if not run.closed and self._campaign_done(run):
+                        self._close(run)
         finally:
             for run in self.runs.values():
                 if run.service is not None:
                     run.service.stop()
                     self._drain_service_events(run)
-                if self._campaign_done(run):
-                    if run.service is not None and run.service.exhausted is not None and not run.budget_spent():
-                        self._emit("space_exhausted", run, finished=run.finished, reason=run.service.exhausted)
-                    self.store.set_campaign_status(run.id, "completed")
-                    self._emit("campaign_finished", run, best=_result_dict(run.best), finished=run.finished)
+                if not run.closed and self._campaign_done(run):
+                    self._close(run)
+
+    def _close(self, run: CampaignRun) -> None:
+        """Mark a finished campaign completed in the store and announce it (once)."""
+        run.closed = True
+        if run.service is not None and run.service.exhausted is not None and not run.budget_spent():
+            self._emit("space_exhausted", run, finished=run.finished, reason=run.service.exhausted)
+        self.store.set_campaign_status(run.id, "completed")
+        log.info("campaign=%s finished: %d experiments", run.campaign.name, run.finished)
+        self._emit("campaign_finished", run, best=_result_dict(run.best), finished=run.finished)
 
     def _owing(self) -> bool:
         """Whether a station still owes the answer (and documents) of a run cancelled here, and may give it."""
@@ -1443,7 +1455,7 @@ class Daemon:
         if method in ("pause", "resume"):
             runs = self._select(params)
             for run in runs:
-                if run.paused != (method == "pause"):
+                if run.paused != (method == "pause") and not run.closed:  # a finished campaign stays completed
                     self.store.set_campaign_status(run.id, "paused" if method == "pause" else "running")
                     run.paused = method == "pause"
                     log.info("campaign=%s %sd", run.campaign.name, method)

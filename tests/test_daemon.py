@@ -388,6 +388,23 @@ def test_two_campaigns_in_one_daemon_each_with_its_own_station(store: Store, tmp
         assert {t.station for t in trials} == {f"for-{name}"}
 
 
+def test_a_campaign_that_finishes_while_another_runs_is_completed_at_once(store: Store, tmp_path: Path) -> None:
+    events: list[tuple[str, dict]] = []
+    control = f"tcp://127.0.0.1:{free_port()}"
+    daemon = Daemon(store, [_campaign("quick", 2, latency=0.05), _campaign("waiting", 2, latency=0.05)],
+                    heartbeat_s=0.2, control=control, on_event=lambda kind, details: events.append((kind, details)))
+    # only "quick" has a station: "waiting" keeps the daemon serving
+    with station(daemon.endpoint, "for-quick", tmp_path, campaigns=["quick"]), serving(daemon) as thread:
+        _wait(lambda: store.campaign_row("quick").status == "completed", 20, "quick marked completed")
+        assert thread.is_alive() and store.campaign_row("waiting").status == "running"
+        assert [d["campaign"] for k, d in events if k == "campaign_finished"] == ["quick"]
+        # a pause of every campaign leaves the finished one completed
+        assert control_request(control, "pause")["success"]
+        assert store.campaign_row("quick").status == "completed"
+        assert store.campaign_row("waiting").status == "paused"
+    assert [d["campaign"] for k, d in events if k == "campaign_finished"] == ["quick"]  # announced once
+
+
 def test_every_attempt_of_a_trial_keeps_its_run_uid_the_failed_one_first(store: Store, tmp_path: Path) -> None:
     from closedloop import provenance
     from simulators.surfaces import branin_campaign
