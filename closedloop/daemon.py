@@ -301,6 +301,7 @@ class CampaignRun:
         self.started = time.monotonic() - max(0.0, since.total_seconds())
         self.stopping = False
         self.closed = False  # marked completed and announced (campaign_finished), while the daemon serves others
+        self.unserved = False  # stations are connected and none serves it (logged once, until one does)
         self.paused = False
         self.paused_at = 0.0  # monotonic time of the pause: its length is added back to the deadlines on resume
         self.paused_on: set[str] = set()  # stations told to pause, to be told to resume even if its trials left
@@ -664,6 +665,7 @@ class Daemon:
                 for run in self.runs.values():
                     if not run.closed and self._campaign_done(run):
                         self._close(run)
+                self._note_unserved()
         finally:
             for run in self.runs.values():
                 if run.service is not None:
@@ -671,6 +673,21 @@ class Daemon:
                     self._drain_service_events(run)
                 if not run.closed and self._campaign_done(run):
                     self._close(run)
+
+    def _note_unserved(self) -> None:
+        """Log once when no connected station serves an open campaign (its instrument or name), and once when one
+        does again: such a campaign made no progress with nothing in the log, `status` or `health` saying why."""
+        for run in self.runs.values():
+            unserved = (not run.closed and bool(self.stations)
+                        and not any(s.serves(run) for s in self.stations.values()))
+            if unserved and not run.unserved:
+                log.warning("campaign=%s waits: no connected station serves it (instruments %s; stations %s)",
+                            run.campaign.name, ", ".join(sorted({i.target for i in run.campaign.instruments.values()})),
+                            "; ".join(f"{s.name}: instruments {s.instruments}, campaigns {s.campaigns}"
+                                      for s in self.stations.values()))
+            elif run.unserved and not unserved and not run.closed:
+                log.info("campaign=%s has a station again", run.campaign.name)
+            run.unserved = unserved
 
     def _close(self, run: CampaignRun) -> None:
         """Mark a finished campaign completed in the store and announce it (once)."""
@@ -1448,6 +1465,8 @@ class Daemon:
                     "stopping": self._stop_requested,
                     "planner_errors": {r.campaign.name: r.service.error for r in self.runs.values()
                                        if r.service is not None and r.service.error},
+                    # open campaigns no connected station serves: they wait for a station a person must start
+                    "unserved_campaigns": sorted(r.campaign.name for r in self.runs.values() if r.unserved),
                     # the loop is fine, the lab is not: monitoring should hear of hardware out of reach
                     "unreachable_instruments": {s.name: sorted(s.resting) for s in self.stations.values() if s.resting},
                     "running_long": {f"{self.runs[f.campaign_id].campaign.name} #{f.index}": f.station
@@ -1589,6 +1608,9 @@ class Daemon:
                 "buffered_proposals": run.service.buffered() if run.service else 0,
                 "planner_error": run.service.error if run.service else None,
                 "best": _result_dict(run.best),
+                "completed": run.closed,
+                # the connected stations that serve it: none, and it waits (its instrument or name served by none)
+                "stations": sorted(s.name for s in self.stations.values() if s.serves(run)),
             })
         stations = [{"name": s.name, "capacity": s.capacity, "running": sorted(s.running), "instruments": s.instruments,
                      "campaigns": s.campaigns, "last_seen_s": round(now - s.last_seen, 2),

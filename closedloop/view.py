@@ -592,5 +592,7 @@ def daemon_lines(control: str, campaigns: list[str], timeout_s: float = 0.3) -> 
             lines.append(f"  {c['name']}: {c.get('queued', 0)} queued, {c.get('held', 0)} held, "
                          f"{c.get('buffered_proposals', 0)} proposals ready"
                          + (f" ({', '.join(flags)})" if flags else "")
-                         + (f"; planner error: {c['planner_error']}" if c.get("planner_error") else ""))
+                         + (f"; planner error: {c['planner_error']}" if c.get("planner_error") else "")
+                         + ("; no connected station serves it" if stations and c.get("stations") == []
+                            and not c.get("completed") else ""))
     return lines

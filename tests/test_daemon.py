@@ -405,6 +405,27 @@ def test_a_campaign_that_finishes_while_another_runs_is_completed_at_once(store:
     assert [d["campaign"] for k, d in events if k == "campaign_finished"] == ["quick"]  # announced once
 
 
+def test_a_campaign_no_connected_station_serves_is_named_by_health_status_and_log_once(
+        store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from closedloop.view import daemon_lines
+
+    control = f"tcp://127.0.0.1:{free_port()}"
+    daemon = Daemon(store, [_campaign("served", 40, latency=0.05), _campaign("orphan", 2, latency=0.05)],
+                    heartbeat_s=0.2, control=control)
+    with caplog.at_level(logging.INFO, logger="closedloop.daemon"), \
+            station(daemon.endpoint, "for-served", tmp_path, campaigns=["served"]), serving(daemon):
+        _wait(lambda: store.counts(store.campaign_row("served").id).get("completed", 0) >= 3, 20,
+              "a few experiments of the served campaign")
+        assert control_request(control, "health")["unserved_campaigns"] == ["orphan"]
+        status = {c["name"]: c for c in control_request(control, "status")["campaigns"]}
+        assert status["orphan"]["stations"] == [] and status["served"]["stations"] == ["for-served"]
+        lines = daemon_lines(control, ["served", "orphan"], timeout_s=3)
+        assert [line for line in lines if "no connected station serves it" in line] == [
+            next(line for line in lines if line.startswith("  orphan:"))]
+    warnings = [r.getMessage() for r in caplog.records if "no connected station serves it" in r.getMessage()]
+    assert len(warnings) == 1 and "campaign=orphan" in warnings[0], warnings
+
+
 def test_every_attempt_of_a_trial_keeps_its_run_uid_the_failed_one_first(store: Store, tmp_path: Path) -> None:
     from closedloop import provenance
     from simulators.surfaces import branin_campaign
