@@ -54,8 +54,8 @@ def test_ctrl_c_with_jobs_stops_at_once_and_keeps_the_runs_that_ended(tmp_path):
         process.send_signal(signal.SIGINT)
         interrupted = time.monotonic()
         # it had waited for every run submitted (the whole suite) before exiting, and kept none of them
-        process.wait(timeout=10)
-        assert time.monotonic() - interrupted < 10
+        process.wait(timeout=20)
+        assert time.monotonic() - interrupted < 20
         assert process.returncode == 130, log.read_text()
         # and its worker processes end with it, rather than going on with the suite
         assert _group_ends(process.pid, 5.0)
