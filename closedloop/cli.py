@@ -993,11 +993,7 @@ def bench_planner(
         kept = (f"; the runs that ended are in {json_out}: go on with --resume {json_out}" if json_out is not None
                 else " (without --json no run is kept)")
         errors.print(f"interrupted{kept}", highlight=False, markup=False, soft_wrap=True)
-        # now, not through the interpreter's exit: it joins the process pool's manager thread, which waits on its
-        # stopped workers' queues (CI saw one Ctrl-C take over 10 s); the runs that ended are written already
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
+        raise typer.Exit(130) from None
     render(report, console)
     if json_out is not None:
         console.print(f"report written to {json_out}", highlight=False, markup=False)
