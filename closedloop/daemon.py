@@ -665,7 +665,6 @@ class Daemon:
                 for run in self.runs.values():
                     if not run.closed and self._campaign_done(run):
                         self._close(run)
-                self._note_unserved()
         finally:
             for run in self.runs.values():
                 if run.service is not None:
@@ -1217,6 +1216,7 @@ class Daemon:
                         if trial_id in run.queue:  # re-queued, not abandoned
                             self._left_behind[trial_id] = station.name
         self._say_running_long(now)
+        self._note_unserved()
         # stations holding their RunEngines for a paused campaign: every trial there waits, whatever its campaign
         held = set().union(*(r.paused_on for r in self.runs.values() if r.paused))
         for flight in list(self.in_flight.values()):

@@ -330,9 +330,7 @@ _OTHER_TRIALS = (select(TrialRow.index, TrialRow.parameters)
 # pending then: open now (never finished, so no finished_at), or finished since. Two halves, each a range of the
 # (campaign_id, finished_at) index: as one OR, ordered by index, it scanned every trial of the campaign at each
 # dispatch, decoding their parameters (16 ms of daemon CPU per experiment by 28 000 trials, from 5 ms)
-_THEN = (select(TrialRow.index, TrialRow.parameters)
-         .where(TrialRow.campaign_id == bindparam("campaign"), TrialRow.id != bindparam("trial"),
-                TrialRow.proposed_at <= bindparam("until")))  # type: ignore[operator]
+_THEN = _OTHER_TRIALS.order_by(None).where(TrialRow.proposed_at <= bindparam("until"))  # type: ignore[operator]
 _PENDING_THEN = union_all(
     _THEN.where(TrialRow.finished_at.is_(None),  # type: ignore[union-attr]
                 TrialRow.status.in_([*OPEN_STATUSES, TrialStatus.held.value])),  # type: ignore[attr-defined]
