@@ -305,10 +305,20 @@ def load_binding(target: str, options: Mapping[str, Any] | None = None) -> Instr
     """Build the binding named by an import path ``package.module:Factory`` with its options.
 
     A factory that cannot reach its hardware (ophyd's connection timeout, ophyd-async's
-    ``NotConnectedError``) raises :class:`InstrumentUnavailable`: nothing has moved, and the daemon
-    keeps the experiment for when the instrument answers.
+    ``NotConnectedError``), or a module or factory this process cannot import, raises
+    :class:`InstrumentUnavailable`: nothing has moved, and the daemon keeps the experiment for when
+    the instrument answers.
     """
-    factory = import_object(target)
+    try:
+        factory = import_object(target)
+    except DeviceError as exc:
+        if isinstance(exc.__cause__, (ImportError, AttributeError)):
+            # the campaign was checked where it was loaded, so it is this station that lacks the driver (a module
+            # not on its PYTHONPATH, an older copy): nothing ran, and the experiment is not at fault. As a failed
+            # experiment it spent the whole budget in seconds and told the planner every point failed
+            raise InstrumentUnavailable(f"{exc}; this station cannot load the driver: install it, or put its "
+                                        "folder on PYTHONPATH where the worker runs") from exc
+        raise
     try:
         binding = factory(**dict(options or {}))
     except TypeError as exc:  # an unknown option: say which instrument refused it

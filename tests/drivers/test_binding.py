@@ -27,3 +27,18 @@ def test_a_custom_plan_may_limit_parameters_it_sets_itself() -> None:
                                 outputs={"y": "heater"}, plan=measure, limits={"dwell": (0.0, 60.0)})
     with pytest.raises(DeviceError, match=r"dwell=90.0 outside the instrument's limits \[0, 60\]"):
         binding.check_limits({"temperature": 50.0, "dwell": 90.0})
+
+
+def test_a_driver_this_process_cannot_import_is_unavailable_not_a_failed_experiment() -> None:
+    # a station started without the lab's module on its PYTHONPATH failed every trial it was sent as an
+    # experiment: the whole budget spent in seconds, and the planner told each point failed
+    from closedloop.errors import InstrumentUnavailable
+    from drivers.binding import load_binding
+
+    with pytest.raises(InstrumentUnavailable, match=r"cannot import 'hotplate_nowhere:HotPlate'.*PYTHONPATH"):
+        load_binding("hotplate_nowhere:HotPlate")
+    with pytest.raises(InstrumentUnavailable, match=r"cannot import 'simulators.surfaces:HotPlate'"):
+        load_binding("simulators.surfaces:HotPlate")  # an older copy of the module, without the factory
+    with pytest.raises(DeviceError, match="not an import path") as refused:
+        load_binding("hotplate")
+    assert not isinstance(refused.value, InstrumentUnavailable)
