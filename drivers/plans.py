@@ -24,6 +24,7 @@ from typing import Any
 import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
 
+from closedloop.errors import DeviceError
 from drivers.binding import InstrumentBinding, Plan
 
 STREAM = "primary"
@@ -121,4 +122,25 @@ def experiment_plan(binding: InstrumentBinding, setpoints: Mapping[str, Any], md
     if binding.plan is None:
         return (yield from measure(binding, dict(setpoints), dict(md)))
     yield from preflight(binding, setpoints)
-    return (yield from binding.plan(binding, dict(setpoints), dict(md)))
+    return (yield from bpp.msg_mutator(binding.plan(binding, dict(setpoints), dict(md)), _reads_inside_a_run(binding)))
+
+
+def _reads_inside_a_run(binding: InstrumentBinding) -> Any:
+    """A check on a custom plan's messages: a reading bundled before any run opened is the plan's mistake.
+
+    bluesky's own words for it ("IllegalMessageSequence: Cannot bundle readings without an open run") named
+    neither the instrument nor the fix.
+    """
+    opened = False
+
+    def check(msg: Any) -> Any:
+        nonlocal opened
+        if msg.command == "open_run":
+            opened = True
+        elif msg.command == "create" and not opened:
+            raise DeviceError(f"instrument {binding.name!r}: its plan reads before opening a run; a custom plan must "
+                              "open exactly one run (bpp.run_decorator(md=run_metadata(...)) or bps.open_run) "
+                              "around its measurements")
+        return msg
+
+    return check

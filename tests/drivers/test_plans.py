@@ -194,3 +194,22 @@ def test_a_binding_refuses_parameters_it_has_no_device_for():
     with pytest.raises(DeviceError, match="both positioners and signals"):
         InstrumentBinding(name="bad", positioners=binding.positioners, signals={"x1": Signal(name="s")},
                           detectors=[], outputs={})
+
+
+def test_a_custom_plan_that_reads_before_opening_a_run_is_told_so(RE, docs):
+    # bluesky's "IllegalMessageSequence: Cannot bundle readings without an open run" named neither the
+    # instrument nor what to do; the developer had forgotten run_decorator
+    from drivers.plans import move_to, read_outputs
+
+    def forgets_the_run(binding, setpoints, md):
+        yield from move_to(binding, setpoints)
+        yield from read_outputs(binding)
+
+    binding = Branin()
+    binding.plan = forgets_the_run
+    with pytest.raises(DeviceError, match=r"instrument 'branin': its plan reads before opening a run.*run_decorator"):
+        RE(experiment_plan(binding, {"x1": 1.0, "x2": 2.0}, MD), docs)
+    assert docs.run_uids == []
+    binding.plan = lambda b, s, md: measure(b, s, md)  # one that opens its run is untouched
+    RE(experiment_plan(binding, {"x1": 1.0, "x2": 2.0}, MD), docs)
+    assert docs.stop["exit_status"] == "success"
