@@ -1469,6 +1469,7 @@ def _instrument_problems(campaign: Campaign, instrument: Instrument, at: str) ->
         if rule is not None and rule.output not in known:
             problems.append(("budget.stop_when", f"{instrument.target} measures no output {rule.output!r}; "
                              f"it measures: {', '.join(sorted(known))}"))
+        problems.extend((where, message) for message in _data_key_problems(instrument.target, binding))
     devices = getattr(binding, "settable", None)  # positioners and set-and-forget signals
     if not isinstance(devices, Mapping):
         devices = getattr(binding, "positioners", None)
@@ -1487,6 +1488,38 @@ def _instrument_problems(campaign: Campaign, instrument: Instrument, at: str) ->
                 continue
             limits = getattr(binding, "limits", None)
             problems.extend(_limit_problems(name, p, device, limits.get(name) if isinstance(limits, Mapping) else None))
+    return problems
+
+
+def _data_key_problems(target: str, binding: Any) -> list[str]:
+    """Each output whose data key (or a :class:`Derived` output's key) none of the simulator's devices reads.
+
+    Such a binding validated and then failed every experiment ("data key 'uv_450' not in the run's readings").
+    A device that cannot describe itself here (ophyd-async's coroutine) leaves the check to the run.
+    """
+    outputs, readables = getattr(binding, "outputs", None), getattr(binding, "readables", None)
+    if not isinstance(outputs, Mapping) or not callable(readables):
+        return []
+    keys: set[str] = set()
+    try:
+        for device in readables():
+            described = device.describe()
+            if inspect.isawaitable(described):
+                close = getattr(described, "close", None)
+                if close is not None:
+                    close()
+                return []
+            keys.update(described)
+    except Exception:  # a courtesy check: the run reports what it finds
+        return []
+    problems = []
+    for output, source in outputs.items():
+        for key in getattr(source, "keys", None) or ([source] if isinstance(source, str) else []):
+            if key not in keys:
+                close = difflib.get_close_matches(key, sorted(keys), n=1)
+                problems.append(f"{target}: output {output!r} reads data key {key!r}, which none of its devices "
+                                "reads" + (f" (did you mean {close[0]!r}?)" if close else "")
+                                + f"; they read: {', '.join(sorted(keys))}")
     return problems
 
 
