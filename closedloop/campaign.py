@@ -1353,7 +1353,7 @@ def _read_candidates(campaign: Campaign, base: Path) -> tuple[list[dict[str, Any
 # safe to build) have an axis for every parameter and a reading for every output.
 
 
-def _import_problems(module_name: str) -> str:
+def _import_problems(module_name: str, base: str | Path | None = None) -> str:
     try:
         importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -1363,9 +1363,16 @@ def _import_problems(module_name: str) -> str:
         # A lab's own module beside the campaign file: Python's path holds the script's folder, not the working
         # one, so the import fails there; say so rather than suggest a look-alike module (mylab -> pylab)
         local = [f for f in (f"{missing}.py", os.path.join(missing, "__init__.py")) if os.path.exists(f)]
+        # or beside the campaign file, run from another folder: the hint was a look-alike ('did you mean optparse?')
+        beside = [os.path.relpath(os.path.join(base, f)) for f in (f"{missing}.py", os.path.join(missing, "__init__.py"))
+                  if base is not None and os.path.exists(os.path.join(base, f))]
         if missing and missing == module_name.split(".")[0] and local:
             hint = (f" ({local[0]} is in the working folder, which Python does not search for it: add the folder "
                     "to PYTHONPATH, e.g. PYTHONPATH=. closedloop ...)")
+        elif missing and missing == module_name.split(".")[0] and beside:
+            folder = os.path.dirname(beside[0] if beside[0].endswith(".py") else os.path.dirname(beside[0])) or "."
+            hint = (f" ({beside[0]} is beside the campaign file, in a folder Python does not search: add it to "
+                    f"PYTHONPATH, e.g. PYTHONPATH={folder} closedloop ...)")
         elif missing and module_name.startswith(missing):
             try:
                 import pkgutil
@@ -1385,7 +1392,7 @@ def _import_problems(module_name: str) -> str:
     return ""
 
 
-def instrument_problems(campaign: Campaign) -> list[tuple[str, str]]:
+def instrument_problems(campaign: Campaign, base: str | Path | None = None) -> list[tuple[str, str]]:
     """(field path, message) for each way the campaign's instrument (or a source's) cannot serve it.
 
     Imports the factory and checks its options against its signature. A simulator is also built (it
@@ -1395,11 +1402,12 @@ def instrument_problems(campaign: Campaign) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     for source, instrument in campaign.instruments.items():
         at = "instrument" if source is None else f"sources.{source}.instrument"
-        problems.extend(_instrument_problems(campaign, instrument, at))
+        problems.extend(_instrument_problems(campaign, instrument, at, base))
     return problems
 
 
-def _instrument_problems(campaign: Campaign, instrument: Instrument, at: str) -> list[tuple[str, str]]:
+def _instrument_problems(campaign: Campaign, instrument: Instrument, at: str,
+                         base: str | Path | None = None) -> list[tuple[str, str]]:
     where = f"{at}.{instrument.field}"
     if instrument.command is not None:  # issue 8: every placeholder must be a parameter or an option
         known = set(campaign.parameters) | set(instrument.options)
@@ -1412,7 +1420,7 @@ def _instrument_problems(campaign: Campaign, instrument: Instrument, at: str) ->
 
         if os.getcwd() not in sys.path:  # a compute station imports a function from the working folder too
             sys.path.append(os.getcwd())
-    failure = _import_problems(module_name)
+    failure = _import_problems(module_name, base)
     if failure:
         return [(where, failure)]
     module = importlib.import_module(module_name)
@@ -1947,7 +1955,7 @@ def load_campaign_text(
             for path, message in table_problems:
                 add(_parse_path(path), message)
         if check_instrument:
-            for path, message in instrument_problems(campaign):
+            for path, message in instrument_problems(campaign, base):
                 add(_parse_path(path), message)
             # whether it can be run here, as the instrument: a stored campaign is read back without either
             for path, message in backend_problems(campaign):
@@ -1963,7 +1971,7 @@ def load_campaign_text(
             except ValidationError:
                 continue
             if instrument.import_path is not None:
-                failure = _import_problems(instrument.import_path.partition(":")[0])
+                failure = _import_problems(instrument.import_path.partition(":")[0], base)
                 if failure:
                     add(at + (instrument.field,), failure)
     if problems:

@@ -333,6 +333,22 @@ def test_a_driver_module_in_the_working_folder_off_the_path_is_named_with_the_fi
     assert "spin_lab_driver.py is in the working folder" in message and "PYTHONPATH=." in message
 
 
+def test_a_driver_module_beside_the_campaign_file_run_from_elsewhere_is_named_with_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `closedloop validate lab/campaign.yaml` from the folder above: the hint was a look-alike, "did you mean 'optparse'?"
+    lab = tmp_path / "lab"
+    lab.mkdir()
+    (lab / "spin_lab_driver.py").write_text("def Coater():\n    raise RuntimeError('never called')\n")
+    (lab / "campaign.yaml").write_text(BASE.replace("simulator: simulators.surfaces:Branin", "driver: spin_lab_driver:Coater"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in sys.path if p not in ("", ".", str(tmp_path), str(lab))])
+    with pytest.raises(CampaignFileError) as raised:
+        load_campaign(Path("lab") / "campaign.yaml")
+    message = raised.value.problems[0].message
+    assert "lab/spin_lab_driver.py is beside the campaign file" in message and "PYTHONPATH=lab " in message
+
+
 def test_a_simulators_own_limits_are_checked_against_the_bounds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # a SynAxis has no limits; the binding's `limits` are the instrument's, enforced by the engine at each trial
     (tmp_path / "limited_oven.py").write_text(
