@@ -429,14 +429,17 @@ def status(
     names = _campaign_names(the_store, name)
     if not names:
         _fail(f"no campaign in {the_store.display}")
+    idle = []
     for each in names:
         snap = Snapshot.from_store(the_store, each)
+        if snap.status == "idle":
+            idle.append(each)
         if console.is_terminal:
             console.print(snap)
         else:
             for line in snap.lines():
                 console.print(line, highlight=False, soft_wrap=True)
-    for line in daemon_lines(control, names) if control else []:
+    for line in daemon_lines(control, names, idle=idle) if control else []:
         console.print(line, highlight=False, soft_wrap=True)
 
 

@@ -564,6 +564,10 @@ class Daemon:
         self._given: dict[str, set[int]] = {}
         # (trial id, station name) -> monotonic deadline: runs cancelled on a station that has not yet answered
         self._owed: dict[tuple[int, str], float] = {}
+        # trial id -> its campaign, for trials stations hold of campaigns this daemon does not run (left in flight by
+        # a daemon that ran them): never cancelled or acknowledged here, and each said once in the log
+        self._unrun: dict[int, str] = {}
+        self._unrun_said: set[tuple[int, str, str]] = set()  # (trial id, station, what)
         self._session = 0
         self._seq = 0
         self._stop_requested = False
@@ -695,6 +699,10 @@ class Daemon:
             self._emit("space_exhausted", run, finished=run.finished, reason=run.service.exhausted)
         self.store.set_campaign_status(run.id, "completed")
         log.info("campaign=%s finished: %d experiments", run.campaign.name, run.finished)
+        # a station serving only this campaign idled from here on with nothing in its log saying why
+        for station in self.stations.values():
+            if run.campaign.name in station.campaigns:
+                self._send(station.identity, protocol.Finished(campaign=run.campaign.name))
         self._emit("campaign_finished", run, best=_result_dict(run.best), finished=run.finished)
 
     def _owing(self) -> bool:
@@ -851,7 +859,7 @@ class Daemon:
                     continue
                 run = self.runs.get(trial.campaign_id)  # type: ignore[assignment]
                 if run is None:
-                    self._drop(identity, f"result for trial {result.trial_id} of a campaign this daemon does not run")
+                    self._leave_unrun(station, result.trial_id, "result")
                     continue
                 index, parameters = trial.index, trial.parameters
             missing = set(run.campaign.outputs) - set(result.values)
@@ -1002,6 +1010,9 @@ class Daemon:
             run.paused_on.add(hello.station)
         if held or hello.welcomed:
             self._send(identity, protocol.Control(action="pause" if held else "resume", reason="registered"))
+        for run in self.runs.values():
+            if run.closed and run.campaign.name in hello.campaigns:
+                self._send(identity, protocol.Finished(campaign=run.campaign.name))
         if previous is None:
             self._emit_daemon("station_joined", station=hello.station, capacity=hello.capacity)
         for run in self.runs.values():
@@ -1040,6 +1051,35 @@ class Daemon:
         self._transition(run, flight.index, flight.trial_id, "requeued", reason="station does not hold it")
         self._emit("trial_requeued", run, trial=flight.index, reason="station does not hold it")
 
+    def _unrun_campaign(self, trial_id: int) -> str | None:
+        """The campaign of a trial in the store that this daemon does not run; None for its own or an unknown one."""
+        if trial_id in self._unrun:
+            return self._unrun[trial_id]
+        try:
+            trial = self.store.trial(trial_id)
+        except StoreError:
+            return None
+        if trial.campaign_id in self.runs:
+            return None
+        try:
+            name = self.store.campaign_row(trial.campaign_id).name
+        except StoreError:
+            name = f"#{trial.campaign_id}"
+        self._unrun[trial_id] = name
+        return name
+
+    def _leave_unrun(self, station: Station, trial_id: int, what: str) -> None:
+        """A trial of a campaign this daemon does not run stays with its station: its experiment runs on, and its
+        answer stays in the station's outbox, unacknowledged, for a daemon that runs the campaign to store."""
+        campaign = self._unrun_campaign(trial_id) or "?"
+        said = (trial_id, station.name, what)
+        if said in self._unrun_said:
+            return
+        self._unrun_said.add(said)
+        log.warning("station %s holds a %s of trial %s of campaign %s, which this daemon does not run: left with the "
+                    "station (kept in its outbox) for a daemon that runs %s", station.name, what, trial_id, campaign,
+                    campaign)
+
     def _on_heartbeat(self, identity: bytes, heartbeat: protocol.Heartbeat) -> None:
         station = self.stations[identity]
         if len(heartbeat.running) > station.capacity + station.prefetch:
@@ -1068,6 +1108,11 @@ class Daemon:
             station.pings = dict(list(station.pings.items())[-8:])
         for trial_id in heartbeat.running:
             flight = self.in_flight.get(trial_id)
+            if flight is None and self._unrun_campaign(trial_id) is not None:
+                # a daemon killed with it in flight; restarted without its campaign, this one cancelled the
+                # experiment, and its aborted run was then run again when the campaign was served again
+                self._leave_unrun(station, trial_id, "running experiment")
+                continue
             if flight is None or (flight.station != station.name and not flight.reconciling):
                 if trial_id not in station.running:
                     self._send(identity, protocol.Cancel(trial_id=trial_id, reason="not assigned to this station"))
@@ -1087,6 +1132,11 @@ class Daemon:
         flight = self.in_flight.get(failure.trial_id)
         station = self.stations[identity]
         self._owed.pop((failure.trial_id, station.name), None)
+        if flight is None and self._unrun_campaign(failure.trial_id) is not None:
+            # acknowledged here, the station forgot it: the daemon that runs its campaign then found the trial held
+            # by no station and ran it again, as if the device had never failed
+            self._leave_unrun(station, failure.trial_id, "failure")
+            return
         if flight is None or flight.station != station.name or not flight.answered_by(failure):
             # late (timed out, cancelled, re-queued) or unknown: the store already says what happened, except
             # for the run the station had opened (a timed-out run reports its failure once aborted)

@@ -199,8 +199,16 @@ class Control(_Message):
     reason: str = Field(default="", max_length=4096)
 
 
+class Finished(_Message):
+    """A campaign the station names in its hello has finished: none of its trials will come (sent at the finish, and
+    at a later hello). A station serving any campaign (``*``) is not told."""
+
+    type: Literal["finished"] = "finished"
+    campaign: str = Field(max_length=256)
+
+
 Message = Annotated[
-    Union[Hello, Welcome, Refused, Heartbeat, Assign, Started, ResultMessage, Failure, Ack, Cancel, Control],
+    Union[Hello, Welcome, Refused, Heartbeat, Assign, Started, ResultMessage, Failure, Ack, Cancel, Control, Finished],
     Field(discriminator="type"),
 ]
 _adapter: TypeAdapter[Any] = TypeAdapter(Message)

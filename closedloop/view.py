@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -567,8 +568,9 @@ def watch_events(store: Store, campaign: str, console: Console, endpoint: str,
     return Snapshot.from_store(store, campaign)
 
 
-def daemon_lines(control: str, campaigns: list[str], timeout_s: float = 0.3) -> list[str]:
-    """What a daemon answering on ``control`` says of its stations and of ``campaigns``; [] if none answers.
+def daemon_lines(control: str, campaigns: list[str], timeout_s: float = 0.3, idle: Iterable[str] = ()) -> list[str]:
+    """What a daemon answering on ``control`` says of its stations and of ``campaigns``; [] if none answers. Of the
+    ``idle`` campaigns (open, and no process runs them) it says which it does not run.
 
     The store knows trials; only the daemon knows idle stations, its queue and proposals computed ahead.
     """
@@ -580,9 +582,16 @@ def daemon_lines(control: str, campaigns: list[str], timeout_s: float = 0.3) -> 
     except (ClosedLoopError, OSError, ValueError):
         return []
     stations = status.get("stations", [])
+    open_here = {str(c.get("name")) for c in status.get("campaigns", []) if not c.get("completed")}
+
+    def nothing_to_run(station: dict[str, Any]) -> str:
+        # a station named for campaigns that are over (or not run here) idles, and only this line says why
+        named = station.get("campaigns") or ["*"]
+        return "" if "*" in named or open_here & set(named) else f", nothing to run here (serves {', '.join(named)})"
+
     lines = [f"daemon at {status.get('endpoint')} (up {format_seconds(status.get('uptime_s'))}): "
              + ("; ".join(f"{s['name']} {len(s.get('running', []))}/{s.get('capacity', '?')} busy, "
-                          f"seen {s.get('last_seen_s', 0):.0f} s ago"
+                          f"seen {s.get('last_seen_s', 0):.0f} s ago" + nothing_to_run(s)
                           + "".join(f", cannot reach {instrument} (next try in {left:.0f} s)"
                                     for instrument, left in s.get("unreachable", {}).items())
                           for s in stations) or "no station connected")]
@@ -595,4 +604,9 @@ def daemon_lines(control: str, campaigns: list[str], timeout_s: float = 0.3) -> 
                          + (f"; planner error: {c['planner_error']}" if c.get("planner_error") else "")
                          + ("; no connected station serves it" if stations and c.get("stations") == []
                             and not c.get("completed") else ""))
+    run_here = [str(c.get("name")) for c in status.get("campaigns", [])]
+    for name in idle:
+        if name not in run_here:
+            # its trials left in flight are not this daemon's to settle: their stations keep what they finish
+            lines.append(f"  {name}: not run by this daemon (it runs {', '.join(run_here) or 'none'})")
     return lines

@@ -269,6 +269,7 @@ class StationWorker:
         self._resumed = threading.Event()  # cleared while an operator holds the RunEngine paused
         self._resumed.set()
         self._bindings: dict[str, InstrumentBinding] = {}
+        self.finished: set[str] = set()  # campaigns this station names that the daemon says have finished
         self.RE: RunEngine | None = None
         self.registered = threading.Event()
         self.refused: str | None = None
@@ -462,6 +463,22 @@ class StationWorker:
         else:
             self._resumed.set()
 
+    def _campaign_finished(self, campaign: str) -> None:
+        """Say once that a campaign this station serves has finished, and when it was the last, that nothing is left.
+
+        The station stays connected rather than exit: under a service manager that restarts it (the worker unit's
+        ``Restart=always``) an exit would come back every few seconds to be told the same.
+        """
+        if campaign in self.finished:
+            return
+        self.finished.add(campaign)
+        if "*" not in self.campaigns and set(self.campaigns) <= self.finished:
+            log.warning("campaign %s has finished, and with it every campaign this station serves (%s): it has nothing"
+                        " more to run and waits idle; stop it, or restart it with --campaign naming the next one",
+                        campaign, ", ".join(self.campaigns))
+        else:
+            log.info("campaign %s has finished: this station gets none of its trials now", campaign)
+
     def _cancel(self, trial_id: int, reason: str) -> None:
         job = self._jobs.get(trial_id)
         if job is None or job.cancelled:
@@ -609,6 +626,7 @@ class StationWorker:
                 # sent before the daemon saw our hello; it has re-queued the trial
                 log.info("ignored trial %s from an earlier session", message.trial_id)
                 return
+            self.finished.discard(message.campaign)  # it goes on after all (a daemon restarted with a larger budget)
             job = Job(message)
             with self._jobs_lock:
                 held = self._jobs.get(message.trial_id)
@@ -627,5 +645,7 @@ class StationWorker:
             self._cancel(message.trial_id, message.reason)
         elif isinstance(message, protocol.Control):
             self._control(message.action)
+        elif isinstance(message, protocol.Finished):
+            self._campaign_finished(message.campaign)
         elif isinstance(message, protocol.Heartbeat):
             self._seen = message.msg_id

@@ -684,3 +684,83 @@ def test_an_assignment_that_never_left_for_a_station_gone_is_not_an_attempt(stor
     [trial] = store.trials(cid)
     assert trial.status == "proposed" and "station ghost unreachable" in trial.error
     assert trial.attempts == 0, "a dispatch that never left the daemon counted as an attempt"
+
+
+def _talk(sock: zmq.Socket, seconds: float, heartbeat: protocol.Heartbeat | None = None) -> list[protocol.Message]:
+    """What the daemon sends a hand-driven station in ``seconds``, beating ``heartbeat`` every 0.1 s meanwhile."""
+    heard: list[protocol.Message] = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        while sock.poll(100):
+            heard.append(protocol.decode(sock.recv()))
+        if heartbeat is not None:
+            sock.send(protocol.encode(heartbeat))
+    return heard
+
+
+def test_a_trial_of_a_campaign_the_daemon_does_not_run_stays_with_its_station_until_one_does(
+        store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    mine, theirs = _campaign("mine", 40, latency=0.05), _campaign("theirs", 4, retries=0)
+    store.open_campaign(mine)
+    # what a daemon killed while it ran both left: two trials of "theirs" on station "st", one running there and
+    # one whose result is in its outbox; this daemon is restarted with "mine" only
+    running, measured = (store.add_dispatched(store.open_campaign(theirs), {"x1": x, "x2": 2.0}, {}, "st").id
+                         for x in (1.0, 2.0))
+    result = protocol.ResultMessage(trial_id=measured, run_uid="run-measured", values={"y": 3.5})
+    failure = protocol.Failure(trial_id=running, error="DeviceError: jammed", run_uid="run-jammed")
+    hello = protocol.Hello(station="st", campaigns=["theirs"], outstanding=[running, measured], instance="i1")
+    daemon = Daemon(store, [mine], heartbeat_s=0.2, drain_s=0.5)
+    with caplog.at_level(logging.WARNING, logger="closedloop.daemon"), serving(daemon), \
+            raw_station(daemon.endpoint, "st") as sock:
+        sock.send(protocol.encode(hello))
+        sock.send(protocol.encode(result))
+        heard = _talk(sock, 1.5, protocol.Heartbeat(running=[running], holds=[running, measured]))
+        # it cancelled the experiment (its run then ran again once "theirs" was served) and acked the failure
+        assert "welcome" in [m.type for m in heard] and "cancel" not in [m.type for m in heard], heard
+        sock.send(protocol.encode(failure))
+        heard = _talk(sock, 1.0)
+        assert "ack" not in [m.type for m in heard], "an answer for a campaign not run here was acknowledged: lost"
+    assert [store.trial(t).status for t in (running, measured)] == ["dispatched", "dispatched"]
+    said = [r.getMessage() for r in caplog.records if "which this daemon does not run" in r.getMessage()]
+    assert len(said) == 3 and all("campaign theirs" in s for s in said), said  # each once, not at every heartbeat
+
+    # served again: the station's outbox delivers both, each taken once
+    daemon = Daemon(store, [mine, theirs], heartbeat_s=0.2, drain_s=0.5)
+    with serving(daemon), raw_station(daemon.endpoint, "st") as sock:
+        sock.send(protocol.encode(hello.model_copy(update={"instance": "i2"})))
+        sock.send(protocol.encode(result))
+        sock.send(protocol.encode(failure))
+        acked = {m.trial_id for m in _talk(sock, 1.5) if isinstance(m, protocol.Ack)}
+        assert acked == {running, measured}
+    assert store.trial(measured).status == "completed"
+    assert store.observations(store.campaign_row("theirs").id)[measured].run_uid == "run-measured"
+    jammed = store.trial(running)
+    assert (jammed.status, jammed.run_uids) == ("failed", ["run-jammed"])
+
+
+def test_a_station_whose_only_campaign_finished_is_told_once_while_others_run(
+        store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from closedloop.view import daemon_lines
+
+    control = f"tcp://127.0.0.1:{free_port()}"
+    daemon = Daemon(store, [_campaign("quick", 2, latency=0.05), _campaign("long", 40, latency=0.05)],
+                    heartbeat_s=0.2, control=control)
+    with caplog.at_level(logging.INFO, logger="closedloop.worker"), \
+            station(daemon.endpoint, "for-quick", tmp_path, campaigns=["quick"]) as done, \
+            station(daemon.endpoint, "for-both", tmp_path, campaigns=["quick", "long"]) as both, \
+            station(daemon.endpoint, "for-any", tmp_path) as any_, serving(daemon):
+        _wait(lambda: done.finished == {"quick"} and both.finished == {"quick"}, 20, "the stations told of quick's end")
+        # one that registers later is told too, at its hello
+        with station(daemon.endpoint, "late", tmp_path, campaigns=["quick"]) as late:
+            _wait(lambda: late.finished == {"quick"}, 20, "the late station told")
+            time.sleep(0.5)  # a few heartbeats: still said once
+            lines = daemon_lines(control, ["quick", "long"], timeout_s=3)
+        assert any_.finished == set(), "a station serving any campaign has nothing to be told"
+        assert store.campaign_row("long").status == "running"
+    said = [(r.threadName, r.levelname, r.getMessage()) for r in caplog.records if "has finished" in r.getMessage()]
+    by_station = sorted((name.removeprefix("closedloop-comms-"), level) for name, level, _ in said)
+    assert by_station == [("for-both", "INFO"), ("for-quick", "WARNING"), ("late", "WARNING")], said
+    assert all("nothing more to run" in text for _, level, text in said if level == "WARNING")
+    [daemon_line] = [line for line in lines if line.startswith("daemon at")]
+    assert "for-quick 0/1 busy, seen 0 s ago, nothing to run here (serves quick)" in daemon_line
+    assert "for-both" in daemon_line and daemon_line.count("nothing to run here") == 2  # for-quick and late
