@@ -601,6 +601,11 @@ class StationWorker:
             log.warning("dropped a message from the daemon: %s", exc)
             return
         if isinstance(message, protocol.Welcome):
+            if message.session == self._session:
+                # the answer to a repeat of our hello: they pile up while a starting daemon is not yet reading
+                # (one each heartbeat), and the daemon welcomes each into the session it opened for the first.
+                # Taken as new, each logged 'registered' and sent the whole outbox again
+                return
             self._session = message.session
             # the daemon counts a station lost after a few of its heartbeat intervals: never beat slower than it asks
             self.heartbeat_s = min(self.heartbeat_s, message.heartbeat_s)

@@ -270,3 +270,29 @@ def test_connecting_the_instrument_is_not_counted_against_the_experiments_timeou
     assert [(t.status, t.error) for t in trials] == [("completed", None), ("completed", None)]
     assert all(t.attempts == 1 for t in trials)
     store.close()
+
+
+def test_a_station_that_repeats_its_hello_while_the_daemon_starts_registers_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from tests.daemon.procs import serving, station, wait_for
+
+    campaign = Campaign.from_yaml_text(branin_campaign("early", 1, planner={"backend": "sobol"}))
+    store = Store(tmp_path / "s.db")
+    daemon = Daemon(store, [campaign], heartbeat_s=0.2)  # bound, and not yet reading: a daemon starting
+    # an answer the daemon never acknowledged, offered again at each registration
+    kept = Outbox(tmp_path / "early.outbox")
+    kept.put(999, protocol.encode(protocol.ResultMessage(trial_id=999, run_uid="r999", values={"y": 1.0})))
+    kept.close()
+    caplog.set_level(logging.INFO)
+    with station(daemon.endpoint, "early", tmp_path) as worker:
+        time.sleep(0.7)  # the station repeats its unanswered hello every 0.2 s meanwhile: 4 hellos wait
+        with serving(daemon):
+            wait_for(lambda: store.counts(store.campaign_row("early").id).get("completed") == 1, 20, "the experiment")
+            time.sleep(0.3)  # the answers to the repeated hellos arrive by now
+    registered = [r for r in caplog.records if r.name == "closedloop.worker" and "registered" in r.getMessage()]
+    offered = [r for r in caplog.records if r.name == "closedloop.daemon" and "id 999" in r.getMessage()]
+    # each welcome was taken for a new registration: 4 log lines, the outbox sent 4 times
+    assert len(registered) == 1 and worker.completed == 1, [r.getMessage() for r in registered]
+    assert len(offered) == 1, [r.getMessage() for r in offered]
