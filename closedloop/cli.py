@@ -115,7 +115,10 @@ def _default_store(campaign: Campaign) -> Path:
     return Path("results") / f"{campaign.name}.db"
 
 
-def _setup_logging(verbose: bool, logfile: Path | None = None) -> None:
+def _setup_logging(verbose: bool, logfile: Path | None = None, terminal: str | None = None) -> None:
+    """Log to ``logfile`` and, with ``verbose``, everything to stderr. Without ``verbose``, ``terminal`` names a
+    logger whose lines reach stderr all the same, with every logger's warnings: a command with no progress view of
+    its own (a station) showed "connecting" and then nothing for days, whatever its experiments or daemon did."""
     handlers: list[logging.Handler] = []
     if logfile is not None:
         logfile.parent.mkdir(parents=True, exist_ok=True)
@@ -124,6 +127,12 @@ def _setup_logging(verbose: bool, logfile: Path | None = None) -> None:
         handlers.append(RotatingFileHandler(logfile, maxBytes=20_000_000, backupCount=5))
     if verbose:
         handlers.append(logging.StreamHandler(sys.stderr))
+    elif terminal is not None:
+        shown = logging.StreamHandler(sys.stderr)
+        # library warnings (py.warnings: a deprecation) stay off the terminal, as _options keeps them off every view
+        shown.addFilter(lambda record: record.name == terminal or record.name.startswith(terminal + ".")
+                        or (record.levelno >= logging.WARNING and record.name != "py.warnings"))
+        handlers.append(shown)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", handlers=handlers
                         or [logging.NullHandler()], force=True)
     # a station's log ran days on end at four lines of the RunEngine's state per experiment, most of the file, and
@@ -281,7 +290,7 @@ def worker(
     """Run a station worker that executes trials for a daemon."""
     import signal
 
-    _setup_logging(verbose, logfile)
+    _setup_logging(verbose, logfile, terminal="closedloop.worker")
     from closedloop.keys import ClientKeys
     from closedloop.worker import StationWorker
 

@@ -189,6 +189,13 @@ def _assignment_of(payload: bytes) -> str | None:
         return None
 
 
+def named(assignment: protocol.Assign) -> str:
+    """A trial as its station's operator knows it: its number in the campaign (as ``closedloop status`` and
+    ``explain`` show it), and the protocol's trial id where the two differ (campaigns sharing a store)."""
+    same = assignment.trial_index == assignment.trial_id
+    return f"trial {assignment.trial_index} of {assignment.campaign}" + ("" if same else f" (id {assignment.trial_id})")
+
+
 def default_station_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -375,6 +382,7 @@ class StationWorker:
             binding = self._binding(assignment.instrument)
             self._post(protocol.encode(protocol.Started(trial_id=trial, assignment=job.id)))
             started, started_at = time.monotonic(), time.time()
+            log.info("%s started", named(assignment))
             message: protocol.ResultMessage | protocol.Failure = self._measure(job, binding, documents, started,
                                                                               started_at)
         except Exception as exc:  # every failure is reported with its error, never swallowed
@@ -382,12 +390,16 @@ class StationWorker:
             opened = next(iter(documents.run_uids), None)
             # bluesky wraps a device's fault as FailedStatus(DeviceStatus(...)), which names no cause
             error = failure_reason(exc)
-            log.warning("trial %s of %s failed (run %s): %s", trial, assignment.campaign, opened or "not opened", error)
+            log.warning("%s failed after %.1f s (run %s): %s", named(assignment), time.monotonic() - started,
+                        opened or "not opened", error)
             # and its documents: a failure is when a scientist most needs to see what the hardware did
             message = protocol.Failure(trial_id=trial, assignment=job.id, error=error,
                                        run_uid=str(opened) if opened else None, duration_s=time.monotonic() - started,
                                        documents=_carried(documents, self.outbox.path) if opened else None,
                                        unavailable=isinstance(exc, InstrumentUnavailable) and not opened)
+        if isinstance(message, protocol.ResultMessage):
+            log.info("%s finished in %.1f s: %s (run %s)", named(assignment), message.duration_s or 0.0,
+                     ", ".join(f"{name}={value:.6g}" for name, value in message.values.items())[:300], message.run_uid)
         payload = protocol.encode(message)
         run_uid = message.run_uid if isinstance(message, protocol.ResultMessage) else None
         self.outbox.put(trial, payload, run_uid)  # persisted before it is sent: survives a crash from here on
@@ -485,7 +497,7 @@ class StationWorker:
             return  # nothing held, or already ending: an assignment that follows this cancel is a new job
         job.cancelled = True
         if self._running == trial_id and self.RE is not None:
-            log.warning("cancelling running trial %s: %s", trial_id, reason)
+            log.warning("cancelling running %s: %s", named(job.assignment), reason)
             try:
                 self.RE.request_pause(defer=False)
             except Exception as exc:  # the run ended meanwhile: nothing left to stop
@@ -526,6 +538,7 @@ class StationWorker:
         sock = self._connect()
         self._session: int | None = None
         self._seen: str | None = None  # the daemon's last heartbeat read here
+        self._unheard_since: float | None = None  # when the daemon was last heard, while this station says it is not
         sock.send(self._hello())
         last_sent = last_heard = time.monotonic()
         # a stop lets the run in progress finish: this thread beats on (a silent station is lost, and its trial
@@ -537,10 +550,13 @@ class StationWorker:
                     if self.refused is not None:
                         break
                     # say so now: what is queued here goes to other stations
-                    if departure.announce() and self._session is not None:
-                        self._session = None
-                        self.registered.clear()
-                        sock.send(self._hello())
+                    if departure.announce():
+                        log.info("stopping: nothing more starts here; %s", "the run in progress finishes and its "
+                                 "answer is delivered first" if self._running is not None else "no run in progress")
+                        if self._session is not None:
+                            self._session = None
+                            self.registered.clear()
+                            sock.send(self._hello())
                     if departure.may_leave(self._idle.is_set(), self.outbox, self.heartbeat_s):
                         break
                 poller = zmq.Poller()
@@ -577,8 +593,14 @@ class StationWorker:
                         sock.send(self._hello())
                     last_sent = now
                 if now - last_heard > 5 * self.heartbeat_s:
-                    log.warning("no word from the daemon at %s for %.1f s; reconnecting (%s)", self.endpoint,
-                                now - last_heard, why_unheard(self.keys, self.name))
+                    # said once a silence: repeated at each reconnect, a daemon down overnight filled the station's
+                    # terminal and log with a line every five heartbeats. The next 'registered' says it is back
+                    if self._unheard_since is None:
+                        self._unheard_since = last_heard
+                        log.warning("no word from the daemon at %s for %.1f s; reconnecting until it answers (%s)",
+                                    self.endpoint, now - last_heard, why_unheard(self.keys, self.name))
+                    else:
+                        log.debug("still no word from the daemon at %s; reconnecting", self.endpoint)
                     sock.close(linger=0)
                     sock = self._connect()
                     self._session = None
@@ -611,7 +633,10 @@ class StationWorker:
             self.heartbeat_s = min(self.heartbeat_s, message.heartbeat_s)
             self._welcomed += 1
             self.registered.set()
-            log.info("registered with %s (session %d)", self.endpoint, message.session)
+            silence = "" if self._unheard_since is None else \
+                f" after {time.monotonic() - self._unheard_since:.0f} s without word from it"
+            self._unheard_since = None
+            log.info("registered with %s (session %d)%s", self.endpoint, message.session, silence)
             for _, payload in self.outbox.pending():  # the daemon may have restarted: offer what it never acked
                 sock.send(payload)
         elif isinstance(message, protocol.Refused):

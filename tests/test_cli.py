@@ -341,3 +341,44 @@ def test_a_run_whose_experiments_all_break_the_outcome_constraints_reports_no_be
     assert result.returncode == 0, result.stderr
     assert "[3/3] experiment 3: y=" in result.stdout and "best y=" not in result.stdout, result.stdout
     assert "no feasible experiment yet: none of the 3 completed meets the outcome constraints" in result.stdout
+
+
+def test_a_station_run_in_a_terminal_shows_its_experiments_and_its_daemon_without_verbose(tmp_path: Path) -> None:
+    """`closedloop worker` without -v or --logfile printed "connecting" and then nothing: its operator saw no
+    experiment start, end or fail, nor the daemon go."""
+    import os
+    import signal
+
+    from tests.daemon.procs import CLI, campaign_yaml, env, free_port, start_daemon, wait_for
+
+    (tmp_path / "c.yaml").write_text(campaign_yaml("shown", 2, latency=0.1, concurrency=1))
+    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    output = tmp_path / "station.out"
+    with output.open("w") as out:
+        station = subprocess.Popen([*CLI, "worker", "--connect", endpoint, "--name", "bench-a", "--outbox", "a.outbox",
+                                    "--heartbeat", "0.2"], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env=env())
+    daemon = start_daemon(tmp_path, endpoint, control)
+    try:
+        # the daemon ends with its campaign; the station notices after five of its heartbeats
+        wait_for(lambda: "no word from the daemon" in output.read_text().partition("trial 2 of shown finished")[2], 60,
+                 "the station to miss its daemon")
+        time.sleep(2.3)  # two more reconnects (one each 1 s) to a daemon that is gone
+        os.kill(station.pid, signal.SIGTERM)
+        assert station.wait(timeout=20) == 0
+    finally:
+        for proc in (station, daemon):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+    lines = output.read_text().splitlines()
+    text = "\n".join(lines)
+    assert "station bench-a connecting to" in lines[0], text
+    assert sum("registered with" in line for line in lines) == 1, text
+    for trial in (1, 2):
+        assert any(f"trial {trial} of shown started" in line for line in lines), text
+        assert any(f"trial {trial} of shown finished in" in line and "y=" in line for line in lines), text
+    # once a silence, not at every reconnect (1 s): the daemon gone at the end, and maybe not yet up at the start
+    assert sum("no word from the daemon" in line for line in text.partition("trial 2 of shown finished")[2]
+               .splitlines()) == 1, text
+    assert "stopping: nothing more starts here" in lines[-1], text
+    assert "bluesky" not in text and "Change state" not in text, text  # the RunEngine's chatter stays at WARNING
