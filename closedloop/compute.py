@@ -59,7 +59,8 @@ import zmq
 
 from closedloop import protocol
 from closedloop.errors import ClosedLoopError, DeviceError, ProtocolError
-from closedloop.worker import Departure, Outbox, connect_station, default_station_name, why_unheard
+from closedloop.worker import (Departure, Outbox, Registration, connect_station, default_station_name, finished,
+                               named)
 
 log = logging.getLogger("closedloop.compute")
 
@@ -289,6 +290,7 @@ class ComputeStation:
         self.refused: str | None = None
         self._instance = uuid.uuid4().hex  # this process, in its hellos
         self._welcomed = 0
+        self._registration = Registration(log, self.endpoint, self.keys, self.name)
         self._seen: str | None = None  # the daemon's last heartbeat read here
         self._done: queue.Queue[tuple[int, Any]] = queue.Queue()  # (trial, its finished future)
         self._stop = threading.Event()
@@ -381,9 +383,9 @@ class ComputeStation:
         self.client(self.scheduler or _env_scheduler())
         capacity = self.capacity
         sock = self._connect()
+        self._registration.session = None
         sock.send(self._hello(capacity))
         last_sent = last_heard = time.monotonic()
-        registered = False
         # a stop lets the experiments computing finish: the station beats on (a silent station is lost, and its
         # trials run again elsewhere while they go on here) until their answers are acknowledged
         departure = Departure()
@@ -395,7 +397,7 @@ class ComputeStation:
                     if departure.announce():
                         # say so now, listing only what is computing: the trials waiting here go to other stations
                         self._queued.clear()
-                        registered = False
+                        self._registration.session = None
                         sock.send(self._hello(capacity))
                         last_sent = time.monotonic()
                         log.info("stopping: finishing %d experiment(s) before leaving", len(self._running))
@@ -410,7 +412,7 @@ class ComputeStation:
                 # short naps while experiments run: a finished future is noticed within milliseconds
                 if sock.poll(3 if self._running else 20, zmq.POLLIN):
                     last_heard = time.monotonic()
-                    registered = self._on_message(sock, sock.recv(), registered)
+                    self._on_message(sock, sock.recv())
                 while True:
                     try:
                         trial_id, future = self._done.get_nowait()
@@ -424,21 +426,21 @@ class ComputeStation:
                     trial_id = next(iter(self._queued))
                     self._submit(sock, self._queued.pop(trial_id))
                 now = time.monotonic()
+                registered = self._registration.session is not None
                 if now - last_sent >= self.heartbeat_s:
                     sock.send(protocol.encode(protocol.Heartbeat(running=sorted(self._running), holds=self._holdings(),
                                                                  seen=self._seen))
                               if registered else self._hello(capacity))
                     last_sent = now
                 if registered and now - last_heard > 10 * self.heartbeat_s:
-                    log.warning("no word from the daemon for %.0f s; reconnecting", now - last_heard)
+                    self._registration.unheard(last_heard, now)  # said once a silence
                     sock.close(linger=0)
                     sock = self._connect()
                     sock.send(self._hello(capacity))
-                    registered, last_heard = False, now
+                    self._registration.session, last_heard = None, now
                 elif not registered and now - last_heard > 10 * self.heartbeat_s:
                     # the station was silent for good with a wrong key
-                    log.warning("not registered with the daemon at %s after %.0f s; still trying (%s)", self.endpoint,
-                                now - last_heard, why_unheard(self.keys, self.name))
+                    self._registration.unheard(last_heard, now, "not registered; still trying")
                     last_heard = now
         finally:
             sock.close(linger=0)
@@ -472,36 +474,38 @@ class ComputeStation:
                                               capacity=capacity, outstanding=self._holdings(), instance=self._instance,
                                               welcomed=self._welcomed))
 
-    def _on_message(self, sock: zmq.Socket, frame: bytes, registered: bool) -> bool:
+    def _on_message(self, sock: zmq.Socket, frame: bytes) -> None:
         try:
             message = protocol.decode(frame)
         except ProtocolError as exc:
             log.warning("dropped a message from the daemon: %s", exc)
-            return registered
+            return
         if isinstance(message, protocol.Welcome):
+            if not self._registration.welcome(message):
+                return  # the answer to a repeat of our hello, in the session it registered
             # the daemon counts a station lost after a few of its heartbeat intervals: never beat slower than it asks
             self.heartbeat_s = min(self.heartbeat_s, message.heartbeat_s)
             self._welcomed += 1
             for _, payload in self.outbox.pending():  # the daemon may have restarted: offer what it never acked
                 sock.send(payload)
-            return True
-        if isinstance(message, protocol.Refused):
+        elif isinstance(message, protocol.Refused):
+            self._registration.session = None
             if message.reason.startswith("unregistered"):
                 sock.send(self._hello(self.capacity))
-                return False
+                return
             log.error("daemon refused this station: %s", message.reason)
             self.refused = message.reason
             self._stop.set()
-            return False
-        if isinstance(message, protocol.Ack):
+        elif isinstance(message, protocol.Ack):
             self.outbox.remove(message.trial_id, message.assignment)
         elif isinstance(message, protocol.Heartbeat):
             self._seen = message.msg_id
         elif isinstance(message, protocol.Assign):
             self._start(sock, message)
         elif isinstance(message, protocol.Cancel):
-            if self._queued.pop(message.trial_id, None) is not None:
-                log.info("trial %s cancelled before it started: %s", message.trial_id, message.reason)
+            queued = self._queued.pop(message.trial_id, None)
+            if queued is not None:
+                log.info("%s cancelled before it started: %s", named(queued), message.reason)
             running = self._running.pop(message.trial_id, None)
             if running is not None:
                 # the daemon has already recorded the timeout and applied its retry policy; a failure
@@ -509,9 +513,8 @@ class ComputeStation:
                 # not cancelled: that would free its slot while the function goes on holding the Dask thread, and the
                 # next experiment would wait in Dask's queue with its timeout running, to time out unrun
                 self._cancelled[running.future.key] = message.trial_id
-                log.info("trial %s cancelled: %s (its experiment holds a slot until it returns)", message.trial_id,
-                         message.reason)
-        return registered
+                log.warning("cancelling running %s: %s (its experiment holds a slot until it returns)",
+                            named(running.assignment), message.reason)
 
     # -- experiments ----------------------------------------------------------------------------
 
@@ -531,7 +534,7 @@ class ComputeStation:
             return
         if self._stop.is_set():
             # sent before the daemon read that this station is leaving; it re-queues what the station does not hold
-            log.info("trial %s not started: stopping", trial)
+            log.info("%s not started: stopping", named(assignment))
             return
         self._submit(sock, assignment)
 
@@ -547,6 +550,7 @@ class ComputeStation:
                                    dict(assignment.instrument.options), list(assignment.outputs), assignment.timeout_s,
                                    key=f"closedloop-trial-{trial}-{uuid.uuid4().hex[:8]}", pure=False)
         except Exception as exc:  # cannot even submit: a failure of this trial, reported like any other
+            log.warning("%s failed: %s", named(assignment), _describe(exc))
             payload = protocol.encode(protocol.Failure(trial_id=trial, assignment=assignment.msg_id,
                                                        error=_describe(exc)))
             self.outbox.put(trial, payload)
@@ -555,7 +559,7 @@ class ComputeStation:
             return
         self._running[trial] = _Running(assignment, future)
         future.add_done_callback(lambda f, trial=trial: self._done.put((trial, f)))
-        log.info("campaign=%s trial=%s submitted to Dask as %s", assignment.campaign, trial, future.key)
+        log.info("%s started (Dask task %s)", named(assignment), future.key)
 
     def _finish(self, trial_id: int, future: Any) -> bytes | None:
         """Store the outcome of a finished future in the outbox; the payload to send, or None if cancelled."""
@@ -574,8 +578,10 @@ class ComputeStation:
                 values=outcome["values"], duration_s=max(0.0, outcome["finished"] - outcome["started"]))
             self.spans.append((outcome["started"], outcome["finished"]))
             self.completed += 1
+            log.info("%s", finished(running.assignment, message))
         except Exception as exc:  # every failure is reported with its error, never swallowed
-            log.warning("trial %s of %s failed: %s", trial_id, running.assignment.campaign, _describe(exc))
+            log.warning("%s failed after %.1f s: %s", named(running.assignment), time.monotonic() - running.submitted,
+                        _describe(exc))
             message = protocol.Failure(trial_id=trial_id, assignment=running.assignment.msg_id,
                                        error=_describe(exc))
             self.failed += 1

@@ -62,6 +62,45 @@ def why_unheard(keys: ClientKeys | None, name: str) -> str:
     return f"if it is running, {keyed}another process may be connected as station {name!r}"
 
 
+class Registration:
+    """A station's registration with its daemon, as its welcomes tell it; shared by the station worker and the
+    compute station, each logging to its own logger (the one its terminal shows).
+
+    ``session`` is the daemon's session this station is in (None: not registered). :meth:`welcome` takes a
+    ``welcome`` into the session it is already in for the answer to a repeat of its hello, and ignores it. A
+    station repeats an unanswered hello each heartbeat; while a daemon starts they pile up, and it welcomes each
+    into the session it opened for the first: taken as new, each logged 'registered' and had the whole outbox
+    sent again. :meth:`unheard` says a silence of the daemon once, not at each reconnect (a daemon down overnight
+    filled the station's terminal and log with a line every few heartbeats); the next 'registered' says how long
+    it lasted.
+    """
+
+    def __init__(self, logger: logging.Logger, endpoint: str, keys: ClientKeys | None, name: str):
+        self.log, self.endpoint, self.keys, self.name = logger, endpoint, keys, name
+        self.session: int | None = None
+        self._unheard_since: float | None = None  # when the daemon was last heard, while this station says it is not
+
+    def welcome(self, message: protocol.Welcome) -> bool:
+        """True (and logged) if ``message`` registers this station; False for a welcome into its current session."""
+        if message.session == self.session:
+            return False
+        self.session = message.session
+        silence = "" if self._unheard_since is None else \
+            f" after {time.monotonic() - self._unheard_since:.0f} s without word from it"
+        self._unheard_since = None
+        self.log.info("registered with %s (session %d)%s", self.endpoint, message.session, silence)
+        return True
+
+    def unheard(self, last_heard: float, now: float, doing: str = "reconnecting until it answers") -> None:
+        """The daemon, last heard at ``last_heard`` (monotonic), is silent; ``doing``: what the station does about it."""
+        if self._unheard_since is None:
+            self._unheard_since = last_heard
+            self.log.warning("no word from the daemon at %s for %.1f s; %s (%s)", self.endpoint, now - last_heard,
+                             doing, why_unheard(self.keys, self.name))
+        else:
+            self.log.debug("still no word from the daemon at %s; %s", self.endpoint, doing)
+
+
 class Departure:
     """A stopping station's way out. It tells the daemon once that it is leaving (:meth:`announce`), then leaves
     when it runs nothing and the daemon has acknowledged every answer, or ``ACK_WAIT_BEATS`` heartbeats after it
@@ -194,6 +233,12 @@ def named(assignment: protocol.Assign) -> str:
     ``explain`` show it), and the protocol's trial id where the two differ (campaigns sharing a store)."""
     same = assignment.trial_index == assignment.trial_id
     return f"trial {assignment.trial_index} of {assignment.campaign}" + ("" if same else f" (id {assignment.trial_id})")
+
+
+def finished(assignment: protocol.Assign, result: protocol.ResultMessage) -> str:
+    """The line a station logs for an experiment that returned: trial, duration, values and run uid."""
+    values = ", ".join(f"{name}={value:.6g}" for name, value in result.values.items())[:300]
+    return f"{named(assignment)} finished in {result.duration_s or 0.0:.1f} s: {values} (run {result.run_uid})"
 
 
 def default_station_name() -> str:
@@ -398,8 +443,7 @@ class StationWorker:
                                        documents=_carried(documents, self.outbox.path) if opened else None,
                                        unavailable=isinstance(exc, InstrumentUnavailable) and not opened)
         if isinstance(message, protocol.ResultMessage):
-            log.info("%s finished in %.1f s: %s (run %s)", named(assignment), message.duration_s or 0.0,
-                     ", ".join(f"{name}={value:.6g}" for name, value in message.values.items())[:300], message.run_uid)
+            log.info("%s", finished(assignment, message))
         payload = protocol.encode(message)
         run_uid = message.run_uid if isinstance(message, protocol.ResultMessage) else None
         self.outbox.put(trial, payload, run_uid)  # persisted before it is sent: survives a crash from here on
@@ -536,9 +580,8 @@ class StationWorker:
         wake.setsockopt(zmq.LINGER, 0)
         wake.bind(self._wake_address)
         sock = self._connect()
-        self._session: int | None = None
+        self._registration = Registration(log, self.endpoint, self.keys, self.name)
         self._seen: str | None = None  # the daemon's last heartbeat read here
-        self._unheard_since: float | None = None  # when the daemon was last heard, while this station says it is not
         sock.send(self._hello())
         last_sent = last_heard = time.monotonic()
         # a stop lets the run in progress finish: this thread beats on (a silent station is lost, and its trial
@@ -553,8 +596,8 @@ class StationWorker:
                     if departure.announce():
                         log.info("stopping: nothing more starts here; %s", "the run in progress finishes and its "
                                  "answer is delivered first" if self._running is not None else "no run in progress")
-                        if self._session is not None:
-                            self._session = None
+                        if self._registration.session is not None:
+                            self._registration.session = None
                             self.registered.clear()
                             sock.send(self._hello())
                     if departure.may_leave(self._idle.is_set(), self.outbox, self.heartbeat_s):
@@ -585,7 +628,7 @@ class StationWorker:
                         break
                 now = time.monotonic()
                 if now - last_sent >= self.heartbeat_s:
-                    if self._session is not None:
+                    if self._registration.session is not None:
                         running = [self._running] if self._running is not None else []
                         sock.send(protocol.encode(protocol.Heartbeat(running=running, holds=self._holdings(),
                                                                      seen=self._seen)))
@@ -593,17 +636,10 @@ class StationWorker:
                         sock.send(self._hello())
                     last_sent = now
                 if now - last_heard > 5 * self.heartbeat_s:
-                    # said once a silence: repeated at each reconnect, a daemon down overnight filled the station's
-                    # terminal and log with a line every five heartbeats. The next 'registered' says it is back
-                    if self._unheard_since is None:
-                        self._unheard_since = last_heard
-                        log.warning("no word from the daemon at %s for %.1f s; reconnecting until it answers (%s)",
-                                    self.endpoint, now - last_heard, why_unheard(self.keys, self.name))
-                    else:
-                        log.debug("still no word from the daemon at %s; reconnecting", self.endpoint)
+                    self._registration.unheard(last_heard, now)  # said once a silence
                     sock.close(linger=0)
                     sock = self._connect()
-                    self._session = None
+                    self._registration.session = None
                     self.registered.clear()
                     sock.send(self._hello())
                     last_heard = last_sent = now
@@ -623,26 +659,18 @@ class StationWorker:
             log.warning("dropped a message from the daemon: %s", exc)
             return
         if isinstance(message, protocol.Welcome):
-            if message.session == self._session:
-                # the answer to a repeat of our hello: they pile up while a starting daemon is not yet reading
-                # (one each heartbeat), and the daemon welcomes each into the session it opened for the first.
-                # Taken as new, each logged 'registered' and sent the whole outbox again
-                return
-            self._session = message.session
+            if not self._registration.welcome(message):
+                return  # the answer to a repeat of our hello, in the session it registered
             # the daemon counts a station lost after a few of its heartbeat intervals: never beat slower than it asks
             self.heartbeat_s = min(self.heartbeat_s, message.heartbeat_s)
             self._welcomed += 1
             self.registered.set()
-            silence = "" if self._unheard_since is None else \
-                f" after {time.monotonic() - self._unheard_since:.0f} s without word from it"
-            self._unheard_since = None
-            log.info("registered with %s (session %d)%s", self.endpoint, message.session, silence)
             for _, payload in self.outbox.pending():  # the daemon may have restarted: offer what it never acked
                 sock.send(payload)
         elif isinstance(message, protocol.Refused):
             if message.reason.startswith("unregistered"):
-                if self._session is not None:
-                    self._session = None
+                if self._registration.session is not None:
+                    self._registration.session = None
                     self.registered.clear()
                     sock.send(self._hello())
                 return
@@ -652,7 +680,7 @@ class StationWorker:
         elif isinstance(message, protocol.Ack):
             self.outbox.remove(message.trial_id, message.assignment)
         elif isinstance(message, protocol.Assign):
-            if self._session is None or message.session != self._session:
+            if self._registration.session is None or message.session != self._registration.session:
                 # sent before the daemon saw our hello; it has re-queued the trial
                 log.info("ignored trial %s from an earlier session", message.trial_id)
                 return

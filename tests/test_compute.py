@@ -72,6 +72,14 @@ def raises(x1: float, x2: float) -> dict[str, float]:
     raise ValueError("mesh did not converge")
 
 
+def raises_once(x1: float, x2: float, marker: str) -> dict[str, float]:
+    """Fails the first time it runs, then behaves."""
+    if not os.path.exists(marker):
+        Path(marker).write_text("raised")
+        raise ValueError("mesh did not converge")
+    return quadratic(x1, x2)
+
+
 SCRIPT = "import json, sys; x1, x2 = float(sys.argv[1]), float(sys.argv[2]); print('log line'); " \
          "print(json.dumps({'y': x1 + 10 * x2}))"
 
@@ -579,3 +587,40 @@ def test_a_stations_local_workers_run_no_statistical_profiler(tmp_path: Path) ->
             station.outbox.close()
         (names,) = callbacks.values()
         assert "heartbeat" in names and "profile" not in names and "profile-cycle" not in names
+
+
+def test_a_compute_station_that_repeats_its_hello_while_the_daemon_starts_registers_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from closedloop.worker import Outbox
+    from tests.daemon.procs import serving
+
+    c = campaign("early", '{function: "tests.test_compute:quadratic"}', experiments=1, concurrency=1)
+    store = Store(tmp_path / "s.db")
+    daemon = Daemon(store, [c], heartbeat_s=0.2)  # bound, and not yet reading: a daemon starting
+    # an answer the daemon never acknowledged, offered again at each registration
+    kept = Outbox(tmp_path / "o.db")
+    kept.put(999, protocol.encode(protocol.ResultMessage(trial_id=999, run_uid="r999", values={"y": 1.0})))
+    kept.close()
+    caplog.set_level(logging.INFO)
+    station = ComputeStation(daemon.endpoint, name="cluster", capacity=1, outbox=tmp_path / "o.db", processes=False,
+                             local_workers=1, heartbeat_s=0.2)
+    stop = threading.Event()
+    thread = threading.Thread(target=station.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: station._clients, 30, "the station's Dask cluster")
+        time.sleep(0.9)  # the station repeats its unanswered hello every 0.2 s meanwhile: 4 or more hellos wait
+        with serving(daemon):
+            wait_for(lambda: store.counts(store.campaign_row("early").id).get("completed") == 1, 20, "the experiment")
+            time.sleep(0.3)  # the answers to the repeated hellos arrive by now
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    store.close()
+    registered = [r for r in caplog.records if r.name == "closedloop.compute" and "registered" in r.getMessage()]
+    offered = [r for r in caplog.records if r.name == "closedloop.daemon" and "id 999" in r.getMessage()]
+    # each welcome was taken for a new registration (and none was logged): the outbox sent once per queued hello
+    assert len(offered) == 1, [r.getMessage() for r in offered]
+    assert len(registered) == 1 and station.completed == 1, [r.getMessage() for r in registered]
