@@ -330,7 +330,7 @@ def compute_station(
     and deliver the experiments computing, hand back the rest, exit)."""
     import signal
 
-    _setup_logging(verbose, logfile)
+    _setup_logging(verbose, logfile, terminal="closedloop.compute")
     from closedloop.compute import ComputeStation
     from closedloop.keys import ClientKeys
 

@@ -382,3 +382,53 @@ def test_a_station_run_in_a_terminal_shows_its_experiments_and_its_daemon_withou
                .splitlines()) == 1, text
     assert "stopping: nothing more starts here" in lines[-1], text
     assert "bluesky" not in text and "Change state" not in text, text  # the RunEngine's chatter stays at WARNING
+
+
+def test_a_compute_station_run_in_a_terminal_shows_its_experiments_without_verbose(tmp_path: Path) -> None:
+    """`closedloop compute-station` without -v or --logfile printed "connecting" and then nothing: its operator saw
+    no registration, and no experiment start, end or fail."""
+    import os
+    import signal
+
+    from tests.daemon.procs import CLI, env, free_port, start_daemon, wait_for
+
+    (tmp_path / "c.yaml").write_text(f"""
+name: shown
+parameters:
+  x1: {{type: continuous, bounds: [0, 1]}}
+  x2: {{type: continuous, bounds: [0, 1]}}
+objectives:
+  y: {{goal: minimize}}
+budget: {{experiments: 2}}
+execution: {{concurrency: 1, retries: 1}}
+planner: {{backend: sobol, seed: 3}}
+instrument: {{function: "tests.test_compute:raises_once", options: {{marker: "{tmp_path / 'raised'}"}}}}
+""")
+    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    output = tmp_path / "station.out"
+    with output.open("w") as out:
+        station = subprocess.Popen([*CLI, "compute-station", "--connect", endpoint, "--name", "cluster-a", "--outbox",
+                                    "a.outbox", "--capacity", "1", "--workers", "1"], cwd=tmp_path, stdout=out,
+                                   stderr=subprocess.STDOUT, env=env())
+    daemon = start_daemon(tmp_path, endpoint, control)
+    try:
+        wait_for(lambda: "trial 2 of shown finished" in output.read_text(), 60, "the second experiment")
+        os.kill(station.pid, signal.SIGTERM)
+        assert station.wait(timeout=20) == 0
+    finally:
+        for proc in (station, daemon):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+    lines = output.read_text().splitlines()
+    text = "\n".join(lines)
+    assert "compute station cluster-a connecting to" in lines[0], text
+    assert sum("registered with" in line for line in lines) == 1, text
+    # the first experiment fails, and its retry returns
+    assert any("trial 1 of shown failed after" in line and "mesh did not converge" in line for line in lines), text
+    for trial in (1, 2):
+        assert any(f"trial {trial} of shown started" in line for line in lines), text
+        assert any(f"trial {trial} of shown finished in" in line and "y=" in line for line in lines), text
+    assert "stopping: " in lines[-1], text
+    # the station's own lines, and other loggers' warnings only: no Dask chatter
+    assert all(" closedloop.compute " in line for line in lines[1:] if " INFO " in line), text
