@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from botorch.acquisition import AcquisitionFunction
 from botorch.acquisition.analytic import LogExpectedImprovement
+from botorch.acquisition.knowledge_gradient import qKnowledgeGradient
 from botorch.acquisition.logei import qLogNoisyExpectedImprovement
 from botorch.acquisition.multi_objective.logei import qLogNoisyExpectedHypervolumeImprovement
 from botorch.acquisition.multi_objective.objective import IdentityMCMultiOutputObjective
@@ -103,6 +104,25 @@ def contenders(model: Model, x: torch.Tensor, z: float = 5.0) -> torch.Tensor:
         posterior = model.posterior(x.unsqueeze(-2))  # one point at a time: marginals, no joint covariance
         mean, sd = posterior.mean.reshape(-1), posterior.variance.clamp_min(0).sqrt().reshape(-1)
     return x[mean + z * sd >= (mean - z * sd).max()]
+
+
+def knowledge_gradient(
+    model: Model, pending_x: torch.Tensor | None, current_value: float, seed: int, fantasies: int
+) -> qKnowledgeGradient:
+    """One-shot ``qKG``: how much an experiment is expected to raise the best posterior mean.
+
+    Noisy EI values a point by how far its reading may beat the best; the knowledge gradient by what
+    its reading would teach about where the optimum is, which is what a noisy campaign reports (the
+    models' estimate, not a reading). ``current_value``: the best posterior mean now, over the same box.
+    """
+    has_pending = pending_x is not None and len(pending_x) > 0
+    return qKnowledgeGradient(
+        model=model,
+        num_fantasies=fantasies,
+        sampler=SobolQMCNormalSampler(sample_shape=torch.Size([fantasies]), seed=seed),
+        current_value=torch.tensor(current_value, dtype=torch.double),
+        X_pending=pending_x if has_pending else None,
+    )
 
 
 class ConsensusMean(AcquisitionFunction):

@@ -181,6 +181,37 @@ def test_a_noisy_campaign_ends_on_the_experiments_the_models_expect_best() -> No
     assert longer.suggest(1)[0].metadata["generator"] != "botorch.ConsensusMean"
 
 
+def test_a_noisy_campaign_closing_in_proposes_by_knowledge_gradient_near_its_experiments(monkeypatch) -> None:
+    from closedloop.planner import botorch_backend
+
+    rng = np.random.default_rng(1)
+    noisy = make_planner(campaign(BRANIN, initial=5, experiments=24))
+    results = run(noisy, lambda p: {"y": b(p) + float(rng.standard_normal())}, 20)  # 4 left: closing in
+    proposal = noisy.suggest(1)[0]
+    assert proposal.metadata["generator"] == "botorch.qKnowledgeGradient"
+    # within the closing-in box (edge FINAL_LENGTH of each range) around the experiment the model rates best
+    half = 0.5 * botorch_backend.FINAL_LENGTH * 15
+    assert any(abs(proposal.parameters["x1"] - r.parameters["x1"]) <= half + 1e-9
+               and abs(proposal.parameters["x2"] - r.parameters["x2"]) <= half + 1e-9 for r in results)
+    evidence = noisy.last_decision
+    assert evidence is not None and evidence["acquisition"] == "qKnowledgeGradient"
+    assert math.isfinite(evidence["points"][0]["acquisition_value"])
+    assert evidence["points"][0]["acquisition_value"] == evidence["acquisition_joint"]
+    # the same data and seed give the same proposal (a planner rebuilt after a crash, replay)
+    rebuilt = make_planner(campaign(BRANIN, initial=5, experiments=24))
+    rebuilt.ingest(results)
+    assert rebuilt.suggest(1)[0].parameters == proposal.parameters
+    # with an experiment in flight the gradient counts it as pending
+    assert noisy.suggest(1, pending=[proposal.parameters])[0].metadata["generator"] == "botorch.qKnowledgeGradient"
+    # past KG_UP_TO experiments its cost is not paid: EI
+    monkeypatch.setattr(botorch_backend, "KG_UP_TO", 19)
+    assert noisy.suggest(1)[0].metadata["generator"] == "botorch.LogExpectedImprovement"
+    # noise-free readings close in by EI
+    clean = make_planner(campaign(BRANIN, initial=5, experiments=24))
+    run(clean, lambda p: {"y": b(p)}, 20)
+    assert clean.suggest(1)[0].metadata["generator"] == "botorch.LogExpectedImprovement"
+
+
 def test_noise_free_best_is_the_best_reading() -> None:
     planner = make_planner(campaign(BRANIN, initial=5))
     results = run(planner, lambda p: {"y": b(p)}, 8)
