@@ -152,6 +152,9 @@ def _summary(campaign: Campaign, store_path: Path, run: Any, seconds: float) -> 
     if best is None and counts.get("completed", 0) and campaign.outcome_constraints:
         console.print(f"no feasible experiment yet: none of the {counts['completed']} completed meets the outcome "
                       "constraints", soft_wrap=True)
+    elif best is None and counts.get("failed", 0):
+        console.print(f"no experiment completed: all {counts['failed']} failed; `closedloop show {campaign.name}` "
+                      "lists their errors", soft_wrap=True, highlight=False)
     elif best is None:
         console.print("no experiment completed")
     else:
@@ -208,6 +211,11 @@ def run(
                       highlight=False)
         if stopping[0] == "Ctrl-C":
             raise typer.Exit(130)
+    counts = result.store.counts(result.id)
+    if counts.get("failed", 0) and not counts.get("completed", 0):
+        # a batch job or script read exit 0 as a campaign run, when every experiment had failed (an instrument
+        # switched off, a driver's bug): the campaign ran, but gave nothing to go on
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -343,6 +343,19 @@ def test_a_run_whose_experiments_all_break_the_outcome_constraints_reports_no_be
     assert "no feasible experiment yet: none of the 3 completed meets the outcome constraints" in result.stdout
 
 
+def test_a_run_whose_every_experiment_failed_says_so_and_exits_1(tmp_path: Path) -> None:
+    # it printed "no experiment completed" and exited 0, which a batch job or script took for a campaign run
+    campaign = (ROOT / "campaigns" / "branin.yaml").read_text().replace(
+        "experiments: 30", "experiments: 2").replace("initial_experiments: 8", "initial_experiments: 1").replace(
+        "{noise: 0.01, seed: 0}", "{noise: 0.01, seed: 0, failure_rate: 1.0}")
+    (tmp_path / "c.yaml").write_text(campaign)
+    result = closedloop("run", "c.yaml", cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "branin: 0 completed, 2 failed" in result.stdout, result.stdout
+    assert "no experiment completed: all 2 failed; `closedloop show branin` lists their errors" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
 def test_a_station_run_in_a_terminal_shows_its_experiments_and_its_daemon_without_verbose(tmp_path: Path) -> None:
     """`closedloop worker` without -v or --logfile printed "connecting" and then nothing: its operator saw no
     experiment start, end or fail, nor the daemon go."""
