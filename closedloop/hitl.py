@@ -174,20 +174,22 @@ def suggest(store: Store, campaign: Campaign | str, n: int = 1) -> list[TrialRow
     if n > campaign.max_experiments and not stored:  # before the campaign is written to a new store
         _over_budget(campaign, n, 0, 0)
     campaign_id = store.open_campaign(campaign)
-    open_trials = store.trials(campaign_id, [TrialStatus.proposed.value, TrialStatus.dispatched.value,
-                                             TrialStatus.held.value])
-    finished = len(store.trials(campaign_id, [TrialStatus.completed.value, TrialStatus.failed.value,
-                                              TrialStatus.abandoned.value]))
-    if n > campaign.max_experiments - finished - len(open_trials):
-        _over_budget(campaign, n, finished, len(open_trials))
-    from closedloop import provenance  # issue 9: hand-run trials are explained like the daemon's
+    # one suggest at a time: two at once both passed the budget check and were given the same points
+    with store.serialized(campaign.name, "suggest"):
+        open_trials = store.trials(campaign_id, [TrialStatus.proposed.value, TrialStatus.dispatched.value,
+                                                 TrialStatus.held.value])
+        finished = len(store.trials(campaign_id, [TrialStatus.completed.value, TrialStatus.failed.value,
+                                                  TrialStatus.abandoned.value]))
+        if n > campaign.max_experiments - finished - len(open_trials):
+            _over_budget(campaign, n, finished, len(open_trials))
+        from closedloop import provenance  # issue 9: hand-run trials are explained like the daemon's
 
-    planner = provenance.Recorder(make_planner(campaign))
-    planner.ingest(store.results(campaign_id))
-    proposals = planner.suggest(n, pending=[t.parameters for t in open_trials])
-    rows = store.add_trials(campaign_id, [(p.parameters, {**p.metadata, "execution": MANUAL, "suggested_by": user()})
-                                          for p in proposals],
-                            companion=provenance.companion(store, planner, proposals))  # issue 9: why, with them
+        planner = provenance.Recorder(make_planner(campaign))
+        planner.ingest(store.results(campaign_id))
+        proposals = planner.suggest(n, pending=[t.parameters for t in open_trials])
+        rows = store.add_trials(campaign_id, [(p.parameters, {**p.metadata, "execution": MANUAL,
+                                                              "suggested_by": user()}) for p in proposals],
+                                companion=provenance.companion(store, planner, proposals))  # issue 9: why, with them
     for row in rows:
         log.info("campaign=%s trial=%s suggested for hand execution parameters=%s", campaign.name, row.index,
                  row.parameters)

@@ -436,3 +436,26 @@ def test_tell_from_a_csv_without_an_output_column_names_the_column(tmp_path: Pat
     assert "missing column 'y'" in result.output and "is not a number" not in result.output
     store = Store(db)
     assert not store.results(store.campaign_row("hand").id)
+
+
+def test_two_people_suggesting_at_once_get_different_points_within_the_budget(tmp_path: Path) -> None:
+    # two `suggest -n 2` started together (budget 4, one finished) both passed the budget check and the planner
+    # (same data, same pending, same seed) gave both the same points: 5 trials of 4, two pairs run twice
+    db = str(tmp_path / "s.db")
+    path = tmp_path / "hand.yaml"
+    path.write_text(branin_campaign("hand", 4, planner={"backend": "botorch", "initial_experiments": 1, "seed": 0},
+                                    options={"noise": 0.0, "seed": 0}))
+    assert cli("suggest", str(path), "--store", db).exit_code == 0
+    assert cli("tell", "hand", "1", "y=20.5", "--store", db).exit_code == 0
+    command = [sys.executable, "-m", "closedloop.cli", "suggest", "hand", "-n", "2", "--store", db]
+    both = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outcomes = [(p.wait(timeout=120), *p.communicate()) for p in both]
+    assert sorted(code for code, _, _ in outcomes) == [0, 2], outcomes
+    refused = next(err for code, _, err in outcomes if code == 2)
+    assert "leaves 1 (1 finished, 2 open)" in refused
+    store = Store(db)
+    trials = store.trials(store.campaign_row("hand").id)
+    assert len(trials) == 3
+    points = [tuple(sorted(t.parameters.items())) for t in trials]
+    assert len(set(points)) == 3, points
