@@ -319,6 +319,11 @@ class CampaignRun:
         self.queue: deque[int] = deque()
         self.held = 0
         self.held_ids: set[int] = set()  # issue 7: to notice proposals a person rejected
+        # trials from `closedloop suggest`: open ones count against the budget and are pending for the planner; a
+        # result told by hand is learned (a daemon held trial 7 of 6 while two hand trials were open, and its
+        # planner never saw what was told)
+        self.manual_open: set[int] = set()
+        self.manual_done: set[int] = {t.id for t in finished if (t.planner or {}).get("execution") == "manual"}  # type: ignore[misc]
         self.refresh_queue()
         self.service: PlannerService | None = None
         self.starved_since: float | None = None  # a station has waited on the planner since then
@@ -387,8 +392,10 @@ class CampaignRun:
         """
         queued, held = [], 0
         held_ids: set[int] = set()
+        manual: set[int] = set()
         for trial in self.store.trials(self.id, _WAITING):
             if (trial.planner or {}).get("execution") == "manual":
+                manual.add(trial.id)  # type: ignore[arg-type]
                 continue
             if trial.status == TrialStatus.proposed.value:
                 queued.append(trial.id)
@@ -397,11 +404,24 @@ class CampaignRun:
                 held_ids.add(trial.id)  # type: ignore[arg-type]
         self.queue = deque(queued)
         self.held = held
+        self.manual_open = manual
         # -- issue 7: `closedloop reject` records a held proposal failed; the planner must learn it
         decided = [self.store.trial(t) for t in self.held_ids - held_ids]
         self.held_ids = held_ids
         return [t for t in decided if t.status == TrialStatus.failed.value]
         # -- end issue 7
+
+    def told(self) -> list[TrialRow]:
+        """Hand-run trials (from `closedloop suggest`) finished since the last look, counted as finished here."""
+        if sum(n for status, n in self.store.counts(self.id).items()
+               if status in ("completed", "failed", "abandoned")) <= self.finished:
+            return []  # nothing finished that this daemon has not counted
+        told = [t for t in self.store.trials(self.id, ["completed", "failed", "abandoned"])
+                if (t.planner or {}).get("execution") == "manual" and t.id not in self.manual_done]
+        for trial in told:
+            self.manual_done.add(trial.id)  # type: ignore[arg-type]
+            self.count_finished(trial.parameters)
+        return told
 
     def finished_count(self) -> int:
         return self.finished
@@ -756,7 +776,35 @@ class Daemon:
                         run.finished += 1
                         self._update_planner(run, [Result(trial.parameters, None, trial.index)])
                         self._emit("trial_failed", run, trial=trial.index, error=trial.error, finished=run.finished)
+            for run in self.runs.values():
+                self._learn_told(run)
         self._dispatch()
+
+    def _learn_told(self, run: CampaignRun) -> None:
+        """Results told by hand (`closedloop tell`) while this daemon serves the campaign: counted and learned."""
+        told = run.told()
+        if not told:
+            return
+        observations = self.store.observations(run.id)
+        results = []
+        for trial in told:
+            observed = observations.get(trial.id)  # type: ignore[arg-type]
+            values = observed.values if observed is not None and trial.status == TrialStatus.completed.value else None
+            result = Result(trial.parameters, values, trial.index)
+            results.append(result)
+            if values is None:
+                self._emit("trial_failed", run, trial=trial.index, error=trial.error, finished=run.finished)
+                continue
+            is_best = run._consider_best(result)
+            self._emit("trial_completed", run, trial=trial.index, parameters=trial.parameters, values=values,
+                       noise=None, run_uid=observed.run_uid if observed is not None else None, duration_s=None,
+                       best=_result_dict(run.best), is_best=is_best, finished=run.finished, spent=run.spent)
+            if is_best:
+                self._emit("best", run, **(_result_dict(run.best) or {}))
+            if run.goal_reached(values) and not run.stopping:
+                run.stopping = True
+                self._emit("goal_reached", run, rule=run.campaign.budget.stop_when, trial=trial.index)
+        self._update_planner(run, results)
 
     # -- intake -----------------------------------------------------------------------------
 
@@ -1331,14 +1379,14 @@ class Daemon:
     def _committed(self, run: CampaignRun) -> list[dict[str, Any]]:
         """Parameters of the experiments decided but not finished: in flight, queued or held for a person."""
         committed = [f.parameters for f in self.in_flight.values() if f.campaign_id == run.id]
-        if run.queue or run.held:
+        if run.queue or run.held or run.manual_open:
             committed += [t.parameters for t in self.store.trials(run.id, _WAITING)]
         return committed
 
     def _remaining(self, run: CampaignRun, committed: list[dict[str, Any]] | None = None) -> int:
         """Experiments still to propose within the budget (``committed``: :meth:`_committed`, when known)."""
         left = (run.campaign.max_experiments - run.finished - self._in_flight_count(run) - len(run.queue)
-                - run.held)
+                - run.held - len(run.manual_open))
         if run.campaign.budget.cost is not None and left > 0:
             # issue 8: nothing more once the cost spent and committed reaches the budget (the last
             # experiment may pass it by less than its own cost)

@@ -459,3 +459,28 @@ def test_two_people_suggesting_at_once_get_different_points_within_the_budget(tm
     assert len(trials) == 3
     points = [tuple(sorted(t.parameters.items())) for t in trials]
     assert len(set(points)) == 3, points
+
+
+def test_a_daemon_counts_open_hand_trials_against_the_budget_and_learns_what_is_told(tmp_path: Path) -> None:
+    # with two hand trials open, a daemon on a budget of 3 ran 3 experiments of its own (5 trials of 3), and its
+    # planner never saw the results told by hand: trial 7 was held for approval with 6 of 6 finished
+    campaign = Campaign.from_yaml(campaign_file(tmp_path, "mixed", experiments=3))
+    store = Store(tmp_path / "mixed.db")
+    cid = store.open_campaign(campaign)
+    hand = hitl.suggest(store, campaign, n=2)
+    with serving(store, campaign, station=True) as (daemon, events):
+        deadline = time.monotonic() + 20
+        while not any(k == "trial_completed" for k, _ in events) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.5)  # time to propose more, were the hand trials not counted
+        assert [t.status for t in store.trials(cid)] == ["proposed", "proposed", "completed"]
+        hitl.tell(store, "mixed", hand[0].index, {"y": 1.25})
+        hitl.tell(store, "mixed", hand[1].index, {"y": 30.0})
+        while not any(k == "campaign_finished" for k, _ in events) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert len(store.trials(cid)) == 3
+    finished = next(d for k, d in events if k == "campaign_finished")
+    assert finished["finished"] == 3 and finished["best"]["trial"] == 1, finished
+    told = [d["trial"] for k, d in events if k == "trial_completed" and d["trial"] in (1, 2)]
+    assert sorted(told) == [1, 2]
+    store.close()
