@@ -44,6 +44,10 @@ from closedloop.planner.observations import ObservationLog, check_pending, param
 from closedloop.planner.space import Space
 
 log = logging.getLogger(__name__)
+# Importing Ax logs "Ax SQL storage initialized with SQLAlchemy ..." at INFO on its own stderr handler, before
+# set_stderr_log_level can be called: every `closedloop run`/`suggest` of an ax campaign opened with that line.
+# A filter (unlike a level, which Ax resets when it makes the logger) keeps its warnings.
+logging.getLogger("ax.storage.sqa_store.with_db_settings_base").addFilter(lambda record: record.levelno >= logging.WARNING)
 
 _Key = tuple[tuple[str, Any], ...]
 

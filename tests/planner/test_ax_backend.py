@@ -257,3 +257,22 @@ def test_the_pareto_front_is_every_non_dominated_feasible_experiment_before_and_
     # Ax's own in-sample frontier was empty here, both experiments left out
     planner.suggest(1)
     assert [r.trial for r in planner.pareto_front()] == [1, 4]
+
+
+@pytest.mark.slow  # a subprocess importing Ax: about 10 s on two cores
+def test_suggest_on_an_ax_campaign_prints_no_ax_info_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # every `closedloop run` / `suggest` of an ax campaign opened with "[INFO 12-06 10:34:27]
+    # ax.storage.sqa_store.with_db_settings_base: Ax SQL storage initialized with SQLAlchemy 2.1.9"
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from simulators.surfaces import branin_campaign
+
+    path = tmp_path / "axhand.yaml"
+    path.write_text(branin_campaign("axhand", 4, planner={"backend": "ax", "seed": 0}))
+    done = subprocess.run([sys.executable, "-m", "closedloop.cli", "suggest", str(path), "-n", "1",
+                           "--store", str(tmp_path / "s.db")], cwd=Path(__file__).resolve().parents[2],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "INFO" not in done.stderr and "SQL storage" not in done.stderr + done.stdout, done.stderr
