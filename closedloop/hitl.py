@@ -294,6 +294,15 @@ def tell_csv(store: Store, campaign_name: str, path: Path) -> list[TrialRow]:
         if refusal:
             problems.append(f"{where}, column trial: {refusal}")
             continue
+        # a parameter column (an export, or the setting actually used) must agree with the trial: x1=3 for a
+        # trial proposed at x1=3.68145 was recorded at 3.68145 without a word
+        differs = [f"{where}, column {name}: {row[name]!r} is not trial #{index}'s {name}={trial.parameters[name]!r}; "
+                   "a result is for the experiment as proposed (record one run elsewhere with 'closedloop import')"
+                   for name in campaign.parameters if name in row and row[name] != ""
+                   and not _same_value(campaign, name, row[name], trial.parameters.get(name))]
+        if differs:
+            problems.extend(differs)
+            continue
         try:
             values = _check_outputs(campaign, {k: row.get(k, "") for k in campaign.outputs}, where)
         except DataError as exc:
@@ -306,6 +315,16 @@ def tell_csv(store: Store, campaign_name: str, path: Path) -> list[TrialRow]:
         assert trial.id is not None
         store.record_result(trial.id, f"manual-{uuid.uuid4()}", values)
     return [store.trial(t.id) for t, _ in checked]  # type: ignore[arg-type]
+
+
+def _same_value(campaign: Campaign, name: str, text: str, stored: Any) -> bool:
+    try:
+        value = parse_value(campaign, name, text)
+    except ValueError:
+        return False
+    if isinstance(value, float) and isinstance(stored, (int, float)) and not isinstance(stored, bool):
+        return math.isclose(value, float(stored), rel_tol=1e-9, abs_tol=1e-12)
+    return bool(value == stored)
 
 
 # -- approval --------------------------------------------------------------------------------------

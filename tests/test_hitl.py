@@ -484,3 +484,20 @@ def test_a_daemon_counts_open_hand_trials_against_the_budget_and_learns_what_is_
     told = [d["trial"] for k, d in events if k == "trial_completed" and d["trial"] in (1, 2)]
     assert sorted(told) == [1, 2]
     store.close()
+
+
+def test_tell_from_a_csv_refuses_a_parameter_column_that_differs_from_the_trial(tmp_path: Path) -> None:
+    # 'trial,y,x1' with x1=3 for a trial proposed at another x1 was recorded at the proposed x1 without a word
+    db = str(tmp_path / "s.db")
+    assert cli("suggest", str(campaign_file(tmp_path)), "-n", "2", "--store", db).exit_code == 0
+    store = Store(db)
+    first, second = store.trials(store.campaign_row("hand").id)
+    moved = 3.0 if first.parameters["x1"] != 3.0 else 4.0
+    (tmp_path / "r.csv").write_text(f"trial,y,x1\n1,1.5,{moved}\n2,2.5,{second.parameters['x1']!r}\n")
+    result = cli("tell", "hand", "--csv", str(tmp_path / "r.csv"), "--store", db)
+    assert result.exit_code != 0
+    assert f"row 2, column x1: '{moved}' is not trial #1's x1=" in result.stderr, result.stderr
+    assert "row 3" not in result.stderr  # the same x1 as proposed, as an export writes it, is fine
+    assert not store.results(store.campaign_row("hand").id)
+    (tmp_path / "r.csv").write_text(f"trial,y,x1\n2,2.5,{second.parameters['x1']!r}\n")
+    assert cli("tell", "hand", "--csv", str(tmp_path / "r.csv"), "--store", db).exit_code == 0
