@@ -10,11 +10,9 @@ Example:
     >>> binding = InstrumentBinding(
     ...     name="demo", positioners={"x": stage}, signals={"gas": gas},
     ...     detectors=[stage], outputs={"position": "stage"}, safety=[MaxStep("x", 5.0)])
-    >>> binding.check_limits({"x": 2.0, "gas": "Ar"})
-    >>> binding.check_limits({"x": 20.0})
-    Traceback (most recent call last):
-    ...
-    closedloop.errors.DeviceError: x: 20 is 20 away from the present 0, more than the allowed step 5
+    >>> binding.check_limits({"x": 12.0, "gas": "Ar"})
+    >>> binding.ramp({"x": 12.0})  # from 0, at most 5 a move: three equal moves of 4
+    [{'x': 4.0}, {'x': 8.0}, {'x': 12.0}]
 """
 
 from __future__ import annotations
@@ -97,24 +95,31 @@ class SafetyRule(Protocol):
 
 @dataclass(frozen=True)
 class MaxStep:
-    """Refuse moving ``parameter`` by more than ``max_change`` from where its device is now.
+    """Move ``parameter`` in steps of at most ``max_change``, each finished before the next: a ramp.
 
-    Guards hardware that must not jump (a heater ramped at most 20 degC between experiments, a
-    pressure that must change slowly); the planner's next proposal may be anywhere in the space.
+    Guards hardware that must not jump (a heater ramped at most 20 degC at a time, a pressure that must
+    change slowly). The planner's next proposal may be anywhere in the space, so a setpoint further than
+    the step from where the device is now is not refused: the experiment's plan reaches it through
+    ``ceil(|setpoint - present| / max_change)`` equal moves (:meth:`InstrumentBinding.ramp`,
+    :func:`drivers.plans.move_to`) and measures only at the end. A device that cannot say where it is
+    (``None``: ophyd-async devices) is moved in one go.
     """
 
     parameter: str
     max_change: float
 
+    def __post_init__(self) -> None:
+        if not (_finite_number(self.max_change) and self.max_change > 0):
+            raise DeviceError(f"MaxStep({self.parameter!r}): the step {self.max_change!r} is not a positive number")
+
+    def stages(self, setpoint: Any, present: Any) -> int:
+        """How many moves of at most the step take ``present`` to ``setpoint`` (1 when either is not a number)."""
+        if not (_finite_number(setpoint) and _finite_number(present)):
+            return 1
+        return max(1, math.ceil(abs(float(setpoint) - float(present)) / self.max_change))
+
     def check(self, setpoints: Mapping[str, Any], current: Mapping[str, Any]) -> None:
-        if self.parameter not in setpoints or current.get(self.parameter) is None:
-            return
-        new, now = float(setpoints[self.parameter]), float(current[self.parameter])
-        if abs(new - now) > self.max_change:
-            raise DeviceError(
-                f"{self.parameter}: {new:g} is {abs(new - now):g} away from the present {now:g}, "
-                f"more than the allowed step {self.max_change:g}"
-            )
+        """Nothing to refuse: a far setpoint is ramped to (see :meth:`InstrumentBinding.ramp`)."""
 
 
 @dataclass(frozen=True)
@@ -144,7 +149,8 @@ class InstrumentBinding:
             exactly one run (use :func:`drivers.plans.measure`'s stubs to build it).
         settle_time: seconds to wait after the move before measuring (``bps.sleep``, so pausable).
         repeats: measurements per experiment; outputs are their mean and ``noise`` their standard error.
-        safety: extra :class:`SafetyRule` checks run by :meth:`check_limits` before anything moves.
+        safety: extra :class:`SafetyRule` checks run by :meth:`check_limits` before anything moves; a
+            :class:`MaxStep` rule instead makes the plan ramp its parameter (:meth:`ramp`).
         limits: parameter -> (low, high) the engine enforces itself, for devices that declare no limits
             of their own (plain signals) or check them only asynchronously (ophyd-async).
         suspenders: bluesky suspenders (interlocks, beam) the station's RunEngine must have installed
@@ -245,6 +251,69 @@ class InstrumentBinding:
             current = self.current()
             for rule in self.safety:
                 rule.check(setpoints, current)
+            self.ramp({k: v for k, v in setpoints.items() if k in self.settable}, current)  # refuses what no ramp reaches
+
+    def ramp(self, setpoints: Mapping[str, Any], current: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        """The stages that take the devices named in ``setpoints`` there: one dict of setpoints per ``bps.mv``.
+
+        A parameter with a :class:`MaxStep` rule (the smallest, if several) and a known present value goes in
+        equal increments; all such parameters go together, in as many stages as the one needing most, so none
+        moves more than its own step per stage, and reaches its setpoint exactly in the last stage. The others
+        go straight to their setpoint in the first stage. Each stage lies on the segment from the present value to the
+        (checked) setpoint, and is clamped into the parameter's limits (``limits`` and the device's own), so a
+        device that starts outside them (a heater at room temperature below the campaign's range) enters them
+        at the nearest limit. An integer setpoint from an integral present value goes in whole-number stages.
+
+        Raises:
+            InstrumentUnavailable: the device is more than a step outside its limits, so no move of at most
+                the step reaches them; nothing has moved, and the experiment is not at fault.
+        """
+        present = self.current() if current is None else current
+        steps: dict[str, float] = {}
+        for rule in self.safety:
+            name = getattr(rule, "parameter", None)
+            if isinstance(rule, MaxStep) and name in setpoints and _finite_number(setpoints[name]) \
+                    and _finite_number(present.get(name)):
+                steps[name] = min(rule.max_change, steps.get(name, math.inf))
+        whole = {n for n in steps if _whole(setpoints[n]) and float(present[n]).is_integer()}
+        count = 1
+        for name, step in steps.items():
+            delta = abs(float(setpoints[name]) - float(present[name]))
+            if name in whole and delta:
+                if step < 1:
+                    raise DeviceError(f"{name}: a step of {step:g} cannot move a whole-number setting")
+                step = math.floor(step)
+            count = max(count, math.ceil(delta / step))
+        if count == 1:
+            return [dict(setpoints)]
+        # the ungoverned ones go in the first stage; the governed ones in every stage
+        stages: list[dict[str, Any]] = [dict(setpoints)] + [{n: setpoints[n] for n in steps} for _ in range(count - 1)]
+        for name, step in steps.items():
+            start, end = float(present[name]), float(setpoints[name])
+            low, high = self._range(name)
+            for k, stage in enumerate(stages[:-1], start=1):
+                if name in whole:
+                    value: float = int(start) + int(math.copysign((abs(int(end) - int(start)) * k) // count, end - start))
+                else:
+                    value = start + (end - start) * k / count
+                stage[name] = min(max(value, low), high)
+            first = stages[0][name]
+            if abs(first - start) > step:  # only when the device starts more than a step outside its limits
+                raise InstrumentUnavailable(
+                    f"{name}: the device is at {start:g}, outside its limits [{low:g}, {high:g}] by more than the "
+                    f"allowed step {step:g}; no move of at most {step:g} reaches them: bring it within a step")
+        return stages
+
+    def _range(self, name: str) -> tuple[float, float]:
+        """The narrowest of the parameter's ``limits`` and its device's own (``limits`` where it has them)."""
+        low, high = self.limits.get(name, (-math.inf, math.inf))
+        try:
+            own = getattr(self.settable.get(name), "limits", None)
+        except Exception:  # a device that cannot say: the pre-flight has checked the setpoint with it anyway
+            own = None
+        if isinstance(own, (tuple, list)) and len(own) == 2 and all(_number(v) for v in own) and own[0] < own[1]:
+            low, high = max(low, float(own[0])), min(high, float(own[1]))
+        return float(low), float(high)
 
     def install_suspenders(self, RE: Any) -> None:  # noqa: N803 - bluesky's name for it
         """Install this instrument's suspenders into a RunEngine (idempotent)."""
@@ -288,6 +357,16 @@ def _finite_number(value: Any) -> bool:
         return math.isfinite(float(value))
     except OverflowError:
         return False
+
+
+def _number(value: Any) -> bool:
+    """A real number, not a bool (infinite allowed: an axis without limits says (-inf, inf))."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(float(value))
+
+
+def _whole(value: Any) -> bool:
+    """An integer setpoint (a cycle count): ramped in whole numbers."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _not_connected(exc: Exception) -> bool:

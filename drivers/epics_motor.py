@@ -85,7 +85,8 @@ def Stage(
     Args:
         prefix: the IOC's PV prefix (``lab:`` -> motors ``lab:x1``, ``lab:x2``; detector ``lab:det:``).
         axes: motor record names under the prefix; also the campaign parameter names.
-        max_step: refuse moving any axis further than this between consecutive experiments.
+        max_step: move each axis at most this far at a time: a setpoint further from where the axis is goes
+            in a ramp of equal moves, all axes together, each finished before the next (``MaxStep``).
         interlock: hold runs while ``{prefix}interlock`` is 1 (a bluesky ``SuspendBoolHigh``).
         timeout: seconds to wait for every PV to connect before refusing the instrument.
     """

@@ -1,7 +1,7 @@
 """Per-experiment Bluesky plans, built from plan stubs.
 
 One experiment is one run: check the proposal, set the set-and-forget signals, move the
-positioners, settle, then trigger and read ``repeats`` times into the ``primary`` stream. Plans
+positioners (ramping those with a ``MaxStep`` rule), settle, then trigger and read ``repeats`` times into the ``primary`` stream. Plans
 never call the RunEngine, sleep in wall time or touch the network, so they can be tested by listing
 the messages they yield. A binding's custom plan (dispense, mix, anneal, measure) is built from the
 same stubs; see ``docs/instruments.md``.
@@ -25,7 +25,7 @@ import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
 
 from closedloop.errors import DeviceError
-from drivers.binding import InstrumentBinding, Plan
+from drivers.binding import InstrumentBinding, MaxStep, Plan
 
 STREAM = "primary"
 
@@ -38,17 +38,50 @@ def preflight(binding: InstrumentBinding, setpoints: Mapping[str, Any]) -> Plan:
 
 
 def set_signals(binding: InstrumentBinding, setpoints: Mapping[str, Any]) -> Plan:
-    """Write the set-and-forget values (categorical choices, fixed settings) and wait for all of them."""
-    pairs = [(binding.signals[name], value) for name, value in setpoints.items() if name in binding.signals]
-    if pairs:
-        yield from bps.mv(*itertools.chain.from_iterable(pairs))
+    """Write the set-and-forget values (categorical choices, fixed settings) and wait for all of them.
+
+    A signal with a :class:`~drivers.binding.MaxStep` rule is ramped, as :func:`move_to` ramps a positioner.
+    """
+    yield from _ramp(binding, binding.signals, setpoints)
 
 
 def move_to(binding: InstrumentBinding, setpoints: Mapping[str, Any]) -> Plan:
-    """Move every positioner named in ``setpoints`` at once and wait for all of them."""
-    pairs = [(binding.positioners[name], value) for name, value in setpoints.items() if name in binding.positioners]
-    if pairs:
-        yield from bps.mv(*itertools.chain.from_iterable(pairs))
+    """Move every positioner named in ``setpoints`` at once and wait for all of them.
+
+    Positioners with a :class:`~drivers.binding.MaxStep` rule go there in a ramp
+    (:meth:`~drivers.binding.InstrumentBinding.ramp`): several ``bps.mv``, each at most the step from the
+    last and finished before the next, all such positioners moving together in each; the others move in
+    the first. A checkpoint before every stage after the first means a pause rewinds only to the stage it
+    interrupted, so a resumed ramp never jumps back to its start.
+    """
+    yield from _ramp(binding, binding.positioners, setpoints)
+
+
+def _ramp(binding: InstrumentBinding, devices: Mapping[str, Any], setpoints: Mapping[str, Any]) -> Plan:
+    targets = {name: value for name, value in setpoints.items() if name in devices}
+    if not targets:
+        return
+    for k, stage in enumerate(binding.ramp(targets)):
+        if k:
+            yield from bps.checkpoint()
+        yield from bps.mv(*itertools.chain.from_iterable((devices[name], value) for name, value in stage.items()))
+
+
+def ramp_metadata(binding: InstrumentBinding, setpoints: Mapping[str, Any]) -> dict[str, Any]:
+    """For each parameter ramped in more than one stage: where it starts, its step and the number of stages."""
+    current = binding.current()
+    steps: dict[str, float] = {}
+    for rule in binding.safety:
+        if isinstance(rule, MaxStep):
+            steps[rule.parameter] = min(rule.max_change, steps.get(rule.parameter, float("inf")))
+    out: dict[str, Any] = {}
+    for devices in (binding.signals, binding.positioners):
+        stages = binding.ramp({n: v for n, v in setpoints.items() if n in devices}, current)
+        if len(stages) > 1:
+            for name in stages[-1]:
+                out[md_key(name)] = {"from": float(current[name]), "to": setpoints[name], "step": steps[name],
+                                     "stages": len(stages)}
+    return out
 
 
 def settle(binding: InstrumentBinding) -> Plan:
@@ -77,7 +110,8 @@ def md_key(name: str) -> str:
 
 def run_metadata(binding: InstrumentBinding, setpoints: Mapping[str, Any], md: Mapping[str, Any]) -> dict[str, Any]:
     """What the start document carries: the caller's ``md`` (campaign, trial id, planner metadata...),
-    the parameters and how the instrument turns readings into outputs.
+    the parameters, how the instrument turns readings into outputs and, under ``ramp``, each parameter
+    a :class:`~drivers.binding.MaxStep` rule moves in several stages (:func:`ramp_metadata`).
 
     The start document's schema refuses keys with ``.`` or ``/``; such parameter or output names are
     written with ``_`` instead, and ``names`` maps each written key back to the campaign's name.
@@ -92,6 +126,9 @@ def run_metadata(binding: InstrumentBinding, setpoints: Mapping[str, Any], md: M
         "repeats": binding.repeats,
         "settle_time": binding.settle_time,
     }
+    ramps = ramp_metadata(binding, setpoints)
+    if ramps:
+        out["ramp"] = ramps
     if renamed:
         out["names"] = renamed
     return out

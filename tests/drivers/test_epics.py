@@ -241,3 +241,29 @@ def test_a_factory_whose_pv_does_not_connect_makes_the_instrument_unavailable(mo
         monkeypatch.setenv(key, value)
     with pytest.raises(InstrumentUnavailable, match=r"^tests\.drivers\.test_epics:signal_binding: .*nobody:pv"):
         load_binding("tests.drivers.test_epics:signal_binding", {"pv": "nobody:pv"})
+
+
+@pytest.mark.slow
+def test_a_stage_with_max_step_ramps_each_axis_in_puts_of_at_most_the_step(ioc, RE, docs):
+    """Stage(max_step=...) on the IOC: every put to .VAL is at most the step from the last, the last is the setpoint,
+    the one measurement comes after it, and an out-of-limits setpoint never reaches the IOC."""
+    from drivers.plans import experiment_plan
+
+    binding = load_binding("drivers.epics_motor:Stage", {"prefix": ioc, "max_step": 2.0})
+    start = {axis: float(read_pv(f"{ioc}{axis}.RBV").data[0]) for axis in IOC_LIMITS}
+    target = {"x1": -4.0, "x2": start["x2"] + 5.0}
+    RE(experiment_plan(binding, target, {"trial_id": 1}), docs)
+    assert docs.stop["exit_status"] == "success"
+    stages = max(int(np.ceil(abs(target[a] - start[a]) / 2.0)) for a in IOC_LIMITS)
+    assert stages > 1 and docs.start["ramp"]["x1"]["stages"] == stages
+    for axis in IOC_LIMITS:
+        puts = list(read_pv(f"{ioc}{axis}:puts").data)
+        assert len(puts) == stages and puts[-1] == pytest.approx(target[axis])
+        path = [start[axis], *puts]
+        assert all(abs(b - a) <= 2.0 + 1e-9 for a, b in zip(path, path[1:]))
+        assert all(IOC_LIMITS[axis][0] <= v <= IOC_LIMITS[axis][1] for v in puts)
+    (event,) = docs.events()
+    assert event["data"]["det_value"] == pytest.approx(branin(np.array([target["x1"], target["x2"]])), rel=1e-3)
+    with pytest.raises(Exception, match="refused by x1"):
+        RE(experiment_plan(binding, {"x1": 7.5, "x2": target["x2"]}, {"trial_id": 2}))
+    assert len(read_pv(f"{ioc}x1:puts").data) == stages

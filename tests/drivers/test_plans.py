@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import pytest
 from ophyd import Signal
+from ophyd.sim import SynAxis
 
 from closedloop.errors import DeviceError
 from drivers.binding import Derived, InstrumentBinding, MaxStep, load_binding
@@ -74,14 +76,150 @@ def test_non_integer_count_is_refused(RE):
         RE(experiment_plan(binding, {"x1": 0.5, "x2": 0.5, "cycles": 2.5, "catalyst": "A"}, MD))
 
 
-def test_max_step_rule_refuses_a_jump_from_where_the_device_is(RE, docs):
-    binding = Branin()
+class Log:
+    """What the RunEngine did, in order: ("set", device, value), ("wait", None), ("trigger", device)."""
+
+    def __init__(self, RE) -> None:  # noqa: N803
+        self.entries: list[tuple] = []
+        RE.msg_hook = self.hook
+
+    def hook(self, msg) -> None:
+        if msg.command == "set":
+            self.entries.append(("set", msg.obj.name, float(msg.args[0])))
+        elif msg.command in ("trigger", "wait"):
+            self.entries.append((msg.command, getattr(msg.obj, "name", None)))
+
+    def commands(self) -> list[str]:
+        return [e[0] for e in self.entries]
+
+
+def recorded(axis) -> list[float]:
+    """Every value ``axis`` is set to, as its setpoint signal sees it (a subscription, no mock)."""
+    values: list[float] = []
+    axis.setpoint.subscribe(lambda value, **_: values.append(float(value)), run=False)
+    return values
+
+
+def within(moves: list[float], start: float, step: float) -> bool:
+    path = [start, *moves]
+    return all(abs(b - a) <= step + 1e-9 for a, b in zip(path, path[1:]))
+
+
+def test_max_step_rule_ramps_to_a_far_setpoint_and_measures_only_at_the_end(RE, docs):
+    binding = Branin()  # starts at (2.5, 7.5); LimitedAxis records every value set on it
     binding.safety.append(MaxStep("x1", 3.0))
-    RE(experiment_plan(binding, {"x1": 4.0, "x2": 1.0}, MD))  # from the start at 2.5: a step of 1.5
-    with pytest.raises(DeviceError, match=r"x1: -1 is 5 away from the present 4, more than the allowed step 3"):
-        RE(experiment_plan(binding, {"x1": -1.0, "x2": 1.0}, MD), docs)
+    RE(experiment_plan(binding, {"x1": 4.0, "x2": 1.0}, MD))  # a step of 1.5: one move, as before
     assert binding.positioners["x1"].set_calls == [4.0]
-    assert docs.documents == []
+    log = Log(RE)
+    RE(experiment_plan(binding, {"x1": -4.0, "x2": 2.0}, MD), docs)  # 8 away: three equal moves of 8/3
+    assert binding.positioners["x1"].set_calls[1:] == pytest.approx([4 - 8 / 3, 4 - 16 / 3, -4.0])
+    assert within(binding.positioners["x1"].set_calls[1:], 4.0, 3.0)
+    assert binding.positioners["x2"].set_calls == [1.0, 2.0]  # no rule: straight there, in the first stage
+    assert binding.positioners["x1"].position == -4.0
+    # each stage completed before the next; the one measurement after the last
+    commands = log.commands()
+    last_set = max(i for i, c in enumerate(commands) if c == "set")
+    assert commands[:last_set + 2] == ["set", "set", "wait", "set", "wait", "set", "wait"]
+    assert "trigger" in commands[last_set:] and "trigger" not in commands[:last_set]
+    assert docs.stop["exit_status"] == "success"
+    (event,) = docs.events()
+    assert event["data"]["x1"] == -4.0 and event["data"]["y"] == pytest.approx(branin(np.array([-4.0, 2.0])))
+    assert docs.start["parameters"] == {"x1": -4.0, "x2": 2.0}
+    assert docs.start["ramp"] == {"x1": {"from": 4.0, "to": -4.0, "step": 3.0, "stages": 3}}
+
+
+def test_several_ramped_positioners_move_together_in_the_same_stages(RE):
+    binding = Branin()
+    binding.safety += [MaxStep("x1", 3.0), MaxStep("x2", 2.0)]
+    log = Log(RE)
+    RE(experiment_plan(binding, {"x1": -5.0, "x2": 15.0}, MD))  # 7.5 each: x1 needs 3 stages, x2 needs 4
+    x1, x2 = binding.positioners["x1"].set_calls, binding.positioners["x2"].set_calls
+    assert len(x1) == len(x2) == 4
+    assert x1 == pytest.approx([2.5 - 7.5 * k / 4 for k in range(1, 5)])
+    assert x2 == pytest.approx([7.5 + 7.5 * k / 4 for k in range(1, 5)])
+    assert within(x1, 2.5, 3.0) and within(x2, 7.5, 2.0)
+    sets = [e[1] for e in log.entries if e[0] == "set"]
+    assert sets == ["x1", "x2"] * 4  # both axes in every stage, each stage one bps.mv
+
+
+def test_a_heater_below_its_limits_is_ramped_and_every_setpoint_stays_within_them(RE, docs):
+    # the probe's heater: a SynAxis at 0, limits [20, 150] kept by the engine; every proposal was refused
+    heater = SynAxis(name="heater")
+    moves = recorded(heater)
+    binding = InstrumentBinding(name="oven", positioners={"temperature": heater}, detectors=[heater],
+                                outputs={"y": "heater"}, limits={"temperature": (20.0, 150.0)},
+                                safety=[MaxStep("temperature", 20.0)])
+    for target in (90.0, 25.0, 150.0, 150.0):
+        RE(experiment_plan(binding, {"temperature": target}, MD), docs)
+        assert docs.stop["exit_status"] == "success" and heater.position == target
+        assert [e["data"]["heater"] for e in docs.events()] == [target]
+    assert moves[:5] == pytest.approx([20.0, 36.0, 54.0, 72.0, 90.0])  # 0 -> 90: enters the limits at 20
+    assert within(moves, 0.0, 20.0)
+    assert all(20.0 <= m <= 150.0 for m in moves)
+    assert moves[-1] == 150.0 and len(moves) == 5 + 4 + 7 + 1
+    # an out-of-limits target is still refused before anything moves
+    before = len(moves)
+    with pytest.raises(DeviceError, match=r"temperature=160.0 outside the instrument's limits \[20, 150\]"):
+        RE(experiment_plan(binding, {"temperature": 160.0}, MD), docs)
+    assert len(moves) == before and heater.position == 150.0
+
+
+def test_a_device_more_than_a_step_outside_its_limits_is_unavailable_and_nothing_moves(RE, docs):
+    from closedloop.errors import InstrumentUnavailable
+
+    heater = SynAxis(name="heater")  # at 0: no move of at most 20 reaches [50, 150] without leaving them
+    moves = recorded(heater)
+    binding = InstrumentBinding(name="oven", positioners={"temperature": heater}, detectors=[heater],
+                                outputs={"y": "heater"}, limits={"temperature": (50.0, 150.0)},
+                                safety=[MaxStep("temperature", 20.0)])
+    with pytest.raises(InstrumentUnavailable, match=r"temperature: the device is at 0, outside its limits \[50, 150\]"):
+        binding.check_limits({"temperature": 100.0})
+    with pytest.raises(InstrumentUnavailable):
+        RE(experiment_plan(binding, {"temperature": 100.0}, MD), docs)
+    assert moves == [] and docs.documents == []
+
+
+def test_a_ramp_paused_midway_resumes_from_the_stage_it_was_in(RE, docs):
+    from bluesky.utils import RunEngineInterrupted
+
+    binding = Branin(latency=0.3)  # each move takes 0.3 s: the pause lands in the middle of one
+    binding.safety.append(MaxStep("x1", 1.0))
+    seen: list[float] = []
+
+    def pause_at_the_third_stage(msg) -> None:
+        if msg.command == "set" and msg.obj.name == "x1":
+            seen.append(float(msg.args[0]))
+            if len(seen) == 3:  # as an operator would: from another thread
+                threading.Thread(target=RE.request_pause, kwargs={"defer": False}).start()
+
+    RE.msg_hook = pause_at_the_third_stage
+    with pytest.raises(RunEngineInterrupted):
+        RE(experiment_plan(binding, {"x1": -3.5, "x2": 7.5}, MD), docs)
+    assert RE.state == "paused" and len(seen) == 3
+    RE.resume()
+    calls = binding.positioners["x1"].set_calls
+    assert calls[3] == calls[2]  # the interrupted stage again, not the ramp's start
+    assert calls[-1] == -3.5 and binding.positioners["x1"].position == -3.5
+    assert within(calls, 2.5, 1.0)  # a rewind to the run's start would have jumped back to 1.5
+    assert len(docs.events()) == 1 and docs.stop["exit_status"] == "success"
+
+
+def test_a_ramp_of_a_whole_number_setting_goes_in_whole_numbers(RE):
+    binding = MixedSurface()  # cycles: an integer axis [1, 10] at 6 that refuses fractions
+    binding.safety.append(MaxStep("cycles", 2.5))
+    RE(experiment_plan(binding, {"x1": 0.5, "x2": 0.5, "cycles": 1, "catalyst": "A"}, MD))
+    assert binding.positioners["cycles"].set_calls == [5.0, 3.0, 1.0]
+
+
+def test_a_device_that_cannot_say_where_it_is_moves_in_one_go(RE):
+    setting = Signal(name="setting", value=None)  # no position, and nothing to read yet
+    binding = InstrumentBinding(name="one", positioners={"s": setting}, detectors=[setting],
+                                outputs={"y": "setting"}, safety=[MaxStep("s", 1.0)])
+    assert binding.ramp({"s": 50.0}) == [{"s": 50.0}]
+    RE(experiment_plan(binding, {"s": 50.0}, MD))
+    assert setting.get() == 50.0
+    with pytest.raises(DeviceError, match="the step 0 is not a positive number"):
+        MaxStep("s", 0)
 
 
 def test_repeats_are_averaged_and_their_spread_reported_as_noise(RE, docs):
