@@ -400,8 +400,13 @@ def load_binding(target: str, options: Mapping[str, Any] | None = None) -> Instr
         raise
     try:
         binding = factory(**dict(options or {}))
-    except TypeError as exc:  # an unknown option: say which instrument refused it
-        raise DeviceError(f"{target}: {exc}") from exc
+    except TypeError as exc:
+        if exc.__traceback__ is not None and exc.__traceback__.tb_next is None:
+            # raised by the call itself: an option the factory does not take; say which instrument refused it
+            raise DeviceError(f"{target}: {exc}") from exc
+        # raised inside the factory (its own bug, a device's wrong argument): without its type it read like an
+        # option of the campaign ("Signal.__init__() got an unexpected keyword argument 'noise'")
+        raise DeviceError(f"{target}: TypeError inside the factory: {exc}") from exc
     except ClosedLoopError:
         raise
     except Exception as exc:

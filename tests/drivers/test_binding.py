@@ -42,3 +42,18 @@ def test_a_driver_this_process_cannot_import_is_unavailable_not_a_failed_experim
     with pytest.raises(DeviceError, match="not an import path") as refused:
         load_binding("hotplate")
     assert not isinstance(refused.value, InstrumentUnavailable)
+
+
+def factory_with_a_bug(gain: float = 1.0) -> InstrumentBinding:
+    return InstrumentBinding(name="buggy", positioners={"x": SynAxis(name="x", gain=gain)})  # SynAxis takes no gain
+
+
+def test_a_type_error_inside_a_factory_is_told_from_an_option_it_does_not_take() -> None:
+    # both read "factory: ... got an unexpected keyword argument": the factory's own bug looked like a campaign option
+    from drivers.binding import load_binding
+
+    with pytest.raises(DeviceError, match=r"factory_with_a_bug: factory_with_a_bug\(\) got an unexpected keyword "
+                                          r"argument 'gian'$"):
+        load_binding("tests.drivers.test_binding:factory_with_a_bug", {"gian": 2.0})
+    with pytest.raises(DeviceError, match=r"factory_with_a_bug: TypeError inside the factory: .*'gain'"):
+        load_binding("tests.drivers.test_binding:factory_with_a_bug", {"gain": 2.0})
