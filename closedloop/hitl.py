@@ -200,8 +200,13 @@ def _over_budget(campaign: Campaign, n: int, finished: int, open_trials: int) ->
     """Refuse ``n`` hand proposals past the budget, as a daemon counts it (they were recorded, and the
     campaign ran over its budget)."""
     room = max(campaign.max_experiments - finished - open_trials, 0)
-    raise DataError([f"-n {n}: the budget of {campaign.max_experiments} experiments leaves {room} ({finished} "
-                     f"finished, {open_trials} open); ask for at most {room}, or raise budget.experiments"])
+    counted = f"({finished} finished, {open_trials} open)"
+    if room == 0:  # "ask for at most 0" read as a suggestion to make
+        then = "tell the open trials' results, or raise budget.experiments" if open_trials else \
+            "the campaign is done; raise budget.experiments to go on"
+        raise DataError([f"the budget of {campaign.max_experiments} experiments is used up {counted}: {then}"])
+    raise DataError([f"-n {n}: the budget of {campaign.max_experiments} experiments leaves {room} {counted}; ask "
+                     f"for at most {room}, or raise budget.experiments"])
 
 
 def tell(store: Store, campaign_name: str, index: int, values: dict[str, Any],

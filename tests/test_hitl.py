@@ -409,7 +409,10 @@ def test_suggest_refuses_proposals_past_the_budget_and_writes_nothing(tmp_path: 
     assert len(store.trials(cid)) == 3
     assert cli("suggest", "hand", "-n", "1", "--store", db).exit_code == 0
     assert len(store.trials(cid)) == 4
-    assert "leaves 0" in cli("suggest", "hand", "--store", db).output
+    used_up = cli("suggest", "hand", "--store", db)
+    assert used_up.exit_code == 2
+    assert ("the budget of 4 experiments is used up (1 finished, 3 open): tell the open trials' results, or raise "
+            "budget.experiments") in " ".join(used_up.output.split()), used_up.output
 
 
 def test_suggest_past_the_whole_budget_counts_what_the_stored_campaign_has_done(tmp_path: Path) -> None:
