@@ -413,6 +413,12 @@ def test_suggest_refuses_proposals_past_the_budget_and_writes_nothing(tmp_path: 
     assert used_up.exit_code == 2
     assert ("the budget of 4 experiments is used up (1 finished, 3 open): tell the open trials' results, or raise "
             "budget.experiments") in " ".join(used_up.output.split()), used_up.output
+    for trial in ("2", "3", "4"):
+        assert cli("tell", "hand", trial, "y=2.5", "--store", db).exit_code == 0
+    done = cli("suggest", "hand", "--store", db)
+    assert done.exit_code == 2
+    assert ("is used up (4 finished, 0 open): the campaign is done; raise budget.experiments to go on"
+            in " ".join(done.output.split())), done.output
 
 
 def test_suggest_past_the_whole_budget_counts_what_the_stored_campaign_has_done(tmp_path: Path) -> None:
