@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -356,26 +357,22 @@ def test_a_run_whose_every_experiment_failed_says_so_and_exits_1(tmp_path: Path)
     assert "Traceback" not in result.stderr
 
 
-def test_a_station_run_in_a_terminal_shows_its_experiments_and_its_daemon_without_verbose(tmp_path: Path) -> None:
-    """`closedloop worker` without -v or --logfile printed "connecting" and then nothing: its operator saw no
-    experiment start, end or fail, nor the daemon go."""
+def _station_terminal(tmp_path: Path, command: list[str], until: Callable[[Path], None]) -> list[str]:
+    """What a station (``closedloop COMMAND``, no -v or --logfile) prints to its terminal while a daemon runs
+    ``tmp_path/c.yaml``, from its start until ``until(output file)`` returns and a SIGTERM stops it (exit 0)."""
     import os
     import signal
 
-    from tests.daemon.procs import CLI, campaign_yaml, env, free_port, start_daemon, wait_for
+    from tests.daemon.procs import CLI, env, free_port, start_daemon
 
-    (tmp_path / "c.yaml").write_text(campaign_yaml("shown", 2, latency=0.1, concurrency=1))
     endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     output = tmp_path / "station.out"
     with output.open("w") as out:
-        station = subprocess.Popen([*CLI, "worker", "--connect", endpoint, "--name", "bench-a", "--outbox", "a.outbox",
-                                    "--heartbeat", "0.2"], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env=env())
+        station = subprocess.Popen([*CLI, *command, "--connect", endpoint, "--outbox", "a.outbox"], cwd=tmp_path,
+                                   stdout=out, stderr=subprocess.STDOUT, env=env())
     daemon = start_daemon(tmp_path, endpoint, control)
     try:
-        # the daemon ends with its campaign; the station notices after five of its heartbeats
-        wait_for(lambda: "no word from the daemon" in output.read_text().partition("trial 2 of shown finished")[2], 60,
-                 "the station to miss its daemon")
-        time.sleep(2.3)  # two more reconnects (one each 1 s) to a daemon that is gone
+        until(output)
         os.kill(station.pid, signal.SIGTERM)
         assert station.wait(timeout=20) == 0
     finally:
@@ -383,7 +380,23 @@ def test_a_station_run_in_a_terminal_shows_its_experiments_and_its_daemon_withou
             if proc.poll() is None:
                 proc.kill()
             proc.wait(timeout=10)
-    lines = output.read_text().splitlines()
+    return output.read_text().splitlines()
+
+
+def test_a_station_run_in_a_terminal_shows_its_experiments_and_its_daemon_without_verbose(tmp_path: Path) -> None:
+    """`closedloop worker` without -v or --logfile printed "connecting" and then nothing: its operator saw no
+    experiment start, end or fail, nor the daemon go."""
+    from tests.daemon.procs import campaign_yaml, wait_for
+
+    (tmp_path / "c.yaml").write_text(campaign_yaml("shown", 2, latency=0.1, concurrency=1))
+
+    def until_after_the_daemon(output: Path) -> None:
+        # the daemon ends with its campaign; the station notices after five of its heartbeats
+        wait_for(lambda: "no word from the daemon" in output.read_text().partition("trial 2 of shown finished")[2], 60,
+                 "the station to miss its daemon")
+        time.sleep(2.3)  # two more reconnects (one each 1 s) to a daemon that is gone
+
+    lines = _station_terminal(tmp_path, ["worker", "--name", "bench-a", "--heartbeat", "0.2"], until_after_the_daemon)
     text = "\n".join(lines)
     assert "station bench-a connecting to" in lines[0], text
     assert sum("registered with" in line for line in lines) == 1, text
@@ -400,10 +413,7 @@ def test_a_station_run_in_a_terminal_shows_its_experiments_and_its_daemon_withou
 def test_a_compute_station_run_in_a_terminal_shows_its_experiments_without_verbose(tmp_path: Path) -> None:
     """`closedloop compute-station` without -v or --logfile printed "connecting" and then nothing: its operator saw
     no registration, and no experiment start, end or fail."""
-    import os
-    import signal
-
-    from tests.daemon.procs import CLI, env, free_port, start_daemon, wait_for
+    from tests.daemon.procs import wait_for
 
     (tmp_path / "c.yaml").write_text(f"""
 name: shown
@@ -417,23 +427,9 @@ execution: {{concurrency: 1, retries: 1}}
 planner: {{backend: sobol, seed: 3}}
 instrument: {{function: "tests.test_compute:raises_once", options: {{marker: "{tmp_path / 'raised'}"}}}}
 """)
-    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    output = tmp_path / "station.out"
-    with output.open("w") as out:
-        station = subprocess.Popen([*CLI, "compute-station", "--connect", endpoint, "--name", "cluster-a", "--outbox",
-                                    "a.outbox", "--capacity", "1", "--workers", "1"], cwd=tmp_path, stdout=out,
-                                   stderr=subprocess.STDOUT, env=env())
-    daemon = start_daemon(tmp_path, endpoint, control)
-    try:
-        wait_for(lambda: "trial 2 of shown finished" in output.read_text(), 60, "the second experiment")
-        os.kill(station.pid, signal.SIGTERM)
-        assert station.wait(timeout=20) == 0
-    finally:
-        for proc in (station, daemon):
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=10)
-    lines = output.read_text().splitlines()
+    lines = _station_terminal(
+        tmp_path, ["compute-station", "--name", "cluster-a", "--capacity", "1", "--workers", "1"],
+        lambda output: wait_for(lambda: "trial 2 of shown finished" in output.read_text(), 60, "the second experiment"))
     text = "\n".join(lines)
     assert "compute station cluster-a connecting to" in lines[0], text
     assert sum("registered with" in line for line in lines) == 1, text
