@@ -401,43 +401,17 @@ class Store:
         holder up to ``timeout_s``. Unlike :meth:`claim` it does not keep a daemon out. Two people's ``suggest``
         at once both passed the budget check and were given the same points. The hold is the operating
         system's (a file lock beside a SQLite file, an advisory lock on PostgreSQL); no hold where there is none."""
-        digest = hashlib.sha256(f"{purpose}\0{campaign}".encode()).digest()
         deadline = time.monotonic() + timeout_s
-        if self.engine.dialect.name == "postgresql":
-            key = int.from_bytes(digest[:8], "big", signed=True)
-            with self.engine.connect() as connection:
-                while not connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar():
-                    if time.monotonic() > deadline:
-                        raise StoreError(f"another {purpose} of {campaign!r} has held it for {timeout_s:g} s")
-                    time.sleep(0.1)
-                try:
-                    yield
-                finally:
-                    connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
-            return
-        database = _sqlite_file(self.location)
+        # the same hold as a daemon's claim (:meth:`_take`), under a name no campaign has
+        while (hold := self._take(f"{purpose}\0{campaign}")) is False:
+            if time.monotonic() > deadline:
+                raise StoreError(f"another {purpose} of {campaign!r} has held it for {timeout_s:g} s")
+            time.sleep(0.05)
         try:
-            import fcntl
-        except ImportError:  # not a POSIX system: no hold
-            fcntl = None  # type: ignore[assignment]
-        if fcntl is None or self.engine.dialect.name != "sqlite" or not database or database == ":memory:":
             yield
-            return
-        path = Path(database + ".claims") / f"{purpose}-{digest.hex()[:24]}"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a+") as handle:
-            while True:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise StoreError(f"another {purpose} of {campaign!r} has held it for {timeout_s:g} s") from None
-                    time.sleep(0.05)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        finally:
+            if hold is not None:
+                hold.close()
 
     def _take(self, campaign: str, create: bool = True) -> Any:
         """The operating system's hold on ``campaign`` (an object with ``close``), None where this kind of
