@@ -545,6 +545,9 @@ class ComputeStation:
         try:
             if not is_computational(target):
                 raise ComputeError(f"a compute station runs functions and commands, not instrument {target!r}")
+            if "*" not in self.instruments and target not in self.instruments:
+                # a station started for one function ran any 'command:...' an assign named, as a program here
+                raise ComputeError(f"this station runs only {', '.join(self.instruments)}, not {target!r}")
             client = self.client(self._address(assignment.instrument.options))
             future = client.submit(run_experiment, target, dict(assignment.setpoints),
                                    dict(assignment.instrument.options), list(assignment.outputs), assignment.timeout_s,

@@ -386,6 +386,10 @@ class StationWorker:
     # -- experiments ------------------------------------------------------------------------
 
     def _binding(self, spec: protocol.InstrumentSpec) -> InstrumentBinding:
+        if "*" not in self.instruments and spec.target not in self.instruments:
+            # loading a target calls it: an assign naming 'subprocess:call' ran a shell command on a station started
+            # with --instrument simulators.surfaces:Branin. Nothing is loaded, so nothing ran
+            raise InstrumentUnavailable(f"this station drives only {', '.join(self.instruments)}, not {spec.target!r}")
         key = json.dumps([spec.target, spec.options], sort_keys=True, default=str)
         if key not in self._bindings:
             binding = load_binding(spec.target, spec.options)

@@ -624,3 +624,39 @@ def test_a_compute_station_that_repeats_its_hello_while_the_daemon_starts_regist
     # each welcome was taken for a new registration (and none was logged): the outbox sent once per queued hello
     assert len(offered) == 1, [r.getMessage() for r in offered]
     assert len(registered) == 1 and station.completed == 1, [r.getMessage() for r in registered]
+
+
+@pytest.mark.slow  # a Dask cluster's start: 6 s
+def test_an_assign_for_an_instrument_the_station_does_not_serve_runs_nothing(tmp_path: Path, free_port: int) -> None:
+    """A compute station started for one function ran any command an assign named: 'command:touch FILE' made
+    the file, on a station whose hello said it serves function:tests.test_compute:quadratic alone."""
+    endpoint = f"tcp://127.0.0.1:{free_port}"
+    context = zmq.Context()
+    daemon = context.socket(zmq.ROUTER)
+    daemon.setsockopt(zmq.LINGER, 0)
+    daemon.bind(endpoint)
+    served = "function:tests.test_compute:quadratic"
+    station = ComputeStation(endpoint, name="cluster", outbox=tmp_path / "o.db", processes=False, local_workers=1,
+                             heartbeat_s=1.0, instruments=[served], context=context)
+    stop = threading.Event()
+    thread = threading.Thread(target=station.run, args=(stop,), daemon=True)
+    thread.start()
+    made = tmp_path / "made"
+    try:
+        identity, _ = receive(daemon, protocol.Hello)
+        daemon.send_multipart([identity, protocol.encode(protocol.Welcome(heartbeat_s=1.0))])
+        for trial, target in ((1, f"command:touch {made}"), (2, served)):
+            daemon.send_multipart([identity, protocol.encode(protocol.Assign(
+                campaign="c", trial_id=trial, trial_index=trial, setpoints={"x1": 0.3, "x2": 0.6}, outputs=["y"],
+                instrument=protocol.InstrumentSpec(target=target)))])
+        _, failure = receive(daemon, protocol.Failure)
+        assert failure.trial_id == 1 and f"runs only {served}" in failure.error
+        _, result = receive(daemon, protocol.ResultMessage)  # and it goes on serving what it serves
+        assert result.trial_id == 2 and result.values == {"y": pytest.approx(0.0)}
+        time.sleep(0.5)
+        assert not made.exists()
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        daemon.close()
+        context.destroy(linger=0)

@@ -296,3 +296,48 @@ def test_a_station_that_repeats_its_hello_while_the_daemon_starts_registers_once
     # each welcome was taken for a new registration: 4 log lines, the outbox sent 4 times
     assert len(registered) == 1 and worker.completed == 1, [r.getMessage() for r in registered]
     assert len(offered) == 1, [r.getMessage() for r in offered]
+
+
+CALLED: list[dict[str, object]] = []
+
+
+def record_call(**options: object) -> InstrumentBinding:
+    """A target no station here drives: loading it would call it (as loading 'subprocess:call' runs a command)."""
+    CALLED.append(options)
+    return Branin()
+
+
+def test_an_assign_for_an_instrument_the_station_does_not_drive_loads_nothing(tmp_path: Path) -> None:
+    """A station started for Branin alone loaded whatever target an assign named, calling it with the assign's
+    options: 'subprocess:call' with {args: 'touch FILE', shell: true} ran the command, then failed the trial."""
+    import zmq
+
+    context = zmq.Context()
+    daemon = context.socket(zmq.ROUTER)
+    daemon.setsockopt(zmq.LINGER, 0)
+    port = daemon.bind_to_random_port("tcp://127.0.0.1")
+    worker = StationWorker(f"tcp://127.0.0.1:{port}", name="s", outbox=tmp_path / "s.outbox", heartbeat_s=0.2,
+                           instruments=["simulators.surfaces:Branin"], context=context)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    CALLED.clear()
+    try:
+        identity, _ = receive(daemon, protocol.Hello)
+        daemon.send_multipart([identity, protocol.encode(protocol.Welcome(heartbeat_s=0.2, session=1))])
+        for trial, target in ((1, "tests.test_worker:record_call"), (2, "simulators.surfaces:Branin")):
+            daemon.send_multipart([identity, protocol.encode(protocol.Assign(
+                campaign="c", trial_id=trial, trial_index=trial, setpoints={"x1": 1.0, "x2": 2.0}, outputs=["y"],
+                session=1, instrument=protocol.InstrumentSpec(target=target, options={"marker": 1})
+                if trial == 1 else protocol.InstrumentSpec(target=target)))])
+        _, failure = receive(daemon, protocol.Failure)
+        assert failure.trial_id == 1 and failure.unavailable and failure.run_uid is None
+        assert "drives only simulators.surfaces:Branin" in failure.error and "record_call" in failure.error
+        _, result = receive(daemon, protocol.ResultMessage)  # and it goes on serving what it drives
+        assert result.trial_id == 2
+        assert CALLED == [] and [trial for trial, _ in worker.outbox.ran()] == [2]
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        daemon.close()
+        context.term()
