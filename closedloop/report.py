@@ -1,6 +1,6 @@
 """The campaign report: one self-contained HTML file a scientist can mail, with its figures beside it.
 
-Figures (matplotlib, Agg, PNG): best so far against experiment number and wall time with the initial
+Figures (matplotlib, PNG): best so far against experiment number and wall time with the initial
 design marked; for several objectives the Pareto front and the hypervolume over experiments; each
 parameter against each objective; the model's mean and uncertainty along slices through the best
 point; leave-one-out predicted against observed. Then the table of experiments (failures and their
@@ -167,19 +167,20 @@ def load(store: Store, campaign: str) -> Data:
 # -- figures ----------------------------------------------------------------------------------------
 
 
-def _plt() -> Any:
-    import matplotlib
+def _subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float],
+              squeeze: bool = True) -> tuple[MplFigure, Any]:
+    """A figure of its own, drawn to a file and never to a window. Outside pyplot: its backend and open figures
+    are the caller's (``matplotlib.use("Agg")`` here blanked a notebook's inline plots for the rest of its
+    session), and it is not safe off the main thread."""
+    from matplotlib.figure import Figure as MplFigure
 
-    matplotlib.use("Agg")  # files only, never a window: reports are made on servers and in CI
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = MplFigure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, squeeze=squeeze)
 
 
 def _save(fig: MplFigure, outdir: Path, name: str) -> Path:
     path = outdir / f"{name}.png"
     fig.savefig(path, dpi=110, bbox_inches="tight", facecolor="white")
-    _plt().close(fig)
     return path
 
 
@@ -220,12 +221,11 @@ def _best_so_far(values: list[float | None], goal: str) -> list[float]:
 
 def figure_progress(data: Data, outdir: Path) -> Figure | None:
     """Best so far against experiment number and against wall time, the initial design marked."""
-    plt = _plt()
     objectives = list(data.campaign.objectives.items())
     records = data.records
     if not data.completed:
         return None
-    fig, axes = plt.subplots(len(objectives), 2, figsize=(11, 3.4 * len(objectives)), squeeze=False)
+    fig, axes = _subplots(len(objectives), 2, figsize=(11, 3.4 * len(objectives)), squeeze=False)
     numbers = [r["trial"] for r in records]
     finished = [r for r in records if r["finished_at"]]
     finished.sort(key=lambda r: r["finished_at"])
@@ -333,11 +333,10 @@ def figure_pareto(data: Data, outdir: Path) -> list[Figure]:
     done = [r for r in data.completed if data.feasible(r)]
     if len(names) < 2 or len(done) < 2:
         return []
-    plt = _plt()
     oriented = np.array([[data.oriented(n, r[n]) for n in names] for r in done])
     mask = pareto_mask(oriented)
     a, b = names[0], names[1]
-    fig, ax = plt.subplots(figsize=(6, 4.6))
+    fig, ax = _subplots(figsize=(6, 4.6))
     xs, ys = np.array([r[a] for r in done]), np.array([r[b] for r in done])
     order = np.array([r["trial"] for r in done])
     scatter = ax.scatter(xs[~mask], ys[~mask], c=order[~mask], cmap="viridis", s=20, alpha=0.7,
@@ -353,7 +352,7 @@ def figure_pareto(data: Data, outdir: Path) -> list[Figure]:
     figures = [Figure("pareto", "Pareto front", "Feasible experiments coloured by experiment number; the red line "
                       "joins the non-dominated ones.", _save(fig, outdir, "pareto"))]
     numbers, volumes, ref = hypervolume_history(data)
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = _subplots(figsize=(6, 3.6))
     ax.step(numbers, volumes, where="post", color="black")
     ax.set_xlabel("experiment number")
     ax.set_ylabel("hypervolume")
@@ -381,8 +380,7 @@ def figure_parameters(data: Data, outdir: Path) -> Figure | None:
     outputs = data.campaign.outputs
     if not done:
         return None
-    plt = _plt()
-    fig, axes = plt.subplots(len(outputs), len(tunable), figsize=(3.2 * len(tunable) + 0.6, 2.8 * len(outputs)),
+    fig, axes = _subplots(len(outputs), len(tunable), figsize=(3.2 * len(tunable) + 0.6, 2.8 * len(outputs)),
                              squeeze=False)
     for i, output in enumerate(outputs):
         ys = np.array([r[output] for r in done], dtype=float)
@@ -544,9 +542,8 @@ def figure_model(data: Data, fitted: list[Fitted], outdir: Path) -> Figure | Non
     """The model's mean and ±2 standard deviations along each parameter through the best point."""
     if not fitted:
         return None
-    plt = _plt()
     tunable = list(data.campaign.tunable_parameters.items())
-    fig, axes = plt.subplots(len(fitted), len(tunable), figsize=(3.2 * len(tunable) + 0.6, 2.9 * len(fitted)),
+    fig, axes = _subplots(len(fitted), len(tunable), figsize=(3.2 * len(tunable) + 0.6, 2.9 * len(fitted)),
                              squeeze=False)
     through_reading = False
     for i, f in enumerate(fitted):
@@ -602,8 +599,7 @@ def figure_loo(fitted: list[Fitted], outdir: Path) -> tuple[Figure | None, dict[
     """Leave-one-out predicted against observed, with RMSE and the share within two sd."""
     if not fitted:
         return None, {}
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(fitted), figsize=(4.4 * len(fitted), 4.2), squeeze=False)
+    fig, axes = _subplots(1, len(fitted), figsize=(4.4 * len(fitted), 4.2), squeeze=False)
     quality: dict[str, dict[str, float]] = {}
     for ax, f in zip(axes[0], fitted):
         observed = f.train_y.squeeze(-1).numpy()

@@ -304,3 +304,22 @@ def test_every_figure_labels_parameters_and_objectives_with_their_units(
         assert "cost [EUR]" in ylabels, (name, ylabels)
     ((x, y, _), _colorbar) = figures["pareto"]
     assert (x, y) == ("yield [mg] (maximize)", "cost [EUR] (minimize)")
+
+
+def test_making_figures_leaves_the_notebooks_matplotlib_backend_and_figures_alone(tmp_path: Path) -> None:
+    # make_figures switched pyplot to Agg for the whole process: in a notebook every later plt.show() was
+    # blank ("FigureCanvasAgg is non-interactive"), and a Qt session lost its windows
+    import matplotlib.pyplot as plt
+
+    before = plt.get_backend()
+    plt.switch_backend("svg")  # stands in for the notebook's own (inline, Qt) backend
+    try:
+        mine = plt.figure()
+        store, _ = mixed_store(tmp_path / "s.db", n=10, fail=())
+        data = report.load(store, "mixed")  # the model's figures draw as these do, after a GP fit of seconds
+        assert report.figure_progress(data, tmp_path) and report.figure_parameters(data, tmp_path)
+        assert plt.get_backend() == "svg"
+        assert plt.get_fignums() == [mine.number]  # none of the report's left open, nor the scientist's closed
+    finally:
+        plt.close("all")
+        plt.switch_backend(before)
