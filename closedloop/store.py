@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
@@ -518,14 +519,29 @@ class Store:
             return row.id
 
     def campaign_row(self, name_or_id: str | int) -> CampaignRow:
+        if not isinstance(name_or_id, (str, int)):
+            # suggest() takes the Campaign itself, so a notebook passes it on to tell(), best(), ...; it reached
+            # SQLite as a query parameter and came back as an sqlite3.ProgrammingError
+            name = getattr(name_or_id, "name", None)
+            raise TypeError(f"a campaign is named by its name or id, not a {type(name_or_id).__name__}"
+                            + (f": pass campaign.name ({name!r})" if isinstance(name, str) else ""))
         with Session(self.engine) as session:
             if isinstance(name_or_id, int) or str(name_or_id).isdigit():
                 row = session.get(CampaignRow, int(name_or_id))
             else:
                 row = session.exec(select(CampaignRow).where(CampaignRow.name == name_or_id)).first()
         if row is None:
-            raise StoreError(f"no campaign {name_or_id!r} in {self.display}")
+            raise StoreError(f"no campaign {name_or_id!r} in {self.display}{self._holds(str(name_or_id))}")
         return row
+
+    def _holds(self, wanted: str) -> str:
+        """What the store holds, for a name it does not: a mistyped name, or a mistyped path (which opened a new,
+        empty store) read alike."""
+        names = [row.name for row in self.campaigns()]
+        if not names:
+            return "; it holds no campaign (is the path right?)"
+        close = difflib.get_close_matches(wanted, names, n=1)
+        return f" (did you mean {close[0]!r}?)" if close else f"; it holds {', '.join(names)}"
 
     def campaign(self, name_or_id: str | int) -> Campaign:
         """The campaign as it was stored."""

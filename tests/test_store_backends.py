@@ -17,6 +17,7 @@ from sqlalchemy import create_engine, make_url, text
 
 from closedloop.compute import ComputeStation
 from closedloop.daemon import Daemon
+from closedloop.errors import StoreError
 from closedloop.store import Store, TrialStatus
 from tests.conftest import branin_campaign
 from tests.test_compute import campaign as compute_campaign
@@ -132,6 +133,34 @@ def test_campaigns_in_one_store_only_see_their_own_trials(store_url: str) -> Non
     assert [t.index for t in store.trials(a)] == [1, 2, 3]
     assert [t.index for t in store.trials(b)] == [1, 2]
     assert store.counts(b) == {TrialStatus.proposed.value: 2}
+    store.close()
+
+
+def test_a_campaign_not_in_the_store_is_named_with_what_the_store_holds(tmp_path: Path) -> None:
+    # a mistyped name, or a mistyped path (Store() made a new, empty file), read only "no campaign 'x' in PATH"
+    store = Store(tmp_path / "lab.db")
+    with pytest.raises(StoreError, match=r"no campaign 'branin' in .*lab\.db; it holds no campaign \(is the path right\?\)"):
+        store.campaign_row("branin")
+    store.open_campaign(branin_campaign("titration"))
+    store.open_campaign(branin_campaign("anneal", seed=5))
+    with pytest.raises(StoreError, match=r"no campaign 'titraton' in .*lab\.db \(did you mean 'titration'\?\)"):
+        store.campaign_row("titraton")
+    with pytest.raises(StoreError, match=r"no campaign 'xyz' in .*lab\.db; it holds titration, anneal$"):
+        store.campaign_row("xyz")
+    store.close()
+
+
+def test_a_campaign_given_where_its_name_is_due_is_refused_in_words(tmp_path: Path) -> None:
+    # suggest() takes the Campaign itself; passed on to tell(), best() and the rest, it reached SQLite as a query
+    # parameter: "sqlite3.ProgrammingError: Error binding parameter 1: type 'Campaign' is not supported"
+    from closedloop.hitl import tell
+
+    store = Store(tmp_path / "lab.db")
+    campaign = branin_campaign("titration")
+    store.open_campaign(campaign)
+    with pytest.raises(TypeError, match=r"a campaign is named by its name or id, not a Campaign: pass campaign\.name "
+                                        r"\('titration'\)"):
+        tell(store, campaign, 1, {"y": 1.0})  # type: ignore[arg-type]
     store.close()
 
 
