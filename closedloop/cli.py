@@ -606,6 +606,10 @@ def export(
     elif format == "json":
         target.write_text(as_json + "\n", encoding="utf-8")
     else:
+        # a parquet column has one type: a categorical of numbers and text (values: [10, "007"]) goes as text
+        for column in frame.columns[frame.dtypes == object]:
+            if len({type(v) for v in frame[column] if v is not None}) > 1:
+                frame[column] = [None if v is None else str(v) for v in frame[column]]
         try:
             frame.to_parquet(target, index=False)
         except ImportError:

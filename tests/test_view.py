@@ -451,6 +451,29 @@ def test_a_json_export_holds_the_stored_numbers_and_names_exactly(tmp_path: Path
     assert pd.read_json(tmp_path / "s.json", precise_float=True)["x1"].tolist() == [-0.9841181663796306]
 
 
+def test_a_parquet_export_of_a_categorical_of_numbers_and_text_writes_it_as_text(tmp_path: Path) -> None:
+    # a parquet column has one type: 'values: [10, 20, "007"]' failed the export ("ArrowInvalid: Could not convert
+    # '007' with type str: tried to convert to int64") and wrote nothing
+    from closedloop.campaign import Campaign
+
+    campaign = Campaign.from_yaml_text(
+        "name: mixedcat\nparameters:\n  x: {type: continuous, bounds: [0, 1]}\n"
+        "  cat: {type: categorical, values: [10, 20, '007']}\nobjectives:\n  y: {goal: minimize}\n"
+        "budget: {experiments: 4}\ninstrument: {simulator: 'simulators.surfaces:Branin'}\n", check_instrument=False)
+    store = Store(tmp_path / "s.db")
+    cid = store.open_campaign(campaign)
+    for trial, cat in zip(store.add_trials(cid, [({"x": 0.5, "cat": 10}, {}), ({"x": 0.25, "cat": "007"}, {})]),
+                          (10, "007")):
+        store.mark_dispatched(trial.id, "station-a")
+        store.record_result(trial.id, f"run-{cat}", {"y": 1.0})
+    target = tmp_path / "mixedcat.parquet"
+    result = CliRunner().invoke(app, ["export", "mixedcat", "-f", "parquet", "-o", str(target), "--store",
+                                      str(tmp_path / "s.db")])
+    assert result.exit_code == 0, result.output
+    frame = pd.read_parquet(target)
+    assert frame["cat"].tolist() == ["10", "007"] and frame["x"].tolist() == [0.5, 0.25]
+
+
 def test_an_export_into_a_new_folder_makes_it_as_a_report_does(busy: tuple[Store, str], tmp_path: Path) -> None:
     """`report -o reports/x/report.html` made its folder; `export -o exports/x.csv` failed ("non-existent directory")."""
     for fmt in ("csv", "json", "parquet"):
