@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import sys
 import threading
@@ -66,6 +67,14 @@ REST_LONGEST_S = 300.0
 # a trial's timeout counts from its start; until the station says it started, allow this much more for the message
 # and the station's queue
 START_GRACE_S = 30.0
+# a peer's dropped messages (and those it does not read) are logged one by one up to DROPS_LOGGED in each
+# DROP_WINDOW_S, then counted and said in one line: a peer sending garbage as fast as it could wrote 2.8 MB of log a
+# second, and the rotated log (120 MB) lost the campaign's history within a minute
+DROPS_LOGGED = 20
+DROP_WINDOW_S = 10.0
+# what one peer may have queued here unread: at 100 000 (each up to 1 MiB) a peer sending faster than the loop reads
+# grew the daemon by gigabytes in seconds; a station sending more (its outbox after a restart) waits its turn
+RECEIVE_QUEUE = 100
 
 
 def _instrument_label(instrument: Any) -> str:
@@ -81,6 +90,16 @@ def _now_iso() -> str:
 def _logfmt(**fields: Any) -> str:
     return " ".join(f"{k}={json.dumps(v, default=str) if not isinstance(v, (int, float)) else v}"
                     for k, v in fields.items() if v is not None)
+
+
+@dataclass
+class _Drops:
+    """Messages from (or to) one peer dropped in the current window: how many were logged, how many were not."""
+
+    since: float
+    logged: int = 0
+    unlogged: int = 0
+    last: str = ""
 
 
 @dataclass
@@ -538,7 +557,7 @@ class Daemon:
         self.socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
         self.socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES + 1024)
-        self.socket.setsockopt(zmq.RCVHWM, 100_000)
+        self.socket.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
         self.socket.setsockopt(zmq.SNDHWM, 100_000)
         if keys:
             keys.apply(self.socket)
@@ -597,6 +616,7 @@ class Daemon:
         self._last_queue_refresh = time.monotonic()
         self.started = time.monotonic()
         self.stats = {"results": 0, "duplicates": 0, "dropped": 0, "dispatched": 0}
+        self._drops: dict[tuple[bytes, str], _Drops] = {}  # by peer, and "dropped" or "could not send"
         for run in self.runs.values():
             if store.campaign_row(run.id).status != "paused":
                 continue
@@ -739,6 +759,7 @@ class Daemon:
         self._claimed = []
 
     def close(self) -> None:
+        self._say_unlogged_drops(math.inf)
         self._release_campaigns()
         for sock in (self.socket, self.pub, self.control, self._wake_pull, self._wake_push):
             if sock is not None:
@@ -768,6 +789,7 @@ class Daemon:
         if now - self._last_check > 0.1:
             self._last_check = now
             self._check_liveness()
+            self._say_unlogged_drops(now)
         if now - self._last_queue_refresh > 1.0:
             self._last_queue_refresh = now
             for run in self.runs.values():
@@ -808,9 +830,14 @@ class Daemon:
 
     # -- intake -----------------------------------------------------------------------------
 
-    def _receive_batch(self, limit: int = 1000) -> None:
+    def _receive_batch(self, limit: int = 1000, limit_s: float = 0.1) -> None:
         results: list[tuple[bytes, protocol.ResultMessage]] = []
+        # bounded in time too: a thousand 1 MiB frames take seconds to parse, and `closedloop health` (3 s) went
+        # unanswered while peers sent them
+        deadline = time.monotonic() + limit_s
         for _ in range(limit):
+            if time.monotonic() > deadline:
+                break
             try:
                 frames, key_name = self._recv()
             except zmq.Again:
@@ -851,8 +878,7 @@ class Daemon:
 
     def _parse(self, frames: list[bytes], key_name: str | None = None) -> tuple[bytes, Any] | None:
         if len(frames) != 2:
-            self.stats["dropped"] += 1
-            log.warning("dropped a message of %d frames", len(frames))
+            self._drop(frames[0] if frames else b"", f"a message of {len(frames)} frames")
             return None
         identity, frame = frames
         if key_name is not None and identity != key_name.encode():
@@ -884,7 +910,36 @@ class Daemon:
 
     def _drop(self, identity: bytes, why: str) -> None:
         self.stats["dropped"] += 1
-        log.warning("dropped a message from %r: %s", identity[:64], why)
+        self._say_dropped(identity, "dropped", why)
+
+    def _say_dropped(self, identity: bytes, what: str, why: str) -> None:
+        key, now = (identity, what), time.monotonic()
+        drops = self._drops.get(key)
+        if drops is None or now - drops.since >= DROP_WINDOW_S:
+            if drops is not None:
+                self._say_unlogged(key, drops)
+            drops = self._drops[key] = _Drops(now)
+        if drops.logged < DROPS_LOGGED:
+            drops.logged += 1
+            log.warning("%s a message %s %r: %s", what, "from" if what == "dropped" else "to", identity[:64], why)
+        else:
+            drops.unlogged += 1
+            drops.last = why
+
+    def _say_unlogged_drops(self, now: float) -> None:
+        """Close the windows that have ended (all, at ``now`` infinite), saying what each did not log."""
+        for key, drops in list(self._drops.items()):
+            if now - drops.since >= DROP_WINDOW_S:
+                del self._drops[key]
+                self._say_unlogged(key, drops)
+
+    @staticmethod
+    def _say_unlogged(key: tuple[bytes, str], drops: _Drops) -> None:
+        identity, what = key
+        if drops.unlogged:
+            log.warning("%s %d more messages %s %r within %.0f s of the %d logged above; the last: %s", what,
+                        drops.unlogged, "from" if what == "dropped" else "to", identity[:64], DROP_WINDOW_S,
+                        drops.logged, drops.last)
 
     def _intake(self, batch: list[tuple[bytes, protocol.ResultMessage]]) -> None:
         """Validate, store in one transaction, then acknowledge and tell the planners."""
@@ -991,7 +1046,7 @@ class Daemon:
             self.socket.send_multipart([identity, payload], zmq.NOBLOCK)
             return True
         except zmq.ZMQError as exc:  # the peer is gone (ROUTER_MANDATORY) or its queue is full
-            log.warning("could not send %s to %r: %s", kind, identity[:64], exc)
+            self._say_dropped(identity, "could not send", f"{kind}: {exc}")
             return False
 
     # -- handlers -----------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Messages that are valid but list far more trials than a station can hold cost the daemon little."""
+"""Floods: messages that list far more trials than a station can hold, peers that send faster than the loop reads,
+and garbage by the thousand cost the daemon little time, memory and log."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import zmq
 
 from closedloop import protocol
 from closedloop.campaign import Campaign
-from closedloop.daemon import Daemon, control_request
+from closedloop.daemon import DROPS_LOGGED, Daemon, control_request
 from closedloop.store import Store
 from tests.daemon.procs import campaign_yaml, free_port
 
@@ -64,3 +66,146 @@ def test_a_station_listing_100000_trials_gets_no_flood_of_cancels_and_the_loop_k
     assert answered < 3, f"the loop answered health after {answered:.1f} s"
     assert received < 20, f"{received} messages sent back to one peer"
     assert sum(logged) < 100_000, f"{len(logged)} log lines, {sum(logged)} characters"
+
+
+def test_a_peer_that_sends_faster_than_the_loop_reads_gets_only_a_few_messages_queued(tmp_path: Path) -> None:
+    """The daemon's socket queued up to 100 000 messages a peer, each up to 1 MiB: 4000 frames of garbage sent
+    in a blink grew the daemon from 0.36 to 2.5 GB, and a longer flood would have taken the machine's memory."""
+    store = Store(tmp_path / "s.db")
+    daemon = Daemon(store, [Campaign.from_yaml_text(campaign_yaml("queue", 4))])
+    context = zmq.Context()
+    peer = context.socket(zmq.DEALER)
+    peer.setsockopt(zmq.LINGER, 0)
+    peer.setsockopt(zmq.SNDHWM, 1)
+    peer.connect(daemon.endpoint)
+    frame = b"x" * 65536
+    sent = 0
+    try:
+        # the loop is not serving: whatever the peer gets sent waits in the daemon's queue (and the kernel's)
+        while sent < 2000 and peer.poll(500, zmq.POLLOUT):
+            peer.send(frame)
+            sent += 1
+    finally:
+        peer.close()
+        context.term()
+        daemon.close()
+        store.close()
+    assert sent < 1000, f"{sent} frames of 64 KiB taken from one peer before it had to wait"
+
+
+def test_the_loop_answers_health_while_peers_send_frames_of_a_mebibyte(tmp_path: Path) -> None:
+    """The loop read up to a thousand messages a turn before answering its control socket: with four peers
+    sending 1 MiB frames, `closedloop health` took 2 to 3 s, or went unanswered past its 3 s."""
+    store = Store(tmp_path / "s.db")
+    control = f"tcp://127.0.0.1:{free_port()}"
+    daemon = Daemon(store, [Campaign.from_yaml_text(campaign_yaml("heavy", 4))], control=control)
+    stop = threading.Event()
+    loop = threading.Thread(target=daemon.serve, args=(stop.is_set,), daemon=True)
+    context = zmq.Context()
+    frame = b'{"v": 1, "type": "result", "pad": "' + b"x" * (protocol.MAX_MESSAGE_BYTES - 100) + b'"}'
+
+    def flood(peer: zmq.Socket) -> None:
+        while not stop.is_set():
+            if peer.poll(10, zmq.POLLOUT):
+                peer.send(frame, copy=False)
+        peer.close()
+
+    peers = []
+    for i in range(4):
+        peer = context.socket(zmq.DEALER)
+        peer.setsockopt(zmq.LINGER, 0)
+        peer.setsockopt(zmq.ROUTING_ID, f"heavy-{i}".encode())
+        peer.connect(daemon.endpoint)
+        peers.append(threading.Thread(target=flood, args=(peer,), daemon=True))
+    loop.start()
+    for thread in peers:
+        thread.start()
+    answered: list[float] = []
+    try:
+        time.sleep(0.5)  # the daemon's queues are full
+        for _ in range(4):
+            started = time.monotonic()
+            assert control_request(control, "health", timeout_s=10)["healthy"]
+            answered.append(time.monotonic() - started)
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for thread in peers:
+            thread.join(timeout=10)
+        loop.join(timeout=60)
+        daemon.close()
+        context.term()
+        store.close()
+    assert daemon.stats["dropped"] > 100, "the peers' frames did not reach the loop"
+    assert max(answered) < 1.0, f"health answered after {', '.join(f'{s:.1f}' for s in answered)} s"
+
+
+def test_a_peer_sending_garbage_fills_no_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Each dropped message was one log line: a peer sending garbage as fast as it could wrote 2.8 MB of log a
+    second, and the rotated --logfile (20 MB, 5 kept) lost the campaign's history within a minute."""
+    caplog.set_level(logging.WARNING, logger="closedloop.daemon")
+    store = Store(tmp_path / "s.db")
+    daemon = Daemon(store, [Campaign.from_yaml_text(campaign_yaml("noisy", 4))])
+    stop = threading.Event()
+    loop = threading.Thread(target=daemon.serve, args=(stop.is_set,), daemon=True)
+    context = zmq.Context()
+    peer = context.socket(zmq.DEALER)
+    peer.setsockopt(zmq.LINGER, 0)
+    peer.setsockopt(zmq.ROUTING_ID, b"noisy")
+    peer.connect(daemon.endpoint)
+    loop.start()
+    try:
+        for i in range(2000):
+            peer.send(b"garbage %d" % i)
+        deadline = time.monotonic() + 20
+        while daemon.stats["dropped"] < 2000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        loop.join(timeout=60)
+        daemon.close()
+        peer.close()
+        context.term()
+        store.close()
+    assert daemon.stats["dropped"] == 2000
+    lines = [r.getMessage() for r in caplog.records if "noisy" in r.getMessage()]
+    one_by_one = [line for line in lines if line.startswith("dropped a message from b'noisy': not JSON")]
+    assert len(one_by_one) == DROPS_LOGGED, f"{len(lines)} lines for 2000 dropped messages"
+    # and what was not logged one by one is counted, with the last reason, by the time the daemon closes
+    assert [line for line in lines if line not in one_by_one] == [
+        f"dropped {2000 - DROPS_LOGGED} more messages from b'noisy' within 10 s of the {DROPS_LOGGED} logged above; "
+        "the last: not JSON: Expecting value: line 1 column 1 (char 0)"]
+
+
+def test_a_peer_gone_before_its_answers_fills_no_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Each answer that could not be sent was one log line: a peer that sent heartbeats by the thousand and never
+    read (or left) had the daemon log 'could not send refused to ...' 29 000 times, 3.4 MB."""
+    caplog.set_level(logging.WARNING, logger="closedloop.daemon")
+    store = Store(tmp_path / "s.db")
+    daemon = Daemon(store, [Campaign.from_yaml_text(campaign_yaml("gone", 4))])
+    context = zmq.Context()
+    peer = context.socket(zmq.DEALER)
+    peer.setsockopt(zmq.ROUTING_ID, b"gone")
+    peer.connect(daemon.endpoint)
+    for _ in range(500):  # unregistered: each is answered "refused", to a peer no longer there to take it
+        if not peer.poll(200, zmq.POLLOUT):
+            break
+        peer.send(protocol.encode(protocol.Heartbeat()))
+    peer.close(linger=200)
+    stop = threading.Event()
+    loop = threading.Thread(target=daemon.serve, args=(stop.is_set,), daemon=True)
+    loop.start()
+    try:
+        deadline = time.monotonic() + 10
+        while daemon.stats["dropped"] < DROPS_LOGGED + 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        loop.join(timeout=60)
+        daemon.close()
+        context.term()
+        store.close()
+    lines = [r.getMessage() for r in caplog.records if "b'gone'" in r.getMessage()]
+    one_by_one = [line for line in lines if line.startswith("could not send a message to b'gone': refused")]
+    assert len(one_by_one) == DROPS_LOGGED, f"{len(lines)} lines for {daemon.stats['dropped']} refusals"
+    assert len(lines) == DROPS_LOGGED + 1 and lines[-1].startswith("could not send") and "more messages to" in lines[-1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 import zmq
 
 from closedloop import protocol
-from closedloop.daemon import control_request
+from closedloop.daemon import DROPS_LOGGED, control_request
 from closedloop.store import Store
 from tests.daemon.procs import campaign_yaml, completed, free_port, kill9, ran, start_daemon, start_worker, wait_for
 
@@ -112,4 +113,7 @@ def test_hostile_frames_change_nothing_but_valid_results(tmp_path: Path) -> None
         first = json.loads(path.read_text().split("\n", 1)[0])
         assert first["name"] == "start" and first["doc"]["uid"] == path.stem
     log = (tmp_path / "daemon.log").read_text()
-    assert log.count("dropped a message") > 1000
+    # each peer's first drops in a window are logged one by one, the rest counted in one line
+    one_by_one = log.count("dropped a message")
+    assert one_by_one < 40 * DROPS_LOGGED
+    assert one_by_one + sum(int(n) for n in re.findall(r"dropped (\d+) more messages", log)) > 1000
