@@ -22,11 +22,13 @@ import importlib
 import inspect
 import math
 import numbers
+import reprlib
 import sys
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 from bluesky.protocols import Movable, Readable
 
 from closedloop.errors import ClosedLoopError, DeviceError, InstrumentUnavailable
@@ -78,7 +80,20 @@ class Derived:
         if missing:
             readings = ", ".join(sorted(data))
             raise DeviceError(f"{self.label} needs {', '.join(missing)}, not in the readings ({readings})")
-        return float(self.function(*(data[k] for k in self.keys)))
+        function = self.function
+        try:
+            result = function(*(data[k] for k in self.keys))
+        except DeviceError:
+            raise
+        except Exception as exc:
+            # stored with the trial as a bare "IndexError: index 10000 is out of bounds", it named neither the
+            # function nor the readings, and read like the instrument's fault
+            raise DeviceError(f"{self.label}({', '.join(self.keys)}) raised {type(exc).__name__}: {exc}") from exc
+        try:
+            return float(result)
+        except (TypeError, ValueError) as exc:
+            raise DeviceError(f"{self.label}({', '.join(self.keys)}) returned {describe_value(result)}, "
+                              "not a number") from exc
 
 
 OutputSource = str | Derived
@@ -347,6 +362,17 @@ def _run_check(checker: Callable[[Any], Any], value: Any) -> None:
         close = getattr(result, "close", None)
         if close is not None:
             close()
+
+
+def describe_value(value: Any) -> str:
+    """A reading in a message: an array by its shape (its repr is thousands of numbers), else a short repr."""
+    if isinstance(value, (list, tuple)) or (hasattr(value, "shape") and getattr(value, "ndim", 0) > 0):
+        try:
+            shape = tuple(np.shape(value))
+        except ValueError:  # a ragged list
+            shape = (len(value),)
+        return f"an array of shape {shape}"
+    return reprlib.repr(value)
 
 
 def _finite_number(value: Any) -> bool:

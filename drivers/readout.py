@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from closedloop.errors import DeviceError
-from drivers.binding import Derived, InstrumentBinding
+from drivers.binding import Derived, InstrumentBinding, describe_value
 
 
 def _value(source: str | Derived, data: Mapping[str, Any], output: str) -> float:
@@ -29,7 +29,9 @@ def _value(source: str | Derived, data: Mapping[str, Any], output: str) -> float
     try:
         number = float(value)
     except (TypeError, ValueError) as exc:
-        raise DeviceError(f"output {output!r}: reading {value!r} is not a number") from exc
+        # an output mapped straight to a spectrum's or an image's key: its repr filled the error with the whole array
+        hint = "; reduce it to a number with Derived(keys=..., func=...)" if describe_value(value).startswith("an array") else ""
+        raise DeviceError(f"output {output!r}: reading {describe_value(value)} is not a number{hint}") from exc
     if not math.isfinite(number):
         raise DeviceError(f"output {output!r}: reading {number} is not finite")
     return number

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from ophyd import Signal
 from ophyd.sim import SynAxis
 
 from closedloop.errors import DeviceError
-from drivers.binding import InstrumentBinding, MaxStep
+from drivers.binding import Derived, InstrumentBinding, MaxStep
 from drivers.plans import measure
+from drivers.readout import outputs_from_events
 
 
 def test_limits_or_a_safety_rule_naming_no_device_are_refused_when_the_binding_is_made() -> None:
@@ -57,3 +60,17 @@ def test_a_type_error_inside_a_factory_is_told_from_an_option_it_does_not_take()
         load_binding("tests.drivers.test_binding:factory_with_a_bug", {"gian": 2.0})
     with pytest.raises(DeviceError, match=r"factory_with_a_bug: TypeError inside the factory: .*'gain'"):
         load_binding("tests.drivers.test_binding:factory_with_a_bug", {"gain": 2.0})
+
+
+def test_a_derived_function_that_fails_or_returns_an_array_is_named_in_the_error(RE, docs) -> None:  # noqa: N803
+    spectrum = Signal(name="spectrum", value=np.linspace(0.0, 1.0, 64))
+    binding = InstrumentBinding(name="spec", positioners={"x": SynAxis(name="x")}, detectors=[spectrum],
+                                outputs={"peak": Derived(keys=("spectrum",), func="numpy:argmax"),
+                                         "doubled": Derived(keys=("spectrum",), func=lambda s: s * 2),
+                                         "tenthousandth": Derived(keys=("spectrum",), func=lambda s: s[10000])})
+    RE(measure(binding, {"x": 1.0}, {}), docs)
+    assert outputs_from_events(binding, docs.events(), ["peak"])[0] == {"peak": 63.0}
+    with pytest.raises(DeviceError, match=r"<lambda>\(spectrum\) returned an array of shape \(64,\), not a number"):
+        outputs_from_events(binding, docs.events(), ["doubled"])
+    with pytest.raises(DeviceError, match=r"<lambda>\(spectrum\) raised IndexError: index 10000"):
+        outputs_from_events(binding, docs.events(), ["tenthousandth"])
