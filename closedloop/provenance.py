@@ -431,6 +431,9 @@ def explain(store: Store, campaign: str, index: int) -> dict[str, Any]:
         # every attempt's Bluesky run in order; ``run_uid`` is the one whose result was stored
         "attempts": trial.attempts, "run_uids": list(trial.run_uids or []), "run_uid": obs.run_uid if obs else None,
         "planner_metadata": trial.planner,
+        # a run's documents over half a message (an image detector's) stay on its station; without this the
+        # trial's run uid led nowhere, and `closedloop run` shows no station log that says where they went
+        "documents_in_store": [u for u in trial.run_uids or [] if (store.documents_dir / f"{u}.jsonl").is_file()],
     }
     if prov is None:
         out["provenance"] = None
@@ -475,6 +478,11 @@ def explain_lines(info: dict[str, Any]) -> list[str]:
              f"  values:     {fmt(info['values'])}" + (f"   error: {info['error']}" if info["error"] else ""),
              f"  station:    {fmt(info['station'])} (attempts {info['attempts']}); run uids: "
              f"{', '.join(u if u == info['run_uid'] else f'{u} (failed)' for u in info['run_uids']) or '-'}"]
+    elsewhere = [u for u in info["run_uids"] if u not in info.get("documents_in_store", info["run_uids"])]
+    if elsewhere:
+        lines.append(f"  documents:  not in the store for run {', '.join(elsewhere)}: over 512 KiB (an image "
+                     f"detector's), they stay on station {fmt(info['station'])} beside its outbox, in "
+                     "OUTBOX.documents/RUN_UID.jsonl (for `closedloop run`: STORE.outbox.documents/)")
     p = info["provenance"]
     if p is None:
         lines.append("  no decision record (imported, suggested by hand, or run before provenance was kept); "

@@ -16,6 +16,7 @@ from closedloop.cli import app
 from closedloop.daemon import run_embedded
 from closedloop.errors import StoreError
 from closedloop.store import Store
+from closedloop.campaign import Campaign
 from tests.conftest import branin_campaign
 
 
@@ -398,4 +399,34 @@ def test_a_trial_ax_proposed_is_explained_but_not_replayed(tmp_path: Path) -> No
     assert record is not None and record.backend == "ax" and record.observed == [[first.index, first.index]]
     with pytest.raises(StoreError, match=r"trial #2 of 'axed' was proposed by Ax, .* cannot be replayed"):
         provenance.replay(store, "axed", second.index)
+    store.close()
+
+
+def big_image_instrument() -> Any:
+    """A stage and a 1 MB image detector: each run's documents are too large to travel with its result."""
+    import numpy as np
+    from ophyd import Signal
+    from ophyd.sim import SynAxis
+
+    from drivers.binding import Derived, InstrumentBinding
+
+    image = Signal(name="image", value=np.ones((362, 362)))
+    return InstrumentBinding(name="camera", positioners={"x1": SynAxis(name="x1"), "x2": SynAxis(name="x2")},
+                             detectors=[image], outputs={"y": Derived(keys=("image",), func="numpy:mean")})
+
+
+@pytest.mark.slow  # a campaign of one experiment run by the embedded daemon (4 s)
+def test_explain_says_where_the_documents_of_an_image_run_are(tmp_path: Path) -> None:
+    campaign = Campaign.from_yaml_text(
+        "name: camera\nparameters:\n  x1: {type: continuous, bounds: [-5, 10]}\n"
+        "  x2: {type: continuous, bounds: [0, 15]}\nobjectives:\n  y: {goal: minimize}\n"
+        "budget: {experiments: 1}\nplanner: {backend: sobol, seed: 0}\n"
+        "instrument: {driver: 'tests.test_provenance:big_image_instrument'}\n")
+    store = Store(tmp_path / "camera.db")
+    run_embedded(campaign, store, outbox=str(tmp_path / "camera.db.outbox"))
+    info = provenance.explain(store, "camera", 1)
+    (uid,) = info["run_uids"]
+    assert store.documents(uid) is None and (tmp_path / "camera.db.outbox.documents" / f"{uid}.jsonl").is_file()
+    shown = "\n".join(provenance.explain_lines(info))
+    assert f"documents:  not in the store for run {uid}" in shown and "OUTBOX.documents/RUN_UID.jsonl" in shown
     store.close()
