@@ -126,9 +126,10 @@ Duration = Annotated[
 ]
 
 # Option values written as durations are given to instrument factories in seconds. The bare 'm' is
-# left out here: in an option it could as well mean metres.
+# left out here: in an option it could as well mean metres; so is the bare 'd': a detector's 'mode: 2d'
+# reached its factory as 172800.0 (two days), and '0d' was refused as a duration.
 _OPTION_DURATION_RE = re.compile(
-    r"\s*[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?\s*(ms|s|sec|seconds?|min|minutes?|h|hours?|d|days?)\s*"
+    r"\s*[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?\s*(ms|s|sec|seconds?|min|minutes?|h|hours?|days?)\s*"
 )
 
 # --------------------------------------------------------------------------------------------

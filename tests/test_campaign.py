@@ -153,6 +153,17 @@ def test_every_construct_round_trips_through_yaml() -> None:
     assert c.instrument.options["latency"] == 0.05  # '0.05 s' reaches the simulator in seconds
 
 
+def camera(*, mode: str = "1d", zero: str = "", wait: float = 0.0, lag: float = 0.0) -> None:
+    """A driver factory's signature, for the options check (never called)."""
+
+
+def test_an_option_like_a_detector_mode_2d_reaches_the_driver_as_written() -> None:
+    text = ("name: cam\nparameters:\n  x: {type: continuous, bounds: [0, 1]}\nobjectives:\n  y: {goal: minimize}\n"
+            "budget: {experiments: 3}\ninstrument:\n  driver: tests.test_campaign:camera\n")
+    options = Campaign.from_yaml_text(text + "  options: {mode: 2d, zero: 0d, wait: 2 days, lag: 1.5h}\n").instrument.options
+    assert options == {"mode": "2d", "zero": "0d", "wait": 172800.0, "lag": 5400.0}
+
+
 def test_text_that_reads_as_a_number_round_trips_quoted() -> None:
     # the loader reads 1e3 as a number (people write it so); PyYAML's own dumper would leave such text bare
     c = Campaign.from_yaml_text(
