@@ -709,6 +709,11 @@ class Daemon:
                 for run in self.runs.values():
                     if not run.closed and self._campaign_done(run):
                         self._close(run)
+        except Exception as exc:
+            # the reason went to stderr alone: a service's --logfile ended at its last trial line, saying nothing
+            log.critical("the daemon stops: %s: %s", type(exc).__name__, " ".join(str(exc).split())[:500],
+                         exc_info=True)
+            raise
         finally:
             for run in self.runs.values():
                 if run.service is not None:
@@ -1030,12 +1035,16 @@ class Daemon:
             self._update_planner(self.runs[campaign_id], results)
 
     def _keep_documents(self, trial_id: int, run_uid: str | None, documents: str | None) -> None:
-        """A run's Bluesky documents, kept before its result or failure is stored and acknowledged."""
+        """A run's Bluesky documents, kept before its result or failure is stored and acknowledged.
+
+        Documents the store refuses (a forged or mislabelled run) are dropped; a write that fails (a full disk)
+        stops the daemon like a failed store write: it had acknowledged the result all the same, and the station
+        deleted the run's only other copy of its documents."""
         if not documents or not run_uid:
             return
         try:
             self.store.save_documents(run_uid, documents)
-        except (StoreError, OSError) as exc:
+        except StoreError as exc:
             log.warning("trial %s: documents of run %s not kept: %s", trial_id, run_uid, exc)
 
     def _send(self, identity: bytes, message: Any) -> bool:

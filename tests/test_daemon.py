@@ -478,6 +478,36 @@ def test_a_runs_documents_are_written_once_and_only_under_the_run_they_open(stor
     assert store.documents("run-c") is None
 
 
+def test_a_result_whose_documents_cannot_be_written_is_not_acknowledged(store: Store, tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A full disk: the daemon logged "documents of run ... not kept: [Errno 28] No space left on device", stored
+    and acknowledged the result, and the station deleted the run's only other copy of its documents."""
+    store.documents_dir.write_text("")  # not a folder: every write of documents fails, as on a full disk
+    daemon = Daemon(store, [_campaign("nodocs", 1, latency=0.0)], heartbeat_s=0.2)
+    failed: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            daemon.serve()
+        except BaseException as exc:  # noqa: BLE001 - the test asserts what ended the loop
+            failed.append(exc)
+
+    try:
+        with station(daemon.endpoint, "s", tmp_path) as worker:
+            thread = threading.Thread(target=serve, daemon=True)
+            thread.start()
+            thread.join(timeout=15)
+            assert not thread.is_alive()
+            assert failed and isinstance(failed[0], OSError), "the daemon went on without keeping the documents"
+            trial = store.trials(store.campaign_row("nodocs").id)[0]
+            assert trial.status == "dispatched"  # not stored, so not acknowledged: the station keeps it all
+            assert [t for t, _ in worker.outbox.pending()] == [trial.id]
+    finally:
+        daemon.close()
+    assert any(r.levelno == logging.CRITICAL and "the daemon stops: FileExistsError" in r.getMessage()
+               for r in caplog.records)
+
+
 def _cli(*args: str) -> str:
     done = subprocess.run([sys.executable, "-m", "closedloop.cli", *args], capture_output=True, text=True, timeout=60,
                           env=env())
