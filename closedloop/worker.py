@@ -360,7 +360,9 @@ class StationWorker:
         if stop is not None:
             self._stop = stop
         self.RE = RunEngine({}, context_managers=[])
-        comms = threading.Thread(target=self._communicate, name=f"closedloop-comms-{self.name}", daemon=True)
+        failed: list[Exception] = []
+        comms = threading.Thread(target=self._communicate_or_stop, args=(failed,), name=f"closedloop-comms-{self.name}",
+                                 daemon=True)
         comms.start()
         try:
             while not self._stop.is_set():
@@ -382,6 +384,8 @@ class StationWorker:
             if self._wake_push is not None:
                 self._wake_push.close(linger=0)
             self.outbox.close()
+        if failed:
+            raise failed[0]
 
     # -- experiments ------------------------------------------------------------------------
 
@@ -578,6 +582,16 @@ class StationWorker:
                                               outstanding=self._holdings(),
                                               software=f"closedloop-worker/{protocol.PROTOCOL_VERSION}",
                                               instance=self._instance, welcomed=self._welcomed))
+
+    def _communicate_or_stop(self, failed: list[Exception]) -> None:
+        try:
+            self._communicate()
+        except Exception as exc:
+            # the station ran on for good with nobody to hear from or tell (an endpoint without tcp://): it stops,
+            # and run() raises the reason
+            log.error("the connection to the daemon at %s failed: %s: %s", self.endpoint, type(exc).__name__, exc)
+            failed.append(exc)
+            self._stop.set()
 
     def _communicate(self) -> None:
         wake = self.context.socket(zmq.PULL)

@@ -341,3 +341,25 @@ def test_an_assign_for_an_instrument_the_station_does_not_drive_loads_nothing(tm
         thread.join(timeout=30)
         daemon.close()
         context.term()
+
+
+def test_a_station_whose_connection_fails_stops_and_says_why(tmp_path: Path) -> None:
+    """`closedloop worker --connect 127.0.0.1:5701` (no tcp://) printed the comms thread's traceback and then ran
+    on for good, connected to nothing: a service that never restarts and never works."""
+    import zmq
+
+    worker = StationWorker("127.0.0.1:5701", name="typo", outbox=tmp_path / "o.db", heartbeat_s=0.2)
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            worker.run()
+        except BaseException as exc:  # noqa: BLE001 - the test asserts what ended the station
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=5)
+    worker.stop()
+    assert not thread.is_alive(), "the station ran on without its connection"
+    assert failed and isinstance(failed[0], zmq.ZMQError) and "127.0.0.1:5701" in str(failed[0])
