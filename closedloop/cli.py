@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+from logging.handlers import RotatingFileHandler
 from pathlib import Path
 from typing import Any, Optional
 
@@ -115,6 +116,23 @@ def _default_store(campaign: Campaign) -> Path:
     return Path("results") / f"{campaign.name}.db"
 
 
+class _LogFile(RotatingFileHandler):
+    """Rotates itself, and reopens its path when something else moved or deleted the file: after logrotate's
+    rename (without copytruncate) or an operator's `rm`, a daemon wrote on into the renamed or deleted file, and
+    its --logfile was gone for days (until 20 MB more)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream is not None:
+            try:
+                moved = not os.path.samestat(os.stat(self.baseFilename), os.fstat(self.stream.fileno()))
+            except OSError:
+                moved = True
+            if moved:
+                self.stream.close()
+                self.stream = None  # type: ignore[assignment]  # FileHandler.emit opens the path again
+        super().emit(record)
+
+
 def _setup_logging(verbose: bool, logfile: Path | None = None, terminal: str | None = None) -> None:
     """Log to ``logfile`` and, with ``verbose``, everything to stderr. Without ``verbose``, ``terminal`` names a
     logger whose lines reach stderr all the same, with every logger's warnings: a command with no progress view of
@@ -122,9 +140,7 @@ def _setup_logging(verbose: bool, logfile: Path | None = None, terminal: str | N
     handlers: list[logging.Handler] = []
     if logfile is not None:
         logfile.parent.mkdir(parents=True, exist_ok=True)
-        from logging.handlers import RotatingFileHandler
-
-        handlers.append(RotatingFileHandler(logfile, maxBytes=20_000_000, backupCount=5))
+        handlers.append(_LogFile(logfile, maxBytes=20_000_000, backupCount=5))
     if verbose:
         handlers.append(logging.StreamHandler(sys.stderr))
     elif terminal is not None:

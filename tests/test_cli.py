@@ -195,6 +195,34 @@ def test_a_stations_log_file_keeps_its_own_lines_and_the_libraries_warnings_not_
     assert "Change state" not in text and "SQLiteImpl" not in text
 
 
+def test_a_log_file_moved_or_deleted_by_logrotate_is_opened_again(tmp_path: Path) -> None:
+    """After logrotate renamed daemon.log (no copytruncate) or an operator deleted it, the daemon wrote on into
+    the renamed or deleted file: its --logfile stayed missing until 20 MB more had gone nowhere."""
+    import logging
+
+    from closedloop.cli import _setup_logging
+
+    log, root = tmp_path / "daemon.log", logging.getLogger()
+    saved = (root.handlers[:], root.level, {n: logging.getLogger(n).level for n in ("bluesky", "alembic")})
+    try:
+        _setup_logging(False, log)
+        trial = logging.getLogger("closedloop.trial")
+        trial.info("before the rotation")
+        log.rename(tmp_path / "daemon.log.1")  # logrotate's default: rename, and the program opens a new file
+        trial.info("after the rotation")
+        log.unlink()
+        trial.info("after the deletion")
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:], root.level = saved[0], saved[1]
+        for name, level in saved[2].items():
+            logging.getLogger(name).setLevel(level)
+    assert "before the rotation" in (tmp_path / "daemon.log.1").read_text()
+    assert "after the rotation" not in (tmp_path / "daemon.log.1").read_text()
+    assert "after the deletion" in log.read_text()
+
+
 # -- commands that only look at a store ------------------------------------------------------------
 
 
