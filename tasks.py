@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 STAMP = VENV / ".installed"
+NO_TESTS_COLLECTED = 5  # pytest's exit code when a selection leaves nothing to run
 
 
 def _fingerprint() -> str:
@@ -40,13 +41,22 @@ def setup() -> None:
     STAMP.write_text(_fingerprint())
 
 
-def _workers(rest: list[str]) -> list[str]:
-    """One pytest process per core, up to four, unless the arguments choose (``-n 0``: one process). Most of
-    the suite's time is daemons, stations and planners waiting on each other; on two cores two processes take
-    the whole suite from about 16 minutes to about 8."""
-    chosen = any(a.startswith(("-n", "--numprocesses", "--dist")) or a == "no:xdist" for a in rest)
+def _pytest(rest: list[str]) -> int:
+    """The test suite in one pytest process per core, up to four, then the tests marked ``alone`` in one
+    process by themselves; with arguments that choose processes or markers (``-n 0``, ``-m``), one run as given.
+    Most of the suite's time is daemons, stations and planners waiting on each other: on two cores, two
+    processes take it from about 16 minutes to about 9. Each process's PyTorch gets one thread (unless
+    OMP_NUM_THREADS says otherwise), so that the processes do not crowd the cores that the daemons and stations
+    they start must also answer on."""
+    pytest = [str(BIN / "python"), "-m", "pytest"]
     workers = min(4, os.cpu_count() or 1)
-    return [] if chosen or workers < 2 else ["-n", str(workers)]
+    if workers < 2 or any(a.startswith(("-n", "--numprocesses", "--dist", "-m")) or a == "no:xdist" for a in rest):
+        return subprocess.call([*pytest, *rest])
+    env = {"OMP_NUM_THREADS": "1", **os.environ}
+    codes = [subprocess.call([*pytest, "-n", str(workers), "-m", "not alone", *rest], env=env),
+             subprocess.call([*pytest, "-m", "alone", *rest])]
+    failed = [code for code in codes if code not in (0, NO_TESTS_COLLECTED)]
+    return failed[0] if failed else min(codes)
 
 
 def main(argv: list[str]) -> int:
@@ -59,7 +69,7 @@ def main(argv: list[str]) -> int:
     if command == "demo":
         return subprocess.call([str(BIN / "closedloop"), "run", "campaigns/branin.yaml", *rest])
     if command == "test":
-        return subprocess.call([str(BIN / "python"), "-m", "pytest", *_workers(rest), *rest])
+        return _pytest(rest)
     return 0
 
 

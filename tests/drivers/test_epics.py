@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -28,18 +29,23 @@ ROOT = Path(__file__).resolve().parents[2]
 IOC_LIMITS = {"x1": (-5.0, 5.0), "x2": (0.0, 15.0)}  # x1 narrower than the campaign's [-5, 10]
 
 
+# beside the suite's other processes on two cores, an IOC's Channel Access connections timed out (10 s, twice)
+pytestmark = pytest.mark.alone
+
+
 def free_ca_port() -> int:
-    """A port free for both TCP and UDP (Channel Access searches over UDP, serves over TCP)."""
-    for _ in range(50):
-        with socket.socket() as tcp:
-            tcp.bind(("127.0.0.1", 0))
-            port = tcp.getsockname()[1]
-            try:
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                    udp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
+    """A port free for both TCP and UDP (Channel Access searches over UDP, serves over TCP), below the
+    kernel's ephemeral range: a port picked from that range and released could be given to some other test's
+    outgoing connection before the IOC that is to serve it has started."""
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        try:
+            with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                tcp.bind(("127.0.0.1", port))
+                udp.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return port
     raise RuntimeError("no free port for Channel Access")
 
 
@@ -51,7 +57,7 @@ def loopback_channel_access(monkeypatch) -> dict[str, str]:
         "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1", "EPICS_CAS_BEACON_ADDR_LIST": "127.0.0.1",
         "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO",
         "EPICS_CA_SERVER_PORT": str(server_port), "EPICS_CAS_SERVER_PORT": str(server_port),
-        "EPICS_CA_REPEATER_PORT": str(repeater_port),
+        "EPICS_CA_REPEATER_PORT": str(repeater_port), "EPICS_CAS_BEACON_PORT": str(repeater_port),
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -168,10 +174,7 @@ def test_a_stage_whose_ioc_does_not_answer_is_refused_after_a_second_try(monkeyp
     """No IOC serves the prefix: the binding tries twice, with new devices, then names the device it waited for."""
     from closedloop.errors import DeviceError
 
-    port = free_ca_port()  # nothing listens there: every search goes unanswered
-    for key, value in {"EPICS_CA_ADDR_LIST": "127.0.0.1", "EPICS_CA_AUTO_ADDR_LIST": "NO",
-                       "EPICS_CA_SERVER_PORT": str(port)}.items():
-        monkeypatch.setenv(key, value)
+    loopback_channel_access(monkeypatch)  # no IOC started: every search goes unanswered
     with caplog.at_level("WARNING", logger="closedloop.drivers.epics"):
         with pytest.raises(DeviceError, match=r"'nobody:': x1 did not connect in 0.5 s \(2 attempts\)"):
             load_binding("drivers.epics_motor:Stage", {"prefix": "nobody:", "timeout": 0.5})
@@ -236,9 +239,7 @@ def test_a_factory_whose_pv_does_not_connect_makes_the_instrument_unavailable(mo
     experiment: load_binding says InstrumentUnavailable, naming the factory."""
     from closedloop.errors import InstrumentUnavailable
 
-    for key, value in {"EPICS_CA_ADDR_LIST": "127.0.0.1", "EPICS_CA_AUTO_ADDR_LIST": "NO",
-                       "EPICS_CA_SERVER_PORT": str(free_ca_port())}.items():
-        monkeypatch.setenv(key, value)
+    loopback_channel_access(monkeypatch)  # no IOC started
     with pytest.raises(InstrumentUnavailable, match=r"^tests\.drivers\.test_epics:signal_binding: .*nobody:pv"):
         load_binding("tests.drivers.test_epics:signal_binding", {"pv": "nobody:pv"})
 
