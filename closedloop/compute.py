@@ -45,8 +45,10 @@ import numbers
 import os
 import queue
 import shlex
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -177,41 +179,89 @@ def run_experiment(target: str, setpoints: dict[str, Any], options: dict[str, An
 
 
 def _run_command(argv: list[str], timeout_s: float) -> str:
-    """The standard output of ``argv``; ComputeError if it cannot start, outlives ``timeout_s`` or exits non-zero."""
-    try:
-        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                   text=True)
-    except FileNotFoundError:
-        raise ComputeError(f"command {argv[0]!r} not found") from None
-    except OSError as exc:
-        raise ComputeError(f"command {argv[0]!r} cannot start: {exc.strerror}") from None
-    with process:
+    """The standard output of ``argv``; ComputeError if it cannot start, outlives ``timeout_s`` or exits non-zero.
+
+    Whatever the command leaves running when it exits, times out or its Dask worker closes is killed with it.
+    """
+    # files, not pipes: a program the command left in the background inherits them, and waiting for the end of a
+    # pipe waited for that program (to the timeout) though the command had exited and printed its outputs
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         try:
-            stdout, stderr = process.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            _kill_tree(process.pid)
-            raise ComputeError(f"command {argv[0]!r} still running after {timeout_s:g} s; killed") from None
+            # its own session: everything it starts, even what outlives it, can be killed as one group
+            process = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
+        except FileNotFoundError:
+            raise ComputeError(f"command {argv[0]!r} not found") from None
+        except OSError as exc:
+            raise ComputeError(f"command {argv[0]!r} cannot start: {exc.strerror}") from None
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                try:
+                    process.wait(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+                    break
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() >= deadline:
+                        raise ComputeError(f"command {argv[0]!r} still running after {timeout_s:g} s; killed") from None
+                    if _worker_closing():
+                        # the station stopped at once (Ctrl-C) or the cluster is closing: an orphaned command would
+                        # run on beside the retry of its trial elsewhere
+                        raise ComputeError(f"command {argv[0]!r} killed: its Dask worker is closing") from None
         except BaseException:
-            _kill_tree(process.pid)
+            _kill_tree(process.pid)  # walked before it is reaped: its pid cannot be another process's yet
+            process.wait()
             raise
+        _kill_group(process.pid)  # exited: what it left in the background is still in its process group
+        out.seek(0)
+        err.seek(0)
+        # a simulation code may print Latin-1 (a degree sign) in its log lines: that must not lose the JSON line
+        stdout = out.read().decode(errors="replace")
+        stderr = err.read().decode(errors="replace")
     if process.returncode != 0:
-        raise ComputeError(f"command {argv[0]!r} exited with status {process.returncode}: {stderr.strip()[-2000:]}")
+        tail = stderr.strip()[-2000:]
+        if process.returncode < 0:  # a crash (SIGSEGV) or a kill, not an exit status of -11
+            try:
+                how = f"was killed by {signal.Signals(-process.returncode).name}"
+            except ValueError:
+                how = f"was killed by signal {-process.returncode}"
+        else:
+            how = f"exited with status {process.returncode}"
+        raise ComputeError(f"command {argv[0]!r} {how}" + (f": {tail}" if tail else ""))
     return stdout
 
 
+def _worker_closing() -> bool:
+    """True when this runs on a Dask worker that is closing (its tasks are lost with it)."""
+    try:
+        from distributed import get_worker
+        from distributed.core import Status
+
+        return get_worker().status in (Status.closing, Status.closed)
+    except (ImportError, ValueError):  # not on a Dask worker (called directly)
+        return False
+
+
+def _kill_group(pgid: int) -> None:
+    """Kill the process group of a command started in its own session: what it started, even once orphaned."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def _kill_tree(pid: int) -> None:
-    """Kill a process and every process it started.
+    """Kill a running command (started in its own session) and every process it started.
 
     The whole tree: a wrapper script's simulation (``bash run.sh`` -> ``mpirun`` -> the solver) would otherwise run on
-    after its experiment ended, on the CPUs of the next ones.
+    after its experiment ended, on the CPUs of the next ones. Its process group holds what it started even once
+    orphaned; walking the tree finds what it started in a session of its own.
     """
     import psutil  # a dependency of dask.distributed
 
     try:
-        parent = psutil.Process(pid)
-        doomed = [*parent.children(recursive=True), parent]
+        doomed = [*psutil.Process(pid).children(recursive=True)]
     except psutil.NoSuchProcess:
-        return
+        doomed = []
+    _kill_group(pid)
     for process in doomed:
         try:
             process.kill()

@@ -195,16 +195,67 @@ def test_a_command_killed_at_its_timeout_takes_the_programs_it_started_with_it(t
     with pytest.raises(ComputeError, match="still running after 2 s; killed"):
         run_experiment(f"command:sh {script}", {}, {}, ["y"], timeout_s=2)
     assert time.monotonic() - started < 10
-    pid = int(solver.read_text())
-    deadline = time.monotonic() + 5
+    assert_ends(int(solver.read_text()), "the solver the command started runs on after the command was killed at "
+                                         "its timeout")
+
+
+def assert_ends(pid: int, why: str, within_s: float = 5) -> None:
+    """Fails with ``why`` (killing the process) unless process ``pid`` ends (or is a zombie) within ``within_s``."""
+    deadline = time.monotonic() + within_s
     while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
-            break  # killed, waiting for its new parent to reap it
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
+                return  # killed, waiting for its new parent to reap it
+        except FileNotFoundError:
+            return
         time.sleep(0.05)
-    else:
-        if Path(f"/proc/{pid}").exists():
-            os.kill(pid, 9)
-            raise AssertionError("the solver the command started runs on after the command was killed at its timeout")
+    if Path(f"/proc/{pid}").exists():
+        os.kill(pid, 9)
+        raise AssertionError(why)
+
+
+def test_a_command_that_leaves_a_program_running_answers_when_it_exits_and_the_program_is_killed(
+        tmp_path: Path) -> None:
+    """A command that started a helper in the background and exited waited for the helper, which held its output
+    pipe: 'still running after 5 s; killed' though it had printed its outputs, and the helper ran on."""
+    helper = tmp_path / "helper.pid"
+    script = tmp_path / "run.sh"
+    script.write_text(f"{sys.executable} -c 'import os, time; open(\"{helper}\", \"w\").write(str(os.getpid())); "
+                      f"time.sleep(60)' &\nwhile [ ! -s {helper} ]; do sleep 0.05; done\necho '{{\"y\": 1}}'\n")
+    started = time.monotonic()
+    assert run_experiment(f"command:sh {script}", {}, {}, ["y"], timeout_s=5)["values"] == {"y": 1.0}
+    assert time.monotonic() - started < 4
+    assert_ends(int(helper.read_text()), "the program the command left running runs on after its experiment")
+
+
+def test_a_command_crashed_by_a_signal_or_printing_latin1_is_reported_as_such() -> None:
+    crash = f"command:{sys.executable} -c 'import os, signal, sys; sys.stderr.write(\"core dumped\"); " \
+            "os.kill(os.getpid(), signal.SIGSEGV)'"
+    with pytest.raises(ComputeError, match=r"was killed by SIGSEGV: core dumped$"):  # not 'exited with status -11'
+        run_experiment(crash, {}, {}, ["y"])
+    # a log line with a Latin-1 degree sign failed the experiment with a bare UnicodeDecodeError
+    latin1 = f"command:{sys.executable} -c 'import sys; sys.stdout.buffer.write(b\"T=300\\xb0C\\n{{{{\\\"y\\\": 2}}}}\\n\")'"
+    assert run_experiment(latin1, {}, {}, ["y"])["values"] == {"y": 2.0}
+
+
+def test_a_command_running_when_its_dask_worker_closes_is_killed_with_everything_it_started(
+        tmp_path: Path) -> None:
+    """Ctrl-C stops a compute station at once, closing its Dask cluster: the command it was computing, and the
+    solver its wrapper script started, ran on to their end beside the daemon's retry of the trial elsewhere."""
+    solver = tmp_path / "solver.pid"
+    script = tmp_path / "run.sh"
+    script.write_text(f"{sys.executable} -c 'import os, time; open(\"{solver}\", \"w\").write(str(os.getpid())); "
+                      f"time.sleep(60)'\necho '{{\"y\": 1}}'\n")
+    station = ComputeStation("tcp://127.0.0.1:1", name="closing", capacity=1, processes=False, local_workers=1,
+                             outbox=tmp_path / "o.db")
+    try:
+        future = station.client().submit(run_experiment, f"command:sh {script}", {}, {}, ["y"], 60, pure=False)
+        wait_for(lambda: solver.exists() and solver.read_text(), 30, "the solver to start")
+        future.cancel()
+    finally:
+        station.close()
+        station.outbox.close()
+    assert_ends(int(solver.read_text()), "the solver runs on after its station's Dask cluster closed")
 
 
 def test_a_campaign_file_accepts_function_and_command_instruments() -> None:
