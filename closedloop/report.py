@@ -74,6 +74,8 @@ class Data:
     records: list[dict[str, Any]]
     spec_yaml: str
     started: datetime | None
+    # package -> every version the decisions were recorded with (a campaign resumed after an upgrade has two)
+    ran_with: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def completed(self) -> list[dict[str, Any]]:
@@ -161,7 +163,21 @@ def load(store: Store, campaign: str) -> Data:
     row = store.campaign_row(campaign)
     started = row.created_at if row.created_at is None or row.created_at.tzinfo else row.created_at.replace(
         tzinfo=timezone.utc)
-    return Data(store.campaign(row.id), trial_records(store, row.id), row.spec_yaml, started)  # type: ignore[arg-type]
+    return Data(store.campaign(row.id), trial_records(store, row.id), row.spec_yaml, started,  # type: ignore[arg-type]
+                _ran_with(store, row.id))  # type: ignore[arg-type]
+
+
+def _ran_with(store: Store, campaign_id: int) -> dict[str, list[str]]:
+    """The package versions recorded with the campaign's decisions: a report written later, with other
+    packages installed, would otherwise attribute the results to those."""
+    from closedloop.provenance import rows
+
+    found: dict[str, set[str]] = {}
+    for row in rows(store, campaign_id).values():
+        for package, version in (row.versions or {}).items():
+            if package != "torch_threads":  # a setting, not software; `closedloop explain` shows it
+                found.setdefault(package, set()).add(version)
+    return {package: sorted(versions) for package, versions in found.items()}
 
 
 # -- figures ----------------------------------------------------------------------------------------
@@ -674,7 +690,7 @@ def _all_figures(data: Data, outdir: Path) -> tuple[list[Figure], dict[str, Any]
 
 
 def versions() -> dict[str, str]:
-    """Installed versions of the software that made the results and the report."""
+    """Installed versions: the software that makes the report (the store records what made the results)."""
     out = {"python": platform.python_version(), "platform": platform.platform()}
     for name in SOFTWARE:
         try:
@@ -769,8 +785,12 @@ def render_html(data: Data, figures: list[Figure], extra: dict[str, Any]) -> str
     parts.append(f"<h2>Experiments</h2><table><thead><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in columns)}"
                  f"</tr></thead><tbody>{rows}</tbody></table>")
     parts.append(f"<h2>Campaign file as run</h2><pre>{html.escape(data.spec_yaml)}</pre>")
-    parts.append("<h2>Software</h2><table>" + "".join(
-        f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in versions().items()) + "</table>")
+    now = versions()
+    ran = {k: ", ".join(v) for k, v in data.ran_with.items()}
+    parts.append("<h2>Software</h2><table><thead><tr><th></th><th>the planner ran with (recorded)</th>"
+                 "<th>this report</th></tr></thead><tbody>" + "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{html.escape(ran.get(k, ''))}</td><td>{html.escape(now.get(k, ''))}</td></tr>"
+        for k in [*now, *(k for k in ran if k not in now)]) + "</tbody></table>")
     parts.append("</body></html>")
     return "\n".join(parts)
 

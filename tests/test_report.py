@@ -64,7 +64,7 @@ def test_report_lists_failures_the_campaign_file_and_versions(mixed_report: tupl
     text = mixed_report[0].read_text()
     assert text.count("sample holder jammed") == 2  # both failed experiments, with their error
     assert "values: [water, ethanol, toluene]" in text  # the campaign file as run
-    assert re.search(r"<td>botorch</td><td>\d+\.\d+", text)
+    assert re.search(r"<td>botorch</td><td>[^<]*</td><td>\d+\.\d+", text)
     assert "best yield (maximize)" in text and "model quality (cost)" in text
     assert "http://" not in text and "https://" not in text  # self-contained: nothing fetched when opened
 
@@ -323,3 +323,25 @@ def test_making_figures_leaves_the_notebooks_matplotlib_backend_and_figures_alon
     finally:
         plt.close("all")
         plt.switch_backend(before)
+
+
+def test_the_software_table_shows_the_versions_the_campaign_ran_with_not_only_todays(tmp_path: Path) -> None:
+    """A report written months later listed only the versions installed when it was written, under "the software
+    that made the results": a campaign run with botorch 0.9.0 read as run with today's botorch."""
+    from sqlalchemy import text as sql
+
+    from closedloop import hitl
+    from tests.conftest import branin_campaign
+
+    store = Store(tmp_path / "s.db")
+    campaign = branin_campaign("older")
+    for trial in hitl.suggest(store, campaign, n=2):
+        hitl.tell(store, "older", trial.index, {"y": 1.0 + trial.index})
+    with store.engine.begin() as connection:  # as a campaign run with older packages recorded it
+        connection.execute(sql("UPDATE provenance SET versions = :v"),
+                           {"v": '{"closedloop": "0.0.9", "botorch": "0.9.0", "torch": "2.1.0", "torch_threads": "1"}'})
+    page = report.render_html(report.load(store, "older"), [], {})
+    software = page[page.index("<h2>Software</h2>"):]
+    assert re.search(r"<td>botorch</td><td>0\.9\.0</td><td>\d+\.\d+", software), software
+    assert "<td>torch</td><td>2.1.0</td>" in software and "torch_threads" not in software
+    store.close()
