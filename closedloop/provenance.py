@@ -434,6 +434,8 @@ def explain(store: Store, campaign: str, index: int) -> dict[str, Any]:
         # a run's documents over half a message (an image detector's) stay on its station; without this the
         # trial's run uid led nowhere, and `closedloop run` shows no station log that says where they went
         "documents_in_store": [u for u in trial.run_uids or [] if (store.documents_dir / f"{u}.jsonl").is_file()],
+        # absent, the store was copied or moved without it (or predates it): no run's documents can be found here
+        "documents_folder": str(store.documents_dir), "documents_folder_found": store.documents_dir.is_dir(),
     }
     if prov is None:
         out["provenance"] = None
@@ -480,7 +482,10 @@ def explain_lines(info: dict[str, Any]) -> list[str]:
              f"{', '.join(u if u == info['run_uid'] else f'{u} (failed)' for u in info['run_uids']) or '-'}"]
     elsewhere = [u for u in info["run_uids"] if u not in info.get("documents_in_store", info["run_uids"])]
     if elsewhere:
-        lines.append(f"  documents:  not in the store for run {', '.join(elsewhere)}: over 512 KiB (an image "
+        # the store cannot tell a folder left behind from runs that were all too large to carry: say both
+        missing = (f"no folder {info['documents_folder']} beside this store (copied or moved without it?); or "
+                   if not info.get("documents_folder_found", True) else "")
+        lines.append(f"  documents:  not in the store for run {', '.join(elsewhere)}: {missing}over 512 KiB (an image "
                      f"detector's), they stay on station {fmt(info['station'])} beside its outbox, in "
                      "OUTBOX.documents/RUN_UID.jsonl (for `closedloop run`: STORE.outbox.documents/)")
     p = info["provenance"]

@@ -430,3 +430,20 @@ def test_explain_says_where_the_documents_of_an_image_run_are(tmp_path: Path) ->
     shown = "\n".join(provenance.explain_lines(info))
     assert f"documents:  not in the store for run {uid}" in shown and "OUTBOX.documents/RUN_UID.jsonl" in shown
     store.close()
+
+
+def test_a_store_copied_without_its_documents_folder_is_not_said_to_have_left_them_on_the_station(
+        tmp_path: Path) -> None:
+    """A referee given only the .db file read, for every trial, only that its run's documents were over 512 KiB and
+    stayed on the station, which was false: they are in the documents folder the copy was made without."""
+    import shutil
+
+    campaign = branin_campaign(name="copied", experiments=1, initial=1, backend="sobol")
+    store = Store(tmp_path / "lab" / "copied.db")
+    run_embedded(campaign, store)
+    store.close()
+    (tmp_path / "referee").mkdir()
+    shutil.copy(tmp_path / "lab" / "copied.db", tmp_path / "referee" / "copied.db")
+    result = CliRunner().invoke(app, ["show", "copied", "1", "--store", str(tmp_path / "referee" / "copied.db")])
+    assert result.exit_code == 0, result.output
+    assert f"no folder {tmp_path / 'referee' / 'copied.db.documents'}" in " ".join(result.output.split()), result.output
