@@ -603,6 +603,8 @@ class Replay:
     observed: int
     pending: int
     seconds: float
+    # package -> (version recorded with the decision, version replaying it), where they differ
+    versions: dict[str, tuple[str, str]] | None = None
 
     @property
     def same(self) -> bool:
@@ -612,11 +614,16 @@ class Replay:
         from closedloop.view import format_values
 
         verdict = "the same experiment" if self.same else "a DIFFERENT experiment"
-        return [f"{self.campaign} trial #{self.trial}: planner rebuilt with {self.observed} results and "
-                f"{self.pending} pending experiments ({self.seconds:.2f} s)",
-                f"  recorded: {format_values(self.recorded)}",
-                f"  replayed: {format_values(self.replayed)}",
-                f"  -> {verdict}"]
+        lines = [f"{self.campaign} trial #{self.trial}: planner rebuilt with {self.observed} results and "
+                 f"{self.pending} pending experiments ({self.seconds:.2f} s)",
+                 f"  recorded: {format_values(self.recorded)}",
+                 f"  replayed: {format_values(self.replayed)}"]
+        if self.versions:
+            # a replay is exact only with the recorded versions: without this a referee who upgraded since saw a
+            # different experiment and no reason
+            lines.append("  versions: " + ", ".join(f"{k} {then} when decided, {now} here"
+                                                    for k, (then, now) in self.versions.items()))
+        return [*lines, f"  -> {verdict}"]
 
 
 def replay(store: Store, campaign: str, index: int) -> Replay:
@@ -671,5 +678,8 @@ def replay(store: Store, campaign: str, index: int) -> Replay:
         replayed = {**replayed, SOURCE: source}
     # through JSON like the recorded one, so that equal means equal as stored
     replayed = json.loads(json.dumps(_json_safe(replayed))) if replayed is not None else None
+    installed = _versions(prov.backend)
+    differ = {k: (v, installed.get(k, "not installed")) for k, v in (prov.versions or {}).items()
+              if k != "torch_threads" and installed.get(k) != v}
     return Replay(campaign, index, prov.proposed_parameters, replayed, [p.parameters for p in proposals],
-                  len(given), len(prov.pending_parameters), seconds)
+                  len(given), len(prov.pending_parameters), seconds, differ)

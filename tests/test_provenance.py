@@ -447,3 +447,20 @@ def test_a_store_copied_without_its_documents_folder_is_not_said_to_have_left_th
     result = CliRunner().invoke(app, ["show", "copied", "1", "--store", str(tmp_path / "referee" / "copied.db")])
     assert result.exit_code == 0, result.output
     assert f"no folder {tmp_path / 'referee' / 'copied.db.documents'}" in " ".join(result.output.split()), result.output
+
+
+def test_a_replay_with_other_package_versions_than_recorded_says_which(tmp_path: Path) -> None:
+    """Replay is exact only with the recorded versions; replaying with others said 'a DIFFERENT experiment' and
+    nothing about the versions, leaving a referee who had upgraded to suspect the record."""
+    from closedloop import hitl
+
+    store = Store(tmp_path / "s.db")
+    (trial,) = hitl.suggest(store, branin_campaign("upgraded", initial=2, backend="sobol"), n=1)
+    with store.engine.begin() as connection:  # as a campaign decided with an older torch recorded it
+        connection.execute(text("UPDATE provenance SET versions = :v"),
+                           {"v": json.dumps({"closedloop": "0.0.9", "torch": "1.0.0", "torch_threads": "1"})})
+    result = CliRunner().invoke(app, ["replay", "upgraded", "--until", str(trial.index), "--store", store.location])
+    assert result.exit_code == 0, result.output  # Sobol's design point comes out the same all the same
+    assert "versions: closedloop 0.0.9 when decided" in result.output and "torch 1.0.0 when decided, 2." in result.output
+    assert "torch_threads" not in result.output.split("versions:")[1]
+    store.close()
