@@ -464,3 +464,17 @@ def test_a_replay_with_other_package_versions_than_recorded_says_which(tmp_path:
     assert "versions: closedloop 0.0.9 when decided" in result.output and "torch 1.0.0 when decided, 2." in result.output
     assert "torch_threads" not in result.output.split("versions:")[1]
     store.close()
+
+
+def test_a_trial_told_by_hand_is_not_said_to_have_documents_on_a_station(tmp_path: Path) -> None:
+    """A result told by hand (run uid manual-...) read 'documents: not in the store ... over 512 KiB, they stay on
+    station -': no station ran it and it never had a Bluesky run."""
+    from closedloop import hitl
+
+    store = Store(tmp_path / "s.db")
+    (trial,) = hitl.suggest(store, branin_campaign("byhand", initial=2, backend="sobol"), n=1)
+    hitl.tell(store, "byhand", trial.index, {"y": 3.5})
+    result = CliRunner().invoke(app, ["show", "byhand", str(trial.index), "--store", store.location])
+    assert result.exit_code == 0 and "run uids: manual-" in result.output, result.output
+    assert "documents:" not in result.output, result.output
+    store.close()
