@@ -65,11 +65,13 @@ def loopback_channel_access(monkeypatch) -> dict[str, str]:
 
 
 def start_ioc(prefix: str, env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    """The simulated stage IOC serving ``prefix``, in a subprocess writing to ``log_path``."""
+    """The simulated stage IOC serving ``prefix``, in a subprocess writing to ``log_path``. Its motors move at
+    20 units/s: at 100 a ramp's stage took about one tick of the motor record, and on a loaded machine the
+    RunEngine once waited for good on the ramp's first stage (a move status that never finished)."""
     limits = [f"--limit={name}={low}:{high}" for name, (low, high) in IOC_LIMITS.items()]
     with log_path.open("w") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "simulators.epics_ioc", "--prefix", prefix, *limits, "--velocity", "100"],
+            [sys.executable, "-m", "simulators.epics_ioc", "--prefix", prefix, *limits, "--velocity", "20"],
             cwd=ROOT, env={**os.environ, **env, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT,
         )
 
