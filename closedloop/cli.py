@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -90,6 +91,44 @@ def _name_store(ctx: typer.Context, location: Any) -> Any:
     if location:
         ctx.meta[_STORE_META] = str(location)
     return location
+
+
+_TCP_ENDPOINT = re.compile(r"tcp://(?P<host>\S+):(?P<port>\d+|\*)")
+_HOST_PORT = re.compile(r"(?:[a-z]+://)?(?P<host>[^\s/]+):(?P<port>\d+)", re.IGNORECASE)
+
+
+def _endpoint_problem(value: str) -> str | None:
+    """What is wrong with a ZeroMQ endpoint, or None. Checked before a command starts: ZeroMQ's own answer,
+    "Invalid argument (addr='127.0.0.1:5701')", came after a daemon had opened its store, and a daemon first said
+    that such an address was "reachable from other machines"."""
+    if value.startswith(("ipc://", "inproc://")) and value.partition("://")[2].strip():
+        return None
+    match = _TCP_ENDPOINT.fullmatch(value)
+    if match and (match["port"] == "*" or int(match["port"]) <= 65535):
+        return None
+    guess = _HOST_PORT.fullmatch(value.strip())
+    if value.strip().isdigit():
+        hint = f" (did you mean tcp://127.0.0.1:{value.strip()}?)"
+    elif guess and int(guess["port"]) <= 65535:
+        hint = f" (did you mean tcp://{guess['host']}:{guess['port']}?)"
+    elif match:
+        hint = " (a port is at most 65535)"
+    else:
+        hint = ""
+    return f"an endpoint is tcp://HOST:PORT or ipc://PATH{hint}"
+
+
+def _endpoint(ctx: typer.Context, param: typer.CallbackParam, value: str | None) -> str | None:
+    """An endpoint option's callback: a bad endpoint is one line naming the option, and exit 2."""
+    problem = _endpoint_problem(value or "")
+    if problem:
+        _fail(f"{param.opts[0]} {value!r}: {problem}", EXIT_BAD_INPUT)
+    return value
+
+
+def _endpoint_or_none(ctx: typer.Context, param: typer.CallbackParam, value: str | None) -> str | None:
+    """As :func:`_endpoint`, for the options where '' (or no value) means none."""
+    return _endpoint(ctx, param, value) if value else value
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -238,11 +277,11 @@ def run(
 def daemon(
     ctx: typer.Context,
     campaign_files: list[Path] = typer.Argument(..., help="campaign YAML files to run"),
-    bind: str = typer.Option("tcp://127.0.0.1:5701", help="ROUTER endpoint stations connect to"),
+    bind: str = typer.Option("tcp://127.0.0.1:5701", callback=_endpoint, help="ROUTER endpoint stations connect to"),
     store: Optional[Path] = typer.Option(None, help="store file or URL (default results/NAME.db of the first campaign)",
                                          callback=_name_store),
-    publish: str = typer.Option("tcp://127.0.0.1:5702", help="PUB endpoint streaming campaign events ('' for none)"),
-    control: str = typer.Option("tcp://127.0.0.1:5700", help="control endpoint for pause/resume/stop/cancel/status"),
+    publish: str = typer.Option("tcp://127.0.0.1:5702", callback=_endpoint_or_none, help="PUB endpoint streaming campaign events ('' for none)"),
+    control: str = typer.Option("tcp://127.0.0.1:5700", callback=_endpoint_or_none, help="control endpoint for pause/resume/stop/cancel/status"),
     secret_key: Optional[Path] = typer.Option(None, help="the daemon's CURVE secret key (NAME.key_secret)"),
     allowed_keys: Optional[Path] = typer.Option(None, help="directory of station public keys allowed to connect"),
     insecure: bool = typer.Option(False, "--insecure", help="allow a non-loopback endpoint without keys"),
@@ -297,7 +336,7 @@ def daemon(
 
 @app.command()
 def worker(
-    connect: str = typer.Option("tcp://127.0.0.1:5701", help="the daemon's endpoint"),
+    connect: str = typer.Option("tcp://127.0.0.1:5701", callback=_endpoint, help="the daemon's endpoint"),
     name: Optional[str] = typer.Option(None, help="station name (default: the --secret-key file's name, else HOST-PID)"),
     instrument: Optional[list[str]] = typer.Option(None, help="instrument import paths this station drives (default any)"),
     outbox: Optional[Path] = typer.Option(None, help="outbox file of unacknowledged results"),
@@ -335,7 +374,7 @@ def worker(
 
 @app.command("compute-station")
 def compute_station(
-    connect: str = typer.Option("tcp://127.0.0.1:5701", help="the daemon's endpoint"),
+    connect: str = typer.Option("tcp://127.0.0.1:5701", callback=_endpoint, help="the daemon's endpoint"),
     scheduler: Optional[str] = typer.Option(None, help="Dask scheduler address (default: the campaign's "
                                             "instrument.options.scheduler, else DASK_SCHEDULER_ADDRESS, else a local cluster)"),
     capacity: Optional[int] = typer.Option(None, min=1, help="experiments at once (default: the cluster's worker threads)"),
@@ -452,7 +491,7 @@ def _campaign_names(the_store: Any, campaign: str | None) -> list[str]:
 def status(
     campaign: Optional[str] = typer.Argument(None, help="campaign name (default every campaign in the store)"),
     store: Optional[str] = typer.Option(None, help=_STORE_HELP, callback=_name_store),
-    control: str = typer.Option("tcp://127.0.0.1:5700", help="control endpoint of a running daemon, asked for its "
+    control: str = typer.Option("tcp://127.0.0.1:5700", callback=_endpoint_or_none, help="control endpoint of a running daemon, asked for its "
                                 "stations ('' not to ask)"),
 ) -> None:
     """Where a campaign stands: progress, experiments in flight, best so far, last results."""
@@ -482,9 +521,9 @@ def watch(
     store: Optional[str] = typer.Option(None, help=_STORE_HELP, callback=_name_store),
     interval: float = typer.Option(1.0, help="seconds between looks at the store"),
     timeout: Optional[float] = typer.Option(None, help="stop watching after this many seconds"),
-    events: Optional[str] = typer.Option(None, help="a daemon's PUB endpoint to follow (default: ask the daemon "
+    events: Optional[str] = typer.Option(None, callback=_endpoint_or_none, help="a daemon's PUB endpoint to follow (default: ask the daemon "
                                          "on --control; without one, read the store)"),
-    control: str = typer.Option("tcp://127.0.0.1:5700", help="control endpoint of a running daemon"),
+    control: str = typer.Option("tcp://127.0.0.1:5700", callback=_endpoint_or_none, help="control endpoint of a running daemon"),
 ) -> None:
     """Follow a campaign from another terminal until it completes (Ctrl-C to stop watching)."""
     from closedloop.view import daemon_events_endpoint, watch_events
@@ -689,7 +728,7 @@ def approve(
     trial: int = typer.Argument(..., help="trial number held for approval"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="edit a parameter within its limits: NAME=VALUE"),
     store: Optional[str] = typer.Option(None, help=_STORE_HELP, callback=_name_store),
-    control: str = typer.Option("tcp://127.0.0.1:5700", help="control endpoint of the daemon running the campaign"),
+    control: str = typer.Option("tcp://127.0.0.1:5700", callback=_endpoint, help="control endpoint of the daemon running the campaign"),
 ) -> None:
     """Let a held proposal run, as proposed or edited within the campaign's limits.
 
@@ -719,7 +758,7 @@ def reject(
     campaign: str = typer.Argument(..., help="campaign name"),
     trial: int = typer.Argument(..., help="trial number held for approval"),
     store: Optional[str] = typer.Option(None, help=_STORE_HELP, callback=_name_store),
-    control: str = typer.Option("tcp://127.0.0.1:5700", help="control endpoint of the daemon running the campaign"),
+    control: str = typer.Option("tcp://127.0.0.1:5700", callback=_endpoint, help="control endpoint of the daemon running the campaign"),
 ) -> None:
     """Refuse a proposal: it is recorded as failed, and the planner steers away from it.
 
@@ -826,7 +865,7 @@ def _control(endpoint: str, method: str, params: dict[str, Any]) -> dict[str, An
 @app.command()
 def pause(
     campaign: Optional[str] = typer.Argument(None, help="campaign name (default every campaign of the daemon)"),
-    control: str = typer.Option("tcp://127.0.0.1:5700", help=_CONTROL_HELP),
+    control: str = typer.Option("tcp://127.0.0.1:5700", callback=_endpoint, help=_CONTROL_HELP),
 ) -> None:
     """Dispatch nothing new; experiments in flight finish."""
     console.print(_control(control, "pause", {"campaign": campaign} if campaign else {})["msg"], highlight=False)
@@ -835,14 +874,14 @@ def pause(
 @app.command()
 def resume(
     campaign: Optional[str] = typer.Argument(None, help="campaign name (default every campaign of the daemon)"),
-    control: str = typer.Option("tcp://127.0.0.1:5700", help=_CONTROL_HELP),
+    control: str = typer.Option("tcp://127.0.0.1:5700", callback=_endpoint, help=_CONTROL_HELP),
 ) -> None:
     """Dispatch again after a pause."""
     console.print(_control(control, "resume", {"campaign": campaign} if campaign else {})["msg"], highlight=False)
 
 
 @app.command()
-def stop(control: str = typer.Option("tcp://127.0.0.1:5700", help=_CONTROL_HELP)) -> None:
+def stop(control: str = typer.Option("tcp://127.0.0.1:5700", callback=_endpoint, help=_CONTROL_HELP)) -> None:
     """Stop the daemon gracefully: no new dispatch, wait for results in flight, exit."""
     console.print(_control(control, "stop", {})["msg"], highlight=False)
 
@@ -851,7 +890,7 @@ def stop(control: str = typer.Option("tcp://127.0.0.1:5700", help=_CONTROL_HELP)
 def cancel(
     trial: int = typer.Argument(..., help="trial number"),
     campaign: Optional[str] = typer.Option(None, help="campaign name (needed when the daemon runs several)"),
-    control: str = typer.Option("tcp://127.0.0.1:5700", help=_CONTROL_HELP),
+    control: str = typer.Option("tcp://127.0.0.1:5700", callback=_endpoint, help=_CONTROL_HELP),
 ) -> None:
     """Cancel a trial: stop its run on the station and record it failed."""
     import getpass
@@ -863,7 +902,7 @@ def cancel(
 
 
 @app.command()
-def health(control: str = typer.Option("tcp://127.0.0.1:5700", help=_CONTROL_HELP),
+def health(control: str = typer.Option("tcp://127.0.0.1:5700", callback=_endpoint, help=_CONTROL_HELP),
            timeout: float = typer.Option(3.0, help="seconds to wait for the answer")) -> None:
     """Exit 0 if the daemon answers from its loop, 1 if not (for monitoring)."""
     from closedloop.daemon import health as check
@@ -1101,8 +1140,8 @@ def _start_dashboard(store: Any, control: str | None, events: str | None, host: 
 @app.command()
 def dashboard(
     store: Path = typer.Option(..., help="the daemon's store file or URL", callback=_name_store),
-    control: Optional[str] = typer.Option("tcp://127.0.0.1:5700", help="the daemon's control endpoint ('' for none)"),
-    events: Optional[str] = typer.Option("tcp://127.0.0.1:5702", help="the daemon's PUB endpoint ('' for none)"),
+    control: Optional[str] = typer.Option("tcp://127.0.0.1:5700", callback=_endpoint_or_none, help="the daemon's control endpoint ('' for none)"),
+    events: Optional[str] = typer.Option("tcp://127.0.0.1:5702", callback=_endpoint_or_none, help="the daemon's PUB endpoint ('' for none)"),
     host: str = typer.Option("127.0.0.1", help="interface to listen on (beyond loopback: read-only without --token)"),
     port: int = typer.Option(8765, help="TCP port"),
     token: Optional[str] = typer.Option(None, help="secret that allows control from beyond loopback (?token=...)"),

@@ -469,3 +469,36 @@ instrument: {{function: "tests.test_compute:raises_once", options: {{marker: "{t
     assert "stopping: " in lines[-1], text
     # the station's own lines, and other loggers' warnings only: no Dask chatter
     assert all(" closedloop.compute " in line for line in lines[1:] if " INFO " in line), text
+
+
+@pytest.mark.parametrize("args", [
+    ["daemon", "c.yaml", "--store", "s.db", "--publish", "", "--control", "", "--bind", "127.0.0.1:5701"],
+    ["daemon", "c.yaml", "--store", "s.db", "--bind", "tcp://127.0.0.1:0", "--control", "", "--publish", "127.0.0.1:5702"],
+    ["daemon", "c.yaml", "--store", "s.db", "--bind", "tcp://127.0.0.1:0", "--publish", "", "--control", "127.0.0.1:5700"],
+    ["worker", "--outbox", "a.outbox", "--connect", "127.0.0.1:5701"],
+    ["compute-station", "--outbox", "a.outbox", "--connect", "127.0.0.1:5701"],
+    ["status", "--store", "s.db", "--control", "127.0.0.1:5700"],
+    ["pause", "--control", "127.0.0.1:5700"],
+    ["dashboard", "--store", "s.db", "--control", "", "--events", "127.0.0.1:5702"],
+])
+def test_an_endpoint_without_tcp_is_one_line_naming_the_option_exit_2_and_nothing_written(
+        args: list[str], tmp_path: Path) -> None:
+    """`daemon --bind 127.0.0.1:5701` said the address was "reachable from other machines and no keys are
+    configured" after opening its store, and `worker --connect 127.0.0.1:5701` exited 1 with a bare ZMQError."""
+    (tmp_path / "c.yaml").write_text((ROOT / "campaigns" / "branin.yaml").read_text())
+    result = closedloop(*args, cwd=tmp_path)
+    option, value = args[-2:]
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {option} '{value}': an endpoint is tcp://HOST:PORT or ipc://PATH (did you mean tcp://{value}?)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+
+
+def test_the_endpoints_zeromq_takes_pass_the_check() -> None:
+    from closedloop.cli import _endpoint_problem
+
+    for endpoint in ("tcp://127.0.0.1:5701", "tcp://*:5701", "tcp://[::1]:0", "tcp://lab-host.example:5701",
+                     "tcp://eth0:5701", "ipc:///run/closedloop/daemon", "inproc://daemon"):
+        assert _endpoint_problem(endpoint) is None, endpoint
+    assert "(a port is at most 65535)" in str(_endpoint_problem("tcp://127.0.0.1:65536"))
+    assert "(did you mean tcp://127.0.0.1:5701?)" in str(_endpoint_problem("5701"))
