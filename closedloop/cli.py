@@ -24,8 +24,10 @@ from closedloop.errors import ClosedLoopError
 from closedloop.view import ProgressView
 from closedloop.view import format_values as _format_values
 
-console = Console()
-errors = Console(stderr=True)
+# Printed text is values and messages, not markup or emoji codes: a categorical solvent '[emim][OTf]' printed as
+# '[OTf]' (read as a style tag), and a failure of 'labdrv:Robot: ...' as 'labdrv🤖 ...'
+console = Console(emoji=False)
+errors = Console(stderr=True, emoji=False)
 
 
 class _Commands(TyperGroup):
@@ -214,7 +216,7 @@ def _summary(campaign: Campaign, store_path: Path, run: Any, seconds: float) -> 
         console.print("no experiment completed")
     else:
         console.print(f"best experiment: #{best.trial}  {_format_values(best.values)}")
-        console.print(f"  parameters: {_format_values(best.parameters)}", highlight=False)
+        console.print(f"  parameters: {_format_values(best.parameters)}", highlight=False, markup=False)
     console.print(f"results stored in {store_path}")
 
 
@@ -592,7 +594,7 @@ def _print_table(table: Any) -> None:
         console.print(table)
         return
     width = Measurement.get(console, console.options.update_width(1_000_000), table).maximum
-    Console(width=max(width, 1), no_color=True, highlight=False, soft_wrap=False).print(table)
+    Console(width=max(width, 1), no_color=True, highlight=False, soft_wrap=False, emoji=False).print(table)
 
 
 @app.command()
@@ -603,6 +605,7 @@ def show(
 ) -> None:
     """The campaign's trials as a table: parameters, outputs, status, station and errors; or one trial's decision."""
     from rich.table import Table
+    from rich.text import Text
 
     from closedloop.view import trial_records
 
@@ -623,7 +626,7 @@ def show(
         cells = []
         for column in columns:
             value = record.get(column)
-            cells.append("" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value))
+            cells.append(Text("" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value)))
         table.add_row(*cells, style="red" if record["status"] in ("failed", "abandoned") else None)
     _print_table(table)
 
@@ -675,7 +678,8 @@ def export(
 def _print_trials(rows: list[Any], header: str) -> None:
     console.print(header, highlight=False, soft_wrap=True)
     for row in rows:
-        console.print(f"  #{row.index:>3}  {_format_values(row.parameters)}", highlight=False, soft_wrap=True)
+        console.print(f"  #{row.index:>3}  {_format_values(row.parameters)}", highlight=False, soft_wrap=True,
+                      markup=False)
 
 
 @app.command()
@@ -743,14 +747,15 @@ def approve(
     edits = hitl._assignments(set_ or [])
     reply = _review(control, "edit" if edits else "approve", name, {"trial": trial, "parameters": edits or None})
     if reply is not None:
-        console.print(f"{name}: {reply['msg']}: {_format_values(reply['parameters'])}", highlight=False, soft_wrap=True)
+        console.print(f"{name}: {reply['msg']}: {_format_values(reply['parameters'])}", highlight=False, soft_wrap=True,
+                      markup=False)
         return
     row = hitl.approve(the_store, name, trial, edits)
     # `closedloop run` has no control socket, and reads approvals from the store as it runs
     who = ("the process running it picks it up from there" if the_store.held(name)
            else "the next process run on this store dispatches it")
     console.print(f"{name}: trial #{row.index} approved in the store (no daemon serves {name} on {control}; {who}): "
-                  f"{_format_values(row.parameters)}", highlight=False, soft_wrap=True)
+                  f"{_format_values(row.parameters)}", highlight=False, soft_wrap=True, markup=False)
 
 
 @app.command()
@@ -848,6 +853,51 @@ def report(
     started = time.monotonic()
     path = write_report(the_store, name, output or Path("reports") / name / "report.html")
     console.print(f"wrote {path} in {time.monotonic() - started:.1f} s", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def backup(
+    store: str = typer.Argument(..., help="the store's SQLite file (or sqlite:/// URL), in use or not"),
+    dest: Path = typer.Argument(..., help="the copy to write (not there yet); its run documents go to DEST.documents"),
+) -> None:
+    """Copy a store consistently while a daemon writes it: the database, then its documents folder.
+
+    A plain `cp` of the file misses what is still in its -wal file. For a PostgreSQL store use pg_dump."""
+    import shutil
+    import sqlite3
+
+    from closedloop.store import displayed
+
+    if "://" in store and not store.startswith("sqlite:///"):
+        _fail(f"{displayed(store)}: back up a database server's store with its own tool (pg_dump for PostgreSQL)",
+              EXIT_BAD_INPUT)
+    database = Path(store.removeprefix("sqlite:///"))
+    documents, dest_documents = Path(f"{database}.documents"), Path(f"{dest}.documents")
+    if not database.is_file():
+        _fail(f"no store {database}", EXIT_BAD_INPUT)
+    for path in (dest, dest_documents):
+        if path.exists():
+            _fail(f"{path} exists: a backup is written to a new name", EXIT_BAD_INPUT)
+    try:
+        source = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        target = sqlite3.connect(dest)
+        try:
+            # in one step, under one read transaction: the copy is the store as of one commit, and in WAL mode
+            # the daemon writes on meanwhile (in steps, each of its commits would restart the copy)
+            source.backup(target)
+        finally:
+            target.close()
+            source.close()
+        # after the database: a run's documents are written before its result, so every result copied has its own
+        if documents.is_dir():
+            shutil.copytree(documents, dest_documents)
+    except BaseException:
+        for leftover in (dest, Path(f"{dest}-wal"), Path(f"{dest}-shm")):
+            leftover.unlink(missing_ok=True)
+        shutil.rmtree(dest_documents, ignore_errors=True)
+        raise
+    console.print(f"{database} copied to {dest}" + (f", its run documents to {dest_documents}" if documents.is_dir()
+                                                 else f" (no {documents} to copy)"), highlight=False)
 
 
 _CONTROL_HELP = "the daemon's control endpoint"

@@ -502,3 +502,45 @@ def test_the_endpoints_zeromq_takes_pass_the_check() -> None:
         assert _endpoint_problem(endpoint) is None, endpoint
     assert "(a port is at most 65535)" in str(_endpoint_problem("tcp://127.0.0.1:65536"))
     assert "(did you mean tcp://127.0.0.1:5701?)" in str(_endpoint_problem("5701"))
+
+
+def test_a_backup_of_a_store_being_written_holds_every_commit_before_it_and_the_run_documents(tmp_path: Path) -> None:
+    """A `cp` of a running daemon's store missed the results still in its -wal file (13 of them in a probe)."""
+    import json
+    import sqlite3
+    import threading
+    import uuid
+
+    from closedloop.store import Store
+    from tests.conftest import branin_campaign
+
+    store = Store(tmp_path / "s.db")
+    campaign_id = store.open_campaign(branin_campaign(backend="sobol"))
+    store.add_trials(campaign_id, [({"x1": 0.0, "x2": float(i)}, {}) for i in range(20)])
+    run_uid = str(uuid.uuid4())
+    store.save_documents(run_uid, json.dumps({"name": "start", "doc": {"uid": run_uid}}) + "\n")
+    assert (tmp_path / "s.db-wal").stat().st_size > 0  # the writer's connection is open: its commits are in the WAL
+    stop = threading.Event()
+
+    def write() -> None:
+        while not stop.is_set():
+            store.add_trials(campaign_id, [({"x1": 1.0, "x2": 1.0}, {})])
+            time.sleep(0.005)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        result = closedloop("backup", "s.db", "copy.db", cwd=tmp_path)
+    finally:
+        stop.set()
+        writer.join()
+    written = len(store.trials(campaign_id))
+    store.close()
+    assert result.returncode == 0, result.stdout + result.stderr
+    with sqlite3.connect(tmp_path / "copy.db") as copy:
+        assert copy.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        indexes = [index for (index,) in copy.execute('SELECT "index" FROM trial ORDER BY 1')]
+    # the store as of one commit: the 20 written before, then some of those written during the copy, none torn
+    assert 20 <= len(indexes) <= written and indexes == list(range(1, len(indexes) + 1)), (len(indexes), written)
+    assert (tmp_path / "copy.db.documents" / f"{run_uid}.jsonl").is_file()
+    assert closedloop("backup", "s.db", "copy.db", cwd=tmp_path).returncode == 2  # never over an earlier copy
