@@ -238,16 +238,30 @@ class DiscreteParameter(_Model):
 
     >>> DiscreteParameter(values=[2.0, 0.25, 0.5]).values
     [0.25, 0.5, 2.0]
+    >>> DiscreteParameter(values=[4, 1, 2]).values
+    [1, 2, 4]
     """
 
     type: Literal["discrete"] = "discrete"
-    values: list[Real] = Field(description="the allowed numbers, at least two, each once")
+    values: list[Union[Whole, Real]] = Field(description="the allowed numbers, at least two, each once")
     unit: Text | None = None
 
     @field_validator("values")
     @classmethod
-    def _distinct(cls, values: list[float]) -> list[float]:
-        return sorted(_check_choices(values))
+    def _distinct(cls, values: list[int | float]) -> list[int] | list[float]:
+        values = sorted(_check_choices(values))
+        # all written as whole numbers, they are counts (tips, layers) and reach the instrument as ints, where
+        # range(n) works; one decimal makes them measures, all floats, as they always were
+        if all(isinstance(v, int) for v in values):
+            return values
+        return [float(v) for v in values]
+
+    def allowed(self, number: float) -> int | float | None:
+        """The allowed value equal to ``number`` in its declared type (4 for 4.0), or None if none is."""
+        for v in self.values:
+            if v == number:
+                return v
+        return None
 
 
 class FixedParameter(_Model):
@@ -726,6 +740,15 @@ class Campaign(_Model):
     @property
     def spec_hash(self) -> str:
         return hashlib.sha256(self.to_yaml().encode()).hexdigest()[:16]
+
+    @property
+    def spec_hashes(self) -> set[str]:
+        """``spec_hash``, and the hash the same file had when discrete whole numbers were held as floats
+        ([1.0, 2.0, 4.0]), so that a store begun then still takes the file it was begun with."""
+        parameters = {name: p.model_copy(update={"values": [float(v) for v in p.values]})
+                      if isinstance(p, DiscreteParameter) else p for name, p in self.parameters.items()}
+        legacy = self.model_copy(update={"parameters": parameters})  # no validation: it would make them ints again
+        return {self.spec_hash, legacy.spec_hash}
 
     @property
     def tunable_parameters(self) -> dict[str, Parameter]:
@@ -1252,9 +1275,10 @@ def _cell(p: Any, raw: str) -> Any:
         return int(v)
     if isinstance(p, DiscreteParameter):
         v = float(text)
-        if v not in p.values:
+        allowed = p.allowed(v)
+        if allowed is None:
             raise ValueError(f"{v:g} is not one of the values {p.values}")
-        return v
+        return allowed
     choices = p.values if isinstance(p, CategoricalParameter) else [p.value]
     for choice in choices:
         if isinstance(choice, str) and choice == text:
@@ -1931,8 +1955,12 @@ def load_campaign_text(
         for path, group in by_path.items():
             kinds = {e["type"] for e in group}
             if len(group) > 1 and kinds <= {"string_type", "int_type", "float_type", "finite_number"}:
-                # the branches of a text-or-number union (a categorical or fixed value): one message
-                add(path, f"expected text or a finite number, got {_shown(group[0].get('input'))}")
+                if "string_type" in kinds:
+                    # the branches of a text-or-number union (a categorical or fixed value): one message
+                    add(path, f"expected text or a finite number, got {_shown(group[0].get('input'))}")
+                else:
+                    # a whole-or-real union (a discrete value), whose number branch says it as before
+                    add(path, _describe(data, path, next(e for e in group if e["type"] != "int_type")))
             else:
                 add(path, _describe(data, path, group[0]))
         parts = _section_parts(data)

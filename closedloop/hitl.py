@@ -90,9 +90,10 @@ def parse_value(campaign: Campaign, name: str, text: Any) -> Any:
             raise ValueError("is not an integer")
         number = int(round(number))
     if isinstance(p, DiscreteParameter):
-        if number not in p.values:
+        allowed = p.allowed(number)
+        if allowed is None:
             raise ValueError(f"is not one of the allowed values {', '.join(f'{v:g}' for v in p.values)}")
-        return number
+        return allowed
     low, high = p.bounds  # type: ignore[union-attr]
     if not low <= number <= high:
         raise ValueError(f"is outside the bounds [{low:g}, {high:g}]")

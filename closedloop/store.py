@@ -506,7 +506,7 @@ class Store:
                 session.add(row)
                 session.commit()
                 session.refresh(row)
-            elif row.spec_hash != campaign.spec_hash:
+            elif row.spec_hash not in campaign.spec_hashes:
                 # its results (and the record of why each experiment was chosen) were made under the stored file
                 stored = Campaign.from_yaml_text(row.spec_yaml, check_instrument=False)
                 raise StoreError(

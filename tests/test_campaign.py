@@ -437,3 +437,48 @@ def test_schema_command_prints_the_models_schema() -> None:
     result = CliRunner().invoke(app, ["schema"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == Campaign.json_schema()
+
+
+# -- discrete whole numbers -------------------------------------------------------------------------
+
+COUNTS = """\
+name: counts
+parameters:
+  tips: {type: discrete, values: [4, 1, 2]}
+  ratio: {type: discrete, values: [0.5, 1, 2]}
+objectives:
+  y: {goal: minimize}
+budget: {experiments: 5}
+instrument: {simulator: 'simulators.surfaces:Branin'}
+"""
+
+
+def test_discrete_whole_numbers_stay_ints_through_yaml_and_decimals_make_all_floats() -> None:
+    """A count of tips written [1, 2, 4] was held as [1.0, 2.0, 4.0], and a driver's range(n) failed on 4.0."""
+    campaign = Campaign.from_yaml_text(COUNTS, check_instrument=False)
+    tips, ratio = campaign.parameters["tips"], campaign.parameters["ratio"]
+    assert isinstance(tips, DiscreteParameter) and isinstance(ratio, DiscreteParameter)
+    assert tips.values == [1, 2, 4] and all(type(v) is int for v in tips.values)
+    assert ratio.values == [0.5, 1.0, 2.0] and all(type(v) is float for v in ratio.values)
+    assert "values: [1, 2, 4]" in campaign.to_yaml()
+    again = Campaign.from_yaml_text(campaign.to_yaml(), check_instrument=False)
+    assert [type(v) for v in again.parameters["tips"].values] == [int, int, int]  # type: ignore[union-attr]
+    assert again.spec_hash == campaign.spec_hash
+    assert tips.allowed(4.0) == 4 and type(tips.allowed(4.0)) is int and tips.allowed(3) is None
+
+
+def test_a_store_begun_when_discrete_counts_were_floats_still_takes_the_same_file(tmp_path: Path) -> None:
+    """Such a store holds the file as [1.0, 2.0, 4.0]: resuming it must not read as a different definition."""
+    from closedloop.store import Store
+
+    campaign = Campaign.from_yaml_text(COUNTS, check_instrument=False)
+    floats = {n: p.model_copy(update={"values": [float(v) for v in p.values]})  # type: ignore[union-attr]
+              for n, p in campaign.parameters.items()}
+    legacy = campaign.model_copy(update={"parameters": floats})
+    assert "values: [1.0, 2.0, 4.0]" in legacy.to_yaml()
+    store = Store(tmp_path / "s.db")
+    first = store.open_campaign(legacy)
+    assert store.open_campaign(campaign) == first
+    changed = Campaign.from_yaml_text(COUNTS.replace("[4, 1, 2]", "[4, 1, 3]"), check_instrument=False)
+    with pytest.raises(ClosedLoopError, match="different definition"):
+        store.open_campaign(changed)

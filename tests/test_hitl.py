@@ -510,3 +510,25 @@ def test_tell_from_a_csv_refuses_a_parameter_column_that_differs_from_the_trial(
     assert not store.results(store.campaign_row("hand").id)
     (tmp_path / "r.csv").write_text(f"trial,y,x1\n2,2.5,{second.parameters['x1']!r}\n")
     assert cli("tell", "hand", "--csv", str(tmp_path / "r.csv"), "--store", db).exit_code == 0
+
+
+def test_import_and_tell_give_a_discrete_count_as_int_whether_written_4_or_4_0(tmp_path: Path) -> None:
+    """An imported count of tips '4.0' was stored as 4.0, and shown and exported so."""
+    path = tmp_path / "tips.yaml"
+    path.write_text("name: tips\nparameters:\n  x1: {type: discrete, values: [1, 2, 4]}\n"
+                    "  x2: {type: continuous, bounds: [0, 1]}\nobjectives:\n  y: {goal: minimize}\n"
+                    "budget: {experiments: 5}\ninstrument: {simulator: 'simulators.surfaces:Branin'}\n")
+    rows = tmp_path / "past.csv"
+    rows.write_text("x1,x2,y\n4,0.5,1.5\n4.0,0.25,2.5\n2.0,0.75,3.0\n")
+    db = str(tmp_path / "s.db")
+    result = cli("import", str(path), str(rows), "--store", db)
+    assert result.exit_code == 0, result.output
+    stored = [r.parameters["x1"] for r in Store(db).results(1)]
+    assert stored == [4, 4, 2] and all(type(n) is int for n in stored)
+    out = tmp_path / "out.csv"
+    assert cli("export", "tips", "-o", str(out), "--store", db).exit_code == 0
+    assert [line.split(",")[2] for line in out.read_text().splitlines()[1:]] == ["4", "4", "2"]
+    campaign = Campaign.from_yaml(path, check_instrument=False)
+    assert type(hitl.parse_value(campaign, "x1", "4.0")) is int
+    with pytest.raises(ValueError, match="not one of"):
+        hitl.parse_value(campaign, "x1", "3")

@@ -355,7 +355,8 @@ class Space:
         if isinstance(p, IntegerParameter):
             return int(min(p.bounds[1], max(p.bounds[0], round(v))))
         assert isinstance(p, DiscreteParameter)
-        return float(min(p.values, key=lambda allowed: abs(allowed - v)))
+        # the allowed value itself: float() turned a count of 4 into 4.0, and range(4.0) fails in a driver
+        return min(p.values, key=lambda allowed: abs(allowed - v))
 
     def _botorch_constraints(self) -> tuple[list, list]:
         """Linear constraints as BoTorch ``(indices, coefficients, rhs)`` tuples, ``sum >= rhs`` / ``== rhs``."""

@@ -236,3 +236,17 @@ s: {type: categorical, values: [x, y]}
     # a continuous column, or too many points, leaves the search to the optimizer
     assert Space(campaign(MIXED)).grid is None
     assert Space(campaign("\n".join(f"k{i}: {{type: integer, bounds: [0, 9]}}" for i in range(5)))).grid is None
+
+
+@pytest.mark.parametrize("backend", ["botorch", "ax", "sobol", "random"])
+def test_every_backend_proposes_discrete_whole_numbers_as_ints(backend: str) -> None:
+    """A count of tips [1, 2, 4] reached the instrument as 4.0; values with decimals stay floats."""
+    from closedloop.planner import make_planner
+
+    spec = campaign("tips: {type: discrete, values: [1, 2, 4]}\nratio: {type: discrete, values: [0.5, 1, 2]}\n"
+                    "x: {type: continuous, bounds: [0, 1]}", backend=backend, seed=3)
+    proposals = [p.parameters for p in make_planner(spec).suggest(3)]
+    assert all(type(p["tips"]) is int and p["tips"] in (1, 2, 4) for p in proposals), proposals
+    assert all(type(p["ratio"]) is float for p in proposals), proposals
+    space = Space(spec)
+    assert [type(space.decode(torch.full((space.dim,), u))["tips"]) for u in (0.0, 0.5, 1.0)] == [int, int, int]
