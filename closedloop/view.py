@@ -411,11 +411,12 @@ class ProgressView:
                                f"best {self.best.get(name, '-')}", highlight=False, soft_wrap=True, markup=False)
         elif kind == "trial_proposed" and details.get("held"):
             self.console.print(f"{prefix}experiment {details['trial']} held for approval: "
-                               f"{format_values(details.get('parameters'))}", highlight=False, soft_wrap=True)
+                               f"{format_values(details.get('parameters'))}", highlight=False, soft_wrap=True,
+                               markup=False)
         elif kind == "trial_approved":
             self.console.print(f"{prefix}experiment {details['trial']} {'edited and ' if details.get('edited') else ''}"
                                f"approved by {details.get('by')}: {format_values(details.get('parameters'))}",
-                               highlight=False, soft_wrap=True)
+                               highlight=False, soft_wrap=True, markup=False)
         elif kind == "campaign_started" and details.get("finished"):
             self.console.print(f"resuming {name}: {details['finished']} experiments already done", highlight=False)
         elif notice := _notice(kind, details):

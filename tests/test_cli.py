@@ -544,3 +544,27 @@ def test_a_backup_of_a_store_being_written_holds_every_commit_before_it_and_the_
     assert 20 <= len(indexes) <= written and indexes == list(range(1, len(indexes) + 1)), (len(indexes), written)
     assert (tmp_path / "copy.db.documents" / f"{run_uid}.jsonl").is_file()
     assert closedloop("backup", "s.db", "copy.db", cwd=tmp_path).returncode == 2  # never over an earlier copy
+
+
+def test_suggest_and_show_print_bracketed_and_colon_values_as_written(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # ionic liquids are written [emim][OTf]; rich read '[emim]' as a style tag and ':cd:' as an emoji code
+    (tmp_path / "il.yaml").write_text(
+        "name: il-screen\nparameters:\n"
+        "  solvent: {type: categorical, values: ['[bmim]PF6', '[emim][OTf]']}\n"
+        "  temp: {type: continuous, bounds: [20, 80]}\n"
+        "  vial: {type: fixed, value: 'slot:cd:2'}\n"
+        "objectives:\n  y: {goal: maximize}\nbudget: {experiments: 4}\nplanner: {backend: random, seed: 0}\n"
+        "instrument: {function: 'simulators.multifidelity:biased_branin'}\n")
+    from typer.testing import CliRunner
+
+    from closedloop.cli import app
+
+    monkeypatch.chdir(tmp_path)  # in-process, as a subprocess each would import torch again
+    suggested = CliRunner().invoke(app, ["suggest", "il.yaml", "-n", "2"])
+    assert suggested.exit_code == 0, suggested.output
+    shown = CliRunner().invoke(app, ["show", "il-screen"])
+    assert shown.exit_code == 0, shown.output
+    for out in (suggested.stdout, shown.stdout):
+        assert out.count("[bmim]PF6") + out.count("[emim][OTf]") == 2, out
+        assert out.count("slot:cd:2") == 2, out
