@@ -35,6 +35,7 @@ import functools
 import hashlib
 import importlib
 import inspect
+import io
 import json
 import keyword
 import math
@@ -1301,17 +1302,30 @@ def _read_candidates(campaign: Campaign, base: Path) -> tuple[list[dict[str, Any
     path = Path(campaign.candidates.file)
     path = path if path.is_absolute() else base / path
     try:
-        with path.open(newline="", encoding="utf-8-sig") as f:  # Excel's "CSV UTF-8" starts with a BOM
-            reader = csv.reader(f)
-            lines = [(reader.line_num, row) for row in reader]
+        data = path.read_bytes()
     except OSError as exc:
         return [], [(where, f"cannot read the candidate table {str(path)!r}: {exc.strerror}")]
-    except (csv.Error, UnicodeDecodeError) as exc:
+    try:
+        text = data.decode("utf-8-sig")  # Excel's "CSV UTF-8" starts with a BOM
+    except UnicodeDecodeError as exc:
+        # Excel's plain "CSV" is Windows-1252/Latin-1 ('°C', 'é'): the codec's byte offset tells a scientist nothing
+        line = data.count(b"\n", 0, exc.start) + 1
+        return [], [(where, f"{path.name} is not UTF-8 text (line {line} has the byte 0x{data[exc.start]:02x}, "
+                     "perhaps Latin-1 or Windows-1252); save it as UTF-8 (in Excel: 'CSV UTF-8')")]
+    try:
+        reader = csv.reader(io.StringIO(text, newline=""))
+        lines = [(reader.line_num, row) for row in reader]
+    except csv.Error as exc:
         return [], [(where, f"{path.name} is not a readable CSV file: {exc}")]
     lines = [(n, row) for n, row in lines if "".join(row).strip()]
     if not lines:
         return [], [(where, f"{path.name} is empty; it needs a header naming the parameters and at least one row")]
     header = [h.strip() for h in lines[0][1]]
+    if any(";" in h for h in header):
+        # Excel in a language with decimal commas saves 'CSV' with ';': reported column by column, the
+        # problems ('ligand;temp;loading' is not a parameter, no column for each) hid the one cause
+        return [], [(where, f"{path.name}, line {lines[0][0]}: the header {','.join(lines[0][1])!r} seems to use ';' "
+                     "as separator; the table must be comma-separated, with '.' as decimal point")]
     problems: list[tuple[str, str]] = []
     tunable = campaign.tunable_parameters
     seen_columns: set[str] = set()
@@ -1780,6 +1794,17 @@ def _shown(value: Any) -> str:
     return repr(value)
 
 
+def _closest_choice(given: str, choices: list[str]) -> list[str]:
+    """The one choice meant by ``given``, as a list (empty when unsure)."""
+    # 'max', 'min', 'Max': too short or capitalized for difflib's ratio against 'maximize', yet plain abbreviations
+    said = given.strip().lower()
+    starting = [c for c in choices if said and c.lower().startswith(said)]
+    if len(starting) == 1:
+        return starting
+    lowered = {c.lower(): c for c in choices}
+    return [lowered[c] for c in difflib.get_close_matches(said, list(lowered), n=1)]
+
+
 def _describe(data: Any, path: tuple, error: dict) -> str:
     kind, msg, ctx = error["type"], error["msg"], error.get("ctx") or {}
     given = error.get("input")
@@ -1807,7 +1832,7 @@ def _describe(data: Any, path: tuple, error: dict) -> str:
         return f"'type' is missing; use one of {', '.join(sorted(_UNION_TAGS))}{hint}"
     if kind == "literal_error":
         expected = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
-        close = difflib.get_close_matches(str(given), expected, n=1) if isinstance(given, str) else []
+        close = _closest_choice(given, expected) if isinstance(given, str) else []
         quoted = [repr(e) for e in expected]
         choices = " or ".join(quoted) if len(quoted) < 3 else "one of " + ", ".join(quoted)
         return (f"{_shown(given)} is not allowed; use {choices}"

@@ -263,6 +263,31 @@ def test_candidate_table_saved_by_excel_reads_past_its_byte_order_mark(tmp_path:
     assert c.candidate_table() == [{"x1": 1.0, "x2": 5.0}, {"x1": 2.0, "x2": 6.0}]
 
 
+def test_a_candidate_table_separated_by_semicolons_is_one_problem_saying_so(tmp_path: Path) -> None:
+    # as Excel saves 'CSV' where the decimal point is a comma: two problems (the column 'x1;x2' is not a
+    # parameter, no column for x1, x2) that did not name the cause
+    (tmp_path / "lib.csv").write_text("x1;x2\n1,5;5\n2;6\n")
+    (tmp_path / "c.yaml").write_text(BASE.replace("{experiments: 10}", "{experiments: 2}") + "candidates: lib.csv\n")
+    with pytest.raises(CampaignFileError) as caught:
+        load_campaign(tmp_path / "c.yaml")
+    (problem,) = caught.value.problems
+    assert problem.path == "candidates" and problem.message == (
+        "lib.csv, line 1: the header 'x1;x2' seems to use ';' as separator; the table must be comma-separated, "
+        "with '.' as decimal point")
+
+
+def test_a_candidate_table_not_in_utf8_says_to_save_it_as_utf8(tmp_path: Path) -> None:
+    # Excel's plain 'CSV' is Windows-1252: the message was Python's "'utf-8' codec can't decode byte 0xe9 in position 14"
+    (tmp_path / "lib.csv").write_bytes("x1,x2,note\n1,5,ok\n2,6,éluat\n".encode("latin-1"))
+    (tmp_path / "c.yaml").write_text(BASE.replace("{experiments: 10}", "{experiments: 2}") + "candidates: lib.csv\n")
+    with pytest.raises(CampaignFileError) as caught:
+        load_campaign(tmp_path / "c.yaml")
+    (problem,) = caught.value.problems
+    assert problem.path == "candidates" and "codec" not in problem.message
+    assert problem.message.startswith("lib.csv is not UTF-8 text (line 3 has the byte 0xe9")
+    assert "save it as UTF-8" in problem.message
+
+
 def test_repeated_candidates_need_repeats(tmp_path: Path) -> None:
     (tmp_path / "lib.csv").write_text("x1,x2\n1,5\n1,5\n")
     text = BASE.replace("{experiments: 10}", "{experiments: 4}")
@@ -314,7 +339,12 @@ def test_duplicate_keys_are_reported_with_both_lines() -> None:
      ("goal: minimize", "goal: minimize, treshold: 3", "unknown key 'treshold' (did you mean 'threshold'?)"),
      ("budget: {experiments: 10}", "budget: {experiments: 10, stop_wen: 'y <= 1'}", "did you mean 'stop_when'?"),
      ("instrument:", "instrumnet:", "unknown key 'instrumnet' (did you mean 'instrument'?)"),
-     ("type: continuous, bounds: [-5, 10]", "type: integr, bounds: [-5, 10]", "did you mean 'integer'?")],
+     ("type: continuous, bounds: [-5, 10]", "type: integr, bounds: [-5, 10]", "did you mean 'integer'?"),
+     # abbreviated or capitalized goals had no suggestion: too short for difflib against 'maximize'
+     ("goal: minimize", "goal: max", "'max' is not allowed; use 'minimize' or 'maximize' (did you mean 'maximize'?)"),
+     ("goal: minimize", "goal: min", "did you mean 'minimize'?"),
+     ("goal: minimize", "goal: Max", "did you mean 'maximize'?"),
+     ("goal: minimize", "goal: maximise", "did you mean 'maximize'?")],
 )
 def test_did_you_mean(replace: str, by: str, message: str) -> None:
     assert any(message in p.message for p in problems_of(BASE.replace(replace, by, 1)))
