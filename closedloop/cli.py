@@ -418,6 +418,8 @@ def compute_station(
 @app.command()
 def validate(campaign_files: list[Path] = typer.Argument(..., help="campaign YAML files")) -> None:
     """Check campaign files and summarize each valid one: parameters, objectives, budget, size of the space."""
+    from rich.markup import escape  # a folder such as runs[abc] is not a style tag
+
     bad = False
     for path in campaign_files:
         try:
@@ -426,7 +428,7 @@ def validate(campaign_files: list[Path] = typer.Argument(..., help="campaign YAM
             bad = True
             _print_problems(exc)
             continue
-        console.print(f"[green]ok[/] {path}: {campaign.name}", highlight=False)
+        console.print(f"[green]ok[/] {escape(f'{path}: {campaign.name}')}", highlight=False, soft_wrap=True)
         for line in campaign.summary():
             console.print(f"    {line}", highlight=False, markup=False, soft_wrap=True)
     if bad:
@@ -511,10 +513,10 @@ def status(
         if console.is_terminal:
             console.print(snap)
         else:
-            for line in snap.lines():
-                console.print(line, highlight=False, soft_wrap=True)
+            for line in snap.lines():  # values and error messages such as '[bmim]PF6 ...' are not markup
+                console.print(line, highlight=False, soft_wrap=True, markup=False)
     for line in daemon_lines(control, names, idle=idle) if control else []:
-        console.print(line, highlight=False, soft_wrap=True)
+        console.print(line, highlight=False, soft_wrap=True, markup=False)
 
 
 @app.command()

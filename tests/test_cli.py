@@ -568,3 +568,34 @@ def test_suggest_and_show_print_bracketed_and_colon_values_as_written(tmp_path: 
     for out in (suggested.stdout, shown.stdout):
         assert out.count("[bmim]PF6") + out.count("[emim][OTf]") == 2, out
         assert out.count("slot:cd:2") == 2, out
+
+
+def test_validate_and_status_print_bracketed_paths_and_messages_as_written(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # 'ok runs[abc]/c.yaml' came out as 'ok runs/c.yaml', and status's 'rejected by [bmim]lab' as 'rejected by lab':
+    # rich read the lowercase '[abc]' and '[bmim]' as style tags
+    from typer.testing import CliRunner
+
+    from closedloop import hitl
+    from closedloop.cli import app
+    from closedloop.store import Store
+
+    folder = tmp_path / "runs[abc]"
+    folder.mkdir()
+    (folder / "c.yaml").write_text(
+        "name: il-screen\nparameters:\n  temp: {type: continuous, bounds: [20, 80]}\n"
+        "objectives:\n  y: {goal: maximize}\nbudget: {experiments: 2}\nplanner: {backend: random, seed: 0}\n"
+        "instrument: {function: 'simulators.multifidelity:biased_branin'}\n")
+    monkeypatch.chdir(tmp_path)  # in-process, as a subprocess would import torch again
+    validated = CliRunner().invoke(app, ["validate", "runs[abc]/c.yaml"])
+    assert validated.exit_code == 0, validated.output
+    assert "ok runs[abc]/c.yaml: il-screen" in validated.stdout, validated.stdout
+    suggested = CliRunner().invoke(app, ["suggest", "runs[abc]/c.yaml"])
+    assert suggested.exit_code == 0, suggested.output
+    (database,) = (tmp_path / "results").glob("*.db")
+    store = Store(database)
+    hitl.reject(store, "il-screen", 1, by="[bmim]lab")
+    store.close()
+    shown = CliRunner().invoke(app, ["status", "il-screen", "--control", ""])
+    assert shown.exit_code == 0, shown.output
+    assert "rejected by [bmim]lab" in shown.stdout, shown.stdout
