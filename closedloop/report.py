@@ -187,7 +187,7 @@ def _subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float],
               squeeze: bool = True) -> tuple[MplFigure, Any]:
     """A figure of its own, drawn to a file and never to a window. Outside pyplot: its backend and open figures
     are the caller's (``matplotlib.use("Agg")`` here blanked a notebook's inline plots for the rest of its
-    session), and it is not safe off the main thread."""
+    session), and pyplot is not safe off the main thread."""
     from matplotlib.figure import Figure as MplFigure
 
     fig = MplFigure(figsize=figsize)
