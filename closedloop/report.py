@@ -74,8 +74,6 @@ class Data:
     records: list[dict[str, Any]]
     spec_yaml: str
     started: datetime | None
-    # package -> every version the decisions were recorded with (a campaign resumed after an upgrade has two)
-    ran_with: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def completed(self) -> list[dict[str, Any]]:
@@ -163,13 +161,13 @@ def load(store: Store, campaign: str) -> Data:
     row = store.campaign_row(campaign)
     started = row.created_at if row.created_at is None or row.created_at.tzinfo else row.created_at.replace(
         tzinfo=timezone.utc)
-    return Data(store.campaign(row.id), trial_records(store, row.id), row.spec_yaml, started,  # type: ignore[arg-type]
-                _ran_with(store, row.id))  # type: ignore[arg-type]
+    return Data(store.campaign(row.id), trial_records(store, row.id), row.spec_yaml, started)  # type: ignore[arg-type]
 
 
 def _ran_with(store: Store, campaign_id: int) -> dict[str, list[str]]:
-    """The package versions recorded with the campaign's decisions: a report written later, with other
-    packages installed, would otherwise attribute the results to those."""
+    """Package -> every version recorded with the campaign's decisions (a campaign resumed after an upgrade has
+    two): a report written later, with other packages installed, would otherwise attribute the results to those.
+    Read for the report alone: best() and pareto_front() load the same Data and need none of it."""
     from closedloop.provenance import rows
 
     found: dict[str, set[str]] = {}
@@ -786,7 +784,7 @@ def render_html(data: Data, figures: list[Figure], extra: dict[str, Any]) -> str
                  f"</tr></thead><tbody>{rows}</tbody></table>")
     parts.append(f"<h2>Campaign file as run</h2><pre>{html.escape(data.spec_yaml)}</pre>")
     now = versions()
-    ran = {k: ", ".join(v) for k, v in data.ran_with.items()}
+    ran = {k: ", ".join(v) for k, v in extra.get("ran_with", {}).items()}
     parts.append("<h2>Software</h2><table><thead><tr><th></th><th>the planner ran with (recorded)</th>"
                  "<th>this report</th></tr></thead><tbody>" + "".join(
         f"<tr><td>{html.escape(k)}</td><td>{html.escape(ran.get(k, ''))}</td><td>{html.escape(now.get(k, ''))}</td></tr>"
@@ -812,6 +810,7 @@ def write_report(store: Store, campaign: str, path: str | Path) -> Path:
     data = load(store, campaign)
     figures, extra = _figures(data, path.parent)
     extra["reported_best"] = _planners_best(store, campaign, data) if len(data.campaign.objectives) == 1 else None
+    extra["ran_with"] = _ran_with(store, store.campaign_row(campaign).id)
     path.write_text(render_html(data, figures, extra), encoding="utf-8")
     log.info("campaign=%s report %s written in %.2f s (%s)", campaign, path, time.perf_counter() - started,
              ", ".join(f"{k} {v:.2f}" for k, v in extra["timings"].items()))

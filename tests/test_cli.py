@@ -374,10 +374,9 @@ def test_a_run_whose_experiments_all_break_the_outcome_constraints_reports_no_be
 
 def test_a_run_whose_every_experiment_failed_says_so_and_exits_1(tmp_path: Path) -> None:
     # it printed "no experiment completed" and exited 0, which a batch job or script took for a campaign run
-    campaign = (ROOT / "campaigns" / "branin.yaml").read_text().replace(
-        "experiments: 30", "experiments: 2").replace("initial_experiments: 8", "initial_experiments: 1").replace(
-        "{noise: 0.01, seed: 0}", "{noise: 0.01, seed: 0, failure_rate: 1.0}")
-    (tmp_path / "c.yaml").write_text(campaign)
+    from simulators.surfaces import branin_campaign
+
+    (tmp_path / "c.yaml").write_text(branin_campaign("branin", 2, options={"noise": 0.01, "failure_rate": 1.0}))
     result = closedloop("run", "c.yaml", cwd=tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "branin: 0 completed, 2 failed" in result.stdout, result.stdout

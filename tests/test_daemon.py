@@ -24,7 +24,7 @@ from closedloop.worker import StationWorker
 from drivers.documents import DocumentCollector
 from tests.conftest import branin_yaml
 from tests.daemon.procs import (campaign_yaml, completed, env, free_port, kill9, serving, start_daemon,
-                                start_worker, station)
+                                start_worker, started_catching, station)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -484,18 +484,9 @@ def test_a_result_whose_documents_cannot_be_written_is_not_acknowledged(store: S
     and acknowledged the result, and the station deleted the run's only other copy of its documents."""
     store.documents_dir.write_text("")  # not a folder: every write of documents fails, as on a full disk
     daemon = Daemon(store, [_campaign("nodocs", 1, latency=0.0)], heartbeat_s=0.2)
-    failed: list[BaseException] = []
-
-    def serve() -> None:
-        try:
-            daemon.serve()
-        except BaseException as exc:  # noqa: BLE001 - the test asserts what ended the loop
-            failed.append(exc)
-
     try:
         with station(daemon.endpoint, "s", tmp_path) as worker:
-            thread = threading.Thread(target=serve, daemon=True)
-            thread.start()
+            thread, failed = started_catching(daemon.serve)
             thread.join(timeout=15)
             assert not thread.is_alive()
             assert failed and isinstance(failed[0], OSError), "the daemon went on without keeping the documents"

@@ -340,7 +340,7 @@ def test_the_software_table_shows_the_versions_the_campaign_ran_with_not_only_to
     with store.engine.begin() as connection:  # as a campaign run with older packages recorded it
         connection.execute(sql("UPDATE provenance SET versions = :v"),
                            {"v": '{"closedloop": "0.0.9", "botorch": "0.9.0", "torch": "2.1.0", "torch_threads": "1"}'})
-    page = report.render_html(report.load(store, "older"), [], {})
+    page = report.write_report(store, "older", tmp_path / "report.html").read_text()
     software = page[page.index("<h2>Software</h2>"):]
     assert re.search(r"<td>botorch</td><td>0\.9\.0</td><td>\d+\.\d+", software), software
     assert "<td>torch</td><td>2.1.0</td>" in software and "torch_threads" not in software

@@ -17,7 +17,7 @@ from closedloop.daemon import Daemon
 from closedloop.store import Store
 from closedloop.worker import Outbox, StationWorker
 from drivers.binding import InstrumentBinding
-from tests.daemon.procs import receive
+from tests.daemon.procs import receive, started_catching
 from simulators.surfaces import Branin, branin_campaign
 
 # the campaign names this module by import path; make that path resolve to this very module (pytest may
@@ -349,16 +349,7 @@ def test_a_station_whose_connection_fails_stops_and_says_why(tmp_path: Path) -> 
     import zmq
 
     worker = StationWorker("127.0.0.1:5701", name="typo", outbox=tmp_path / "o.db", heartbeat_s=0.2)
-    failed: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            worker.run()
-        except BaseException as exc:  # noqa: BLE001 - the test asserts what ended the station
-            failed.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    thread, failed = started_catching(worker.run)
     thread.join(timeout=5)
     worker.stop()
     assert not thread.is_alive(), "the station ran on without its connection"

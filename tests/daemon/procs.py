@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -142,6 +142,21 @@ def receive(router: zmq.Socket, kind: type, limit_s: float = 30.0, *, refuse_hea
             if refuse_heartbeats and isinstance(message, protocol.Heartbeat):
                 router.send_multipart([identity, protocol.encode(protocol.Refused(reason="unregistered: send hello"))])
     raise AssertionError(f"no {kind.__name__} within {limit_s} s")
+
+
+def started_catching(target: Callable[[], object]) -> tuple[threading.Thread, list[BaseException]]:
+    """``target`` running in a started thread, and the list that will hold what ended it, if it raised."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            target()
+        except BaseException as exc:  # noqa: BLE001 - the caller asserts what ended it
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, raised
 
 
 @contextmanager

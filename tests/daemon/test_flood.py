@@ -15,7 +15,7 @@ from closedloop import protocol
 from closedloop.campaign import Campaign
 from closedloop.daemon import DROPS_LOGGED, Daemon, control_request
 from closedloop.store import Store
-from tests.daemon.procs import campaign_yaml, free_port
+from tests.daemon.procs import campaign_yaml, free_port, serving
 
 MANY = list(range(10**6, 10**6 + 100_000))  # as many trial ids as the protocol lets one list hold
 
@@ -100,7 +100,6 @@ def test_the_loop_answers_health_while_peers_send_frames_of_a_mebibyte(tmp_path:
     control = f"tcp://127.0.0.1:{free_port()}"
     daemon = Daemon(store, [Campaign.from_yaml_text(campaign_yaml("heavy", 4))], control=control)
     stop = threading.Event()
-    loop = threading.Thread(target=daemon.serve, args=(stop.is_set,), daemon=True)
     context = zmq.Context()
     frame = b'{"v": 1, "type": "result", "pad": "' + b"x" * (protocol.MAX_MESSAGE_BYTES - 100) + b'"}'
 
@@ -117,25 +116,23 @@ def test_the_loop_answers_health_while_peers_send_frames_of_a_mebibyte(tmp_path:
         peer.setsockopt(zmq.ROUTING_ID, f"heavy-{i}".encode())
         peer.connect(daemon.endpoint)
         peers.append(threading.Thread(target=flood, args=(peer,), daemon=True))
-    loop.start()
-    for thread in peers:
-        thread.start()
     answered: list[float] = []
-    try:
-        time.sleep(0.5)  # the daemon's queues are full
-        for _ in range(4):
-            started = time.monotonic()
-            assert control_request(control, "health", timeout_s=10)["healthy"]
-            answered.append(time.monotonic() - started)
-            time.sleep(0.1)
-    finally:
-        stop.set()
+    with serving(daemon):
         for thread in peers:
-            thread.join(timeout=10)
-        loop.join(timeout=60)
-        daemon.close()
-        context.term()
-        store.close()
+            thread.start()
+        try:
+            time.sleep(0.5)  # the daemon's queues are full
+            for _ in range(4):
+                started = time.monotonic()
+                assert control_request(control, "health", timeout_s=10)["healthy"]
+                answered.append(time.monotonic() - started)
+                time.sleep(0.1)
+        finally:
+            stop.set()
+            for thread in peers:
+                thread.join(timeout=10)
+    context.term()
+    store.close()
     assert daemon.stats["dropped"] > 100, "the peers' frames did not reach the loop"
     assert max(answered) < 1.0, f"health answered after {', '.join(f'{s:.1f}' for s in answered)} s"
 
@@ -146,27 +143,20 @@ def test_a_peer_sending_garbage_fills_no_log(tmp_path: Path, caplog: pytest.LogC
     caplog.set_level(logging.WARNING, logger="closedloop.daemon")
     store = Store(tmp_path / "s.db")
     daemon = Daemon(store, [Campaign.from_yaml_text(campaign_yaml("noisy", 4))])
-    stop = threading.Event()
-    loop = threading.Thread(target=daemon.serve, args=(stop.is_set,), daemon=True)
     context = zmq.Context()
     peer = context.socket(zmq.DEALER)
     peer.setsockopt(zmq.LINGER, 0)
     peer.setsockopt(zmq.ROUTING_ID, b"noisy")
     peer.connect(daemon.endpoint)
-    loop.start()
-    try:
+    with serving(daemon):
         for i in range(2000):
             peer.send(b"garbage %d" % i)
         deadline = time.monotonic() + 20
         while daemon.stats["dropped"] < 2000 and time.monotonic() < deadline:
             time.sleep(0.05)
-    finally:
-        stop.set()
-        loop.join(timeout=60)
-        daemon.close()
-        peer.close()
-        context.term()
-        store.close()
+    peer.close()
+    context.term()
+    store.close()
     assert daemon.stats["dropped"] == 2000
     lines = [r.getMessage() for r in caplog.records if "noisy" in r.getMessage()]
     one_by_one = [line for line in lines if line.startswith("dropped a message from b'noisy': not JSON")]
@@ -192,19 +182,12 @@ def test_a_peer_gone_before_its_answers_fills_no_log(tmp_path: Path, caplog: pyt
             break
         peer.send(protocol.encode(protocol.Heartbeat()))
     peer.close(linger=200)
-    stop = threading.Event()
-    loop = threading.Thread(target=daemon.serve, args=(stop.is_set,), daemon=True)
-    loop.start()
-    try:
+    with serving(daemon):
         deadline = time.monotonic() + 10
         while daemon.stats["dropped"] < DROPS_LOGGED + 5 and time.monotonic() < deadline:
             time.sleep(0.05)
-    finally:
-        stop.set()
-        loop.join(timeout=60)
-        daemon.close()
-        context.term()
-        store.close()
+    context.term()
+    store.close()
     lines = [r.getMessage() for r in caplog.records if "b'gone'" in r.getMessage()]
     one_by_one = [line for line in lines if line.startswith("could not send a message to b'gone': refused")]
     assert len(one_by_one) == DROPS_LOGGED, f"{len(lines)} lines for {daemon.stats['dropped']} refusals"
