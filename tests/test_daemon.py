@@ -396,6 +396,8 @@ def test_a_campaign_that_finishes_while_another_runs_is_completed_at_once(store:
     # only "quick" has a station: "waiting" keeps the daemon serving
     with station(daemon.endpoint, "for-quick", tmp_path, campaigns=["quick"]), serving(daemon) as thread:
         _wait(lambda: store.campaign_row("quick").status == "completed", 20, "quick marked completed")
+        # the event follows the store's row from the daemon's thread: CI once read the list between the two
+        _wait(lambda: any(k == "campaign_finished" for k, _ in events), 5, "quick announced finished")
         assert thread.is_alive() and store.campaign_row("waiting").status == "running"
         assert [d["campaign"] for k, d in events if k == "campaign_finished"] == ["quick"]
         # a pause of every campaign leaves the finished one completed
