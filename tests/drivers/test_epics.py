@@ -61,6 +61,11 @@ def loopback_channel_access(monkeypatch) -> dict[str, str]:
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    # a fresh Channel Access context for each test: with the one made for an earlier test's IOC, ophyd once
+    # failed to connect to this test's IOC (10 s, twice) while caproto's plain client read it at once
+    from caproto.threading import pyepics_compat
+
+    pyepics_compat._make_context.cache_clear()
     return env
 
 
