@@ -880,6 +880,8 @@ def backup(
     for path in (dest, dest_documents):
         if path.exists():
             _fail(f"{path} exists: a backup is written to a new name", EXIT_BAD_INPUT)
+    if not dest.parent.is_dir():
+        _fail(f"no folder {dest.parent} for {dest}: make it first", EXIT_BAD_INPUT)
     try:
         source = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
         target = sqlite3.connect(dest)

@@ -545,6 +545,21 @@ def test_a_backup_of_a_store_being_written_holds_every_commit_before_it_and_the_
     assert closedloop("backup", "s.db", "copy.db", cwd=tmp_path).returncode == 2  # never over an earlier copy
 
 
+def test_a_backup_into_a_folder_not_made_yet_says_so(tmp_path: Path) -> None:
+    """The README's `closedloop backup results/branin.db /backups/branin.db`, with no /backups yet, printed
+    'error: OperationalError: unable to open database file' and exit 1."""
+    from closedloop.store import Store
+    from tests.conftest import branin_campaign
+
+    store = Store(tmp_path / "s.db")
+    store.open_campaign(branin_campaign(backend="sobol"))
+    store.close()
+    result = closedloop("backup", "s.db", "backups/copy.db", cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "error: no folder backups for backups/copy.db: make it first" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "backups").exists()
+
+
 def test_suggest_and_show_print_bracketed_and_colon_values_as_written(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     # ionic liquids are written [emim][OTf]; rich read '[emim]' as a style tag and ':cd:' as an emoji code
