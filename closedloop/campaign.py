@@ -454,14 +454,16 @@ def parse_output_bound(text: str) -> OutputBound:
 
 
 class Objective(_Model):
-    """An output to optimize; ``threshold`` is the worst value still worth having (Pareto reference).
+    """An output to optimize; ``threshold`` is the worst value still worth having (Pareto reference), so only
+    a campaign with several objectives takes one.
 
     >>> Objective(goal="minimize", threshold=5.0).goal
     'minimize'
     """
 
     goal: Literal["minimize", "maximize"]
-    threshold: Real | None = Field(None, description="worst value still worth having; the Pareto reference point")
+    threshold: Real | None = Field(None, description="worst value still worth having; the Pareto reference point of "
+                                   "several objectives")
     unit: Text | None = None
 
 
@@ -962,6 +964,23 @@ class Campaign(_Model):
         return load_campaign(path, check_instrument=check_instrument)
 
     @classmethod
+    def from_stored_yaml(cls, text: str, source: str = "<store>") -> Campaign:
+        """A campaign as a store holds it (its ``to_yaml`` when it began), read under today's rules.
+
+        A threshold on the only objective was accepted, and ignored, until it was refused (it is the reference
+        point of several objectives): it is dropped, so such a store still reads, and takes the same file without
+        it, which runs the same.
+        """
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+        objectives = data.get("objectives") if isinstance(data, dict) else None
+        if isinstance(objectives, dict) and len(objectives) == 1:
+            [objective] = objectives.values()
+            if isinstance(objective, dict) and objective.pop("threshold", None) is not None:
+                text = yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+        # checked against its instrument when it was started; reading results must not need the lab's drivers
+        return load_campaign_text(text, source, check_instrument=False)
+
+    @classmethod
     def json_schema(cls) -> dict[str, Any]:
         """The JSON Schema of a campaign file (``closedloop schema``)."""
         schema = cls.model_json_schema(mode="validation")
@@ -1033,6 +1052,16 @@ def consistency_problems(
             problems.append((f"objectives.{name}", bad))
         elif name in names:
             problems.append((f"objectives.{name}", f"{name!r} is both a parameter and an objective"))
+    if objectives is not None and len(objectives) == 1:
+        [(name, objective)] = objectives.items()
+        if objective.threshold is not None:
+            # 'yield: {goal: maximize, threshold: 80}' was accepted and ignored; the scientist meant a stop or a goal
+            op, verb = (">=", "reaches") if objective.goal == "maximize" else ("<=", "falls to")
+            value = repr(float(objective.threshold)).removesuffix(".0")
+            problems.append((f"objectives.{name}.threshold",
+                             "thresholds are the reference point of several objectives (their Pareto front), so one "
+                             f"objective's would be ignored; to stop once {name} {verb} {value}, write "
+                             f'budget.stop_when: "{name} {op} {value}"'))
     if parameters is not None and parameters and all(isinstance(p, FixedParameter) for p in parameters.values()):
         problems.append(("parameters", "every parameter is fixed: there is nothing to vary"))
 

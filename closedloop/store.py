@@ -506,9 +506,9 @@ class Store:
                 session.add(row)
                 session.commit()
                 session.refresh(row)
-            elif row.spec_hash not in campaign.spec_hashes:
+            elif row.spec_hash not in campaign.spec_hashes and (
+                    (stored := Campaign.from_stored_yaml(row.spec_yaml, self.display)).spec_hash != campaign.spec_hash):
                 # its results (and the record of why each experiment was chosen) were made under the stored file
-                stored = Campaign.from_yaml_text(row.spec_yaml, check_instrument=False)
                 raise StoreError(
                     f"campaign {campaign.name!r} already exists in {self.display} with a different definition ("
                     + "; ".join(stored.differences(campaign)) + "). To go on under the new file (more experiments,"
@@ -545,9 +545,7 @@ class Store:
 
     def campaign(self, name_or_id: str | int) -> Campaign:
         """The campaign as it was stored."""
-        # checked against its instrument when it was started; reading results must not need the lab's drivers
-        return Campaign.from_yaml_text(self.campaign_row(name_or_id).spec_yaml, source=f"{self.display}:{name_or_id}",
-                                       check_instrument=False)
+        return Campaign.from_stored_yaml(self.campaign_row(name_or_id).spec_yaml, f"{self.display}:{name_or_id}")
 
     def campaigns(self) -> list[CampaignRow]:
         with Session(self.engine) as session:

@@ -512,3 +512,32 @@ def test_a_store_begun_when_discrete_counts_were_floats_still_takes_the_same_fil
     changed = Campaign.from_yaml_text(COUNTS.replace("[4, 1, 2]", "[4, 1, 3]"), check_instrument=False)
     with pytest.raises(ClosedLoopError, match="different definition"):
         store.open_campaign(changed)
+
+
+def test_a_threshold_on_the_only_objective_is_refused_pointing_to_stop_when() -> None:
+    """'yield: {goal: maximize, threshold: 80}' was accepted and ignored (it is the Pareto reference of several)."""
+    text = BASE.replace("y: {goal: minimize}", "y: {goal: maximize, threshold: 80}")
+    with pytest.raises(CampaignFileError) as caught:
+        Campaign.from_yaml_text(text, check_instrument=False)
+    [problem] = caught.value.problems
+    assert (problem.path, problem.line) == ("objectives.y.threshold", 6)
+    assert 'budget.stop_when: "y >= 80"' in problem.message
+    two = text.replace("budget:", "  z: {goal: minimize, threshold: 2.5}\nbudget:")
+    assert Campaign.from_yaml_text(two, check_instrument=False).objectives["y"].threshold == 80
+
+
+def test_a_store_begun_with_a_threshold_on_the_only_objective_still_opens_and_resumes(tmp_path: Path) -> None:
+    """Such a file was run (the threshold ignored) before it was refused: the store still reads, and takes the file
+    without the threshold, which runs the same; a file that stops at the threshold instead is a different one."""
+    from closedloop.store import Store
+
+    campaign = Campaign.from_yaml_text(BASE, check_instrument=False)
+    legacy = campaign.model_copy(update={"objectives": {"y": Objective(goal="minimize", threshold=3.0)}})
+    store = Store(tmp_path / "s.db")
+    first = store.open_campaign(legacy)
+    assert store.campaign("t") == campaign
+    assert store.open_campaign(campaign) == first
+    stopping = Campaign.from_yaml_text(BASE.replace("experiments: 10", "experiments: 10, stop_when: 'y <= 3'"),
+                                       check_instrument=False)
+    with pytest.raises(ClosedLoopError, match="different definition.*budget.stop_when"):
+        store.open_campaign(stopping)

@@ -93,7 +93,9 @@ def campaigns(draw: st.DrawFn) -> Campaign:
         constraints.append(f"{' + '.join(mix)} == {total!r}")
     objective_names = draw(st.lists(st.sampled_from(OUTPUTS), min_size=1, max_size=3, unique=True))
     objectives = {n: {"goal": draw(st.sampled_from(["minimize", "maximize"])),
-                      **({"threshold": draw(finite)} if draw(st.booleans()) else {})} for n in objective_names}
+                      # a threshold is the reference point of several objectives; a lone one is refused
+                      **({"threshold": draw(finite)} if len(objective_names) > 1 and draw(st.booleans()) else {})}
+                  for n in objective_names}
     outcome = [f"{draw(st.sampled_from(OUTPUTS + ['purity']))} {draw(st.sampled_from(['>=', '<=']))} {draw(finite)!r}"
                for _ in range(draw(st.integers(0, 2)))]
     experiments = draw(st.integers(1, 200))
