@@ -41,7 +41,7 @@ import keyword
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -1460,22 +1460,30 @@ def _import_problems(module_name: str, base: str | Path | None = None) -> str:
     return ""
 
 
-def instrument_problems(campaign: Campaign, base: str | Path | None = None) -> list[tuple[str, str]]:
+#: Builds a driver's binding and connects its devices (``closedloop validate --connect``, see
+#: ``closedloop.connect``). It returns None for an instrument it could not reach, and says so itself: an IOC
+#: that is down is not a fault of the campaign file. An error of the factory itself it raises.
+Connector = Callable[[Instrument], Any]
+
+
+def instrument_problems(campaign: Campaign, base: str | Path | None = None,
+                        connect: Connector | None = None) -> list[tuple[str, str]]:
     """(field path, message) for each way the campaign's instrument (or a source's) cannot serve it.
 
     Imports the factory and checks its options against its signature. A simulator is also built (it
     touches no hardware) so that its axes, limits and outputs can be compared with the campaign; a
-    driver is only imported, never called.
+    driver is only imported, never called, unless ``connect`` is given: then it builds the driver's
+    binding, connected, for the same comparison with its devices as they are (an EPICS motor's limits).
     """
     problems: list[tuple[str, str]] = []
     for source, instrument in campaign.instruments.items():
         at = "instrument" if source is None else f"sources.{source}.instrument"
-        problems.extend(_instrument_problems(campaign, instrument, at, base))
+        problems.extend(_instrument_problems(campaign, instrument, at, base, connect))
     return problems
 
 
 def _instrument_problems(campaign: Campaign, instrument: Instrument, at: str,
-                         base: str | Path | None = None) -> list[tuple[str, str]]:
+                         base: str | Path | None = None, connect: Connector | None = None) -> list[tuple[str, str]]:
     where = f"{at}.{instrument.field}"
     if instrument.command is not None:  # issue 8: every placeholder must be a parameter or an option
         known = set(campaign.parameters) | set(instrument.options)
@@ -1520,12 +1528,20 @@ def _instrument_problems(campaign: Campaign, instrument: Instrument, at: str,
         for n, p in signature.parameters.items():
             if p.default is p.empty and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in instrument.options:
                 problems.append((f"{at}.options", f"{instrument.target} needs the option {n!r}"))
-    if problems or instrument.driver is not None:
+    if problems or (instrument.driver is not None and connect is None):
         return problems
-    try:
-        binding = factory(**instrument.options)
-    except Exception as exc:  # a simulator that cannot be built cannot run the campaign
-        return [(where, f"{instrument.target}(...) failed: {type(exc).__name__}: {exc}")]
+    if instrument.driver is not None:
+        try:
+            binding = connect(instrument)  # type: ignore[misc]
+        except Exception as exc:  # the factory's own error ("serial port not found"), as a station would fail on it
+            return [(where, str(exc))]
+        if binding is None:
+            return problems
+    else:
+        try:
+            binding = factory(**instrument.options)
+        except Exception as exc:  # a simulator that cannot be built cannot run the campaign
+            return [(where, f"{instrument.target}(...) failed: {type(exc).__name__}: {exc}")]
     outputs = getattr(binding, "outputs", None)
     if isinstance(outputs, Mapping):
         known = set(outputs)
@@ -1945,7 +1961,8 @@ _SOURCES: TypeAdapter = TypeAdapter(dict[Text, Source])
 
 
 def load_campaign_text(
-    text: str, source: str = "<campaign>", *, base: str | Path | None = None, check_instrument: bool = True
+    text: str, source: str = "<campaign>", *, base: str | Path | None = None, check_instrument: bool = True,
+    connect: Connector | None = None,
 ) -> Campaign:
     """Validate YAML text as a campaign, raising :class:`CampaignFileError` with every problem.
 
@@ -1956,6 +1973,8 @@ def load_campaign_text(
         check_instrument: import the instrument and compare it with the campaign (see
             :func:`instrument_problems`), and check what the planner backend cannot handle (see
             :func:`backend_problems`); turn off on a host that cannot import the lab's drivers.
+        connect: with ``check_instrument``, also build each driver's binding with it and compare the
+            campaign with the connected devices (see :func:`instrument_problems`).
     """
     try:
         root = yaml.compose(text, Loader=_Loader)
@@ -2038,7 +2057,7 @@ def load_campaign_text(
             for path, message in table_problems:
                 add(_parse_path(path), message)
         if check_instrument:
-            for path, message in instrument_problems(campaign, base):
+            for path, message in instrument_problems(campaign, base, connect):
                 add(_parse_path(path), message)
             # whether it can be run here, as the instrument: a stored campaign is read back without either
             for path, message in backend_problems(campaign):
@@ -2064,7 +2083,7 @@ def load_campaign_text(
     return campaign
 
 
-def load_campaign(path: str | Path, *, check_instrument: bool = True) -> Campaign:
+def load_campaign(path: str | Path, *, check_instrument: bool = True, connect: Connector | None = None) -> Campaign:
     """Read a campaign file; :class:`CampaignFileError` lists every problem with its line."""
     path = Path(path)
     try:
@@ -2073,4 +2092,5 @@ def load_campaign(path: str | Path, *, check_instrument: bool = True) -> Campaig
         raise CampaignFileError([Problem(str(path), None, None, "", f"cannot read the file: {exc.strerror}")]) from None
     except UnicodeDecodeError as exc:
         raise CampaignFileError([Problem(str(path), None, None, "", f"not a text file: {exc.reason}")]) from None
-    return load_campaign_text(text, str(path), base=path.resolve().parent, check_instrument=check_instrument)
+    return load_campaign_text(text, str(path), base=path.resolve().parent, check_instrument=check_instrument,
+                              connect=connect)

@@ -416,23 +416,46 @@ def compute_station(
 
 
 @app.command()
-def validate(campaign_files: list[Path] = typer.Argument(..., help="campaign YAML files")) -> None:
-    """Check campaign files and summarize each valid one: parameters, objectives, budget, size of the space."""
+def validate(
+    campaign_files: list[Path] = typer.Argument(..., help="campaign YAML files"),
+    connect: bool = typer.Option(False, "--connect", help="also build each driver's binding as a station does, "
+                                 "connect its devices and check the campaign against them (nothing moves)"),
+    timeout: float = typer.Option(10.0, min=0.1, help="with --connect: seconds to wait for an instrument"),
+) -> None:
+    """Check campaign files and summarize each valid one: parameters, objectives, budget, size of the space.
+    Exit 2 when a file has problems, else 1 when --connect could not reach an instrument."""
     from rich.markup import escape  # a folder such as runs[abc] is not a style tag
 
-    bad = False
+    live = None
+    if connect:
+        from closedloop.connect import LiveInstruments
+
+        # the problems are the output: a driver's log of its tries ("trying again with new devices", from one still
+        # connecting when the time is up) came after the line saying it could not connect
+        _setup_logging(verbose=False)
+        live = LiveInstruments(timeout)
+    bad = unreachable = False
     for path in campaign_files:
+        said = len(live.unreachable) if live is not None else 0
+        campaign = None
         try:
-            campaign = load_campaign(path)
+            campaign = load_campaign(path, connect=live)
         except CampaignFileError as exc:
             bad = True
             _print_problems(exc)
+        # an instrument out of reach is not the file's fault: its own line, and exit 1 rather than 2
+        for line in live.unreachable[said:] if live is not None else []:
+            unreachable = True
+            errors.print(f"[bold red]error:[/] {escape(f'{path}: {line}')}", highlight=False, soft_wrap=True)
+        if campaign is None or (live is not None and live.unreachable[said:]):
             continue
         console.print(f"[green]ok[/] {escape(f'{path}: {campaign.name}')}", highlight=False, soft_wrap=True)
         for line in campaign.summary():
             console.print(f"    {line}", highlight=False, markup=False, soft_wrap=True)
     if bad:
         raise typer.Exit(EXIT_BAD_INPUT)
+    if unreachable:
+        raise typer.Exit(1)
 
 
 @app.command()
