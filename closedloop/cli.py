@@ -880,6 +880,27 @@ def report(
     console.print(f"wrote {path} in {time.monotonic() - started:.1f} s", highlight=False, soft_wrap=True)
 
 
+def _not_a_store(database: Path) -> str | None:
+    """What ``database`` is instead of a closedloop store (None for one), read without writing to it."""
+    import sqlite3
+
+    if database.is_dir():
+        return "a folder"
+    if database.stat().st_size == 0:
+        return "an empty file"  # SQLite would read it as an empty database, and 'copy' it
+    try:
+        connection = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            connection.close()
+    except sqlite3.DatabaseError as exc:
+        if "not a database" not in str(exc):
+            raise  # unreadable (permissions, a lock held too long): said as it is
+        return "not an SQLite database"
+    return None if "campaign" in tables else "an SQLite database without closedloop's campaign table"
+
+
 @app.command()
 def backup(
     store: str = typer.Argument(..., help="the store's SQLite file (or sqlite:/// URL), in use or not"),
@@ -891,6 +912,8 @@ def backup(
     import shutil
     import sqlite3
 
+    from rich.markup import escape
+
     from closedloop.store import displayed
 
     if "://" in store and not store.startswith("sqlite:///"):
@@ -898,8 +921,10 @@ def backup(
               EXIT_BAD_INPUT)
     database = Path(store.removeprefix("sqlite:///"))
     documents, dest_documents = Path(f"{database}.documents"), Path(f"{dest}.documents")
-    if not database.is_file():
-        _fail(f"no store {database}", EXIT_BAD_INPUT)
+    if not database.exists():
+        _fail(f"no store {escape(str(database))}", EXIT_BAD_INPUT)
+    if (what := _not_a_store(database)) is not None:
+        _fail(f"{escape(str(database))} is not a closedloop store ({what})", EXIT_BAD_INPUT)
     for path in (dest, dest_documents):
         if path.exists():
             _fail(f"{path} exists: a backup is written to a new name", EXIT_BAD_INPUT)

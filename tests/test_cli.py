@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import time
@@ -558,6 +559,30 @@ def test_a_backup_into_a_folder_not_made_yet_says_so(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stdout + result.stderr
     assert "error: no folder backups for backups/copy.db: make it first" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "backups").exists()
+
+
+@pytest.mark.parametrize(("name", "make", "what"), [
+    ("notes.txt", lambda p: p.write_text("not a database\n"), "not an SQLite database"),
+    ("results.csv", lambda p: p.write_text("x1,x2,y\n0.5,1,3.2\n"), "not an SQLite database"),
+    ("empty.db", lambda p: p.write_bytes(b""), "an empty file"),
+    ("results", lambda p: p.mkdir(), "a folder"),
+    ("other.db", lambda p: sqlite3.connect(p).execute("CREATE TABLE t (a)").connection.commit(),
+     "an SQLite database without closedloop's campaign table"),
+])
+def test_a_backup_of_something_that_is_not_a_store_names_it_and_writes_nothing(
+        tmp_path: Path, name: str, make: Callable[[Path], object], what: str) -> None:
+    """A text file or a CSV gave 'error: DatabaseError: file is not a database' and exit 1; an empty file was
+    'copied' (SQLite reads it as an empty database)."""
+    from typer.testing import CliRunner
+
+    from closedloop.cli import app
+
+    make(tmp_path / name)
+    before = sorted(tmp_path.iterdir())
+    result = CliRunner().invoke(app, ["backup", str(tmp_path / name), str(tmp_path / "copy.db")])
+    assert result.exit_code == 2, result.stdout + result.stderr
+    assert result.stderr == f"error: {tmp_path / name} is not a closedloop store ({what})\n"
+    assert sorted(tmp_path.iterdir()) == before
 
 
 def test_suggest_and_show_print_bracketed_and_colon_values_as_written(tmp_path: Path,
