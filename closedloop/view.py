@@ -280,17 +280,18 @@ class Snapshot:
         head = Table.grid(padding=(0, 1), expand=True)
         head.add_column(ratio=1)
         head.add_column(justify="right")
-        head.add_row(ProgressBar(total=1.0, completed=self.used()), self.progress_text())
+        # every text from the store is a Text, not markup: a station '[lab]robot' or a name holding ':cd:' is as written
+        head.add_row(ProgressBar(total=1.0, completed=self.used()), Text(self.progress_text()))
         facts = Table.grid(padding=(0, 2))
         facts.add_column(style="bold")
         facts.add_column()
-        facts.add_row(f"best ({self.goal})", self.best_text())
+        facts.add_row(f"best ({self.goal})", Text(self.best_text()))
         facts.add_row("time", f"{format_seconds(self.elapsed_s())} elapsed, "
                               f"{format_seconds(self.remaining_s())} remaining")
         counts = ", ".join(f"{v} {k}" for k, v in sorted(self.counts.items()))
         facts.add_row("trials", counts or "none yet")
         if self.in_flight:
-            facts.add_row(self.in_flight_label(), self.in_flight_text())
+            facts.add_row(self.in_flight_label(), Text(self.in_flight_text()))
         if (long := self.running_long_text()) is not None:
             facts.add_row("running long", Text(long, style="bold yellow"))
         if self.held:
@@ -310,7 +311,7 @@ class Snapshot:
                 when = f"{entry.finished_at.astimezone():%H:%M:%S}" if entry.finished_at else ""
                 table.add_row(str(entry.index), outcome, when)
             parts.append(table)
-        return Panel(Group(*parts), title=f"[bold]{self.name}[/] ({self.status})", title_align="left")
+        return Panel(Group(*parts), title=Text.assemble((self.name, "bold"), f" ({self.status})"), title_align="left")
 
 
 class ProgressView:

@@ -495,3 +495,22 @@ def test_an_export_names_the_run_of_a_failed_trial_as_explain_does(tmp_path: Pat
     assert records[done.index]["run_uid"] == "run-done"
     assert records[failed.index]["run_uid"] == "run-dropped" and records[failed.index]["y"] is None
     store.close()
+
+
+def test_the_terminal_panel_prints_bracketed_station_names_and_messages_as_written(tmp_path: Path) -> None:
+    """On a terminal, status's panel printed a station '[lab]robot' as 'robot': rich read '[lab]' as a style tag."""
+    store = Store(tmp_path / "b.db")
+    cid = store.open_campaign(branin_campaign(name="brackets", experiments=10, backend="sobol"))
+    for x2, outcome in ((1.0, "completed"), (2.0, "failed"), (3.0, "in flight")):
+        (trial,) = store.add_trials(cid, [({"x1": 1.0, "x2": x2}, {})])
+        store.mark_dispatched(trial.id, "[lab]robot")
+        if outcome == "completed":
+            store.record_result(trial.id, "run-1", {"y": 3.0})
+        elif outcome == "failed":
+            store.record_failure(trial.id, "device [x] failed at slot:cd:2")
+    out = io.StringIO()
+    Console(file=out, force_terminal=True, width=200, color_system=None).print(Snapshot.from_store(store, "brackets"))
+    text = out.getvalue()
+    assert "[lab]robot: #3" in text, text
+    assert "failed: device [x] failed at slot:cd:2" in text, text
+    assert "brackets (idle)" in text, text
