@@ -861,7 +861,8 @@ def import_(
         left = snap.experiments - snap.finished
         console.print(f"{target.name}: {snap.finished} of the budget's {snap.experiments} experiments done; "
                       + (f"{left} new ones to run" if left > 0 else
-                         "none left to run: raise budget.experiments to run new ones"), highlight=False, soft_wrap=True)
+                         "none left to run: to run new ones, import into a file of a new name with a larger "
+                         "budget.experiments"), highlight=False, soft_wrap=True)
 
 
 @app.command()

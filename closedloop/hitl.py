@@ -203,11 +203,14 @@ def _over_budget(campaign: Campaign, n: int, finished: int, open_trials: int) ->
     room = max(campaign.max_experiments - finished - open_trials, 0)
     counted = f"({finished} finished, {open_trials} open)"
     if room == 0:  # "ask for at most 0" read as a suggestion to make
-        then = "tell the open trials' results, or raise budget.experiments" if open_trials else \
-            "the campaign is done; raise budget.experiments to go on"
+        # not "raise budget.experiments": a store refuses a changed file under the same name
+        then = "tell the open trials' results" if open_trials else (
+            "the campaign is done; to go on, give its file a new name and a larger budget and seed it with these "
+            f"results: closedloop export {campaign.name} -f csv -o {campaign.name}.csv, then closedloop import "
+            f"NEW_FILE {campaign.name}.csv")
         raise DataError([f"the budget of {campaign.max_experiments} experiments is used up {counted}: {then}"])
     raise DataError([f"-n {n}: the budget of {campaign.max_experiments} experiments leaves {room} {counted}; ask "
-                     f"for at most {room}, or raise budget.experiments"])
+                     f"for at most {room}"])
 
 
 def tell(store: Store, campaign_name: str, index: int, values: dict[str, Any],

@@ -126,7 +126,9 @@ def test_importing_as_many_experiments_as_the_budget_says_none_are_left_to_run(t
     rows.write_text("x1,x2,y\n1.0,2.0,5.5\n-2,9,17.25\n9.5,0.5,0.75\n")
     result = cli("import", str(campaign_file(tmp_path, experiments=3)), str(rows), "--store", str(tmp_path / "s.db"))
     assert result.exit_code == 0, result.output
-    assert "3 of the budget's 3 experiments done; none left to run: raise budget.experiments" in result.stdout
+    # a larger budget under the same name would be refused as a changed campaign (docs/campaign.md, Budget)
+    assert ("3 of the budget's 3 experiments done; none left to run: to run new ones, import into a file of a new "
+            "name with a larger budget.experiments") in " ".join(result.stdout.split()), result.stdout
 
 
 def test_export_then_import_round_trip_keeps_every_value(tmp_path: Path) -> None:
@@ -411,14 +413,17 @@ def test_suggest_refuses_proposals_past_the_budget_and_writes_nothing(tmp_path: 
     assert len(store.trials(cid)) == 4
     used_up = cli("suggest", "hand", "--store", db)
     assert used_up.exit_code == 2
-    assert ("the budget of 4 experiments is used up (1 finished, 3 open): tell the open trials' results, or raise "
-            "budget.experiments") in " ".join(used_up.output.split()), used_up.output
+    assert ("the budget of 4 experiments is used up (1 finished, 3 open): tell the open trials' results"
+            in " ".join(used_up.output.split())), used_up.output
+    # 'raise budget.experiments' was the advice, and `run` refuses the raised file as a changed campaign
+    assert "raise budget" not in used_up.output
     for trial in ("2", "3", "4"):
         assert cli("tell", "hand", trial, "y=2.5", "--store", db).exit_code == 0
     done = cli("suggest", "hand", "--store", db)
     assert done.exit_code == 2
-    assert ("is used up (4 finished, 0 open): the campaign is done; raise budget.experiments to go on"
-            in " ".join(done.output.split())), done.output
+    assert ("is used up (4 finished, 0 open): the campaign is done; to go on, give its file a new name and a larger "
+            "budget and seed it with these results: closedloop export hand -f csv -o hand.csv, then closedloop import "
+            "NEW_FILE hand.csv") in " ".join(done.output.split()), done.output
 
 
 def test_suggest_past_the_whole_budget_counts_what_the_stored_campaign_has_done(tmp_path: Path) -> None:
