@@ -995,7 +995,9 @@ class Daemon:
                     continue
                 if status not in (TrialStatus.proposed.value, TrialStatus.dispatched.value):
                     # the trial is finished: acknowledging lets the station forget a result the store will never
-                    # take, so its reading stays on record here and in the run's documents (kept above)
+                    # take, so its reading stays on record here and in the run's documents (kept above), and the
+                    # trial keeps the run among its attempts': it took place at the instrument
+                    self.store.record_run(result.trial_id, result.run_uid)
                     log.warning("trial %s is %s: late result %s of run %s not stored as an observation",
                                 result.trial_id, status, values, result.run_uid)
                     self._send(identity, protocol.Ack(trial_id=result.trial_id, assignment=result.assignment))

@@ -205,6 +205,34 @@ def test_a_silent_station_is_lost_and_its_trial_retried_elsewhere(store: Store, 
     assert trial.status == "completed" and trial.station == "healthy" and trial.attempts == 2
 
 
+def test_a_late_result_of_a_lost_stations_run_is_kept_among_the_trials_runs(store: Store) -> None:
+    """A station killed right after its result reached its outbox and restarted after it was declared lost
+    delivers a result for a trial the daemon has given up on. The run took place at the instrument, but only the
+    log and a documents file nothing pointed to knew of it: the trial's ``run_uids`` stayed empty (chaos test,
+    three stations killed at random: trial 8 measured at st-b, run again at st-a, st-b's run nowhere in the store)."""
+    daemon = Daemon(store, [_campaign("late", 2, latency=0.05, concurrency=1, retries=0)], heartbeat_s=0.2)
+    documents = ('{"name":"start","doc":{"uid":"late-run","time":1.0}}\n'
+                 '{"name":"stop","doc":{"run_start":"late-run","exit_status":"success"}}\n')
+    with raw_station(daemon.endpoint, "killed") as sock, serving(daemon):
+        sock.send(protocol.encode(protocol.Hello(station="killed", instance="first")))
+        _next_message(sock, "welcome")
+        assigned = _next_message(sock, "assign")
+        sock.send(protocol.encode(protocol.Started(trial_id=assigned.trial_id, assignment=assigned.msg_id)))
+        # ...measured, kept in the outbox, killed: silent until declared lost and its trial abandoned
+        _wait(lambda: store.trial(assigned.trial_id).status == "abandoned", 10, "the trial to be abandoned")
+        sock.send(protocol.encode(protocol.Hello(station="killed", instance="restarted",
+                                                 outstanding=[assigned.trial_id])))
+        _next_message(sock, "welcome")
+        sock.send(protocol.encode(protocol.ResultMessage(
+            trial_id=assigned.trial_id, assignment=assigned.msg_id, run_uid="late-run", values={"y": 1.5},
+            duration_s=0.1, documents=documents)))
+        assert _next_message(sock, "ack").trial_id == assigned.trial_id
+    trial = store.trial(assigned.trial_id)
+    assert trial.status == "abandoned" and trial.run_uids == ["late-run"]
+    assert store.documents("late-run") == documents
+    assert not store.observations(trial.campaign_id)
+
+
 def test_a_repeated_hello_keeps_the_session_and_nothing_is_dispatched_twice(store: Store) -> None:
     """A station repeats its hello until welcomed; a daemon slow to answer (just restarted) reads both.
 
