@@ -105,7 +105,7 @@ def parse_duration(value: Any) -> float:
 
 
 def _format_duration(seconds: float) -> str:
-    for unit, size in (("h", 3600.0), ("min", 60.0)):
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("min", 60.0)):
         if seconds >= size and float(seconds / size).is_integer() and seconds / size < 1e15:
             return f"{int(seconds / size)} {unit}"
     text = repr(float(seconds))  # the shortest text that reads back as the same number

@@ -67,6 +67,13 @@ def test_durations_accept_units(text: object, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
+@pytest.mark.parametrize(("text", "written"), [("1 d", "1 d"), ("2 days", "2 d"), ("36 h", "36 h"), ("120", "2 min"),
+                                               ("90 s", "90 s"), ("250 ms", "0.25 s")])
+def test_durations_are_written_back_with_the_largest_unit_that_divides_them(text: str, written: str) -> None:
+    # docs/campaign.md promises the largest unit; '1 d' was written back as '24 h'
+    assert Execution(timeout=text).model_dump(mode="json")["timeout"] == written
+
+
 @pytest.mark.parametrize("text", ["ten minutes", "10 parsecs", "-5 s", 0, True, "inf s", None])
 def test_durations_refuse_what_is_not_a_positive_time(text: object) -> None:
     with pytest.raises(ValueError):
