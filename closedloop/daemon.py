@@ -1601,6 +1601,9 @@ class Daemon:
                 reply = self.handle_control(str(request.get("method")), request.get("params") or {})
             except (ValueError, TypeError, RecursionError, ClosedLoopError) as exc:  # RecursionError: deep JSON
                 reply = {"success": False, "msg": str(exc)}
+            except Exception as exc:  # noqa: BLE001 - a request no check foresaw must not end the loop for good
+                log.exception("control request %r failed", body[:200])
+                reply = {"success": False, "msg": f"the daemon could not handle this request: {type(exc).__name__}: {exc}"}
             try:
                 self.control.send_multipart([*envelope, json.dumps(reply, default=str).encode()], zmq.NOBLOCK)
             except zmq.ZMQError:

@@ -107,6 +107,8 @@ def _number(text: Any) -> float:
         number = float(text)
     except (TypeError, ValueError):
         raise ValueError("is not a number") from None
+    except OverflowError:  # an integer beyond any float (JSON allows it)
+        raise ValueError("is not a finite number") from None
     if not math.isfinite(number):
         raise ValueError("is not a finite number")
     return number
