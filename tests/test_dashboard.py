@@ -922,3 +922,38 @@ def test_a_repeated_poll_reads_only_the_trials_that_are_new_or_open(tmp_path: Pa
     finally:
         server.stop()
         film.store.close()
+
+
+def _branin_results(path: Path, n: int = 6) -> None:
+    """A Branin campaign in a store with ``n`` Sobol results: enough for a model."""
+    from simulators.surfaces import branin
+
+    store = Store(path)
+    campaign = Campaign.from_yaml_text(branin_campaign("seen", 30, options={"noise": 0.0, "seed": 0}))
+    cid = store.open_campaign(campaign)
+    from closedloop.planner import make_planner
+
+    for i, proposal in enumerate(make_planner(campaign).suggest(n), start=1):
+        (trial,) = store.add_trials(cid, [(proposal.parameters, {"generator": "sobol"})])
+        store.mark_dispatched(trial.id, "station-a")
+        store.record_result(trial.id, f"run-{i}", {"y": branin([proposal.parameters["x1"], proposal.parameters["x2"]])})
+    store.close()
+
+
+def test_unknown_parameter_names_reuse_the_models_view_rather_than_fit_one_each(tmp_path: Path) -> None:
+    """/api/model?parameter=ANYTHING fell back to the first parameter but kept (and fitted) one view per name asked:
+    a read-only dashboard open to the network (or a script) could make the daemon's process fit a GP per request,
+    under the lock the daemon's own planner takes, and keep every view in memory until the next result."""
+    _branin_results(tmp_path / "seen.db")
+    server = DashboardServer(DashboardConfig(store=str(tmp_path / "seen.db"), port=0)).start()
+    try:
+        base = f"http://127.0.0.1:{server.port}/api/model?campaign=seen"
+        status, first = _get(base + "&parameter=x1")
+        assert status == 200 and first["available"], first
+        for i in range(5):
+            status, view = _get(base + f"&parameter=nope{i}&second=nor{i}")
+            assert status == 200 and view["parameter"] == "x1" and "grid" not in view, view
+            assert view["mean"] == first["mean"]
+        assert len(server.dashboard.models._cache) == 1
+    finally:
+        server.stop()

@@ -109,6 +109,8 @@ class _ModelCache:
         row = store.campaign_row(campaign)
         counts = store.counts(row.id)  # type: ignore[arg-type]
         finished = counts.get(TrialStatus.completed.value, 0) + counts.get(TrialStatus.failed.value, 0)
+        # keyed by what is drawn, not by what was asked: a name per request was a GP fit (and a view kept) per request
+        parameter, second = _chosen(store.campaign(row.id), parameter, second)  # type: ignore[arg-type]
         key = (campaign, finished, parameter, second)
         with self._lock:
             if key not in self._cache:
@@ -126,19 +128,18 @@ def model_view(store: Store, campaign: str, parameter: str | None = None, second
     The campaign's planner is rebuilt from the store; a backend without a model of its own (Sobol,
     random, Ax) is shown through the BoTorch planner's GP on the same data.
     """
-    from closedloop.campaign import ContinuousParameter, IntegerParameter
     from closedloop.planner import make_planner
     from closedloop.planner.botorch_backend import BotorchPlanner
 
     row = store.campaign_row(campaign)
     spec = store.campaign(row.id)  # type: ignore[arg-type]
     results = store.results(row.id)  # type: ignore[arg-type]
-    axes = [n for n, p in spec.parameters.items() if isinstance(p, (ContinuousParameter, IntegerParameter))]
+    axes = _axes(spec)
     objective = next(iter(spec.objectives))
     out: dict[str, Any] = {"available": False, "parameters": axes, "objective": objective, "results": len(results)}
     if not axes:
         return {**out, "reason": "no numeric parameter to draw along"}
-    parameter = parameter if parameter in axes else axes[0]
+    parameter, second = _chosen(spec, parameter, second)
     out["parameter"] = parameter
     planner = make_planner(spec)
     if not hasattr(planner, "predict") or spec.planner.backend != "botorch":
@@ -168,7 +169,7 @@ def model_view(store: Store, campaign: str, parameter: str | None = None, second
            "mean": [pr[objective]["mean"] for pr in predictions], "std": [pr[objective]["std"] for pr in predictions],
            "observed": observed, "log_scale": log_scale,
            "backend": spec.planner.backend if spec.planner.backend == "botorch" else "botorch (view only)"}
-    if second in axes and second != parameter:
+    if second is not None:
         gx, _ = _axis(spec.parameters[parameter], 25)
         gy, _ = _axis(spec.parameters[second], 25)
         with provenance.planning_lock:
@@ -176,6 +177,21 @@ def model_view(store: Store, campaign: str, parameter: str | None = None, second
         means = [pr[objective]["mean"] for pr in plane]
         out.update(second=second, grid_x=gx, grid_y=gy, grid=[means[i * len(gx):(i + 1) * len(gx)] for i in range(len(gy))])
     return out
+
+
+def _axes(spec: Any) -> list[str]:
+    """The numeric parameters, which the model's view can draw along."""
+    from closedloop.campaign import ContinuousParameter, IntegerParameter
+
+    return [n for n, p in spec.parameters.items() if isinstance(p, (ContinuousParameter, IntegerParameter))]
+
+
+def _chosen(spec: Any, parameter: str | None, second: str | None) -> tuple[str | None, str | None]:
+    """The axes a request for ``parameter`` (and ``second``) draws: the first numeric parameter for an unknown one,
+    no plane for an unknown or repeated second."""
+    axes = _axes(spec)
+    parameter = parameter if parameter in axes else (axes[0] if axes else None)
+    return parameter, second if second in axes and second != parameter else None
 
 
 def _axis(p: Any, points: int) -> tuple[list[float], bool]:
