@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import os
-import re
 import signal
 import sys
 import time
@@ -95,34 +94,12 @@ def _name_store(ctx: typer.Context, location: Any) -> Any:
     return location
 
 
-_TCP_ENDPOINT = re.compile(r"tcp://(?P<host>\S+):(?P<port>\d+|\*)")
-_HOST_PORT = re.compile(r"(?:[a-z]+://)?(?P<host>[^\s/]+):(?P<port>\d+)", re.IGNORECASE)
-
-
-def _endpoint_problem(value: str) -> str | None:
-    """What is wrong with a ZeroMQ endpoint, or None. Checked before a command starts: ZeroMQ's own answer,
-    "Invalid argument (addr='127.0.0.1:5701')", came after a daemon had opened its store, and a daemon first said
-    that such an address was "reachable from other machines"."""
-    if value.startswith(("ipc://", "inproc://")) and value.partition("://")[2].strip():
-        return None
-    match = _TCP_ENDPOINT.fullmatch(value)
-    if match and (match["port"] == "*" or int(match["port"]) <= 65535):
-        return None
-    guess = _HOST_PORT.fullmatch(value.strip())
-    if value.strip().isdigit():
-        hint = f" (did you mean tcp://127.0.0.1:{value.strip()}?)"
-    elif guess and int(guess["port"]) <= 65535:
-        hint = f" (did you mean tcp://{guess['host']}:{guess['port']}?)"
-    elif match:
-        hint = " (a port is at most 65535)"
-    else:
-        hint = ""
-    return f"an endpoint is tcp://HOST:PORT or ipc://PATH{hint}"
-
-
 def _endpoint(ctx: typer.Context, param: typer.CallbackParam, value: str | None) -> str | None:
     """An endpoint option's callback: a bad endpoint is one line naming the option, and exit 2."""
-    problem = _endpoint_problem(value or "")
+    from closedloop.protocol import endpoint_problem
+
+    # the daemon's own endpoints are listened on: their host must be this machine's, checked before its store opens
+    problem = endpoint_problem(value or "", listen=ctx.info_name == "daemon")
     if problem:
         _fail(f"{param.opts[0]} {value!r}: {problem}", EXIT_BAD_INPUT)
     return value

@@ -494,6 +494,11 @@ class Daemon:
             then makes the same decisions every time).
         on_event: called with (kind, details) for every transition, in the daemon thread.
 
+    Raises:
+        ValueError: an endpoint that is not ``tcp://HOST:PORT`` or ``ipc://PATH``, or whose host this machine lacks
+            (checked before anything is claimed or bound, in the command line's words).
+        ProtocolError: a network-reachable endpoint without ``keys`` or ``insecure``.
+
     Example:
         >>> daemon = Daemon(Store("s.db"), [campaign], bind="tcp://127.0.0.1:5701")  # doctest: +SKIP
         >>> daemon.serve()                                                           # doctest: +SKIP
@@ -519,6 +524,9 @@ class Daemon:
         on_event: EventSink | None = None,
         context: zmq.Context | None = None,
     ):
+        for option, endpoint in (("bind", bind), ("publish", publish), ("control", control)):
+            if endpoint is not None and (problem := protocol.endpoint_problem(endpoint, listen=True)):
+                raise ValueError(f"{option} {endpoint!r}: {problem}")  # the command line's words, before a claim
         for endpoint in (bind, publish):
             if endpoint is not None:
                 check_exposure(endpoint, keys, insecure)

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import socket
 import uuid
 from typing import Annotated, Any, Literal, Union
 
@@ -37,6 +39,50 @@ from closedloop.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20
+
+_TCP_ENDPOINT = re.compile(r"tcp://(?P<host>\S+):(?P<port>\d+|\*)")
+_HOST_PORT = re.compile(r"(?:[a-z]+://)?(?P<host>[^\s/]+):(?P<port>\d+)", re.IGNORECASE)
+
+
+def endpoint_problem(value: str, *, listen: bool = False) -> str | None:
+    """What is wrong with a ZeroMQ endpoint, or None; ``listen``: one to bind, whose host must be this machine's.
+
+    Checked before anything starts, by the command line and by :class:`closedloop.daemon.Daemon` alike: ZeroMQ's own
+    answer, "Invalid argument (addr='127.0.0.1:5701')", came after a daemon had opened its store, a daemon first said
+    that such an address was "reachable from other machines", and it listened on 'tcp://127.0.0.1:99999' at port
+    34463.
+
+    >>> endpoint_problem("127.0.0.1:5701")
+    'an endpoint is tcp://HOST:PORT or ipc://PATH (did you mean tcp://127.0.0.1:5701?)'
+    """
+    if value.startswith(("ipc://", "inproc://")) and value.partition("://")[2].strip():
+        return None
+    match = _TCP_ENDPOINT.fullmatch(value)
+    if match and (match["port"] == "*" or int(match["port"]) <= 65535):
+        return _not_this_machine(match["host"]) if listen else None
+    guess = _HOST_PORT.fullmatch(value.strip())
+    if value.strip().isdigit():
+        hint = f" (did you mean tcp://127.0.0.1:{value.strip()}?)"
+    elif guess and int(guess["port"]) <= 65535:
+        hint = f" (did you mean tcp://{guess['host']}:{guess['port']}?)"
+    elif match:
+        hint = " (a port is at most 65535)"
+    else:
+        hint = ""
+    return f"an endpoint is tcp://HOST:PORT or ipc://PATH{hint}"
+
+
+def _not_this_machine(host: str) -> str | None:
+    """Why ZeroMQ cannot listen on ``host`` (its 'No such device'), or None: '*', an interface or a name that resolves.
+    A name of another machine passes here, and ZeroMQ says it cannot assign that address."""
+    if host == "*" or host in {name for _, name in socket.if_nameindex()}:
+        return None
+    try:
+        socket.getaddrinfo(host.strip("[]"), None)
+    except (socket.gaierror, UnicodeError):
+        return (f"{host!r} is neither an address, a host name nor a network interface of this machine "
+                "(listen on tcp://*:PORT, or on one of its addresses)")
+    return None
 
 
 class VersionMismatch(ProtocolError):

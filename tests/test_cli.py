@@ -494,8 +494,20 @@ def test_an_endpoint_without_tcp_is_one_line_naming_the_option_exit_2_and_nothin
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
 
 
+def test_a_daemon_endpoint_on_a_host_this_machine_lacks_is_one_line_before_its_store_opens(tmp_path: Path) -> None:
+    """`daemon --bind tcp://nohost:5701` said the address was "reachable from other machines", and with --insecure
+    ZeroMQ's "No such device" after the store was written; a station may connect to a name the daemon cannot bind."""
+    (tmp_path / "c.yaml").write_text((ROOT / "campaigns" / "branin.yaml").read_text())
+    result = closedloop("daemon", "c.yaml", "--store", "s.db", "--insecure", "--bind", "tcp://nohost:5701", cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: --bind 'tcp://nohost:5701': 'nohost' is neither an address, a host name nor a network interface of "
+        "this machine (listen on tcp://*:PORT, or on one of its addresses)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+
+
 def test_the_endpoints_zeromq_takes_pass_the_check() -> None:
-    from closedloop.cli import _endpoint_problem
+    from closedloop.protocol import endpoint_problem as _endpoint_problem
 
     for endpoint in ("tcp://127.0.0.1:5701", "tcp://*:5701", "tcp://[::1]:0", "tcp://lab-host.example:5701",
                      "tcp://eth0:5701", "ipc:///run/closedloop/daemon", "inproc://daemon"):

@@ -815,3 +815,23 @@ def test_a_station_whose_only_campaign_finished_is_told_once_while_others_run(
     [daemon_line] = [line for line in lines if line.startswith("daemon at")]
     assert "for-quick 0/1 busy, seen 0 s ago, nothing to run here (serves quick)" in daemon_line
     assert "for-both" in daemon_line and daemon_line.count("nothing to run here") == 2  # for-quick and late
+
+
+@pytest.mark.parametrize(("option", "endpoint", "says"), [
+    ("bind", "127.0.0.1:5701", "an endpoint is tcp://HOST:PORT or ipc://PATH (did you mean tcp://127.0.0.1:5701?)"),
+    ("bind", "tcp://127.0.0.1:99999", "an endpoint is tcp://HOST:PORT or ipc://PATH (a port is at most 65535)"),
+    ("bind", "tcp://nohost:1", "'nohost' is neither an address, a host name nor a network interface of this machine"),
+    ("publish", "5702", "(did you mean tcp://127.0.0.1:5702?)"),
+    ("control", "127.0.0.1:5700", "(did you mean tcp://127.0.0.1:5700?)"),
+])
+def test_a_bad_endpoint_is_a_value_error_in_the_command_lines_words_before_anything_is_claimed(
+        tmp_path: Path, option: str, endpoint: str, says: str) -> None:
+    """Daemon(bind='127.0.0.1:5701') said the address was 'reachable from other machines'; 'tcp://127.0.0.1:99999'
+    was taken (ZeroMQ listened on port 34463); a control endpoint without tcp:// gave ZeroMQ's 'Invalid argument'
+    after the campaign was claimed in the store."""
+    store = Store(tmp_path / "s.db")
+    with pytest.raises(ValueError) as caught:
+        Daemon(store, [Campaign.from_yaml_text(branin_yaml("bad-endpoint", 5, initial=2, seed=0, noise=0.0, backend="sobol"))],
+               **{option: endpoint})
+    assert str(caught.value).startswith(f"{option} {endpoint!r}: ") and says in str(caught.value), caught.value
+    assert store.campaigns() == []
