@@ -957,3 +957,20 @@ def test_unknown_parameter_names_reuse_the_models_view_rather_than_fit_one_each(
         assert len(server.dashboard.models._cache) == 1
     finally:
         server.stop()
+
+
+def test_a_control_request_of_deeply_nested_json_is_a_bad_request(tmp_path: Path) -> None:
+    """json.loads raises RecursionError (not ValueError) on deep nesting: the page's control got a 500 and the log a
+    traceback; it is now refused as a bad request, as any malformed body is."""
+    _branin_results(tmp_path / "seen.db", 1)
+    server = DashboardServer(DashboardConfig(store=str(tmp_path / "seen.db"), port=0)).start()
+    try:
+        request = urllib.request.Request(f"http://127.0.0.1:{server.port}/api/control", method="POST",
+                                         data=b"[" * 100_000 + b"]" * 100_000,
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 400 and "bad request" in json.loads(refused.value.read())["msg"]
+        assert _get(f"http://127.0.0.1:{server.port}/api/state")[0] == 200
+    finally:
+        server.stop()

@@ -328,7 +328,7 @@ class Dashboard:
             body = await request.json()
             if not isinstance(body, dict):
                 raise ValueError("send a JSON object")
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: deeply nested JSON
             return JSONResponse({"success": False, "msg": f"bad request: {exc}"}, status_code=400)
         reply = await run_in_threadpool(self._control, body)
         return JSONResponse(reply, status_code=200 if reply.get("success") else 409)
