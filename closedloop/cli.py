@@ -1224,7 +1224,9 @@ def dashboard(
     events: Optional[str] = typer.Option("tcp://127.0.0.1:5702", callback=_endpoint_or_none, help="the daemon's PUB endpoint ('' for none)"),
     host: str = typer.Option("127.0.0.1", help="interface to listen on (beyond loopback: read-only without --token)"),
     port: int = typer.Option(8765, help="TCP port"),
-    token: Optional[str] = typer.Option(None, help="secret that allows control from beyond loopback (?token=...)"),
+    token: Optional[str] = typer.Option(None, envvar="CLOSEDLOOP_DASHBOARD_TOKEN", show_envvar=True,
+                                        help="secret that allows control from beyond loopback (?token=...); in the "
+                                        "environment it stays out of the process list that every local user reads"),
     read_only: bool = typer.Option(False, "--read-only", help="refuse pause/resume/stop/approve/reject"),
     secret_key: Optional[Path] = typer.Option(None, help="a CURVE secret key the daemon allows (NAME.key_secret), for "
                                               "the events of a daemon with keys"),

@@ -974,3 +974,33 @@ def test_a_control_request_of_deeply_nested_json_is_a_bad_request(tmp_path: Path
         assert _get(f"http://127.0.0.1:{server.port}/api/state")[0] == 200
     finally:
         server.stop()
+
+
+def test_the_token_can_come_from_the_environment_and_stay_out_of_the_process_list(tmp_path: Path,
+                                                                                  free_port: int) -> None:
+    """``--token SECRET`` is in the process's command line, which every user of the machine reads (ps, /proc):
+    CLOSEDLOOP_DASHBOARD_TOKEN gives it to the dashboard without showing it."""
+    import subprocess
+    import sys
+
+    _branin_results(tmp_path / "seen.db", 1)
+    process = subprocess.Popen([sys.executable, "-m", "closedloop.cli", "dashboard", "--store", str(tmp_path / "seen.db"),
+                                "--host", "0.0.0.0", "--port", str(free_port), "--control", "", "--events", ""],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                               env={**os.environ, "CLOSEDLOOP_DASHBOARD_TOKEN": "s3cret"})
+    try:
+        base = f"http://127.0.0.1:{free_port}/api/state"
+
+        def up() -> bool:
+            try:
+                return _get(base)[0] == 401
+            except OSError:
+                return False
+
+        _wait(up, 30, "the dashboard process, asking for its token")
+        status, state = _get(base, {"X-Closedloop-Token": "s3cret"})
+        assert status == 200 and state["read_only"] is False  # beyond loopback, and the token allows control
+        assert "s3cret" not in Path(f"/proc/{process.pid}/cmdline").read_bytes().decode(errors="replace")
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
