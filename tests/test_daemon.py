@@ -18,13 +18,13 @@ import zmq
 
 from closedloop import protocol
 from closedloop.campaign import Campaign
-from closedloop.daemon import Daemon, control_request
+from closedloop.daemon import Daemon, control_request, health
 from closedloop.store import Store
 from closedloop.worker import StationWorker
 from drivers.documents import DocumentCollector
 from tests.conftest import branin_yaml
 from tests.daemon.procs import (campaign_yaml, completed, env, free_port, kill9, serving, start_daemon,
-                                start_worker, started_catching, station)
+                                start_worker, started_catching, station, wait_for)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -557,11 +557,16 @@ def test_sigterm_stops_dispatch_waits_for_results_in_flight_and_a_restart_finish
         assert "dispatched" not in {t.status for t in trials}, "SIGTERM left results in flight"
         assert len(trials) < 10
         assert 'state="completed"' in (tmp_path / "daemon.log").read_text()
+        for worker in workers:  # idle (nothing dispatched, above); stations come back after the operator's commands
+            kill9(worker)
         daemon = start_daemon(tmp_path, endpoint, control)
-        # the operator's commands, against the restarted daemon
+        # the operator's commands, against the restarted daemon, once it answers: under load its start took more
+        # than the commands' 5 s, and with its stations back it could finish the campaign before them
+        wait_for(lambda: health(control, timeout_s=1)["healthy"], 90, "the restarted daemon to answer")
         assert "paused term" in _cli("pause", "term", "--control", control)
         assert '"healthy": true' in _cli("health", "--control", control)
         assert "resumed term" in _cli("resume", "--control", control)
+        workers = [start_worker(tmp_path, endpoint, f"t{i}") for i in (1, 2)]
         assert daemon.wait(timeout=90) == 0
     finally:
         for proc in [daemon, *workers]:
