@@ -42,7 +42,7 @@ from closedloop.campaign import SOURCE, Campaign
 from closedloop.errors import ClosedLoopError, ProtocolError, SpaceExhausted, StoreError
 from closedloop.keys import ServerKeys, check_exposure
 from closedloop.planner import Planner, Proposal, Result, make_planner
-from closedloop.store import Store, TrialRow, TrialStatus, used_instrument
+from closedloop.store import Store, TrialRow, TrialStatus, displayed, used_instrument
 from closedloop.view import runs_long
 
 log = logging.getLogger("closedloop.daemon")
@@ -1794,7 +1794,7 @@ class Daemon:
         return {"protocol": protocol.PROTOCOL_VERSION, "uptime_s": round(now - self.started, 1),
                 "stopping": self._stop_requested, "endpoint": self.endpoint, "publish": self.publish_endpoint,
                 "publish_keys": self.keys is not None,  # its subscribers need an allowed key pair (CURVE)
-                "store": self.store.location, "campaigns": campaigns, "stations": stations, "stats": dict(self.stats)}
+                "store": displayed(self.store.location), "campaigns": campaigns, "stations": stations, "stats": dict(self.stats)}
 
     # -- events and logs ----------------------------------------------------------------------------
 

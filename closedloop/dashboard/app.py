@@ -271,7 +271,7 @@ class Dashboard:
             status = control_request(self.config.control, "status", timeout_s=1.5)
         except ProtocolError as exc:
             return {"success": False, "msg": str(exc)}
-        if isinstance(status.get("store"), str):  # the daemon names its store as given, password and all
+        if isinstance(status.get("store"), str):  # a daemon of an earlier version named it password and all
             status["store"] = displayed(status["store"])
         return status
 
