@@ -604,6 +604,32 @@ def test_best_so_far_counts_only_results_within_the_outcome_constraints(tmp_path
     assert [p["counts"] for p in series] == [True, False, True]  # the page draws the second hollow
 
 
+def test_the_pareto_chart_marks_results_outside_the_outcome_constraints_and_gives_the_thresholds_as_written(
+        tmp_path: Path) -> None:
+    """A film with a yield of 0.3 that beat the front on both objectives was drawn as a plain point off the front,
+    with nothing to say why it was not on it; and the reference point read ``cost: -5.0`` for a threshold of 5."""
+    spec = CONSTRAINED_YAML.replace("  quality: {goal: maximize}", "  quality: {goal: maximize, threshold: 0.2}\n"
+                                    "  cost: {goal: minimize, threshold: 5.0}")
+    store = Store(tmp_path / "anneal.db")
+    cid = store.open_campaign(Campaign.from_yaml_text(spec, check_instrument=False))
+    for i, (quality, cost, yield_) in enumerate([(0.5, 3.0, 0.9), (0.9, 1.0, 0.3), (0.6, 4.0, 0.95)], start=1):
+        (trial,) = store.add_trials(cid, [({"temperature": 100.0 + i}, {"generator": "sobol"})])
+        store.mark_dispatched(trial.id, "station-a")
+        store.record_result(trial.id, f"run-{i}", {"quality": quality, "cost": cost, "yield": yield_})
+    store.close()
+    server = DashboardServer(DashboardConfig(store=str(tmp_path / "anneal.db"), port=0)).start()
+    try:
+        status, state = _get(f"http://127.0.0.1:{server.port}/api/state")
+    finally:
+        server.stop()
+    assert status == 200
+    pareto = state["campaigns"][0]["pareto"]
+    assert [(p["trial"], p["front"], p["counts"]) for p in pareto["points"]] == [
+        (1, True, True), (2, False, False), (3, True, True)]  # the page draws the second hollow
+    assert pareto["reference"] == [0.2, 5.0]
+    assert pareto["hypervolume"] == pytest.approx(0.3 * 2.0 + 0.1 * 1.0)
+
+
 def test_the_models_view_says_why_it_has_no_best_to_draw_through(tmp_path: Path) -> None:
     """Three films, none with the yield the campaign asks for: the model's view said 'no completed experiment yet'."""
     store = Store(tmp_path / "anneal.db")
@@ -785,10 +811,10 @@ def _from_scratch(store: Store, name: str, max_trials: int) -> dict:
     log_ = ObservationLog(spec)
     log_.add(store.results(row.id))
     front = {r.trial for r in log_.pareto_front()}
-    points = [{"trial": r.trial, "x": r.values["y"], "y": r.values["cost"], "front": r.trial in front}
-              for r in log_.completed]
+    points = [{"trial": r.trial, "x": r.values["y"], "y": r.values["cost"], "front": r.trial in front,
+               "counts": log_.feasible(r)} for r in log_.completed]
     out["pareto"] = {"x": "y", "y": "cost", "points": points, "hypervolume": log_.hypervolume() if points else 0.0,
-                     "reference": log_.reference_point() if points else None}
+                     "reference": [-v for v in log_.reference_point()] if points else None}  # both minimized
     return json.loads(json.dumps(out))
 
 

@@ -190,14 +190,16 @@ class _Front:
 def _pareto(log: Any) -> dict[str, Any]:
     names = log.objectives[:2]
     front = {r.trial for r in log.pareto_front()}
-    points = [{"trial": r.trial, "x": r.values[names[0]], "y": r.values[names[1]], "front": r.trial in front}
-              for r in log.completed]
+    # counts: within the outcome constraints; one outside them that beat the front was drawn as a plain point
+    points = [{"trial": r.trial, "x": r.values[names[0]], "y": r.values[names[1]], "front": r.trial in front,
+               "counts": log.feasible(r)} for r in log.completed]
     try:
         hypervolume = log.hypervolume() if points else 0.0
     except Exception:  # noqa: BLE001 - a degenerate front has no hypervolume worth stopping the page for
         hypervolume = None
-    return {"x": names[0], "y": names[1], "points": points, "hypervolume": hypervolume,
-            "reference": log.reference_point() if points else None}
+    # in the objectives' own units: the log's point is oriented (a cost threshold of 5 read -5)
+    reference = [s * v for s, v in zip(log.signs, log.reference_point())] if points else None
+    return {"x": names[0], "y": names[1], "points": points, "hypervolume": hypervolume, "reference": reference}
 
 
 def campaign_state(store: Store, name: str) -> dict[str, Any]:

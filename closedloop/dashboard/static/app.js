@@ -252,7 +252,8 @@ function drawPareto(c) {
   const p = c.pareto;
   $("#pareto-caption").textContent = `hypervolume ${fmt(p.hypervolume)} (${p.points.filter((q) => q.front).length} on the front)`;
   const { sx, sy, add } = frame($("#pareto-plot"), extent(p.points.map((q) => q.x)), extent(p.points.map((q) => q.y)), p.x, p.y);
-  for (const q of p.points) add("circle", { cx: sx(q.x), cy: sy(q.y), r: q.front ? 4.5 : 3, fill: q.front ? "#d1495b" : "#b8c4d4" }).append(Object.assign(document.createElementNS(SVG, "title"), { textContent: `#${q.trial}: ${p.x}=${fmt(q.x)}, ${p.y}=${fmt(q.y)}` }));
+  // a result outside the outcome constraints is drawn hollow: it may beat the front and yet not be on it
+  for (const q of p.points) add("circle", { cx: sx(q.x), cy: sy(q.y), r: q.front ? 4.5 : 3, fill: q.front ? "#d1495b" : q.counts === false ? "none" : "#b8c4d4", stroke: q.front ? "none" : "#b8c4d4" }).append(Object.assign(document.createElementNS(SVG, "title"), { textContent: `#${q.trial}: ${p.x}=${fmt(q.x)}, ${p.y}=${fmt(q.y)}${q.counts === false ? " (not counted: breaks an outcome constraint)" : ""}` }));
   const front = p.points.filter((q) => q.front).sort((a, b) => a.x - b.x);
   if (front.length > 1) add("polyline", { points: front.map((q) => `${sx(q.x)},${sy(q.y)}`).join(" "), fill: "none", stroke: "#d1495b", "stroke-dasharray": "4 3" });
 }
