@@ -1030,3 +1030,54 @@ def test_the_token_can_come_from_the_environment_and_stay_out_of_the_process_lis
     finally:
         process.terminate()
         process.wait(timeout=15)
+
+
+HOSTILE = '"><img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
+
+XSS_YAML = """
+name: film
+parameters:
+  x1: {type: continuous, bounds: [0, 1]}
+  solvent: {type: categorical, values: ["water", '"><img src=x onerror="window.__pwned=1">']}
+objectives:
+  y: {goal: minimize}
+budget: {experiments: 10}
+instrument: {simulator: "simulators.surfaces:Branin"}
+"""
+
+
+@pytest.mark.slow
+def test_the_page_shows_hostile_text_as_text_and_sends_its_token_in_a_header(tmp_path: Path) -> None:
+    """Station names, failure messages and categorical values holding markup are drawn as text (no element, no
+    script); and the page sent its token in every request's address (?token=), where a TLS proxy's access log kept it
+    every 2 s, as well as in its X-Closedloop-Token header: now only the event stream, which cannot set a header,
+    carries it in its address."""
+    store = Store(tmp_path / "film.db")
+    cid = store.open_campaign(Campaign.from_yaml_text(XSS_YAML, check_instrument=False))
+    solvents = ["water", '"><img src=x onerror="window.__pwned=1">']
+    for i in range(1, 5):
+        (trial,) = store.add_trials(cid, [({"x1": i / 5, "solvent": solvents[i % 2]}, {"generator": "sobol"})])
+        store.mark_dispatched(trial.id, f"st-{i}{HOSTILE}")
+        if i % 2:
+            store.record_result(trial.id, f"run-{i}", {"y": float(i)})
+        else:
+            store.record_failure(trial.id, f"device fault {HOSTILE}")
+    store.close()
+    server = DashboardServer(DashboardConfig(store=str(tmp_path / "film.db"), port=0, token="s3cret")).start()
+    urls: list[str] = []
+    try:
+        with _chromium() as page:
+            page.on("request", lambda request: urls.append(request.url))
+            page.goto(f"http://127.0.0.1:{server.port}/?token=s3cret")
+            page.wait_for_selector("#trials tr[data-trial='4']", timeout=30_000)
+            page.click("#trials tr[data-trial='2']")
+            page.wait_for_selector("#trial-detail:not([hidden])", timeout=10_000)
+            page.wait_for_timeout(2500)  # a poll or two more
+            assert page.evaluate("window.__pwned") is None
+            assert page.locator("img").count() == 0 and page.locator("script:not([src])").count() == 0
+            assert HOSTILE in page.locator("#trials").inner_text()
+    finally:
+        server.stop()
+    fetched = [u for u in urls if "/api/" in u]
+    assert fetched, urls
+    assert all("s3cret" not in u for u in fetched), fetched

@@ -4,6 +4,8 @@
 
 const token = new URLSearchParams(location.search).get("token");
 const headers = token ? { "X-Closedloop-Token": token } : {};
+// the token travels in a header: an address is kept by proxies' access logs and browser history. Only the event
+// stream, which cannot set a header, carries it in its address
 const withToken = (url) => (token ? url + (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(token) : url);
 const SVG = "http://www.w3.org/2000/svg";
 
@@ -32,7 +34,7 @@ function say(text, error = false) {
 }
 
 async function getJSON(url) {
-  const reply = await fetch(withToken(url), { headers, cache: "no-store" });
+  const reply = await fetch(url, { headers, cache: "no-store" });
   if (!reply.ok && reply.status !== 404) throw new Error(`${url}: HTTP ${reply.status}`);
   return reply.json();
 }
@@ -43,7 +45,7 @@ async function control(method, extra = {}) {
     return;
   }
   try {
-    const reply = await fetch(withToken("api/control"), {
+    const reply = await fetch("api/control", {
       method: "POST",
       headers: { ...headers, "Content-Type": "application/json" },
       body: JSON.stringify({ method, ...extra }),
