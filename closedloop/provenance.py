@@ -480,9 +480,10 @@ def explain_lines(info: dict[str, Any]) -> list[str]:
              f"  values:     {fmt(info['values'])}" + (f"   error: {info['error']}" if info["error"] else ""),
              f"  station:    {fmt(info['station'])} (attempts {info['attempts']}); run uids: "
              f"{', '.join(u if u == info['run_uid'] else f'{u} (failed)' for u in info['run_uids']) or '-'}"]
-    # a trial no station ran (told by hand, imported) has a run uid but never had a Bluesky run to keep
+    # a trial no station ran (told by hand, imported) has a run uid but never had a Bluesky run to keep, and nor
+    # has a compute station's Dask task (closedloop/compute.py names its result dask-KEY)
     elsewhere = [u for u in info["run_uids"] if u not in info.get("documents_in_store", info["run_uids"])
-                 and info["station"] is not None]
+                 and info["station"] is not None and not u.startswith("dask-")]
     if elsewhere:
         # the store cannot tell a folder left behind from runs that were all too large to carry: say both
         missing = (f"no folder {info['documents_folder']} beside this store (copied or moved without it?); or "

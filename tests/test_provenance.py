@@ -478,3 +478,18 @@ def test_a_trial_told_by_hand_is_not_said_to_have_documents_on_a_station(tmp_pat
     assert result.exit_code == 0 and "run uids: manual-" in result.output, result.output
     assert "documents:" not in result.output, result.output
     store.close()
+
+
+def test_a_trial_a_compute_station_ran_is_not_said_to_have_lost_its_documents(tmp_path: Path) -> None:
+    """A function instrument's trial (run uid dask-..., run by the compute station) read 'documents: not in the
+    store ...: no folder ... beside this store (copied or moved without it?); or over 512 KiB ...': a Dask task
+    is no Bluesky run and never had documents, and the store had not been moved."""
+    store = Store(tmp_path / "s.db")
+    cid = store.open_campaign(branin_campaign("computed", initial=2, backend="sobol"))
+    (trial,) = store.add_trials(cid, [({"x1": 1.0, "x2": 2.0}, {"generator": "sobol"})])
+    store.mark_dispatched(trial.id, "embedded-compute")
+    store.record_result(trial.id, "dask-closedloop-trial-1-773e4843", {"y": 3.5})
+    result = CliRunner().invoke(app, ["show", "computed", "1", "--store", store.location])
+    assert result.exit_code == 0 and "run uids: dask-closedloop-trial-1-773e4843" in result.output, result.output
+    assert "documents:" not in result.output, result.output
+    store.close()
