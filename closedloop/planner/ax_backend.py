@@ -317,7 +317,11 @@ def unsupported(campaign: Campaign) -> list[str]:
                             "that read alike")
     for i, c in enumerate(campaign.linear_constraints):
         if c.op == "==":
-            problems.append(f"constraints.{i}: the ax backend handles only <= and >= constraints, not {c.text!r}")
+            # a mixture is the common case: say what a scientist can do, not only what Ax cannot
+            problems.append(f"constraints.{i}: the ax backend handles only <= and >= constraints, not {c.text!r}: the "
+                            "botorch backend handles it; or leave one of its parameters out of the campaign, bound the "
+                            "others with <= and >= (a + b + c == 1 becomes a + b <= 1), and compute it in the "
+                            "instrument")
         for name in c.coefficients:
             p = campaign.parameters[name]
             if isinstance(p, FixedParameter):
