@@ -1081,3 +1081,41 @@ def test_the_page_shows_hostile_text_as_text_and_sends_its_token_in_a_header(tmp
     fetched = [u for u in urls if "/api/" in u]
     assert fetched, urls
     assert all("s3cret" not in u for u in fetched), fetched
+
+
+def test_event_streams_beyond_the_limit_are_refused_and_the_daemons_process_keeps_its_files(loop: Loop) -> None:
+    """Each /events stream held a SUB socket on the daemon's PUB (about 4 file descriptors of the daemon's process with
+    `daemon --dashboard`): 300 streams opened by anyone who could read a read-only dashboard took the process to
+    1008 of a service's usual 1024 ('Too many open files'). Streams beyond MAX_STREAMS are answered 503; the page
+    polls instead."""
+    import socket
+
+    from closedloop.dashboard.app import MAX_STREAMS
+
+    server = _server(loop, host="0.0.0.0")
+    held: list[socket.socket] = []
+    try:
+        def open_stream() -> bytes:
+            conn = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            held.append(conn)
+            conn.sendall(b"GET /events HTTP/1.1\r\nHost: lab\r\n\r\n")
+            reply = b""
+            while b"retry:" not in reply and b"\r\n\r\n{" not in reply and len(reply) < 4096:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+            return reply
+
+        replies = [open_stream() for _ in range(MAX_STREAMS + 5)]
+        assert all(r.startswith(b"HTTP/1.1 200") for r in replies[:MAX_STREAMS]), replies[0][:200]
+        assert all(r.startswith(b"HTTP/1.1 503") and b"event streams" in r for r in replies[MAX_STREAMS:]), replies[-1]
+        for conn in held:
+            conn.close()
+        held.clear()
+        _wait(lambda: open_stream().startswith(b"HTTP/1.1 200"), 10, "a stream once the others closed")
+        assert _get(f"http://127.0.0.1:{server.port}/api/state")[0] == 200
+    finally:
+        for conn in held:
+            conn.close()
+        server.stop()

@@ -59,6 +59,9 @@ STATIC = Path(__file__).parent / "static"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # what the buttons may ask of the daemon's control socket (status and cancel are not the page's)
 CONTROL_METHODS = ("pause", "resume", "stop", "approve", "edit", "reject")
+# event streams served at once: each holds a SUB socket on the daemon's PUB, file descriptors of the daemon's own
+# process under `daemon --dashboard`, where anyone who may read the page could otherwise open them until none are left
+MAX_STREAMS = 32
 
 
 @dataclass(frozen=True)
@@ -220,6 +223,7 @@ class Dashboard:
         self._views: dict[str, CampaignView] = {}  # by campaign name: what the page was last sent of each
         self._views_lock = threading.Lock()
         self.closing = False
+        self._streams = 0  # /events responses being served (the event loop's thread alone counts them)
         self.app = Starlette(routes=[
             Route("/", self.index),
             Route("/api/state", self.state),
@@ -356,8 +360,15 @@ class Dashboard:
     async def events(self, request: Request) -> Response:
         if (denied := self._denied(request)) is not None:
             return denied
-        return StreamingResponse(self._stream(request), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        if self._streams >= MAX_STREAMS:
+            return JSONResponse({"success": False, "msg": f"{MAX_STREAMS} event streams are open already: this page "
+                                 "polls instead"}, status_code=503, headers={"Retry-After": "30"})
+        self._streams += 1  # here, not when the stream starts: a burst of requests must not all pass the check
+        return _Counted(self._stream_ended, self._stream(request), media_type="text/event-stream",
+                        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    def _stream_ended(self) -> None:
+        self._streams -= 1
 
     async def _stream(self, request: Request) -> Any:
         yield "retry: 2000\n\n"
@@ -396,6 +407,20 @@ class Dashboard:
                     last = time.monotonic()
         finally:
             sub.close(linger=0)
+
+
+class _Counted(StreamingResponse):
+    """An event stream that gives its place back however it ends (a client gone before the first byte too)."""
+
+    def __init__(self, ended: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ended = ended
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._ended()
 
 
 def _connectable(endpoint: str | None) -> str | None:
