@@ -191,6 +191,13 @@ def _summary(campaign: Campaign, store_path: Path, run: Any, seconds: float) -> 
                       "lists their errors", soft_wrap=True, highlight=False)
     elif best is None:
         console.print("no experiment completed")
+    elif len(campaign.objectives) > 1:
+        # several objectives have a front, not a best: one "best experiment" hid every trade-off found
+        front = report.pareto_front(run.store, campaign.name)
+        console.print(f"Pareto front of {', '.join(campaign.objectives)}: {len(front)} experiment(s)", highlight=False)
+        for r in front:
+            console.print(f"  #{r.trial}  {_format_values(r.values)}; {_format_values(r.parameters)}", highlight=False,
+                          markup=False)
     else:
         console.print(f"best experiment: #{best.trial}  {_format_values(best.values)}")
         console.print(f"  parameters: {_format_values(best.parameters)}", highlight=False, markup=False)

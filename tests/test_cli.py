@@ -650,3 +650,27 @@ def test_validate_and_status_print_bracketed_paths_and_messages_as_written(tmp_p
     shown = CliRunner().invoke(app, ["status", "il-screen", "--control", ""])
     assert shown.exit_code == 0, shown.output
     assert "rejected by [bmim]lab" in shown.stdout, shown.stdout
+
+
+@pytest.mark.slow
+def test_the_closing_summary_of_several_objectives_lists_the_pareto_front(tmp_path: Path) -> None:
+    """A two-objective run ended with 'best experiment: #15', the front's member best in the first objective, where
+    the front held six experiments: the trade-offs found were nowhere in the summary."""
+    (tmp_path / "twoobj.py").write_text("def run(x, **kw):\n    return {'f1': x, 'f2': (1 - x) ** 2}\n")
+    (tmp_path / "c.yaml").write_text("""
+name: twoobj
+parameters:
+  x: {type: continuous, bounds: [0, 1]}
+objectives:
+  f1: {goal: minimize}
+  f2: {goal: minimize}
+budget: {experiments: 5}
+planner: {backend: sobol, seed: 0}
+instrument: {function: "twoobj:run"}
+""")
+    result = closedloop("run", "c.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    # every experiment of this curve is on its front (f1 rises as f2 falls)
+    assert "Pareto front of f1, f2: 5 experiment(s)" in result.stdout, result.stdout
+    assert all(f"  #{n}  f1=" in result.stdout for n in range(1, 6)), result.stdout
+    assert "best experiment" not in result.stdout, result.stdout
