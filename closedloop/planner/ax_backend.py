@@ -197,9 +197,17 @@ class AxPlanner:
         """
         if len(self.campaign.objectives) < 2:
             return []
+        return self._observed().pareto_front()
+
+    def hypervolume(self) -> float:
+        """Hypervolume of the feasible experiments above the reference point, as every backend computes it (it was
+        missing here: ``AttributeError`` on an ax campaign of several objectives)."""
+        return self._observed().hypervolume()
+
+    def _observed(self) -> ObservationLog:
         observed = ObservationLog(self.campaign)
         observed.add(self.results)
-        return observed.pareto_front()
+        return observed
 
     # -- bookkeeping -----------------------------------------------------------------------
 

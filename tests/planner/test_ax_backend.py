@@ -257,6 +257,10 @@ def test_the_pareto_front_is_every_non_dominated_feasible_experiment_before_and_
     # Ax's own in-sample frontier was empty here, both experiments left out
     planner.suggest(1)
     assert [r.trial for r in planner.pareto_front()] == [1, 4]
+    # the hypervolume every backend reports (the ax backend had none: AttributeError)
+    sobol = make_planner(c.model_copy(update={"planner": c.planner.model_copy(update={"backend": "sobol"})}))
+    sobol.ingest(results)
+    assert planner.hypervolume() == sobol.hypervolume() > 0
 
 
 @pytest.mark.slow  # a subprocess importing Ax: about 10 s on two cores

@@ -9,7 +9,7 @@ from closedloop.errors import PlannerError
 from closedloop.planner import Result, make_planner
 
 
-@pytest.mark.parametrize("backend", ["botorch", "sobol", "random"])
+@pytest.mark.parametrize("backend", ["botorch", "ax", "sobol", "random"])
 def test_the_hypervolume_of_one_objective_is_refused_by_name(backend: str):
     # it had failed inside BoTorch: IndexError: max(): Expected reduction dim 1 to have non-zero size
     planner = make_planner(Campaign.model_validate({
