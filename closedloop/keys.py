@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,9 @@ def new_keypair(directory: str | Path, name: str) -> tuple[Path, Path]:
     public, secret = directory / f"{name}.key", directory / f"{name}.key_secret"
     if public.exists() or secret.exists():
         raise ProtocolError(f"{public} already exists; remove it first or choose another name")
+    # made 0600 before the key is in it, which pyzmq then writes into (it truncates, keeping the mode): its own file
+    # took the umask's mode (0644) until a chmod, and a user who opened it in between could read on afterwards
+    os.close(os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     made_public, made_secret = zmq.auth.create_certificates(directory, name)
     Path(made_secret).chmod(0o600)
     return Path(made_public), Path(made_secret)
