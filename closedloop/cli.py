@@ -9,6 +9,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
 from typing import Any, Optional
@@ -294,8 +296,10 @@ def daemon(
     started = time.monotonic()
     try:
         keys = ServerKeys(secret_key, allowed_keys) if secret_key and allowed_keys else None
-        the_daemon = Daemon(Store(store_path), campaigns, bind=bind, publish=publish or None, control=control or None,
-                            keys=keys, insecure=insecure, heartbeat_s=heartbeat, drain_s=drain)
+        the_store = Store(store_path)
+        with _unless_refused(the_store):
+            the_daemon = Daemon(the_store, campaigns, bind=bind, publish=publish or None, control=control or None,
+                                keys=keys, insecure=insecure, heartbeat_s=heartbeat, drain_s=drain)
     except ClosedLoopError as exc:
         _fail(str(exc))
     signal.signal(signal.SIGTERM, lambda *_: the_daemon.request_stop("SIGTERM"))
@@ -492,6 +496,17 @@ def _campaign_to_start(campaign: str, store: str | None) -> tuple[Any, Any]:
         return Store(store or _default_store(spec)), spec
     the_store, name = _find_store(campaign, store)
     return the_store, name or campaign
+
+
+@contextmanager
+def _unless_refused(the_store: Any) -> Iterator[None]:
+    """Run a command's request on ``the_store``; if it is refused, a store the command made for it goes (an import
+    whose every row was bad left an empty store and its lock file)."""
+    try:
+        yield
+    except BaseException:
+        the_store.discard_if_unused()
+        raise
 
 
 def _campaign_names(the_store: Any, campaign: str | None) -> list[str]:
@@ -702,7 +717,8 @@ def suggest(
 
     the_store, target = _campaign_to_start(campaign, store)
     try:
-        rows = hitl.suggest(the_store, target, n)
+        with _unless_refused(the_store):
+            rows = hitl.suggest(the_store, target, n)
     except hitl.DataError as exc:
         _fail(str(exc), EXIT_BAD_INPUT)
     name = target if isinstance(target, str) else target.name
@@ -828,7 +844,8 @@ def import_(
         the_store, name = _find_store(campaign, store)
         target = the_store.campaign(name)
     try:
-        summary = hitl.import_csv(the_store, target, results)
+        with _unless_refused(the_store):
+            summary = hitl.import_csv(the_store, target, results)
     except hitl.DataError as exc:
         for problem in exc.problems:
             errors.print(f"[bold red]error:[/] {problem}", highlight=False, soft_wrap=True)

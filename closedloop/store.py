@@ -205,6 +205,17 @@ def _sqlite_file(url_or_path: str | Path) -> str | None:
     return None
 
 
+def _missing(path: str | None) -> list[Path]:
+    """The folders above ``path`` that are not there yet (outermost first), then ``path`` itself; [] where
+    ``path`` is there already or is no file (another database, an in-memory one)."""
+    if not path or path == ":memory:" or Path(path).exists():
+        return []
+    made = [Path(path)]
+    while not made[0].parent.exists():
+        made.insert(0, made[0].parent)
+    return made
+
+
 def _reading_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     # no journal_mode: setting it writes the file header (it had turned another program's database into WAL)
@@ -305,6 +316,8 @@ class Store:
         self.display = displayed(self.location)
         self.read_only = read_only
         self._lock = threading.RLock()  # one writer at a time within this process
+        # what opening makes of a SQLite file not there yet (the file, the folders above it), for discard_if_unused
+        self._made: list[Path] = [] if read_only else _missing(_sqlite_file(self.location))
         try:
             if read_only:
                 self.engine = reading_engine(url_or_path)
@@ -347,6 +360,23 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def discard_if_unused(self) -> None:
+        """Remove the SQLite store this object made, if it holds no campaign, with the files opening it made
+        beside it (its lock file, its folders): a command that refused its request (an import whose every row
+        was bad) writes nothing, and had left an empty store and ``STORE.migrate.lock`` where there was none."""
+        if not self._made or self.campaigns():  # a store that was there, or one written since
+            return
+        self.close()
+        database = str(self._made[-1])
+        for suffix in ("", "-wal", "-shm", "-journal", ".migrate.lock"):
+            Path(database + suffix).unlink(missing_ok=True)
+        for folder in reversed(self._made[:-1]):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: something else was put there meanwhile
+                break
+        self._made = []
 
     # -- who runs a campaign ---------------------------------------------------------------
 

@@ -674,3 +674,12 @@ instrument: {function: "twoobj:run"}
     assert "Pareto front of f1, f2: 5 experiment(s)" in result.stdout, result.stdout
     assert all(f"  #{n}  f1=" in result.stdout for n in range(1, 6)), result.stdout
     assert "best experiment" not in result.stdout, result.stdout
+
+
+def test_a_daemon_refused_on_a_new_store_leaves_no_store_and_no_lock_file(tmp_path: Path) -> None:
+    """`closedloop daemon c.yaml --bind tcp://0.0.0.0:5701` without keys was refused after it had made its store
+    (results/branin.db, its schema, and results/branin.db.migrate.lock)."""
+    (tmp_path / "c.yaml").write_text((ROOT / "campaigns" / "branin.yaml").read_text())
+    result = closedloop("daemon", "c.yaml", "--bind", "tcp://0.0.0.0:0", cwd=tmp_path)
+    assert result.returncode != 0 and "no keys are configured" in result.stderr, result.stdout + result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]

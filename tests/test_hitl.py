@@ -537,3 +537,20 @@ def test_import_and_tell_give_a_discrete_count_as_int_whether_written_4_or_4_0(t
     assert type(hitl.parse_value(campaign, "x1", "4.0")) is int
     with pytest.raises(ValueError, match="not one of"):
         hitl.parse_value(campaign, "x1", "3")
+
+
+@pytest.mark.parametrize("command", [
+    ["import", "{campaign}", "{past}"],  # every row bad: nothing imported
+    ["suggest", "{campaign}", "-n", "0"],
+    ["suggest", "{campaign}", "-n", "11"],  # past the budget of 10
+])
+def test_a_refused_command_on_a_new_store_leaves_no_store_and_no_lock_file(command: list[str], tmp_path: Path) -> None:
+    """`closedloop import CAMPAIGN past.csv` with every row bad said "nothing imported", and left an empty store
+    with the schema and a STORE.migrate.lock beside it (in a results/ folder made for it). (`daemon`: tests/test_cli.py)"""
+    campaign, past = campaign_file(tmp_path), tmp_path / "past.csv"
+    past.write_text("x1,x2,y\n20,2.0,3.0\n1.0,abc,3.0\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    db = tmp_path / "results" / "new.db"
+    result = cli(*[arg.format(campaign=campaign, past=past) for arg in command], "--store", str(db))
+    assert result.exit_code != 0 and "error:" in result.stderr, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no store, no lock file, no results/ folder
