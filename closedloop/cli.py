@@ -21,7 +21,7 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from closedloop.campaign import Campaign, CampaignFileError, load_campaign
-from closedloop.errors import ClosedLoopError
+from closedloop.errors import CampaignError, ClosedLoopError
 from closedloop.view import ProgressView
 from closedloop.view import format_values as _format_values
 
@@ -32,7 +32,8 @@ errors = Console(stderr=True, emoji=False)
 
 
 class _Commands(TyperGroup):
-    """Every command's unexpected error becomes one line and exit code 1; ``--debug`` shows the traceback."""
+    """Every command's error becomes one line and exit code 1, or 2 (EXIT_BAD_INPUT) for a value that does not fit
+    the campaign (:class:`CampaignError`: a trial number, an edit out of bounds); ``--debug`` shows the traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -66,7 +67,7 @@ class _Commands(TyperGroup):
                 message = f"{type(exc).__name__}: {exc} (run with --debug for the traceback)"
             for line in message.splitlines() or [type(exc).__name__]:
                 errors.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True, markup=True)
-            raise typer.Exit(1) from None
+            raise typer.Exit(EXIT_BAD_INPUT if isinstance(exc, CampaignError) else 1) from None
 
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Closed-loop autonomous experimentation engine.",
@@ -822,7 +823,7 @@ def _review(control: str, method: str, campaign: str, params: dict[str, Any]) ->
         return None
     reply = control_request(control, method, {"campaign": campaign, "by": hitl.user(), **params})
     if not reply.get("success"):
-        raise ClosedLoopError(reply.get("msg") or f"{method} refused by the daemon on {control}")
+        _refused(reply, f"{method} on {control}")
     return reply
 
 
@@ -962,8 +963,19 @@ def _control(endpoint: str, method: str, params: dict[str, Any]) -> dict[str, An
 
     reply = control_request(endpoint, method, params)
     if not reply.get("success"):
-        _fail(reply.get("msg") or f"{method} failed")
+        _refused(reply, method)
     return reply
+
+
+def _refused(reply: dict[str, Any], method: str) -> None:
+    """A daemon's refusal as the command's error: exit 2 where it says the request was bad input (as the same
+    request checked here would), else 1."""
+    message = str(reply.get("msg") or f"{method} refused by the daemon")
+    if reply.get("bad_input"):
+        from closedloop.hitl import DataError
+
+        raise DataError(message.splitlines())
+    raise ClosedLoopError(message)
 
 
 @app.command()

@@ -39,7 +39,7 @@ import zmq
 from closedloop import events as event_format
 from closedloop import protocol, provenance
 from closedloop.campaign import SOURCE, Campaign
-from closedloop.errors import ClosedLoopError, ProtocolError, SpaceExhausted, StoreError
+from closedloop.errors import CampaignError, ClosedLoopError, ProtocolError, SpaceExhausted, StoreError
 from closedloop.keys import ServerKeys, check_exposure
 from closedloop.planner import Planner, Proposal, Result, make_planner
 from closedloop.store import Store, TrialRow, TrialStatus, displayed, used_instrument
@@ -1608,7 +1608,10 @@ class Daemon:
                     raise ValueError("a request is {\"method\": ..., \"params\": {...}}")
                 reply = self.handle_control(str(request.get("method")), request.get("params") or {})
             except (ValueError, TypeError, RecursionError, ClosedLoopError) as exc:  # RecursionError: deep JSON
-                reply = {"success": False, "msg": str(exc)}
+                # bad_input: the request (a value, a trial number) was wrong, not the daemon; the command line
+                # exits 2 for it, as for the same request checked on its side (an edit out of bounds had exited 1)
+                reply = {"success": False, "msg": str(exc),
+                         "bad_input": not isinstance(exc, ClosedLoopError) or isinstance(exc, CampaignError)}
             except Exception as exc:  # noqa: BLE001 - a request no check foresaw must not end the loop for good
                 log.exception("control request %r failed", body[:200])
                 reply = {"success": False, "msg": f"the daemon could not handle this request: {type(exc).__name__}: {exc}"}
@@ -1765,6 +1768,9 @@ class Daemon:
                     run.finished += 1
                     self._emit("trial_failed", run, trial=index, error=reason, finished=run.finished)
                 return {"success": True, "msg": f"trial {index} of {run.campaign.name} cancelled before dispatch"}
+        from closedloop import hitl
+
+        hitl.trial_by_index(self.store, run.id, index)  # a number the campaign never had is bad input (exit 2)
         return {"success": False, "msg": f"trial {index} of {run.campaign.name} is not queued or in flight"}
 
     def status(self) -> dict[str, Any]:

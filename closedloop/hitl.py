@@ -29,7 +29,7 @@ from closedloop.campaign import (
     FixedParameter,
     IntegerParameter,
 )
-from closedloop.errors import CampaignError, StoreError
+from closedloop.errors import CampaignError
 from closedloop.planner import make_planner
 from closedloop.store import Store, TrialRow, TrialStatus
 
@@ -152,7 +152,7 @@ def trial_by_index(store: Store, campaign_id: int, index: int) -> TrialRow:
     for trial in store.trials(campaign_id):
         if trial.index == index:
             return trial
-    raise StoreError(f"campaign has no trial #{index}")
+    raise DataError([f"campaign has no trial #{index}"])
 
 
 def is_manual(trial: TrialRow) -> bool:
@@ -228,8 +228,8 @@ def tell(store: Store, campaign_name: str, index: int, values: dict[str, Any],
     trial = trial_by_index(store, campaign_id, index)
     parsed = _check_outputs(campaign, values, f"trial #{index}")
     refusal = _takes_no_result(trial)
-    if refusal:
-        raise StoreError(refusal)
+    if refusal:  # the person named a trial that takes no result (as the same row of a table is reported)
+        raise DataError([refusal])
     assert trial.id is not None
     store.record_result(trial.id, f"manual-{uuid.uuid4()}", parsed, duration_s=duration_s)
     log.info("campaign=%s trial=%s completed by hand values=%s", campaign.name, index, parsed)

@@ -67,12 +67,12 @@ def test_tell_refuses_bad_values_with_one_line_each_and_stores_nothing(tmp_path:
     db = str(tmp_path / "s.db")
     cli("suggest", str(campaign_file(tmp_path)), "--store", db)
     result = cli("tell", "hand", "1", "y=abc", "z=2", "--store", db)
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # bad input, as everywhere
     lines = result.stderr.strip().splitlines()
     assert lines == ["error: trial #1: y='abc' is not a number",
                      "error: trial #1: 'z' is not an output of hand (outputs: y)"], result.stderr
     assert Store(db).trials(1)[0].status == "proposed"
-    assert cli("tell", "hand", "7", "y=1", "--store", db).exit_code == 1  # no such trial
+    assert cli("tell", "hand", "7", "y=1", "--store", db).exit_code == 2  # no such trial
 
 
 def test_tell_from_a_csv_checks_every_row_first(tmp_path: Path) -> None:
@@ -81,13 +81,13 @@ def test_tell_from_a_csv_checks_every_row_first(tmp_path: Path) -> None:
     bad = tmp_path / "bad.csv"
     bad.write_text("trial,y\n1,3.5\n2,inf\n9,1\n")
     result = cli("tell", "hand", "--csv", str(bad), "--store", db)
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "row 3" in result.stderr and "row 4, column trial: '9'" in result.stderr
     assert Store(db).counts(1) == {"proposed": 3}  # nothing stored
     twice = tmp_path / "twice.csv"
     twice.write_text("trial,y\n1,5.0\n3,7\n1,6.0\n")
     result = cli("tell", "hand", "--csv", str(twice), "--store", db)
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "row 4, column trial: trial #1 is also on row 2" in result.stderr
     assert Store(db).counts(1) == {"proposed": 3}  # a trial named twice: nothing stored either
     good = tmp_path / "good.csv"
@@ -232,6 +232,18 @@ def test_the_daemon_approves_edits_and_rejects_through_its_control_socket(tmp_pa
         ]
         for reply, message in refused:
             assert reply["success"] is False and message in reply["msg"], (message, reply)
+            assert reply["bad_input"] is True, reply  # the command line exits 2 for it, as for any bad input
+        # `approve --set x1=2.5` out of the bounds exited 1, where every other bad input exits 2
+        db = str(tmp_path / "review.db")
+        for args, message in [(["approve", "review", "1", "--set", "x1=99"], "x1=99 is outside the bounds [-5, 10]"),
+                              (["approve", "review", "1", "--set", "x3=1"], "'x3' is not a parameter of review"),
+                              (["approve", "review", "1", "--set", "x1=abc"], "x1=abc is not a number"),
+                              (["approve", "review", "9"], "no trial #9"),
+                              (["reject", "review", "9"], "no trial #9"),
+                              (["cancel", "9", "--campaign", "review"], "no trial #9"),
+                              (["cancel", "1", "--campaign", "other"], "'other' is not run by this daemon")]:
+            result = cli(*args, *(["--store", db] if args[0] != "cancel" else []), "--control", endpoint)
+            assert result.exit_code == 2 and message in result.stderr, (args, result.output)
         assert [(t.status, t.parameters) for t in store.trials(cid)] == [("held", proposed[i]) for i in (1, 2, 3)]
         assert all(provenance.provenance(store, "review", i).review is None for i in (1, 2, 3))
 
@@ -241,6 +253,9 @@ def test_the_daemon_approves_edits_and_rejects_through_its_control_socket(tmp_pa
         assert reply["success"] and reply["parameters"] == proposed[2], reply
         again = ask("approve", trial=2)
         assert not again["success"] and "trial 2 is proposed, not held for approval" in again["msg"]
+        assert not again.get("bad_input")  # a decision already taken: it failed, the request was well formed
+        result = cli("approve", "review", "2", "--store", db, "--control", endpoint)
+        assert result.exit_code == 1 and "not held for approval" in result.stderr, result.output
         # the command line goes through the same socket when a daemon serves the campaign
         result = cli("reject", "review", "3", "--store", str(tmp_path / "review.db"), "--control", endpoint)
         assert result.exit_code == 0, result.output
@@ -270,7 +285,13 @@ def test_without_a_daemon_approve_and_reject_write_the_store_and_say_so(tmp_path
     store, _, cid = held_campaign(tmp_path, "alone", held=3)
     db, nobody = str(tmp_path / "alone.db"), f"tcp://127.0.0.1:{free_port}"
     refused = cli("approve", "alone", "1", "--set", "x2=-1", "--store", db, "--control", nobody)
-    assert refused.exit_code == 1 and "trial #1: x2=-1 is outside the bounds [0, 15]" in refused.stderr
+    assert refused.exit_code == 2 and "trial #1: x2=-1 is outside the bounds [0, 15]" in refused.stderr
+    for args, message in [(["approve", "alone", "1", "--set", "x3=1"], "'x3' is not a parameter of alone"),
+                          (["approve", "alone", "1", "--set", "x2=abc"], "x2=abc is not a number"),
+                          (["approve", "alone", "1", "--set", "x2"], "'x2': write NAME=VALUE"),
+                          (["approve", "alone", "9"], "no trial #9"), (["reject", "alone", "9"], "no trial #9")]:
+        refused = cli(*args, "--store", db, "--control", nobody)
+        assert refused.exit_code == 2 and message in refused.stderr, (args, refused.output)
     result = cli("approve", "alone", "1", "--set", "x2=2", "--store", db, "--control", nobody)
     assert result.exit_code == 0 and "approved in the store (no daemon serves alone" in result.output, result.output
     assert "the next process run on this store dispatches it" in result.output
@@ -313,7 +334,7 @@ def test_approval_mode_holds_each_proposal_until_a_person_decides(tmp_path: Path
         # and the whole budget waited for a person within seconds, chosen without a result
         assert [t.status for t in store.trials(1)] == ["held"]
         refused = cli("approve", "held", "1", "--set", "x1=99", *control)
-        assert refused.exit_code == 1 and "x1=99 is outside the bounds [-5, 10]" in refused.stderr
+        assert refused.exit_code == 2 and "x1=99 is outside the bounds [-5, 10]" in refused.stderr
         assert store.trial(store.trials(1)[0].id).status == "held"
         assert cli("approve", "held", "1", "--set", "x1=1.5", *control).exit_code == 0
         wait_held(2)
@@ -377,11 +398,11 @@ def test_tell_takes_no_result_for_a_trial_a_station_measures(tmp_path: Path) -> 
     (station_trial,) = store.add_trials(cid, [({"x1": 1.0, "x2": 2.0}, {"generator": "sobol"})])
     store.mark_dispatched(station_trial.id, "embedded")
     result = cli("tell", "hand", str(station_trial.index), "y=-999", "--store", db)
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # as the same trial in a table (the person named a trial that takes no result)
     assert f"trial #{station_trial.index} was proposed for a station" in result.stderr
     table = tmp_path / "t.csv"
     table.write_text(f"trial,y\n1,5.0\n{station_trial.index},-999\n")
-    assert cli("tell", "hand", "--csv", str(table), "--store", db).exit_code == 1
+    assert cli("tell", "hand", "--csv", str(table), "--store", db).exit_code == 2
     assert store.counts(cid) == {"proposed": 1, "dispatched": 1}  # nothing stored, the station's trial untouched
 
 
@@ -389,7 +410,7 @@ def test_an_output_given_twice_is_refused_not_silently_the_last(tmp_path: Path) 
     db = str(tmp_path / "s.db")
     cli("suggest", str(campaign_file(tmp_path)), "--store", db)
     result = cli("tell", "hand", "1", "y=3", "y=4", "--store", db)
-    assert result.exit_code == 1 and "y is given twice" in result.stderr
+    assert result.exit_code == 2 and "y is given twice" in result.stderr
     assert Store(db).counts(1) == {"proposed": 1}
 
 
