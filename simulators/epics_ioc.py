@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 from typing import Any
 
 import numpy as np
 from caproto.ioc_examples.fake_motor_record import motor_record_simulator
-from caproto.server import PVGroup, SubGroup, ioc_arg_parser, pvproperty, run
+from caproto.server import PVGroup, SubGroup, pvproperty, run, template_arg_parser
 from caproto.server.server import PvpropertyDouble
 
 from simulators.surfaces import branin
@@ -105,18 +104,20 @@ def parse_limit(text: str) -> tuple[str, tuple[float, float]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    own = argparse.ArgumentParser(add_help=False)
-    own.add_argument("--limit", action="append", type=parse_limit, default=[])
-    own.add_argument("--velocity", type=float, default=50.0)
-    own.add_argument("--exposure", type=float, default=0.0)
-    args, rest = own.parse_known_args(sys.argv[1:] if argv is None else argv)
+    # caproto's own options (--prefix, --list-pvs, ...) and the stage's, on one parser, so --help lists them all
+    parser, split_args = template_arg_parser(default_prefix="sim:", desc="closedloop simulated stage: motor records "
+                                             "and a detector reading Branin of their readbacks")
+    stage = parser.add_argument_group("stage")
+    stage.add_argument("--limit", action="append", type=parse_limit, default=[], metavar="NAME=LOW:HIGH",
+                       help="an axis and its limits, twice (default x1=-5:10 and x2=0:15)")
+    stage.add_argument("--velocity", type=float, default=50.0, help="motor speed, units/s (default: 50)")
+    stage.add_argument("--exposure", type=float, default=0.0, help="detector acquisition time, s (default: 0)")
+    args = parser.parse_args(argv)
     limits = dict(args.limit) or dict(DEFAULT_LIMITS)
     if len(limits) != 2:
-        own.error("the detector reads Branin of exactly two axes: give two --limit NAME=LOW:HIGH")
+        parser.error("the detector reads Branin of exactly two axes: give two --limit NAME=LOW:HIGH")
     ioc_class = make_ioc_class(limits, args.velocity, args.exposure)
-    # caproto's parser reads sys.argv whatever its argv says: hand it only the options it knows.
-    sys.argv = [sys.argv[0], *rest]
-    ioc_options, run_options = ioc_arg_parser(default_prefix="sim:", desc="closedloop simulated stage")
+    ioc_options, run_options = split_args(args)
     ioc = ioc_class(**ioc_options)
     run(ioc.pvdb, **run_options)
 
