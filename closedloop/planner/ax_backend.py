@@ -26,8 +26,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import math
-import numbers
 from typing import Any, ClassVar
 
 from closedloop.campaign import (
@@ -40,7 +38,7 @@ from closedloop.campaign import (
 )
 from closedloop.errors import PlannerError, SpaceExhausted
 from closedloop.planner.base import Proposal, Result, proposal_count
-from closedloop.planner.observations import ObservationLog, check_pending, parameter_problem
+from closedloop.planner.observations import ObservationLog, check_pending, finite_number, parameter_problem
 from closedloop.planner.space import Space
 
 log = logging.getLogger(__name__)
@@ -289,7 +287,7 @@ class AxPlanner:
         for name in self.campaign.outputs:
             value = result.values.get(name)
             # as ObservationLog.usable: a value that is not a number is a failure, not a crash of ingest
-            if not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+            if not finite_number(value):
                 return None
             out[name] = float(value)
         return out

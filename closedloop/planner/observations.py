@@ -58,7 +58,7 @@ class ObservationLog:
         for name in self.campaign.outputs:
             v = result.values.get(name)
             # numbers.Real, not (int, float): a NumPy reading from a driver is a measurement, not a failure
-            if v is None or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+            if v is None or not finite_number(v):
                 return False
         return True
 
@@ -128,6 +128,17 @@ class ObservationLog:
         return float(DominatedPartitioning(ref_point=ref, Y=y).compute_hypervolume())
 
 
+def finite_number(value: object) -> bool:
+    """Whether ``value`` is a real number that is a finite float; an int past float's range (``10**400``, an
+    exact count) is not one, where ``float()`` and ``math.isfinite`` raise OverflowError."""
+    if not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def parameter_problem(campaign: Campaign, parameters: dict) -> str | None:
     """Why ``parameters`` cannot be an experiment of ``campaign`` (None if they can): a varied parameter
     missing, an unknown choice, a value that is not a number, or one outside the parameter's limits."""
@@ -140,7 +151,7 @@ def parameter_problem(campaign: Campaign, parameters: dict) -> str | None:
             if v not in p.values and str(v) not in {str(a) for a in p.values}:
                 return f"{name}={v!r} is not one of {p.values}"
             continue
-        if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(float(v)):
+        if isinstance(v, bool) or not finite_number(v):
             return f"{name}={v!r} is not a number"
         x = float(v)
         if isinstance(p, DiscreteParameter):
