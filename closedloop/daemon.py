@@ -1004,8 +1004,9 @@ class Daemon:
                 if status not in (TrialStatus.proposed.value, TrialStatus.dispatched.value):
                     # the trial is finished: acknowledging lets the station forget a result the store will never
                     # take, so its reading stays on record here and in the run's documents (kept above), and the
-                    # trial keeps the run among its attempts': it took place at the instrument
-                    self.store.record_run(result.trial_id, result.run_uid)
+                    # trial keeps the run among its attempts' and its values as a late result: it took place at the
+                    # instrument, and was acknowledged
+                    self.store.record_run(result.trial_id, result.run_uid, values)
                     log.warning("trial %s is %s: late result %s of run %s not stored as an observation",
                                 result.trial_id, status, values, result.run_uid)
                     self._send(identity, protocol.Ack(trial_id=result.trial_id, assignment=result.assignment))

@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -430,6 +430,8 @@ def explain(store: Store, campaign: str, index: int) -> dict[str, Any]:
         "values": obs.values if obs else None, "error": trial.error, "station": trial.station,
         # every attempt's Bluesky run in order; ``run_uid`` is the one whose result was stored
         "attempts": trial.attempts, "run_uids": list(trial.run_uids or []), "run_uid": obs.run_uid if obs else None,
+        # results that came after the trial had finished (run uid -> values); every other run but ``run_uid`` failed
+        "late_results": dict(trial.late_results or {}),
         "planner_metadata": trial.planner,
         # a run's documents over half a message (an image detector's) stay on its station; without this the
         # trial's run uid led nowhere, and `closedloop run` shows no station log that says where they went
@@ -466,6 +468,18 @@ def _hyperparameters_text(store: Store, prov: ProvenanceRow) -> str | None:
     return None
 
 
+def _what_came_of(run_uid: str, info: dict[str, Any], fmt: Callable[[Any], str]) -> str:
+    """What came of one run of a trial, as the store knows it: its result stored, a result that came too late (a
+    station declared lost delivered it; it had been labelled failed), or a failed attempt."""
+    if run_uid == info["run_uid"]:
+        return "result stored"
+    late = info.get("late_results", {}).get(run_uid)
+    if late is not None:
+        after = "run again" if info["run_uid"] is not None else "given up"
+        return f"result {fmt(late)} not used: it arrived after the trial was {after}"
+    return "failed"
+
+
 def explain_lines(info: dict[str, Any]) -> list[str]:
     """``explain`` as lines for a terminal."""
     def fmt(v: Any) -> str:
@@ -479,7 +493,7 @@ def explain_lines(info: dict[str, Any]) -> list[str]:
              f"  parameters: {fmt(info['parameters'])}",
              f"  values:     {fmt(info['values'])}" + (f"   error: {info['error']}" if info["error"] else ""),
              f"  station:    {fmt(info['station'])} (attempts {info['attempts']}); run uids: "
-             f"{', '.join(u if u == info['run_uid'] else f'{u} (failed)' for u in info['run_uids']) or '-'}"]
+             f"{', '.join(f'{u} ({_what_came_of(u, info, fmt)})' for u in info['run_uids']) or '-'}"]
     # a trial no station ran (told by hand, imported) has a run uid but never had a Bluesky run to keep, and nor
     # has a compute station's Dask task (closedloop/compute.py names its result dask-KEY)
     elsewhere = [u for u in info["run_uids"] if u not in info.get("documents_in_store", info["run_uids"])

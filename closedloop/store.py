@@ -103,6 +103,11 @@ class TrialRow(SQLModel, table=True):
     # the completed one (also ``observation.run_uid``) last. A server default, as the daemon inserts with SQL Core
     run_uids: list[str] = Field(default_factory=_no_runs,
                                 sa_column=Column(JSON, nullable=False, server_default=text("'[]'")))
+    # run uid -> values of a result that came after the trial had finished (a station declared lost delivered it
+    # once the trial had been run again or given up): acknowledged, so kept, but not the trial's observation; its
+    # run is also in ``run_uids``, where without this it could not be told from a failed attempt
+    late_results: dict[str, dict[str, float]] = Field(
+        default_factory=_empty_metadata, sa_column=Column(JSON, nullable=False, server_default=text("'{}'")))
 
 
 REJECTED_BY = "rejected by "
@@ -646,15 +651,19 @@ class Store:
                 session.add(row)
                 session.commit()
 
-    def record_run(self, trial_id: int, run_uid: str) -> bool:
+    def record_run(self, trial_id: int, run_uid: str, values: dict[str, float] | None = None) -> bool:
         """Keep the run uid of an attempt whose failure arrived after the trial had moved on (a timed-out run
-        reported once the station aborted it); False if the trial already had it."""
+        reported once the station aborted it), or whose result did (``values``: the run of a station declared
+        lost, the trial since run again or given up); False if the trial already had it."""
         with self._lock, Session(self.engine) as session:
             row = self._trial(session, trial_id)
             uids = _with_run(row.run_uids, run_uid)
-            if uids == row.run_uids:
+            late = dict(row.late_results or {})
+            if values is not None and run_uid not in late and run_uid not in row.run_uids:
+                late[run_uid] = dict(values)
+            if uids == row.run_uids and late == row.late_results:
                 return False
-            row.run_uids = uids
+            row.run_uids, row.late_results = uids, late
             session.add(row)
             session.commit()
             return True

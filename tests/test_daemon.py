@@ -229,6 +229,7 @@ def test_a_late_result_of_a_lost_stations_run_is_kept_among_the_trials_runs(stor
         assert _next_message(sock, "ack").trial_id == assigned.trial_id
     trial = store.trial(assigned.trial_id)
     assert trial.status == "abandoned" and trial.run_uids == ["late-run"]
+    assert trial.late_results == {"late-run": {"y": 1.5}}  # acknowledged, so kept; and not taken for a failed run
     assert store.documents("late-run") == documents
     assert not store.observations(trial.campaign_id)
 

@@ -15,7 +15,7 @@ from closedloop import provenance
 from closedloop.cli import app
 from closedloop.daemon import run_embedded
 from closedloop.errors import StoreError
-from closedloop.store import Store
+from closedloop.store import Store, TrialStatus
 from closedloop.campaign import Campaign
 from tests.conftest import branin_campaign
 
@@ -492,4 +492,35 @@ def test_a_trial_a_compute_station_ran_is_not_said_to_have_lost_its_documents(tm
     result = CliRunner().invoke(app, ["show", "computed", "1", "--store", store.location])
     assert result.exit_code == 0 and "run uids: dask-closedloop-trial-1-773e4843" in result.output, result.output
     assert "documents:" not in result.output, result.output
+    store.close()
+
+
+def test_each_run_of_a_trial_is_labelled_by_what_came_of_it(tmp_path: Path) -> None:
+    """`closedloop show CAMPAIGN N` marked every run but the stored one '(failed)', a late result too: the run of
+    a station declared lost, whose result came after the trial was run again elsewhere, had not failed."""
+    store = Store(tmp_path / "s.db")
+    cid = store.open_campaign(branin_campaign("runs", initial=2, backend="sobol"))
+    again, given_up = store.add_trials(cid, [({"x1": 1.0, "x2": 2.0}, {"generator": "sobol"}),
+                                             ({"x1": 3.0, "x2": 4.0}, {"generator": "sobol"})])
+    store.mark_dispatched(again.id, "st-a")
+    store.requeue(again.id, "DeviceError: x1 stalled", "broken-run")  # failed at the instrument: run again
+    store.mark_dispatched(again.id, "st-b")  # st-b declared lost while it measured: run again on st-c
+    store.requeue(again.id, "station st-b lost")
+    store.mark_dispatched(again.id, "st-c")
+    store.record_result(again.id, "stored-run", {"y": 3.5})
+    assert store.record_run(again.id, "lost-run", {"y": 3.25})  # st-b's result, come back with it
+    assert store.record_run(again.id, "aborted-run")  # a timed-out run's failure, reported late
+    assert store.trial(again.id).late_results == {"lost-run": {"y": 3.25}}
+    store.mark_dispatched(given_up.id, "st-b")
+    store.record_failure(given_up.id, "station st-b lost", TrialStatus.abandoned)
+    store.record_run(given_up.id, "late-run", {"y": 7.0})
+
+    def runs(index: int) -> str:
+        result = CliRunner().invoke(app, ["show", "runs", str(index), "--store", store.location])
+        assert result.exit_code == 0, result.output
+        return " ".join(next(line for line in result.output.splitlines() if "run uids:" in line).split())
+
+    assert runs(1).endswith("run uids: broken-run (failed), stored-run (result stored), lost-run (result y=3.25 "
+                            "not used: it arrived after the trial was run again), aborted-run (failed)"), runs(1)
+    assert runs(2).endswith("run uids: late-run (result y=7 not used: it arrived after the trial was given up)"), runs(2)
     store.close()
