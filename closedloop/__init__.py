@@ -8,6 +8,7 @@ The Python API is the objects the command line uses (see the README's notebook e
     >>> trials = suggest(store, campaign, n=2)                          # doctest: +SKIP
     >>> tell(store, "branin", trials[0].index, {"y": 3.2})              # doctest: +SKIP
     >>> best(store, "branin"), pareto_front(store, "branin")            # doctest: +SKIP
+    >>> hypervolume(store, "zdt1-front")                                # doctest: +SKIP
     >>> write_report(store, "branin", "reports/branin/report.html")     # doctest: +SKIP
 
 Names are imported on first use, so ``import closedloop`` stays quick (the command line starts fast).
@@ -36,6 +37,7 @@ _WHERE = {
     "import_csv": "closedloop.hitl",
     "best": "closedloop.report",
     "pareto_front": "closedloop.report",
+    "hypervolume": "closedloop.report",
     "make_figures": "closedloop.report",
     "write_report": "closedloop.report",
     "Snapshot": "closedloop.view",
@@ -64,6 +66,6 @@ if TYPE_CHECKING:  # names for type checkers and editors; at run time __getattr_
     from closedloop.errors import ClosedLoopError  # noqa: F401
     from closedloop.hitl import approve, import_csv, reject, suggest, tell  # noqa: F401
     from closedloop.planner import Planner, Proposal, Result, make_planner  # noqa: F401
-    from closedloop.report import best, make_figures, pareto_front, write_report  # noqa: F401
+    from closedloop.report import best, hypervolume, make_figures, pareto_front, write_report  # noqa: F401
     from closedloop.store import Store, TrialStatus  # noqa: F401
     from closedloop.view import Snapshot, trial_records  # noqa: F401

@@ -150,6 +150,22 @@ def pareto_front(store: Store, campaign: str) -> list[Result]:
     return [_result(data, r) for r, keep in zip(done, mask) if keep]
 
 
+def hypervolume(store: Store, campaign: str) -> float:
+    """The hypervolume the feasible completed experiments dominate above the reference point (the objectives'
+    thresholds, inferred from the results where missing), as the campaign's planner reports it: the figure its
+    ``hypervolume()`` gives and the report's last. Raises :class:`PlannerError` for a campaign of one objective."""
+    from closedloop.planner.observations import ObservationLog
+
+    data = load(store, campaign)
+    planner = _planner(store, campaign, data)
+    if planner is not None:
+        return float(planner.hypervolume())
+    # nothing measured yet, or a backend whose extras are missing here: the rule every backend shares
+    log = ObservationLog(data.campaign)
+    log.add(store.results(store.campaign_row(campaign).id))
+    return log.hypervolume()
+
+
 def _result(data: Data, record: dict[str, Any]) -> Result:
     from closedloop.planner.base import Result
 

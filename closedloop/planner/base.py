@@ -37,7 +37,8 @@ class Planner(Protocol):
     ``suggest(n, pending)`` returns ``n`` jointly chosen proposals, treating ``pending`` (experiments
     in flight) as already being measured. ``ingest(results)`` adds finished experiments. ``best()`` is
     the feasible experiment the planner believes best (by its model's estimate under noise);
-    ``pareto_front()`` the non-dominated feasible experiments when there are several objectives.
+    ``pareto_front()`` the non-dominated feasible experiments when there are several objectives, and
+    ``hypervolume()`` what they dominate above the reference point (:class:`PlannerError` for one objective).
     """
 
     backend: ClassVar[str]
@@ -49,6 +50,8 @@ class Planner(Protocol):
     def best(self) -> Result | None: ...
 
     def pareto_front(self) -> list[Result]: ...
+
+    def hypervolume(self) -> float: ...
 
 
 def proposal_count(n: Any) -> int:

@@ -178,6 +178,11 @@ class MultiFidelityPlanner:
         best = self.best()
         return [best] if best is not None else []
 
+    def hypervolume(self) -> float:
+        """One objective: refused by name, as every backend refuses it."""
+        raise PlannerError(f"hypervolume: the campaign has one objective ({self.output!r}); a hypervolume measures a "
+                           "Pareto front of several (best() is the best experiment of one)")
+
     def recommend(self) -> dict[str, Any] | None:
         """The point with the best posterior mean at the target source (what to build or report)."""
         X, _ = self._training_data()
