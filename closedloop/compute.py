@@ -172,10 +172,19 @@ def run_experiment(target: str, setpoints: dict[str, Any], options: dict[str, An
             raise ComputeError(f"output {name!r} missing from the outputs of {who} ({', '.join(sorted(map(str, raw)))})")
         value = raw[name]
         # numbers.Real: a simulation's numpy.float32 or numpy.int64 is a number too
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not _finite(value):
             raise ComputeError(f"output {name}={value!r} of {who} is not a finite number")
         values[name] = float(value)
     return {"values": values, "started": started, "finished": time.time()}
+
+
+def _finite(value: numbers.Real) -> bool:
+    """Whether a number is a finite float; an int past float's range (an exact count, 10**400) is not one, where
+    math.isfinite raises OverflowError."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _run_command(argv: list[str], timeout_s: float) -> str:

@@ -56,6 +56,11 @@ def returns_nan(x1: float, x2: float) -> dict[str, float]:
     return {"y": float("nan")}
 
 
+def returns_huge(x1: float, x2: float) -> dict[str, int]:
+    """An exact count past float's range, as Python's integers hold it."""
+    return {"y": 10**400}
+
+
 def takes(x1: float, x2: float, seconds: float) -> dict[str, float]:
     time.sleep(seconds)
     return quadratic(x1, x2)
@@ -179,6 +184,9 @@ def test_a_functions_numpy_numbers_are_outputs_and_its_failures_name_it() -> Non
         run_experiment("function:tests.test_compute:raises", {"x1": 0, "x2": 0}, {}, ["y"])
     with pytest.raises(ComputeError, match=r"output y=nan of function tests.test_compute:returns_nan is not a finite"):
         run_experiment("function:tests.test_compute:returns_nan", {"x1": 0, "x2": 0}, {}, ["y"])
+    # it had raised OverflowError (int too large to convert to float), and Dask logged its traceback
+    with pytest.raises(ComputeError, match=r"output y=1000\d+ of function tests.test_compute:returns_huge is not a fin"):
+        run_experiment("function:tests.test_compute:returns_huge", {"x1": 0, "x2": 0}, {}, ["y"])
     with pytest.raises(ComputeError, match="output 'z' missing from the outputs of function tests.test_compute:quad"):
         run_experiment("function:tests.test_compute:quadratic", {"x1": 0, "x2": 0}, {}, ["z"])
     with pytest.raises(ComputeError, match="command 'echo' printed no JSON object"):
