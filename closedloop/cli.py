@@ -213,7 +213,9 @@ def run(
     campaign_file: Path = typer.Argument(..., help="campaign YAML file"),
     store: Optional[Path] = typer.Option(None, help="SQLite file of results (default results/NAME.db)",
                                          callback=_name_store),
-    seed: Optional[int] = typer.Option(None, help="override the planner's seed"),
+    # the campaign's own bounds (PlannerSettings.seed): model_copy below checks nothing, and a seed out of them ran
+    # the whole campaign, then the store's copy of the file failed to load
+    seed: Optional[int] = typer.Option(None, min=0, max=2**63 - 1, help="override the planner's seed"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="log every transition to stderr"),
 ) -> None:
     """Run a campaign here: the daemon and one station worker on loopback."""

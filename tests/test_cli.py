@@ -683,3 +683,14 @@ def test_a_daemon_refused_on_a_new_store_leaves_no_store_and_no_lock_file(tmp_pa
     result = closedloop("daemon", "c.yaml", "--bind", "tcp://0.0.0.0:0", cwd=tmp_path)
     assert result.returncode != 0 and "no keys are configured" in result.stderr, result.stdout + result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**63)])
+def test_a_seed_the_planner_cannot_take_is_refused_before_anything_runs(seed: str, tmp_path: Path) -> None:
+    """`closedloop run c.yaml --seed -1` ran the whole campaign, then exited 1 with 'results/branin.db:1:16:35:
+    planner.seed: must be at least 0, got -1' (the override had skipped the campaign's checks, the store's copy not)."""
+    (tmp_path / "c.yaml").write_text((ROOT / "campaigns" / "branin.yaml").read_text())
+    result = closedloop("run", "c.yaml", "--seed", seed, cwd=tmp_path)
+    assert result.returncode == 2 and "--seed" in result.stderr, result.stdout + result.stderr
+    assert "experiment 1" not in result.stdout and "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
