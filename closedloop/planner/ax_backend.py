@@ -180,7 +180,10 @@ class AxPlanner:
         try:
             _, _, index, _ = self.client.get_best_parameterization(use_model_predictions=True)
             chosen = self._result_of_trial(index)
-            if chosen is not None:
+            # Ax's model may pick an experiment whose reading broke an outcome constraint (g=1.0 under
+            # 'g >= 5' when none met it): only experiments that satisfy them count, as in every backend
+            if chosen is not None and all(b.satisfied(float(chosen.values[b.output]))  # type: ignore[index]
+                                          for b in self.campaign.output_bounds):
                 return chosen
         except Exception as exc:  # Ax raises assorted errors while it has no feasible point yet
             log.debug("ax get_best_parameterization failed: %s", exc)

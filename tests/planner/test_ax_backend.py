@@ -280,3 +280,17 @@ def test_suggest_on_an_ax_campaign_prints_no_ax_info_line(tmp_path) -> None:  # 
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "INFO" not in done.stderr and "SQL storage" not in done.stderr + done.stdout, done.stderr
+
+
+@pytest.mark.slow
+def test_best_is_none_while_no_experiment_meets_the_outcome_constraints():
+    # with 'g >= 5' met by none of 14 experiments (g at most 1), best() gave Ax's model pick, g=1.0, while the other
+    # backends (and Ax's own fallback) give None: only experiments that satisfy the constraints count
+    from tests.planner.conftest import campaign
+
+    planner = make_planner(campaign("x: {type: continuous, bounds: [0, 1]}\nz: {type: continuous, bounds: [0, 1]}",
+                                    experiments=14, backend="ax", extra='outcome_constraints:\n  - "g >= 5"'))
+    for _ in range(14):
+        (p,) = planner.suggest(1)
+        planner.ingest([Result(p.parameters, {"y": p.parameters["x"], "g": p.parameters["z"]})])
+        assert planner.best() is None
