@@ -64,6 +64,9 @@ OWED_GRACE_S = 10.0
 # in a row up to the longest: a powered-off robot is tried again soon, one down for the night now and then
 REST_FIRST_S = 2.0
 REST_LONGEST_S = 300.0
+# a free instrument whose planner failed (it tries again on the next result) gets a space-filling point after this
+# long even where the campaign takes none (closedloop run), so that a next result comes at all
+FILL_AFTER_PLANNER_ERROR_S = 1.0
 # a trial's timeout counts from its start; until the station says it started, allow this much more for the message
 # and the station's queue
 START_GRACE_S = 30.0
@@ -1521,10 +1524,15 @@ class Daemon:
             proposal = run.service.take()
             if proposal is None:
                 # the planner is still computing; its wake-up turns the loop again. An instrument idle for
-                # fill_after_s costs more than one exploratory point: it gets a space-filling one
+                # fill_after_s costs more than one exploratory point: it gets a space-filling one. A planner that
+                # failed tries again only when a result comes in, so then one is given even without fillers
+                # (closedloop run's): with nothing in flight the instrument had stood idle for good
                 now = time.monotonic()
                 run.starved_since = run.starved_since or now
-                if run.fill_after_s is None or now - run.starved_since < run.fill_after_s:
+                fill_after_s = run.fill_after_s
+                if fill_after_s is None and run.service.error is not None:
+                    fill_after_s = FILL_AFTER_PLANNER_ERROR_S
+                if fill_after_s is None or now - run.starved_since < fill_after_s:
                     return False
                 proposal = run.fill(station)
                 if proposal is None:

@@ -714,6 +714,31 @@ instrument: {simulator: "simulators.surfaces:Branin"}
     assert "space_exhausted" in events and "planner_error" not in events
 
 
+def test_an_embedded_run_whose_planner_keeps_failing_goes_on_with_space_filling_points(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``closedloop run`` takes no space-filling points (its runs are reproducible whatever the machine's speed), and a
+    failed suggestion is tried again when a result comes in: with nothing in flight, a planner that kept failing
+    held the robot idle for good. A planner fault is injected, as no campaign makes the planner fail today."""
+    from closedloop.daemon import run_embedded
+    from closedloop.planner.botorch_backend import BotorchPlanner
+
+    def broken(self: BotorchPlanner, n: int = 1, pending: object = None) -> list:
+        raise RuntimeError("injected planner fault")
+
+    monkeypatch.setattr(BotorchPlanner, "suggest", broken)
+    campaign = _campaign("stuck", 3, backend="botorch", latency=0.01, concurrency=1)
+    events: list[tuple[str, dict]] = []
+    deadline = time.monotonic() + 60
+    run = run_embedded(campaign, store, on_event=lambda kind, details: events.append((kind, details)),
+                       should_stop=lambda: time.monotonic() > deadline)
+    assert time.monotonic() < deadline, "the campaign stood still"
+    trials = store.trials(run.id)
+    assert [t.status for t in trials] == ["completed"] * 3
+    assert {t.planner.get("generator") for t in trials} == {"filler"}
+    errors = [d["error"] for kind, d in events if kind == "planner_error"]
+    assert errors and all("injected planner fault" in e for e in errors)
+
+
 def test_an_assignment_that_never_left_for_a_station_gone_is_not_an_attempt(store: Store) -> None:
     """A station says hello and is gone before the daemon reads it: the welcome and the first assignment
     cannot leave (ROUTER_MANDATORY: host unreachable). The trial goes back to the queue as never tried, so
