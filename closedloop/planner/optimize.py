@@ -15,46 +15,12 @@ Every result is decoded exactly by :class:`closedloop.planner.space.Space` after
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator
-from typing import Any
-
 import torch
 from botorch.acquisition import AcquisitionFunction
-from botorch.optim import initializers, optimize_acqf, optimize_acqf_discrete
+from botorch.optim import optimize_acqf, optimize_acqf_discrete
 from botorch.optim.optimize_mixed import optimize_acqf_mixed_alternating
 
 from closedloop.planner.space import Space
-
-# A space with linear constraints (a mixture, ``a + b + c == 1``) draws its raw samples by hit-and-run, a Python
-# loop; BoTorch's chain (10,000 burn-in steps, 32 per sample) was 26,000 steps for 512 raw samples, 2.1 s of a
-# 5 s suggestion of a three-fraction mixture with a categorical (two objectives, an outcome constraint). The
-# raw samples only choose where the restarts begin, and a polytope of a few dimensions mixes in far fewer
-# steps: the design's chain (``Space.sample``). ``optimize_acqf_mixed_alternating`` does not pass options
-# on to its continuous relaxation's sampler, so the planner's own calls set it here (other callers in the
-# process, the ax backend's, keep BoTorch's).
-CHAIN = {"n_burnin": 200, "n_thinning": 8}
-_chain = threading.local()
-_polytope_batches = initializers.sample_q_batches_from_polytope
-
-
-def _planner_chain(*args: Any, **kwargs: Any) -> torch.Tensor:
-    if getattr(_chain, "short", False):
-        kwargs.update(CHAIN)
-    return _polytope_batches(*args, **kwargs)
-
-
-initializers.sample_q_batches_from_polytope = _planner_chain
-
-
-@contextlib.contextmanager
-def _short_chain() -> Iterator[None]:
-    before, _chain.short = getattr(_chain, "short", False), True
-    try:
-        yield
-    finally:
-        _chain.short = before
 
 
 def maximize(
@@ -90,7 +56,7 @@ def maximize(
     raw = max(64, int(round(512 * effort)))
     inequalities = space.inequality_constraints or None
     equalities = space.equality_constraints or None
-    with torch.random.fork_rng(), _short_chain():
+    with torch.random.fork_rng():
         torch.manual_seed(seed)
         relaxed = {int(i) for e in space.equality_constraints for i in e[0].tolist()}
         discrete = {i: v for i, v in space.discrete_dims.items() if i not in relaxed and i not in fixed}
