@@ -27,6 +27,7 @@ import ipaddress
 import logging
 import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,19 +162,26 @@ class ClientKeys:
 
 
 def is_local(endpoint: str) -> bool:
-    """True for endpoints only this machine can reach: ipc://, inproc:// and loopback tcp://."""
+    """True for endpoints only this machine can reach: ipc://, inproc:// and tcp:// on a host whose every address
+    is loopback.
+
+    The one rule for the station endpoints and the unauthenticated control socket. A name counts by what it resolves
+    to, as ZeroMQ binds it ('localhost.example.org' may be anyone's address); an interface name (ZeroMQ takes that
+    first) and '*' are reachable from elsewhere as far as this check knows.
+    """
     if endpoint.startswith(("ipc://", "inproc://")):
         return True
     match = re.match(r"^tcp://(.+):(\d+|\*)$", endpoint)
     if not match:
         return False
     host = match.group(1).strip("[]")
-    if host == "localhost":
-        return True
+    if host == "*" or host in {name for _, name in socket.if_nameindex()}:
+        return False
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # '*', an interface name or a host name: reachable from elsewhere
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except (socket.gaierror, UnicodeError):
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(address.partition("%")[0]).is_loopback for address in addresses)
 
 
 def check_exposure(endpoint: str, keys: ServerKeys | None, insecure: bool) -> None:

@@ -58,6 +58,9 @@ def endpoint_problem(value: str, *, listen: bool = False) -> str | None:
     if value.startswith(("ipc://", "inproc://")) and value.partition("://")[2].strip():
         return None
     match = _TCP_ENDPOINT.fullmatch(value)
+    if match and listen and ":" in match["host"]:
+        # ZeroMQ listens on one only with its IPV6 option, which the daemon does not set: [::1] was 'No such device'
+        return "the daemon does not listen on IPv6 addresses: use tcp://127.0.0.1:PORT or ipc://PATH"
     if match and (match["port"] == "*" or int(match["port"]) <= 65535):
         return _not_this_machine(match["host"]) if listen else None
     guess = _HOST_PORT.fullmatch(value.strip())

@@ -866,3 +866,39 @@ def test_a_bad_endpoint_is_a_value_error_in_the_command_lines_words_before_anyth
                **{option: endpoint})
     assert str(caught.value).startswith(f"{option} {endpoint!r}: ") and says in str(caught.value), caught.value
     assert store.campaigns() == []
+
+
+def _control_daemon(tmp_path: Path, control: str) -> Daemon:
+    return Daemon(Store(tmp_path / "s.db"), [Campaign.from_yaml_text(branin_yaml("ctl", 5, initial=2, seed=0, noise=0.0,
+                                                                                 backend="sobol"))], control=control)
+
+
+def test_the_control_socket_is_refused_anywhere_but_loopback_or_ipc(tmp_path: Path) -> None:
+    """The unauthenticated control socket was taken as local when its endpoint merely contained '127.0.0.1' or
+    'localhost', and this machine's own name, which resolves to loopback, was refused; the rule is now the station
+    endpoints' (keys.is_local): every address of the host must be loopback."""
+    import socket
+
+    from closedloop.errors import ProtocolError
+    from tests.test_keys import _own_address
+
+    hostile = [f"tcp://{own}:0" for own in [_own_address()] if own is not None] + ["tcp://*:0", "tcp://0.0.0.0:0"]
+    for control in hostile:
+        with pytest.raises(ProtocolError, match=r"control endpoint .* is reachable from other machines"):
+            _control_daemon(tmp_path, control)
+    for control in ("tcp://localhost.example.invalid:5700", "tcp://127.0.0.1.example.invalid:5700"):
+        with pytest.raises(ValueError, match=r"is neither an address, a host name nor a network interface"):
+            _control_daemon(tmp_path, control)
+    with pytest.raises(ValueError, match=r"IPv6 addresses: use tcp://127\.0\.0\.1:PORT or ipc://PATH"):
+        _control_daemon(tmp_path, "tcp://[::1]:5700")
+    accepted = [f"ipc://{tmp_path}/control", "tcp://127.0.0.1:0", "tcp://localhost:0"]
+    if all(info[4][0].startswith("127.") for info in socket.getaddrinfo(socket.gethostname(), None)):
+        accepted.append(f"tcp://{socket.gethostname()}:0")  # 'vm' is 127.0.0.1 in this machine's /etc/hosts
+    for control in accepted:
+        daemon = _control_daemon(tmp_path, control)
+        try:
+            assert daemon.control is not None
+            bound = daemon.control.getsockopt(zmq.LAST_ENDPOINT).decode()
+            assert bound.startswith(("ipc://", "tcp://127.0.0.1:")), (control, bound)
+        finally:
+            daemon.close()
