@@ -152,7 +152,9 @@ def trial_by_index(store: Store, campaign_id: int, index: int) -> TrialRow:
     for trial in store.trials(campaign_id):
         if trial.index == index:
             return trial
-    raise DataError([f"campaign has no trial #{index}"])
+    from closedloop.provenance import no_trial
+
+    raise DataError([no_trial(store, campaign_id, store.campaign_row(campaign_id).name, index)])
 
 
 def is_manual(trial: TrialRow) -> bool:

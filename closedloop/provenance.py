@@ -49,7 +49,7 @@ from sqlalchemy.engine import Connection
 from sqlmodel import Field, Session, SQLModel, select
 
 from closedloop.campaign import SOURCE
-from closedloop.errors import StoreError
+from closedloop.errors import CampaignError, StoreError
 from closedloop.planner.base import Proposal, Result
 from closedloop.store import OPEN_STATUSES, REJECTED_BY, Store, TrialCompanion, TrialRow, TrialStatus, _json_safe, utcnow
 
@@ -400,8 +400,19 @@ def _trial(store: Store, campaign: str, index: int) -> tuple[int, TrialRow]:
     with Session(store.engine) as session:
         row = session.exec(select(TrialRow).where(TrialRow.campaign_id == campaign_id, TrialRow.index == index)).first()
     if row is None:
-        raise StoreError(f"campaign {campaign!r} has no trial #{index}")
+        raise CampaignError(no_trial(store, campaign_id, campaign, index))
     return campaign_id, row
+
+
+def no_trial(store: Store, campaign_id: int, campaign: str, index: int) -> str:
+    """The line for a trial number the campaign does not have, with the numbers it has: a person mistyped it, so it
+    is bad input (exit 2) wherever it is given, as ``show``, ``explain``, ``replay`` and ``approve`` all take one."""
+    with Session(store.engine) as session:
+        indices = session.exec(select(TrialRow.index).where(TrialRow.campaign_id == campaign_id)).all()
+    if not indices:
+        return f"{campaign} has no trial #{index}: {campaign} has no trials yet"
+    low, high = min(indices), max(indices)
+    return f"{campaign} has no trial #{index}: {campaign} has " + (f"trial {low}" if low == high else f"trials {low}-{high}")
 
 
 def provenance(store: Store, campaign: str, index: int) -> ProvenanceRow | None:
@@ -651,6 +662,7 @@ def replay(store: Store, campaign: str, index: int) -> Replay:
     batch is compared with what the planner proposed then (before any person edited it).
 
     Raises:
+        CampaignError: the campaign has no trial ``index``.
         StoreError: the trial has no provenance record, or a result it rested on is no longer in the store.
     """
     from closedloop.planner import make_planner

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from closedloop import provenance
 from closedloop.cli import app
 from closedloop.daemon import run_embedded
-from closedloop.errors import StoreError
+from closedloop.errors import CampaignError, StoreError
 from closedloop.store import Store, TrialStatus
 from closedloop.campaign import Campaign
 from tests.conftest import branin_campaign
@@ -523,4 +523,27 @@ def test_each_run_of_a_trial_is_labelled_by_what_came_of_it(tmp_path: Path) -> N
     assert runs(1).endswith("run uids: broken-run (failed), stored-run (result stored), lost-run (result y=3.25 "
                             "not used: it arrived after the trial was run again), aborted-run (failed)"), runs(1)
     assert runs(2).endswith("run uids: late-run (result y=7 not used: it arrived after the trial was given up)"), runs(2)
+    store.close()
+
+
+def test_a_trial_number_the_campaign_does_not_have_is_bad_input(tmp_path: Path) -> None:
+    """'closedloop show branin 99' exited 1 ('campaign 'branin' has no trial #99') where approve, reject, cancel and
+    tell of such a number exit 2 as bad input; show, explain and replay --until now do too, naming the trials there
+    are."""
+    from closedloop import hitl
+
+    store = Store(tmp_path / "s.db")
+    campaign = branin_campaign("numbered", initial=3, backend="sobol")
+    empty = branin_campaign("empty", initial=3, backend="sobol")
+    hitl.suggest(store, campaign, n=3)
+    store.open_campaign(empty)
+    for args in (["show", "numbered", "99"], ["explain", "numbered", "99"], ["replay", "numbered", "--until", "99"],
+                 ["show", "numbered", "0"]):
+        result = CliRunner().invoke(app, [*args, "--store", store.location])
+        assert result.exit_code == 2, (args, result.output)
+        number = args[-1] if args[0] == "replay" else args[2]
+        assert result.output.strip().splitlines() == [f"error: numbered has no trial #{number}: numbered has trials 1-3"], \
+            result.output
+    with pytest.raises(CampaignError, match=r"^empty has no trial #1: empty has no trials yet$"):
+        provenance.explain(store, "empty", 1)
     store.close()
