@@ -228,6 +228,38 @@ def test_a_campaign_whose_experiments_all_break_its_outcome_constraints_gets_a_r
     assert (tmp_path / "r" / "model.png").exists()
 
 
+@pytest.mark.parametrize(("thresholds", "points"), [
+    (False, [(0.1, 5.0), (0.5, 2.0), (0.9, 0.5), (0.6, 3.0), (1.5, 0.1)]),
+    (False, [(0.2, 4.0), (0.6, 4.0), (0.4, 4.0), (0.9, 4.0)]),  # f2 saturated: the same reading every time
+    (True, [(0.1, 5.0), (0.5, 2.0), (0.9, 0.5), (0.6, 3.0), (1.5, 0.1)]),
+])
+def test_the_reports_hypervolume_is_the_planners(tmp_path: Path, thresholds: bool,
+                                                 points: list[tuple[float, float]]) -> None:
+    """Without thresholds the report took the worst reading less a tenth of the range (or less 0.1 where the range
+    was 0) as its reference point, the planners BoTorch's infer_reference_point: with f2 saturated the report's last
+    hypervolume was 0.077 and closedloop.hypervolume() 7.7e-9. Both now use the planners' rule."""
+    from closedloop import Campaign, hypervolume
+
+    text = (Path(__file__).resolve().parents[1] / "campaigns" / "zdt1.yaml").read_text()
+    if not thresholds:
+        text = text.replace(", threshold: 1.1", "").replace(", threshold: 11", "")
+    campaign = Campaign.from_yaml_text(text, check_instrument=False)
+    store = Store(tmp_path / "s.db")
+    cid = store.open_campaign(campaign)
+    trials = store.add_trials(cid, [({f"x{i}": 0.5 for i in range(1, 7)}, {"generator": "sobol"}) for _ in points])
+    for trial, (f1, f2) in zip(trials, points):
+        store.record_result(trial.id, f"manual-{trial.index}", {"f1": f1, "f2": f2})
+    (failed,) = store.add_trials(cid, [({f"x{i}": 0.5 for i in range(1, 7)}, {"generator": "sobol"})])
+    store.record_failure(failed.id, "sample holder jammed")
+    numbers, volumes, ref = report.hypervolume_history(report.load(store, campaign.name))
+    assert volumes[-1] == pytest.approx(hypervolume(store, campaign.name), rel=1e-9, abs=0.0)
+    assert numbers == [t.index for t in trials] and volumes == sorted(volumes)  # one point per feasible experiment
+    if thresholds:
+        assert list(ref) == pytest.approx([-1.1, -11.0]) and volumes[-1] == pytest.approx(
+            (0.5 - 0.1) * (11 - 5.0) + (0.9 - 0.5) * (11 - 2.0) + (1.1 - 0.9) * (11 - 0.5))
+    store.close()
+
+
 def test_the_hypervolume_reference_point_is_shown_with_the_thresholds_signs(tmp_path: Path) -> None:
     # shown as the oriented point's absolute values: thresholds -1 and -5 read "yield=1, cost=5"
     from tests.reportdata import MIXED_YAML, fill
