@@ -232,7 +232,10 @@ def run(
 
     def stop(signum: int, frame: Any) -> None:
         if stopping:  # asked twice: the station's thread gets a few seconds to end its run, then the process exits
-            raise KeyboardInterrupt
+            stopping.append(signal.Signals(signum).name)
+            if len(stopping) == 2:  # once: a third must not cut short the threads' ending that the second began
+                raise KeyboardInterrupt
+            return
         stopping.append("Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name)
         console.print(f"{stopping[0]}: no new experiment; waiting for those in progress to finish "
                       "(Ctrl-C again to stop sooner: an experiment cut short runs again when the campaign resumes)",

@@ -199,7 +199,10 @@ class PlannerService:
         self.fits = 0
         self.busy_s = 0.0
         self._stop = False
-        self._thread = threading.Thread(target=self._run, name=f"closedloop-planner-{name}", daemon=True)
+        # waited on rather than join(): a join cut short by Ctrl-C marks the thread ended while it runs on
+        # (CPython 3.11, bpo-45274), and a second stop() then returned at once with the model fit going on
+        self._ended = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name=f"closedloop-planner-{name}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -208,7 +211,14 @@ class PlannerService:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        self._thread.join(timeout=60)
+        if self._thread.ident is not None:
+            self._ended.wait(timeout=60)
+
+    def _serve(self) -> None:
+        try:
+            self._run()
+        finally:
+            self._ended.set()
 
     def ingest(self, results: list[Result]) -> None:
         self.update(results=results)
@@ -775,6 +785,12 @@ class Daemon:
         self._claimed = []
 
     def close(self) -> None:
+        # the planner threads first: one still fitting when the interpreter exits aborts the process (torch
+        # retakes the GIL after shutdown: "terminate called without an active exception"), and one that wakes
+        # the loop must not find its socket closed under it. serve() stops them, unless interrupted there
+        for run in self.runs.values():
+            if run.service is not None:
+                run.service.stop()
         self._say_unlogged_drops(math.inf)
         self._release_campaigns()
         for sock in (self.socket, self.pub, self.control, self._wake_pull, self._wake_push):
@@ -1923,15 +1939,34 @@ def run_embedded(
             workers.append(StationWorker(daemon.endpoint, name=name, outbox=box, heartbeat_s=0.5,
                                          instruments=[instrument.target] if source is not None else None,
                                          sources=only))
-    threads = [threading.Thread(target=w.run, args=(stop,), name=f"closedloop-station-{w.name}", daemon=True)
-               for w in workers]
+    ended = [threading.Event() for _ in workers]
+
+    def serve_station(worker: Any, done: threading.Event) -> None:
+        try:
+            worker.run(stop)
+        finally:
+            done.set()
+
+    threads = [threading.Thread(target=serve_station, args=(w, done), name=f"closedloop-station-{w.name}", daemon=True)
+               for w, done in zip(workers, ended)]
     for thread in threads:
         thread.start()
+
+    def wind_down() -> None:
+        stop.set()
+        # a station leaves within ten heartbeats of the daemon falling silent, then closes its Dask cluster
+        # (up to 15 s): one left running as the process exits leaks the cluster's processes and semaphores
+        # waited on, not joined: a join that a second Ctrl-C cuts short takes the thread for ended (bpo-45274)
+        for done in ended:
+            done.wait(timeout=60)
+        daemon.close()
+
     try:
         daemon.serve(should_stop)
     finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=10)
-        daemon.close()
+        try:
+            wind_down()
+        except KeyboardInterrupt:  # a second Ctrl-C landed here: the threads must still end before the process
+            wind_down()
+            raise
     return next(iter(daemon.runs.values()))

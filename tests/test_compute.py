@@ -66,6 +66,11 @@ def takes(x1: float, x2: float, seconds: float) -> dict[str, float]:
     return quadratic(x1, x2)
 
 
+def two_objectives(x1: float, x2: float, seconds: float) -> dict[str, float]:
+    time.sleep(seconds)
+    return {"y": (x1 - 0.3) ** 2 + (x2 - 0.6) ** 2, "z": (x1 - 0.7) ** 2 + x2 ** 2}
+
+
 def returns_numpy(x1: float, x2: float) -> dict[str, object]:
     """A simulation's outputs as numpy computes them: numpy.float32 and numpy.int64, not Python numbers."""
     import numpy as np
@@ -719,3 +724,61 @@ def test_an_assign_for_an_instrument_the_station_does_not_serve_runs_nothing(tmp
         thread.join(timeout=30)
         daemon.close()
         context.destroy(linger=0)
+
+
+# what an abort, or a process pool left behind, prints on the way out: none of it may follow a stop
+UNCLEAN_EXIT = ("Assertion failed", "leaked semaphore", "terminate called", "Fatal Python error", "Traceback")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signals", [1, 2])
+def test_closedloop_run_of_a_function_campaign_stopped_by_sigterm_exits_cleanly(tmp_path: Path, signals: int) -> None:
+    """A second SIGTERM to `closedloop run` of an Ax two-objective function campaign, a second after the first, killed
+    it with SIGABRT ("terminate called without an active exception", exit 134): the
+    KeyboardInterrupt it raises landed in the join of the planner thread, whose model fit (torch, without the GIL)
+    ran on while the interpreter shut down; landed in the station's join, Dask's atexit hook raced the station
+    closing its cluster (a traceback). One SIGTERM ends after the experiment in progress, exit 0; a second
+    ends sooner, exit 130, as for Ctrl-C; neither leaves anything running that prints on the way out."""
+    import signal
+
+    (tmp_path / "c.yaml").write_text("""
+name: stopped
+parameters:
+  x1: {type: continuous, bounds: [0, 1]}
+  x2: {type: continuous, bounds: [0, 1]}
+objectives:
+  y: {goal: minimize}
+  z: {goal: minimize}
+budget: {experiments: 30}
+planner: {backend: ax, initial_experiments: 2, seed: 0}
+instrument: {function: "tests.test_compute:two_objectives", options: {seconds: 1.0}}
+""")
+    process = subprocess.Popen([*CLI, "run", "c.yaml", "--store", "s.db"], cwd=tmp_path, env=env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    stderr: list[str] = []
+    readers = [threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True),
+               threading.Thread(target=lambda: stderr.append(process.stderr.read()), daemon=True)]
+    for reader in readers:
+        reader.start()
+
+    def experiments() -> int:
+        return sum(line.startswith("[") and " experiment " in line for line in list(lines))
+
+    try:
+        wait_for(lambda: experiments() >= 8, 180, "eight experiments")  # past the initial ones: Ax fits a model per result
+        process.send_signal(signal.SIGTERM)
+        if signals == 2:
+            # as the run winds down: its threads (the planner fitting the next point, the station closing Dask)
+            time.sleep(1.0)
+            process.send_signal(signal.SIGTERM)
+        returncode = process.wait(timeout=60)
+    finally:
+        process.kill()
+    for reader in readers:
+        reader.join(timeout=10)
+    err = "".join(stderr)
+    assert returncode == (0 if signals == 1 else 130), err[-3000:]
+    assert not [sign for sign in UNCLEAN_EXIT if sign in err], err[-3000:]
+    if signals == 1:
+        assert "stopped by SIGTERM before the campaign's end" in " ".join("".join(lines).split())
