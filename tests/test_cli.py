@@ -6,7 +6,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -168,57 +168,61 @@ def test_a_campaign_file_changed_after_a_run_is_refused_saying_what_changed_and_
     assert went_on.exit_code == 0 and "short-more: 5 completed, 0 failed" in went_on.stdout, went_on.output
 
 
-def test_a_stations_log_file_keeps_its_own_lines_and_the_libraries_warnings_not_their_chatter(tmp_path: Path) -> None:
+@pytest.fixture
+def logging_restored() -> Iterator[None]:
+    """The process's logging as it was after the test: ``_setup_logging`` replaces the root's handlers and sets
+    the libraries' levels."""
+    import logging
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, {n: logging.getLogger(n).level for n in ("bluesky", "alembic")})
+    try:
+        yield
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:], root.level = saved[0], saved[1]
+        for name, level in saved[2].items():
+            logging.getLogger(name).setLevel(level)
+
+
+def test_a_stations_log_file_keeps_its_own_lines_and_the_libraries_warnings_not_their_chatter(
+        tmp_path: Path, logging_restored: None) -> None:
     """A station's log file ran at four INFO lines of the RunEngine's state per experiment, most of the file over
     a run of days, and each start logged a dozen lines of the store's migrations."""
     import logging
 
     from closedloop.cli import _setup_logging
 
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level, {n: logging.getLogger(n).level for n in ("bluesky", "alembic")})
-    try:
-        _setup_logging(False, tmp_path / "station.log")
-        logging.getLogger("bluesky.RE.state").info("Change state on <RunEngine> from 'idle' -> 'running'")
-        logging.getLogger("alembic.runtime.migration").info("Context impl SQLiteImpl.")
-        logging.getLogger("bluesky").warning("a plan left a device staged")
-        logging.getLogger("closedloop.trial").info('trial=1 state="completed"')
-        for handler in logging.getLogger().handlers:
-            handler.flush()
-    finally:
-        for handler in root.handlers:
-            handler.close()
-        root.handlers[:], root.level = saved[0], saved[1]
-        for name, level in saved[2].items():
-            logging.getLogger(name).setLevel(level)
+    _setup_logging(False, tmp_path / "station.log")
+    logging.getLogger("bluesky.RE.state").info("Change state on <RunEngine> from 'idle' -> 'running'")
+    logging.getLogger("alembic.runtime.migration").info("Context impl SQLiteImpl.")
+    logging.getLogger("bluesky").warning("a plan left a device staged")
+    logging.getLogger("closedloop.trial").info('trial=1 state="completed"')
+    for handler in logging.getLogger().handlers:
+        handler.flush()
     text = (tmp_path / "station.log").read_text()
     assert 'trial=1 state="completed"' in text and "a plan left a device staged" in text
     assert "Change state" not in text and "SQLiteImpl" not in text
 
 
-def test_a_log_file_moved_or_deleted_by_logrotate_is_opened_again(tmp_path: Path) -> None:
+def test_a_log_file_moved_or_deleted_by_logrotate_is_opened_again(tmp_path: Path, logging_restored: None) -> None:
     """After logrotate renamed daemon.log (no copytruncate) or an operator deleted it, the daemon wrote on into
     the renamed or deleted file: its --logfile stayed missing until 20 MB more had gone nowhere."""
     import logging
 
     from closedloop.cli import _setup_logging
 
-    log, root = tmp_path / "daemon.log", logging.getLogger()
-    saved = (root.handlers[:], root.level, {n: logging.getLogger(n).level for n in ("bluesky", "alembic")})
-    try:
-        _setup_logging(False, log)
-        trial = logging.getLogger("closedloop.trial")
-        trial.info("before the rotation")
-        log.rename(tmp_path / "daemon.log.1")  # logrotate's default: rename, and the program opens a new file
-        trial.info("after the rotation")
-        log.unlink()
-        trial.info("after the deletion")
-    finally:
-        for handler in root.handlers:
-            handler.close()
-        root.handlers[:], root.level = saved[0], saved[1]
-        for name, level in saved[2].items():
-            logging.getLogger(name).setLevel(level)
+    log = tmp_path / "daemon.log"
+    _setup_logging(False, log)
+    trial = logging.getLogger("closedloop.trial")
+    trial.info("before the rotation")
+    log.rename(tmp_path / "daemon.log.1")  # logrotate's default: rename, and the program opens a new file
+    trial.info("after the rotation")
+    log.unlink()
+    trial.info("after the deletion")
+    for handler in logging.getLogger().handlers:
+        handler.flush()
     assert "before the rotation" in (tmp_path / "daemon.log.1").read_text()
     assert "after the rotation" not in (tmp_path / "daemon.log.1").read_text()
     assert "after the deletion" in log.read_text()

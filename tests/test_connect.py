@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from drivers.binding import InstrumentBinding
-from tests.drivers.test_epics import ROOT, loopback_channel_access, read_pv, start_ioc, stop_ioc
+from tests.drivers import test_epics
+from tests.drivers.test_epics import ROOT, loopback_channel_access, read_pv
 
 pytest.importorskip("caproto")
 
@@ -54,27 +55,8 @@ def validate(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
 
 
-@pytest.fixture
-def ioc(monkeypatch, tmp_path):
-    """The simulated stage IOC (x1 limited to [-5, 5]) in a subprocess, reachable only on loopback; yields its
-    PV prefix."""
-    env = loopback_channel_access(monkeypatch)
-    prefix = f"cl{uuid.uuid4().hex[:6]}:"
-    (tmp_path / "ioc").mkdir()
-    process = start_ioc(prefix, env, tmp_path / "ioc" / "ioc.log")
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            read_pv(f"{prefix}det:value", timeout=0.5)
-            break
-        except Exception:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"IOC did not start: {(tmp_path / 'ioc' / 'ioc.log').read_text()[-2000:]}")
-    try:
-        yield prefix
-    finally:
-        stop_ioc(process)
+# the simulated stage IOC (x1 limited to [-5, 5]) in a subprocess, on loopback; its PV prefix
+ioc = test_epics.ioc
 
 
 def line_of(path: Path, text: str) -> int:

@@ -584,14 +584,14 @@ instrument: {simulator: "simulators.materials:PerovskiteAnneal"}
 """
 
 
-def test_best_so_far_counts_only_results_within_the_outcome_constraints(tmp_path: Path) -> None:
-    """The page's best quality was 0.9 from a film with a yield of 0.3, where `status` and the report said 0.6."""
+def _annealing_state(tmp_path: Path, spec: str, readings: list[dict[str, float]]) -> dict:
+    """The dashboard's /api/state for a store holding one campaign of ``spec`` whose trials read ``readings``."""
     store = Store(tmp_path / "anneal.db")
-    cid = store.open_campaign(Campaign.from_yaml_text(CONSTRAINED_YAML, check_instrument=False))
-    for i, (quality, yield_) in enumerate([(0.5, 0.9), (0.9, 0.3), (0.6, 0.95)], start=1):
+    cid = store.open_campaign(Campaign.from_yaml_text(spec, check_instrument=False))
+    for i, values in enumerate(readings, start=1):
         (trial,) = store.add_trials(cid, [({"temperature": 100.0 + i}, {"generator": "sobol"})])
         store.mark_dispatched(trial.id, "station-a")
-        store.record_result(trial.id, f"run-{i}", {"quality": quality, "yield": yield_})
+        store.record_result(trial.id, f"run-{i}", values)
     store.close()
     server = DashboardServer(DashboardConfig(store=str(tmp_path / "anneal.db"), port=0)).start()
     try:
@@ -599,6 +599,13 @@ def test_best_so_far_counts_only_results_within_the_outcome_constraints(tmp_path
     finally:
         server.stop()
     assert status == 200
+    return state
+
+
+def test_best_so_far_counts_only_results_within_the_outcome_constraints(tmp_path: Path) -> None:
+    """The page's best quality was 0.9 from a film with a yield of 0.3, where `status` and the report said 0.6."""
+    state = _annealing_state(tmp_path, CONSTRAINED_YAML, [{"quality": quality, "yield": yield_} for quality, yield_
+                                                          in [(0.5, 0.9), (0.9, 0.3), (0.6, 0.95)]])
     series = state["campaigns"][0]["series"]
     assert [(p["trial"], p["value"], p["best"]) for p in series] == [(1, 0.5, 0.5), (2, 0.9, 0.5), (3, 0.6, 0.6)]
     assert [p["counts"] for p in series] == [True, False, True]  # the page draws the second hollow
@@ -610,19 +617,8 @@ def test_the_pareto_chart_marks_results_outside_the_outcome_constraints_and_give
     with nothing to say why it was not on it; and the reference point read ``cost: -5.0`` for a threshold of 5."""
     spec = CONSTRAINED_YAML.replace("  quality: {goal: maximize}", "  quality: {goal: maximize, threshold: 0.2}\n"
                                     "  cost: {goal: minimize, threshold: 5.0}")
-    store = Store(tmp_path / "anneal.db")
-    cid = store.open_campaign(Campaign.from_yaml_text(spec, check_instrument=False))
-    for i, (quality, cost, yield_) in enumerate([(0.5, 3.0, 0.9), (0.9, 1.0, 0.3), (0.6, 4.0, 0.95)], start=1):
-        (trial,) = store.add_trials(cid, [({"temperature": 100.0 + i}, {"generator": "sobol"})])
-        store.mark_dispatched(trial.id, "station-a")
-        store.record_result(trial.id, f"run-{i}", {"quality": quality, "cost": cost, "yield": yield_})
-    store.close()
-    server = DashboardServer(DashboardConfig(store=str(tmp_path / "anneal.db"), port=0)).start()
-    try:
-        status, state = _get(f"http://127.0.0.1:{server.port}/api/state")
-    finally:
-        server.stop()
-    assert status == 200
+    state = _annealing_state(tmp_path, spec, [{"quality": quality, "cost": cost, "yield": yield_} for quality, cost, yield_
+                                              in [(0.5, 3.0, 0.9), (0.9, 1.0, 0.3), (0.6, 4.0, 0.95)]])
     pareto = state["campaigns"][0]["pareto"]
     assert [(p["trial"], p["front"], p["counts"]) for p in pareto["points"]] == [
         (1, True, True), (2, False, False), (3, True, True)]  # the page draws the second hollow
