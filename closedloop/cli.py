@@ -293,7 +293,7 @@ def daemon(
     campaigns = [_load(path) for path in campaign_files]
     _setup_logging(verbose, logfile)
     from closedloop.daemon import Daemon
-    from closedloop.keys import ServerKeys
+    from closedloop.keys import ServerKeys, Unprotected
     from closedloop.store import Store
 
     if (secret_key is None) != (allowed_keys is None):
@@ -307,7 +307,7 @@ def daemon(
             the_daemon = Daemon(the_store, campaigns, bind=bind, publish=publish or None, control=control or None,
                                 keys=keys, insecure=insecure, heartbeat_s=heartbeat, drain_s=drain)
     except ClosedLoopError as exc:
-        _fail(str(exc))
+        _fail(str(exc), EXIT_BAD_INPUT if isinstance(exc, Unprotected) else 1)
     signal.signal(signal.SIGTERM, lambda *_: the_daemon.request_stop("SIGTERM"))
     # -- issue 9: the live dashboard in this process, fed by this daemon's events and control socket
     # (with keys its events go to CURVE subscribers alone, and this dashboard holds no allowed key: it polls)

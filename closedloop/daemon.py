@@ -40,7 +40,7 @@ from closedloop import events as event_format
 from closedloop import protocol, provenance
 from closedloop.campaign import SOURCE, Campaign
 from closedloop.errors import CampaignError, ClosedLoopError, ProtocolError, SpaceExhausted, StoreError
-from closedloop.keys import ServerKeys, check_exposure, is_local
+from closedloop.keys import ServerKeys, Unprotected, check_exposure, is_local
 from closedloop.planner import Planner, Proposal, Result, make_planner
 from closedloop.store import Store, TrialRow, TrialStatus, displayed, used_instrument
 from closedloop.view import runs_long
@@ -544,8 +544,8 @@ class Daemon:
             if endpoint is not None:
                 check_exposure(endpoint, keys, insecure)
         if control is not None and not is_local(control):
-            raise ProtocolError(f"control endpoint {control} is reachable from other machines and has no keys: "
-                                "use ipc://PATH or tcp://127.0.0.1:PORT")
+            raise Unprotected(f"control endpoint {control} is reachable from other machines and has no keys: "
+                              "use ipc://PATH or tcp://127.0.0.1:PORT")
         self.store = store
         self._claimed: list[str] = []
         try:

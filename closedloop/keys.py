@@ -184,10 +184,15 @@ def is_local(endpoint: str) -> bool:
     return bool(addresses) and all(ipaddress.ip_address(address.partition("%")[0]).is_loopback for address in addresses)
 
 
+class Unprotected(ProtocolError):
+    """An endpoint other machines can reach, to be served without keys: the operator's command is at fault (exit 2),
+    not the network."""
+
+
 def check_exposure(endpoint: str, keys: ServerKeys | None, insecure: bool) -> None:
     """Refuse to serve a network-reachable endpoint without CURVE unless explicitly ``insecure``."""
     if keys is None and not insecure and not is_local(endpoint):
-        raise ProtocolError(
+        raise Unprotected(
             f"{endpoint} is reachable from other machines and no keys are configured: pass --secret-key and "
             "--allowed-keys (see docs/daemon.md), or --insecure to serve it unauthenticated and unencrypted"
         )

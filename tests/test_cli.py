@@ -698,3 +698,19 @@ def test_a_seed_the_planner_cannot_take_is_refused_before_anything_runs(seed: st
     assert result.returncode == 2 and "--seed" in result.stderr, result.stdout + result.stderr
     assert "experiment 1" not in result.stdout and "Traceback" not in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+
+
+@pytest.mark.parametrize("args", [
+    ["--bind", "tcp://0.0.0.0:5701"],
+    ["--bind", "tcp://127.0.0.1:0", "--publish", "tcp://*:5702"],
+    ["--bind", "tcp://127.0.0.1:0", "--publish", "", "--control", "tcp://0.0.0.0:5700"],
+])
+def test_a_daemon_endpoint_others_can_reach_without_keys_is_bad_input(args: list[str], tmp_path: Path) -> None:
+    """`daemon --bind tcp://0.0.0.0:5701` without keys (or --publish, or --control, beyond loopback) was refused in
+    one line with exit 1, the code of a failure, where the command line's other refusals of what it was given exit 2."""
+    (tmp_path / "c.yaml").write_text((ROOT / "campaigns" / "branin.yaml").read_text())
+    result = closedloop("daemon", "c.yaml", "--store", "s.db", *args, cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and f"{args[-1]} is reachable from other machines" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
