@@ -317,6 +317,8 @@ class Store:
         """
         from sqlalchemy.exc import DatabaseError
 
+        from closedloop.migrations import NewerSchema
+
         self.location = str(url_or_path)
         self.display = displayed(self.location)
         self.read_only = read_only
@@ -334,6 +336,8 @@ class Store:
                 from closedloop.migrations import migrate
 
                 migrate(self.engine)
+        except NewerSchema as exc:
+            raise StoreError(f"{self.display} {exc}") from None
         except DatabaseError as exc:  # "file is not a database", "database disk image is malformed"
             # one line: a server's refusal comes over several (psycopg: "...refused\n\tIs the server running ...")
             reason = " ".join(str(exc.orig or exc).split())
@@ -344,7 +348,7 @@ class Store:
         where it can be written (as any command opening it would), else say what to do."""
         from sqlalchemy import inspect
 
-        from closedloop.migrations import current_revision, head_revision, migrate
+        from closedloop.migrations import NewerSchema, current_revision, head_revision, known_revision, migrate
 
         with self.engine.connect() as connection:
             tables = set(inspect(connection).get_table_names())
@@ -353,6 +357,8 @@ class Store:
             raise StoreError(f"{self.display} is not a closedloop store (it has no campaign table)")
         if revision == head_revision():
             return
+        if revision is not None and not known_revision(revision):
+            raise StoreError(f"{self.display} {NewerSchema(revision)}")
         writer = make_engine(self.location)
         try:
             migrate(writer)

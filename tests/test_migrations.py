@@ -17,6 +17,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
 from sqlmodel import SQLModel
 
+from closedloop.errors import StoreError
 from closedloop.migrations import BASELINE, alembic_config, current_revision, head_revision, migrate
 from closedloop.store import Store
 from tests.conftest import branin_campaign
@@ -127,3 +128,30 @@ def test_python_dash_m_closedloop_migrations_runs_the_revision_command() -> None
     done = subprocess.run([sys.executable, "-m", "closedloop.migrations"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr
     assert "python -m closedloop.migrations revision MESSAGE" in done.stdout
+
+
+def _store_of_a_newer_release(url: str) -> None:
+    """A store a later closedloop wrote: this release's schema, stamped with a revision this release does not ship."""
+    Store(url).close()
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    engine.dispose()
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_store_of_a_newer_release_is_refused_in_one_line_and_left_as_it_was(url: str, read_only: bool) -> None:
+    """A lab that upgrades one host and then runs an older closedloop on the store: 'closedloop run' said
+    "CommandError: Can't locate revision identified by '9999' (run with --debug for the traceback)", and status/show
+    said it 'was written by an older closedloop' and to open it 'with closedloop where it can be written'."""
+    _store_of_a_newer_release(url)
+    with pytest.raises(StoreError) as refused:
+        Store(url, read_only=read_only)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "newer closedloop" in message and "9999" in message and head_revision() in message, message
+    assert "older" not in message
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["9999"]
+    engine.dispose()

@@ -6,7 +6,9 @@ it, so an upgrade of closedloop never loses a campaign:
 - an empty database gets every table (``create_all``) and is stamped at the newest revision;
 - a store written before migrations existed (tables, no ``alembic_version``) is stamped at the
   baseline ``0001`` (the schema of the first release) and upgraded from there;
-- any other store is upgraded to ``head``.
+- any other store is upgraded to ``head``;
+- a store stamped with a revision this package does not ship was written by a newer closedloop: it is refused
+  (:class:`NewerSchema`) and left as it is, since its tables may hold what this release would drop or misread.
 
 Only one process migrates a database at a time: a PostgreSQL advisory lock held for the migration's
 transaction, or a lock file beside a SQLite file, so daemons starting together on one shared store
@@ -31,6 +33,8 @@ from typing import Any
 
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, Engine
+
+from closedloop.errors import StoreError
 
 log = logging.getLogger("closedloop.migrations")
 
@@ -62,6 +66,22 @@ def current_revision(connection: Connection) -> str | None:
     from alembic.migration import MigrationContext
 
     return MigrationContext.configure(connection).get_current_revision()
+
+
+def known_revision(revision: str) -> bool:
+    """Whether this closedloop ships ``revision``."""
+    from alembic.script import ScriptDirectory
+
+    return revision in {script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+
+
+class NewerSchema(StoreError):
+    """The store is at a revision a newer closedloop wrote; the caller names the store before the message."""
+
+    def __init__(self, revision: str):
+        super().__init__(f"was written by a newer closedloop (schema {revision}; this one knows schemas up to "
+                         f"{head_revision()}): upgrade closedloop here to open it; nothing was changed")
+        self.revision = revision
 
 
 def migrate(engine: Engine) -> str:
@@ -97,6 +117,9 @@ def _migrate(engine: Engine) -> str:
             # a store from before migrations: its tables are the baseline's
             command.stamp(config, BASELINE)
         before = current_revision(connection)
+        if before is not None and not known_revision(before):
+            # alembic's own refusal ("Can't locate revision identified by ...") says nothing of what to do
+            raise NewerSchema(before)
         command.upgrade(config, "head")
         # tables that no migration knows yet (added to the models without one) still appear; the
         # migration test is what insists that they get a revision
