@@ -65,8 +65,10 @@ class _Commands(TyperGroup):
                            "run with --debug for the traceback)")
             else:
                 message = f"{type(exc).__name__}: {exc} (run with --debug for the traceback)"
+            from rich.markup import escape  # messages quote values such as '[bmim]PF6', which are not markup
+
             for line in message.splitlines() or [type(exc).__name__]:
-                errors.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True, markup=True)
+                errors.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True, markup=True)
             raise typer.Exit(EXIT_BAD_INPUT if isinstance(exc, CampaignError) else 1) from None
 
 
@@ -114,7 +116,9 @@ def _endpoint_or_none(ctx: typer.Context, param: typer.CallbackParam, value: str
 
 
 def _fail(message: str, code: int = 1) -> None:
-    errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape  # messages quote what was typed ('show [emim]screen'), which is not markup
+
+    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -853,8 +857,10 @@ def import_(
         with _unless_refused(the_store):
             summary = hitl.import_csv(the_store, target, results)
     except hitl.DataError as exc:
+        from rich.markup import escape  # problems quote cells such as '[emim]PF6', which are not markup
+
         for problem in exc.problems:
-            errors.print(f"[bold red]error:[/] {problem}", highlight=False, soft_wrap=True)
+            errors.print(f"[bold red]error:[/] {escape(problem)}", highlight=False, soft_wrap=True)
         errors.print(f"nothing imported: {len(exc.problems)} problem(s)", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
     console.print(f"{target.name}: imported {len(summary.trials)} experiments from {results}"

@@ -714,3 +714,28 @@ def test_a_daemon_endpoint_others_can_reach_without_keys_is_bad_input(args: list
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("error: ") and f"{args[-1]} is reachable from other machines" in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+
+
+def test_error_lines_print_bracketed_values_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 'tell il-screen 1 y=[bold]x[/]' said "y='x' is not a number", 'show [emim]screen' said "no campaign 'screen'"
+    # (and il-screen existed), an import's cell '[emim]PF6' was "'PF6' is not one of ...": rich read them as style tags
+    from typer.testing import CliRunner
+
+    from closedloop.cli import app
+
+    (tmp_path / "il.yaml").write_text(
+        "name: il-screen\nparameters:\n"
+        "  solvent: {type: categorical, values: ['[bmim]PF6', '[emim][OTf]']}\n"
+        "  temp: {type: continuous, bounds: [20, 80]}\n"
+        "objectives:\n  y: {goal: maximize}\nbudget: {experiments: 4}\nplanner: {backend: random, seed: 0}\n"
+        "instrument: {function: 'simulators.multifidelity:biased_branin'}\n")
+    (tmp_path / "past.csv").write_text("solvent,temp,y\n[emim]PF6,30,1.5\n")
+    monkeypatch.chdir(tmp_path)  # in-process, as a subprocess each would import torch again
+    assert CliRunner().invoke(app, ["suggest", "il.yaml"]).exit_code == 0
+    told = CliRunner().invoke(app, ["tell", "il-screen", "1", "y=[bold]x[/]"])
+    assert told.exit_code == 2 and "y='[bold]x[/]' is not a number" in told.stderr, told.stderr
+    shown = CliRunner().invoke(app, ["show", "[emim]screen"])
+    assert shown.exit_code != 0 and "no campaign '[emim]screen'" in shown.stderr, shown.stderr
+    imported = CliRunner().invoke(app, ["import", "il-screen", "past.csv"])
+    assert imported.exit_code == 2 and "'[emim]PF6' is not one of [bmim]PF6, [emim][OTf]" in imported.stderr, (
+        imported.stderr)
