@@ -264,8 +264,13 @@ _adapter: TypeAdapter[Any] = TypeAdapter(Message)
 
 
 def encode(message: _Message) -> bytes:
-    """One message as JSON bytes."""
-    return message.model_dump_json().encode()
+    """One message as JSON bytes.
+
+    Unset fields (every one that may be None defaults to None) are left out: a field added within version 1 is then
+    absent where it has nothing to say, and a peer of a release from before it, which refuses unknown fields, still
+    reads the message (an ack's ``assignment`` for an older station's result).
+    """
+    return message.model_dump_json(exclude_none=True).encode()
 
 
 def _reject_constant(name: str) -> float:

@@ -94,3 +94,26 @@ def test_random_json_never_escapes_as_anything_but_protocol_error(value: object)
         return
     with pytest.raises(ProtocolError):
         protocol.decode(frame)
+
+
+def test_an_ack_to_a_station_of_an_earlier_release_carries_only_the_fields_it_knows() -> None:
+    """Fields added within version 1 are left out when unset, so a station from before them reads the message.
+
+    A station of 2026-11-25 (its Ack below, as its protocol.py had it) under a daemon of this release dropped every
+    ack ('invalid 'ack' message: ack.assignment: Extra inputs are not permitted': the daemon sent "assignment": null
+    for a result that named none), so all 14 results of a campaign stayed in its outbox, sent again at each
+    reconnection. A station of this release names the assignment, and its ack still carries it."""
+    from typing import Literal
+
+    from pydantic import BaseModel, ConfigDict
+
+    class AckOf20261125(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        v: int
+        msg_id: str
+        type: Literal["ack"]
+        trial_id: int
+
+    assert AckOf20261125.model_validate_json(protocol.encode(protocol.Ack(trial_id=3))).trial_id == 3
+    named = protocol.Ack(trial_id=3, assignment="a1b2")
+    assert protocol.decode(protocol.encode(named)) == named
