@@ -221,6 +221,58 @@ def _missing(path: str | None) -> list[Path]:
     return made
 
 
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+class _StaysInPlace:
+    """Checks, as each transaction of a SQLite store begins, that its file is still where it was opened.
+
+    A process writes on into a file deleted or moved under it (it holds the file open), so a daemon whose store
+    was removed acknowledged every result and said 'results stored in s.db', and when it ended there was no s.db;
+    a moved file left its -wal behind, and with it every commit not yet merged. Once the file is gone from its
+    place, what the open connection still reads is copied out (once) and every transaction is refused, so nothing
+    more is acknowledged: the stations keep those results for the process started again.
+    """
+
+    def __init__(self, path: Path, display: str):
+        self.path, self.display = path, display
+        self.identity = _file_identity(path)
+        self.gone: str | None = None
+        self._lock = threading.Lock()
+
+    def check(self, connection: Connection) -> None:
+        if self.gone is None and _file_identity(self.path) == self.identity:
+            return
+        with self._lock:
+            if self.gone is None:
+                self.gone = f"the store {self.display} was deleted or moved while in use: {self._rescue(connection)}"
+        raise StoreError(self.gone)
+
+    def _rescue(self, connection: Connection) -> str:
+        import sqlite3
+        from contextlib import closing
+
+        # an old -wal (a moved store's) beside a new file would be read as that file's own
+        free = not any(Path(f"{self.path}{suffix}").exists() for suffix in ("", "-wal", "-shm"))
+        stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
+        target = self.path if free else self.path.with_name(f"{self.path.name}.rescued-{stamp}.db")
+        try:
+            with closing(sqlite3.connect(target)) as copy:
+                connection.connection.dbapi_connection.backup(copy)  # type: ignore[union-attr]
+        except (sqlite3.Error, OSError) as exc:
+            return (f"what it held could not be saved ({exc}); the results the stations still hold are sent again "
+                    "to a daemon started on a store put back from a backup")
+        if free:
+            return f"what it held is put back at {target}: start again to go on"
+        return (f"what it held is saved in {target}: move that to {self.path} (with no {self.path.name}-wal or -shm "
+                "beside it) and start again")
+
+
 def _reading_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     # no journal_mode: setting it writes the file header (it had turned another program's database into WAL)
@@ -336,6 +388,8 @@ class Store:
                 from closedloop.migrations import migrate
 
                 migrate(self.engine)
+                if (file := _sqlite_file(self.location)) and file != ":memory:":
+                    event.listen(self.engine, "begin", _StaysInPlace(Path(file).resolve(), self.display).check)
         except NewerSchema as exc:
             raise StoreError(f"{self.display} {exc}") from None
         except DatabaseError as exc:  # "file is not a database", "database disk image is malformed"

@@ -1,0 +1,58 @@
+"""The SQLite store's file under faults of its disk: deleted, moved, corrupt."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from closedloop.errors import StoreError
+from closedloop.store import Store
+from tests.conftest import branin_campaign
+
+
+def _store_with_one_result(path: Path) -> tuple[Store, int]:
+    store = Store(path)
+    cid = store.open_campaign(branin_campaign("disk"))
+    trial = store.add_trials(cid, [({"x1": 1.0, "x2": 2.0}, {})])[0]
+    assert store.record_result(trial.id, "run-1", {"y": 1.0})  # type: ignore[arg-type]
+    return store, cid
+
+
+def _statuses(path: Path, cid: int) -> list[str]:
+    store = Store(path, read_only=True)
+    try:
+        return [t.status for t in store.trials(cid)]
+    finally:
+        store.close()
+
+
+def test_a_store_deleted_while_open_refuses_to_write_and_puts_back_what_it_held(tmp_path: Path) -> None:
+    """``rm s.db*`` under a daemon: it wrote on into the deleted file, acknowledged every result, said 'results
+    stored in s.db', and when it ended there was no s.db (60 of 60 results lost in a probe)."""
+    path = tmp_path / "s.db"
+    store, cid = _store_with_one_result(path)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink()
+    with pytest.raises(StoreError, match=r"s\.db was deleted or moved while in use.* put back"):
+        store.add_trials(cid, [({"x1": 3.0, "x2": 4.0}, {})])
+    with pytest.raises(StoreError, match="deleted or moved"):  # and every later write, not only the first
+        store.record_failure(1, "late")
+    store.close()
+    assert _statuses(path, cid) == ["completed"]
+
+
+def test_a_store_moved_while_open_refuses_to_write_and_saves_what_it_held_beside_it(tmp_path: Path) -> None:
+    """``mv s.db elsewhere.db``: the -wal file stays behind under the old name, so the moved file lacks the commits
+    not yet merged into it (here: all of them), and a restarted daemon began an empty s.db."""
+    path = tmp_path / "s.db"
+    store, cid = _store_with_one_result(path)
+    os.rename(path, tmp_path / "elsewhere.db")
+    with pytest.raises(StoreError, match=r"deleted or moved while in use.*saved in (\S+\.rescued-\S+\.db)") as caught:
+        store.add_trials(cid, [({"x1": 3.0, "x2": 4.0}, {})])
+    store.close()
+    rescued = Path(str(caught.value).split("saved in ", 1)[1].split()[0].rstrip(":;,"))
+    assert rescued.parent == tmp_path
+    assert _statuses(rescued, cid) == ["completed"]
+    assert not path.exists(), "nothing is written where the store was: its old -wal file is still there"
