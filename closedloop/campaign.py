@@ -601,6 +601,9 @@ class Instrument(_Model):
 
 
 SOURCE = "source"  # the key naming an experiment's source among its parameters (campaigns with sources)
+# what every table of trials (show, export, report, import) holds besides the parameters and outputs
+TABLE_COLUMNS = ("trial", "status", "station", "error", "run_uid", "generator", "execution", "attempts", "duration_s",
+                 "proposed_at", "dispatched_at", "finished_at")
 
 
 class Source(_Model):
@@ -1025,6 +1028,13 @@ def _bad_name(name: Any) -> str | None:
     return None
 
 
+def _column_name(name: Any) -> str | None:
+    if name in TABLE_COLUMNS:
+        return (f"{name!r} is a column of every table of trials (show, export, import: "
+                f"{', '.join(TABLE_COLUMNS)}); choose another name")
+    return None
+
+
 def consistency_problems(
     parameters: Mapping[str, Any] | None,
     constraints: list[str] | None,
@@ -1045,10 +1055,10 @@ def consistency_problems(
     problems: list[tuple[str, str]] = []
     names = set(parameters or {})
     for name in parameters or {}:
-        if bad := _bad_name(name):
+        if bad := _bad_name(name) or _column_name(name):
             problems.append((f"parameters.{name}", bad))
     for name in objectives or {}:
-        if bad := _bad_name(name):
+        if bad := _bad_name(name) or _column_name(name):
             problems.append((f"objectives.{name}", bad))
         elif name in names:
             problems.append((f"objectives.{name}", f"{name!r} is both a parameter and an objective"))
@@ -1118,7 +1128,7 @@ def consistency_problems(
             continue
         if bound.output in names:
             problems.append((where, f"{text!r}: {bound.output!r} is a parameter, not an output"))
-        elif bad := _bad_name(bound.output):
+        elif bad := _bad_name(bound.output) or _column_name(bound.output):
             problems.append((where, bad))
         known_outputs.add(bound.output)
     if budget is not None and budget.stop_when and objectives is not None and outcome_constraints is not None:

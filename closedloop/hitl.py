@@ -28,6 +28,7 @@ from closedloop.campaign import (
     DiscreteParameter,
     FixedParameter,
     IntegerParameter,
+    TABLE_COLUMNS,
 )
 from closedloop.errors import CampaignError
 from closedloop.planner import make_planner
@@ -36,10 +37,6 @@ from closedloop.store import Store, TrialRow, TrialStatus
 log = logging.getLogger("closedloop.hitl")
 
 MANUAL = "manual"  # planner metadata "execution" marker: a person runs this trial, not a station
-
-# columns an exported table carries besides parameters and outputs; an import ignores them
-EXPORT_COLUMNS = ("trial", "status", "station", "error", "run_uid", "generator", "proposed_at", "dispatched_at",
-                  "finished_at", "duration_s", "attempts", "execution")
 
 
 class DataError(CampaignError):
@@ -416,7 +413,7 @@ def import_csv(store: Store, campaign: Campaign | str, path: Path) -> ImportSumm
     missing = [n for n in required if n not in header]
     if missing:
         raise DataError([f"{path}: missing column {name!r}" for name in missing])
-    known = set(campaign.parameters) | set(campaign.outputs) | set(EXPORT_COLUMNS)
+    known = set(campaign.parameters) | set(campaign.outputs) | set(TABLE_COLUMNS)  # an import ignores these
     ignored = [h for h in header if h not in known]
     parsed_rows: list[tuple[dict[str, Any], dict[str, float] | None, str | None]] = []
     for number, row in rows:

@@ -16,6 +16,7 @@ import sqlalchemy
 from rich.console import Console
 from typer.testing import CliRunner
 
+from closedloop.campaign import TABLE_COLUMNS
 from closedloop.cli import app
 from closedloop.events import encode_event
 from closedloop.store import Store, TrialStatus
@@ -117,6 +118,8 @@ def test_an_idle_campaigns_trials_left_in_flight_are_not_said_to_run_long(busy: 
 def test_export_in_every_format_reads_back_the_same_table(busy: tuple[Store, str], tmp_path: Path) -> None:
     expected = pd.DataFrame(trial_records(busy[0], "busy"))
     assert list(expected.columns) == trial_columns(busy[0].campaign("busy"))  # the header an empty export keeps
+    # the campaign file refuses a parameter or output named as one of these columns, which it would overwrite
+    assert set(expected.columns) - {"x1", "x2", "y"} == set(TABLE_COLUMNS)
     runner = CliRunner()
     for fmt, read in (("csv", pd.read_csv), ("json", pd.read_json), ("parquet", pd.read_parquet)):
         out = tmp_path / f"busy.{fmt}"
