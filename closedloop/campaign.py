@@ -41,6 +41,7 @@ import keyword
 import math
 import os
 import re
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -1025,6 +1026,11 @@ def _bad_name(name: Any) -> str | None:
     if not name.isidentifier():
         return (f"{name!r} is not a usable name: start with a letter, use only letters, digits and '_' "
                 "(names appear in constraint expressions)")
+    # expressions read names as Python does, in NFKC: 'e' and a combining accent, or the micro sign, would be
+    # another name there, and would stand beside their composed twin as a second parameter that looks the same
+    if (normal := unicodedata.normalize("NFKC", name)) != name:
+        return (f"{name!r} ({ascii(name)}) is not in Unicode's normal form NFKC, in which expressions read it as "
+                f"{normal!r} ({ascii(normal)}); write it that way")
     return None
 
 
