@@ -158,7 +158,8 @@ class InFlight:
     deadline: float | None
     dispatched: float = field(default_factory=time.monotonic)
     started: bool = False
-    reconciling: bool = False  # dispatched by an earlier daemon; its station has not spoken since
+    reconciling: bool = False  # waiting for its station to say what it holds: left by an earlier daemon, or lost
+    lost: str | None = None  # why it waits, when its station was declared lost (None: an earlier daemon's)
     # the assign's message id, which the station's answers name; None when an earlier daemon sent it
     assignment: str | None = None
     said_long: bool = False  # logged once as running long (a campaign without a timeout)
@@ -497,7 +498,8 @@ class Daemon:
         keys: CURVE server keys; without them only loopback endpoints are allowed unless ``insecure``. With
             them a station is admitted only under the name of its key's file in the allowed directory.
         heartbeat_s: how often stations heartbeat; a station silent for ``lost_after`` heartbeats is lost.
-        reconcile_s: how long trials left in flight by an earlier daemon wait for their station.
+        reconcile_s: how long trials left in flight by an earlier daemon, or by a station declared lost, wait for
+            their station to come back holding them before the retry policy decides.
         drain_s: on stop, how long to wait for results of trials in flight.
         prefetch: trials sent to a station ahead of its capacity; it starts the next the moment the
             last ends instead of waiting for a result-dispatch round trip (0: only when a slot is free).
@@ -558,6 +560,7 @@ class Daemon:
             raise
         self.heartbeat_s = heartbeat_s
         self.lost_after = lost_after
+        self.reconcile_s = reconcile_s
         self.drain_s = drain_s
         self.start_grace_s = start_grace_s
         self.prefetch = prefetch
@@ -1120,8 +1123,13 @@ class Daemon:
                 if flight.reconciling or (flight.deadline is not None
                                           and flight.deadline < now + self.heartbeat_s * self.lost_after):
                     flight.deadline = self._deadline(self.runs[flight.campaign_id], started=flight.started)
-                flight.station, flight.reconciling = hello.station, False
+                if flight.lost:
+                    log.info("station %s came back holding trial %s: it stays there", hello.station, trial_id)
+                flight.station, flight.reconciling, flight.lost = hello.station, False, None
                 station.running[trial_id] = flight.dispatched
+            elif flight.station == hello.station and flight.lost:
+                # back without it (restarted, the run lost with the process): the attempt failed as the station did
+                self._give_up_waiting(flight)
             elif flight.station == hello.station:
                 # dispatched to this station, which does not have it: the assign was lost (or the station
                 # restarted before it ran): it never ran, so it goes back to the queue
@@ -1264,7 +1272,7 @@ class Daemon:
         station = self.stations[identity]
         if flight is None or flight.station != station.name or not flight.answered_by(started):
             return
-        flight.reconciling, flight.started = False, True
+        flight.reconciling, flight.lost, flight.started = False, None, True
         run = self.runs[flight.campaign_id]
         flight.deadline = self._deadline(run, started=True)
         self._transition(run, flight.index, flight.trial_id, "started", station=station.name)
@@ -1403,9 +1411,18 @@ class Daemon:
                             self._emit("trial_requeued", run, trial=flight.index, reason=reason)
                             self._update_planner(run)
                         else:
-                            self._fail(run, flight, f"station {station.name} lost", retry=True,
-                                       status=TrialStatus.abandoned)
-                        if trial_id in run.queue:  # re-queued, not abandoned
+                            # it may still be running there, or done with its result in the outbox (a frozen host,
+                            # a partition, a restart): re-queued at once, it was measured again on the next free
+                            # station and the first run came back as a late result. It waits for its station as
+                            # after a daemon restart, and the retry policy decides only if the station does not return
+                            flight.reconciling, flight.lost = True, f"station {station.name} lost"
+                            flight.deadline = now + self.reconcile_s
+                            log.warning("trial %s: station %s lost while it held it; waiting %.0f s for it to come "
+                                        "back before the retry policy decides", trial_id, station.name,
+                                        self.reconcile_s)
+                            self._transition(run, flight.index, trial_id, "reconciling", station=station.name,
+                                             reason=flight.lost)
+                        if trial_id in run.queue:
                             self._left_behind[trial_id] = station.name
         self._say_running_long(now)
         self._note_unserved()
@@ -1418,14 +1435,21 @@ class Daemon:
             if not flight.reconciling and (run.paused or flight.station in held):
                 continue  # its station holds it for the operator; the clock restarts on resume
             if flight.reconciling:
-                self._fail(run, flight, f"station {flight.station} did not come back after a daemon restart",
-                           retry=True, status=TrialStatus.abandoned)
+                self._give_up_waiting(flight)
                 continue
             for station in self.stations.values():
                 if flight.trial_id in station.running:
                     self._send(station.identity, protocol.Cancel(trial_id=flight.trial_id, reason="timed out"))
                     self._owed[(flight.trial_id, station.name)] = now + OWED_GRACE_S
             self._fail(run, flight, f"timed out after {run.campaign.execution.timeout} s", retry=True)
+
+    def _give_up_waiting(self, flight: InFlight) -> None:
+        """A trial waited for in vain for its station (or one back without it): the retry policy decides."""
+        run = self.runs[flight.campaign_id]
+        why = flight.lost or f"station {flight.station} did not come back after a daemon restart"
+        self._fail(run, flight, why, retry=True, status=TrialStatus.abandoned)
+        if flight.lost and flight.station and flight.trial_id in run.queue:
+            self._left_behind[flight.trial_id] = flight.station
 
     def _say_running_long(self, now: float) -> None:
         """Log (once) and publish an experiment with no timeout that has run far longer than any completed one:

@@ -210,7 +210,9 @@ def test_a_late_result_of_a_lost_stations_run_is_kept_among_the_trials_runs(stor
     delivers a result for a trial the daemon has given up on. The run took place at the instrument, but only the
     log and a documents file nothing pointed to knew of it: the trial's ``run_uids`` stayed empty (chaos test,
     three stations killed at random: trial 8 measured at st-b, run again at st-a, st-b's run nowhere in the store)."""
-    daemon = Daemon(store, [_campaign("late", 2, latency=0.05, concurrency=1, retries=0)], heartbeat_s=0.2)
+    # restarted after the grace its trial waits for a lost station (reconcile_s): within it, the result is the trial's
+    daemon = Daemon(store, [_campaign("late", 2, latency=0.05, concurrency=1, retries=0)], heartbeat_s=0.2,
+                    reconcile_s=0.5)
     documents = ('{"name":"start","doc":{"uid":"late-run","time":1.0}}\n'
                  '{"name":"stop","doc":{"run_start":"late-run","exit_status":"success"}}\n')
     with raw_station(daemon.endpoint, "killed") as sock, serving(daemon):
@@ -232,6 +234,39 @@ def test_a_late_result_of_a_lost_stations_run_is_kept_among_the_trials_runs(stor
     assert trial.late_results == {"late-run": {"y": 1.5}}  # acknowledged, so kept; and not taken for a failed run
     assert store.documents("late-run") == documents
     assert not store.observations(trial.campaign_id)
+
+
+def test_a_lost_station_back_within_the_grace_delivers_its_result_as_the_trials_own(store: Store) -> None:
+    """``retries: 0``: a station declared lost right after its result reached its outbox had its trial abandoned at
+    once, and the result it delivered a moment later was kept only as a late result. Back within ``reconcile_s``,
+    the result is the trial's; back without the trial (its run lost with the process), the retry policy decides."""
+    daemon = Daemon(store, [_campaign("grace", 2, latency=0.05, concurrency=1, retries=0)], heartbeat_s=0.2,
+                    reconcile_s=5.0)
+    with raw_station(daemon.endpoint, "frozen") as sock, serving(daemon):
+        sock.send(protocol.encode(protocol.Hello(station="frozen", instance="first")))
+        _next_message(sock, "welcome")
+        kept = _next_message(sock, "assign")
+        sock.send(protocol.encode(protocol.Started(trial_id=kept.trial_id, assignment=kept.msg_id)))
+        # ...measured, kept in the outbox, frozen: silent until declared lost
+        _wait(lambda: not daemon.stations, 10, "the station to be declared lost")
+        assert store.trial(kept.trial_id).status == "dispatched"  # waiting for it, not abandoned
+        sock.send(protocol.encode(protocol.Hello(station="frozen", instance="first", welcomed=1,
+                                                 outstanding=[kept.trial_id])))
+        _next_message(sock, "welcome")
+        sock.send(protocol.encode(protocol.ResultMessage(
+            trial_id=kept.trial_id, assignment=kept.msg_id, run_uid="kept-run", values={"y": 1.5}, duration_s=0.1)))
+        assert _next_message(sock, "ack").trial_id == kept.trial_id
+        gone = _next_message(sock, "assign")
+        sock.send(protocol.encode(protocol.Started(trial_id=gone.trial_id, assignment=gone.msg_id)))
+        _wait(lambda: not daemon.stations, 10, "the station to be declared lost again")
+        # killed mid-run and restarted: its outbox holds nothing of the trial
+        sock.send(protocol.encode(protocol.Hello(station="frozen", instance="restarted")))
+        _next_message(sock, "welcome")
+        _wait(lambda: store.trial(gone.trial_id).status == "abandoned", 5, "the trial to be abandoned")
+    first = store.trial(kept.trial_id)
+    assert first.status == "completed" and first.late_results == {} and first.run_uids == ["kept-run"]
+    assert store.observations(first.campaign_id)[first.id].values == {"y": 1.5}
+    assert store.trial(gone.trial_id).error == "station frozen lost"
 
 
 def test_a_repeated_hello_keeps_the_session_and_nothing_is_dispatched_twice(store: Store) -> None:

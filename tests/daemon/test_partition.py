@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -42,3 +44,79 @@ def test_a_station_declared_lost_mid_run_keeps_its_trial_when_it_comes_back(tmp_
     assert [uid for trial_id, uid in ran(tmp_path / "station-1.outbox") if trial_id == first.id] == first.run_uids
     assert "came back holding trial" in log.read_text()
     assert "cancelling" not in (tmp_path / "station-1.log").read_text()
+
+
+def _started_on(log: str, trial: int) -> list[str]:
+    """The stations the daemon's log says started the trial, one entry a start."""
+    return re.findall(rf'trial={trial} trial_id=\d+ state="started" station="([^"]+)"', log)
+
+
+def test_a_station_lost_mid_run_and_back_within_the_grace_runs_its_trial_once_though_another_is_free(
+    tmp_path: Path,
+) -> None:
+    """Chaos probe: with ``retries: 1`` a lost station's trial was handed at once to the station beside it, which
+    ran it, and the first station, back a few seconds later, delivered its own run of it: one experiment measured
+    twice, the second run kept as a late result. The trial now waits ``reconcile_s`` for its station."""
+    (tmp_path / "c.yaml").write_text(campaign_yaml("partition", 2, latency=2.0, concurrency=1, retries=1))
+    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    daemon = start_daemon(tmp_path, endpoint, control)
+    workers = {name: start_worker(tmp_path, endpoint, name) for name in ("station-1", "station-2")}
+    log = tmp_path / "daemon.log"
+    try:
+        wait_for(lambda: log.exists() and _started_on(log.read_text(), 1), 60, "trial 1 to start")
+        (frozen,) = _started_on(log.read_text(), 1)
+        os.kill(workers[frozen].pid, signal.SIGSTOP)  # mid-move, with the other station free (concurrency 1)
+        try:
+            wait_for(lambda: f"station {frozen} lost" in log.read_text(), 30, "the daemon to declare it lost")
+            time.sleep(3.0)  # back within the grace (10 s); the free station had started trial 1 at once
+        finally:
+            os.kill(workers[frozen].pid, signal.SIGCONT)
+        assert daemon.wait(timeout=90) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
+    finally:
+        for proc in (daemon, *workers.values()):
+            kill9(proc)
+
+    assert _started_on(log.read_text(), 1) == [frozen], "trial 1 was started on another station as well"
+    store = Store(tmp_path / "s.db")
+    trials = store.trials(store.campaign_row("partition").id)
+    assert [(t.index, t.status) for t in trials] == [(1, "completed"), (2, "completed")]
+    one = trials[0]
+    assert (one.attempts, one.station, one.late_results) == (1, frozen, {})
+    assert len(one.run_uids) == 1 and store.observations(one.campaign_id)[one.id].run_uid == one.run_uids[0]
+    runs = ran(tmp_path / "station-1.outbox") + ran(tmp_path / "station-2.outbox")
+    assert sorted(trial_id for trial_id, _ in runs) == sorted(t.id for t in trials), "an experiment measured twice"
+
+
+def _at(log: str, pattern: str) -> float:
+    """Seconds since midnight of the first log line matching ``pattern``."""
+    match = re.search(rf"^\d{{4}}-\d\d-\d\d (\d\d):(\d\d):(\d\d),(\d{{3}}) .*{pattern}", log, re.MULTILINE)
+    assert match, f"no log line matching {pattern!r}"
+    hours, minutes, seconds, millis = (int(g) for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds + millis / 1000
+
+
+def test_a_lost_station_that_never_comes_back_has_its_trial_retried_after_the_grace(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text(campaign_yaml("dead", 2, latency=2.0, concurrency=1, retries=1))
+    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    daemon = start_daemon(tmp_path, endpoint, control)
+    workers = {name: start_worker(tmp_path, endpoint, name) for name in ("station-1", "station-2")}
+    log = tmp_path / "daemon.log"
+    try:
+        wait_for(lambda: log.exists() and _started_on(log.read_text(), 1), 60, "trial 1 to start")
+        (dead,) = _started_on(log.read_text(), 1)
+        kill9(workers[dead])
+        assert daemon.wait(timeout=90) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
+    finally:
+        for proc in (daemon, *workers.values()):
+            kill9(proc)
+
+    (other,) = set(workers) - {dead}
+    text = log.read_text()
+    assert _started_on(text, 1) == [dead, other]
+    store = Store(tmp_path / "s.db")
+    trials = store.trials(store.campaign_row("dead").id)
+    assert [(t.index, t.status, t.attempts) for t in trials] == [(1, "completed", 2), (2, "completed", 1)]
+    # lost after 5 heartbeats of 0.3 s, then the grace (reconcile_s, 10 s) before the retry
+    lost = _at(text, f"station {dead} lost")
+    retried = _at(text, f'trial=1 trial_id=1 state="dispatched" station="{other}"')
+    assert 10.0 <= retried - lost < 12.0, retried - lost
