@@ -233,42 +233,47 @@ def run(
     store_path = _name_store(ctx, store or _default_store(campaign))
     started = time.monotonic()
     stopping: list[str] = []
+    summing_up = False
 
     def stop(signum: int, frame: Any) -> None:
-        if stopping:  # asked twice: the station's thread gets a few seconds to end its run, then the process exits
-            stopping.append(signal.Signals(signum).name)
-            if len(stopping) == 2:  # once: a third must not cut short the threads' ending that the second began
-                raise KeyboardInterrupt
-            return
         stopping.append("Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name)
-        console.print(f"{stopping[0]}: no new experiment; waiting for those in progress to finish "
-                      "(Ctrl-C again to stop sooner: an experiment cut short runs again when the campaign resumes)",
-                      highlight=False)
+        # asked twice: the station's thread gets a few seconds to end its run, then the process exits; once only: a
+        # third must not cut short the threads' ending that the second began
+        if len(stopping) == 2:
+            raise KeyboardInterrupt
+        if len(stopping) == 1 and not summing_up:
+            console.print(f"{stopping[0]}: no new experiment; waiting for those in progress to finish "
+                          "(Ctrl-C again to stop sooner: an experiment cut short runs again when the campaign resumes)",
+                          highlight=False)
 
     # Ctrl-C, or SIGTERM from a batch system, ends the experiment in progress rather than cutting it off: its
-    # sample is spent, and its result is kept
+    # sample is spent, and its result is kept. Kept through the summary: with the default handler back, a second
+    # SIGTERM while it rebuilt an Ax planner from every result killed the process (exit -15)
     before = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        the_store = Store(store_path)
-        with ProgressView(campaign, the_store, console) as view:
-            result = run_embedded(campaign, the_store, outbox=str(store_path) + ".outbox", on_event=view,
-                                  should_stop=lambda: bool(stopping), drain_s=math.inf)
-    except ClosedLoopError as exc:
-        _fail(str(exc))
+        try:
+            the_store = Store(store_path)
+            with ProgressView(campaign, the_store, console) as view:
+                result = run_embedded(campaign, the_store, outbox=str(store_path) + ".outbox", on_event=view,
+                                      should_stop=lambda: bool(stopping), drain_s=math.inf)
+        except ClosedLoopError as exc:
+            _fail(str(exc), EXIT_BAD_INPUT if isinstance(exc, NotAStore) else 1)
+        asked = stopping[:1]  # what stopped the run; a first signal from here on stops nothing
+        summing_up = True
+        _summary(campaign, store_path, result, time.monotonic() - started)
+        if asked and result.store.campaign_row(result.id).status != "completed":
+            console.print(f"stopped by {asked[0]} before the campaign's end: run the same command again to go on",
+                          highlight=False)
+            if asked[0] == "Ctrl-C":
+                raise typer.Exit(130)
+        counts = result.store.counts(result.id)
+        if counts.get("failed", 0) and not counts.get("completed", 0):
+            # a batch job or script read exit 0 as a campaign run, when every experiment had failed (an instrument
+            # switched off, a driver's bug): the campaign ran, but gave nothing to go on
+            raise typer.Exit(1)
     finally:
         for signum, handler in before.items():
             signal.signal(signum, handler)
-    _summary(campaign, store_path, result, time.monotonic() - started)
-    if stopping and result.store.campaign_row(result.id).status != "completed":
-        console.print(f"stopped by {stopping[0]} before the campaign's end: run the same command again to go on",
-                      highlight=False)
-        if stopping[0] == "Ctrl-C":
-            raise typer.Exit(130)
-    counts = result.store.counts(result.id)
-    if counts.get("failed", 0) and not counts.get("completed", 0):
-        # a batch job or script read exit 0 as a campaign run, when every experiment had failed (an instrument
-        # switched off, a driver's bug): the campaign ran, but gave nothing to go on
-        raise typer.Exit(1)
 
 
 @app.command()

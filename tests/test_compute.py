@@ -730,6 +730,45 @@ def test_an_assign_for_an_instrument_the_station_does_not_serve_runs_nothing(tmp
 UNCLEAN_EXIT = ("Assertion failed", "leaked semaphore", "terminate called", "Fatal Python error", "Traceback")
 
 
+class _Run:
+    """`closedloop run` of an Ax two-objective function campaign in ``cwd``, its output read as it comes."""
+
+    def __init__(self, cwd: Path, seconds: float) -> None:
+        (cwd / "c.yaml").write_text(f"""
+name: stopped
+parameters:
+  x1: {{type: continuous, bounds: [0, 1]}}
+  x2: {{type: continuous, bounds: [0, 1]}}
+objectives:
+  y: {{goal: minimize}}
+  z: {{goal: minimize}}
+budget: {{experiments: 60}}
+planner: {{backend: ax, initial_experiments: 2, seed: 0}}
+instrument: {{function: "tests.test_compute:two_objectives", options: {{seconds: {seconds}}}}}
+""")
+        self.process = subprocess.Popen([*CLI, "run", "c.yaml", "--store", "s.db"], cwd=cwd, env=env(),
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.stderr: list[str] = []
+        self.readers = [threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True),
+                        threading.Thread(target=lambda: self.stderr.append(self.process.stderr.read()), daemon=True)]
+        for reader in self.readers:
+            reader.start()
+
+    def experiments(self) -> int:
+        return sum(line.startswith("[") and " experiment " in line for line in list(self.lines))
+
+    def ended(self, timeout: float) -> tuple[int, str]:
+        """The exit code and standard error, the process killed if it has not exited within ``timeout``."""
+        try:
+            returncode = self.process.wait(timeout=timeout)
+        finally:
+            self.process.kill()
+        for reader in self.readers:
+            reader.join(timeout=10)
+        return returncode, "".join(self.stderr)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signals", [1, 2])
 def test_closedloop_run_of_a_function_campaign_stopped_by_sigterm_exits_cleanly(tmp_path: Path, signals: int) -> None:
@@ -741,44 +780,43 @@ def test_closedloop_run_of_a_function_campaign_stopped_by_sigterm_exits_cleanly(
     ends sooner, exit 130, as for Ctrl-C; neither leaves anything running that prints on the way out."""
     import signal
 
-    (tmp_path / "c.yaml").write_text("""
-name: stopped
-parameters:
-  x1: {type: continuous, bounds: [0, 1]}
-  x2: {type: continuous, bounds: [0, 1]}
-objectives:
-  y: {goal: minimize}
-  z: {goal: minimize}
-budget: {experiments: 30}
-planner: {backend: ax, initial_experiments: 2, seed: 0}
-instrument: {function: "tests.test_compute:two_objectives", options: {seconds: 1.0}}
-""")
-    process = subprocess.Popen([*CLI, "run", "c.yaml", "--store", "s.db"], cwd=tmp_path, env=env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    stderr: list[str] = []
-    readers = [threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True),
-               threading.Thread(target=lambda: stderr.append(process.stderr.read()), daemon=True)]
-    for reader in readers:
-        reader.start()
-
-    def experiments() -> int:
-        return sum(line.startswith("[") and " experiment " in line for line in list(lines))
-
+    run = _Run(tmp_path, seconds=1.0)
     try:
-        wait_for(lambda: experiments() >= 8, 180, "eight experiments")  # past the initial ones: Ax fits a model per result
-        process.send_signal(signal.SIGTERM)
+        wait_for(lambda: run.experiments() >= 8, 180, "eight experiments")  # past the initial ones: Ax fits a model per result
+        run.process.send_signal(signal.SIGTERM)
         if signals == 2:
             # as the run winds down: its threads (the planner fitting the next point, the station closing Dask)
             time.sleep(1.0)
-            process.send_signal(signal.SIGTERM)
-        returncode = process.wait(timeout=60)
+            run.process.send_signal(signal.SIGTERM)
     finally:
-        process.kill()
-    for reader in readers:
-        reader.join(timeout=10)
-    err = "".join(stderr)
+        returncode, err = run.ended(timeout=60)
     assert returncode == (0 if signals == 1 else 130), err[-3000:]
     assert not [sign for sign in UNCLEAN_EXIT if sign in err], err[-3000:]
     if signals == 1:
-        assert "stopped by SIGTERM before the campaign's end" in " ".join("".join(lines).split())
+        assert "stopped by SIGTERM before the campaign's end" in " ".join("".join(run.lines).split())
+
+
+@pytest.mark.slow
+def test_closedloop_run_stopped_again_while_it_prints_its_summary_exits_130(tmp_path: Path) -> None:
+    """A second SIGTERM that came while `closedloop run` printed its end summary (of an Ax two-objective campaign the
+    summary rebuilds the planner from every result, twice: seconds) killed it (exit -15, the default handler back
+    once the run had ended). It ends the summary as a second signal ends the run: exit 130, cleanly."""
+    import signal
+
+    run = _Run(tmp_path, seconds=0.2)
+    try:
+        wait_for(lambda: run.experiments() >= 12, 180, "twelve experiments")
+        run.process.send_signal(signal.SIGTERM)
+        # the summary's first line comes after the best experiment, before the Pareto front, each a planner rebuilt
+        wait_for(lambda: any(" failed in " in line for line in list(run.lines)), 60, "the summary")
+        run.process.send_signal(signal.SIGTERM)
+    finally:
+        returncode, err = run.ended(timeout=60)
+    assert returncode == 130, err[-3000:]
+    assert not [sign for sign in UNCLEAN_EXIT if sign in err], err[-3000:]
+    done = int(next(line for line in run.lines if " failed in " in line).split(": ")[1].split()[0])
+    store = Store(tmp_path / "s.db")
+    try:  # every result the summary counted is stored
+        assert [t.status for t in store.trials(store.campaign_row("stopped").id)].count("completed") == done >= 12
+    finally:
+        store.close()
