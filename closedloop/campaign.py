@@ -152,7 +152,19 @@ def _no_boolean(value: Any) -> Any:
     return value
 
 
-Choice = Annotated[Union[Text, Whole, Real], BeforeValidator(_no_boolean)]
+def _one_line(value: Any) -> Any:
+    # tables (show, export) print a value in one cell, and a table read back (import, tell --csv) takes cells
+    # without the spaces spreadsheets pad them with
+    if isinstance(value, str):
+        if control := next((c for c in value if unicodedata.category(c) == "Cc"), None):
+            raise ValueError(f"{value!r} holds a control character ({control!r}); write it on one line")
+        if value != value.strip():
+            raise ValueError(f"{value!r} has spaces at its ends, which a table read back (closedloop import) "
+                             "drops; write it without them")
+    return value
+
+
+Choice = Annotated[Union[Text, Whole, Real], BeforeValidator(_one_line), BeforeValidator(_no_boolean)]
 
 
 class _Model(BaseModel):
@@ -284,10 +296,19 @@ def _check_choices(values: list[Any]) -> list[Any]:
     if len(values) < 2:
         raise ValueError(f"has only one value ({values[0]!r}); use type: fixed for a constant")
     seen: set[Any] = set()
+    written: dict[str, Any] = {}
     for v in values:
         if v in seen:
             raise ValueError(f"value {v!r} is listed twice")
         seen.add(v)
+        # 10 and "10", or an accent composed and combining, are one cell of a table: show and export could not
+        # tell them apart, and an import took the first
+        text = unicodedata.normalize("NFC", str(v))
+        if text in written:
+            first = written[text]
+            both = f"{first!r} and {v!r}" + (f" ({ascii(v)})" if isinstance(v, str) and isinstance(first, str) else "")
+            raise ValueError(f"values {both} are written the same way in a table; keep one")
+        written[text] = v
     return values
 
 
