@@ -21,7 +21,7 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from closedloop.campaign import Campaign, CampaignFileError, load_campaign
-from closedloop.errors import CampaignError, ClosedLoopError
+from closedloop.errors import CampaignError, ClosedLoopError, NotAStore
 from closedloop.view import ProgressView
 from closedloop.view import format_values as _format_values
 
@@ -69,7 +69,7 @@ class _Commands(TyperGroup):
 
             for line in message.splitlines() or [type(exc).__name__]:
                 errors.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True, markup=True)
-            raise typer.Exit(EXIT_BAD_INPUT if isinstance(exc, CampaignError) else 1) from None
+            raise typer.Exit(EXIT_BAD_INPUT if isinstance(exc, (CampaignError, NotAStore)) else 1) from None
 
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Closed-loop autonomous experimentation engine.",
@@ -316,7 +316,7 @@ def daemon(
             the_daemon = Daemon(the_store, campaigns, bind=bind, publish=publish or None, control=control or None,
                                 keys=keys, insecure=insecure, heartbeat_s=heartbeat, drain_s=drain)
     except ClosedLoopError as exc:
-        _fail(str(exc), EXIT_BAD_INPUT if isinstance(exc, Unprotected) else 1)
+        _fail(str(exc), EXIT_BAD_INPUT if isinstance(exc, (Unprotected, NotAStore)) else 1)
     signal.signal(signal.SIGTERM, lambda *_: the_daemon.request_stop("SIGTERM"))
     # -- issue 9: the live dashboard in this process, fed by this daemon's events and control socket
     # (with keys its events go to CURVE subscribers alone, and this dashboard holds no allowed key: it polls)
@@ -907,6 +907,7 @@ def _not_a_store(database: Path) -> str | None:
         return "a folder"
     if database.stat().st_size == 0:
         return "an empty file"  # SQLite would read it as an empty database, and 'copy' it
+    made = [path for path in (Path(f"{database}-wal"), Path(f"{database}-shm")) if not path.exists()]
     try:
         connection = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
         try:
@@ -914,7 +915,12 @@ def _not_a_store(database: Path) -> str | None:
         finally:
             connection.close()
     except sqlite3.DatabaseError as exc:
-        if "not a database" not in str(exc):
+        if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+            for path in made:  # reading a damaged WAL file made them, and a reader does not remove them
+                path.unlink(missing_ok=True)
+        if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_CORRUPT:
+            return f"a damaged SQLite file: {exc}"  # truncated, or overwritten in part
+        if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_NOTADB:
             raise  # unreadable (permissions, a lock held too long): said as it is
         return "not an SQLite database"
     return None if "campaign" in tables else "an SQLite database without closedloop's campaign table"

@@ -34,3 +34,8 @@ class ProtocolError(ClosedLoopError):
 
 class StoreError(ClosedLoopError):
     """The experiment store refused an operation."""
+
+
+class NotAStore(StoreError):
+    """The file named as a store is none, or not whole (another program's database, a truncated or overwritten
+    file): bad input, like a malformed campaign file; nothing was written to it."""

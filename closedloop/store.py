@@ -31,7 +31,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 from closedloop.campaign import Campaign
-from closedloop.errors import StoreError
+from closedloop.errors import NotAStore, StoreError
 from closedloop.planner.base import Result
 
 # Writes rows that belong with new trials (their provenance) on the connection and in the transaction that
@@ -221,6 +221,15 @@ def _missing(path: str | None) -> list[Path]:
     return made
 
 
+def _damaged(error: BaseException | None) -> bool:
+    """Whether a database error says the SQLite file is not a database or not a whole one."""
+    import sqlite3
+
+    code = getattr(error, "sqlite_errorcode", None)
+    return isinstance(error, sqlite3.DatabaseError) and code is not None and code & 0xFF in (
+        sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
 def _file_identity(path: Path) -> tuple[int, int] | None:
     try:
         status = os.stat(path)
@@ -305,10 +314,10 @@ def reading_engine(url_or_path: str | Path) -> Engine:
         try:
             connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
             return connection
-        except sqlite3.OperationalError:
-            connection.close()
+        except sqlite3.DatabaseError as exc:
+            connection.close()  # a damaged file's too: left open, it kept the -wal and -shm it had made beside it
             wal = Path(path + "-wal")
-            if wal.exists() and wal.stat().st_size > 0:
+            if not isinstance(exc, sqlite3.OperationalError) or (wal.exists() and wal.stat().st_size > 0):
                 raise
         return sqlite3.connect(uri + "&immutable=1", uri=True, check_same_thread=False, timeout=10)
 
@@ -377,6 +386,10 @@ class Store:
         self._lock = threading.RLock()  # one writer at a time within this process
         # what opening makes of a SQLite file not there yet (the file, the folders above it), for discard_if_unused
         self._made: list[Path] = [] if read_only else _missing(_sqlite_file(self.location))
+        # what was beside it before, so that a damaged file is refused without leaving a -wal, -shm or lock file
+        self._beside_before = {Path(f"{file}{suffix}"): Path(f"{file}{suffix}").exists()
+                               for file in [_sqlite_file(self.location)] if file and file != ":memory:"
+                               for suffix in ("-wal", "-shm", ".migrate.lock")}
         try:
             if read_only:
                 self.engine = reading_engine(url_or_path)
@@ -395,7 +408,10 @@ class Store:
         except DatabaseError as exc:  # "file is not a database", "database disk image is malformed"
             # one line: a server's refusal comes over several (psycopg: "...refused\n\tIs the server running ...")
             reason = " ".join(str(exc.orig or exc).split())
-            raise StoreError(f"cannot open the store {self.display}: {reason}") from None
+            if not _damaged(exc.orig):
+                raise StoreError(f"cannot open the store {self.display}: {reason}") from None
+            self._discard_beside()
+            raise NotAStore(f"cannot open the store {self.display}: {reason}") from None
 
     def _check_readable(self) -> None:
         """Refuse, writing nothing, a database that is not a closedloop store; upgrade an older store's schema
@@ -408,7 +424,7 @@ class Store:
             tables = set(inspect(connection).get_table_names())
             revision = current_revision(connection) if "alembic_version" in tables else None
         if "campaign" not in tables:
-            raise StoreError(f"{self.display} is not a closedloop store (it has no campaign table)")
+            raise NotAStore(f"{self.display} is not a closedloop store (it has no campaign table)")
         if revision == head_revision():
             return
         if revision is not None and not known_revision(revision):
@@ -425,6 +441,17 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def _discard_beside(self) -> None:
+        """Remove what opening a damaged SQLite file made beside it (its -wal and -shm, the migration lock): a
+        refused store is left as it was found."""
+        file = _sqlite_file(self.location)
+        if not file or not hasattr(self, "engine"):
+            return
+        self.close()
+        for path, there in self._beside_before.items():
+            if not there:
+                path.unlink(missing_ok=True)
 
     def discard_if_unused(self) -> None:
         """Remove the SQLite store this object made, if it holds no campaign, with the files opening it made

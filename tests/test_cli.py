@@ -274,7 +274,7 @@ def test_read_commands_refuse_a_database_that_is_not_a_store_and_change_nothing(
         (["export", "x", "-o", "-", "--store", "notes.db"], "cannot open the store notes.db: file is not a database"),
     ):
         result = closedloop(*args, cwd=tmp_path)
-        assert result.returncode == 1, (args, result.stdout, result.stderr)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], (args, result.stderr)
         assert "Traceback" not in result.stderr
@@ -739,3 +739,43 @@ def test_error_lines_print_bracketed_values_as_written(tmp_path: Path, monkeypat
     imported = CliRunner().invoke(app, ["import", "il-screen", "past.csv"])
     assert imported.exit_code == 2 and "'[emim]PF6' is not one of [bmim]PF6, [emim][OTf]" in imported.stderr, (
         imported.stderr)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "cut in half", "garbage header"])
+def test_a_corrupt_store_is_bad_input_one_line_exit_2_and_left_as_it_was(tmp_path: Path, damage: str,
+                                                                         logging_restored: None) -> None:
+    """A store truncated (a copy cut short by a full disk) or overwritten at its start: every command said one line
+    but exited 1, the code of a failure, where 'backup' of the same file and every other bad input exit 2; the
+    commands that open a store for writing (suggest, run, daemon) left s.db-wal, s.db-shm and s.db.migrate.lock
+    beside it, and 'backup' of a truncated store said 'DatabaseError: database disk image is malformed'."""
+    from typer.testing import CliRunner
+
+    from closedloop.cli import app
+    from closedloop.store import Store
+    from tests.conftest import branin_campaign
+
+    whole = tmp_path / "whole.db"
+    store = Store(whole)
+    cid = store.open_campaign(branin_campaign("bad"))
+    store.add_trials(cid, [({"x1": float(i), "x2": 1.0}, {}) for i in range(40)])
+    store.close()
+    sqlite3.connect(whole).execute("VACUUM").connection.close()  # every page in the file, none in its -wal
+    data = whole.read_bytes()
+    folder = tmp_path / "work"
+    folder.mkdir()
+    (folder / "bad.yaml").write_text(branin_campaign("bad").to_yaml())
+    (folder / "s.db").write_bytes({"truncated": data[:100], "cut in half": data[:len(data) // 2],
+                                   "garbage header": b"GARBAGE GARBAGE!" + data[16:]}[damage])
+    before = _files(folder)
+    for args in (["status", "bad", "--store", "s.db"], ["show", "bad", "--store", "s.db"], ["list", "--store", "s.db"],
+                 ["export", "bad", "-o", "-", "--store", "s.db"], ["suggest", "bad.yaml", "--store", "s.db"],
+                 ["run", "bad.yaml", "--store", "s.db"], ["backup", "s.db", "copy.db"],
+                 ["daemon", "bad.yaml", "--store", "s.db", "--bind", "tcp://127.0.0.1:0", "--publish", "", "--control", ""]):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(folder)
+            result = CliRunner().invoke(app, args)
+        lines = result.stderr.splitlines()
+        assert result.exit_code == 2, (args, result.stderr)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "s.db" in lines[0], (args, result.stderr)
+        assert any(why in lines[0] for why in ("disk image is malformed", "not a database", "not an SQLite")), lines
+        assert _files(folder) == before, args
