@@ -930,6 +930,12 @@ class Daemon:
             self._drop(identity, str(exc))
             self._send_raw(identity, protocol.refusal_for(exc))
             return None
+        except protocol.UnknownField as exc:
+            self._drop(identity, str(exc))
+            # dropped in silence, a newer station waits for ever for a welcome, or for acks, with no word of why
+            self._send(identity, protocol.Refused(reason=f"{exc}: the station is of a later closedloop release than "
+                                                  "this daemon; upgrade the daemon before its stations"))
+            return None
         except ProtocolError as exc:
             self._drop(identity, str(exc))
             return None

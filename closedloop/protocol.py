@@ -96,6 +96,11 @@ class VersionMismatch(ProtocolError):
         self.peer_version = peer_version
 
 
+class UnknownField(ProtocolError):
+    """A message of this version with a field this release does not know: fields are added within a version, so
+    the peer is likely of a later release."""
+
+
 #: a trial's id, as the store keeps it: SQLite's INTEGER is 64-bit, and a larger id (10**26) raised OverflowError
 #: in the daemon's lookup instead of being dropped as malformed
 TrialId = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
@@ -304,7 +309,8 @@ def decode(frame: bytes) -> Any:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise ProtocolError(f"invalid {str(raw.get('type'))[:40]!r} message: {where}: {first['msg']}") from None
+        error = UnknownField if first["type"] == "extra_forbidden" else ProtocolError
+        raise error(f"invalid {str(raw.get('type'))[:40]!r} message: {where}: {first['msg']}") from None
 
 
 def refusal_for(exc: VersionMismatch) -> bytes:

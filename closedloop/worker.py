@@ -59,7 +59,9 @@ def why_unheard(keys: ClientKeys | None, name: str) -> str:
     # the CURVE handshake
     keyed = ("the --server-key may not be the daemon's public key, this station's key may not be in its "
              "--allowed-keys, or " if keys is not None else "")
-    return f"if it is running, {keyed}another process may be connected as station {name!r}"
+    return (f"if it is running, {keyed}another process may be connected as station {name!r}, or the daemon may be of "
+            "an earlier closedloop release, which drops this station's hello (its log says why): upgrade the daemon "
+            "before its stations")
 
 
 class Registration:

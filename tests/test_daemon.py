@@ -136,6 +136,59 @@ def test_a_station_meeting_a_daemon_of_another_version_stops_and_says_so(tmp_pat
         context.term()
 
 
+def test_a_station_of_a_newer_release_is_refused_naming_the_field_this_daemon_does_not_know(store: Store) -> None:
+    """Fields are added within protocol version 1, and a daemon refuses fields it does not know: this release's
+    station under a daemon of 2026-11-25 had its every hello dropped ('hello.instance: Extra inputs are not
+    permitted') and waited for a welcome that never came, its log saying only that another process may hold its
+    name. A daemon of this release tells such a station why, and what to do; nothing is registered."""
+    daemon = Daemon(store, [_campaign("newer", 1)], heartbeat_s=0.2)
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(daemon.endpoint)
+    try:
+        hello = json.loads(protocol.encode(protocol.Hello(station="next-release")))
+        sock.send(json.dumps({**hello, "priority": 3}).encode())
+        for _ in range(50):
+            daemon.step(20)
+            if sock.poll(0):
+                break
+        assert sock.poll(0), "the daemon said nothing"
+        reply = json.loads(sock.recv())
+        assert reply["type"] == "refused", reply
+        assert "hello.priority" in reply["reason"] and "upgrade the daemon before its stations" in reply["reason"]
+        assert daemon.stations == {}
+    finally:
+        sock.close()
+        context.term()
+        daemon.close()
+
+
+def test_a_station_no_daemon_answers_names_an_older_daemon_among_the_causes(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A daemon of an earlier release drops a newer station's hello without a word (it cannot be changed now):
+    the station's log names that cause beside the others."""
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    worker = StationWorker(f"tcp://127.0.0.1:{port}", name="unheard", outbox=tmp_path / "o.db", heartbeat_s=0.2)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    caplog.set_level(logging.WARNING, logger="closedloop.worker")
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while "no word from the daemon" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "no word from the daemon" in caplog.text
+        assert "an earlier closedloop release, which drops this station's hello" in caplog.text, caplog.text
+    finally:
+        worker.stop()
+        thread.join(timeout=10)
+        router.close()
+        context.term()
+
+
 @pytest.mark.slow
 def test_a_trial_past_its_timeout_is_cancelled_on_the_station_and_failed(store: Store, tmp_path: Path) -> None:
     campaign = _campaign("timeout", 1, latency=8.0, retries=0, timeout=1.0)
