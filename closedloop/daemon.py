@@ -660,6 +660,7 @@ class Daemon:
     @staticmethod
     def _bind(sock: zmq.Socket, bind: str) -> str:
         if bind.endswith(":0"):
+        sock.setsockopt(zmq.IPV6, protocol.wants_ipv6(bind))
             port = sock.bind_to_random_port(bind[: bind.rindex(":")])
             return f"{bind[: bind.rindex(':')]}:{port}"
         sock.bind(bind)
@@ -1912,6 +1913,7 @@ def control_request(endpoint: str, method: str, params: dict[str, Any] | None = 
     """
     context = context or zmq.Context.instance()
     sock = context.socket(zmq.REQ)
+    sock.setsockopt(zmq.IPV6, protocol.wants_ipv6(endpoint))
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(endpoint)

@@ -163,7 +163,7 @@ class ClientKeys:
 
 def is_local(endpoint: str) -> bool:
     """True for endpoints only this machine can reach: ipc://, inproc:// and tcp:// on a host whose every address
-    is loopback.
+    is loopback (127.0.0.0/8, ``[::1]``, ``[::ffff:127.0.0.1]``).
 
     The one rule for the station endpoints and the unauthenticated control socket. A name counts by what it resolves
     to, as ZeroMQ binds it ('localhost.example.org' may be anyone's address); an interface name (ZeroMQ takes that
@@ -181,7 +181,16 @@ def is_local(endpoint: str) -> bool:
         addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
     except (socket.gaierror, UnicodeError):
         return False
-    return bool(addresses) and all(ipaddress.ip_address(address.partition("%")[0]).is_loopback for address in addresses)
+    return bool(addresses) and all(_loopback(address) for address in addresses)
+
+
+def _loopback(address: str) -> bool:
+    """``127.0.0.0/8`` or ``::1``, also as IPv4 written for IPv6 (``::ffff:127.0.0.1``, which Python's own
+    ``is_loopback`` does not know before 3.13)."""
+    ip = ipaddress.ip_address(address.partition("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 class Unprotected(ProtocolError):

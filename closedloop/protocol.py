@@ -58,9 +58,6 @@ def endpoint_problem(value: str, *, listen: bool = False) -> str | None:
     if value.startswith(("ipc://", "inproc://")) and value.partition("://")[2].strip():
         return None
     match = _TCP_ENDPOINT.fullmatch(value)
-    if match and listen and ":" in match["host"]:
-        # ZeroMQ listens on one only with its IPV6 option, which the daemon does not set: [::1] was 'No such device'
-        return "the daemon does not listen on IPv6 addresses: use tcp://127.0.0.1:PORT or ipc://PATH"
     if match and (match["port"] == "*" or int(match["port"]) <= 65535):
         return _not_this_machine(match["host"]) if listen else None
     guess = _HOST_PORT.fullmatch(value.strip())
@@ -86,6 +83,34 @@ def _not_this_machine(host: str) -> str | None:
         return (f"{host!r} is neither an address, a host name nor a network interface of this machine "
                 "(listen on tcp://*:PORT, or on one of its addresses)")
     return None
+
+
+def wants_ipv6(endpoint: str) -> bool:
+    """Whether a socket needs ZeroMQ's IPV6 option to bind or connect ``endpoint``: set it on every socket made for one.
+
+    Without it ZeroMQ cannot bind an IPv6 address ('No such device') and connects to one never, saying nothing. True
+    for an IPv6 address (``tcp://[::1]:5701``, ``tcp://[fe80::1%eth0]:5701``), for a name with IPv6 addresses alone
+    (an IPv6-only lab's) and for '*' (every interface of both families; IPv4 peers come in as ::ffff:a.b.c.d). A name
+    with an IPv4 address keeps to IPv4, as before: with the option ZeroMQ takes a name's IPv6 address alone, and a
+    daemon on 'localhost' (127.0.0.1 and ::1) would have listened where its IPv4 stations do not connect. An interface
+    name also keeps to its IPv4 address.
+
+    >>> wants_ipv6("tcp://[::1]:5701"), wants_ipv6("tcp://127.0.0.1:5701"), wants_ipv6("ipc:///run/closedloop")
+    (True, False, False)
+    """
+    match = _TCP_ENDPOINT.fullmatch(endpoint)
+    if not match:
+        return False
+    host = match["host"]
+    if host == "*" or ":" in host:
+        return True
+    if host in {name for _, name in socket.if_nameindex()}:
+        return False
+    try:
+        families = {info[0] for info in socket.getaddrinfo(host, None)}
+    except (socket.gaierror, UnicodeError):
+        return False  # ZeroMQ says what it makes of it
+    return families == {socket.AF_INET6}
 
 
 class VersionMismatch(ProtocolError):

@@ -532,11 +532,13 @@ def watch_events(store: Store, campaign: str, console: Console, endpoint: str,
     import zmq
 
     from closedloop.events import decode_event
+    from closedloop.protocol import wants_ipv6
 
     context = zmq.Context.instance()
     sub = context.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.SUBSCRIBE, f"campaign.{campaign}.".encode())
+    sub.setsockopt(zmq.IPV6, wants_ipv6(endpoint))
     sub.connect(endpoint)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     spec = store.campaign(campaign)

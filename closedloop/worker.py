@@ -192,6 +192,7 @@ def connect_station(context: zmq.Context, endpoint: str, name: str, keys: Client
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    sock.setsockopt(zmq.IPV6, protocol.wants_ipv6(endpoint))
     if keys is not None:
         keys.apply(sock)
     sock.connect(endpoint)

@@ -518,6 +518,9 @@ def test_the_endpoints_zeromq_takes_pass_the_check() -> None:
         assert _endpoint_problem(endpoint) is None, endpoint
     assert "(a port is at most 65535)" in str(_endpoint_problem("tcp://127.0.0.1:65536"))
     assert "(did you mean tcp://127.0.0.1:5701?)" in str(_endpoint_problem("5701"))
+    # IPv6 addresses are listened on too (the daemon refused them, its sockets lacking ZeroMQ's IPV6 option)
+    for endpoint in ("tcp://[::1]:5701", "tcp://[::1]:0", "tcp://[::]:5701", "tcp://[::ffff:127.0.0.1]:5701"):
+        assert _endpoint_problem(endpoint, listen=True) is None, endpoint
 
 
 def test_a_backup_of_a_store_being_written_holds_every_commit_before_it_and_the_run_documents(tmp_path: Path) -> None:

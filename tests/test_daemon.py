@@ -970,16 +970,17 @@ def test_the_control_socket_is_refused_anywhere_but_loopback_or_ipc(tmp_path: Pa
     from closedloop.errors import ProtocolError
     from tests.test_keys import _own_address
 
-    hostile = [f"tcp://{own}:0" for own in [_own_address()] if own is not None] + ["tcp://*:0", "tcp://0.0.0.0:0"]
+    hostile = [f"tcp://{own}:0" for own in [_own_address()] if own is not None] + ["tcp://*:0", "tcp://0.0.0.0:0",
+                                                                                    "tcp://[::]:0"]
     for control in hostile:
         with pytest.raises(ProtocolError, match=r"control endpoint .* is reachable from other machines"):
             _control_daemon(tmp_path, control)
     for control in ("tcp://localhost.example.invalid:5700", "tcp://127.0.0.1.example.invalid:5700"):
         with pytest.raises(ValueError, match=r"is neither an address, a host name nor a network interface"):
             _control_daemon(tmp_path, control)
-    with pytest.raises(ValueError, match=r"IPv6 addresses: use tcp://127\.0\.0\.1:PORT or ipc://PATH"):
-        _control_daemon(tmp_path, "tcp://[::1]:5700")
     accepted = [f"ipc://{tmp_path}/control", "tcp://127.0.0.1:0", "tcp://localhost:0"]
+    if _ipv6_loopback_problem() is None:  # loopback by IPv6, and IPv4 as IPv6 sees it
+        accepted += ["tcp://[::1]:0", "tcp://[::ffff:127.0.0.1]:0"]
     if all(info[4][0].startswith("127.") for info in socket.getaddrinfo(socket.gethostname(), None)):
         accepted.append(f"tcp://{socket.gethostname()}:0")  # 'vm' is 127.0.0.1 in this machine's /etc/hosts
     for control in accepted:
@@ -987,6 +988,60 @@ def test_the_control_socket_is_refused_anywhere_but_loopback_or_ipc(tmp_path: Pa
         try:
             assert daemon.control is not None
             bound = daemon.control.getsockopt(zmq.LAST_ENDPOINT).decode()
-            assert bound.startswith(("ipc://", "tcp://127.0.0.1:")), (control, bound)
+            assert bound.startswith(("ipc://", "tcp://127.0.0.1:", "tcp://[::1]:", "tcp://[::ffff:127.0.0.1]:")), \
+                (control, bound)
         finally:
             daemon.close()
+
+
+def _ipv6_loopback_problem() -> str | None:
+    """Why this machine cannot listen on ::1 (no IPv6, or loopback without it), or None."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError as exc:
+        return f"this machine cannot listen on IPv6 loopback [::1]: {exc}"
+    return None
+
+
+def test_a_daemon_on_ipv6_loopback_serves_its_station_and_its_control_socket(store: Store, tmp_path: Path) -> None:
+    """The daemon refused IPv6 endpoints ('the daemon does not listen on IPv6 addresses'), its sockets lacking
+    ZeroMQ's IPV6 option: without it ZeroMQ cannot bind [::1] ('No such device'), and a station connecting to it
+    waits for good, silently. Every socket to such an endpoint now has the option."""
+    if problem := _ipv6_loopback_problem():
+        pytest.skip(problem)
+    daemon = Daemon(store, [_campaign("six", 4, latency=0.05)], bind="tcp://[::1]:0", publish="tcp://[::1]:0",
+                    control="tcp://[::1]:0", heartbeat_s=0.2)
+    assert daemon.endpoint.startswith("tcp://[::1]:") and daemon.control_endpoint is not None
+    with serving(daemon) as thread:
+        assert control_request(daemon.control_endpoint, "status")["success"] is True
+        with station(daemon.endpoint, "six-a", tmp_path):
+            thread.join(timeout=60)
+        assert not thread.is_alive()
+    trials = store.trials(store.campaign_row("six").id)
+    assert [(t.status, t.station) for t in trials] == [("completed", "six-a")] * 4
+
+
+def test_a_daemon_on_every_interface_welcomes_stations_of_both_families(store: Store) -> None:
+    """'tcp://*:PORT' listened on IPv4 alone: a station of an IPv6-only network could not reach it. It now listens on
+    both families (IPv4 peers as ::ffff:a.b.c.d), and a station connecting by either is welcomed."""
+    from closedloop.worker import connect_station
+
+    if problem := _ipv6_loopback_problem():
+        pytest.skip(problem)
+    daemon = Daemon(store, [_campaign("both", 2)], bind="tcp://*:0", insecure=True, heartbeat_s=0.2)
+    port = daemon.endpoint.rpartition(":")[2]
+    context = zmq.Context()
+    socks = {name: connect_station(context, f"tcp://{host}:{port}", name, None)
+             for name, host in (("by-six", "[::1]"), ("by-four", "127.0.0.1"))}
+    try:
+        with serving(daemon):
+            for name, sock in socks.items():
+                sock.send(protocol.encode(protocol.Hello(station=name)))
+                assert _next_message(sock, "welcome").type == "welcome", name
+    finally:
+        for sock in socks.values():
+            sock.close(linger=0)
+        context.term()

@@ -1115,3 +1115,13 @@ def test_event_streams_beyond_the_limit_are_refused_and_the_daemons_process_keep
         for conn in held:
             conn.close()
         server.stop()
+
+
+def test_a_daemon_endpoint_on_every_interface_is_reached_by_loopback_of_its_family() -> None:
+    """The dashboard's SUB connected to 'tcp://[::]:5702' as given, an address no peer reaches; IPv6's every interface
+    is now reached by [::1], as IPv4's by 127.0.0.1."""
+    from closedloop.dashboard.app import _connectable
+
+    assert _connectable("tcp://[::]:5702") == "tcp://[::1]:5702"
+    assert _connectable("tcp://*:5702") == _connectable("tcp://0.0.0.0:5702") == "tcp://127.0.0.1:5702"
+    assert _connectable("tcp://[::1]:5702") == "tcp://[::1]:5702"

@@ -63,6 +63,16 @@ def _own_address() -> str | None:
     ("tcp://localhost.example.invalid:5700", False),  # a name that merely contains 'localhost' (.invalid never resolves)
     ("tcp://127.0.0.1.example.invalid:5700", False),
     ("tcp://lo:5700", False),  # an interface name: ZeroMQ takes its address, this check does not look it up
+    ("tcp://[::1]:5700", True),
+    ("tcp://[::1]:*", True),
+    ("tcp://[0:0:0:0:0:0:0:1]:5700", True),
+    ("tcp://[::ffff:127.0.0.1]:5700", True),  # IPv4 loopback as an IPv6 socket sees it
+    ("tcp://[::]:5700", False),  # every interface, both families
+    ("tcp://[::ffff:0.0.0.0]:5700", False),
+    ("tcp://[2001:db8::1]:5700", False),
+    ("tcp://[fe80::1%lo]:5700", False),  # link-local: its neighbours reach it, whatever the interface
+    ("tcp://[fe80::1%eth0]:5700", False),
+    ("tcp://::1:5700", True),  # ZeroMQ takes an IPv6 address without its brackets too
 ])
 def test_an_endpoint_is_local_only_when_every_address_of_its_host_is_loopback(endpoint: str, local: bool) -> None:
     from closedloop.keys import is_local

@@ -50,6 +50,7 @@ from starlette.staticfiles import StaticFiles
 from closedloop import provenance
 from closedloop.dashboard.state import CampaignView, finite
 from closedloop.errors import ClosedLoopError, ProtocolError
+from closedloop.protocol import wants_ipv6
 from closedloop.keys import ClientKeys
 from closedloop.store import Store, TrialStatus, displayed
 
@@ -388,6 +389,7 @@ class Dashboard:
         sub = context.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.setsockopt(zmq.IPV6, wants_ipv6(self.config.events))
         if self.config.keys is not None:
             self.config.keys.apply(sub)
         sub.connect(self.config.events)
@@ -424,12 +426,13 @@ class _Counted(StreamingResponse):
 
 
 def _connectable(endpoint: str | None) -> str | None:
-    """A bound endpoint as a peer connects to it: ``tcp://*:5702`` and ``tcp://0.0.0.0:5702`` via loopback."""
+    """A bound endpoint as a peer connects to it: ``tcp://*:5702``, ``tcp://0.0.0.0:5702`` and ``tcp://[::]:5702``
+    via loopback."""
     if endpoint is None:
         return None
-    for wildcard in ("tcp://*:", "tcp://0.0.0.0:"):
+    for wildcard, loopback in (("tcp://*:", "127.0.0.1"), ("tcp://0.0.0.0:", "127.0.0.1"), ("tcp://[::]:", "[::1]")):
         if endpoint.startswith(wildcard):
-            return "tcp://127.0.0.1:" + endpoint[len(wildcard):]
+            return f"tcp://{loopback}:" + endpoint[len(wildcard):]
     return endpoint
 
 
