@@ -692,6 +692,10 @@ def export(
     # 0.984118166379631, another number than the CSV's and the store's. Names stay as written (H₂O, not H\u2082O)
     as_json = json.dumps([{c: r.get(c) for c in columns} for r in records], indent=1, ensure_ascii=False)
     target = output or Path(f"{name}.{format}")
+    if format == "csv":
+        from closedloop.hitl import csv_cell
+
+        frame = frame.map(csv_cell)  # a spreadsheet opening it runs no value as a formula
     if str(target) == "-":
         if format == "parquet":
             _fail("parquet is binary: give --output FILE", EXIT_BAD_INPUT)

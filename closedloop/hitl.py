@@ -60,6 +60,24 @@ def user() -> str:
 
 # -- values ---------------------------------------------------------------------------------------
 
+# a text cell starting with one of these is run as a formula by a spreadsheet that opens the CSV (OWASP, "CSV
+# injection"); "'" is among them so that the cell an export writes reads back as the value it was
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def csv_cell(value: Any) -> Any:
+    """``value`` as a CSV export writes it: text a spreadsheet would take for a formula gets a leading ``'``.
+
+    >>> csv_cell("=SUM(A1)"), csv_cell(-2.5), csv_cell("DMF")
+    ("'=SUM(A1)", -2.5, 'DMF')
+    """
+    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA_START) else value
+
+
+def _from_csv_cell(text: str) -> str:
+    return text[1:] if text.startswith("'") and text[1:].startswith(_FORMULA_START) else text
+
+
 
 def parse_value(campaign: Campaign, name: str, text: Any) -> Any:
     """``text`` converted to parameter ``name``'s declared type and checked against its limits.
@@ -471,7 +489,7 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
                     continue
                 if len(cells) != len(header):
                     raise DataError([f"{path} row {number}: {len(cells)} cells for {len(header)} columns"])
-                rows.append((number, {h: c.strip() for h, c in zip(header, cells)}))
+                rows.append((number, {h: _from_csv_cell(c.strip()) for h, c in zip(header, cells)}))
     except OSError as exc:
         raise DataError([f"{path}: cannot read the file: {exc.strerror}"]) from None
     except csv.Error as exc:

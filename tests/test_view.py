@@ -517,3 +517,39 @@ def test_the_terminal_panel_prints_bracketed_station_names_and_messages_as_writt
     assert "[lab]robot: #3" in text, text
     assert "failed: device [x] failed at slot:cd:2" in text, text
     assert "brackets (idle)" in text, text
+
+
+def test_a_csv_export_neutralises_formulas_and_imports_back_as_stored(tmp_path: Path) -> None:
+    # a categorical value '=HYPERLINK(...)' or '@SUM(A1)' went into the CSV as written, and a spreadsheet opening the
+    # export ran it as a formula (OWASP's CSV injection); the cell now starts with "'", which an import takes off
+    import csv
+
+    from closedloop.campaign import Campaign
+
+    values = ['=HYPERLINK("http://x","y")', "+cmd", "-2+3", "@SUM(A1)", "'quoted", "'=x", "plain"]
+    text = ("name: NAME\nparameters:\n  x: {type: continuous, bounds: [-1, 1]}\n"
+            f"  cat: {{type: categorical, values: {json.dumps(values)}}}\nobjectives:\n  y: {{goal: minimize}}\n"
+            "budget: {experiments: 10}\ninstrument: {function: 'simulators.multifidelity:biased_branin'}\n")
+    store = Store(tmp_path / "s.db")
+    cid = store.open_campaign(Campaign.from_yaml_text(text.replace("NAME", "formulas"), check_instrument=False))
+    for i, (trial, value) in enumerate(zip(store.add_trials(cid, [({"x": -0.5, "cat": v}, {}) for v in values]),
+                                           values)):
+        store.mark_dispatched(trial.id, "station-a")
+        store.record_result(trial.id, f"run-{i}", {"y": -float(i)})
+    store.close()
+    target = tmp_path / "formulas.csv"
+    result = CliRunner().invoke(app, ["export", "formulas", "-o", str(target), "--store", str(tmp_path / "s.db")])
+    assert result.exit_code == 0, result.output
+    with open(target, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    cells = [cell for row in rows for cell in row.values()]
+    assert not [c for c in cells if c[:1] in ("=", "+", "@") or (c[:1] == "-" and not c[1:2].isdigit())], cells
+    assert [row["cat"] for row in rows] == ["'" + v if v != "plain" else v for v in values]
+    assert [row["x"] for row in rows] == ["-0.5"] * len(values) and rows[1]["y"] == "-1.0"  # numbers as numbers
+    (tmp_path / "again.yaml").write_text(text.replace("NAME", "again"))
+    imported = CliRunner().invoke(app, ["import", str(tmp_path / "again.yaml"), str(target), "--store",
+                                        str(tmp_path / "s.db")])
+    assert imported.exit_code == 0, imported.output
+    store = Store(tmp_path / "s.db", read_only=True)
+    assert [r["cat"] for r in trial_records(store, "again")] == values
+    store.close()
