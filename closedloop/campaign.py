@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import ast
+import contextvars
 import csv
 import difflib
 import functools
@@ -152,10 +153,15 @@ def _no_boolean(value: Any) -> Any:
     return value
 
 
+# set while a store's copy of a campaign is read: the rules on names and text values came after stores that hold
+# campaigns run without them, and reading those stores' results must not fail (every command would refuse them)
+_STORED = contextvars.ContextVar("_STORED", default=False)
+
+
 def _one_line(value: Any) -> Any:
     # tables (show, export) print a value in one cell, and a table read back (import, tell --csv) takes cells
     # without the spaces spreadsheets pad them with
-    if isinstance(value, str):
+    if isinstance(value, str) and not _STORED.get():
         if control := next((c for c in value if unicodedata.category(c) == "Cc"), None):
             raise ValueError(f"{value!r} holds a control character ({control!r}); write it on one line")
         if value != value.strip():
@@ -304,7 +310,7 @@ def _check_choices(values: list[Any]) -> list[Any]:
         # 10 and "10", or an accent composed and combining, are one cell of a table: show and export could not
         # tell them apart, and an import took the first
         text = unicodedata.normalize("NFC", str(v))
-        if text in written:
+        if text in written and not _STORED.get():
             first = written[text]
             both = f"{first!r} and {v!r}" + (f" ({ascii(v)})" if isinstance(v, str) and isinstance(first, str) else "")
             raise ValueError(f"values {both} are written the same way in a table; keep one")
@@ -1003,7 +1009,11 @@ class Campaign(_Model):
             if isinstance(objective, dict) and objective.pop("threshold", None) is not None:
                 text = yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True)
         # checked against its instrument when it was started; reading results must not need the lab's drivers
-        return load_campaign_text(text, source, check_instrument=False)
+        stored = _STORED.set(True)
+        try:
+            return load_campaign_text(text, source, check_instrument=False)
+        finally:
+            _STORED.reset(stored)
 
     @classmethod
     def json_schema(cls) -> dict[str, Any]:
@@ -1049,14 +1059,14 @@ def _bad_name(name: Any) -> str | None:
                 "(names appear in constraint expressions)")
     # expressions read names as Python does, in NFKC: 'e' and a combining accent, or the micro sign, would be
     # another name there, and would stand beside their composed twin as a second parameter that looks the same
-    if (normal := unicodedata.normalize("NFKC", name)) != name:
+    if (normal := unicodedata.normalize("NFKC", name)) != name and not _STORED.get():
         return (f"{name!r} ({ascii(name)}) is not in Unicode's normal form NFKC, in which expressions read it as "
                 f"{normal!r} ({ascii(normal)}); write it that way")
     return None
 
 
 def _column_name(name: Any) -> str | None:
-    if name in TABLE_COLUMNS:
+    if name in TABLE_COLUMNS and not _STORED.get():
         return (f"{name!r} is a column of every table of trials (show, export, import: "
                 f"{', '.join(TABLE_COLUMNS)}); choose another name")
     return None

@@ -54,11 +54,12 @@ class _Commands(TyperGroup):
             if isinstance(exc, ClosedLoopError):
                 message = str(exc)
             elif isinstance(exc, DBAPIError):
-                from closedloop.store import displayed
+                from closedloop.store import LOCKED, displayed
 
                 # the driver's reason alone, on one line: SQLAlchemy's text adds the statement, its parameters and
                 # a link, four "error:" lines for a full disk
                 reason = " ".join(str(exc.orig or exc).split())
+                reason = LOCKED if reason == "database is locked" else reason
                 store = ctx.meta.get(_STORE_META)  # the command's context shares its meta with this one
                 which = f"the database of store {displayed(store)}" if store else "the store's database"
                 message = (f"{which} failed: {reason} ({type(exc.orig or exc).__name__}; "

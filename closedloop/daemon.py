@@ -160,6 +160,7 @@ class InFlight:
     started: bool = False
     reconciling: bool = False  # waiting for its station to say what it holds: left by an earlier daemon, or lost
     lost: str | None = None  # why it waits, when its station was declared lost (None: an earlier daemon's)
+    behind: bool = False  # queued behind its lost station's run in progress: nothing ran
     # the assign's message id, which the station's answers name; None when an earlier daemon sent it
     assignment: str | None = None
     said_long: bool = False  # logged once as running long (a campaign without a timeout)
@@ -1132,7 +1133,7 @@ class Daemon:
                     flight.deadline = self._deadline(self.runs[flight.campaign_id], started=flight.started)
                 if flight.lost:
                     log.info("station %s came back holding trial %s: it stays there", hello.station, trial_id)
-                flight.station, flight.reconciling, flight.lost = hello.station, False, None
+                flight.station, flight.reconciling, flight.lost, flight.behind = hello.station, False, None, False
                 station.running[trial_id] = flight.dispatched
             elif flight.station == hello.station and flight.lost:
                 # back without it (restarted, the run lost with the process): the attempt failed as the station did
@@ -1279,7 +1280,7 @@ class Daemon:
         station = self.stations[identity]
         if flight is None or flight.station != station.name or not flight.answered_by(started):
             return
-        flight.reconciling, flight.lost, flight.started = False, None, True
+        flight.reconciling, flight.lost, flight.behind, flight.started = False, None, False, True
         run = self.runs[flight.campaign_id]
         flight.deadline = self._deadline(run, started=True)
         self._transition(run, flight.index, flight.trial_id, "started", station=station.name)
@@ -1405,32 +1406,19 @@ class Daemon:
                     flight = self.in_flight.get(trial_id)
                     if flight is not None:
                         run = self.runs[flight.campaign_id]
-                        if busy and flight.assignment is not None and not flight.started:
-                            # queued behind the run in progress, never started: nothing ran, so it goes back to the
-                            # front of the queue (abandoned, with no retries, it was an experiment of the budget
-                            # that no instrument ran). Without a run in progress it may be what killed the station,
-                            # and it follows the retry policy
-                            reason = f"station {station.name} lost before starting it"
-                            self._release(trial_id)
-                            self.store.requeue(trial_id, reason, attempted=False)
-                            run.queue.appendleft(trial_id)
-                            self._transition(run, flight.index, trial_id, "requeued", reason=reason)
-                            self._emit("trial_requeued", run, trial=flight.index, reason=reason)
-                            self._update_planner(run)
-                        else:
-                            # it may still be running there, or done with its result in the outbox (a frozen host,
-                            # a partition, a restart): re-queued at once, it was measured again on the next free
-                            # station and the first run came back as a late result. It waits for its station as
-                            # after a daemon restart, and the retry policy decides only if the station does not return
-                            flight.reconciling, flight.lost = True, f"station {station.name} lost"
-                            flight.deadline = now + self.reconcile_s
-                            log.warning("trial %s: station %s lost while it held it; waiting %.0f s for it to come "
-                                        "back before the retry policy decides", trial_id, station.name,
-                                        self.reconcile_s)
-                            self._transition(run, flight.index, trial_id, "reconciling", station=station.name,
-                                             reason=flight.lost)
-                        if trial_id in run.queue:
-                            self._left_behind[trial_id] = station.name
+                        # it may still be running there, or done with its result in the outbox, or queued to start
+                        # (a frozen host, a partition, a restart): re-queued at once, it was measured again on the
+                        # next free station, and the station, back seconds later, delivered its own run as a late
+                        # result (or started its queued trial before the cancel reached it). It waits for its
+                        # station as after a daemon restart; the retry policy decides only if it does not return
+                        flight.behind = busy and flight.assignment is not None and not flight.started
+                        flight.reconciling = True
+                        flight.lost = f"station {station.name} lost" + (" before starting it" if flight.behind else "")
+                        flight.deadline = now + self.reconcile_s
+                        log.warning("trial %s: station %s lost while it held it; waiting %.0f s for it to come back",
+                                    trial_id, station.name, self.reconcile_s)
+                        self._transition(run, flight.index, trial_id, "reconciling", station=station.name,
+                                         reason=flight.lost)
         self._say_running_long(now)
         self._note_unserved()
         # stations holding their RunEngines for a paused campaign: every trial there waits, whatever its campaign
@@ -1454,7 +1442,18 @@ class Daemon:
         """A trial waited for in vain for its station (or one back without it): the retry policy decides."""
         run = self.runs[flight.campaign_id]
         why = flight.lost or f"station {flight.station} did not come back after a daemon restart"
-        self._fail(run, flight, why, retry=True, status=TrialStatus.abandoned)
+        if flight.behind:
+            # queued behind the run in progress, never started: nothing ran, so it goes back to the front of the
+            # queue (abandoned, with no retries, it was an experiment of the budget that no instrument ran). Without
+            # a run in progress it may be what killed the station, and it follows the retry policy
+            self._release(flight.trial_id)
+            self.store.requeue(flight.trial_id, why, attempted=False)
+            run.queue.appendleft(flight.trial_id)
+            self._transition(run, flight.index, flight.trial_id, "requeued", reason=why)
+            self._emit("trial_requeued", run, trial=flight.index, reason=why)
+            self._update_planner(run)
+        else:
+            self._fail(run, flight, why, retry=True, status=TrialStatus.abandoned)
         if flight.lost and flight.station and flight.trial_id in run.queue:
             self._left_behind[flight.trial_id] = flight.station
 

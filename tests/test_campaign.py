@@ -533,6 +533,30 @@ def test_a_threshold_on_the_only_objective_is_refused_pointing_to_stop_when() ->
     assert Campaign.from_yaml_text(two, check_instrument=False).objectives["y"].threshold == 80
 
 
+def test_a_store_begun_with_names_and_values_refused_since_still_reads(tmp_path: Path) -> None:
+    """A parameter named 'status', a name with a combining accent, values with spaces at their ends or a line break,
+    10 and "10": refused in a campaign file since 2026-12-06, but stores hold campaigns run with them, and every
+    command that reads one (show, export, report, status) failed on its copy of the file."""
+    import unicodedata
+
+    from closedloop.campaign import CategoricalParameter, ContinuousParameter
+    from closedloop.store import Store
+
+    campaign = Campaign.from_yaml_text(BASE, check_instrument=False)
+    nfd = unicodedata.normalize("NFD", "température")
+    legacy = campaign.model_copy(update={
+        "parameters": {"status": ContinuousParameter(bounds=(0, 1)), nfd: ContinuousParameter(bounds=(0, 1)),
+                       "cat": CategoricalParameter.model_construct(values=[" lead", "a\nb", 10, "10"])},
+        "objectives": {"error": Objective(goal="minimize")}})
+    store = Store(tmp_path / "s.db")
+    store.open_campaign(legacy)
+    stored = store.campaign("t")
+    assert list(stored.parameters) == ["status", nfd, "cat"] and list(stored.objectives) == ["error"]
+    assert stored.parameters["cat"].values == [" lead", "a\nb", 10, "10"]
+    with pytest.raises(CampaignFileError, match="is a column of every table of trials"):
+        Campaign.from_yaml_text(legacy.to_yaml(), check_instrument=False)  # a file is held to today's rules
+
+
 def test_a_store_begun_with_a_threshold_on_the_only_objective_still_opens_and_resumes(tmp_path: Path) -> None:
     """Such a file was run (the threshold ignored) before it was refused: the store still reads, and takes the file
     without the threshold, which runs the same; a file that stops at the threshold instead is a different one."""

@@ -782,3 +782,28 @@ def test_a_corrupt_store_is_bad_input_one_line_exit_2_and_left_as_it_was(tmp_pat
         assert len(lines) == 1 and lines[0].startswith("error: ") and "s.db" in lines[0], (args, result.stderr)
         assert any(why in lines[0] for why in ("disk image is malformed", "not a database", "not an SQLite")), lines
         assert _files(folder) == before, args
+
+
+@pytest.mark.slow
+def test_a_store_another_program_keeps_locked_is_one_line_saying_so_and_what_to_do(tmp_path: Path) -> None:
+    """A scientist's sqlite3 shell (or DB Browser with edits not yet written) holding a write transaction: after
+    10 s the command said only 'the database of store s.db failed: database is locked (OperationalError; run with
+    --debug for the traceback)', as did a daemon, which stops there."""
+    from closedloop.store import Store
+    from tests.conftest import branin_campaign
+
+    campaign = branin_campaign("held")
+    (tmp_path / "c.yaml").write_text(campaign.to_yaml())
+    Store(tmp_path / "s.db").close()
+    holder = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        result = closedloop("suggest", "c.yaml", "--store", "s.db", cwd=tmp_path)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "s.db" in lines[0] and "locked" in lines[0]
+    assert "another program has held a write transaction on it for over 10 s" in lines[0], lines[0]

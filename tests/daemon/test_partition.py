@@ -120,3 +120,36 @@ def test_a_lost_station_that_never_comes_back_has_its_trial_retried_after_the_gr
     lost = _at(text, f"station {dead} lost")
     retried = _at(text, f'trial=1 trial_id=1 state="dispatched" station="{other}"')
     assert 10.0 <= retried - lost < 12.0, retried - lost
+
+
+def test_a_station_back_from_a_freeze_does_not_start_the_trial_queued_behind_its_run(tmp_path: Path) -> None:
+    """The trial queued on a frozen station went to another station at once when it was declared lost; back a few
+    seconds later, the station finished its run and started that queued trial as well before the daemon's cancel
+    reached it: measured twice, once aborted. It now waits for its station too."""
+    (tmp_path / "c.yaml").write_text(campaign_yaml("partition", 2, latency=2.0, concurrency=2, retries=1))
+    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    daemon = start_daemon(tmp_path, endpoint, control)
+    workers = {"station-1": start_worker(tmp_path, endpoint, "station-1")}
+    log = tmp_path / "daemon.log"
+    try:
+        wait_for(lambda: log.exists() and _started_on(log.read_text(), 1) == ["station-1"]
+                 and 'trial=2 trial_id=2 state="dispatched" station="station-1"' in log.read_text(), 60,
+                 "trial 1 to start on station-1 with trial 2 queued behind it")
+        os.kill(workers["station-1"].pid, signal.SIGSTOP)
+        try:
+            workers["station-2"] = start_worker(tmp_path, endpoint, "station-2")  # free for trial 2
+            wait_for(lambda: "station station-1 lost" in log.read_text(), 30, "the daemon to declare station-1 lost")
+            time.sleep(3.0)  # back within the grace (10 s)
+        finally:
+            os.kill(workers["station-1"].pid, signal.SIGCONT)
+        assert daemon.wait(timeout=90) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
+    finally:
+        for proc in (daemon, *workers.values()):
+            kill9(proc)
+
+    assert "cancelling" not in (tmp_path / "station-1.log").read_text()
+    assert _started_on(log.read_text(), 2) == ["station-1"]
+    store = Store(tmp_path / "s.db")
+    trials = store.trials(store.campaign_row("partition").id)
+    assert [(t.index, t.status, t.station, t.attempts, len(t.run_uids)) for t in trials] == [
+        (1, "completed", "station-1", 1, 1), (2, "completed", "station-1", 1, 1)]
