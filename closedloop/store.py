@@ -139,9 +139,18 @@ class ObservationRow(SQLModel, table=True):
     received_at: datetime = Field(default_factory=utcnow)
 
 
+BUSY_S = 10  # how long a SQLite store waits for another connection's write lock
+
+#: what "database is locked" means once the wait is over, and what to do: said for a daemon, which stops there, and
+#: for every command
+LOCKED = (f"database is locked: another program has held a write transaction on it for over {BUSY_S} s (a sqlite3 "
+          "shell, or DB Browser with changes not yet written?); end it, then start again: nothing was written, and a "
+          "daemon acknowledged nothing it did not store")
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
-    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON", "busy_timeout=10000"):
+    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON", f"busy_timeout={BUSY_S * 1000}"):
         cursor.execute(f"PRAGMA {pragma}")
     cursor.close()
 
@@ -178,7 +187,7 @@ def make_engine(url_or_path: str | Path) -> Engine:
         Path(url).parent.mkdir(parents=True, exist_ok=True)
         url = f"sqlite:///{url}"
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": BUSY_S})
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
         engine = create_engine(url, pool_pre_ping=True)
@@ -408,6 +417,7 @@ class Store:
         except DatabaseError as exc:  # "file is not a database", "database disk image is malformed"
             # one line: a server's refusal comes over several (psycopg: "...refused\n\tIs the server running ...")
             reason = " ".join(str(exc.orig or exc).split())
+            reason = LOCKED if reason == "database is locked" else reason
             if not _damaged(exc.orig):
                 raise StoreError(f"cannot open the store {self.display}: {reason}") from None
             self._discard_beside()
