@@ -513,6 +513,9 @@ def explain_lines(info: dict[str, Any]) -> list[str]:
         # the store cannot tell a folder left behind from runs that were all too large to carry: say both
         missing = (f"no folder {info['documents_folder']} beside this store (copied or moved without it?); or "
                    if not info.get("documents_folder_found", True) else "")
+        if info["provenance"] is None:
+            # documents were kept from soon after decision records were: a trial without one may predate both
+            missing = "run by a closedloop from before documents were kept; or " + missing
         lines.append(f"  documents:  not in the store for run {', '.join(elsewhere)}: {missing}over 512 KiB (an image "
                      f"detector's), they stay on station {fmt(info['station'])} beside its outbox, in "
                      "OUTBOX.documents/RUN_UID.jsonl (for `closedloop run`: STORE.outbox.documents/)")

@@ -547,3 +547,19 @@ def test_a_trial_number_the_campaign_does_not_have_is_bad_input(tmp_path: Path) 
     with pytest.raises(CampaignError, match=r"^empty has no trial #1: empty has no trials yet$"):
         provenance.explain(store, "empty", 1)
     store.close()
+
+
+def test_a_trial_an_earlier_release_ran_is_not_said_to_have_left_its_documents_on_the_station(tmp_path: Path) -> None:
+    """A store a release from before documents (and decision records) were kept had run half way, finished by this
+    one: 'closedloop show' of its trials read only 'documents: not in the store ...: over 512 KiB (an image
+    detector's), they stay on station embedded beside its outbox', which no station had ever written."""
+    store = Store(tmp_path / "s.db")
+    cid = store.open_campaign(branin_campaign("upgraded", initial=2, backend="sobol"))
+    (trial,) = store.add_trials(cid, [({"x1": 1.0, "x2": 2.0}, {"generator": "sobol"})])  # no decision record
+    store.mark_dispatched(trial.id, "embedded")
+    store.record_result(trial.id, "84385729-ca8c-4094-a96e-37634b261a7c", {"y": 3.5})
+    result = CliRunner().invoke(app, ["show", "upgraded", "1", "--store", store.location])
+    shown = " ".join(result.output.split())
+    assert result.exit_code == 0 and "documents: not in the store" in shown, result.output
+    assert "run by a closedloop from before documents were kept" in shown, result.output
+    store.close()
