@@ -116,6 +116,16 @@ def _endpoint_or_none(ctx: typer.Context, param: typer.CallbackParam, value: str
     return _endpoint(ctx, param, value) if value else value
 
 
+def _deaf_to_stops_at_exit() -> None:
+    """From the exit hooks on, SIGTERM and Ctrl-C are ignored: a long-running command's work is over, nothing is left
+    to stop, and its exit code is decided. The interpreter's shutdown puts the default action back for a Python
+    handler, not for SIG_IGN, and a second SIGTERM in the 0.3 s (worker) to 1.8 s (daemon) it then spent freeing
+    modules killed the process (exit -15). Registered as the work ends: the exit hooks run newest first."""
+    import atexit
+
+    atexit.register(lambda: [signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM)])
+
+
 def _fail(message: str, code: int = 1) -> None:
     from rich.markup import escape  # messages quote what was typed ('show [emim]screen'), which is not markup
 
@@ -275,6 +285,7 @@ def run(
     finally:
         for signum, handler in before.items():
             signal.signal(signum, handler)
+        _deaf_to_stops_at_exit()
 
 
 @app.command()
@@ -334,6 +345,7 @@ def daemon(
             pass
         finally:
             the_daemon.close()
+            _deaf_to_stops_at_exit()
     if board is not None:  # issue 9
         board.stop()
     for run_state in the_daemon.runs.values():
@@ -374,6 +386,8 @@ def worker(
         station.run()
     except KeyboardInterrupt:
         station.stop()
+    finally:
+        _deaf_to_stops_at_exit()
     if station.refused:
         _fail(f"the daemon refused this station: {station.refused}")
 
@@ -415,6 +429,8 @@ def compute_station(
         station.run()
     except KeyboardInterrupt:
         station.stop()
+    finally:
+        _deaf_to_stops_at_exit()
     if station.refused:
         _fail(f"the daemon refused this station: {station.refused}")
 

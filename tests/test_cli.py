@@ -785,6 +785,54 @@ def test_a_corrupt_store_is_bad_input_one_line_exit_2_and_left_as_it_was(tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("target", ["worker", "compute-station", "daemon"])
+def test_sigterm_after_sigterm_to_a_long_running_command_ends_it_cleanly_whenever_it_comes(
+        tmp_path: Path, target: str) -> None:
+    """A second SIGTERM (systemd's, a script's) killed `closedloop worker`, `compute-station` or `daemon` (exit -15)
+    when it came as the process exited: the interpreter puts the default action back for a Python handler as it
+    shuts down, and then spent 0.3 s (worker) to 1.8 s (daemon) freeing its modules. One SIGTERM mid-experiment and
+    more every 20 ms until the process has exited: exit 0, nothing on stderr that an unclean exit prints."""
+    import os
+    import signal
+
+    from tests.daemon.procs import CLI, campaign_yaml, env, free_port, start_daemon, start_worker, wait_for
+
+    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    if target == "compute-station":
+        from simulators.surfaces import branin_campaign
+
+        (tmp_path / "c.yaml").write_text(branin_campaign("again", 20, execution={"concurrency": 1}, instrument={
+            "function": "tests.test_compute:takes", "options": {"seconds": 1.0}}))
+        with (tmp_path / "st.out").open("w") as out:
+            station = subprocess.Popen([*CLI, "compute-station", "--connect", endpoint, "--name", "st", "--outbox",
+                                        "st.outbox", "--capacity", "1", "--workers", "1"], cwd=tmp_path, stdout=out,
+                                       stderr=subprocess.STDOUT, env=env())
+    else:
+        (tmp_path / "c.yaml").write_text(campaign_yaml("again", 20, latency=1.0, concurrency=1))
+        station = start_worker(tmp_path, endpoint, "st")
+    daemon = start_daemon(tmp_path, endpoint, control)
+    stopped, output = (daemon, tmp_path / "daemon.out") if target == "daemon" else (station, tmp_path / "st.out")
+    try:
+        wait_for(lambda: 'state="started"' in ((tmp_path / "daemon.log").read_text()
+                                               if (tmp_path / "daemon.log").exists() else ""), 90, "an experiment")
+        os.kill(stopped.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while stopped.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+            os.kill(stopped.pid, signal.SIGTERM)  # unreaped till poll(): an exited process is a zombie, still there
+        returncode = stopped.wait(timeout=10)
+    finally:
+        for proc in (station, daemon):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+    text = output.read_text()
+    assert returncode == 0, text[-3000:]
+    assert not [sign for sign in ("Traceback", "Assertion failed", "terminate called", "Fatal Python error",
+                                  "leaked semaphore") if sign in text], text[-3000:]
+
+
+@pytest.mark.slow
 def test_a_store_another_program_keeps_locked_is_one_line_saying_so_and_what_to_do(tmp_path: Path) -> None:
     """A scientist's sqlite3 shell (or DB Browser with edits not yet written) holding a write transaction: after
     10 s the command said only 'the database of store s.db failed: database is locked (OperationalError; run with
