@@ -660,8 +660,8 @@ class Daemon:
 
     @staticmethod
     def _bind(sock: zmq.Socket, bind: str) -> str:
-        if bind.endswith(":0"):
         sock.setsockopt(zmq.IPV6, protocol.wants_ipv6(bind))
+        if bind.endswith(":0"):
             port = sock.bind_to_random_port(bind[: bind.rindex(":")])
             return f"{bind[: bind.rindex(':')]}:{port}"
         sock.bind(bind)
@@ -1912,8 +1912,8 @@ def control_request(endpoint: str, method: str, params: dict[str, Any] | None = 
     """
     context = context or zmq.Context.instance()
     sock = context.socket(zmq.REQ)
-    sock.setsockopt(zmq.IPV6, protocol.wants_ipv6(endpoint))
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IPV6, protocol.wants_ipv6(endpoint))
     try:
         sock.connect(endpoint)
         sock.send(json.dumps({"method": method, "params": params or {}}).encode())
