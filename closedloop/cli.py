@@ -924,13 +924,15 @@ def _not_a_store(database: Path) -> str | None:
     """What ``database`` is instead of a closedloop store (None for one), read without writing to it."""
     import sqlite3
 
+    from closedloop.store import connect_reading
+
     if database.is_dir():
         return "a folder"
     if database.stat().st_size == 0:
         return "an empty file"  # SQLite would read it as an empty database, and 'copy' it
     made = [path for path in (Path(f"{database}-wal"), Path(f"{database}-shm")) if not path.exists()]
     try:
-        connection = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        connection = connect_reading(str(database))
         try:
             tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         finally:
@@ -960,7 +962,7 @@ def backup(
 
     from rich.markup import escape
 
-    from closedloop.store import displayed
+    from closedloop.store import connect_reading, displayed
 
     if "://" in store and not store.startswith("sqlite:///"):
         _fail(f"{displayed(store)}: back up a database server's store with its own tool (pg_dump for PostgreSQL)",
@@ -977,7 +979,7 @@ def backup(
     if not dest.parent.is_dir():
         _fail(f"no folder {dest.parent} for {dest}: make it first", EXIT_BAD_INPUT)
     try:
-        source = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        source = connect_reading(str(database))  # a store in a folder this user may not write is read all the same
         target = sqlite3.connect(dest)
         try:
             # in one step, under one read transaction: the copy is the store as of one commit, and in WAL mode

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -299,9 +300,8 @@ def _reading_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def reading_engine(url_or_path: str | Path) -> Engine:
-    """An engine that can only read: a missing SQLite file is an error, not a new store, and nothing is written
-    to the file or beside it (a results folder may be read-only, an archive or a colleague's).
+def connect_reading(path: str) -> sqlite3.Connection:
+    """A connection that only reads the SQLite file ``path``, writing nothing to it or beside it.
 
     A WAL database needs its ``-shm`` index, which a reader creates if it may; in a folder it cannot write, and
     with no ``-wal`` file (no writer has it open, nothing unmerged), the file is read as immutable.
@@ -309,6 +309,23 @@ def reading_engine(url_or_path: str | Path) -> Engine:
     import sqlite3
     from urllib.parse import quote
 
+    uri = f"file:{quote(str(Path(path).resolve()))}?mode=ro"
+    connection = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=BUSY_S)
+    try:
+        connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return connection
+    except sqlite3.DatabaseError as exc:
+        connection.close()  # a damaged file's too: left open, it kept the -wal and -shm it had made beside it
+        wal = Path(path + "-wal")
+        if not isinstance(exc, sqlite3.OperationalError) or (wal.exists() and wal.stat().st_size > 0):
+            raise
+    return sqlite3.connect(uri + "&immutable=1", uri=True, check_same_thread=False, timeout=BUSY_S)
+
+
+def reading_engine(url_or_path: str | Path) -> Engine:
+    """An engine that can only read (:func:`connect_reading`): a missing SQLite file is an error, not a new store,
+    and nothing is written to the file or beside it (a results folder may be read-only, an archive or a
+    colleague's)."""
     from sqlalchemy.pool import NullPool
 
     path = _sqlite_file(url_or_path)
@@ -316,19 +333,10 @@ def reading_engine(url_or_path: str | Path) -> Engine:
         return create_engine(str(url_or_path), pool_pre_ping=True)
     if not Path(path).is_file():
         raise StoreError(f"no store {url_or_path}")
-    uri = f"file:{quote(str(Path(path).resolve()))}?mode=ro"
+    file = path
 
     def connect() -> sqlite3.Connection:
-        connection = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=10)
-        try:
-            connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
-            return connection
-        except sqlite3.DatabaseError as exc:
-            connection.close()  # a damaged file's too: left open, it kept the -wal and -shm it had made beside it
-            wal = Path(path + "-wal")
-            if not isinstance(exc, sqlite3.OperationalError) or (wal.exists() and wal.stat().st_size > 0):
-                raise
-        return sqlite3.connect(uri + "&immutable=1", uri=True, check_same_thread=False, timeout=10)
+        return connect_reading(file)
 
     engine = create_engine("sqlite://", creator=connect, poolclass=NullPool)
     event.listen(engine, "connect", _reading_pragmas)

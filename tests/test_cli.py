@@ -855,3 +855,36 @@ def test_a_store_another_program_keeps_locked_is_one_line_saying_so_and_what_to_
     assert len(lines) == 1, result.stderr
     assert "s.db" in lines[0] and "locked" in lines[0]
     assert "another program has held a write transaction on it for over 10 s" in lines[0], lines[0]
+
+
+def test_a_backup_of_a_store_in_a_read_only_folder_is_made_and_the_store_left_as_it_was(tmp_path: Path) -> None:
+    """An archive on read-only media, a colleague's folder: 'closedloop backup' only reads the store, yet failed with
+    'OperationalError: unable to open database file' (exit 1), where show, export and status read it."""
+    import os
+    import shutil
+    import tempfile
+
+    prefix = _as_another_user()
+    if prefix is None:
+        pytest.skip("running as root without setpriv: a read-only file is writable to root")
+    folder = Path(tempfile.mkdtemp(prefix="closedloop-ro-"))  # outside pytest's private tmp, for the other user
+    copies = Path(tempfile.mkdtemp(prefix="closedloop-copies-"))
+    try:
+        _looked_at_store(folder / "archive.db")
+        for leftover in folder.glob("archive.db?*"):  # the lock and claims of the writer that made it
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        (folder / "archive.db").chmod(0o444)
+        folder.chmod(0o555)
+        copies.chmod(0o777)
+        before = _files(folder)
+        result = subprocess.run([*prefix, sys.executable, "-m", "closedloop.cli", "backup", str(folder / "archive.db"),
+                                 str(copies / "copy.db")], cwd=copies, env={**os.environ, "HOME": str(copies)},
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert _files(folder) == before
+        with sqlite3.connect(copies / "copy.db") as copy:
+            assert copy.execute("SELECT name FROM campaign").fetchall() == [("looked-at",)]
+    finally:
+        folder.chmod(0o755)
+        shutil.rmtree(folder)
+        shutil.rmtree(copies)
