@@ -222,11 +222,17 @@ def _log_x(ax: Any) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
+def _plain(text: str) -> str:
+    """``text`` drawn as written: matplotlib reads what stands between two '$' as mathtext (a unit '$/kg, $ per lot'
+    lost its dollars to math italics, and '$_$' stopped the report)."""
+    return text.replace("$", r"\$")
+
+
 def _label(data: Data, name: str) -> str:
     """A parameter's or objective's name with its unit, for an axis (``temperature [degC]``)."""
     item = data.campaign.parameters.get(name) or data.campaign.objectives.get(name)
     unit = getattr(item, "unit", None)
-    return name + (f" [{unit}]" if unit else "")
+    return _plain(name + (f" [{unit}]" if unit else ""))
 
 
 # An experiment that breaks an outcome constraint is not a candidate for the best: drawn like the others it
@@ -385,7 +391,7 @@ def figure_pareto(data: Data, outdir: Path) -> list[Figure]:
 
 def _axis_values(p: Any, values: list[Any]) -> tuple[np.ndarray, list[str] | None]:
     if isinstance(p, CategoricalParameter):
-        labels = [str(v) for v in p.values]
+        labels = [_plain(str(v)) for v in p.values]
         return np.array([p.values.index(v) if v in p.values else np.nan for v in values], dtype=float), labels
     return np.array([np.nan if v is None else float(v) for v in values], dtype=float), None
 

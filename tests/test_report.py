@@ -377,3 +377,26 @@ def test_the_software_table_shows_the_versions_the_campaign_ran_with_not_only_to
     assert re.search(r"<td>botorch</td><td>0\.9\.0</td><td>\d+\.\d+", software), software
     assert "<td>torch</td><td>2.1.0</td>" in software and "torch_threads" not in software
     store.close()
+
+
+def test_units_and_values_with_dollar_signs_are_drawn_as_written(tmp_path: Path) -> None:
+    # matplotlib reads text between two '$' as mathtext: the unit '$/kg, $ per lot' was drawn as 'price [/kg, per
+    # lot]' with '/kg, ' in math italics, and a unit such as '$_$' stopped the whole report (ValueError: mathtext)
+    from matplotlib.figure import Figure
+
+    from tests.reportdata import MIXED_YAML, fill
+
+    text = MIXED_YAML.format(name="dollars", experiments=30).replace("unit: C", "unit: '$/kg, $ per lot'").replace(
+        "yield: {goal: maximize}", "yield: {goal: maximize, threshold: 0, unit: '$_$'}").replace(
+        "cost: {goal: minimize}", "cost: {goal: minimize, threshold: 5}")
+    store = Store(tmp_path / "s.db")
+    fill(store, report.Campaign.from_yaml_text(text, check_instrument=False), 12)
+    data = report.load(store, "dollars")
+    label = report._label(data, "temp")
+    figure = Figure()
+    figure.text(0, 0, label)
+    figure.canvas.draw()
+    assert figure.texts[0]._preprocess_math(label) == ("temp [$/kg, $ per lot]", False)  # plain text, as written
+    result = CliRunner().invoke(app, ["report", "dollars", "--store", str(tmp_path / "s.db"), "-o",
+                                      str(tmp_path / "r" / "report.html")])
+    assert result.exit_code == 0, result.output
