@@ -300,8 +300,12 @@ def seconds(value: float | str, option: str) -> float:
 
 
 def data_key(name: str) -> str:
-    """A device name safe as a data key everywhere documents go (``Qtot(uL/min)`` -> ``Qtot_uL_min``)."""
-    return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9_]", "_", name)).strip("_") or "value"
+    """A device name safe as a data key everywhere documents go (``Qtot(uL/min)`` -> ``Qtot_uL_min``).
+
+    Letters and digits of every script stay (``Δλ``, ``濃度``): made '_' and then 'value', names without an ASCII
+    letter all had the key of the detector's reading, and every experiment failed on the collision.
+    """
+    return re.sub(r"_+", "_", re.sub(r"\W", "_", name)).strip("_") or "value"
 
 
 def simulated_instrument(
