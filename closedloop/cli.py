@@ -398,7 +398,8 @@ def compute_station(
     scheduler: Optional[str] = typer.Option(None, help="Dask scheduler address (default: the campaign's "
                                             "instrument.options.scheduler, else DASK_SCHEDULER_ADDRESS, else a local cluster)"),
     capacity: Optional[int] = typer.Option(None, min=1, help="experiments at once (default: the cluster's worker threads)"),
-    workers: Optional[int] = typer.Option(None, min=1, help="worker processes of the local cluster (default: cores)"),
+    workers: Optional[int] = typer.Option(None, min=1, help="worker processes of the local cluster (default: one per "
+                                          "experiment at once, so a hung function's can be restarted alone)"),
     name: Optional[str] = typer.Option(None, help="station name (default: the --secret-key file's name, else compute-HOST-PID)"),
     instrument: Optional[list[str]] = typer.Option(None, help="instruments served, e.g. 'function:pkg.mod:f' (default any)"),
     source: Optional[list[str]] = typer.Option(None, help="campaign sources this station serves, e.g. simulation "

@@ -20,7 +20,10 @@ scheduler named by (first match wins) the station's ``scheduler`` argument
 Dask's own ``scheduler-address`` setting (environment ``DASK_SCHEDULER_ADDRESS``). A task whose
 worker dies is not silently re-run by Dask on the local cluster (``allowed-failures`` is 0): it
 becomes a ``failure`` that the daemon retries or records under the campaign's ``execution.retries``;
-a task that never comes back is cancelled when the daemon's ``execution.timeout`` fires.
+a task that never comes back is cancelled when the daemon's ``execution.timeout`` fires. A Python function
+cannot be interrupted: on the local cluster's worker processes (the default; one experiment per process), one
+cancelled that has not returned within :data:`HUNG_GRACE_S` has its worker process restarted, which frees its slot;
+on thread workers, or a scheduler this station does not own, it keeps its slot until it returns (said once).
 
 The wire ``target`` of a computational instrument is ``function:<module:name>`` or
 ``command:<template>`` (see :attr:`closedloop.campaign.Instrument.target`):
@@ -71,6 +74,10 @@ RESERVED_OPTIONS = frozenset({"scheduler"})
 
 #: time an external command may run when the campaign sets no timeout (a stuck program must end)
 DEFAULT_COMMAND_TIMEOUT_S = 24 * 3600.0
+
+#: time a cancelled (timed-out) function may still take to return before its worker process is restarted; the
+#: restart itself gives it 4 s more (the nanny's graceful close) before the process is killed
+HUNG_GRACE_S = 2.0
 
 
 class ComputeError(DeviceError):
@@ -285,6 +292,20 @@ class _Running:
     submitted: float = field(default_factory=time.monotonic)
 
 
+@dataclass
+class _Cancelled:
+    """A trial the daemon cancelled whose experiment may still be computing: it holds its slot until this is over."""
+
+    trial_id: int
+    future: Any
+    since: float = field(default_factory=time.monotonic)
+    #: its worker process is being restarted: the slot is free once the new process is up, not when the future ends
+    restarting: bool = False
+    returned: bool = False
+    #: its restart failed: not tried again, the slot is held until the function returns
+    unstoppable: bool = False
+
+
 class ComputeStation:
     """Runs the computational trials a daemon assigns, each as a Dask future.
 
@@ -300,7 +321,8 @@ class ComputeStation:
         outbox: path of the SQLite outbox of unacknowledged results.
         scheduler: a Dask scheduler address that overrides the campaign's; None: the campaign's
             ``instrument.options.scheduler``, else ``DASK_SCHEDULER_ADDRESS``, else a LocalCluster.
-        local_workers: worker processes (or threads) of the LocalCluster, when one is started.
+        local_workers: worker processes (or threads) of the LocalCluster, when one is started; default for
+            processes: ``capacity`` (one experiment per process, so a hung function's is restarted alone).
         local_threads: threads per worker of the LocalCluster (default: enough for ``capacity``).
         processes: LocalCluster workers as processes (isolation; a crash loses one worker) or threads.
         keys: CURVE keys (:class:`closedloop.keys.ClientKeys`: this station's pair and the daemon's
@@ -341,8 +363,14 @@ class ComputeStation:
         self._cluster: Any = None
         self._running: dict[int, _Running] = {}
         # cancelled by the daemon (a timeout) but still computing: a Python function cannot be interrupted, and its
-        # Dask thread stays busy until it returns, so it keeps its slot (by future key) until then
-        self._cancelled: dict[str, int] = {}
+        # Dask thread stays busy until it returns or its worker process is restarted, so it keeps its slot (by
+        # future key) until then
+        self._cancelled: dict[str, _Cancelled] = {}
+        self._restarted: queue.Queue[tuple[str, bool]] = queue.Queue()  # (future key, restarted) as restarts end
+        self._restarts: list[threading.Thread] = []
+        # experiments lost with a worker process restarted for another's hung function: key -> that trial
+        self._lost_with: dict[str, int] = {}
+        self._said_held = False
         # assigned beyond capacity (the daemon's prefetch), in arrival order: not started, so handed back on a stop
         self._queued: dict[int, protocol.Assign] = {}
         #: why the daemon refused this station, if it did
@@ -385,7 +413,10 @@ class ComputeStation:
         import dask
         from distributed import LocalCluster
 
-        workers = self.local_workers or max(1, min(self._capacity or os.cpu_count() or 1, os.cpu_count() or 1))
+        cores = os.cpu_count() or 1
+        # processes: one experiment each, so that restarting the process of a hung function takes no other with it
+        workers = self.local_workers or (self._capacity or cores if self.processes else min(self._capacity or cores,
+                                                                                            cores))
         threads = self.local_threads or max(1, math.ceil((self._capacity or workers) / workers))
         # a worker that dies takes its experiment with it: report that as a failure so the campaign's
         # retry policy decides, rather than Dask quietly running the experiment again elsewhere.
@@ -393,6 +424,12 @@ class ComputeStation:
         # collection inside that call which frees a threading.local deadlocks the whole process (the runtime's
         # thread-list lock is taken twice; CI hung so in a thread-worker cluster). Nobody reads the profile.
         settings = {"distributed.scheduler.allowed-failures": 0, "distributed.worker.profile.enabled": False}
+        if self.processes:
+            # read by the cluster's event loop when a worker leaves, so set for the process, not in the block below:
+            # 15 s after a worker left the cluster closes its nanny for good if no worker of its name is up at that
+            # moment, as when the worker of a hung function is restarted again 10 s after its previous restart
+            # (seen: the station was left with no worker, and every later experiment timed out unrun)
+            dask.config.set({"distributed.deploy.lost-worker-timeout": "365 days"})
         with dask.config.set(settings):
             # loopback only (the scheduler's HTTP routes too): the local cluster serves this station alone.
             # No Bokeh dashboard: Dask imports it while starting the scheduler, and two stations starting
@@ -415,6 +452,8 @@ class ComputeStation:
         return self._capacity
 
     def close(self) -> None:
+        for restart in self._restarts:  # a cluster closed mid-restart says so in tracebacks on the terminal
+            restart.join(timeout=15)
         for client in self._clients.values():
             try:
                 client.close(timeout=5)
@@ -481,6 +520,7 @@ class ComputeStation:
                     if payload is not None:
                         sock.send(payload)
                         last_sent = time.monotonic()
+                self._end_hung()
                 while self._queued and self._busy() < capacity and not self._stop.is_set():
                     trial_id = next(iter(self._queued))
                     self._submit(sock, self._queued.pop(trial_id))
@@ -571,9 +611,14 @@ class ComputeStation:
                 # sent now would be taken for the next attempt's, so the trial is dropped quietly. Its future is
                 # not cancelled: that would free its slot while the function goes on holding the Dask thread, and the
                 # next experiment would wait in Dask's queue with its timeout running, to time out unrun
-                self._cancelled[running.future.key] = message.trial_id
-                log.warning("cancelling running %s: %s (its experiment holds a slot until it returns)",
-                            named(running.assignment), message.reason)
+                self._cancelled[running.future.key] = _Cancelled(message.trial_id, running.future)
+                if self._restartable(running.future):
+                    log.warning("cancelling running %s: %s (its worker process is restarted if it has not returned "
+                                "within %g s)", named(running.assignment), message.reason, HUNG_GRACE_S)
+                else:
+                    log.warning("cancelling running %s: %s (its experiment holds a slot until it returns)",
+                                named(running.assignment), message.reason)
+                    self._say_held()
 
     # -- experiments ----------------------------------------------------------------------------
 
@@ -623,10 +668,91 @@ class ComputeStation:
         future.add_done_callback(lambda f, trial=trial: self._done.put((trial, f)))
         log.info("%s started (Dask task %s)", named(assignment), future.key)
 
+    # -- hung functions -------------------------------------------------------------------------
+
+    def _restartable(self, future: Any) -> bool:
+        """Whether this station may restart the worker process running ``future``: only on its own LocalCluster of
+        processes (a thread cannot be stopped; another's cluster runs other people's work)."""
+        local = self._clients.get(None)
+        return self.processes and local is not None and future.client is local
+
+    def _say_held(self) -> None:
+        if self._said_held:
+            return
+        self._said_held = True
+        why = ("runs on thread workers" if not self.processes
+               else "runs on a Dask scheduler this station does not own, whose workers it does not restart")
+        log.warning("a cancelled Python function cannot be stopped: this station %s, so each keeps its slot until it "
+                    "returns; %d that never return stall the station (use process workers: the local cluster without "
+                    "--scheduler)", why, self.capacity)
+
+    def _end_hung(self) -> None:
+        """Restart the worker process of each cancelled function that has not returned within the grace; free the
+        slots of those restarted."""
+        while True:
+            try:
+                key, restarted = self._restarted.get_nowait()
+            except queue.Empty:
+                break
+            cancelled = self._cancelled.get(key)
+            if cancelled is None:
+                continue
+            if restarted or cancelled.returned:
+                del self._cancelled[key]
+                log.info("trial %s: its worker process was restarted; its slot is free", cancelled.trial_id)
+            else:
+                cancelled.restarting, cancelled.unstoppable = False, True
+                self._lost_with = {k: t for k, t in self._lost_with.items() if t != cancelled.trial_id}
+        now = time.monotonic()
+        due = [c for c in self._cancelled.values() if not (c.restarting or c.returned or c.unstoppable)
+               and now - c.since >= HUNG_GRACE_S and self._restartable(c.future)]
+        if not due:
+            return
+        client = self._clients[None]
+        try:
+            processing = client.processing()
+        except Exception as exc:  # the scheduler is closing: there is nothing left to restart
+            log.debug("asking the Dask scheduler what its workers run: %s", exc)
+            return
+        where = {key: worker for worker, keys in processing.items() for key in keys}
+        for cancelled in due:
+            worker = where.get(cancelled.future.key)
+            if worker is None:  # between ending and its callback: look again after another grace
+                cancelled.since = now
+                continue
+            cancelled.restarting = True
+            others = [key for key in processing[worker] if key != cancelled.future.key]
+            for key in others:
+                self._lost_with[key] = cancelled.trial_id
+            log.warning("trial %s: the cancelled function has not returned %g s after its cancel; restarting its Dask "
+                        "worker process %s%s", cancelled.trial_id, HUNG_GRACE_S, worker,
+                        f" (and losing the {len(others)} other experiment(s) it runs)" if others else "")
+            # in a thread: the old process gets 4 s to close before it is killed, and the station beats on meanwhile
+            restart = threading.Thread(target=self._restart, args=(client, worker, cancelled.future.key),
+                                       name=f"closedloop-restart-{cancelled.trial_id}", daemon=True)
+            self._restarts = [r for r in self._restarts if r.is_alive()] + [restart]
+            restart.start()
+
+    def _restart(self, client: Any, worker: str, key: str) -> None:
+        try:
+            outcome = client.restart_workers([worker], timeout=30, raise_for_error=False).get(worker)
+        except Exception as exc:
+            outcome = _describe(exc)
+        if outcome != "OK":
+            # the slot stays held until the function returns: a retry would wait in Dask's queue
+            log.warning("restarting Dask worker %s failed (%s): its slot stays held until the function returns",
+                        worker, outcome)
+        self._restarted.put((key, outcome == "OK"))  # the slot is free once the new process is up, not before
+
     def _finish(self, trial_id: int, future: Any) -> bytes | None:
         """Store the outcome of a finished future in the outbox; the payload to send, or None if cancelled."""
-        if self._cancelled.pop(future.key, None) is not None:
+        cancelled = self._cancelled.get(future.key)
+        if cancelled is not None and cancelled.restarting:
+            cancelled.returned = True  # killed with its process: the slot frees when the new process is up
+        elif cancelled is not None:
+            del self._cancelled[future.key]
             log.info("trial %s: the cancelled experiment has returned; its slot is free", trial_id)
+        lost_with = self._lost_with.pop(future.key, None)
         running = self._running.get(trial_id)
         if running is None or running.future is not future:
             return None  # cancelled, and perhaps assigned here again since: that is another future
@@ -642,10 +768,13 @@ class ComputeStation:
             self.completed += 1
             log.info("%s", finished(running.assignment, message))
         except Exception as exc:  # every failure is reported with its error, never swallowed
+            error = _describe(exc)
+            if lost_with is not None:
+                error = (f"its Dask worker process was restarted to end the hung function of timed-out trial "
+                         f"{lost_with}, and this experiment, running in the same process, was lost with it ({error})")
             log.warning("%s failed after %.1f s: %s", named(running.assignment), time.monotonic() - running.submitted,
-                        _describe(exc))
-            message = protocol.Failure(trial_id=trial_id, assignment=running.assignment.msg_id,
-                                       error=_describe(exc))
+                        error)
+            message = protocol.Failure(trial_id=trial_id, assignment=running.assignment.msg_id, error=error)
             self.failed += 1
         payload = protocol.encode(message)
         # persisted before it is sent: survives a crash from here on; a result is also the station's record of a run

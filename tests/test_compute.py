@@ -52,6 +52,20 @@ def hangs_once(x1: float, x2: float, marker: str) -> dict[str, float]:
     return quadratic(x1, x2)
 
 
+def hangs_the_first(x1: float, x2: float, marker: str, times: int, release: str = "") -> dict[str, float]:
+    """Sleeps far past any timeout on its first ``times`` calls (counted in files, so in any worker process), or
+    until the test creates the file ``release``: a thread worker's thread outlives the test otherwise."""
+    for call in range(times):
+        try:
+            os.close(os.open(f"{marker}-{call}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue
+        if release:
+            return waits_for(x1, x2, release)
+        time.sleep(10**6)
+    return quadratic(x1, x2)
+
+
 def returns_nan(x1: float, x2: float) -> dict[str, float]:
     return {"y": float("nan")}
 
@@ -431,6 +445,61 @@ def test_a_worker_lost_mid_experiment_fails_the_trial_and_the_retry_policy_decid
         else:
             assert trial.attempts == 2
         store.close()
+
+
+@pytest.mark.slow  # two timeouts, the grace and two worker restarts: 25 to 40 s each
+@pytest.mark.parametrize("capacity", [1, 2])
+def test_hung_functions_have_their_worker_processes_restarted_so_the_campaign_completes(
+        tmp_path: Path, capacity: int) -> None:
+    """Two calls of a function that never return, at a station of capacity 1 (one worker process, restarted twice
+    within 15 s) or 2 (both slots hung at once): each is cancelled at its 8 s timeout (a fresh worker process took
+    3 s to import this module, and a retry 5 s, on a loaded machine), and once it has not returned within the grace
+    its worker process is restarted, freeing the slot for the retries. Before, the station kept the slots until the functions returned
+    (never) and the campaign stalled; and a worker restarted again while the cluster's check of its previous restart
+    was due (15 s after) was closed for good, leaving no worker."""
+    marker = tmp_path / "hung"
+    c = campaign("stall", json.dumps({"function": "tests.test_compute:hangs_the_first",
+                                      "options": {"marker": str(marker), "times": 2}}),
+                 experiments=4, concurrency=capacity, timeout="8 s", retries=2)
+    store = Store(tmp_path / "s.db")
+    daemon = Daemon(store, [c], heartbeat_s=0.5, reconcile_s=1.0)
+    station = ComputeStation(daemon.endpoint, name="cluster", capacity=capacity, outbox=tmp_path / "o.db",
+                             processes=True, heartbeat_s=0.5)
+    serve(daemon, station, limit_s=120)
+    trials = store.trials(store.campaign_row("stall").id)
+    assert [t.status for t in trials] == ["completed"] * 4, [t.error for t in trials]
+    assert sum(t.attempts for t in trials) == 6  # two hung calls, each followed by a retry
+    # the cancelled runs' ends are no failures of anyone's: nothing was reported for them
+    assert station.failed == 0 and station.completed == 4
+    store.close()
+
+
+def test_on_thread_workers_a_hung_function_keeps_its_slot_and_the_station_says_so_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A thread cannot be stopped and the station restarts no worker process it does not have: it warns, once."""
+    import logging
+
+    marker, freed = tmp_path / "hung", tmp_path / "release"
+    c = campaign("held", json.dumps({"function": "tests.test_compute:hangs_the_first",
+                                     "options": {"marker": str(marker), "times": 2, "release": str(freed)}}),
+                 experiments=3, concurrency=2, timeout="1 s", retries=1)
+    store = Store(tmp_path / "s.db")
+    daemon = Daemon(store, [c], heartbeat_s=0.5, reconcile_s=1.0)
+    station = ComputeStation(daemon.endpoint, name="cluster", capacity=2, outbox=tmp_path / "o.db", processes=False,
+                             local_workers=1, local_threads=2, heartbeat_s=0.5)
+    # both slots held by the two hung calls (past the grace a process worker would have been restarted) until 5 s
+    release = threading.Timer(5.0, freed.touch)
+    release.start()
+    try:
+        with caplog.at_level(logging.WARNING, "closedloop.compute"):
+            serve(daemon, station)
+    finally:
+        release.cancel()
+        freed.touch()
+    assert [t.status for t in store.trials(store.campaign_row("held").id)] == ["completed"] * 3
+    store.close()
+    said = [r.getMessage() for r in caplog.records if "cannot be stopped" in r.getMessage()]
+    assert len(said) == 1 and "thread" in said[0] and "keeps its slot" in said[0], caplog.text
 
 
 def test_a_result_is_kept_in_the_outbox_until_acknowledged_and_offered_again_after_reconnect(
