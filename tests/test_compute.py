@@ -474,6 +474,54 @@ def test_hung_functions_have_their_worker_processes_restarted_so_the_campaign_co
     store.close()
 
 
+@pytest.mark.slow  # a process cluster's start and a worker restart: about 15 s
+def test_an_experiment_sharing_the_restarted_process_of_a_hung_function_is_reported_failed_saying_why(
+        tmp_path: Path, free_port: int) -> None:
+    """With two threads in one worker process (--workers 1, --capacity 2), the restart that ends a hung function takes
+    the experiment running beside it: that one is answered with a failure naming the cause, for the retry policy,
+    and the hung one's trial (already recorded timed out by the daemon) gets no answer."""
+    endpoint = f"tcp://127.0.0.1:{free_port}"
+    context = zmq.Context()
+    daemon = context.socket(zmq.ROUTER)
+    daemon.setsockopt(zmq.LINGER, 0)
+    daemon.bind(endpoint)
+    station = ComputeStation(endpoint, name="cluster", capacity=2, outbox=tmp_path / "o.db", processes=True,
+                             local_workers=1, local_threads=2, heartbeat_s=1.0, context=context)
+    stop = threading.Event()
+    thread = threading.Thread(target=station.run, args=(stop,), daemon=True)
+    thread.start()
+    released = tmp_path / "release"
+
+    def assign(trial: int, function: str, options: dict[str, object]) -> protocol.Assign:
+        return protocol.Assign(campaign="c", trial_id=trial, trial_index=trial, setpoints={"x1": 0.3, "x2": 0.6},
+                               outputs=["y"], instrument=protocol.InstrumentSpec(
+                                   target=f"function:tests.test_compute:{function}", options=options))
+
+    try:
+        identity, _ = receive(daemon, protocol.Hello, limit_s=60)
+        daemon.send_multipart([identity, protocol.encode(protocol.Welcome(heartbeat_s=1.0))])
+        daemon.send_multipart([identity, protocol.encode(
+            assign(1, "hangs_the_first", {"marker": str(tmp_path / "hung"), "times": 1}))])
+        daemon.send_multipart([identity, protocol.encode(assign(2, "waits_for", {"release": str(released)}))])
+        receive(daemon, protocol.Started)
+        receive(daemon, protocol.Started)
+        wait_for(lambda: (tmp_path / "hung-0").exists(), 30, "the hung function to start")
+        daemon.send_multipart([identity, protocol.encode(protocol.Cancel(trial_id=1, reason="timed out"))])
+        _, failure = receive(daemon, protocol.Failure, limit_s=30)
+        assert failure.trial_id == 2
+        assert "restarted to end the hung function of timed-out trial 1" in failure.error, failure.error
+        # the slots are free again: a new experiment runs on the fresh process
+        daemon.send_multipart([identity, protocol.encode(assign(3, "quadratic", {}))])
+        _, result = receive(daemon, protocol.ResultMessage, limit_s=30)
+        assert result.trial_id == 3 and station.failed == 1
+    finally:
+        released.touch()
+        stop.set()
+        thread.join(timeout=30)
+        daemon.close()
+        context.destroy(linger=0)
+
+
 def test_on_thread_workers_a_hung_function_keeps_its_slot_and_the_station_says_so_once(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A thread cannot be stopped and the station restarts no worker process it does not have: it warns, once."""
