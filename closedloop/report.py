@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("closedloop.report")
 
 INITIAL_GENERATORS = ("sobol", "random")  # proposals made before the model takes over
+# the experiments table's rows: every trial of a 50,000-trial campaign made a 20 MB page a browser chokes on
+TABLE_ROWS = 2000
 SOFTWARE = ("closedloop", "torch", "botorch", "gpytorch", "numpy", "scipy", "pandas", "matplotlib", "sqlmodel",
             "pydantic", "bluesky", "ophyd", "pyzmq", "typer", "rich")
 
@@ -508,18 +510,26 @@ class Fitted:
 
 
 def fit(data: Data, output: str) -> Fitted | None:
-    """A GP of ``output`` on the completed experiments, or None with fewer than three distinct values."""
+    """A GP of ``output`` on the completed experiments, or None with fewer than three distinct values.
+
+    Above ``MAX_TRAIN`` experiments it is fitted on that many, chosen as the planner chooses its own (the best
+    half and an even spread of the rest): an exact GP's cost grows with the cube of its points, and the report
+    of a 2,000-experiment campaign took 171 s, one of 20,000 would have needed a 3 GB matrix.
+    """
     import torch
     from botorch.fit import fit_gpytorch_mll
     from botorch.models import SingleTaskGP
     from botorch.models.transforms.outcome import Standardize
     from gpytorch.mlls import ExactMarginalLogLikelihood
 
-    from closedloop.planner.models import output_scale
+    from closedloop.planner.models import MAX_TRAIN, output_scale, training_subset
 
     done = [r for r in data.completed if r.get(output) is not None]
     if len(done) < 3 or len({r[output] for r in done}) < 2:
         return None
+    if len(done) > MAX_TRAIN:
+        scores = torch.tensor([data.oriented(output, float(r[output])) for r in done], dtype=torch.double)
+        done = [done[i] for i in training_subset(scores, MAX_TRAIN).tolist()]
     space = Encoding(data.campaign)
     rows = [{n: r[n] for n in data.campaign.parameters} for r in done]
     train_x = space.encode_many(rows)
@@ -569,6 +579,8 @@ def figure_model(data: Data, fitted: list[Fitted], outdir: Path) -> Figure | Non
     fig, axes = _subplots(len(fitted), len(tunable), figsize=(3.2 * len(tunable) + 0.6, 2.9 * len(fitted)),
                              squeeze=False)
     through_reading = False
+    # every experiment is drawn, those the model was not fitted on too
+    measured = [[r for r in data.completed if r.get(f.output) is not None] for f in fitted]
     for i, f in enumerate(fitted):
         # no experiment within the outcome constraints yet: the slices go through the best reading instead
         best = _best_record(data, f.output) or _best_record(data, f.output, feasible=False)
@@ -589,8 +601,9 @@ def figure_model(data: Data, fitted: list[Fitted], outdir: Path) -> Figure | Non
                 ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=8)
             bx = _axis_values(p, [base[name]])[0][0]
             ax.axvline(bx, color="tab:red", lw=1, ls="--", label="best point")
-            observed_x, _ = _axis_values(p, [r[name] for r in f.records])
-            ax.scatter(observed_x, [r[f.output] for r in f.records], s=8, color="gray", alpha=0.4, label="experiments")
+            observed_x, _ = _axis_values(p, [r[name] for r in measured[i]])
+            ax.scatter(observed_x, [r[f.output] for r in measured[i]], s=8, color="gray", alpha=0.4,
+                       label="experiments")
             ax.set_xlabel(_label(data, name))
             if j == 0:
                 ax.set_ylabel(_label(data, f.output))
@@ -599,10 +612,17 @@ def figure_model(data: Data, fitted: list[Fitted], outdir: Path) -> Figure | Non
     fig.suptitle("Model slices through the best point (other parameters held at the best point)")
     fig.tight_layout()
     return Figure("model", "Model along the best point's slices",
-                  "A GP fitted to all completed experiments; each panel varies one parameter with the others at "
+                  f"A GP fitted to {_fitted_on(fitted, measured)}; each panel varies one parameter with the others at "
                   "the best experiment's values. Grey dots are experiments (projected, so they need not lie on "
                   "the curve)." + (" No experiment meets the outcome constraints yet: the best point is the best "
                                    "reading." if through_reading else ""), _save(fig, outdir, "model"))
+
+
+def _fitted_on(fitted: list[Fitted], measured: list[list[dict[str, Any]]]) -> str:
+    if all(len(f.records) == len(m) for f, m in zip(fitted, measured)):
+        return "all completed experiments"
+    return (" and ".join(f"{len(f.records):,} of the {len(m):,} completed experiments of {f.output}"
+                         for f, m in zip(fitted, measured)) + " (the best half and an even spread of the rest)")
 
 
 def _magnitude(values: np.ndarray) -> float:
@@ -784,13 +804,16 @@ def render_html(data: Data, figures: list[Figure], extra: dict[str, Any]) -> str
                      f'(<a href="{html.escape(f.path.name)}">{html.escape(f.path.name)}</a>)</figcaption></figure>')
     columns = ["trial", "status", *c.parameters, *c.outputs, "generator", "station", "duration_s", "finished_at",
                "error"]
+    shown = data.records[-TABLE_ROWS:]
     rows = "".join(
         f'<tr class="{"failed" if r["status"] in ("failed", "abandoned") else ""}">'
         + "".join(_cell(r.get(col)) for col in columns) + "</tr>"
-        for r in data.records
+        for r in shown
     )
-    parts.append(f"<h2>Experiments</h2><table><thead><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in columns)}"
-                 f"</tr></thead><tbody>{rows}</tbody></table>")
+    cut = (f"<p>The last {len(shown):,} of the {len(data.records):,} trials (<code>closedloop export "
+           f"{html.escape(c.name)}</code> writes every one).</p>" if len(shown) < len(data.records) else "")
+    parts.append(f"<h2>Experiments</h2>{cut}<table><thead><tr>"
+                 f"{''.join(f'<th>{html.escape(h)}</th>' for h in columns)}</tr></thead><tbody>{rows}</tbody></table>")
     parts.append(f"<h2>Campaign file as run</h2><pre>{html.escape(data.spec_yaml)}</pre>")
     now = versions()
     ran = {k: ", ".join(v) for k, v in extra.get("ran_with", {}).items()}

@@ -400,3 +400,39 @@ def test_units_and_values_with_dollar_signs_are_drawn_as_written(tmp_path: Path)
     result = CliRunner().invoke(app, ["report", "dollars", "--store", str(tmp_path / "s.db"), "-o",
                                       str(tmp_path / "r" / "report.html")])
     assert result.exit_code == 0, result.output
+
+
+def _records(n: int) -> list[dict[str, object]]:
+    """``n`` completed experiments of the mixed campaign as the report reads them from a store."""
+    from tests.reportdata import mixed_outputs
+
+    rng = np.random.default_rng(3)
+    records = []
+    for i in range(1, n + 1):
+        p = {"temp": float(rng.uniform(20, 80)), "conc": float(10 ** rng.uniform(-2, 0)), "steps": int(rng.integers(1, 6)),
+             "solvent": str(rng.choice(["water", "ethanol", "toluene"])), "pressure": 1}
+        records.append({"trial": i, "status": "completed", **p, **mixed_outputs(p), "generator": "sobol"})
+    return records
+
+
+def test_the_model_of_a_big_campaign_is_fitted_on_a_subset_that_holds_its_best(tmp_path: Path) -> None:
+    # an exact GP on every experiment: 171 s for the report of 2,000, a 3 GB matrix for 20,000
+    from closedloop.planner.models import MAX_TRAIN
+
+    records = _records(MAX_TRAIN + 50)
+    data = report.Data(mixed_campaign(experiments=1000), records, "", None)
+    fitted = report.fit(data, "yield")
+    assert fitted is not None
+    assert fitted.train_x.shape[0] == len(fitted.records) == MAX_TRAIN
+    assert max(records, key=lambda r: r["yield"])["trial"] in {r["trial"] for r in fitted.records}
+    figure = report.figure_model(data, [fitted], tmp_path)
+    assert figure is not None and f"{MAX_TRAIN:,} of the {MAX_TRAIN + 50:,} completed experiments" in figure.caption
+
+
+def test_the_experiments_table_of_a_big_campaign_holds_the_last_trials_and_says_so() -> None:
+    records = _records(report.TABLE_ROWS + 5)
+    text = report.render_html(report.Data(mixed_campaign(experiments=5000), records, "", None), [], {})
+    table = text.split("<h2>Experiments</h2>")[1].split("</table>")[0]
+    assert table.count("<tr class=") == report.TABLE_ROWS
+    assert f'<tr class=""><td class="n">{len(records)}</td>' in table and '<tr class=""><td class="n">5</td>' not in table
+    assert f"The last {report.TABLE_ROWS:,} of the {len(records):,} trials" in text
