@@ -158,12 +158,29 @@ def _no_boolean(value: Any) -> Any:
 _STORED = contextvars.ContextVar("_STORED", default=False)
 
 
+# the zero-width joiner and non-joiner are format characters that emoji sequences and some scripts (Devanagari,
+# Persian) need to be written right
+_JOINERS = {"\u200c", "\u200d"}
+
+
+def _invisible(text: str) -> str | None:
+    """Why ``text`` may not be a name or value: it holds a format character (Unicode category Cf), if so."""
+    # a zero-width space or a right-to-left override prints as nothing, or turns the text after it around: 'DMF'
+    # and 'DMF' with a zero-width space were two values that every table printed the same
+    if c := next((c for c in text if unicodedata.category(c) == "Cf" and c not in _JOINERS), None):
+        return (f"{text!r} holds U+{ord(c):04X} ({unicodedata.name(c, 'unnamed')}), an invisible format character "
+                "(it prints as nothing, or turns the text around it); remove it")
+    return None
+
+
 def _one_line(value: Any) -> Any:
     # tables (show, export) print a value in one cell, and a table read back (import, tell --csv) takes cells
     # without the spaces spreadsheets pad them with
     if isinstance(value, str) and not _STORED.get():
         if control := next((c for c in value if unicodedata.category(c) == "Cc"), None):
             raise ValueError(f"{value!r} holds a control character ({control!r}); write it on one line")
+        if invisible := _invisible(value):
+            raise ValueError(invisible)
         if value != value.strip():
             raise ValueError(f"{value!r} has spaces at its ends, which a table read back (closedloop import) "
                              "drops; write it without them")
@@ -1054,6 +1071,8 @@ def _fold_fixed(constraint: LinearConstraint, parameters: Mapping[str, Any]) -> 
 def _bad_name(name: Any) -> str | None:
     if not isinstance(name, str):
         return None  # the type check says it: names are text
+    if invisible := _invisible(name):
+        return invisible
     if not name.isidentifier():
         return (f"{name!r} is not a usable name: start with a letter, use only letters, digits and '_' "
                 "(names appear in constraint expressions)")

@@ -557,6 +557,31 @@ def test_a_store_begun_with_names_and_values_refused_since_still_reads(tmp_path:
         Campaign.from_yaml_text(legacy.to_yaml(), check_instrument=False)  # a file is held to today's rules
 
 
+def test_a_store_begun_with_invisible_characters_in_its_values_still_reads(tmp_path: Path) -> None:
+    """'DMF' and 'DMF' with a zero-width space, a right-to-left override: refused in a campaign file since
+    2026-12-06, but a store that holds a campaign run with them must still open (show, export, resume)."""
+    from closedloop.campaign import CategoricalParameter, FixedParameter
+    from closedloop.store import Store
+
+    campaign = Campaign.from_yaml_text(BASE, check_instrument=False)
+    values = ["DMF", "DMF\u200b", "\u202eFMD"]
+    legacy = campaign.model_copy(update={"parameters": {
+        **campaign.parameters, "solvent": CategoricalParameter.model_construct(values=values),
+        "vial": FixedParameter.model_construct(value="A\ufeff1")}})
+    store = Store(tmp_path / "s.db")
+    store.open_campaign(legacy)
+    stored = store.campaign("t")
+    assert stored.parameters["solvent"].values == values and stored.parameters["vial"].value == "A\ufeff1"
+    with pytest.raises(CampaignFileError, match=r"holds U\+200B \(ZERO WIDTH SPACE\)"):
+        Campaign.from_yaml_text(legacy.to_yaml(), check_instrument=False)  # a file is held to today's rules
+
+
+def test_text_values_keep_the_joiners_that_emoji_and_some_scripts_need() -> None:
+    text = BASE.replace("  x2:", '  tool: {type: categorical, values: ["\U0001f469\u200d\U0001f52c", "\u0915\u094d\u200d\u0937"]}\n  x2:')
+    values = Campaign.from_yaml_text(text, check_instrument=False).parameters["tool"].values
+    assert values == ["\U0001f469\u200d\U0001f52c", "\u0915\u094d\u200d\u0937"]
+
+
 def test_a_store_begun_with_a_threshold_on_the_only_objective_still_opens_and_resumes(tmp_path: Path) -> None:
     """Such a file was run (the threshold ignored) before it was refused: the store still reads, and takes the file
     without the threshold, which runs the same; a file that stops at the threshold instead is a different one."""
