@@ -423,7 +423,7 @@ def test_the_charts_label_zero_as_zero(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_the_best_so_far_chart_marks_every_failure(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """Headless Chromium: failures were marked × from the trials table, which holds the last 2,000 trials, while the
+    """Headless Chromium: failures were marked × from the trials table, which held the last 2,000 trials, while the
     chart draws every result: of a campaign of 5,000 trials failing one in fifty, none was marked before trial 3,000."""
     import closedloop.dashboard.state
 
@@ -457,6 +457,7 @@ def test_the_page_draws_a_campaign_of_65000_results(tmp_path: Path) -> None:
     the trials table, drawn after the chart, never appeared."""
     from datetime import timezone
 
+    from closedloop.dashboard.state import MAX_POINTS, MAX_TRIALS
     from closedloop.store import ObservationRow, TrialRow
 
     n = 65_000
@@ -481,7 +482,9 @@ def test_the_page_draws_a_campaign_of_65000_results(tmp_path: Path) -> None:
             page.goto(f"http://127.0.0.1:{server.port}/")
             page.wait_for_function(f"document.querySelector('#best-plot').dataset.count === '{n}'", timeout=60_000)
             page.wait_for_selector(f"#held tr[data-trial='{n + 1}']", timeout=20_000)
-            assert page.locator("#trials tbody tr").count() == 2000
+            assert page.locator("#trials tbody tr").count() == MAX_TRIALS
+            # sent thinned: the best line's steps and each stretch's extremes, not 65,000 circles every 2 s
+            assert page.locator("#best-plot circle").count() <= MAX_POINTS + 100
     finally:
         server.stop()
     assert not errors
@@ -801,7 +804,7 @@ def _from_scratch(store: Store, name: str, max_trials: int) -> dict:
            "objectives": [{"name": n, "goal": o.goal} for n, o in spec.objectives.items()], "outputs": spec.outputs,
            "backend": spec.planner.backend,
            "parameters": {n: {"type": p.type, "bounds": list(p.bounds)} for n, p in spec.parameters.items()},
-           "counts": store.counts(row.id), "series": series, "trials": table[-max_trials:],
+           "counts": store.counts(row.id), "results": len(series), "series": series, "trials": table[-max_trials:],
            "failures": [{"trial": r["trial"], "status": r["status"]} for r in table if r["status"] in ("failed", "abandoned")],
            "held": [r for r in table if r["status"] == "held"]}
     log_ = ObservationLog(spec)
@@ -1125,3 +1128,50 @@ def test_a_daemon_endpoint_on_every_interface_is_reached_by_loopback_of_its_fami
     assert _connectable("tcp://[::]:5702") == "tcp://[::1]:5702"
     assert _connectable("tcp://*:5702") == _connectable("tcp://0.0.0.0:5702") == "tcp://127.0.0.1:5702"
     assert _connectable("tcp://[::1]:5702") == "tcp://[::1]:5702"
+
+
+def _steps(series: list[dict]) -> list[tuple[int, float]]:
+    """The best-so-far line as the page draws it: a step at each point where the best changes."""
+    out: list[tuple[int, float]] = []
+    for p in series:
+        if p["best"] is not None and (not out or out[-1][1] != p["best"]):
+            out.append((p["trial"], p["best"]))
+    return out
+
+
+def test_a_long_campaign_is_sent_thinned_charts_with_the_same_best_line_and_extremes(tmp_path: Path,
+                                                                                      monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Every poll sent every result twice over (the best-so-far series and, with two objectives, the Pareto cloud):
+    4 MB each 2 s at 50,000 trials, drawn as 50,000 circles each time. Past MAX_POINTS the page gets the best line's
+    steps, each stretch's lowest and highest result, the front in full, and the number of results."""
+    import random
+
+    import closedloop.dashboard.state
+
+    monkeypatch.setattr(closedloop.dashboard.state, "MAX_POINTS", 10)
+    film = _Film(tmp_path / "film.db")
+    n = 60
+    film.propose(n)
+    film.dispatch(*range(1, n + 1))
+    rng = random.Random(2)
+    for number in range(1, n + 1):
+        film.complete(number, rng.uniform(0, 45), rng.uniform(0, 10))
+    server = DashboardServer(DashboardConfig(store=str(tmp_path / "film.db"), port=0)).start()
+    try:
+        status, state = _get(f"http://127.0.0.1:{server.port}/api/state")
+    finally:
+        server.stop()
+    assert status == 200
+    (campaign,) = state["campaigns"]
+    full = _from_scratch(film.store, "film", 4)
+    film.store.close()
+    series, every = campaign["series"], full["series"]
+    assert campaign["results"] == len(every) == n
+    steps = _steps(every)
+    assert len(series) <= 10 + len(steps) + 1 < n
+    assert _steps(series) == steps and series[-1] == every[-1]
+    assert {p["value"] for p in series} >= {min(p["value"] for p in every), max(p["value"] for p in every)}
+    assert all(p in every for p in series)
+    front = [p for p in full["pareto"]["points"] if p["front"]]
+    points = campaign["pareto"]["points"]
+    assert [p for p in points if p["front"]] == front and len(points) <= len(front) + 10

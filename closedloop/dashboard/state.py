@@ -38,7 +38,10 @@ from closedloop.provenance import ProvenanceRow
 from closedloop.store import CampaignRow, ObservationRow, Store, TrialRow, TrialStatus
 from closedloop.view import shown_status
 
-MAX_TRIALS = 2000  # rows sent to the page; the store keeps them all
+MAX_TRIALS = 500  # rows sent to the page; the store keeps them all
+# points of a chart sent to the page, beyond the best-so-far line's steps and the Pareto front: every result of a
+# 50,000-trial campaign made each 2 s poll 4 MB, and the page drew 50,000 circles each time
+MAX_POINTS = 2000
 FINISHED = (TrialStatus.completed.value, TrialStatus.failed.value, TrialStatus.abandoned.value)
 _RESULTS = (TrialStatus.completed.value, TrialStatus.failed.value)  # what a planner is given (Store.results)
 
@@ -63,9 +66,9 @@ class CampaignView:
     """What the page is sent of one campaign, brought up to date on each :meth:`poll`.
 
     It keeps the campaign's spec, the rows of the last ``MAX_TRIALS`` trials and of the open ones, the
-    best-so-far series (one point per result of the first objective, in trial order, as the page draws every
-    experiment) and the failed trials' numbers, and for several objectives the results behind the Pareto front.
-    Memory therefore grows with the series alone, not with the trials table.
+    best-so-far series (one point per result of the first objective, in trial order; the page is sent at most
+    about ``MAX_POINTS`` of them, see :func:`thinned`) and the failed trials' numbers, and for several objectives
+    the results behind the Pareto front. Memory therefore grows with the series alone, not with the trials table.
     """
 
     def __init__(self, store: Store, row: CampaignRow):
@@ -89,6 +92,7 @@ class CampaignView:
         self._window: deque[int] = deque()  # the numbers of the last MAX_TRIALS trials, in order
         self._rows: dict[int, dict[str, Any]] = {}  # by trial number: those in the window and the open ones
         self._series: list[dict[str, Any]] = []
+        self._thinned: list[dict[str, Any]] | None = None  # what is sent of the series, until it changes
         self._failures: list[dict[str, Any]] = []  # every failed or abandoned trial, in order: the chart marks them
         self._front = None if len(self.spec.objectives) < 2 else _Front(self.spec)
 
@@ -116,7 +120,7 @@ class CampaignView:
         held = [self._rows[i] for i in sorted(self._open) if self._rows[i]["status"] == TrialStatus.held.value]
         out: dict[str, Any] = {
             "name": row.name, "status": shown_status(store, row), **self._static, "counts": counts,
-            "series": list(self._series), "failures": list(self._failures), "trials": [self._rows[i] for i in self._window], "held": held,
+            "results": len(self._series), "series": self._drawn(), "failures": list(self._failures), "trials": [self._rows[i] for i in self._window], "held": held,
         }
         if self._front is not None:
             out["pareto"] = self._front.state()
@@ -164,6 +168,12 @@ class CampaignView:
                 best = v if best is None or (v > best if self._goal == "maximize" else v < best) else best
             tail.append({"trial": number, "value": v, "best": best, "counts": c})
         self._series[at:] = tail
+        self._thinned = None
+
+    def _drawn(self) -> list[dict[str, Any]]:
+        if self._thinned is None:
+            self._thinned = thinned(self._series)
+        return self._thinned
 
 
 class _Front:
@@ -193,6 +203,10 @@ def _pareto(log: Any) -> dict[str, Any]:
     # counts: within the outcome constraints; one outside them that beat the front was drawn as a plain point
     points = [{"trial": r.trial, "x": r.values[names[0]], "y": r.values[names[1]], "front": r.trial in front,
                "counts": log.feasible(r)} for r in log.completed]
+    behind = [p for p in points if not p["front"]]
+    if len(behind) > MAX_POINTS:  # the front in full, an even spread of the rest (see MAX_POINTS)
+        spread = {id(behind[round(k * (len(behind) - 1) / (MAX_POINTS - 1))]) for k in range(MAX_POINTS)}
+        points = [p for p in points if p["front"] or id(p) in spread]
     try:
         hypervolume = log.hypervolume() if points else 0.0
     except Exception:  # noqa: BLE001 - a degenerate front has no hypervolume worth stopping the page for
@@ -200,6 +214,27 @@ def _pareto(log: Any) -> dict[str, Any]:
     # in the objectives' own units: the log's point is oriented (a cost threshold of 5 read -5)
     reference = [s * v for s, v in zip(log.signs, log.reference_point())] if points else None
     return {"x": names[0], "y": names[1], "points": points, "hypervolume": hypervolume, "reference": reference}
+
+
+def thinned(series: list[dict[str, Any]], limit: int | None = None) -> list[dict[str, Any]]:
+    """The best-so-far series as the chart needs it: all of it up to ``limit`` points; beyond, every point where the
+    best changes (the line drawn from them is the line drawn from all), the last one, and of each of ``limit / 2``
+    runs of consecutive results the lowest and the highest value (the cloud keeps its shape and its outliers)."""
+    limit = limit or MAX_POINTS
+    if len(series) <= limit:
+        return list(series)
+    keep = {len(series) - 1}
+    best = None
+    for i, point in enumerate(series):
+        if point["best"] != best:
+            keep.add(i)
+            best = point["best"]
+    size = math.ceil(len(series) / (limit // 2))
+    for start in range(0, len(series), size):
+        run = range(start, min(start + size, len(series)))
+        keep.add(min(run, key=lambda i: series[i]["value"]))
+        keep.add(max(run, key=lambda i: series[i]["value"]))
+    return [series[i] for i in sorted(keep)]
 
 
 def campaign_state(store: Store, name: str) -> dict[str, Any]:

@@ -226,9 +226,12 @@ function extent(values) {
 function drawBest(c) {
   const svg = $("#best-plot");
   const s = c.series;
-  svg.setAttribute("data-count", String(s.length));
+  // a long campaign's series comes thinned (the best line's steps and each run's extremes): count the results
+  const results = c.results ?? s.length;
+  svg.setAttribute("data-count", String(results));
   const obj = c.objectives[0];
-  $("#best-caption").textContent = `${c.name}: ${obj.goal} ${obj.name}, ${s.length} experiments`;
+  $("#best-caption").textContent = `${c.name}: ${obj.goal} ${obj.name}, ${results} experiments` +
+    (s.length < results ? ` (${s.length} drawn: every step of the best and each stretch's lowest and highest)` : "");
   const lastTrial = Math.max(1, ...c.trials.map((t) => t.trial));
   const { sx, sy, add } = frame(svg, [0, lastTrial], extent(s.flatMap((p) => [p.value, p.best])), "experiment number", obj.name);
   // a result that breaks an outcome constraint (or comes from a cheaper source) is drawn hollow and is never the best
