@@ -22,6 +22,8 @@ from botorch.models.model import Model
 from botorch.sampling.normal import SobolQMCNormalSampler
 from botorch.utils.transforms import t_batch_mode_transform
 
+from closedloop.planner.models import posterior_mean
+
 Constraint = Callable[[torch.Tensor], torch.Tensor]
 
 # up to this many experiments BoTorch's own pruning of the noisy-EI baseline is cheap (0.011 s at 100 on
@@ -200,8 +202,7 @@ class ConsensusMean(AcquisitionFunction):
     def __init__(self, models: list[Model], x: torch.Tensor):
         super().__init__(models[0])
         self.models = models
-        with torch.no_grad():
-            means = [m.posterior(x).mean[..., 0] for m in models]
+        means = [posterior_mean(m, x)[..., 0] for m in models]
         self.centres = [float(m.mean()) for m in means]
         self.spreads = [float(m.std().clamp_min(1e-12)) if len(m) > 1 else 1.0 for m in means]
 

@@ -214,8 +214,7 @@ class BotorchPlanner:
                 score = estimate(x.unsqueeze(-2))
             return feasible[int(torch.argmax(score))]
         model = self._measured_model(surrogate)
-        with torch.no_grad():
-            mean = model.posterior(x).mean[..., 0]
+        mean = gp.posterior_mean(model, x)[..., 0]
         i, j = int(torch.argmax(mean)), feasible.index(luckiest)
         if i == j:
             return luckiest
@@ -564,8 +563,7 @@ class BotorchPlanner:
     def _incumbent_mean(self, surrogate: Surrogate) -> tuple[int, float]:
         """Index (into ``train_x``) and posterior mean of the best feasible experiment by the model."""
         done = self.log.completed
-        with torch.no_grad():
-            mean = surrogate.model.posterior(surrogate.train_x).mean[..., 0]
+        mean = gp.posterior_mean(surrogate.model, surrogate.train_x)[..., 0]
         feasible = torch.tensor([self.log.feasible(r) for r in done])
         if feasible.any():
             mean = torch.where(feasible, mean, torch.full_like(mean, -math.inf))

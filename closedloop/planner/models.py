@@ -249,6 +249,21 @@ def conditioned_gp(
     return model
 
 
+# rows per posterior call over the experiments run: a model list's posterior (failures, outcome constraints,
+# several objectives) holds each output's covariance over all its points, an n x n matrix per output: at 2,000
+# experiments with two outcome constraints the incumbent's mean took 6.1 s of a 13 s suggestion. Up to this
+# many it is one call, as it always was
+POSTERIOR_ROWS = 1000
+
+
+def posterior_mean(model: Model, x: torch.Tensor) -> torch.Tensor:
+    """``model``'s posterior mean at ``x`` (``n x d``): ``n x m``, ``POSTERIOR_ROWS`` rows at a time."""
+    with torch.no_grad():
+        if len(x) <= POSTERIOR_ROWS:
+            return model.posterior(x).mean
+        return torch.cat([model.posterior(rows).mean for rows in x.split(POSTERIOR_ROWS)])
+
+
 def training_subset(scores: torch.Tensor, limit: int) -> torch.Tensor:
     """Indices of at most ``limit`` experiments: the best half by ``scores`` and an even spread of the rest.
 
