@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import difflib
+import errno
 import hashlib
 import json
 import math
@@ -231,6 +232,29 @@ def _missing(path: str | None) -> list[Path]:
     return made
 
 
+def _unwritable(display: str, reason: str) -> str:
+    """The one line for a command that writes to its store (suggest, run, daemon, tell, import) on one it cannot
+    write: what is needed, and that the commands that only look still read it there."""
+    return (f"cannot write the store {display}: {reason}; this command needs a store it can write, in a folder it "
+            "can write (copy it to one with 'closedloop backup STORE COPY' and give --store COPY); show, status, "
+            "export and report read it where it is")
+
+
+def _not_writable(path: str | Path | None) -> str | None:
+    """Why a store at ``path`` (a SQLite file, or the outermost folder above it still to be made) cannot be written,
+    if so: asked before opening, since SQLite opens a read-only file for reading and fails on the first write, after
+    leaving a -wal and a -shm beside it."""
+    if not path or path == ":memory:":
+        return None
+    path = Path(path)
+    for there, which in ((path, "it"), (path.parent, f"its folder {path.parent}")):
+        if there.exists() and not os.access(there, os.W_OK):
+            if os.statvfs(there).f_flag & os.ST_RDONLY:
+                return f"{which} is on a read-only file system"
+            return f"{which} is not writable by this user"
+    return None
+
+
 def _damaged(error: BaseException | None) -> bool:
     """Whether a database error says the SQLite file is not a database or not a whole one."""
     import sqlite3
@@ -412,6 +436,8 @@ class Store:
                 self.engine = reading_engine(url_or_path)
                 self._check_readable()
             else:
+                if why := _not_writable(self._made[0] if self._made else _sqlite_file(self.location)):
+                    raise StoreError(_unwritable(self.display, why))
                 self.engine = make_engine(url_or_path)
                 # issue 8: alembic migrations (closedloop/migrations) bring any store, SQLite or PostgreSQL, to
                 # this schema
@@ -422,6 +448,12 @@ class Store:
                     event.listen(self.engine, "begin", _StaysInPlace(Path(file).resolve(), self.display).check)
         except NewerSchema as exc:
             raise StoreError(f"{self.display} {exc}") from None
+        except OSError as exc:
+            # a read-only mount or a folder this user may not write: the migration lock, the folders or the file
+            # cannot be made (Errno 30 or 13, naming the lock file, told the operator nothing of what to do)
+            if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            raise StoreError(_unwritable(self.display, f"{exc.strerror}: {exc.filename}")) from None
         except DatabaseError as exc:  # "file is not a database", "database disk image is malformed"
             # one line: a server's refusal comes over several (psycopg: "...refused\n\tIs the server running ...")
             reason = " ".join(str(exc.orig or exc).split())

@@ -890,48 +890,54 @@ def test_a_backup_of_a_store_in_a_read_only_folder_is_made_and_the_store_left_as
         shutil.rmtree(copies)
 
 
-def _rich_layout(table: object) -> str:
-    """The table as rich lays it out at its natural width, without colour (how `show` printed every table)."""
-    import io
+def test_a_writing_command_on_a_store_in_a_read_only_folder_is_one_line_naming_the_store_and_what_is_needed(
+        tmp_path: Path) -> None:
+    """suggest, run and daemon on a store in a read-only mount or a folder its user may not write said
+    "OSError: [Errno 30] Read-only file system: '.../s.db.migrate.lock'" (or PermissionError), exit 1: no word of
+    what to do. A store that is there, one that is not yet, and one in folders not yet made."""
+    import os
+    import shutil
+    import tempfile
 
-    from rich.console import Console
-    from rich.measure import Measurement
+    prefix = _as_another_user()
+    if prefix is None:
+        pytest.skip("running as root without setpriv: a read-only folder is writable to root")
+    folder = Path(tempfile.mkdtemp(prefix="closedloop-ro-"))  # outside pytest's private tmp, for the other user
+    try:
+        _looked_at_store(folder / "archive.db")
+        campaign = folder / "looked-at.yaml"
+        from closedloop.store import Store
 
-    probe = Console(file=io.StringIO())
-    width = Measurement.get(probe, probe.options.update_width(1_000_000), table).maximum
-    out = Console(file=io.StringIO(), width=max(width, 1), no_color=True, highlight=False, soft_wrap=False, emoji=False)
-    out.print(table)
-    return out.file.getvalue()  # type: ignore[attr-defined]
-
-
-@pytest.mark.parametrize("rows", [[], [["1", "completed", "0.5", "", "station-a"]],
-                                  [["12", "failed", "-1.25e-07", "濃度 [emim]", ""], ["3", "held", "", "x", "é"],
-                                   ["100000", "dispatched", "7", "", "a station with a long name"]]])
-def test_a_table_laid_out_without_rich_is_rich_s_layout_character_for_character(rows: list[list[str]]) -> None:
-    from rich.table import Table
-    from rich.text import Text
-
-    from closedloop.cli import _plain_lines
-
-    table = Table(title=f"screen: {len(rows)} trials", box=None, header_style="bold", title_justify="left")
-    for column in ("trial", "status", "y", "solvent", "station"):
-        table.add_column(column, justify="right" if column in ("trial", "y") else "left")
-    for row in rows:
-        table.add_row(*(Text(cell) for cell in row), style="red" if row[1] == "failed" else None)
-    lines = _plain_lines(table)
-    assert lines is not None and "".join(line + "\n" for line in lines) == _rich_layout(table)
-
-
-def test_show_of_a_long_campaign_is_laid_out_without_rich(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # rich took 120 s, 95% of 'closedloop show', to lay out a campaign of 20,000 trials (benchmarks/big_store.py)
-    from rich.table import Table
-    from typer.testing import CliRunner
-
-    from closedloop.cli import app
-    from tests.reportdata import mixed_store
-
-    mixed_store(tmp_path / "s.db", n=12)[0].close()
-    monkeypatch.setattr(Table, "__rich_console__", lambda *_: (_ for _ in ()).throw(AssertionError("laid out by rich")))
-    shown = CliRunner().invoke(app, ["show", "mixed", "--store", str(tmp_path / "s.db")])
-    assert shown.exit_code == 0, shown.output
-    assert shown.stdout.startswith("mixed: 12 trials") and shown.stdout.count("sample holder jammed") == 1  # trial 5
+        store = Store(folder / "archive.db", read_only=True)
+        campaign.write_text(store.campaign("looked-at").to_yaml())
+        store.close()
+        folder.chmod(0o555)
+        before = _files(folder)
+        env = {**os.environ, "HOME": str(folder)}
+        for command, extra in (("suggest", []), ("run", []),
+                               ("daemon", ["--bind", "tcp://127.0.0.1:0", "--publish", "", "--control", ""])):
+            for store_path in (folder / "archive.db", folder / "new.db", folder / "a" / "b" / "new.db"):
+                result = subprocess.run([*prefix, sys.executable, "-m", "closedloop.cli", command, str(campaign),
+                                         "--store", str(store_path), *extra], cwd=folder, env=env, capture_output=True,
+                                        text=True, timeout=120)
+                assert result.returncode == 1, (command, store_path, result.stderr)
+                lines = result.stderr.strip().splitlines()
+                assert len(lines) == 1, (command, store_path, result.stderr)
+                assert lines[0].startswith(f"error: cannot write the store {store_path}: "), lines[0]
+                assert "needs a store it can write, in a folder it can write" in lines[0], lines[0]
+                assert "show, status, export and report read it where it is" in lines[0], lines[0]
+        assert _files(folder) == before
+        # the file read-only in a folder it may write: SQLite opened it, left a -wal and a -shm, and failed at the
+        # first write ('attempt to write a readonly database')
+        folder.chmod(0o777)
+        (folder / "archive.db").chmod(0o444)
+        before = _files(folder)
+        result = subprocess.run([*prefix, sys.executable, "-m", "closedloop.cli", "suggest", str(campaign), "--store",
+                                 "archive.db"], cwd=folder, env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.startswith("error: cannot write the store archive.db: it is not writable by this user; ")
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert _files(folder) == before
+    finally:
+        folder.chmod(0o755)
+        shutil.rmtree(folder)
