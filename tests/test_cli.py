@@ -941,3 +941,50 @@ def test_a_writing_command_on_a_store_in_a_read_only_folder_is_one_line_naming_t
     finally:
         folder.chmod(0o755)
         shutil.rmtree(folder)
+
+
+def _rich_layout(table: object) -> str:
+    """The table as rich lays it out at its natural width, without colour (how `show` printed every table)."""
+    import io
+
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    probe = Console(file=io.StringIO())
+    width = Measurement.get(probe, probe.options.update_width(1_000_000), table).maximum
+    out = Console(file=io.StringIO(), width=max(width, 1), no_color=True, highlight=False, soft_wrap=False, emoji=False)
+    out.print(table)
+    return out.file.getvalue()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("rows", [[], [["1", "completed", "0.5", "", "station-a"]],
+                                  [["12", "failed", "-1.25e-07", "濃度 [emim]", ""], ["3", "held", "", "x", "é"],
+                                   ["100000", "dispatched", "7", "", "a station with a long name"]]])
+def test_a_table_laid_out_without_rich_is_rich_s_layout_character_for_character(rows: list[list[str]]) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    from closedloop.cli import _plain_lines
+
+    table = Table(title=f"screen: {len(rows)} trials", box=None, header_style="bold", title_justify="left")
+    for column in ("trial", "status", "y", "solvent", "station"):
+        table.add_column(column, justify="right" if column in ("trial", "y") else "left")
+    for row in rows:
+        table.add_row(*(Text(cell) for cell in row), style="red" if row[1] == "failed" else None)
+    lines = _plain_lines(table)
+    assert lines is not None and "".join(line + "\n" for line in lines) == _rich_layout(table)
+
+
+def test_show_of_a_long_campaign_is_laid_out_without_rich(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # rich took 120 s, 95% of 'closedloop show', to lay out a campaign of 20,000 trials (benchmarks/big_store.py)
+    from rich.table import Table
+    from typer.testing import CliRunner
+
+    from closedloop.cli import app
+    from tests.reportdata import mixed_store
+
+    mixed_store(tmp_path / "s.db", n=12)[0].close()
+    monkeypatch.setattr(Table, "__rich_console__", lambda *_: (_ for _ in ()).throw(AssertionError("laid out by rich")))
+    shown = CliRunner().invoke(app, ["show", "mixed", "--store", str(tmp_path / "s.db")])
+    assert shown.exit_code == 0, shown.output
+    assert shown.stdout.startswith("mixed: 12 trials") and shown.stdout.count("sample holder jammed") == 1  # trial 5
