@@ -47,10 +47,19 @@ class LimitedAxis(SynAxis):
     """
 
     def __init__(self, *, limits: tuple[float, float] = (-np.inf, np.inf), integer: bool = False, **kwargs):
+        # SynAxis ends a move at old + (new - old) * 1.0, which misses some setpoints by an ulp (2.432 -> 6.742
+        # read 6.742000000000001): a point then measured differently by where the axis came from, and a campaign
+        # resumed after a restart (the axis back at 0) diverged from the uninterrupted run. The last step lands exactly.
+        self._target: float | None = None
+        kwargs.setdefault("readback_func", self._land)
         super().__init__(**kwargs)
         self._limits = (float(limits[0]), float(limits[1]))
         self.integer = integer
         self.set_calls: list[float] = []
+
+    def _land(self, position: float) -> float:
+        target = self._target
+        return target if target is not None and math.isclose(position, target, rel_tol=1e-12, abs_tol=1e-300) else position
 
     @property
     def limits(self) -> tuple[float, float]:
@@ -69,6 +78,7 @@ class LimitedAxis(SynAxis):
         # Recorded before the check: set_calls is everything that reached the device, refused or not.
         self.set_calls.append(float(value))
         self.check_value(value)
+        self._target = float(value)
         return super().set(value)
 
 

@@ -25,3 +25,19 @@ def test_names_in_any_script_are_distinct_data_keys_and_are_measured() -> None:
     assert outputs_from_events(binding, docs.events())[0] == pytest.approx({"濃度": 1.25, "収率": 2.0})
     names = [d.name for d in binding.positioners.values()] + [s.name for s in binding.signals.values()]
     assert names == ["Δλ", "θ", "溶媒"]
+
+
+def test_a_point_reads_the_same_whatever_the_axis_came_from() -> None:
+    # ophyd's SynAxis ends a move at old + (new - old) * 1.0, a bit off the setpoint for some pairs
+    # (2.432 -> 6.742 read 6.742000000000001): the same experiment measured differently after a restart
+    # (the axis then starting from 0), so a campaign killed and resumed diverged from the uninterrupted run
+    binding = simulated_instrument("probe", [Axis("x", -5, 10)], ["y"], lambda p: p["x"])
+    RE = RunEngine({}, context_managers=[])
+    readings = []
+    for before in (0.0, 2.432):
+        RE(experiment_plan(binding, {"x": before}, {"trial_id": 1}))
+        docs = DocumentCollector()
+        RE(experiment_plan(binding, {"x": 6.742}, {"trial_id": 2}), docs)
+        readings.append(outputs_from_events(binding, docs.events())[0]["y"])
+        assert binding.positioners["x"].position == 6.742
+    assert readings == [6.742, 6.742]
