@@ -130,8 +130,7 @@ class Snapshot:
         """Read a campaign's state; raises StoreError when the store has no such campaign."""
         row = store.campaign_row(campaign)
         spec: Campaign = store.campaign(row.id)  # type: ignore[arg-type]
-        trials = store.trials(row.id)  # type: ignore[arg-type]
-        observations = store.observations(row.id)  # type: ignore[arg-type]
+        trials = _trial_facts(store, row.id, parameters=bool(spec.sources) or spec.budget.cost is not None)  # type: ignore[arg-type]
         name, objective = next(iter(spec.objectives.items()))
         sign = 1.0 if objective.goal == "minimize" else -1.0
         bounds = spec.output_bounds
@@ -145,8 +144,7 @@ class Snapshot:
                 in_flight.setdefault(t.station or "?", []).append(t.index)
         entries = []
         for n, t in enumerate(finished, start=1):
-            obs = observations.get(t.id)  # type: ignore[arg-type]
-            entry = Finished(t.index, t.status, obs.values if obs else None, t.error, _utc(t.finished_at))
+            entry = Finished(t.index, t.status, t.values, t.error, _utc(t.finished_at))
             entries.append(entry)
             values = entry.values
             if values is None or name not in values or not spec.counts(t.parameters):
@@ -466,6 +464,43 @@ def watch(store: Store, campaign: str, console: Console, interval_s: float = 1.0
             return snap
         time.sleep(interval_s)
         snap = Snapshot.from_store(store, campaign)
+
+
+@dataclass(frozen=True, slots=True)
+class _Fact:
+    """What a snapshot reads of one trial (its parameters only where sources make them count)."""
+
+    index: int
+    status: str
+    station: str | None
+    error: str | None
+    attempts: int
+    dispatched_at: datetime | None
+    finished_at: datetime | None
+    planner: dict[str, Any]
+    parameters: dict[str, Any]
+    values: dict[str, Any] | None
+
+
+def _trial_facts(store: Store, campaign_id: int, parameters: bool) -> list[_Fact]:
+    """A campaign's trials for a snapshot, in trial order, in one SQL Core select: ``closedloop status`` and
+    ``list`` built an ORM object of every trial and observation, 12 s for a campaign of 50,000 trials, most of
+    it decoding JSON the snapshot never looks at (the run uids, every trial's planner metadata)."""
+    from sqlalchemy import case, null, select
+
+    from closedloop.store import ObservationRow, TrialRow
+
+    trial, observation = TrialRow.__table__, ObservationRow.__table__  # type: ignore[attr-defined]
+    query = (select(trial.c.index, trial.c.status, trial.c.station, trial.c.error, trial.c.attempts,
+                    trial.c.dispatched_at, trial.c.finished_at,
+                    # only a proposal's: a trial suggested for hand execution says so there
+                    case((trial.c.status == PROPOSED, trial.c.planner), else_=null()).label("planner"),
+                    trial.c.parameters if parameters else null().label("parameters"), observation.c["values"])
+             .select_from(trial.outerjoin(observation, observation.c.trial_id == trial.c.id))
+             .where(trial.c.campaign_id == campaign_id).order_by(trial.c.index))
+    with store.engine.connect() as connection:
+        return [_Fact(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7] or {}, r[8] or {}, r[9])
+                for r in connection.execute(query)]
 
 
 def trial_records(store: Store, campaign: str | int) -> list[dict[str, Any]]:

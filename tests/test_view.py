@@ -553,3 +553,27 @@ def test_a_csv_export_neutralises_formulas_and_imports_back_as_stored(tmp_path: 
     store = Store(tmp_path / "s.db", read_only=True)
     assert [r["cat"] for r in trial_records(store, "again")] == values
     store.close()
+
+
+def test_a_snapshot_builds_no_orm_object_per_trial(tmp_path: Path) -> None:
+    # `closedloop status` and `list` built an ORM object of every trial and observation: 12 s at 50,000 trials
+    from sqlalchemy import event
+
+    from closedloop.store import ObservationRow, TrialRow
+    from tests.reportdata import mixed_store
+
+    store, _ = mixed_store(tmp_path / "s.db", n=12)
+    loaded: list[object] = []
+
+    def count(target: object, _context: object) -> None:
+        loaded.append(target)
+
+    for table in (TrialRow, ObservationRow):
+        event.listen(table, "load", count)
+    try:
+        snap = Snapshot.from_store(store, "mixed")
+    finally:
+        for table in (TrialRow, ObservationRow):
+            event.remove(table, "load", count)
+    assert snap.counts == {"completed": 11, "failed": 1} and snap.best is not None
+    assert loaded == []
