@@ -56,9 +56,11 @@ RAN_KEPT = 100_000
 def why_unheard(keys: ClientKeys | None, name: str) -> str:
     """What may keep a station from hearing a running daemon, for its log: ZeroMQ says nothing of either cause."""
     # the daemon ignores a connection under a name another process holds; with keys, a wrong --server-key fails
-    # the CURVE handshake
+    # the CURVE handshake, and so does a station without keys at a daemon that has them
     keyed = ("the --server-key may not be the daemon's public key, this station's key may not be in its "
-             "--allowed-keys, or " if keys is not None else "")
+             "--allowed-keys, or " if keys is not None else
+             "the daemon may require keys (run with --secret-key and --allowed-keys, it hears no station without "
+             "them: give this station --secret-key and --server-key, docs/daemon.md), ")
     return (f"if it is running, {keyed}another process may be connected as station {name!r}, or the daemon may be of "
             "an earlier closedloop release, which drops this station's hello (its log says why): upgrade the daemon "
             "before its stations")

@@ -204,3 +204,33 @@ def test_a_station_given_the_wrong_daemon_key_says_the_key_may_be_wrong(tmp_path
             kill9(proc)
     assert "no word from the daemon" in log.read_text()
     assert "the --server-key may not be the daemon's public key" in log.read_text()
+
+
+def test_a_station_without_keys_at_a_daemon_with_keys_says_the_daemon_may_require_them(tmp_path: Path) -> None:
+    """'closedloop worker --connect' without keys at a daemon run with --secret-key and --allowed-keys: the CURVE
+    handshake fails inside ZeroMQ, nothing is welcomed or refused, and the station's one line named only another
+    process holding its name and an earlier daemon release."""
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    for name in ("daemon", "plain"):
+        new_keypair(keys, name)
+    allowed.mkdir()
+    shutil.copy(keys / "plain.key", allowed / "plain.key")
+    (tmp_path / "c.yaml").write_text(campaign_yaml("keyed", 2, latency=0.05))
+    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    daemon = start_daemon(tmp_path, endpoint, control, "--secret-key", str(keys / "daemon.key_secret"),
+                          "--allowed-keys", str(allowed))
+    plain = start_worker(tmp_path, endpoint, "plain")
+    log = tmp_path / "plain.log"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (log.exists() and "no word from the daemon" in log.read_text()):
+            time.sleep(0.2)
+        time.sleep(3)  # ten heartbeats more: the station keeps trying, and says its silence once
+        assert plain.poll() is None
+    finally:
+        for proc in (daemon, plain):
+            kill9(proc)
+    said = [line for line in log.read_text().splitlines() if "no word from the daemon" in line]
+    assert len(said) == 1, said
+    assert "the daemon may require keys" in said[0], said[0]
+    assert "give this station --secret-key and --server-key" in said[0], said[0]
