@@ -32,7 +32,7 @@ def test_non_loopback_without_keys_needs_insecure(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text(campaign_yaml("open", 1))
     result = subprocess.run([*CLI, "daemon", "c.yaml", "--bind", f"tcp://0.0.0.0:{free_port()}", "--store", "s.db"],
                             cwd=tmp_path, capture_output=True, text=True, env=env(), timeout=120)
-    assert result.returncode == 1
+    assert result.returncode == 2  # a refusal of what the command line was given (1b7d955)
     assert "--insecure" in result.stderr and "no keys" in result.stderr
 
 
