@@ -39,7 +39,7 @@ import zmq
 from closedloop import events as event_format
 from closedloop import protocol, provenance
 from closedloop.campaign import SOURCE, Campaign
-from closedloop.errors import CampaignError, ClosedLoopError, ProtocolError, SpaceExhausted, StoreError
+from closedloop.errors import CampaignError, ClosedLoopError, ProtocolError, SpaceExhausted, StoreError, StoreUnwritable
 from closedloop.keys import ServerKeys, Unprotected, check_exposure, is_local
 from closedloop.planner import Planner, Proposal, Result, make_planner
 from closedloop.store import Store, TrialRow, TrialStatus, displayed, used_instrument
@@ -1087,6 +1087,12 @@ class Daemon:
             self.store.save_documents(run_uid, documents)
         except StoreError as exc:
             log.warning("trial %s: documents of run %s not kept: %s", trial_id, run_uid, exc)
+        except OSError as exc:
+            # said at 3 a.m. as 'OSError: [Errno 28] No space left on device': which disk, and is anything lost?
+            raise StoreUnwritable(
+                f"cannot keep the documents of run {run_uid} (trial {trial_id}) in {self.store.documents_dir.absolute()}: "
+                f"{exc.strerror or exc}; the daemon stops, and nothing unstored was acknowledged (the station keeps "
+                "the result and sends it again): free space there and start the daemon again") from None
 
     def _send(self, identity: bytes, message: Any) -> bool:
         return self._send_raw(identity, protocol.encode(message), message.type)

@@ -39,3 +39,8 @@ class StoreError(ClosedLoopError):
 class NotAStore(StoreError):
     """The file named as a store is none, or not whole (another program's database, a truncated or overwritten
     file): bad input, like a malformed campaign file; nothing was written to it."""
+
+
+class StoreUnwritable(ClosedLoopError):
+    """The disk under a store refused a write (full, failing): the operator frees or fixes it and starts again. Not
+    a :class:`StoreError`, which refuses one message and carries on: every later write would fail the same way."""

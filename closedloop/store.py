@@ -652,8 +652,12 @@ class Store:
         if path.exists():
             return path
         partial = path.with_suffix(".partial")
-        partial.write_text(jsonl)
-        partial.replace(path)  # a crash never leaves half a record under the final name
+        try:
+            partial.write_text(jsonl)
+            partial.replace(path)  # a crash never leaves half a record under the final name
+        except OSError:
+            partial.unlink(missing_ok=True)  # a full disk: the record is written again, whole, from the station
+            raise
         return path
 
     def documents(self, run_uid: str) -> str | None:

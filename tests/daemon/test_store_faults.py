@@ -44,3 +44,58 @@ def test_a_store_deleted_under_the_daemon_stops_it_and_a_restart_loses_nothing(t
         stored = {uid for (uid,) in db.execute("SELECT run_uid FROM observation")}
     assert statuses == {"completed": experiments}
     assert {uid for _, uid in runs} == stored, "a run measured and acknowledged is not in the store"
+
+
+def _full_tmpfs(folder: Path) -> None:
+    """A 64 KiB tmpfs at ``folder``, filled: a full disk (root only; the test skips elsewhere)."""
+    import os
+    import subprocess
+
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs (a full disk) needs root")
+    try:
+        with (folder / "filler").open("wb") as filler:
+            filler.write(b"\0" * 1_000_000)
+    except OSError:
+        pass  # full: what is wanted
+
+
+@pytest.mark.slow
+def test_documents_on_a_full_disk_stop_the_daemon_saying_where_and_a_restart_loses_nothing(tmp_path: Path) -> None:
+    """The folder of a store's run documents on a full disk: the daemon stopped with 'error: OSError: [Errno 28] No
+    space left on device', naming no file and saying nothing of what to do, and left an empty .partial file."""
+    import subprocess
+
+    experiments = 4
+    (tmp_path / "c.yaml").write_text(campaign_yaml("docs", experiments, latency=0.05, concurrency=1))
+    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    documents = tmp_path / "s.db.documents"
+    _full_tmpfs(documents)
+    try:
+        daemon = start_daemon(tmp_path, endpoint, control)
+        station = start_worker(tmp_path, endpoint, "st1")
+        try:
+            assert daemon.wait(timeout=120) == 1
+        finally:
+            kill9(daemon)
+        said = (tmp_path / "daemon.out").read_text()
+        errors = [line for line in said.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "Traceback" not in said, said
+        assert f"{documents}" in errors[0] and "No space left on device" in errors[0], errors[0]
+        assert "nothing unstored was acknowledged" in errors[0] and "start the daemon again" in errors[0], errors[0]
+        assert sorted(p.name for p in documents.iterdir()) == ["filler"]
+        assert completed(tmp_path / "s.db") == 0
+    finally:
+        subprocess.run(["umount", str(documents)], check=True)
+    try:
+        daemon = start_daemon(tmp_path, endpoint, control)
+        wait_for(lambda: completed(tmp_path / "s.db") == experiments, 120, "the campaign")
+        assert daemon.wait(timeout=60) == 0
+    finally:
+        kill9(daemon)
+        kill9(station)
+    runs = ran(tmp_path / "st1.outbox")
+    assert len(runs) == experiments and len({trial for trial, _ in runs}) == experiments  # none run twice
+    assert len(list(documents.glob("*.jsonl"))) == experiments
