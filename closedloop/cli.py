@@ -157,6 +157,9 @@ class _LogFile(RotatingFileHandler):
     rename (without copytruncate) or an operator's `rm`, a daemon wrote on into the renamed or deleted file, and
     its --logfile was gone for days (until 20 MB more)."""
 
+    _unwritable = False  # said once on stderr that the file cannot be written, until a line is written again
+    _failed = False  # the line being written failed
+
     def emit(self, record: logging.LogRecord) -> None:
         if self.stream is not None:
             try:
@@ -164,9 +167,32 @@ class _LogFile(RotatingFileHandler):
             except OSError:
                 moved = True
             if moved:
-                self.stream.close()
-                self.stream = None  # type: ignore[assignment]  # FileHandler.emit opens the path again
+                self._drop_stream()
+        self._failed = False
         super().emit(record)
+        if not self._failed:
+            self._unwritable = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        # a full disk made logging print '--- Logging error ---' and a traceback on stderr for every line logged
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            return super().handleError(record)
+        self._failed = True
+        self._drop_stream()  # the lines buffered for a write that failed are lost; a new line opens the file again
+        if not self._unwritable:
+            self._unwritable = True
+            sys.stderr.write(f"closedloop: cannot write the log file {self.baseFilename}: "
+                             f"{error.strerror or error}; its lines are lost until it can be written again "
+                             "(free space there)\n")
+
+    def _drop_stream(self) -> None:
+        if self.stream is not None:
+            try:
+                self.stream.close()
+            except OSError:
+                pass  # what it held could not be written
+            self.stream = None  # type: ignore[assignment]  # FileHandler.emit opens the path again
 
 
 def _setup_logging(verbose: bool, logfile: Path | None = None, terminal: str | None = None) -> None:
