@@ -394,9 +394,8 @@ def worker(
     logfile: Optional[Path] = typer.Option(None, help="log file (rotated at 20 MB, 5 kept)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Run a station worker that executes trials for a daemon."""
-    import signal
-
+    """Run a station worker that executes trials for a daemon (SIGTERM or Ctrl-C: finish the run in progress,
+    deliver it, exit; Ctrl-C again: abort that run, hand its trial back to the daemon, exit 130)."""
     _setup_logging(verbose, logfile, terminal="closedloop.worker")
     from closedloop.keys import ClientKeys
     from closedloop.worker import StationWorker
@@ -406,16 +405,32 @@ def worker(
     keys = ClientKeys(secret_key, server_key) if secret_key and server_key else None
     station = StationWorker(connect, name=name, instruments=instrument or None, campaigns=campaign or None,
                             sources=source or None, outbox=outbox, keys=keys, journal=journal, heartbeat_s=heartbeat)
-    signal.signal(signal.SIGTERM, lambda *_: station.stop())
+    signals: list[int] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        # Ctrl-C raised KeyboardInterrupt in this thread, which runs the RunEngine (with no SIGINT handler of its own,
+        # context_managers=[]): it panicked, and the station failed every trial sent to it until killed. A Ctrl-C
+        # after a first signal is an operator's "now"; more SIGTERMs (a script's, systemd's) change nothing
+        signals.append(signum)
+        if signum == signal.SIGINT and len(signals) > 1:
+            station.abort()
+            return
+        if signum == signal.SIGINT and len(signals) == 1:
+            console.print("Ctrl-C: the run in progress finishes and is delivered (Ctrl-C again to cut it short: its "
+                          "trial goes back to the daemon's queue)", highlight=False)
+        station.stop()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
     console.print(f"station {station.name} connecting to {connect}", highlight=False)
     try:
         station.run()
-    except KeyboardInterrupt:
-        station.stop()
     finally:
         _deaf_to_stops_at_exit()
     if station.refused:
         _fail(f"the daemon refused this station: {station.refused}")
+    if station.aborted:
+        raise typer.Exit(130)
 
 
 @app.command("compute-station")

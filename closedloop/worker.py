@@ -20,6 +20,9 @@ the new one's.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import io
 import json
 import logging
 import os
@@ -35,7 +38,7 @@ from typing import Any
 
 import zmq
 from bluesky import RunEngine
-from bluesky.utils import RunEngineInterrupted
+from bluesky.utils import RequestAbort, RunEngineInterrupted
 
 from closedloop import protocol
 from closedloop.errors import DeviceError, InstrumentUnavailable, ProtocolError
@@ -84,15 +87,17 @@ class Registration:
         self.session: int | None = None
         self._unheard_since: float | None = None  # when the daemon was last heard, while this station says it is not
 
-    def welcome(self, message: protocol.Welcome) -> bool:
-        """True (and logged) if ``message`` registers this station; False for a welcome into its current session."""
+    def welcome(self, message: protocol.Welcome, leaving: bool = False) -> bool:
+        """True (and logged) if ``message`` registers this station; False for a welcome into its current session.
+        ``leaving``: the welcome of a stopping station's hello (what it no longer holds), no news to its operator."""
         if message.session == self.session:
             return False
         self.session = message.session
         silence = "" if self._unheard_since is None else \
             f" after {time.monotonic() - self._unheard_since:.0f} s without word from it"
         self._unheard_since = None
-        self.log.info("registered with %s (session %d)%s", self.endpoint, message.session, silence)
+        self.log.log(logging.DEBUG if leaving else logging.INFO, "registered with %s (session %d)%s", self.endpoint,
+                     message.session, silence)
         return True
 
     def unheard(self, last_heard: float, now: float, doing: str = "reconnecting until it answers") -> None:
@@ -121,11 +126,14 @@ class Departure:
         first, self._announced = not self._announced, True
         return first
 
-    def may_leave(self, idle: bool, outbox: Outbox, heartbeat_s: float) -> bool:
+    def may_leave(self, idle: bool, outbox: Outbox, heartbeat_s: float, heard: bool = True) -> bool:
+        """``heard``: whether the daemon has answered what the station last told it (the hello that hands back
+        a run cut short by :meth:`StationWorker.abort`)."""
         if not idle:
             return False
         self._idle_since = self._idle_since or time.monotonic()
-        return not outbox.pending() or time.monotonic() - self._idle_since > self.ACK_WAIT_BEATS * heartbeat_s
+        return ((heard and not outbox.pending())
+                or time.monotonic() - self._idle_since > self.ACK_WAIT_BEATS * heartbeat_s)
 
 
 class Outbox:
@@ -246,6 +254,17 @@ def finished(assignment: protocol.Assign, result: protocol.ResultMessage) -> str
     return f"{named(assignment)} finished in {result.duration_s or 0.0:.1f} s: {values} (run {result.run_uid})"
 
 
+def asked_abort_said_once(record: logging.LogRecord) -> bool:
+    """A filter for the ``bluesky`` logger. bluesky logs every aborted run at ERROR with a traceback ('Run aborted',
+    RequestAbort, or the task's CancelledError) and a warning that it had no tracing span left to close: on a
+    station's terminal a dozen lines for an abort it asked for itself (a cancel, a timeout, a second Ctrl-C), which
+    its own line already says. A run that fails (a device's fault) keeps its traceback."""
+    if record.getMessage() == "No open traces left to close!":
+        return False
+    asked = record.exc_info is not None and isinstance(record.exc_info[1], (RequestAbort, asyncio.CancelledError))
+    return not (asked and record.getMessage() == "Run aborted")
+
+
 def default_station_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -318,6 +337,8 @@ class StationWorker:
         self._outgoing: queue.Queue[bytes] = queue.Queue()
         self._stop = threading.Event()
         self._idle = threading.Event()  # the RunEngine thread will run nothing more
+        self.aborted = False  # abort() was called: the run in progress is cut short, not finished
+        self._cut_short = threading.Event()  # abort() ended a run, whose trial this station no longer holds
         self._jobs: dict[int, Job] = {}  # by trial: the latest accepted, not yet measured (queued or running)
         self._jobs_lock = threading.Lock()  # the comms thread adds jobs while the RunEngine thread ends them
         self._instance = uuid.uuid4().hex  # this process, in its hellos
@@ -355,6 +376,25 @@ class StationWorker:
         """Start nothing more: the run in progress finishes and its answer is delivered before :meth:`run` returns."""
         self._stop.set()
 
+    def abort(self) -> None:
+        """Stop now (a second Ctrl-C): the run in progress is aborted, and its trial goes back to the daemon's
+        queue as never run, neither failed nor measured; :meth:`run` returns once the daemon has heard that, or
+        five heartbeats later. Safe in a signal handler of the thread that runs the RunEngine."""
+        self.aborted = True
+        with self._jobs_lock:
+            self._stop.set()
+            job = self._jobs.get(self._running) if self._running is not None else None
+            if job is None:
+                return
+            job.cancelled = True  # one not yet begun does not begin
+        if self.RE is not None and self.RE.state != "idle":
+            # bluesky prints "Aborting: running cleanup..." to stdout; the station's own line says it once
+            with contextlib.redirect_stdout(io.StringIO()):
+                try:
+                    self.RE.abort(reason="the station was stopped at once (abort)")
+                except Exception as exc:  # the run ended meanwhile: its answer is delivered as usual
+                    log.debug("abort: %s", exc)
+
     @property
     def paused(self) -> bool:
         """Whether an operator's pause holds this station (its next trial waits for the resume)."""
@@ -365,6 +405,9 @@ class StationWorker:
         if stop is not None:
             self._stop = stop
         self.RE = RunEngine({}, context_managers=[])
+        bluesky_log = logging.getLogger("bluesky")
+        if asked_abort_said_once not in bluesky_log.filters:
+            bluesky_log.addFilter(asked_abort_said_once)
         failed: list[Exception] = []
         comms = threading.Thread(target=self._communicate_or_stop, args=(failed,), name=f"closedloop-comms-{self.name}",
                                  daemon=True)
@@ -381,6 +424,15 @@ class StationWorker:
                     self._execute(job)
                 finally:
                     self._forget(job)
+                if self.RE.state == "panicked":
+                    # every later trial would fail at once ("The RunEngine is panicked and cannot be recovered"),
+                    # dozens a second, for as long as the station lived: it stops, for its service manager to
+                    # restart it with a new RunEngine (and devices in a known state)
+                    failed.append(DeviceError(
+                        f"the RunEngine panicked during trial {job.trial_id} (a KeyboardInterrupt while it waited on "
+                        "a device) and cannot run another experiment: this station stopped; start it again"))
+                    log.error("%s", failed[-1])
+                    break
         finally:
             self._stop.set()
             self._idle.set()
@@ -446,6 +498,17 @@ class StationWorker:
         except Exception as exc:  # every failure is reported with its error, never swallowed
             # the run it opened, if it got that far, so the store can point at what the hardware did
             opened = next(iter(documents.run_uids), None)
+            if self.aborted and job.cancelled:
+                # cut short by abort(): no failure of the experiment, so none is reported (that would count an
+                # attempt, and with no retries abandon it); the comms thread tells the daemon this station no
+                # longer holds it, and the daemon queues it again
+                self._running = None
+                self._forget(job)
+                self._cut_short.set()
+                log.warning("%s cut short after %.1f s (run %s aborted): it goes back to the daemon's queue, to be run "
+                            "again; this station stops", named(assignment), time.monotonic() - started,
+                            opened or "not opened")
+                return
             # bluesky wraps a device's fault as FailedStatus(DeviceStatus(...)), which names no cause
             error = failure_reason(exc)
             log.warning("%s failed after %.1f s (run %s): %s", named(assignment), time.monotonic() - started,
@@ -486,6 +549,9 @@ class StationWorker:
         try:
             uids = self.RE(experiment_plan(binding, assignment.setpoints, md), documents)
         except RunEngineInterrupted:
+            if self.RE.state == "panicked":
+                raise DeviceError("the RunEngine panicked: a KeyboardInterrupt came while it waited on a device, and "
+                                  "the run was cut off where it stood") from None
             uids = self._interrupted(job)
         if not uids:
             raise DeviceError("the plan opened no run")
@@ -511,7 +577,8 @@ class StationWorker:
                 if job.cancelled or self._stop.is_set():
                     break
             if job.cancelled or self._stop.is_set():
-                self.RE.abort(reason="cancelled")
+                if self.RE.state != "idle":  # not ended already by abort()
+                    self.RE.abort(reason="cancelled")
                 raise DeviceError(f"trial {job.trial_id} cancelled")
             log.info("trial %s: resuming the RunEngine", job.trial_id)
             try:
@@ -610,6 +677,7 @@ class StationWorker:
         # a stop lets the run in progress finish: this thread beats on (a silent station is lost, and its trial
         # run again elsewhere while the run here goes on) until that run's answer is acknowledged
         departure = Departure()
+        told_cut = False  # the daemon was told that this station no longer holds the run abort() cut short
         try:
             while True:
                 if self._stop.is_set():
@@ -623,7 +691,14 @@ class StationWorker:
                             self._registration.session = None
                             self.registered.clear()
                             sock.send(self._hello())
-                    if departure.may_leave(self._idle.is_set(), self.outbox, self.heartbeat_s):
+                    if self._cut_short.is_set() and not told_cut and self._registration.session is not None:
+                        # after the departure's hello is welcomed: one sent before would be taken for a repeat of it
+                        told_cut = True
+                        self._registration.session = None
+                        self.registered.clear()
+                        sock.send(self._hello())
+                    heard = not self._cut_short.is_set() or (told_cut and self._registration.session is not None)
+                    if departure.may_leave(self._idle.is_set(), self.outbox, self.heartbeat_s, heard):
                         break
                 poller = zmq.Poller()
                 poller.register(sock, zmq.POLLIN)
@@ -682,7 +757,7 @@ class StationWorker:
             log.warning("dropped a message from the daemon: %s", exc)
             return
         if isinstance(message, protocol.Welcome):
-            if not self._registration.welcome(message):
+            if not self._registration.welcome(message, leaving=self._stop.is_set()):
                 return  # the answer to a repeat of our hello, in the session it registered
             # the daemon counts a station lost after a few of its heartbeat intervals: never beat slower than it asks
             self.heartbeat_s = min(self.heartbeat_s, message.heartbeat_s)

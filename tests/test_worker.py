@@ -354,3 +354,40 @@ def test_a_station_whose_connection_fails_stops_and_says_why(tmp_path: Path) -> 
     worker.stop()
     assert not thread.is_alive(), "the station ran on without its connection"
     assert failed and isinstance(failed[0], zmq.ZMQError) and "127.0.0.1:5701" in str(failed[0])
+
+
+@pytest.mark.slow
+def test_a_run_engine_that_panicked_stops_its_station_rather_than_fail_every_trial(tmp_path: Path) -> None:
+    """A RunEngine interrupted by KeyboardInterrupt while its thread waits on a device cannot be recovered
+    (bluesky's 'panicked' state). The station, a StationWorker run by a script in its main thread and given
+    Ctrl-C, went on taking trials and failed every one with 'The RunEngine is panicked and cannot be recovered',
+    dozens a second, and never stopped. It now fails the trial the panic cut off, hands back the rest and stops
+    with an error saying why, for its service manager to restart it."""
+    import os
+    import signal
+    import subprocess
+
+    from tests.daemon.procs import campaign_yaml, default_ctrl_c, env, free_port, kill9, start_daemon, wait_for
+
+    (tmp_path / "c.yaml").write_text(campaign_yaml("panic", 6, latency=3.0, concurrency=4, retries=0))
+    (tmp_path / "station.py").write_text(
+        "import sys\nfrom closedloop.worker import StationWorker\n"
+        "StationWorker(sys.argv[1], name='st', outbox='st.outbox', heartbeat_s=0.3).run()\n")
+    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    daemon = start_daemon(tmp_path, endpoint, control)
+    with (tmp_path / "st.out").open("w") as out:
+        station = subprocess.Popen([sys.executable, "station.py", endpoint], cwd=tmp_path, stdout=out,
+                                   stderr=subprocess.STDOUT, env=env(), preexec_fn=default_ctrl_c)
+    log = tmp_path / "daemon.log"
+    try:
+        wait_for(lambda: log.exists() and 'state="started"' in log.read_text(), 60, "an experiment")
+        time.sleep(0.5)
+        os.kill(station.pid, signal.SIGINT)  # the RunEngine's thread waits 2.5 s more on the simulated motor
+        returncode = station.wait(timeout=30)
+    finally:
+        for proc in (station, daemon):
+            kill9(proc)
+    output = (tmp_path / "st.out").read_text()
+    assert returncode == 1, output[-3000:]
+    assert "RunEngine panicked" in output.strip().splitlines()[-1], output[-3000:]
+    assert log.read_text().count('state="failed"') == 1, log.read_text()[-3000:]

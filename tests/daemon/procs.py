@@ -58,7 +58,13 @@ def start_worker(cwd: Path, endpoint: str, name: str, *extra: str, outbox: str |
     return subprocess.Popen([*CLI, "worker", "--connect", endpoint, "--name", name, "--outbox",
                              outbox or f"{name}.outbox", "--journal", f"{name}.journal", "--heartbeat", "0.3",
                              "--logfile", f"{name}.log", *extra], cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                            env=env())
+                            env=env(), preexec_fn=default_ctrl_c)
+
+
+def default_ctrl_c() -> None:
+    """A child's Ctrl-C as at a terminal: a test run in the background (``nohup ... &``) ignores SIGINT, and its
+    children inherit that, so a SIGINT sent to them would change nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def kill9(proc: subprocess.Popen) -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -62,3 +66,79 @@ def test_a_trial_queued_on_a_killed_station_goes_back_to_the_queue(tmp_path: Pat
     (abandoned,) = [t for t in trials if t.status == "abandoned"]
     assert f'trial={abandoned.index} trial_id={abandoned.id} state="started" station="killed"' in log.read_text()
     assert not [t for t, n in Counter(t for t, _ in ran(tmp_path / "other.outbox")).items() if n > 1]
+
+
+def _ctrl_c(proc: subprocess.Popen) -> None:
+    os.kill(proc.pid, signal.SIGINT)
+
+
+BAD_EXIT = ("Traceback", "panicked", "Fatal Python error", "Exception ignored", "leaked semaphore")
+
+
+def test_ctrl_c_to_a_station_mid_run_finishes_the_run_delivers_it_and_hands_back_its_queue(tmp_path: Path) -> None:
+    """Ctrl-C to `closedloop worker` mid-experiment reached the RunEngine (no SIGINT handler of its own, run with
+    context_managers=[]), which panicked: the station stayed up and failed every trial sent to it with 'The
+    RunEngine is panicked and cannot be recovered', dozens a second, and never exited. It now stops as on SIGTERM."""
+    (tmp_path / "c.yaml").write_text(campaign_yaml("ctrlc", 4, latency=3.0, concurrency=4))
+    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    daemon = start_daemon(tmp_path, endpoint, control)
+    stopped = start_worker(tmp_path, endpoint, "stopped")
+    other = start_worker(tmp_path, endpoint, "other")
+    log = tmp_path / "daemon.log"
+    try:
+        wait_for(lambda: log.exists() and 'state="started" station="stopped"' in log.read_text(), 60,
+                 "the station to start an experiment")
+        time.sleep(0.5)
+        _ctrl_c(stopped)
+        asked = time.monotonic()
+        assert stopped.wait(timeout=30) == 0, (tmp_path / "stopped.out").read_text()[-3000:]
+        assert time.monotonic() - asked < 10, "the station did not leave once its run was delivered"
+        assert daemon.wait(timeout=120) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
+    finally:
+        for proc in (daemon, stopped, other):
+            kill9(proc)
+    output = (tmp_path / "stopped.out").read_text()
+    assert not [sign for sign in BAD_EXIT if sign in output], output[-3000:]
+    check_one_run_then_handed_back(tmp_path, "ctrlc", 4)
+
+
+def test_a_second_ctrl_c_cuts_the_run_short_and_hands_the_trial_back_unrun(tmp_path: Path) -> None:
+    """Ctrl-C twice to `closedloop worker` mid-experiment: exit 0 after a traceback, and failed attempts (a
+    panicked RunEngine). The second Ctrl-C now aborts the run in progress and tells the daemon that the station
+    does not hold its trial, which goes back to the queue (not failed, not abandoned, with retries: 0) and runs
+    on the other station; exit 130, and one line said about it."""
+    (tmp_path / "c.yaml").write_text(campaign_yaml("again", 4, latency=3.0, concurrency=4, retries=0))
+    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    daemon = start_daemon(tmp_path, endpoint, control)
+    stopped = start_worker(tmp_path, endpoint, "stopped")
+    other = start_worker(tmp_path, endpoint, "other")
+    log = tmp_path / "daemon.log"
+    try:
+        wait_for(lambda: log.exists() and 'state="started" station="stopped"' in log.read_text(), 60,
+                 "the station to start an experiment")
+        time.sleep(0.5)
+        _ctrl_c(stopped)
+        time.sleep(0.5)
+        before = (tmp_path / "stopped.out").read_text().splitlines()
+        _ctrl_c(stopped)
+        assert stopped.wait(timeout=30) == 130, (tmp_path / "stopped.out").read_text()[-3000:]
+        assert daemon.wait(timeout=120) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
+    finally:
+        for proc in (daemon, stopped, other):
+            kill9(proc)
+    output = (tmp_path / "stopped.out").read_text()
+    assert not [sign for sign in BAD_EXIT if sign in output], output[-3000:]
+    said = output.splitlines()[len(before):]
+    assert len(said) == 1 and "cut short" in said[0] and "back to the daemon" in said[0], said
+    # the run had 2 s left when it was cut short: it did not finish, and was not taken for a measurement
+    assert not ran(tmp_path / "stopped.outbox"), "the second Ctrl-C did not cut the run short"
+    store = Store(tmp_path / "s.db")
+    try:
+        trials = store.trials(store.campaign_row("again").id)
+    finally:
+        store.close()
+    assert Counter(t.status for t in trials) == {"completed": 4}, [(t.index, t.status, t.error) for t in trials]
+    text = log.read_text()
+    (cut,) = [t.id for t in trials if f'trial_id={t.id} state="started" station="stopped"' in text]
+    assert f'trial_id={cut} state="requeued" reason="station does not hold it"' in text
+    assert 'state="failed"' not in text and 'state="abandoned"' not in text
