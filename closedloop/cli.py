@@ -451,10 +451,8 @@ def compute_station(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     logfile: Optional[Path] = typer.Option(None, help="log file (rotated at 20 MB, 5 kept)"),
 ) -> None:
-    """Run a compute station: computational experiments (functions, commands) on a Dask cluster (SIGTERM: finish
-    and deliver the experiments computing, hand back the rest, exit)."""
-    import signal
-
+    """Run a compute station: computational experiments (functions, commands) on a Dask cluster (SIGTERM or Ctrl-C:
+    finish and deliver the experiments computing, hand back the rest, exit; Ctrl-C again: cancel them, exit 130)."""
     _setup_logging(verbose, logfile, terminal="closedloop.compute")
     from closedloop.compute import ComputeStation
     from closedloop.keys import ClientKeys
@@ -465,12 +463,25 @@ def compute_station(
     station = ComputeStation(connect, name=name, capacity=capacity, instruments=instrument or None,
                              sources=source or None, outbox=outbox,
                              scheduler=scheduler, local_workers=workers, keys=keys)
-    signal.signal(signal.SIGTERM, lambda *_: station.stop())
+    interrupted: list[int] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        # Ctrl-C cancelled the experiments computing and left without a word: the daemon declared the station lost
+        # and, with no retries, abandoned them. A second Ctrl-C does that still (an operator's "now"): its experiments
+        # wait reconcile_s for the station, then follow the retry policy
+        if signum == signal.SIGINT:
+            interrupted.append(signum)
+            if len(interrupted) > 1:
+                raise KeyboardInterrupt
+            console.print("Ctrl-C: the experiments computing finish and are delivered (Ctrl-C again to cancel them)",
+                          highlight=False)
+        station.stop()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
     console.print(f"compute station {station.name} connecting to {connect}", highlight=False)
     try:
         station.run()
-    except KeyboardInterrupt:
-        station.stop()
     finally:
         _deaf_to_stops_at_exit()
     if station.refused:

@@ -142,3 +142,35 @@ def test_a_second_ctrl_c_cuts_the_run_short_and_hands_the_trial_back_unrun(tmp_p
     (cut,) = [t.id for t in trials if f'trial_id={t.id} state="started" station="stopped"' in text]
     assert f'trial_id={cut} state="requeued" reason="station does not hold it"' in text
     assert 'state="failed"' not in text and 'state="abandoned"' not in text
+
+
+def test_ctrl_c_to_a_compute_station_finishes_its_experiment_as_sigterm_does(tmp_path: Path) -> None:
+    """Ctrl-C to `closedloop compute-station` mid-experiment cancelled the Dask task and left without a word: the
+    daemon declared the station lost, and with retries: 0 the experiment would be abandoned reconcile_s later. The
+    first Ctrl-C now stops it as SIGTERM does: the experiment computing finishes and is delivered, exit 0."""
+    from simulators.surfaces import branin_campaign
+    from tests.daemon.procs import CLI, default_ctrl_c, env
+
+    (tmp_path / "c.yaml").write_text(branin_campaign("sums", 2, execution={"concurrency": 1, "retries": 0},
+                                                     instrument={"function": "tests.test_compute:takes",
+                                                                 "options": {"seconds": 3.0}}))
+    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    daemon = start_daemon(tmp_path, endpoint, control)
+    with (tmp_path / "st.out").open("w") as out:
+        station = subprocess.Popen([*CLI, "compute-station", "--connect", endpoint, "--name", "st", "--outbox",
+                                    "st.outbox", "--capacity", "1", "--workers", "1"], cwd=tmp_path, stdout=out,
+                                   stderr=subprocess.STDOUT, env=env(), preexec_fn=default_ctrl_c)
+    log = tmp_path / "daemon.log"
+    try:
+        wait_for(lambda: log.exists() and 'state="started"' in log.read_text(), 90, "an experiment")
+        time.sleep(0.5)
+        _ctrl_c(station)
+        assert station.wait(timeout=60) == 0, (tmp_path / "st.out").read_text()[-3000:]
+        wait_for(lambda: 'state="completed"' in log.read_text() or "reconciling" in log.read_text(), 30, "the result")
+    finally:
+        for proc in (station, daemon):
+            kill9(proc)
+    output = (tmp_path / "st.out").read_text()
+    assert not [sign for sign in BAD_EXIT if sign in output], output[-3000:]
+    text = log.read_text()
+    assert text.count('state="completed"') == 1 and 'state="reconciling"' not in text, text[-3000:]
