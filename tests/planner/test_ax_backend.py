@@ -294,3 +294,20 @@ def test_best_is_none_while_no_experiment_meets_the_outcome_constraints():
         (p,) = planner.suggest(1)
         planner.ingest([Result(p.parameters, {"y": p.parameters["x"], "g": p.parameters["z"]})])
         assert planner.best() is None
+
+
+@pytest.mark.slow  # eleven Ax proposals, five of them fitting its model: about 6 s on two cores
+def test_a_planner_rebuilt_from_the_results_proposes_what_the_uninterrupted_one_would():
+    # Ax steps from centre to Sobol to its model one step a proposal: rebuilt with every result attached, it
+    # proposed a Sobol point where the uninterrupted planner's model proposed (and a Sobol point again after it)
+    c = campaign(BRANIN)
+    running, results = AxPlanner(c), []
+    for k in range(8):  # trials 0-4 the centre and Sobol, from 5 on Ax's model
+        [proposal] = running.suggest(1)
+        if k in (3, 5, 7):
+            rebuilt = AxPlanner(c)
+            rebuilt.ingest(results)
+            assert [p.parameters for p in rebuilt.suggest(1)] == [proposal.parameters], f"after {k} results"
+        result = Result(proposal.parameters, {"y": branin({**proposal.parameters, "k": 0, "s": "a", "d": 0})}, k)
+        running.ingest([result])
+        results.append(result)
