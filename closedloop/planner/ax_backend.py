@@ -25,7 +25,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 from closedloop.campaign import (
@@ -264,7 +266,8 @@ class AxPlanner:
 
         self._catch_up()
         try:
-            return self.client.get_next_trials(max_trials=ask)
+            with self._failures_count_as_proposed():
+                return self.client.get_next_trials(max_trials=ask)
         except SearchSpaceExhausted:
             return None
 
@@ -280,6 +283,32 @@ class AxPlanner:
         strategy = self.client._generation_strategy_or_choose()
         strategy.experiment = self.client._experiment
         strategy._maybe_transition_to_next_node(raise_data_required_error=False)
+
+    @contextlib.contextmanager
+    def _failures_count_as_proposed(self) -> Iterator[None]:
+        """While Ax draws Sobol points, failed experiments count as proposed (Ax's ABANDONED) for the call.
+
+        Ax's Sobol sequence goes on from where its last draw left it and skips points already proposed, except
+        failed experiments'. A rebuilt Client starts the sequence again and skips every attached point, so it
+        reached the uninterrupted planner's place but drew a failed experiment's point again (Branin, the third
+        Sobol experiment failed: the next three proposals differed). Counted as proposed, it is skipped there
+        too. Sobol learns nothing from results and counts ABANDONED as FAILED towards its budget; Ax's model
+        would take an abandoned point as pending, so the model step keeps them FAILED (but for a batch that
+        reaches the model within the call). In a finite space Sobol no longer proposes a failed point again.
+        """
+        from ax.core.base_trial import TrialStatus
+
+        strategy = self.client._generation_strategy_or_choose()
+        experiment = self.client._experiment
+        failed = ([t for t in experiment.trials.values() if t.status == TrialStatus.FAILED]
+                  if strategy.current_node_name == "Sobol" else [])
+        for trial in failed:
+            trial._status = TrialStatus.ABANDONED
+        try:
+            yield
+        finally:
+            for trial in failed:
+                trial._status = TrialStatus.FAILED
 
     def _take_running(self, key: _Key) -> int | None:
         for index, running in self._running.items():

@@ -311,3 +311,21 @@ def test_a_planner_rebuilt_from_the_results_proposes_what_the_uninterrupted_one_
         result = Result(proposal.parameters, {"y": branin({**proposal.parameters, "k": 0, "s": "a", "d": 0})}, k)
         running.ingest([result])
         results.append(result)
+
+
+def test_a_rebuilt_planner_does_not_propose_again_the_point_of_an_experiment_that_failed_in_the_sobol_phase():
+    # Ax's Sobol sequence skips points already proposed except failed ones: rebuilt, it started the sequence
+    # again and proposed the failed point, which the uninterrupted planner had left behind
+    c = campaign(BRANIN)
+    running, results = AxPlanner(c), []
+    for k in range(5):  # the centre and Sobol (a failure is not counted towards Ax's five)
+        [proposal] = running.suggest(1)
+        if k in (3, 4):
+            rebuilt = AxPlanner(c)
+            rebuilt.ingest(results)
+            assert [p.parameters for p in rebuilt.suggest(1)] == [proposal.parameters], f"after {k} results"
+        values = None if k == 2 else {"y": branin({**proposal.parameters, "k": 0, "s": "a", "d": 0})}
+        result = Result(proposal.parameters, values, k)
+        running.ingest([result])
+        results.append(result)
+    assert results[2].parameters not in [r.parameters for r in results[3:]]
