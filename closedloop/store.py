@@ -385,6 +385,10 @@ _TOUCH_CAMPAIGN = (_campaign_table.update().where(_campaign_table.c.id == bindpa
 _LOCK_CAMPAIGN = select(_campaign_table.c.id).where(_campaign_table.c.id == bindparam("campaign")).with_for_update()
 _LAST_INDEX = select(func.max(_trial_table.c.index)).where(_trial_table.c.campaign_id == bindparam("campaign"))
 _INSERT_TRIAL = _trial_table.insert()
+FINISHED_STATUSES = (TrialStatus.completed.value, TrialStatus.failed.value, TrialStatus.abandoned.value)
+_FINISHED_COUNT = (select(func.count()).select_from(_trial_table)
+                   .where(_trial_table.c.campaign_id == bindparam("campaign"), _trial_table.c.status.in_(FINISHED_STATUSES)))
+_LAST_ID = select(func.max(_trial_table.c.id)).where(_trial_table.c.campaign_id == bindparam("campaign"))
 _TRIALS_BY_ID = (select(_trial_table.c.id, _trial_table.c.status, _trial_table.c.run_uids)
                  .where(_trial_table.c.id.in_(bindparam("ids", expanding=True))))
 _observation_table = ObservationRow.__table__  # type: ignore[attr-defined]
@@ -1025,6 +1029,45 @@ class Store:
             observation = observations.get(trial.id)  # type: ignore[arg-type]
             out.append(Result(trial.parameters, observation.values if observation else None, trial.index))
         return out
+
+    def finished_count(self, campaign_id: int) -> int:
+        """How many of the campaign's trials are finished (completed, failed or abandoned): one count over the
+        (campaign, status) index, which a daemon asks every second to notice results told by hand."""
+        with self.engine.connect() as connection:
+            return connection.execute(_FINISHED_COUNT, {"campaign": campaign_id}).scalar_one()
+
+    def trials_after(self, campaign_id: int, after_id: int, also: Iterable[int] = ()) -> list[TrialRow]:
+        """The campaign's trials of id above ``after_id``, and those of ids ``also``: what a reader that has seen
+        every trial up to ``after_id`` needs to read again, not the whole campaign."""
+        also = [i for i in also if i <= after_id]
+        with Session(self.engine) as session:
+            query = select(TrialRow).where(TrialRow.campaign_id == campaign_id, TrialRow.id > after_id)  # type: ignore[operator]
+            rows = list(session.exec(query))
+            if also:
+                rows += session.exec(select(TrialRow).where(TrialRow.id.in_(also)))  # type: ignore[union-attr]
+        return sorted(rows, key=lambda row: row.index)
+
+    def observations_of(self, trial_ids: Iterable[int]) -> dict[int, ObservationRow]:
+        """The observations of these trials, keyed by trial id."""
+        ids = list(trial_ids)
+        if not ids:
+            return {}
+        with Session(self.engine) as session:
+            query = select(ObservationRow).where(ObservationRow.trial_id.in_(ids))  # type: ignore[attr-defined]
+            return {o.trial_id: o for o in session.exec(query)}
+
+    def hand_trial_ids(self, campaign_id: int, up_to: int) -> set[int]:
+        """The ids, up to ``up_to``, of the campaign's trials proposed for hand execution (`closedloop suggest`)."""
+        query = select(_trial_table.c.id).where(
+            _trial_table.c.campaign_id == campaign_id, _trial_table.c.id <= up_to,
+            _trial_table.c.planner["execution"].as_string() == "manual")
+        with self.engine.connect() as connection:
+            return set(connection.execute(query).scalars())
+
+    def last_trial_id(self, campaign_id: int) -> int:
+        """The highest trial id of the campaign (0 for none)."""
+        with self.engine.connect() as connection:
+            return connection.execute(_LAST_ID, {"campaign": campaign_id}).scalar() or 0
 
     def counts(self, campaign_id: int) -> dict[str, int]:
         with Session(self.engine) as session:
