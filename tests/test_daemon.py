@@ -19,6 +19,7 @@ import zmq
 from closedloop import protocol
 from closedloop.campaign import Campaign
 from closedloop.daemon import Daemon, control_request, health
+from closedloop.errors import StoreUnwritable
 from closedloop.store import Store
 from closedloop.worker import StationWorker
 from drivers.documents import DocumentCollector
@@ -608,14 +609,14 @@ def test_a_result_whose_documents_cannot_be_written_is_not_acknowledged(store: S
             thread, failed = started_catching(daemon.serve)
             thread.join(timeout=15)
             assert not thread.is_alive()
-            assert failed and isinstance(failed[0], OSError), "the daemon went on without keeping the documents"
+            assert failed and isinstance(failed[0], StoreUnwritable), "the daemon went on without keeping the documents"
             trial = store.trials(store.campaign_row("nodocs").id)[0]
             assert trial.status == "dispatched"  # not stored, so not acknowledged: the station keeps it all
             assert [t for t, _ in worker.outbox.pending()] == [trial.id]
     finally:
         daemon.close()
-    assert any(r.levelno == logging.CRITICAL and "the daemon stops: FileExistsError" in r.getMessage()
-               for r in caplog.records)
+    assert any(r.levelno == logging.CRITICAL and "the daemon stops: StoreUnwritable: cannot keep the documents of run"
+               in r.getMessage() and str(store.documents_dir) in r.getMessage() for r in caplog.records)
 
 
 def _cli(*args: str) -> str:
