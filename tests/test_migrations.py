@@ -9,12 +9,13 @@ import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import create_engine, event, inspect, text
 from sqlmodel import SQLModel
 
 from closedloop.errors import StoreError
@@ -155,3 +156,39 @@ def test_a_store_of_a_newer_release_is_refused_in_one_line_and_left_as_it_was(ur
     with engine.connect() as connection:
         assert connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["9999"]
     engine.dispose()
+
+
+def test_a_store_of_0006_gets_the_index_by_campaign_and_status_and_keeps_its_trials(tmp_path: Path) -> None:
+    """Counting a campaign's trials per status (every dashboard poll; a daemon once a second) and finding the ones
+    waiting read every trial of the campaign: EXPLAIN QUERY PLAN said 'SEARCH trial USING INDEX
+    ix_trial_campaign_id (campaign_id=?)', then each row from the table."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    engine = create_engine(url)
+    campaign = branin_campaign("from-0006")
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), "0006")
+        connection.execute(text("INSERT INTO campaign (name, spec_yaml, spec_hash, status, created_at) "
+                                "VALUES (:n, :y, :h, 'running', CURRENT_TIMESTAMP)"),
+                           {"n": campaign.name, "y": campaign.to_yaml(), "h": campaign.spec_hash})
+        for index, status in enumerate(["completed", "failed", "proposed"], start=1):
+            connection.execute(text('INSERT INTO trial (campaign_id, "index", parameters, status, attempts, planner, '
+                                    "proposed_at) VALUES (1, :i, '{}', :s, 1, '{}', CURRENT_TIMESTAMP)"),
+                               {"i": index, "s": status})
+    engine.dispose()
+    store = Store(url)
+    assert store.counts(store.campaign_row("from-0006").id) == {"completed": 1, "failed": 1, "proposed": 1}
+    with store.engine.connect() as connection:
+        assert current_revision(connection) == head_revision()
+        plans = [" ".join(str(part) for part in row) for query in (
+            "SELECT status, count(*) FROM trial WHERE campaign_id = 1 GROUP BY status",
+            "SELECT count(*) FROM trial WHERE campaign_id = 1 AND status IN ('completed', 'failed')")
+            for row in connection.exec_driver_sql("EXPLAIN QUERY PLAN " + query)]
+        assert all("COVERING INDEX ix_trial_campaign_status" in plan for plan in plans), plans
+    # the trials of some statuses (the daemon's look for those waiting, every second) come from the index too
+    statements: list[tuple[str, Any]] = []
+    event.listen(store.engine, "before_cursor_execute", lambda *args: statements.append((args[2], args[3])))
+    assert [t.index for t in store.trials(1, ["proposed", "failed"])] == [2, 3]
+    with store.engine.connect() as connection:
+        plan = str(connection.exec_driver_sql("EXPLAIN QUERY PLAN " + statements[-1][0], statements[-1][1]).all())
+    assert "ix_trial_campaign_status" in plan, plan
+    store.close()
