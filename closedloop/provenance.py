@@ -676,10 +676,11 @@ def replay(store: Store, campaign: str, index: int) -> Replay:
     if prov is None:
         raise StoreError(f"trial #{index} of {campaign!r} has no provenance record: it cannot be replayed")
     if prov.backend == "ax":
-        # Ax's generation strategy carries state the results do not give back (how far its Sobol sequence
-        # has gone): a fresh Client told the same results proposed another point from trial #2 of a daemon's run on
-        raise StoreError(f"trial #{index} of {campaign!r} was proposed by Ax, whose generation strategy keeps "
-                         "state of its own that the stored results cannot rebuild: it cannot be replayed")
+        # Ax keeps the proposals the daemon made ahead and dropped (its Sobol sequence has passed them, its model
+        # counts them as pending for good), which the store does not hold: a fresh Client told the same results
+        # proposed another point from trial #2 of a daemon's run on
+        raise StoreError(f"trial #{index} of {campaign!r} was proposed by Ax, which keeps the proposals the daemon "
+                         "dropped, and the store does not: it cannot be replayed")
     spec = store.campaign(campaign_id)
     source = None
     if prov.backend != spec.planner.backend or (prov.seed is not None and prov.seed != spec.planner.seed):

@@ -387,7 +387,7 @@ def test_explain_and_replay_find_the_campaign_as_every_command_does(tmp_path: Pa
 
 
 def test_a_trial_ax_proposed_is_explained_but_not_replayed(tmp_path: Path) -> None:
-    """Ax keeps state of its own (its Sobol sequence's position): replay says so instead of 'a different experiment'."""
+    """Ax keeps the proposals the daemon dropped, which the store does not: replay says so instead of 'a different experiment'."""
     from closedloop import hitl
 
     store = Store(tmp_path / "ax.db")
