@@ -326,7 +326,13 @@ class CampaignRun:
         # -- issue 9: the planner remembers what each proposal rested on (closedloop.provenance)
         self.planner: Planner = provenance.Recorder(make_planner(campaign))
         # -- end issue 9
-        results = store.results(self.id)
+        # what told() has seen: every trial up to this id (read before the finished ones, so that none told in
+        # between is missed), and the hand trials among them not finished then
+        self.seen_id = store.last_trial_id(self.id)
+        # the finished trials in one read: their results for the planner, and what the counters need
+        finished = store.finished_trials(self.id)
+        results = [Result(t.parameters, t.values, t.index) for t in finished
+                   if t.status in (TrialStatus.completed.value, TrialStatus.failed.value)]
         self.planner.ingest(results)
         # budget.hours counts from the campaign's start, as `closedloop status` does, not from this daemon's: a
         # daemon restarted (a crash, systemd) gave the campaign all its hours again
@@ -339,10 +345,6 @@ class CampaignRun:
         self.paused = False
         self.paused_at = 0.0  # monotonic time of the pause: its length is added back to the deadlines on resume
         self.paused_on: set[str] = set()  # stations told to pause, to be told to resume even if its trials left
-        # what told() has seen: every trial up to this id (read before the finished ones, so that none told in
-        # between is missed), and the hand trials among them not finished then
-        self.seen_id = store.last_trial_id(self.id)
-        finished = store.trials(self.id, ["completed", "failed", "abandoned"])
         self.finished = len(finished)
         # issue 8: a budget in cost; a proposal rejected before it ran cost nothing (as in a running daemon)
         self.spent = sum(campaign.cost_of(t.parameters) for t in finished if used_instrument(t.attempts, t.error))
@@ -360,7 +362,7 @@ class CampaignRun:
         # result told by hand is learned (a daemon held trial 7 of 6 while two hand trials were open, and its
         # planner never saw what was told)
         self.manual_open: set[int] = set()
-        self.manual_done: set[int] = {t.id for t in finished if (t.planner or {}).get("execution") == "manual"}  # type: ignore[misc]
+        self.manual_done: set[int] = {t.id for t in finished if t.execution == "manual"}
         self.refresh_queue()
         self.manual_waiting = store.hand_trial_ids(self.id, self.seen_id) - self.manual_done
         self.service: PlannerService | None = None

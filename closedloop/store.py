@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
@@ -129,6 +130,22 @@ def _with_run(run_uids: list[str] | None, run_uid: str | None) -> list[str]:
     if run_uid and run_uid not in uids:
         uids.append(run_uid)
     return uids
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedTrial:
+    """What :meth:`Store.finished_trials` reads of a finished trial."""
+
+    id: int
+    index: int
+    status: str
+    parameters: dict[str, Any]
+    values: dict[str, float] | None  # its result's, if it has one
+    attempts: int
+    error: str | None
+    execution: str | None  # "manual" for a trial proposed for hand execution
+    dispatched_at: datetime | None
+    finished_at: datetime | None
 
 
 class ObservationRow(SQLModel, table=True):
@@ -1027,13 +1044,31 @@ class Store:
             return {o.trial_id: o for o in session.exec(query)}
 
     def results(self, campaign_id: int) -> list[Result]:
-        """Finished trials as planner results, in experiment order (failures have no values)."""
-        observations = self.observations(campaign_id)
-        out = []
-        for trial in self.trials(campaign_id, [TrialStatus.completed.value, TrialStatus.failed.value]):
-            observation = observations.get(trial.id)  # type: ignore[arg-type]
-            out.append(Result(trial.parameters, observation.values if observation else None, trial.index))
-        return out
+        """Finished trials as planner results, in experiment order (failures have no values).
+
+        One SQL Core select of the three columns a result holds: ORM objects of every trial and observation took
+        12.8 s at 50,000 trials (benchmarks/big_store.py), most of it building rows and decoding JSON never used."""
+        query = (select(_trial_table.c.parameters, _observation_table.c["values"], _trial_table.c.index)
+                 .select_from(_trial_table.outerjoin(_observation_table,
+                                                     _observation_table.c.trial_id == _trial_table.c.id))
+                 .where(_trial_table.c.campaign_id == campaign_id,
+                        _trial_table.c.status.in_([TrialStatus.completed.value, TrialStatus.failed.value]))
+                 .order_by(_trial_table.c.index))
+        with self.engine.connect() as connection:
+            return [Result(parameters, values, index) for parameters, values, index in connection.execute(query)]
+
+    def finished_trials(self, campaign_id: int) -> list[FinishedTrial]:
+        """The campaign's finished trials (completed, failed, abandoned), in trial order, with their results' values:
+        what a daemon starting on the store needs of them, in one select."""
+        trial = _trial_table
+        query = (select(trial.c.id, trial.c.index, trial.c.status, trial.c.parameters, _observation_table.c["values"],
+                        trial.c.attempts, trial.c.error, trial.c.planner["execution"], trial.c.dispatched_at,
+                        trial.c.finished_at)
+                 .select_from(trial.outerjoin(_observation_table, _observation_table.c.trial_id == trial.c.id))
+                 .where(trial.c.campaign_id == campaign_id, trial.c.status.in_(FINISHED_STATUSES))
+                 .order_by(trial.c.index))
+        with self.engine.connect() as connection:
+            return [FinishedTrial(*row) for row in connection.execute(query)]
 
     def finished_count(self, campaign_id: int) -> int:
         """How many of the campaign's trials are finished (completed, failed or abandoned): one count over the
