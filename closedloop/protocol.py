@@ -58,6 +58,9 @@ def endpoint_problem(value: str, *, listen: bool = False) -> str | None:
     if value.startswith(("ipc://", "inproc://")) and value.partition("://")[2].strip():
         return None
     match = _TCP_ENDPOINT.fullmatch(value)
+    if match and match["host"].count(":") > 0 and not match["host"].startswith("["):
+        # 'tcp://::1:5709' passed: the daemon said it listened there, and its stations heard nothing
+        return f"an IPv6 address in an endpoint is written in brackets (did you mean tcp://[{match['host']}]:{match['port']}?)"
     if match and (match["port"] == "*" or int(match["port"]) <= 65535):
         return _not_this_machine(match["host"]) if listen else None
     guess = _HOST_PORT.fullmatch(value.strip())

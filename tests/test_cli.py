@@ -521,6 +521,11 @@ def test_the_endpoints_zeromq_takes_pass_the_check() -> None:
     # IPv6 addresses are listened on too (the daemon refused them, its sockets lacking ZeroMQ's IPV6 option)
     for endpoint in ("tcp://[::1]:5701", "tcp://[::1]:0", "tcp://[::]:5701", "tcp://[::ffff:127.0.0.1]:5701"):
         assert _endpoint_problem(endpoint, listen=True) is None, endpoint
+    # without brackets an IPv6 address and its port cannot be told apart ('::1:5701' is also the address ::0.1.23.1):
+    # 'tcp://::1:5709' passed, the daemon said it listened there and its stations heard nothing
+    for endpoint, meant in (("tcp://::1:5701", "tcp://[::1]:5701"), ("tcp://fe80::1%eth0:0", "tcp://[fe80::1%eth0]:0")):
+        assert _endpoint_problem(endpoint) == (f"an IPv6 address in an endpoint is written in brackets (did you mean "
+                                               f"{meant}?)"), endpoint
 
 
 def test_a_backup_of_a_store_being_written_holds_every_commit_before_it_and_the_run_documents(tmp_path: Path) -> None:
