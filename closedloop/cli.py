@@ -355,7 +355,21 @@ def daemon(
                                 keys=keys, insecure=insecure, heartbeat_s=heartbeat, drain_s=drain)
     except ClosedLoopError as exc:
         _fail(str(exc), EXIT_BAD_INPUT if isinstance(exc, (Unprotected, NotAStore)) else 1)
-    signal.signal(signal.SIGTERM, lambda *_: the_daemon.request_stop("SIGTERM"))
+    interrupted: list[int] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        # Ctrl-C left the serve loop at once, the experiments in flight left 'dispatched' for the next start to
+        # reconcile, where SIGTERM waits for them (and Ctrl-C to a worker or `run` is that same stop)
+        if signum == signal.SIGINT:
+            interrupted.append(signum)
+            if len(interrupted) > 1:
+                raise KeyboardInterrupt
+            console.print("Ctrl-C: no new experiment; waiting for those in flight (Ctrl-C again to stop at once: they "
+                          "are reconciled at the next start)", highlight=False)
+        the_daemon.request_stop("Ctrl-C" if signum == signal.SIGINT else "SIGTERM")
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
     # -- issue 9: the live dashboard in this process, fed by this daemon's events and control socket
     # (with keys its events go to CURVE subscribers alone, and this dashboard holds no allowed key: it polls)
     board = _start_dashboard(store_path, the_daemon.control_endpoint, None if keys else the_daemon.publish_endpoint,
@@ -367,8 +381,6 @@ def daemon(
         the_daemon.on_event = view
         try:
             the_daemon.serve()
-        except KeyboardInterrupt:
-            pass
         finally:
             the_daemon.close()
             _deaf_to_stops_at_exit()

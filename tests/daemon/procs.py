@@ -50,7 +50,8 @@ def start_daemon(cwd: Path, endpoint: str, control: str, *extra: str, log_name: 
     out = (cwd / f"{log_name}.out").open("a")
     return subprocess.Popen([*CLI, "daemon", "c.yaml", "--bind", endpoint, "--store", "s.db", "--publish", "",
                              "--control", control, "--heartbeat", "0.3", "--drain", "5", "--logfile",
-                             f"{log_name}.log", *extra], cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env())
+                             f"{log_name}.log", *extra], cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env(),
+                            preexec_fn=default_ctrl_c)
 
 
 def start_worker(cwd: Path, endpoint: str, name: str, *extra: str, outbox: str | None = None) -> subprocess.Popen:

@@ -174,3 +174,29 @@ def test_ctrl_c_to_a_compute_station_finishes_its_experiment_as_sigterm_does(tmp
     assert not [sign for sign in BAD_EXIT if sign in output], output[-3000:]
     text = log.read_text()
     assert text.count('state="completed"') == 1 and 'state="reconciling"' not in text, text[-3000:]
+
+
+def test_ctrl_c_to_the_daemon_waits_for_the_experiment_in_flight_as_sigterm_does(tmp_path: Path) -> None:
+    """Ctrl-C to `closedloop daemon` left the serve loop at once: exit 0 with the experiment in flight left
+    'dispatched' for the next start to reconcile, where SIGTERM waits for it (and Ctrl-C to a worker, a compute
+    station or `run` is that same stop). The first Ctrl-C is now SIGTERM's stop; a second one, exit 130."""
+    (tmp_path / "c.yaml").write_text(campaign_yaml("ctrlc-daemon", 4, latency=3.0))
+    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    daemon = start_daemon(tmp_path, endpoint, control)
+    station = start_worker(tmp_path, endpoint, "station")
+    log = tmp_path / "daemon.log"
+    try:
+        wait_for(lambda: log.exists() and 'state="started" station="station"' in log.read_text(), 60,
+                 "the station to start an experiment")
+        _ctrl_c(daemon)
+        assert daemon.wait(timeout=30) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
+    finally:
+        for proc in (daemon, station):
+            kill9(proc)
+    output = (tmp_path / "daemon.out").read_text()
+    assert not [sign for sign in BAD_EXIT if sign in output], output[-3000:]
+    store = Store(tmp_path / "s.db")
+    trials = store.trials(store.campaign_row("ctrlc-daemon").id)
+    assert trials[0].status == "completed", "Ctrl-C left the experiment in flight behind"
+    # the one sent ahead to the station (prefetch) never started: as after SIGTERM, the next start reconciles it
+    assert [(t.status, t.run_uids) for t in trials[1:]] in ([], [("dispatched", [])])
