@@ -452,18 +452,21 @@ class CampaignRun:
         # -- end issue 7
 
     def told(self) -> list[TrialRow]:
-        """Hand-run trials (from `closedloop suggest`) finished since the last look, counted as finished here.
+        """Hand-run trials (from `closedloop suggest`) finished since the last look, and experiments imported since
+        (`closedloop import`), counted as finished here: both are the campaign's experiments, of its budget.
 
         Only what may have changed is read: the trials added since the last look and the hand trials open then.
         Reading every finished trial (and every observation) held the loop 1 to 2 s at 20,000 trials, and after a
-        `closedloop import` (trials this daemon does not count) it did so every second, for good.
+        `closedloop import` it did so every second, for good.
         """
         if self.store.finished_count(self.id) <= self.finished:
             return []  # nothing finished that this daemon has not counted
         told = []
         for trial in self.store.trials_after(self.id, self.seen_id, self.manual_waiting):
             self.seen_id = max(self.seen_id, trial.id)  # type: ignore[type-var]
-            if (trial.planner or {}).get("execution") != "manual" or trial.id in self.manual_done:
+            # an import while a daemon served was not counted: it ran its whole budget on top, and never learned them
+            made = trial.planner or {}
+            if (made.get("execution") != "manual" and made.get("generator") != "import") or trial.id in self.manual_done:
                 continue
             if trial.status not in FINISHED_STATUSES:
                 self.manual_waiting.add(trial.id)  # type: ignore[arg-type]

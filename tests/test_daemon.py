@@ -1082,12 +1082,13 @@ def test_a_result_told_by_hand_is_noticed_without_reading_every_finished_trial(s
         hand = hitl.suggest(store, campaign, n=2)
         assert _rows_read(store, lambda: daemon._learn_told(run)) < 20
         hitl.tell(store, "big", hand[0].index, {"y": -1.0})
-        store.import_results(run.id, past[:1], "more.csv")
+        (imported,) = store.import_results(run.id, past[:1], "more.csv")
         assert _rows_read(store, lambda: daemon._learn_told(run)) < 20
-        assert run.manual_done == {hand[0].id} and run.best is not None and run.best.values == {"y": -1.0}
+        # an experiment imported while the daemon serves is the campaign's, as one told by hand
+        assert run.manual_done == {hand[0].id, imported.id} and run.best is not None and run.best.values == {"y": -1.0}
         assert _rows_read(store, lambda: daemon._learn_told(run)) < 20
         hitl.tell(store, "big", hand[1].index, {"y": 5.0})
         daemon._learn_told(run)
-        assert run.manual_done == {hand[0].id, hand[1].id}
+        assert run.manual_done == {hand[0].id, hand[1].id, imported.id}
     finally:
         daemon.close()

@@ -575,3 +575,23 @@ def test_a_refused_command_on_a_new_store_leaves_no_store_and_no_lock_file(comma
     result = cli(*[arg.format(campaign=campaign, past=past) for arg in command], "--store", str(db))
     assert result.exit_code != 0 and "error:" in result.stderr, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no store, no lock file, no results/ folder
+
+
+def test_a_daemon_counts_experiments_imported_while_it_serves_against_the_budget_and_learns_them(tmp_path: Path) -> None:
+    # 'closedloop import' while a daemon served the campaign wrote the store, but the daemon counted only results
+    # told by hand: it ran its whole budget on top of the imported experiments, and its planner never saw them
+    campaign = Campaign.from_yaml(campaign_file(tmp_path, "seeded", experiments=3))
+    store = Store(tmp_path / "seeded.db")
+    cid = store.open_campaign(campaign)
+    with serving(store, campaign) as (daemon, events):  # no station: nothing of its own finishes
+        time.sleep(1.0)
+        store.import_results(cid, [({"x1": 9.42, "x2": 2.47}, {"y": 0.4}, None),
+                                   ({"x1": 0.0, "x2": 0.0}, {"y": 55.6}, None),
+                                   ({"x1": 1.0, "x2": 1.0}, None, "clogged")], "past.csv")
+        deadline = time.monotonic() + 20
+        while not any(k == "campaign_finished" for k, _ in events) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finished = next((d for k, d in events if k == "campaign_finished"), None)
+    assert finished is not None, "the imported experiments were not counted against the budget"
+    assert finished["finished"] == 3 and finished["best"]["values"] == {"y": 0.4}, finished
+    store.close()
