@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
@@ -124,6 +124,23 @@ def _deaf_to_stops_at_exit() -> None:
     import atexit
 
     atexit.register(lambda: [signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM)])
+
+
+def _stop_on_signals(stop: Callable[[str], Any], hint: str) -> None:
+    """SIGTERM and a first Ctrl-C call ``stop`` with the signal's name (a first Ctrl-C also prints ``hint``); a second
+    Ctrl-C raises KeyboardInterrupt, an operator's "now" (exit 130)."""
+    interrupted: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT:
+            interrupted.append(signum)
+            if len(interrupted) > 1:
+                raise KeyboardInterrupt
+            console.print(hint, highlight=False)
+        stop("Ctrl-C" if signum == signal.SIGINT else "SIGTERM")
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handler)
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -335,8 +352,6 @@ def daemon(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run campaigns as a daemon serving station workers (SIGTERM: stop dispatching, drain, exit)."""
-    import signal
-
     campaigns = [_load(path) for path in campaign_files]
     _setup_logging(verbose, logfile)
     from closedloop.daemon import Daemon
@@ -355,21 +370,10 @@ def daemon(
                                 keys=keys, insecure=insecure, heartbeat_s=heartbeat, drain_s=drain)
     except ClosedLoopError as exc:
         _fail(str(exc), EXIT_BAD_INPUT if isinstance(exc, (Unprotected, NotAStore)) else 1)
-    interrupted: list[int] = []
-
-    def stop(signum: int, frame: Any) -> None:
-        # Ctrl-C left the serve loop at once, the experiments in flight left 'dispatched' for the next start to
-        # reconcile, where SIGTERM waits for them (and Ctrl-C to a worker or `run` is that same stop)
-        if signum == signal.SIGINT:
-            interrupted.append(signum)
-            if len(interrupted) > 1:
-                raise KeyboardInterrupt
-            console.print("Ctrl-C: no new experiment; waiting for those in flight (Ctrl-C again to stop at once: they "
-                          "are reconciled at the next start)", highlight=False)
-        the_daemon.request_stop("Ctrl-C" if signum == signal.SIGINT else "SIGTERM")
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, stop)
+    # Ctrl-C left the serve loop at once, the experiments in flight left 'dispatched' for the next start to
+    # reconcile, where SIGTERM waits for them (and Ctrl-C to a worker or `run` is that same stop)
+    _stop_on_signals(the_daemon.request_stop, "Ctrl-C: no new experiment; waiting for those in flight (Ctrl-C again "
+                     "to stop at once: they are reconciled at the next start)")
     # -- issue 9: the live dashboard in this process, fed by this daemon's events and control socket
     # (with keys its events go to CURVE subscribers alone, and this dashboard holds no allowed key: it polls)
     board = _start_dashboard(store_path, the_daemon.control_endpoint, None if keys else the_daemon.publish_endpoint,
@@ -475,22 +479,11 @@ def compute_station(
     station = ComputeStation(connect, name=name, capacity=capacity, instruments=instrument or None,
                              sources=source or None, outbox=outbox,
                              scheduler=scheduler, local_workers=workers, keys=keys)
-    interrupted: list[int] = []
-
-    def stop(signum: int, frame: Any) -> None:
-        # Ctrl-C cancelled the experiments computing and left without a word: the daemon declared the station lost
-        # and, with no retries, abandoned them. A second Ctrl-C does that still (an operator's "now"): its experiments
-        # wait reconcile_s for the station, then follow the retry policy
-        if signum == signal.SIGINT:
-            interrupted.append(signum)
-            if len(interrupted) > 1:
-                raise KeyboardInterrupt
-            console.print("Ctrl-C: the experiments computing finish and are delivered (Ctrl-C again to cancel them)",
-                          highlight=False)
-        station.stop()
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, stop)
+    # Ctrl-C cancelled the experiments computing and left without a word: the daemon declared the station lost
+    # and, with no retries, abandoned them. A second Ctrl-C does that still (an operator's "now"): its experiments
+    # wait reconcile_s for the station, then follow the retry policy
+    _stop_on_signals(lambda _: station.stop(),
+                     "Ctrl-C: the experiments computing finish and are delivered (Ctrl-C again to cancel them)")
     console.print(f"compute station {station.name} connecting to {connect}", highlight=False)
     try:
         station.run()
