@@ -126,16 +126,23 @@ def _deaf_to_stops_at_exit() -> None:
     atexit.register(lambda: [signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM)])
 
 
+class StopNow(KeyboardInterrupt):
+    """The second signal to a long-running command: an operator's "now" (exit 130). Its own class, because CPython
+    (3.11 to 3.13) takes a KeyboardInterrupt of exactly that class that passes through an ``exec`` or ``eval`` of a
+    string (a dataclass or namedtuple being built, an import) for unhandled even when it is caught, and under
+    ``python -m closedloop.cli`` then ends the process by SIGINT (exit -2) instead of the 130 it was told."""
+
+
 def _stop_on_signals(stop: Callable[[str], Any], hint: str) -> None:
     """SIGTERM and a first Ctrl-C call ``stop`` with the signal's name (a first Ctrl-C also prints ``hint``); a second
-    Ctrl-C raises KeyboardInterrupt, an operator's "now" (exit 130)."""
+    Ctrl-C raises :class:`StopNow`."""
     interrupted: list[int] = []
 
     def handler(signum: int, frame: Any) -> None:
         if signum == signal.SIGINT:
             interrupted.append(signum)
             if len(interrupted) > 1:
-                raise KeyboardInterrupt
+                raise StopNow
             console.print(hint, highlight=False)
         stop("Ctrl-C" if signum == signal.SIGINT else "SIGTERM")
 
@@ -294,7 +301,7 @@ def run(
         # asked twice: the station's thread gets a few seconds to end its run, then the process exits; once only: a
         # third must not cut short the threads' ending that the second began
         if len(stopping) == 2:
-            raise KeyboardInterrupt
+            raise StopNow
         if len(stopping) == 1 and not summing_up:
             console.print(f"{stopping[0]}: no new experiment; waiting for those in progress to finish "
                           "(Ctrl-C again to stop sooner: an experiment cut short runs again when the campaign resumes)",

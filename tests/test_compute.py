@@ -914,9 +914,6 @@ def test_closedloop_run_of_a_function_campaign_stopped_by_sigterm_exits_cleanly(
 
 
 @pytest.mark.slow
-@pytest.mark.alone
-@pytest.mark.xfail(strict=False, reason="open defect: in 2 of 4 fresh-clone CIs the process ended -2 (SIGINT, "
-                   "no traceback) instead of 130; cause not found, see the closing note of 2026-12-06")
 def test_closedloop_run_stopped_again_while_it_prints_its_summary_exits_130(tmp_path: Path) -> None:
     """A second SIGTERM that came while `closedloop run` printed its end summary (of an Ax two-objective campaign the
     summary rebuilds the planner from every result, twice: seconds) killed it (exit -15, the default handler back
