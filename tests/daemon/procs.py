@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,32 @@ def start_daemon(cwd: Path, endpoint: str, control: str, *extra: str, log_name: 
                              "--control", control, "--heartbeat", "0.3", "--drain", "5", "--logfile",
                              f"{log_name}.log", *extra], cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env(),
                             preexec_fn=default_ctrl_c)
+
+
+@dataclass
+class Lab:
+    """A `closedloop daemon` on free loopback ports and its stations (by name), as :func:`lab` started them."""
+
+    daemon: subprocess.Popen
+    stations: dict[str, subprocess.Popen]
+    endpoint: str
+    log: Path  # the daemon's log file
+
+
+@contextmanager
+def lab(cwd: Path, campaign: str, *stations: str) -> Iterator[Lab]:
+    """``campaign`` written to c.yaml, its daemon and a station per name started; the daemon and every station in
+    ``Lab.stations`` on the way out (those added later too) killed, whatever the test left running."""
+    (cwd / "c.yaml").write_text(campaign)
+    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    the_lab = Lab(start_daemon(cwd, endpoint, control), {}, endpoint, cwd / "daemon.log")
+    try:
+        for name in stations:
+            the_lab.stations[name] = start_worker(cwd, endpoint, name)
+        yield the_lab
+    finally:
+        for proc in (the_lab.daemon, *the_lab.stations.values()):
+            kill9(proc)
 
 
 def start_worker(cwd: Path, endpoint: str, name: str, *extra: str, outbox: str | None = None) -> subprocess.Popen:

@@ -11,18 +11,14 @@ from pathlib import Path
 import pytest
 
 from closedloop.store import Store
-from tests.daemon.procs import campaign_yaml, free_port, kill9, ran, start_daemon, start_worker, wait_for
+from tests.daemon.procs import campaign_yaml, kill9, lab, ran, start_worker, wait_for
 
 pytestmark = pytest.mark.slow
 
 
 def test_a_station_declared_lost_mid_run_keeps_its_trial_when_it_comes_back(tmp_path: Path) -> None:
-    (tmp_path / "c.yaml").write_text(campaign_yaml("partition", 2, latency=2.0, concurrency=1, retries=1))
-    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    daemon = start_daemon(tmp_path, endpoint, control)
-    worker = start_worker(tmp_path, endpoint, "station-1")
-    log = tmp_path / "daemon.log"
-    try:
+    with lab(tmp_path, campaign_yaml("partition", 2, latency=2.0, concurrency=1, retries=1), "station-1") as here:
+        log, worker = here.log, here.stations["station-1"]
         wait_for(lambda: log.exists() and 'trial=1 trial_id=1 state="started"' in log.read_text(), 60,
                  "the first experiment to start")
         os.kill(worker.pid, signal.SIGSTOP)  # mid-move: the station neither heartbeats nor answers
@@ -30,10 +26,7 @@ def test_a_station_declared_lost_mid_run_keeps_its_trial_when_it_comes_back(tmp_
             wait_for(lambda: "station station-1 lost" in log.read_text(), 30, "the daemon to declare the station lost")
         finally:
             os.kill(worker.pid, signal.SIGCONT)
-        assert daemon.wait(timeout=90) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
-    finally:
-        for proc in (daemon, worker):
-            kill9(proc)
+        assert here.daemon.wait(timeout=90) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
 
     store = Store(tmp_path / "s.db")
     trials = store.trials(store.campaign_row("partition").id)
@@ -57,12 +50,9 @@ def test_a_station_lost_mid_run_and_back_within_the_grace_runs_its_trial_once_th
     """Chaos probe: with ``retries: 1`` a lost station's trial was handed at once to the station beside it, which
     ran it, and the first station, back a few seconds later, delivered its own run of it: one experiment measured
     twice, the second run kept as a late result. The trial now waits ``reconcile_s`` for its station."""
-    (tmp_path / "c.yaml").write_text(campaign_yaml("partition", 2, latency=2.0, concurrency=1, retries=1))
-    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    daemon = start_daemon(tmp_path, endpoint, control)
-    workers = {name: start_worker(tmp_path, endpoint, name) for name in ("station-1", "station-2")}
-    log = tmp_path / "daemon.log"
-    try:
+    with lab(tmp_path, campaign_yaml("partition", 2, latency=2.0, concurrency=1, retries=1),
+             "station-1", "station-2") as here:
+        log, workers = here.log, here.stations
         wait_for(lambda: log.exists() and _started_on(log.read_text(), 1), 60, "trial 1 to start")
         (frozen,) = _started_on(log.read_text(), 1)
         os.kill(workers[frozen].pid, signal.SIGSTOP)  # mid-move, with the other station free (concurrency 1)
@@ -71,10 +61,7 @@ def test_a_station_lost_mid_run_and_back_within_the_grace_runs_its_trial_once_th
             time.sleep(3.0)  # back within the grace (10 s); the free station had started trial 1 at once
         finally:
             os.kill(workers[frozen].pid, signal.SIGCONT)
-        assert daemon.wait(timeout=90) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
-    finally:
-        for proc in (daemon, *workers.values()):
-            kill9(proc)
+        assert here.daemon.wait(timeout=90) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
 
     assert _started_on(log.read_text(), 1) == [frozen], "trial 1 was started on another station as well"
     store = Store(tmp_path / "s.db")
@@ -96,19 +83,13 @@ def _at(log: str, pattern: str) -> float:
 
 
 def test_a_lost_station_that_never_comes_back_has_its_trial_retried_after_the_grace(tmp_path: Path) -> None:
-    (tmp_path / "c.yaml").write_text(campaign_yaml("dead", 2, latency=2.0, concurrency=1, retries=1))
-    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    daemon = start_daemon(tmp_path, endpoint, control)
-    workers = {name: start_worker(tmp_path, endpoint, name) for name in ("station-1", "station-2")}
-    log = tmp_path / "daemon.log"
-    try:
+    with lab(tmp_path, campaign_yaml("dead", 2, latency=2.0, concurrency=1, retries=1),
+             "station-1", "station-2") as here:
+        log, workers = here.log, here.stations
         wait_for(lambda: log.exists() and _started_on(log.read_text(), 1), 60, "trial 1 to start")
         (dead,) = _started_on(log.read_text(), 1)
         kill9(workers[dead])
-        assert daemon.wait(timeout=90) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
-    finally:
-        for proc in (daemon, *workers.values()):
-            kill9(proc)
+        assert here.daemon.wait(timeout=90) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
 
     (other,) = set(workers) - {dead}
     text = log.read_text()
@@ -126,26 +107,19 @@ def test_a_station_back_from_a_freeze_does_not_start_the_trial_queued_behind_its
     """The trial queued on a frozen station went to another station at once when it was declared lost; back a few
     seconds later, the station finished its run and started that queued trial as well before the daemon's cancel
     reached it: measured twice, once aborted. It now waits for its station too."""
-    (tmp_path / "c.yaml").write_text(campaign_yaml("partition", 2, latency=2.0, concurrency=2, retries=1))
-    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    daemon = start_daemon(tmp_path, endpoint, control)
-    workers = {"station-1": start_worker(tmp_path, endpoint, "station-1")}
-    log = tmp_path / "daemon.log"
-    try:
+    with lab(tmp_path, campaign_yaml("partition", 2, latency=2.0, concurrency=2, retries=1), "station-1") as here:
+        log, workers = here.log, here.stations
         wait_for(lambda: log.exists() and _started_on(log.read_text(), 1) == ["station-1"]
                  and 'trial=2 trial_id=2 state="dispatched" station="station-1"' in log.read_text(), 60,
                  "trial 1 to start on station-1 with trial 2 queued behind it")
         os.kill(workers["station-1"].pid, signal.SIGSTOP)
         try:
-            workers["station-2"] = start_worker(tmp_path, endpoint, "station-2")  # free for trial 2
+            workers["station-2"] = start_worker(tmp_path, here.endpoint, "station-2")  # free for trial 2
             wait_for(lambda: "station station-1 lost" in log.read_text(), 30, "the daemon to declare station-1 lost")
             time.sleep(3.0)  # back within the grace (10 s)
         finally:
             os.kill(workers["station-1"].pid, signal.SIGCONT)
-        assert daemon.wait(timeout=90) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
-    finally:
-        for proc in (daemon, *workers.values()):
-            kill9(proc)
+        assert here.daemon.wait(timeout=90) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
 
     assert "cancelling" not in (tmp_path / "station-1.log").read_text()
     # under load station-1 can start trial 2 before its hello is read, and that 'started' goes unlogged (it is not

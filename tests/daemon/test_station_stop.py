@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from closedloop.store import Store
-from tests.daemon.procs import (campaign_yaml, check_one_run_then_handed_back, free_port, kill9, ran, sigterm_mid_run,
-                                start_daemon, start_worker, wait_for)
+from tests.daemon.procs import campaign_yaml, check_one_run_then_handed_back, kill9, lab, ran, sigterm_mid_run, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -22,20 +21,11 @@ def test_a_station_stopped_mid_run_finishes_the_run_delivers_it_and_hands_back_i
     """The station's comms thread stopped at once while its RunEngine finished the run: the daemon heard nothing,
     declared it lost and ran the trial again on the other station (measured twice; with no retries, abandoned
     and the finished measurement thrown away as a late result)."""
-    (tmp_path / "c.yaml").write_text(campaign_yaml("stop", 4, latency=3.0, concurrency=4))
-    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    daemon = start_daemon(tmp_path, endpoint, control)
-    stopped = start_worker(tmp_path, endpoint, "stopped")
-    other = start_worker(tmp_path, endpoint, "other")
-    log = tmp_path / "daemon.log"
-    try:
-        wait_for(lambda: log.exists() and 'state="started" station="stopped"' in log.read_text(), 60,
+    with lab(tmp_path, campaign_yaml("stop", 4, latency=3.0, concurrency=4), "stopped", "other") as here:
+        wait_for(lambda: here.log.exists() and 'state="started" station="stopped"' in here.log.read_text(), 60,
                  "the station to start an experiment")
-        sigterm_mid_run(stopped, tmp_path / "stopped.out", leave_within_s=10)
-        assert daemon.wait(timeout=120) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
-    finally:
-        for proc in (daemon, stopped, other):
-            kill9(proc)
+        sigterm_mid_run(here.stations["stopped"], tmp_path / "stopped.out", leave_within_s=10)
+        assert here.daemon.wait(timeout=120) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
     # it left holding nothing: no trial of it was re-queued or abandoned as a lost station's
     check_one_run_then_handed_back(tmp_path, "stop", 4)
 
@@ -43,21 +33,13 @@ def test_a_station_stopped_mid_run_finishes_the_run_delivers_it_and_hands_back_i
 def test_a_trial_queued_on_a_killed_station_goes_back_to_the_queue(tmp_path: Path) -> None:
     """A station killed mid-run also held the trial queued behind its run, which it had not started: with the
     default retries (0) both were abandoned, an experiment of the budget lost that no instrument ever ran."""
-    (tmp_path / "c.yaml").write_text(campaign_yaml("killed", 4, latency=3.0, concurrency=4, retries=0))
-    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    daemon = start_daemon(tmp_path, endpoint, control)
-    killed = start_worker(tmp_path, endpoint, "killed")
-    other = start_worker(tmp_path, endpoint, "other")
-    log = tmp_path / "daemon.log"
-    try:
+    with lab(tmp_path, campaign_yaml("killed", 4, latency=3.0, concurrency=4, retries=0), "killed", "other") as here:
+        log = here.log
         wait_for(lambda: log.exists() and 'state="started" station="killed"' in log.read_text()
                  and log.read_text().count('station="killed" attempt=1') >= 2, 60,
                  "the station to run one experiment with another queued behind it")
-        kill9(killed)
-        assert daemon.wait(timeout=120) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
-    finally:
-        for proc in (daemon, killed, other):
-            kill9(proc)
+        kill9(here.stations["killed"])
+        assert here.daemon.wait(timeout=120) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
 
     store = Store(tmp_path / "s.db")
     trials = store.trials(store.campaign_row("killed").id)
@@ -79,24 +61,16 @@ def test_ctrl_c_to_a_station_mid_run_finishes_the_run_delivers_it_and_hands_back
     """Ctrl-C to `closedloop worker` mid-experiment reached the RunEngine (no SIGINT handler of its own, run with
     context_managers=[]), which panicked: the station stayed up and failed every trial sent to it with 'The
     RunEngine is panicked and cannot be recovered', dozens a second, and never exited. It now stops as on SIGTERM."""
-    (tmp_path / "c.yaml").write_text(campaign_yaml("ctrlc", 4, latency=3.0, concurrency=4))
-    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    daemon = start_daemon(tmp_path, endpoint, control)
-    stopped = start_worker(tmp_path, endpoint, "stopped")
-    other = start_worker(tmp_path, endpoint, "other")
-    log = tmp_path / "daemon.log"
-    try:
-        wait_for(lambda: log.exists() and 'state="started" station="stopped"' in log.read_text(), 60,
+    with lab(tmp_path, campaign_yaml("ctrlc", 4, latency=3.0, concurrency=4), "stopped", "other") as here:
+        stopped = here.stations["stopped"]
+        wait_for(lambda: here.log.exists() and 'state="started" station="stopped"' in here.log.read_text(), 60,
                  "the station to start an experiment")
         time.sleep(0.5)
         _ctrl_c(stopped)
         asked = time.monotonic()
         assert stopped.wait(timeout=30) == 0, (tmp_path / "stopped.out").read_text()[-3000:]
         assert time.monotonic() - asked < 10, "the station did not leave once its run was delivered"
-        assert daemon.wait(timeout=120) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
-    finally:
-        for proc in (daemon, stopped, other):
-            kill9(proc)
+        assert here.daemon.wait(timeout=120) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
     output = (tmp_path / "stopped.out").read_text()
     assert not [sign for sign in BAD_EXIT if sign in output], output[-3000:]
     check_one_run_then_handed_back(tmp_path, "ctrlc", 4)
@@ -107,13 +81,8 @@ def test_a_second_ctrl_c_cuts_the_run_short_and_hands_the_trial_back_unrun(tmp_p
     panicked RunEngine). The second Ctrl-C now aborts the run in progress and tells the daemon that the station
     does not hold its trial, which goes back to the queue (not failed, not abandoned, with retries: 0) and runs
     on the other station; exit 130, and one line said about it."""
-    (tmp_path / "c.yaml").write_text(campaign_yaml("again", 4, latency=3.0, concurrency=4, retries=0))
-    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    daemon = start_daemon(tmp_path, endpoint, control)
-    stopped = start_worker(tmp_path, endpoint, "stopped")
-    other = start_worker(tmp_path, endpoint, "other")
-    log = tmp_path / "daemon.log"
-    try:
+    with lab(tmp_path, campaign_yaml("again", 4, latency=3.0, concurrency=4, retries=0), "stopped", "other") as here:
+        log, stopped = here.log, here.stations["stopped"]
         wait_for(lambda: log.exists() and 'state="started" station="stopped"' in log.read_text(), 60,
                  "the station to start an experiment")
         time.sleep(0.5)
@@ -122,10 +91,7 @@ def test_a_second_ctrl_c_cuts_the_run_short_and_hands_the_trial_back_unrun(tmp_p
         before = (tmp_path / "stopped.out").read_text().splitlines()
         _ctrl_c(stopped)
         assert stopped.wait(timeout=30) == 130, (tmp_path / "stopped.out").read_text()[-3000:]
-        assert daemon.wait(timeout=120) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
-    finally:
-        for proc in (daemon, stopped, other):
-            kill9(proc)
+        assert here.daemon.wait(timeout=120) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
     output = (tmp_path / "stopped.out").read_text()
     assert not [sign for sign in BAD_EXIT if sign in output], output[-3000:]
     said = output.splitlines()[len(before):]
@@ -151,25 +117,19 @@ def test_ctrl_c_to_a_compute_station_finishes_its_experiment_as_sigterm_does(tmp
     from simulators.surfaces import branin_campaign
     from tests.daemon.procs import CLI, default_ctrl_c, env
 
-    (tmp_path / "c.yaml").write_text(branin_campaign("sums", 2, execution={"concurrency": 1, "retries": 0},
-                                                     instrument={"function": "tests.test_compute:takes",
-                                                                 "options": {"seconds": 3.0}}))
-    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    daemon = start_daemon(tmp_path, endpoint, control)
-    with (tmp_path / "st.out").open("w") as out:
-        station = subprocess.Popen([*CLI, "compute-station", "--connect", endpoint, "--name", "st", "--outbox",
-                                    "st.outbox", "--capacity", "1", "--workers", "1"], cwd=tmp_path, stdout=out,
-                                   stderr=subprocess.STDOUT, env=env(), preexec_fn=default_ctrl_c)
-    log = tmp_path / "daemon.log"
-    try:
+    campaign = branin_campaign("sums", 2, execution={"concurrency": 1, "retries": 0},
+                               instrument={"function": "tests.test_compute:takes", "options": {"seconds": 3.0}})
+    with lab(tmp_path, campaign) as here, (tmp_path / "st.out").open("w") as out:
+        log = here.log
+        station = here.stations["st"] = subprocess.Popen(
+            [*CLI, "compute-station", "--connect", here.endpoint, "--name", "st", "--outbox", "st.outbox",
+             "--capacity", "1", "--workers", "1"], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env=env(),
+            preexec_fn=default_ctrl_c)
         wait_for(lambda: log.exists() and 'state="started"' in log.read_text(), 90, "an experiment")
         time.sleep(0.5)
         _ctrl_c(station)
         assert station.wait(timeout=60) == 0, (tmp_path / "st.out").read_text()[-3000:]
         wait_for(lambda: 'state="completed"' in log.read_text() or "reconciling" in log.read_text(), 30, "the result")
-    finally:
-        for proc in (station, daemon):
-            kill9(proc)
     output = (tmp_path / "st.out").read_text()
     assert not [sign for sign in BAD_EXIT if sign in output], output[-3000:]
     text = log.read_text()
@@ -180,19 +140,11 @@ def test_ctrl_c_to_the_daemon_waits_for_the_experiment_in_flight_as_sigterm_does
     """Ctrl-C to `closedloop daemon` left the serve loop at once: exit 0 with the experiment in flight left
     'dispatched' for the next start to reconcile, where SIGTERM waits for it (and Ctrl-C to a worker, a compute
     station or `run` is that same stop). The first Ctrl-C is now SIGTERM's stop; a second one, exit 130."""
-    (tmp_path / "c.yaml").write_text(campaign_yaml("ctrlc-daemon", 4, latency=3.0))
-    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    daemon = start_daemon(tmp_path, endpoint, control)
-    station = start_worker(tmp_path, endpoint, "station")
-    log = tmp_path / "daemon.log"
-    try:
-        wait_for(lambda: log.exists() and 'state="started" station="station"' in log.read_text(), 60,
+    with lab(tmp_path, campaign_yaml("ctrlc-daemon", 4, latency=3.0), "station") as here:
+        wait_for(lambda: here.log.exists() and 'state="started" station="station"' in here.log.read_text(), 60,
                  "the station to start an experiment")
-        _ctrl_c(daemon)
-        assert daemon.wait(timeout=30) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
-    finally:
-        for proc in (daemon, station):
-            kill9(proc)
+        _ctrl_c(here.daemon)
+        assert here.daemon.wait(timeout=30) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
     output = (tmp_path / "daemon.out").read_text()
     assert not [sign for sign in BAD_EXIT if sign in output], output[-3000:]
     store = Store(tmp_path / "s.db")
