@@ -128,7 +128,7 @@ def _deaf_to_stops_at_exit() -> None:
 
 class StopNow(KeyboardInterrupt):
     """The second signal to a long-running command: an operator's "now" (exit 130). Its own class, because CPython
-    (3.11 to 3.13) takes a KeyboardInterrupt of exactly that class that passes through an ``exec`` or ``eval`` of a
+    (3.11, as measured) takes a KeyboardInterrupt of exactly that class that passes through an ``exec`` or ``eval`` of a
     string (a dataclass or namedtuple being built, an import) for unhandled even when it is caught, and under
     ``python -m closedloop.cli`` then ends the process by SIGINT (exit -2) instead of the 130 it was told."""
 
