@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -64,3 +66,24 @@ def mixed_store(path: Path, n: int = 24, fail: tuple[int, ...] = (5, 17), unit: 
     campaign = mixed_campaign()
     fill(store, campaign, n, fail=fail, unit=unit)
     return store, campaign
+
+
+@contextmanager
+def orm_rows_loaded() -> Iterator[list[object]]:
+    """The trial and observation ORM objects loaded inside the block: the lean read paths must load none."""
+    from sqlalchemy import event
+
+    from closedloop.store import ObservationRow, TrialRow
+
+    loaded: list[object] = []
+
+    def count(target: object, _context: object) -> None:
+        loaded.append(target)
+
+    for table in (TrialRow, ObservationRow):
+        event.listen(table, "load", count)
+    try:
+        yield loaded
+    finally:
+        for table in (TrialRow, ObservationRow):
+            event.remove(table, "load", count)

@@ -1000,26 +1000,19 @@ def test_a_log_file_on_a_full_disk_is_said_once_on_stderr_and_the_command_goes_o
     """A daemon whose --logfile's disk was full printed Python's '--- Logging error ---' and a 40-line traceback to
     stderr for each line it logged (27 in 20 s of a small campaign, 1,600 lines)."""
     import logging
-    import os
 
     from closedloop.cli import _LogFile
+    from tests.disks import fill, small_tmpfs
 
     folder = tmp_path / "logs"
-    folder.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("mounting a small tmpfs (a full disk) needs root")
+    small_tmpfs(folder)
     handler = _LogFile(folder / "d.log", maxBytes=20_000_000, backupCount=5)
     logger = logging.getLogger("closedloop.test_full_log")
     logger.addHandler(handler)
     logger.propagate = False
     try:
         logger.warning("before the disk filled")
-        try:
-            with (folder / "filler").open("wb") as filler:
-                filler.write(b"\0" * 1_000_000)
-        except OSError:
-            pass  # full: what is wanted
+        fill(folder)
         for i in range(30):
             logger.warning("line %d %s", i, "x" * 5000)
         said = capfd.readouterr().err.splitlines()

@@ -61,10 +61,8 @@ def test_a_store_moved_while_open_refuses_to_write_and_saves_what_it_held_beside
 def test_results_and_finished_trials_read_no_orm_object_and_give_what_the_orm_rows_gave(tmp_path: Path) -> None:
     # Store.results built an ORM object of every trial and observation (12.8 s at 50,000 trials), and a daemon
     # starting read the finished trials that way twice over (34 s to answer health); the same, field for field
-    from sqlalchemy import event
-
-    from closedloop.store import ObservationRow, TrialRow, TrialStatus
-    from tests.reportdata import mixed_store
+    from closedloop.store import TrialStatus
+    from tests.reportdata import mixed_store, orm_rows_loaded
 
     store, _ = mixed_store(tmp_path / "s.db", n=16, fail=(3, 9))
     cid = store.campaign_row("mixed").id
@@ -74,19 +72,9 @@ def test_results_and_finished_trials_read_no_orm_object_and_give_what_the_orm_ro
     finished = store.trials(cid, ["completed", "failed", "abandoned"])
     expected = [(t.parameters, observations[t.id].values if t.id in observations else None, t.index)
                 for t in finished if t.status != "abandoned"]
-    loaded: list[object] = []
-
-    def count(target: object, _context: object) -> None:
-        loaded.append(target)
-
-    for table in (TrialRow, ObservationRow):
-        event.listen(table, "load", count)
-    try:
+    with orm_rows_loaded() as loaded:
         results = store.results(cid)
         facts = store.finished_trials(cid)
-    finally:
-        for table in (TrialRow, ObservationRow):
-            event.remove(table, "load", count)
     assert loaded == []
     assert repr([(r.parameters, r.values, r.trial) for r in results]) == repr(expected)
     assert [(f.id, f.index, f.status, f.parameters, f.attempts, f.error, f.dispatched_at, f.finished_at)

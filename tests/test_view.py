@@ -557,24 +557,11 @@ def test_a_csv_export_neutralises_formulas_and_imports_back_as_stored(tmp_path: 
 
 def test_a_snapshot_builds_no_orm_object_per_trial(tmp_path: Path) -> None:
     # `closedloop status` and `list` built an ORM object of every trial and observation: 12 s at 50,000 trials
-    from sqlalchemy import event
-
-    from closedloop.store import ObservationRow, TrialRow
-    from tests.reportdata import mixed_store
+    from tests.reportdata import mixed_store, orm_rows_loaded
 
     store, _ = mixed_store(tmp_path / "s.db", n=12)
-    loaded: list[object] = []
-
-    def count(target: object, _context: object) -> None:
-        loaded.append(target)
-
-    for table in (TrialRow, ObservationRow):
-        event.listen(table, "load", count)
-    try:
+    with orm_rows_loaded() as loaded:
         snap = Snapshot.from_store(store, "mixed")
-    finally:
-        for table in (TrialRow, ObservationRow):
-            event.remove(table, "load", count)
     assert snap.counts == {"completed": 11, "failed": 1} and snap.best is not None
     assert loaded == []
 
@@ -582,12 +569,9 @@ def test_a_snapshot_builds_no_orm_object_per_trial(tmp_path: Path) -> None:
 def test_trial_records_read_no_orm_object_and_give_what_the_orm_rows_gave(tmp_path: Path) -> None:
     # 'closedloop export' and trial_records took 25 s and 13.6 s at 50,000 trials building an ORM object of every
     # trial and observation (benchmarks/big_store.py); the records must stay the same field for field
-    from sqlalchemy import event
-
     from closedloop import hitl
-    from closedloop.store import ObservationRow, TrialRow
     from closedloop.view import _iso
-    from tests.reportdata import mixed_store
+    from tests.reportdata import mixed_store, orm_rows_loaded
 
     store, campaign = mixed_store(tmp_path / "s.db", n=20)
     cid = store.campaign_row("mixed").id
@@ -609,18 +593,8 @@ def test_trial_records_read_no_orm_object_and_give_what_the_orm_rows_gave(tmp_pa
                          "attempts": t.attempts, "duration_s": obs.duration_s if obs else None,
                          "proposed_at": _iso(t.proposed_at), "dispatched_at": _iso(t.dispatched_at),
                          "finished_at": _iso(t.finished_at)})
-    loaded: list[object] = []
-
-    def count(target: object, _context: object) -> None:
-        loaded.append(target)
-
-    for table in (TrialRow, ObservationRow):
-        event.listen(table, "load", count)
-    try:
+    with orm_rows_loaded() as loaded:
         records = trial_records(store, "mixed")
-    finally:
-        for table in (TrialRow, ObservationRow):
-            event.remove(table, "load", count)
     assert loaded == []
     assert repr(records) == repr(expected)
     assert {r["execution"] for r in records} == {None, "manual"} and records[-1]["run_uid"] == "run-failed"

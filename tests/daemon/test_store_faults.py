@@ -10,6 +10,7 @@ import pytest
 
 from tests.daemon.procs import (campaign_yaml, completed, free_port, kill9, ran, start_daemon, start_worker,
                                 wait_for)
+from tests.disks import fill, small_tmpfs
 
 
 @pytest.mark.slow
@@ -46,22 +47,6 @@ def test_a_store_deleted_under_the_daemon_stops_it_and_a_restart_loses_nothing(t
     assert {uid for _, uid in runs} == stored, "a run measured and acknowledged is not in the store"
 
 
-def _full_tmpfs(folder: Path) -> None:
-    """A 64 KiB tmpfs at ``folder``, filled: a full disk (root only; the test skips elsewhere)."""
-    import os
-    import subprocess
-
-    folder.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("mounting a small tmpfs (a full disk) needs root")
-    try:
-        with (folder / "filler").open("wb") as filler:
-            filler.write(b"\0" * 1_000_000)
-    except OSError:
-        pass  # full: what is wanted
-
-
 @pytest.mark.slow
 def test_documents_on_a_full_disk_stop_the_daemon_saying_where_and_a_restart_loses_nothing(tmp_path: Path) -> None:
     """The folder of a store's run documents on a full disk: the daemon stopped with 'error: OSError: [Errno 28] No
@@ -72,7 +57,8 @@ def test_documents_on_a_full_disk_stop_the_daemon_saying_where_and_a_restart_los
     (tmp_path / "c.yaml").write_text(campaign_yaml("docs", experiments, latency=0.05, concurrency=1))
     endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     documents = tmp_path / "s.db.documents"
-    _full_tmpfs(documents)
+    small_tmpfs(documents)
+    fill(documents)
     try:
         daemon = start_daemon(tmp_path, endpoint, control)
         station = start_worker(tmp_path, endpoint, "st1")
