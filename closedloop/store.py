@@ -1070,6 +1070,22 @@ class Store:
         with self.engine.connect() as connection:
             return [FinishedTrial(*row) for row in connection.execute(query)]
 
+    def record_columns(self, campaign_id: int) -> list[tuple[Any, ...]]:
+        """Every trial of the campaign in trial order, as the columns a table or export shows: index, status,
+        parameters, its result's values, station, error, its result's run uid, run uids, the planner's generator and
+        execution, attempts, its result's duration, proposed, dispatched and finished at. One SQL Core select, the
+        generator and execution picked out of the planner's metadata by the database: ORM objects of every trial and
+        observation took 13.6 s at 50,000 trials."""
+        trial, observation = _trial_table, _observation_table
+        query = (select(trial.c.index, trial.c.status, trial.c.parameters, observation.c["values"], trial.c.station,
+                        trial.c.error, observation.c.run_uid, trial.c.run_uids, trial.c.planner["generator"],
+                        trial.c.planner["execution"], trial.c.attempts, observation.c.duration_s, trial.c.proposed_at,
+                        trial.c.dispatched_at, trial.c.finished_at)
+                 .select_from(trial.outerjoin(observation, observation.c.trial_id == trial.c.id))
+                 .where(trial.c.campaign_id == campaign_id).order_by(trial.c.index))
+        with self.engine.connect() as connection:
+            return [tuple(row) for row in connection.execute(query)]
+
     def finished_count(self, campaign_id: int) -> int:
         """How many of the campaign's trials are finished (completed, failed or abandoned): one count over the
         (campaign, status) index, which a daemon asks every second to notice results told by hand."""
