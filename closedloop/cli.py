@@ -127,10 +127,15 @@ def _deaf_to_stops_at_exit() -> None:
 
 
 class StopNow(KeyboardInterrupt):
-    """The second signal to a long-running command: an operator's "now" (exit 130). Its own class, because CPython
-    (3.11, as measured) takes a KeyboardInterrupt of exactly that class that passes through an ``exec`` or ``eval`` of a
-    string (a dataclass or namedtuple being built, an import) for unhandled even when it is caught, and under
-    ``python -m closedloop.cli`` then ends the process by SIGINT (exit -2) instead of the 130 it was told."""
+    """Ctrl-C as an operator's "now": any command's (see :func:`main`), and the second signal to a long-running one
+    (exit 130). Its own class, because CPython (3.11, as measured) takes a KeyboardInterrupt of exactly that class that
+    passes through an ``exec`` or ``eval`` of a string (a dataclass or namedtuple being built, an import) for
+    unhandled even when it is caught, and under ``python -m closedloop.cli`` then ends the process by SIGINT (exit -2)
+    instead of the code the command chose (130; 0 for ``watch`` and ``dashboard``)."""
+
+
+def _ctrl_c(signum: int, frame: Any) -> None:
+    raise StopNow
 
 
 def _stop_on_signals(stop: Callable[[str], Any], hint: str) -> None:
@@ -1443,6 +1448,9 @@ def dashboard(
 
 
 def main() -> None:
+    # Python's own handler raises a plain KeyboardInterrupt, which can end a command by SIGINT (see StopNow); the
+    # long-running commands put theirs over this one and back
+    signal.signal(signal.SIGINT, _ctrl_c)
     app()
 
 

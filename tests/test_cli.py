@@ -1047,3 +1047,20 @@ def test_a_second_ctrl_c_that_lands_in_an_exec_of_a_string_still_exits_130(tmp_p
     done = subprocess.run([sys.executable, "-m", "second_ctrl_c"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])})
     assert (done.returncode, done.stdout.strip()) == (130, "first"), done.stderr
+
+
+def test_any_commands_ctrl_c_that_lands_in_an_exec_of_a_string_ends_with_the_commands_exit_code(tmp_path: Path) -> None:
+    """The same for a plain Ctrl-C to any command (``watch``, ``show`` on a big store): with Python's own handler it
+    raised a plain KeyboardInterrupt, and under ``python -m`` a command that caught it could still end -2."""
+    (tmp_path / "ctrl_c_probe.py").write_text(
+        "import os, signal\n"
+        "from closedloop import cli\n"
+        "@cli.app.command('probe')\n"
+        "def probe() -> None:\n"
+        "    print('probing', flush=True)\n"
+        "    exec('os.kill(os.getpid(), signal.SIGINT)\\nwhile True: pass', {'os': os, 'signal': signal})\n"
+        "cli.main()\n")
+    done = subprocess.run([sys.executable, "-m", "ctrl_c_probe", "probe"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])})
+    assert (done.returncode, done.stdout.strip(), done.stderr.strip()) == (130, "probing", "interrupted")
