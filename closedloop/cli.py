@@ -138,14 +138,17 @@ def _ctrl_c(signum: int, frame: Any) -> None:
     raise StopNow
 
 
-def _stop_on_signals(stop: Callable[[str], Any], hint: str) -> None:
+def _stop_on_signals(stop: Callable[[str], Any], hint: str, now: Callable[[], Any] | None = None) -> None:
     """SIGTERM and a first Ctrl-C call ``stop`` with the signal's name (a first Ctrl-C also prints ``hint``); a second
-    Ctrl-C raises :class:`StopNow`."""
+    Ctrl-C calls ``now``, or without it raises :class:`StopNow`."""
     interrupted: list[int] = []
 
     def handler(signum: int, frame: Any) -> None:
         if signum == signal.SIGINT:
             interrupted.append(signum)
+            if len(interrupted) > 1 and now is not None:
+                now()
+                return
             if len(interrupted) > 1:
                 raise StopNow
             console.print(hint, highlight=False)
@@ -480,7 +483,8 @@ def compute_station(
     logfile: Optional[Path] = typer.Option(None, help="log file (rotated at 20 MB, 5 kept)"),
 ) -> None:
     """Run a compute station: computational experiments (functions, commands) on a Dask cluster (SIGTERM or Ctrl-C:
-    finish and deliver the experiments computing, hand back the rest, exit; Ctrl-C again: cancel them, exit 130)."""
+    finish and deliver the experiments computing, hand back the rest, exit; Ctrl-C again: cancel them, hand their
+    trials back to the daemon, exit 130)."""
     _setup_logging(verbose, logfile, terminal="closedloop.compute")
     from closedloop.compute import ComputeStation
     from closedloop.keys import ClientKeys
@@ -492,10 +496,10 @@ def compute_station(
                              sources=source or None, outbox=outbox,
                              scheduler=scheduler, local_workers=workers, keys=keys)
     # Ctrl-C cancelled the experiments computing and left without a word: the daemon declared the station lost
-    # and, with no retries, abandoned them. A second Ctrl-C does that still (an operator's "now"): its experiments
-    # wait reconcile_s for the station, then follow the retry policy
+    # and, with no retries, abandoned them. A second Ctrl-C (an operator's "now") cancels them and says so first
     _stop_on_signals(lambda _: station.stop(),
-                     "Ctrl-C: the experiments computing finish and are delivered (Ctrl-C again to cancel them)")
+                     "Ctrl-C: the experiments computing finish and are delivered (Ctrl-C again to cancel them: their "
+                     "trials go back to the daemon's queue)", now=station.abort)
     console.print(f"compute station {station.name} connecting to {connect}", highlight=False)
     try:
         station.run()
@@ -503,6 +507,8 @@ def compute_station(
         _deaf_to_stops_at_exit()
     if station.refused:
         _fail(f"the daemon refused this station: {station.refused}")
+    if station.aborted:
+        raise typer.Exit(130)
 
 
 @app.command()

@@ -381,6 +381,8 @@ class ComputeStation:
         self._seen: str | None = None  # the daemon's last heartbeat read here
         self._done: queue.Queue[tuple[int, Any]] = queue.Queue()  # (trial, its finished future)
         self._stop = threading.Event()
+        #: :meth:`abort` was called: what was computing is cancelled and handed back, not delivered
+        self.aborted = False
         self.completed = 0
         self.failed = 0
         #: (worker start, worker end) unix times of each experiment that returned, for busy-time figures
@@ -473,6 +475,14 @@ class ComputeStation:
         """Start nothing more: what is computing finishes and its answer is delivered before :meth:`run` returns."""
         self._stop.set()
 
+    def abort(self) -> None:
+        """Stop now (a second Ctrl-C): the experiments computing are cancelled, and their trials go back to the
+        daemon's queue as never run, neither failed nor measured (a command is killed with the programs it started, a
+        function's worker process is closed with the local cluster; on another's cluster it may compute on, unheard);
+        :meth:`run` returns once the daemon has heard that, or a few heartbeats later. Safe in a signal handler."""
+        self.aborted = True
+        self._stop.set()
+
     def run(self, stop: threading.Event | None = None) -> None:
         """Serve trials until ``stop`` (or :meth:`stop`) is set. Blocks; this thread owns the socket."""
         if stop is not None:
@@ -487,6 +497,7 @@ class ComputeStation:
         # a stop lets the experiments computing finish: the station beats on (a silent station is lost, and its
         # trials run again elsewhere while they go on here) until their answers are acknowledged
         departure = Departure()
+        told_cut = False  # the daemon was told that this station no longer holds what abort() cancelled
         try:
             while True:
                 if self._stop.is_set():
@@ -499,7 +510,15 @@ class ComputeStation:
                         sock.send(self._hello(capacity))
                         last_sent = time.monotonic()
                         log.info("stopping: finishing %d experiment(s) before leaving", len(self._running))
-                    if departure.may_leave(not self._running, self.outbox, self.heartbeat_s):
+                    if self.aborted and not told_cut and self._registration.session is not None:
+                        # after the departure's hello is welcomed: one sent before would be taken for a repeat of it
+                        told_cut = True
+                        self._cut_short()
+                        self._registration.session = None
+                        sock.send(self._hello(capacity))
+                        last_sent = time.monotonic()
+                    heard = not self.aborted or (told_cut and self._registration.session is not None)
+                    if departure.may_leave(not self._running, self.outbox, self.heartbeat_s, heard):
                         break
                     if time.monotonic() - last_heard > 10 * self.heartbeat_s:
                         # nobody to deliver to (the daemon has ended, as when `closedloop run` is interrupted):
@@ -548,6 +567,18 @@ class ComputeStation:
             self.close()
             self.outbox.close()
 
+    def _cut_short(self) -> None:
+        """Cancel every experiment computing; none is reported (a failure would count an attempt, and with no retries
+        abandon it): the hello that follows lists none of them, and the daemon queues them again."""
+        for trial_id, running in list(self._running.items()):
+            if not self._restartable(running.future):
+                # on another's cluster: out of its queue at least. On our own, closing the cluster kills the
+                # process (a cancel there only added Dask's CancelledError warning to the terminal)
+                running.future.cancel()
+            del self._running[trial_id]
+            log.warning("%s cancelled after %.1f s: it goes back to the daemon's queue, to be run again; this station "
+                        "stops", named(running.assignment), time.monotonic() - running.submitted)
+
     # -- communication ------------------------------------------------------------------------
 
     def _connect(self) -> zmq.Socket:
@@ -580,7 +611,7 @@ class ComputeStation:
             log.warning("dropped a message from the daemon: %s", exc)
             return
         if isinstance(message, protocol.Welcome):
-            if not self._registration.welcome(message):
+            if not self._registration.welcome(message, leaving=self._stop.is_set()):
                 return  # the answer to a repeat of our hello, in the session it registered
             # the daemon counts a station lost after a few of its heartbeat intervals: never beat slower than it asks
             self.heartbeat_s = min(self.heartbeat_s, message.heartbeat_s)

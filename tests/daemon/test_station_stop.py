@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from closedloop.store import Store
-from tests.daemon.procs import campaign_yaml, check_one_run_then_handed_back, kill9, lab, ran, sigterm_mid_run, wait_for
+from tests.daemon.procs import (Lab, campaign_yaml, check_one_run_then_handed_back, kill9, lab, ran, sigterm_mid_run,
+                                wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -134,6 +135,57 @@ def test_ctrl_c_to_a_compute_station_finishes_its_experiment_as_sigterm_does(tmp
     assert not [sign for sign in BAD_EXIT if sign in output], output[-3000:]
     text = log.read_text()
     assert text.count('state="completed"') == 1 and 'state="reconciling"' not in text, text[-3000:]
+
+
+def test_a_second_ctrl_c_to_a_compute_station_cancels_its_experiment_and_hands_the_trial_back(tmp_path: Path) -> None:
+    """A second Ctrl-C to `closedloop compute-station` cancelled the experiment computing and left without a word:
+    the daemon waited reconcile_s for the station, then with retries: 0 abandoned the trial, an experiment of the
+    budget lost that nothing measured. The station now says it no longer holds the trial before it leaves (exit
+    130, one line said), and the trial goes back to the queue, to run on another station, unfailed."""
+    from simulators.surfaces import branin_campaign
+    from tests.daemon.procs import CLI, default_ctrl_c, env
+
+    campaign = branin_campaign("cut", 2, execution={"concurrency": 1, "retries": 0},
+                               instrument={"function": "tests.test_compute:takes", "options": {"seconds": 6.0}})
+
+    def compute_station(here: Lab, name: str) -> subprocess.Popen:
+        with (tmp_path / f"{name}.out").open("w") as out:
+            here.stations[name] = subprocess.Popen(
+                [*CLI, "compute-station", "--connect", here.endpoint, "--name", name, "--outbox", f"{name}.outbox",
+                 "--capacity", "1", "--workers", "1"], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                env=env(), preexec_fn=default_ctrl_c)
+        return here.stations[name]
+
+    with lab(tmp_path, campaign) as here:
+        log, stopped = here.log, compute_station(here, "stopped")
+        wait_for(lambda: log.exists() and 'state="started" station="stopped"' in log.read_text(), 90, "an experiment")
+        time.sleep(0.5)
+        _ctrl_c(stopped)
+        time.sleep(0.5)
+        before = (tmp_path / "stopped.out").read_text().splitlines()
+        _ctrl_c(stopped)
+        asked = time.monotonic()
+        assert stopped.wait(timeout=30) == 130, (tmp_path / "stopped.out").read_text()[-3000:]
+        assert time.monotonic() - asked < 5, "the station waited for the experiment it was told to cancel"
+        compute_station(here, "other")
+        assert here.daemon.wait(timeout=120) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
+    output = (tmp_path / "stopped.out").read_text()
+    assert not [sign for sign in BAD_EXIT if sign in output], output[-3000:]
+    # Dask's own word on closing the cluster (its nanny kills the busy worker process) aside
+    said = [line for line in output.splitlines()[len(before):] if "distributed." not in line]
+    assert len(said) == 1 and "cancelled" in said[0] and "back to the daemon" in said[0], said
+    store = Store(tmp_path / "s.db")
+    try:
+        trials = store.trials(store.campaign_row("cut").id)
+    finally:
+        store.close()
+    assert Counter(t.status for t in trials) == {"completed": 2}, [(t.index, t.status, t.error) for t in trials]
+    text = log.read_text()
+    (cut,) = [t.id for t in trials if f'trial_id={t.id} state="started" station="stopped"' in text]
+    assert f'trial_id={cut} state="requeued"' in text and 'state="reconciling"' not in text, text[-3000:]
+    assert 'state="failed"' not in text and 'state="abandoned"' not in text
+    assert f'trial_id={cut} state="completed" station="other"' in text or \
+        f'trial_id={cut} state="started" station="other"' in text, text[-3000:]
 
 
 def test_ctrl_c_to_the_daemon_waits_for_the_experiment_in_flight_as_sigterm_does(tmp_path: Path) -> None:
