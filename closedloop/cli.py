@@ -436,23 +436,10 @@ def worker(
     keys = ClientKeys(secret_key, server_key) if secret_key and server_key else None
     station = StationWorker(connect, name=name, instruments=instrument or None, campaigns=campaign or None,
                             sources=source or None, outbox=outbox, keys=keys, journal=journal, heartbeat_s=heartbeat)
-    signals: list[int] = []
-
-    def stop(signum: int, frame: Any) -> None:
-        # Ctrl-C raised KeyboardInterrupt in this thread, which runs the RunEngine (with no SIGINT handler of its own,
-        # context_managers=[]): it panicked, and the station failed every trial sent to it until killed. A Ctrl-C
-        # after a first signal is an operator's "now"; more SIGTERMs (a script's, systemd's) change nothing
-        signals.append(signum)
-        if signum == signal.SIGINT and len(signals) > 1:
-            station.abort()
-            return
-        if signum == signal.SIGINT and len(signals) == 1:
-            console.print("Ctrl-C: the run in progress finishes and is delivered (Ctrl-C again to cut it short: its "
-                          "trial goes back to the daemon's queue)", highlight=False)
-        station.stop()
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, stop)
+    # Ctrl-C raised KeyboardInterrupt in this thread, which runs the RunEngine (with no SIGINT handler of its own,
+    # context_managers=[]): it panicked, and the station failed every trial sent to it until killed
+    _stop_on_signals(lambda _: station.stop(), "Ctrl-C: the run in progress finishes and is delivered (Ctrl-C again "
+                     "to cut it short: its trial goes back to the daemon's queue)", now=station.abort)
     console.print(f"station {station.name} connecting to {connect}", highlight=False)
     try:
         station.run()
