@@ -571,10 +571,7 @@ class ComputeStation:
         """Cancel every experiment computing; none is reported (a failure would count an attempt, and with no retries
         abandon it): the hello that follows lists none of them, and the daemon queues them again."""
         for trial_id, running in list(self._running.items()):
-            if not self._restartable(running.future):
-                # on another's cluster: out of its queue at least. On our own, closing the cluster kills the
-                # process (a cancel there only added Dask's CancelledError warning to the terminal)
-                running.future.cancel()
+            running.future.cancel()
             del self._running[trial_id]
             log.warning("%s cancelled after %.1f s: it goes back to the daemon's queue, to be run again; this station "
                         "stops", named(running.assignment), time.monotonic() - running.submitted)
