@@ -510,14 +510,14 @@ class ComputeStation:
                         sock.send(self._hello(capacity))
                         last_sent = time.monotonic()
                         log.info("stopping: finishing %d experiment(s) before leaving", len(self._running))
-                    if self.aborted and not told_cut and self._registration.session is not None:
+                    if self.aborted and self._running and self._registration.session is not None:
                         # after the departure's hello is welcomed: one sent before would be taken for a repeat of it
                         told_cut = True
                         self._cut_short()
                         self._registration.session = None
                         sock.send(self._hello(capacity))
                         last_sent = time.monotonic()
-                    heard = not self.aborted or (told_cut and self._registration.session is not None)
+                    heard = not told_cut or self._registration.session is not None
                     if departure.may_leave(not self._running, self.outbox, self.heartbeat_s, heard):
                         break
                     if time.monotonic() - last_heard > 10 * self.heartbeat_s:
