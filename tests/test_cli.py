@@ -801,7 +801,8 @@ def test_sigterm_after_sigterm_to_a_long_running_command_ends_it_cleanly_wheneve
     import os
     import signal
 
-    from tests.daemon.procs import CLI, campaign_yaml, env, free_port, start_daemon, start_worker, wait_for
+    from tests.daemon.procs import (campaign_yaml, free_port, start_compute_station, start_daemon,
+                                    start_worker, wait_for)
 
     endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     if target == "compute-station":
@@ -809,10 +810,7 @@ def test_sigterm_after_sigterm_to_a_long_running_command_ends_it_cleanly_wheneve
 
         (tmp_path / "c.yaml").write_text(branin_campaign("again", 20, execution={"concurrency": 1}, instrument={
             "function": "tests.test_compute:takes", "options": {"seconds": 1.0}}))
-        with (tmp_path / "st.out").open("w") as out:
-            station = subprocess.Popen([*CLI, "compute-station", "--connect", endpoint, "--name", "st", "--outbox",
-                                        "st.outbox", "--capacity", "1", "--workers", "1"], cwd=tmp_path, stdout=out,
-                                       stderr=subprocess.STDOUT, env=env())
+        station = start_compute_station(tmp_path, endpoint, "st")
     else:
         (tmp_path / "c.yaml").write_text(campaign_yaml("again", 20, latency=1.0, concurrency=1))
         station = start_worker(tmp_path, endpoint, "st")
@@ -1031,12 +1029,19 @@ def test_a_log_file_on_a_full_disk_is_said_once_on_stderr_and_the_command_goes_o
         subprocess.run(["umount", str(folder)], check=True)
 
 
+def run_as_module(cwd: Path, name: str, source: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``source`` written to ``cwd/name.py`` and run as ``python -m name``, the way the tests start the CLI."""
+    (cwd / f"{name}.py").write_text(source)
+    return subprocess.run([sys.executable, "-m", name, *args], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), str(ROOT)])})
+
+
 def test_a_second_ctrl_c_that_lands_in_an_exec_of_a_string_still_exits_130(tmp_path: Path) -> None:
     """`closedloop run` stopped twice while its summary rebuilt an Ax planner ended -2 (killed by SIGINT, no
     traceback) instead of 130, in 2 of 4 CI runs: CPython marks a plain KeyboardInterrupt that passes through an exec
     or eval of a string (Ax and pydantic build classes that way) as unhandled even once caught, and a process started
     with ``python -m`` then re-raises SIGINT at exit. Here the second Ctrl-C lands in such an exec every time."""
-    (tmp_path / "second_ctrl_c.py").write_text(
+    done = run_as_module(tmp_path, "second_ctrl_c",
         "import os, signal, sys\n"
         "from closedloop.cli import _stop_on_signals\n"
         "_stop_on_signals(lambda why: None, 'first')\n"
@@ -1044,23 +1049,18 @@ def test_a_second_ctrl_c_that_lands_in_an_exec_of_a_string_still_exits_130(tmp_p
         "    exec('os.kill(os.getpid(), signal.SIGINT)\\nos.kill(os.getpid(), signal.SIGINT)\\nwhile True: pass')\n"
         "except KeyboardInterrupt:\n"
         "    sys.exit(130)\n")
-    done = subprocess.run([sys.executable, "-m", "second_ctrl_c"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])})
     assert (done.returncode, done.stdout.strip()) == (130, "first"), done.stderr
 
 
 def test_any_commands_ctrl_c_that_lands_in_an_exec_of_a_string_ends_with_the_commands_exit_code(tmp_path: Path) -> None:
     """The same for a plain Ctrl-C to any command (``watch``, ``show`` on a big store): with Python's own handler it
     raised a plain KeyboardInterrupt, and under ``python -m`` a command that caught it could still end -2."""
-    (tmp_path / "ctrl_c_probe.py").write_text(
+    done = run_as_module(tmp_path, "ctrl_c_probe",
         "import os, signal\n"
         "from closedloop import cli\n"
         "@cli.app.command('probe')\n"
         "def probe() -> None:\n"
         "    print('probing', flush=True)\n"
         "    exec('os.kill(os.getpid(), signal.SIGINT)\\nwhile True: pass', {'os': os, 'signal': signal})\n"
-        "cli.main()\n")
-    done = subprocess.run([sys.executable, "-m", "ctrl_c_probe", "probe"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])})
+        "cli.main()\n", "probe")
     assert (done.returncode, done.stdout.strip(), done.stderr.strip()) == (130, "probing", "interrupted")

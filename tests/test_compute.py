@@ -19,7 +19,7 @@ from closedloop.compute import ComputeError, ComputeStation, command_argv, parse
 from closedloop.daemon import Daemon, run_embedded
 from closedloop.store import Store
 from tests.daemon.procs import (CLI, check_one_run_then_handed_back, env, free_port, kill9, receive,
-                                sigterm_mid_run, start_daemon, wait_for)
+                                sigterm_mid_run, start_compute_station, start_daemon, wait_for)
 
 # -- experiments the tests run (imported by Dask workers as tests.test_compute:NAME) ---------------
 
@@ -688,14 +688,8 @@ def test_a_compute_station_stopped_mid_experiment_finishes_it_delivers_it_and_ha
     (tmp_path / "c.yaml").write_text(c.to_yaml())
     endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
 
-    def start_compute(name: str) -> subprocess.Popen:
-        out = (tmp_path / f"{name}.out").open("a")
-        return subprocess.Popen([*CLI, "compute-station", "--connect", endpoint, "--name", name, "--outbox",
-                                 f"{name}.outbox", "--capacity", "1", "--workers", "1", "--verbose"], cwd=tmp_path,
-                                stdout=out, stderr=subprocess.STDOUT, env=env())
-
     daemon = start_daemon(tmp_path, endpoint, control)
-    stopped, other = start_compute("stopped"), start_compute("other")
+    stopped, other = (start_compute_station(tmp_path, endpoint, name, "--verbose") for name in ("stopped", "other"))
     log = tmp_path / "daemon.log"
     try:
         # computing one experiment, with the daemon's prefetch waiting behind it

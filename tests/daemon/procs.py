@@ -89,6 +89,14 @@ def start_worker(cwd: Path, endpoint: str, name: str, *extra: str, outbox: str |
                             env=env(), preexec_fn=default_ctrl_c)
 
 
+def start_compute_station(cwd: Path, endpoint: str, name: str, *extra: str) -> subprocess.Popen:
+    """`closedloop compute-station` of one experiment at a time on a local cluster of one worker process."""
+    out = (cwd / f"{name}.out").open("a")
+    return subprocess.Popen([*CLI, "compute-station", "--connect", endpoint, "--name", name, "--outbox",
+                             f"{name}.outbox", "--capacity", "1", "--workers", "1", *extra], cwd=cwd, stdout=out,
+                            stderr=subprocess.STDOUT, env=env(), preexec_fn=default_ctrl_c)
+
+
 def default_ctrl_c() -> None:
     """A child's Ctrl-C as at a terminal: a test run in the background (``nohup ... &``) ignores SIGINT, and its
     children inherit that, so a SIGINT sent to them would change nothing."""
