@@ -21,9 +21,11 @@ dispatch never wait on a model fit.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
+import os
 import queue
 import sys
 import threading
@@ -606,7 +608,7 @@ class Daemon:
         self.socket.setsockopt(zmq.SNDHWM, 100_000)
         if keys:
             keys.apply(self.socket)
-        self.endpoint = self._bind(self.socket, bind)
+        self.endpoint = self._bind(self.socket, bind, "for stations")
         self.pub: zmq.Socket | None = None
         self.publish_endpoint: str | None = None
         if publish is not None:
@@ -615,14 +617,14 @@ class Daemon:
             self.pub.setsockopt(zmq.SNDHWM, 10_000)
             if keys:
                 keys.apply(self.pub)
-            self.publish_endpoint = self._bind(self.pub, publish)
+            self.publish_endpoint = self._bind(self.pub, publish, "to publish events")
         self.control: zmq.Socket | None = None
         self.control_endpoint: str | None = None
         if control is not None:
             self.control = self.context.socket(zmq.ROUTER)
             self.control.setsockopt(zmq.LINGER, 0)
             self.control.setsockopt(zmq.MAXMSGSIZE, 65536)
-            self.control_endpoint = self._bind(self.control, control)
+            self.control_endpoint = self._bind(self.control, control, "for control requests")
         self._wake_address = f"inproc://closedloop-wake-{id(self)}"
         self._wake_pull = self.context.socket(zmq.PULL)
         self._wake_pull.bind(self._wake_address)
@@ -679,12 +681,18 @@ class Daemon:
         self._reconcile(reconcile_s)
 
     @staticmethod
-    def _bind(sock: zmq.Socket, bind: str) -> str:
+    def _bind(sock: zmq.Socket, bind: str, purpose: str) -> str:
         sock.setsockopt(zmq.IPV6, protocol.wants_ipv6(bind))
-        if bind.endswith(":0"):
-            port = sock.bind_to_random_port(bind[: bind.rindex(":")])
-            return f"{bind[: bind.rindex(':')]}:{port}"
-        sock.bind(bind)
+        try:
+            if bind.endswith(":0"):
+                port = sock.bind_to_random_port(bind[: bind.rindex(":")])
+                return f"{bind[: bind.rindex(':')]}:{port}"
+            sock.bind(bind)
+        except zmq.ZMQError as exc:
+            # said as 'ZMQError: Address already in use', it did not say which of the daemon's three endpoints
+            busy = " (another daemon or program listens there: stop it, or choose another port)" \
+                if exc.errno == errno.EADDRINUSE else ""
+            raise ClosedLoopError(f"cannot listen {purpose} at {bind}: {os.strerror(exc.errno)}{busy}") from None
         return bind
 
     def _reconcile(self, grace_s: float) -> None:
@@ -1016,12 +1024,21 @@ class Daemon:
                 self._drop(identity, f"result for trial {result.trial_id}, which station {station.name} does not hold")
                 continue
             if flight is not None:
+                if flight.station != station.name and not self._was_given(station, result):
+                    self._drop(identity, f"result for trial {result.trial_id}, which was never given to station "
+                                         f"{station.name} (it is in flight on {flight.station})")
+                    continue
                 run, index, parameters = self.runs[flight.campaign_id], flight.index, flight.parameters
             else:
                 try:
                     trial = self.store.trial(result.trial_id)
                 except StoreError as exc:
                     self._drop(identity, f"result: {exc}")
+                    continue
+                if trial.station != station.name and not self._was_given(station, result):
+                    # a hello may list any trial: listing one is no claim to it
+                    self._drop(identity, f"result for trial {result.trial_id}, which was never given to station "
+                                         f"{station.name}")
                     continue
                 run = self.runs.get(trial.campaign_id)  # type: ignore[assignment]
                 if run is None:
@@ -1045,6 +1062,7 @@ class Daemon:
         outcomes = self.store.record_results(items)
         ingest: dict[int, list[Result]] = {}
         for (identity, result, run, index, parameters, values, retry_here), outcome in zip(accepted, outcomes):
+            station_name = self.stations[identity].name
             if isinstance(outcome, str):
                 self._drop(identity, f"result refused: {outcome}")
                 try:
@@ -1055,10 +1073,17 @@ class Daemon:
                     # the trial is finished: acknowledging lets the station forget a result the store will never
                     # take, so its reading stays on record here and in the run's documents (kept above), and the
                     # trial keeps the run among its attempts' and its values as a late result: it took place at the
-                    # instrument, and was acknowledged
-                    self.store.record_run(result.trial_id, result.run_uid, values)
-                    log.warning("trial %s is %s: late result %s of run %s not stored as an observation",
-                                result.trial_id, status, values, result.run_uid)
+                    # instrument, and was acknowledged. Only a result answering an assignment of its own, not yet
+                    # answered, is another run: a second answer to one assignment (a station reporting its trial
+                    # again under a new run uid) is logged, not kept, or any station could grow a finished row
+                    if self._answered(result.assignment, result.trial_id, station_name):
+                        self.store.record_run(result.trial_id, result.run_uid, values)
+                        log.warning("trial %s is %s: late result %s of run %s not stored as an observation",
+                                    result.trial_id, status, values, result.run_uid)
+                    else:
+                        log.warning("trial %s is %s: result %s of run %s from station %s answers no assignment of "
+                                    "its that is still open: not kept", result.trial_id, status, values,
+                                    result.run_uid, station_name)
                     self._send(identity, protocol.Ack(trial_id=result.trial_id, assignment=result.assignment))
                     self._acknowledged(self.stations[identity], result.trial_id)
                 continue
@@ -1069,6 +1094,7 @@ class Daemon:
                 self._acknowledged(self.stations[identity], result.trial_id)
                 continue
             self.stats["results"] += 1
+            self._answered(result.assignment, result.trial_id, station_name)
             self._release(result.trial_id, cancel_elsewhere=identity)
             self._acknowledged(self.stations[identity], result.trial_id)
             if retry_here:
@@ -1094,6 +1120,20 @@ class Daemon:
                 self._emit("goal_reached", run, rule=run.campaign.budget.stop_when, trial=index)
         for campaign_id, results in ingest.items():
             self._update_planner(self.runs[campaign_id], results)
+
+    def _was_given(self, station: Station, result: protocol.ResultMessage) -> bool:
+        """Whether this daemon gave the result's trial to ``station`` (an earlier attempt's, re-queued since)."""
+        return (self._sent.get(result.assignment or "") == (result.trial_id, station.name)
+                or result.trial_id in self._given.get(station.name, ())
+                or self._left_behind.get(result.trial_id) == station.name)
+
+    def _answered(self, assignment: str | None, trial_id: int, station: str) -> bool:
+        """Whether ``assignment`` was sent to ``station`` for ``trial_id`` and not yet answered; it is answered now,
+        so that a second answer to it is not taken as the record of another run."""
+        if assignment is None or self._sent.get(assignment) != (trial_id, station):
+            return False
+        del self._sent[assignment]
+        return True
 
     def _keep_documents(self, trial_id: int, run_uid: str | None, documents: str | None) -> None:
         """A run's Bluesky documents, kept before its result or failure is stored and acknowledged.
@@ -1326,7 +1366,7 @@ class Daemon:
             # for the run the station had opened (a timed-out run reports its failure once aborted)
             log.info("failure of trial %s from %s ignored: not in flight there (run %s: %s)", failure.trial_id,
                      station.name, failure.run_uid or "-", failure.error[:200])
-            if failure.run_uid and self._sent.get(failure.assignment or "") == (failure.trial_id, station.name):
+            if failure.run_uid and self._answered(failure.assignment, failure.trial_id, station.name):
                 self._keep_documents(failure.trial_id, failure.run_uid, failure.documents)
                 self.store.record_run(failure.trial_id, failure.run_uid)
             self._send(identity, protocol.Ack(trial_id=failure.trial_id, assignment=failure.assignment))
@@ -1334,6 +1374,7 @@ class Daemon:
             return
         run = self.runs[flight.campaign_id]
         self._keep_documents(failure.trial_id, failure.run_uid, failure.documents)
+        self._answered(failure.assignment, failure.trial_id, station.name)
         if failure.unavailable and not failure.run_uid:
             self._rest(run, flight, station, failure.error)
         else:
@@ -1731,7 +1772,7 @@ class Daemon:
                     "running_long": {f"{self.runs[f.campaign_id].campaign.name} #{f.index}": f.station
                                      for f in self.in_flight.values() if f.said_long}}
         if method in ("pause", "resume"):
-            runs = self._select(params)
+            by, runs = _who(params, ""), self._select(params)
             for run in runs:
                 if run.paused != (method == "pause") and not run.closed:  # a finished campaign stays completed
                     self.store.set_campaign_status(run.id, "paused" if method == "pause" else "running")
@@ -1757,7 +1798,7 @@ class Daemon:
                         run.paused_on = set()
                     for station in list(self.stations.values()):
                         if station.name in running:
-                            self._send(station.identity, protocol.Control(action=method, reason=str(params.get("by", ""))))
+                            self._send(station.identity, protocol.Control(action=method, reason=by))
                 self._update_planner(run)
             return {"success": True, "msg": f"{method}d {', '.join(r.campaign.name for r in runs)}"}
         if method == "stop":
@@ -1780,11 +1821,9 @@ class Daemon:
         """
         from closedloop import hitl
 
-        index, by, edits = params.get("trial"), params.get("by") or "operator", params.get("parameters")
+        index, by, edits = params.get("trial"), _who(params), params.get("parameters")
         if not isinstance(index, int) or isinstance(index, bool):
             raise ValueError(f"{method} needs params.trial, the trial number")
-        if not isinstance(by, str) or len(by) > 128:
-            raise ValueError("params.by is who decides: a name of at most 128 characters")
         if edits is not None and not isinstance(edits, dict):
             raise ValueError("params.parameters is an object of parameter names and values")
         if method == "edit" and not edits:
@@ -1833,7 +1872,7 @@ class Daemon:
         if len(runs) > 1:
             raise ValueError("this daemon runs several campaigns: name one with params.campaign")
         run = runs[0]
-        reason = f"cancelled by {params.get('by') or 'operator'}"
+        reason = f"cancelled by {_who(params)}"
         for flight in list(self.in_flight.values()):
             if flight.campaign_id == run.id and flight.index == index:
                 for station in self.stations.values():
@@ -1917,6 +1956,15 @@ class Daemon:
             self.on_event(kind, details)
         except Exception:  # a display bug must not stop the loop
             log.exception("on_event callback failed for %s", kind)
+
+
+def _who(params: dict[str, Any], unnamed: str = "operator") -> str:
+    """Who acts, from a control request's ``by``; checked before the request changes anything (a pause whose
+    ``by`` was too long for the station's control message had paused the campaign and then answered failed)."""
+    by = params.get("by") or unnamed
+    if not isinstance(by, str) or len(by) > 128:
+        raise ValueError("params.by is who acts: a name of at most 128 characters")
+    return by
 
 
 def _result_dict(result: Result | None) -> dict[str, Any] | None:

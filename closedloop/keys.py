@@ -73,6 +73,9 @@ def _load(path: str | Path, *, secret: bool) -> tuple[bytes, bytes | None]:
     return public, secret_key
 
 
+REFUSED_KEYS_LOGGED = 20
+
+
 class _NamedKeys(ThreadAuthenticator):
     """Admits the allowed directory's keys, read once (as ``configure_curve`` reads them: restart the daemon after
     adding one), and names each connection after its key's file, so that a key is a station's name: pyzmq's
@@ -81,10 +84,20 @@ class _NamedKeys(ThreadAuthenticator):
     def __init__(self, context: zmq.Context, names: dict[bytes, str], log: logging.Logger):
         super().__init__(context, log=log)
         self.names = names
+        self._refused: set[bytes] = set()
 
     def callback(self, domain: str, key: bytes) -> bool:
         """The credentials provider of ``configure_curve_callback``: ``key`` is z85."""
-        return key in self.names
+        if key in self.names:
+            return True
+        # said once per key (a refused station reconnects every second), and for the first few keys only: a peer
+        # making up keys must not fill the log. Unsaid, a station with a key never copied here hung with no word
+        if key not in self._refused and len(self._refused) < REFUSED_KEYS_LOGGED:
+            self._refused.add(key)
+            self.log.warning("refused a connection: its public key %s is not in the allowed-keys directory (a "
+                             "station's NAME.key, made by `closedloop keys new NAME`, goes there; then restart the "
+                             "daemon)", key.decode(errors="replace")[:40])
+        return False
 
     def curve_user_id(self, client_public_key: bytes) -> str:
         return self.names[z85.encode(client_public_key)]

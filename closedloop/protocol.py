@@ -310,6 +310,15 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not a number")
 
 
+def _finite_float(text: str) -> float:
+    # a literal beyond float's range (1e999) parses as infinity: a duration of inf went into the store and made
+    # `closedloop export -f json` write Infinity, which is not JSON
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is not finite (beyond a float's range)")
+    return value
+
+
 def decode(frame: bytes) -> Any:
     """The message in one frame.
 
@@ -320,20 +329,22 @@ def decode(frame: bytes) -> Any:
     if len(frame) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message of {len(frame)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
     try:
-        raw = json.loads(frame, parse_constant=_reject_constant)
+        raw = json.loads(frame, parse_constant=_reject_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ProtocolError(f"not JSON: {str(exc)[:200]}") from None
     if not isinstance(raw, dict):
         raise ProtocolError("a message must be a JSON object")
     version = raw.get("v")
-    if version != PROTOCOL_VERSION:
+    if version != PROTOCOL_VERSION or type(version) is not int:
         shown = repr(version)[:40]
         reason = raw.get("reason") if raw.get("type") == "refused" else None
         detail = f"; the peer says: {str(reason)[:500]}" if reason else ""
         raise VersionMismatch(version, f"protocol version {shown} is not supported (this side speaks "
                                        f"{PROTOCOL_VERSION}){detail}")
     try:
-        return _adapter.validate_python(raw)
+        # strict: the id of trial "3" or true, a capacity of "2", were taken as 3, 1 and 2, where a peer that sends
+        # text or a boolean for a number is one whose other fields cannot be trusted either
+        return _adapter.validate_python(raw, strict=True)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])

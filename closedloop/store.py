@@ -426,7 +426,7 @@ def _start_uid(jsonl: str) -> str | None:
     try:
         first = json.loads(jsonl.split("\n", 1)[0])
         return str(first["doc"]["uid"]) if first.get("name") == "start" else None
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # nesting beyond the parser's depth
         return None
 
 

@@ -41,7 +41,7 @@ from bluesky import RunEngine
 from bluesky.utils import RequestAbort, RunEngineInterrupted
 
 from closedloop import protocol
-from closedloop.errors import DeviceError, InstrumentUnavailable, ProtocolError
+from closedloop.errors import ClosedLoopError, DeviceError, InstrumentUnavailable, ProtocolError
 from closedloop.keys import ClientKeys
 from drivers.binding import InstrumentBinding, load_binding
 from drivers.documents import DocumentCollector
@@ -141,8 +141,21 @@ class Outbox:
 
     def __init__(self, path: str | Path, ran_kept: int = RAN_KEPT):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise ClosedLoopError(f"the outbox {path} is a folder: name a file, a new one or this station's outbox")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        try:
+            tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise ClosedLoopError(f"the outbox {path} is not a station's outbox: {exc}") from None
+        if tables - {"outbox", "ran"}:
+            # a daemon's store given as the outbox had the station's tables written into it
+            self._db.close()
+            raise ClosedLoopError(f"the outbox {path} is another database (it holds the tables "
+                                  f"{', '.join(sorted(tables - {'outbox', 'ran'})[:5])}): name a new file or this "
+                                  "station's outbox")
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a commit survives a crash of this process (kill -9); only an OS crash or power
         # loss can lose the last ones, which the daemon then times out and retries like a lost station
@@ -193,9 +206,27 @@ class Outbox:
             self._db.close()
 
 
+class _StationSocket(zmq.Socket):  # type: ignore[type-arg]
+    """A DEALER whose sends never block: a message that cannot be queued is dropped.
+
+    A station whose key the daemon's --allowed-keys does not hold has its connection closed after the handshake,
+    and a DEALER with no connection blocks every send: the station hung in its first heartbeat, silent, and never
+    said why. Nothing is lost by dropping: results and failures wait in the outbox, offered again at the next
+    welcome, and hellos and heartbeats are sent again each heartbeat; the station notices the daemon's silence,
+    reconnects and says what may be wrong."""
+
+    def send(self, data: Any, flags: int = 0, copy: bool = True, track: bool = False, **kwargs: Any) -> Any:
+        try:
+            return super().send(data, flags | zmq.NOBLOCK, copy=copy, track=track, **kwargs)
+        except zmq.Again:
+            log.debug("no connection to the daemon to send on: a message of %d bytes dropped", len(data))
+            return None
+
+
 def connect_station(context: zmq.Context, endpoint: str, name: str, keys: ClientKeys | None) -> zmq.Socket:
-    """A station's DEALER socket to the daemon: routed by the station name, ZMTP heartbeats, quick reconnects."""
-    sock = context.socket(zmq.DEALER)
+    """A station's DEALER socket to the daemon: routed by the station name, ZMTP heartbeats, quick reconnects,
+    sends that never block."""
+    sock = context.socket(zmq.DEALER, socket_class=_StationSocket)
     sock.setsockopt(zmq.ROUTING_ID, name.encode())
     sock.setsockopt(zmq.LINGER, 500)
     sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)

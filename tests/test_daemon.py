@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +20,7 @@ import zmq
 from closedloop import protocol
 from closedloop.campaign import Campaign
 from closedloop.daemon import Daemon, control_request, health
-from closedloop.errors import StoreUnwritable
+from closedloop.errors import ClosedLoopError, StoreUnwritable
 from closedloop.store import Store
 from closedloop.worker import StationWorker
 from drivers.documents import DocumentCollector
@@ -323,6 +324,65 @@ def test_a_lost_station_back_within_the_grace_delivers_its_result_as_the_trials_
     assert store.trial(gone.trial_id).error == "station frozen lost"
 
 
+def test_a_result_for_a_trial_never_given_to_its_station_changes_nothing_however_its_hello_lists_it(
+        store: Store) -> None:
+    """A hello may list any trial. A station that listed one held by another station had its forged result stored
+    as the trial's (and the holder's run cancelled), and documents nested beyond the JSON parser's depth ended the
+    daemon: both are dropped, and the holder's own result is the trial's."""
+    daemon = Daemon(store, [_campaign("owned", 1, latency=0.05, concurrency=1)], heartbeat_s=0.5)
+    with raw_station(daemon.endpoint, "holder") as holder, raw_station(daemon.endpoint, "forger") as forger, \
+            serving(daemon) as thread:
+        holder.send(protocol.encode(protocol.Hello(station="holder", instance="h")))
+        _next_message(holder, "welcome")
+        assigned = _next_message(holder, "assign")
+        forger.send(protocol.encode(protocol.Hello(station="forger", instance="f", instruments=["nothing:Here"],
+                                                   outstanding=[assigned.trial_id])))
+        _next_message(forger, "welcome")
+        for forged in (protocol.ResultMessage(trial_id=assigned.trial_id, run_uid="forged-run", values={"y": -999.0}),
+                       protocol.ResultMessage(trial_id=assigned.trial_id, assignment=assigned.msg_id,
+                                              run_uid="forged-too", values={"y": -999.0}),
+                       protocol.Failure(trial_id=assigned.trial_id, error="forged", run_uid="deep",
+                                        documents="[" * 50_000)):
+            forger.send(protocol.encode(forged))
+        before = store.trial(assigned.trial_id)
+        assert before.status == "dispatched" and before.run_uids == [] and before.station == "holder"
+        time.sleep(0.5)
+        assert thread.is_alive() and store.trial(assigned.trial_id) == before
+        holder.send(protocol.encode(protocol.ResultMessage(
+            trial_id=assigned.trial_id, assignment=assigned.msg_id, run_uid="real-run", values={"y": 1.5},
+            documents="[" * 50_000)))
+        assert _next_message(holder, "ack").trial_id == assigned.trial_id
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+    trial = store.trial(assigned.trial_id)
+    assert trial.status == "completed" and trial.run_uids == ["real-run"] and trial.late_results == {}
+    assert store.observations(trial.campaign_id)[trial.id].values == {"y": 1.5}
+    assert store.documents("real-run") is None and store.documents("deep") is None
+    assert daemon.stats["dropped"] >= 2  # the two results; the failure is ignored as one not in flight there
+
+
+def test_a_second_answer_to_one_assignment_leaves_the_finished_trial_as_it_was(store: Store) -> None:
+    """A station that reported its trial again under another run uid was acknowledged, and each such result was
+    added to the finished trial's runs and late results: only an assignment not yet answered is another run."""
+    daemon = Daemon(store, [_campaign("twice", 2, latency=0.05, concurrency=1)], heartbeat_s=0.5)
+    with raw_station(daemon.endpoint, "st") as sock, serving(daemon):
+        sock.send(protocol.encode(protocol.Hello(station="st", instance="s")))
+        _next_message(sock, "welcome")
+        assigned = _next_message(sock, "assign")
+        # back to back, so that both reach the daemon while the trial is in flight there
+        for run_uid, value in (("first", 1.5), ("second", 777.0)):
+            sock.send(protocol.encode(protocol.ResultMessage(
+                trial_id=assigned.trial_id, assignment=assigned.msg_id, run_uid=run_uid, values={"y": value})))
+        for _ in range(2):
+            assert _next_message(sock, "ack").trial_id == assigned.trial_id  # the station may forget both
+        sock.send(protocol.encode(protocol.Failure(trial_id=assigned.trial_id, assignment=assigned.msg_id,
+                                                   error="and a failure", run_uid="third")))
+        assert _next_message(sock, "ack").trial_id == assigned.trial_id
+    trial = store.trial(assigned.trial_id)
+    assert trial.status == "completed" and trial.run_uids == ["first"] and trial.late_results == {}
+    assert store.observations(trial.campaign_id)[trial.id].values == {"y": 1.5}
+
+
 def test_a_repeated_hello_keeps_the_session_and_nothing_is_dispatched_twice(store: Store) -> None:
     """A station repeats its hello until welcomed; a daemon slow to answer (just restarted) reads both.
 
@@ -457,6 +517,12 @@ def test_a_malformed_control_request_gets_an_error_and_the_daemon_keeps_serving(
         finally:
             request.close()
         assert thread.is_alive()
+        # a `by` too long for the station's control message was checked after the pause had been made: refused
+        # but paused, and the resume after it reached no station
+        for method in ("pause", "cancel"):
+            reply = control_request(control, method, {"campaign": "asked", "by": "x" * 5000, "trial": 1})
+            assert reply["success"] is False and reply["bad_input"] and "params.by" in reply["msg"]
+        assert store.campaign_row("asked").status == "running" and not daemon.runs[1].paused
         assert control_request(control, "status")["success"]
         with station(daemon.endpoint, "s1", tmp_path):
             thread.join(timeout=30)
@@ -955,6 +1021,23 @@ def test_a_bad_endpoint_is_a_value_error_in_the_command_lines_words_before_anyth
                **{option: endpoint})
     assert str(caught.value).startswith(f"{option} {endpoint!r}: ") and says in str(caught.value), caught.value
     assert store.campaigns() == []
+
+
+def test_a_port_in_use_is_said_naming_which_of_the_daemons_endpoints_it_is(tmp_path: Path) -> None:
+    """Said as 'ZMQError: Address already in use (addr=...)', it named no endpoint of the three."""
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    endpoint = f"tcp://127.0.0.1:{busy.getsockname()[1]}"
+    campaign = Campaign.from_yaml_text(branin_yaml("busy", 5, initial=2, seed=0, noise=0.0, backend="sobol"))
+    try:
+        for option, purpose in (("bind", "for stations"), ("control", "for control requests")):
+            with pytest.raises(ClosedLoopError) as caught:
+                Daemon(Store(tmp_path / "s.db"), [campaign], **{option: endpoint})
+            assert str(caught.value) == (f"cannot listen {purpose} at {endpoint}: Address already in use (another "
+                                         "daemon or program listens there: stop it, or choose another port)")
+    finally:
+        busy.close()
 
 
 def _control_daemon(tmp_path: Path, control: str) -> Daemon:

@@ -227,7 +227,7 @@ def test_the_daemon_approves_edits_and_rejects_through_its_control_socket(tmp_pa
             (ask("approve", trial="1"), "approve needs params.trial"),
             (ask("approve", trial=9), "no trial #9"),
             (ask("reject", trial=2, parameters={"x1": 1}), "reject takes no params.parameters"),
-            (ask("approve", trial=1, by=["x"]), "params.by is who decides"),
+            (ask("approve", trial=1, by=["x"]), "params.by is who acts"),
             (control_request(endpoint, "approve", {"campaign": "other", "trial": 1}), "'other' is not run by this daemon"),
         ]
         for reply, message in refused:

@@ -70,6 +70,13 @@ def test_a_refusal_from_another_version_is_still_read() -> None:
     (_raw(values={"y": "12.5"}), "values.y"),
     (_raw(values={"y": True}), "values.y"),
     (_raw(noise={"y": "0.1"}), "noise.y"),
+    # anywhere in a message: a duration of 1e999 was stored as inf, and `export -f json` then wrote Infinity
+    (_raw(duration_s=1.0).replace(b"1.0", b"1e999"), "finite"),
+    # no number from text or a boolean: trial "3" and true were taken as trials 3 and 1
+    (_raw(trial_id=True), "trial_id"),
+    (_raw(trial_id="3"), "trial_id"),
+    (_raw(v=True), "version"),
+    (_raw(v=1.0), "version"),
 ])
 def test_malformed_frames_are_refused_with_a_reason(frame: bytes, why: str) -> None:
     with pytest.raises(ProtocolError, match=why):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 import time
@@ -14,6 +15,7 @@ from ophyd import Signal
 from closedloop import protocol
 from closedloop.campaign import Campaign
 from closedloop.daemon import Daemon
+from closedloop.errors import ClosedLoopError
 from closedloop.store import Store
 from closedloop.worker import Outbox, StationWorker
 from drivers.binding import InstrumentBinding
@@ -53,6 +55,23 @@ def test_outbox_keeps_results_until_removed_and_records_every_run(tmp_path: Path
     assert [t for t, _ in reopened.pending()] == [5]
     reopened.remove(5, "retry")
     assert reopened.pending() == []
+
+
+def test_an_outbox_that_is_a_folder_another_file_or_a_daemons_store_is_refused_unchanged(tmp_path: Path) -> None:
+    """`--outbox` given a daemon's store wrote the station's tables into it without a word; given a text file or a
+    folder, it failed with SQLite's words, naming no outbox."""
+    store_path = tmp_path / "s.db"
+    Store(store_path).close()
+    text = tmp_path / "notes.txt"
+    text.write_text("not a database\n")
+    before = {path: path.read_bytes() for path in (store_path, text)}
+    for path, said in ((tmp_path, "is a folder"), (text, "is not a station's outbox"),
+                       (store_path, "is another database (it holds the tables")):
+        with pytest.raises(ClosedLoopError, match=f"the outbox {path} {re.escape(said)}"):
+            Outbox(path)
+    assert {path: path.read_bytes() for path in before} == before
+    Outbox(tmp_path / "o.db").close()
+    assert [t for t, _ in Outbox(tmp_path / "o.db").pending()] == []  # its own outbox opens again
 
 
 @pytest.mark.slow

@@ -77,6 +77,13 @@ def test_station_without_the_right_key_cannot_register_or_report(tmp_path: Path)
         assert status["campaigns"][0]["finished"] == 0
         for sock in (rogue, plain):
             assert not sock.poll(100, zmq.POLLIN)  # never welcomed, never refused: the handshake failed
+        # the refused station hung in its first heartbeat's send (a DEALER whose only connection ZAP closed
+        # blocks), silent, until killed; the daemon said nothing either
+        said = (tmp_path / "intruder.log").read_text()
+        assert "no word from the daemon" in said and "may not be in its --allowed-keys" in said, said[-2000:]
+        assert "refused a connection: its public key" in (tmp_path / "daemon.log").read_text()
+        intruder.terminate()
+        assert intruder.wait(timeout=20) == 0
 
         good = start_worker(tmp_path, endpoint, "good", "--secret-key", str(keys / "good.key_secret"),
                             "--server-key", str(keys / "daemon.key"))
