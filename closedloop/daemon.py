@@ -1190,8 +1190,9 @@ class Daemon:
                           now, sources=hello.sources, declared=holds, prefetch=self.prefetch, instance=hello.instance,
                           welcomed=hello.welcomed)
         for trial_id, flight in list(self.in_flight.items()):
-            if trial_id in holds and (flight.reconciling or flight.station == hello.station):
-                # the station still has it (running, queued or in its outbox): it stays there. A reconciled
+            if trial_id in holds and flight.station == hello.station:
+                # the station still has it (running, queued or in its outbox): it stays there. (Any station listing
+                # a trial that waits to be reconciled had taken it over, and its result was stored.) A reconciled
                 # trial's deadline was the grace for its station to come back, not the experiment's timeout
                 # (kept, a campaign with no timeout cancelled a running experiment reconcile_s after a restart)
                 if flight.reconciling or (flight.deadline is not None

@@ -547,6 +547,28 @@ def test_a_trial_its_station_still_runs_after_a_restart_keeps_the_campaigns_time
         assert store.trial(trial.id).status == "dispatched"
 
 
+def test_a_trial_left_in_flight_by_a_killed_daemon_waits_for_its_own_station_not_any_that_lists_it(
+        store: Store) -> None:
+    """After a restart, any station whose hello listed a trial waiting to be reconciled took it over, and its
+    result was stored as the trial's."""
+    campaign = _campaign("left", 3, retries=0)
+    trial = store.add_dispatched(store.open_campaign(campaign), {"x1": 1.0, "x2": 2.0}, {}, "st")
+    daemon = Daemon(store, [campaign], heartbeat_s=0.2, reconcile_s=30.0, prefetch=0, drain_s=0.5)
+    with serving(daemon), raw_station(daemon.endpoint, "forger") as forger, raw_station(daemon.endpoint, "st") as st:
+        forger.send(protocol.encode(protocol.Hello(station="forger", instruments=["nothing:Here"],
+                                                   outstanding=[trial.id], instance="f")))
+        _next_message(forger, "welcome")
+        forger.send(protocol.encode(protocol.ResultMessage(trial_id=trial.id, run_uid="forged", values={"y": -1.0})))
+        time.sleep(0.5)
+        assert daemon.in_flight[trial.id].station == "st" and store.trial(trial.id).status == "dispatched"
+        st.send(protocol.encode(protocol.Hello(station="st", outstanding=[trial.id], instance="s")))
+        _next_message(st, "welcome")
+        st.send(protocol.encode(protocol.ResultMessage(trial_id=trial.id, run_uid="real", values={"y": 2.0})))
+        assert _next_message(st, "ack").trial_id == trial.id
+    row = store.trial(trial.id)
+    assert row.status == "completed" and row.run_uids == ["real"] and row.station == "st"
+
+
 def test_a_hello_naming_another_station_is_refused_and_its_trial_stays_put(store: Store, tmp_path: Path) -> None:
     daemon = Daemon(store, [_campaign("named", 2, latency=1.0, retries=2, concurrency=1)], heartbeat_s=0.2)
     with station(daemon.endpoint, "A", tmp_path) as worker, serving(daemon) as thread, \
