@@ -41,6 +41,7 @@ import json
 import keyword
 import math
 import os
+import sys
 import re
 import unicodedata
 from collections.abc import Callable, Mapping
@@ -230,6 +231,9 @@ class ContinuousParameter(_Model):
         return scale
 
 
+_EXACT_INTEGERS = 2**53  # the largest size up to which every integer is a float, as the planner computes with them
+
+
 class IntegerParameter(_Model):
     """An integer within ``bounds`` (both included).
 
@@ -245,6 +249,11 @@ class IntegerParameter(_Model):
     @classmethod
     def _has_integers(cls, bounds: tuple[float, float]) -> tuple[int, int]:
         low, high = bounds
+        if max(abs(low), abs(high)) > _EXACT_INTEGERS:
+            # read as floats, larger integers are rounded: [9007199254740990, 9007199254740995] became
+            # ...990..996, and the instrument was sent 9007199254740996, beyond the bound written
+            raise ValueError(f"integer bounds are exact up to 2**53 = {_EXACT_INTEGERS} in size; got [{low:.17g}, "
+                             f"{high:.17g}] (a number this large is a continuous parameter)")
         if not low < high:
             raise ValueError(f"lower bound {low:g} is not below upper bound {high:g}")
         if math.ceil(low) > math.floor(high):
@@ -548,7 +557,9 @@ class Execution(_Model):
     600.0
     """
 
-    concurrency: Whole = Field(1, ge=1, description="experiments in flight at once")
+    # at most what one station may say it runs at once (protocol.Hello.capacity): 10**20 passed validation, and the
+    # local compute station started a worker process for each until the machine ran out of memory
+    concurrency: Whole = Field(1, ge=1, le=1024, description="experiments in flight at once")
     timeout: Duration | None = Field(None, description="per experiment, e.g. '10 min'")
     retries: Whole = Field(0, ge=0, description="how often a failed experiment is run again")
     approve: StrictBool = Field(False, description="a person approves each experiment before it runs")
@@ -1351,26 +1362,40 @@ def _one_point(parameters: Mapping[str, Any], constraints: list[LinearConstraint
 
 _MAX_ROW_PROBLEMS = 5
 
+# a number as a table or a command line writes it: Python's float() also takes '1_000' and other scripts' digits
+# ('٣' for 3), so a typo became data
+_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|infinity|nan)", re.ASCII | re.IGNORECASE)
+
+
+def decimal_number(text: str) -> float:
+    """``text`` (a table's cell, a command line's value) as a float: ASCII digits, a point, an exponent.
+
+    Raises ValueError(``could not convert ...``) as ``float`` does for anything else; infinities and NaN are read (the
+    caller refuses them with its own words)."""
+    if not _DECIMAL.fullmatch(text.strip()):
+        raise ValueError(f"could not convert string to float: {text!r}")
+    return float(text)
+
 
 def _cell(p: Any, raw: str) -> Any:
     """The value of one CSV cell in the parameter's declared type; ValueError says what is wrong."""
     text = raw.strip()
     if isinstance(p, ContinuousParameter):
-        v = float(text)
+        v = decimal_number(text)
         if not math.isfinite(v):
             raise ValueError(f"{text!r} is not a finite number")
         if not p.bounds[0] <= v <= p.bounds[1]:
             raise ValueError(f"{v:g} is outside the bounds [{p.bounds[0]:g}, {p.bounds[1]:g}]")
         return v
     if isinstance(p, IntegerParameter):
-        v = float(text)
+        v = decimal_number(text)
         if not v.is_integer():
             raise ValueError(f"{text!r} is not an integer")
         if not p.bounds[0] <= v <= p.bounds[1]:
             raise ValueError(f"{v:g} is outside the bounds [{p.bounds[0]}, {p.bounds[1]}]")
         return int(v)
     if isinstance(p, DiscreteParameter):
-        v = float(text)
+        v = decimal_number(text)
         allowed = p.allowed(v)
         if allowed is None:
             raise ValueError(f"{v:g} is not one of the values {p.values}")
@@ -1381,7 +1406,7 @@ def _cell(p: Any, raw: str) -> Any:
             return choice
         if not isinstance(choice, str):
             try:
-                if float(text) == choice:
+                if decimal_number(text) == choice:
                     return choice
             except ValueError:
                 pass
@@ -1548,6 +1573,12 @@ def instrument_problems(campaign: Campaign, base: str | Path | None = None,
     return problems
 
 
+def _search_working_folder(instrument: Instrument) -> None:
+    """A compute station imports a function from the working folder too, so the check does."""
+    if instrument.function is not None and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+
+
 def _instrument_problems(campaign: Campaign, instrument: Instrument, at: str,
                          base: str | Path | None = None, connect: Connector | None = None) -> list[tuple[str, str]]:
     where = f"{at}.{instrument.field}"
@@ -1556,12 +1587,7 @@ def _instrument_problems(campaign: Campaign, instrument: Instrument, at: str,
         unknown = sorted(set(command_placeholders(instrument.command)) - known)
         return [(where, f"unknown placeholder {{{n}}}; known: {', '.join(sorted(known))}") for n in unknown]
     module_name, _, attribute = (instrument.import_path or "").partition(":")
-    if instrument.function is not None:
-        import os
-        import sys
-
-        if os.getcwd() not in sys.path:  # a compute station imports a function from the working folder too
-            sys.path.append(os.getcwd())
+    _search_working_folder(instrument)
     failure = _import_problems(module_name, base)
     if failure:
         return [(where, failure)]
@@ -2139,6 +2165,8 @@ def load_campaign_text(
             except ValidationError:
                 continue
             if instrument.import_path is not None:
+                # as when the rest is right: a function beside the file had been said not to import
+                _search_working_folder(instrument)
                 failure = _import_problems(instrument.import_path.partition(":")[0], base)
                 if failure:
                     add(at + (instrument.field,), failure)

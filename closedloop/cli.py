@@ -825,6 +825,7 @@ def export(
             _fail("parquet is binary: give --output FILE", EXIT_BAD_INPUT)
         sys.stdout.write(frame.to_csv(index=False) if format == "csv" else as_json + "\n")
         return
+    _check_output(target, f".{format}")
     target.parent.mkdir(parents=True, exist_ok=True)  # as `report -o` does (exports/branin.csv had been an error)
     if format == "csv":
         frame.to_csv(target, index=False)
@@ -840,6 +841,21 @@ def export(
         except ImportError:
             _fail("parquet needs pyarrow: pip install pyarrow")
     console.print(f"wrote {len(frame)} trials to {target}", highlight=False, soft_wrap=True)
+
+
+def _check_output(target: Path, *suffixes: str) -> None:
+    """Refuse an output path that is a folder, or an existing file that is not an earlier output of this kind:
+    `export NAME -o results/NAME.db` had overwritten the campaign's own store with a CSV file, every result lost."""
+    if target.is_dir():
+        _fail(f"--output {target} is a folder: name a file", EXIT_BAD_INPUT)
+    if not target.exists():
+        return
+    with target.open("rb") as file:
+        database = file.read(16) == b"SQLite format 3\x00"
+    if database or target.suffix.lower() not in suffixes:
+        what = "an SQLite database (a store?)" if database else f"not a {suffixes[0]} file"
+        _fail(f"--output {target} exists and is {what}: it is left as it is; remove it or name another file",
+              EXIT_BAD_INPUT)
 
 
 def _print_trials(rows: list[Any], header: str) -> None:
@@ -972,7 +988,7 @@ def _review(control: str, method: str, campaign: str, params: dict[str, Any]) ->
 @app.command("import")
 def import_(
     campaign: str = typer.Argument(..., help="campaign file or stored campaign name"),
-    results: Path = typer.Argument(..., help="CSV: one column per parameter and per output"),
+    results: Path = typer.Argument(..., help="CSV (or an export's .json or .parquet): one column per parameter and per output"),
     store: Optional[str] = typer.Option(None, help=_STORE_HELP, callback=_name_store),
 ) -> None:
     """Seed a campaign with past experiments; nothing is written if any row is bad."""
@@ -1020,6 +1036,8 @@ def report(
     """Write a self-contained HTML report with its figures (PNG) beside it."""
     from closedloop.report import write_report
 
+    if output is not None:
+        _check_output(output, ".html", ".htm")
     the_store, name = _find_store(campaign, store, read_only=True)
     assert name is not None
     started = time.monotonic()

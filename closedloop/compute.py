@@ -68,6 +68,8 @@ from closedloop.worker import (Departure, Outbox, Registration, connect_station,
                                named)
 
 log = logging.getLogger("closedloop.compute")
+# worker processes of a local cluster per core, at most (8 at least): a campaign's concurrency of 1,000 started 1,000
+LOCAL_PROCESSES_PER_CORE = 2
 
 #: options consumed by the station itself, never passed on to the function or command
 RESERVED_OPTIONS = frozenset({"scheduler"})
@@ -416,9 +418,10 @@ class ComputeStation:
         from distributed import LocalCluster
 
         cores = os.cpu_count() or 1
-        # processes: one experiment each, so that restarting the process of a hung function takes no other with it
-        workers = self.local_workers or (self._capacity or cores if self.processes else min(self._capacity or cores,
-                                                                                            cores))
+        # processes: one experiment each, so that restarting the process of a hung function takes no other with it;
+        # up to LOCAL_PROCESSES_PER_CORE a core (each is a Python process of ~100 MB): past that, experiments share them
+        workers = self.local_workers or (min(self._capacity or cores, max(8, LOCAL_PROCESSES_PER_CORE * cores))
+                                         if self.processes else min(self._capacity or cores, cores))
         threads = self.local_threads or max(1, math.ceil((self._capacity or workers) / workers))
         # a worker that dies takes its experiment with it: report that as a failure so the campaign's
         # retry policy decides, rather than Dask quietly running the experiment again elsewhere.

@@ -29,6 +29,7 @@ from closedloop.campaign import (
     FixedParameter,
     IntegerParameter,
     TABLE_COLUMNS,
+    decimal_number,
 )
 from closedloop.errors import CampaignError
 from closedloop.planner import make_planner
@@ -119,7 +120,7 @@ def _number(text: Any) -> float:
     if isinstance(text, bool):
         raise ValueError("is not a number")
     try:
-        number = float(text)
+        number = decimal_number(text) if isinstance(text, str) else float(text)
     except (TypeError, ValueError):
         raise ValueError("is not a number") from None
     except OverflowError:  # an integer beyond any float (JSON allows it)
@@ -295,7 +296,7 @@ def tell_csv(store: Store, campaign_name: str, path: Path) -> list[TrialRow]:
     campaign = store.campaign(campaign_name)
     campaign_id = store.campaign_row(campaign_name).id
     assert campaign_id is not None
-    header, rows = _read_csv(path)
+    header, rows = _read_table(path)
     if "trial" not in header:
         raise DataError([f"{path}: no 'trial' column (columns: {', '.join(header)})"])
     missing = [n for n in campaign.outputs if n not in header]
@@ -425,7 +426,7 @@ def import_csv(store: Store, campaign: Campaign | str, path: Path) -> ImportSumm
     """
     if isinstance(campaign, str):
         campaign = store.campaign(campaign)
-    header, rows = _read_csv(path)
+    header, rows = _read_table(path)
     problems: list[str] = []
     required = [n for n, p in campaign.parameters.items() if not isinstance(p, FixedParameter)] + campaign.outputs
     missing = [n for n in required if n not in header]
@@ -470,6 +471,76 @@ def import_csv(store: Store, campaign: Campaign | str, path: Path) -> ImportSumm
     trials = store.import_results(campaign_id, parsed_rows, source=Path(path).name)
     log.info("campaign=%s imported %d experiments from %s", campaign.name, len(trials), path)
     return ImportSummary(trials, ignored)
+
+
+def _read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """A table of experiments, as ``closedloop export`` writes them: CSV, or JSON or parquet by the file's suffix.
+
+    Header and (row number, row of cells as text); a CSV's row numbers are a spreadsheet's (the header is row 1),
+    a JSON or parquet table's count its records from 1. Cells are text, as a CSV's are, so that every format is
+    checked by the same rules (an export in JSON or parquet had been read as CSV: "2 cells for 1 columns").
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    return _read_csv(path)
+
+
+def _cell(value: Any) -> str:
+    """A JSON or parquet value as the CSV cell an export writes for it (repr keeps every digit of a float)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def _records(path: Path, records: Any) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise DataError([f"{path}: not a table of experiments (a list of objects, as `closedloop export -f json` "
+                         "writes)"])
+    header: list[str] = []
+    for record in records:
+        header.extend(str(k) for k in record if str(k) not in header)
+    if not header:
+        raise DataError([f"{path}: the file is empty"])
+    return header, [(number, {str(k): _cell(v) for k, v in record.items()})
+                    for number, record in enumerate(records, start=1)]
+
+
+def _read_json(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    import json
+
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise DataError([f"{path}: cannot read the file: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise DataError([f"{path}: not a JSON file: {exc}"]) from None
+    try:
+        records = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise DataError([f"{path}: not a JSON file: {str(exc)[:200]}"]) from None
+    return _records(path, records)
+
+
+def _read_parquet(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    import pandas as pd
+
+    try:
+        frame = pd.read_parquet(path)
+    except ImportError:
+        raise DataError([f"{path}: reading parquet needs pyarrow: pip install pyarrow"]) from None
+    except OSError as exc:
+        raise DataError([f"{path}: cannot read the file: {exc.strerror or exc}"]) from None
+    except Exception as exc:  # noqa: BLE001 - pyarrow's own errors for a file that is not parquet
+        raise DataError([f"{path}: not a parquet file: {str(exc)[:200]}"]) from None
+    records = [{k: (None if v is pd.NaT else v) for k, v in row.items()} for row in frame.to_dict("records")]
+    return _records(path, records)
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:

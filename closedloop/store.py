@@ -211,8 +211,22 @@ def make_engine(url_or_path: str | Path) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": BUSY_S})
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
-        engine = create_engine(url, pool_pre_ping=True)
+        engine = _server_engine(url)
     return engine
+
+
+def _server_engine(url: str) -> Engine:
+    """An engine for a database server's URL; one whose dialect or driver is missing is a StoreError naming it
+    (said as 'ModuleNotFoundError: No module named MySQLdb')."""
+    from sqlalchemy.exc import NoSuchModuleError
+
+    try:
+        return create_engine(url, pool_pre_ping=True)
+    except (NoSuchModuleError, ModuleNotFoundError) as exc:
+        missing = f"the module {exc.name} it needs is not installed" if isinstance(exc, ModuleNotFoundError) \
+            else "SQLAlchemy knows no such database"
+        raise StoreError(f"cannot open the store {displayed(url)}: {missing} (a store is an SQLite file or a "
+                         "postgresql+psycopg:// URL)") from None
 
 
 def displayed(url_or_path: str | Path) -> str:
@@ -344,10 +358,11 @@ def _reading_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def connect_reading(path: str) -> sqlite3.Connection:
-    """A connection that only reads the SQLite file ``path``, writing nothing to it or beside it.
+    """A connection that only reads the SQLite file ``path``, writing nothing to it.
 
-    A WAL database needs its ``-shm`` index, which a reader creates if it may; in a folder it cannot write, and
-    with no ``-wal`` file (no writer has it open, nothing unmerged), the file is read as immutable.
+    A WAL database needs its ``-shm`` index, which a reader creates beside it if it may (with an empty ``-wal``;
+    SQLite leaves both); in a folder it cannot write, and with no ``-wal`` file (no writer has it open, nothing
+    unmerged), the file is read as immutable.
     """
     import sqlite3
     from urllib.parse import quote
@@ -373,7 +388,7 @@ def reading_engine(url_or_path: str | Path) -> Engine:
 
     path = _sqlite_file(url_or_path)
     if path is None:
-        return create_engine(str(url_or_path), pool_pre_ping=True)
+        return _server_engine(str(url_or_path))
     if not Path(path).is_file():
         raise StoreError(f"no store {url_or_path}")
     file = path

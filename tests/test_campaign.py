@@ -381,6 +381,21 @@ def test_a_driver_module_in_the_working_folder_off_the_path_is_named_with_the_fi
     assert "spin_lab_driver.py is in the working folder" in message and "PYTHONPATH=." in message
 
 
+def test_a_function_in_the_working_folder_is_not_said_to_fail_to_import_beside_another_problem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compute station imports a function from the working folder, and a right file's check does too; with a
+    wrong bound elsewhere in the file, the check said the module did not import (add the folder to PYTHONPATH)."""
+    (tmp_path / "mysim.py").write_text("def f(**parameters):\n    return {'y': 0.0}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    text = BASE.replace("simulator: simulators.surfaces:Branin", "function: mysim:f")
+    problems = problems_of(text.replace("bounds: [0, 15]", "bounds: [15, 0]"))
+    assert [p.path for p in problems] == ["parameters.x2.bounds"], problems
+    problems = problems_of(text.replace("bounds: [0, 15]", "bounds: [15, 0]").replace("mysim:f", "mysim:g"))
+    assert [p.path for p in problems] == ["parameters.x2.bounds"], problems  # the attribute is checked once it loads
+
+
 def test_a_driver_module_beside_the_campaign_file_run_from_elsewhere_is_named_with_the_fix(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

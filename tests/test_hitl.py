@@ -136,11 +136,20 @@ def test_export_then_import_round_trip_keeps_every_value(tmp_path: Path) -> None
     rows = tmp_path / "past.csv"
     rows.write_text("x1,x2,y\n1.0,2.0,5.5\n-2,9,17.25\n9.5,0.5,0.75\n")
     assert cli("import", str(campaign_file(tmp_path)), str(rows), "--store", db).exit_code == 0
-    out = tmp_path / "hand.csv"
-    assert cli("export", "hand", "--format", "csv", "-o", str(out), "--store", db).exit_code == 0
-    assert cli("import", str(campaign_file(tmp_path)), str(out), "--store", copy).exit_code == 0
-    assert [(r.parameters, r.values) for r in Store(copy).results(1)] == [
-        (r.parameters, r.values) for r in Store(db).results(1)]
+    # every format export writes: JSON and parquet exports had been read as CSV ("2 cells for 1 columns", or a
+    # UnicodeDecodeError)
+    for fmt in ("csv", "json", "parquet"):
+        out, copy = tmp_path / f"hand.{fmt}", str(tmp_path / f"copy-{fmt}.db")
+        assert cli("export", "hand", "--format", fmt, "-o", str(out), "--store", db).exit_code == 0
+        imported = cli("import", str(campaign_file(tmp_path)), str(out), "--store", copy)
+        assert imported.exit_code == 0, (fmt, imported.output)
+        assert [(r.parameters, r.values) for r in Store(copy).results(1)] == [
+            (r.parameters, r.values) for r in Store(db).results(1)], fmt
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text('{"x1": 1}')
+    refused = cli("import", str(campaign_file(tmp_path)), str(wrong), "--store", str(tmp_path / "never.db"))
+    assert refused.exit_code == 2 and "not a table of experiments" in refused.stderr, refused.output
+    assert not (tmp_path / "never.db").exists()
 
 
 def test_import_checks_types_of_a_mixed_space(tmp_path: Path) -> None:
@@ -595,3 +604,11 @@ def test_a_daemon_counts_experiments_imported_while_it_serves_against_the_budget
     assert finished is not None, "the imported experiments were not counted against the budget"
     assert finished["finished"] == 3 and finished["best"]["values"] == {"y": 0.4}, finished
     store.close()
+
+
+@pytest.mark.parametrize("typed", ["1_000", "٣", "0x10", "1e", "."])
+def test_a_measured_value_is_a_plain_decimal_number(typed: str) -> None:
+    """Python's float() took '1_000' as 1000 and '٣' (an Arabic-Indic three) as 3: a typo became data."""
+    with pytest.raises(ValueError, match="is not a number"):
+        hitl.parse_output(typed)
+    assert hitl.parse_output(" -2.5e3 ") == -2500.0 and hitl.parse_output(7) == 7.0

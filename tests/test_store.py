@@ -83,3 +83,12 @@ def test_results_and_finished_trials_read_no_orm_object_and_give_what_the_orm_ro
     assert [f.values for f in facts] == [observations[t.id].values if t.id in observations else None for t in finished]
     assert [f.execution for f in facts] == [t.planner.get("execution") for t in finished]
     assert facts[-1].execution == "manual" and sum(f.status == "failed" for f in facts) == 2
+
+
+@pytest.mark.parametrize("url, says", [("mysql://lab/db", "the module MySQLdb it needs is not installed"),
+                                       ("nosuchdb://lab/db", "SQLAlchemy knows no such database")])
+def test_a_store_url_whose_database_cannot_be_spoken_is_named_with_what_is_missing(url: str, says: str) -> None:
+    """Said as 'ModuleNotFoundError: No module named MySQLdb' and 'NoSuchModuleError: Can't load plugin'."""
+    for open_store in (Store, lambda u: Store(u, read_only=True)):
+        with pytest.raises(StoreError, match=f"cannot open the store {url}: {says}"):
+            open_store(url)

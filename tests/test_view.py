@@ -486,6 +486,30 @@ def test_an_export_into_a_new_folder_makes_it_as_a_report_does(busy: tuple[Store
         assert target.stat().st_size > 0
 
 
+def test_export_and_report_leave_the_store_and_other_files_as_they_are(busy: tuple[Store, str], tmp_path: Path) -> None:
+    """`export NAME -o results/NAME.db` overwrote the campaign's own store with a CSV file (every result lost), and
+    `report -o` with HTML; `-o` named any file, the campaign's YAML too, or a folder (IsADirectoryError)."""
+    store_path = Path(busy[1])
+    campaign_file = tmp_path / "busy.yaml"
+    campaign_file.write_text("name: busy\n")
+    before = {path: path.read_bytes() for path in (store_path, campaign_file)}
+    runner = CliRunner()
+    for command, target, said in (
+            (["export", "busy"], store_path, "exists and is an SQLite database (a store?): it is left as it is"),
+            (["export", "busy", "-f", "json"], campaign_file, "exists and is not a .json file"),
+            (["report", "busy"], store_path, "exists and is an SQLite database"),
+            (["report", "busy"], campaign_file, "exists and is not a .html file"),
+            (["export", "busy"], tmp_path, "is a folder: name a file"),
+            (["report", "busy"], tmp_path, "is a folder: name a file")):
+        result = runner.invoke(app, [*command, "-o", str(target), "--store", busy[1]])
+        assert result.exit_code == 2 and said in " ".join(result.stderr.split()), (command, target, result.output)
+    assert {path: path.read_bytes() for path in before} == before
+    again = tmp_path / "busy.csv"
+    for _ in range(2):  # an earlier export of the same kind is replaced, as before
+        result = runner.invoke(app, ["export", "busy", "-o", str(again), "--store", busy[1]])
+        assert result.exit_code == 0, result.output
+
+
 def test_an_export_names_the_run_of_a_failed_trial_as_explain_does(tmp_path: Path) -> None:
     store = Store(tmp_path / "failed.db")
     cid = store.open_campaign(branin_campaign(name="failing", experiments=6, backend="sobol"))
