@@ -344,6 +344,7 @@ class CampaignRun:
         self.stopping = False
         self.closed = False  # marked completed and announced (campaign_finished), while the daemon serves others
         self.unserved = False  # stations are connected and none serves it (logged once, until one does)
+        self.said_waiting: frozenset[int] = frozenset()  # the hand-run trials it was last said to wait for
         self.paused = False
         self.paused_at = 0.0  # monotonic time of the pause: its length is added back to the deadlines on resume
         self.paused_on: set[str] = set()  # stations told to pause, to be told to resume even if its trials left
@@ -790,6 +791,20 @@ class Daemon:
             elif run.unserved and not unserved and not run.closed:
                 log.info("campaign=%s has a station again", run.campaign.name)
             run.unserved = unserved
+
+    def _note_waiting_for_hand(self) -> None:
+        """Say once when an open campaign has nothing left to do but wait for experiments suggested by hand: its
+        budget is committed to them, and `closedloop run` sat silent after its last experiment until Ctrl-C."""
+        for run in self.runs.values():
+            waiting = (not run.closed and bool(run.manual_open) and not run.queue and not run.held
+                       and not self._in_flight_count(run) and self._remaining(run) <= 0)
+            open_now = frozenset(run.manual_open) if waiting else frozenset()
+            if open_now and open_now != run.said_waiting:
+                indexes = sorted(self.store.trial(t).index for t in open_now)
+                log.warning("campaign=%s waits for %d experiment(s) suggested by hand: %s", run.campaign.name,
+                            len(indexes), ", ".join(f"#{i}" for i in indexes))
+                self._emit("waiting_for_hand", run, trials=indexes)
+            run.said_waiting = open_now
 
     def _close(self, run: CampaignRun) -> None:
         """Mark a finished campaign completed in the store and announce it (once)."""
@@ -1489,6 +1504,7 @@ class Daemon:
                                          reason=flight.lost)
         self._say_running_long(now)
         self._note_unserved()
+        self._note_waiting_for_hand()
         # stations holding their RunEngines for a paused campaign: every trial there waits, whatever its campaign
         held = set().union(*(r.paused_on for r in self.runs.values() if r.paused))
         for flight in list(self.in_flight.values()):

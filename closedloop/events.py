@@ -29,7 +29,7 @@ KINDS = (
     "campaign_started", "campaign_paused", "campaign_resumed", "campaign_finished", "goal_reached",
     "trial_proposed", "trial_approved", "trial_dispatched", "trial_started", "trial_completed", "trial_failed", "trial_requeued",
     "trial_abandoned", "trial_cancelled", "trial_running_long", "model_updated", "best", "station_joined", "station_lost",
-    "instrument_unavailable", "daemon_stopping",
+    "instrument_unavailable", "daemon_stopping", "waiting_for_hand",
 )
 
 

@@ -426,6 +426,10 @@ def _notice(kind: str, details: dict[str, Any]) -> str | None:
     """The line an event gets even on the live panel: what a scientist watching must not miss."""
     if kind == "goal_reached":
         return f"goal reached: {details['rule']}"
+    if kind == "waiting_for_hand":
+        trials = ", ".join(f"#{i}" for i in details["trials"])
+        return (f"waiting for experiments suggested by hand: {trials} (their results: closedloop tell "
+                f"{details['campaign']} TRIAL OUTPUT=VALUE)")
     if kind == "space_exhausted":
         return f"every point of the space has been run: the campaign ends after {details['finished']} experiments"
     if kind == "instrument_unavailable":

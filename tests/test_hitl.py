@@ -518,6 +518,8 @@ def test_a_daemon_counts_open_hand_trials_against_the_budget_and_learns_what_is_
             time.sleep(0.05)
         time.sleep(1.5)  # time to propose more, were the hand trials not counted
         assert [t.status for t in store.trials(cid)] == ["proposed", "proposed", "completed"]
+        # said once: `closedloop run` sat silent here until Ctrl-C
+        assert [d["trials"] for k, d in events if k == "waiting_for_hand"] == [[1, 2]]
         hitl.tell(store, "mixed", hand[0].index, {"y": 1.25})
         hitl.tell(store, "mixed", hand[1].index, {"y": 30.0})
         while not any(k == "campaign_finished" for k, _ in events) and time.monotonic() < deadline:
