@@ -1579,6 +1579,35 @@ def _search_working_folder(instrument: Instrument) -> None:
         sys.path.append(os.getcwd())
 
 
+def _function_problems(campaign: Campaign, instrument: Instrument, function: Any, where: str) -> list[tuple[str, str]]:
+    """Whether ``function`` takes what each experiment passes it: every parameter and option, by name.
+
+    A function without them passed validation and then failed every experiment of its budget ("raised TypeError:
+    got an unexpected keyword argument"), as if its body had gone wrong."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return []
+    from closedloop.compute import RESERVED_OPTIONS
+
+    passed = {n for n in campaign.parameters if not (campaign.sources and n == SOURCE)}
+    passed |= set(instrument.options) - RESERVED_OPTIONS
+    kinds = {name: p.kind for name, p in signature.parameters.items()}
+    named = {n for n, kind in kinds.items() if kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                        inspect.Parameter.KEYWORD_ONLY)}
+    problems = []
+    if inspect.Parameter.VAR_KEYWORD not in kinds.values() and (unknown := sorted(passed - named)):
+        problems.append(f"takes no argument {', '.join(map(repr, unknown))}, which every experiment passes it (it "
+                        f"takes {', '.join(sorted(named)) or 'none by name'}; give it the parameters, or **parameters)")
+    required = sorted(n for n, p in signature.parameters.items()
+                      if p.default is p.empty and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                             inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_ONLY)
+                      and n not in passed)
+    if required:
+        problems.append(f"needs {', '.join(map(repr, required))}, neither a parameter nor an option of the campaign")
+    return [(where, f"{instrument.target!r} {' and '.join(problems)}")] if problems else []
+
+
 def _instrument_problems(campaign: Campaign, instrument: Instrument, at: str,
                          base: str | Path | None = None, connect: Connector | None = None) -> list[tuple[str, str]]:
     where = f"{at}.{instrument.field}"
@@ -1600,8 +1629,8 @@ def _instrument_problems(campaign: Campaign, instrument: Instrument, at: str,
         return [(where, f"module {module_name!r} has no {attribute!r}{hint}")]
     if not callable(factory):
         return [(where, f"{instrument.target!r} is not callable")]
-    if instrument.function is not None:  # called per experiment with the parameters: nothing to build now
-        return []
+    if instrument.function is not None:  # called per experiment with the parameters: nothing to build, its arguments
+        return _function_problems(campaign, instrument, factory, where)  # to check
     problems: list[tuple[str, str]] = []
     try:
         signature = inspect.signature(factory)
@@ -1635,6 +1664,10 @@ def _instrument_problems(campaign: Campaign, instrument: Instrument, at: str,
         except Exception as exc:  # a simulator that cannot be built cannot run the campaign
             return [(where, f"{instrument.target}(...) failed: {type(exc).__name__}: {exc}")]
     outputs = getattr(binding, "outputs", None)
+    if not isinstance(outputs, Mapping) or not isinstance(getattr(binding, "positioners", None), Mapping):
+        # what a station refuses at every experiment (an InstrumentBinding, by its attributes: the engine does not
+        # import the drivers' package), refused here once
+        return [(where, f"{instrument.target}(...) returned {type(binding).__name__}, not an InstrumentBinding")]
     if isinstance(outputs, Mapping):
         known = set(outputs)
         for name in campaign.objectives:

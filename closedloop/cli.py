@@ -931,7 +931,7 @@ def approve(
     edits = hitl._assignments(set_ or [])
     reply = _review(control, "edit" if edits else "approve", name, {"trial": trial, "parameters": edits or None})
     if reply is not None:
-        console.print(f"{name}: {reply['msg']}: {_format_values(reply['parameters'])}", highlight=False, soft_wrap=True,
+        console.print(f"{name}: {reply['msg']}: {_exact_values(reply['parameters'])}", highlight=False, soft_wrap=True,
                       markup=False)
         return
     row = hitl.approve(the_store, name, trial, edits)
@@ -939,7 +939,12 @@ def approve(
     who = ("the process running it picks it up from there" if the_store.held(name)
            else "the next process run on this store dispatches it")
     console.print(f"{name}: trial #{row.index} approved in the store (no daemon serves {name} on {control}; {who}): "
-                  f"{_format_values(row.parameters)}", highlight=False, soft_wrap=True, markup=False)
+                  f"{_exact_values(row.parameters)}", highlight=False, soft_wrap=True, markup=False)
+
+
+def _exact_values(values: dict[str, Any]) -> str:
+    """Every digit of what an approval sends to the instrument: rounded to six, x2=0.5000000014 read 0.5."""
+    return ", ".join(f"{k}={v!r}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
 
 
 @app.command()

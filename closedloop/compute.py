@@ -169,6 +169,8 @@ def run_experiment(target: str, setpoints: dict[str, Any], options: dict[str, An
             raw = function(**setpoints, **kwargs)
         except Exception as exc:  # the scientist's code failed: say whose, not only what
             raise ComputeError(f"{who} raised {type(exc).__name__}: {exc}") from exc
+        except SystemExit as exc:  # it ended the Dask worker's process, said as a lost worker, after a restart
+            raise ComputeError(f"{who} called sys.exit({exc.code!r})") from None
         if not isinstance(raw, Mapping):
             raise ComputeError(f"{who} returned {type(raw).__name__}, not a mapping of outputs")
     else:
@@ -185,6 +187,16 @@ def run_experiment(target: str, setpoints: dict[str, Any], options: dict[str, An
             raise ComputeError(f"output {name}={value!r} of {who} is not a finite number")
         values[name] = float(value)
     return {"values": values, "started": started, "finished": time.time()}
+
+
+def experiment_outcome(target: str, setpoints: dict[str, Any], options: dict[str, Any], outputs: list[str],
+                       timeout_s: float | None = None) -> dict[str, Any]:
+    """:func:`run_experiment` as a Dask task: a failed experiment is ``{"error": message}``, not an exception,
+    which Dask's worker logs with its traceback at every failure (the station's terminal filled with them)."""
+    try:
+        return run_experiment(target, setpoints, options, outputs, timeout_s)
+    except ComputeError as exc:
+        return {"error": str(exc)}
 
 
 def _finite(value: numbers.Real) -> bool:
@@ -684,7 +696,7 @@ class ComputeStation:
                 # a station started for one function ran any 'command:...' an assign named, as a program here
                 raise ComputeError(f"this station runs only {', '.join(self.instruments)}, not {target!r}")
             client = self.client(self._address(assignment.instrument.options))
-            future = client.submit(run_experiment, target, dict(assignment.setpoints),
+            future = client.submit(experiment_outcome, target, dict(assignment.setpoints),
                                    dict(assignment.instrument.options), list(assignment.outputs), assignment.timeout_s,
                                    key=f"closedloop-trial-{trial}-{uuid.uuid4().hex[:8]}", pure=False)
         except Exception as exc:  # cannot even submit: a failure of this trial, reported like any other
@@ -792,6 +804,8 @@ class ComputeStation:
             return None
         try:
             outcome = future.result(timeout=5)
+            if "error" in outcome:
+                raise ComputeError(outcome["error"])
             message: protocol.ResultMessage | protocol.Failure = protocol.ResultMessage(
                 trial_id=trial_id, assignment=running.assignment.msg_id, run_uid=f"dask-{future.key}",
                 values=outcome["values"], duration_s=max(0.0, outcome["finished"] - outcome["started"]))

@@ -139,12 +139,15 @@ def check_constraints(campaign: Campaign, parameters: dict[str, Any]) -> list[st
     """One message per linear constraint the parameters break."""
     broken = []
     for c in campaign.linear_constraints:
-        total = sum(coefficient * float(parameters[name]) for name, coefficient in c.coefficients.items())
-        tolerance = 1e-9 * max(1.0, abs(c.rhs))
+        terms = [coefficient * float(parameters[name]) for name, coefficient in c.coefficients.items()]
+        total = sum(terms)
+        # an inequality holds to the sum's rounding (0.1 + 0.2 <= 0.3), no more: at 1e-9 of the right side an edit
+        # of x1 + x2 = 1.5000000014 passed x1 + x2 <= 1.5, and reached the instrument
+        tolerance = 1e-12 * max(1.0, abs(c.rhs), *(abs(t) for t in terms))
         ok = {"<=": total <= c.rhs + tolerance, ">=": total >= c.rhs - tolerance,
               "==": abs(total - c.rhs) <= max(tolerance, 1e-6 * max(1.0, abs(c.rhs)))}[c.op]
         if not ok:
-            broken.append(f"breaks constraint {c.text!r} (left side is {total:g})")
+            broken.append(f"breaks constraint {c.text!r} (left side is {total!r})")
     return broken
 
 

@@ -313,10 +313,24 @@ class InstrumentBinding:
                     value = start + (end - start) * k / count
                 stage[name] = min(max(value, low), high)
             first = stages[0][name]
-            if abs(first - start) > step:  # only when the device starts more than a step outside its limits
+            # only when the device starts more than a step outside its limits; with a tolerance, since a distance
+            # that is a whole number of steps divides into increments a rounding above the step (7.1 / 71 is
+            # 0.1000000000000001), and a device inside its limits was said to be outside them, its trial re-queued
+            # for ever
+            if abs(first - start) > step * (1 + 1e-9):
                 raise InstrumentUnavailable(
                     f"{name}: the device is at {start:g}, outside its limits [{low:g}, {high:g}] by more than the "
                     f"allowed step {step:g}; no move of at most {step:g} reaches them: bring it within a step")
+        for rule in self.safety:
+            if isinstance(rule, AllowedValues) and rule.parameter in steps:
+                # a stage is a value sent to the device as much as the setpoint is
+                passed = next((stage[rule.parameter] for stage in stages[:-1]
+                               if stage[rule.parameter] not in rule.values), None)
+                if passed is not None:
+                    raise DeviceError(
+                        f"{rule.parameter}: going from {present[rule.parameter]!r} to {setpoints[rule.parameter]!r} in "
+                        f"steps of at most {steps[rule.parameter]:g} passes {passed!r}, which is not one of "
+                        f"{list(rule.values)}; nothing has moved")
         return stages
 
     def _range(self, name: str) -> tuple[float, float]:

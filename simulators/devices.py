@@ -69,14 +69,21 @@ class LimitedAxis(SynAxis):
         low, high = self._limits
         if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
             raise LimitError(f"{self.name}={value!r} is not a number")
-        if not (np.isfinite(value) and low <= value <= high):
+        try:
+            number = float(value)  # numpy's isfinite refused an integer past int64 with a ufunc error
+        except OverflowError:
+            number = math.inf
+        if not (math.isfinite(number) and low <= number <= high):
             raise LimitError(f"{self.name}={value} outside limits [{low}, {high}]")
         if self.integer and float(value) != round(float(value)):
             raise LimitError(f"{self.name}={value} is not an integer")
 
     def set(self, value: float):  # noqa: A003 - ophyd's verb
         # Recorded before the check: set_calls is everything that reached the device, refused or not.
-        self.set_calls.append(float(value))
+        try:
+            self.set_calls.append(float(value))
+        except OverflowError:  # an integer past any float: refused below, but it reached the device
+            self.set_calls.append(value)
         self.check_value(value)
         self._target = float(value)
         return super().set(value)

@@ -96,6 +96,10 @@ def raises(x1: float, x2: float) -> dict[str, float]:
     raise ValueError("mesh did not converge")
 
 
+def exits(x1: float, x2: float) -> dict[str, float]:
+    sys.exit(3)
+
+
 def raises_once(x1: float, x2: float, marker: str) -> dict[str, float]:
     """Fails the first time it runs, then behaves."""
     if not os.path.exists(marker):
@@ -210,6 +214,23 @@ def test_a_functions_numpy_numbers_are_outputs_and_its_failures_name_it() -> Non
         run_experiment("function:tests.test_compute:quadratic", {"x1": 0, "x2": 0}, {}, ["z"])
     with pytest.raises(ComputeError, match="command 'echo' printed no JSON object"):
         run_experiment("command:echo not json {x1}", {"x1": 0.5}, {}, ["y"])
+    # it ended the Dask worker's process: reported as a lost worker, after a restart, with its traceback
+    with pytest.raises(ComputeError, match=r"function tests.test_compute:exits called sys.exit\(3\)"):
+        run_experiment("function:tests.test_compute:exits", {"x1": 0, "x2": 0}, {}, ["y"])
+
+
+def test_a_failed_experiment_is_one_line_not_a_dask_traceback(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Dask's worker processes logged every exception of a task with its traceback ("Compute Failed"), several lines
+    on the terminal of `closedloop run` for each failed experiment."""
+    c = campaign("fails", '{function: "tests.test_compute:raises"}', experiments=2, concurrency=1)
+    store = Store(tmp_path / "s.db")
+    run = run_embedded(c, store, outbox=str(tmp_path / "o.db"))
+    trials = store.trials(run.id)
+    assert [t.status for t in trials] == ["failed"] * 2
+    assert trials[0].error == "function tests.test_compute:raises raised ValueError: mesh did not converge"
+    printed = capfd.readouterr().err  # the worker processes write to this process's stderr
+    assert "Compute Failed" not in printed and "Traceback" not in printed, printed[-2000:]
+    store.close()
 
 
 def test_a_command_killed_at_its_timeout_takes_the_programs_it_started_with_it(tmp_path: Path) -> None:

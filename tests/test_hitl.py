@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import subprocess
 import sys
 import threading
@@ -383,7 +384,12 @@ instrument: {simulator: "simulators.surfaces:Branin"}
     store.add_trials(cid, [({"a": 1.0, "b": 2, "c": "red"}, {"generator": "sobol"})], status=TrialStatus.held)
     with pytest.raises(hitl.DataError) as caught:
         hitl.approve(store, "limits", 1, {"a": "9", "b": "5"})
-    assert caught.value.problems == ["trial #1: the edit breaks constraint 'a + b <= 12' (left side is 14)"]
+    assert caught.value.problems == ["trial #1: the edit breaks constraint 'a + b <= 12' (left side is 14.0)"]
+    # an inequality holds exactly, but for the sum's own rounding: 1e-9 of the right side had let 12.0000000014 pass
+    # (and the approval said a=10, rounded)
+    with pytest.raises(hitl.DataError, match=r"left side is 12\.0000000014\)"):
+        hitl.approve(store, "limits", 1, {"a": "9.0000000014", "b": "3"})
+    assert hitl.check_constraints(campaign, {"a": math.nextafter(9.0, 10.0), "b": 3}) == []  # a sum's rounding
     with pytest.raises(hitl.DataError) as caught:
         hitl.approve(store, "limits", 1, {"b": "2.5", "c": "green", "d": "1"})
     assert caught.value.problems == [

@@ -10,3 +10,7 @@ def Heater(**options):  # noqa: N802 - a factory, named like the instrument
     det = SynSignal(func=lambda: heater.readback.get() ** 2, name="det")
     return InstrumentBinding(name="heater", positioners={"x1": heater}, detectors=[det], outputs={"y": "det_vaule"},
                              limits={"x1": (-5.0, 10.0)})
+
+
+def Forgetful(**options):  # noqa: N802 - a factory that forgot to return its binding
+    SynAxis(name="forgotten")

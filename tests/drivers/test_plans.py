@@ -211,6 +211,38 @@ def test_a_ramp_of_a_whole_number_setting_goes_in_whole_numbers(RE):
     assert binding.positioners["cycles"].set_calls == [5.0, 3.0, 1.0]
 
 
+def test_a_distance_of_a_whole_number_of_steps_is_ramped_whatever_its_rounding():
+    """2.1 -> 9.2 in steps of 0.1 divides into increments of 0.1000000000000001: the device, inside its limits, was
+    said to be outside them by more than a step, and the trial was re-queued for ever (407 of 20,000 ramps)."""
+    from simulators.devices import LimitedAxis
+
+    axis = LimitedAxis(name="pressure", limits=(0, 10), value=2.1)
+    binding = InstrumentBinding(name="press", positioners={"pressure": axis}, detectors=[axis],
+                                outputs={"y": "pressure"}, safety=[MaxStep("pressure", 0.1)])
+    stages = binding.ramp({"pressure": 9.2})
+    assert len(stages) == 71 and stages[-1] == {"pressure": 9.2}
+    assert all(abs(b["pressure"] - a["pressure"]) <= 0.1 + 1e-12 for a, b in zip(stages, stages[1:]))
+
+
+def test_a_ramp_that_would_pass_a_value_the_hardware_does_not_offer_is_refused_before_it_moves(RE):
+    """AllowedValues was checked on the setpoint alone: a pressure allowed at 1 or 5 was sent 2, 3 and 4 on the way."""
+    from drivers.binding import AllowedValues
+
+    setting = Signal(name="pressure", value=1)
+    sent: list[object] = []
+    setting.subscribe(lambda value, **_: sent.append(value), run=False)
+    binding = InstrumentBinding(name="press", positioners={"pressure": setting}, detectors=[setting],
+                                outputs={"y": "pressure"},
+                                safety=[AllowedValues("pressure", (1, 5)), MaxStep("pressure", 1)])
+    with pytest.raises(DeviceError, match=r"passes 2, which is not one of \[1, 5\]; nothing has moved"):
+        binding.ramp({"pressure": 5})
+    with pytest.raises(Exception):
+        RE(experiment_plan(binding, {"pressure": 5}, MD))
+    assert sent == [] and setting.get() == 1
+    binding.safety[0] = AllowedValues("pressure", (1, 2, 3, 4, 5))
+    assert [stage["pressure"] for stage in binding.ramp({"pressure": 5})] == [2, 3, 4, 5]
+
+
 def test_a_device_that_cannot_say_where_it_is_moves_in_one_go(RE):
     setting = Signal(name="setting", value=None)  # no position, and nothing to read yet
     binding = InstrumentBinding(name="one", positioners={"s": setting}, detectors=[setting],

@@ -41,3 +41,15 @@ def test_a_point_reads_the_same_whatever_the_axis_came_from() -> None:
         readings.append(outputs_from_events(binding, docs.events())[0]["y"])
         assert binding.positioners["x"].position == 6.742
     assert readings == [6.742, 6.742]
+
+
+@pytest.mark.parametrize("value", [10**30, 10**400, 150.0000001, float("nan")])
+def test_a_limited_axis_refuses_any_number_outside_its_limits_in_its_own_words(value: float) -> None:
+    """An integer past int64 was refused by numpy's isfinite ("ufunc 'isfinite' not supported for the input
+    types"), and one past any float by the set call itself (OverflowError), before the limits were checked."""
+    from simulators.devices import LimitError, LimitedAxis
+
+    axis = LimitedAxis(name="heater", limits=(0, 150), value=20)
+    with pytest.raises(LimitError, match="outside limits"):
+        axis.set(value)
+    assert axis.position == 20
