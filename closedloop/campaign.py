@@ -2016,7 +2016,8 @@ def _describe(data: Any, path: tuple, error: dict) -> str:
         word = {"greater_than_equal": "at least", "greater_than": "above", "less_than_equal": "at most",
                 "less_than": "below"}[kind]
         limit = next(iter(ctx.values()), "?")
-        limit = f"{limit:g}" if isinstance(limit, (int, float)) else limit
+        # an integer limit in full: the seed's 2**63 - 1 read 9.22337e+18
+        limit = str(limit) if isinstance(limit, int) else f"{limit:g}" if isinstance(limit, float) else limit
         return f"must be {word} {limit}, got {_shown(given)}"
     if kind in ("too_short", "too_long") and "Tuple" in msg:
         count = len(given) if isinstance(given, (list, tuple)) else "?"

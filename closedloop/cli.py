@@ -394,8 +394,8 @@ def daemon(
     board = _start_dashboard(store_path, the_daemon.control_endpoint, None if keys else the_daemon.publish_endpoint,
                              dashboard_host, dashboard) if dashboard is not None else None
     # -- end issue 9
-    console.print(f"daemon listening on {the_daemon.endpoint}; events on {the_daemon.publish_endpoint}; "
-                  f"control on {the_daemon.control_endpoint}; store {store_path}", highlight=False)
+    console.print(f"daemon listening on {the_daemon.endpoint}; events on {the_daemon.publish_endpoint or 'no socket'}; "
+                  f"control on {the_daemon.control_endpoint or 'no socket'}; store {store_path}", highlight=False)
     with ProgressView(campaigns, the_daemon.store, console) as view:
         the_daemon.on_event = view
         try:
@@ -676,7 +676,8 @@ def list_campaigns(
     from closedloop.store import Store
     from closedloop.view import Snapshot
 
-    locations = store or [str(p) for p in sorted(Path("results").glob("*.db"))]
+    # a store named twice is listed once (its campaigns had each taken two rows)
+    locations = list(dict.fromkeys(store)) if store else [str(p) for p in sorted(Path("results").glob("*.db"))]
     if not locations:
         _fail("no stores in results/; give --store")
     table = Table(box=None, header_style="bold")

@@ -70,9 +70,10 @@ def test_status_list_and_show_from_another_terminal(busy: tuple[Store, str]) -> 
     assert "left in flight: station-a: #6; station-b: #7 (nothing runs them now" in " ".join(text.split())
     assert "held for approval: #8" in text and "waiting for results by hand: #9" in text
     assert "failed: beam dump" in text
-    listing = runner.invoke(app, ["list", "--store", busy[1]])
+    listing = runner.invoke(app, ["list", "--store", busy[1], "--store", busy[1]])  # named twice, listed once
     assert listing.exit_code == 0
     assert "busy" in listing.stdout and "5/10" in listing.stdout and "y=3.5 (#2)" in listing.stdout
+    assert listing.stdout.count("5/10") == 1, listing.stdout
     shown = runner.invoke(app, ["show", "busy", "--store", busy[1]])
     assert shown.exit_code == 0
     assert "beam dump" in shown.stdout and "station-b" in shown.stdout and "9 trials" in shown.stdout
