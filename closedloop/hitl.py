@@ -190,8 +190,8 @@ def suggest(store: Store, campaign: Campaign | str, n: int = 1) -> list[TrialRow
     not propose them again. The new trials are ``proposed`` with ``execution: manual`` in their
     planner metadata, so a daemon leaves them to the person.
     """
-    if n < 1:
-        raise DataError([f"-n {n}: ask for at least one proposal"])
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:  # "2" and None had raised a bare TypeError
+        raise DataError([f"-n {n!r}: ask for at least one proposal, a whole number"])
     if isinstance(campaign, str):
         campaign = store.campaign(campaign)
     stored = any(row.name == campaign.name for row in store.campaigns())

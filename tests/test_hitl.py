@@ -620,3 +620,12 @@ def test_a_measured_value_is_a_plain_decimal_number(typed: str) -> None:
     with pytest.raises(ValueError, match="is not a number"):
         hitl.parse_output(typed)
     assert hitl.parse_output(" -2.5e3 ") == -2500.0 and hitl.parse_output(7) == 7.0
+
+
+@pytest.mark.parametrize("n", [0, -1, "2", None, True, 2.5])
+def test_suggest_from_python_refuses_a_count_that_is_not_a_whole_number_at_least_one(tmp_path: Path, n: object) -> None:
+    """closedloop.suggest(store, campaign, n="2") or n=None raised a bare TypeError from a comparison."""
+    store = Store(tmp_path / "s.db")
+    with pytest.raises(hitl.DataError, match="ask for at least one proposal, a whole number"):
+        hitl.suggest(store, Campaign.from_yaml(campaign_file(tmp_path)), n)  # type: ignore[arg-type]
+    assert store.campaigns() == []

@@ -232,3 +232,25 @@ def test_the_multifidelity_benchmark_spends_the_same_cost_on_both_planners_and_w
     cheap = summary["multifidelity"]["experiments"][0]
     assert sum(cheap.values()) > 3  # the cheap source buys more experiments for the same cost
     assert written["cost_ratio"] == pytest.approx(summary["cost_ratio"])
+
+
+def test_a_result_that_is_not_an_experiment_of_the_campaign_is_refused_and_a_failed_reading_teaches_nothing() -> None:
+    """ingest took any result: a missing parameter or one a million times past its bound was reported as the best
+    and broke every later suggestion (KeyError), and a NaN reading failed the model's fit for good."""
+    planner = make_planner(example())
+    start = planner.suggest(len(planner.design))
+    results = [Result(p.parameters, {"y": measure(p.parameters)}, i) for i, p in enumerate(start, 1)]
+    planner.ingest(results)
+    best = planner.best()
+    for bad, says in (({"x1": 1.0, SOURCE: "robot"}, "parameter 'x2' is missing"),
+                      ({"x1": 1e6, "x2": 1.0, SOURCE: "robot"}, r"x1=1000000.0 is outside \[-5.0, 10.0\]"),
+                      ({"x1": 1.0, "x2": 1.0, SOURCE: "lab"}, "source 'lab' is not one of the campaign's")):
+        with pytest.raises(PlannerError, match=says):
+            planner.ingest([Result(bad, {"y": -5.0}, 99)])
+    robot = next(r.parameters for r in results if r.parameters[SOURCE] == "robot")
+    planner.ingest([Result(robot, {"y": float("nan")}, 100), Result(robot, {"y": "abc"}, 101)])  # failed readings
+    assert planner.best() == best
+    (proposal,) = planner.suggest(1)
+    assert -5 <= proposal.parameters["x1"] <= 10
+    with pytest.raises(PlannerError, match="pending 0: x1=nan is not a number"):
+        planner.suggest(1, pending=[{"x1": float("nan"), "x2": 1.0, SOURCE: "robot"}])

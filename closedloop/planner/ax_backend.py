@@ -40,7 +40,7 @@ from closedloop.campaign import (
 )
 from closedloop.errors import PlannerError, SpaceExhausted
 from closedloop.planner.base import Proposal, Result, proposal_count
-from closedloop.planner.observations import ObservationLog, check_pending, finite_number, parameter_problem
+from closedloop.planner.observations import ObservationLog, check_pending, check_results, finite_number
 from closedloop.planner.space import Space
 
 log = logging.getLogger(__name__)
@@ -151,11 +151,7 @@ class AxPlanner:
         raises :class:`PlannerError` and nothing is taken (Ax attached a value outside the limits as a
         trial of its own, and a missing parameter raised ``KeyError`` with the results before it taken).
         """
-        for k, result in enumerate(results):
-            problem = parameter_problem(self.campaign, result.parameters)
-            if problem is not None:
-                trial = f" (trial {result.trial})" if result.trial is not None else ""
-                raise PlannerError(f"result {k}{trial}: {problem}; none of the {len(results)} results was taken")
+        check_results(self.campaign, results)
         for result in results:
             index = self._take_running(_key(self._typed(result.parameters)))
             if index is None:
@@ -322,7 +318,8 @@ class AxPlanner:
         if trial is None or trial.arm is None:
             return None
         key = _key(self._decode(trial.arm.parameters))
-        matches = [r for r in self.results if r.values is not None and _key(self._typed(r.parameters)) == key]
+        # a failed replicate of the point (a NaN, no values) is not its result: it had been returned as the best
+        matches = [r for r in self.results if self._outcome(r) is not None and _key(self._typed(r.parameters)) == key]
         return matches[-1] if matches else None
 
     def _outcome(self, result: Result) -> dict[str, float] | None:

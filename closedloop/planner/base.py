@@ -60,4 +60,10 @@ def proposal_count(n: Any) -> int:
     backend and given ``[]`` in the others, ``suggest(2.5)`` crashed in all)."""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
         raise PlannerError(f"suggest: n is the number of experiments to propose, a whole number at least 0, not {n!r}")
+    if n > MAX_PROPOSALS:  # 10**12 failed in torch's allocator, asking for 16 TB
+        raise PlannerError(f"suggest: n={n} is more experiments than one call proposes (at most {MAX_PROPOSALS}); "
+                           "ask again for more")
     return int(n)
+
+
+MAX_PROPOSALS = 10_000

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Hashable
 from typing import Any
 
 from gest_api import Generator
@@ -117,7 +118,7 @@ class PlannerGenerator(Generator):
         for k, point in enumerate(points):
             identifier = point.get("_id")
             if identifier is not None:
-                if identifier not in self._outstanding or identifier in identifiers:
+                if not isinstance(identifier, Hashable) or identifier not in self._outstanding or identifier in identifiers:
                     raise ValueError(f"_id {identifier!r} was not suggested by this generator or was already ingested")
                 identifiers.add(identifier)
             # one missing is the planner's to refuse (its ingest checks every result), as a ValueError below
@@ -155,13 +156,17 @@ def campaign_from_vocs(vocs: VOCS, backend: str = "botorch", seed: int | None = 
     ``LESS_THAN``/``GREATER_THAN``/``BOUNDS`` constraints become outcome constraints.
     """
     parameters: dict[str, Any] = {}
+    if "_id" in vocs.variables or "_id" in vocs.constants:
+        # a point's "_id" is the generator's: a variable of that name had its value overwritten by the point's number
+        raise CampaignError("variables._id: '_id' names each point this generator suggests; name the variable otherwise")
     for name, variable in vocs.variables.items():
         if isinstance(variable, ContinuousVariable):
             parameters[name] = {"type": "continuous", "bounds": list(variable.domain)}
         else:
             values = sorted(variable.values, key=str)
             numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-            parameters[name] = ({"type": "discrete", "values": sorted(float(v) for v in values)} if numeric
+            # the values as given: {1, 2, 4} as floats came back as 2.0, which range() and indexing refuse
+            parameters[name] = ({"type": "discrete", "values": sorted(values)} if numeric
                                 else {"type": "categorical", "values": values})
     for name, constant in vocs.constants.items():
         parameters[name] = {"type": "fixed", "value": constant.value}

@@ -40,6 +40,7 @@ from closedloop.campaign import SOURCE, Campaign, ContinuousParameter, FixedPara
 from closedloop.errors import PlannerError
 from closedloop.planner.base import Proposal, Result, proposal_count
 from closedloop.planner.models import in_planner_numerics, output_scale
+from closedloop.planner.observations import check_pending, check_results, finite_number
 
 __all__ = ["SOURCE", "MultiFidelityPlanner", "unsupported"]
 
@@ -158,8 +159,20 @@ class MultiFidelityPlanner:
     # -- the Planner protocol -----------------------------------------------------------------------
 
     def ingest(self, results: list[Result]) -> None:
-        """Add finished experiments; each result's parameters name their source under ``source``."""
+        """Add finished experiments; each result's parameters name their source under ``source``.
+
+        All or none, as every backend: it took any result, and one with a parameter missing or out of its limits, or
+        a source the campaign lacks, broke every later suggestion (and could be reported as the best)."""
+        check_results(self.campaign, results)
+        for k, r in enumerate(results):
+            if r.parameters.get(SOURCE) not in self.sources:
+                raise PlannerError(f"result {k}: source {r.parameters.get(SOURCE)!r} is not one of the campaign's "
+                                   f"({', '.join(self.sources)}); none of the {len(results)} results was taken")
         self.results.extend(results)
+
+    def _measured(self, result: Result) -> bool:
+        """Whether a result holds a finite reading of the objective (NaN or text is a failed measurement)."""
+        return result.values is not None and finite_number(result.values.get(self.output))
 
     @in_planner_numerics
     def best(self) -> Result | None:
@@ -167,8 +180,7 @@ class MultiFidelityPlanner:
 
         Cheaper sources never count. :meth:`recommend` gives the model's estimate instead.
         """
-        at_target = [r for r in self.results
-                     if r.values is not None and self.output in r.values and r.parameters.get(SOURCE) == self.target]
+        at_target = [r for r in self.results if self._measured(r) and r.parameters.get(SOURCE) == self.target]
         if not at_target:
             return None
         return max(at_target, key=lambda r: self.sign * r.values[self.output])  # type: ignore[index]
@@ -201,6 +213,7 @@ class MultiFidelityPlanner:
         """``n`` proposals, chosen one after another, each treating the ones before and ``pending`` as
         measured at the model's mean (the kriging believer). Parameters and metadata name the source."""
         n = proposal_count(n)
+        check_pending(self.campaign, pending or [])
         pending = [dict(p) for p in pending or []]
         proposals: list[Proposal] = []
         for _ in range(n):
@@ -232,7 +245,7 @@ class MultiFidelityPlanner:
         X, Y = [], []
         ordered = sorted(self.results, key=lambda r: r.trial if r.trial is not None else -1)
         for result in ordered:
-            if result.values is None or self.output not in result.values:
+            if not self._measured(result):
                 continue  # a failed experiment teaches this model nothing about the surface
             source = result.parameters.get(SOURCE)
             if source not in self.fidelity:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 
 import torch
 
@@ -36,11 +37,7 @@ class ObservationLog:
     def add(self, results: list[Result]) -> None:
         """Add ``results``, all or none: one whose parameters cannot be an experiment of this campaign
         raises :class:`PlannerError` (taken in, it would break every later suggestion)."""
-        for k, r in enumerate(results):
-            problem = parameter_problem(self.campaign, r.parameters)
-            if problem is not None:
-                trial = f" (trial {r.trial})" if r.trial is not None else ""
-                raise PlannerError(f"result {k}{trial}: {problem}; none of the {len(results)} results was taken")
+        check_results(self.campaign, results)
         for r in results:
             key = (float(r.trial) if r.trial is not None else math.inf, self._arrival)
             self._arrival += 1
@@ -168,12 +165,44 @@ def parameter_problem(campaign: Campaign, parameters: dict) -> str | None:
     return None
 
 
+def result_problem(campaign: Campaign, result: Result) -> str | None:
+    """Why ``result`` cannot be taken in (None if it can): its parameters (:func:`parameter_problem`), values that
+    are not a mapping of output names (``1.5`` for ``{"y": 1.5}``), or a trial number that is not a number. Taken
+    in, each had broken every later ``best()`` or suggestion; a value that is not a finite number is a failed
+    measurement, not a problem."""
+    if not isinstance(result, Result):
+        return f"{type(result).__name__} is not a Result"
+    if not isinstance(result.parameters, Mapping):
+        return f"parameters {str(result.parameters)[:80]} are not a mapping of names to values"
+    values = result.values
+    if values is not None and (not isinstance(values, Mapping) or not all(isinstance(k, str) for k in values)):
+        return (f"values {str(values)[:80]} are not a mapping of output names to readings (None for a failed "
+                "experiment)")
+    if result.trial is not None and not (finite_number(result.trial) and not isinstance(result.trial, bool)):
+        return f"trial {result.trial!r} is not a number"
+    return parameter_problem(campaign, result.parameters)
+
+
+def check_results(campaign: Campaign, results: list[Result]) -> None:
+    """Raise :class:`PlannerError` for the first result that cannot be taken in; all or none."""
+    for k, r in enumerate(results):
+        problem = result_problem(campaign, r)
+        if problem is not None:
+            trial = f" (trial {r.trial})" if isinstance(r, Result) and r.trial is not None else ""
+            raise PlannerError(f"result {k}{trial}: {problem}; none of the {len(results)} results was taken")
+
+
 def check_pending(campaign: Campaign, pending: list[dict]) -> None:
-    """Raise :class:`PlannerError` for an experiment in flight without a varied parameter (it had raised
-    ``KeyError`` deep in a backend). An empty dict only holds a place: the daemon's filler counts its
-    proposals so (``pending=[{}] * filled``)."""
+    """Raise :class:`PlannerError` for an experiment in flight that is not one of the campaign's: a varied parameter
+    missing (it had raised ``KeyError`` deep in a backend), a value that is not a number or outside its limits (NaN
+    failed in the model's linear algebra, None in a float conversion). An empty dict only holds a place: the
+    daemon's filler counts its proposals so (``pending=[{}] * filled``)."""
     for k, parameters in enumerate(pending):
-        missing = [name for name in campaign.tunable_parameters if parameters and name not in parameters]
-        if missing:
-            raise PlannerError(f"pending {k}: parameter {missing[0]!r} is missing (an experiment in flight names "
-                               "every varied parameter)")
+        if not isinstance(parameters, Mapping):
+            raise PlannerError(f"pending {k}: {str(parameters)[:80]!r} is not a mapping of parameter names to values")
+        if not parameters:
+            continue
+        problem = parameter_problem(campaign, parameters)
+        if problem is not None:
+            hint = " (an experiment in flight names every varied parameter)" if problem.endswith("is missing") else ""
+            raise PlannerError(f"pending {k}: {problem}{hint}")

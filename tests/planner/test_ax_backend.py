@@ -335,3 +335,16 @@ def test_a_rebuilt_planner_does_not_propose_again_the_point_of_an_experiment_tha
         running.ingest([result])
         results.append(result)
     assert results[2].parameters not in [r.parameters for r in results[3:]]
+
+
+def test_a_failed_replicate_of_the_best_point_is_not_reported_as_the_best() -> None:
+    """best() matched Ax's best trial to the last result at its point: a failed repeat (NaN, no values) won."""
+    planner = make_planner(campaign())
+    results = [Result(p.parameters, {"y": float(i)}, i) for i, p in enumerate(planner.suggest(5))]
+    planner.ingest(results)
+    best = planner.best()
+    assert best is not None and best.values is not None
+    for failed in ({"y": float("nan")}, {}, None):
+        planner.ingest([Result(dict(best.parameters), failed, 10)])
+        again = planner.best()
+        assert again is not None and again.values == best.values, failed

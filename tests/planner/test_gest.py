@@ -132,3 +132,17 @@ def test_wrong_input_to_the_verbs_is_a_value_error_that_names_it():
 def test_a_vocs_the_campaign_language_cannot_express_is_a_value_error():
     with pytest.raises(ValueError, match="x-1"):
         PlannerGenerator(VOCS(variables={"x-1": [0.0, 1.0]}, objectives={"f": "MINIMIZE"}), backend="sobol")
+
+
+def test_whole_number_values_come_back_whole_and_an_id_is_the_generators_own() -> None:
+    """Discrete values {1, 2, 4} came back as 2.0 and 4.0; a variable named _id had its value overwritten by the
+    point's number; an unhashable _id raised TypeError."""
+    generator = PlannerGenerator(VOCS(variables={"n": {1, 2, 4}}, objectives={"f": "MINIMIZE"}), backend="sobol",
+                                 seed=0)
+    points = generator.suggest(2)
+    assert all(type(p["n"]) is int and p["n"] in (1, 2, 4) for p in points), points
+    with pytest.raises(ValueError, match=r"_id \[0\] was not suggested by this generator"):
+        generator.ingest([{"n": 2, "f": 1.0, "_id": [0]}])
+    with pytest.raises(ValueError, match="'_id' names each point this generator suggests"):
+        PlannerGenerator(VOCS(variables={"_id": [0.0, 1.0], "x": [0.0, 1.0]}, objectives={"f": "MINIMIZE"}),
+                         backend="sobol", seed=0)
