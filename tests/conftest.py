@@ -39,3 +39,9 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def any_parameters(**parameters: object) -> dict[str, float]:
+    """A computational experiment that takes whatever a campaign varies, for tests that validate a campaign file and
+    never run it (a function's arguments are checked against the campaign's parameters)."""
+    return {"y": 0.0}

@@ -619,7 +619,7 @@ def test_suggest_and_show_print_bracketed_and_colon_values_as_written(tmp_path: 
         "  temp: {type: continuous, bounds: [20, 80]}\n"
         "  vial: {type: fixed, value: 'slot:cd:2'}\n"
         "objectives:\n  y: {goal: maximize}\nbudget: {experiments: 4}\nplanner: {backend: random, seed: 0}\n"
-        "instrument: {function: 'simulators.multifidelity:biased_branin'}\n")
+        "instrument: {function: 'tests.conftest:any_parameters'}\n")
     from typer.testing import CliRunner
 
     from closedloop.cli import app
@@ -649,7 +649,7 @@ def test_validate_and_status_print_bracketed_paths_and_messages_as_written(tmp_p
     (folder / "c.yaml").write_text(
         "name: il-screen\nparameters:\n  temp: {type: continuous, bounds: [20, 80]}\n"
         "objectives:\n  y: {goal: maximize}\nbudget: {experiments: 2}\nplanner: {backend: random, seed: 0}\n"
-        "instrument: {function: 'simulators.multifidelity:biased_branin'}\n")
+        "instrument: {function: 'tests.conftest:any_parameters'}\n")
     monkeypatch.chdir(tmp_path)  # in-process, as a subprocess would import torch again
     validated = CliRunner().invoke(app, ["validate", "runs[abc]/c.yaml"])
     assert validated.exit_code == 0, validated.output
@@ -737,7 +737,7 @@ def test_error_lines_print_bracketed_values_as_written(tmp_path: Path, monkeypat
         "  solvent: {type: categorical, values: ['[bmim]PF6', '[emim][OTf]']}\n"
         "  temp: {type: continuous, bounds: [20, 80]}\n"
         "objectives:\n  y: {goal: maximize}\nbudget: {experiments: 4}\nplanner: {backend: random, seed: 0}\n"
-        "instrument: {function: 'simulators.multifidelity:biased_branin'}\n")
+        "instrument: {function: 'tests.conftest:any_parameters'}\n")
     (tmp_path / "past.csv").write_text("solvent,temp,y\n[emim]PF6,30,1.5\n")
     monkeypatch.chdir(tmp_path)  # in-process, as a subprocess each would import torch again
     assert CliRunner().invoke(app, ["suggest", "il.yaml"]).exit_code == 0

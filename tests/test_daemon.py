@@ -369,12 +369,16 @@ def test_a_second_answer_to_one_assignment_leaves_the_finished_trial_as_it_was(s
         sock.send(protocol.encode(protocol.Hello(station="st", instance="s")))
         _next_message(sock, "welcome")
         assigned = _next_message(sock, "assign")
-        # back to back, so that both reach the daemon while the trial is in flight there
-        for run_uid, value in (("first", 1.5), ("second", 777.0)):
-            sock.send(protocol.encode(protocol.ResultMessage(
-                trial_id=assigned.trial_id, assignment=assigned.msg_id, run_uid=run_uid, values={"y": value})))
-        for _ in range(2):
-            assert _next_message(sock, "ack").trial_id == assigned.trial_id  # the station may forget both
+        sock.send(protocol.encode(protocol.ResultMessage(
+            trial_id=assigned.trial_id, assignment=assigned.msg_id, run_uid="first", values={"y": 1.5})))
+        assert _next_message(sock, "ack").trial_id == assigned.trial_id
+        # registered again saying it holds the trial's answer, as a station does for what its outbox keeps
+        sock.send(protocol.encode(protocol.Hello(station="st", instance="s", welcomed=1,
+                                                 outstanding=[assigned.trial_id])))
+        _next_message(sock, "welcome")
+        sock.send(protocol.encode(protocol.ResultMessage(
+            trial_id=assigned.trial_id, assignment=assigned.msg_id, run_uid="second", values={"y": 777.0})))
+        assert _next_message(sock, "ack").trial_id == assigned.trial_id  # the station may forget it
         sock.send(protocol.encode(protocol.Failure(trial_id=assigned.trial_id, assignment=assigned.msg_id,
                                                    error="and a failure", run_uid="third")))
         assert _next_message(sock, "ack").trial_id == assigned.trial_id

@@ -554,7 +554,7 @@ def test_a_csv_export_neutralises_formulas_and_imports_back_as_stored(tmp_path: 
     values = ['=HYPERLINK("http://x","y")', "+cmd", "-2+3", "@SUM(A1)", "'quoted", "'=x", "plain"]
     text = ("name: NAME\nparameters:\n  x: {type: continuous, bounds: [-1, 1]}\n"
             f"  cat: {{type: categorical, values: {json.dumps(values)}}}\nobjectives:\n  y: {{goal: minimize}}\n"
-            "budget: {experiments: 10}\ninstrument: {function: 'simulators.multifidelity:biased_branin'}\n")
+            "budget: {experiments: 10}\ninstrument: {function: 'tests.conftest:any_parameters'}\n")
     store = Store(tmp_path / "s.db")
     cid = store.open_campaign(Campaign.from_yaml_text(text.replace("NAME", "formulas"), check_instrument=False))
     for i, (trial, value) in enumerate(zip(store.add_trials(cid, [({"x": -0.5, "cat": v}, {}) for v in values]),
