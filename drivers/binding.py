@@ -321,6 +321,17 @@ class InstrumentBinding:
                 raise InstrumentUnavailable(
                     f"{name}: the device is at {start:g}, outside its limits [{low:g}, {high:g}] by more than the "
                     f"allowed step {step:g}; no move of at most {step:g} reaches them: bring it within a step")
+        for name in steps:
+            # the device's own check too (a ChoiceSignal of numbers): it had refused a stage mid-ramp, after the
+            # stages before it had moved
+            check = getattr(self.settable.get(name), "check_value", None)
+            for stage in stages[:-1] if callable(check) else []:
+                try:
+                    check(stage[name])
+                except Exception as exc:  # noqa: BLE001 - whatever the device refuses with
+                    raise DeviceError(f"{name}: going from {present[name]!r} to {setpoints[name]!r} in steps of at most "
+                                      f"{steps[name]:g} passes {stage[name]!r}, which the device refuses ({exc}); nothing "
+                                      "has moved") from None
         for rule in self.safety:
             if isinstance(rule, AllowedValues) and rule.parameter in steps:
                 # a stage is a value sent to the device as much as the setpoint is

@@ -243,6 +243,21 @@ def test_a_ramp_that_would_pass_a_value_the_hardware_does_not_offer_is_refused_b
     assert [stage["pressure"] for stage in binding.ramp({"pressure": 5})] == [2, 3, 4, 5]
 
 
+def test_a_ramp_that_would_pass_a_value_its_device_refuses_is_refused_before_it_moves(RE):
+    """A ChoiceSignal of numbers refused the ramp's second stage mid-run, after the first had been set."""
+    from simulators.devices import ChoiceSignal
+
+    valve = ChoiceSignal(name="valve", choices=(1, 5), value=1)
+    axis = SynAxis(name="axis")
+    binding = InstrumentBinding(name="valves", positioners={"x": axis}, signals={"valve": valve},
+                                detectors=[valve], outputs={"y": "valve"}, safety=[MaxStep("valve", 1)])
+    with pytest.raises(DeviceError, match=r"passes 2, which the device refuses \(valve=2 is not one of \[1, 5\]\)"):
+        binding.ramp({"valve": 5})
+    with pytest.raises(Exception):
+        RE(experiment_plan(binding, {"x": 3.0, "valve": 5}, MD))
+    assert valve.set_calls == [] and valve.get() == 1
+
+
 def test_a_device_that_cannot_say_where_it_is_moves_in_one_go(RE):
     setting = Signal(name="setting", value=None)  # no position, and nothing to read yet
     binding = InstrumentBinding(name="one", positioners={"s": setting}, detectors=[setting],
