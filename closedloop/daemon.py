@@ -1138,17 +1138,21 @@ class Daemon:
 
     def _was_given(self, station: Station, result: protocol.ResultMessage) -> bool:
         """Whether this daemon gave the result's trial to ``station`` (an earlier attempt's, re-queued since)."""
-        return (self._sent.get(result.assignment or "") == (result.trial_id, station.name)
+        return (self._sent_to(result.assignment, result.trial_id, station.name)
                 or result.trial_id in self._given.get(station.name, ())
                 or self._left_behind.get(result.trial_id) == station.name)
 
     def _answered(self, assignment: str | None, trial_id: int, station: str) -> bool:
         """Whether ``assignment`` was sent to ``station`` for ``trial_id`` and not yet answered; it is answered now,
         so that a second answer to it is not taken as the record of another run."""
-        if assignment is None or self._sent.get(assignment) != (trial_id, station):
+        if not self._sent_to(assignment, trial_id, station):
             return False
-        del self._sent[assignment]
+        del self._sent[assignment]  # type: ignore[arg-type]
         return True
+
+    def _sent_to(self, assignment: str | None, trial_id: int, station: str) -> bool:
+        """Whether ``assignment`` is an assign of ``trial_id`` this daemon sent ``station`` (the latest _SENT_KEPT)."""
+        return assignment is not None and self._sent.get(assignment) == (trial_id, station)
 
     def _keep_documents(self, trial_id: int, run_uid: str | None, documents: str | None) -> None:
         """A run's Bluesky documents, kept before its result or failure is stored and acknowledged.

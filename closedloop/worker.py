@@ -150,12 +150,11 @@ class Outbox:
         except sqlite3.DatabaseError as exc:
             self._db.close()
             raise ClosedLoopError(f"the outbox {path} is not a station's outbox: {exc}") from None
-        if tables - {"outbox", "ran"}:
+        if foreign := sorted(tables - {"outbox", "ran"}):
             # a daemon's store given as the outbox had the station's tables written into it
             self._db.close()
             raise ClosedLoopError(f"the outbox {path} is another database (it holds the tables "
-                                  f"{', '.join(sorted(tables - {'outbox', 'ran'})[:5])}): name a new file or this "
-                                  "station's outbox")
+                                  f"{', '.join(foreign[:5])}): name a new file or this station's outbox")
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a commit survives a crash of this process (kill -9); only an OS crash or power
         # loss can lose the last ones, which the daemon then times out and retries like a lost station

@@ -321,27 +321,25 @@ class InstrumentBinding:
                 raise InstrumentUnavailable(
                     f"{name}: the device is at {start:g}, outside its limits [{low:g}, {high:g}] by more than the "
                     f"allowed step {step:g}; no move of at most {step:g} reaches them: bring it within a step")
+        # a stage is a value sent to the device as much as the setpoint is: what its AllowedValues or its own
+        # check_value refuses (a ChoiceSignal of numbers) is refused before anything moves; a ChoiceSignal had
+        # refused a stage mid-ramp, after the stages before it were set, and a plain signal was sent them all
         for name in steps:
-            # the device's own check too (a ChoiceSignal of numbers): it had refused a stage mid-ramp, after the
-            # stages before it had moved
-            check = getattr(self.settable.get(name), "check_value", None)
-            for stage in stages[:-1] if callable(check) else []:
-                try:
-                    check(stage[name])
-                except Exception as exc:  # noqa: BLE001 - whatever the device refuses with
-                    raise DeviceError(f"{name}: going from {present[name]!r} to {setpoints[name]!r} in steps of at most "
-                                      f"{steps[name]:g} passes {stage[name]!r}, which the device refuses ({exc}); nothing "
-                                      "has moved") from None
-        for rule in self.safety:
-            if isinstance(rule, AllowedValues) and rule.parameter in steps:
-                # a stage is a value sent to the device as much as the setpoint is
-                passed = next((stage[rule.parameter] for stage in stages[:-1]
-                               if stage[rule.parameter] not in rule.values), None)
-                if passed is not None:
-                    raise DeviceError(
-                        f"{rule.parameter}: going from {present[rule.parameter]!r} to {setpoints[rule.parameter]!r} in "
-                        f"steps of at most {steps[rule.parameter]:g} passes {passed!r}, which is not one of "
-                        f"{list(rule.values)}; nothing has moved")
+            going = (f"{name}: going from {present[name]!r} to {setpoints[name]!r} in steps of at most "
+                     f"{steps[name]:g} passes")
+            allowed = [rule.values for rule in self.safety if isinstance(rule, AllowedValues) and rule.parameter == name]
+            checker = getattr(self.settable.get(name), "check_value", None)
+            for stage in stages[:-1]:
+                value = stage[name]
+                for values in allowed:
+                    if value not in values:
+                        raise DeviceError(f"{going} {value!r}, which is not one of {list(values)}; nothing has moved")
+                if checker is not None:
+                    try:
+                        _run_check(checker, value)
+                    except Exception as exc:  # noqa: BLE001 - whatever the device refuses with
+                        raise DeviceError(f"{going} {value!r}, which the device refuses ({exc}); nothing has moved") \
+                            from None
         return stages
 
     def _range(self, name: str) -> tuple[float, float]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from closedloop.store import Store
-from tests.daemon.procs import (campaign_yaml, check_one_run_then_handed_back, kill9, lab, ran, sigterm_mid_run,
+from tests.daemon.procs import (campaign_yaml, check_one_run_then_handed_back, kill9, lab, Lab, ran, sigterm_mid_run,
                                 start_compute_station, wait_for)
 
 pytestmark = pytest.mark.slow
@@ -118,19 +118,30 @@ def test_a_second_ctrl_c_cuts_the_run_short_and_hands_the_trial_back_unrun(tmp_p
     check_cut_short_then_requeued(tmp_path, "again", 4)
 
 
+def _slow_sums(name: str, seconds: float) -> str:
+    """Two Branin experiments computed by a function that takes ``seconds``, one at a time, never retried."""
+    from simulators.surfaces import branin_campaign
+
+    return branin_campaign(name, 2, execution={"concurrency": 1, "retries": 0},
+                           instrument={"function": "tests.test_compute:takes", "options": {"seconds": seconds}})
+
+
+def _computing(tmp_path: Path, here: Lab, name: str) -> subprocess.Popen:
+    """A compute station started in the lab, once it computes an experiment."""
+    station = here.stations[name] = start_compute_station(tmp_path, here.endpoint, name)
+    wait_for(lambda: here.log.exists() and f'state="started" station="{name}"' in here.log.read_text(), 90,
+             "an experiment")
+    time.sleep(0.5)
+    return station
+
+
 def test_ctrl_c_to_a_compute_station_finishes_its_experiment_as_sigterm_does(tmp_path: Path) -> None:
     """Ctrl-C to `closedloop compute-station` mid-experiment cancelled the Dask task and left without a word: the
     daemon declared the station lost, and with retries: 0 the experiment would be abandoned reconcile_s later. The
     first Ctrl-C now stops it as SIGTERM does: the experiment computing finishes and is delivered, exit 0."""
-    from simulators.surfaces import branin_campaign
-
-    campaign = branin_campaign("sums", 2, execution={"concurrency": 1, "retries": 0},
-                               instrument={"function": "tests.test_compute:takes", "options": {"seconds": 3.0}})
-    with lab(tmp_path, campaign) as here:
+    with lab(tmp_path, _slow_sums("sums", 3.0)) as here:
         log = here.log
-        station = here.stations["st"] = start_compute_station(tmp_path, here.endpoint, "st")
-        wait_for(lambda: log.exists() and 'state="started"' in log.read_text(), 90, "an experiment")
-        time.sleep(0.5)
+        station = _computing(tmp_path, here, "st")
         _ctrl_c(station)
         assert station.wait(timeout=60) == 0, (tmp_path / "st.out").read_text()[-3000:]
         wait_for(lambda: 'state="completed"' in log.read_text() or "reconciling" in log.read_text(), 30, "the result")
@@ -145,15 +156,9 @@ def test_a_second_ctrl_c_to_a_compute_station_cancels_its_experiment_and_hands_t
     the daemon waited reconcile_s for the station, then with retries: 0 abandoned the trial, an experiment of the
     budget lost that nothing measured. The station now says it no longer holds the trial before it leaves (exit
     130, one line said), and the trial goes back to the queue, to run on another station, unfailed."""
-    from simulators.surfaces import branin_campaign
-
-    campaign = branin_campaign("cut", 2, execution={"concurrency": 1, "retries": 0},
-                               instrument={"function": "tests.test_compute:takes", "options": {"seconds": 6.0}})
-    with lab(tmp_path, campaign) as here:
+    with lab(tmp_path, _slow_sums("cut", 6.0)) as here:
         log = here.log
-        stopped = here.stations["stopped"] = start_compute_station(tmp_path, here.endpoint, "stopped")
-        wait_for(lambda: log.exists() and 'state="started" station="stopped"' in log.read_text(), 90, "an experiment")
-        time.sleep(0.5)
+        stopped = _computing(tmp_path, here, "stopped")
         _ctrl_c(stopped)
         time.sleep(0.5)
         before = (tmp_path / "stopped.out").read_text().splitlines()
