@@ -1175,3 +1175,51 @@ def test_a_long_campaign_is_sent_thinned_charts_with_the_same_best_line_and_extr
     front = [p for p in full["pareto"]["points"] if p["front"]]
     points = campaign["pareto"]["points"]
     assert [p for p in points if p["front"]] == front and len(points) <= len(front) + 10
+
+
+def test_idle_connections_are_closed_and_capped_so_the_daemons_process_keeps_its_files(tmp_path: Path,
+                                                                                        monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A connection that never finished its request (nothing sent, or a header line and no more) was held open for
+    good: each a file descriptor of the daemon's process under `daemon --dashboard`, and 300 of them, opened by anyone
+    who could reach the port (a read-only dashboard on 0.0.0.0 too), stopped a daemon allowed 300 ('Too many open
+    files' when it kept a run's documents). Connections beyond MAX_CONNECTIONS are answered 503 and closed; one that
+    sends no whole request within REQUEST_TIMEOUT_S is closed."""
+    import socket
+
+    from closedloop.dashboard import app
+
+    monkeypatch.setattr(app, "REQUEST_TIMEOUT_S", 1.0)
+    _branin_results(tmp_path / "seen.db", 1)
+    server = DashboardServer(DashboardConfig(store=str(tmp_path / "seen.db"), port=0, host="0.0.0.0")).start()
+    held: list[socket.socket] = []
+
+    def closed(conn: socket.socket, timeout_s: float) -> bytes | None:
+        """What the server sent before closing ``conn`` within ``timeout_s``; None if it is still open."""
+        conn.settimeout(timeout_s)
+        reply = b""
+        try:
+            while chunk := conn.recv(4096):
+                reply += chunk
+        except TimeoutError:
+            return None
+        except ConnectionResetError:  # closed with the half request it sent unread
+            pass
+        return reply
+
+    try:
+        for i in range(app.MAX_CONNECTIONS + 5):
+            conn = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            held.append(conn)
+            if i % 2 and i < app.MAX_CONNECTIONS:
+                conn.sendall(b"GET /api/state HTTP/1.1\r\n")
+        beyond = [closed(conn, 5) for conn in held[app.MAX_CONNECTIONS:]]
+        assert all(r is not None and r.startswith(b"HTTP/1.1 503") for r in beyond), beyond
+        assert all(closed(conn, 5) is not None for conn in held[:app.MAX_CONNECTIONS])
+        for conn in held:
+            conn.close()
+        held.clear()
+        assert _get(f"http://127.0.0.1:{server.port}/api/state")[0] == 200
+    finally:
+        for conn in held:
+            conn.close()
+        server.stop()

@@ -40,6 +40,7 @@ from urllib.parse import urlsplit
 
 import zmq
 import zmq.asyncio
+from uvicorn.protocols.http.h11_impl import H11Protocol
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -63,6 +64,11 @@ CONTROL_METHODS = ("pause", "resume", "stop", "approve", "edit", "reject")
 # event streams served at once: each holds a SUB socket on the daemon's PUB, file descriptors of the daemon's own
 # process under `daemon --dashboard`, where anyone who may read the page could otherwise open them until none are left
 MAX_STREAMS = 32
+# connections held at once, and how long one may go without sending a whole request: uvicorn keeps a connection that
+# sends nothing (or a header a byte at a time) for good, each a file descriptor of the daemon's own process under
+# `daemon --dashboard`; 300 idle connections stopped a daemon allowed 300 ('Too many open files' keeping a run's documents)
+MAX_CONNECTIONS = 128
+REQUEST_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -411,6 +417,34 @@ class Dashboard:
             sub.close(linger=0)
 
 
+class _Guarded(H11Protocol):
+    """uvicorn's HTTP/1.1 connection, answered 503 and closed beyond ``MAX_CONNECTIONS``, and closed when it has sent no
+    whole request for ``REQUEST_TIMEOUT_S`` while none of its requests is being answered (an event stream is kept)."""
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._seen: Any = None  # the request cycle the last check found
+        self._check: asyncio.TimerHandle | None = None
+        if len(self.connections) > MAX_CONNECTIONS:
+            transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            transport.close()
+            return
+        self._check = self.loop.call_later(REQUEST_TIMEOUT_S, self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        answering = self.cycle is not None and not self.cycle.response_complete
+        if not answering and self.cycle is self._seen:
+            self.transport.close()
+            return
+        self._seen = self.cycle
+        self._check = self.loop.call_later(REQUEST_TIMEOUT_S, self._close_if_idle)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._check is not None:
+            self._check.cancel()
+        super().connection_lost(exc)
+
+
 class _Counted(StreamingResponse):
     """An event stream that gives its place back however it ends (a client gone before the first byte too)."""
 
@@ -473,7 +507,7 @@ class DashboardServer:
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind((config.host, config.port))
         self.port = self._socket.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(self.dashboard.app, log_level="warning", lifespan="off",
+        self.server = uvicorn.Server(uvicorn.Config(self.dashboard.app, log_level="warning", lifespan="off", http=_Guarded,
                                                     timeout_graceful_shutdown=2, access_log=False))
         self._thread = threading.Thread(target=self._run, name="closedloop-dashboard", daemon=True)
 
