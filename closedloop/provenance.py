@@ -397,8 +397,11 @@ def _follow_review(_mapper: Any, connection: Any, target: TrialRow) -> None:
 def _trial(store: Store, campaign: str, index: int) -> tuple[int, TrialRow]:
     campaign_id = store.campaign_row(campaign).id
     assert campaign_id is not None
-    with Session(store.engine) as session:
-        row = session.exec(select(TrialRow).where(TrialRow.campaign_id == campaign_id, TrialRow.index == index)).first()
+    row = None
+    if -2**63 <= index < 2**63:  # a number past SQL's integers (a typo) raised OverflowError: a 500 on the dashboard
+        with Session(store.engine) as session:
+            row = session.exec(select(TrialRow).where(TrialRow.campaign_id == campaign_id,
+                                                      TrialRow.index == index)).first()
     if row is None:
         raise CampaignError(no_trial(store, campaign_id, campaign, index))
     return campaign_id, row

@@ -538,7 +538,8 @@ def test_a_trial_number_the_campaign_does_not_have_is_bad_input(tmp_path: Path) 
     hitl.suggest(store, campaign, n=3)
     store.open_campaign(empty)
     for args in (["show", "numbered", "99"], ["explain", "numbered", "99"], ["replay", "numbered", "--until", "99"],
-                 ["show", "numbered", "0"]):
+                 ["show", "numbered", "0"], ["explain", "numbered", "99999999999999999999"],
+                 ["replay", "numbered", "--until", "99999999999999999999"]):
         result = CliRunner().invoke(app, [*args, "--store", store.location])
         assert result.exit_code == 2, (args, result.output)
         number = args[-1] if args[0] == "replay" else args[2]
