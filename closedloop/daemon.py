@@ -1823,6 +1823,11 @@ class Daemon:
                 self._update_planner(run)
             return {"success": True, "msg": f"{method}d {', '.join(r.campaign.name for r in runs)}"}
         if method == "stop":
+            if params.get("campaign") is not None:
+                # a stop is the whole daemon's: `{"method": "stop", "campaign": "a"}` (the dashboard's API lists a
+                # campaign beside pause, resume and stop) stopped every campaign, a name it does not run as well
+                return {"success": False, "bad_input": True, "msg": "stop stops the whole daemon and takes no "
+                        f"campaign: pause {params['campaign']!r} instead, or stop without naming one"}
             self.request_stop("control")
             self.wake()
             return {"success": True, "msg": f"stopping; {len(self.in_flight)} trials in flight"}

@@ -1223,3 +1223,20 @@ def test_idle_connections_are_closed_and_capped_so_the_daemons_process_keeps_its
         for conn in held:
             conn.close()
         server.stop()
+
+
+def test_a_stop_naming_a_campaign_is_refused_and_stops_nothing(loop: Loop) -> None:
+    """The dashboard's API takes `{"method": "pause"|"resume"|"stop", "campaign"?}`, but the daemon's stop ignored the
+    campaign: a stop meant for one campaign (or naming one it does not run) stopped the daemon and every campaign."""
+    server = _server(loop)
+    base = f"http://127.0.0.1:{server.port}/"
+    try:
+        for name in ("dash", "nope"):
+            status, reply = _post(base + "api/control", {"method": "stop", "campaign": name})
+            assert status == 409 and "takes no campaign" in reply["msg"], reply
+        status = control_request(loop.daemon.control_endpoint, "status")
+        assert status["stopping"] is False and status["campaigns"][0]["stopping"] is False, status
+        done = loop.dispatched()
+        _wait(lambda: loop.dispatched() > done, 30, "dispatch going on")
+    finally:
+        server.stop()
