@@ -800,7 +800,12 @@ def _from_scratch(store: Store, name: str, max_trials: int) -> dict:
             "execution": t.planner.get("execution"),
             "dispatched_at": _iso(t.dispatched_at), "finished_at": _iso(t.finished_at),
         })
+    from closedloop.store import used_instrument
+
+    spent = sum(spec.cost_of(t.parameters) for t in store.trials(row.id)
+                if t.status in ("completed", "failed", "abandoned") and used_instrument(t.attempts, t.error))
     out = {"name": name, "status": Snapshot.from_store(store, name, recent=0).status, "budget": spec.max_experiments,
+           "experiments": spec.budget.experiments, "cost_budget": spec.budget.cost, "spent": spent,
            "objectives": [{"name": n, "goal": o.goal} for n, o in spec.objectives.items()], "outputs": spec.outputs,
            "backend": spec.planner.backend,
            "parameters": {n: {"type": p.type, "bounds": list(p.bounds)} for n, p in spec.parameters.items()},
@@ -1240,3 +1245,30 @@ def test_a_stop_naming_a_campaign_is_refused_and_stops_nothing(loop: Loop) -> No
         _wait(lambda: loop.dispatched() > done, 30, "dispatch going on")
     finally:
         server.stop()
+
+
+def test_a_campaign_with_a_budget_in_cost_shows_the_cost_spent(tmp_path: Path) -> None:
+    """A campaign with sources and a budget in cost showed '31/120 done' and a quarter-full bar once it had spent its
+    whole cost: 120 is only what the cost buys at the cheapest source. The card says what `closedloop status` says."""
+    spec = Campaign.from_yaml_text((ROOT / "campaigns" / "branin_multifidelity.yaml").read_text())
+    store = Store(tmp_path / "mf.db")
+    cid = store.open_campaign(spec)
+    for i, source in enumerate(["simulation"] * 10 + ["robot"] * 11, start=1):
+        (trial,) = store.add_trials(cid, [({"x1": 1.0 + i / 10, "x2": 2.0, "source": source}, {"generator": "mf-ucb"})])
+        store.mark_dispatched(trial.id, "station-a")
+        store.record_result(trial.id, f"run-{i}", {"y": 10.0 - i / 10})
+    store.close()
+    server = DashboardServer(DashboardConfig(store=str(tmp_path / "mf.db"), port=0)).start()
+    try:
+        status, state = _get(f"http://127.0.0.1:{server.port}/api/state")
+        campaign = state["campaigns"][0]
+        assert status == 200 and campaign["cost_budget"] == 12 and campaign["spent"] == pytest.approx(12.0), campaign
+        with _chromium() as page:
+            page.goto(f"http://127.0.0.1:{server.port}/")
+            page.wait_for_function("document.querySelector('#best-plot').dataset.count === '21'", timeout=20_000)
+            card = page.text_content("#campaigns .card")
+            width = page.evaluate("document.querySelector('#campaigns .bar div').style.width")
+    finally:
+        server.stop()
+    assert "cost 12/12, 21 experiments" in card and "/120" not in card, card
+    assert width == "100%", width

@@ -35,7 +35,7 @@ from sqlalchemy.engine import RowMapping
 from closedloop.campaign import Campaign
 from closedloop.planner.base import Result
 from closedloop.provenance import ProvenanceRow
-from closedloop.store import CampaignRow, ObservationRow, Store, TrialRow, TrialStatus
+from closedloop.store import CampaignRow, ObservationRow, Store, TrialRow, TrialStatus, used_instrument
 from closedloop.view import shown_status
 
 MAX_TRIALS = 500  # rows sent to the page; the store keeps them all
@@ -79,7 +79,10 @@ class CampaignView:
         objectives = [{"name": n, "goal": o.goal} for n, o in spec.objectives.items()]
         self._first, self._goal = objectives[0]["name"], objectives[0]["goal"]
         self._bounds = spec.output_bounds
-        self._static = finite({"budget": spec.max_experiments, "objectives": objectives, "outputs": spec.outputs,
+        # a budget in cost (sources) is counted in cost, as `closedloop status` counts it: `budget` is then only what it
+        # buys at the cheapest source, and a campaign that had spent its cost showed "31/120 done"
+        self._static = finite({"budget": spec.max_experiments, "experiments": spec.budget.experiments,
+                               "cost_budget": spec.budget.cost, "objectives": objectives, "outputs": spec.outputs,
                                "backend": spec.planner.backend,
                                "parameters": {n: _parameter_summary(p) for n, p in spec.parameters.items()}})
         self._forget()
@@ -94,6 +97,7 @@ class CampaignView:
         self._series: list[dict[str, Any]] = []
         self._thinned: list[dict[str, Any]] | None = None  # what is sent of the series, until it changes
         self._failures: list[dict[str, Any]] = []  # every failed or abandoned trial, in order: the chart marks them
+        self._spent = 0.0  # the cost of the finished experiments that used their instrument
         self._front = None if len(self.spec.objectives) < 2 else _Front(self.spec)
 
     @staticmethod
@@ -120,7 +124,7 @@ class CampaignView:
         held = [self._rows[i] for i in sorted(self._open) if self._rows[i]["status"] == TrialStatus.held.value]
         out: dict[str, Any] = {
             "name": row.name, "status": shown_status(store, row), **self._static, "counts": counts,
-            "results": len(self._series), "series": self._drawn(), "failures": list(self._failures), "trials": [self._rows[i] for i in self._window], "held": held,
+            "results": len(self._series), "spent": self._spent, "series": self._drawn(), "failures": list(self._failures), "trials": [self._rows[i] for i in self._window], "held": held,
         }
         if self._front is not None:
             out["pareto"] = self._front.state()
@@ -140,6 +144,8 @@ class CampaignView:
             return
         self._open.pop(index, None)
         self._finished += 1
+        if used_instrument(trial["attempts"], trial["error"]):
+            self._spent += self.spec.cost_of(trial["parameters"])
         if trial["status"] != TrialStatus.completed.value:
             bisect.insort(self._failures, {"trial": index, "status": trial["status"]}, key=_trial_number)
         if index >= self._window[0]:

@@ -127,12 +127,17 @@ function drawCampaigns() {
     h.append(pause, resume, show);
     card.append(h);
     const bar = el("div", { class: "bar" });
-    bar.append(el("div", { style: `width:${Math.min(100, (100 * finished) / c.budget)}%` }));
+    // with a budget in cost, of its experiments or of its cost, whichever is further (as `closedloop status`)
+    const cost = c.cost_budget !== null && c.cost_budget !== undefined;
+    const spent = cost ? Math.max(c.experiments ? finished / c.experiments : 0, c.spent / c.cost_budget) : finished / c.budget;
+    bar.append(el("div", { style: `width:${Math.min(100, 100 * spent)}%` }));
     card.append(bar);
     const best = c.series.length && c.series[c.series.length - 1].best !== null ? c.series[c.series.length - 1] : null;
     const objectives = c.objectives.map((o) => `${o.goal} ${o.name}`).join(", ");
     const counts = Object.entries(c.counts).map(([k, v]) => `${v} ${k}`).join(", ");
-    let line = `${finished}/${c.budget} done (${counts || "none yet"}); ${objectives}; planner ${c.backend}`;
+    const done = cost ? `cost ${fmt(Number(c.spent.toPrecision(4)))}/${c.cost_budget}, ${finished}${c.experiments ? `/${c.experiments}` : ""} experiments`
+      : `${finished}/${c.budget} done`;
+    let line = `${done} (${counts || "none yet"}); ${objectives}; planner ${c.backend}`;
     if (best) line += `; best ${c.objectives[0].name}=${fmt(best.best)}`;
     if (c.live && c.live.planner_error) line += `; planner error: ${c.live.planner_error}`;
     card.append(el("div", {}, line));
