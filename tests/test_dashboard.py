@@ -1272,3 +1272,24 @@ def test_a_campaign_with_a_budget_in_cost_shows_the_cost_spent(tmp_path: Path) -
         server.stop()
     assert "cost 12/12, 21 experiments" in card and "/120" not in card, card
     assert width == "100%", width
+
+
+def test_a_dashboard_port_in_use_is_named_in_one_line(tmp_path: Path) -> None:
+    """`closedloop dashboard` (and `daemon --dashboard`) on a port in use said 'error: OSError: [Errno 98] Address
+    already in use', naming neither the dashboard nor the port: the daemon has three endpoints of its own."""
+    import socket
+    import subprocess
+    import sys
+
+    _branin_results(tmp_path / "seen.db", 1)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "closedloop.cli", "dashboard", "--store", str(tmp_path / "seen.db"),
+                                 "--port", str(port), "--control", "", "--events", ""],
+                                capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 1, result
+    assert result.stderr.strip().splitlines() == [
+        f"error: the dashboard cannot listen on 127.0.0.1:{port}: Address already in use (another dashboard or "
+        "program listens there: stop it, or choose another port)"], result.stderr

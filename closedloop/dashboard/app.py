@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import logging
 import math
@@ -505,7 +506,17 @@ class DashboardServer:
         self.config = config
         self._socket = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind((config.host, config.port))
+        try:
+            self._socket.bind((config.host, config.port))
+        except (OSError, OverflowError) as exc:  # OverflowError: a port past 65535
+            self._socket.close()
+            self.dashboard.store.close()
+            # said as 'OSError: [Errno 98] Address already in use', it did not say it was the dashboard's port (under
+            # `daemon --dashboard` the daemon has three endpoints of its own)
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            busy = (" (another dashboard or program listens there: stop it, or choose another port)"
+                    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE else "")
+            raise ClosedLoopError(f"the dashboard cannot listen on {config.host}:{config.port}: {why}{busy}") from None
         self.port = self._socket.getsockname()[1]
         self.server = uvicorn.Server(uvicorn.Config(self.dashboard.app, log_level="warning", lifespan="off", http=_Guarded,
                                                     timeout_graceful_shutdown=2, access_log=False))
