@@ -1293,3 +1293,22 @@ def test_a_dashboard_port_in_use_is_named_in_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [
         f"error: the dashboard cannot listen on 127.0.0.1:{port}: Address already in use (another dashboard or "
         "program listens there: stop it, or choose another port)"], result.stderr
+
+
+def test_the_address_printed_with_a_token_opens_the_page_whatever_the_token_holds(tmp_path: Path) -> None:
+    """The address the dashboard prints held its token as typed: a token of base64 ('openssl rand -base64 16') has
+    '+', which an address reads as a space, so the page the printed address opened was refused (401), and so was
+    every request the page then made with the token it read from its address."""
+    from urllib.parse import parse_qs, urlsplit
+
+    _branin_results(tmp_path / "seen.db", 1)
+    token = "ab+cd/ef==&x #y%"
+    server = DashboardServer(DashboardConfig(store=str(tmp_path / "seen.db"), port=0, token=token)).start()
+    try:
+        with urllib.request.urlopen(server.url, timeout=30) as page:
+            assert page.status == 200 and "best-plot" in page.read().decode()
+        read = parse_qs(urlsplit(server.url).query)["token"][0]  # as the page reads it (URLSearchParams)
+        assert read == token
+        assert _get(f"http://127.0.0.1:{server.port}/api/state", {"X-Closedloop-Token": read})[0] == 200
+    finally:
+        server.stop()

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import zmq
 import zmq.asyncio
@@ -525,7 +525,8 @@ class DashboardServer:
     @property
     def url(self) -> str:
         host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
-        return f"http://{host}:{self.port}/" + (f"?token={self.config.token}" if self.config.token else "")
+        # encoded: a token of base64 (`openssl rand -base64`) has '+', which an address reads as a space, and '/' and '='
+        return f"http://{host}:{self.port}/" + (f"?token={quote(self.config.token, safe='')}" if self.config.token else "")
 
     def _run(self) -> None:
         self.server.run(sockets=[self._socket])
