@@ -1312,3 +1312,22 @@ def test_the_address_printed_with_a_token_opens_the_page_whatever_the_token_hold
         assert _get(f"http://127.0.0.1:{server.port}/api/state", {"X-Closedloop-Token": read})[0] == 200
     finally:
         server.stop()
+
+
+def test_a_store_that_cannot_be_read_is_one_line_not_a_traceback_per_poll(tmp_path: Path) -> None:
+    """With its store deleted or moved (or a database server down), every poll of every open page logged a full
+    traceback and was answered 500 'Internal Server Error', which the page showed as 'dashboard unreachable'. It is
+    answered 503 with why, in one line, which the page shows."""
+    _branin_results(tmp_path / "seen.db", 1)
+    server = DashboardServer(DashboardConfig(store=str(tmp_path / "seen.db"), port=0)).start()
+    try:
+        base = f"http://127.0.0.1:{server.port}/"
+        assert _get(base + "api/state")[0] == 200
+        for path in tmp_path.glob("seen.db*"):
+            if path.is_file():
+                path.unlink()
+        for url in ("api/state", "api/trial?campaign=seen&trial=1", "api/model?campaign=seen&parameter=x1"):
+            status, reply = _get(base + url)
+            assert status == 503 and reply["msg"].startswith(f"cannot read the store {tmp_path / 'seen.db'}: "), reply
+    finally:
+        server.stop()

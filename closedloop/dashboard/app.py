@@ -42,6 +42,7 @@ from urllib.parse import quote, urlsplit
 import zmq
 import zmq.asyncio
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from sqlalchemy.exc import DBAPIError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -240,7 +241,15 @@ class Dashboard:
             Route("/api/control", self.control, methods=["POST"]),
             Route("/events", self.events),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
-        ])
+        ], exception_handlers={DBAPIError: self._store_failed})
+
+    def _store_failed(self, _request: Request, exc: Exception) -> Response:
+        """A store that cannot be read (deleted or moved, a database server down): one line in the log and on the page.
+        Each poll of each open page had logged a full traceback, and the page said only "dashboard unreachable"."""
+        reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
+        msg = f"cannot read the store {self.store.display}: {reason}"
+        log.warning("%s", msg)
+        return JSONResponse({"success": False, "msg": msg}, status_code=503)
 
     # -- access ----------------------------------------------------------------------------------
 

@@ -35,7 +35,11 @@ function say(text, error = false) {
 
 async function getJSON(url) {
   const reply = await fetch(url, { headers, cache: "no-store" });
-  if (!reply.ok && reply.status !== 404) throw new Error(`${url}: HTTP ${reply.status}`);
+  if (!reply.ok && reply.status !== 404) {
+    // the server's reason where it gives one (a store it cannot read): "HTTP 503" alone said nothing
+    const body = await reply.json().catch(() => ({}));
+    throw new Error(body.msg || `${url}: HTTP ${reply.status}`);
+  }
   return reply.json();
 }
 
@@ -66,6 +70,7 @@ async function refresh() {
   } catch (err) {
     $("#daemon-state").textContent = "dashboard unreachable";
     $("#daemon-state").className = "pill bad";
+    if (!(err instanceof TypeError)) say(err.message, true); // TypeError: no answer at all; else the server's reason
     return;
   }
   readOnly = state.read_only;
