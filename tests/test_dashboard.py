@@ -1331,3 +1331,49 @@ def test_a_store_that_cannot_be_read_is_one_line_not_a_traceback_per_poll(tmp_pa
             assert status == 503 and reply["msg"].startswith(f"cannot read the store {tmp_path / 'seen.db'}: "), reply
     finally:
         server.stop()
+
+
+def _an_address_beyond_loopback() -> str | None:
+    """One of this machine's addresses that is not loopback, if it has one."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the interface a route would use
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+def test_a_control_request_from_beyond_loopback_needs_the_token_whatever_the_app_was_told(tmp_path: Path) -> None:
+    """create_app (for uvicorn deployments) believes the host its config names, 127.0.0.1 by default: served on
+    0.0.0.0, a peer from another machine that named 'Host: 127.0.0.1' passed the DNS-rebinding check, and its stop
+    was relayed to the daemon with no token. The peer's own address now decides."""
+    import socket
+
+    import uvicorn
+
+    from closedloop.dashboard import create_app
+
+    address = _an_address_beyond_loopback()
+    if address is None:
+        pytest.skip("this machine has no address beyond loopback")
+    _branin_results(tmp_path / "seen.db", 1)
+    listener = socket.socket()
+    listener.bind(("0.0.0.0", 0))
+    port = listener.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(DashboardConfig(store=str(tmp_path / "seen.db"))),
+                                           log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    try:
+        _wait(lambda: server.started, 10, "the server")
+        status, reply = _post(f"http://{address}:{port}/api/control", {"method": "stop"}, {"Host": "127.0.0.1"})
+        assert status == 403 and "needs the dashboard's token" in reply["msg"], reply
+        status, reply = _post(f"http://127.0.0.1:{port}/api/control", {"method": "stop"})
+        assert status == 409 and "no daemon control endpoint" in reply["msg"], reply  # loopback: relayed as before
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        listener.close()

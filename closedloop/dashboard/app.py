@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import hmac
+import ipaddress
 import logging
 import math
 import socket
@@ -338,6 +339,12 @@ class Dashboard:
             return denied
         if self.config.effective_read_only:
             return JSONResponse({"success": False, "msg": self.config.read_only_reason}, status_code=403)
+        client = request.client.host if request.client else None
+        if not self.config.token and not _loopback(client):
+            # the app only believes it listens on loopback (create_app served by uvicorn on 0.0.0.0): a peer from
+            # beyond, naming 'Host: 127.0.0.1', passed the DNS-rebinding check and stopped the daemon with no token
+            return JSONResponse({"success": False, "msg": f"refused: a control request from {client}, beyond loopback, "
+                                 "needs the dashboard's token (--token SECRET)"}, status_code=403)
         # another site's page in the scientist's browser must not press the buttons: such a request either
         # names its origin or, to avoid a CORS preflight, cannot be sent as application/json
         origin = request.headers.get("origin")
@@ -467,6 +474,16 @@ class _Counted(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self._ended()
+
+
+def _loopback(address: str | None) -> bool:
+    """Whether a peer's address is this machine's loopback (127.0.0.0/8, ::1, and IPv4 loopback mapped into IPv6)."""
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
 
 
 def _connectable(endpoint: str | None) -> str | None:
