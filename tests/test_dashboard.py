@@ -1377,3 +1377,29 @@ def test_a_control_request_from_beyond_loopback_needs_the_token_whatever_the_app
         server.should_exit = True
         thread.join(timeout=10)
         listener.close()
+
+
+def test_a_control_request_cut_off_before_its_body_is_whole_logs_no_traceback(tmp_path: Path) -> None:
+    """A POST whose client went away before sending the body it announced raised ClientDisconnect out of the handler:
+    'Exception in ASGI application' and a traceback in the log (the daemon's own log under `daemon --dashboard`)."""
+    import logging
+    import socket
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("uvicorn.error")
+    _branin_results(tmp_path / "seen.db", 1)
+    server = DashboardServer(DashboardConfig(store=str(tmp_path / "seen.db"), port=0)).start()
+    logger.addHandler(handler)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as conn:
+            conn.sendall(b"POST /api/control HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"met")
+            time.sleep(0.5)
+        time.sleep(1.0)
+        assert _get(f"http://127.0.0.1:{server.port}/api/state")[0] == 200
+    finally:
+        logger.removeHandler(handler)
+        server.stop()
+    assert not [r for r in records if r.levelno >= logging.ERROR], [r.getMessage() for r in records]

@@ -46,7 +46,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from sqlalchemy.exc import DBAPIError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -358,6 +358,8 @@ class Dashboard:
                 raise ValueError("send a JSON object")
         except (ValueError, RecursionError) as exc:  # RecursionError: deeply nested JSON
             return JSONResponse({"success": False, "msg": f"bad request: {exc}"}, status_code=400)
+        except ClientDisconnect:  # gone before its body was whole: nothing to act on, and no traceback in the log
+            return Response(status_code=400)
         reply = await run_in_threadpool(self._control, body)
         return JSONResponse(reply, status_code=200 if reply.get("success") else 409)
 
