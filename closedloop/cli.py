@@ -251,8 +251,9 @@ def _setup_logging(verbose: bool, logfile: Path | None = None, terminal: str | N
     logging.getLogger("bluesky").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
-def _summary(campaign: Campaign, store_path: Path, run: Any, seconds: float) -> None:
+def _summary(campaign: Campaign, store_path: Path | str, run: Any, seconds: float) -> None:
     from closedloop import report
+    from closedloop.store import displayed
 
     counts = run.store.counts(run.id)
     # from the store, not the running planner, which may not have taken in the last results yet
@@ -277,7 +278,7 @@ def _summary(campaign: Campaign, store_path: Path, run: Any, seconds: float) -> 
     else:
         console.print(f"best experiment: #{best.trial}  {_format_values(best.values)}")
         console.print(f"  parameters: {_format_values(best.parameters)}", highlight=False, markup=False)
-    console.print(f"results stored in {store_path}")
+    console.print(f"results stored in {displayed(store_path)}")  # a database URL without its password
 
 
 @app.command()
@@ -351,8 +352,9 @@ def daemon(
     ctx: typer.Context,
     campaign_files: list[Path] = typer.Argument(..., help="campaign YAML files to run"),
     bind: str = typer.Option("tcp://127.0.0.1:5701", callback=_endpoint, help="ROUTER endpoint stations connect to"),
-    store: Optional[Path] = typer.Option(None, help="store file or URL (default results/NAME.db of the first campaign)",
-                                         callback=_name_store),
+    # a str, not a Path: Path collapses '//' and made postgresql+psycopg://... a SQLite file under a folder of that name
+    store: Optional[str] = typer.Option(None, help="store file or URL (default results/NAME.db of the first campaign)",
+                                        callback=_name_store),
     publish: str = typer.Option("tcp://127.0.0.1:5702", callback=_endpoint_or_none, help="PUB endpoint streaming campaign events ('' for none)"),
     control: str = typer.Option("tcp://127.0.0.1:5700", callback=_endpoint_or_none, help="control endpoint for pause/resume/stop/cancel/status"),
     secret_key: Optional[Path] = typer.Option(None, help="the daemon's CURVE secret key (NAME.key_secret)"),
@@ -395,7 +397,7 @@ def daemon(
                              dashboard_host, dashboard) if dashboard is not None else None
     # -- end issue 9
     console.print(f"daemon listening on {the_daemon.endpoint}; events on {the_daemon.publish_endpoint or 'no socket'}; "
-                  f"control on {the_daemon.control_endpoint or 'no socket'}; store {store_path}", highlight=False)
+                  f"control on {the_daemon.control_endpoint or 'no socket'}; store {the_store.display}", highlight=False)
     with ProgressView(campaigns, the_daemon.store, console) as view:
         the_daemon.on_event = view
         try:
@@ -1431,7 +1433,7 @@ def _start_dashboard(store: Any, control: str | None, events: str | None, host: 
 
 @app.command()
 def dashboard(
-    store: Path = typer.Option(..., help="the daemon's store file or URL", callback=_name_store),
+    store: str = typer.Option(..., help="the daemon's store file or URL", callback=_name_store),  # a str: see daemon
     control: Optional[str] = typer.Option("tcp://127.0.0.1:5700", callback=_endpoint_or_none, help="the daemon's control endpoint ('' for none)"),
     events: Optional[str] = typer.Option("tcp://127.0.0.1:5702", callback=_endpoint_or_none, help="the daemon's PUB endpoint ('' for none)"),
     host: str = typer.Option("127.0.0.1", help="interface to listen on (beyond loopback: read-only without --token)"),

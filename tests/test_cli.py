@@ -1064,3 +1064,30 @@ def test_any_commands_ctrl_c_that_lands_in_an_exec_of_a_string_ends_with_the_com
         "    exec('os.kill(os.getpid(), signal.SIGINT)\\nwhile True: pass', {'os': os, 'signal': signal})\n"
         "cli.main()\n", "probe")
     assert (done.returncode, done.stdout.strip(), done.stderr.strip()) == (130, "probing", "interrupted")
+
+
+@pytest.mark.parametrize("command", [["daemon", "c.yaml", "--bind", "tcp://127.0.0.1:0", "--publish", ""],
+                                     ["dashboard", "--port", "0", "--events", ""]])
+def test_a_daemon_or_dashboard_given_a_database_url_opens_that_database(command: list[str], tmp_path: Path) -> None:
+    """`closedloop daemon --store postgresql+psycopg://...` (docs/scaling.md's shared store) took the URL as a Path,
+    which collapsed '//': the daemon ran the campaign in a SQLite file under ./postgresql+psycopg:/USER:PASSWORD@HOST/
+    and printed the password in its store line. A server that refuses the connection shows the URL was used."""
+    import socket
+
+    with socket.socket() as s:  # a port with nothing listening: the connection is refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "c.yaml").write_text((ROOT / "campaigns" / "branin.yaml").read_text())
+    url = f"postgresql+psycopg://lab:s3cret-word@127.0.0.1:{port}/results"
+    proc = subprocess.Popen([sys.executable, "-m", "closedloop.cli", *command, "--store", url, "--control", ""],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=60)  # it had run on, serving the campaign from its SQLite file
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 1, out + err
+    assert err.strip().splitlines()[0].startswith(
+        f"error: cannot open the store postgresql+psycopg://lab:***@127.0.0.1:{port}/results: "), err
+    assert "s3cret-word" not in out + err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
