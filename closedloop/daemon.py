@@ -872,6 +872,8 @@ class Daemon:
             self._say_unlogged_drops(now)
         if now - self._last_queue_refresh > 1.0:
             self._last_queue_refresh = now
+            # a PostgreSQL restart ends the sessions holding the campaigns: take them again before another daemon does
+            self.store.keep_claims(self._claimed)
             for run in self.runs.values():
                 if run.approve or _HELD is not None:
                     for trial in run.refresh_queue():  # issue 7: rejected by a person, a known-bad point

@@ -189,9 +189,25 @@ class _AdvisoryHold:
     def __init__(self, connection: Connection, key: int):
         self.connection, self.key = connection, key
 
+    def alive(self) -> bool:
+        """Whether the session holding the lock is still there: a server restart (or a dropped connection) ends
+        it, and the lock with it, silently."""
+        from sqlalchemy.exc import SQLAlchemyError
+
+        try:
+            self.connection.execute(text("SELECT 1"))
+        except SQLAlchemyError:  # the server's error, or the dead connection's pending rollback after it
+            return False
+        return True
+
     def close(self) -> None:
+        from sqlalchemy.exc import SQLAlchemyError
+
         # the pool keeps the session alive: closing the connection alone would keep the lock
-        self.connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self.key})
+        try:
+            self.connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self.key})
+        except SQLAlchemyError:  # the session ended (a server restart): the lock ended with it, nothing to let go
+            pass
         self.connection.close()
 
 
@@ -594,6 +610,34 @@ class Store:
                 _claims[key] = (handle, count - 1)
             elif handle is not None:
                 handle.close()
+
+    def keep_claims(self, campaigns: Iterable[str]) -> None:
+        """Make sure this process still holds ``campaigns`` (claimed with :meth:`claim`), taking a hold again that
+        the database lost; raises StoreError when another process took it meanwhile. A PostgreSQL restart ends the
+        session holding each advisory lock: the daemon ran on, and a second daemon started on the same campaign was
+        let in ('resuming ...') and would dispatch its budget again. A server not back yet is asked again next time."""
+        from sqlalchemy.exc import DBAPIError
+
+        if self.engine.dialect.name != "postgresql":
+            return  # a SQLite file's lock is the operating system's, held as long as this process lives
+        with _claims_lock:
+            for campaign in campaigns:
+                key = (self.location, campaign)
+                if key not in _claims or _claims[key][0].alive():
+                    continue
+                hold, count = _claims[key]
+                try:
+                    retaken = self._take(campaign)
+                except DBAPIError:
+                    continue  # the server is not back yet: nobody else can take the lock either
+                if retaken is False:
+                    del _claims[key]
+                    hold.close()
+                    raise StoreError(f"lost the hold on campaign {campaign!r} (the database server of {self.display} "
+                                     "restarted or dropped the connection) and another process runs it now; this one "
+                                     "stops so that no experiment is run twice")
+                hold.close()
+                _claims[key] = (retaken, count)
 
     def held(self, campaign: str) -> bool | None:
         """Whether a process (this one included) runs ``campaign`` now; None where this store cannot tell."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -254,3 +255,34 @@ def test_a_campaign_is_run_by_one_process_at_a_time_and_let_go_when_it_dies(stor
         holder.wait(timeout=30)
     store.claim("held")  # the operating system let go with the process
     store.release("held")
+
+
+def test_a_daemon_keeps_its_campaign_when_the_database_server_drops_the_session_holding_it() -> None:
+    """A PostgreSQL restart ends every session, and each advisory lock with it: the daemon ran on, idle between
+    transactions, and a second daemon started on the same campaign was let in ('resuming slow: 7 experiments
+    already done'); at its end the first then exited 1, releasing the lock on the dead connection. The session is
+    ended here as a restart ends it, by the server (pg_terminate_backend)."""
+    import subprocess
+    import sys
+
+    for url in postgres_database():  # skips, saying why, without CLOSEDLOOP_TEST_POSTGRES_URL
+        store = Store(url)
+        daemon = Daemon(store, [branin_campaign("held")], heartbeat_s=0.5, publish=None, control=None)
+        try:
+            admin = create_engine(url, isolation_level="AUTOCOMMIT")
+            with admin.connect() as conn:
+                ended = conn.execute(text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                    "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")).scalars().all()
+            admin.dispose()
+            assert ended == [True]
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline:  # a second of the daemon's turns (no station: it dispatches nothing)
+                daemon.step(timeout_ms=50)
+            rival = subprocess.run([sys.executable, "-c", "import sys\nfrom closedloop.store import Store\n"
+                                    "Store(sys.argv[1]).claim('held')\n", url], capture_output=True, text=True,
+                                   timeout=120)
+            assert rival.returncode != 0 and "'held' is being run by another process" in rival.stderr, rival.stderr
+        finally:
+            daemon.close()  # lets go of the hold it took again (the dead session's unlock raised here)
+            store.close()
