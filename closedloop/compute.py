@@ -551,6 +551,9 @@ class ComputeStation:
                     except queue.Empty:
                         break
                     payload = self._finish(trial_id, future)
+                    # let go of the future: Dask computes a finished one again, for as long as it is referenced,
+                    # when the worker process holding its result dies (another experiment's crash, a node lost)
+                    del future
                     if payload is not None:
                         sock.send(payload)
                         last_sent = time.monotonic()

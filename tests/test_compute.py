@@ -36,6 +36,15 @@ def dies_once(x1: float, x2: float, marker: str) -> dict[str, float]:
     return quadratic(x1, x2)
 
 
+def logs_then_crashes(x1: float, x2: float, log: str) -> dict[str, float]:
+    """Writes its point to ``log`` each time it runs, then kills its worker process where x1 > 0.5."""
+    with open(log, "a") as f:
+        f.write(f"{x1!r} {x2!r}\n")
+    if x1 > 0.5:
+        os._exit(17)
+    return quadratic(x1, x2)
+
+
 def waits_for(x1: float, x2: float, release: str) -> dict[str, float]:
     """Answers once the test creates the file ``release`` (at the latest after 30 s)."""
     deadline = time.time() + 30
@@ -466,6 +475,27 @@ def test_a_worker_lost_mid_experiment_fails_the_trial_and_the_retry_policy_decid
         else:
             assert trial.attempts == 2
         store.close()
+
+
+def test_a_finished_experiment_is_not_computed_again_when_its_worker_process_dies_later(tmp_path: Path) -> None:
+    """The station kept the last finished future referenced (its loop's variable) until the next one finished:
+    when the worker process holding that future's result died (the next experiment crashed it, a node was lost),
+    Dask computed the finished experiment again, unasked (measured: 3 of 16 points run twice, one three times)."""
+    log = tmp_path / "calls.txt"
+    c = campaign("again", json.dumps({"function": "tests.test_compute:logs_then_crashes",
+                                      "options": {"log": str(log)}}), experiments=8, concurrency=1)
+    store = Store(tmp_path / "s.db")
+    daemon = Daemon(store, [c], heartbeat_s=0.5, reconcile_s=1.0)
+    station = ComputeStation(daemon.endpoint, name="cluster", capacity=1, outbox=tmp_path / "o.db",
+                             processes=True, local_workers=2, heartbeat_s=0.5)
+    serve(daemon, station, limit_s=150)
+    trials = store.trials(store.campaign_row("again").id)
+    crashed = [t for t in trials if t.parameters["x1"] > 0.5]
+    assert len(trials) == 8 and crashed and len(crashed) < 8  # both kinds ran, so a finished one could be lost
+    time.sleep(3)  # a recomputation started by the last crash has begun by now
+    calls = log.read_text().splitlines()
+    assert len(calls) == len(set(calls)) == 8, calls
+    store.close()
 
 
 @pytest.mark.slow  # two timeouts, the grace and two worker restarts: 25 to 40 s each
