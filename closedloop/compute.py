@@ -423,7 +423,25 @@ class ComputeStation:
             else:
                 log.info("connecting to the Dask scheduler at %s", address)
                 self._clients[address] = Client(address, timeout="30s")
+                self._say_reruns(address)
         return self._clients[address]
+
+    def _say_reruns(self, address: str) -> None:
+        """Warn where a scheduler this station does not own re-runs the experiment of a worker that dies: Dask's
+        default (``allowed-failures`` 3) ran a function that crashed its worker 4 times, with ``retries: 0``."""
+        def allowed(dask_scheduler: Any) -> int:
+            return int(dask_scheduler.allowed_failures)
+
+        try:
+            reruns = self._clients[address].run_on_scheduler(allowed)
+        except Exception as exc:  # noqa: BLE001 - a scheduler that will not say: nothing to warn about
+            log.debug("could not read allowed-failures of the Dask scheduler at %s: %s", address, exc)
+            return
+        if reruns > 0:
+            log.warning("the Dask scheduler at %s runs an experiment again, up to %d times, when the worker running "
+                        "it dies (distributed.scheduler.allowed-failures), before the campaign's execution.retries "
+                        "decide: start it with DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=0 so each such loss is "
+                        "a failure", address, reruns)
 
     def _local_cluster(self) -> Any:
         import dask

@@ -982,3 +982,25 @@ def test_closedloop_run_stopped_again_while_it_prints_its_summary_exits_130(tmp_
         assert [t.status for t in store.trials(store.campaign_row("stopped").id)].count("completed") == done >= 12
     finally:
         store.close()
+
+
+def test_a_scheduler_of_its_own_that_reruns_a_lost_workers_experiment_is_warned_about(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """On a scheduler the station does not own, Dask's default (allowed-failures 3) ran a function that crashed its
+    worker 4 times before the station heard of it, with `retries: 0`; only the local cluster sets it to 0."""
+    import dask
+    from distributed import LocalCluster
+
+    for reruns, said in ((3, True), (0, False)):
+        with dask.config.set({"distributed.scheduler.allowed-failures": reruns}), \
+                LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+            station = ComputeStation("tcp://127.0.0.1:1", name="cluster", outbox=tmp_path / f"o{reruns}.db",
+                                     scheduler=cluster.scheduler_address)
+            caplog.clear()
+            with caplog.at_level("WARNING", logger="closedloop.compute"):
+                client = station.client(cluster.scheduler_address)
+            client.close()
+            warned = [r.getMessage() for r in caplog.records if "allowed-failures" in r.getMessage()]
+            assert bool(warned) is said, warned
+            if said:
+                assert "up to 3 times" in warned[0] and "ALLOWED_FAILURES=0" in warned[0]
