@@ -1291,7 +1291,8 @@ class Daemon:
         """A trial its station does not hold (the assign never reached it) goes back to the front of the queue."""
         run = self.runs[flight.campaign_id]
         self._release(flight.trial_id)
-        self.store.requeue(flight.trial_id, reason)
+        # not an attempt: nothing ran (with `retries: 1` the trial's one real failure afterwards had been final)
+        self.store.requeue(flight.trial_id, reason, attempted=False)
         run.queue.appendleft(flight.trial_id)
         log.warning("trial %s: %s; it goes back to the queue", flight.trial_id, reason)
         self._transition(run, flight.index, flight.trial_id, "requeued", reason="station does not hold it")

@@ -785,7 +785,8 @@ def test_an_assign_that_never_reached_its_station_goes_back_to_the_queue(store: 
             thread.join(timeout=20)
         assert not thread.is_alive()
         row = store.trial(first.trial_id)
-        assert (row.status, row.attempts, row.error) == ("completed", 2, None)
+        # the lost assign is no attempt: nothing ran (it had counted, and used up a retry)
+        assert (row.status, row.attempts, row.error) == ("completed", 1, None)
 
 
 def test_an_experiment_far_longer_than_any_completed_one_is_said_once(store: Store,
@@ -1201,3 +1202,28 @@ def test_a_result_told_by_hand_is_noticed_without_reading_every_finished_trial(s
         assert run.manual_done == {hand[0].id, hand[1].id, imported.id}
     finally:
         daemon.close()
+
+
+def test_a_trial_its_restarted_station_never_ran_keeps_its_retry(store: Store) -> None:
+    """A station restarted (Restart=always) before running its queued trial re-registers without it: the trial goes
+    back to the queue. That dispatch was counted as an attempt, so with `retries: 1` the trial's one real failure
+    afterwards was final: its retry spent on an experiment that never took place (a lost station's unstarted trial
+    is not counted)."""
+    daemon = Daemon(store, [_campaign("unrun", 1, latency=0.05, concurrency=1, retries=1)], heartbeat_s=5.0)
+    with raw_station(daemon.endpoint, "robot") as sock:
+        sock.send(protocol.encode(protocol.Hello(station="robot", instance="p1")))
+        with serving(daemon):
+            _next_message(sock, "welcome")
+            first = _next_message(sock, "assign")
+            # the station process restarted before starting it: a new instance, holding nothing
+            sock.send(protocol.encode(protocol.Hello(station="robot", instance="p2")))
+            _next_message(sock, "welcome")
+            again = _next_message(sock, "assign")
+            assert again.trial_id == first.trial_id
+            sock.send(protocol.encode(protocol.Started(trial_id=again.trial_id, assignment=again.msg_id)))
+            sock.send(protocol.encode(protocol.Failure(trial_id=again.trial_id, assignment=again.msg_id,
+                                                       error="DeviceError: axis x1 stalled")))
+            _next_message(sock, "ack")
+            retry = _next_message(sock, "assign")  # it was failed for good instead: no assign came
+            assert retry.trial_id == first.trial_id
+            assert (store.trial(first.trial_id).status, store.trial(first.trial_id).attempts) == ("dispatched", 2)
