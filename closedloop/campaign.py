@@ -1874,6 +1874,22 @@ def _walk_marks(node: yaml.Node, path: tuple, marks: dict[tuple, yaml.Mark],
             _walk_marks(item, path + (i,), marks, duplicates)
 
 
+def _lone_surrogates(data: Any, path: tuple = ()) -> list[tuple[tuple, str]]:
+    """Where the loaded file holds text with half of a UTF-16 pair (a ``"\\ud800"`` escape), and that text."""
+    found: list[tuple[tuple, str]] = []
+    if isinstance(data, str):
+        if any("\ud800" <= c <= "\udfff" for c in data):
+            found.append((path, data))
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            found += _lone_surrogates(key, path + (key,)) if isinstance(key, str) else []
+            found += _lone_surrogates(value, path + (key,))
+    elif isinstance(data, list):
+        for i, item in enumerate(data):
+            found += _lone_surrogates(item, path + (i,))
+    return found
+
+
 def _key_value(node: yaml.Node) -> Any:
     if isinstance(node, yaml.ScalarNode):
         try:
@@ -2143,6 +2159,11 @@ def load_campaign_text(
         line, column = _position(marks, path + ("<value>",) if at_value and path + ("<value>",) in marks else path)
         problems.append(Problem(source, line, column, _dotted(path), message))
 
+    # such text loads, runs and is stored, but no UTF-8 file can hold it: the report failed writing its page
+    # (a store begun with it still opens, as with the other rules on text)
+    for path, text in [] if _STORED.get() else _lone_surrogates(data):
+        add(path, f"{text!r} holds a lone surrogate (a \\ud800 to \\udfff escape without its pair), which is no "
+            "character; write the character itself", at_value=True)
     campaign: Campaign | None = None
     try:
         campaign = Campaign.model_validate(data)

@@ -591,6 +591,19 @@ def test_a_store_begun_with_invisible_characters_in_its_values_still_reads(tmp_p
         Campaign.from_yaml_text(legacy.to_yaml(), check_instrument=False)  # a file is held to today's rules
 
 
+def test_a_store_begun_with_a_lone_surrogate_in_its_description_still_reads(tmp_path: Path) -> None:
+    """A "\\ud800" escape (half of a UTF-16 pair): refused in a campaign file since 2026-12-07 (the campaign ran,
+    and its report failed writing report.html), but a store begun with one must still open (status, show)."""
+    from closedloop.store import Store
+
+    legacy = Campaign.from_yaml_text(BASE, check_instrument=False).model_copy(update={"description": "a \ud800 b"})
+    store = Store(tmp_path / "s.db")
+    store.open_campaign(legacy)
+    assert store.campaign("t").description == "a \ud800 b"
+    with pytest.raises(CampaignFileError, match="holds a lone surrogate"):
+        Campaign.from_yaml_text(legacy.to_yaml(), check_instrument=False)  # a file is held to today's rules
+
+
 def test_text_values_keep_the_joiners_that_emoji_and_some_scripts_need() -> None:
     text = BASE.replace("  x2:", '  tool: {type: categorical, values: ["\U0001f469\u200d\U0001f52c", "\u0915\u094d\u200d\u0937"]}\n  x2:')
     values = Campaign.from_yaml_text(text, check_instrument=False).parameters["tool"].values
