@@ -2128,6 +2128,15 @@ def load_campaign_text(
     except RecursionError:
         raise CampaignFileError([Problem(source, None, None, "", f"the file nests deeper than {MAX_YAML_DEPTH} levels "
                                          "of lists and mappings")]) from None
+    except yaml.reader.ReaderError as exc:
+        # a character YAML refuses anywhere (a NUL, a BEL pasted from a terminal) is reported with a position in
+        # the text, not a line: the message was two lines, the second '  in "<unicode string>", position 264'
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - text.rfind("\n", 0, exc.position)
+        raise CampaignFileError([Problem(source, line, column, "", f"YAML syntax: the character U+{exc.character:04X} "
+                                         f"({'a control character' if unicodedata.category(chr(exc.character)) == 'Cc' else 'not a character'})"
+                                         " is not "
+                                         "allowed in a YAML file; remove it")]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
