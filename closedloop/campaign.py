@@ -440,6 +440,11 @@ def _linear_terms(node: ast.AST) -> dict[str, float]:
 _KEYWORD_PREFIX = "_closedloop_kw_"
 
 
+def _too_long(text: str) -> str:
+    shown = repr(text) if len(text) <= 60 else repr(text[:60]) + f" (... {len(text):,} characters)"
+    return f"{shown} is too long or nests too deeply to read; write it with fewer terms"
+
+
 def _parse_expression(text: str) -> ast.expr:
     # names such as 'yield' or 'lambda' are Python keywords but fine outputs and parameters
     escaped = re.sub(r"[A-Za-z_]\w*",
@@ -449,6 +454,8 @@ def _parse_expression(text: str) -> ast.expr:
         tree = ast.parse(escaped, mode="eval").body
     except SyntaxError:
         raise ValueError(f"{text!r} does not parse; write e.g. 'a + 0.5 * b <= 10'") from None
+    except (RecursionError, MemoryError):
+        raise ValueError(_too_long(text)) from None
     for node in ast.walk(tree):
         if isinstance(node, ast.Name) and node.id.startswith(_KEYWORD_PREFIX):
             node.id = node.id[len(_KEYWORD_PREFIX):]
@@ -470,6 +477,9 @@ def parse_linear_constraint(text: str) -> LinearConstraint:
         left, right = _linear_terms(tree.left), _linear_terms(tree.comparators[0])
     except ValueError as exc:
         raise ValueError(f"{text!r} {exc}") from None
+    except RecursionError:
+        # _linear_terms recurses once per term: a sum of a thousand parameters stopped the command with a traceback
+        raise ValueError(_too_long(text)) from None
     for k, v in right.items():
         left[k] = left.get(k, 0.0) - v
     rhs = -left.pop("", 0.0)
@@ -496,7 +506,7 @@ def parse_output_bound(text: str) -> OutputBound:
         left, right, op = right, left, {"<=": ">=", ">=": "<="}[op]
     try:
         value = _linear_terms(right) if not isinstance(right, ast.Name) else {}
-    except ValueError:
+    except (ValueError, RecursionError):
         value = {}
     if not isinstance(left, ast.Name) or set(value) != {""}:
         raise ValueError(f"{text!r} must compare one output with a number, e.g. 'yield >= 0.8'")
