@@ -2255,10 +2255,18 @@ def load_campaign(path: str | Path, *, check_instrument: bool = True, connect: C
     """Read a campaign file; :class:`CampaignFileError` lists every problem with its line."""
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as exc:
         raise CampaignFileError([Problem(str(path), None, None, "", f"cannot read the file: {exc.strerror}")]) from None
+    try:
+        # UTF-8 whatever the locale (YAML's own encoding), with the line of the first byte that is not: a file
+        # saved as Latin-1 or Windows-1252 ('µm') was refused as 'not a text file: invalid start byte'
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise CampaignFileError([Problem(str(path), None, None, "", f"not a text file: {exc.reason}")]) from None
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - data.rfind(b"\n", 0, exc.start)
+        guess = "UTF-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "Latin-1 or Windows-1252"
+        raise CampaignFileError([Problem(str(path), line, column, "", f"not UTF-8 text (the byte 0x{data[exc.start]:02x}"
+                                         f", perhaps {guess}); save the file as UTF-8")]) from None
     return load_campaign_text(text, str(path), base=path.resolve().parent, check_instrument=check_instrument,
                               connect=connect)
