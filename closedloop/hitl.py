@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import getpass
+import io
 import logging
 import math
 import uuid
@@ -549,7 +550,19 @@ def _read_parquet(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]
 def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     """Header and (row number as a spreadsheet shows it, row) pairs; the header is row 1."""
     try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise DataError([f"{path}: cannot read the file: {exc.strerror}"]) from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        # Excel's plain "CSV" is Windows-1252 ('°C', 'é'): the decoder's error stopped import and tell --csv with
+        # exit code 1 and a byte offset ('position 84'), where the row tells a scientist what to look at
+        row = data.count(b"\n", 0, exc.start) + 1
+        raise DataError([f"{path} row {row}: not UTF-8 text (the byte 0x{data[exc.start]:02x}, perhaps Latin-1 or "
+                         "Windows-1252); save it as UTF-8 (in Excel: 'CSV UTF-8')"]) from None
+    try:
+        with io.StringIO(text, newline="") as handle:
             reader = csv.reader(handle)
             header = [h.strip() for h in next(reader, [])]
             if not header:
@@ -564,8 +577,6 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
                 if len(cells) != len(header):
                     raise DataError([f"{path} row {number}: {len(cells)} cells for {len(header)} columns"])
                 rows.append((number, {h: _from_csv_cell(c.strip()) for h, c in zip(header, cells)}))
-    except OSError as exc:
-        raise DataError([f"{path}: cannot read the file: {exc.strerror}"]) from None
     except csv.Error as exc:
         raise DataError([f"{path}: not a CSV file: {exc}"]) from None
     return header, rows

@@ -120,6 +120,25 @@ def test_import_reports_every_bad_row_and_writes_nothing(tmp_path: Path) -> None
     assert all(o.run_uid.startswith("import-") for o in store.observations(1).values())
 
 
+def test_import_and_tell_refuse_a_table_that_is_not_utf8_naming_its_row(tmp_path: Path) -> None:
+    """Excel's plain "CSV" is Windows-1252: a '°' in a cell stopped import and tell --csv with exit code 1 and
+    "UnicodeDecodeError: ... position 84", a byte offset, and no row."""
+    db = str(tmp_path / "s.db")
+    rows = tmp_path / "past.csv"
+    rows.write_bytes(b"x1,x2,y,notes\n1.0,2.0,5.5,ok\n-2,9,17.25,at 25 \xb0C\n")
+    result = cli("import", str(campaign_file(tmp_path)), str(rows), "--store", db)
+    assert result.exit_code == 2, result.output
+    assert "past.csv row 3: not UTF-8 text (the byte 0xb0, perhaps Latin-1 or Windows-1252)" in result.stderr
+    assert "Traceback" not in result.output and "UnicodeDecodeError" not in result.output
+    assert Store(db).trials(Store(db).open_campaign(Campaign.from_yaml(campaign_file(tmp_path)))) == []
+    cli("suggest", "hand", "--store", db)
+    told = tmp_path / "told.csv"
+    told.write_bytes(b"trial,y\n1,3.5\xb0\n")
+    result = cli("tell", "hand", "--csv", str(told), "--store", db)
+    assert result.exit_code == 2 and "told.csv row 2: not UTF-8 text" in result.stderr, result.output
+    assert Store(db).counts(1) == {"proposed": 1}
+
+
 def test_importing_as_many_experiments_as_the_budget_says_none_are_left_to_run(tmp_path: Path) -> None:
     """Imported experiments count against the budget: importing 3 into a campaign of 3, `run` then did nothing,
     and nothing had said why."""
