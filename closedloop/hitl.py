@@ -567,6 +567,11 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
             header = [h.strip() for h in next(reader, [])]
             if not header:
                 raise DataError([f"{path}: the file is empty"])
+            if any(";" in h for h in header):
+                # Excel in a language with decimal commas saves 'CSV' with ';': the message was "row 2: 4 cells for
+                # 1 columns", which says nothing of the cause (names of parameters and outputs hold no ';')
+                raise DataError([f"{path}: the header {','.join(header)!r} seems to use ';' as separator; the table "
+                                 "must be comma-separated, with '.' as decimal point"])
             duplicates = sorted({h for h in header if header.count(h) > 1})
             if duplicates:
                 raise DataError([f"{path}: column {h!r} appears twice" for h in duplicates])

@@ -139,6 +139,17 @@ def test_import_and_tell_refuse_a_table_that_is_not_utf8_naming_its_row(tmp_path
     assert Store(db).counts(1) == {"proposed": 1}
 
 
+def test_import_names_a_table_separated_by_semicolons(tmp_path: Path) -> None:
+    """Excel with decimal commas saves 'CSV' with ';': import said "row 2: 4 cells for 1 columns"."""
+    db = str(tmp_path / "s.db")
+    rows = tmp_path / "past.csv"
+    rows.write_text("x1;x2;y\n1,5;2;5,5\n")
+    result = cli("import", str(campaign_file(tmp_path)), str(rows), "--store", db)
+    assert result.exit_code == 2, result.output
+    assert "past.csv: the header 'x1;x2;y' seems to use ';' as separator" in result.stderr
+    assert "cells for" not in result.stderr
+
+
 def test_importing_as_many_experiments_as_the_budget_says_none_are_left_to_run(tmp_path: Path) -> None:
     """Imported experiments count against the budget: importing 3 into a campaign of 3, `run` then did nothing,
     and nothing had said why."""
