@@ -1294,25 +1294,38 @@ def _unknown_names(kind: str, unknown: list[str], known: set[str]) -> str:
     return "; ".join(parts) + f"; known: {', '.join(sorted(known)) or 'none'}"
 
 
-def _polytope(parameters: Mapping[str, Any], constraints: list[LinearConstraint]) -> dict[str, Any]:
+def _polytope(parameters: Mapping[str, Any], constraints: list[LinearConstraint], *,
+              choices: bool = False) -> dict[str, Any]:
     """The constrained parameters' bounds and constraints as keyword arguments of ``scipy.optimize.linprog``,
-    with ``names`` (sorted) for its columns."""
+    with ``names`` (sorted) for its first columns. With ``choices``, a discrete parameter takes only its values: one
+    0/1 column per value after the names' columns, exactly one of them 1, stands for it in the constraints (a
+    mixed-integer program); its range alone let "x >= 1.5" and "x <= 2.5" through for values [1, 3], and the
+    planner then failed on the first proposal."""
     import numpy as np
 
     names = sorted({n for c in constraints for n in c.coefficients})
     bounds, integrality = [], []
-    for n in names:
+    picks: list[tuple[int, list[float]]] = []  # (column, values) of each discrete parameter, with choices
+    for j, n in enumerate(names):
         p = parameters[n]
         if isinstance(p, DiscreteParameter):
             bounds.append((min(p.values), max(p.values)))
+            # the solver's tolerances are absolute: values far from 1 (1e30, 1e-153) keep the range, as before
+            if choices and all(v == 0 or 1e-9 <= abs(v) <= 1e9 for v in p.values):
+                picks.append((j, [float(v) for v in p.values]))
         else:
             bounds.append(tuple(p.bounds))
         integrality.append(1 if isinstance(p, IntegerParameter) else 0)
+    width = len(names) + sum(len(values) for _, values in picks)
     a_ub, b_ub, a_eq, b_eq = [], [], [], []
     for c in constraints:
         # each row over its largest coefficient: HiGHS called "1e15 * x1 <= 1e16" (x1 <= 10) infeasible
         scale = max(abs(c.coefficients.get(n, 0.0)) for n in names) or 1.0
         row = [c.coefficients.get(n, 0.0) / scale for n in names]
+        for j, values in picks:
+            # the value picked in place of the parameter (its own column kept, unused, so the names' columns stay)
+            row += [row[j] * v for v in values]
+            row[j] = 0.0
         if c.op == "<=":
             a_ub.append(row)
             b_ub.append(c.rhs / scale)
@@ -1322,6 +1335,13 @@ def _polytope(parameters: Mapping[str, Any], constraints: list[LinearConstraint]
         else:
             a_eq.append(row)
             b_eq.append(c.rhs / scale)
+    start = len(names)
+    for _, values in picks:
+        a_eq.append([1.0 if start <= k < start + len(values) else 0.0 for k in range(width)])
+        b_eq.append(1.0)
+        bounds += [(0, 1)] * len(values)
+        integrality += [1] * len(values)
+        start += len(values)
     return {"names": names, "bounds": bounds, "integrality": integrality,
             "A_ub": np.array(a_ub) if a_ub else None, "b_ub": np.array(b_ub) if b_ub else None,
             "A_eq": np.array(a_eq) if a_eq else None, "b_eq": np.array(b_eq) if b_eq else None}
@@ -1332,9 +1352,9 @@ def _infeasible(parameters: Mapping[str, Any], constraints: list[LinearConstrain
     import numpy as np
     from scipy.optimize import linprog
 
-    problem = _polytope(parameters, constraints)
-    names = problem.pop("names")
-    result = linprog(np.zeros(len(names)), **problem, method="highs")
+    problem = _polytope(parameters, constraints, choices=True)
+    problem.pop("names")
+    result = linprog(np.zeros(len(problem["bounds"])), **problem, method="highs")
     if result.status == 2:
         return ("no point within the parameters' bounds satisfies all constraints together: "
                 + "; ".join(repr(c.text) for c in constraints))
