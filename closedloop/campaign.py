@@ -1196,6 +1196,7 @@ def consistency_problems(
             problems.append(("constraints", degenerate))
 
     known_outputs = set(objectives or {})
+    bounds_so_far: list[OutputBound] = []
     for i, text in enumerate(outcome_constraints or []):
         where = f"outcome_constraints[{i}]"
         try:
@@ -1207,6 +1208,13 @@ def consistency_problems(
             problems.append((where, f"{text!r}: {bound.output!r} is a parameter, not an output"))
         elif bad := _bad_name(bound.output) or _column_name(bound.output):
             problems.append((where, bad))
+        # 'z >= 2' and 'z <= 1' ran the whole budget with every experiment breaking one of them, none counted
+        for other in bounds_so_far:
+            if other.output == bound.output and other.op != bound.op and not (
+                    bound.satisfied(other.value) and other.satisfied(bound.value)):
+                problems.append((where, f"{text!r} contradicts {other.text!r}: no {bound.output} meets both, so "
+                                        "every experiment would break an outcome constraint"))
+        bounds_so_far.append(bound)
         known_outputs.add(bound.output)
     if budget is not None and budget.stop_when and objectives is not None and outcome_constraints is not None:
         rule = parse_output_bound(budget.stop_when)

@@ -96,8 +96,9 @@ def campaigns(draw: st.DrawFn) -> Campaign:
                       # a threshold is the reference point of several objectives; a lone one is refused
                       **({"threshold": draw(finite)} if len(objective_names) > 1 and draw(st.booleans()) else {})}
                   for n in objective_names}
-    outcome = [f"{draw(st.sampled_from(OUTPUTS + ['purity']))} {draw(st.sampled_from(['>=', '<=']))} {draw(finite)!r}"
-               for _ in range(draw(st.integers(0, 2)))]
+    # each on its own output: two bounds of one output that no value meets together are refused
+    outcome = [f"{output} {draw(st.sampled_from(['>=', '<=']))} {draw(finite)!r}"
+               for output in draw(st.lists(st.sampled_from(OUTPUTS + ["purity"]), max_size=2, unique=True))]
     experiments = draw(st.integers(1, 200))
     budget: dict[str, Any] = {"experiments": experiments}
     if draw(st.booleans()):
