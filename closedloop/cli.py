@@ -800,7 +800,8 @@ def show(
 @app.command()
 def export(
     campaign: str = typer.Argument(..., help="campaign name"),
-    format: str = typer.Option("csv", "--format", "-f", help="csv, parquet or json"),
+    format: Optional[str] = typer.Option(None, "--format", "-f",
+                                         help="csv, parquet or json (default: the --output file's suffix, else csv)"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="file to write (default NAME.FORMAT; - for stdout)"),
     store: Optional[str] = typer.Option(None, help=_STORE_HELP, callback=_name_store),
 ) -> None:
@@ -809,8 +810,16 @@ def export(
 
     from closedloop.view import trial_columns, trial_records
 
-    if format not in ("csv", "parquet", "json"):
+    formats = ("csv", "parquet", "json")
+    # `-o past.parquet` without --format wrote CSV text into a .parquet file, which no parquet reader (nor
+    # `closedloop import`, which goes by the suffix) could read: the suffix says the format, and may not contradict it
+    suffix = output.suffix.lower().lstrip(".") if output is not None and str(output) != "-" else ""
+    format = format or (suffix if suffix in formats else "csv")
+    if format not in formats:
         _fail(f"--format {format}: use csv, parquet or json", EXIT_BAD_INPUT)
+    if suffix in formats and suffix != format:
+        _fail(f"--output {output} is a .{suffix} file, but --format is {format}: name a .{format} file, or give "
+              f"--format {suffix}", EXIT_BAD_INPUT)
     the_store, name = _find_store(campaign, store, read_only=True)
     records = trial_records(the_store, name)
     columns = trial_columns(the_store.campaign(name))

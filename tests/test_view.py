@@ -511,6 +511,22 @@ def test_export_and_report_leave_the_store_and_other_files_as_they_are(busy: tup
         assert result.exit_code == 0, result.output
 
 
+def test_export_writes_the_format_its_output_file_names(busy: tuple[Store, str], tmp_path: Path) -> None:
+    """`export NAME -o past.parquet` without --format wrote CSV text into the .parquet file (and `-o past.json` a
+    CSV too): no parquet or JSON reader could read it, `closedloop import` included, which goes by the suffix."""
+    runner = CliRunner()
+    for suffix in ("parquet", "json", "csv"):
+        target = tmp_path / f"past.{suffix}"
+        result = runner.invoke(app, ["export", "busy", "-o", str(target), "--store", busy[1]])
+        assert result.exit_code == 0, result.output
+        frame = {"parquet": pd.read_parquet, "json": pd.read_json, "csv": pd.read_csv}[suffix](target)
+        assert len(frame) == len(trial_records(busy[0], "busy"))
+    mismatch = tmp_path / "other.json"
+    result = runner.invoke(app, ["export", "busy", "-f", "csv", "-o", str(mismatch), "--store", busy[1]])
+    assert result.exit_code == 2 and "is a .json file, but --format is csv" in result.stderr, result.output
+    assert not mismatch.exists()
+
+
 def test_an_export_names_the_run_of_a_failed_trial_as_explain_does(tmp_path: Path) -> None:
     store = Store(tmp_path / "failed.db")
     cid = store.open_campaign(branin_campaign(name="failing", experiments=6, backend="sobol"))
