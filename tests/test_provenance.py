@@ -537,8 +537,10 @@ def test_a_trial_number_the_campaign_does_not_have_is_bad_input(tmp_path: Path) 
     empty = branin_campaign("empty", initial=3, backend="sobol")
     hitl.suggest(store, campaign, n=3)
     store.open_campaign(empty)
+    # past SQLite's integers, a number typed too long stopped show, explain and replay with an OverflowError, exit 1
     for args in (["show", "numbered", "99"], ["explain", "numbered", "99"], ["replay", "numbered", "--until", "99"],
-                 ["show", "numbered", "0"], ["explain", "numbered", "99999999999999999999"],
+                 ["show", "numbered", "0"], ["show", "numbered", "99999999999999999999"],
+                 ["explain", "numbered", "99999999999999999999"],
                  ["replay", "numbered", "--until", "99999999999999999999"]):
         result = CliRunner().invoke(app, [*args, "--store", store.location])
         assert result.exit_code == 2, (args, result.output)
