@@ -364,7 +364,13 @@ def daemon(
     drain: float = typer.Option(60.0, help="on SIGTERM/stop, seconds to wait for results in flight"),
     dashboard: Optional[int] = typer.Option(None, "--dashboard", help="serve the live dashboard on this port "
                                             "(issue 9; see docs/dashboard.md)"),
-    dashboard_host: str = typer.Option("127.0.0.1", help="the dashboard's interface (beyond loopback it is read-only)"),
+    dashboard_host: str = typer.Option("127.0.0.1", help="the dashboard's interface (beyond loopback it is read-only "
+                                       "without --dashboard-token)"),
+    # as `closedloop dashboard --token`: beyond loopback a daemon's dashboard had no way to be given one, and its
+    # refusals told the operator to start it with an option the daemon did not have
+    dashboard_token: Optional[str] = typer.Option(None, envvar="CLOSEDLOOP_DASHBOARD_TOKEN", show_envvar=True,
+                                                  help="secret that allows control from beyond loopback (?token=...); "
+                                                  "give it in the environment, not on the command line"),
     logfile: Optional[Path] = typer.Option(None, help="log file (rotated at 20 MB, 5 kept)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -394,7 +400,7 @@ def daemon(
     # -- issue 9: the live dashboard in this process, fed by this daemon's events and control socket
     # (with keys its events go to CURVE subscribers alone, and this dashboard holds no allowed key: it polls)
     board = _start_dashboard(store_path, the_daemon.control_endpoint, None if keys else the_daemon.publish_endpoint,
-                             dashboard_host, dashboard) if dashboard is not None else None
+                             dashboard_host, dashboard, token=dashboard_token) if dashboard is not None else None
     # -- end issue 9
     console.print(f"daemon listening on {the_daemon.endpoint}; events on {the_daemon.publish_endpoint or 'no socket'}; "
                   f"control on {the_daemon.control_endpoint or 'no socket'}; store {the_store.display}", highlight=False)

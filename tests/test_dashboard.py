@@ -573,6 +573,32 @@ def test_daemon_with_dashboard_option(tmp_path: Path) -> None:
     assert f"dashboard on http://127.0.0.1:{board}/" in output
 
 
+def test_a_daemons_dashboard_beyond_loopback_takes_its_token_from_the_environment(tmp_path: Path) -> None:
+    """`closedloop daemon --dashboard-host 0.0.0.0` had no way to be given a token: read-only, telling the operator to
+    start it with --token, which the daemon does not have."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    spec = tmp_path / "dash.yaml"
+    spec.write_text(dashboard_campaign("dash", 0.1, False))
+    board = _free_port()
+    daemon = subprocess.Popen([sys.executable, "-m", "closedloop.cli", "daemon", str(spec), "--store",
+                               str(tmp_path / "d.db"), "--bind", f"tcp://127.0.0.1:{_free_port()}", "--control",
+                               "tcp://127.0.0.1:0", "--publish", "tcp://127.0.0.1:0", "--dashboard", str(board),
+                               "--dashboard-host", "0.0.0.0", "--drain", "1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                              env={**os.environ, "CLOSEDLOOP_DASHBOARD_TOKEN": "s3cret+key", "COLUMNS": "200"})
+    try:
+        assert daemon.stdout is not None
+        line = next(line for line in daemon.stdout if "dashboard on" in line or "error" in line)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.communicate(timeout=30)
+    assert f"dashboard on http://0.0.0.0:{board}/?token=s3cret%2Bkey" in line and "read-only" not in line, line
+
+
 CONSTRAINED_YAML = """
 name: anneal
 parameters:

@@ -108,7 +108,8 @@ class DashboardConfig:
         if self.read_only:
             return "this dashboard was started read-only (--read-only)"
         return (f"this dashboard listens on {self.host}, beyond loopback, without a token: it is read-only "
-                "(start it with --token SECRET, or on 127.0.0.1)")
+                "(give it a token: CLOSEDLOOP_DASHBOARD_TOKEN=SECRET, or --token / --dashboard-token; or listen on "
+                "127.0.0.1)")
 
 
 class _ModelCache:
@@ -344,7 +345,7 @@ class Dashboard:
             # the app only believes it listens on loopback (create_app served by uvicorn on 0.0.0.0): a peer from
             # beyond, naming 'Host: 127.0.0.1', passed the DNS-rebinding check and stopped the daemon with no token
             return JSONResponse({"success": False, "msg": f"refused: a control request from {client}, beyond loopback, "
-                                 "needs the dashboard's token (--token SECRET)"}, status_code=403)
+                                 "needs the dashboard's token (CLOSEDLOOP_DASHBOARD_TOKEN)"}, status_code=403)
         # another site's page in the scientist's browser must not press the buttons: such a request either
         # names its origin or, to avoid a CORS preflight, cannot be sent as application/json
         origin = request.headers.get("origin")
