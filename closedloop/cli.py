@@ -111,6 +111,15 @@ def _endpoint(ctx: typer.Context, param: typer.CallbackParam, value: str | None)
     return value
 
 
+def _station_name(value: str | None) -> str | None:
+    """A station's ``--name`` callback: a name that cannot be shown (control characters, too long) is exit 2."""
+    from closedloop.protocol import station_name_problem
+
+    if value is not None and (problem := station_name_problem(value)) is not None:
+        _fail(f"--name: {problem}", EXIT_BAD_INPUT)
+    return value
+
+
 def _endpoint_or_none(ctx: typer.Context, param: typer.CallbackParam, value: str | None) -> str | None:
     """As :func:`_endpoint`, for the options where '' (or no value) means none."""
     return _endpoint(ctx, param, value) if value else value
@@ -420,7 +429,8 @@ def daemon(
 @app.command()
 def worker(
     connect: str = typer.Option("tcp://127.0.0.1:5701", callback=_endpoint, help="the daemon's endpoint"),
-    name: Optional[str] = typer.Option(None, help="station name (default: the --secret-key file's name, else HOST-PID)"),
+    name: Optional[str] = typer.Option(None, help="station name (default: the --secret-key file's name, else HOST-PID)",
+                                       callback=_station_name),
     instrument: Optional[list[str]] = typer.Option(None, help="instrument import paths this station drives (default any)"),
     outbox: Optional[Path] = typer.Option(None, help="outbox file of unacknowledged results"),
     campaign: Optional[list[str]] = typer.Option(None, help="campaigns this station serves (default any)"),
@@ -467,7 +477,8 @@ def compute_station(
     capacity: Optional[int] = typer.Option(None, min=1, help="experiments at once (default: the cluster's worker threads)"),
     workers: Optional[int] = typer.Option(None, min=1, help="worker processes of the local cluster (default: one per "
                                           "experiment at once, so a hung function's can be restarted alone)"),
-    name: Optional[str] = typer.Option(None, help="station name (default: the --secret-key file's name, else compute-HOST-PID)"),
+    name: Optional[str] = typer.Option(None, help="station name (default: the --secret-key file's name, else compute-HOST-PID)",
+                                       callback=_station_name),
     instrument: Optional[list[str]] = typer.Option(None, help="instruments served, e.g. 'function:pkg.mod:f' (default any)"),
     source: Optional[list[str]] = typer.Option(None, help="campaign sources this station serves, e.g. simulation "
                                                "(default any)"),

@@ -362,6 +362,8 @@ class ComputeStation:
     ):
         self.endpoint = connect
         self.name = name or (keys.name if keys is not None else f"compute-{default_station_name()}")
+        if (problem := protocol.station_name_problem(self.name)) is not None:
+            raise ClosedLoopError(problem)  # before anything starts: the daemon drops such a hello
         self.keys = keys
         self.instruments = instruments or ["*"]
         self.sources = sources or ["*"]

@@ -33,7 +33,7 @@ import socket
 import uuid
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, TypeAdapter, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, TypeAdapter, ValidationError, field_validator
 
 from closedloop.errors import ProtocolError
 
@@ -145,18 +145,52 @@ class _Message(BaseModel):
     msg_id: str = Field(default_factory=_msg_id, max_length=64)
 
 
+# characters that act on a terminal rather than show (C0 and C1 controls: escape sequences, carriage returns) or that
+# reorder the text around them on a page (bidirectional overrides and isolates); tab and newline show as themselves
+_UNSHOWABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def shown_safely(text: str) -> str:
+    """``text`` with each character that would act on a terminal or reorder a page written as its escape (``\\x1b``).
+
+    A station's text reaches the operator's terminal (``closedloop run``, ``status``, ``show``, ``explain``) and the
+    dashboard: an instrument's error holding ``ESC]0;...`` retitled the terminal and ``ESC[2J`` cleared it, and a
+    right-to-left override reversed the error column. Written out, nothing of the message is lost.
+    """
+    return _UNSHOWABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def station_name_problem(name: str) -> str | None:
+    """What is wrong with a station's name, or None: it names the station in logs, tables and the dashboard."""
+    if not name or len(name) > 128:
+        return f"a station's name has 1 to 128 characters, not {len(name)}"
+    if shown_safely(name) != name:
+        return f"a station's name is shown on terminals and pages: {shown_safely(name)!r} holds control characters"
+    return None
+
+
+def _station_name(name: str) -> str:
+    problem = station_name_problem(name)
+    if problem is not None:
+        raise ValueError(problem)
+    return name
+
+
+ShownText = Annotated[str, AfterValidator(shown_safely)]
+
+
 class Hello(_Message):
     """A station registers: its capabilities and the trials it still holds (running or unacknowledged)."""
 
     type: Literal["hello"] = "hello"
-    station: str = Field(min_length=1, max_length=128)
-    instruments: list[str] = Field(default_factory=lambda: ["*"], max_length=256)
-    campaigns: list[str] = Field(default_factory=lambda: ["*"], max_length=256)
+    station: Annotated[str, AfterValidator(_station_name)]
+    instruments: list[ShownText] = Field(default_factory=lambda: ["*"], max_length=256)
+    campaigns: list[ShownText] = Field(default_factory=lambda: ["*"], max_length=256)
     # a campaign's sources (issue 8) this station serves: a simulation station, a robot station
-    sources: list[str] = Field(default_factory=lambda: ["*"], max_length=256)
+    sources: list[ShownText] = Field(default_factory=lambda: ["*"], max_length=256)
     capacity: int = Field(default=1, ge=1, le=1024)
     outstanding: list[TrialId] = Field(default_factory=list, max_length=100_000)
-    software: str = Field(default="", max_length=256)
+    software: ShownText = Field(default="", max_length=256)
     # a station repeats an unanswered hello; these tell a repeat from a new registration: a random id of
     # the station process, and how many welcomes that process had received when it sent this hello
     instance: str = Field(default="", max_length=64)
@@ -251,7 +285,7 @@ class Failure(_Message):
     type: Literal["failure"] = "failure"
     trial_id: TrialId
     assignment: AssignmentId = None
-    error: str = Field(max_length=16_384)
+    error: ShownText = Field(max_length=16_384)
     run_uid: str | None = Field(default=None, max_length=128)
     duration_s: float | None = None
     documents: str | None = Field(default=None, max_length=MAX_MESSAGE_BYTES // 2)  # the failed run's JSON lines

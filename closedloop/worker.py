@@ -355,6 +355,8 @@ class StationWorker:
     ):
         self.endpoint = connect
         self.name = name or (keys.name if keys is not None else default_station_name())
+        if (problem := protocol.station_name_problem(self.name)) is not None:
+            raise ClosedLoopError(problem)  # before anything starts: the daemon drops such a hello
         self.instruments = instruments or ["*"]
         self.campaigns = campaigns or ["*"]
         self.sources = sources or ["*"]

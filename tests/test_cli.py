@@ -1091,3 +1091,19 @@ def test_a_daemon_or_dashboard_given_a_database_url_opens_that_database(command:
         f"error: cannot open the store postgresql+psycopg://lab:***@127.0.0.1:{port}/results: "), err
     assert "s3cret-word" not in out + err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+
+
+@pytest.mark.parametrize("command", ["worker", "compute-station"])
+def test_a_station_name_that_cannot_be_shown_is_bad_input(command: str, tmp_path: Path) -> None:
+    """A station's name is shown in the daemon's logs, `status` and the dashboard: control characters in it acted on
+    the operator's terminal, and a name past 128 characters failed only at the first hello, the station running on."""
+    from typer.testing import CliRunner
+
+    from closedloop.cli import app
+
+    for name in ("bay\x1b[2J", "b" * 200):
+        result = CliRunner().invoke(app, [command, "--connect", "tcp://127.0.0.1:47999", "--name", name,
+                                          "--outbox", str(tmp_path / "outbox.db")])
+        assert result.exit_code == 2, result.output
+        assert "--name: a station's name" in result.output and "\x1b" not in result.output
+    assert not (tmp_path / "outbox.db").exists()

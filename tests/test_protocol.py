@@ -124,3 +124,26 @@ def test_an_ack_to_a_station_of_an_earlier_release_carries_only_the_fields_it_kn
     assert AckOf20261125.model_validate_json(protocol.encode(protocol.Ack(trial_id=3))).trial_id == 3
     named = protocol.Ack(trial_id=3, assignment="a1b2")
     assert protocol.decode(protocol.encode(named)) == named
+
+
+def test_a_stations_text_reaches_terminals_and_pages_with_its_control_characters_written_out() -> None:
+    """An instrument's error holding a terminal's escape sequences retitled and cleared the operator's terminal
+    (`closedloop run`, `show`, `explain`), and a right-to-left override reversed the dashboard's error column."""
+    error = "RuntimeError: \x1b]0;HACKED\x07\x1b[2J\x1b[31mred\rover\u202egnp.exe\tcol\nline"
+    frame = json.dumps({"v": protocol.PROTOCOL_VERSION, "type": "failure", "msg_id": "m", "trial_id": 1,
+                        "error": error}).encode()
+    decoded = protocol.decode(frame)
+    assert isinstance(decoded, protocol.Failure)
+    assert decoded.error == ("RuntimeError: \\x1b]0;HACKED\\x07\\x1b[2J\\x1b[31mred\\rover\\u202egnp.exe"
+                             "\tcol\nline")
+    hello = protocol.decode(protocol.encode(protocol.Hello(station="s1", software="v1\x1b[2J")))
+    assert isinstance(hello, protocol.Hello) and hello.software == "v1\\x1b[2J"
+
+
+@pytest.mark.parametrize("name", ["robot\x1b[2J", "robot\u202e", "", "r" * 129])
+def test_a_station_name_that_cannot_be_shown_is_refused(name: str) -> None:
+    assert protocol.station_name_problem(name) is not None
+    frame = json.dumps({"v": protocol.PROTOCOL_VERSION, "type": "hello", "msg_id": "m", "station": name}).encode()
+    with pytest.raises(ProtocolError, match="station"):
+        protocol.decode(frame)
+    assert protocol.station_name_problem("robot-1 <bay 2>") is None
