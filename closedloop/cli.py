@@ -716,8 +716,11 @@ def list_campaigns(
             continue
         for row in the_store.campaigns():
             snap = Snapshot.from_store(the_store, row.name, recent=0)
-            best = (f"{snap.objective}={snap.best.values[snap.objective]:.6g} (#{snap.best.index})"
-                    if snap.best and snap.best.values else "-")
+            if snap.front is not None:  # several objectives: a front, not a best
+                best = f"{len(snap.front)} on the Pareto front" if snap.front else "-"
+            else:
+                best = (f"{snap.objective}={snap.best.values[snap.objective]:.6g} (#{snap.best.index})"
+                        if snap.best and snap.best.values else "-")
             started = f"{snap.started.astimezone():%Y-%m-%d %H:%M}" if snap.started else "-"
             # the snapshot's status, as `status` shows it: "idle" where the row says running but no process does
             table.add_row(row.name, snap.status, snap.progress_text(), best, started, location)

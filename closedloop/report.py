@@ -41,7 +41,7 @@ from closedloop.campaign import (
     DiscreteParameter,
     IntegerParameter,
 )
-from closedloop.view import trial_records
+from closedloop.view import non_dominated, trial_records
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure as MplFigure
@@ -156,7 +156,7 @@ def pareto_front(store: Store, campaign: str) -> list[Result]:
     if not done:
         return []
     names = list(data.campaign.objectives)
-    mask = pareto_mask(np.array([[data.oriented(n, r[n]) for n in names] for r in done]))
+    mask = non_dominated(np.array([[data.oriented(n, r[n]) for n in names] for r in done]))
     return [_result(data, r) for r, keep in zip(done, mask) if keep]
 
 
@@ -328,16 +328,6 @@ def figure_progress(data: Data, outdir: Path) -> Figure | None:
                      if data.campaign.output_bounds else ""), _save(fig, outdir, "progress"))
 
 
-def pareto_mask(points: np.ndarray) -> np.ndarray:
-    """Which rows of ``points`` (``n x m``, larger is better) no other row dominates."""
-    n = len(points)
-    mask = np.ones(n, dtype=bool)
-    for i in range(n):
-        dominated = np.all(points >= points[i], axis=1) & np.any(points > points[i], axis=1)
-        mask[i] = not dominated.any()
-    return mask
-
-
 def hypervolume_history(data: Data) -> tuple[list[int], list[float], np.ndarray]:
     """Hypervolume of the feasible experiments after each one, all above the final reference point; also that point
     (oriented). The planners' rule (:class:`ObservationLog`), so the last is :func:`hypervolume`'s: the report's own
@@ -367,7 +357,7 @@ def figure_pareto(data: Data, outdir: Path) -> list[Figure]:
     if len(names) < 2 or len(done) < 2:
         return []
     oriented = np.array([[data.oriented(n, r[n]) for n in names] for r in done])
-    mask = pareto_mask(oriented)
+    mask = non_dominated(oriented)
     a, b = names[0], names[1]
     fig, ax = _subplots(figsize=(6, 4.6))
     xs, ys = np.array([r[a] for r in done]), np.array([r[b] for r in done])

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.panel import Panel
@@ -95,6 +96,23 @@ class Finished:
     finished_at: datetime | None
 
 
+def non_dominated(points: np.ndarray) -> np.ndarray:
+    """Which rows of ``points`` (``n x m``, larger is better) no other row dominates."""
+    mask = np.ones(len(points), dtype=bool)
+    for i in range(len(points)):
+        dominated = np.all(points >= points[i], axis=1) & np.any(points > points[i], axis=1)
+        mask[i] = not dominated.any()
+    return mask
+
+
+def _front(contenders: list[tuple[int, list[float]]]) -> list[int]:
+    """The trial numbers of ``contenders`` (trial, oriented values) on their Pareto front, in trial order."""
+    if not contenders:
+        return []
+    mask = non_dominated(np.array([values for _, values in contenders]))
+    return sorted(trial for (trial, _), keep in zip(contenders, mask) if keep)
+
+
 @dataclass
 class Snapshot:
     """A campaign's state at one moment: counts, experiments in flight, best so far, recent results."""
@@ -124,6 +142,9 @@ class Snapshot:
     running_long: list[tuple[int, float]] = field(default_factory=list)
     longest_s: float | None = None  # the longest completed experiment, dispatch to result
     timeout_s: float | None = None  # the campaign's execution timeout
+    # several objectives: the trial numbers of the counted experiments no other dominates (there is no one best)
+    front: list[int] | None = None
+    objectives: tuple[str, ...] = ()
 
     @classmethod
     def from_store(cls, store: Store, campaign: str | int, recent: int = 5) -> Snapshot:
@@ -143,6 +164,7 @@ class Snapshot:
             if t.status == DISPATCHED:
                 in_flight.setdefault(t.station or "?", []).append(t.index)
         entries = []
+        contenders: list[tuple[int, list[float]]] = []  # several objectives: (trial, values oriented larger-better)
         for n, t in enumerate(finished, start=1):
             entry = Finished(t.index, t.status, t.values, t.error, _utc(t.finished_at))
             entries.append(entry)
@@ -153,6 +175,9 @@ class Snapshot:
                 continue
             if best is None or sign * values[name] < sign * best.values[name]:  # type: ignore[index]
                 best, best_after = entry, n
+            if len(spec.objectives) > 1 and all(o in values for o in spec.objectives):
+                contenders.append((entry.index, [values[o] if g.goal == "maximize" else -values[o]
+                                                 for o, g in spec.objectives.items()]))
         counts: dict[str, int] = {}
         for t in trials:
             counts[t.status] = counts.get(t.status, 0) + 1
@@ -180,6 +205,7 @@ class Snapshot:
             cost_budget=spec.budget.cost, spent=spent, experiments=spec.budget.experiments,
             running_long=running_long, longest_s=longest if durations else None, now=now,
             timeout_s=float(spec.execution.timeout) if spec.execution.timeout else None,
+            front=_front(contenders) if len(spec.objectives) > 1 else None, objectives=tuple(spec.objectives),
         )
 
     # -- derived numbers --------------------------------------------------------------------------
@@ -223,7 +249,19 @@ class Snapshot:
             estimate = cap if estimate is None else min(estimate, cap)
         return estimate
 
-    def best_text(self) -> str:
+    def best_label(self, goal: bool = True) -> str:
+        # several objectives have a front, not a best: the first objective's best alone hid every trade-off found
+        if self.front is not None:
+            return "Pareto front"
+        return f"best {self.goal[:3]}" if goal else "best"
+
+    def best_text(self, most: int = 10) -> str:
+        """The best experiment, or for several objectives the front's size and its first ``most`` trial numbers."""
+        if self.front is not None:
+            if not self.front:
+                return "-"
+            shown = ", ".join(f"#{i}" for i in self.front[:most]) + (", ..." if len(self.front) > most else "")
+            return f"{len(self.front)} of {self.finished} experiments ({', '.join(self.objectives)}): {shown}"
         if self.best is None or self.best.values is None:
             return "-"
         when = f" at {self.best.finished_at.astimezone():%H:%M:%S}" if self.best.finished_at else ""
@@ -259,7 +297,7 @@ class Snapshot:
         out = [f"{self.name}: {self.status}, {self.progress_text()} "
                f"({self.counts.get('completed', 0)} completed, {self.counts.get('failed', 0)} failed"
                + (f", {self.counts.get('abandoned', 0)} abandoned" if self.counts.get("abandoned") else "") + ")",
-               f"  best {self.goal[:3]} {self.best_text()}"]
+               f"  {self.best_label()} {self.best_text()}"]
         if self.in_flight:
             out.append(f"  {self.in_flight_label()}: {self.in_flight_text()}")
         if (long := self.running_long_text()) is not None:
@@ -283,7 +321,7 @@ class Snapshot:
         facts = Table.grid(padding=(0, 2))
         facts.add_column(style="bold")
         facts.add_column()
-        facts.add_row(f"best ({self.goal})", Text(self.best_text()))
+        facts.add_row("Pareto front" if self.front is not None else f"best ({self.goal})", Text(self.best_text()))
         facts.add_row("time", f"{format_seconds(self.elapsed_s())} elapsed, "
                               f"{format_seconds(self.remaining_s())} remaining")
         counts = ", ".join(f"{v} {k}" for k, v in sorted(self.counts.items()))
@@ -462,7 +500,7 @@ def watch(store: Store, campaign: str, console: Console, interval_s: float = 1.0
     while True:
         if snap.finished != last:
             last = snap.finished
-            console.print(f"{snap.name}: {snap.progress_text()}, best {snap.best_text()}, "
+            console.print(f"{snap.name}: {snap.progress_text()}, {snap.best_label(goal=False)} {snap.best_text()}, "
                           f"in flight {sum(len(v) for v in snap.in_flight.values())}", highlight=False, soft_wrap=True)
         if done():
             return snap
@@ -586,7 +624,7 @@ def watch_events(store: Store, campaign: str, console: Console, endpoint: str,
         with view:
             if not view.live_mode:
                 console.print(f"following {campaign} on {endpoint}: {snap.progress_text()}, "
-                              f"best {snap.best_text()}", highlight=False, soft_wrap=True)
+                              f"{snap.best_label(goal=False)} {snap.best_text()}", highlight=False, soft_wrap=True)
             else:
                 view._refresh()
             while deadline is None or time.monotonic() < deadline:

@@ -426,7 +426,7 @@ def test_piped_tables_keep_every_cell_whole(tmp_path: Path) -> None:
                                     "0.740741", "0.987654"]
     assert error in lines[3]
     listing = runner.invoke(app, ["list", "--store", str(tmp_path / "wide.db")])
-    assert "…" not in listing.stdout and "f1=0.987654 (#1)" in listing.stdout
+    assert "…" not in listing.stdout and "1 on the Pareto front" in listing.stdout
 
 
 def test_a_json_export_holds_the_stored_numbers_and_names_exactly(tmp_path: Path) -> None:
@@ -639,3 +639,26 @@ def test_trial_records_read_no_orm_object_and_give_what_the_orm_rows_gave(tmp_pa
     assert loaded == []
     assert repr(records) == repr(expected)
     assert {r["execution"] for r in records} == {None, "manual"} and records[-1]["run_uid"] == "run-failed"
+
+
+def test_a_campaign_of_several_objectives_shows_its_pareto_front_not_one_objectives_best(tmp_path: Path) -> None:
+    """`status`, `list` and `watch` showed the best of the first objective alone ('best min f1=0.1 (#1)'), hiding
+    every trade-off the campaign had found; they show the front the report and the summary show."""
+    from closedloop import report
+    from closedloop.campaign import Campaign
+
+    store = Store(tmp_path / "front.db")
+    campaign = Campaign.from_yaml((Path(__file__).resolve().parents[1] / "campaigns" / "zdt1.yaml"))
+    cid = store.open_campaign(campaign)
+    for i, (f1, f2) in enumerate([(0.1, 5.0), (0.5, 1.0), (0.6, 6.0), (0.2, 0.9)], start=1):
+        (trial,) = store.add_trials(cid, [({f"x{k}": 0.1 * k for k in range(1, 7)}, {"generator": "sobol"})])
+        store.mark_dispatched(trial.id, "station-a")
+        store.record_result(trial.id, f"run-{i}", {"f1": f1, "f2": f2})
+    snap = Snapshot.from_store(store, "zdt1-front")
+    assert snap.front == [1, 4] == [r.trial for r in report.pareto_front(store, "zdt1-front")]
+    assert "  Pareto front 2 of 4 experiments (f1, f2): #1, #4" in snap.lines()
+    store.close()
+    status = CliRunner().invoke(app, ["status", "zdt1-front", "--store", str(tmp_path / "front.db"), "--control", ""])
+    assert status.exit_code == 0 and "2 of 4 experiments (f1, f2): #1, #4" in status.stdout, status.stdout
+    listing = CliRunner().invoke(app, ["list", "--store", str(tmp_path / "front.db")])
+    assert "2 on the Pareto front" in listing.stdout, listing.stdout
