@@ -1288,13 +1288,11 @@ class Daemon:
         return True
 
     def _requeue_missing(self, flight: InFlight, reason: str) -> None:
-        """A trial its station does not hold (the assign never reached it, or the station restarted) goes back to the
-        front of the queue, counted as an attempt only if the station said it had started it."""
+        """A trial its station does not hold (the assign never reached it) goes back to the front of the queue."""
         run = self.runs[flight.campaign_id]
         self._release(flight.trial_id)
-        # never started, nothing ran: with `retries: 1` the trial's one real failure afterwards had been final. Started,
-        # the instrument moved before the station went down (a driver that crashes its station must use up its retries)
-        self.store.requeue(flight.trial_id, reason, attempted=flight.started)
+        # not an attempt: nothing ran (with `retries: 1` the trial's one real failure afterwards had been final)
+        self.store.requeue(flight.trial_id, reason, attempted=False)
         run.queue.appendleft(flight.trial_id)
         log.warning("trial %s: %s; it goes back to the queue", flight.trial_id, reason)
         self._transition(run, flight.index, flight.trial_id, "requeued", reason="station does not hold it")
