@@ -1226,6 +1226,17 @@ class Daemon:
             elif flight.station == hello.station and flight.lost:
                 # back without it (restarted, the run lost with the process): the attempt failed as the station did
                 self._give_up_waiting(flight)
+            elif (flight.station == hello.station and flight.started and previous is not None and hello.instance
+                  and previous.instance and hello.instance != previous.instance):
+                # it said it started the run, and another process of the station comes back without it before it
+                # was declared lost (restarted at once, as systemd's Restart=always does): the run was lost with the
+                # process, an attempt as above. Taken for an assign that never arrived, it went back to the queue
+                # whatever execution.retries said: with retries: 0 a trial was run 4 times, and one that kills its
+                # station looped for good. (The same process saying so has cut the run short itself, a second
+                # Ctrl-C: that trial goes back to the queue as never run, below.)
+                self._fail(self.runs[flight.campaign_id], flight,
+                           f"station {hello.station} restarted while running it: the run was lost with its process",
+                           retry=True, status=TrialStatus.abandoned)
             elif flight.station == hello.station:
                 # dispatched to this station, which does not have it: the assign was lost (or the station
                 # restarted before it ran): it never ran, so it goes back to the queue

@@ -324,6 +324,40 @@ def test_a_lost_station_back_within_the_grace_delivers_its_result_as_the_trials_
     assert store.trial(gone.trial_id).error == "station frozen lost"
 
 
+def test_a_station_restarted_mid_run_before_it_is_declared_lost_has_its_trial_follow_the_retry_policy(
+        store: Store) -> None:
+    """``kill -9`` of a station mid-run, restarted at once (systemd's ``Restart=always``): its hello, within five
+    heartbeats, lists nothing. The trial was taken for an assign that never arrived and queued again whatever
+    ``execution.retries`` said: with ``retries: 0`` a probe's trial ran 4 times (``attempts`` 4), and an experiment
+    that kills its station would run at each restart for good. The run was lost with the process: an attempt."""
+    daemon = Daemon(store, [_campaign("restarted", 2, latency=0.05, concurrency=1, retries=0)], heartbeat_s=0.5,
+                    reconcile_s=5.0)
+    with raw_station(daemon.endpoint, "crashing") as sock, serving(daemon):
+        sock.send(protocol.encode(protocol.Hello(station="crashing", instance="first")))
+        _next_message(sock, "welcome")
+        lost = _next_message(sock, "assign")
+        sock.send(protocol.encode(protocol.Started(trial_id=lost.trial_id, assignment=lost.msg_id)))
+        _wait(lambda: lost.trial_id in daemon.in_flight and daemon.in_flight[lost.trial_id].started, 5,
+              "the daemon to hear the run started")
+        # killed mid-run, and a new process under the same name at once: its outbox holds nothing of the trial
+        sock.send(protocol.encode(protocol.Hello(station="crashing", instance="restarted")))
+        _next_message(sock, "welcome")
+        _wait(lambda: store.trial(lost.trial_id).status == "abandoned", 5, "the trial to be abandoned")
+        nxt = _next_message(sock, "assign")
+        assert nxt.trial_id != lost.trial_id, "the abandoned trial was sent to run again"
+        # the same process saying it no longer holds its started run cut it short itself (a second Ctrl-C): that
+        # trial goes back to the queue as never run, whatever the retries
+        sock.send(protocol.encode(protocol.Started(trial_id=nxt.trial_id, assignment=nxt.msg_id)))
+        _wait(lambda: nxt.trial_id in daemon.in_flight and daemon.in_flight[nxt.trial_id].started, 5,
+              "the daemon to hear the second run started")
+        sock.send(protocol.encode(protocol.Hello(station="crashing", instance="restarted", welcomed=1)))
+        _next_message(sock, "welcome")
+        again = _next_message(sock, "assign")
+        assert again.trial_id == nxt.trial_id and store.trial(nxt.trial_id).status == "dispatched"
+    trial = store.trial(lost.trial_id)
+    assert trial.attempts == 1 and "restarted while running it" in (trial.error or "")
+
+
 def test_a_result_for_a_trial_never_given_to_its_station_changes_nothing_however_its_hello_lists_it(
         store: Store) -> None:
     """A hello may list any trial. A station that listed one held by another station had its forged result stored
