@@ -136,6 +136,11 @@ class Departure:
                 or time.monotonic() - self._idle_since > self.ACK_WAIT_BEATS * heartbeat_s)
 
 
+def _locked(exc: sqlite3.OperationalError) -> bool:
+    """Whether SQLite gave up waiting for another connection's lock (after the connection's timeout)."""
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
 class Outbox:
     """Results and failures not yet acknowledged by the daemon, on disk (SQLite, synchronous commits)."""
 
@@ -144,7 +149,10 @@ class Outbox:
         if self.path.is_dir():
             raise ClosedLoopError(f"the outbox {path} is a folder: name a file, a new one or this station's outbox")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        # a short wait for another program's lock, retried by put() with self._lock let go in between: held for
+        # SQLite's 5 s at a time, it starved the comms thread of the outbox, the heartbeats stopped, and the daemon
+        # took the station for lost
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=0.5)
         try:
             tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         except sqlite3.DatabaseError as exc:
@@ -166,15 +174,42 @@ class Outbox:
         self._lock = threading.Lock()
 
     def put(self, trial_id: int, payload: bytes, run_uid: str | None = None) -> None:
-        """Keep a result until acknowledged; with ``run_uid``, also record in ``ran`` that it was measured."""
-        with self._lock:
-            self._db.execute("BEGIN")
-            self._db.execute("INSERT OR REPLACE INTO outbox VALUES (?, ?)", (trial_id, payload))
-            if run_uid is not None:
-                self._db.execute("INSERT INTO ran VALUES (?, ?, ?)", (trial_id, run_uid, time.time()))
-                # rowids grow with each insert: older than the latest ran_kept goes (a seek when nothing does)
-                self._db.execute("DELETE FROM ran WHERE rowid <= (SELECT max(rowid) FROM ran) - ?", (self._ran_kept,))
-            self._db.execute("COMMIT")
+        """Keep a result until acknowledged; with ``run_uid``, also record in ``ran`` that it was measured.
+
+        Another program holding a write lock on the outbox (a sqlite3 shell after BEGIN, DB Browser with changes
+        not written) is waited out, said once: the station had stopped with 'OperationalError: database is
+        locked' five seconds into it, and the result it had just measured, in no outbox and never sent, was lost."""
+        said = False
+        while True:
+            try:
+                with self._lock:
+                    try:
+                        self._db.execute("BEGIN IMMEDIATE")
+                        self._db.execute("INSERT OR REPLACE INTO outbox VALUES (?, ?)", (trial_id, payload))
+                        if run_uid is not None:
+                            self._db.execute("INSERT INTO ran VALUES (?, ?, ?)", (trial_id, run_uid, time.time()))
+                            # rowids grow with each insert: older than the latest ran_kept goes (a seek when nothing
+                            # does)
+                            self._db.execute("DELETE FROM ran WHERE rowid <= (SELECT max(rowid) FROM ran) - ?",
+                                             (self._ran_kept,))
+                        self._db.execute("COMMIT")
+                    except BaseException:
+                        if self._db.in_transaction:
+                            self._db.execute("ROLLBACK")
+                        raise
+                if said:
+                    log.warning("the outbox %s could be written again: the answer of trial %s is kept", self.path,
+                                trial_id)
+                return
+            except sqlite3.OperationalError as exc:
+                if not _locked(exc):
+                    raise
+                if not said:
+                    log.error("the outbox %s is locked by another program (a sqlite3 shell or DB Browser with a "
+                              "transaction open?): the answer of trial %s waits here, unsent, until it is released; "
+                              "end that transaction", self.path, trial_id)
+                    said = True
+                time.sleep(0.1)  # the comms thread's turn at the outbox: its heartbeats go on
 
     def ran(self) -> list[tuple[int, str]]:
         """(trial id, run uid) of the runs this outbox's station measured, the latest ``RAN_KEPT``."""
@@ -194,7 +229,15 @@ class Outbox:
             row = self._db.execute("SELECT payload FROM outbox WHERE trial_id = ?", (trial_id,)).fetchone()
             if row is None or (assignment is not None and _assignment_of(row[0]) not in (None, assignment)):
                 return
-            self._db.execute("DELETE FROM outbox WHERE trial_id = ?", (trial_id,))
+            try:
+                self._db.execute("DELETE FROM outbox WHERE trial_id = ?", (trial_id,))
+            except sqlite3.OperationalError as exc:
+                if not _locked(exc):
+                    raise
+                # kept: sent again at the next registration, and acknowledged again (the daemon ignores a
+                # duplicate); waiting here would hold the heartbeats up, raising stopped the station
+                log.warning("the outbox %s is locked by another program: trial %s's acknowledged answer stays in it "
+                            "for now", self.path, trial_id)
 
     def pending(self) -> list[tuple[int, bytes]]:
         with self._lock:

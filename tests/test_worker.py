@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -55,6 +56,34 @@ def test_outbox_keeps_results_until_removed_and_records_every_run(tmp_path: Path
     assert [t for t, _ in reopened.pending()] == [5]
     reopened.remove(5, "retry")
     assert reopened.pending() == []
+
+
+def test_an_outbox_locked_by_another_program_is_waited_out_and_the_measured_result_kept(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A sqlite3 shell holding ``BEGIN EXCLUSIVE`` on a station's outbox: five seconds after its run finished the
+    station stopped with 'OperationalError: database is locked', exit 1, and the result it had measured, in no
+    outbox and never sent, was lost (the daemon abandoned the trial). It waits, says so once, and keeps it."""
+    path = tmp_path / "o.db"
+    outbox = Outbox(path)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, sys, time\n"
+        "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+        "db.execute('BEGIN EXCLUSIVE')\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(7)\n"
+        "db.execute('ROLLBACK')\n"), str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        payload = protocol.encode(protocol.ResultMessage(trial_id=3, run_uid="r3", values={"y": 2.0}))
+        with caplog.at_level("WARNING", logger="closedloop.worker"):
+            outbox.put(3, payload, "r3")
+        assert holder.wait(timeout=30) == 0
+    finally:
+        holder.kill()
+    assert any("is locked by another program" in r.getMessage() for r in caplog.records)
+    outbox.close()
+    reopened = Outbox(path)
+    assert reopened.result(3) == payload and reopened.ran() == [(3, "r3")]
 
 
 def test_an_outbox_that_is_a_folder_another_file_or_a_daemons_store_is_refused_unchanged(tmp_path: Path) -> None:
