@@ -1056,6 +1056,13 @@ class Daemon:
                     # a hello may list any trial: listing one is no claim to it
                     self._drop(identity, f"result for trial {result.trial_id}, which was never given to station "
                                          f"{station.name}")
+                    if trial.status in FINISHED_STATUSES:
+                        # finished: nothing will ever take it, so the station may forget it. Left unacknowledged,
+                        # a result measured before a daemon restart, whose trial was run again elsewhere since
+                        # (its station back after reconcile_s), stayed in that station's outbox for good, sent
+                        # again and dropped at each registration. Acknowledging it changes no stored row
+                        self._send(identity, protocol.Ack(trial_id=result.trial_id, assignment=result.assignment))
+                        self._acknowledged(station, result.trial_id)
                     continue
                 run = self.runs.get(trial.campaign_id)  # type: ignore[assignment]
                 if run is None:

@@ -358,6 +358,32 @@ def test_a_station_restarted_mid_run_before_it_is_declared_lost_has_its_trial_fo
     assert trial.attempts == 1 and "restarted while running it" in (trial.error or "")
 
 
+def test_a_result_kept_in_an_outbox_over_a_daemon_restart_for_a_trial_run_again_elsewhere_is_acknowledged(
+        store: Store) -> None:
+    """A station measured trial 1 and was stopped while the daemon was down; the restarted daemon gave up waiting
+    for it (reconcile_s) and had the trial run again on another station. The first station, back later, offers the
+    result from its outbox: the restarted daemon, which never gave it the trial, dropped it unacknowledged, so it
+    stayed in that outbox for good, sent again and dropped at each registration (chaos probe: 2 results, 8 drops
+    in 90 s, still there when the campaign ended). It is acknowledged, and no stored row changes."""
+    campaign = _campaign("rerun", 2, latency=0.05, concurrency=1)
+    cid = store.open_campaign(campaign)
+    trial = store.add_trials(cid, [({"x1": 1.0, "x2": 2.0}, {})])[0]
+    store.mark_dispatched(trial.id, "second")  # the retry, on the other station, under the restarted daemon
+    assert store.record_result(trial.id, "second-run", {"y": 3.0})  # type: ignore[arg-type]
+    daemon = Daemon(store, [campaign], heartbeat_s=0.5)
+    with raw_station(daemon.endpoint, "first") as sock, serving(daemon):
+        sock.send(protocol.encode(protocol.Hello(station="first", instance="back", instruments=["nothing:Here"],
+                                                 outstanding=[trial.id])))
+        _next_message(sock, "welcome")
+        sock.send(protocol.encode(protocol.ResultMessage(trial_id=trial.id, assignment="before-the-restart",
+                                                         run_uid="first-run", values={"y": 9.0}, duration_s=0.1)))
+        ack = _next_message(sock, "ack", limit_s=5)
+        assert ack.trial_id == trial.id and ack.assignment == "before-the-restart"
+    kept = store.trial(trial.id)
+    assert kept.status == "completed" and kept.station == "second" and kept.run_uids == ["second-run"]
+    assert kept.late_results == {} and store.observations(cid)[trial.id].values == {"y": 3.0}
+
+
 def test_a_result_for_a_trial_never_given_to_its_station_changes_nothing_however_its_hello_lists_it(
         store: Store) -> None:
     """A hello may list any trial. A station that listed one held by another station had its forged result stored
