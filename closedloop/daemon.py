@@ -1060,7 +1060,11 @@ class Daemon:
                         # finished: nothing will ever take it, so the station may forget it. Left unacknowledged,
                         # a result measured before a daemon restart, whose trial was run again elsewhere since
                         # (its station back after reconcile_s), stayed in that station's outbox for good, sent
-                        # again and dropped at each registration. Acknowledging it changes no stored row
+                        # again and dropped at each registration. Acknowledging it changes no stored row; its values
+                        # go to the log, the only record left of them (a forged one's too, which is harmless there)
+                        log.warning("trial %s: result of run %s from station %s acknowledged, not kept (the trial is "
+                                    "%s and was not given to it): %s", result.trial_id, result.run_uid, station.name,
+                                    trial.status, result.values)
                         self._send(identity, protocol.Ack(trial_id=result.trial_id, assignment=result.assignment))
                         self._acknowledged(station, result.trial_id)
                     continue
