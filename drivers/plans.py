@@ -61,6 +61,9 @@ def _ramp(binding: InstrumentBinding, devices: Mapping[str, Any], setpoints: Map
     targets = {name: value for name, value in setpoints.items() if name in devices}
     if not targets:
         return
+    # a custom plan moves to values of its own (an overshoot, a dispensed volume): the pre-flight saw only the
+    # trial's setpoints, and a device whose only limits are the binding's took 170 on a [20, 150] heater
+    binding.check_limits(targets)
     for k, stage in enumerate(binding.ramp(targets)):
         if k:
             yield from bps.checkpoint()

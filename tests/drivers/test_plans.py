@@ -11,9 +11,10 @@ from ophyd import Signal
 from ophyd.sim import SynAxis
 
 from closedloop.errors import DeviceError
-from drivers.binding import Derived, InstrumentBinding, MaxStep, load_binding
+from drivers.binding import AllowedValues, Derived, InstrumentBinding, MaxStep, load_binding
 from drivers.plans import experiment_plan, measure
 from drivers.readout import outputs_from_events
+from simulators.devices import ChoiceSignal, LimitedAxis
 from simulators.surfaces import Branin, MixedSurface, branin
 
 MD = {"campaign": "demo", "trial_id": 7, "trial_index": 3, "planner": {"backend": "sobol", "acquisition": None}}
@@ -338,6 +339,48 @@ def test_custom_plan_runs_after_the_same_preflight(RE, docs):
     with pytest.raises(DeviceError, match="outside limits"):
         RE(experiment_plan(binding, {"x1": 1.0, "x2": 99.0}, MD))
     assert binding.positioners["x1"].set_calls == [1.0]
+
+
+def test_a_custom_plan_cannot_move_a_device_past_the_bindings_limits(RE, docs):
+    """move_to and set_signals check what a custom plan sends; the pre-flight saw only the trial's setpoints."""
+    import bluesky.plan_stubs as bps
+    import bluesky.preprocessors as bpp
+
+    from drivers.plans import move_to, read_outputs, run_metadata, set_signals
+
+    def overshoot_anneal(binding, setpoints, md):
+        @bpp.run_decorator(md=run_metadata(binding, setpoints, md))
+        def inner():
+            yield from bps.checkpoint()
+            yield from set_signals(binding, {"gas": setpoints["gas"]})
+            yield from move_to(binding, {"temperature": setpoints["temperature"] + 30})  # past the limit
+            yield from move_to(binding, {"temperature": setpoints["temperature"]})
+            yield from read_outputs(binding)
+
+        return (yield from inner())
+
+    heater = LimitedAxis(name="heater")  # no limits of its own: the binding's are all there is
+    gas = ChoiceSignal(name="gas", choices=("N2", "Ar", "O2"))
+    binding = InstrumentBinding(name="oven", positioners={"temperature": heater}, signals={"gas": gas},
+                                detectors=[heater], outputs={"y": "heater"}, limits={"temperature": (20, 150)},
+                                safety=[AllowedValues("gas", ("N2", "Ar"))], plan=overshoot_anneal)
+    with pytest.raises(DeviceError, match=r"temperature=170.0 outside the instrument's limits \[20, 150\]"):
+        RE(experiment_plan(binding, {"temperature": 140.0, "gas": "N2"}, MD), docs)
+    assert heater.set_calls == []
+    assert docs.stop["exit_status"] == "fail"
+
+    def wrong_gas(binding, setpoints, md):
+        @bpp.run_decorator(md=run_metadata(binding, setpoints, md))
+        def inner():
+            yield from set_signals(binding, {"gas": "O2"})  # on the device, but not loaded on this robot
+            yield from read_outputs(binding)
+
+        return (yield from inner())
+
+    binding.plan = wrong_gas
+    with pytest.raises(DeviceError, match="'O2' is not one of"):
+        RE(experiment_plan(binding, {"temperature": 100.0, "gas": "N2"}, MD))
+    assert gas.set_calls == ["N2"] and gas.get() == "N2"
 
 
 def test_missing_output_is_a_device_error(RE, docs):
