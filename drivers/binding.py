@@ -288,6 +288,12 @@ class InstrumentBinding:
         for rule in self.safety:
             name = getattr(rule, "parameter", None)
             if isinstance(rule, MaxStep) and name in setpoints and _finite_number(setpoints[name]) \
+                    and isinstance(present.get(name), numbers.Real) and not _finite_number(present.get(name)):
+                # a readback of NaN (a thermocouple off its socket) is a fault, not "cannot say where it is": taken
+                # as unknown, the heater it guards jumped from wherever it was straight to the setpoint
+                raise InstrumentUnavailable(f"{name}: the device reads {present[name]!r}, so no ramp of at most "
+                                            f"{rule.max_change:g} can start from it; nothing has moved")
+            if isinstance(rule, MaxStep) and name in setpoints and _finite_number(setpoints[name]) \
                     and _finite_number(present.get(name)):
                 steps[name] = min(rule.max_change, steps.get(name, math.inf))
         whole = {n for n in steps if _whole(setpoints[n]) and float(present[n]).is_integer()}

@@ -259,6 +259,30 @@ def test_a_ramp_that_would_pass_a_value_its_device_refuses_is_refused_before_it_
     assert valve.set_calls == [] and valve.get() == 1
 
 
+def test_a_ramped_device_that_reads_nan_is_unavailable_and_does_not_jump(RE, docs):
+    """NaN is a faulty readback, not an unknown one: a MaxStep device must not go to the setpoint in one move."""
+    from closedloop.errors import InstrumentUnavailable
+
+    class Heater(LimitedAxis):
+        reading = float("nan")  # the thermocouple came off
+
+        @property
+        def position(self) -> float:
+            return self.reading
+
+    heater = Heater(name="heater", limits=(0.0, 150.0))
+    binding = InstrumentBinding(name="oven", positioners={"temperature": heater}, detectors=[heater],
+                                outputs={"y": "heater"}, safety=[MaxStep("temperature", 20.0)])
+    with pytest.raises(InstrumentUnavailable, match="temperature: the device reads nan"):
+        binding.check_limits({"temperature": 140.0})
+    with pytest.raises(InstrumentUnavailable):
+        RE(experiment_plan(binding, {"temperature": 140.0}, MD), docs)
+    assert heater.set_calls == [] and docs.documents == []
+    heater.reading = math.inf
+    with pytest.raises(InstrumentUnavailable, match="reads inf"):
+        binding.ramp({"temperature": 140.0})
+
+
 def test_a_device_that_cannot_say_where_it_is_moves_in_one_go(RE):
     setting = Signal(name="setting", value=None)  # no position, and nothing to read yet
     binding = InstrumentBinding(name="one", positioners={"s": setting}, detectors=[setting],
