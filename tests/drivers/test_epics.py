@@ -275,3 +275,19 @@ def test_a_stage_with_max_step_ramps_each_axis_in_puts_of_at_most_the_step(ioc, 
     with pytest.raises(Exception, match="refused by x1"):
         RE(experiment_plan(binding, {"x1": 7.5, "x2": target["x2"]}, {"trial_id": 2}))
     assert len(read_pv(f"{ioc}x1:puts").data) == stages
+
+
+def test_the_docs_epics_example_builds_its_stage_as_written(ioc, RE, docs):
+    """docs/instruments.md's EPICS example, copied as it stands, builds a binding that measures at the IOC; it called
+    use_caproto() without importing it, and a driver written from it failed with NameError."""
+    from drivers.plans import experiment_plan
+
+    text = (ROOT / "docs" / "instruments.md").read_text()
+    section = text[text.index("## An EPICS instrument"):]
+    example = section[section.index("```python") + len("```python"):]
+    example = example[:example.index("```")]
+    namespace: dict = {}
+    exec(compile(example, "docs/instruments.md", "exec"), namespace)  # noqa: S102 - the docs' own example
+    binding = namespace["Stage"](prefix=ioc)
+    RE(experiment_plan(binding, {"x1": 1.0, "x2": 2.0}, {}), docs)
+    assert docs.events()[0]["data"]["det_value"] == pytest.approx(branin(np.array([1.0, 2.0])), rel=1e-4)
