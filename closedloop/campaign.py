@@ -44,7 +44,7 @@ import os
 import sys
 import re
 import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -1742,7 +1742,14 @@ def _instrument_problems(campaign: Campaign, instrument: Instrument, at: str,
                                      + f"; it has: {', '.join(sorted(axes)) or 'none'}"))
                 continue
             limits = getattr(binding, "limits", None)
-            problems.extend(_limit_problems(name, p, device, limits.get(name) if isinstance(limits, Mapping) else None))
+            # an AllowedValues rule (by its fields: the engine does not import the drivers' package) says what the
+            # hardware offers; unchecked here, a campaign naming a solvent not loaded validated, and the station
+            # refused every experiment that chose it
+            allowed = [tuple(rule.values) for rule in getattr(binding, "safety", None) or []
+                       if getattr(rule, "parameter", None) == name and isinstance(getattr(rule, "values", None),
+                                                                                  (tuple, list))]
+            problems.extend(_limit_problems(name, p, device, limits.get(name) if isinstance(limits, Mapping) else None,
+                                            allowed))
     return problems
 
 
@@ -1778,8 +1785,10 @@ def _data_key_problems(target: str, binding: Any) -> list[str]:
     return problems
 
 
-def _limit_problems(name: str, p: Any, device: Any, limit: tuple[float, float] | None = None) -> list[tuple[str, str]]:
-    """What the instrument would refuse of a parameter's range: the binding's own ``limits``, then the device's."""
+def _limit_problems(name: str, p: Any, device: Any, limit: tuple[float, float] | None = None,
+                    allowed: Sequence[tuple[Any, ...]] = ()) -> list[tuple[str, str]]:
+    """What the instrument would refuse of a parameter's range: the binding's own ``limits``, the values its
+    ``AllowedValues`` rules hold (``allowed``), then the device's."""
     if isinstance(p, (ContinuousParameter, IntegerParameter)):
         field, values = "bounds", list(p.bounds)
     elif isinstance(p, (DiscreteParameter, CategoricalParameter)):
@@ -1793,6 +1802,12 @@ def _limit_problems(name: str, p: Any, device: Any, limit: tuple[float, float] |
                 shown = f"{v:g}" if isinstance(v, (int, float)) else repr(v)
                 return [(f"parameters.{name}.{field}",
                          f"{shown} is refused by the instrument: outside its limits [{low:g}, {high:g}]")]
+    for permitted in allowed:
+        for v in values:
+            if v not in permitted:
+                shown = f"{v:g}" if isinstance(v, (int, float)) else repr(v)
+                return [(f"parameters.{name}.{field}",
+                         f"{shown} is refused by the instrument: not one of {list(permitted)}")]
     check = getattr(device, "check_value", None)
     if check is None:
         return []

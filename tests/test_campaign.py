@@ -412,6 +412,28 @@ def test_a_driver_module_beside_the_campaign_file_run_from_elsewhere_is_named_wi
     assert "lab/spin_lab_driver.py is beside the campaign file" in message and "PYTHONPATH=lab " in message
 
 
+def test_a_value_an_allowed_values_rule_refuses_is_a_problem_of_the_file(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # the robot has DMF and DMSO loaded: a campaign choosing GBL validated, and every trial choosing it was refused
+    (tmp_path / "solvent_robot.py").write_text(
+        "from ophyd import Signal\nfrom ophyd.sim import SynAxis\n"
+        "from drivers.binding import AllowedValues, InstrumentBinding\n"
+        "def Robot():\n    t = SynAxis(name='t')\n"
+        "    return InstrumentBinding(name='robot', positioners={'x1': t, 'x2': SynAxis(name='u')},\n"
+        "                             signals={'solvent': Signal(name='solvent', value='DMF')}, detectors=[t],\n"
+        "                             outputs={'y': 't'}, safety=[AllowedValues('solvent', ('DMF', 'DMSO'))])\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("sys.dont_write_bytecode", True)
+    text = BASE.replace("simulator: simulators.surfaces:Branin", "simulator: solvent_robot:Robot").replace(
+        "  x2: {type: continuous, bounds: [0, 15]}\n",
+        "  x2: {type: continuous, bounds: [0, 15]}\n  solvent: {type: categorical, values: [DMF, GBL]}\n")
+    (problem,) = problems_of(text)
+    assert problem.path == "parameters.solvent.values"
+    assert problem.message == "'GBL' is refused by the instrument: not one of ['DMF', 'DMSO']"
+    Campaign.from_yaml_text(text.replace("[DMF, GBL]", "[DMF, DMSO]"), "c.yaml")
+
+
 def test_a_simulators_own_limits_are_checked_against_the_bounds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # a SynAxis has no limits; the binding's `limits` are the instrument's, enforced by the engine at each trial
     (tmp_path / "limited_oven.py").write_text(
