@@ -1765,14 +1765,8 @@ def _data_key_problems(target: str, binding: Any) -> list[str]:
     keys: set[str] = set()
     try:
         for device in readables():
-            described = device.describe()
-            if inspect.isawaitable(described):
-                close = getattr(described, "close", None)
-                if close is not None:
-                    close()
-                return []
-            keys.update(described)
-    except Exception:  # a courtesy check: the run reports what it finds
+            keys.update(_answer(device.describe()))
+    except Exception:  # a courtesy check (and an ophyd-async device with no loop to ask on): the run reports it
         return []
     problems = []
     for output, source in outputs.items():
@@ -1783,6 +1777,29 @@ def _data_key_problems(target: str, binding: Any) -> list[str]:
                                 "reads" + (f" (did you mean {close[0]!r}?)" if close else "")
                                 + f"; they read: {', '.join(sorted(keys))}")
     return problems
+
+
+class _CannotWait(Exception):
+    """An ophyd-async device's answer is a coroutine, and no RunEngine's event loop runs here to wait for it."""
+
+
+def _answer(result: Any) -> Any:
+    """A device's answer; an ophyd-async device's coroutine is waited for on the RunEngine's event loop.
+
+    ``validate --connect`` makes a RunEngine before building the driver, as a station does: without waiting, an
+    ophyd-async motor's ``check_value`` refused nothing (a range past its soft limits passed) and its detector's
+    data keys went unchecked.
+    """
+    if not inspect.isawaitable(result):
+        return result
+    from bluesky.run_engine import call_in_bluesky_event_loop
+
+    try:
+        return call_in_bluesky_event_loop(result, timeout=10)  # type: ignore[arg-type]
+    except RuntimeError as exc:
+        if "event loop not running" in str(exc):  # bluesky closed the coroutine
+            raise _CannotWait() from None
+        raise
 
 
 def _limit_problems(name: str, p: Any, device: Any, limit: tuple[float, float] | None = None,
@@ -1813,7 +1830,9 @@ def _limit_problems(name: str, p: Any, device: Any, limit: tuple[float, float] |
         return []
     for v in values:
         try:
-            check(v)
+            _answer(check(v))
+        except _CannotWait:  # an ophyd-async device with no RunEngine's loop to ask on: the station's pre-flight will
+            return []
         except Exception as exc:  # each device family raises its own limit error
             shown = f"{v:g}" if isinstance(v, (int, float)) else repr(v)
             return [(f"parameters.{name}.{field}", f"{shown} is refused by the instrument: {exc}")]

@@ -127,3 +127,45 @@ def test_a_simulator_campaign_passes_with_connect(tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok c.yaml: branin\n")
     assert result.stderr == ""
+
+
+ASYNC_DRIVER = """\
+from ophyd_async.core import init_devices
+
+from drivers.async_stage import BraninDetector, LimitedSimMotor
+from drivers.binding import InstrumentBinding
+
+
+def Stage(key="det-value"):  # soft limits on the motors alone: no `limits` in the binding
+    with init_devices(set_name=False):
+        x1 = LimitedSimMotor(name="x1", limits=(-5, 10), instant=True)
+        x2 = LimitedSimMotor(name="x2", limits=(0, 15), instant=True)
+        det = BraninDetector(x1, x2, name="det")
+    return InstrumentBinding(name="a", positioners={"x1": x1, "x2": x2}, detectors=[det], outputs={"y": key})
+"""
+
+
+def test_an_ophyd_async_devices_own_limits_and_data_keys_are_checked(tmp_path, monkeypatch) -> None:
+    """Its check_value and describe are coroutines: unawaited, a range past a motor's soft limits and an output read
+    from a key no device reads both passed --connect, and the station refused or failed those experiments."""
+    pytest.importorskip("ophyd_async")
+    from closedloop.campaign import CampaignFileError, load_campaign_text
+    from closedloop.connect import LiveInstruments
+
+    (tmp_path / "async_lab.py").write_text(ASYNC_DRIVER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("sys.dont_write_bytecode", True)
+    text = CAMPAIGN.format(prefix="unused", x1_high=20, driver="async_lab:Stage", more="")
+    text = text.replace('  options: {prefix: "unused"}\n', "")
+    with pytest.raises(CampaignFileError) as raised:
+        load_campaign_text(text, "c.yaml", connect=LiveInstruments(10))
+    (problem,) = raised.value.problems
+    assert (problem.path, problem.message) == ("parameters.x1.bounds", "20 is refused by the instrument: "
+                                               "x1=20.0 outside soft limits [-5, 10]")
+    with pytest.raises(CampaignFileError) as raised:
+        load_campaign_text(text.replace("20]", "10]") + '  options: {key: "det_value"}\n', "c.yaml",
+                           connect=LiveInstruments(10))
+    (problem,) = raised.value.problems
+    assert "output 'y' reads data key 'det_value', which none of its devices reads (did you mean 'det-value'?)" \
+        in problem.message
+    load_campaign_text(text.replace("20]", "10]"), "c.yaml", connect=LiveInstruments(10))
