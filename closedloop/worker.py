@@ -667,10 +667,7 @@ class StationWorker:
             self._resumed.clear()
             if self._running is not None and self.RE is not None and self.RE.state == "running":
                 log.info("pausing the RunEngine at its next checkpoint (trial %s)", self._running)
-                try:
-                    self.RE.request_pause(defer=True)
-                except Exception as exc:  # the run ended meanwhile: nothing to pause
-                    log.info("pause: %s", exc)
+                self._request_pause(defer=True, what="pause")
         else:
             self._resumed.set()
 
@@ -697,10 +694,25 @@ class StationWorker:
         job.cancelled = True
         if self._running == trial_id and self.RE is not None:
             log.warning("cancelling running %s: %s", named(job.assignment), reason)
+            self._request_pause(defer=False, what=f"cancel of trial {trial_id}")
+
+    def _request_pause(self, *, defer: bool, what: str) -> None:
+        """Ask the RunEngine to pause, without waiting for its event loop to take the request.
+
+        ``RE.request_pause`` blocks its caller until the RunEngine's loop runs it; a driver blocking that loop (a
+        serial read without a timeout) then held the communication thread too: the station sent no heartbeat, the
+        daemon counted it lost and abandoned the trial it had just been given.
+        """
+        engine = self.RE
+        assert engine is not None
+
+        def ask() -> None:
             try:
-                self.RE.request_pause(defer=False)
-            except Exception as exc:  # the run ended meanwhile: nothing left to stop
-                log.info("cancel of trial %s: %s", trial_id, exc)
+                engine.request_pause(defer=defer)
+            except Exception as exc:  # the run ended meanwhile: nothing to pause or stop
+                log.info("%s: %s", what, exc)
+
+        threading.Thread(target=ask, name=f"closedloop-pause-{self.name}", daemon=True).start()
 
     # -- communication (owns the socket) ------------------------------------------------------
 

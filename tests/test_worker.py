@@ -439,3 +439,70 @@ def test_a_run_engine_that_panicked_stops_its_station_rather_than_fail_every_tri
     assert returncode == 1, output[-3000:]
     assert "RunEngine panicked" in output.strip().splitlines()[-1], output[-3000:]
     assert log.read_text().count('state="failed"') == 1, log.read_text()[-3000:]
+
+
+RELEASE_READ = threading.Event()
+
+
+class BlockingRead(Signal):
+    """A detector whose read blocks the RunEngine's event loop until released: a serial read with no timeout."""
+
+    def read(self):  # noqa: ANN201 - ophyd's
+        RELEASE_READ.wait(timeout=20)
+        return super().read()
+
+
+def blocking_read_instrument() -> InstrumentBinding:
+    binding = Branin()
+    binding.detectors = [*binding.detectors, BlockingRead(name="probe", value=0.0)]
+    return binding
+
+
+def test_a_station_whose_driver_blocks_the_run_engine_keeps_beating_through_a_cancel(tmp_path: Path) -> None:
+    """RE.request_pause waits for the RunEngine's loop: called from the communication thread while a driver blocked
+    that loop, the station fell silent, the daemon counted it lost and abandoned the trial it had just given it."""
+    import zmq
+
+    context = zmq.Context()
+    daemon = context.socket(zmq.ROUTER)
+    daemon.setsockopt(zmq.LINGER, 0)
+    port = daemon.bind_to_random_port("tcp://127.0.0.1")
+    worker = StationWorker(f"tcp://127.0.0.1:{port}", name="s", outbox=tmp_path / "s.outbox", heartbeat_s=0.2,
+                           instruments=["tests.test_worker:blocking_read_instrument"], context=context)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    RELEASE_READ.clear()
+    thread.start()
+    try:
+        identity, _ = receive(daemon, protocol.Hello)
+        daemon.send_multipart([identity, protocol.encode(protocol.Welcome(heartbeat_s=0.2, session=1))])
+        daemon.send_multipart([identity, protocol.encode(protocol.Assign(
+            campaign="c", trial_id=1, trial_index=1, setpoints={"x1": 1.0, "x2": 2.0}, outputs=["y"], session=1,
+            instrument=protocol.InstrumentSpec(target="tests.test_worker:blocking_read_instrument")))])
+        receive(daemon, protocol.Started)
+        time.sleep(0.3)  # the RunEngine is in the blocking read
+        daemon.send_multipart([identity, protocol.encode(protocol.Cancel(trial_id=1, reason="timed out"))])
+        time.sleep(0.2)
+        beats, failures = 0, []
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline or (not failures and time.monotonic() < deadline + 20):
+            if time.monotonic() >= deadline:
+                RELEASE_READ.set()  # the read returns: the cancel ends the run
+            if not daemon.poll(100):
+                continue
+            _, frame = daemon.recv_multipart()
+            message = protocol.decode(frame)
+            if isinstance(message, protocol.Heartbeat):  # answered, as the daemon does
+                beats += time.monotonic() < deadline
+                daemon.send_multipart([identity, protocol.encode(protocol.Heartbeat())])
+            elif isinstance(message, protocol.Failure):
+                failures.append(message)
+        assert beats >= 3, f"{beats} heartbeats in 1.5 s at 0.2 s while the RunEngine was blocked"
+        (failure,) = failures
+        assert failure.trial_id == 1 and "cancelled" in failure.error
+    finally:
+        RELEASE_READ.set()
+        stop.set()
+        thread.join(timeout=30)
+        daemon.close()
+        context.term()
