@@ -18,11 +18,14 @@ Example:
 from __future__ import annotations
 
 import itertools
+import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
 import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
+from bluesky import Msg
 
 from closedloop.errors import DeviceError
 from drivers.binding import InstrumentBinding, MaxStep, Plan
@@ -64,10 +67,31 @@ def _ramp(binding: InstrumentBinding, devices: Mapping[str, Any], setpoints: Map
     # a custom plan moves to values of its own (an overshoot, a dispensed volume): the pre-flight saw only the
     # trial's setpoints, and a device whose only limits are the binding's took 170 on a [20, 150] heater
     binding.check_limits(targets)
-    for k, stage in enumerate(binding.ramp(targets)):
+    stages = binding.ramp(targets)
+    k = 0
+    while k < len(stages):
         if k:
             yield from bps.checkpoint()
-        yield from bps.mv(*itertools.chain.from_iterable((devices[name], value) for name, value in stage.items()))
+            # an operator's pause lands at this checkpoint, and the devices may move while it lasts (a heater cools, a
+            # stage is moved by hand): the stages planned before it then jumped from there (0 -> 80 in steps of 20).
+            # What is left of the ramp starts again from where they are. (A 'read' is answered None when the plan is
+            # only listed, not run: the devices have not moved then, and the plan stays as planned.)
+            if (yield Msg("read", devices[next(iter(stages[k]))])) is not None and _strayed(binding, stages[k]):
+                stages[k:] = binding.ramp({name: targets[name] for name in stages[-1]})
+        yield from bps.mv(*itertools.chain.from_iterable((devices[name], value) for name, value in stages[k].items()))
+        k += 1
+
+
+def _strayed(binding: InstrumentBinding, stage: Mapping[str, Any]) -> bool:
+    """Whether a device of a ramp is now more than its step from the stage it is to move to next."""
+    present = binding.current()
+    for rule in binding.safety:
+        if isinstance(rule, MaxStep) and rule.parameter in stage:
+            now = present.get(rule.parameter)
+            if isinstance(now, numbers.Real) and not isinstance(now, bool) and math.isfinite(now) \
+                    and abs(float(stage[rule.parameter]) - float(now)) > rule.max_change * (1 + 1e-9):
+                return True
+    return False
 
 
 def ramp_metadata(binding: InstrumentBinding, setpoints: Mapping[str, Any]) -> dict[str, Any]:

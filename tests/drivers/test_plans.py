@@ -205,6 +205,35 @@ def test_a_ramp_paused_midway_resumes_from_the_stage_it_was_in(RE, docs):
     assert len(docs.events()) == 1 and docs.stop["exit_status"] == "success"
 
 
+def test_a_device_moved_during_a_pause_of_its_ramp_is_ramped_on_from_where_it_is(RE, docs):
+    """The operator's pause lands at a checkpoint between stages; the heater cools meanwhile. The stages planned
+    before the pause jumped from there (0 -> 80 in steps of 20); every move stays within the step of where it is."""
+    from bluesky.utils import RunEngineInterrupted
+
+    heater = LimitedAxis(name="heater", limits=(0.0, 150.0), delay=0.2)
+    moves = recorded(heater)
+    binding = InstrumentBinding(name="oven", positioners={"temperature": heater}, detectors=[heater],
+                                outputs={"y": "heater"}, safety=[MaxStep("temperature", 20.0)])
+
+    def pause_after_the_third_stage(msg) -> None:
+        if msg.command == "set" and len(moves) == 2:  # the third is being sent: pause at the checkpoint after it
+            threading.Thread(target=RE.request_pause, kwargs={"defer": True}).start()
+
+    RE.msg_hook = pause_after_the_third_stage
+    with pytest.raises(RunEngineInterrupted):
+        RE(experiment_plan(binding, {"temperature": 100.0}, MD), docs)
+    assert moves == [20.0, 40.0, 60.0]
+    RE.msg_hook = None
+    heater.set(0.0).wait(timeout=5)  # cooled while the oven stood paused
+    RE.resume()
+    assert moves == [20.0, 40.0, 60.0, 0.0, 20.0, 40.0, 60.0, 80.0, 100.0]
+    assert docs.stop["exit_status"] == "success" and len(docs.events()) == 1
+    # listed without a RunEngine, the plan is the one planned
+    heater.set(0.0).wait(timeout=5)
+    sets = [m.args[0] for m in experiment_plan(binding, {"temperature": 60.0}, MD) if m.command == "set"]
+    assert sets == [20.0, 40.0, 60.0]
+
+
 def test_a_ramp_of_a_whole_number_setting_goes_in_whole_numbers(RE):
     binding = MixedSurface()  # cycles: an integer axis [1, 10] at 6 that refuses fractions
     binding.safety.append(MaxStep("cycles", 2.5))
