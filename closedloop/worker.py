@@ -528,14 +528,20 @@ class StationWorker:
             raise InstrumentUnavailable(f"this station drives only {', '.join(self.instruments)}, not {spec.target!r}")
         key = json.dumps([spec.target, spec.options], sort_keys=True, default=str)
         if key not in self._bindings:
-            binding = load_binding(spec.target, spec.options)
-            assert self.RE is not None
-            # interlocks declared by the instrument pause the RunEngine without the loop's involvement
-            for suspender in getattr(binding, "suspenders", None) or []:
-                if suspender not in getattr(self.RE, "suspenders", ()):
-                    self.RE.install_suspender(suspender)
-            self._bindings[key] = binding
-        return self._bindings[key]
+            self._bindings[key] = load_binding(spec.target, spec.options)
+        binding = self._bindings[key]
+        assert self.RE is not None
+        # interlocks declared by the instrument pause the RunEngine without the loop's involvement; only this
+        # instrument's: installed for good, another instrument's door held every run of this one while it was open
+        own = list(getattr(binding, "suspenders", None) or [])
+        for other in self._bindings.values():
+            for suspender in getattr(other, "suspenders", None) or []:
+                if other is not binding and suspender not in own:
+                    self.RE.remove_suspender(suspender)
+        for suspender in own:
+            if suspender not in getattr(self.RE, "suspenders", ()):
+                self.RE.install_suspender(suspender)
+        return binding
 
     def _forget(self, job: Job) -> None:
         """The job is over: a later assignment of its trial is a new job. Called before its answer is sent,

@@ -506,3 +506,51 @@ def test_a_station_whose_driver_blocks_the_run_engine_keeps_beating_through_a_ca
         thread.join(timeout=30)
         daemon.close()
         context.term()
+
+
+def test_another_instruments_interlock_does_not_hold_this_ones_runs(tmp_path: Path) -> None:
+    """A station driving two instruments installed each one's suspenders for good: with the interlocked one's beam
+    down, every run of the other was held, for as long as the beam stayed down."""
+    import zmq
+
+    context = zmq.Context()
+    daemon = context.socket(zmq.ROUTER)
+    daemon.setsockopt(zmq.LINGER, 0)
+    port = daemon.bind_to_random_port("tcp://127.0.0.1")
+    worker = StationWorker(f"tcp://127.0.0.1:{port}", name="s", outbox=tmp_path / "s.outbox", heartbeat_s=0.2,
+                           instruments=["*"], context=context)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    BEAM_DOWN.put(0)
+    thread.start()
+
+    def answer_of(trial: int, target: str) -> protocol.ResultMessage | None:
+        daemon.send_multipart([identity, protocol.encode(protocol.Assign(
+            campaign="c", trial_id=trial, trial_index=trial, setpoints={"x1": 1.0, "x2": 2.0}, outputs=["y"],
+            session=1, instrument=protocol.InstrumentSpec(target=target)))])
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if daemon.poll(100):
+                message = protocol.decode(daemon.recv_multipart()[1])
+                if isinstance(message, protocol.Heartbeat):  # answered, as the daemon does
+                    daemon.send_multipart([identity, protocol.encode(protocol.Heartbeat())])
+                elif isinstance(message, protocol.ResultMessage) and message.trial_id == trial:
+                    return message
+        return None
+
+    try:
+        identity, _ = receive(daemon, protocol.Hello)
+        daemon.send_multipart([identity, protocol.encode(protocol.Welcome(heartbeat_s=0.2, session=1))])
+        assert answer_of(1, "tests.test_worker:interlocked_branin") is not None
+        BEAM_DOWN.put(1)  # the interlocked instrument's beam goes down: nothing to do with the other one
+        assert answer_of(2, "simulators.surfaces:Branin") is not None, "the other instrument's run was held"
+        assert SUSPENDER not in worker.RE.suspenders
+        BEAM_DOWN.put(0)
+        assert answer_of(3, "tests.test_worker:interlocked_branin") is not None
+        assert SUSPENDER in worker.RE.suspenders
+    finally:
+        BEAM_DOWN.put(0)
+        stop.set()
+        thread.join(timeout=30)
+        daemon.close()
+        context.term()
