@@ -252,7 +252,7 @@ class InstrumentBinding:
         for name, value in setpoints.items():
             if name in self.limits:
                 low, high = self.limits[name]
-                if not (isinstance(value, (int, float)) and low <= value <= high):
+                if not (_finite_number(value) and low <= value <= high):
                     raise DeviceError(f"{name}={value!r} outside the instrument's limits [{low:g}, {high:g}]")
             device = self.settable.get(name)
             checker = getattr(device, "check_value", None)

@@ -435,6 +435,18 @@ def test_a_custom_plan_cannot_move_a_device_past_the_bindings_limits(RE, docs):
         RE(experiment_plan(binding, {"temperature": 100.0, "gas": "N2"}, MD))
     assert gas.set_calls == ["N2"] and gas.get() == "N2"
 
+    def numpy_values(binding, setpoints, md):  # a plan computing its values with numpy: in limits, they move
+        @bpp.run_decorator(md=run_metadata(binding, setpoints, md))
+        def inner():
+            yield from move_to(binding, {"temperature": np.float32(setpoints["temperature"]) + np.float32(10)})
+            yield from read_outputs(binding)
+
+        return (yield from inner())
+
+    binding.plan = numpy_values
+    RE(experiment_plan(binding, {"temperature": 100.0, "gas": "N2"}, MD))
+    assert heater.set_calls == [110.0]
+
 
 def test_missing_output_is_a_device_error(RE, docs):
     binding = Branin()
