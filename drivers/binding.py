@@ -230,8 +230,11 @@ class InstrumentBinding:
                 values[name] = None
         return values
 
-    def check_limits(self, setpoints: Mapping[str, Any]) -> None:
+    def check_limits(self, setpoints: Mapping[str, Any], *, partial: bool = False) -> None:
         """Refuse, before anything moves, a proposal a device's limits or a safety rule would refuse.
+
+        ``partial``: ``setpoints`` are some parameters only (a custom plan's ``move_to``); a lab's own rules, written
+        for a whole proposal, are left to the pre-flight, and only ``AllowedValues`` and ``MaxStep`` apply.
 
         Raises:
             DeviceError: naming the parameter, the value and the limit.
@@ -265,7 +268,8 @@ class InstrumentBinding:
         if self.safety:
             current = self.current()
             for rule in self.safety:
-                rule.check(setpoints, current)
+                if not partial or isinstance(rule, (AllowedValues, MaxStep)):
+                    rule.check(setpoints, current)
             self.ramp({k: v for k, v in setpoints.items() if k in self.settable}, current)  # refuses what no ramp reaches
 
     def ramp(self, setpoints: Mapping[str, Any], current: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:

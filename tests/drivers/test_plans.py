@@ -447,6 +447,16 @@ def test_a_custom_plan_cannot_move_a_device_past_the_bindings_limits(RE, docs):
     RE(experiment_plan(binding, {"temperature": 100.0, "gas": "N2"}, MD))
     assert heater.set_calls == [110.0]
 
+    class BothOrNeither:  # a lab's own rule, written for a whole proposal: left to the pre-flight
+        def check(self, setpoints, current):
+            if (setpoints["gas"] == "Ar") != (setpoints["temperature"] > 100):
+                raise DeviceError("argon above 100 degC only")
+
+    binding.safety.append(BothOrNeither())
+    RE(experiment_plan(binding, {"temperature": 120.0, "gas": "Ar"}, MD))
+    with pytest.raises(DeviceError, match="argon above 100 degC only"):
+        RE(experiment_plan(binding, {"temperature": 90.0, "gas": "Ar"}, MD))
+
 
 def test_missing_output_is_a_device_error(RE, docs):
     binding = Branin()
