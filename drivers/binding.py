@@ -298,6 +298,15 @@ class InstrumentBinding:
                 raise InstrumentUnavailable(f"{name}: the device reads {present[name]!r}, so no ramp of at most "
                                             f"{rule.max_change:g} can start from it; nothing has moved")
             if isinstance(rule, MaxStep) and name in setpoints and _finite_number(setpoints[name]) \
+                    and present.get(name) is None:
+                # None is a device that cannot say where it is (ophyd-async), moved in one go; one whose readback
+                # raised (a controller not answering) was taken for one, and its heater jumped to the setpoint
+                failure = _read_error(self.settable.get(name))
+                if failure is not None:
+                    raise InstrumentUnavailable(
+                        f"{name}: its device cannot say where it is ({type(failure).__name__}: {failure}), so no ramp "
+                        f"of at most {rule.max_change:g} can start from it; nothing has moved")
+            if isinstance(rule, MaxStep) and name in setpoints and _finite_number(setpoints[name]) \
                     and _finite_number(present.get(name)):
                 steps[name] = min(rule.max_change, steps.get(name, math.inf))
         whole = {n for n in steps if _whole(setpoints[n]) and float(present[n]).is_integer()}
@@ -376,6 +385,17 @@ class InstrumentBinding:
     def describe_outputs(self) -> dict[str, str]:
         """Output -> data key or function name, for the start document."""
         return {k: (v if isinstance(v, str) else f"{v.label}({', '.join(v.keys)})") for k, v in self.outputs.items()}
+
+
+def _read_error(device: Any) -> Exception | None:
+    """What reading the device's present value (as :meth:`InstrumentBinding.current` does) raises, if anything."""
+    try:
+        value = getattr(device, "position", None)
+        if value is None and hasattr(device, "get"):
+            device.get()
+    except Exception as exc:  # noqa: BLE001 - whatever the device fails with
+        return exc
+    return None
 
 
 def _run_check(checker: Callable[[Any], Any], value: Any) -> None:

@@ -312,6 +312,25 @@ def test_a_ramped_device_that_reads_nan_is_unavailable_and_does_not_jump(RE, doc
         binding.ramp({"temperature": 140.0})
 
 
+def test_a_ramped_device_whose_readback_fails_is_unavailable_and_does_not_jump(RE, docs):
+    """A readback that raises is not a device that cannot say where it is (None): the heater went to 140 at once."""
+    from closedloop.errors import InstrumentUnavailable
+
+    class Heater(LimitedAxis):
+        @property
+        def position(self) -> float:
+            raise TimeoutError("no answer from the controller")
+
+    heater = Heater(name="heater", limits=(0.0, 150.0))
+    binding = InstrumentBinding(name="oven", positioners={"temperature": heater}, detectors=[],
+                                outputs={"y": "heater_setpoint"}, safety=[MaxStep("temperature", 20.0)])
+    with pytest.raises(InstrumentUnavailable, match=r"cannot say where it is \(TimeoutError: no answer"):
+        binding.check_limits({"temperature": 140.0})
+    with pytest.raises(InstrumentUnavailable):
+        RE(experiment_plan(binding, {"temperature": 140.0}, MD), docs)
+    assert heater.set_calls == [] and docs.documents == []
+
+
 def test_a_device_that_cannot_say_where_it_is_moves_in_one_go(RE):
     setting = Signal(name="setting", value=None)  # no position, and nothing to read yet
     binding = InstrumentBinding(name="one", positioners={"s": setting}, detectors=[setting],
