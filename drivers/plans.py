@@ -126,8 +126,27 @@ def read_outputs(binding: InstrumentBinding, repeats: int | None = None) -> Plan
     readings: dict[str, Any] = {}
     for _ in range(repeats or binding.repeats):
         yield from bps.checkpoint()
-        readings = yield from bps.trigger_and_read(binding.readables(), name=STREAM)
+        try:
+            readings = yield from bps.trigger_and_read(binding.readables(), name=STREAM)
+        except KeyError as exc:
+            # event-model's words for a device whose read() names a key its describe() does not: "KeyError: 'det_valu'"
+            # named neither the device nor the fault
+            raise DeviceError(_keys_mismatch(binding) or f"KeyError: {exc}") from exc
     return readings
+
+
+def _keys_mismatch(binding: InstrumentBinding) -> str | None:
+    """The first device whose ``read()`` keys differ from its ``describe()`` keys, in words; None if none does."""
+    for device in binding.readables():
+        try:
+            read, described = set(device.read()), set(device.describe())  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - an ophyd-async coroutine, a device that cannot be read again: not this one
+            continue
+        if read != described:
+            return (f"device {getattr(device, 'name', device)!r}: read() gives {', '.join(sorted(read)) or 'nothing'} "
+                    f"but describe() lists {', '.join(sorted(described)) or 'nothing'}; the two must name the same "
+                    "data keys")
+    return None
 
 
 def md_key(name: str) -> str:

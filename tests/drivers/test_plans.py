@@ -477,6 +477,21 @@ def test_a_custom_plan_cannot_move_a_device_past_the_bindings_limits(RE, docs):
         RE(experiment_plan(binding, {"temperature": 90.0, "gas": "Ar"}, MD))
 
 
+def test_a_device_reading_keys_its_describe_does_not_list_is_named(RE, docs):
+    """event-model's own words were "KeyError: 'det_valu'": neither the device nor what it got wrong."""
+
+    class Misspelled(Signal):
+        def read(self):
+            return {"det_valu": super().read()[self.name]}
+
+    binding = Branin()
+    binding.detectors = [*binding.detectors, Misspelled(name="det_value", value=1.0)]
+    with pytest.raises(DeviceError, match=r"^device 'det_value': read\(\) gives det_valu but describe\(\) lists "
+                                          r"det_value; the two must name the same data keys$"):
+        RE(experiment_plan(binding, {"x1": 1.0, "x2": 2.0}, MD), docs)
+    assert docs.stop["exit_status"] == "fail"
+
+
 def test_missing_output_is_a_device_error(RE, docs):
     binding = Branin()
     RE(experiment_plan(binding, {"x1": 1.0, "x2": 1.0}, MD), docs)
