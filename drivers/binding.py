@@ -263,6 +263,8 @@ class InstrumentBinding:
                 continue
             try:
                 _run_check(checker, value)
+            except InstrumentUnavailable:
+                raise
             except Exception as exc:  # ophyd raises LimitError; others raise their own kinds
                 raise DeviceError(f"{name}={value!r} refused by {_device_name(device)}: {exc}") from exc
         if self.safety:
@@ -356,6 +358,8 @@ class InstrumentBinding:
                 if checker is not None:
                     try:
                         _run_check(checker, value)
+                    except InstrumentUnavailable:
+                        raise
                     except Exception as exc:  # noqa: BLE001 - whatever the device refuses with
                         raise DeviceError(f"{going} {value!r}, which the device refuses ({exc}); nothing has moved") \
                             from None
@@ -398,6 +402,11 @@ def _read_error(device: Any) -> Exception | None:
     return None
 
 
+#: seconds the pre-flight waits for an ophyd-async device's answer to ``check_value`` (ophyd-async's own default
+#: timeout for a signal's value)
+CHECK_TIMEOUT_S = 10.0
+
+
 def _run_check(checker: Callable[[Any], Any], value: Any) -> None:
     """Call a device's ``check_value``; ophyd-async's is a coroutine, run on the RunEngine's loop."""
     result = checker(value)
@@ -408,7 +417,13 @@ def _run_check(checker: Callable[[Any], Any], value: Any) -> None:
     except RuntimeError:  # a caller's thread (the worker's pre-flight): wait for the device's answer
         from bluesky.run_engine import call_in_bluesky_event_loop
 
-        call_in_bluesky_event_loop(result)  # type: ignore[arg-type]
+        try:
+            call_in_bluesky_event_loop(result, timeout=CHECK_TIMEOUT_S)  # type: ignore[arg-type]
+        except TimeoutError as exc:
+            # waited for without a limit, a device that never answered held the station's pre-flight for good: no
+            # trial ran there again, and a cancel could not reach a RunEngine that was not running
+            raise InstrumentUnavailable(f"{_device_name(getattr(checker, '__self__', checker))} did not answer its "
+                                        f"limit check within {CHECK_TIMEOUT_S:g} s; nothing has moved") from exc
     else:
         # Inside the RunEngine's own loop (a plan's pre-flight) we cannot block on it; the device's
         # set() runs the same check before moving, and ``limits`` above still applies.

@@ -40,3 +40,41 @@ def test_ophyd_async_binding_runs_and_checks_limits_twice(RE, docs):
     with pytest.raises(Exception, match="outside soft limits"):
         RE(bps.mv(binding.positioners["x2"], -1.0))
     assert readback(binding.positioners["x2"]) == 4.0
+
+
+def test_a_limit_check_the_device_never_answers_makes_it_unavailable_not_a_hung_station(RE, monkeypatch):
+    """The worker's pre-flight waited for an ophyd-async check_value without a limit: a controller that never
+    answered held the station for good (no later trial ran, and no cancel reached an idle RunEngine)."""
+    import asyncio
+    import threading
+
+    from ophyd_async.core import init_devices
+
+    import drivers.binding
+    from closedloop.errors import InstrumentUnavailable
+    from drivers.async_stage import LimitedSimMotor
+    from drivers.binding import InstrumentBinding
+
+    class Unanswering(LimitedSimMotor):
+        async def check_value(self, value: float) -> None:
+            await asyncio.Event().wait()
+
+    with init_devices(set_name=False):
+        x = Unanswering(name="x", limits=(-5.0, 5.0), instant=True)
+    binding = InstrumentBinding(name="stuck", positioners={"x": x}, detectors=[x], outputs={"y": "x"})
+    monkeypatch.setattr(drivers.binding, "CHECK_TIMEOUT_S", 0.5, raising=False)
+    raised: list[BaseException] = []
+
+    def preflight() -> None:  # on a thread of its own, as the worker's RunEngine thread calls it
+        try:
+            binding.check_limits({"x": 1.0})
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            raised.append(exc)
+
+    thread = threading.Thread(target=preflight, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    assert not thread.is_alive(), "the pre-flight still waits"
+    (error,) = raised
+    assert isinstance(error, InstrumentUnavailable)
+    assert str(error) == "x did not answer its limit check within 0.5 s; nothing has moved"
