@@ -1783,6 +1783,10 @@ class _CannotWait(Exception):
     """An ophyd-async device's answer is a coroutine, and no RunEngine's event loop runs here to wait for it."""
 
 
+# seconds `validate --connect` waits for an ophyd-async device's answer (its check_value, its describe)
+DEVICE_ANSWER_S = 10.0
+
+
 def _answer(result: Any) -> Any:
     """A device's answer; an ophyd-async device's coroutine is waited for on the RunEngine's event loop.
 
@@ -1795,7 +1799,9 @@ def _answer(result: Any) -> Any:
     from bluesky.run_engine import call_in_bluesky_event_loop
 
     try:
-        return call_in_bluesky_event_loop(result, timeout=10)  # type: ignore[arg-type]
+        return call_in_bluesky_event_loop(result, timeout=DEVICE_ANSWER_S)  # type: ignore[arg-type]
+    except TimeoutError:  # its own text is empty: the problem read 'is refused by the instrument: '
+        raise TimeoutError(f"the device did not answer within {DEVICE_ANSWER_S:g} s") from None
     except RuntimeError as exc:
         if "event loop not running" in str(exc):  # bluesky closed the coroutine
             raise _CannotWait() from None

@@ -169,3 +169,36 @@ def test_an_ophyd_async_devices_own_limits_and_data_keys_are_checked(tmp_path, m
     assert "output 'y' reads data key 'det_value', which none of its devices reads (did you mean 'det-value'?)" \
         in problem.message
     load_campaign_text(text.replace("20]", "10]"), "c.yaml", connect=LiveInstruments(10))
+
+
+def test_an_ophyd_async_device_that_never_answers_its_limit_check_is_said_so(tmp_path, monkeypatch) -> None:
+    """Its check_value awaited for ever: after the wait, the problem read '20 is refused by the instrument: ' with
+    nothing after it (a timeout's text is empty)."""
+    pytest.importorskip("ophyd_async")
+    import closedloop.campaign
+    from closedloop.campaign import CampaignFileError, load_campaign_text
+    from closedloop.connect import LiveInstruments
+
+    (tmp_path / "async_mute.py").write_text(ASYNC_DRIVER.replace("def Stage(", """\
+import asyncio
+
+
+class Mute(LimitedSimMotor):
+    async def check_value(self, value):
+        await asyncio.Event().wait()
+
+
+LimitedSimMotor = Mute
+
+
+def Stage(""", 1))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("sys.dont_write_bytecode", True)
+    monkeypatch.setattr(closedloop.campaign, "DEVICE_ANSWER_S", 0.5)
+    text = CAMPAIGN.format(prefix="unused", x1_high=10, driver="async_mute:Stage", more="")
+    text = text.replace('  options: {prefix: "unused"}\n', "")
+    with pytest.raises(CampaignFileError) as raised:
+        load_campaign_text(text, "c.yaml", connect=LiveInstruments(10))
+    messages = [p.message for p in raised.value.problems]  # each motor's range: x1's and x2's
+    assert messages and all(m.endswith("is refused by the instrument: the device did not answer within 0.5 s")
+                            for m in messages), messages
