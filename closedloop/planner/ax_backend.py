@@ -106,6 +106,10 @@ class AxPlanner:
             objective=_objective_text(campaign, self.metrics),
             outcome_constraints=_outcome_constraints(campaign, self.metrics) or None,
         )
+        if campaign.planner.initial_experiments is not None:
+            # the file's space-filling start (the centre, then Sobol points) before Ax's model, as for botorch;
+            # without one Ax's own default (5). It had been Ax's 5 whatever the file said.
+            self.client.configure_generation_strategy(initialization_budget=campaign.planner.initial_experiments)
 
     # -- the protocol ----------------------------------------------------------------------
 
