@@ -3,6 +3,7 @@
 
     python3 tasks.py demo    # create .venv, install, run the Branin demo campaign
     python3 tasks.py test    # create .venv, install, run the whole test suite (slow tests included)
+    python3 tasks.py setup   # create .venv and install, nothing more
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def _pytest(rest: list[str]) -> int:
 
 def main(argv: list[str]) -> int:
     command, rest = (argv[0], argv[1:]) if argv else ("", [])
+    if command in ("-h", "--help"):
+        print(__doc__)
+        return 0
     if command not in ("demo", "test", "setup"):
         print(__doc__)
         return 2
