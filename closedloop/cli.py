@@ -46,6 +46,11 @@ class _Commands(TyperGroup):
         except KeyboardInterrupt:
             errors.print("interrupted", highlight=False)
             raise typer.Exit(130) from None
+        except BrokenPipeError:
+            # the reader went away (`closedloop show C | head`): no error of the command's, so no error line; stdout
+            # goes to nowhere, or Python's flush at exit fails again. 141 as a process ended by SIGPIPE
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(141) from None
         except Exception as exc:
             if ctx.params.get("debug"):
                 raise

@@ -1107,3 +1107,26 @@ def test_a_station_name_that_cannot_be_shown_is_bad_input(command: str, tmp_path
         assert result.exit_code == 2, result.output
         assert "--name: a station's name" in result.output and "\x1b" not in result.output
     assert not (tmp_path / "outbox.db").exists()
+
+
+@pytest.mark.parametrize("args", [["schema"], ["export", "branin", "-o", "-"]])
+def test_a_reader_that_stops_reading_ends_the_command_without_an_error_line(args: list[str], tmp_path: Path) -> None:
+    """`closedloop schema | head` (a reader gone before the command wrote) printed `error: BrokenPipeError: [Errno 32]
+    Broken pipe (run with --debug for the traceback)` and exited 1, as if the command had failed."""
+    if args[0] == "export":
+        from closedloop import hitl
+        from closedloop.campaign import Campaign
+        from closedloop.store import Store
+
+        (tmp_path / "results").mkdir()
+        store = Store(tmp_path / "results" / "branin.db")
+        campaign = Campaign.from_yaml(ROOT / "campaigns" / "branin.yaml")
+        for trial in hitl.suggest(store, campaign, n=3):
+            hitl.tell(store, campaign.name, trial.index, {"y": 1.0})
+    process = subprocess.Popen([sys.executable, "-m", "closedloop.cli", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # gone before the first line
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=300) == 141, err
+    assert err == ""
