@@ -504,6 +504,7 @@ class Store:
             else:
                 if why := _not_writable(self._made[0] if self._made else _sqlite_file(self.location)):
                     raise StoreError(_unwritable(self.display, why))
+                self._refuse_another_programs()
                 self.engine = make_engine(url_or_path)
                 # issue 8: alembic migrations (closedloop/migrations) bring any store, SQLite or PostgreSQL, to
                 # this schema
@@ -528,6 +529,24 @@ class Store:
                 raise StoreError(f"cannot open the store {self.display}: {reason}") from None
             self._discard_beside()
             raise NotAStore(f"cannot open the store {self.display}: {reason}") from None
+
+    def _refuse_another_programs(self) -> None:
+        """Refuse, writing nothing, a SQLite file that holds tables and none of a store's: another program's database
+        (`--store inventory.db`), into which `run` and `daemon` had written their tables, WAL mode and documents."""
+        file = _sqlite_file(self.location)
+        if not file or file == ":memory:" or not Path(file).is_file() or not Path(file).stat().st_size:
+            return
+        from sqlalchemy import inspect
+
+        reader = reading_engine(self.location)
+        try:
+            with reader.connect() as connection:
+                tables = set(inspect(connection).get_table_names())
+        finally:
+            reader.dispose()
+        if tables and not tables & {"campaign", "alembic_version"}:
+            raise NotAStore(f"{self.display} is not a closedloop store (it has no campaign table): another program's "
+                            "database is not written to; name a new file")
 
     def _check_readable(self) -> None:
         """Refuse, writing nothing, a database that is not a closedloop store; upgrade an older store's schema

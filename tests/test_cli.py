@@ -282,6 +282,28 @@ def test_read_commands_refuse_a_database_that_is_not_a_store_and_change_nothing(
     assert _files(tmp_path) == before
 
 
+def test_writing_commands_refuse_another_programs_database_and_change_nothing(tmp_path: Path) -> None:
+    """`run`, `suggest` and `import` given another program's SQLite file (`--store samples.db`) had written closedloop's
+    tables, WAL mode and a documents folder into it and run the campaign there, exit 0."""
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "samples.db") as db:
+        db.execute("CREATE TABLE samples (id INTEGER, name TEXT)")
+        db.execute("INSERT INTO samples VALUES (1, 'a')")
+    db.close()
+    (tmp_path / "past.csv").write_text("x1,x2,y\n1,2,3\n")
+    campaign = str(ROOT / "campaigns" / "branin.yaml")
+    before = _files(tmp_path)
+    for args in (["run", campaign], ["suggest", campaign], ["import", campaign, "past.csv"]):
+        result = closedloop(*args, "--store", "samples.db", cwd=tmp_path)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "samples.db is not a closedloop store" in lines[0], (args, result.stderr)
+    assert _files(tmp_path) == before
+    (tmp_path / "empty.db").touch()  # an empty file, or a database without tables, becomes a store as before
+    assert closedloop("suggest", campaign, "--store", "empty.db", cwd=tmp_path).returncode == 0
+
+
 def _as_another_user() -> list[str] | None:
     """A command prefix that runs as a user the files are not writable for: none needed unless root (whom
     permissions do not stop); None where root cannot drop to another user here."""
