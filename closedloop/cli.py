@@ -377,7 +377,7 @@ def daemon(
     heartbeat: float = typer.Option(1.0, help="station heartbeat interval in seconds"),
     drain: float = typer.Option(60.0, help="on SIGTERM/stop, seconds to wait for results in flight"),
     dashboard: Optional[int] = typer.Option(None, "--dashboard", help="serve the live dashboard on this port "
-                                            "(issue 9; see docs/dashboard.md)"),
+                                            "(see docs/dashboard.md)"),
     dashboard_host: str = typer.Option("127.0.0.1", help="the dashboard's interface (beyond loopback it is read-only "
                                        "without --dashboard-token)"),
     # as `closedloop dashboard --token`: beyond loopback a daemon's dashboard had no way to be given one, and its
