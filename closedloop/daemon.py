@@ -41,7 +41,8 @@ import zmq
 from closedloop import events as event_format
 from closedloop import protocol, provenance
 from closedloop.campaign import SOURCE, Campaign
-from closedloop.errors import CampaignError, ClosedLoopError, ProtocolError, SpaceExhausted, StoreError, StoreUnwritable
+from closedloop.errors import (CampaignError, ClosedLoopError, PlannerWaiting, ProtocolError, SpaceExhausted, StoreError,
+                               StoreUnwritable)
 from closedloop.keys import ServerKeys, Unprotected, check_exposure, is_local
 from closedloop.planner import Planner, Proposal, Result, make_planner
 from closedloop.store import FINISHED_STATUSES, Store, TrialRow, TrialStatus, displayed, used_instrument
@@ -198,6 +199,8 @@ class PlannerService:
         self.pending: list[dict[str, Any]] = []
         self.events: queue.SimpleQueue[tuple[str, dict[str, Any]]] = queue.SimpleQueue()
         self.error: str | None = None
+        # the planner proposes nothing more until a result comes in (Ax with its initial design all in flight)
+        self.waiting: str | None = None
         # the planner has proposed every point it will (a finite space, a planner that never repeats one)
         self.exhausted: str | None = None
         self.fits = 0
@@ -264,7 +267,7 @@ class PlannerService:
     def _needs_work(self) -> bool:
         if self._incoming:
             return True
-        if self.want <= 0 or self.error is not None or self.exhausted is not None:
+        if self.want <= 0 or self.error is not None or self.waiting is not None or self.exhausted is not None:
             return False
         return len(self._buffer) < self.want or self._buffer_version != self._data_version
 
@@ -286,11 +289,19 @@ class PlannerService:
                     self.planner.ingest(results)
                     self.error = None
                 proposals = self.planner.suggest(want, pending=pending) if want > 0 else []
-                self.exhausted = None
+                self.exhausted = self.waiting = None
             except SpaceExhausted as exc:
                 # nothing is wrong and nothing to retry: the campaign ends once what is in flight is in (it
                 # had said "the planner failed" and tried again every second, for good)
                 self.exhausted = str(exc)
+                self._wake()
+                continue
+            except PlannerWaiting as exc:
+                # asked again when a result comes in, as after a fault, but not said as one: the terminal read
+                # "the planner failed" and the log held a traceback at each of Ax's normal waits
+                if self.waiting is None:
+                    log.info("campaign=%s %s", self.name, exc)
+                self.waiting = str(exc)
                 self._wake()
                 continue
             except Exception as exc:  # a planner fault must not stop intake; it is reported and retried
@@ -1689,7 +1700,7 @@ class Daemon:
                 now = time.monotonic()
                 run.starved_since = run.starved_since or now
                 fill_after_s = run.fill_after_s
-                if fill_after_s is None and run.service.error is not None:
+                if fill_after_s is None and (run.service.error is not None or run.service.waiting is not None):
                     fill_after_s = FILL_AFTER_PLANNER_ERROR_S
                 if fill_after_s is None or now - run.starved_since < fill_after_s:
                     return False

@@ -24,6 +24,10 @@ class PlannerError(ClosedLoopError):
     """The planner cannot handle the campaign or failed to propose."""
 
 
+class PlannerWaiting(PlannerError):
+    """The planner proposes nothing more until results come in (Ax once its initial design is all in flight)."""
+
+
 class SpaceExhausted(PlannerError):
     """The planner has proposed every point of a finite space and does not repeat one: the campaign is done."""
 

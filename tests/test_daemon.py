@@ -1287,3 +1287,35 @@ def test_a_trial_its_restarted_station_never_ran_keeps_its_retry(store: Store) -
             retry = _next_message(sock, "assign")  # it was failed for good instead: no assign came
             assert retry.trial_id == first.trial_id
             assert (store.trial(first.trial_id).status, store.trial(first.trial_id).attempts) == ("dispatched", 2)
+
+
+def test_a_planner_waiting_for_results_is_no_planner_fault(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ax proposes no more than its initial design before a result (tests/planner/test_ax_backend.py), which reached
+    the daemon as a fault: "the planner failed" on the terminal and a traceback in the log at each of these normal
+    waits. The wait is injected here, in a planner that waits once two experiments are in flight: Ax's own point of
+    waiting moves with how the daemon's buffered proposals come and go."""
+    from closedloop.errors import PlannerWaiting
+    from closedloop.planner.baselines import SobolPlanner
+
+    propose = SobolPlanner.suggest
+
+    def waiting(self: SobolPlanner, n: int = 1, pending: list | None = None) -> list:
+        if len(pending or []) >= 2:
+            raise PlannerWaiting("waits for a result (2 in flight)")
+        return propose(self, min(n, 2 - len(pending or [])), pending=pending)
+
+    monkeypatch.setattr(SobolPlanner, "suggest", waiting)
+    # no space-filling points while the planner computes (as `closedloop run`): only a planner that cannot propose
+    # has a slot filled, a second after
+    daemon = Daemon(store, [_campaign("waits", 12, latency=0.05, concurrency=4)], heartbeat_s=5.0, fill_after_s=None)
+    events: list[tuple[str, dict]] = []
+    daemon.on_event = lambda kind, details: events.append((kind, details))
+    with raw_station(daemon.endpoint, "robot") as sock:
+        sock.send(protocol.encode(protocol.Hello(station="robot", capacity=4)))
+        with serving(daemon):
+            _next_message(sock, "welcome")
+            assigned = [_next_message(sock, "assign") for _ in range(4)]
+    generators = [store.trial(a.trial_id).planner.get("generator") for a in assigned]
+    assert generators == ["sobol", "sobol", "filler", "filler"], generators
+    assert not [d for kind, d in events if kind == "planner_error"], events
+    assert daemon.runs[store.campaign_row("waits").id].service.waiting == "waits for a result (2 in flight)"

@@ -38,7 +38,7 @@ from closedloop.campaign import (
     FixedParameter,
     IntegerParameter,
 )
-from closedloop.errors import PlannerError, SpaceExhausted
+from closedloop.errors import PlannerError, PlannerWaiting, SpaceExhausted
 from closedloop.planner.base import Proposal, Result, proposal_count
 from closedloop.planner.observations import ObservationLog, check_pending, check_results, finite_number
 from closedloop.planner.space import Space
@@ -129,7 +129,15 @@ class AxPlanner:
                 tried = ({_key(self._typed(r.parameters)) for r in self.results} | set(self._running.values())
                          | self._abandoned)
                 ask = min(ask, self._points - len(tried))
-            trials = self._next_trials(ask) if ask > 0 else None
+            try:
+                trials = self._next_trials(ask) if ask > 0 else None
+            except PlannerWaiting:
+                if ask > 1:  # Ax refuses a batch past what its step has left, not the points it has left
+                    one_by_one = True
+                    continue
+                if proposals:
+                    return proposals  # the rest once results come in
+                raise
             if trials is None:  # the finite space has fewer points left than asked
                 if ask > 1:  # Ax refuses the batch, not the points
                     one_by_one = True
@@ -262,7 +270,7 @@ class AxPlanner:
 
     def _next_trials(self, ask: int) -> dict[int, Any] | None:
         """Up to ``ask`` new Ax trials, or None where Ax says its finite space is used up."""
-        from ax.exceptions.core import SearchSpaceExhausted
+        from ax.exceptions.core import DataRequiredError, SearchSpaceExhausted
 
         self._catch_up()
         try:
@@ -270,6 +278,10 @@ class AxPlanner:
                 return self.client.get_next_trials(max_trials=ask)
         except SearchSpaceExhausted:
             return None
+        except DataRequiredError:
+            # Ax's normal wait, not a fault: with several stations its initial design is soon all in flight
+            raise PlannerWaiting(f"Ax proposes more once results of its initial experiments are in "
+                                 f"({len(self._running)} in flight)") from None
 
     def _catch_up(self) -> None:
         """Move Ax's generation strategy to the step its trials call for, before it proposes.

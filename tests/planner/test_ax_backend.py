@@ -10,7 +10,7 @@ import yaml
 from ax.core.base_trial import TrialStatus
 
 from closedloop.campaign import Campaign
-from closedloop.errors import PlannerError
+from closedloop.errors import PlannerError, PlannerWaiting
 from closedloop.planner import Result, make_planner
 from closedloop.planner.ax_backend import AxPlanner
 
@@ -111,6 +111,20 @@ def test_pending_experiments_stay_running_and_dropped_ones_are_abandoned():
     assert ax_status(planner, ib) == TrialStatus.ABANDONED
     planner.ingest([Result(a.parameters, {"y": 1.0}, trial=0)])
     assert ax_status(planner, ia) == TrialStatus.COMPLETED
+
+
+def test_with_its_initial_design_all_in_flight_ax_waits_for_a_result_and_says_so():
+    """Ax proposes no more than its initial design before results come in; its DataRequiredError reached the daemon
+    as a planner fault ("the planner failed" on the terminal, a traceback in the log) at each of these normal waits."""
+    planner = AxPlanner(campaign(BRANIN))
+    pending: list[dict[str, Any]] = []
+    for _ in range(5):  # Ax's own initial design: the centre, then Sobol points
+        [proposal] = planner.suggest(1, pending=pending)
+        pending.append(proposal.parameters)
+    with pytest.raises(PlannerWaiting, match="once results of its initial experiments are in \\(5 in flight\\)"):
+        planner.suggest(1, pending=pending)
+    planner.ingest([Result(p, {"y": branin({**p, "k": 0, "s": "a", "d": 0})}, trial=i) for i, p in enumerate(pending)])
+    assert len(planner.suggest(1)) == 1  # its model's, once the results are in
 
 
 def test_failures_are_marked_failed_and_a_rebuilt_planner_learns_every_result():
