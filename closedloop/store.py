@@ -581,9 +581,10 @@ class Store:
         """Remove what opening a damaged SQLite file made beside it (its -wal and -shm, the migration lock): a
         refused store is left as it was found."""
         file = _sqlite_file(self.location)
-        if not file or not hasattr(self, "engine"):
+        if not file:
             return
-        self.close()
+        if hasattr(self, "engine"):  # none yet where the check for another program's database found the damage
+            self.close()
         for path, there in self._beside_before.items():
             if not there:
                 path.unlink(missing_ok=True)
