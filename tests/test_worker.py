@@ -7,7 +7,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from bluesky.suspenders import SuspendBoolHigh
@@ -137,7 +140,11 @@ def test_the_instruments_suspenders_hold_the_run_until_the_interlock_clears(tmp_
     assert store.counts(store.campaign_row("interlock").id) == {"completed": 2}
 
 
-def test_an_assign_repeated_while_the_trial_is_queued_or_running_runs_it_once(tmp_path: Path) -> None:
+@contextmanager
+def _registered_with_a_hand_driven_daemon(tmp_path: Path, instruments: list[str] | None = None
+                                          ) -> Iterator[tuple[Any, bytes, protocol.Hello, StationWorker]]:
+    """A station on a thread of its own, welcomed by a ROUTER socket the test drives as the daemon: that socket, the
+    station's identity on it, its hello and the station; stopped and closed at the end."""
     import zmq
 
     context = zmq.Context()
@@ -145,15 +152,24 @@ def test_an_assign_repeated_while_the_trial_is_queued_or_running_runs_it_once(tm
     daemon.setsockopt(zmq.LINGER, 0)
     port = daemon.bind_to_random_port("tcp://127.0.0.1")
     worker = StationWorker(f"tcp://127.0.0.1:{port}", name="s", outbox=tmp_path / "s.outbox", heartbeat_s=0.2,
-                           context=context)
+                           instruments=instruments, context=context)
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
     thread.start()
-
     try:
         identity, hello = receive(daemon, protocol.Hello)
-        assert hello.instance and hello.welcomed == 0  # a repeat of this hello would say the same
         daemon.send_multipart([identity, protocol.encode(protocol.Welcome(heartbeat_s=0.2, session=1))])
+        yield daemon, identity, hello, worker
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        daemon.close()
+        context.term()
+
+
+def test_an_assign_repeated_while_the_trial_is_queued_or_running_runs_it_once(tmp_path: Path) -> None:
+    with _registered_with_a_hand_driven_daemon(tmp_path) as (daemon, identity, hello, worker):
+        assert hello.instance and hello.welcomed == 0  # a repeat of this hello would say the same
 
         def assign(trial: int) -> bytes:
             return protocol.encode(protocol.Assign(
@@ -171,11 +187,6 @@ def test_an_assign_repeated_while_the_trial_is_queued_or_running_runs_it_once(tm
             daemon.send_multipart([identity, protocol.encode(protocol.Ack(trial_id=result.trial_id))])
         time.sleep(1.5)  # a second run of trial 7 would have finished by now
         assert [trial for trial, _ in worker.outbox.ran()] == [7, 8] and worker.completed == 2
-    finally:
-        stop.set()
-        thread.join(timeout=30)
-        daemon.close()
-        context.term()
 
 
 def test_a_station_beats_at_least_as_often_as_the_daemon_asks(tmp_path: Path) -> None:
@@ -358,21 +369,9 @@ def record_call(**options: object) -> InstrumentBinding:
 def test_an_assign_for_an_instrument_the_station_does_not_drive_loads_nothing(tmp_path: Path) -> None:
     """A station started for Branin alone loaded whatever target an assign named, calling it with the assign's
     options: 'subprocess:call' with {args: 'touch FILE', shell: true} ran the command, then failed the trial."""
-    import zmq
-
-    context = zmq.Context()
-    daemon = context.socket(zmq.ROUTER)
-    daemon.setsockopt(zmq.LINGER, 0)
-    port = daemon.bind_to_random_port("tcp://127.0.0.1")
-    worker = StationWorker(f"tcp://127.0.0.1:{port}", name="s", outbox=tmp_path / "s.outbox", heartbeat_s=0.2,
-                           instruments=["simulators.surfaces:Branin"], context=context)
-    stop = threading.Event()
-    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
-    thread.start()
     CALLED.clear()
-    try:
-        identity, _ = receive(daemon, protocol.Hello)
-        daemon.send_multipart([identity, protocol.encode(protocol.Welcome(heartbeat_s=0.2, session=1))])
+    with _registered_with_a_hand_driven_daemon(tmp_path, ["simulators.surfaces:Branin"]) as (daemon, identity, _,
+                                                                                              worker):
         for trial, target in ((1, "tests.test_worker:record_call"), (2, "simulators.surfaces:Branin")):
             daemon.send_multipart([identity, protocol.encode(protocol.Assign(
                 campaign="c", trial_id=trial, trial_index=trial, setpoints={"x1": 1.0, "x2": 2.0}, outputs=["y"],
@@ -384,11 +383,6 @@ def test_an_assign_for_an_instrument_the_station_does_not_drive_loads_nothing(tm
         _, result = receive(daemon, protocol.ResultMessage)  # and it goes on serving what it drives
         assert result.trial_id == 2
         assert CALLED == [] and [trial for trial, _ in worker.outbox.ran()] == [2]
-    finally:
-        stop.set()
-        thread.join(timeout=30)
-        daemon.close()
-        context.term()
 
 
 def test_a_station_whose_connection_fails_stops_and_says_why(tmp_path: Path) -> None:
@@ -461,68 +455,41 @@ def blocking_read_instrument() -> InstrumentBinding:
 def test_a_station_whose_driver_blocks_the_run_engine_keeps_beating_through_a_cancel(tmp_path: Path) -> None:
     """RE.request_pause waits for the RunEngine's loop: called from the communication thread while a driver blocked
     that loop, the station fell silent, the daemon counted it lost and abandoned the trial it had just given it."""
-    import zmq
-
-    context = zmq.Context()
-    daemon = context.socket(zmq.ROUTER)
-    daemon.setsockopt(zmq.LINGER, 0)
-    port = daemon.bind_to_random_port("tcp://127.0.0.1")
-    worker = StationWorker(f"tcp://127.0.0.1:{port}", name="s", outbox=tmp_path / "s.outbox", heartbeat_s=0.2,
-                           instruments=["tests.test_worker:blocking_read_instrument"], context=context)
-    stop = threading.Event()
-    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
     RELEASE_READ.clear()
-    thread.start()
-    try:
-        identity, _ = receive(daemon, protocol.Hello)
-        daemon.send_multipart([identity, protocol.encode(protocol.Welcome(heartbeat_s=0.2, session=1))])
-        daemon.send_multipart([identity, protocol.encode(protocol.Assign(
-            campaign="c", trial_id=1, trial_index=1, setpoints={"x1": 1.0, "x2": 2.0}, outputs=["y"], session=1,
-            instrument=protocol.InstrumentSpec(target="tests.test_worker:blocking_read_instrument")))])
-        receive(daemon, protocol.Started)
-        time.sleep(0.3)  # the RunEngine is in the blocking read
-        daemon.send_multipart([identity, protocol.encode(protocol.Cancel(trial_id=1, reason="timed out"))])
-        time.sleep(0.2)
-        beats, failures = 0, []
-        deadline = time.monotonic() + 1.5
-        while time.monotonic() < deadline or (not failures and time.monotonic() < deadline + 20):
-            if time.monotonic() >= deadline:
-                RELEASE_READ.set()  # the read returns: the cancel ends the run
-            if not daemon.poll(100):
-                continue
-            _, frame = daemon.recv_multipart()
-            message = protocol.decode(frame)
-            if isinstance(message, protocol.Heartbeat):  # answered, as the daemon does
-                beats += time.monotonic() < deadline
-                daemon.send_multipart([identity, protocol.encode(protocol.Heartbeat())])
-            elif isinstance(message, protocol.Failure):
-                failures.append(message)
-        assert beats >= 3, f"{beats} heartbeats in 1.5 s at 0.2 s while the RunEngine was blocked"
-        (failure,) = failures
-        assert failure.trial_id == 1 and "cancelled" in failure.error
-    finally:
-        RELEASE_READ.set()
-        stop.set()
-        thread.join(timeout=30)
-        daemon.close()
-        context.term()
+    with _registered_with_a_hand_driven_daemon(tmp_path, ["tests.test_worker:blocking_read_instrument"]) as (
+            daemon, identity, _, _):
+        try:
+            daemon.send_multipart([identity, protocol.encode(protocol.Assign(
+                campaign="c", trial_id=1, trial_index=1, setpoints={"x1": 1.0, "x2": 2.0}, outputs=["y"], session=1,
+                instrument=protocol.InstrumentSpec(target="tests.test_worker:blocking_read_instrument")))])
+            receive(daemon, protocol.Started)
+            time.sleep(0.3)  # the RunEngine is in the blocking read
+            daemon.send_multipart([identity, protocol.encode(protocol.Cancel(trial_id=1, reason="timed out"))])
+            time.sleep(0.2)
+            beats, failures = 0, []
+            deadline = time.monotonic() + 1.5
+            while time.monotonic() < deadline or (not failures and time.monotonic() < deadline + 20):
+                if time.monotonic() >= deadline:
+                    RELEASE_READ.set()  # the read returns: the cancel ends the run
+                if not daemon.poll(100):
+                    continue
+                _, frame = daemon.recv_multipart()
+                message = protocol.decode(frame)
+                if isinstance(message, protocol.Heartbeat):  # answered, as the daemon does
+                    beats += time.monotonic() < deadline
+                    daemon.send_multipart([identity, protocol.encode(protocol.Heartbeat())])
+                elif isinstance(message, protocol.Failure):
+                    failures.append(message)
+            assert beats >= 3, f"{beats} heartbeats in 1.5 s at 0.2 s while the RunEngine was blocked"
+            (failure,) = failures
+            assert failure.trial_id == 1 and "cancelled" in failure.error
+        finally:
+            RELEASE_READ.set()  # before the station is stopped: its RunEngine waits in the read
 
 
 def test_another_instruments_interlock_does_not_hold_this_ones_runs(tmp_path: Path) -> None:
     """A station driving two instruments installed each one's suspenders for good: with the interlocked one's beam
     down, every run of the other was held, for as long as the beam stayed down."""
-    import zmq
-
-    context = zmq.Context()
-    daemon = context.socket(zmq.ROUTER)
-    daemon.setsockopt(zmq.LINGER, 0)
-    port = daemon.bind_to_random_port("tcp://127.0.0.1")
-    worker = StationWorker(f"tcp://127.0.0.1:{port}", name="s", outbox=tmp_path / "s.outbox", heartbeat_s=0.2,
-                           instruments=["*"], context=context)
-    stop = threading.Event()
-    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
-    BEAM_DOWN.put(0)
-    thread.start()
 
     def answer_of(trial: int, target: str) -> protocol.ResultMessage | None:
         daemon.send_multipart([identity, protocol.encode(protocol.Assign(
@@ -538,19 +505,15 @@ def test_another_instruments_interlock_does_not_hold_this_ones_runs(tmp_path: Pa
                     return message
         return None
 
+    BEAM_DOWN.put(0)
     try:
-        identity, _ = receive(daemon, protocol.Hello)
-        daemon.send_multipart([identity, protocol.encode(protocol.Welcome(heartbeat_s=0.2, session=1))])
-        assert answer_of(1, "tests.test_worker:interlocked_branin") is not None
-        BEAM_DOWN.put(1)  # the interlocked instrument's beam goes down: nothing to do with the other one
-        assert answer_of(2, "simulators.surfaces:Branin") is not None, "the other instrument's run was held"
-        assert SUSPENDER not in worker.RE.suspenders
-        BEAM_DOWN.put(0)
-        assert answer_of(3, "tests.test_worker:interlocked_branin") is not None
-        assert SUSPENDER in worker.RE.suspenders
+        with _registered_with_a_hand_driven_daemon(tmp_path) as (daemon, identity, _, worker):
+            assert answer_of(1, "tests.test_worker:interlocked_branin") is not None
+            BEAM_DOWN.put(1)  # the interlocked instrument's beam goes down: nothing to do with the other one
+            assert answer_of(2, "simulators.surfaces:Branin") is not None, "the other instrument's run was held"
+            assert SUSPENDER not in worker.RE.suspenders
+            BEAM_DOWN.put(0)
+            assert answer_of(3, "tests.test_worker:interlocked_branin") is not None
+            assert SUSPENDER in worker.RE.suspenders
     finally:
         BEAM_DOWN.put(0)
-        stop.set()
-        thread.join(timeout=30)
-        daemon.close()
-        context.term()
