@@ -224,8 +224,7 @@ class InstrumentBinding:
         values: dict[str, Any] = {}
         for name, device in self.settable.items():
             try:
-                value = getattr(device, "position", None)
-                values[name] = device.get() if value is None and hasattr(device, "get") else value  # type: ignore[attr-defined]
+                values[name] = _present(device)
             except Exception:  # a disconnected device must not hide the other values
                 values[name] = None
         return values
@@ -391,12 +390,16 @@ class InstrumentBinding:
         return {k: (v if isinstance(v, str) else f"{v.label}({', '.join(v.keys)})") for k, v in self.outputs.items()}
 
 
+def _present(device: Any) -> Any:
+    """A device's present value: a positioner's position, else a signal's value; None where it has neither."""
+    value = getattr(device, "position", None)
+    return device.get() if value is None and hasattr(device, "get") else value
+
+
 def _read_error(device: Any) -> Exception | None:
-    """What reading the device's present value (as :meth:`InstrumentBinding.current` does) raises, if anything."""
+    """What reading the device's present value (:func:`_present`) raises, if anything."""
     try:
-        value = getattr(device, "position", None)
-        if value is None and hasattr(device, "get"):
-            device.get()
+        _present(device)
     except Exception as exc:  # noqa: BLE001 - whatever the device fails with
         return exc
     return None
