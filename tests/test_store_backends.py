@@ -96,7 +96,8 @@ def test_recording_trials_parses_no_source_text(tmp_path: Path, monkeypatch: pyt
 
 
 def test_trial_numbers_stay_unique_and_dense_when_many_writers_add_trials_at_once(store_url: str) -> None:
-    """Each writer has its own Store (its own connections), as separate daemons or CLI processes would."""
+    """Each writer has its own Store (its own connections), as separate daemons or CLI processes would; half add
+    proposals (``add_trials``, the CLI's path), half dispatched trials (``add_dispatched``, the daemon's)."""
     Store(store_url).close()
     setup = Store(store_url)
     cid = setup.open_campaign(branin_campaign("race"))
@@ -104,18 +105,21 @@ def test_trial_numbers_stay_unique_and_dense_when_many_writers_add_trials_at_onc
     errors: list[BaseException] = []
     barrier = threading.Barrier(writers)
 
-    def write() -> None:
+    def write(dispatching: bool) -> None:
         store = Store(store_url)
         try:
             barrier.wait()
             for i in range(per_writer):
-                store.add_trials(cid, [({"x1": float(i), "x2": 0.0}, {})])
+                if dispatching:
+                    store.add_dispatched(cid, {"x1": float(i), "x2": 0.0}, {}, "station-a")
+                else:
+                    store.add_trials(cid, [({"x1": float(i), "x2": 0.0}, {})])
         except BaseException as exc:
             errors.append(exc)
         finally:
             store.close()
 
-    threads = [threading.Thread(target=write) for _ in range(writers)]
+    threads = [threading.Thread(target=write, args=(w % 2 == 1,)) for w in range(writers)]
     for t in threads:
         t.start()
     for t in threads:
