@@ -1585,8 +1585,24 @@ def _import_problems(module_name: str, base: str | Path | None = None) -> str:
                 pass
         return f"cannot import {module_name!r}: ModuleNotFoundError: {exc}{hint}"
     except Exception as exc:  # the module itself is broken: report its own error
+        if (interrupt := _interrupt_within(exc)) is not None:
+            # a Ctrl-C while a class was being built comes wrapped ("RuntimeError: Error calling __set_name__"), and
+            # was reported as a fault of the campaign's instrument (exit 2)
+            raise interrupt from None
         return f"cannot import {module_name!r}: {type(exc).__name__}: {exc}"
     return ""
+
+
+def _interrupt_within(exc: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt behind ``exc`` (its cause, or what it arose while handling), if one is."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 #: Builds a driver's binding and connects its devices (``closedloop validate --connect``, see

@@ -1506,7 +1506,16 @@ def main() -> None:
     # Python's own handler raises a plain KeyboardInterrupt, which can end a command by SIGINT (see StopNow); the
     # long-running commands put theirs over this one and back
     signal.signal(signal.SIGINT, _ctrl_c)
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:
+        # before any command began (typer building the commands): it was a traceback and exit 1
+        errors.print("interrupted", highlight=False)
+        sys.exit(130)
+    finally:
+        # whatever ended the command (an error line, an interruption): a Ctrl-C in the exit hooks (ophyd's joins its
+        # threads) printed a traceback under it
+        _deaf_to_stops_at_exit()
 
 
 if __name__ == "__main__":

@@ -466,6 +466,21 @@ def test_a_driver_is_imported_but_never_called(tmp_path: Path, monkeypatch: pyte
     assert good.instrument.driver == "lab_driver:Robot" and lab_driver.CALLS == []
 
 
+def test_a_ctrl_c_while_the_instrument_module_loads_is_an_interruption_not_a_campaign_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while ophyd built a device class came wrapped ("RuntimeError: Error calling __set_name__ on
+    'ADComponent' instance 'cam'"), and `closedloop run` said the campaign's instrument could not be imported (exit 2)."""
+    (tmp_path / "interrupted_driver.py").write_text(
+        "class Component:\n    def __set_name__(self, owner, name):\n        raise KeyboardInterrupt\n"
+        "class Camera:\n    cam = Component()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("sys.dont_write_bytecode", True)
+    text = BASE.replace("simulator: simulators.surfaces:Branin", "simulator: interrupted_driver:Camera")
+    with pytest.raises(KeyboardInterrupt):
+        problems_of(text)
+
+
 def test_load_campaign_reports_an_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(CampaignFileError, match="cannot read the file"):
         load_campaign(tmp_path / "missing.yaml")

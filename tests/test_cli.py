@@ -1088,6 +1088,26 @@ def test_any_commands_ctrl_c_that_lands_in_an_exec_of_a_string_ends_with_the_com
     assert (done.returncode, done.stdout.strip(), done.stderr.strip()) == (130, "probing", "interrupted")
 
 
+@pytest.mark.parametrize("ending", ["raise KeyboardInterrupt", "raise ValueError('bad')"])
+def test_a_ctrl_c_in_the_exit_hooks_prints_no_traceback(ending: str, tmp_path: Path) -> None:
+    """A second Ctrl-C to `closedloop run` stopped early (or ended by an error) landed in ophyd's exit hook, which joins
+    its threads: "Exception ignored in atexit callback" and a traceback under the command's last line."""
+    done = run_as_module(tmp_path, "ctrl_c_at_exit",
+        "import atexit, os, signal, time\n"
+        "from closedloop import cli\n"
+        "def hook():\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(0.2)\n"
+        "    print('hook done', flush=True)\n"
+        "@cli.app.command('probe')\n"
+        "def probe() -> None:\n"
+        "    atexit.register(hook)  # before the command's end, as ophyd's is\n"
+        f"    {ending}\n"
+        "cli.main()\n", "probe")
+    assert "Traceback" not in done.stderr and done.stdout.strip() == "hook done", done.stderr
+    assert done.returncode == (130 if "Keyboard" in ending else 1)
+
+
 @pytest.mark.parametrize("command", [["daemon", "c.yaml", "--bind", "tcp://127.0.0.1:0", "--publish", ""],
                                      ["dashboard", "--port", "0", "--events", ""]])
 def test_a_daemon_or_dashboard_given_a_database_url_opens_that_database(command: list[str], tmp_path: Path) -> None:
