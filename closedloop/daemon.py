@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
 from closedloop import events as event_format
 from closedloop import protocol, provenance
@@ -548,6 +549,8 @@ class Daemon:
         ValueError: an endpoint that is not ``tcp://HOST:PORT`` or ``ipc://PATH``, or whose host this machine lacks
             (checked before anything is claimed or bound, in the command line's words).
         ProtocolError: a network-reachable endpoint without ``keys`` or ``insecure``.
+        ClosedLoopError: an endpoint it cannot listen on (a port in use), said before any campaign is claimed or
+            written to the store.
 
     Example:
         >>> daemon = Daemon(Store("s.db"), [campaign], bind="tcp://127.0.0.1:5701")  # doctest: +SKIP
@@ -584,14 +587,65 @@ class Daemon:
             raise Unprotected(f"control endpoint {control} is reachable from other machines and has no keys: "
                               "use ipc://PATH or tcp://127.0.0.1:PORT")
         self.store = store
+        self.runs: dict[int, CampaignRun] = {}
         self._claimed: list[str] = []
+        self.context = context or (zmq.Context() if keys else zmq.Context.instance())
+        self._own_context = context is None and keys is not None
+        self.keys = keys
+        self.auth: ThreadAuthenticator | None = None
+        self.pub: zmq.Socket | None = None
+        self.publish_endpoint: str | None = None
+        self.control: zmq.Socket | None = None
+        self.control_endpoint: str | None = None
+        # every endpoint is bound before the store is touched: a daemon that could not listen (a port in use) had
+        # claimed its campaigns and written their rows first, and a store made for it was left behind
         try:
+            self.auth = keys.start_authenticator(self.context) if keys else None
+            self.socket = self.context.socket(zmq.ROUTER)
+            self.socket.setsockopt(zmq.LINGER, 500)
+            self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            # No ROUTER_HANDOVER: with it a second process started under a station's name took the name's connection
+            # each time it (re)connected, re-registered with nothing held, and the trials the first was running were
+            # handed out again and measured twice. A second connection with a name in use is now ignored; the ZMTP
+            # heartbeat frees the name of a station whose host died (a killed process closes its connection at once).
+            self.socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+            self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+            self.socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES + 1024)
+            self.socket.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
+            self.socket.setsockopt(zmq.SNDHWM, 100_000)
+            if keys:
+                keys.apply(self.socket)
+            self.endpoint = self._bind(self.socket, bind, "for stations")
+            if publish is not None:
+                self.pub = self.context.socket(zmq.PUB)
+                self.pub.setsockopt(zmq.LINGER, 0)
+                self.pub.setsockopt(zmq.SNDHWM, 10_000)
+                if keys:
+                    keys.apply(self.pub)
+                self.publish_endpoint = self._bind(self.pub, publish, "to publish events")
+            if control is not None:
+                self.control = self.context.socket(zmq.ROUTER)
+                self.control.setsockopt(zmq.LINGER, 0)
+                self.control.setsockopt(zmq.MAXMSGSIZE, 65536)
+                self.control_endpoint = self._bind(self.control, control, "for control requests")
+            self._wake_address = f"inproc://closedloop-wake-{id(self)}"
+            self._wake_pull = self.context.socket(zmq.PULL)
+            self._wake_pull.bind(self._wake_address)
+            self._wake_lock = threading.Lock()
+            self._wake_push = self.context.socket(zmq.PUSH)
+            self._wake_push.setsockopt(zmq.SNDHWM, 1)
+            self._wake_push.connect(self._wake_address)
+            self.poller = zmq.Poller()
+            for sock in (self.socket, self.control, self._wake_pull):
+                if sock is not None:
+                    self.poller.register(sock, zmq.POLLIN)
             for c in campaigns:
                 store.claim(c.name)
                 self._claimed.append(c.name)
             self.runs = {run.id: run for run in (CampaignRun(c, store) for c in campaigns)}
         except BaseException:
             self._release_campaigns()
+            self._close_sockets()
             raise
         self.heartbeat_s = heartbeat_s
         self.lost_after = lost_after
@@ -602,52 +656,6 @@ class Daemon:
         for run in self.runs.values():
             run.fill_after_s = fill_after_s
         self.on_event: EventSink = on_event or (lambda kind, details: None)
-        self.context = context or (zmq.Context() if keys else zmq.Context.instance())
-        self._own_context = context is None and keys is not None
-        self.keys = keys
-        self.auth = keys.start_authenticator(self.context) if keys else None
-        self.socket = self.context.socket(zmq.ROUTER)
-        self.socket.setsockopt(zmq.LINGER, 500)
-        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # No ROUTER_HANDOVER: with it a second process started under a station's name took the name's connection
-        # each time it (re)connected, re-registered with nothing held, and the trials the first was running were
-        # handed out again and measured twice. A second connection with a name in use is now ignored; the ZMTP
-        # heartbeat frees the name of a station whose host died (a killed process closes its connection at once).
-        self.socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-        self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES + 1024)
-        self.socket.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
-        self.socket.setsockopt(zmq.SNDHWM, 100_000)
-        if keys:
-            keys.apply(self.socket)
-        self.endpoint = self._bind(self.socket, bind, "for stations")
-        self.pub: zmq.Socket | None = None
-        self.publish_endpoint: str | None = None
-        if publish is not None:
-            self.pub = self.context.socket(zmq.PUB)
-            self.pub.setsockopt(zmq.LINGER, 0)
-            self.pub.setsockopt(zmq.SNDHWM, 10_000)
-            if keys:
-                keys.apply(self.pub)
-            self.publish_endpoint = self._bind(self.pub, publish, "to publish events")
-        self.control: zmq.Socket | None = None
-        self.control_endpoint: str | None = None
-        if control is not None:
-            self.control = self.context.socket(zmq.ROUTER)
-            self.control.setsockopt(zmq.LINGER, 0)
-            self.control.setsockopt(zmq.MAXMSGSIZE, 65536)
-            self.control_endpoint = self._bind(self.control, control, "for control requests")
-        self._wake_address = f"inproc://closedloop-wake-{id(self)}"
-        self._wake_pull = self.context.socket(zmq.PULL)
-        self._wake_pull.bind(self._wake_address)
-        self._wake_lock = threading.Lock()
-        self._wake_push = self.context.socket(zmq.PUSH)
-        self._wake_push.setsockopt(zmq.SNDHWM, 1)
-        self._wake_push.connect(self._wake_address)
-        self.poller = zmq.Poller()
-        for sock in (self.socket, self.control, self._wake_pull):
-            if sock is not None:
-                self.poller.register(sock, zmq.POLLIN)
         self.stations: dict[bytes, Station] = {}
         self.in_flight: dict[int, InFlight] = {}
         # trials re-queued because their station was lost, by that station: if it comes back holding one,
@@ -852,13 +860,20 @@ class Daemon:
                 run.service.stop()
         self._say_unlogged_drops(math.inf)
         self._release_campaigns()
-        for sock in (self.socket, self.pub, self.control, self._wake_pull, self._wake_push):
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        """Close what :meth:`__init__` opened of the sockets, the authenticator and an own context."""
+        for name in ("socket", "pub", "control", "_wake_pull", "_wake_push"):
+            sock = getattr(self, name, None)  # one not made yet where binding an earlier one failed
             if sock is not None:
                 sock.close(linger=0)
         if self.auth is not None:
             self.auth.stop()
+            self.auth = None
         if self._own_context:
             self.context.term()
+            self._own_context = False
 
     def step(self, timeout_ms: int = 50) -> None:
         """One turn: read messages (results in one batch), answer control, enforce timeouts, dispatch."""

@@ -720,6 +720,43 @@ def test_a_daemon_refused_on_a_new_store_leaves_no_store_and_no_lock_file(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
 
 
+@pytest.mark.parametrize(("busy_option", "purpose"), [("--bind", "for stations"), ("--publish", "to publish events"),
+                                                      ("--control", "for control requests")])
+def test_a_daemon_whose_port_is_in_use_says_which_and_writes_nothing(
+        busy_option: str, purpose: str, tmp_path: Path) -> None:
+    """A daemon started where another one (or any program) listened claimed its campaign and wrote its row before it
+    tried to listen: the refusal left results/branin.db, its lock file and claims folder behind, and in a store that
+    was there a campaign row that said 'running' and had never run."""
+    import socket
+
+    from closedloop.store import Store
+    from tests.conftest import branin_campaign
+    from tests.daemon.procs import free_port
+
+    (tmp_path / "c.yaml").write_text((ROOT / "campaigns" / "branin.yaml").read_text())
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = f"tcp://127.0.0.1:{busy.getsockname()[1]}"
+        endpoints = {option: f"tcp://127.0.0.1:{free_port()}" for option in ("--bind", "--publish", "--control")}
+        endpoints[busy_option] = taken
+        options = [word for pair in endpoints.items() for word in pair]
+        result = closedloop("daemon", "c.yaml", *options, cwd=tmp_path)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert result.stderr.strip().splitlines() == [
+            f"error: cannot listen {purpose} at {taken}: Address already in use (another daemon or program listens "
+            "there: stop it, or choose another port)"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+
+        existing = Store(tmp_path / "s.db")
+        existing.open_campaign(branin_campaign(name="other", experiments=5, initial=2, backend="sobol"))
+        existing.close()
+        again = closedloop("daemon", "c.yaml", "--store", "s.db", *options, cwd=tmp_path)
+    assert again.returncode == 1 and taken in again.stderr, again.stdout + again.stderr
+    assert [row.name for row in Store(tmp_path / "s.db", read_only=True).campaigns()] == ["other"]
+    assert not (tmp_path / "s.db.claims").exists()
+
+
 @pytest.mark.parametrize("seed", ["-1", str(2**63)])
 def test_a_seed_the_planner_cannot_take_is_refused_before_anything_runs(seed: str, tmp_path: Path) -> None:
     """`closedloop run c.yaml --seed -1` ran the whole campaign, then exited 1 with 'results/branin.db:1:16:35:

@@ -1111,20 +1111,46 @@ def test_a_bad_endpoint_is_a_value_error_in_the_command_lines_words_before_anyth
 
 
 def test_a_port_in_use_is_said_naming_which_of_the_daemons_endpoints_it_is(tmp_path: Path) -> None:
-    """Said as 'ZMQError: Address already in use (addr=...)', it named no endpoint of the three."""
+    """Said as 'ZMQError: Address already in use (addr=...)', it named no endpoint of the three; and by then the
+    campaign was claimed and its row written, where a daemon that cannot listen now writes nothing (and lets go of
+    the endpoints it had bound before the one in use)."""
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
     endpoint = f"tcp://127.0.0.1:{busy.getsockname()[1]}"
     campaign = Campaign.from_yaml_text(branin_yaml("busy", 5, initial=2, seed=0, noise=0.0, backend="sobol"))
+    store = Store(tmp_path / "s.db")
     try:
-        for option, purpose in (("bind", "for stations"), ("control", "for control requests")):
+        for option, purpose in (("bind", "for stations"), ("publish", "to publish events"),
+                                ("control", "for control requests")):
+            stations = socket.socket()
+            stations.bind(("127.0.0.1", 0))
+            free = stations.getsockname()[1]
+            stations.close()
+            endpoints = {"bind": f"tcp://127.0.0.1:{free}", option: endpoint}
             with pytest.raises(ClosedLoopError) as caught:
-                Daemon(Store(tmp_path / "s.db"), [campaign], **{option: endpoint})
+                Daemon(store, [campaign], **endpoints)
             assert str(caught.value) == (f"cannot listen {purpose} at {endpoint}: Address already in use (another "
                                          "daemon or program listens there: stop it, or choose another port)")
+            assert store.campaigns() == []
+            if option != "bind":
+                _bound_within(free, 5.0)
     finally:
         busy.close()
+
+
+def _bound_within(port: int, seconds: float) -> None:
+    """Bind loopback ``port`` once it is free: ZeroMQ closes a socket in its I/O thread, a moment after close()."""
+    deadline = time.monotonic() + seconds
+    while True:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+        time.sleep(0.05)
 
 
 def _control_daemon(tmp_path: Path, control: str) -> Daemon:
