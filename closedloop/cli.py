@@ -179,6 +179,14 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def _station_refused(reason: str) -> None:
+    """End a station the daemon refused. Every refusal that stops a station is its setup's (a key that admits
+    another name, a protocol version or release the daemon does not speak): started again unchanged it is refused
+    again, so it exits 2 as bad input does, not 1 as a failure that a restart may cure (a lost connection, a
+    panicked RunEngine). The one refusal a retry answers, "unregistered", the station answers itself with a hello."""
+    _fail(f"the daemon refused this station: {reason}", EXIT_BAD_INPUT)
+
+
 def _load(path: Path) -> Campaign:
     try:
         return load_campaign(path)
@@ -469,7 +477,7 @@ def worker(
     finally:
         _deaf_to_stops_at_exit()
     if station.refused:
-        _fail(f"the daemon refused this station: {station.refused}")
+        _station_refused(station.refused)
     if station.aborted:
         raise typer.Exit(130)
 
@@ -517,7 +525,7 @@ def compute_station(
     finally:
         _deaf_to_stops_at_exit()
     if station.refused:
-        _fail(f"the daemon refused this station: {station.refused}")
+        _station_refused(station.refused)
     if station.aborted:
         raise typer.Exit(130)
 

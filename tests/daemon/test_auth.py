@@ -14,7 +14,8 @@ from closedloop import protocol
 from closedloop.daemon import control_request
 from closedloop.keys import ClientKeys, new_keypair
 from closedloop.store import Store
-from tests.daemon.procs import CLI, campaign_yaml, env, free_port, kill9, start_daemon, start_worker
+from tests.daemon.procs import (CLI, campaign_yaml, env, free_port, kill9, start_compute_station, start_daemon,
+                                start_worker)
 
 
 def test_keys_new_makes_a_pair_and_refuses_to_overwrite(tmp_path: Path) -> None:
@@ -134,7 +135,7 @@ def test_an_allowed_key_registers_only_the_station_its_file_is_named_for(tmp_pat
 
         # a station worker started with another station's name and its own allowed key: refused, it exits
         thief = start_worker(tmp_path / "thief", endpoint, "good", *other_keys)
-        assert thief.wait(timeout=60) == 1
+        assert thief.wait(timeout=60) == 2
         assert "only a station named 'other'" in (tmp_path / "thief" / "good.out").read_text()
         status = control_request(control, "status", timeout_s=30)
         assert status["stations"] == [] and status["campaigns"][0]["finished"] == 0
@@ -185,6 +186,36 @@ def test_watch_follows_a_daemon_whose_events_need_keys(tmp_path: Path) -> None:
     assert watched.returncode == 0, watched.stderr
     lines = [line for line in watched.stdout.splitlines() if "experiments" in line]
     assert len(lines) >= 3, watched.stdout
+
+
+@pytest.mark.parametrize("command", ["worker", "compute-station"])
+def test_a_station_the_daemon_refuses_exits_2_in_one_line(command: str, tmp_path: Path) -> None:
+    """A station the daemon refused (here its key admits only another station's name) exited 1, the code of a
+    failure a restart may cure (a lost connection, a panicked RunEngine). Started again unchanged it is refused
+    again: its setup is wrong, and it exits 2 as bad input does, for its operator and service manager to tell."""
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    for name in ("daemon", "other"):
+        new_keypair(keys, name)
+    allowed.mkdir()
+    shutil.copy(keys / "other.key", allowed / "other.key")
+    (tmp_path / "c.yaml").write_text(campaign_yaml("refusing", 2, latency=0.05))
+    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    daemon = start_daemon(tmp_path, endpoint, control, "--secret-key", str(keys / "daemon.key_secret"),
+                          "--allowed-keys", str(allowed))
+    start = start_worker if command == "worker" else start_compute_station
+    station = start(tmp_path, endpoint, "good", "--secret-key", str(keys / "other.key_secret"), "--server-key",
+                    str(keys / "daemon.key"))
+    try:
+        returncode = station.wait(timeout=90)  # a loaded machine starts the daemon slowly
+    finally:
+        for proc in (daemon, station):
+            kill9(proc)
+    output = (tmp_path / "good.out").read_text()
+    assert returncode == 2, output[-3000:]
+    assert output.strip().splitlines()[-1] == (
+        "error: the daemon refused this station: this station's key admits only a station named 'other' (the name "
+        "of its file in the allowed directory)"), output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
 
 
 def test_a_station_given_the_wrong_daemon_key_says_the_key_may_be_wrong(tmp_path: Path) -> None:
