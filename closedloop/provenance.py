@@ -96,6 +96,10 @@ class ProvenanceRow(SQLModel, table=True):
     acquisition_value: float | None = None  # at the chosen point alone, given the pending experiments
     acquisition_joint: float | None = None  # of the whole batch, as the optimizer reported it
     predicted: dict[str, dict[str, float]] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    # with sources (multi-fidelity), why this one: each cheaper source's posterior standard deviation at the point, in
+    # cost order up to the one chosen, and the threshold it had to pass (the cheapest above it runs, else the target)
+    source_std: dict[str, float] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    source_threshold: float | None = None
     hyperparameters: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     hyperparameters_digest: str | None = None
     hyperparameters_file: str | None = None
@@ -225,9 +229,12 @@ class Recorder:
                 "proposed_parameters": dict(proposal.parameters),
                 "acquisition": evidence.get("acquisition") if point is not None else None,
                 "acquisition_value": point.get("acquisition_value") if point else None,
-                "acquisition_joint": (evidence.get("acquisition_joint") if point is not None
+                # a planner choosing one point at a time (multi-fidelity) has no batch value: its point's is the one
+                "acquisition_joint": (evidence["acquisition_joint"] if point is not None and "acquisition_joint" in evidence
                                       else meta.get("acquisition_value")),
                 "predicted": point.get("prediction") if point else None,
+                "source_std": point.get("source_std") if point else None,
+                "source_threshold": point.get("source_threshold") if point else None,
                 "hyperparameters": evidence.get("hyperparameters") if point is not None else None,
                 "fit_seconds": meta.get("fit_seconds"), "optimize_seconds": meta.get("optimize_seconds"),
                 "suggest_seconds": round(elapsed, 4), "decided_at": decided_at,
@@ -312,10 +319,10 @@ def _write(connection: Connection, store: Store, trial: TrialRow, decision: dict
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
             fields["hyperparameters"], fields["hyperparameters_file"] = None, str(path)
-    for key in ("hyperparameters", "predicted", "pending_parameters", "proposed_parameters"):
+    for key in ("hyperparameters", "predicted", "pending_parameters", "proposed_parameters", "source_std"):
         if fields.get(key) is not None:
             fields[key] = _json_safe(fields[key])
-    for key in ("acquisition_value", "acquisition_joint"):
+    for key in ("acquisition_value", "acquisition_joint", "source_threshold"):
         fields[key] = _json_safe(fields.get(key))
     # the model fills in the defaults; SQL Core inserts it on the trial's own connection
     row = ProvenanceRow(trial_id=trial.id, campaign_id=trial.campaign_id, **fields)
@@ -542,6 +549,12 @@ def explain_lines(info: dict[str, Any]) -> list[str]:
     if p["predicted"]:
         lines.append("  predicted:  " + ", ".join(f"{k} = {v['mean']:.6g} ± {v['std']:.3g}"
                                                    for k, v in p["predicted"].items()))
+    if p["source_std"]:
+        threshold = p["source_threshold"]
+        lines.append(f"  source:     {fmt(p['proposed_parameters'].get(SOURCE))}; std at this point: "
+                     + ", ".join(f"{k} {v:.3g}" for k, v in p["source_std"].items())
+                     + f" (threshold {'-' if threshold is None else f'{threshold:.3g}'}: the cheapest source above "
+                     "it runs, else the target)")
     if p["hyperparameters"]:
         lines.append("  hyperparameters: " + "; ".join(
             f"{k.split('.')[-1] if k.count('.') < 2 else k} {', '.join(f'{x:.4g}' for x in v)}"

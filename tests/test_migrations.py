@@ -192,3 +192,39 @@ def test_a_store_of_0006_gets_the_index_by_campaign_and_status_and_keeps_its_tri
         plan = str(connection.exec_driver_sql("EXPLAIN QUERY PLAN " + statements[-1][0], statements[-1][1]).all())
     assert "ix_trial_campaign_status" in plan, plan
     store.close()
+
+
+def test_a_store_of_0007_gets_the_source_evidence_columns_and_its_decisions_are_still_explained(tmp_path: Path) -> None:
+    """Migration 0008 adds the evidence of a multi-fidelity decision for its source to the provenance table: a store
+    from before it opens, and a decision recorded there is explained as before, with no source evidence."""
+    from closedloop import provenance
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    engine = create_engine(url)
+    campaign = branin_campaign("from-0007")
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), "0007")
+        connection.execute(text("INSERT INTO campaign (name, spec_yaml, spec_hash, status, created_at) "
+                                "VALUES (:n, :y, :h, 'running', CURRENT_TIMESTAMP)"),
+                           {"n": campaign.name, "y": campaign.to_yaml(), "h": campaign.spec_hash})
+        connection.execute(text('INSERT INTO trial (campaign_id, "index", parameters, status, attempts, planner, '
+                                "proposed_at) VALUES (1, 1, :p, 'proposed', 0, '{}', CURRENT_TIMESTAMP)"),
+                           {"p": json.dumps({"x1": 1.0, "x2": 3.0})})
+        connection.execute(text("INSERT INTO provenance (trial_id, campaign_id, backend, versions, generator, batch_size, "
+                                "batch_position, observed, failed, pending, pending_parameters, proposed_parameters) "
+                                "VALUES (1, 1, 'sobol', '{}', 'sobol', 1, 0, '[]', '[]', '[]', '[]', :p)"),
+                           {"p": json.dumps({"x1": 1.0, "x2": 3.0})})
+    engine.dispose()
+    store = Store(url)
+    try:
+        with store.engine.connect() as connection:
+            assert current_revision(connection) == head_revision()
+        record = provenance.provenance(store, "from-0007", 1)
+        assert record is not None and record.generator == "sobol"
+        assert record.source_std is None and record.source_threshold is None
+        lines = provenance.explain_lines(provenance.explain(store, "from-0007", 1))
+        assert any("generator sobol" in line for line in lines) and not any("source:" in line for line in lines)
+        (row,) = store.add_trials(store.campaign_row("from-0007").id, [({"x1": 2.0, "x2": 3.0}, {})])
+        assert row.index == 2  # and the store goes on taking trials
+    finally:
+        store.close()

@@ -254,3 +254,45 @@ def test_a_result_that_is_not_an_experiment_of_the_campaign_is_refused_and_a_fai
     assert -5 <= proposal.parameters["x1"] <= 10
     with pytest.raises(PlannerError, match="pending 0: x1=nan is not a number"):
         planner.suggest(1, pending=[{"x1": float("nan"), "x2": 1.0, SOURCE: "robot"}])
+
+
+def test_each_model_decision_records_the_evidence_that_chose_its_source_and_explain_shows_it(tmp_path: Path) -> None:
+    """The rule sends an experiment to the cheapest source whose posterior standard deviation at the point is above a
+    threshold: those deviations and the threshold had no place in the provenance record, so `explain` showed which
+    source was run but nothing of why (replay reproduced the choice, and that was all)."""
+    from typer.testing import CliRunner
+
+    from closedloop import hitl, provenance
+    from closedloop.cli import app
+    from closedloop.store import Store
+
+    campaign = example()
+    store = Store(tmp_path / "mf.db")
+    try:
+        design = hitl.suggest(store, campaign, n=len(make_planner(campaign).design))
+        for trial in design:
+            hitl.tell(store, campaign.name, trial.index, {"y": measure(trial.parameters)})
+        batch = hitl.suggest(store, campaign.name, n=2)  # each proposal of a batch has its own evidence
+        for trial in batch:
+            record = provenance.provenance(store, campaign.name, trial.index)
+            assert record is not None and record.generator == "mf-ucb"
+            stds, threshold = record.source_std, record.source_threshold
+            assert stds and set(stds) <= {"simulation"} and threshold is not None and threshold > 0
+            # the rule, from the record alone: the cheapest source above the threshold, else the target
+            uncertain = [s for s, std in stds.items() if std > threshold]
+            assert trial.parameters[SOURCE] == (uncertain[0] if uncertain else "robot")
+            assert record.acquisition and "MF-GP-UCB" in record.acquisition and record.acquisition_value is not None
+            shown = CliRunner().invoke(app, ["explain", campaign.name, str(trial.index), "--store", store.location])
+            assert shown.exit_code == 0, shown.output
+            line = next(x for x in shown.output.splitlines() if x.strip().startswith("source:"))
+            assert trial.parameters[SOURCE] in line and f"simulation {stds['simulation']:.3g}" in line
+            assert f"threshold {threshold:.3g}" in line, line
+            explained = json.loads(CliRunner().invoke(app, ["explain", campaign.name, str(trial.index), "--json",
+                                                            "--store", store.location]).output)
+            assert explained["provenance"]["source_std"] == stds
+            assert provenance.replay(store, campaign.name, trial.index).same
+        # a decision of the space-filling start chose its source by the design: it has no such evidence
+        start = provenance.provenance(store, campaign.name, design[0].index)
+        assert start is not None and start.source_std is None and start.source_threshold is None
+    finally:
+        store.close()

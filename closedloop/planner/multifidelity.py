@@ -120,6 +120,9 @@ class MultiFidelityPlanner:
         self.seed = campaign.planner.seed if campaign.planner.seed is not None else 0
         self.results: list[Result] = []
         self.design = self._initial_design(initial)
+        # what each suggest's model proposals rested on, for closedloop.provenance: per point its acquisition value
+        # and why its source, each cheaper source's posterior standard deviation there (``source_std``) and the
+        # threshold one had to pass to be chosen (``source_threshold``); None after a suggest without a model
         self.last_decision: dict[str, Any] | None = None
 
     # -- encoding: parameters <-> unit cube (n x d), then the fidelity column ---------------------
@@ -197,7 +200,7 @@ class MultiFidelityPlanner:
 
     def recommend(self) -> dict[str, Any] | None:
         """The point with the best posterior mean at the target source (what to build or report)."""
-        X, _ = self._training_data()
+        X, _, _ = self._training_data()
         if len(X) < 2:
             return None
         with torch.random.fork_rng():
@@ -216,32 +219,43 @@ class MultiFidelityPlanner:
         check_pending(self.campaign, pending or [])
         pending = [dict(p) for p in pending or []]
         proposals: list[Proposal] = []
+        # each model proposal's evidence, by its parameters (closedloop.provenance matches them): one left for the
+        # whole call had kept only the last proposal's, and named no point
+        points: list[dict[str, Any]] = []
+        acquisition = None
+        self.last_decision = None
         for _ in range(n):
             started = len(self.results) + len(pending)
             if started < len(self.design):
                 source, unit = self.design[started]
                 meta: dict[str, Any] = {"generator": "sobol", "design_index": started}
+                evidence: dict[str, Any] | None = None
             else:
-                X, _ = self._training_data()
+                X, _, _ = self._training_data()
                 if len(X) < 2:  # no model yet (everything failed): keep filling the space at the target
                     sobol = torch.quasirandom.SobolEngine(len(self.names), scramble=True, seed=self.seed + 1)
                     unit, source = sobol.draw(started + 1).double()[-1], self.target
-                    meta = {"generator": "sobol", "design_index": started}
+                    meta, evidence = {"generator": "sobol", "design_index": started}, None
                 else:
                     # the same seed for the same data: a rebuilt planner proposes the same experiment
                     with torch.random.fork_rng():
                         torch.manual_seed(self.seed * 1_000_003 + started)
-                        unit, source, meta = self._model_proposal(pending)
+                        unit, source, meta, evidence = self._model_proposal(pending)
             parameters = self._parameters(unit, source)
             proposals.append(Proposal(parameters, {**meta, SOURCE: source, "cost": self.sources[source]}))
             pending.append(parameters)
+            if evidence is not None:
+                acquisition = evidence.pop("acquisition")  # the same for the whole call: the data are
+                points.append({"parameters": parameters, **evidence})
+        if points:
+            self.last_decision = {"acquisition": acquisition, "points": points}
         return proposals
 
     # -- BoTorch ------------------------------------------------------------------------------------
 
-    def _training_data(self) -> tuple[list[list[float]], list[float]]:
+    def _training_data(self) -> tuple[list[list[float]], list[float], float]:
         """n x (d + 1) inputs (unit cube, then fidelity) and n outputs (oriented to maximize, in the unit
-        :func:`~closedloop.planner.models.output_scale` gives them), in trial order."""
+        :func:`~closedloop.planner.models.output_scale` gives them), in trial order; and that unit."""
         X, Y = [], []
         ordered = sorted(self.results, key=lambda r: r.trial if r.trial is not None else -1)
         for result in ordered:
@@ -253,14 +267,14 @@ class MultiFidelityPlanner:
             X.append(self._unit(result.parameters) + [self.fidelity[source]])
             Y.append(self.sign * float(result.values[self.output]))
         unit = output_scale(torch.tensor(Y, dtype=torch.double)) if Y else 1.0
-        return X, [y / unit for y in Y]
+        return X, [y / unit for y in Y], unit
 
     def _model(self) -> Any:
         from botorch.fit import fit_gpytorch_mll
         from botorch.models import SingleTaskMultiFidelityGP
         from gpytorch.mlls import ExactMarginalLogLikelihood
 
-        X_list, Y_list = self._training_data()
+        X_list, Y_list, _ = self._training_data()
         X = torch.tensor(X_list, dtype=torch.double)  # n x (d + 1)
         Y = torch.tensor(Y_list, dtype=torch.double).unsqueeze(-1)  # n x 1
         model = SingleTaskMultiFidelityGP(X, Y, data_fidelities=[X.shape[-1] - 1])
@@ -294,10 +308,13 @@ class MultiFidelityPlanner:
     def _box(d: int) -> torch.Tensor:
         return torch.stack([torch.zeros(d), torch.ones(d)]).double()  # 2 x d
 
-    def _model_proposal(self, pending: list[dict[str, Any]]) -> tuple[torch.Tensor, str, dict[str, Any]]:
+    def _model_proposal(self, pending: list[dict[str, Any]]
+                        ) -> tuple[torch.Tensor, str, dict[str, Any], dict[str, Any] | None]:
+        """The point (``d``), its source, the proposal's metadata, and the evidence for the decision (None: the
+        knowledge gradient weighs the sources within one optimization, and leaves none apart from its value)."""
         model = self._believe(self._model(), pending)
         if self.acquisition == "kg":
-            return self._knowledge_gradient(model)
+            return (*self._knowledge_gradient(model), None)
         return self._ucb_then_cheapest_informative(model)
 
     def _knowledge_gradient(self, model: Any) -> tuple[torch.Tensor, str, dict[str, Any]]:
@@ -323,7 +340,8 @@ class MultiFidelityPlanner:
         source = min(self.fidelity, key=lambda s: abs(self.fidelity[s] - fidelity))
         return candidate[0, :d], source, {"generator": "mf-kg", "acquisition_value": float(value)}
 
-    def _ucb_then_cheapest_informative(self, model: Any) -> tuple[torch.Tensor, str, dict[str, Any]]:
+    def _ucb_then_cheapest_informative(self, model: Any
+                                       ) -> tuple[torch.Tensor, str, dict[str, Any], dict[str, Any]]:
         """Where: the upper confidence bound at the target source. Which source: the cheapest one still
         uncertain there, else the target (MF-GP-UCB: cheap sources explore, the expensive one confirms)."""
         from botorch.acquisition import LogExpectedImprovement, UpperConfidenceBound
@@ -331,7 +349,7 @@ class MultiFidelityPlanner:
         from botorch.optim import optimize_acqf
 
         d = len(self.names)
-        X, Y = self._training_data()
+        X, Y, scale = self._training_data()
         at_target = [y for x, y in zip(X, Y) if x[-1] == self.target_fidelity]
         if at_target:
             where = LogExpectedImprovement(model, best_f=max(at_target))
@@ -352,7 +370,8 @@ class MultiFidelityPlanner:
             if stds[source] > self.threshold * spread:
                 chosen = source
                 break
-        self.last_decision = {"acquisition": f"MF-GP-UCB source rule, {type(where).__name__} at the target",
-                              "acquisition_value": float(value), "beta": self.beta,
-                              "source_std": stds, "threshold": self.threshold * spread}
-        return unit, chosen, {"generator": "mf-ucb", "acquisition_value": float(value)}
+        # in the objective's units (the model's are a power of ten apart for outputs like 1e-12), as a prediction's
+        evidence = {"acquisition": f"MF-GP-UCB source rule, {type(where).__name__} at the target",
+                    "acquisition_value": float(value), "source_std": {s: std * scale for s, std in stds.items()},
+                    "source_threshold": self.threshold * spread * scale}
+        return unit, chosen, {"generator": "mf-ucb", "acquisition_value": float(value)}, evidence
