@@ -218,7 +218,7 @@ class Recorder:
             point = next((p for p in points if p.get("parameters") == proposal.parameters), None)
             meta = proposal.metadata
             decision = {
-                "backend": self.planner.backend, "versions": {**self.versions, **_threads(evidence)},
+                "backend": self.planner.backend, "versions": {**self.versions, **_threads(evidence, self.planner)},
                 "generator": meta.get("generator"),
                 "seed": getattr(self.planner, "seed", None),
                 "acquisition_seed": evidence.get("seed") if point is not None else None,
@@ -247,14 +247,19 @@ class Recorder:
         return _take(proposal)
 
 
-def _threads(evidence: dict[str, Any]) -> dict[str, str]:
+def _threads(evidence: dict[str, Any], planner: Any) -> dict[str, str]:
     """torch's intra-op thread count: sums split across threads round differently, and a model fitted or an
     acquisition optimized with another count can end elsewhere, so a replay uses the same count.
 
-    The count the planner says it thought with (ours think on one thread), else the process's.
+    The count the planner says this decision was made with, else the one its class declares it thinks with (ours:
+    one thread, whatever the process's), else the process's (Ax's). Without the class's, a decision that left no
+    evidence (the Sobol start, the daemon's Sobol filler, a multi-fidelity one) was recorded with the process's count.
     """
-    if evidence.get("torch_threads") is not None:
-        return {"torch_threads": str(evidence["torch_threads"])}
+    count = evidence.get("torch_threads")
+    if count is None:
+        count = getattr(planner, "torch_threads", None)
+    if count is not None:
+        return {"torch_threads": str(count)}
     torch = sys.modules.get("torch")  # only a planner that uses torch imports it
     return {"torch_threads": str(torch.get_num_threads())} if torch is not None else {}
 

@@ -566,3 +566,36 @@ def test_a_trial_an_earlier_release_ran_is_not_said_to_have_left_its_documents_o
     assert result.exit_code == 0 and "documents: not in the store" in shown, result.output
     assert "run by a closedloop from before documents were kept" in shown, result.output
     store.close()
+
+
+def test_every_decision_records_the_thread_count_it_was_made_with_not_the_processs(tmp_path: Path) -> None:
+    """Our planners think on one torch thread whatever the process's count; only a BoTorch model decision said so, and
+    a decision of the Sobol start, of the daemon's Sobol filler or of the multi-fidelity planner recorded the
+    process's count (2 here), a count it had not used and that replay then set up for it."""
+    import torch
+
+    from closedloop import hitl
+    from closedloop.planner import Result, make_planner
+    from tests.test_multifidelity import example, measure
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        store = Store(tmp_path / "threads.db")
+        for campaign in (branin_campaign(name="start", experiments=6, initial=4, seed=1),  # the Sobol start
+                         branin_campaign(name="filler", experiments=6, initial=4, backend="sobol")):
+            (trial,) = hitl.suggest(store, campaign, n=1)
+            record = provenance.provenance(store, campaign.name, trial.index)
+            assert record is not None and record.generator == "sobol"
+            assert record.versions["torch_threads"] == "1", (campaign.name, record.versions)
+        store.close()
+        multifidelity = provenance.Recorder(make_planner(example()))
+        start = multifidelity.suggest(len(multifidelity.design))
+        assert multifidelity.decision(start[0])["versions"]["torch_threads"] == "1"
+        multifidelity.ingest([Result(p.parameters, {"y": measure(p.parameters)}, i) for i, p in enumerate(start, 1)])
+        (chosen,) = multifidelity.suggest(1)
+        decision = multifidelity.decision(chosen)
+        assert decision["generator"] == "mf-ucb" and decision["versions"]["torch_threads"] == "1"
+        assert torch.get_num_threads() == 2  # the process's own count is left as it was
+    finally:
+        torch.set_num_threads(threads)

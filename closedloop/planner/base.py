@@ -39,6 +39,8 @@ class Planner(Protocol):
     the feasible experiment the planner believes best (by its model's estimate under noise);
     ``pareto_front()`` the non-dominated feasible experiments when there are several objectives, and
     ``hypervolume()`` what they dominate above the reference point (:class:`PlannerError` for one objective).
+    A planner whose decisions are made on a fixed torch thread count says so in a class attribute ``torch_threads``
+    (the provenance record keeps it; without it, the process's count).
     """
 
     backend: ClassVar[str]

@@ -15,7 +15,7 @@ import torch
 
 from closedloop.campaign import Campaign
 from closedloop.planner.base import Proposal, Result, proposal_count
-from closedloop.planner.models import in_planner_numerics
+from closedloop.planner.models import PLANNER_THREADS, in_planner_numerics
 from closedloop.planner.observations import ObservationLog, check_pending
 from closedloop.planner.space import Space, candidates_repeat, table_order
 
@@ -37,6 +37,8 @@ class SobolPlanner:
     outcome_constraints: ClassVar[bool] = True
     linear_constraints: ClassVar[bool] = True
     candidate_tables: ClassVar[bool] = True
+    # suggest thinks in in_planner_numerics: the thread count of every decision (the daemon's filler's too)
+    torch_threads: ClassVar[int] = PLANNER_THREADS
 
     def __init__(self, campaign: Campaign):
         self.campaign = campaign

@@ -168,6 +168,8 @@ class BotorchPlanner:
     outcome_constraints: ClassVar[bool] = True
     linear_constraints: ClassVar[bool] = True
     candidate_tables: ClassVar[bool] = True
+    # suggest thinks in gp.in_planner_numerics: the thread count of every decision, its Sobol start's too
+    torch_threads: ClassVar[int] = gp.PLANNER_THREADS
 
     def __init__(self, campaign: Campaign):
         self.campaign = campaign

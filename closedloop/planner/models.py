@@ -46,6 +46,10 @@ MAX_FIT = 150
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
+# torch's intra-op thread count inside in_planner_numerics: every decision of a planner whose suggest runs there is
+# made on it, whatever the process's count (its class says so, ``torch_threads``, for the provenance record)
+PLANNER_THREADS = 1
+
 
 def in_planner_numerics(method: _F) -> _F:
     """Runs ``method`` with torch in float64 on one intra-op thread, then puts the caller's settings back.
@@ -89,7 +93,7 @@ def _planner_numerics() -> Iterator[None]:
         if _users == 0:
             _dtype_before, _threads_before = torch.get_default_dtype(), torch.get_num_threads()
             torch.set_default_dtype(torch.float64)
-            torch.set_num_threads(1)
+            torch.set_num_threads(PLANNER_THREADS)
         _users += 1
     try:
         yield

@@ -39,7 +39,7 @@ import torch
 from closedloop.campaign import SOURCE, Campaign, ContinuousParameter, FixedParameter
 from closedloop.errors import PlannerError
 from closedloop.planner.base import Proposal, Result, proposal_count
-from closedloop.planner.models import in_planner_numerics, output_scale
+from closedloop.planner.models import PLANNER_THREADS, in_planner_numerics, output_scale
 from closedloop.planner.observations import check_pending, check_results, finite_number
 
 __all__ = ["SOURCE", "MultiFidelityPlanner", "unsupported"]
@@ -87,6 +87,8 @@ class MultiFidelityPlanner:
     """
 
     backend: ClassVar[str] = "botorch"  # the botorch backend, with a multi-fidelity model (make_planner)
+    # suggest thinks in in_planner_numerics: the thread count of every decision, its space-filling start's too
+    torch_threads: ClassVar[int] = PLANNER_THREADS
 
     def __init__(self, campaign: Campaign, *, acquisition: str = "ucb", initial: list[tuple[str, int]] | None = None,
                  beta: float = 4.0, threshold: float = 0.1, num_fantasies: int = 16, num_restarts: int = 4,
