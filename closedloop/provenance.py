@@ -544,7 +544,9 @@ def explain_lines(info: dict[str, Any]) -> list[str]:
         f"  planner:    {p['backend']} {p['backend_version'] or ''} ({versions}); generator {p['generator']}",
         f"  seed:       {p['seed']} (decision seed {fmt(p['acquisition_seed'])}); batch of {p['batch_size']}, "
         f"position {p['batch_position']}; decided {p['decided_at'] or '-'}",
-        f"  data:       {len(expand(p['observed']))} results (trials {_ranges(expand(p['observed']))}"
+        # failures apart from results, as the dashboard's model view counts them: "11 results" had counted failures
+        f"  data:       {_data(len(expand(p['observed'])), len(expand(p['failed'])))} "
+        f"(trials {_ranges(expand(p['observed']))}"
         + (f"; failed {_ranges(expand(p['failed']))}" if p["failed"] else "") + ")"
         + f"; pending {len(p['pending'])} (trials {_ranges([i for i in p['pending'] if i is not None])})",
     ]
@@ -640,6 +642,13 @@ def _ranges(numbers: list[int]) -> str:
     return ", ".join(parts)
 
 
+def _data(observed: int, failed: int) -> str:
+    """``9 results, 2 failures``: ``observed`` experiments a planner was given, ``failed`` of them without a value,
+    counted apart (the BoTorch planner learns from those where experiments fail, not what they measure)."""
+    results = f"{observed - failed} result{'' if observed - failed == 1 else 's'}"
+    return f"{results}, {failed} failure{'' if failed == 1 else 's'}" if failed else results
+
+
 # -- replay ---------------------------------------------------------------------------------------------
 
 
@@ -652,11 +661,12 @@ class Replay:
     recorded: dict[str, Any]
     replayed: dict[str, Any] | None
     batch: list[dict[str, Any]]
-    observed: int
+    observed: int  # experiments the planner was given, failures included
     pending: int
     seconds: float
     # package -> (version recorded with the decision, version replaying it), where they differ
     versions: dict[str, tuple[str, str]] | None = None
+    failed: int = 0  # of the ``observed`` experiments, those without a result
 
     @property
     def same(self) -> bool:
@@ -666,7 +676,7 @@ class Replay:
         from closedloop.view import format_values
 
         verdict = "the same experiment" if self.same else "a DIFFERENT experiment"
-        lines = [f"{self.campaign} trial #{self.trial}: planner rebuilt with {self.observed} results and "
+        lines = [f"{self.campaign} trial #{self.trial}: planner rebuilt with {_data(self.observed, self.failed)} and "
                  f"{self.pending} pending experiments ({self.seconds:.2f} s)",
                  f"  recorded: {format_values(self.recorded)}",
                  f"  replayed: {format_values(self.replayed)}"]
@@ -736,4 +746,4 @@ def replay(store: Store, campaign: str, index: int) -> Replay:
     differ = {k: (v, installed.get(k, "not installed")) for k, v in (prov.versions or {}).items()
               if k != "torch_threads" and installed.get(k) != v}
     return Replay(campaign, index, prov.proposed_parameters, replayed, [p.parameters for p in proposals],
-                  len(given), len(prov.pending_parameters), seconds, differ)
+                  len(given), len(prov.pending_parameters), seconds, differ, len(failed))

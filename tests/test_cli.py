@@ -1209,3 +1209,42 @@ def test_a_reader_that_stops_reading_ends_the_command_without_an_error_line(args
     err = process.stderr.read().decode()
     assert process.wait(timeout=300) == 141, err
     assert err == ""
+
+
+def _store_with_failures(path: Path) -> None:
+    """Campaign "flaky" (Sobol): five design experiments, #2 and #4 failed, then #6 chosen from them with its
+    decision record, as the daemon stores one."""
+    from closedloop import provenance
+    from closedloop.planner import make_planner
+    from closedloop.store import Store
+    from tests.conftest import branin_campaign
+
+    store = Store(path)
+    campaign = branin_campaign(name="flaky", experiments=10, backend="sobol")
+    cid = store.open_campaign(campaign)
+    planner = provenance.Recorder(make_planner(campaign))
+    proposals = planner.suggest(5)
+    trials = store.add_trials(cid, [(p.parameters, p.metadata) for p in proposals],
+                              companion=provenance.companion(store, planner, proposals))
+    for i, trial in enumerate(trials, start=1):
+        store.mark_dispatched(trial.id, "station-a")
+        if i in (2, 4):
+            store.record_failure(trial.id, "gripper dropped the vial")
+        else:
+            store.record_result(trial.id, f"run-{i}", {"y": float(i)})
+    planner.ingest(store.results(cid))
+    (proposal,) = planner.suggest(1)
+    store.add_trials(cid, [(proposal.parameters, proposal.metadata)],
+                     companion=provenance.companion(store, planner, [proposal]))
+    store.close()
+
+
+def test_explain_and_replay_count_failures_apart_from_results(tmp_path: Path) -> None:
+    """What a decision rested on: "5 results" had counted the two failed experiments, which gave no value."""
+    _store_with_failures(tmp_path / "flaky.db")
+    explained = closedloop("explain", "flaky", "6", "--store", "flaky.db", cwd=tmp_path)
+    assert explained.returncode == 0, explained.stderr
+    assert "data:       3 results, 2 failures (trials 1-5; failed 2, 4); pending 0" in explained.stdout
+    replayed = closedloop("replay", "flaky", "--until", "6", "--store", "flaky.db", cwd=tmp_path)
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert "planner rebuilt with 3 results, 2 failures and 0 pending experiments" in replayed.stdout

@@ -1015,6 +1015,48 @@ def test_unknown_parameter_names_reuse_the_models_view_rather_than_fit_one_each(
         server.stop()
 
 
+def _with_failures(path: Path, failures: int) -> None:
+    """``failures`` failed experiments added to campaign "seen" (after its results)."""
+    store = Store(path)
+    cid = store.campaign_row("seen").id
+    for i in range(failures):
+        (trial,) = store.add_trials(cid, [({"x1": -4.0 + i, "x2": 14.0}, {"generator": "sobol"})])
+        store.mark_dispatched(trial.id, "station-a")
+        store.record_failure(trial.id, "gripper dropped the vial")
+    store.close()
+
+
+def test_the_models_view_counts_failures_apart_from_results(tmp_path: Path) -> None:
+    """The model's view said "8 results" of 6 results and 2 failures, which have no value: the model takes them as
+    where experiments fail, and the caption names them so."""
+    _branin_results(tmp_path / "seen.db")
+    _with_failures(tmp_path / "seen.db", 2)
+    server = DashboardServer(DashboardConfig(store=str(tmp_path / "seen.db"), port=0)).start()
+    try:
+        status, view = _get(f"http://127.0.0.1:{server.port}/api/model?campaign=seen&parameter=x1")
+        assert status == 200 and view["available"], view
+        assert view["results"] == 6 and view["failures"] == 2
+        assert len(view["observed"]) == 6
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_the_models_caption_in_a_real_browser_names_failures_apart(tmp_path: Path) -> None:
+    """Headless Chromium: the model's caption gives results and failures apart, as /api/model counts them."""
+    _branin_results(tmp_path / "seen.db")
+    _with_failures(tmp_path / "seen.db", 2)
+    server = DashboardServer(DashboardConfig(store=str(tmp_path / "seen.db"), port=0)).start()
+    try:
+        with _chromium() as page:
+            page.goto(f"http://127.0.0.1:{server.port}/")
+            page.wait_for_function("document.querySelector('#model-plot polyline') !== null", timeout=30_000)
+            caption = page.locator("#model-caption").inner_text()
+            assert "(6 results; 2 failures, modelled as where experiments fail; botorch" in caption, caption
+    finally:
+        server.stop()
+
+
 def test_a_control_request_of_deeply_nested_json_is_a_bad_request(tmp_path: Path) -> None:
     """json.loads raises RecursionError (not ValueError) on deep nesting: the page's control got a 500 and the log a
     traceback; it is now refused as a bad request, as any malformed body is."""

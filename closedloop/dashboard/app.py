@@ -138,19 +138,28 @@ def model_view(store: Store, campaign: str, parameter: str | None = None, second
     """Predicted mean and standard deviation of the first objective along ``parameter`` through the best
     experiment so far, with the observed experiments projected on that axis; with ``second``, also the
     predicted mean over the plane of both (``grid``: rows along ``second``, columns along ``parameter``).
+    ``results`` counts the experiments that gave every output as a number, ``failures`` the rest the model was
+    given (failed experiments, or readings that were not finite numbers).
 
     The campaign's planner is rebuilt from the store; a backend without a model of its own (Sobol,
     random, Ax) is shown through the BoTorch planner's GP on the same data.
     """
     from closedloop.planner import make_planner
     from closedloop.planner.botorch_backend import BotorchPlanner
+    from closedloop.planner.observations import ObservationLog
 
     row = store.campaign_row(campaign)
     spec = store.campaign(row.id)  # type: ignore[arg-type]
     results = store.results(row.id)  # type: ignore[arg-type]
     axes = _axes(spec)
     objective = next(iter(spec.objectives))
-    out: dict[str, Any] = {"available": False, "parameters": axes, "objective": objective, "results": len(results)}
+    # counted apart, as the planner splits them (ObservationLog.usable): "14 results" had counted 4 failures, which
+    # have no value; the model takes them as the worst result seen and, in its failure classifier, as where
+    # experiments fail
+    log = ObservationLog(spec)
+    usable = sum(1 for r in results if log.usable(r))
+    out: dict[str, Any] = {"available": False, "parameters": axes, "objective": objective, "results": usable,
+                           "failures": len(results) - usable}
     if not axes:
         return {**out, "reason": "no numeric parameter to draw along"}
     parameter, second = _chosen(spec, parameter, second)

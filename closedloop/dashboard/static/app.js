@@ -305,7 +305,10 @@ async function updateModel(c) {
     $("#model-caption").textContent = view.reason || "no model yet";
     return;
   }
-  $("#model-caption").textContent = `${view.objective} along ${view.parameter} through best #${view.best_trial} (${view.results} results, ${view.backend})`;
+  // failures apart from results: they have no value, and the model takes them as where experiments fail
+  const data = view.failures ? `${view.results} results; ${view.failures} failure${view.failures === 1 ? "" : "s"}, modelled as where experiments fail;`
+    : `${view.results} results,`;
+  $("#model-caption").textContent = `${view.objective} along ${view.parameter} through best #${view.best_trial} (${data} ${view.backend})`;
   const lo = view.mean.map((m, i) => m - 2 * view.std[i]);
   const hi = view.mean.map((m, i) => m + 2 * view.std[i]);
   const { sx, sy, add } = frame(svg, extent(view.x), extent([...lo, ...hi, ...view.observed.map((o) => o.y)]), view.parameter, view.objective);
