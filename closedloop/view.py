@@ -39,6 +39,9 @@ DISPATCHED, HELD, PROPOSED = "dispatched", "held", "proposed"
 # campaign without a timeout waits for a hung device forever, and a station left for days should say so
 LONG_FACTOR = 5.0
 LONG_AFTER = 3  # completed experiments needed before their durations say what is long
+# a running campaign with nothing in flight for this long is waiting (for a station, say), not choosing its next
+# experiment: the pace so far no longer says when it ends, and the time remaining is not estimated
+WAITING_AFTER_S = 60.0
 
 
 def format_values(values: dict[str, Any] | None) -> str:
@@ -145,6 +148,7 @@ class Snapshot:
     # several objectives: the trial numbers of the counted experiments no other dominates (there is no one best)
     front: list[int] | None = None
     objectives: tuple[str, ...] = ()
+    last_activity: datetime | None = None  # the latest dispatch or finish of any trial
 
     @classmethod
     def from_store(cls, store: Store, campaign: str | int, recent: int = 5) -> Snapshot:
@@ -206,6 +210,8 @@ class Snapshot:
             running_long=running_long, longest_s=longest if durations else None, now=now,
             timeout_s=float(spec.execution.timeout) if spec.execution.timeout else None,
             front=_front(contenders) if len(spec.objectives) > 1 else None, objectives=tuple(spec.objectives),
+            last_activity=max((m for t in trials for m in (_utc(t.dispatched_at), _utc(t.finished_at)) if m is not None),
+                              default=None),
         )
 
     # -- derived numbers --------------------------------------------------------------------------
@@ -235,7 +241,8 @@ class Snapshot:
         return f"cost {self.spent:.4g}/{self.cost_budget:g}, {experiments} experiments"
 
     def remaining_s(self, now: datetime | None = None) -> float | None:
-        """Time left at the pace so far, capped by the budget's hours; 0 once the budget is spent."""
+        """Time left at the pace so far, capped by the budget's hours; 0 once the budget is spent. The views show it
+        only while experiments run (:meth:`remaining_text`)."""
         elapsed = self.elapsed_s(now)
         used = self.used()
         if used >= 1.0 - 1e-9 or self.ended is not None:
@@ -248,6 +255,28 @@ class Snapshot:
             cap = max(0.0, self.hours * 3600 - elapsed)
             estimate = cap if estimate is None else min(estimate, cap)
         return estimate
+
+    def no_estimate(self) -> str | None:
+        """Why the time remaining is not estimated now (``paused``, ``waiting for approval``), or None while
+        experiments run: paused, idle, waiting or over, the pace so far counted time in which nothing ran, and
+        ``status`` showed an hour left of a campaign no process ran."""
+        if self.ended is not None or self.status != "running":
+            return "idle: no process runs it" if self.status == "idle" else self.status
+        if self.in_flight:
+            return None
+        if self.held:
+            return "waiting for approval"
+        if self.manual:
+            return "waiting for results by hand"
+        since = self.last_activity or self.started
+        waited = (self.now - since).total_seconds() if since is not None else 0.0
+        # a planner choosing the next experiment leaves nothing in flight for a moment: that is not waiting
+        return f"nothing in flight for {format_seconds(waited)}" if waited > WAITING_AFTER_S else None
+
+    def remaining_text(self) -> str:
+        """``25 min 10 s`` while experiments run; otherwise ``- (paused)``, ``- (completed)`` and the like."""
+        reason = self.no_estimate()
+        return format_seconds(self.remaining_s(self.now)) if reason is None else f"- ({reason})"
 
     def best_label(self, goal: bool = True) -> str:
         # several objectives have a front, not a best: the first objective's best alone hid every trade-off found
@@ -306,7 +335,7 @@ class Snapshot:
             out.append("  held for approval: " + ", ".join(f"#{i}" for i in self.held))
         if self.manual:
             out.append("  waiting for results by hand: " + ", ".join(f"#{i}" for i in self.manual))
-        out.append(f"  elapsed {format_seconds(self.elapsed_s())}, remaining {format_seconds(self.remaining_s())}")
+        out.append(f"  elapsed {format_seconds(self.elapsed_s())}, remaining {self.remaining_text()}")
         for entry in self.recent:
             outcome = format_values(entry.values) if entry.values else f"{entry.status}: {entry.error}"
             out.append(f"  #{entry.index:>3} {outcome}")
@@ -322,8 +351,9 @@ class Snapshot:
         facts.add_column(style="bold")
         facts.add_column()
         facts.add_row("Pareto front" if self.front is not None else f"best ({self.goal})", Text(self.best_text()))
+        remaining = self.remaining_text()
         facts.add_row("time", f"{format_seconds(self.elapsed_s())} elapsed, "
-                              f"{format_seconds(self.remaining_s())} remaining")
+                              + (f"remaining {remaining}" if remaining.startswith("-") else f"{remaining} remaining"))
         counts = ", ".join(f"{v} {k}" for k, v in sorted(self.counts.items()))
         facts.add_row("trials", counts or "none yet")
         if self.in_flight:

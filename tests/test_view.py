@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -370,6 +371,48 @@ def test_status_says_running_only_while_a_process_runs_the_campaign(busy: tuple[
         holder.kill()
         holder.wait(timeout=30)
     assert Snapshot.from_store(busy[0], "busy").status == "idle"
+
+
+def test_status_estimates_the_time_remaining_only_while_experiments_run(busy: tuple[Store, str]) -> None:
+    """The time remaining was the pace so far, shown however the campaign stood: `status` gave minutes left of a
+    campaign paused, waiting for a person, with nothing in flight for an hour, or that no process ran."""
+    store, path = busy
+
+    def time_line() -> str:
+        status = CliRunner().invoke(app, ["status", "busy", "--store", path, "--control", ""])
+        assert status.exit_code == 0, status.output
+        (line,) = [line.strip() for line in status.stdout.splitlines() if line.strip().startswith("elapsed")]
+        return line
+
+    assert time_line().endswith("remaining - (idle: no process runs it)")
+    cid = store.campaign_row("busy").id
+    store.claim("busy")  # as the process running it does
+    try:
+        assert re.fullmatch(r"elapsed \d+ s, remaining \d+ s", time_line())  # #6 and #7 in flight
+        store.set_campaign_status(cid, "paused")
+        assert time_line().endswith("remaining - (paused)")
+        terminal = io.StringIO()
+        Console(file=terminal, force_terminal=True, width=120, color_system=None).print(Snapshot.from_store(store, "busy"))
+        assert "elapsed, remaining - (paused)" in terminal.getvalue()
+        store.set_campaign_status(cid, "running")
+        trials = {t.index: t for t in store.trials(cid)}
+        for index in (6, 7):
+            store.record_result(trials[index].id, f"run-{index}", {"y": float(index)})
+        assert time_line().endswith("remaining - (waiting for approval)")  # #8 is held, nothing else runs
+        store.reject(trials[8].id, "grace")
+        assert time_line().endswith("remaining - (waiting for results by hand)")  # #9
+        store.mark_dispatched(trials[9].id, "by hand")
+        store.record_result(trials[9].id, "run-9", {"y": 9.0})
+        # the planner choosing the next experiment leaves nothing in flight for a moment: the pace still holds
+        assert re.fullmatch(r"elapsed \d+ s, remaining \d+ s", time_line())
+        with store.engine.begin() as connection:  # then an hour without an experiment: no station, say
+            connection.execute(sqlalchemy.text("UPDATE trial SET dispatched_at = :then, finished_at = :then"),
+                               {"then": datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(hours=1)})
+        assert "remaining - (nothing in flight for 1 h 00 min)" in time_line()
+        store.set_campaign_status(cid, "completed")
+        assert time_line().endswith("remaining - (completed)")
+    finally:
+        store.release("busy")
 
 
 def test_an_export_of_a_campaign_without_trials_keeps_its_header(tmp_path: Path) -> None:
