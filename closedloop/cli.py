@@ -407,13 +407,20 @@ def daemon(
         _fail("give both --secret-key and --allowed-keys, or neither", EXIT_BAD_INPUT)
     store_path = _name_store(ctx, store or _default_store(campaigns[0]))
     started = time.monotonic()
+    board_socket = None
     try:
         keys = ServerKeys(secret_key, allowed_keys) if secret_key and allowed_keys else None
+        if dashboard is not None:
+            from closedloop.dashboard.app import listening_socket
+
+            board_socket = listening_socket(dashboard_host, dashboard)  # like the daemon's own, before any write
         the_store = Store(store_path)
         with _unless_refused(the_store):
             the_daemon = Daemon(the_store, campaigns, bind=bind, publish=publish or None, control=control or None,
                                 keys=keys, insecure=insecure, heartbeat_s=heartbeat, drain_s=drain)
     except ClosedLoopError as exc:
+        if board_socket is not None:
+            board_socket.close()
         _fail(str(exc), EXIT_BAD_INPUT if isinstance(exc, (Unprotected, NotAStore)) else 1)
     # Ctrl-C left the serve loop at once, the experiments in flight left 'dispatched' for the next start to
     # reconcile, where SIGTERM waits for them (and Ctrl-C to a worker or `run` is that same stop)
@@ -422,7 +429,8 @@ def daemon(
     # -- issue 9: the live dashboard in this process, fed by this daemon's events and control socket
     # (with keys its events go to CURVE subscribers alone, and this dashboard holds no allowed key: it polls)
     board = _start_dashboard(store_path, the_daemon.control_endpoint, None if keys else the_daemon.publish_endpoint,
-                             dashboard_host, dashboard, token=dashboard_token) if dashboard is not None else None
+                             dashboard_host, dashboard, token=dashboard_token,
+                             listening=board_socket) if dashboard is not None else None
     # -- end issue 9
     console.print(f"daemon listening on {the_daemon.endpoint}; events on {the_daemon.publish_endpoint or 'no socket'}; "
                   f"control on {the_daemon.control_endpoint or 'no socket'}; store {the_store.display}", highlight=False)
@@ -1465,11 +1473,11 @@ def replay(
 
 
 def _start_dashboard(store: Any, control: str | None, events: str | None, host: str, port: int,
-                     token: str | None = None, read_only: bool = False) -> Any:
+                     token: str | None = None, read_only: bool = False, listening: Any = None) -> Any:
     from closedloop.dashboard import DashboardConfig, DashboardServer
 
     server = DashboardServer(DashboardConfig(store=str(store), control=control, events=events, host=host, port=port,
-                                             token=token, read_only=read_only)).start()
+                                             token=token, read_only=read_only), listening=listening).start()
     mode = " (read-only)" if server.config.effective_read_only else ""
     console.print(f"dashboard on {server.url}{mode}", highlight=False)
     return server

@@ -757,6 +757,27 @@ def test_a_daemon_whose_port_is_in_use_says_which_and_writes_nothing(
     assert not (tmp_path / "s.db.claims").exists()
 
 
+def test_a_daemon_whose_dashboard_port_is_in_use_says_so_and_writes_nothing(tmp_path: Path) -> None:
+    """`closedloop daemon --dashboard PORT` with the port in use started the dashboard after the daemon had claimed
+    its campaign and written its row: it exited 1 leaving the store, its claims folder and a row never run."""
+    import socket
+
+    from tests.daemon.procs import free_port
+
+    (tmp_path / "c.yaml").write_text((ROOT / "campaigns" / "branin.yaml").read_text())
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = closedloop("daemon", "c.yaml", "--bind", f"tcp://127.0.0.1:{free_port()}", "--publish", "",
+                            "--control", "", "--dashboard", str(port), cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: the dashboard cannot listen on 127.0.0.1:{port}: Address already in use (another dashboard or "
+        "program listens there: stop it, or choose another port)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+
+
 @pytest.mark.parametrize("seed", ["-1", str(2**63)])
 def test_a_seed_the_planner_cannot_take_is_refused_before_anything_runs(seed: str, tmp_path: Path) -> None:
     """`closedloop run c.yaml --seed -1` ran the whole campaign, then exited 1 with 'results/branin.db:1:16:35:

@@ -534,27 +534,40 @@ def _import_anyio_names_now() -> None:
 _import_anyio_names_now()
 
 
-class DashboardServer:
-    """The dashboard served by uvicorn in a background thread (``closedloop daemon --dashboard``, tests)."""
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The dashboard's socket, bound; a port it cannot have is a ClosedLoopError that says it is the dashboard's.
 
-    def __init__(self, config: DashboardConfig):
+    ``closedloop daemon --dashboard`` takes it before the daemon claims or writes anything: with the port in use,
+    it had written its campaign row first."""
+    listening = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listening.bind((host, port))
+    except (OSError, OverflowError) as exc:  # OverflowError: a port past 65535
+        listening.close()
+        # said as 'OSError: [Errno 98] Address already in use', it did not say it was the dashboard's port (under
+        # `daemon --dashboard` the daemon has three endpoints of its own)
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        busy = (" (another dashboard or program listens there: stop it, or choose another port)"
+                if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE else "")
+        raise ClosedLoopError(f"the dashboard cannot listen on {host}:{port}: {why}{busy}") from None
+    return listening
+
+
+class DashboardServer:
+    """The dashboard served by uvicorn in a background thread (``closedloop daemon --dashboard``, tests), on
+    ``listening`` (see :func:`listening_socket`) or on a socket of its own for the config's host and port."""
+
+    def __init__(self, config: DashboardConfig, listening: socket.socket | None = None):
         import uvicorn
 
-        self.dashboard = Dashboard(config)
-        self.config = config
-        self._socket = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket = listening if listening is not None else listening_socket(config.host, config.port)
         try:
-            self._socket.bind((config.host, config.port))
-        except (OSError, OverflowError) as exc:  # OverflowError: a port past 65535
+            self.dashboard = Dashboard(config)
+        except BaseException:
             self._socket.close()
-            self.dashboard.store.close()
-            # said as 'OSError: [Errno 98] Address already in use', it did not say it was the dashboard's port (under
-            # `daemon --dashboard` the daemon has three endpoints of its own)
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            busy = (" (another dashboard or program listens there: stop it, or choose another port)"
-                    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE else "")
-            raise ClosedLoopError(f"the dashboard cannot listen on {config.host}:{config.port}: {why}{busy}") from None
+            raise
+        self.config = config
         self.port = self._socket.getsockname()[1]
         self.server = uvicorn.Server(uvicorn.Config(self.dashboard.app, log_level="warning", lifespan="off", http=_Guarded,
                                                     timeout_graceful_shutdown=2, access_log=False))
