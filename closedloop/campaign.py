@@ -1921,6 +1921,54 @@ MAX_YAML_VALUES = 100_000
 MAX_YAML_DEPTH = 64
 
 
+# a line a quoted text swallowed that reads as a key of the file ('parameters:', '  - x1:'): the quote ran on past it
+_SWALLOWED_KEY = re.compile(r"\n[ \t]*(?:-[ \t]+)?[^\s#'\"-][^\n]*?:(?:[ \t]|$)", re.M)
+
+
+def _opening(text: str, mark: yaml.Mark) -> str:
+    """The text from ``mark`` to the end of its line, shortened: which quote a message means."""
+    rest = text[mark.index:].split("\n", 1)[0].rstrip()
+    return rest if len(rest) <= 30 else rest[:29] + "…"
+
+
+def _unclosed(text: str, exc: yaml.MarkedYAMLError) -> tuple[yaml.Mark, str] | None:
+    """Where a quote or bracket that YAML's error comes from was opened, and what to say, when YAML noticed only
+    later (None otherwise): an unclosed quote was reported at the file's end, and a quote closed by the next text's
+    opening quote where that text then stood bare; the scientist needs the line the quote or bracket is on."""
+    problem, context = exc.problem_mark, exc.context_mark
+    if problem is None:
+        return None
+    if context is not None and context.line < problem.line and context.index < len(text):
+        opener = text[context.index]
+        if exc.context == "while scanning a quoted scalar" and "end of stream" in str(exc.problem):
+            return context, (f"the quoted text opened here ({_opening(text, context)}) is never closed: the file "
+                             f"ends before its closing {opener}")
+        if exc.context in ("while parsing a flow sequence", "while parsing a flow mapping") and opener in "[{":
+            closer = "]" if opener == "[" else "}"
+            found = (f"the file ends before its {closer!r}" if "<stream end>" in str(exc.problem)
+                     else f"YAML reached line {problem.line + 1}, column {problem.column + 1} without its {closer!r} "
+                     f"({exc.problem})")
+            return context, f"the {opener!r} opened here is never closed: {found}"
+    # a quote closed by the next text's opening quote parses, as text running over several lines, until the text
+    # after it stands bare: the error came at that text, lines below the quote actually left open
+    last = None
+    try:
+        for token in yaml.scan(text, Loader=_Loader):
+            if token.start_mark.index >= problem.index:
+                break
+            last = token
+    except yaml.YAMLError:
+        pass
+    if (isinstance(last, yaml.ScalarToken) and last.style in ("'", '"')
+            and last.start_mark.line < last.end_mark.line
+            and _SWALLOWED_KEY.search(text, last.start_mark.index, last.end_mark.index)):
+        start = last.start_mark
+        return start, (f"the quoted text opened here ({_opening(text, start)}) runs on to line {last.end_mark.line + 1}"
+                       f"; YAML then fails at line {problem.line + 1}, column {problem.column + 1} ({exc.problem}): "
+                       f"is this text's closing {last.style} missing?")
+    return None
+
+
 def _oversized(root: yaml.Node | None) -> tuple[str, yaml.Mark] | None:
     """Why the composed file is too large to read (None if it is not): too deep, or too many values counted
     with every alias (``*name``) expanded, as reading it would; each node is counted once, so a shared one
@@ -2232,6 +2280,11 @@ def load_campaign_text(
                                          " is not "
                                          "allowed in a YAML file; remove it")]) from None
     except yaml.YAMLError as exc:
+        opened = _unclosed(text, exc) if isinstance(exc, yaml.MarkedYAMLError) else None
+        if opened:
+            mark, message = opened
+            raise CampaignFileError([Problem(source, mark.line + 1, mark.column + 1, "", f"YAML syntax: {message}")]
+                                    ) from None
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
         context = getattr(exc, "context", None)

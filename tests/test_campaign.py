@@ -335,6 +335,35 @@ def test_a_broken_section_does_not_hide_problems_elsewhere() -> None:
     assert paths == ["parameters.x2.bounds", "constraints[0]"]
 
 
+@pytest.mark.parametrize(
+    ("replace", "by", "line", "column", "message"),
+    [("name: t", 'name: "t', 1, 7, 'the quoted text opened here ("t) is never closed: the file ends before its closing "'),
+     ("name: t", "name: 't", 1, 7, "the quoted text opened here ('t) is never closed: the file ends before its closing '"),
+     ("simulator: simulators.surfaces:Branin", 'simulator: "simulators.surfaces:Branin', 9, 14, "is never closed"),
+     ("goal: minimize}", "goal: minimize", 6, 6,
+      "the '{' opened here is never closed: YAML reached line 7, column 7 without its '}'"),
+     ("bounds: [0, 15]}", "bounds: [0, 15}", 4, 40, "expected ',' or ']', but got '}'"),  # on one line: as before
+     # closed by the next text's opening quote, the text ran over four lines and YAML failed on the last
+     ("name: t", 'name: "t', None, None, None)],
+)
+def test_an_unclosed_quote_or_bracket_is_reported_where_it_opens(
+        replace: str, by: str, line: int | None, column: int | None, message: str | None) -> None:
+    # YAML notices at the file's end, or where the text after it cannot be read: the scientist needs the line it opens
+    text = BASE.replace(replace, by)
+    if line is None:
+        text = text.replace("{experiments: 10}", '{experiments: 10, stop_when: "y <= 1"}')
+        line, column, message = 1, 7, "runs on to line 7; YAML then fails at line 7, column 39"
+    (problem,) = problems_of(text)
+    assert (problem.line, problem.column) == (line, column), problem
+    assert message in problem.message and problem.message.startswith("YAML syntax: "), problem
+
+
+def test_quoted_text_and_brackets_over_several_lines_still_load() -> None:
+    text = BASE.replace("bounds: [0, 15]", "bounds: [\n      0,\n      15]").replace(
+        "name: t", 'name: t\ndescription: "quality: as\n  good as we can"')
+    assert Campaign.from_yaml_text(text).description == "quality: as good as we can"
+
+
 def test_duplicate_keys_are_reported_with_both_lines() -> None:
     (problem,) = problems_of(BASE + "budget: {experiments: 20}\n")
     assert problem.line == 10 and "also on line 7" in problem.message
