@@ -1222,6 +1222,18 @@ def consistency_problems(
             problems.append(("budget.stop_when", f"{budget.stop_when!r}: "
                              + _unknown_names("output", [rule.output], known_outputs)
                              + " (an objective or an output named in outcome_constraints)"))
+        elif rule.output in objectives and not _STORED.get():
+            # the campaign stops at its first result meeting the rule, and while maximizing the first results are the
+            # low ones: 'y <= 0.1' ended it at about the first experiment, reporting the goal reached
+            goal = objectives[rule.output].goal
+            if (goal == "maximize") == (rule.op == "<="):
+                value = repr(float(rule.value)).removesuffix(".0")
+                want = ">=" if goal == "maximize" else "<="
+                problems.append(("budget.stop_when",
+                                 f"{budget.stop_when!r} points against the goal: {rule.output} is {goal}d, so the "
+                                 "rule is met by poor results, which come first, and the campaign would stop at about "
+                                 f"its first experiment; to stop once {rule.output} is good enough, write "
+                                 f"'{rule.output} {want} {value}'"))
     problems.extend(_source_problems(parameters, budget, planner, instrument, sources))
     if budget is not None and planner is not None and budget.experiments is not None:
         initial = planner.initial_experiments

@@ -614,6 +614,47 @@ def test_a_threshold_on_the_only_objective_is_refused_pointing_to_stop_when() ->
     assert Campaign.from_yaml_text(two, check_instrument=False).objectives["y"].threshold == 80
 
 
+@pytest.mark.parametrize(
+    ("goal", "rule", "instead"),
+    [("maximize", "y < 0.1", "'y >= 0.1'"), ("maximize", "y <= 0.1", "'y >= 0.1'"), ("maximize", "0.1 >= y", "'y >= 0.1'"),
+     ("minimize", "y > 5", "'y <= 5'"), ("minimize", "y >= 5", "'y <= 5'"), ("minimize", "-2.5 <= y", "'y <= -2.5'")],
+)
+def test_a_stop_when_pointing_against_the_goal_is_refused(goal: str, rule: str, instead: str) -> None:
+    # met by the first, poor, results: a campaign maximizing y with 'y < 0.1' stopped at about its first experiment
+    text = BASE.replace("{goal: minimize}", f"{{goal: {goal}}}").replace(
+        "{experiments: 10}", f'{{experiments: 10, stop_when: "{rule}"}}')
+    (problem,) = problems_of(text)
+    assert (problem.path, problem.line, problem.column) == ("budget.stop_when", 7, 27)
+    assert problem.message.startswith(f"{rule!r} points against the goal: y is {goal}d")
+    assert problem.message.endswith(f"to stop once y is good enough, write {instead}")
+
+
+def test_a_stop_when_with_the_goal_or_on_an_output_without_one_is_accepted() -> None:
+    several = BASE.replace("y: {goal: minimize}", "y: {goal: minimize}\n  z: {goal: maximize}")
+    for text, rule in [(BASE, "y <= 0.5"), (BASE, "y < 0.5"), (several, "z >= 3"), (several, "y <= 1"),
+                       # an output of outcome_constraints has no goal to point against
+                       (BASE + 'outcome_constraints: ["w <= 3"]\n', "w >= 1")]:
+        c = Campaign.from_yaml_text(text.replace("{experiments: 10}", f'{{experiments: 10, stop_when: "{rule}"}}'),
+                                    check_instrument=False)
+        assert c.budget.stop_when == rule
+    (problem,) = problems_of(several.replace("{experiments: 10}", '{experiments: 10, stop_when: "z <= 3"}'),
+                             check_instrument=False)
+    assert problem.path == "budget.stop_when" and "z is maximized" in problem.message
+
+
+def test_a_store_begun_with_a_stop_when_against_the_goal_still_reads(tmp_path: Path) -> None:
+    """Refused in a campaign file since 2026-12-07; a store holding a campaign run with one must still open."""
+    from closedloop.store import Store
+
+    campaign = Campaign.from_yaml_text(BASE, check_instrument=False)
+    legacy = campaign.model_copy(update={"budget": campaign.budget.model_copy(update={"stop_when": "y >= 5"})})
+    store = Store(tmp_path / "s.db")
+    store.open_campaign(legacy)
+    assert store.campaign("t").budget.stop_when == "y >= 5"
+    with pytest.raises(CampaignFileError, match="points against the goal"):
+        Campaign.from_yaml_text(legacy.to_yaml(), check_instrument=False)  # a file is held to today's rules
+
+
 def test_a_store_begun_with_names_and_values_refused_since_still_reads(tmp_path: Path) -> None:
     """A parameter named 'status', a name with a combining accent, values with spaces at their ends or a line break,
     10 and "10": refused in a campaign file since 2026-12-06, but stores hold campaigns run with them, and every

@@ -104,7 +104,9 @@ def campaigns(draw: st.DrawFn) -> Campaign:
     if draw(st.booleans()):
         budget["hours"] = draw(st.floats(min_value=0.01, max_value=100))
     if draw(st.booleans()):
-        budget["stop_when"] = f"{objective_names[0]} >= {draw(finite)!r}"
+        # pointing with the goal: a rule against it is refused (met by the first, poor, results)
+        toward = ">=" if objectives[objective_names[0]]["goal"] == "maximize" else "<="
+        budget["stop_when"] = f"{objective_names[0]} {toward} {draw(finite)!r}"
     execution = {"concurrency": draw(st.integers(1, 8)), "retries": draw(st.integers(0, 3)),
                  "approve": draw(st.booleans())}
     if draw(st.booleans()):
