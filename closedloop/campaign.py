@@ -531,6 +531,19 @@ class Objective(_Model):
     unit: Text | None = None
 
 
+# the most experiments a budget may give, with room below 2**31 - 1: a PostgreSQL store numbers a campaign's experiments
+# in 32-bit integers. Nothing runs more; larger budgets were typos or 'forever', and past a float's range (~1.8e308)
+# the botorch planner failed at its first model-based proposal, after the space-filling start
+MAX_EXPERIMENTS = 1_000_000_000
+
+
+def _experiments_limit(n: int) -> str:
+    digits = len(str(n))
+    given = f"{n:,}" if digits <= 24 else f"a number of {digits:,} digits"  # a line, not a screenful of zeros
+    return (f"must be at most {MAX_EXPERIMENTS:,}, got {given}: no campaign runs that many (a PostgreSQL store numbers "
+            "them in 32-bit integers); to run until a result is good enough, add stop_when")
+
+
 class Budget(_Model):
     """When the campaign ends: after ``experiments``, once ``cost`` is spent, after ``hours``, or once ``stop_when`` holds.
 
@@ -541,7 +554,8 @@ class Budget(_Model):
     12.0
     """
 
-    experiments: Whole | None = Field(None, ge=1, description="the most experiments to run")
+    experiments: Whole | None = Field(None, ge=1, description="the most experiments to run",
+                                      json_schema_extra={"maximum": MAX_EXPERIMENTS})
     cost: Real | None = Field(None, gt=0, description="the most cost to spend, summed over the sources' costs")
     hours: Real | None = Field(None, gt=0, description="wall-clock limit")
     stop_when: Text | None = Field(None, description="stop early once a result meets this, e.g. 'quality >= 0.95'")
@@ -551,6 +565,14 @@ class Budget(_Model):
         if self.experiments is None and self.cost is None:
             raise ValueError("give 'experiments', 'cost' (with sources) or both")
         return self
+
+    @field_validator("experiments")
+    @classmethod
+    def _runnable(cls, n: int | None) -> int | None:
+        # not on a store's copy: a campaign begun with a larger budget before the limit must still read
+        if n is not None and n > MAX_EXPERIMENTS and not _STORED.get():
+            raise ValueError(_experiments_limit(n))
+        return n
 
     @field_validator("stop_when")
     @classmethod
@@ -875,7 +897,10 @@ class Campaign(_Model):
         cheapest source (the last experiment may pass the cost, so rounded up)."""
         limits = [self.budget.experiments] if self.budget.experiments is not None else []
         if self.budget.cost is not None and self.sources:
-            limits.append(max(1, math.ceil(self.budget.cost / min(s.cost for s in self.sources.values()) - 1e-9)))
+            # held to the limit: a cost of 1e300 at a source costing 1e-300 buys infinitely many, and math.ceil
+            # raised OverflowError (a file refuses that; a store's older copy must still read)
+            bought = min(self.budget.cost / min(s.cost for s in self.sources.values()), MAX_EXPERIMENTS)
+            limits.append(max(1, math.ceil(bought - 1e-9)))
         return min(limits) if limits else 1
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
@@ -1273,6 +1298,15 @@ def _source_problems(parameters: Mapping[str, Any] | None, budget: Budget | None
     if parameters is not None and SOURCE in parameters:
         problems.append((f"parameters.{SOURCE}", f"{SOURCE!r} names each experiment's source in a campaign with "
                                                  "sources; give the parameter another name"))
+    if budget is not None and budget.cost is not None and budget.experiments is None and not _STORED.get():
+        cheapest = min(sources.items(), key=lambda item: item[1].cost)
+        bought = budget.cost / cheapest[1].cost
+        if bought > MAX_EXPERIMENTS:
+            count = f"{bought:.3g}" if math.isfinite(bought) else "endlessly many"
+            problems.append(("budget.cost", f"{budget.cost:g} buys {count} experiments at the cheapest source "
+                                            f"({cheapest[0]!r}, cost {cheapest[1].cost:g}), more than the "
+                                            f"{MAX_EXPERIMENTS:,} a campaign may run; lower it or add "
+                                            "budget.experiments"))
     if planner is not None and planner.backend != "botorch":
         problems.append(("planner.backend", f"the {planner.backend} backend cannot choose among sources; "
                                             "use 'botorch' (its multi-fidelity model)"))

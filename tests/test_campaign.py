@@ -655,6 +655,48 @@ def test_a_store_begun_with_a_stop_when_against_the_goal_still_reads(tmp_path: P
         Campaign.from_yaml_text(legacy.to_yaml(), check_instrument=False)  # a file is held to today's rules
 
 
+def test_a_budget_beyond_a_billion_experiments_is_refused() -> None:
+    # 10**400 validated, and the botorch planner failed at its first model-based proposal (OverflowError converting
+    # it to a float); a PostgreSQL store numbers experiments in 32-bit integers
+    limit = BASE.replace("{experiments: 10}", "{experiments: 1_000_000_000}")
+    assert Campaign.from_yaml_text(limit).max_experiments == 1_000_000_000
+    for given, shown in [("1_000_000_001", "1,000,000,001"), ("10000000000", "10,000,000,000"),
+                         ("1" + "0" * 400, "a number of 401 digits")]:
+        (problem,) = problems_of(BASE.replace("{experiments: 10}", f"{{experiments: {given}}}"))
+        assert (problem.path, problem.line, problem.column) == ("budget.experiments", 7, 10)
+        assert problem.message.startswith(f"must be at most 1,000,000,000, got {shown}: no campaign runs that many")
+    with pytest.raises(ValueError, match="at most 1,000,000,000"):
+        Budget(experiments=10**10)
+    assert Campaign.json_schema()["$defs"]["Budget"]["properties"]["experiments"]["maximum"] == 1_000_000_000
+
+
+MULTIFIDELITY = ROOT / "campaigns" / "branin_multifidelity.yaml"
+
+
+def test_a_budget_in_cost_that_buys_beyond_a_billion_experiments_is_refused() -> None:
+    text = MULTIFIDELITY.read_text().replace("  cost: 12\n", "  cost: 1e300\n").replace("cost: 0.1", "cost: 1e-300")
+    (problem,) = problems_of(text)
+    assert problem.path == "budget.cost" and problem.message.startswith(
+        "1e+300 buys endlessly many experiments at the cheapest source ('simulation', cost 1e-300)")
+    (problem,) = problems_of(text.replace("1e300", "1e7"))
+    assert "1e+07 buys 1e+307 experiments" in problem.message
+    # with experiments too, they bound it: what the cost buys had raised OverflowError (math.ceil of infinity)
+    both = Campaign.from_yaml_text(text.replace("  cost: 1e300\n", "  cost: 1e300\n  experiments: 40\n"))
+    assert both.max_experiments == 40 and both.default_initial_experiments() == 5
+
+
+def test_a_store_begun_with_a_budget_refused_since_still_reads(tmp_path: Path) -> None:
+    from closedloop.store import Store
+
+    campaign = Campaign.from_yaml_text(BASE, check_instrument=False)
+    legacy = campaign.model_copy(update={"budget": campaign.budget.model_copy(update={"experiments": 10**10})})
+    store = Store(tmp_path / "s.db")
+    store.open_campaign(legacy)
+    assert store.campaign("t").max_experiments == 10**10
+    with pytest.raises(CampaignFileError, match="must be at most 1,000,000,000"):
+        Campaign.from_yaml_text(legacy.to_yaml(), check_instrument=False)  # a file is held to today's rules
+
+
 def test_a_store_begun_with_names_and_values_refused_since_still_reads(tmp_path: Path) -> None:
     """A parameter named 'status', a name with a combining accent, values with spaces at their ends or a line break,
     10 and "10": refused in a campaign file since 2026-12-06, but stores hold campaigns run with them, and every
