@@ -1954,6 +1954,21 @@ _Loader.add_implicit_resolver(
 )
 
 
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    try:
+        return yaml.SafeLoader.construct_yaml_int(loader, node)
+    except ValueError:
+        # Python reads at most sys.get_int_max_str_digits() digits: a longer number stopped the command with
+        # 'ValueError: Exceeds the limit (4300 digits)', exit 1 and no line
+        digits = sum(c.isdigit() for c in node.value)
+        raise yaml.constructor.ConstructorError(
+            None, None, f"a whole number of {digits:,} digits is longer than any value of a campaign can be",
+            node.start_mark) from None
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
 class _Dumper(yaml.SafeDumper):
     """PyYAML's safe dumper, quoting text that :class:`_Loader` would read as a number (a name ``0e0``)."""
 

@@ -670,6 +670,14 @@ def test_a_budget_beyond_a_billion_experiments_is_refused() -> None:
     assert Campaign.json_schema()["$defs"]["Budget"]["properties"]["experiments"]["maximum"] == 1_000_000_000
 
 
+def test_a_number_longer_than_python_reads_is_a_problem_with_its_position() -> None:
+    # past sys.get_int_max_str_digits() (4,300) YAML's int() raised ValueError: exit 1 and no line
+    (problem,) = problems_of(BASE.replace("{experiments: 10}", "{experiments: 1" + "0" * 5000 + "}"))
+    assert (problem.line, problem.column) == (7, 23)
+    assert problem.message == "YAML syntax: a whole number of 5,001 digits is longer than any value of a campaign can be"
+    assert Campaign.from_yaml_text(BASE.replace("{experiments: 10}", "{experiments: 0x1F}")).budget.experiments == 31
+
+
 MULTIFIDELITY = ROOT / "campaigns" / "branin_multifidelity.yaml"
 
 
