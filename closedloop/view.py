@@ -83,6 +83,20 @@ def shown_status(store: Store, row: Any) -> str:
     return "idle" if row.status == "running" and store.held(row.name) is False else row.status
 
 
+def active_seconds(spans: Iterable[tuple[float, float]], bridge_s: float = WAITING_AFTER_S) -> float:
+    """The time covered by ``spans`` (start, end, in seconds), with the gaps between them of up to ``bridge_s``:
+    a planner choosing the next experiment leaves nothing in flight for a moment, and that is the campaign's
+    time; a longer gap is a pause, a stop or a wait (``Snapshot.no_estimate``), and is not."""
+    total, reach = 0.0, None
+    # trials are dispatched nearly in the order they are read (by index): the sort is close to linear
+    for start, end in sorted(spans):
+        if reach is None or start > reach + bridge_s:
+            total, reach = total + end - start, end
+        elif end > reach:
+            total, reach = total + end - reach, end
+    return total
+
+
 def _seconds(start: datetime | None, end: datetime | None) -> float | None:
     start, end = _utc(start), _utc(end)
     return (end - start).total_seconds() if start is not None and end is not None else None
@@ -149,6 +163,9 @@ class Snapshot:
     front: list[int] | None = None
     objectives: tuple[str, ...] = ()
     last_activity: datetime | None = None  # the latest dispatch or finish of any trial
+    # the time up to ``now`` in which experiments could run (active_seconds); None where unknown, and the pace is
+    # then the wall time since ``started``
+    active: float | None = None
 
     @classmethod
     def from_store(cls, store: Store, campaign: str | int, recent: int = 5) -> Snapshot:
@@ -194,6 +211,23 @@ class Snapshot:
                      and (d := _seconds(t.dispatched_at, t.finished_at)) is not None]
         longest = max(durations, default=0.0)
         status = shown_status(store, row)
+        started, ended = _utc(row.created_at), _utc(row.finished_at)
+        # Nothing records when a campaign was paused or stopped, but the trials record when experiments were in
+        # flight: the pace is counted over that time. An experiment in flight across a stop or a pause (Ctrl-C
+        # leaves one, abandoned when the campaign runs again) counts for no more than a long experiment would
+        cap = LONG_FACTOR * max(longest, 1.0) if durations else float("inf")
+        until = (ended or now).timestamp()
+        spans = [(started.timestamp(), started.timestamp())] if started is not None else []
+        for t in trials:
+            begun, done = _utc(t.dispatched_at), _utc(t.finished_at)
+            first = begun or done
+            if first is None:
+                continue
+            start = first.timestamp()
+            # a trial sent back to be dispatched again has no end of its earlier attempt: its dispatch alone
+            end = done.timestamp() if done is not None else until if t.status == DISPATCHED else start
+            spans.append((start, min(max(start, end), start + cap)))
+        spans.append((until, until))
         # nothing runs an idle campaign's trials left in flight (its process was stopped or killed): none runs long
         running_long = [] if status == "idle" else [
             (t.index, d) for t in trials if t.status == DISPATCHED
@@ -205,13 +239,14 @@ class Snapshot:
             manual=[t.index for t in trials
                     if t.status == PROPOSED and t.planner.get("execution") == "manual"],
             best=best, best_after=best_after, recent=entries[-recent:][::-1] if recent else [],
-            started=_utc(row.created_at), ended=_utc(row.finished_at), hours=spec.budget.hours,
+            started=started, ended=ended, hours=spec.budget.hours,
             cost_budget=spec.budget.cost, spent=spent, experiments=spec.budget.experiments,
             running_long=running_long, longest_s=longest if durations else None, now=now,
             timeout_s=float(spec.execution.timeout) if spec.execution.timeout else None,
             front=_front(contenders) if len(spec.objectives) > 1 else None, objectives=tuple(spec.objectives),
             last_activity=max((m for t in trials for m in (_utc(t.dispatched_at), _utc(t.finished_at)) if m is not None),
                               default=None),
+            active=active_seconds(spans),
         )
 
     # -- derived numbers --------------------------------------------------------------------------
@@ -221,6 +256,8 @@ class Snapshot:
         return sum(self.counts.get(s, 0) for s in FINISHED)
 
     def elapsed_s(self, now: datetime | None = None) -> float | None:
+        """The wall time since the campaign's first start, stops and pauses included, as ``budget.hours`` counts
+        it."""
         if self.started is None:
             return None
         end = self.ended or now or datetime.now(timezone.utc)
@@ -240,17 +277,27 @@ class Snapshot:
             return f"{experiments} experiments"
         return f"cost {self.spent:.4g}/{self.cost_budget:g}, {experiments} experiments"
 
+    def active_s(self, now: datetime | None = None) -> float | None:
+        """The time in which experiments could run: while they were in flight, and the moments between them.
+        Unlike :meth:`elapsed_s` it leaves out pauses and stops, which said nothing of how long experiments take."""
+        if self.active is None:
+            return self.elapsed_s(now)
+        # a later ``now`` than the snapshot's: the experiments in flight have run on
+        later = (now - self.now).total_seconds() if now is not None and self.in_flight else 0.0
+        return self.active + max(0.0, later)
+
     def remaining_s(self, now: datetime | None = None) -> float | None:
-        """Time left at the pace so far, capped by the budget's hours; 0 once the budget is spent. The views show it
-        only while experiments run (:meth:`remaining_text`)."""
-        elapsed = self.elapsed_s(now)
+        """Time left at the pace so far (:meth:`active_s` over the budget used), capped by what the budget's
+        hours leave of the wall time; 0 once the budget is spent. The views show it only while experiments run
+        (:meth:`remaining_text`)."""
+        elapsed, active = self.elapsed_s(now), self.active_s(now)
         used = self.used()
         if used >= 1.0 - 1e-9 or self.ended is not None:
             return 0.0
-        if elapsed is None or used == 0:
+        if not active or used == 0:
             estimate = None
         else:
-            estimate = elapsed * (1 - used) / used
+            estimate = active * (1 - used) / used
         if self.hours is not None and elapsed is not None:
             cap = max(0.0, self.hours * 3600 - elapsed)
             estimate = cap if estimate is None else min(estimate, cap)

@@ -21,7 +21,8 @@ from closedloop.campaign import TABLE_COLUMNS
 from closedloop.cli import app
 from closedloop.events import encode_event
 from closedloop.store import Store, TrialStatus
-from closedloop.view import ProgressView, Snapshot, trial_columns, trial_records, watch, watch_events
+from closedloop.view import (ProgressView, Snapshot, active_seconds, trial_columns, trial_records, watch,
+                             watch_events)
 from tests.conftest import branin_campaign
 
 
@@ -413,6 +414,61 @@ def test_status_estimates_the_time_remaining_only_while_experiments_run(busy: tu
         assert time_line().endswith("remaining - (completed)")
     finally:
         store.release("busy")
+
+
+def test_the_time_remaining_is_paced_by_the_time_experiments_ran_not_by_a_stop(tmp_path: Path) -> None:
+    """The pace was the wall time since the campaign's start over the experiments done: a campaign run on Monday
+    (ten experiments of a minute), stopped, and run again on Wednesday had two days in its pace, and `status`
+    gave days left of what takes minutes. The experiment Ctrl-C left in flight, abandoned on Wednesday because its
+    station never came back, spans the two days as well."""
+    store = Store(tmp_path / "resumed.db")
+    cid = store.open_campaign(branin_campaign(name="resumed", experiments=30, backend="sobol"))
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    monday = now - timedelta(days=2, minutes=12)
+
+    def at(index: int, dispatched: datetime, finished: datetime | None) -> None:
+        with store.engine.begin() as connection:
+            connection.execute(sqlalchemy.text('UPDATE trial SET dispatched_at = :d, finished_at = :f '
+                                               'WHERE "index" = :i'), {"d": dispatched, "f": finished, "i": index})
+
+    with store.engine.begin() as connection:
+        connection.execute(sqlalchemy.text("UPDATE campaign SET created_at = :t"), {"t": monday})
+    for i in range(1, 11):
+        (trial,) = store.add_trials(cid, [({"x1": float(i % 5), "x2": 1.0}, {"generator": "sobol"})])
+        store.mark_dispatched(trial.id, "station-a")
+        store.record_result(trial.id, f"run-{i}", {"y": float(i)})
+        at(i, monday + timedelta(minutes=i), monday + timedelta(minutes=i + 1))
+    (left,) = store.add_trials(cid, [({"x1": 1.0, "x2": 2.0}, {})])  # in flight when the campaign was stopped
+    store.mark_dispatched(left.id, "station-a")
+    store.record_failure(left.id, "station station-a did not come back after a daemon restart",
+                         status=TrialStatus.abandoned)
+    at(11, monday + timedelta(minutes=11), now - timedelta(seconds=20))
+    (running,) = store.add_trials(cid, [({"x1": 1.0, "x2": 3.0}, {})])
+    store.mark_dispatched(running.id, "station-a")
+    at(12, now - timedelta(seconds=10), None)
+
+    store.claim("resumed")  # run again
+    try:
+        snap = Snapshot.from_store(store, "resumed")
+        assert snap.finished == 11 and snap.in_flight == {"station-a": [12]}
+        elapsed, remaining = snap.elapsed_s(), snap.remaining_s()
+        assert elapsed is not None and elapsed > 2 * 86400  # the wall clock, which budget.hours counts
+        # 19 experiments left at about a minute each (the abandoned one counts at most five times the longest
+        # completed experiment), not 19/11 of two days
+        assert remaining is not None and 15 * 60 < remaining < 35 * 60, remaining
+        status = CliRunner().invoke(app, ["status", "resumed", "--store", str(tmp_path / "resumed.db"),
+                                          "--control", ""])
+        assert status.exit_code == 0, status.output
+        assert re.search(r"elapsed 48 h \d\d min, remaining [23]\d min \d\d s", status.stdout), status.stdout
+    finally:
+        store.release("resumed")
+        store.close()
+
+
+def test_active_time_is_the_union_of_spans_with_short_gaps_bridged() -> None:
+    # overlapping experiments count once; a minute's choosing between them counts; an hour's stop does not
+    assert active_seconds([(0, 60), (30, 90), (120, 180), (3780, 3840), (3800, 3810)], bridge_s=60) == 240
+    assert active_seconds([(5, 5)]) == 0 and active_seconds([]) == 0
 
 
 def test_an_export_of_a_campaign_without_trials_keeps_its_header(tmp_path: Path) -> None:
