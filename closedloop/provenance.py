@@ -221,7 +221,8 @@ class Recorder:
                 "backend": self.planner.backend, "versions": {**self.versions, **_threads(evidence, self.planner)},
                 "generator": meta.get("generator"),
                 "seed": getattr(self.planner, "seed", None),
-                "acquisition_seed": evidence.get("seed") if point is not None else None,
+                # a point's own (the multi-fidelity planner seeds each), else the decision's
+                "acquisition_seed": point.get("seed", evidence.get("seed")) if point is not None else None,
                 "batch_size": n, "batch_position": position,
                 "observed": [list(r) for r in observed],
                 "failed": [list(r) for r in failed],

@@ -291,6 +291,8 @@ def test_each_model_decision_records_the_evidence_that_chose_its_source_and_expl
                                                             "--store", store.location]).output)
             assert explained["provenance"]["source_std"] == stds
             assert provenance.replay(store, campaign.name, trial.index).same
+            # the seed it was drawn with: the campaign's, and how many experiments there were before it
+            assert record.acquisition_seed == campaign.planner.seed * 1_000_003 + trial.index - 1
         # a decision of the space-filling start chose its source by the design: it has no such evidence
         start = provenance.provenance(store, campaign.name, design[0].index)
         assert start is not None and start.source_std is None and start.source_threshold is None

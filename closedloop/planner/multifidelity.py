@@ -240,9 +240,13 @@ class MultiFidelityPlanner:
                     meta, evidence = {"generator": "sobol", "design_index": started}, None
                 else:
                     # the same seed for the same data: a rebuilt planner proposes the same experiment
+                    decision_seed = self.seed * 1_000_003 + started
                     with torch.random.fork_rng():
-                        torch.manual_seed(self.seed * 1_000_003 + started)
+                        torch.manual_seed(decision_seed)
                         unit, source, meta, evidence = self._model_proposal(pending)
+                    if evidence is not None:
+                        evidence["seed"] = decision_seed  # each point's own: explain showed 'decision seed -'
+
             parameters = self._parameters(unit, source)
             proposals.append(Proposal(parameters, {**meta, SOURCE: source, "cost": self.sources[source]}))
             pending.append(parameters)
