@@ -670,7 +670,10 @@ class ComputeStation:
         elif isinstance(message, protocol.Cancel):
             queued = self._queued.pop(message.trial_id, None)
             if queued is not None:
-                log.info("%s cancelled before it started: %s", named(queued), message.reason)
+                log.info("%s %s before it started: %s", named(queued),
+                         "handed back" if message.unstarted_only else "cancelled", message.reason)
+            if message.unstarted_only:
+                return  # a stopping daemon takes back only what has not started: what computes finishes here
             running = self._running.pop(message.trial_id, None)
             if running is not None:
                 # the daemon has already recorded the timeout and applied its retry policy; a failure

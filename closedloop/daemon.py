@@ -168,6 +168,7 @@ class InFlight:
     # the assign's message id, which the station's answers name; None when an earlier daemon sent it
     assignment: str | None = None
     said_long: bool = False  # logged once as running long (a campaign without a timeout)
+    taken_back: bool = False  # asked back from its station, unstarted, by a stopping daemon
 
     def answered_by(self, message: protocol.Started | protocol.ResultMessage | protocol.Failure) -> bool:
         """Whether a station's message answers this assignment, not an earlier one of the same trial (a
@@ -736,7 +737,8 @@ class Daemon:
                 pass  # a wake-up is already pending
 
     def request_stop(self, reason: str = "requested") -> None:
-        """Stop dispatching, wait for results in flight up to ``drain_s``, then leave :meth:`serve`."""
+        """Stop dispatching, take back the trials sent ahead that no station has started, wait for results in
+        flight up to ``drain_s``, then leave :meth:`serve`."""
         if not self._stop_requested:
             log.info("stopping (%s): no new dispatch; waiting up to %.0f s for %d trials in flight", reason,
                      self.drain_s, len(self.in_flight))
@@ -769,6 +771,7 @@ class Daemon:
                 if self._stop_requested and self._draining_until is None:
                     self._draining_until = time.monotonic() + self.drain_s
                     self._emit_daemon("daemon_stopping", in_flight=len(self.in_flight), drain_s=self.drain_s)
+                    self._take_back_unstarted()
                 if self._draining_until is not None:
                     live = [f for f in self.in_flight.values() if not f.reconciling]
                     if not live or time.monotonic() > self._draining_until:
@@ -795,6 +798,22 @@ class Daemon:
                     self._drain_service_events(run)
                 if not run.closed and self._campaign_done(run):
                     self._close(run)
+
+    def _take_back_unstarted(self) -> None:
+        """Ask each station to hand back the trials sent ahead to it that it has not started. Told nothing, it
+        started them once its run in progress was done, after the stop: the drain waited for experiments begun
+        after it, or ran out and left them 'dispatched', shown in flight with no daemon running. A station answers
+        in its holdings (:meth:`_on_heartbeat`): one it dropped goes back to the queue, not as an attempt; one
+        whose run had begun stays with it and is waited for. A station of an earlier release drops the message and
+        runs the trial, as before."""
+        by_name = {station.name: station for station in self.stations.values()}
+        for flight in self.in_flight.values():
+            station = by_name.get(flight.station or "")
+            if flight.started or flight.reconciling or station is None or flight.trial_id not in station.running:
+                continue
+            if self._send(station.identity, protocol.Cancel(trial_id=flight.trial_id, reason="the daemon is stopping",
+                                                            unstarted_only=True)):
+                flight.taken_back = True
 
     def _note_unserved(self) -> None:
         """Log once when no connected station serves an open campaign (its instrument or name), and once when one
@@ -1335,16 +1354,19 @@ class Daemon:
         self._emit("trial_dispatched", run, trial=trial.index, station=station.name, parameters=trial.parameters)
         return True
 
-    def _requeue_missing(self, flight: InFlight, reason: str) -> None:
-        """A trial its station does not hold (the assign never reached it) goes back to the front of the queue."""
+    def _requeue_missing(self, flight: InFlight, reason: str, why: str = "station does not hold it") -> None:
+        """A trial its station does not hold (the assign never reached it, or it handed the trial back unstarted)
+        goes back to the front of the queue; ``why`` is the reason its transition gives."""
         run = self.runs[flight.campaign_id]
         self._release(flight.trial_id)
         # not an attempt: nothing ran (with `retries: 1` the trial's one real failure afterwards had been final)
         self.store.requeue(flight.trial_id, reason, attempted=False)
         run.queue.appendleft(flight.trial_id)
-        log.warning("trial %s: %s; it goes back to the queue", flight.trial_id, reason)
-        self._transition(run, flight.index, flight.trial_id, "requeued", reason="station does not hold it")
-        self._emit("trial_requeued", run, trial=flight.index, reason="station does not hold it")
+        # handed back at a stop is the usual course of a stop, not a lost assignment
+        log.log(logging.INFO if flight.taken_back else logging.WARNING, "trial %s: %s; it goes back to the queue",
+                flight.trial_id, reason)
+        self._transition(run, flight.index, flight.trial_id, "requeued", reason=why)
+        self._emit("trial_requeued", run, trial=flight.index, reason=why)
 
     def _unrun_campaign(self, trial_id: int) -> str | None:
         """The campaign of a trial in the store that this daemon does not run; None for its own or an unknown one."""
@@ -1397,7 +1419,11 @@ class Daemon:
                 flight = self.in_flight.get(trial_id)
                 if (dispatched < sent and trial_id not in holds and flight is not None
                         and flight.station == station.name and not flight.reconciling):
-                    self._requeue_missing(flight, f"station {station.name} does not hold it")
+                    if flight.taken_back:
+                        self._requeue_missing(flight, f"station {station.name} handed it back unstarted as the "
+                                                      "daemon stops", why="handed back unstarted: the daemon is stopping")
+                    else:
+                        self._requeue_missing(flight, f"station {station.name} does not hold it")
                     self._update_planner(self.runs[flight.campaign_id])
         elif len(station.pings) > 16:  # a station that never names them (an older one): keep a few
             station.pings = dict(list(station.pings.items())[-8:])
@@ -1417,7 +1443,8 @@ class Daemon:
         station = self.stations[identity]
         if flight is None or flight.station != station.name or not flight.answered_by(started):
             return
-        flight.reconciling, flight.lost, flight.behind, flight.started = False, None, False, True
+        # taken_back: the station had begun it when asked to hand it back, so it stays there and is waited for
+        flight.reconciling, flight.lost, flight.behind, flight.started, flight.taken_back = False, None, False, True, False
         run = self.runs[flight.campaign_id]
         flight.deadline = self._deadline(run, started=True)
         self._transition(run, flight.index, flight.trial_id, "started", station=station.name)

@@ -16,7 +16,7 @@ message carries ``v`` (the protocol version) and a ``msg_id``; a peer speaking a
 | result     | station -> daemon  | the trial's measured values, noise, run uid and timing           |
 | failure    | station -> daemon  | the trial failed, with the device error                          |
 | ack        | daemon -> station  | the result or failure of a trial is stored; forget it            |
-| cancel     | daemon -> station  | stop the trial (timeout, operator)                               |
+| cancel     | daemon -> station  | stop the trial (timeout, operator); ``unstarted_only``: drop it if not started |
 | control    | daemon -> station  | pause the RunEngine at its next checkpoint, or resume it         |
 
 Exactly-once rests on three rules: the daemon stores a trial as dispatched before the ``assign``
@@ -305,6 +305,10 @@ class Cancel(_Message):
     type: Literal["cancel"] = "cancel"
     trial_id: TrialId
     reason: str = Field(default="", max_length=4096)
+    # a stopping daemon takes back a trial sent ahead: the station drops it only if it has not started it (a run in
+    # progress goes on and is delivered, as one experiment must neither run twice nor be lost), and its holdings
+    # then say which. None (left out on the wire) for an ordinary cancel, which ends a run in progress too
+    unstarted_only: bool | None = None
 
 
 class Control(_Message):

@@ -702,6 +702,20 @@ class StationWorker:
             log.warning("cancelling running %s: %s", named(job.assignment), reason)
             self._request_pause(defer=False, what=f"cancel of trial {trial_id}")
 
+    def _hand_back(self, trial_id: int, reason: str) -> None:
+        """Drop a queued trial the daemon takes back (it is stopping), unless its run has begun: a run in progress
+        finishes and is delivered. The next holdings sent tell the daemon which it was."""
+        with self._jobs_lock:
+            # under the lock _execute decides to start a job: a trial is either started here or never starts
+            job = self._jobs.get(trial_id)
+            if job is None or job.cancelled:
+                return
+            if self._running == trial_id:
+                log.info("%s is already running: it finishes here (%s)", named(job.assignment), reason)
+                return
+            job.cancelled = True
+        log.info("%s handed back unstarted: %s", named(job.assignment), reason)
+
     def _request_pause(self, *, defer: bool, what: str) -> None:
         """Ask the RunEngine to pause, without waiting for its event loop to take the request.
 
@@ -891,7 +905,10 @@ class StationWorker:
                 return
             self.assignments.put(job)
         elif isinstance(message, protocol.Cancel):
-            self._cancel(message.trial_id, message.reason)
+            if message.unstarted_only:
+                self._hand_back(message.trial_id, message.reason)
+            else:
+                self._cancel(message.trial_id, message.reason)
         elif isinstance(message, protocol.Control):
             self._control(message.action)
         elif isinstance(message, protocol.Finished):

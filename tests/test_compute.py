@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -754,6 +755,38 @@ def test_a_compute_station_stopped_mid_experiment_finishes_it_delivers_it_and_ha
             kill9(proc)
     # the trial waiting behind the experiment went back to the queue when the station said it was stopping
     check_one_run_then_handed_back(tmp_path, "stop", 4)
+
+
+@pytest.mark.slow
+def test_a_stopped_daemon_takes_back_the_trial_waiting_on_a_compute_station_unstarted(tmp_path: Path) -> None:
+    """SIGTERM to the daemon while a compute station computed one experiment with the next waiting behind it: the
+    station started that one once a slot was free, after the stop, and the daemon left it 'dispatched' when --drain
+    ran out. Now the waiting one is handed back and stored queued, not as an attempt; the one computing finishes."""
+    c = campaign("ahead", json.dumps({"function": "tests.test_compute:takes", "options": {"seconds": 3.0}}),
+                 experiments=4, concurrency=4, retries=0)
+    (tmp_path / "c.yaml").write_text(c.to_yaml())
+    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    daemon = start_daemon(tmp_path, endpoint, control)
+    station = start_compute_station(tmp_path, endpoint, "station")
+    log = tmp_path / "daemon.log"
+    try:
+        wait_for(lambda: log.exists() and 'state="started" station="station"' in log.read_text()
+                 and log.read_text().count('station="station" attempt=1') >= 2, 90,
+                 "the station to compute an experiment with another assigned behind it")
+        os.kill(daemon.pid, signal.SIGTERM)
+        assert daemon.wait(timeout=60) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
+    finally:
+        for proc in (daemon, station):
+            kill9(proc)
+    store = Store(tmp_path / "s.db")
+    try:
+        trials = store.trials(store.campaign_row("ahead").id)
+        assert [(t.index, t.status, t.attempts) for t in trials] == [(1, "completed", 1), (2, "proposed", 0)], (
+            log.read_text()[-3000:])
+    finally:
+        store.close()
+    assert 'trial=2 trial_id=2 state="requeued" reason="handed back unstarted: the daemon is stopping"' in (
+        log.read_text())
 
 
 def test_a_compute_station_with_curve_keys_serves_a_daemon_that_requires_them(tmp_path: Path) -> None:

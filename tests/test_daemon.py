@@ -1345,3 +1345,48 @@ def test_a_planner_waiting_for_results_is_no_planner_fault(store: Store, monkeyp
     assert generators == ["sobol", "sobol", "filler", "filler"], generators
     assert not [d for kind, d in events if kind == "planner_error"], events
     assert daemon.runs[store.campaign_row("waits").id].service.waiting == "waits for a result (2 in flight)"
+
+
+def test_a_trial_sent_ahead_whose_run_began_as_a_stopping_daemon_took_it_back_stays_with_its_station(
+        store: Store) -> None:
+    """A stopping daemon asks its stations to hand back the trials sent ahead that they have not started. The
+    station's `started` may cross that request: the run has begun, so the trial must stay there (never re-queued,
+    which would run it twice) and the drain waits for its result like any run in progress."""
+    campaign = _campaign("crossed", 4, retries=0)
+    daemon = Daemon(store, [campaign], heartbeat_s=0.2, prefetch=1, drain_s=20.0)
+    with serving(daemon) as thread, raw_station(daemon.endpoint, "st") as sock:
+        heard: list[protocol.Message] = []
+        seen: str | None = None
+
+        def beat(seconds: float, holds: list[int]) -> None:
+            """Heartbeats listing ``holds`` after the daemon's latest, as a station sends them, for ``seconds``."""
+            nonlocal seen
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                while sock.poll(50):
+                    heard.append(protocol.decode(sock.recv()))
+                    seen = heard[-1].msg_id if heard[-1].type == "heartbeat" else seen
+                sock.send(protocol.encode(protocol.Heartbeat(running=holds[:1], holds=holds, seen=seen)))
+
+        sock.send(protocol.encode(protocol.Hello(station="st", capacity=1, instance="i1")))
+        _next_message(sock, "welcome")
+        first, second = _next_message(sock, "assign"), _next_message(sock, "assign")
+        sock.send(protocol.encode(protocol.Started(trial_id=first.trial_id, assignment=first.msg_id)))
+        _wait(lambda: daemon.in_flight[first.trial_id].started, 10, "the first trial to be started")
+        daemon.request_stop("test")
+        cancel = _next_message(sock, "cancel")
+        assert (cancel.trial_id, cancel.unstarted_only) == (second.trial_id, True)
+        # the station had begun the second when the request came (first done, its result on its way)
+        sock.send(protocol.encode(protocol.Started(trial_id=second.trial_id, assignment=second.msg_id)))
+        sock.send(protocol.encode(protocol.ResultMessage(trial_id=first.trial_id, assignment=first.msg_id,
+                                                         run_uid="run-1", values={"y": 1.0})))
+        beat(1.5, [second.trial_id])
+        assert thread.is_alive(), "the daemon left while the trial it had asked back ran on its station"
+        assert store.trial(second.trial_id).status == "dispatched" and second.trial_id in daemon.in_flight
+        sock.send(protocol.encode(protocol.ResultMessage(trial_id=second.trial_id, assignment=second.msg_id,
+                                                         run_uid="run-2", values={"y": 2.0})))
+        beat(1.0, [second.trial_id])
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+    assert [(t.status, t.attempts, t.run_uids) for t in store.trials(store.campaign_row("crossed").id)] == [
+        ("completed", 1, ["run-1"]), ("completed", 1, ["run-2"])]

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -187,6 +187,60 @@ def test_an_assign_repeated_while_the_trial_is_queued_or_running_runs_it_once(tm
             daemon.send_multipart([identity, protocol.encode(protocol.Ack(trial_id=result.trial_id))])
         time.sleep(1.5)  # a second run of trial 7 would have finished by now
         assert [trial for trial, _ in worker.outbox.ran()] == [7, 8] and worker.completed == 2
+
+
+def test_a_trial_handed_back_at_a_daemons_stop_is_dropped_only_if_it_has_not_started(tmp_path: Path) -> None:
+    """A stopping daemon takes back what it sent ahead (``cancel`` with ``unstarted_only``). The run in progress,
+    asked too (its ``started`` may cross the request), must go on and be delivered, never aborted; the queued trial
+    must never start, and the station's holdings must leave it out, which is how the daemon learns it may queue it
+    again. A later assign of it (the next daemon's) runs it, once."""
+    with _registered_with_a_hand_driven_daemon(tmp_path) as (daemon, identity, _, worker):
+
+        def send(message: protocol._Message) -> None:
+            daemon.send_multipart([identity, protocol.encode(message)])
+
+        def assign(trial: int) -> protocol.Assign:
+            return protocol.Assign(campaign="c", trial_id=trial, trial_index=trial, setpoints={"x1": 1.0, "x2": 2.0},
+                                   outputs=["y"], session=1, instrument=protocol.InstrumentSpec(
+                                       target="simulators.surfaces:Branin", options={"latency": 1.0}))
+
+        def answer_for(seconds: float, until: Callable[[list[Any]], bool] = lambda _: False) -> list[Any]:
+            """What the station sends meanwhile, its heartbeats answered as the daemon does (else it reconnects)."""
+            seen: list[Any] = []
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline and not until(seen):
+                if daemon.poll(100):
+                    seen.append(protocol.decode(daemon.recv_multipart()[1]))
+                    if isinstance(seen[-1], protocol.Heartbeat):
+                        ping = protocol.Heartbeat()
+                        pings.add(ping.msg_id)
+                        send(ping)
+            return seen
+
+        pings: set[str] = set()  # sent after the hand-back: a heartbeat answering one lists holdings that follow it
+
+        def results(seen: list[Any]) -> list[protocol.ResultMessage]:
+            return [m for m in seen if isinstance(m, protocol.ResultMessage)]
+
+        send(assign(1))
+        send(assign(2))
+        _, started = receive(daemon, protocol.Started)
+        assert started.trial_id == 1
+        for trial in (1, 2):
+            send(protocol.Cancel(trial_id=trial, reason="the daemon is stopping", unstarted_only=True))
+        seen = answer_for(20, results)
+        (result,) = results(seen)
+        assert result.trial_id == 1 and not [m for m in seen if isinstance(m, (protocol.Failure, protocol.Started))]
+        holds = [m.holds for m in seen if isinstance(m, protocol.Heartbeat) and m.seen in pings]
+        assert holds and all(h == [1] for h in holds), f"holdings after the hand-back: {holds}"
+        send(protocol.Ack(trial_id=1, assignment=result.assignment))
+        seen = answer_for(1.5)  # trial 2 would have started and finished by now
+        assert not [m for m in seen if isinstance(m, (protocol.Started, protocol.ResultMessage, protocol.Failure))]
+        assert [trial for trial, _ in worker.outbox.ran()] == [1]
+
+        send(assign(2))
+        seen = answer_for(20, results)
+        assert [m.trial_id for m in results(seen)] == [2] and [trial for trial, _ in worker.outbox.ran()] == [1, 2]
 
 
 def test_a_station_beats_at_least_as_often_as_the_daemon_asks(tmp_path: Path) -> None:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from closedloop.store import Store
-from tests.daemon.procs import (campaign_yaml, check_one_run_then_handed_back, kill9, lab, Lab, ran, sigterm_mid_run,
-                                start_compute_station, wait_for)
+from tests.daemon.procs import (campaign_yaml, check_one_run_then_handed_back, free_port, kill9, lab, Lab, ran,
+                                sigterm_mid_run, start_compute_station, start_daemon, wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -194,5 +194,41 @@ def test_ctrl_c_to_the_daemon_waits_for_the_experiment_in_flight_as_sigterm_does
     store = Store(tmp_path / "s.db")
     trials = store.trials(store.campaign_row("ctrlc-daemon").id)
     assert trials[0].status == "completed", "Ctrl-C left the experiment in flight behind"
-    # the one sent ahead to the station (prefetch) never started: as after SIGTERM, the next start reconciles it
-    assert [(t.status, t.run_uids) for t in trials[1:]] in ([], [("dispatched", [])])
+    # the one sent ahead to the station (prefetch) never started: as after SIGTERM, it is handed back, queued again
+    assert [(t.status, t.run_uids) for t in trials[1:]] in ([], [("proposed", [])])
+
+
+def test_a_stopped_daemon_takes_back_the_trial_sent_ahead_unstarted_and_the_next_start_runs_it_first(
+        tmp_path: Path) -> None:
+    """SIGTERM to the daemon while its station ran one experiment and held the next one sent ahead (prefetch): the
+    station, told nothing, started that one once the first was done, the daemon exited when --drain ran out with it
+    'dispatched' (or waited for a whole experiment started after the stop), and `closedloop status` showed it in
+    flight with no daemon running. Now the station hands it back unstarted, the daemon stores it queued again (not
+    an attempt: `retries: 0` still runs it) and exits once the run in progress is delivered; the next start sends
+    it first, and it runs once."""
+    with lab(tmp_path, campaign_yaml("ahead", 4, latency=3.0, retries=0), "station") as here:
+        wait_for(lambda: here.log.exists() and 'state="started" station="station"' in here.log.read_text()
+                 and 'trial=2 trial_id=2 state="dispatched"' in here.log.read_text(), 60,
+                 "the station to run trial 1 and hold trial 2")
+        os.kill(here.daemon.pid, signal.SIGTERM)
+        assert here.daemon.wait(timeout=30) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
+        store = Store(tmp_path / "s.db")
+        try:
+            trials = store.trials(store.campaign_row("ahead").id)
+            assert [(t.index, t.status, t.attempts, t.run_uids) for t in trials][1:] == [(2, "proposed", 0, [])], (
+                here.log.read_text()[-3000:])
+            assert trials[0].status == "completed"
+        finally:
+            store.close()
+        assert 'trial=2 trial_id=2 state="requeued" reason="handed back unstarted: the daemon is stopping"' in (
+            here.log.read_text())
+        time.sleep(3.5)  # trial 2 would have run by now, had the station started it
+        assert [trial for trial, _ in ran(tmp_path / "station.outbox")] == [1]
+
+        here.daemon = start_daemon(tmp_path, here.endpoint, f"tcp://127.0.0.1:{free_port()}", log_name="again")
+        again = tmp_path / "again.log"
+        wait_for(lambda: again.exists() and 'trial=2 trial_id=2 state="completed"' in again.read_text(), 60,
+                 "the next start to run trial 2")
+        dispatched = [line for line in again.read_text().splitlines() if 'state="dispatched"' in line]
+        assert "trial=2 trial_id=2" in dispatched[0], dispatched
+    assert Counter(trial for trial, _ in ran(tmp_path / "station.outbox"))[2] == 1
