@@ -82,6 +82,10 @@ DROP_WINDOW_S = 10.0
 # what one peer may have queued here unread: at 100 000 (each up to 1 MiB) a peer sending faster than the loop reads
 # grew the daemon by gigabytes in seconds; a station sending more (its outbox after a restart) waits its turn
 RECEIVE_QUEUE = 100
+# how long one turn of the loop may hand out trials before it reads its socket again: a station answers each assign
+# at once ('started', a result), past RECEIVE_QUEUE unread libzmq stops reading its connection, and the connection's
+# ZMTP heartbeat (5 s) then timed it out while 1,024 free slots were filled in one turn
+DISPATCH_SLICE_S = 0.1
 
 
 def _instrument_label(instrument: Any) -> str:
@@ -654,6 +658,9 @@ class Daemon:
         self.drain_s = drain_s
         self.start_grace_s = start_grace_s
         self.prefetch = prefetch
+        # campaigns in the order they next take a free slot, kept across turns: a turn cut short (DISPATCH_SLICE_S)
+        # would otherwise begin with the same campaign each time
+        self._turns = list(self.runs.values())
         for run in self.runs.values():
             run.fill_after_s = fill_after_s
         self.on_event: EventSink = on_event or (lambda kind, details: None)
@@ -681,6 +688,7 @@ class Daemon:
         self._draining_until: float | None = None
         self._last_turn = time.monotonic()
         self._last_check = 0.0
+        self._dispatch_cut = False  # the last turn left free slots to fill when its time was up
         self._last_queue_refresh = time.monotonic()
         self.started = time.monotonic()
         self.stats = {"results": 0, "duplicates": 0, "dropped": 0, "dispatched": 0}
@@ -897,7 +905,7 @@ class Daemon:
     def step(self, timeout_ms: int = 50) -> None:
         """One turn: read messages (results in one batch), answer control, enforce timeouts, dispatch."""
         self._last_turn = time.monotonic()
-        ready = dict(self.poller.poll(timeout_ms))
+        ready = dict(self.poller.poll(0 if self._dispatch_cut else timeout_ms))
         if self._wake_pull in ready:
             while True:
                 try:
@@ -1698,11 +1706,16 @@ class Daemon:
         run.service.update(results=results, pending=pending, want=want)
 
     def _dispatch(self) -> None:
+        self._dispatch_cut = False
         if self._stop_requested:
             return
-        runs = list(self.runs.values())
+        deadline = time.monotonic() + DISPATCH_SLICE_S
+        runs = self._turns
         for station in sorted(self.stations.values(), key=lambda s: -s.free):
             while station.free > 0:
+                if time.monotonic() > deadline:
+                    self._dispatch_cut = True  # the next turn reads what came meanwhile, then goes on at once
+                    return
                 # campaigns take turns on a station that serves several
                 for i, run in enumerate(runs):
                     if station.ready(run) and self._dispatch_one(run, station):

@@ -194,3 +194,60 @@ def test_a_peer_gone_before_its_answers_fills_no_log(tmp_path: Path, caplog: pyt
     one_by_one = [line for line in lines if line.startswith("could not send a message to b'gone': refused")]
     assert len(one_by_one) == DROPS_LOGGED, f"{len(lines)} lines for {daemon.stats['dropped']} refusals"
     assert len(lines) == DROPS_LOGGED + 1 and lines[-1].startswith("could not send") and "more messages to" in lines[-1]
+
+
+
+def test_a_station_given_a_thousand_trials_at_once_keeps_its_connection(tmp_path: Path) -> None:
+    """The daemon handed out every free slot in one turn of its loop and read nothing meanwhile: a station answers
+    each assign at once ('started', a result), past RECEIVE_QUEUE unread messages libzmq stops reading its
+    connection, and the station fell silent to the daemon mid-dispatch: its ZMTP heartbeat timed out (5 s), it was
+    counted lost, its next assign failed 'Host unreachable' and its messages were refused. `bench loop`'s intake
+    stalled near 2,100 assigns of 3,000 that way. Here a store that takes 8 ms to record a dispatch (one across a
+    network) makes the 1,024 dispatches of one campaign outlast the heartbeat's 5 s."""
+    store = Store(tmp_path / "s.db")
+    add_dispatched = store.add_dispatched
+
+    def slow_add_dispatched(*args: object, **kwargs: object) -> object:
+        time.sleep(0.008)
+        return add_dispatched(*args, **kwargs)  # type: ignore[arg-type]
+
+    store.add_dispatched = slow_add_dispatched  # type: ignore[method-assign]
+    trials = 1024  # what one station may hold (protocol.Hello.capacity) and one campaign run at once
+    events: list[str] = []
+    daemon = Daemon(store, [Campaign.from_yaml_text(campaign_yaml("wide", trials, concurrency=trials))],
+                    on_event=lambda kind, details: events.append(kind))
+    context = zmq.Context()
+    peer = context.socket(zmq.DEALER)
+    peer.setsockopt(zmq.ROUTING_ID, b"wide")
+    peer.setsockopt(zmq.LINGER, 0)
+    peer.connect(daemon.endpoint)
+    peer.send(protocol.encode(protocol.Hello(station="wide", capacity=trials)))
+    assigned: set[int] = set()
+    acked: set[int] = set()
+    refused: list[str] = []
+    with serving(daemon):
+        deadline = time.monotonic() + 90
+        beat = 0.0
+        while len(acked) < trials and not refused and time.monotonic() < deadline:
+            if time.monotonic() - beat > 0.2:  # as a station does, each heartbeat interval
+                beat = time.monotonic()
+                peer.send(protocol.encode(protocol.Heartbeat()))
+            if not peer.poll(50):
+                continue
+            message = protocol.decode(peer.recv())
+            if isinstance(message, protocol.Assign) and message.trial_id not in assigned:
+                assigned.add(message.trial_id)
+                peer.send(protocol.encode(protocol.Started(trial_id=message.trial_id, assignment=message.msg_id)))
+                peer.send(protocol.encode(protocol.ResultMessage(
+                    trial_id=message.trial_id, assignment=message.msg_id, run_uid=f"wide-{message.trial_id}",
+                    values={"y": 1.0})))
+            elif isinstance(message, protocol.Ack):
+                acked.add(message.trial_id)
+            elif isinstance(message, protocol.Refused):
+                refused.append(message.reason)
+    peer.close()
+    context.term()
+    store.close()
+    assert not refused and "station_lost" not in events, (
+        f"the station was dropped ({len(assigned)} assigned, {len(acked)} acknowledged): {refused[:1]}")
+    assert len(acked) == trials
