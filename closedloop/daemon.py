@@ -1362,17 +1362,20 @@ class Daemon:
         self._emit("trial_dispatched", run, trial=trial.index, station=station.name, parameters=trial.parameters)
         return True
 
-    def _requeue_missing(self, flight: InFlight, reason: str, why: str = "station does not hold it") -> None:
-        """A trial its station does not hold (the assign never reached it, or it handed the trial back unstarted)
-        goes back to the front of the queue; ``why`` is the reason its transition gives."""
+    def _requeue_missing(self, flight: InFlight, reason: str) -> None:
+        """A trial its station does not hold (the assign never reached it, or it handed the trial back unstarted
+        when asked at a stop: said as such) goes back to the front of the queue."""
+        why, level = "station does not hold it", logging.WARNING
+        if flight.taken_back:
+            # the usual course of a stop, not a lost assignment
+            reason = f"station {flight.station} handed it back unstarted as the daemon stops"
+            why, level = "handed back unstarted: the daemon is stopping", logging.INFO
         run = self.runs[flight.campaign_id]
         self._release(flight.trial_id)
         # not an attempt: nothing ran (with `retries: 1` the trial's one real failure afterwards had been final)
         self.store.requeue(flight.trial_id, reason, attempted=False)
         run.queue.appendleft(flight.trial_id)
-        # handed back at a stop is the usual course of a stop, not a lost assignment
-        log.log(logging.INFO if flight.taken_back else logging.WARNING, "trial %s: %s; it goes back to the queue",
-                flight.trial_id, reason)
+        log.log(level, "trial %s: %s; it goes back to the queue", flight.trial_id, reason)
         self._transition(run, flight.index, flight.trial_id, "requeued", reason=why)
         self._emit("trial_requeued", run, trial=flight.index, reason=why)
 
@@ -1427,11 +1430,7 @@ class Daemon:
                 flight = self.in_flight.get(trial_id)
                 if (dispatched < sent and trial_id not in holds and flight is not None
                         and flight.station == station.name and not flight.reconciling):
-                    if flight.taken_back:
-                        self._requeue_missing(flight, f"station {station.name} handed it back unstarted as the "
-                                                      "daemon stops", why="handed back unstarted: the daemon is stopping")
-                    else:
-                        self._requeue_missing(flight, f"station {station.name} does not hold it")
+                    self._requeue_missing(flight, f"station {station.name} does not hold it")
                     self._update_planner(self.runs[flight.campaign_id])
         elif len(station.pings) > 16:  # a station that never names them (an older one): keep a few
             station.pings = dict(list(station.pings.items())[-8:])

@@ -218,11 +218,13 @@ class Snapshot:
         cap = LONG_FACTOR * max(longest, 1.0) if durations else float("inf")
         until = (ended or now).timestamp()
         spans = [(started.timestamp(), started.timestamp())] if started is not None else []
+        last_activity: datetime | None = None  # the latest dispatch or finish of any trial
         for t in trials:
             begun, done = _utc(t.dispatched_at), _utc(t.finished_at)
             first = begun or done
             if first is None:
                 continue
+            last_activity = max(m for m in (last_activity, begun, done) if m is not None)
             start = first.timestamp()
             # a trial sent back to be dispatched again has no end of its earlier attempt: its dispatch alone
             end = done.timestamp() if done is not None else until if t.status == DISPATCHED else start
@@ -244,8 +246,7 @@ class Snapshot:
             running_long=running_long, longest_s=longest if durations else None, now=now,
             timeout_s=float(spec.execution.timeout) if spec.execution.timeout else None,
             front=_front(contenders) if len(spec.objectives) > 1 else None, objectives=tuple(spec.objectives),
-            last_activity=max((m for t in trials for m in (_utc(t.dispatched_at), _utc(t.finished_at)) if m is not None),
-                              default=None),
+            last_activity=last_activity,
             active=active_seconds(spans),
         )
 

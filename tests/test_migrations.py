@@ -55,6 +55,13 @@ def test_a_fresh_store_is_created_and_stamped_at_the_newest_revision(url: str) -
     engine.dispose()
 
 
+def _insert_campaign(connection: Any, campaign: Any) -> None:
+    """``campaign``'s row as every revision of the tables has it (SQL, not the models: they describe the newest)."""
+    connection.execute(text("INSERT INTO campaign (name, spec_yaml, spec_hash, status, created_at) "
+                            "VALUES (:n, :y, :h, 'running', CURRENT_TIMESTAMP)"),
+                       {"n": campaign.name, "y": campaign.to_yaml(), "h": campaign.spec_hash})
+
+
 def _first_release_store(url: str) -> None:
     """A store as the first release wrote it: the baseline tables, no alembic_version, one campaign."""
     engine = create_engine(url)
@@ -62,9 +69,7 @@ def _first_release_store(url: str) -> None:
         command.upgrade(alembic_config(connection), BASELINE)
         connection.execute(text("DROP TABLE alembic_version"))
         campaign = branin_campaign("from-release-1")
-        connection.execute(text("INSERT INTO campaign (name, spec_yaml, spec_hash, status, created_at) "
-                                "VALUES (:n, :y, :h, 'running', CURRENT_TIMESTAMP)"),
-                           {"n": campaign.name, "y": campaign.to_yaml(), "h": campaign.spec_hash})
+        _insert_campaign(connection, campaign)
         cid = connection.execute(text("SELECT id FROM campaign")).scalar_one()
         for index, (x1, y) in enumerate([(1.0, 12.5), (2.0, 7.25)], start=1):
             connection.execute(text('INSERT INTO trial (campaign_id, "index", parameters, status, attempts, planner, '
@@ -167,9 +172,7 @@ def test_a_store_of_0006_gets_the_index_by_campaign_and_status_and_keeps_its_tri
     campaign = branin_campaign("from-0006")
     with engine.begin() as connection:
         command.upgrade(alembic_config(connection), "0006")
-        connection.execute(text("INSERT INTO campaign (name, spec_yaml, spec_hash, status, created_at) "
-                                "VALUES (:n, :y, :h, 'running', CURRENT_TIMESTAMP)"),
-                           {"n": campaign.name, "y": campaign.to_yaml(), "h": campaign.spec_hash})
+        _insert_campaign(connection, campaign)
         for index, status in enumerate(["completed", "failed", "proposed"], start=1):
             connection.execute(text('INSERT INTO trial (campaign_id, "index", parameters, status, attempts, planner, '
                                     "proposed_at) VALUES (1, :i, '{}', :s, 1, '{}', CURRENT_TIMESTAMP)"),
@@ -204,9 +207,7 @@ def test_a_store_of_0007_gets_the_source_evidence_columns_and_its_decisions_are_
     campaign = branin_campaign("from-0007")
     with engine.begin() as connection:
         command.upgrade(alembic_config(connection), "0007")
-        connection.execute(text("INSERT INTO campaign (name, spec_yaml, spec_hash, status, created_at) "
-                                "VALUES (:n, :y, :h, 'running', CURRENT_TIMESTAMP)"),
-                           {"n": campaign.name, "y": campaign.to_yaml(), "h": campaign.spec_hash})
+        _insert_campaign(connection, campaign)
         connection.execute(text('INSERT INTO trial (campaign_id, "index", parameters, status, attempts, planner, '
                                 "proposed_at) VALUES (1, 1, :p, 'proposed', 0, '{}', CURRENT_TIMESTAMP)"),
                            {"p": json.dumps({"x1": 1.0, "x2": 3.0})})

@@ -18,6 +18,24 @@ from tests.daemon.procs import (CLI, campaign_yaml, env, free_port, kill9, start
                                 start_worker)
 
 
+def _keyed_daemon(tmp_path: Path, campaign: str, keypairs: tuple[str, ...], admitted: tuple[str, ...],
+                  *options: str) -> tuple[Path, str, str, subprocess.Popen]:
+    """Keypairs for the daemon and ``keypairs`` in tmp_path/keys, the ``admitted`` ones' public keys in the allowed
+    directory, ``campaign`` as c.yaml, and a daemon with keys serving it: (keys, station endpoint, control endpoint,
+    daemon)."""
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    for name in ("daemon", *keypairs):
+        new_keypair(keys, name)
+    allowed.mkdir()
+    for name in admitted:
+        shutil.copy(keys / f"{name}.key", allowed / f"{name}.key")
+    (tmp_path / "c.yaml").write_text(campaign)
+    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    daemon = start_daemon(tmp_path, endpoint, control, "--secret-key", str(keys / "daemon.key_secret"),
+                          "--allowed-keys", str(allowed), *options)
+    return keys, endpoint, control, daemon
+
+
 def test_keys_new_makes_a_pair_and_refuses_to_overwrite(tmp_path: Path) -> None:
     result = subprocess.run([*CLI, "keys", "new", "station-a", "--dir", str(tmp_path)], capture_output=True, text=True,
                             env=env(), timeout=60)
@@ -39,16 +57,8 @@ def test_non_loopback_without_keys_needs_insecure(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_station_without_the_right_key_cannot_register_or_report(tmp_path: Path) -> None:
-    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
-    for name in ("daemon", "good", "intruder"):
-        new_keypair(keys, name)
-    allowed.mkdir()
-    shutil.copy(keys / "good.key", allowed / "good.key")
-    (tmp_path / "c.yaml").write_text(campaign_yaml("curve", 6, latency=0.05))
-    port = free_port()
-    endpoint, control = f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{free_port()}"
-    daemon = start_daemon(tmp_path, endpoint, control, "--secret-key", str(keys / "daemon.key_secret"),
-                          "--allowed-keys", str(allowed))
+    keys, endpoint, control, daemon = _keyed_daemon(
+        tmp_path, campaign_yaml("curve", 6, latency=0.05), ("good", "intruder"), ("good",))
     intruder = start_worker(tmp_path, endpoint, "intruder", "--secret-key", str(keys / "intruder.key_secret"),
                             "--server-key", str(keys / "daemon.key"))
     context = zmq.Context()
@@ -105,16 +115,8 @@ def test_station_without_the_right_key_cannot_register_or_report(tmp_path: Path)
 def test_an_allowed_key_registers_only_the_station_its_file_is_named_for(tmp_path: Path) -> None:
     """Any allowed key could say hello under any station's name and take that station's trials and results:
     a key now admits only the station its file in the allowed directory is named for (ZAP's User-Id)."""
-    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
-    for name in ("daemon", "good", "other"):
-        new_keypair(keys, name)
-    allowed.mkdir()
-    for name in ("good", "other"):
-        shutil.copy(keys / f"{name}.key", allowed / f"{name}.key")
-    (tmp_path / "c.yaml").write_text(campaign_yaml("named", 6, latency=0.05))
-    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    daemon = start_daemon(tmp_path, endpoint, control, "--secret-key", str(keys / "daemon.key_secret"),
-                          "--allowed-keys", str(allowed))
+    keys, endpoint, control, daemon = _keyed_daemon(
+        tmp_path, campaign_yaml("named", 6, latency=0.05), ("good", "other"), ("good", "other"))
     other_keys = ("--secret-key", str(keys / "other.key_secret"), "--server-key", str(keys / "daemon.key"))
     (tmp_path / "thief").mkdir()  # its own log, outbox and journal: the rightful station's stay its own
     context = zmq.Context()
@@ -158,15 +160,9 @@ def test_an_allowed_key_registers_only_the_station_its_file_is_named_for(tmp_pat
 def test_watch_follows_a_daemon_whose_events_need_keys(tmp_path: Path) -> None:
     """`closedloop watch --control` subscribed to the daemon's event stream without keys: the CURVE handshake never
     completed, and it printed 'following ...' and then nothing while the campaign ran. It reads the store instead."""
-    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
-    for name in ("daemon", "good"):
-        new_keypair(keys, name)
-    allowed.mkdir()
-    shutil.copy(keys / "good.key", allowed / "good.key")
-    (tmp_path / "c.yaml").write_text(campaign_yaml("watched", 12, latency=0.5, concurrency=1))
-    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    daemon = start_daemon(tmp_path, endpoint, control, "--secret-key", str(keys / "daemon.key_secret"),
-                          "--allowed-keys", str(allowed), "--publish", f"tcp://127.0.0.1:{free_port()}")
+    keys, endpoint, control, daemon = _keyed_daemon(
+        tmp_path, campaign_yaml("watched", 12, latency=0.5, concurrency=1), ("good",), ("good",),
+        "--publish", f"tcp://127.0.0.1:{free_port()}")
     good = start_worker(tmp_path, endpoint, "good", "--secret-key", str(keys / "good.key_secret"),
                         "--server-key", str(keys / "daemon.key"))
     try:
@@ -193,15 +189,8 @@ def test_a_station_the_daemon_refuses_exits_2_in_one_line(command: str, tmp_path
     """A station the daemon refused (here its key admits only another station's name) exited 1, the code of a
     failure a restart may cure (a lost connection, a panicked RunEngine). Started again unchanged it is refused
     again: its setup is wrong, and it exits 2 as bad input does, for its operator and service manager to tell."""
-    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
-    for name in ("daemon", "other"):
-        new_keypair(keys, name)
-    allowed.mkdir()
-    shutil.copy(keys / "other.key", allowed / "other.key")
-    (tmp_path / "c.yaml").write_text(campaign_yaml("refusing", 2, latency=0.05))
-    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    daemon = start_daemon(tmp_path, endpoint, control, "--secret-key", str(keys / "daemon.key_secret"),
-                          "--allowed-keys", str(allowed))
+    keys, endpoint, control, daemon = _keyed_daemon(
+        tmp_path, campaign_yaml("refusing", 2, latency=0.05), ("other",), ("other",))
     start = start_worker if command == "worker" else start_compute_station
     station = start(tmp_path, endpoint, "good", "--secret-key", str(keys / "other.key_secret"), "--server-key",
                     str(keys / "daemon.key"))
@@ -221,15 +210,8 @@ def test_a_station_the_daemon_refuses_exits_2_in_one_line(command: str, tmp_path
 def test_a_station_given_the_wrong_daemon_key_says_the_key_may_be_wrong(tmp_path: Path) -> None:
     """A station whose --server-key is not the daemon's never completes the CURVE handshake; its log said only that
     another process might hold its name, every 5 s, and nothing of the keys."""
-    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
-    for name in ("daemon", "good", "stranger"):
-        new_keypair(keys, name)
-    allowed.mkdir()
-    shutil.copy(keys / "good.key", allowed / "good.key")
-    (tmp_path / "c.yaml").write_text(campaign_yaml("keyed", 2, latency=0.05))
-    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    daemon = start_daemon(tmp_path, endpoint, control, "--secret-key", str(keys / "daemon.key_secret"),
-                          "--allowed-keys", str(allowed))
+    keys, endpoint, control, daemon = _keyed_daemon(
+        tmp_path, campaign_yaml("keyed", 2, latency=0.05), ("good", "stranger"), ("good",))
     good = start_worker(tmp_path, endpoint, "good", "--secret-key", str(keys / "good.key_secret"),
                         "--server-key", str(keys / "stranger.key"))
     log = tmp_path / "good.log"
@@ -248,15 +230,8 @@ def test_a_station_without_keys_at_a_daemon_with_keys_says_the_daemon_may_requir
     """'closedloop worker --connect' without keys at a daemon run with --secret-key and --allowed-keys: the CURVE
     handshake fails inside ZeroMQ, nothing is welcomed or refused, and the station's one line named only another
     process holding its name and an earlier daemon release."""
-    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
-    for name in ("daemon", "plain"):
-        new_keypair(keys, name)
-    allowed.mkdir()
-    shutil.copy(keys / "plain.key", allowed / "plain.key")
-    (tmp_path / "c.yaml").write_text(campaign_yaml("keyed", 2, latency=0.05))
-    endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    daemon = start_daemon(tmp_path, endpoint, control, "--secret-key", str(keys / "daemon.key_secret"),
-                          "--allowed-keys", str(allowed))
+    keys, endpoint, control, daemon = _keyed_daemon(
+        tmp_path, campaign_yaml("keyed", 2, latency=0.05), ("plain",), ("plain",))
     plain = start_worker(tmp_path, endpoint, "plain")
     log = tmp_path / "plain.log"
     try:
