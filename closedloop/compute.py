@@ -367,7 +367,7 @@ class ComputeStation:
         self.keys = keys
         self.instruments = instruments or ["*"]
         self.sources = sources or ["*"]
-        self.outbox = Outbox(outbox or Path.home() / ".closedloop" / f"outbox-{self.name}.db")
+        self.outbox = Outbox(outbox or Path.home() / ".closedloop" / f"outbox-{self.name}.db", station=self.name)
         self.scheduler = scheduler
         self.local_workers = local_workers
         self.local_threads = local_threads

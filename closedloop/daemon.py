@@ -2153,6 +2153,8 @@ def run_embedded(
         if instrument.computational:
             from closedloop.compute import ComputeStation
 
+            # an outbox per station name: another station's answers waiting in one keep it from opening it
+            box = box + "-compute" if box is not None else None
             workers.append(ComputeStation(daemon.endpoint, name=f"{name}-compute", outbox=box, heartbeat_s=0.5,
                                           capacity=campaign.execution.concurrency, instruments=[instrument.target],
                                           sources=only, scheduler=instrument.options.get("scheduler")))

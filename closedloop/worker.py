@@ -144,7 +144,8 @@ def _locked(exc: sqlite3.OperationalError) -> bool:
 class Outbox:
     """Results and failures not yet acknowledged by the daemon, on disk (SQLite, synchronous commits)."""
 
-    def __init__(self, path: str | Path, ran_kept: int = RAN_KEPT):
+    def __init__(self, path: str | Path, ran_kept: int = RAN_KEPT, station: str | None = None):
+        """``station``: the name of the station that opens it, which it is kept for (see :meth:`_keep_for`)."""
         self.path = Path(path)
         if self.path.is_dir():
             raise ClosedLoopError(f"the outbox {path} is a folder: name a file, a new one or this station's outbox")
@@ -158,7 +159,7 @@ class Outbox:
         except sqlite3.DatabaseError as exc:
             self._db.close()
             raise ClosedLoopError(f"the outbox {path} is not a station's outbox: {exc}") from None
-        if foreign := sorted(tables - {"outbox", "ran"}):
+        if foreign := sorted(tables - {"outbox", "ran", "station"}):
             # a daemon's store given as the outbox had the station's tables written into it
             self._db.close()
             raise ClosedLoopError(f"the outbox {path} is another database (it holds the tables "
@@ -170,8 +171,36 @@ class Outbox:
         self._db.execute("CREATE TABLE IF NOT EXISTS outbox (trial_id INTEGER PRIMARY KEY, payload BLOB NOT NULL)")
         # the station's own record of the runs it measured (the latest ran_kept), written with the outbox entry
         self._db.execute("CREATE TABLE IF NOT EXISTS ran (trial_id INTEGER NOT NULL, run_uid TEXT, at REAL NOT NULL)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS station (name TEXT NOT NULL)")
         self._ran_kept = ran_kept
         self._lock = threading.Lock()
+        if station is not None:
+            self._keep_for(station)
+
+    def _keep_for(self, station: str) -> None:
+        """Record ``station`` as the outbox's owner, refusing it while another station's answers wait here.
+
+        The daemon takes an answer only from the station it gave the trial to: a replacement started under another
+        name on a killed station's outbox had its measured result dropped, and the trial, once its station was
+        given up, was measured again elsewhere. An outbox with nothing waiting changes hands freely."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            owner = self._db.execute("SELECT name FROM station").fetchone()
+            waiting = self._db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+            if owner is not None and owner[0] != station and waiting:
+                self._db.execute("ROLLBACK")
+                self._db.close()
+                raise ClosedLoopError(
+                    f"the outbox {self.path} holds {waiting} answer{'s' * (waiting != 1)} of station {owner[0]!r} "
+                    f"not yet delivered, which only that station can deliver: start it as --name {owner[0]} to "
+                    f"deliver {'them' if waiting != 1 else 'it'}, or give station {station!r} an outbox of its own")
+            self._db.execute("DELETE FROM station")
+            self._db.execute("INSERT INTO station VALUES (?)", (station,))
+            self._db.execute("COMMIT")
+        except sqlite3.Error:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
 
     def put(self, trial_id: int, payload: bytes, run_uid: str | None = None) -> None:
         """Keep a result until acknowledged; with ``run_uid``, also record in ``ran`` that it was measured.
@@ -403,7 +432,7 @@ class StationWorker:
         self.instruments = instruments or ["*"]
         self.campaigns = campaigns or ["*"]
         self.sources = sources or ["*"]
-        self.outbox = Outbox(outbox or Path.home() / ".closedloop" / f"outbox-{self.name}.db")
+        self.outbox = Outbox(outbox or Path.home() / ".closedloop" / f"outbox-{self.name}.db", station=self.name)
         self.keys = keys
         self.journal = Path(journal) if journal else None
         self.heartbeat_s = heartbeat_s

@@ -61,6 +61,31 @@ def test_outbox_keeps_results_until_removed_and_records_every_run(tmp_path: Path
     assert reopened.pending() == []
 
 
+def test_an_outbox_holding_another_stations_answers_is_refused_until_they_are_delivered(tmp_path: Path) -> None:
+    """A replacement started under another name on a killed station's outbox sent its measured result, which the
+    daemon takes only from the station it gave the trial to: dropped, and once the killed station was given up the
+    trial was measured again elsewhere (crash test, trial 48 in station-4's and station-3's records)."""
+    path = tmp_path / "o.db"
+    first = Outbox(path, station="station-4")
+    first.put(48, protocol.encode(protocol.ResultMessage(trial_id=48, run_uid="r48", values={"y": 1.0})), "r48")
+    first.close()
+    before = path.read_bytes()
+    with pytest.raises(ClosedLoopError, match=re.escape(
+            f"the outbox {path} holds 1 answer of station 'station-4' not yet delivered, which only that station can "
+            "deliver: start it as --name station-4 to deliver it, or give station 'station-5' an outbox of its own")):
+        StationWorker("tcp://127.0.0.1:5701", name="station-5", outbox=path)
+    assert path.read_bytes() == before
+    again = Outbox(path, station="station-4")  # its own station opens it, and delivers
+    assert [t for t, _ in again.pending()] == [48]
+    again.remove(48)
+    again.close()
+    taken = Outbox(path, station="station-5")  # nothing waiting: it changes hands, failures count as answers
+    taken.put(7, protocol.encode(protocol.Failure(trial_id=7, error="x")))
+    taken.close()
+    with pytest.raises(ClosedLoopError, match="holds 1 answer of station 'station-5'"):
+        Outbox(path, station="station-4")
+
+
 def test_an_outbox_locked_by_another_program_is_waited_out_and_the_measured_result_kept(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A sqlite3 shell holding ``BEGIN EXCLUSIVE`` on a station's outbox: five seconds after its run finished the
