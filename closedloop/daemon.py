@@ -807,14 +807,14 @@ class Daemon:
                 if not run.closed and self._campaign_done(run):
                     self._close(run)
 
-    def _take_back_unstarted(self) -> None:
-        """Ask each station to hand back the trials sent ahead to it that it has not started. Told nothing, it
-        started them once its run in progress was done, after the stop: the drain waited for experiments begun
-        after it, or ran out and left them 'dispatched', shown in flight with no daemon running. A station answers
-        in its holdings (:meth:`_on_heartbeat`): one it dropped goes back to the queue, not as an attempt; one
-        whose run had begun stays with it and is waited for. A station of an earlier release drops the message and
-        runs the trial, as before."""
-        by_name = {station.name: station for station in self.stations.values()}
+    def _take_back_unstarted(self, only: Station | None = None) -> None:
+        """Ask each station (or ``only`` that one) to hand back the trials sent ahead to it that it has not started.
+        Told nothing, it started them once its run in progress was done, after the stop: the drain waited for
+        experiments begun after it, or ran out and left them 'dispatched', shown in flight with no daemon running.
+        A station answers in its holdings (:meth:`_on_heartbeat`): one it dropped goes back to the queue, not as an
+        attempt; one whose run had begun stays with it and is waited for. A station of an earlier release drops the
+        message and runs the trial, as before."""
+        by_name = {station.name: station for station in ([only] if only else self.stations.values())}
         for flight in self.in_flight.values():
             station = by_name.get(flight.station or "")
             if flight.started or flight.reconciling or station is None or flight.trial_id not in station.running:
@@ -1336,6 +1336,10 @@ class Daemon:
                 self._send(identity, protocol.Finished(campaign=run.campaign.name))
         if previous is None:
             self._emit_daemon("station_joined", station=hello.station, capacity=hello.capacity)
+        if self._draining_until is not None:
+            # registered again during the drain (its connection dropped, the take-back lost with it): asked once,
+            # it started what it still held once its run was done, after the stop
+            self._take_back_unstarted(only=station)
         for run in self.runs.values():
             self._update_planner(run)
 

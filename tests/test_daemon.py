@@ -1347,6 +1347,37 @@ def test_a_planner_waiting_for_results_is_no_planner_fault(store: Store, monkeyp
     assert daemon.runs[store.campaign_row("waits").id].service.waiting == "waits for a result (2 in flight)"
 
 
+def test_a_station_registering_again_during_the_drain_is_asked_again_for_what_it_has_not_started(
+        store: Store) -> None:
+    """The take-back of trials sent ahead went out once, when the drain began: a station whose connection dropped
+    with it, registering again holding the trial, was never asked and started it once its run was done."""
+    daemon = Daemon(store, [_campaign("again", 4, retries=0)], heartbeat_s=0.2, prefetch=1, drain_s=20.0)
+    with serving(daemon) as thread, raw_station(daemon.endpoint, "st") as sock:
+        sock.send(protocol.encode(protocol.Hello(station="st", capacity=1, instance="i1")))
+        session = _next_message(sock, "welcome").session
+        first, second = _next_message(sock, "assign"), _next_message(sock, "assign")
+        sock.send(protocol.encode(protocol.Started(trial_id=first.trial_id, assignment=first.msg_id)))
+        _wait(lambda: daemon.in_flight[first.trial_id].started, 10, "the first trial to be started")
+        daemon.request_stop("test")
+        _next_message(sock, "cancel")  # lost with the connection, as far as the station knows
+        sock.send(protocol.encode(protocol.Hello(station="st", capacity=1, instance="i1", welcomed=session,
+                                                 outstanding=[first.trial_id, second.trial_id])))
+        _next_message(sock, "welcome")
+        cancel = _next_message(sock, "cancel")
+        assert (cancel.trial_id, cancel.unstarted_only) == (second.trial_id, True)
+        # it dropped the second: its heartbeats, after the daemon's, hold only the first
+        sock.send(protocol.encode(protocol.Heartbeat(running=[first.trial_id])))
+        seen = _next_message(sock, "heartbeat").msg_id
+        sock.send(protocol.encode(protocol.Heartbeat(running=[first.trial_id], holds=[first.trial_id], seen=seen)))
+        _wait(lambda: second.trial_id not in daemon.in_flight, 10, "the second trial handed back")
+        sock.send(protocol.encode(protocol.ResultMessage(trial_id=first.trial_id, assignment=first.msg_id,
+                                                         run_uid="run-1", values={"y": 1.0})))
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+    trials = store.trials(store.campaign_row("again").id)
+    assert [(t.status, t.attempts) for t in trials] == [("completed", 1), ("proposed", 0)], trials
+
+
 def test_a_trial_sent_ahead_whose_run_began_as_a_stopping_daemon_took_it_back_stays_with_its_station(
         store: Store) -> None:
     """A stopping daemon asks its stations to hand back the trials sent ahead that they have not started. The
