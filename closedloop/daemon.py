@@ -1268,6 +1268,18 @@ class Daemon:
             # them) while the station, welcomed into the first one, runs them: a trial measured twice
             self._send(identity, protocol.Welcome(heartbeat_s=self.heartbeat_s, session=current.session))
             return
+        try:
+            # welcomed first, so that nothing is registered over a connection closed since the hello: a station
+            # waiting for a daemon that is still starting opens a new one after five silent heartbeats, and says
+            # hello on it. Registered from the closed one's queued hellos, its session's welcome and assigns went
+            # nowhere ("could not send ... welcome: Host unreachable", six lines a station at a daemon's start)
+            # until the new hello registered it again and re-queued what had been sent
+            welcome = protocol.Welcome(heartbeat_s=self.heartbeat_s, session=self._session + 1)
+            self.socket.send_multipart([identity, protocol.encode(welcome)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.debug("station %s: its hello came over a connection gone since (%s); it says hello on its new one",
+                      hello.station, exc)
+            return
         self._session += 1
         previous = self.stations.pop(identity, None)
         holds = set(hello.outstanding)
@@ -1321,7 +1333,6 @@ class Daemon:
         log.info("station %s registered (session %d, capacity %d, instruments %s, campaigns %s, holds %s%s)",
                  hello.station, station.session, hello.capacity, str(hello.instruments)[:500],
                  str(hello.campaigns)[:500], shown, f" and {len(holds) - len(shown)} more" if len(holds) > 20 else "")
-        self._send(identity, protocol.Welcome(heartbeat_s=self.heartbeat_s, session=station.session))
         # a station keeps an operator's pause until it hears the resume, which a daemon killed since never sends:
         # tell one welcomed before where it stands (paused only for a paused campaign it holds), or it held every
         # later trial, and `closedloop resume` (nothing paused here) never reached it

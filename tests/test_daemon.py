@@ -982,22 +982,27 @@ def test_an_embedded_run_whose_planner_keeps_failing_goes_on_with_space_filling_
 
 
 def test_an_assignment_that_never_left_for_a_station_gone_is_not_an_attempt(store: Store) -> None:
-    """A station says hello and is gone before the daemon reads it: the welcome and the first assignment
-    cannot leave (ROUTER_MANDATORY: host unreachable). The trial goes back to the queue as never tried, so
-    the campaign's retries are not spent on it (with `retries: 0` it was abandoned: CI's partition test)."""
+    """A station is welcomed and gone before its first assignment leaves: the assignment cannot leave
+    (ROUTER_MANDATORY: host unreachable). The trial goes back to the queue as never tried, so the campaign's
+    retries are not spent on it (with `retries: 0` it was abandoned: CI's partition test). (A station gone before
+    the daemon read its hello is not registered at all: test_a_hello_over_a_connection_closed_since_...)"""
     daemon = Daemon(store, [_campaign("gone", 1, retries=0)], heartbeat_s=1.0)
     cid = store.campaign_row("gone").id
     started = time.monotonic()
-    ghost_gone = False
+    context = zmq.Context()
+    ghost = context.socket(zmq.DEALER)
+    ghost.setsockopt(zmq.ROUTING_ID, b"ghost")
+    ghost.setsockopt(zmq.LINGER, 0)
+    ghost.connect(daemon.endpoint)
+    # paused until the station is gone, so that its first assignment is sent after it went
+    daemon.handle_control("pause", {"campaign": "gone"})
+    ghost.send(protocol.encode(protocol.Hello(station="ghost")))
 
     def between_turns() -> bool:
-        nonlocal ghost_gone
-        if not ghost_gone and time.monotonic() - started > 1.0:  # the planner's first proposal is ready
-            with raw_station(daemon.endpoint, "ghost") as sock:
-                sock.send(protocol.encode(protocol.Hello(station="ghost")))
-                time.sleep(0.3)  # in the daemon's socket, unread, when the station goes
-            time.sleep(0.3)
-            ghost_gone = True
+        if not ghost.closed and ghost.poll(0) and protocol.decode(ghost.recv()).type == "welcome":
+            ghost.close()
+            time.sleep(0.3)  # the daemon's socket has seen the connection close
+            daemon.handle_control("resume", {"campaign": "gone"})
         trials = store.trials(cid)
         return bool(trials and trials[0].error) or time.monotonic() - started > 20
 
@@ -1005,6 +1010,8 @@ def test_an_assignment_that_never_left_for_a_station_gone_is_not_an_attempt(stor
         daemon.serve(should_stop=between_turns)
     finally:
         daemon.close()
+        ghost.close()
+        context.term()
     [trial] = store.trials(cid)
     assert trial.status == "proposed" and "station ghost unreachable" in trial.error
     assert trial.attempts == 0, "a dispatch that never left the daemon counted as an attempt"
@@ -1345,6 +1352,36 @@ def test_a_planner_waiting_for_results_is_no_planner_fault(store: Store, monkeyp
     assert generators == ["sobol", "sobol", "filler", "filler"], generators
     assert not [d for kind, d in events if kind == "planner_error"], events
     assert daemon.runs[store.campaign_row("waits").id].service.waiting == "waits for a result (2 in flight)"
+
+
+def test_a_hello_over_a_connection_closed_since_registers_nothing(store: Store,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A station waiting for a daemon that is still starting opens a new connection after five silent heartbeats
+    and says hello on it. The daemon, reading the closed connection's hellos first, registered the station in a
+    session whose welcome and first assign went nowhere ("could not send a message to b'st': welcome: Host
+    unreachable", about six a station at each daemon start in the test logs), until the new hello registered it
+    again and re-queued the trial."""
+    daemon = Daemon(store, [_campaign("late", 1, latency=0.05)], heartbeat_s=0.2)
+    context = zmq.Context()
+    closed = context.socket(zmq.DEALER)
+    closed.setsockopt(zmq.ROUTING_ID, b"st")
+    closed.setsockopt(zmq.LINGER, 2000)
+    closed.connect(daemon.endpoint)
+    closed.send(protocol.encode(protocol.Hello(station="st", capacity=1, instance="i1")))
+    closed.close()
+    context.term()  # after the hello went out (LINGER)
+    time.sleep(0.5)  # the daemon's socket has seen the connection close
+    with caplog.at_level("WARNING", logger="closedloop.daemon"), serving(daemon), \
+            raw_station(daemon.endpoint, "st") as sock:
+        sock.send(protocol.encode(protocol.Hello(station="st", capacity=1, instance="i1")))
+        assert _next_message(sock, "welcome").session == 1
+        assign = _next_message(sock, "assign")
+        sock.send(protocol.encode(protocol.ResultMessage(trial_id=assign.trial_id, assignment=assign.msg_id,
+                                                         run_uid="run-1", values={"y": 1.0})))
+        _next_message(sock, "ack")
+    assert not [r.getMessage() for r in caplog.records if "could not send" in r.getMessage()]
+    [trial] = store.trials(store.campaign_row("late").id)
+    assert (trial.status, trial.attempts, trial.station) == ("completed", 1, "st")
 
 
 def test_a_station_registering_again_during_the_drain_is_asked_again_for_what_it_has_not_started(
