@@ -111,11 +111,16 @@ def kill9(proc: subprocess.Popen) -> None:
 
 def completed(store_path: Path) -> int:
     """Completed trials, read the way a dashboard would (read-only, while the daemon writes)."""
+    return trials_in(store_path, "completed")
+
+
+def trials_in(store_path: Path, status: str) -> int:
+    """Trials of ``status``, read the way a dashboard would (read-only, while the daemon writes)."""
     if not store_path.exists():
         return 0
     try:
         with sqlite3.connect(f"file:{store_path}?mode=ro", uri=True, timeout=5) as db:
-            return db.execute("SELECT count(*) FROM trial WHERE status = 'completed'").fetchone()[0]
+            return db.execute("SELECT count(*) FROM trial WHERE status = ?", (status,)).fetchone()[0]
     except sqlite3.OperationalError:
         return 0
 
