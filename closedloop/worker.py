@@ -183,6 +183,8 @@ class Outbox:
         The daemon takes an answer only from the station it gave the trial to: a replacement started under another
         name on a killed station's outbox had its measured result dropped, and the trial, once its station was
         given up, was measured again elsewhere. An outbox with nothing waiting changes hands freely."""
+        if self._db.execute("SELECT name FROM station").fetchone() == (station,):
+            return  # its own, as at every restart: nothing to write (another program's lock on it waits for put)
         try:
             self._db.execute("BEGIN IMMEDIATE")
             owner = self._db.execute("SELECT name FROM station").fetchone()

@@ -92,7 +92,7 @@ def test_an_outbox_locked_by_another_program_is_waited_out_and_the_measured_resu
     station stopped with 'OperationalError: database is locked', exit 1, and the result it had measured, in no
     outbox and never sent, was lost (the daemon abandoned the trial). It waits, says so once, and keeps it."""
     path = tmp_path / "o.db"
-    outbox = Outbox(path)
+    outbox = Outbox(path, station="st")
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sqlite3, sys, time\n"
         "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
@@ -102,6 +102,7 @@ def test_an_outbox_locked_by_another_program_is_waited_out_and_the_measured_resu
         "db.execute('ROLLBACK')\n"), str(path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        Outbox(path, station="st").close()  # a station started meanwhile opens its own outbox: it writes nothing
         payload = protocol.encode(protocol.ResultMessage(trial_id=3, run_uid="r3", values={"y": 2.0}))
         with caplog.at_level("WARNING", logger="closedloop.worker"):
             outbox.put(3, payload, "r3")
