@@ -1045,7 +1045,7 @@ class Daemon:
         elif not isinstance(message, protocol.Hello):
             # results and the rest only from registered stations; a restarted daemon meets this first
             self.stats["dropped"] += 1
-            self._send(identity, protocol.Refused(reason="unregistered: send hello"))
+            self._reply_if_connected(identity, protocol.Refused(reason="unregistered: send hello"))
             return None
         return identity, message
 
@@ -1250,6 +1250,17 @@ class Daemon:
             self._say_dropped(identity, "could not send", f"{kind}: {exc}")
             return False
 
+    def _reply_if_connected(self, identity: bytes, message: Any) -> bool:
+        """Answer a message that may have come over a connection closed since: the hellos and heartbeats a station
+        queued while no daemon answered, read after it opened a new connection and said hello on that one. Its
+        answer cannot leave, which is no fault (the new connection is answered), so it is not logged as one."""
+        try:
+            self.socket.send_multipart([identity, protocol.encode(message)], zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:
+            log.debug("no %s to %r: the connection it came over is gone (%s)", message.type, identity[:64], exc)
+            return False
+
     # -- handlers -----------------------------------------------------------------------------
 
     def _on_hello(self, identity: bytes, hello: protocol.Hello) -> None:
@@ -1268,17 +1279,13 @@ class Daemon:
             # them) while the station, welcomed into the first one, runs them: a trial measured twice
             self._send(identity, protocol.Welcome(heartbeat_s=self.heartbeat_s, session=current.session))
             return
-        try:
-            # welcomed first, so that nothing is registered over a connection closed since the hello: a station
-            # waiting for a daemon that is still starting opens a new one after five silent heartbeats, and says
-            # hello on it. Registered from the closed one's queued hellos, its session's welcome and assigns went
-            # nowhere ("could not send ... welcome: Host unreachable", six lines a station at a daemon's start)
-            # until the new hello registered it again and re-queued what had been sent
-            welcome = protocol.Welcome(heartbeat_s=self.heartbeat_s, session=self._session + 1)
-            self.socket.send_multipart([identity, protocol.encode(welcome)], zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            log.debug("station %s: its hello came over a connection gone since (%s); it says hello on its new one",
-                      hello.station, exc)
+        # welcomed first, so that nothing is registered over a connection closed since the hello: a station
+        # waiting for a daemon that is still starting opens a new one after five silent heartbeats, and says
+        # hello on it. Registered from the closed one's queued hellos, its session's welcome and assigns went
+        # nowhere ("could not send ... welcome: Host unreachable", six lines a station at a daemon's start)
+        # until the new hello registered it again and re-queued what had been sent
+        if not self._reply_if_connected(identity, protocol.Welcome(heartbeat_s=self.heartbeat_s,
+                                                                   session=self._session + 1)):
             return
         self._session += 1
         previous = self.stations.pop(identity, None)
