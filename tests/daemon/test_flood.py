@@ -169,7 +169,10 @@ def test_a_peer_sending_garbage_fills_no_log(tmp_path: Path, caplog: pytest.LogC
 
 def test_a_peer_gone_before_its_answers_fills_no_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Each answer that could not be sent was one log line: a peer that sent heartbeats by the thousand and never
-    read (or left) had the daemon log 'could not send refused to ...' 29 000 times, 3.4 MB."""
+    read (or left) had the daemon log 'could not send refused to ...' 29 000 times, 3.4 MB; then DROPS_LOGGED lines
+    and a count. The 'unregistered' refusal to a connection gone since is no failure at all (a station's queued
+    heartbeats, read once it opened a new connection): it is not logged as one. (Other answers that cannot leave
+    share the window of test_a_peer_sending_garbage_fills_no_log's drops.)"""
     caplog.set_level(logging.WARNING, logger="closedloop.daemon")
     store = Store(tmp_path / "s.db")
     daemon = Daemon(store, [Campaign.from_yaml_text(campaign_yaml("gone", 4))])
@@ -190,10 +193,8 @@ def test_a_peer_gone_before_its_answers_fills_no_log(tmp_path: Path, caplog: pyt
         while daemon.stats["dropped"] < sent and time.monotonic() < deadline:
             time.sleep(0.05)
     store.close()
-    lines = [r.getMessage() for r in caplog.records if "b'gone'" in r.getMessage()]
-    one_by_one = [line for line in lines if line.startswith("could not send a message to b'gone': refused")]
-    assert len(one_by_one) == DROPS_LOGGED, f"{len(lines)} lines for {daemon.stats['dropped']} refusals"
-    assert len(lines) == DROPS_LOGGED + 1 and lines[-1].startswith("could not send") and "more messages to" in lines[-1]
+    assert daemon.stats["dropped"] == sent
+    assert not [r.getMessage() for r in caplog.records if "b'gone'" in r.getMessage()]
 
 
 
