@@ -43,14 +43,15 @@ def setup() -> None:
 
 
 def _pytest(rest: list[str]) -> int:
-    """The test suite in one pytest process per core, up to four, then the tests marked ``alone`` in one
-    process by themselves; with arguments that choose processes or markers (``-n 0``, ``-m``), one run as given.
-    Most of the suite's time is daemons, stations and planners waiting on each other: on two cores, two
-    processes take it from about 16 minutes to about 9. Each process's PyTorch gets one thread (unless
-    OMP_NUM_THREADS says otherwise), so that the processes do not crowd the cores that the daemons and stations
-    they start must also answer on."""
+    """The test suite in one pytest process per core and one more (up to four; one on a single core), then the
+    tests marked ``alone`` in one process by themselves; with arguments that choose processes or markers
+    (``-n 0``, ``-m``), one run as given. Most of the suite's time is daemons, stations and planners waiting on
+    each other: on two cores, two processes kept the cores 62 % busy (877 s, 2026-12-07), three 84 % (717 s,
+    the same tests passing). Each process's PyTorch gets one thread (unless OMP_NUM_THREADS says otherwise), so
+    that the processes do not crowd the cores that the daemons and stations they start must also answer on."""
     pytest = [str(BIN / "python"), "-m", "pytest"]
-    workers = min(4, os.cpu_count() or 1)
+    cores = os.cpu_count() or 1
+    workers = min(4, cores + 1) if cores > 1 else 1
     if workers < 2 or any(a.startswith(("-n", "--numprocesses", "--dist", "-m")) or a == "no:xdist" for a in rest):
         return subprocess.call([*pytest, *rest])
     env = {"OMP_NUM_THREADS": "1", **os.environ}
