@@ -46,8 +46,13 @@ def _finite_only(value: Any) -> Any:
 
 def dumps_document(name: str, doc: dict[str, Any]) -> str:
     """One document as one JSON line (no newline inside)."""
-    plain = json.loads(json.dumps({"name": name, "doc": doc}, default=_jsonable))
-    return json.dumps(_finite_only(plain), allow_nan=False, separators=(",", ":"))
+    record = {"name": name, "doc": doc}
+    try:
+        return json.dumps(record, default=_jsonable, allow_nan=False, separators=(",", ":"))
+    except ValueError:
+        # a NaN or an infinity: rewritten in a plain copy, made only now, as the copy costs more than the writing
+        plain = json.loads(json.dumps(record, default=_jsonable))
+        return json.dumps(_finite_only(plain), allow_nan=False, separators=(",", ":"))
 
 
 class DocumentCollector:
