@@ -10,8 +10,8 @@ What differs from ophyd devices, and how the binding copes:
   the binding, and the factory connects inside ``init_devices()``.
 - ``check_value`` is a coroutine: :meth:`drivers.binding.InstrumentBinding.check_limits` runs it on
   the RunEngine's loop in the worker's pre-flight, and the engine also enforces ``binding.limits``.
-- No synchronous ``position``: :class:`~drivers.binding.MaxStep` rules see ``None``, so the axis moves in
-  one go, not in a ramp; use them with ophyd devices, whose ``position`` says where they are.
+- No synchronous ``position``: a :class:`~drivers.binding.MaxStep` rule's plan reads the axis through the
+  RunEngine (:func:`drivers.plans.present_values`) and ramps it as it ramps an ophyd device.
 
 Needs the ``ophyd-async`` extra: ``pip install closedloop[ophyd-async]``.
 """

@@ -24,7 +24,7 @@ import math
 import numbers
 import reprlib
 import sys
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -116,8 +116,9 @@ class MaxStep:
     change slowly). The planner's next proposal may be anywhere in the space, so a setpoint further than
     the step from where the device is now is not refused: the experiment's plan reaches it through
     ``ceil(|setpoint - present| / max_change)`` equal moves (:meth:`InstrumentBinding.ramp`,
-    :func:`drivers.plans.move_to`) and measures only at the end. A device that cannot say where it is
-    (``None``: ophyd-async devices) is moved in one go.
+    :func:`drivers.plans.move_to`) and measures only at the end. An ophyd-async device, which says where it is
+    only on the RunEngine's loop, is read there by the plan (:func:`drivers.plans.present_values`); only a device
+    that cannot say at all (``None``) is moved in one go.
     """
 
     parameter: str
@@ -229,6 +230,20 @@ class InstrumentBinding:
                 values[name] = None
         return values
 
+    def unplaced(self, names: Iterable[str]) -> list[str]:
+        """Those of ``names`` a :class:`MaxStep` rule governs whose device has no synchronous present value, and
+        fails no reading of it either (ophyd-async devices): a plan reads them through the RunEngine."""
+        governed = {rule.parameter for rule in self.safety if isinstance(rule, MaxStep)}
+        out = []
+        for name in names:
+            if name in governed and name in self.settable:
+                try:
+                    if _present(self.settable[name]) is None:
+                        out.append(name)
+                except Exception:  # noqa: BLE001 - a readback that fails is refused by ramp(), nothing moving
+                    pass
+        return out
+
     def check_limits(self, setpoints: Mapping[str, Any], *, partial: bool = False) -> None:
         """Refuse, before anything moves, a proposal a device's limits or a safety rule would refuse.
 
@@ -300,7 +315,7 @@ class InstrumentBinding:
                                             f"{rule.max_change:g} can start from it; nothing has moved")
             if isinstance(rule, MaxStep) and name in setpoints and _finite_number(setpoints[name]) \
                     and present.get(name) is None:
-                # None is a device that cannot say where it is (ophyd-async), moved in one go; one whose readback
+                # None is a device that cannot say where it is, moved in one go; one whose readback
                 # raised (a controller not answering) was taken for one, and its heater jumped to the setpoint
                 failure = _read_error(self.settable.get(name))
                 if failure is not None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import bluesky.plan_stubs as bps
@@ -67,7 +67,7 @@ def _ramp(binding: InstrumentBinding, devices: Mapping[str, Any], setpoints: Map
     # a custom plan moves to values of its own (an overshoot, a dispensed volume): the pre-flight saw only the
     # trial's setpoints, and a device whose only limits are the binding's took 170 on a [20, 150] heater
     binding.check_limits(targets, partial=True)
-    stages = binding.ramp(targets)
+    stages = binding.ramp(targets, (yield from present_values(binding, targets)))
     k = 0
     while k < len(stages):
         if k:
@@ -76,15 +76,30 @@ def _ramp(binding: InstrumentBinding, devices: Mapping[str, Any], setpoints: Map
             # stage is moved by hand): the stages planned before it then jumped from there (0 -> 80 in steps of 20).
             # What is left of the ramp starts again from where they are. (A 'read' is answered None when the plan is
             # only listed, not run: the devices have not moved then, and the plan stays as planned.)
-            if (yield Msg("read", devices[next(iter(stages[k]))])) is not None and _strayed(binding, stages[k]):
-                stages[k:] = binding.ramp({name: targets[name] for name in stages[-1]})
+            if (yield Msg("read", devices[next(iter(stages[k]))])) is not None:
+                present = yield from present_values(binding, stages[k])
+                if _strayed(binding, stages[k], present):
+                    stages[k:] = binding.ramp({name: targets[name] for name in stages[-1]}, present)
         yield from bps.mv(*itertools.chain.from_iterable((devices[name], value) for name, value in stages[k].items()))
         k += 1
 
 
-def _strayed(binding: InstrumentBinding, stage: Mapping[str, Any]) -> bool:
-    """Whether a device of a ramp is now more than its step from the stage it is to move to next."""
+def present_values(binding: InstrumentBinding, names: Iterable[str]) -> Plan:
+    """Where the binding's devices are (:meth:`~drivers.binding.InstrumentBinding.current`), those of ``names`` that a
+    :class:`~drivers.binding.MaxStep` rule governs read through the RunEngine if they cannot say it otherwise.
+
+    An ophyd-async device has no synchronous position: its ``MaxStep`` saw ``None`` and moved it in one go (0 to 90
+    on a heater ramped 20 at a time). Read here, it is ramped as an ophyd device is. When the plan is only listed,
+    not run, the read is answered with nothing and the value stays ``None``.
+    """
     present = binding.current()
+    for name in binding.unplaced(names):
+        present[name] = yield from bps.rd(binding.settable[name], default_value=None)
+    return present
+
+
+def _strayed(binding: InstrumentBinding, stage: Mapping[str, Any], present: Mapping[str, Any]) -> bool:
+    """Whether a device of a ramp is now more than its step from the stage it is to move to next."""
     for rule in binding.safety:
         if isinstance(rule, MaxStep) and rule.parameter in stage:
             now = present.get(rule.parameter)
@@ -94,9 +109,12 @@ def _strayed(binding: InstrumentBinding, stage: Mapping[str, Any]) -> bool:
     return False
 
 
-def ramp_metadata(binding: InstrumentBinding, setpoints: Mapping[str, Any]) -> dict[str, Any]:
-    """For each parameter ramped in more than one stage: where it starts, its step and the number of stages."""
-    current = binding.current()
+def ramp_metadata(binding: InstrumentBinding, setpoints: Mapping[str, Any],
+                  current: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """For each parameter ramped in more than one stage: where it starts, its step and the number of stages.
+
+    ``current``: where the devices are (:func:`present_values`); by default :meth:`InstrumentBinding.current`."""
+    current = binding.current() if current is None else current
     steps: dict[str, float] = {}
     for rule in binding.safety:
         if isinstance(rule, MaxStep):
@@ -154,7 +172,8 @@ def md_key(name: str) -> str:
     return name.replace(".", "_").replace("/", "_")
 
 
-def run_metadata(binding: InstrumentBinding, setpoints: Mapping[str, Any], md: Mapping[str, Any]) -> dict[str, Any]:
+def run_metadata(binding: InstrumentBinding, setpoints: Mapping[str, Any], md: Mapping[str, Any],
+                 current: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What the start document carries: the caller's ``md`` (campaign, trial id, planner metadata...),
     the parameters, how the instrument turns readings into outputs and, under ``ramp``, each parameter
     a :class:`~drivers.binding.MaxStep` rule moves in several stages (:func:`ramp_metadata`).
@@ -172,7 +191,7 @@ def run_metadata(binding: InstrumentBinding, setpoints: Mapping[str, Any], md: M
         "repeats": binding.repeats,
         "settle_time": binding.settle_time,
     }
-    ramps = ramp_metadata(binding, setpoints)
+    ramps = ramp_metadata(binding, setpoints, current)
     if ramps:
         out["ramp"] = ramps
     if renamed:
@@ -187,8 +206,9 @@ def measure(binding: InstrumentBinding, setpoints: Mapping[str, Any], md: Mappin
     and the parameters; outputs come from the ``primary`` events (:func:`drivers.readout.outputs_from_events`).
     """
     yield from preflight(binding, setpoints)
+    present = yield from present_values(binding, setpoints)
 
-    @bpp.run_decorator(md=run_metadata(binding, setpoints, md))
+    @bpp.run_decorator(md=run_metadata(binding, setpoints, md, present))
     def inner() -> Plan:
         # Rewinding to here after a pause re-issues the moves: the devices end where they were told.
         yield from bps.checkpoint()

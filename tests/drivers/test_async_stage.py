@@ -78,3 +78,23 @@ def test_a_limit_check_the_device_never_answers_makes_it_unavailable_not_a_hung_
     (error,) = raised
     assert isinstance(error, InstrumentUnavailable)
     assert str(error) == "x did not answer its limit check within 0.5 s; nothing has moved"
+
+
+def test_a_max_step_ramps_an_ophyd_async_axis_read_through_the_run_engine(RE, docs):
+    """An ophyd-async axis has no synchronous position: its MaxStep saw None and moved it 0 -> 7 in one go. Read
+    through the RunEngine, it is ramped in moves of at most the step, and the start document says so."""
+    from drivers.binding import MaxStep
+
+    binding = load_binding("drivers.async_stage:AsyncStage")
+    binding.safety = [MaxStep("x1", 2.0)]
+    sent: list[tuple[str, float]] = []
+    RE.msg_hook = lambda msg: sent.append((msg.obj.name, msg.args[0])) if msg.command == "set" else None
+    RE(experiment_plan(binding, {"x1": 7.0, "x2": 4.0}, {"trial_id": 1}), docs)
+    x1 = [value for name, value in sent if name == "x1"]
+    assert x1 == pytest.approx([1.75, 3.5, 5.25, 7.0])
+    assert [value for name, value in sent if name == "x2"] == [4.0]  # ungoverned: straight there, in the first stage
+    assert readback(binding.positioners["x1"]) == 7.0
+    assert docs.start["ramp"] == {"x1": {"from": 0.0, "to": 7.0, "step": 2.0, "stages": 4}}
+    # only listed, not run: nothing reads the axis, and the plan lists one move
+    listed = [m for m in experiment_plan(binding, {"x1": 1.0, "x2": 4.0}, {"trial_id": 2}) if m.command == "set"]
+    assert [m.args[0] for m in listed if m.obj.name == "x1"] == [1.0]
