@@ -85,7 +85,13 @@ def maximize(
                 inequality_constraints=inequalities,
                 equality_constraints=equalities,
                 fixed_features=fixed or None,
-                options={"batch_limit": 16, "init_batch_limit": 512, "maxiter": 200, "seed": seed},
+                # the raw samples in a space with linear constraints come from a hit-and-run chain, a Python loop of
+                # burn-in + raw x thinning steps: by gen_batch_initial_conditions' defaults (10,000 and 32) 26,384
+                # steps, most of a suggestion's time. BoTorch's own polytope sampler's defaults (200 and 20) take
+                # 10,440: the example mixture campaign at 20 results 2.83 -> 1.17 s a suggestion (median of 8
+                # seeds), the same proposals on all 8
+                options={"batch_limit": 16, "init_batch_limit": 512, "maxiter": 200, "seed": seed,
+                         "n_burnin": 200, "n_thinning": 20},
             )
     return candidates.detach().reshape(q, -1), float(torch.as_tensor(value).sum())
 
