@@ -51,3 +51,40 @@ def test_a_single_proposal_or_a_small_table_is_searched_exactly(monkeypatch, row
     else:
         assert evaluated[0] > 3 * rows  # a greedy pass over every row for each member
     assert chosen.shape[0] == (1 if rows > 200 else 4)
+
+
+@pytest.mark.parametrize("constraints", ["", 'constraints:\n  - "x1 + x2 <= 1.2"\n'])
+def test_scipy_is_handed_only_options_it_knows_with_or_without_linear_constraints(monkeypatch, constraints: str) -> None:
+    """The lighter hit-and-run chain for constrained spaces was first given in ``options``, from where BoTorch also
+    handed ``n_thinning`` to SciPy's minimizer ("Unknown solver options"), which changed the proposals of the Branin
+    demo, a campaign without constraints."""
+    import scipy.optimize
+
+    from closedloop.campaign import Campaign
+    from closedloop.planner import Result, make_planner
+
+    handed: list[set[str]] = []
+    minimize = scipy.optimize.minimize
+
+    def spied(*args, **kwargs):
+        handed.append(set(kwargs.get("options") or {}))
+        return minimize(*args, **kwargs)
+
+    monkeypatch.setattr(scipy.optimize, "minimize", spied)
+    campaign = Campaign.from_yaml_text(f"""
+name: c
+parameters:
+  x1: {{type: continuous, bounds: [0, 1]}}
+  x2: {{type: continuous, bounds: [0, 1]}}
+{constraints}objectives:
+  y: {{goal: minimize}}
+budget: {{experiments: 10}}
+planner: {{backend: botorch, initial_experiments: 5, seed: 0}}
+instrument: {{simulator: simulators.surfaces:Branin}}
+""")
+    planner = make_planner(campaign)
+    planner.ingest([Result(p.parameters, {"y": (p.parameters["x1"] - 0.3) ** 2 + p.parameters["x2"]}, i + 1)
+                    for i, p in enumerate(planner.suggest(5))])
+    planner.suggest(1)
+    options = set().union(*handed)
+    assert handed and options <= {"maxiter", "maxfun", "ftol", "gtol", "disp", "eps", "maxcor", "maxls", "iprint"}, options
