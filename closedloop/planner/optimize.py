@@ -102,10 +102,9 @@ def _lighter_chain(acquisition: AcquisitionFunction, constrained: bool) -> dict[
     raw samples x thinning steps: by ``gen_batch_initial_conditions``' defaults (10,000 and 32) 26,384 steps, most of
     a suggestion's time. BoTorch's own polytope sampler's defaults (200 and 20) take 10,440: the example mixture
     campaign at 20 results 1.43 -> 0.62 s a suggestion (median of 8 seeds), the same acquisition values to five
-    decimals and proposals to 0.001 on all 8. Given as a
-    generator of its own, not in ``options``: from there BoTorch also hands ``n_thinning`` to SciPy's minimizer, and
-    that changed the proposals of the Branin demo, which has no constraint. The knowledge gradient keeps its own
-    generator.
+    decimals and proposals to 0.001 on all 8. Given as a generator of its own, not in ``options``: from there
+    BoTorch also hands ``n_thinning`` to SciPy's minimizer, and that changed the proposals of the Branin demo, which
+    has no constraint. The knowledge gradient keeps its own generator.
     """
     if not constrained or isinstance(acquisition, (qKnowledgeGradient, qHypervolumeKnowledgeGradient)):
         return {}
