@@ -460,11 +460,12 @@ FINISHED_STATUSES = (TrialStatus.completed.value, TrialStatus.failed.value, Tria
 _FINISHED_COUNT = (select(func.count()).select_from(_trial_table)
                    .where(_trial_table.c.campaign_id == bindparam("campaign"), _trial_table.c.status.in_(FINISHED_STATUSES)))
 _LAST_ID = select(func.max(_trial_table.c.id)).where(_trial_table.c.campaign_id == bindparam("campaign"))
-_TRIALS_BY_ID = (select(_trial_table.c.id, _trial_table.c.status, _trial_table.c.run_uids)
-                 .where(_trial_table.c.id.in_(bindparam("ids", expanding=True))))
 _observation_table = ObservationRow.__table__  # type: ignore[attr-defined]
-_RUNS_BY_TRIAL = (select(_observation_table.c.trial_id, _observation_table.c.run_uid)
-                  .where(_observation_table.c.trial_id.in_(bindparam("ids", expanding=True))))
+# each trial with its observation's run, if it has one (observation.trial_id is unique: one row per trial)
+_TRIALS_BY_ID = (select(_trial_table.c.id, _trial_table.c.status, _trial_table.c.run_uids,
+                        _observation_table.c.run_uid.label("observed_run"))
+                 .outerjoin(_observation_table, _observation_table.c.trial_id == _trial_table.c.id)
+                 .where(_trial_table.c.id.in_(bindparam("ids", expanding=True))))
 _TRIALS_BY_RUN = (select(_observation_table.c.run_uid, _observation_table.c.trial_id)
                   .where(_observation_table.c.run_uid.in_(bindparam("uids", expanding=True))))
 _INSERT_OBSERVATION = _observation_table.insert()
@@ -994,7 +995,7 @@ class Store:
             known = conn.execute(_TRIALS_BY_ID, {"ids": ids}).all()
             status = {row.id: row.status for row in known}
             earlier = {row.id: row.run_uids for row in known}  # the runs of failed attempts
-            by_trial = dict(conn.execute(_RUNS_BY_TRIAL, {"ids": ids}).all())
+            by_trial = {row.id: row.observed_run for row in known if row.observed_run is not None}
             used_uids = dict(conn.execute(_TRIALS_BY_RUN, {"uids": list({item[1] for item in items})}).all())
             new_rows: list[dict[str, Any]] = []
             for trial_id, run_uid, values, noise, duration_s in items:
