@@ -302,6 +302,35 @@ def test_a_late_result_of_a_lost_stations_run_is_kept_among_the_trials_runs(stor
     assert not store.observations(trial.campaign_id)
 
 
+def test_a_freed_station_gets_its_next_assign_first_and_the_ack_once_the_documents_are_on_disk(store: Store) -> None:
+    """The documents of a run were written and synced before the station got its next experiment, which waited for
+    the disk: now the assign goes first, and the result is acknowledged only once its documents are kept."""
+    daemon = Daemon(store, [_campaign("order", 2, latency=0.0, concurrency=1)], heartbeat_s=0.5)
+    documents = ('{"name":"start","doc":{"uid":"first-run","time":1.0}}\n'
+                 '{"name":"stop","doc":{"run_start":"first-run","exit_status":"success"}}\n')
+    with raw_station(daemon.endpoint, "st") as sock, serving(daemon):
+        sock.send(protocol.encode(protocol.Hello(station="st", instance="p1")))
+        _next_message(sock, "welcome")
+        first = _next_message(sock, "assign")
+        sock.send(protocol.encode(protocol.ResultMessage(trial_id=first.trial_id, assignment=first.msg_id,
+                                                         run_uid="first-run", values={"y": 1.0}, duration_s=0.01,
+                                                         documents=documents)))
+        said = []
+        while len(said) < 2:
+            assert sock.poll(10_000), f"only {said} after the result"
+            message = protocol.decode(sock.recv())
+            if message.type in ("assign", "ack"):
+                said.append(message)
+                if message.type == "ack":
+                    assert store.documents("first-run") == documents  # on disk before the station may forget it
+        assert [m.type for m in said] == ["assign", "ack"]
+        assert said[0].trial_id != first.trial_id and said[1].trial_id == first.trial_id
+        sock.send(protocol.encode(protocol.ResultMessage(trial_id=said[0].trial_id, assignment=said[0].msg_id,
+                                                         run_uid="second-run", values={"y": 2.0}, duration_s=0.01)))
+        _next_message(sock, "ack")
+    assert [t.status for t in store.trials(store.campaign_row("order").id)] == ["completed"] * 2
+
+
 def test_a_lost_station_back_within_the_grace_delivers_its_result_as_the_trials_own(store: Store) -> None:
     """``retries: 0``: a station declared lost right after its result reached its outbox had its trial abandoned at
     once, and the result it delivered a moment later was kept only as a late result. Back within ``reconcile_s``,
