@@ -97,6 +97,12 @@ def _next_message(sock: zmq.Socket, kind: str, limit_s: float = 20.0) -> protoco
     raise AssertionError(f"no {kind} in {limit_s:.0f} s")
 
 
+def _run_documents(run_uid: str) -> str:
+    """A successful run's documents as a station sends them: its start and its stop, as JSON lines."""
+    return (f'{{"name":"start","doc":{{"uid":"{run_uid}","time":1.0}}}}\n'
+            f'{{"name":"stop","doc":{{"run_start":"{run_uid}","exit_status":"success"}}}}\n')
+
+
 def _wait(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -279,8 +285,7 @@ def test_a_late_result_of_a_lost_stations_run_is_kept_among_the_trials_runs(stor
     # restarted after the grace its trial waits for a lost station (reconcile_s): within it, the result is the trial's
     daemon = Daemon(store, [_campaign("late", 2, latency=0.05, concurrency=1, retries=0)], heartbeat_s=0.2,
                     reconcile_s=0.5)
-    documents = ('{"name":"start","doc":{"uid":"late-run","time":1.0}}\n'
-                 '{"name":"stop","doc":{"run_start":"late-run","exit_status":"success"}}\n')
+    documents = _run_documents("late-run")
     with raw_station(daemon.endpoint, "killed") as sock, serving(daemon):
         sock.send(protocol.encode(protocol.Hello(station="killed", instance="first")))
         _next_message(sock, "welcome")
@@ -306,8 +311,7 @@ def test_a_freed_station_gets_its_next_assign_first_and_the_ack_once_the_documen
     """The documents of a run were written and synced before the station got its next experiment, which waited for
     the disk: now the assign goes first, and the result is acknowledged only once its documents are kept."""
     daemon = Daemon(store, [_campaign("order", 2, latency=0.0, concurrency=1)], heartbeat_s=0.5)
-    documents = ('{"name":"start","doc":{"uid":"first-run","time":1.0}}\n'
-                 '{"name":"stop","doc":{"run_start":"first-run","exit_status":"success"}}\n')
+    documents = _run_documents("first-run")
     with raw_station(daemon.endpoint, "st") as sock, serving(daemon):
         sock.send(protocol.encode(protocol.Hello(station="st", instance="p1")))
         _next_message(sock, "welcome")
