@@ -316,6 +316,10 @@ def test_a_freed_station_gets_its_next_assign_first_and_the_ack_once_the_documen
         sock.send(protocol.encode(protocol.Hello(station="st", instance="p1")))
         _next_message(sock, "welcome")
         first = _next_message(sock, "assign")
+        # the planner thinks in its own thread, here while the run goes on: its next proposal is ready before the
+        # result, as behind any run longer than a suggestion (under load the result had come first, then the ack)
+        _wait(lambda: all(run.service is not None and run.service.buffered() for run in daemon.runs.values()), 10,
+              "the planner's next proposal")
         sock.send(protocol.encode(protocol.ResultMessage(trial_id=first.trial_id, assignment=first.msg_id,
                                                          run_uid="first-run", values={"y": 1.0}, duration_s=0.01,
                                                          documents=documents)))
