@@ -225,6 +225,17 @@ def test_default_initial_experiments_follow_the_dimension_and_the_budget() -> No
     assert "planner: botorch, 5 initial experiments" in c.summary()
 
 
+def test_the_default_start_is_at_least_as_long_as_the_most_choices_of_a_category() -> None:
+    ligands = ", ".join(f"L{i}" for i in range(12))
+    text = BASE.replace("parameters:\n", f"parameters:\n  ligand: {{type: categorical, values: [{ligands}]}}\n")
+    # d = 3 gives max(5, d + 4) = 7; twelve ligands ask for twelve, so that each may be tried before the model
+    assert Campaign.from_yaml_text(text.replace("experiments: 10", "experiments: 40"),
+                                   check_instrument=False).default_initial_experiments() == 12
+    # still at most a third of the budget
+    assert Campaign.from_yaml_text(text.replace("experiments: 10", "experiments: 30"),
+                                   check_instrument=False).default_initial_experiments() == 10
+
+
 # -- the space -------------------------------------------------------------------------------
 
 

@@ -316,12 +316,28 @@ class Space:
         return self.snap(x.unsqueeze(0))[0]
 
     def _sobol(self, n: int, seed: int, start: int) -> torch.Tensor:
+        """Points ``start .. start+n`` of a scrambled Sobol sequence in which every ``k`` points from a multiple of
+        ``k`` on hold each of a ``k``-choice categorical column's choices once.
+
+        Sobol's own points do so only where ``k`` is a power of two: nine points over twelve ligands (the
+        direct-arylation table) tried eight. Within each such block the choices go in the order of the
+        block's Sobol coordinates, so that where ``k`` is a power of two they are Sobol's own.
+        """
         from torch.quasirandom import SobolEngine
 
+        sizes = [len(values) for values in self.cat_dims.values()]
+        first = min([start] + [start - start % k for k in sizes])
+        last = max([start + n] + [-(-(start + n) // k) * k for k in sizes])
         engine = SobolEngine(dimension=self.dim, scramble=True, seed=seed)
-        if start:
-            engine.fast_forward(start)
-        return self.from_uniform(engine.draw(n, dtype=torch.double))
+        if first:
+            engine.fast_forward(first)
+        u = engine.draw(last - first, dtype=torch.double)
+        for i, values in self.cat_dims.items():
+            k = len(values)
+            for block in range(start - start % k - first, start + n - first, k):
+                column = u[block:block + k, i]
+                u[block:block + k, i] = (column.argsort().argsort().to(u.dtype) + 0.5) / k
+        return self.from_uniform(u[start - first:start - first + n])
 
     def from_uniform(self, u: torch.Tensor) -> torch.Tensor:
         """Encoded points (``n x d``) from draws uniform in the unit cube, each choice of a categorical column

@@ -145,6 +145,35 @@ x: {type: continuous, bounds: [0, 1]}
         assert Counter(p["s"] for p in points) == dict.fromkeys("abce", 4)
 
 
+def test_every_k_design_points_hold_each_of_a_categorys_k_choices_once() -> None:
+    """Twelve ligands: the first twelve design points try each once, and so do the next twelve, however the
+    design is asked for (the daemon asks one point at a time). Sobol's own points had tried eight of twelve in
+    nine. Where the count of choices is a power of two the choices are Sobol's own, as before."""
+    from collections import Counter
+
+    from torch.quasirandom import SobolEngine
+
+    ligands = ", ".join(f"L{i:02d}" for i in range(12))
+    space = Space(campaign(f"""
+ligand: {{type: categorical, values: [{ligands}]}}
+base: {{type: categorical, values: [a, b, c, e]}}
+solvent: {{type: categorical, values: [p, q, r]}}
+t: {{type: discrete, values: [90, 105, 120]}}
+"""))
+    for seed in range(4):
+        x = space.sample(36, seed=seed)
+        points = [space.decode(row) for row in x]
+        for name, k in (("ligand", 12), ("solvent", 3), ("base", 4)):
+            for block in range(0, 36, k):
+                assert len({p[name] for p in points[block:block + k]}) == k, (seed, name, block)
+        assert Counter(p["ligand"] for p in points[:9]).most_common(1)[0][1] == 1
+        assert torch.equal(torch.cat([space.sample(1, seed=seed, start=i) for i in range(36)]), x)
+        assert torch.equal(torch.cat([space.sample(5, seed=seed, start=0), space.sample(31, seed=seed, start=5)]), x)
+        sobol = space.from_uniform(SobolEngine(dimension=space.dim, scramble=True, seed=seed).draw(36, dtype=torch.double))
+        base = space.names.index("base")
+        assert torch.equal(space.snap(sobol)[:, base], x[:, base])
+
+
 def test_the_centre_is_the_middle_of_every_number_and_keeps_the_given_categories() -> None:
     like = MIXED_SPACE.sample(1, seed=4)[0]
     centre = MIXED_SPACE.decode(MIXED_SPACE.centre(like))
