@@ -87,15 +87,14 @@ def measure_dask(experiments: int = 1000, workers: int = 2, seconds: float = 0.0
             _serve_when_registered(daemon, 1)
             # the daemon answers the station meanwhile: silent for the 10 s this takes, it had the station say "no
             # word from the daemon ... reconnecting", and guess at keys and releases, in the middle of the figures
-            alone: dict[str, float] = {}
-            measuring = threading.Thread(target=lambda: alone.update(_dask_alone(station, experiments, seconds)),
+            baseline: dict[str, float] = {}
+            measuring = threading.Thread(target=lambda: baseline.update(_dask_alone(station, experiments, seconds)),
                                          daemon=True)
             measuring.start()
             while measuring.is_alive():
                 daemon.step(50)
-            if not alone:
+            if not baseline:
                 raise RuntimeError("the experiments straight on Dask did not finish (its log says why)")
-            baseline = alone
         finally:
             stop.set()
             thread.join(timeout=60)
