@@ -218,7 +218,9 @@ def test_a_hold_for_a_moment_does_not_keep_a_daemon_from_its_campaign(store_url:
     Store(store_url)  # migrated before the other process opens it
     looker = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\nfrom closedloop.store import Store\n"
-         "Store(sys.argv[1]).claim('c')\nprint('held', flush=True)\ntime.sleep(0.4)\n", store_url],
+         "store = Store(sys.argv[1])\nstore.claim('c')\nprint('held', flush=True)\ntime.sleep(0.4)\n"
+         # let go as a look does, not by exiting: on a loaded machine the interpreter's exit took past the second
+         "store.release('c')\ntime.sleep(30)\n", store_url],
         stdout=subprocess.PIPE, text=True)
     try:
         assert looker.stdout is not None and looker.stdout.readline().strip() == "held"
