@@ -789,10 +789,13 @@ class Daemon:
                     self._emit_daemon("daemon_stopping", in_flight=len(self.in_flight), drain_s=self.drain_s)
                     self._take_back_unstarted()
                 if self._draining_until is not None:
-                    live = [f for f in self.in_flight.values() if not f.reconciling]
-                    if not live or time.monotonic() > self._draining_until:
-                        if live:
-                            log.warning("stopping with %d trials in flight; the next start reconciles them", len(live))
+                    # a trial waiting for its lost station is waited for too: a station silent for a moment (a
+                    # loaded host) is back within reconcile_s with its result, which the daemon otherwise left for
+                    # its next start to take
+                    if not self.in_flight or time.monotonic() > self._draining_until:
+                        if self.in_flight:
+                            log.warning("stopping with %d trials in flight; the next start reconciles them",
+                                        len(self.in_flight))
                         break
                 elif self.done() and not self._owing():
                     break
