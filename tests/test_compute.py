@@ -768,8 +768,8 @@ def test_a_stopped_daemon_takes_back_the_trial_waiting_on_a_compute_station_unst
     (tmp_path / "c.yaml").write_text(c.to_yaml())
     endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     # "started" is logged when the station hands the experiment to its Dask worker, which may still be importing
-    # this module: on a loaded machine that and the 3 s took longer than the helper's 5 s --drain (the last wins)
-    daemon = start_daemon(tmp_path, endpoint, control, "--drain", "60")
+    # this module: on a loaded machine that and the 3 s took longer than the helper's 5 s --drain
+    daemon = start_daemon(tmp_path, endpoint, control, drain_s=60)
     station = start_compute_station(tmp_path, endpoint, "station")
     log = tmp_path / "daemon.log"
     try:

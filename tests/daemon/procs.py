@@ -47,10 +47,11 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def start_daemon(cwd: Path, endpoint: str, control: str, *extra: str, log_name: str = "daemon") -> subprocess.Popen:
+def start_daemon(cwd: Path, endpoint: str, control: str, *extra: str, log_name: str = "daemon",
+                 drain_s: float = 5.0) -> subprocess.Popen:
     out = (cwd / f"{log_name}.out").open("a")
     return subprocess.Popen([*CLI, "daemon", "c.yaml", "--bind", endpoint, "--store", "s.db", "--publish", "",
-                             "--control", control, "--heartbeat", "0.3", "--drain", "5", "--logfile",
+                             "--control", control, "--heartbeat", "0.3", "--drain", f"{drain_s:g}", "--logfile",
                              f"{log_name}.log", *extra], cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env(),
                             preexec_fn=default_ctrl_c)
 

@@ -205,7 +205,7 @@ def test_a_stopping_daemon_waits_for_a_station_lost_for_a_moment_and_keeps_its_r
     with the result. The drain now waits for it too, and the trial is stored completed, once."""
     (tmp_path / "c.yaml").write_text(campaign_yaml("frozen", 2, latency=3.0, concurrency=1, retries=0))
     endpoint, control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    daemon = start_daemon(tmp_path, endpoint, control, "--drain", "60")  # the last --drain wins
+    daemon = start_daemon(tmp_path, endpoint, control, drain_s=60)
     station = start_worker(tmp_path, endpoint, "station")
     log = tmp_path / "daemon.log"
     try:
