@@ -3,7 +3,8 @@
 - continuous spaces (linear constraints included): ``optimize_acqf`` (multi-start L-BFGS-B, SLSQP
   with constraints), ``q`` points jointly;
 - integer, discrete and categorical columns: ``optimize_acqf_mixed_alternating`` (alternating
-  discrete neighbourhood search and continuous steps); integer or discrete columns named in an
+  discrete neighbourhood search and continuous steps), started from Sobol points and perturbed
+  experiments where there are linear constraints; integer or discrete columns named in an
   equality constraint are relaxed, as that optimizer allows equalities only on continuous columns;
 - finite spaces (every column categorical, integer or discrete, at most ``GRID_LIMIT`` points):
   ``optimize_acqf_discrete`` over every point, as a local search can miss the best of a few thousand;
@@ -77,7 +78,8 @@ def maximize(
                 raw_samples=raw,
                 inequality_constraints=inequalities,
                 equality_constraints=equalities,
-                options={"maxiter_alternating": 8, "batch_limit": 16, "init_batch_limit": 512},
+                options={"maxiter_alternating": 8, "batch_limit": 16, "init_batch_limit": 512,
+                         **_quicker_start(bool(inequalities or equalities))},
             )
         else:
             candidates, value = optimize_acqf(
@@ -114,6 +116,26 @@ def _lighter_chain(acquisition: AcquisitionFunction, constrained: bool) -> dict[
                                                                     "n_burnin": 200, "n_thinning": 20}})
 
     return {"ic_generator": initial_conditions}
+
+
+def _quicker_start(constrained: bool) -> dict[str, Any]:
+    """Options starting the mixed search from space-filling points and perturbed experiments, where linear constraints
+    would start it from a relaxed search's.
+
+    BoTorch starts each member of a batch from a continuous relaxation searched from its raw samples, which under
+    linear constraints come from a hit-and-run chain of 10,000 + raw samples x 32 steps that cannot be shortened from
+    here (``_lighter_chain`` does not reach it): 10 of 17 s of a batch of 4 in the perovskite example campaign. The
+    ``random`` start takes Sobol points, keeps the feasible ones, adds 20 perturbations of each experiment run (the
+    "spray", off by default where integers or discrete values are searched) and starts from the best by the
+    acquisition; under an equality constraint, where few Sobol points are feasible, BoTorch tops them up from its
+    short polytope chain. Measured: the perovskite campaign, 40 experiments in batches of 4 on its noiseless truth,
+    seeds 0-6, median hypervolume 2.02 -> 2.25 (better on 4 seeds, equal on 1, worse on 2) and thinking 197 -> 88 s
+    a campaign; one search after 12 and after 24 random experiments, 4 data seeds: the mixed example campaign, the
+    same acquisition value to 1e-8 and 3.4-4.9 -> 0.5-1.1 s; a mixture with a categorical and an integer (batch of
+    4), the same to 0.03 in log space and 12-18 -> 2-5 s; the perovskite campaign (batch of 4), log acquisition
+    better on 4 (by up to 0.8), worse on 4 (by up to 2.3), 17-25 -> 4-11 s.
+    """
+    return {"initialization_strategy": "random", "num_spray_points": 20} if constrained else {}
 
 
 def _among(rows: torch.Tensor, points: torch.Tensor) -> torch.Tensor:

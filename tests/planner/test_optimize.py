@@ -88,3 +88,46 @@ instrument: {{simulator: simulators.surfaces:Branin}}
     planner.suggest(1)
     options = set().union(*handed)
     assert handed and options <= {"maxiter", "maxfun", "ftol", "gtol", "disp", "eps", "maxcor", "maxls", "iprint"}, options
+
+
+@pytest.mark.parametrize("space", [
+    "  x3: {type: continuous, bounds: [0, 1]}\nconstraints:\n  - \"x1 + x2 <= 1.2\"\n",
+    "  n: {type: integer, bounds: [1, 6]}\n  kind: {type: categorical, values: [a, b, c]}\n"
+    "constraints:\n  - \"x1 + x2 <= 1.2\"\n",
+    "  x3: {type: continuous, bounds: [0, 1]}\n  kind: {type: categorical, values: [a, b, c]}\n"
+    "constraints:\n  - \"x1 + x2 + x3 == 1\"\n",
+], ids=["continuous", "mixed", "mixture-with-a-category"])
+def test_no_search_under_linear_constraints_runs_botorchs_long_hit_and_run_chain(monkeypatch, space: str) -> None:
+    """``gen_batch_initial_conditions`` burns in 10,000 steps of a chain run as a Python loop, several seconds a
+    batch member; a mixed space under linear constraints reached it through BoTorch's relaxed start (10 of 17 s of
+    a batch of 4 in the perovskite example campaign)."""
+    from botorch.utils.sampling import HitAndRunPolytopeSampler
+
+    from closedloop.campaign import Campaign
+    from closedloop.planner import Result, make_planner
+
+    burn_ins: list[int] = []
+    construct = HitAndRunPolytopeSampler.__init__
+
+    def spied(self, *args, **kwargs):
+        burn_ins.append(kwargs.get("n_burnin", 200))
+        construct(self, *args, **kwargs)
+
+    monkeypatch.setattr(HitAndRunPolytopeSampler, "__init__", spied)
+    campaign = Campaign.from_yaml_text(f"""
+name: c
+parameters:
+  x1: {{type: continuous, bounds: [0, 1]}}
+  x2: {{type: continuous, bounds: [0, 1]}}
+{space}objectives:
+  y: {{goal: minimize}}
+budget: {{experiments: 20}}
+planner: {{backend: botorch, initial_experiments: 6, seed: 0}}
+instrument: {{simulator: simulators.surfaces:Branin}}
+""", check_instrument=False)
+    planner = make_planner(campaign)
+    planner.ingest([Result(p.parameters, {"y": (p.parameters["x1"] - 0.3) ** 2 + p.parameters["x2"]}, i + 1)
+                    for i, p in enumerate(planner.suggest(6))])
+    proposals = planner.suggest(2)
+    assert len(proposals) == 2 and proposals[0].metadata["generator"].startswith("botorch.")
+    assert burn_ins and max(burn_ins) <= 200, burn_ins
