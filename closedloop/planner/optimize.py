@@ -123,17 +123,18 @@ def _quicker_start(constrained: bool) -> dict[str, Any]:
     would start it from a relaxed search's.
 
     BoTorch starts each member of a batch from a continuous relaxation searched from its raw samples, which under
-    linear constraints come from a hit-and-run chain of 10,000 + raw samples x 32 steps that cannot be shortened from
-    here (``_lighter_chain`` does not reach it): 10 of 17 s of a batch of 4 in the perovskite example campaign. The
-    ``random`` start takes Sobol points, keeps the feasible ones, adds 20 perturbations of each experiment run (the
-    "spray", off by default where integers or discrete values are searched) and starts from the best by the
+    linear constraints come from a hit-and-run chain of 10,000 + raw samples x 32 steps that cannot be shortened
+    from here (``_lighter_chain`` does not reach it): 10 of 17 s of a batch of 4 in the perovskite example campaign.
+    The ``random`` start takes Sobol points, keeps the feasible ones, adds 20 perturbations of each experiment run
+    (the "spray", off by default where integers or discrete values are searched) and starts from the best by the
     acquisition; under an equality constraint, where few Sobol points are feasible, BoTorch tops them up from its
     short polytope chain. Measured: the perovskite campaign, 40 experiments in batches of 4 on its noiseless truth,
     seeds 0-7 (two campaigns at a time on 2 cores), median hypervolume 2.22 -> 2.25 (better on 6 seeds, worse on 2),
-    thinking 199 -> 88 s a campaign, the longest batch 63 -> 18 s; one search after 12 and after 24 random experiments, 4 data seeds: the mixed example campaign, the
-    same acquisition value to 1e-8 and 3.4-4.9 -> 0.5-1.1 s; a mixture with a categorical and an integer (batch of
-    4), the same to 0.03 in log space and 12-18 -> 2-5 s; the perovskite campaign (batch of 4), log acquisition
-    better on 4 (by up to 0.8), worse on 4 (by up to 2.3), 17-25 -> 4-11 s.
+    thinking 199 -> 88 s a campaign, the longest batch 63 -> 18 s; one search after 12 and after 24 random
+    experiments, 4 data seeds: the mixed example campaign, the same acquisition value to 1e-8 and 3.4-4.9 -> 0.5-1.1
+    s; a mixture with a categorical and an integer (batch of 4), the same to 0.03 in log space and 12-18 -> 2-5 s;
+    the perovskite campaign (batch of 4), log acquisition better on 4 (by up to 0.8), worse on 4 (by up to 2.3),
+    17-25 -> 4-11 s.
     """
     return {"initialization_strategy": "random", "num_spray_points": 20} if constrained else {}
 
