@@ -537,8 +537,10 @@ def test_an_experiment_sharing_the_restarted_process_of_a_hung_function_is_repor
     daemon = context.socket(zmq.ROUTER)
     daemon.setsockopt(zmq.LINGER, 0)
     daemon.bind(endpoint)
+    # this stand-in for the daemon answers no heartbeat: a station reconnects (and its answers wait for a welcome) after
+    # ten heartbeats without word, 10 s at 1 s, which a fresh worker process importing this module outlasted in CI
     station = ComputeStation(endpoint, name="cluster", capacity=2, outbox=tmp_path / "o.db", processes=True,
-                             local_workers=1, local_threads=2, heartbeat_s=1.0, context=context)
+                             local_workers=1, local_threads=2, heartbeat_s=10.0, context=context)
     stop = threading.Event()
     thread = threading.Thread(target=station.run, args=(stop,), daemon=True)
     thread.start()
@@ -551,7 +553,7 @@ def test_an_experiment_sharing_the_restarted_process_of_a_hung_function_is_repor
 
     try:
         identity, _ = receive(daemon, protocol.Hello, limit_s=60)
-        daemon.send_multipart([identity, protocol.encode(protocol.Welcome(heartbeat_s=1.0))])
+        daemon.send_multipart([identity, protocol.encode(protocol.Welcome(heartbeat_s=10.0))])
         daemon.send_multipart([identity, protocol.encode(
             assign(1, "hangs_the_first", {"marker": str(tmp_path / "hung"), "times": 1}))])
         daemon.send_multipart([identity, protocol.encode(assign(2, "waits_for", {"release": str(released)}))])
@@ -562,11 +564,13 @@ def test_an_experiment_sharing_the_restarted_process_of_a_hung_function_is_repor
         _, failure = receive(daemon, protocol.Failure, limit_s=30)
         assert failure.trial_id == 2
         assert "restarted to end the hung function of timed-out trial 1" in failure.error, failure.error
+        daemon.send_multipart([identity, protocol.encode(protocol.Ack(trial_id=2))])  # a stop then waits for no ack
         # the slots are free again: a new experiment runs on the fresh process
         daemon.send_multipart([identity, protocol.encode(assign(3, "quadratic", {}))])
         # the fresh process imports this module first: past 30 s beside four other test processes on two cores
         _, result = receive(daemon, protocol.ResultMessage, limit_s=90)
         assert result.trial_id == 3 and station.failed == 1
+        daemon.send_multipart([identity, protocol.encode(protocol.Ack(trial_id=3))])
     finally:
         released.touch()
         stop.set()
@@ -675,8 +679,9 @@ def test_a_cancelled_runs_late_end_does_not_answer_the_trials_next_assignment(tm
     daemon = context.socket(zmq.ROUTER)
     daemon.setsockopt(zmq.LINGER, 0)
     daemon.bind(endpoint)
+    # the stand-in for the daemon answers no heartbeat, and stays silent 7 s below: ten heartbeats' tolerance, 100 s
     station = ComputeStation(endpoint, name="cluster", capacity=2, outbox=tmp_path / "o.db", processes=False,
-                             local_workers=2, heartbeat_s=1.0, context=context)
+                             local_workers=2, heartbeat_s=10.0, context=context)
     stop = threading.Event()
     thread = threading.Thread(target=station.run, args=(stop,), daemon=True)
     thread.start()
@@ -689,7 +694,7 @@ def test_a_cancelled_runs_late_end_does_not_answer_the_trials_next_assignment(tm
 
     try:
         identity, _ = receive(daemon, protocol.Hello)
-        daemon.send_multipart([identity, protocol.encode(protocol.Welcome(heartbeat_s=1.0))])
+        daemon.send_multipart([identity, protocol.encode(protocol.Welcome(heartbeat_s=10.0))])
         daemon.send_multipart([identity, protocol.encode(assign(first))])
         receive(daemon, protocol.Started)
         holding = threading.Event()
@@ -720,6 +725,7 @@ def test_a_cancelled_runs_late_end_does_not_answer_the_trials_next_assignment(tm
         _, result = receive(daemon, protocol.ResultMessage)
         assert (result.trial_id, result.assignment) == (7, again.msg_id)
         assert result.values == {"y": pytest.approx(0.0)} and station.failed == 0
+        daemon.send_multipart([identity, protocol.encode(protocol.Ack(trial_id=7))])  # a stop then waits for no ack
     finally:
         first.touch()
         second.touch()
