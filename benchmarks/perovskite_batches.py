@@ -19,7 +19,6 @@ import os
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +52,6 @@ def run_seed(seed: int, experiments: int) -> dict[str, Any]:
             "thinking_s": round(sum(thinking), 2), "longest_batch_s": round(max(thinking), 2)}
 
 
-def _one_thread() -> None:
-    # two campaigns at a time on two cores: each keeps to one thread, as the planner bench's workers do
-    import torch
-
-    torch.set_num_threads(1)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=8, help="seeds 0 .. SEEDS-1 (default 8)")
@@ -67,9 +59,14 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="campaigns at a time (default 2)")
     parser.add_argument("--json", type=Path, help="also write the runs here")
     args = parser.parse_args()
+    from closedloop.bench.runner import run_many
+
+    runs: list[dict[str, Any]] = []
+    # the planner bench's pool: one torch thread a campaign, ``jobs`` at a time; one BLAS thread too, in each
+    # spawned process
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    with ProcessPoolExecutor(args.jobs, initializer=_one_thread) as pool:
-        runs = list(pool.map(run_seed, range(args.seeds), [args.experiments] * args.seeds))
+    run_many([(run_seed, (seed, args.experiments)) for seed in range(args.seeds)], args.jobs, runs.append)
+    runs.sort(key=lambda run: run["seed"])
     for run in runs:
         print(f"seed {run['seed']}: hypervolume {run['hypervolume']:.4f}, thinking {run['thinking_s']:.1f} s, "
               f"longest batch {run['longest_batch_s']:.1f} s")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from closedloop.planner import models as gp
-from closedloop.planner import optimize
+from closedloop.planner import Planner, optimize
 from closedloop.planner.acquisition import single_objective
 
 
@@ -53,15 +53,36 @@ def test_a_single_proposal_or_a_small_table_is_searched_exactly(monkeypatch, row
     assert chosen.shape[0] == (1 if rows > 200 else 4)
 
 
+def _past_its_initial_design(extra: str, initial: int, budget: int) -> Planner:
+    """A botorch planner over ``x1``, ``x2`` in [0, 1] and the YAML lines ``extra`` (more parameters, constraints),
+    given the results of the first ``initial`` of its ``budget`` experiments (space-filling): its next suggestion
+    searches a model."""
+    from closedloop.campaign import Campaign
+    from closedloop.planner import Result, make_planner
+
+    campaign = Campaign.from_yaml_text(f"""
+name: c
+parameters:
+  x1: {{type: continuous, bounds: [0, 1]}}
+  x2: {{type: continuous, bounds: [0, 1]}}
+{extra}objectives:
+  y: {{goal: minimize}}
+budget: {{experiments: {budget}}}
+planner: {{backend: botorch, initial_experiments: {initial}, seed: 0}}
+instrument: {{simulator: simulators.surfaces:Branin}}
+""", check_instrument=False)
+    planner = make_planner(campaign)
+    planner.ingest([Result(p.parameters, {"y": (p.parameters["x1"] - 0.3) ** 2 + p.parameters["x2"]}, i + 1)
+                    for i, p in enumerate(planner.suggest(initial))])
+    return planner
+
+
 @pytest.mark.parametrize("constraints", ["", 'constraints:\n  - "x1 + x2 <= 1.2"\n'])
 def test_scipy_is_handed_only_options_it_knows_with_or_without_linear_constraints(monkeypatch, constraints: str) -> None:
     """The lighter hit-and-run chain for constrained spaces was first given in ``options``, from where BoTorch also
     handed ``n_thinning`` to SciPy's minimizer ("Unknown solver options"), which changed the proposals of the Branin
     demo, a campaign without constraints."""
     import scipy.optimize
-
-    from closedloop.campaign import Campaign
-    from closedloop.planner import Result, make_planner
 
     handed: list[set[str]] = []
     minimize = scipy.optimize.minimize
@@ -71,21 +92,7 @@ def test_scipy_is_handed_only_options_it_knows_with_or_without_linear_constraint
         return minimize(*args, **kwargs)
 
     monkeypatch.setattr(scipy.optimize, "minimize", spied)
-    campaign = Campaign.from_yaml_text(f"""
-name: c
-parameters:
-  x1: {{type: continuous, bounds: [0, 1]}}
-  x2: {{type: continuous, bounds: [0, 1]}}
-{constraints}objectives:
-  y: {{goal: minimize}}
-budget: {{experiments: 10}}
-planner: {{backend: botorch, initial_experiments: 5, seed: 0}}
-instrument: {{simulator: simulators.surfaces:Branin}}
-""")
-    planner = make_planner(campaign)
-    planner.ingest([Result(p.parameters, {"y": (p.parameters["x1"] - 0.3) ** 2 + p.parameters["x2"]}, i + 1)
-                    for i, p in enumerate(planner.suggest(5))])
-    planner.suggest(1)
+    _past_its_initial_design(constraints, 5, 10).suggest(1)
     options = set().union(*handed)
     assert handed and options <= {"maxiter", "maxfun", "ftol", "gtol", "disp", "eps", "maxcor", "maxls", "iprint"}, options
 
@@ -103,9 +110,6 @@ def test_no_search_under_linear_constraints_runs_botorchs_long_hit_and_run_chain
     a batch of 4 in the perovskite example campaign)."""
     from botorch.utils.sampling import HitAndRunPolytopeSampler
 
-    from closedloop.campaign import Campaign
-    from closedloop.planner import Result, make_planner
-
     burn_ins: list[int] = []
     construct = HitAndRunPolytopeSampler.__init__
 
@@ -114,20 +118,6 @@ def test_no_search_under_linear_constraints_runs_botorchs_long_hit_and_run_chain
         construct(self, *args, **kwargs)
 
     monkeypatch.setattr(HitAndRunPolytopeSampler, "__init__", spied)
-    campaign = Campaign.from_yaml_text(f"""
-name: c
-parameters:
-  x1: {{type: continuous, bounds: [0, 1]}}
-  x2: {{type: continuous, bounds: [0, 1]}}
-{space}objectives:
-  y: {{goal: minimize}}
-budget: {{experiments: 20}}
-planner: {{backend: botorch, initial_experiments: 6, seed: 0}}
-instrument: {{simulator: simulators.surfaces:Branin}}
-""", check_instrument=False)
-    planner = make_planner(campaign)
-    planner.ingest([Result(p.parameters, {"y": (p.parameters["x1"] - 0.3) ** 2 + p.parameters["x2"]}, i + 1)
-                    for i, p in enumerate(planner.suggest(6))])
-    proposals = planner.suggest(2)
+    proposals = _past_its_initial_design(space, 6, 20).suggest(2)
     assert len(proposals) == 2 and proposals[0].metadata["generator"].startswith("botorch.")
     assert burn_ins and max(burn_ins) <= 200, burn_ins
