@@ -82,7 +82,7 @@ def main(*, sizes: tuple[int, ...] = (10_000, 100_000), columns: int = 6, result
         console.print(line) if console is not None else print(line)
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the planner thinks (models.in_planner_numerics)
+    torch.set_num_threads(1)  # as the planner thinks (numerics.in_planner_numerics)
     try:
         figures = []
         for rows in sizes:

@@ -15,7 +15,7 @@ import torch
 
 from closedloop.campaign import Campaign
 from closedloop.planner.base import Proposal, Result, proposal_count
-from closedloop.planner.models import PLANNER_THREADS, in_planner_numerics
+from closedloop.planner.numerics import PLANNER_THREADS, in_planner_numerics
 from closedloop.planner.observations import ObservationLog, check_pending
 from closedloop.planner.space import Space, candidates_repeat, table_order
 

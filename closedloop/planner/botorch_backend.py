@@ -40,6 +40,7 @@ from closedloop.planner import models as gp
 from closedloop.planner.acquisition import (ConsensusMean, knowledge_gradient, output_constraints, several_objectives,
                                              single_objective)
 from closedloop.planner.base import Proposal, Result, proposal_count
+from closedloop.planner.numerics import PLANNER_THREADS, in_planner_numerics
 from closedloop.planner.observations import ObservationLog, check_pending
 from closedloop.planner.optimize import maximize, maximize_discrete
 from closedloop.planner.space import Space, candidates_repeat, table_order
@@ -168,8 +169,8 @@ class BotorchPlanner:
     outcome_constraints: ClassVar[bool] = True
     linear_constraints: ClassVar[bool] = True
     candidate_tables: ClassVar[bool] = True
-    # suggest thinks in gp.in_planner_numerics: the thread count of every decision, its Sobol start's too
-    torch_threads: ClassVar[int] = gp.PLANNER_THREADS
+    # suggest thinks in in_planner_numerics: the thread count of every decision, its Sobol start's too
+    torch_threads: ClassVar[int] = PLANNER_THREADS
 
     def __init__(self, campaign: Campaign):
         self.campaign = campaign
@@ -186,7 +187,7 @@ class BotorchPlanner:
     def ingest(self, results: list[Result]) -> None:
         self.log.add(results)
 
-    @gp.in_planner_numerics
+    @in_planner_numerics
     def best(self) -> Result | None:
         """The feasible experiment with the best model estimate of the objective (not the luckiest reading).
 
@@ -280,7 +281,7 @@ class BotorchPlanner:
         """Hypervolume of the feasible experiments above the reference point (objectives oriented to maximize)."""
         return self.log.hypervolume()
 
-    @gp.in_planner_numerics
+    @in_planner_numerics
     def suggest(self, n: int = 1, pending: list[dict[str, Any]] | None = None) -> list[Proposal]:
         n = proposal_count(n)
         pending = list(pending or [])
@@ -576,7 +577,7 @@ class BotorchPlanner:
 
     last_decision: dict[str, Any] | None = None  # set by each model-based suggest; the caller may clear it
 
-    @gp.in_planner_numerics
+    @in_planner_numerics
     def predict(self, points: list[dict[str, Any]]) -> list[dict[str, dict[str, float]]] | None:
         """The model's posterior mean and standard deviation of every modelled output at ``points``.
 

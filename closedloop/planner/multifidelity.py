@@ -39,7 +39,8 @@ import torch
 from closedloop.campaign import SOURCE, Campaign, ContinuousParameter, FixedParameter
 from closedloop.errors import PlannerError
 from closedloop.planner.base import Proposal, Result, proposal_count
-from closedloop.planner.models import PLANNER_THREADS, in_planner_numerics, output_scale
+from closedloop.planner.models import output_scale
+from closedloop.planner.numerics import PLANNER_THREADS, in_planner_numerics
 from closedloop.planner.observations import check_pending, check_results, finite_number
 
 __all__ = ["SOURCE", "MultiFidelityPlanner", "unsupported"]

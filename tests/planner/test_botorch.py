@@ -583,7 +583,7 @@ def test_planners_in_two_threads_both_think_in_double_precision_on_one_thread() 
     # a daemon's planner thread and its filler overlap; torch's default dtype and thread count are per process
     import threading
 
-    from closedloop.planner.models import in_planner_numerics
+    from closedloop.planner.numerics import in_planner_numerics
 
     inside, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
     seen: dict[str, Any] = {}

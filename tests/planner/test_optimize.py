@@ -8,6 +8,7 @@ import torch
 from closedloop.planner import models as gp
 from closedloop.planner import Planner, optimize
 from closedloop.planner.acquisition import single_objective
+from closedloop.planner.numerics import in_planner_numerics
 
 
 def _batch_acquisition(rows: int) -> tuple[object, torch.Tensor, list[int]]:
@@ -30,7 +31,7 @@ def _batch_acquisition(rows: int) -> tuple[object, torch.Tensor, list[int]]:
 def test_a_batch_over_a_large_table_scores_each_row_once_then_chooses_among_the_best(monkeypatch) -> None:
     monkeypatch.setattr(optimize, "SHORTLIST", 200)
     acquisition, choices, evaluated = _batch_acquisition(3000)
-    chosen, _ = gp.in_planner_numerics(optimize.maximize_discrete)(acquisition, choices, 4)
+    chosen, _ = in_planner_numerics(optimize.maximize_discrete)(acquisition, choices, 4)
     acquisition.set_X_pending(None)
     with torch.no_grad():
         alone = acquisition(choices.unsqueeze(-2))
@@ -45,7 +46,7 @@ def test_a_batch_over_a_large_table_scores_each_row_once_then_chooses_among_the_
 def test_a_single_proposal_or_a_small_table_is_searched_exactly(monkeypatch, rows: int) -> None:
     monkeypatch.setattr(optimize, "SHORTLIST", 200)
     acquisition, choices, evaluated = _batch_acquisition(rows)
-    chosen, _ = gp.in_planner_numerics(optimize.maximize_discrete)(acquisition, choices, 1 if rows > 200 else 4)
+    chosen, _ = in_planner_numerics(optimize.maximize_discrete)(acquisition, choices, 1 if rows > 200 else 4)
     if rows > 200:
         assert evaluated[0] == rows
     else:
