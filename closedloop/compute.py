@@ -528,7 +528,7 @@ class ComputeStation:
         sock = self._connect()
         self._registration.session = None
         sock.send(self._hello(capacity))
-        last_sent = last_heard = time.monotonic()
+        last_sent = last_heard = last_turn = time.monotonic()
         # a stop lets the experiments computing finish: the station beats on (a silent station is lost, and its
         # trials run again elsewhere while they go on here) until their answers are acknowledged
         departure = Departure()
@@ -582,6 +582,7 @@ class ComputeStation:
                     trial_id = next(iter(self._queued))
                     self._submit(sock, self._queued.pop(trial_id))
                 now = time.monotonic()
+                last_heard, last_turn = protocol.heard_allowing_for(now - last_turn, last_heard, now), now
                 registered = self._registration.session is not None
                 if now - last_sent >= self.heartbeat_s:
                     sock.send(protocol.encode(protocol.Heartbeat(running=sorted(self._running), holds=self._holdings(),

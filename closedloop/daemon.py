@@ -931,6 +931,7 @@ class Daemon:
             self._drain_service_events(run)
         now = time.monotonic()
         if now - self._last_check > 0.1:
+            self._forgive_own_stall(now - self._last_check, now)
             self._last_check = now
             self._check_liveness()
             self._say_unlogged_drops(now)
@@ -1607,6 +1608,13 @@ class Daemon:
         if not timeout:
             return None
         return time.monotonic() + float(timeout) + (0 if started else self.start_grace_s)
+
+    def _forgive_own_stall(self, since_last_check: float, now: float) -> None:
+        """A station is not silent while this loop was not listening: a host too busy to run it for a moment (or
+        frozen, stations and all) had every station declared lost on waking, before any could beat again, and each
+        reconnected under a new session with its trials reconciling. The time the loop missed is not counted."""
+        for station in self.stations.values():
+            station.last_seen = protocol.heard_allowing_for(since_last_check, station.last_seen, now)
 
     def _check_liveness(self) -> None:
         now = time.monotonic()

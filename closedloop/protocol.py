@@ -39,6 +39,15 @@ from closedloop.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20
+# a daemon's or station's loop that missed this long (its host too busy to run it, or frozen) does not count the
+# time against its peer's silence: the peer had no chance to be heard, and was likely held up with it
+HELD_UP_S = 0.5
+
+
+def heard_allowing_for(held_up: float, last_heard: float, now: float) -> float:
+    """When a peer was last heard, for judging its silence, after this side's loop missed ``held_up`` seconds: moved
+    on by that time if it is more than ``HELD_UP_S`` (no later than ``now``)."""
+    return min(now, last_heard + held_up) if held_up > HELD_UP_S else last_heard
 
 _TCP_ENDPOINT = re.compile(r"tcp://(?P<host>\S+):(?P<port>\d+|\*)")
 _HOST_PORT = re.compile(r"(?:[a-z]+://)?(?P<host>[^\s/]+):(?P<port>\d+)", re.IGNORECASE)

@@ -811,7 +811,7 @@ class StationWorker:
         self._registration = Registration(log, self.endpoint, self.keys, self.name)
         self._seen: str | None = None  # the daemon's last heartbeat read here
         sock.send(self._hello())
-        last_sent = last_heard = time.monotonic()
+        last_sent = last_heard = last_turn = time.monotonic()
         # a stop lets the run in progress finish: this thread beats on (a silent station is lost, and its trial
         # run again elsewhere while the run here goes on) until that run's answer is acknowledged
         departure = Departure()
@@ -863,6 +863,7 @@ class StationWorker:
                     except queue.Empty:
                         break
                 now = time.monotonic()
+                last_heard, last_turn = protocol.heard_allowing_for(now - last_turn, last_heard, now), now
                 if now - last_sent >= self.heartbeat_s:
                     if self._registration.session is not None:
                         running = [self._running] if self._running is not None else []

@@ -129,3 +129,31 @@ def test_a_station_back_from_a_freeze_does_not_start_the_trial_queued_behind_its
     trials = store.trials(store.campaign_row("partition").id)
     assert [(t.index, t.status, t.station, t.attempts, len(t.run_uids)) for t in trials] == [
         (1, "completed", "station-1", 1, 1), (2, "completed", "station-1", 1, 1)]
+
+
+def test_a_host_frozen_for_a_moment_loses_no_station(tmp_path: Path) -> None:
+    """A daemon and its station on one host, frozen together for longer than the daemon allows a silent station (5
+    heartbeats of 0.3 s; a loaded CI machine stalled a test's process 1.4 s): on waking the daemon declared the
+    station lost before it could beat again, and the station, hearing nothing either, reconnected under a new
+    session, its trial reconciling. Neither counts the time its own loop missed."""
+    with lab(tmp_path, campaign_yaml("frozen", 4, latency=1.0, concurrency=1, retries=1), "station-1") as here:
+        log, worker = here.log, here.stations["station-1"]
+        wait_for(lambda: log.exists() and 'trial=2 trial_id=2 state="started"' in log.read_text(), 60,
+                 "the second experiment to start")
+        frozen = [here.daemon.pid, worker.pid]
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(3.0)
+        finally:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+        assert here.daemon.wait(timeout=90) == 0, (tmp_path / "daemon.out").read_text()[-3000:]
+
+    text = log.read_text()
+    assert " lost " not in text and "reconciling" not in text, text[-3000:]
+    # one session: the station did not reconnect (it says "no word" at its start, before the daemon listens)
+    assert text.count("station station-1 registered") == 1, text[-3000:]
+    store = Store(tmp_path / "s.db")
+    trials = store.trials(store.campaign_row("frozen").id)
+    assert [(t.status, t.attempts, len(t.run_uids)) for t in trials] == [("completed", 1, 1)] * 4
