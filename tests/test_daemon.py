@@ -379,7 +379,7 @@ def test_a_station_restarted_mid_run_before_it_is_declared_lost_has_its_trial_fo
     ``execution.retries`` said: with ``retries: 0`` a probe's trial ran 4 times (``attempts`` 4), and an experiment
     that kills its station would run at each restart for good. The run was lost with the process: an attempt."""
     daemon = Daemon(store, [_campaign("restarted", 2, latency=0.05, concurrency=1, retries=0)], heartbeat_s=0.5,
-                    reconcile_s=5.0)
+                    reconcile_s=5.0, drain_s=0.5)
     with raw_station(daemon.endpoint, "crashing") as sock, serving(daemon):
         sock.send(protocol.encode(protocol.Hello(station="crashing", instance="first")))
         _next_message(sock, "welcome")
@@ -472,7 +472,7 @@ def test_a_result_for_a_trial_never_given_to_its_station_changes_nothing_however
 def test_a_second_answer_to_one_assignment_leaves_the_finished_trial_as_it_was(store: Store) -> None:
     """A station that reported its trial again under another run uid was acknowledged, and each such result was
     added to the finished trial's runs and late results: only an assignment not yet answered is another run."""
-    daemon = Daemon(store, [_campaign("twice", 2, latency=0.05, concurrency=1)], heartbeat_s=0.5)
+    daemon = Daemon(store, [_campaign("twice", 2, latency=0.05, concurrency=1)], heartbeat_s=0.5, drain_s=0.5)
     with raw_station(daemon.endpoint, "st") as sock, serving(daemon):
         sock.send(protocol.encode(protocol.Hello(station="st", instance="s")))
         _next_message(sock, "welcome")
@@ -1284,7 +1284,7 @@ def test_a_daemon_on_every_interface_welcomes_stations_of_both_families(store: S
 
     if problem := _ipv6_loopback_problem():
         pytest.skip(problem)
-    daemon = Daemon(store, [_campaign("both", 2)], bind="tcp://*:0", insecure=True, heartbeat_s=0.2)
+    daemon = Daemon(store, [_campaign("both", 2)], bind="tcp://*:0", insecure=True, heartbeat_s=0.2, drain_s=0.5)
     port = daemon.endpoint.rpartition(":")[2]
     context = zmq.Context()
     socks = {name: connect_station(context, f"tcp://{host}:{port}", name, None)
@@ -1351,7 +1351,8 @@ def test_a_trial_its_restarted_station_never_ran_keeps_its_retry(store: Store) -
     back to the queue. That dispatch was counted as an attempt, so with `retries: 1` the trial's one real failure
     afterwards was final: its retry spent on an experiment that never took place (a lost station's unstarted trial
     is not counted)."""
-    daemon = Daemon(store, [_campaign("unrun", 1, latency=0.05, concurrency=1, retries=1)], heartbeat_s=5.0)
+    daemon = Daemon(store, [_campaign("unrun", 1, latency=0.05, concurrency=1, retries=1)], heartbeat_s=5.0,
+                    drain_s=0.5)
     with raw_station(daemon.endpoint, "robot") as sock:
         sock.send(protocol.encode(protocol.Hello(station="robot", instance="p1")))
         with serving(daemon):
@@ -1389,7 +1390,8 @@ def test_a_planner_waiting_for_results_is_no_planner_fault(store: Store, monkeyp
     monkeypatch.setattr(SobolPlanner, "suggest", waiting)
     # no space-filling points while the planner computes (as `closedloop run`): only a planner that cannot propose
     # has a slot filled, a second after
-    daemon = Daemon(store, [_campaign("waits", 12, latency=0.05, concurrency=4)], heartbeat_s=5.0, fill_after_s=None)
+    daemon = Daemon(store, [_campaign("waits", 12, latency=0.05, concurrency=4)], heartbeat_s=5.0, fill_after_s=None,
+                    drain_s=0.5)
     events: list[tuple[str, dict]] = []
     daemon.on_event = lambda kind, details: events.append((kind, details))
     with raw_station(daemon.endpoint, "robot") as sock:
