@@ -694,7 +694,6 @@ class Daemon:
         self._seq = 0
         self._stop_requested = False
         self._draining_until: float | None = None
-        self._last_turn = time.monotonic()
         self._last_check = 0.0
         self._dispatch_cut = False  # the last turn left free slots to fill when its time was up
         self._last_queue_refresh = time.monotonic()
@@ -915,7 +914,6 @@ class Daemon:
 
     def step(self, timeout_ms: int = 50) -> None:
         """One turn: read messages (results in one batch), answer control, enforce timeouts, dispatch."""
-        self._last_turn = time.monotonic()
         ready = dict(self.poller.poll(0 if self._dispatch_cut else timeout_ms))
         if self._wake_pull in ready:
             while True:
