@@ -30,7 +30,7 @@ def in_planner_numerics(method: _F) -> _F:
     (mixed4, seed 2: final log10 regret -2.59 alone, -2.56 after importing Xopt). With the dtype set here
     the planner gives the same proposals in every process, as replay and a restarted daemon need.
 
-    One thread: a planner's matrices are small (at most ``MAX_TRAIN`` rows), and more threads only fight
+    One thread: a planner's matrices are small (at most ``models.MAX_TRAIN`` rows), and more threads only fight
     the station, the daemon and other processes for the cores. Hartmann6, median seconds per suggestion
     at 10 / 50 / 200 experiments on this 2-core machine: idle, 0.31 / 0.13 / 0.18 on one thread and
     0.36 / 0.15 / 0.22 on two; with one core busy elsewhere, 0.26 / 0.16 / 0.25 on one and 0.68 / 0.47 /
@@ -74,5 +74,3 @@ def _planner_numerics() -> Iterator[None]:
             if _users == 0:
                 torch.set_default_dtype(_dtype_before)
                 torch.set_num_threads(_threads_before)
-
-
